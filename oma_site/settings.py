@@ -1,0 +1,124 @@
+"""OMA settings, all from the environment (django-environ) with embedded defaults:
+SQLite under var/, a local Redis, local volume files under var/volumes."""
+
+from pathlib import Path
+
+import environ
+from kombu import Queue
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = BASE_DIR / "var"
+
+env = environ.Env()
+environ.Env.read_env(BASE_DIR / ".env")  # optional; absent by default
+
+SECRET_KEY = env("SECRET_KEY", default="insecure-dev-key-set-SECRET_KEY-in-production")
+DEBUG = env.bool("DEBUG", default=True)
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1"])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "replication",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "oma_site.urls"
+WSGI_APPLICATION = "oma_site.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'oma.sqlite3'}"),
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Workers are separate processes: WAL lets them write progress while pages
+    # read, and the test database must be a file they can all open.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {
+            "timeout": 30,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        }
+    )
+    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test-oma.sqlite3")}
+elif DATABASES["default"]["ENGINE"] == "django.db.backends.mysql":
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("charset", "utf8mb4")
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+
+# --- Celery -----------------------------------------------------------------
+# Name of the agent (VMA) this process acts as. Copy tasks of its VMs go to
+# queue "vma.<name>"; orchestration and polling go to "oma". A plain
+# `celery -A oma_site worker` consumes both; -Q narrows it on big setups.
+VMA_AGENT_NAME = env("VMA_AGENT_NAME", default="local")
+CELERY_TASK_DEFAULT_QUEUE = "oma"
+CELERY_TASK_QUEUES = [Queue("oma"), Queue(f"vma.{VMA_AGENT_NAME}")]
+CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="redis://127.0.0.1:6379/0")
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_SEND_SENT_EVENT = True
+# A disk copy can run for hours; Redis must not redeliver it meanwhile.
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 12 * 3600}
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+
+# --- Replication ------------------------------------------------------------
+VMA_URL = env("VMA_URL", default="http://127.0.0.1:8000")
+VMA_TOKEN = env("VMA_TOKEN", default="")
+OMA_VOLUME_DIR = Path(env("OMA_VOLUME_DIR", default=str(VAR_DIR / "volumes")))
+# Runtime files of the data plane: Unix sockets and pid files of nbdkit.
+OMA_RUN_DIR = Path(env("OMA_RUN_DIR", default=str(VAR_DIR / "run")))
+COPY_CHUNK_BYTES = env.int("COPY_CHUNK_BYTES", default=4 * 1024 * 1024)
+# Per-disk progress writes to the database: at most every N seconds or 1 %.
+PROGRESS_DB_INTERVAL_S = env.float("PROGRESS_DB_INTERVAL_S", default=2.0)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {
+        "replication": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
+        "vma_agent": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
+    },
+}
+
+LOGIN_URL = "login"

@@ -1,0 +1,21 @@
+from django.core.management.base import BaseCommand, CommandError
+
+from replication.services.inventory import InventoryError, register_image_vm
+
+
+class Command(BaseCommand):
+    help = "Register a VM whose disks are local images or NBD URIs (keys disk-2000, disk-2001, ...)."
+
+    def add_arguments(self, parser):
+        parser.add_argument("name")
+        parser.add_argument("--disk", action="append", required=True, metavar="PATH_OR_NBD_URI",
+                            help="an absolute raw image path or an NBD URI; repeat for each disk, in order")
+        parser.add_argument("--agent", default="local", help="VMA whose queue copies the disks (default: local)")
+
+    def handle(self, name, disk, agent, **options):
+        try:
+            vm = register_image_vm(name, disk, agent=agent)
+        except InventoryError as exc:
+            raise CommandError(str(exc)) from exc
+        for source_disk in vm.disks.all():
+            self.stdout.write(f"{vm.name} {source_disk.disk_key} {source_disk.capacity_bytes} {source_disk.locator}")

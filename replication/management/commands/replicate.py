@@ -1,0 +1,70 @@
+import time
+
+from django.core.management.base import BaseCommand, CommandError
+from tqdm import tqdm
+
+from replication.choices import JobStatus, SyncType
+from replication.models import ReplicationJob, VirtualMachine
+from replication.services.jobs import ReplicationError, start_replication
+
+POLL_INTERVAL_S = 0.5
+
+
+class Command(BaseCommand):
+    help = "Start a replication of a VM and print the job id; --wait follows it to the end."
+
+    def add_arguments(self, parser):
+        parser.add_argument("name")
+        kind = parser.add_mutually_exclusive_group()
+        kind.add_argument("--full", dest="sync_type", action="store_const", const=SyncType.FULL)
+        kind.add_argument("--incremental", dest="sync_type", action="store_const", const=SyncType.INCREMENTAL)
+        parser.add_argument("--wait", action="store_true", help="show live progress; exit 0 only if it completed")
+        parser.add_argument("--timeout", type=float, default=0, help="with --wait: give up after N seconds")
+
+    def handle(self, name, sync_type, wait, timeout, **options):
+        try:
+            vm = VirtualMachine.objects.get(name=name)
+        except VirtualMachine.DoesNotExist:
+            raise CommandError(f"no VM named {name!r}; register it with add_vm") from None
+        try:
+            job = start_replication(vm, sync_type or SyncType.FULL)
+        except ReplicationError as exc:
+            raise CommandError(str(exc)) from exc
+        self.stdout.write(job.id)
+        if wait:
+            self.follow(job, timeout)
+
+    def follow(self, job: ReplicationJob, timeout: float) -> None:
+        deadline = time.monotonic() + timeout if timeout else None
+        disks = list(job.disks.order_by("disk_key"))
+        bar_format = "{desc:<28} {percentage:5.1f}%|{bar}| {n_fmt}/{total_fmt} {rate_fmt}"
+        job_bar = tqdm(total=100.0, desc=f"{job.id}", position=0, bar_format="{desc:<28} {percentage:5.1f}%|{bar}| "
+                       "{postfix}", leave=True, dynamic_ncols=True)
+        disk_bars = {
+            disk.pk: tqdm(total=max(disk.capacity_bytes, 1), desc=f"  {disk.disk_key}", position=i + 1, unit="B",
+                          unit_scale=True, bar_format=bar_format, leave=True, dynamic_ncols=True)
+            for i, disk in enumerate(disks)
+        }
+        try:
+            while True:
+                job.refresh_from_db()
+                job_bar.n = round(job.progress_percent, 1)
+                job_bar.set_postfix_str(f"{job.status} / {job.current_operation}", refresh=False)
+                job_bar.refresh()
+                for disk in job.disks.all():
+                    bar = disk_bars[disk.pk]
+                    bar.total = max(disk.bytes_total, 1)
+                    bar.n = disk.bytes_done
+                    bar.set_description_str(f"  {disk.disk_key} {disk.status}", refresh=False)
+                    bar.refresh()
+                if job.is_terminal:
+                    break
+                if deadline and time.monotonic() > deadline:
+                    raise CommandError(f"job {job.id} still {job.status} after {timeout:.0f} s")
+                time.sleep(POLL_INTERVAL_S)
+        finally:
+            for bar in [*disk_bars.values(), job_bar]:
+                bar.close()
+        if job.status != JobStatus.COMPLETED:
+            raise CommandError(f"job {job.id} {job.status}: {job.error_message or 'no reason recorded'}")
+        self.stdout.write(f"job {job.id} completed: {job.bytes_transferred} bytes of data copied")

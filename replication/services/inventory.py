@@ -1,0 +1,85 @@
+"""Source inventory: registering VMs and their disks."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+from django.db import transaction
+
+from replication.choices import SourceKind
+from replication.models import SourceDisk, VirtualMachine
+from vma_agent.copy import CopyError, export_size
+
+FIRST_DISK_KEY = 2000  # VMware numbers SCSI disks from device key 2000
+
+
+class InventoryError(Exception):
+    """Bad input for the inventory; the message is the reason, for the operator."""
+
+
+def is_nbd_uri(locator: str) -> bool:
+    return locator.startswith(("nbd://", "nbds://", "nbd+unix://", "nbds+unix://"))
+
+
+def probe_capacity(locator: str) -> int:
+    """Size in bytes of an image file, block device or NBD export; refuses
+    what cannot be copied byte for byte (missing, unreadable, not raw)."""
+    if is_nbd_uri(locator):
+        try:
+            return export_size(locator)
+        except CopyError as exc:
+            raise InventoryError(f"cannot read NBD source {locator}: {exc}") from exc
+    path = Path(locator)
+    if not path.is_absolute():
+        raise InventoryError(f"disk path must be absolute: {locator}")
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InventoryError(f"disk image {locator} does not exist") from None
+    except OSError as exc:
+        raise InventoryError(f"cannot access disk image {locator}: {exc.strerror}") from exc
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise InventoryError(f"{locator} is neither a regular file nor a block device")
+    if not os.access(path, os.R_OK):
+        raise InventoryError(f"disk image {locator} is not readable")
+    image_format = _image_format(path)
+    if image_format != "raw":
+        # Copying a qcow2/vmdk container byte for byte would be silently wrong data.
+        raise InventoryError(f"disk image {locator} is {image_format}, not raw; serve it with qemu-nbd and "
+                             "register the NBD URI instead")
+    with open(path, "rb") as f:
+        return f.seek(0, os.SEEK_END)
+
+
+def _image_format(path: Path) -> str:
+    try:
+        out = subprocess.run(
+            ["qemu-img", "info", "--output=json", str(path)], capture_output=True, text=True, check=True, timeout=30
+        ).stdout
+    except subprocess.CalledProcessError as exc:
+        raise InventoryError(f"cannot inspect disk image {path}: {exc.stderr.strip()}") from exc
+    return json.loads(out).get("format", "unknown")
+
+
+def register_image_vm(name: str, locators: list[str], agent: str = "local") -> VirtualMachine:
+    """Register a VM whose disks are image files or NBD URIs, keys disk-2000,
+    disk-2001, ... in the order given."""
+    name = name.strip()
+    if not name:
+        raise InventoryError("VM name must not be empty")
+    if not locators:
+        raise InventoryError("a VM needs at least one --disk")
+    if VirtualMachine.objects.filter(name=name).exists():
+        raise InventoryError(f"a VM named {name!r} already exists")
+    capacities = [probe_capacity(locator) for locator in locators]
+    with transaction.atomic():
+        vm = VirtualMachine.objects.create(name=name, source_kind=SourceKind.IMAGE, agent=agent)
+        SourceDisk.objects.bulk_create(
+            SourceDisk(vm=vm, disk_key=f"disk-{FIRST_DISK_KEY + i}", locator=locator, capacity_bytes=capacity)
+            for i, (locator, capacity) in enumerate(zip(locators, capacities, strict=True))
+        )
+    return vm

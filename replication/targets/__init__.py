@@ -1,0 +1,12 @@
+"""Target-volume providers: where replicated disks land on the cloud side."""
+
+from django.conf import settings
+
+from replication.choices import VolumeProvider
+from replication.targets.local import LocalVolumeProvider
+
+
+def get_provider(name: str = VolumeProvider.LOCAL) -> LocalVolumeProvider:
+    if name == VolumeProvider.LOCAL:
+        return LocalVolumeProvider(settings.OMA_VOLUME_DIR, settings.OMA_RUN_DIR)
+    raise ValueError(f"no target provider named {name!r} is configured")

@@ -1,0 +1,127 @@
+"""Start and stop nbdkit processes that serve disks over NBD on Unix sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+START_TIMEOUT_S = 15.0
+
+
+class NbdkitError(RuntimeError):
+    pass
+
+
+def unix_uri(socket_path: str | Path, export_name: str = "") -> str:
+    return f"nbd+unix:///{export_name}?socket={socket_path}"
+
+
+def socket_accepts(socket_path: str | Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(str(socket_path))
+        except OSError:
+            return False
+        return True
+
+
+def _log_tail(log_path: Path) -> str:
+    try:
+        lines = log_path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "no message"
+    return " / ".join(lines[-3:]) or "no message"
+
+
+def _wait_until_listening(proc: subprocess.Popen, socket_path: Path, log_path: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise NbdkitError(f"nbdkit exited with status {proc.returncode}: {_log_tail(log_path)}")
+        if socket_path.exists() and socket_accepts(socket_path):
+            return
+        time.sleep(0.02)
+    proc.kill()
+    raise NbdkitError(f"nbdkit did not listen on {socket_path} within {START_TIMEOUT_S:.0f} s")
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def serve_file_readonly(path: str | Path) -> Iterator[str]:
+    """Serve one image file read-only on a private socket for the duration of
+    the block; yields the NBD URI. nbdkit also exits if this process dies."""
+    if not Path(path).exists():
+        raise NbdkitError(f"source image {path} does not exist")
+    rundir = Path(tempfile.mkdtemp(prefix="vma-src-"))
+    sock, log_path = rundir / "nbd.sock", rundir / "nbdkit.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            ["nbdkit", "--foreground", "--exit-with-parent", "--readonly",
+             "--unix", str(sock), "file", f"file={path}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+        )
+    try:
+        _wait_until_listening(proc, sock, log_path)
+        yield unix_uri(sock)
+    finally:
+        stop_process(proc)
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
+def start_daemon(args: list[str], socket_path: Path, pidfile: Path, log_path: Path) -> int:
+    """Start a long-lived nbdkit in the background (it outlives this process
+    and its process group); returns its pid once it accepts connections."""
+    socket_path.unlink(missing_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            ["nbdkit", "--unix", str(socket_path), "--pidfile", str(pidfile), *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+            start_new_session=True,
+        )
+    proc.wait(START_TIMEOUT_S)  # the foreground part exits once the server listens
+    if proc.returncode != 0:
+        raise NbdkitError(f"nbdkit exited with status {proc.returncode}: {_log_tail(log_path)}")
+    if not socket_accepts(socket_path):
+        raise NbdkitError(f"nbdkit started but does not accept connections on {socket_path}")
+    return int(pidfile.read_text().strip())
+
+
+def daemon_pid(pidfile: Path) -> int | None:
+    """The pid in pidfile if that process is alive, else None."""
+    try:
+        pid = int(pidfile.read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def stop_daemon(pidfile: Path, timeout: float = 5.0) -> None:
+    pid = daemon_pid(pidfile)
+    if pid is None:
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and daemon_pid(pidfile) is not None:
+        time.sleep(0.05)
+    if daemon_pid(pidfile) is not None:
+        os.kill(pid, signal.SIGKILL)
+    pidfile.unlink(missing_ok=True)
