@@ -1,0 +1,20 @@
+"""Settings for the test suite: the project's settings (so DATABASE_URL still
+picks SQLite or MariaDB), with a Redis database and data-plane directories
+of its own so tests never touch a developer's jobs, queues or volumes."""
+
+import os
+
+from oma_site.settings import *  # noqa: F403
+from oma_site.settings import DATABASES, env
+
+CELERY_BROKER_URL = env("TEST_CELERY_BROKER_URL", default="redis://127.0.0.1:6379/15")
+TEST_ROOT = Path(env("OMA_TEST_ROOT", default=f"/tmp/oma-tests-{os.getuid()}"))  # noqa: F405
+OMA_VOLUME_DIR = TEST_ROOT / "volumes"
+OMA_RUN_DIR = TEST_ROOT / "run"  # short: Unix socket paths are limited to 107 bytes
+PROGRESS_DB_INTERVAL_S = 0.25
+COPY_CHUNK_BYTES = 1024 * 1024
+
+if os.environ.get("OMA_TEST_WORKER"):
+    # A Celery worker started by the tests works on the test database.
+    _db = DATABASES["default"]
+    _db["NAME"] = _db.get("TEST", {}).get("NAME") or f"test_{_db['NAME']}"

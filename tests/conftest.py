@@ -1,0 +1,86 @@
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from django.conf import settings
+
+from replication.choices import JOB_TERMINAL
+from replication.models import ReplicationJob
+from replication.targets import get_provider
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+WORKER_START_TIMEOUT_S = 60
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_plane_root():
+    """Fresh volume and run directories for the session; the target export
+    server a test started is stopped at the end."""
+    shutil.rmtree(settings.TEST_ROOT, ignore_errors=True)
+    settings.OMA_RUN_DIR.mkdir(parents=True)
+    settings.OMA_VOLUME_DIR.mkdir(parents=True)
+    yield settings.TEST_ROOT
+    get_provider().stop_export_server()
+
+
+@pytest.fixture
+def sockdir():
+    """A short directory for test servers' Unix sockets."""
+    path = Path(settings.TEST_ROOT) / f"s{time.monotonic_ns() % 10**9}"
+    path.mkdir(parents=True)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def worker_env() -> dict:
+    return {**os.environ, "DJANGO_SETTINGS_MODULE": "oma_site.test_settings", "OMA_TEST_WORKER": "1"}
+
+
+@pytest.fixture(scope="session")
+def celery_worker_process(django_db_setup, data_plane_root):
+    """A real Celery worker process (prefork, 2 children) on the real Redis and
+    the test database, consuming the orchestration and the local agent queues."""
+    redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
+    log_path = Path(settings.TEST_ROOT) / "worker.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "oma_site", "worker", "-c", "2", "-E", "-l", "info",
+             "--without-gossip", "--without-mingle", "-n", f"test-{os.getpid()}@%h"],
+            cwd=PROJECT_ROOT, env=worker_env(), stdout=log, stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+    while b" ready." not in log_path.read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"celery worker did not start:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.2)
+    yield proc
+    proc.send_signal(signal.SIGQUIT)  # cold shutdown: do not wait for tasks
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def wait_for_job(job_id: str, timeout: float = 120) -> ReplicationJob:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = ReplicationJob.objects.get(pk=job_id)
+        if job.status in JOB_TERMINAL:
+            return job
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} still {job.status} ({job.current_operation}) after {timeout} s")
+        time.sleep(0.2)
+
+
+def source_exports_running() -> list[str]:
+    """Command lines of read-only source nbdkit processes still alive."""
+    out = subprocess.run(["pgrep", "-af", "nbdkit.*--readonly"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "vma-src-" in line]

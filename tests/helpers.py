@@ -1,0 +1,63 @@
+"""Test data: sparse raw images with known content, and small nbdkit servers."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import subprocess
+import time
+from pathlib import Path
+
+from vma_agent import nbdkit
+
+MiB = 1024 * 1024
+
+
+def make_image(path: Path, size: int, data_ranges: list[tuple[int, int]], seed: int = 1) -> Path:
+    """A sparse raw image of `size` bytes with random data only in data_ranges."""
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, length in data_ranges:
+            f.seek(offset)
+            f.write(rng.randbytes(length))
+    return path
+
+
+def sha256(path: Path | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MiB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class NbdkitProcess:
+    """An nbdkit serving one export on a Unix socket, started and killed by a test."""
+
+    def __init__(self, sockdir: Path, *args: str):
+        self.socket = sockdir / f"nbd-{os.getpid()}-{time.monotonic_ns()}.sock"
+        self.log = open(sockdir / "nbdkit-test.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            ["nbdkit", "--foreground", "--exit-with-parent", "--unix", str(self.socket), *args],
+            stdout=subprocess.DEVNULL, stderr=self.log,
+        )
+        deadline = time.monotonic() + 10
+        while not (self.socket.exists() and nbdkit.socket_accepts(self.socket)):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"test nbdkit {args} did not start")
+            time.sleep(0.02)
+
+    @property
+    def uri(self) -> str:
+        return nbdkit.unix_uri(self.socket)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        nbdkit.stop_process(self.proc)
+        self.log.close()
