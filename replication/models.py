@@ -178,12 +178,20 @@ class ReplicationJob(models.Model):
         return self.transition(JobStatus.CANCELLED, error_message=reason, current_operation=Stage.CANCELLED)
 
     def complete(self) -> bool:
+        """Completed, with the throughput averaged over the whole job."""
         self.refresh_totals()
-        return self.transition(JobStatus.COMPLETED, current_operation=Stage.COMPLETED, progress_percent=100.0)
+        self.refresh_from_db()
+        seconds = (timezone.now() - (self.started_at or self.created_at)).total_seconds()
+        average = int(self.bytes_transferred / seconds) if seconds > 0 else 0
+        return self.transition(JobStatus.COMPLETED, current_operation=Stage.COMPLETED, progress_percent=100.0,
+                               throughput_bps=average)
 
     def refresh_totals(self) -> None:
         """Job totals are always aggregated from the disks."""
-        sums = self.disks.aggregate(done=Sum("bytes_done"), total=Sum("bytes_total"), rate=Sum("throughput_bps"))
+        sums = self.disks.aggregate(
+            done=Sum("bytes_done"), total=Sum("bytes_total"),
+            rate=Sum("throughput_bps", filter=models.Q(status=DiskStatus.COPYING)),
+        )
         done, total = sums["done"] or 0, sums["total"] or 0
         updates = {"bytes_transferred": done, "total_bytes": total, "throughput_bps": sums["rate"] or 0,
                    "last_progress_at": timezone.now()}
@@ -252,10 +260,10 @@ class VMDisk(models.Model):
             throughput_bps=throughput_bps, updated_at=timezone.now(),
         )
 
-    def complete(self, bytes_total: int, bytes_zeroed: int) -> bool:
+    def complete(self, bytes_total: int, bytes_zeroed: int, throughput_bps: int) -> bool:
         return self.transition(
             DiskStatus.COMPLETED, bytes_done=bytes_total, bytes_total=bytes_total, bytes_zeroed=bytes_zeroed,
-            progress_percent=100.0, throughput_bps=0, current_operation=Stage.COMPLETED,
+            progress_percent=100.0, throughput_bps=throughput_bps, current_operation=Stage.COMPLETED,
         )
 
     def fail(self, reason: str) -> bool:

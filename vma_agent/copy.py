@@ -39,8 +39,8 @@ class CopyResult:
 
     @property
     def throughput_bps(self) -> int:
-        done = self.bytes_copied + self.bytes_zeroed
-        return int(done / self.seconds) if self.seconds > 0 else 0
+        """Source data per second, the rate progress is measured in."""
+        return int(self.bytes_allocated / self.seconds) if self.seconds > 0 else 0
 
     def as_dict(self) -> dict:
         return {**asdict(self), "throughput_bps": self.throughput_bps}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Iterator
 
 from django.conf import settings
@@ -54,7 +53,7 @@ def start_replication(vm: VirtualMachine, sync_type: str = SyncType.FULL) -> Rep
                 source_locator=source_disk.locator, previous_change_id=source_disk.change_id,
             )
         transaction.on_commit(lambda: _enqueue("prepare_job", job.id))
-    log.info("replication started", extra={"job_id": job.id, "vm": vm.name})
+    log.info("replication %s of VM %s started", job.id, vm.name)
     return job
 
 
@@ -118,7 +117,6 @@ def copy_disk(disk_id: int, task_id: str = "") -> bool:
     if job.status != JobStatus.REPLICATING:
         disk.cancel()
         return False
-    started = time.monotonic()
     try:
         with source_export(disk) as src_uri:
             result = copy_image(
@@ -135,8 +133,9 @@ def copy_disk(disk_id: int, task_id: str = "") -> bool:
         disk.fail(str(exc))
         fail_job(job.id, f"{disk.disk_key}: {exc}")
         return False
-    disk.complete(bytes_total=result.bytes_allocated, bytes_zeroed=result.bytes_zeroed)
-    log.info("copied %s: %s in %.1f s", disk, result.as_dict(), time.monotonic() - started)
+    disk.complete(bytes_total=result.bytes_allocated, bytes_zeroed=result.bytes_zeroed,
+                  throughput_bps=result.throughput_bps)
+    log.info("copied %s: %s", disk, result.as_dict())
     job.refresh_totals()
     return job.all_disks_completed() and job.transition(JobStatus.FINALIZING, current_operation=Stage.FINALIZING)
 

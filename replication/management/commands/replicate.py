@@ -38,8 +38,8 @@ class Command(BaseCommand):
         deadline = time.monotonic() + timeout if timeout else None
         disks = list(job.disks.order_by("disk_key"))
         bar_format = "{desc:<28} {percentage:5.1f}%|{bar}| {n_fmt}/{total_fmt} {rate_fmt}"
-        job_bar = tqdm(total=100.0, desc=f"{job.id}", position=0, bar_format="{desc:<28} {percentage:5.1f}%|{bar}| "
-                       "{postfix}", leave=True, dynamic_ncols=True)
+        job_bar = tqdm(total=100.0, position=0, bar_format="{desc:<28} {percentage:5.1f}%|{bar}|",
+                       leave=True, dynamic_ncols=True)
         disk_bars = {
             disk.pk: tqdm(total=max(disk.capacity_bytes, 1), desc=f"  {disk.disk_key}", position=i + 1, unit="B",
                           unit_scale=True, bar_format=bar_format, leave=True, dynamic_ncols=True)
@@ -49,7 +49,7 @@ class Command(BaseCommand):
             while True:
                 job.refresh_from_db()
                 job_bar.n = round(job.progress_percent, 1)
-                job_bar.set_postfix_str(f"{job.status} / {job.current_operation}", refresh=False)
+                job_bar.set_description_str(f"job {job.current_operation}", refresh=False)
                 job_bar.refresh()
                 for disk in job.disks.all():
                     bar = disk_bars[disk.pk]

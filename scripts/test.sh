@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Run the whole test suite: ruff, then pytest on SQLite, then on MariaDB.
+# Extra arguments go to pytest (e.g. scripts/test.sh -k copy_engine).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+source scripts/lib.sh
+ensure_redis
+
+echo "== ruff"
+.venv/bin/ruff check .
+
+echo "== tests on SQLite"
+env -u DATABASE_URL .venv/bin/python -m pytest "$@"
+
+MYSQL_URL=${TEST_MYSQL_URL:-mysql://root@127.0.0.1:3306/oma}
+if .venv/bin/python - "$MYSQL_URL" <<'PY' 2>/dev/null
+import sys, environ, MySQLdb
+cfg = environ.Env.db_url_config(sys.argv[1])
+MySQLdb.connect(host=cfg["HOST"], port=int(cfg["PORT"] or 3306), user=cfg["USER"], passwd=cfg["PASSWORD"]).close()
+PY
+then
+  echo "== tests on MariaDB ($MYSQL_URL)"
+  DATABASE_URL="$MYSQL_URL" .venv/bin/python -m pytest "$@"
+elif [ "${CI:-}" = "true" ]; then
+  echo "MariaDB at $MYSQL_URL does not answer, and CI must test on it" >&2
+  exit 1
+else
+  echo "== MariaDB at $MYSQL_URL does not answer: skipped the MariaDB run (CI runs it; set TEST_MYSQL_URL)"
+fi

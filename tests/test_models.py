@@ -1,0 +1,85 @@
+import re
+
+import pytest
+
+from replication.choices import DiskStatus, JobStatus, Stage
+from replication.models import ReplicationJob, new_job_id, transfer_percent
+from replication.services.inventory import register_image_vm
+from replication.services.jobs import ReplicationError, cancel_job, fail_job, start_replication
+from tests.helpers import MiB, make_image
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def vm(tmp_path, monkeypatch):
+    # These tests exercise state only: enqueueing is recorded, not sent.
+    monkeypatch.setattr("replication.services.jobs._enqueue", lambda *args: None)
+    return register_image_vm("vm-state", [str(make_image(tmp_path / "a.img", MiB, [(0, 4096)]))])
+
+
+def test_job_id_has_the_seeds_form():
+    assert re.fullmatch(r"job-\d{8}-\d{6}\.\d{3}-[0-9a-f]{6}", new_job_id())
+
+
+def test_transfer_maps_copy_onto_30_to_100_percent():
+    assert transfer_percent(0, 100) == 30
+    assert transfer_percent(50, 100) == 65
+    assert transfer_percent(100, 100) == 100
+    assert transfer_percent(0, 0) == 100, "a cycle with nothing to copy ends at 100 %"
+
+
+def test_start_creates_job_disks_and_one_volume_per_disk(vm):
+    job = start_replication(vm)
+    assert job.status == JobStatus.PENDING
+    disk = job.disks.get()
+    assert disk.status == DiskStatus.PENDING
+    assert disk.target_volume.source_disk == vm.disks.get()
+    assert disk.target_volume.export_name.startswith("migration-vol-")
+
+
+def test_one_active_job_per_vm(vm):
+    job = start_replication(vm)
+    with pytest.raises(ReplicationError, match=f"already has an active job {job.id}"):
+        start_replication(vm)
+    fail_job(job.id, "boom")
+    second = start_replication(vm)
+    assert second.disks.get().target_volume == job.disks.get().target_volume, "volumes are reused"
+
+
+def test_incremental_of_an_image_vm_is_refused(vm):
+    with pytest.raises(ReplicationError, match="only a full copy"):
+        start_replication(vm, "incremental")
+    assert not ReplicationJob.objects.exists()
+
+
+def test_terminal_states_are_final(vm):
+    job = start_replication(vm)
+    assert job.complete() is False, "pending cannot jump to completed"
+    assert cancel_job(job.id) is True
+    job.refresh_from_db()
+    assert job.status == JobStatus.CANCELLED and job.current_operation == Stage.CANCELLED
+    assert job.disks.get().status == DiskStatus.CANCELLED
+    assert job.fail("late error") is False
+    assert job.enter_stage(Stage.INITIALIZING, JobStatus.PREPARING) is False
+    job.refresh_from_db()
+    assert job.status == JobStatus.CANCELLED and job.error_message == "cancelled by the operator"
+
+
+def test_disk_claim_is_won_once(vm):
+    disk = start_replication(vm).disks.get()
+    assert disk.claim("task-a") is True
+    assert disk.claim("task-b") is False
+    disk.refresh_from_db()
+    assert disk.attempts == 1 and disk.celery_task_id == "task-a"
+
+
+def test_job_stages_follow_the_seeds_percentages(vm):
+    job = start_replication(vm)
+    assert job.enter_stage(Stage.INITIALIZING, JobStatus.PREPARING)
+    assert job.progress_percent == 5
+    job.set_stage(Stage.SETTING_UP_NBD)
+    job.refresh_from_db()
+    assert job.progress_percent == 20
+    assert job.enter_stage(Stage.TRANSFER, JobStatus.REPLICATING)
+    assert job.progress_percent == 30
