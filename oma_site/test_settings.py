@@ -14,6 +14,10 @@ OMA_RUN_DIR = TEST_ROOT / "run"  # short: Unix socket paths are limited to 107 b
 PROGRESS_DB_INTERVAL_S = 0.25
 COPY_CHUNK_BYTES = 1024 * 1024
 
+if os.environ.get("TEST_DATABASE_NAME") and "sqlite" not in DATABASES["default"]["ENGINE"]:
+    # Lets two test runs share one database server without sharing a database.
+    DATABASES["default"].setdefault("TEST", {})["NAME"] = os.environ["TEST_DATABASE_NAME"]
+
 if os.environ.get("OMA_TEST_WORKER"):
     # A Celery worker started by the tests works on the test database.
     _db = DATABASES["default"]

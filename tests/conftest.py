@@ -25,6 +25,7 @@ def data_plane_root():
     shutil.rmtree(settings.TEST_ROOT, ignore_errors=True)
     settings.OMA_RUN_DIR.mkdir(parents=True)
     settings.OMA_VOLUME_DIR.mkdir(parents=True)
+    (Path(settings.TEST_ROOT) / "tmp").mkdir()
     yield settings.TEST_ROOT
     get_provider().stop_export_server()
 
@@ -39,7 +40,10 @@ def sockdir():
 
 
 def worker_env() -> dict:
-    return {**os.environ, "DJANGO_SETTINGS_MODULE": "oma_site.test_settings", "OMA_TEST_WORKER": "1"}
+    # TMPDIR puts the worker's private source-export sockets under TEST_ROOT,
+    # where source_exports_running() looks for leftovers of this run only.
+    return {**os.environ, "DJANGO_SETTINGS_MODULE": "oma_site.test_settings", "OMA_TEST_WORKER": "1",
+            "TMPDIR": str(Path(settings.TEST_ROOT) / "tmp")}
 
 
 @pytest.fixture(scope="session")
@@ -83,4 +87,4 @@ def wait_for_job(job_id: str, timeout: float = 120) -> ReplicationJob:
 def source_exports_running() -> list[str]:
     """Command lines of read-only source nbdkit processes still alive."""
     out = subprocess.run(["pgrep", "-af", "nbdkit.*--readonly"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if "vma-src-" in line]
+    return [line for line in out.splitlines() if f"{settings.TEST_ROOT}/tmp/vma-src-" in line]
