@@ -1,9 +1,18 @@
 """The copy engine against real nbdkit servers and real libnbd (no Django)."""
 
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
 import pytest
 
+from tests.conftest import PROJECT_ROOT
 from tests.helpers import MiB, NbdkitProcess, make_image, sha256
-from vma_agent.copy import CopyError, copy_image
+from vma_agent.copy import CopyCancelled, CopyError, RateLimit, coalesce, copy_image, dirty_areas
 
 
 @pytest.fixture
@@ -23,10 +32,7 @@ def serve(sockdir):
 def test_full_copy_of_sparse_odd_sized_image_matches_source(tmp_path, serve):
     size = 9 * MiB + 4097  # not a multiple of the chunk size
     src = make_image(tmp_path / "src.img", size, [(0, MiB + 3), (5 * MiB, 300_000), (size - 4097, 4097)])
-    dst = tmp_path / "dst.img"
-    dst.write_bytes(b"")
-    with open(dst, "wb") as f:
-        f.truncate(size)
+    dst = make_image(tmp_path / "dst.img", size, [])
     calls = []
     result = copy_image(serve("--readonly", "file", str(src)).uri, serve("file", str(dst)).uri,
                         chunk_bytes=MiB, progress=calls.append, progress_interval_s=0)
@@ -102,3 +108,218 @@ def test_progress_callback_exception_stops_the_copy(tmp_path, serve):
     with pytest.raises(Stop):
         copy_image(serve("--readonly", "file", str(src)).uri, serve("file", str(dst)).uri,
                    chunk_bytes=MiB, progress=cancel_after_first_chunk, progress_interval_s=0)
+
+
+def test_all_holes_disk_reads_nothing(tmp_path, serve):
+    size = 64 * MiB + 511
+    src = make_image(tmp_path / "src.img", size, [])
+    dst = make_image(tmp_path / "dst.img", size, [(0, size)], seed=4)
+    result = copy_image(serve("--readonly", "file", str(src)).uri, serve("file", str(dst)).uri, chunk_bytes=MiB)
+    assert result.bytes_allocated == 0 and result.bytes_read == 0 and result.bytes_copied == 0
+    assert sha256(dst) == sha256(src)
+
+
+def test_fresh_target_skips_zero_extents(tmp_path, serve):
+    size = 16 * MiB
+    src = make_image(tmp_path / "src.img", size, [(MiB, MiB)])
+    dst = make_image(tmp_path / "dst.img", size, [])
+    result = copy_image(serve("--readonly", "file", str(src)).uri, serve("file", str(dst)).uri,
+                        chunk_bytes=MiB, target_is_zeroed=True)
+    assert result.bytes_zeroed == 0 and result.bytes_skipped == size - result.bytes_copied
+    assert sha256(dst) == sha256(src)
+
+
+def test_coalesce_merges_overlapping_and_adjacent_areas():
+    assert coalesce([(100, 50), (0, 10), (10, 5), (120, 100), (500, 0), (900, 200)], size=1000) == [
+        (0, 15), (100, 120), (900, 100)]
+
+
+def test_extent_list_copy_brings_a_stale_target_up_to_date(tmp_path, serve):
+    size = 8 * MiB + 123
+    old = make_image(tmp_path / "old.img", size, [(0, size)], seed=1)
+    dst = tmp_path / "dst.img"
+    shutil.copy(old, dst)
+    src = tmp_path / "src.img"
+    shutil.copy(old, src)
+    changed = [(MiB, 4096), (MiB + 2048, 8192), (MiB + 10240, 100), (5 * MiB, 3 * MiB + 123), (5 * MiB, 10)]
+    with open(src, "r+b") as f:
+        for offset, length in changed:
+            f.seek(offset)
+            f.write(bytes([7]) * length)
+    result = copy_image(serve("--readonly", "file", str(src)).uri, serve("file", str(dst)).uri,
+                        extents=changed, chunk_bytes=MiB)
+    assert sha256(dst) == sha256(src)
+    union = sum(length for _, length in coalesce(changed, size))
+    assert result.bytes_read == union == result.bytes_allocated
+    assert result.bytes_skipped == size - union
+
+
+def test_empty_extent_list_completes_at_once_at_100_percent(tmp_path, serve):
+    src = make_image(tmp_path / "src.img", 4 * MiB, [(0, 4 * MiB)])
+    dst = make_image(tmp_path / "dst.img", 4 * MiB, [])
+    calls = []
+    result = copy_image(serve("--readonly", "file", str(src)).uri, serve("file", str(dst)).uri,
+                        extents=[], progress=calls.append)
+    assert result.bytes_read == 0 and result.bytes_copied == 0
+    assert calls and calls[-1].percent == 100.0
+
+
+def test_interrupted_copy_resumes_from_its_cursor_without_recopying(tmp_path, serve):
+    size = 32 * MiB + 7
+    src = make_image(tmp_path / "src.img", size, [(0, size)], seed=3)
+    dst = make_image(tmp_path / "dst.img", size, [])
+    src_uri, dst_uri = serve("--readonly", "file", str(src)).uri, serve("file", str(dst)).uri
+    cursors = []
+
+    class WorkerKilled(Exception):
+        pass
+
+    def die_halfway(progress):
+        if progress.bytes_done >= size // 2:
+            raise WorkerKilled
+
+    with pytest.raises(WorkerKilled):
+        copy_image(src_uri, dst_uri, chunk_bytes=MiB, progress=die_halfway, progress_interval_s=0,
+                   checkpoint=cursors.append, checkpoint_interval_s=0, limit=RateLimit(64 * MiB),
+                   connections=1, depth=2)
+    cursor = cursors[-1]
+    assert size // 4 < cursor < size, "the cursor was committed mid-disk"
+    assert sha256(dst) != sha256(src)
+
+    calls = []
+    result = copy_image(src_uri, dst_uri, chunk_bytes=MiB, resume_from=cursor, progress=calls.append)
+    assert sha256(dst) == sha256(src)
+    assert result.bytes_read == size - cursor, "nothing below the cursor is read again"
+    assert calls[0].bytes_done == cursor, "progress resumes where it stopped"
+
+
+def test_cancel_stops_within_a_second_with_the_cursor_committed(tmp_path, serve):
+    size = 64 * MiB
+    src = make_image(tmp_path / "src.img", size, [(0, size)], seed=5)
+    dst = make_image(tmp_path / "dst.img", size, [])
+    src_uri, dst_uri = serve("--readonly", "file", str(src)).uri, serve("file", str(dst)).uri
+    cancel = threading.Event()
+    outcome = {}
+
+    def run():
+        try:
+            copy_image(src_uri, dst_uri, chunk_bytes=MiB, limit=RateLimit(8 * MiB), cancel=cancel)
+        except CopyCancelled as exc:
+            outcome["stopped"] = time.monotonic()
+            outcome["cursor"] = exc.cursor
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(1.0)
+    cancel.set()
+    asked = time.monotonic()
+    thread.join(5)
+    assert outcome["stopped"] - asked < 1.0
+    assert 0 < outcome["cursor"] < size
+    copy_image(src_uri, dst_uri, chunk_bytes=MiB, resume_from=outcome["cursor"])
+    assert sha256(dst) == sha256(src)
+
+
+def test_throttled_copy_takes_as_long_as_the_limit_implies(tmp_path, serve):
+    size = 6 * MiB
+    src = make_image(tmp_path / "src.img", size, [(0, size)], seed=6)
+    dst = make_image(tmp_path / "dst.img", size, [])
+    started = time.monotonic()
+    copy_image(serve("--readonly", "file", str(src)).uri, serve("file", str(dst)).uri,
+               chunk_bytes=MiB, limit=RateLimit(3 * MiB))
+    assert time.monotonic() - started >= 2.0
+    assert sha256(dst) == sha256(src)
+
+
+def test_source_error_on_one_range_names_that_range(tmp_path, serve):
+    size = 8 * MiB
+    src = make_image(tmp_path / "src.img", size, [(0, size)], seed=2)
+    dst = make_image(tmp_path / "dst.img", size, [])
+    # nbdkit's eval plugin: reads at or past 5 MiB fail with EIO.
+    failing = serve(
+        "--readonly", "eval", f"get_size=echo {size}",
+        f"pread=if [ $4 -ge {5 * MiB} ]; then echo 'EIO bad sector' >&2; exit 1; fi; "
+        f"dd if={src} iflag=skip_bytes,count_bytes skip=$4 count=$3 status=none",
+    )
+    with pytest.raises(CopyError, match=f"read failed at offset {5 * MiB} length {MiB}: .*Input/output error"):
+        copy_image(failing.uri, serve("file", str(dst)).uri, chunk_bytes=MiB, connections=1, retries=1)
+
+
+def test_verify_catches_a_target_that_loses_writes(tmp_path, serve):
+    size = 4 * MiB
+    src = make_image(tmp_path / "src.img", size, [(MiB, MiB)])
+    lossy = serve("null", f"size={size}")  # accepts writes, reads back zeros
+    with pytest.raises(CopyError, match=f"verification failed: target differs from source at offset {MiB}"):
+        copy_image(serve("--readonly", "file", str(src)).uri, lossy.uri, chunk_bytes=MiB, verify=True)
+    dst = make_image(tmp_path / "dst.img", size, [])
+    result = copy_image(serve("--readonly", "file", str(src)).uri, serve("file", str(dst)).uri, verify=True)
+    assert result.verified
+
+
+def test_dirty_bitmap_incremental_with_qemu_nbd(tmp_path, sockdir):
+    size = 16 * MiB
+    disk = tmp_path / "disk.qcow2"
+    run = lambda *cmd: subprocess.run(cmd, check=True, capture_output=True)  # noqa: E731
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(disk), str(size))
+    run("qemu-io", "-f", "qcow2", "-c", f"write -P 0x11 0 {size}", str(disk))
+    dst = tmp_path / "dst.img"
+    run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(disk), str(dst))  # the full copy
+    run("qemu-img", "bitmap", "--add", str(disk), "cbt")
+    for offset, length in [(MiB, 65536), (MiB + 65536, 4096), (9 * MiB + 512, 3 * MiB)]:
+        run("qemu-io", "-f", "qcow2", "-c", f"write -P 0x22 {offset} {length}", str(disk))
+    expected = tmp_path / "expected.img"
+    run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(disk), str(expected))
+
+    sock = sockdir / "q.sock"
+    qemu = subprocess.Popen(["qemu-nbd", "--read-only", "--persistent", "-f", "qcow2", "-B", "cbt",
+                             f"--socket={sock}", str(disk)])
+    target = NbdkitProcess(sockdir, "file", str(dst))
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        uri = f"nbd+unix:///?socket={sock}"
+        areas = dirty_areas(uri, "cbt")
+        changed = sum(length for _, length in areas)
+        assert MiB <= changed < 5 * MiB  # dirty granularity rounds up, but far from the whole disk
+        result = copy_image(uri, target.uri, extents=areas, chunk_bytes=MiB)
+    finally:
+        qemu.terminate()
+        qemu.wait()
+        target.stop()
+    assert result.bytes_read == changed
+    assert sha256(dst) == sha256(expected)
+
+
+def test_cli_copies_prints_json_and_resumes_after_sigterm(tmp_path, serve):
+    size = 24 * MiB + 5
+    src = make_image(tmp_path / "src.img", size, [(0, size)], seed=9)
+    dst = make_image(tmp_path / "dst.img", size, [])
+    src_uri, dst_uri = serve("--readonly", "file", str(src)).uri, serve("file", str(dst)).uri
+    cli = [sys.executable, "-m", "vma_agent.copy", src_uri, dst_uri]
+    slow = subprocess.Popen([*cli, "--limit", str(8 * MiB), "--chunk", str(MiB)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, cwd=PROJECT_ROOT)
+    time.sleep(1.5)
+    slow.send_signal(signal.SIGTERM)
+    stopped = json.loads(slow.communicate(timeout=10)[0])
+    assert slow.returncode == 130 and stopped["status"] == "cancelled"
+    assert 0 < stopped["resume_from"] < size
+
+    done = subprocess.run([*cli, "--resume-from", str(stopped["resume_from"]), "--verify"], capture_output=True,
+                          text=True, timeout=60, cwd=PROJECT_ROOT)
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout)
+    assert figures["status"] == "completed" and figures["verified"] is True
+    assert figures["bytes_read"] == size - stopped["resume_from"]
+    assert {"bytes_copied", "bytes_zeroed", "bytes_skipped", "seconds", "throughput_bps"} <= figures.keys()
+    assert sha256(dst) == sha256(src)
+
+
+def test_cli_reports_a_failure_with_exit_1(tmp_path, serve):
+    dst = make_image(tmp_path / "dst.img", MiB, [])
+    done = subprocess.run([sys.executable, "-m", "vma_agent.copy", "nbd+unix:///?socket=/nonexistent.sock",
+                           serve("file", str(dst)).uri], capture_output=True, text=True, timeout=60,
+                          cwd=PROJECT_ROOT)
+    assert done.returncode == 1
+    assert json.loads(done.stdout)["error"].startswith("cannot connect to nbd+unix:///?socket=/nonexistent.sock")

@@ -21,10 +21,11 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 from vma_agent.progress import ProgressCallback, ThrottledReporter
 
 MiB = 1024 * 1024
-# Measured defaults (bench/copy_bench.py): 4 connection pairs of 2 MiB
-# requests keep up with nbdcopy on this class of machine.
-DEFAULT_CHUNK_BYTES = 2 * MiB
+# Defaults measured with bench/copy_bench.py. Memory in use is at most
+# connections x depth x chunk (32 MiB).
+DEFAULT_CHUNK_BYTES = 1 * MiB
 DEFAULT_CONNECTIONS = 4
+DEFAULT_DEPTH = 8  # requests in flight per connection
 MAX_REQUEST_BYTES = 32 * MiB  # the NBD protocol's practical limit for one read/write
 ZERO_REQUEST_BYTES = 1 << 30  # a zero request's length is 32-bit on the wire
 EXTENT_QUERY_BYTES = 1 << 30
@@ -98,15 +99,17 @@ class RateLimit:
             self._rate = bytes_per_s if bytes_per_s and bytes_per_s > 0 else None
             self._next = time.monotonic()
 
-    def acquire(self, nbytes: int, cancel: threading.Event) -> None:
+    def acquire(self, nbytes: int, cancel: threading.Event) -> bool:
+        """Wait until nbytes may be read; False if `cancel` was set meanwhile."""
         with self._lock:
             if not self._rate:
-                return
+                return not cancel.is_set()
             self._next = max(time.monotonic(), self._next) + nbytes / self._rate
             slot_end = self._next
         # Wait in small steps so a cancel is seen promptly.
         while (delay := slot_end - time.monotonic()) > 0 and not cancel.is_set():
             time.sleep(min(delay, TICK_S))
+        return not cancel.is_set()
 
 
 def connect(uri: str, *, meta_context: str | None = None) -> nbd.NBD:
@@ -262,10 +265,11 @@ class _Copy:
     calling thread."""
 
     def __init__(self, items: list[Extent], connections: list[_Connections], *, chunk_bytes: int,
-                 target_is_zeroed: bool, limit: RateLimit, retries: int):
+                 depth: int, target_is_zeroed: bool, limit: RateLimit, retries: int):
         self.items = items
         self.connections = connections
         self.chunk_bytes = chunk_bytes
+        self.depth = depth
         self.target_is_zeroed = target_is_zeroed
         self.limit = limit
         self.retries = retries
@@ -280,28 +284,63 @@ class _Copy:
 
     # --- worker side ---------------------------------------------------
     def work(self, conns: _Connections) -> None:
-        buffer = nbd.Buffer(self.chunk_bytes)
+        buffers = [nbd.Buffer(self.chunk_bytes) for _ in range(self.depth)]
         try:
             while not self.stop.is_set():
                 with self.lock:
-                    index = self.next_item
-                    self.next_item += 1
-                if index >= len(self.items):
+                    first = self.next_item
+                    self.next_item = min(first + self.depth, len(self.items))
+                batch = range(first, self.next_item)
+                if not batch:
                     return
-                item = self.items[index]
-                outcome = self._retrying(conns, item, buffer)
+                try:
+                    outcomes = self._pipelined(conns, [self.items[i] for i in batch], buffers)
+                    if outcomes is None:
+                        return  # stopped while waiting for bandwidth: the batch stays undone
+                except nbd.Error:
+                    # Something in the batch failed: redo it item by item, with
+                    # retries, reconnects and an error that names the range.
+                    outcomes = [self._retrying(conns, self.items[i], buffers[0]) for i in batch]
                 with self.lock:
-                    self.done[index] = True
-                    if outcome == "copied":
-                        self.copied += item.length
-                    elif outcome == "zeroed":
-                        self.zeroed += item.length
-                    if not item.zero:
-                        self.bytes_done += item.length
+                    for index, outcome in zip(batch, outcomes, strict=True):
+                        item = self.items[index]
+                        self.done[index] = True
+                        if outcome == "copied":
+                            self.copied += item.length
+                        elif outcome == "zeroed":
+                            self.zeroed += item.length
+                        if not item.zero:
+                            self.bytes_done += item.length
         except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
             with self.lock:
                 self.error = self.error or exc
             self.stop.set()
+
+    def _pipelined(self, conns: _Connections, batch: list[Extent], buffers: list[nbd.Buffer]) -> list[str] | None:
+        """Copy a batch with all its reads in flight at once, then all its
+        writes: `depth` requests in flight per connection."""
+        data = [(item, buf if item.length == self.chunk_bytes else nbd.Buffer(item.length))
+                for item, buf in zip(batch, buffers, strict=False) if not item.zero]
+        if data and not self.limit.acquire(sum(item.length for item, _ in data), self.stop):
+            return None
+        _wait_all(conns.src, [conns.src.aio_pread(buf, item.offset) for item, buf in data])
+        buffer_of = {item.offset: buf for item, buf in data}
+        outcomes, cookies = [], []
+        for item in batch:
+            buf = buffer_of.get(item.offset)
+            if buf is not None and not buf.is_zero():
+                cookies.append(conns.dst.aio_pwrite(buf, item.offset))
+                outcomes.append("copied")
+            elif self.target_is_zeroed:
+                outcomes.append("skipped")
+            elif conns.dst.can_zero():
+                cookies.append(conns.dst.aio_zero(item.length, item.offset))
+                outcomes.append("zeroed")
+            else:
+                _zero(conns.dst, item.offset, item.length, self.chunk_bytes)
+                outcomes.append("zeroed")
+        _wait_all(conns.dst, cookies)
+        return outcomes
 
     def _retrying(self, conns: _Connections, item: Extent, buffer: nbd.Buffer) -> str:
         attempts = Retrying(stop=stop_after_attempt(self.retries + 1), wait=wait_exponential(0.2, max=5),
@@ -322,7 +361,7 @@ class _Copy:
     def _one(self, conns: _Connections, item: Extent, buffer: nbd.Buffer) -> str:
         """Copy one item; returns "copied", "zeroed" or "skipped"."""
         if not item.zero:
-            self.limit.acquire(item.length, self.stop)
+            self.limit.acquire(item.length, self.stop)  # a retry finishes its item even when stopping
             buf = buffer if item.length == self.chunk_bytes else nbd.Buffer(item.length)
             try:
                 _wait(conns.src, conns.src.aio_pread(buf, item.offset))
@@ -366,6 +405,18 @@ def _wait(handle: nbd.NBD, cookie: int) -> None:
         handle.poll(-1)
 
 
+def _wait_all(handle: nbd.NBD, cookies: list[int]) -> None:
+    """Wait for every command; raises the first failure after all are done."""
+    error = None
+    for cookie in cookies:
+        try:
+            _wait(handle, cookie)
+        except nbd.Error as exc:
+            error = error or exc
+    if error is not None:
+        raise error
+
+
 def _zero(dst: nbd.NBD, offset: int, length: int, chunk_bytes: int) -> None:
     if dst.can_zero():
         dst.zero(length, offset)
@@ -383,6 +434,7 @@ def copy_image(
     resume_from: int = 0,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     connections: int = DEFAULT_CONNECTIONS,
+    depth: int = DEFAULT_DEPTH,
     limit: RateLimit | None = None,
     verify: bool = False,
     target_is_zeroed: bool = False,
@@ -457,8 +509,8 @@ def copy_image(
     try:
         for _ in range(count):
             pool.append(_Connections(src_uri, dst_uri))
-        run = _Copy(items, pool, chunk_bytes=chunk_bytes, target_is_zeroed=target_is_zeroed, limit=limit,
-                    retries=retries)
+        run = _Copy(items, pool, chunk_bytes=chunk_bytes, depth=depth, target_is_zeroed=target_is_zeroed,
+                    limit=limit, retries=retries)
         threads = [threading.Thread(target=run.work, args=(conns,), name=f"copy-{i}", daemon=True)
                    for i, conns in enumerate(pool)]
         for thread in threads:
