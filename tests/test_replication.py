@@ -96,10 +96,12 @@ def test_source_server_gone_before_copy_fails_the_job(celery_worker_process, tmp
 
 
 def test_source_killed_mid_copy_fails_the_job_and_stops_the_other_disk(celery_worker_process, tmp_path, sockdir):
-    slow_image = make_image(tmp_path / "slow.img", 24 * MiB, [(0, 24 * MiB)], seed=4)
-    other_image = make_image(tmp_path / "other.img", 24 * MiB, [(0, 24 * MiB)], seed=5)
-    slow = NbdkitProcess(sockdir, "--readonly", "--filter=delay", "file", str(slow_image), "rdelay=300ms")
-    other = NbdkitProcess(sockdir, "--readonly", "--filter=delay", "file", str(other_image), "rdelay=300ms")
+    slow_image = make_image(tmp_path / "slow.img", 64 * MiB, [(0, 64 * MiB)], seed=4)
+    other_image = make_image(tmp_path / "other.img", 64 * MiB, [(0, 64 * MiB)], seed=5)
+    # One request at a time, each 100 ms late: the copies take seconds however deep the engine pipelines.
+    slow_args = ["--readonly", "--filter=noparallel", "--filter=delay"]
+    slow = NbdkitProcess(sockdir, *slow_args, "file", str(slow_image), "rdelay=100ms")
+    other = NbdkitProcess(sockdir, *slow_args, "file", str(other_image), "rdelay=300ms")
     try:
         vm = register_image_vm("vm-dying-source", [slow.uri, other.uri])
         job = start_replication(vm)

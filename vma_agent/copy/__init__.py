@@ -247,13 +247,20 @@ class _Connections:
         self.src_uri, self.dst_uri = src_uri, dst_uri
         self.src = connect(src_uri)
         self.dst = connect(dst_uri)
+        self.repair_error: CopyError | None = None
 
     def repair(self) -> None:
+        """Reconnect dead connections; remembers why that failed, if it did."""
+        self.repair_error = None
         for name, uri in (("src", self.src_uri), ("dst", self.dst_uri)):
             handle = getattr(self, name)
             if handle.aio_is_dead() or handle.aio_is_closed():
                 close(handle)
-                setattr(self, name, connect(uri))
+                try:
+                    setattr(self, name, connect(uri))
+                except CopyError as exc:
+                    self.repair_error = exc
+                    return
 
     def close(self) -> None:
         close(self.src)
@@ -345,18 +352,15 @@ class _Copy:
     def _retrying(self, conns: _Connections, item: Extent, buffer: nbd.Buffer) -> str:
         attempts = Retrying(stop=stop_after_attempt(self.retries + 1), wait=wait_exponential(0.2, max=5),
                             retry=retry_if_exception_type(_RequestFailed), reraise=True,
-                            before_sleep=lambda state: self._repair(conns))
+                            before_sleep=lambda state: conns.repair())
         try:
             return attempts(self._one, conns, item, buffer)
         except _RequestFailed as exc:
+            # A connection that could not be re-established says more than
+            # the dead handle's own complaint.
+            reason = f"connection lost and {conns.repair_error}" if conns.repair_error else exc.message
             raise CopyError(f"{exc.operation} failed at offset {item.offset} length {item.length}: "
-                            f"{exc.message}") from exc
-
-    def _repair(self, conns: _Connections) -> None:
-        try:
-            conns.repair()
-        except CopyError:
-            pass  # the next attempt fails again, and the last one reports it
+                            f"{reason}") from exc
 
     def _one(self, conns: _Connections, item: Extent, buffer: nbd.Buffer) -> str:
         """Copy one item; returns "copied", "zeroed" or "skipped"."""
