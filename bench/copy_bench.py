@@ -108,6 +108,7 @@ def run_case(name, runs: dict[str, list[str]], reps: int, reset, data_bytes: int
     for _ in range(reps):
         for tool, cmd in runs.items():  # interleaved, so drift hits every tool alike
             reset()
+            os.sync()  # no run pays for the previous one's dirty pages
             samples[tool].append(timed(cmd))
     rows = {}
     for tool, values in samples.items():

@@ -323,3 +323,25 @@ def test_cli_reports_a_failure_with_exit_1(tmp_path, serve):
                           cwd=PROJECT_ROOT)
     assert done.returncode == 1
     assert json.loads(done.stdout)["error"].startswith("cannot connect to nbd+unix:///?socket=/nonexistent.sock")
+
+
+def test_frequent_checkpoints_with_many_connections_complete(tmp_path, serve):
+    """Checkpoints while four connections stream must neither stall the copy
+    (the threads share no NBD handle) nor commit a cursor past unflushed data."""
+    size = 48 * MiB + 3
+    src = make_image(tmp_path / "src.img", size, [(0, size)], seed=11)
+    dst = make_image(tmp_path / "dst.img", size, [])
+    cursors = []
+    outcome = {}
+
+    def run():
+        outcome["result"] = copy_image(
+            serve("--readonly", "file", str(src)).uri, serve("file", str(dst)).uri, chunk_bytes=256 * 1024,
+            connections=4, depth=8, checkpoint=cursors.append, checkpoint_interval_s=0)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "the copy stalled"
+    assert sha256(dst) == sha256(src)
+    assert cursors == sorted(cursors) and cursors[-1] == size

@@ -10,6 +10,8 @@ cursor (everything below it written and flushed) and watches for cancel.
 
 from __future__ import annotations
 
+import os
+import select
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -271,16 +273,17 @@ class _Copy:
     """One copy run: the shared state between the worker threads and the
     calling thread."""
 
-    def __init__(self, items: list[Extent], connections: list[_Connections], *, chunk_bytes: int,
-                 depth: int, target_is_zeroed: bool, limit: RateLimit, retries: int):
+    def __init__(self, items: list[Extent], *, chunk_bytes: int, depth: int, target_is_zeroed: bool,
+                 limit: RateLimit, retries: int, flush_interval_s: float):
         self.items = items
-        self.connections = connections
         self.chunk_bytes = chunk_bytes
         self.depth = depth
         self.target_is_zeroed = target_is_zeroed
         self.limit = limit
         self.retries = retries
-        self.done = [False] * len(items)
+        self.flush_interval_s = flush_interval_s
+        self.done = [False] * len(items)  # written (the write's reply arrived)
+        self.durable = [False] * len(items)  # written and flushed: what the cursor counts
         self.next_item = 0
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -291,63 +294,150 @@ class _Copy:
 
     # --- worker side ---------------------------------------------------
     def work(self, conns: _Connections) -> None:
-        buffers = [nbd.Buffer(self.chunk_bytes) for _ in range(self.depth)]
         try:
-            while not self.stop.is_set():
-                with self.lock:
-                    first = self.next_item
-                    self.next_item = min(first + self.depth, len(self.items))
-                batch = range(first, self.next_item)
-                if not batch:
-                    return
-                try:
-                    outcomes = self._pipelined(conns, [self.items[i] for i in batch], buffers)
-                    if outcomes is None:
-                        return  # stopped while waiting for bandwidth: the batch stays undone
-                except nbd.Error:
-                    # Something in the batch failed: redo it item by item, with
-                    # retries, reconnects and an error that names the range.
-                    outcomes = [self._retrying(conns, self.items[i], buffers[0]) for i in batch]
-                with self.lock:
-                    for index, outcome in zip(batch, outcomes, strict=True):
-                        item = self.items[index]
-                        self.done[index] = True
-                        if outcome == "copied":
-                            self.copied += item.length
-                        elif outcome == "zeroed":
-                            self.zeroed += item.length
-                        if not item.zero:
-                            self.bytes_done += item.length
+            self._pump(conns)
         except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
             with self.lock:
                 self.error = self.error or exc
             self.stop.set()
 
-    def _pipelined(self, conns: _Connections, batch: list[Extent], buffers: list[nbd.Buffer]) -> list[str] | None:
-        """Copy a batch with all its reads in flight at once, then all its
-        writes: `depth` requests in flight per connection."""
-        data = [(item, buf if item.length == self.chunk_bytes else nbd.Buffer(item.length))
-                for item, buf in zip(batch, buffers, strict=False) if not item.zero]
-        if data and not self.limit.acquire(sum(item.length for item, _ in data), self.stop):
-            return None
-        _wait_all(conns.src, [conns.src.aio_pread(buf, item.offset) for item, buf in data])
-        buffer_of = {item.offset: buf for item, buf in data}
-        outcomes, cookies = [], []
-        for item in batch:
-            buf = buffer_of.get(item.offset)
-            if buf is not None and not buf.is_zero():
-                cookies.append(conns.dst.aio_pwrite(buf, item.offset))
-                outcomes.append("copied")
-            elif self.target_is_zeroed:
-                outcomes.append("skipped")
-            elif conns.dst.can_zero():
-                cookies.append(conns.dst.aio_zero(item.length, item.offset))
-                outcomes.append("zeroed")
+    def _claim(self) -> int | None:
+        with self.lock:
+            if self.next_item >= len(self.items):
+                return None
+            self.next_item += 1
+            return self.next_item - 1
+
+    def _finish(self, index: int, outcome: str) -> None:
+        item = self.items[index]
+        with self.lock:
+            self.done[index] = True
+            if outcome == "copied":
+                self.copied += item.length
+            elif outcome == "zeroed":
+                self.zeroed += item.length
+            if not item.zero:
+                self.bytes_done += item.length
+
+    def _make_durable(self, indexes: list[int]) -> None:
+        with self.lock:
+            for index in indexes:
+                self.durable[index] = True
+
+    def _pump(self, conns: _Connections) -> None:
+        """Stream items through this connection pair with up to `depth`
+        requests in flight: a read's completion queues its write, a write's
+        completion frees its buffer for the next read. Completion callbacks
+        only record; this loop issues every request. Items whose request
+        failed, and zeros for a target without zero support, are done one by
+        one at the end, with retries."""
+        src, dst = conns.src, conns.dst
+        free = [nbd.Buffer(self.chunk_bytes) for _ in range(self.depth)]
+        reads_done: list[tuple[int, nbd.Buffer, int]] = []
+        writes_done: list[tuple[int, nbd.Buffer | None, int, str]] = []
+        # Items written since the last flush was sent; a flush makes durable
+        # the writes that completed before it was sent. Only this thread
+        # ever touches these two handles.
+        unflushed: list[int] = []
+        flushes_done: list[tuple[list[int], int]] = []
+        flush_pending = False
+        last_flush = time.monotonic()
+        can_flush = dst.can_flush()
+        one_by_one: list[int] = []
+        in_flight = 0
+        exhausted = False
+        can_zero = dst.can_zero()
+
+        def write(index: int, buf: nbd.Buffer | None, outcome: str) -> None:
+            item = self.items[index]
+            done = lambda err, i=index, b=buf, o=outcome: writes_done.append((i, b, err.value, o)) or 1  # noqa: E731
+            if outcome == "copied":
+                dst.aio_pwrite(buf, item.offset, completion=done)
             else:
-                _zero(conns.dst, item.offset, item.length, self.chunk_bytes)
-                outcomes.append("zeroed")
-        _wait_all(conns.dst, cookies)
-        return outcomes
+                dst.aio_zero(item.length, item.offset, completion=done)
+
+        def finish(index: int, outcome: str) -> None:
+            self._finish(index, outcome)
+            unflushed.append(index)
+
+        def release(buf: nbd.Buffer | None) -> None:
+            if buf is not None and buf.size() == self.chunk_bytes:
+                free.append(buf)
+
+        while True:
+            while free and not exhausted and not self.stop.is_set():
+                index = self._claim()
+                if index is None:
+                    exhausted = True
+                    break
+                item = self.items[index]
+                if item.zero and self.target_is_zeroed:
+                    finish(index, "skipped")
+                    continue
+                if item.zero and not can_zero:
+                    one_by_one.append(index)
+                    continue
+                if item.zero:
+                    write(index, None, "zeroed")
+                elif not self.limit.acquire(item.length, self.stop):
+                    break  # stopped while waiting for bandwidth; the item stays undone
+                else:
+                    buf = free.pop() if item.length == self.chunk_bytes else nbd.Buffer(item.length)
+                    src.aio_pread(buf, item.offset, completion=lambda err, i=index, b=buf: reads_done.append(
+                        (i, b, err.value)) or 1)
+                in_flight += 1
+            for index, buf, err in reads_done:
+                if not err and not buf.is_zero():
+                    write(index, buf, "copied")
+                    continue
+                release(buf)
+                if not err and can_zero and not self.target_is_zeroed:
+                    write(index, None, "zeroed")  # data that reads as zeros is written as zeros
+                    continue
+                in_flight -= 1
+                if not err and self.target_is_zeroed:
+                    finish(index, "skipped")
+                else:
+                    one_by_one.append(index)
+            reads_done.clear()
+            for index, buf, err, outcome in writes_done:
+                release(buf)
+                in_flight -= 1
+                if err:
+                    one_by_one.append(index)
+                else:
+                    finish(index, outcome)
+            writes_done.clear()
+            for flushed, err in flushes_done:
+                in_flight -= 1
+                flush_pending = False
+                if err:
+                    raise CopyError(f"flush of the target failed: {os.strerror(err)}")
+                self._make_durable(flushed)
+            flushes_done.clear()
+            if not can_flush:
+                self._make_durable(unflushed)
+                unflushed.clear()
+            elif unflushed and not flush_pending and time.monotonic() - last_flush >= self.flush_interval_s:
+                dst.aio_flush(completion=lambda err, f=unflushed[:]: flushes_done.append((f, err.value)) or 1)
+                unflushed.clear()
+                flush_pending, last_flush = True, time.monotonic()
+                in_flight += 1
+            if in_flight == 0:
+                if exhausted or self.stop.is_set() or not free:
+                    break
+                continue
+            _wait_for_either(src, dst)
+        for index in one_by_one:
+            if self.error is not None:
+                return
+            finish(index, self._retrying(conns, self.items[index], nbd.Buffer(self.chunk_bytes)))
+        if unflushed and conns.dst.can_flush():
+            try:
+                conns.dst.flush()
+            except nbd.Error as exc:
+                raise CopyError(f"flush of the target failed: {exc.string}") from exc
+        self._make_durable(unflushed)
 
     def _retrying(self, conns: _Connections, item: Extent, buffer: nbd.Buffer) -> str:
         attempts = Retrying(stop=stop_after_attempt(self.retries + 1), wait=wait_exponential(0.2, max=5),
@@ -387,21 +477,16 @@ class _Copy:
         return "zeroed"
 
     # --- calling-thread side -------------------------------------------
-    def committed_index(self) -> int:
+    def cursor(self) -> int:
+        """The committed cursor: every item below it is written and flushed."""
         with self.lock:
-            while self.cursor_index < len(self.items) and self.done[self.cursor_index]:
+            while self.cursor_index < len(self.items) and self.durable[self.cursor_index]:
                 self.cursor_index += 1
-            return self.cursor_index
+            index = self.cursor_index
+        return self.items[index].offset if index < len(self.items) else self.items[-1].end
 
-    def flush(self) -> None:
-        # Flushing every target connection covers every completed write, with
-        # or without multi-conn support on the server.
-        for conns in self.connections:
-            if conns.dst.can_flush():
-                try:
-                    conns.dst.flush()
-                except nbd.Error as exc:
-                    raise CopyError(f"flush of the target failed: {exc.string}") from exc
+    def finished(self) -> bool:
+        return self.cursor_index == len(self.items)
 
 
 def _wait(handle: nbd.NBD, cookie: int) -> None:
@@ -409,16 +494,20 @@ def _wait(handle: nbd.NBD, cookie: int) -> None:
         handle.poll(-1)
 
 
-def _wait_all(handle: nbd.NBD, cookies: list[int]) -> None:
-    """Wait for every command; raises the first failure after all are done."""
-    error = None
-    for cookie in cookies:
-        try:
-            _wait(handle, cookie)
-        except nbd.Error as exc:
-            error = error or exc
-    if error is not None:
-        raise error
+def _wait_for_either(*handles: nbd.NBD) -> None:
+    """Block until one of the handles can make progress, then let it."""
+    readers, writers = {}, {}
+    for handle in handles:
+        direction = handle.aio_get_direction()
+        if direction & nbd.AIO_DIRECTION_READ:
+            readers[handle.aio_get_fd()] = handle
+        if direction & nbd.AIO_DIRECTION_WRITE:
+            writers[handle.aio_get_fd()] = handle
+    readable, writable, _ = select.select(list(readers), list(writers), [], 1.0)
+    for fd in readable:
+        readers[fd].aio_notify_read()
+    for fd in writable:
+        writers[fd].aio_notify_write()
 
 
 def _zero(dst: nbd.NBD, offset: int, length: int, chunk_bytes: int) -> None:
@@ -513,8 +602,8 @@ def copy_image(
     try:
         for _ in range(count):
             pool.append(_Connections(src_uri, dst_uri))
-        run = _Copy(items, pool, chunk_bytes=chunk_bytes, depth=depth, target_is_zeroed=target_is_zeroed,
-                    limit=limit, retries=retries)
+        run = _Copy(items, chunk_bytes=chunk_bytes, depth=depth, target_is_zeroed=target_is_zeroed,
+                    limit=limit, retries=retries, flush_interval_s=checkpoint_interval_s)
         threads = [threading.Thread(target=run.work, args=(conns,), name=f"copy-{i}", daemon=True)
                    for i, conns in enumerate(pool)]
         for thread in threads:
@@ -531,23 +620,19 @@ def copy_image(
                 except BaseException as exc:  # noqa: BLE001 - re-raised once the cursor is committed
                     stop_reason = exc
                     run.stop.set()
-            if checkpoint and time.monotonic() - last_checkpoint >= checkpoint_interval_s and run.error is None:
-                index = run.committed_index()
-                run.flush()
-                checkpoint(items[index].offset if index < len(items) else items[-1].end)
+            if checkpoint and time.monotonic() - last_checkpoint >= checkpoint_interval_s:
+                checkpoint(run.cursor())
                 last_checkpoint = time.monotonic()
         for thread in threads:
             thread.join()
-        if run.error is not None:
-            raise run.error
-        run.flush()
-        index = run.committed_index()
-        cursor = items[index].offset if index < len(items) else items[-1].end
+        cursor = run.cursor()
         if checkpoint:
             checkpoint(cursor)
+        if run.error is not None:
+            raise run.error
         if stop_reason is not None:
             raise stop_reason
-        if index < len(items):
+        if not run.finished():
             raise CopyCancelled(cursor)
         if verify:
             _verify(pool[0], items, chunk_bytes)
