@@ -7,7 +7,10 @@ and runs each tool as a separate process, several times, in one run:
   sparse     nbdkit sparse-random (default 8 GiB, 10 % data), full copy
   incr-1%    1 % of an 8 GiB disk changed, in scattered 64 KiB..1 MiB areas
   incr-5%    5 % changed, the same way
-  progress   the dense case with and without a progress callback
+  progress   the dense case with and without the progress bar
+
+Full-copy targets live on tmpfs by default, so the page cache's writeback to
+disk does not decide the ranking; pass --target-dir to put them on disk.
 
 It prints, per case and tool, the median seconds, MB/s (disk size / s),
 CPU seconds per GB of data (the copying process only, not the servers),
@@ -136,18 +139,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every size (0.25 for a quick look)")
-    parser.add_argument("--workdir", default="/var/tmp/copy-bench", help="where the source and targets live")
+    parser.add_argument("--workdir", default="/var/tmp/copy-bench", help="where the source files live")
+    parser.add_argument("--target-dir", default="/dev/shm/copy-bench",
+                        help="where the full-copy targets live (tmpfs keeps disk writeback out of the comparison)")
     parser.add_argument("--cases", default="dense,sparse,incremental,progress")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args()
     cases = set(args.cases.split(","))
-    workdir = Path(args.workdir)
+    workdir, target_dir = Path(args.workdir), Path(args.target_dir)
     workdir.mkdir(parents=True, exist_ok=True)
+    target_dir.mkdir(parents=True, exist_ok=True)
     sockdir = Path(tempfile.mkdtemp(prefix="bench-"))
     dense_size = int(4 * GiB * args.scale) // MiB * MiB
     big_size = int(8 * GiB * args.scale) // MiB * MiB
     results = {}
-    print(f"copy benchmark: {os.cpu_count()} CPUs, reps={args.reps}, scale={args.scale}, workdir={workdir}")
+    print(f"copy benchmark: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, reps={args.reps}, "
+          f"scale={args.scale}, sources in {workdir}, full-copy targets in {target_dir}")
     servers = []
     try:
         def serve(name, *a):
@@ -155,7 +162,7 @@ def main() -> None:
             return servers[-1]
 
         if cases & {"dense", "progress"}:
-            src_file, dst_file = workdir / "dense-src.img", workdir / "dense-dst.img"
+            src_file, dst_file = workdir / "dense-src.img", target_dir / "dense-dst.img"
             make_dense(src_file, dense_size)
             fresh_target(dst_file, dense_size)
             src = serve("dense-src", "--readonly", "file", str(src_file))
@@ -171,7 +178,7 @@ def main() -> None:
                                                dense_size, dense_size)
 
         if "sparse" in cases:
-            dst_file = workdir / "sparse-dst.img"
+            dst_file = target_dir / "sparse-dst.img"
             fresh_target(dst_file, big_size)
             src = serve("sparse-src", "--readonly", "sparse-random", f"size={big_size}", "percent=10", "seed=7")
             dst = serve("sparse-dst", "file", str(dst_file))
@@ -197,6 +204,7 @@ def main() -> None:
         for server in servers:
             server.stop()
         shutil.rmtree(sockdir, ignore_errors=True)
+        shutil.rmtree(target_dir, ignore_errors=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

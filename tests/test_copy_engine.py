@@ -181,7 +181,7 @@ def test_interrupted_copy_resumes_from_its_cursor_without_recopying(tmp_path, se
     with pytest.raises(WorkerKilled):
         copy_image(src_uri, dst_uri, chunk_bytes=MiB, progress=die_halfway, progress_interval_s=0,
                    checkpoint=cursors.append, checkpoint_interval_s=0, limit=RateLimit(64 * MiB),
-                   connections=1, depth=2)
+                   connections=1)
     cursor = cursors[-1]
     assert size // 4 < cursor < size, "the cursor was committed mid-disk"
     assert sha256(dst) != sha256(src)
@@ -337,7 +337,7 @@ def test_frequent_checkpoints_with_many_connections_complete(tmp_path, serve):
     def run():
         outcome["result"] = copy_image(
             serve("--readonly", "file", str(src)).uri, serve("file", str(dst)).uri, chunk_bytes=256 * 1024,
-            connections=4, depth=8, checkpoint=cursors.append, checkpoint_interval_s=0)
+            connections=4, checkpoint=cursors.append, checkpoint_interval_s=0)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()

@@ -1,7 +1,8 @@
 """The copy engine: copy an NBD source export onto an NBD target export.
 
-Several connection pairs copy in parallel, one thread each (libnbd releases
-the GIL while it waits), each reusing one buffer. A full copy reads only the
+Several connection pairs copy in parallel, one thread each: libnbd's
+synchronous calls wait in C with the GIL released, which costs less CPU
+than driving requests from a Python event loop. A full copy reads only the
 source's allocated extents and turns zero extents into zero requests; an
 extent-list copy (incrementals) copies only the given areas. The calling
 thread never touches data: it reports progress, commits the checkpoint
@@ -10,8 +11,6 @@ cursor (everything below it written and flushed) and watches for cancel.
 
 from __future__ import annotations
 
-import os
-import select
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -23,11 +22,10 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 from vma_agent.progress import ProgressCallback, ThrottledReporter
 
 MiB = 1024 * 1024
-# Defaults measured with bench/copy_bench.py. Memory in use is at most
-# connections x depth x chunk (32 MiB).
+# Defaults measured with bench/copy_bench.py. Data in flight is at most
+# connections x chunk.
 DEFAULT_CHUNK_BYTES = 1 * MiB
 DEFAULT_CONNECTIONS = 4
-DEFAULT_DEPTH = 8  # requests in flight per connection
 MAX_REQUEST_BYTES = 32 * MiB  # the NBD protocol's practical limit for one read/write
 ZERO_REQUEST_BYTES = 1 << 30  # a zero request's length is 32-bit on the wire
 EXTENT_QUERY_BYTES = 1 << 30
@@ -273,11 +271,10 @@ class _Copy:
     """One copy run: the shared state between the worker threads and the
     calling thread."""
 
-    def __init__(self, items: list[Extent], *, chunk_bytes: int, depth: int, target_is_zeroed: bool,
+    def __init__(self, items: list[Extent], *, chunk_bytes: int, target_is_zeroed: bool,
                  limit: RateLimit, retries: int, flush_interval_s: float):
         self.items = items
         self.chunk_bytes = chunk_bytes
-        self.depth = depth
         self.target_is_zeroed = target_is_zeroed
         self.limit = limit
         self.retries = retries
@@ -295,7 +292,7 @@ class _Copy:
     # --- worker side ---------------------------------------------------
     def work(self, conns: _Connections) -> None:
         try:
-            self._pump(conns)
+            self._stream(conns)
         except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
             with self.lock:
                 self.error = self.error or exc
@@ -319,132 +316,52 @@ class _Copy:
             if not item.zero:
                 self.bytes_done += item.length
 
-    def _make_durable(self, indexes: list[int]) -> None:
-        with self.lock:
-            for index in indexes:
-                self.durable[index] = True
-
-    def _pump(self, conns: _Connections) -> None:
-        """Stream items through this connection pair with up to `depth`
-        requests in flight: a read's completion queues its write, a write's
-        completion frees its buffer for the next read. Completion callbacks
-        only record; this loop issues every request. Items whose request
-        failed, and zeros for a target without zero support, are done one by
-        one at the end, with retries."""
-        src, dst = conns.src, conns.dst
-        free = [nbd.Buffer(self.chunk_bytes) for _ in range(self.depth)]
-        reads_done: list[tuple[int, nbd.Buffer, int]] = []
-        writes_done: list[tuple[int, nbd.Buffer | None, int, str]] = []
-        # Items written since the last flush was sent; a flush makes durable
-        # the writes that completed before it was sent. Only this thread
-        # ever touches these two handles.
+    def _stream(self, conns: _Connections) -> None:
+        """Copy items until none are left or the copy stops. Each request is
+        a synchronous libnbd call, which waits in C with the GIL released, so
+        the connection pairs run in parallel at C speed. Every `flush_interval_s`
+        the thread flushes its own target connection (no thread ever touches
+        another's handles); a flush makes the writes finished before it
+        durable, and only durable items move the cursor."""
         unflushed: list[int] = []
-        flushes_done: list[tuple[list[int], int]] = []
-        flush_pending = False
         last_flush = time.monotonic()
-        can_flush = dst.can_flush()
-        one_by_one: list[int] = []
-        in_flight = 0
-        exhausted = False
-        can_zero = dst.can_zero()
-
-        def write(index: int, buf: nbd.Buffer | None, outcome: str) -> None:
+        zeros = bytes(self.chunk_bytes)
+        while not self.stop.is_set():
+            index = self._claim()
+            if index is None:
+                break
             item = self.items[index]
-            done = lambda err, i=index, b=buf, o=outcome: writes_done.append((i, b, err.value, o)) or 1  # noqa: E731
-            if outcome == "copied":
-                dst.aio_pwrite(buf, item.offset, completion=done)
-            else:
-                dst.aio_zero(item.length, item.offset, completion=done)
-
-        def finish(index: int, outcome: str) -> None:
+            if not item.zero and not self.limit.acquire(item.length, self.stop):
+                break  # stopped while waiting for bandwidth; the item stays undone
+            try:
+                outcome = self._one(conns, item, zeros)
+            except _RequestFailed:
+                outcome = self._retrying(conns, item, zeros)
             self._finish(index, outcome)
             unflushed.append(index)
+            if time.monotonic() - last_flush >= self.flush_interval_s:
+                self._flush(conns, unflushed)
+                last_flush = time.monotonic()
+        self._flush(conns, unflushed)
 
-        def release(buf: nbd.Buffer | None) -> None:
-            if buf is not None and buf.size() == self.chunk_bytes:
-                free.append(buf)
-
-        while True:
-            while free and not exhausted and not self.stop.is_set():
-                index = self._claim()
-                if index is None:
-                    exhausted = True
-                    break
-                item = self.items[index]
-                if item.zero and self.target_is_zeroed:
-                    finish(index, "skipped")
-                    continue
-                if item.zero and not can_zero:
-                    one_by_one.append(index)
-                    continue
-                if item.zero:
-                    write(index, None, "zeroed")
-                elif not self.limit.acquire(item.length, self.stop):
-                    break  # stopped while waiting for bandwidth; the item stays undone
-                else:
-                    buf = free.pop() if item.length == self.chunk_bytes else nbd.Buffer(item.length)
-                    src.aio_pread(buf, item.offset, completion=lambda err, i=index, b=buf: reads_done.append(
-                        (i, b, err.value)) or 1)
-                in_flight += 1
-            for index, buf, err in reads_done:
-                if not err and not buf.is_zero():
-                    write(index, buf, "copied")
-                    continue
-                release(buf)
-                if not err and can_zero and not self.target_is_zeroed:
-                    write(index, None, "zeroed")  # data that reads as zeros is written as zeros
-                    continue
-                in_flight -= 1
-                if not err and self.target_is_zeroed:
-                    finish(index, "skipped")
-                else:
-                    one_by_one.append(index)
-            reads_done.clear()
-            for index, buf, err, outcome in writes_done:
-                release(buf)
-                in_flight -= 1
-                if err:
-                    one_by_one.append(index)
-                else:
-                    finish(index, outcome)
-            writes_done.clear()
-            for flushed, err in flushes_done:
-                in_flight -= 1
-                flush_pending = False
-                if err:
-                    raise CopyError(f"flush of the target failed: {os.strerror(err)}")
-                self._make_durable(flushed)
-            flushes_done.clear()
-            if not can_flush:
-                self._make_durable(unflushed)
-                unflushed.clear()
-            elif unflushed and not flush_pending and time.monotonic() - last_flush >= self.flush_interval_s:
-                dst.aio_flush(completion=lambda err, f=unflushed[:]: flushes_done.append((f, err.value)) or 1)
-                unflushed.clear()
-                flush_pending, last_flush = True, time.monotonic()
-                in_flight += 1
-            if in_flight == 0:
-                if exhausted or self.stop.is_set() or not free:
-                    break
-                continue
-            _wait_for_either(src, dst)
-        for index in one_by_one:
-            if self.error is not None:
-                return
-            finish(index, self._retrying(conns, self.items[index], nbd.Buffer(self.chunk_bytes)))
+    def _flush(self, conns: _Connections, unflushed: list[int]) -> None:
         if unflushed and conns.dst.can_flush():
             try:
                 conns.dst.flush()
             except nbd.Error as exc:
                 raise CopyError(f"flush of the target failed: {exc.string}") from exc
-        self._make_durable(unflushed)
+        with self.lock:
+            for index in unflushed:
+                self.durable[index] = True
+        unflushed.clear()
 
-    def _retrying(self, conns: _Connections, item: Extent, buffer: nbd.Buffer) -> str:
-        attempts = Retrying(stop=stop_after_attempt(self.retries + 1), wait=wait_exponential(0.2, max=5),
+    def _retrying(self, conns: _Connections, item: Extent, zeros: bytes) -> str:
+        attempts = Retrying(stop=stop_after_attempt(self.retries), wait=wait_exponential(0.2, max=5),
                             retry=retry_if_exception_type(_RequestFailed), reraise=True,
                             before_sleep=lambda state: conns.repair())
+        conns.repair()
         try:
-            return attempts(self._one, conns, item, buffer)
+            return attempts(self._one, conns, item, zeros)
         except _RequestFailed as exc:
             # A connection that could not be re-established says more than
             # the dead handle's own complaint.
@@ -452,18 +369,16 @@ class _Copy:
             raise CopyError(f"{exc.operation} failed at offset {item.offset} length {item.length}: "
                             f"{reason}") from exc
 
-    def _one(self, conns: _Connections, item: Extent, buffer: nbd.Buffer) -> str:
+    def _one(self, conns: _Connections, item: Extent, zeros: bytes) -> str:
         """Copy one item; returns "copied", "zeroed" or "skipped"."""
         if not item.zero:
-            self.limit.acquire(item.length, self.stop)  # a retry finishes its item even when stopping
-            buf = buffer if item.length == self.chunk_bytes else nbd.Buffer(item.length)
             try:
-                _wait(conns.src, conns.src.aio_pread(buf, item.offset))
+                data = conns.src.pread(item.length, item.offset)
             except nbd.Error as exc:
                 raise _RequestFailed("read", exc) from exc
-            if not buf.is_zero():
+            if data != zeros[:item.length]:
                 try:
-                    _wait(conns.dst, conns.dst.aio_pwrite(buf, item.offset))
+                    conns.dst.pwrite(data, item.offset)
                 except nbd.Error as exc:
                     raise _RequestFailed("write", exc) from exc
                 return "copied"
@@ -489,27 +404,6 @@ class _Copy:
         return self.cursor_index == len(self.items)
 
 
-def _wait(handle: nbd.NBD, cookie: int) -> None:
-    while not handle.aio_command_completed(cookie):
-        handle.poll(-1)
-
-
-def _wait_for_either(*handles: nbd.NBD) -> None:
-    """Block until one of the handles can make progress, then let it."""
-    readers, writers = {}, {}
-    for handle in handles:
-        direction = handle.aio_get_direction()
-        if direction & nbd.AIO_DIRECTION_READ:
-            readers[handle.aio_get_fd()] = handle
-        if direction & nbd.AIO_DIRECTION_WRITE:
-            writers[handle.aio_get_fd()] = handle
-    readable, writable, _ = select.select(list(readers), list(writers), [], 1.0)
-    for fd in readable:
-        readers[fd].aio_notify_read()
-    for fd in writable:
-        writers[fd].aio_notify_write()
-
-
 def _zero(dst: nbd.NBD, offset: int, length: int, chunk_bytes: int) -> None:
     if dst.can_zero():
         dst.zero(length, offset)
@@ -527,7 +421,6 @@ def copy_image(
     resume_from: int = 0,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     connections: int = DEFAULT_CONNECTIONS,
-    depth: int = DEFAULT_DEPTH,
     limit: RateLimit | None = None,
     verify: bool = False,
     target_is_zeroed: bool = False,
@@ -602,7 +495,7 @@ def copy_image(
     try:
         for _ in range(count):
             pool.append(_Connections(src_uri, dst_uri))
-        run = _Copy(items, chunk_bytes=chunk_bytes, depth=depth, target_is_zeroed=target_is_zeroed,
+        run = _Copy(items, chunk_bytes=chunk_bytes, target_is_zeroed=target_is_zeroed,
                     limit=limit, retries=retries, flush_interval_s=checkpoint_interval_s)
         threads = [threading.Thread(target=run.work, args=(conns,), name=f"copy-{i}", daemon=True)
                    for i, conns in enumerate(pool)]

@@ -14,7 +14,6 @@ from tqdm import tqdm
 from vma_agent.copy import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_CONNECTIONS,
-    DEFAULT_DEPTH,
     CopyCancelled,
     CopyError,
     RateLimit,
@@ -51,7 +50,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--target-is-zeroed", action="store_true", help="the target is fresh: skip zero extents")
     parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK_BYTES, help="request size in bytes")
     parser.add_argument("--connections", type=int, default=DEFAULT_CONNECTIONS, help="parallel connection pairs")
-    parser.add_argument("--depth", type=int, default=DEFAULT_DEPTH, help="requests in flight per connection")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -79,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             extents = dirty_areas(args.src_uri, args.dirty_bitmap)
         result = copy_image(
             args.src_uri, args.dst_uri, extents=extents, resume_from=args.resume_from,
-            chunk_bytes=args.chunk, connections=args.connections, depth=args.depth, limit=RateLimit(args.limit),
+            chunk_bytes=args.chunk, connections=args.connections, limit=RateLimit(args.limit),
             verify=args.verify, target_is_zeroed=args.target_is_zeroed, progress=show, progress_interval_s=0.5,
             checkpoint=lambda offset: cursor.update(offset=offset), cancel=cancel,
         )
