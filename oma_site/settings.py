@@ -122,3 +122,7 @@ LOGGING = {
 }
 
 LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "dashboard"
+LOGOUT_REDIRECT_URL = "login"
+# Where operators find Flower (celery -A oma_site flower); empty hides the link.
+FLOWER_URL = env("FLOWER_URL", default="http://127.0.0.1:5555/")

@@ -1,6 +1,9 @@
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.template.loader import render_to_string
+from django.utils.html import format_html
 
 from replication.models import DeviceMapping, ReplicationJob, SourceDisk, TargetVolume, VirtualMachine, VMDisk
+from replication.services import jobs as job_service
 
 
 class SourceDiskInline(admin.TabularInline):
@@ -26,12 +29,41 @@ class VMDiskInline(admin.TabularInline):
 
 @admin.register(ReplicationJob)
 class ReplicationJobAdmin(admin.ModelAdmin):
-    list_display = ["id", "vm", "sync_type", "status", "current_operation", "progress_percent",
+    list_display = ["id", "vm", "sync_type", "status", "current_operation", "progress",
                     "bytes_transferred", "total_bytes", "throughput_bps", "created_at"]
     list_filter = ["status", "sync_type", "current_operation"]
     search_fields = ["id", "vm__name"]
     readonly_fields = [f.name for f in ReplicationJob._meta.fields]
     inlines = [VMDiskInline]
+    actions = ["cancel_jobs", "retry_jobs"]
+
+    class Media:
+        css = {"all": ["replication/bars.css"]}
+
+    def has_add_permission(self, request):
+        return False  # jobs start through start_replication, which creates their disks and volumes
+
+    @admin.display(description="Progress", ordering="progress_percent")
+    def progress(self, job):
+        bar = render_to_string("replication/_bar.html", {"percent": job.progress_percent,
+                                                         "label": f"{job.id} progress"})
+        return format_html("{} {} %", bar, f"{job.progress_percent:.1f}")
+
+    @admin.action(description="Cancel the selected jobs")
+    def cancel_jobs(self, request, queryset):
+        cancelled = [job.id for job in queryset if job_service.cancel_job(job.id)]
+        skipped = queryset.count() - len(cancelled)
+        self.message_user(request, f"Cancelled {len(cancelled)} job(s); {skipped} had already ended.")
+
+    @admin.action(description="Retry the selected failed or cancelled jobs")
+    def retry_jobs(self, request, queryset):
+        for job in queryset:
+            try:
+                new_job = job_service.retry_job(job.id)
+            except job_service.ReplicationError as exc:
+                self.message_user(request, str(exc), messages.WARNING)
+            else:
+                self.message_user(request, f"Job {job.id} retried as {new_job.id}.")
 
 
 @admin.register(TargetVolume)

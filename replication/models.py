@@ -43,6 +43,15 @@ def transfer_percent(bytes_done: int, bytes_total: int) -> float:
     return TRANSFER_START_PERCENT + (100 - TRANSFER_START_PERCENT) * fraction
 
 
+def eta_seconds(remaining_bytes: int, throughput_bps: int, finished: bool) -> int | None:
+    """Seconds left at the current rate; None while there is no rate to go by."""
+    if finished:
+        return 0
+    if throughput_bps <= 0:
+        return None
+    return int(max(0, remaining_bytes) / throughput_bps)
+
+
 class VirtualMachine(models.Model):
     name = models.CharField(max_length=200, unique=True)
     source_kind = models.CharField(max_length=20, choices=SourceKind.choices, default=SourceKind.IMAGE)
@@ -202,6 +211,10 @@ class ReplicationJob(models.Model):
     def all_disks_completed(self) -> bool:
         return not self.disks.exclude(status=DiskStatus.COMPLETED).exists()
 
+    @property
+    def eta_seconds(self) -> int | None:
+        return eta_seconds(self.total_bytes - self.bytes_transferred, self.throughput_bps, self.is_terminal)
+
 
 class VMDisk(models.Model):
     """One disk of one job: what is copied, from where, to which volume."""
@@ -272,3 +285,7 @@ class VMDisk(models.Model):
 
     def cancel(self) -> bool:
         return self.transition(DiskStatus.CANCELLED, throughput_bps=0, current_operation=Stage.CANCELLED)
+
+    @property
+    def eta_seconds(self) -> int | None:
+        return eta_seconds(self.bytes_total - self.bytes_done, self.throughput_bps, self.status in DISK_TERMINAL)

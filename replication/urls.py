@@ -1,9 +1,21 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from replication import views
+from replication import api, views
 
 urlpatterns = [
-    path("", views.job_list, name="job-list"),
-    path("login/", auth_views.LoginView.as_view(template_name="admin/login.html"), name="login"),
+    path("", views.dashboard, name="dashboard"),
+    path("fragments/dashboard/", views.dashboard_fragment, name="dashboard-fragment"),
+    path("jobs/<str:job_id>/", views.job_detail, name="job-detail"),
+    path("jobs/<str:job_id>/fragment/", views.job_fragment, name="job-fragment"),
+    path("jobs/<str:job_id>/cancel/", views.job_cancel, name="job-cancel"),
+    path("jobs/<str:job_id>/retry/", views.job_retry, name="job-retry"),
+    path("vms/", views.vm_list, name="vm-list"),
+    path("vms/<int:vm_id>/replicate/", views.vm_replicate, name="vm-replicate"),
+    path("volumes/", views.volume_list, name="volume-list"),
+    path("api/jobs/", api.jobs, name="api-jobs"),
+    path("api/jobs/<str:job_id>/", api.job, name="api-job"),
+    path("api/openapi.json", api.openapi, name="api-openapi"),
+    path("login/", auth_views.LoginView.as_view(template_name="replication/login.html"), name="login"),
+    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
 ]

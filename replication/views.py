@@ -1,10 +1,120 @@
-from django.contrib.auth.decorators import login_required
-from django.shortcuts import render
+"""The operator's pages. They read the database only, so they keep working
+while Redis is down; actions that must queue work say so when it fails."""
 
-from replication.models import ReplicationJob
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.db.models import Count, Prefetch, Sum
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+
+from replication.choices import JOB_ACTIVE, JobStatus, SyncType
+from replication.models import ReplicationJob, TargetVolume, VirtualMachine, VMDisk
+from replication.services import jobs as job_service
+
+RECENT_FAILURES = 10
+
+
+def _jobs_with_disks():
+    return ReplicationJob.objects.select_related("vm").prefetch_related(
+        Prefetch("disks", queryset=VMDisk.objects.order_by("disk_key"))
+    )
+
+
+def dashboard_context() -> dict:
+    active = list(_jobs_with_disks().filter(status__in=JOB_ACTIVE).order_by("created_at"))
+    counts = dict(ReplicationJob.objects.values_list("status").annotate(n=Count("id")))
+    return {
+        "counts": [(status.label, counts.get(status.value, 0), status.value) for status in JobStatus],
+        "throughput_now": sum(job.throughput_bps for job in active),
+        "active_jobs": active,
+        "recent_failures": ReplicationJob.objects.select_related("vm").filter(status=JobStatus.FAILED)
+        .order_by("-completed_at")[:RECENT_FAILURES],
+    }
+
+
+def _page(request, template, context):
+    return render(request, template, {"flower_url": settings.FLOWER_URL, **context})
 
 
 @login_required
-def job_list(request):
-    jobs = ReplicationJob.objects.select_related("vm").prefetch_related("disks")[:100]
-    return render(request, "replication/job_list.html", {"jobs": jobs})
+def dashboard(request):
+    return _page(request, "replication/dashboard.html", dashboard_context())
+
+
+@login_required
+def dashboard_fragment(request):
+    return render(request, "replication/_dashboard_body.html", dashboard_context())
+
+
+def _job_context(job_id: str) -> dict:
+    return {"job": get_object_or_404(_jobs_with_disks(), pk=job_id)}
+
+
+@login_required
+def job_detail(request, job_id):
+    return _page(request, "replication/job_detail.html", _job_context(job_id))
+
+
+@login_required
+def job_fragment(request, job_id):
+    return render(request, "replication/_job_body.html", _job_context(job_id))
+
+
+@login_required
+@require_POST
+def job_cancel(request, job_id):
+    job = get_object_or_404(ReplicationJob, pk=job_id)
+    if job_service.cancel_job(job.id):
+        messages.info(request, f"Job {job.id} cancelled; its copies stop within seconds.")
+    else:
+        messages.error(request, f"Job {job.id} is already {job.status} and cannot be cancelled.")
+    return redirect("job-detail", job_id=job.id)
+
+
+@login_required
+@require_POST
+def job_retry(request, job_id):
+    job = get_object_or_404(ReplicationJob, pk=job_id)
+    try:
+        new_job = job_service.retry_job(job.id)
+    except job_service.ReplicationError as exc:
+        messages.error(request, str(exc))
+        return redirect("job-detail", job_id=job.id)
+    messages.info(request, f"Started job {new_job.id} to retry {job.id}.")
+    return redirect("job-detail", job_id=new_job.id)
+
+
+@login_required
+def vm_list(request):
+    vms = VirtualMachine.objects.prefetch_related("disks__target_volume").annotate(job_count=Count("jobs"))
+    last_jobs = {}
+    for job in ReplicationJob.objects.order_by("vm_id", "-created_at").only("id", "vm_id", "status", "created_at"):
+        last_jobs.setdefault(job.vm_id, job)
+    rows = [(vm, last_jobs.get(vm.id)) for vm in vms]
+    return _page(request, "replication/vm_list.html", {"rows": rows, "sync_types": SyncType.choices})
+
+
+@login_required
+@require_POST
+def vm_replicate(request, vm_id):
+    vm = get_object_or_404(VirtualMachine, pk=vm_id)
+    sync_type = request.POST.get("sync_type", SyncType.FULL)
+    if sync_type not in SyncType.values:
+        messages.error(request, f"Unknown replication type {sync_type!r}.")
+        return redirect("vm-list")
+    try:
+        job = job_service.start_replication(vm, sync_type)
+    except job_service.ReplicationError as exc:
+        messages.error(request, str(exc))
+        return redirect("vm-list")
+    messages.info(request, f"Started {sync_type} replication {job.id} of {vm.name}.")
+    return redirect("job-detail", job_id=job.id)
+
+
+@login_required
+def volume_list(request):
+    volumes = TargetVolume.objects.select_related("source_disk__vm").order_by("source_disk__vm__name",
+                                                                            "source_disk__disk_key")
+    total = volumes.aggregate(size=Sum("size_bytes"))["size"] or 0
+    return _page(request, "replication/volume_list.html", {"volumes": volumes, "total_size": total})

@@ -178,7 +178,21 @@ def _end_unfinished_disks(job: ReplicationJob) -> None:
         disk.cancel()
 
 
-def _enqueue(task_name: str, *args) -> None:
+def retry_job(job_id: str) -> ReplicationJob:
+    """Start the same replication again after a job failed or was cancelled."""
+    job = ReplicationJob.objects.select_related("vm").get(pk=job_id)
+    if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
+        raise ReplicationError(f"job {job.id} is {job.status}; only failed or cancelled jobs can be retried")
+    return start_replication(job.vm, job.sync_type)
+
+
+def _enqueue(task_name: str, job_id: str) -> None:
+    """Queue the job's first task; if the broker cannot take it, the job
+    fails with the reason instead of waiting forever as pending."""
     from replication import tasks  # tasks import this module
 
-    getattr(tasks, task_name).delay(*args)
+    try:
+        getattr(tasks, task_name).delay(job_id)
+    except Exception as exc:
+        log.exception("could not queue %s for job %s", task_name, job_id)
+        fail_job(job_id, f"could not queue the job (is Redis running?): {exc}")

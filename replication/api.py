@@ -1,0 +1,106 @@
+"""JSON endpoints behind the pages, for scripts: /api/jobs/ and /api/jobs/{id}/."""
+
+from django.http import Http404, JsonResponse
+
+from replication.choices import JOB_ACTIVE, JobStatus
+from replication.models import ReplicationJob, VMDisk
+from replication.views import _jobs_with_disks
+
+API_LIMIT = 200
+
+
+def _login_required_json(view):
+    def wrapped(request, *args, **kwargs):
+        if not request.user.is_authenticated:
+            return JsonResponse({"error": "authentication required"}, status=401)
+        return view(request, *args, **kwargs)
+
+    return wrapped
+
+
+def disk_json(disk: VMDisk) -> dict:
+    return {
+        "disk": disk.disk_key, "status": disk.status, "stage": disk.current_operation,
+        "percent": round(disk.progress_percent, 2), "bytes_done": disk.bytes_done, "bytes_total": disk.bytes_total,
+        "capacity_bytes": disk.capacity_bytes, "throughput_bps": disk.throughput_bps,
+        "eta_seconds": disk.eta_seconds, "export_name": disk.target_volume.export_name,
+        "error_message": disk.error_message,
+    }
+
+
+def job_json(job: ReplicationJob, with_disks: bool = True) -> dict:
+    data = {
+        "id": job.id, "vm": job.vm.name, "sync_type": job.sync_type, "status": job.status,
+        "stage": job.current_operation, "percent": round(job.progress_percent, 2),
+        "bytes_transferred": job.bytes_transferred, "total_bytes": job.total_bytes,
+        "throughput_bps": job.throughput_bps, "eta_seconds": job.eta_seconds, "error_message": job.error_message,
+        "created_at": job.created_at.isoformat(),
+        "started_at": job.started_at.isoformat() if job.started_at else None,
+        "completed_at": job.completed_at.isoformat() if job.completed_at else None,
+    }
+    if with_disks:
+        data["disks"] = [disk_json(disk) for disk in job.disks.all()]
+    return data
+
+
+@_login_required_json
+def jobs(request):
+    queryset = _jobs_with_disks().prefetch_related("disks__target_volume")
+    status = request.GET.get("status")
+    if status == "active":
+        queryset = queryset.filter(status__in=JOB_ACTIVE)
+    elif status:
+        if status not in JobStatus.values:
+            return JsonResponse({"error": f"unknown status {status!r}"}, status=400)
+        queryset = queryset.filter(status=status)
+    return JsonResponse({"jobs": [job_json(job) for job in queryset[:API_LIMIT]]})
+
+
+@_login_required_json
+def job(request, job_id):
+    try:
+        found = _jobs_with_disks().prefetch_related("disks__target_volume").get(pk=job_id)
+    except ReplicationJob.DoesNotExist:
+        raise Http404 from None
+    return JsonResponse(job_json(found))
+
+
+OPENAPI = {
+    "openapi": "3.0.3",
+    "info": {"title": "OMA replication jobs", "version": "1"},
+    "paths": {
+        "/api/jobs/": {"get": {
+            "summary": "Jobs, newest first (at most 200)",
+            "parameters": [{"name": "status", "in": "query", "schema": {"type": "string",
+                            "enum": ["active", *JobStatus.values]}}],
+            "responses": {"200": {"description": "jobs", "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"jobs": {"type": "array",
+                                                          "items": {"$ref": "#/components/schemas/Job"}}}}}}},
+                          "400": {"description": "unknown status"}, "401": {"description": "not logged in"}}}},
+        "/api/jobs/{id}/": {"get": {
+            "summary": "One job with its disks",
+            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "the job", "content": {"application/json": {"schema": {
+                "$ref": "#/components/schemas/Job"}}}},
+                          "401": {"description": "not logged in"}, "404": {"description": "no such job"}}}},
+    },
+    "components": {"schemas": {
+        "Disk": {"type": "object", "properties": {k: {"type": t} for k, t in [
+            ("disk", "string"), ("status", "string"), ("stage", "string"), ("percent", "number"),
+            ("bytes_done", "integer"), ("bytes_total", "integer"), ("capacity_bytes", "integer"),
+            ("throughput_bps", "integer"), ("eta_seconds", "integer"), ("export_name", "string"),
+            ("error_message", "string")]}},
+        "Job": {"type": "object", "properties": {
+            **{k: {"type": t} for k, t in [
+                ("id", "string"), ("vm", "string"), ("sync_type", "string"), ("status", "string"),
+                ("stage", "string"), ("percent", "number"), ("bytes_transferred", "integer"),
+                ("total_bytes", "integer"), ("throughput_bps", "integer"), ("eta_seconds", "integer"),
+                ("error_message", "string"), ("created_at", "string"), ("started_at", "string"),
+                ("completed_at", "string")]},
+            "disks": {"type": "array", "items": {"$ref": "#/components/schemas/Disk"}}}},
+    }},
+}
+
+
+def openapi(request):
+    return JsonResponse(OPENAPI)

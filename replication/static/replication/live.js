@@ -1,0 +1,21 @@
+// Live fragments: every element with data-live-url is refreshed in place
+// every data-live-ms milliseconds (default 1500) without reloading the page.
+// While the server cannot be reached, a banner says so and polling goes on.
+(function () {
+  function refresh(el) {
+    const banner = document.getElementById("live-status");
+    fetch(el.dataset.liveUrl, { headers: { "X-Requested-With": "fetch" }, credentials: "same-origin" })
+      .then(function (r) { if (!r.ok) throw new Error(r.status); return r.text(); })
+      .then(function (html) { el.innerHTML = html; if (banner) banner.hidden = true; })
+      .catch(function () { if (banner) banner.hidden = false; })
+      .finally(function () { setTimeout(function () { refresh(el); }, Number(el.dataset.liveMs || 1500)); });
+  }
+  document.addEventListener("DOMContentLoaded", function () {
+    document.querySelectorAll("[data-live-url]").forEach(function (el) {
+      setTimeout(function () { refresh(el); }, Number(el.dataset.liveMs || 1500));
+    });
+    document.querySelectorAll("form[data-confirm]").forEach(function (form) {
+      form.addEventListener("submit", function (e) { if (!confirm(form.dataset.confirm)) e.preventDefault(); });
+    });
+  });
+})();

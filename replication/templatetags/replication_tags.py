@@ -1,0 +1,30 @@
+from django import template
+from django.template.defaultfilters import filesizeformat
+
+register = template.Library()
+
+
+@register.filter
+def duration(seconds):
+    """1h 02m, 3m 07s, 42s; an em dash when unknown."""
+    if seconds is None:
+        return "—"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+@register.filter
+def rate(bytes_per_s):
+    return f"{filesizeformat(bytes_per_s or 0)}/s"
+
+
+@register.inclusion_tag("replication/_bar.html")
+def progress_bar(percent, label):
+    percent = max(0.0, min(100.0, float(percent or 0)))
+    return {"percent": percent, "label": label}

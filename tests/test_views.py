@@ -1,0 +1,187 @@
+"""Pages, actions, JSON endpoints and admin actions through Django's test client."""
+
+import pytest
+from django.contrib.auth.models import User
+from django.test import Client
+from django.urls import reverse
+
+from replication.choices import DiskStatus, JobStatus
+from replication.models import ReplicationJob
+from replication.services.inventory import register_image_vm
+from replication.services.jobs import fail_job, start_replication
+from tests.helpers import MiB, make_image
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def no_broker(monkeypatch):
+    # These tests look at pages and state; queueing is covered end to end elsewhere.
+    monkeypatch.setattr("replication.services.jobs._enqueue", lambda *args: None)
+
+
+@pytest.fixture
+def vm(tmp_path):
+    images = [make_image(tmp_path / f"d{i}.img", 2 * MiB, [(0, MiB)], seed=i) for i in range(2)]
+    return register_image_vm("web01", [str(p) for p in images])
+
+
+@pytest.fixture
+def operator():
+    user = User.objects.create_user("operator", password="s3cret-pass")
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture
+def job(vm):
+    return start_replication(vm)
+
+
+PAGES = ["dashboard", "dashboard-fragment", "vm-list", "volume-list"]
+
+
+@pytest.mark.parametrize("name", PAGES)
+def test_pages_require_login(client, name):
+    response = client.get(reverse(name))
+    assert response.status_code == 302 and response["Location"].startswith("/login/")
+
+
+def test_job_pages_require_login(client, job):
+    for name in ["job-detail", "job-fragment"]:
+        response = client.get(reverse(name, args=[job.id]))
+        assert response.status_code == 302 and "/login/" in response["Location"]
+    assert client.post(reverse("job-cancel", args=[job.id])).status_code == 302
+    job.refresh_from_db()
+    assert job.status == JobStatus.PENDING, "an anonymous cancel changes nothing"
+
+
+def test_api_requires_login_with_401(client, job):
+    assert client.get(reverse("api-jobs")).status_code == 401
+    assert client.get(reverse("api-job", args=[job.id])).json() == {"error": "authentication required"}
+
+
+@pytest.mark.parametrize("name", PAGES)
+def test_pages_render_for_an_operator(operator, job, name):
+    response = operator.get(reverse(name))
+    assert response.status_code == 200
+
+
+def test_empty_states(operator):
+    assert "No replication is running" in operator.get(reverse("dashboard")).content.decode()
+    assert "No VMs registered yet" in operator.get(reverse("vm-list")).content.decode()
+    assert "No volumes yet" in operator.get(reverse("volume-list")).content.decode()
+
+
+def test_dashboard_shows_active_job_with_accessible_bars(operator, job):
+    job.disks.update(bytes_done=MiB // 2, bytes_total=MiB, progress_percent=50.0)
+    ReplicationJob.objects.filter(pk=job.pk).update(status=JobStatus.REPLICATING, progress_percent=65.0)
+    html = operator.get(reverse("dashboard-fragment")).content.decode()
+    assert f'aria-label="{job.id} progress"' in html
+    assert 'role="progressbar"' in html and 'aria-valuenow="65.0"' in html
+
+
+def test_job_detail_shows_disks_and_failure_reason(operator, job):
+    fail_job(job.id, "disk-2001: read failed at offset 0 length 1048576: Input/output error")
+    html = operator.get(reverse("job-detail", args=[job.id])).content.decode()
+    assert "disk-2000" in html and "disk-2001" in html
+    assert "read failed at offset 0" in html
+    assert "Retry" in html and "Cancel job" not in html
+
+
+def test_unknown_ids_are_404(operator):
+    assert operator.get(reverse("job-detail", args=["job-nope"])).status_code == 404
+    assert operator.get(reverse("job-fragment", args=["job-nope"])).status_code == 404
+    assert operator.post(reverse("job-cancel", args=["job-nope"])).status_code == 404
+    assert operator.post(reverse("vm-replicate", args=[999999])).status_code == 404
+    assert operator.get(reverse("api-job", args=["job-nope"])).status_code == 404
+
+
+def test_actions_need_post_and_csrf(job):
+    user = User.objects.create_user("csrf", password="s3cret-pass")
+    strict = Client(enforce_csrf_checks=True)
+    strict.force_login(user)
+    assert strict.get(reverse("job-cancel", args=[job.id])).status_code == 405
+    assert strict.post(reverse("job-cancel", args=[job.id])).status_code == 403
+    job.refresh_from_db()
+    assert job.status == JobStatus.PENDING
+
+
+def test_cancel_action_cancels_job_and_pending_disks(operator, job):
+    response = operator.post(reverse("job-cancel", args=[job.id]), follow=True)
+    assert "cancelled" in response.content.decode()
+    job.refresh_from_db()
+    assert job.status == JobStatus.CANCELLED
+    assert set(job.disks.values_list("status", flat=True)) == {DiskStatus.CANCELLED}
+
+
+def test_retry_starts_a_new_job_only_for_ended_ones(operator, job):
+    response = operator.post(reverse("job-retry", args=[job.id]), follow=True)
+    assert "only failed or cancelled jobs can be retried" in response.content.decode()
+    fail_job(job.id, "boom")
+    response = operator.post(reverse("job-retry", args=[job.id]))
+    new_job = ReplicationJob.objects.exclude(pk=job.pk).get()
+    assert response["Location"] == reverse("job-detail", args=[new_job.id])
+
+
+def test_replicate_now_from_the_vm_page(operator, vm):
+    response = operator.post(reverse("vm-replicate", args=[vm.id]), {"sync_type": "full"})
+    job = ReplicationJob.objects.get()
+    assert response["Location"] == reverse("job-detail", args=[job.id])
+    response = operator.post(reverse("vm-replicate", args=[vm.id]), {"sync_type": "full"}, follow=True)
+    assert "already has an active job" in response.content.decode()
+    response = operator.post(reverse("vm-replicate", args=[vm.id]), {"sync_type": "sideways"}, follow=True)
+    assert "Unknown replication type" in response.content.decode()
+    assert ReplicationJob.objects.count() == 1
+
+
+def test_api_shapes(operator, job):
+    listing = operator.get(reverse("api-jobs")).json()
+    assert [j["id"] for j in listing["jobs"]] == [job.id]
+    detail = operator.get(reverse("api-job", args=[job.id])).json()
+    assert set(detail) >= {"id", "vm", "status", "stage", "percent", "bytes_transferred", "total_bytes",
+                           "throughput_bps", "eta_seconds", "error_message", "disks"}
+    assert [d["disk"] for d in detail["disks"]] == ["disk-2000", "disk-2001"]
+    assert detail["disks"][0]["export_name"].startswith("migration-vol-")
+    assert operator.get(reverse("api-jobs"), {"status": "active"}).json()["jobs"][0]["id"] == job.id
+    assert operator.get(reverse("api-jobs"), {"status": "completed"}).json() == {"jobs": []}
+    assert operator.get(reverse("api-jobs"), {"status": "bogus"}).status_code == 400
+    spec = operator.get(reverse("api-openapi")).json()
+    assert set(spec["paths"]) == {"/api/jobs/", "/api/jobs/{id}/"}
+
+
+def test_admin_cancel_and_retry_actions(job):
+    admin_user = User.objects.create_superuser("admin", password="s3cret-pass")
+    client = Client()
+    client.force_login(admin_user)
+    changelist = reverse("admin:replication_replicationjob_changelist")
+    page = client.get(changelist).content.decode()
+    assert 'role="progressbar"' in page
+    client.post(changelist, {"action": "cancel_jobs", "_selected_action": [job.id]})
+    job.refresh_from_db()
+    assert job.status == JobStatus.CANCELLED
+    client.post(changelist, {"action": "retry_jobs", "_selected_action": [job.id]})
+    assert ReplicationJob.objects.filter(status=JobStatus.PENDING).exclude(pk=job.pk).count() == 1
+
+
+def test_queueing_failure_fails_the_job_instead_of_leaving_it_pending(vm, monkeypatch,
+                                                                      django_capture_on_commit_callbacks):
+    """A broker that cannot be reached (a real publish to a closed port) must
+    end the job with the reason, not leave it pending forever."""
+    from celery import Celery
+
+    from replication import tasks
+    from replication.services import jobs
+
+    monkeypatch.undo()  # the real _enqueue
+    dead_broker = Celery(broker="redis://127.0.0.1:1/0")
+    dead_broker.conf.broker_connection_retry_on_startup = False
+    monkeypatch.setattr(tasks.prepare_job, "delay",
+                        lambda job_id: dead_broker.send_task("replication.prepare_job", args=[job_id]))
+    with django_capture_on_commit_callbacks(execute=True):
+        job = jobs.start_replication(vm)
+    job.refresh_from_db()
+    assert job.status == JobStatus.FAILED
+    assert "could not queue the job (is Redis running?)" in job.error_message
+    assert set(job.disks.values_list("status", flat=True)) == {DiskStatus.CANCELLED}
