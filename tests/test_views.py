@@ -175,7 +175,7 @@ def test_queueing_failure_fails_the_job_instead_of_leaving_it_pending(vm, monkey
     from replication.services import jobs
 
     monkeypatch.undo()  # the real _enqueue
-    dead_broker = Celery(broker="redis://127.0.0.1:1/0")
+    dead_broker = Celery(broker="redis://127.0.0.1:1/0", set_as_current=False)
     dead_broker.conf.broker_connection_retry_on_startup = False
     monkeypatch.setattr(tasks.prepare_job, "delay",
                         lambda job_id: dead_broker.send_task("replication.prepare_job", args=[job_id]))
