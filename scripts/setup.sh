@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(nbdkit libnbd-bin python3-libnbd qemu-utils redis-server
-              libmariadb-dev pkg-config gcc python3-dev python3-venv procps)
+              libmariadb-dev pkg-config gcc python3-dev python3-venv procps
+              chromium)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

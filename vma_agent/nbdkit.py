@@ -99,9 +99,13 @@ def start_daemon(args: list[str], socket_path: Path, pidfile: Path, log_path: Pa
     proc.wait(START_TIMEOUT_S)  # the foreground part exits once the server listens
     if proc.returncode != 0:
         raise NbdkitError(f"nbdkit exited with status {proc.returncode}: {_log_tail(log_path)}")
-    if not socket_accepts(socket_path):
-        raise NbdkitError(f"nbdkit started but does not accept connections on {socket_path}")
-    return int(pidfile.read_text().strip())
+    # The background server writes its pid file just after the foreground part exits.
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while (pid := daemon_pid(pidfile)) is None or not socket_accepts(socket_path):
+        if time.monotonic() > deadline:
+            raise NbdkitError(f"nbdkit started but does not serve on {socket_path}: {_log_tail(log_path)}")
+        time.sleep(0.02)
+    return pid
 
 
 def daemon_pid(pidfile: Path) -> int | None:

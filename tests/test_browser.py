@@ -1,0 +1,123 @@
+"""The GUI in a real headless Chromium (Debian's, driven by Playwright), on
+a live server, with a real Celery worker copying real NBD sources."""
+
+from pathlib import Path
+
+import pytest
+from django.contrib.auth.models import User
+from playwright.sync_api import expect, sync_playwright
+
+from replication.models import ReplicationJob
+from replication.services.inventory import register_image_vm
+from tests.conftest import PROJECT_ROOT, source_exports_running, wait_for_job
+from tests.helpers import MiB, NbdkitProcess, make_image, sha256
+
+pytestmark = pytest.mark.django_db(transaction=True)
+ARTIFACTS = PROJECT_ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+@pytest.fixture
+def browser_page(monkeypatch):
+    # Playwright's sync API runs an event loop in this thread; the test's own
+    # ORM calls are still plain synchronous code.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    assert Path(CHROMIUM).exists(), "Debian's chromium is missing: scripts/setup.sh installs it"
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.on("dialog", lambda dialog: dialog.accept())  # the confirmation of cancel
+        yield page
+        browser.close()
+
+
+def slow_source(sockdir, path, delay):
+    """An NBD source serving one request at a time, each `delay` late, so a
+    copy lasts long enough to watch."""
+    return NbdkitProcess(sockdir, "--readonly", "--filter=noparallel", "--filter=delay", "file", str(path),
+                         f"rdelay={delay}")
+
+
+def log_in(page, live_server):
+    User.objects.create_user("operator", password="s3cret-pass")
+    page.goto(f"{live_server.url}/")
+    assert "/login/" in page.url
+    page.fill("#id_username", "operator")
+    page.fill("#id_password", "s3cret-pass")
+    page.click("button[type=submit]")
+    expect(page.locator("h1")).to_have_text("Replication dashboard")
+
+
+def test_replicate_from_the_gui_and_watch_it_live(celery_worker_process, live_server, browser_page, tmp_path,
+                                                  sockdir):
+    page = browser_page
+    images = [make_image(tmp_path / f"d{i}.img", 24 * MiB + 4097 * i, [(0, 24 * MiB)], seed=i) for i in range(2)]
+    servers = [slow_source(sockdir, image, "150ms") for image in images]
+    try:
+        register_image_vm("gui-vm", [server.uri for server in servers])
+        log_in(page, live_server)
+
+        page.click("text=VMs")
+        page.locator('[data-vm="gui-vm"] select').select_option("full")
+        page.click("text=Replicate gui-vm")
+        expect(page.locator("h1")).to_contain_text("Job job-")
+        page.evaluate("window.__loaded_once = true")  # gone if the page reloads
+
+        seen = set()
+        bar = page.locator('[data-disk="disk-2000"] [role=progressbar]')
+        dashboard_shot = False
+        for _ in range(300):
+            value = float(bar.get_attribute("aria-valuenow"))
+            seen.add(value)
+            if 0 < value < 100 and not dashboard_shot:  # the dashboard with the job in flight
+                dashboard = page.context.new_page()
+                dashboard.goto(f"{live_server.url}/")
+                expect(dashboard.locator("[data-job] [role=progressbar]")).to_have_count(1)
+                dashboard.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+                dashboard.close()
+                dashboard_shot = True
+            if page.locator("[data-status]").inner_text() == "completed":
+                break
+            page.wait_for_timeout(100)
+        expect(page.locator("[data-status]")).to_have_text("completed")
+        assert page.evaluate("window.__loaded_once") is True, "the page updated in place"
+        for disk in ("disk-2000", "disk-2001"):
+            expect(page.locator(f'[data-disk="{disk}"] [role=progressbar]')).to_have_attribute(
+                "aria-valuenow", "100.0")
+        assert any(0 < value < 100 for value in seen), f"the bar moved through intermediate values: {seen}"
+        page.screenshot(path=str(ARTIFACTS / "job-page.png"), full_page=True)
+        assert dashboard_shot
+    finally:
+        for server in servers:
+            server.stop()
+    job = ReplicationJob.objects.get(vm__name="gui-vm")
+    for disk, image in zip(job.disks.order_by("disk_key"), images, strict=True):
+        assert sha256(disk.target_volume.path) == sha256(image)
+
+
+def test_cancel_a_running_job_from_the_gui(celery_worker_process, live_server, browser_page, tmp_path, sockdir):
+    page = browser_page
+    image = make_image(tmp_path / "slow.img", 64 * MiB, [(0, 64 * MiB)], seed=3)
+    server = slow_source(sockdir, image, "300ms")
+    try:
+        vm = register_image_vm("gui-cancel", [server.uri])
+        log_in(page, live_server)
+        page.goto(f"{live_server.url}/vms/")
+        page.click("text=Replicate gui-cancel")
+        expect(page.locator("[data-status]")).to_have_text("replicating", timeout=20_000)
+        page.click("text=Cancel job")
+        expect(page.locator("[data-status]")).to_have_text("cancelled", timeout=10_000)
+        page.screenshot(path=str(ARTIFACTS / "job-cancelled.png"), full_page=True)
+        job = wait_for_job(vm.jobs.get().id)
+        # The copy notices within a progress interval and stops; its source export goes.
+        for _ in range(100):
+            if not job.disks.exclude(status="cancelled").exists():
+                break
+            page.wait_for_timeout(100)
+        assert list(job.disks.values_list("status", flat=True)) == ["cancelled"]
+    finally:
+        server.stop()
+    assert source_exports_running() == []
+
