@@ -27,7 +27,7 @@ def browser_page(monkeypatch):
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page = browser.new_context(viewport={"width": 1400, "height": 900}).new_page()
         page.on("dialog", lambda dialog: dialog.accept())  # the confirmation of cancel
         yield page
         browser.close()
