@@ -54,7 +54,7 @@ def test_replicate_from_the_gui_and_watch_it_live(celery_worker_process, live_se
                                                   sockdir):
     page = browser_page
     images = [make_image(tmp_path / f"d{i}.img", 24 * MiB + 4097 * i, [(0, 24 * MiB)], seed=i) for i in range(2)]
-    servers = [slow_source(sockdir, image, "150ms") for image in images]
+    servers = [slow_source(sockdir, image, "250ms") for image in images]
     try:
         register_image_vm("gui-vm", [server.uri for server in servers])
         log_in(page, live_server)
@@ -74,7 +74,6 @@ def test_replicate_from_the_gui_and_watch_it_live(celery_worker_process, live_se
             if 0 < value < 100 and not dashboard_shot:  # the dashboard with the job in flight
                 dashboard = page.context.new_page()
                 dashboard.goto(f"{live_server.url}/")
-                expect(dashboard.locator("[data-job] [role=progressbar]")).to_have_count(1)
                 dashboard.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
                 dashboard.close()
                 dashboard_shot = True
