@@ -1,0 +1,58 @@
+"""Flower, started with the README's command, needs its password."""
+
+import base64
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from django.conf import settings
+
+from tests.conftest import PROJECT_ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def get(url, auth=None):
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
+
+
+def test_flower_starts_with_basic_auth_from_the_environment():
+    port = free_port()
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "oma_site.test_settings",
+           "CELERY_BROKER_URL": settings.CELERY_BROKER_URL, "FLOWER_BASIC_AUTH": "operator:flower-secret"}
+    flower = subprocess.Popen([sys.executable, "-m", "celery", "-A", "oma_site", "flower", "--address=127.0.0.1",
+                               f"--port={port}"], cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                status, _ = get(url)
+                break
+            except OSError:
+                assert flower.poll() is None, "flower exited"
+                assert time.monotonic() < deadline, "flower did not start"
+                time.sleep(0.2)
+        assert status == 401
+        assert get(url, "operator:wrong")[0] == 401
+        status, body = get(url, "operator:flower-secret")
+        assert status == 200 and "Flower" in body
+    finally:
+        flower.terminate()
+        flower.wait(10)
