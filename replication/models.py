@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from datetime import timedelta
 
 from django.db import models
 from django.db.models import Sum
@@ -29,6 +30,7 @@ from replication.choices import (
 )
 
 EXPORT_PREFIX = "migration-vol-"
+PROGRESS_SAMPLE_S = timedelta(seconds=5)
 
 
 def new_job_id() -> str:
@@ -169,6 +171,9 @@ class ReplicationJob(models.Model):
             pk=self.pk, status__in=sources_of(JOB_TRANSITIONS, to)
         ).update(status=to, **fields)
         self.refresh_from_db()
+        if moved:
+            JobEvent.objects.create(job=self, status=to, stage=self.current_operation,
+                                    message=fields.get("error_message", ""))
         return bool(moved)
 
     def enter_stage(self, stage: Stage, status: JobStatus) -> bool:
@@ -176,9 +181,11 @@ class ReplicationJob(models.Model):
         return self.transition(status, current_operation=stage, progress_percent=STAGE_PERCENT[stage], **extra)
 
     def set_stage(self, stage: Stage) -> None:
-        ReplicationJob.objects.filter(pk=self.pk, status__in=JOB_ACTIVE).update(
+        moved = ReplicationJob.objects.filter(pk=self.pk, status__in=JOB_ACTIVE).update(
             current_operation=stage, progress_percent=STAGE_PERCENT[stage], updated_at=timezone.now()
         )
+        if moved:
+            JobEvent.objects.create(job=self, status=self.status, stage=stage)
 
     def fail(self, reason: str) -> bool:
         return self.transition(JobStatus.FAILED, error_message=reason[:4000], current_operation=Stage.FAILED)
@@ -206,7 +213,14 @@ class ReplicationJob(models.Model):
                    "last_progress_at": timezone.now()}
         if self.status == JobStatus.REPLICATING:
             updates["progress_percent"] = transfer_percent(done, total)
-        ReplicationJob.objects.filter(pk=self.pk, status__in=JOB_ACTIVE).update(**updates)
+        if ReplicationJob.objects.filter(pk=self.pk, status__in=JOB_ACTIVE).update(**updates):
+            self._sample(updates["last_progress_at"], done, updates["throughput_bps"])
+
+    def _sample(self, now, bytes_transferred: int, throughput_bps: int) -> None:
+        """Keep one progress sample every PROGRESS_SAMPLE_S for the throughput chart."""
+        if not self.samples.filter(at__gt=now - PROGRESS_SAMPLE_S).exists():
+            ProgressSample.objects.create(job=self, at=now, bytes_transferred=bytes_transferred,
+                                          throughput_bps=throughput_bps)
 
     def all_disks_completed(self) -> bool:
         return not self.disks.exclude(status=DiskStatus.COMPLETED).exists()
@@ -214,6 +228,39 @@ class ReplicationJob(models.Model):
     @property
     def eta_seconds(self) -> int | None:
         return eta_seconds(self.total_bytes - self.bytes_transferred, self.throughput_bps, self.is_terminal)
+
+
+class JobEvent(models.Model):
+    """The job's timeline: every status or stage it entered, and when."""
+
+    job = models.ForeignKey(ReplicationJob, on_delete=models.CASCADE, related_name="events")
+    at = models.DateTimeField(default=timezone.now)
+    status = models.CharField(max_length=20, choices=JobStatus.choices)
+    stage = models.CharField(max_length=40, choices=Stage.choices)
+    message = models.TextField(blank=True)
+
+    class Meta:
+        db_table = "job_events"
+        ordering = ["at", "id"]
+
+    def __str__(self):
+        return f"{self.job_id} {self.status}/{self.stage} at {self.at:%H:%M:%S}"
+
+
+class ProgressSample(models.Model):
+    """Job progress every few seconds, for the throughput-over-time chart."""
+
+    job = models.ForeignKey(ReplicationJob, on_delete=models.CASCADE, related_name="samples")
+    at = models.DateTimeField(db_index=True)
+    bytes_transferred = models.BigIntegerField()
+    throughput_bps = models.BigIntegerField()
+
+    class Meta:
+        db_table = "progress_samples"
+        ordering = ["at"]
+
+    def __str__(self):
+        return f"{self.job_id} {self.throughput_bps} B/s at {self.at:%H:%M:%S}"
 
 
 class VMDisk(models.Model):

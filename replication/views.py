@@ -47,8 +47,29 @@ def dashboard_fragment(request):
     return render(request, "replication/_dashboard_body.html", dashboard_context())
 
 
+CHART_WIDTH, CHART_HEIGHT, CHART_POINTS = 600, 120, 300
+
+
+def throughput_chart(samples: list) -> dict | None:
+    """Server-side SVG geometry for throughput over time; None with < 2 samples."""
+    if len(samples) < 2:
+        return None
+    step = max(1, len(samples) // CHART_POINTS)
+    samples = samples[::step]
+    start, end = samples[0].at, samples[-1].at
+    span = max((end - start).total_seconds(), 1e-9)
+    peak = max(max(s.throughput_bps for s in samples), 1)
+    points = " ".join(
+        f"{(s.at - start).total_seconds() / span * CHART_WIDTH:.1f},"
+        f"{CHART_HEIGHT - s.throughput_bps / peak * (CHART_HEIGHT - 4):.1f}"
+        for s in samples
+    )
+    return {"points": points, "peak_bps": peak, "seconds": int(span), "width": CHART_WIDTH, "height": CHART_HEIGHT}
+
+
 def _job_context(job_id: str) -> dict:
-    return {"job": get_object_or_404(_jobs_with_disks(), pk=job_id)}
+    job = get_object_or_404(_jobs_with_disks().prefetch_related("events"), pk=job_id)
+    return {"job": job, "chart": throughput_chart(list(job.samples.all()))}
 
 
 @login_required

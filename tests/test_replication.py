@@ -53,7 +53,15 @@ def test_two_disk_vm_replicates_byte_for_byte(celery_worker_process, tmp_path):
     # Progress measures data to copy, not capacity: the sparse disk is mostly holes.
     assert disks[1].bytes_total < disks[1].capacity_bytes // 4
     assert job.completed_at and job.started_at
+    statuses = [s for i, s in enumerate(job.events.values_list("status", flat=True)) if i == 0 or s != prev(job, i)]
+    assert statuses == ["pending", "preparing", "replicating", "finalizing", "completed"]
+    assert list(job.events.filter(status="preparing").values_list("stage", flat=True)) == [
+        "Initializing", "Setting up NBD", "Preparing Migration"]
     assert_nothing_left_running(job)
+
+
+def prev(job, index):
+    return job.events.values_list("status", flat=True)[index - 1]
 
 
 def test_second_replication_reuses_volumes_and_follows_source_changes(celery_worker_process, tmp_path):

@@ -185,3 +185,18 @@ def test_queueing_failure_fails_the_job_instead_of_leaving_it_pending(vm, monkey
     assert job.status == JobStatus.FAILED
     assert "could not queue the job (is Redis running?)" in job.error_message
     assert set(job.disks.values_list("status", flat=True)) == {DiskStatus.CANCELLED}
+
+
+def test_job_page_draws_throughput_chart_and_timeline(operator, job):
+    from datetime import timedelta
+
+    from replication.models import ProgressSample
+
+    start = job.created_at
+    for i, rate in enumerate([0, 100_000_000, 250_000_000, 180_000_000]):
+        ProgressSample.objects.create(job=job, at=start + timedelta(seconds=5 * i), bytes_transferred=i,
+                                      throughput_bps=rate)
+    html = operator.get(reverse("job-fragment", args=[job.id])).content.decode()
+    assert '<svg class="chart"' in html and "<polyline" in html
+    assert "Peak 238.4 MB/s" in html  # filesizeformat counts in MiB
+    assert "pending · Initializing" in html, "the timeline starts with the job's creation"

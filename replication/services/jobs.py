@@ -11,7 +11,7 @@ from django.conf import settings
 from django.db import transaction
 
 from replication.choices import DiskStatus, JobStatus, SourceKind, Stage, SyncType
-from replication.models import ReplicationJob, VirtualMachine, VMDisk
+from replication.models import JobEvent, ReplicationJob, VirtualMachine, VMDisk
 from replication.services import volumes
 from replication.services.inventory import is_nbd_uri
 from vma_agent import nbdkit
@@ -46,6 +46,7 @@ def start_replication(vm: VirtualMachine, sync_type: str = SyncType.FULL) -> Rep
         if not source_disks:
             raise ReplicationError(f"VM {vm.name} has no disks")
         job = ReplicationJob.objects.create(vm=vm, sync_type=sync_type)
+        JobEvent.objects.create(job=job, status=job.status, stage=job.current_operation)
         for source_disk in source_disks:
             VMDisk.objects.create(
                 job=job, source_disk=source_disk, target_volume=volumes.volume_for(source_disk),
