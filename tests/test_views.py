@@ -198,5 +198,5 @@ def test_job_page_draws_throughput_chart_and_timeline(operator, job):
                                       throughput_bps=rate)
     html = operator.get(reverse("job-fragment", args=[job.id])).content.decode()
     assert '<svg class="chart"' in html and "<polyline" in html
-    assert "Peak 238.4 MB/s" in html  # filesizeformat counts in MiB
+    assert "Peak 238.4\xa0MB/s" in html  # filesizeformat: MiB, with a no-break space
     assert "pending · Initializing" in html, "the timeline starts with the job's creation"
