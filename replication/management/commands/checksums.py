@@ -2,7 +2,7 @@ import hashlib
 
 from django.core.management.base import BaseCommand, CommandError
 
-from replication.models import VirtualMachine
+from replication.management.lookup import vm_named
 from replication.services.inventory import is_nbd_uri
 
 READ_BYTES = 4 * 1024 * 1024
@@ -23,10 +23,7 @@ class Command(BaseCommand):
         parser.add_argument("name")
 
     def handle(self, name, **options):
-        try:
-            vm = VirtualMachine.objects.get(name=name)
-        except VirtualMachine.DoesNotExist:
-            raise CommandError(f"no VM named {name!r}") from None
+        vm = vm_named(name)
         mismatches = []
         for disk in vm.disks.select_related("target_volume"):
             volume = getattr(disk, "target_volume", None)

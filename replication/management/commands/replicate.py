@@ -4,7 +4,8 @@ from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
 from replication.choices import JobStatus, SyncType
-from replication.models import ReplicationJob, VirtualMachine
+from replication.management.lookup import vm_named
+from replication.models import ReplicationJob
 from replication.services.jobs import ReplicationError, start_replication
 
 POLL_INTERVAL_S = 0.5
@@ -22,10 +23,7 @@ class Command(BaseCommand):
         parser.add_argument("--timeout", type=float, default=0, help="with --wait: give up after N seconds")
 
     def handle(self, name, sync_type, wait, timeout, **options):
-        try:
-            vm = VirtualMachine.objects.get(name=name)
-        except VirtualMachine.DoesNotExist:
-            raise CommandError(f"no VM named {name!r}; register it with add_vm") from None
+        vm = vm_named(name, "; register it with add_vm")
         try:
             job = start_replication(vm, sync_type or SyncType.FULL)
         except ReplicationError as exc:

@@ -1,8 +1,8 @@
 import json
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand
 
-from replication.models import VirtualMachine
+from replication.management.lookup import vm_named
 
 
 class Command(BaseCommand):
@@ -13,10 +13,7 @@ class Command(BaseCommand):
         parser.add_argument("--json", action="store_true")
 
     def handle(self, name, **options):
-        try:
-            vm = VirtualMachine.objects.get(name=name)
-        except VirtualMachine.DoesNotExist:
-            raise CommandError(f"no VM named {name!r}") from None
+        vm = vm_named(name)
         rows = []
         for disk in vm.disks.select_related("target_volume"):
             volume = getattr(disk, "target_volume", None)
