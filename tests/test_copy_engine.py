@@ -345,3 +345,16 @@ def test_frequent_checkpoints_with_many_connections_complete(tmp_path, serve):
     assert not thread.is_alive(), "the copy stalled"
     assert sha256(dst) == sha256(src)
     assert cursors == sorted(cursors) and cursors[-1] == size
+
+
+def test_bandwidth_limit_changes_while_the_copy_runs(tmp_path, serve):
+    size = 32 * MiB
+    src = make_image(tmp_path / "src.img", size, [(0, size)], seed=12)
+    dst = make_image(tmp_path / "dst.img", size, [])
+    limit = RateLimit(2 * MiB)  # 16 s at this rate
+    threading.Timer(0.5, limit.set, args=[None]).start()
+    started = time.monotonic()
+    copy_image(serve("--readonly", "file", str(src)).uri, serve("file", str(dst)).uri, chunk_bytes=MiB,
+               limit=limit)
+    assert time.monotonic() - started < 8, "lifting the limit mid-copy took effect"
+    assert sha256(dst) == sha256(src)
