@@ -108,6 +108,9 @@ def tools(src: str, dst: str) -> dict[str, list[str]]:
 
 def run_case(name, runs: dict[str, list[str]], reps: int, reset, data_bytes: int, disk_bytes: int) -> dict:
     samples = {tool: [] for tool in runs}
+    for cmd in runs.values():  # one untimed run each: caches and allocations warm for everyone
+        reset()
+        timed(cmd)
     for _ in range(reps):
         for tool, cmd in runs.items():  # interleaved, so drift hits every tool alike
             reset()
