@@ -236,7 +236,7 @@ class _RequestFailed(Exception):
     def __init__(self, operation: str, error: nbd.Error):
         super().__init__(operation)
         self.operation = operation
-        self.message = error.string.removeprefix("nbd_aio_command_completed: ")
+        self.message = error.string
 
 
 class _Connections:
@@ -279,11 +279,12 @@ class _Copy:
         self.limit = limit
         self.retries = retries
         self.flush_interval_s = flush_interval_s
-        self.done = [False] * len(items)  # written (the write's reply arrived)
         self.durable = [False] * len(items)  # written and flushed: what the cursor counts
         self.next_item = 0
         self.lock = threading.Lock()
         self.stop = threading.Event()
+        self.workers_left = 0
+        self.all_stopped = threading.Event()  # every worker has returned
         self.error: BaseException | None = None
         self.bytes_done = 0  # data bytes of finished items
         self.copied = self.zeroed = 0
@@ -297,6 +298,11 @@ class _Copy:
             with self.lock:
                 self.error = self.error or exc
             self.stop.set()
+        finally:
+            with self.lock:
+                self.workers_left -= 1
+                if self.workers_left == 0:
+                    self.all_stopped.set()
 
     def _claim(self) -> int | None:
         with self.lock:
@@ -308,7 +314,6 @@ class _Copy:
     def _finish(self, index: int, outcome: str) -> None:
         item = self.items[index]
         with self.lock:
-            self.done[index] = True
             if outcome == "copied":
                 self.copied += item.length
             elif outcome == "zeroed":
@@ -499,12 +504,12 @@ def copy_image(
                     limit=limit, retries=retries, flush_interval_s=checkpoint_interval_s)
         threads = [threading.Thread(target=run.work, args=(conns,), name=f"copy-{i}", daemon=True)
                    for i, conns in enumerate(pool)]
+        run.workers_left = len(threads)
         for thread in threads:
             thread.start()
         last_checkpoint = time.monotonic()
         stop_reason: BaseException | None = None
-        while any(t.is_alive() for t in threads):
-            time.sleep(TICK_S)
+        while not run.all_stopped.wait(TICK_S):
             if cancel.is_set() and not run.stop.is_set():
                 run.stop.set()
             if stop_reason is None and not run.stop.is_set():
