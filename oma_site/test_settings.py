@@ -25,3 +25,7 @@ if os.environ.get("OMA_TEST_WORKER"):
     # A Celery worker started by the tests works on the test database.
     _db = DATABASES["default"]
     _db["NAME"] = _db.get("TEST", {}).get("NAME") or f"test_{_db['NAME']}"
+
+# Short heartbeats so a copy notices its job's end quickly in tests.
+HEARTBEAT_INTERVAL_S = 0.25
+TASK_EVENT_INTERVAL_S = 0.25

@@ -4,6 +4,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -140,3 +141,45 @@ def source_exports_running() -> list[str]:
     """Command lines of read-only source nbdkit processes still alive."""
     out = subprocess.run(["pgrep", "-af", "nbdkit.*--readonly"], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if f"{settings.TEST_ROOT}/tmp/vma-src-" in line]
+
+
+class PollerThread:
+    """The OMA progress poller running passes in a thread of the test process
+    (what beat does every PROGRESS_POLL_INTERVAL_S), stoppable and restartable."""
+
+    def __init__(self, interval_s: float = 0.3):
+        self.interval_s = interval_s
+        self.passes = 0
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self) -> "PollerThread":
+        from replication.services.progress import poll_once
+
+        def run():
+            from django.db import connection
+
+            try:
+                while not self._stop.is_set():
+                    poll_once()
+                    self.passes += 1
+                    self._stop.wait(self.interval_s)
+            finally:
+                connection.close()
+
+        self._stop.clear()
+        self._thread = threading.Thread(target=run, name="test-progress-poller", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+
+@pytest.fixture
+def progress_poller(vma_server):
+    poller = PollerThread().start()
+    yield poller
+    poller.stop()

@@ -95,7 +95,8 @@ def test_source_server_gone_before_copy_fails_the_job(celery_worker_process, tmp
     assert_nothing_left_running(job)
 
 
-def test_source_killed_mid_copy_fails_the_job_and_stops_the_other_disk(celery_worker_process, tmp_path, sockdir):
+def test_source_killed_mid_copy_fails_the_job_and_stops_the_other_disk(celery_worker_process, progress_poller,
+                                                                     tmp_path, sockdir):
     slow_image = make_image(tmp_path / "slow.img", 24 * MiB, [(0, 24 * MiB)], seed=4)
     other_image = make_image(tmp_path / "other.img", 24 * MiB, [(0, 24 * MiB)], seed=5)
     slow = NbdkitProcess(sockdir, "--readonly", "--filter=delay", "file", str(slow_image), "rdelay=300ms")
