@@ -135,6 +135,10 @@ PROGRESS_WRITE_INTERVAL_S = env.float("PROGRESS_WRITE_INTERVAL_S", default=2.0)
 HEARTBEAT_INTERVAL_S = env.float("HEARTBEAT_INTERVAL_S", default=5.0)
 HEARTBEAT_TIMEOUT_S = env.float("HEARTBEAT_TIMEOUT_S", default=60.0)
 REAPER_INTERVAL_S = env.float("REAPER_INTERVAL_S", default=60.0)
+# The reaper fails (or requeues the finalize of) a running job without any
+# heartbeat for this long, and a job still pending after REAPER_PENDING_TIMEOUT_S.
+REAPER_TIMEOUT_S = env.float("REAPER_TIMEOUT_S", default=300.0)
+REAPER_PENDING_TIMEOUT_S = env.float("REAPER_PENDING_TIMEOUT_S", default=3600.0)
 # Flower: copy tasks publish PROGRESS state and task-progress events this often.
 TASK_EVENT_INTERVAL_S = env.float("TASK_EVENT_INTERVAL_S", default=2.0)
 
