@@ -206,15 +206,19 @@ class ReplicationJob(models.Model):
 
     def refresh_totals(self) -> None:
         """Job totals are always aggregated from the disks."""
+        # A disk whose copy has not measured its data yet counts with its
+        # capacity (an upper bound), so the job's percent only ever rises.
+        unmeasured = models.Q(bytes_total=0) & ~models.Q(status=DiskStatus.COMPLETED)
         sums = self.disks.aggregate(
             done=Sum("bytes_done"), total=Sum("bytes_total"),
             rate=Sum("throughput_bps", filter=models.Q(status=DiskStatus.COPYING)),
+            pending_capacity=Sum("capacity_bytes", filter=unmeasured),
         )
         done, total = sums["done"] or 0, sums["total"] or 0
         updates = {"bytes_transferred": done, "total_bytes": total, "throughput_bps": sums["rate"] or 0,
                    "last_progress_at": timezone.now()}
         if self.status == JobStatus.REPLICATING:
-            updates["progress_percent"] = transfer_percent(done, total)
+            updates["progress_percent"] = transfer_percent(done, total + (sums["pending_capacity"] or 0))
             rate = updates["throughput_bps"]
             updates["eta_seconds"] = int((total - done) / rate) if rate > 0 and total > done else None
         ReplicationJob.objects.filter(pk=self.pk, status__in=JOB_ACTIVE).update(**updates)
