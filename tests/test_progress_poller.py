@@ -236,3 +236,23 @@ def test_poll_progress_command_runs_one_pass(vma_server, replicating_job):
     call_command("poll_progress", "--once", stdout=out)
     assert "polled 1 jobs" in out.getvalue()
     assert disk_state(job).bytes_done == 300
+
+
+def test_jobs_watch_draws_live_bars_until_the_jobs_end(vma_server, replicating_job):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    job = replicating_job()
+    post(vma_server, job.id, update(1, 420, disk_id="disk-2000"))
+    progress.poll_once(now=later(job, 3))
+    out = StringIO()
+    call_command("jobs", "--watch", "--iterations", "2", "--interval", "0.01", stdout=out)
+    drawn = out.getvalue()
+    assert "vm-poll replicating Transfer" in drawn
+    assert "disk-2000 copying" in drawn and "42.0%" in drawn and "420/1000 B" in drawn
+
+    job.fail("stopped for the test")
+    out = StringIO()
+    call_command("jobs", "--watch", "--interval", "0.01", stdout=out)  # returns: nothing active
+    assert "no active jobs" in out.getvalue()
