@@ -120,6 +120,9 @@ VMA_REDIS_URL = env("VMA_REDIS_URL", default=CELERY_BROKER_URL)
 VMA_PROGRESS_PREFIX = env("VMA_PROGRESS_PREFIX", default="vma:progress")
 VMA_PROGRESS_TTL_S = env.int("VMA_PROGRESS_TTL_S", default=7 * 24 * 3600)
 VMA_REQUEST_TIMEOUT_S = env.float("VMA_REQUEST_TIMEOUT_S", default=5.0)
+# Reuse HTTP connections to the agent. Off by default: gunicorn's sync workers
+# close them anyway, and runserver stalls 40 ms on every reused connection.
+VMA_HTTP_KEEPALIVE = env.bool("VMA_HTTP_KEEPALIVE", default=False)
 # OMA poller: every N s, up to M jobs at once.
 PROGRESS_POLL_INTERVAL_S = env.float("PROGRESS_POLL_INTERVAL_S", default=5.0)
 PROGRESS_POLL_CONCURRENCY = env.int("PROGRESS_POLL_CONCURRENCY", default=10)

@@ -190,3 +190,26 @@ def test_reaper_fails_a_job_whose_worker_is_gone_and_requeues_a_lost_finalize(tm
     assert lost.status == JobStatus.FAILED and "no heartbeat for" in lost.error_message
     assert set(lost.disks.values_list("status", flat=True)) == {DiskStatus.FAILED}
     assert ("finalize_job", finalizing.id) in enqueued
+
+
+def test_beat_scheduled_poller_task_runs_on_the_worker(celery_worker_process, tmp_path, monkeypatch):
+    from replication import tasks
+    from tests.test_progress_api import post
+
+    monkeypatch.setattr("replication.services.jobs._enqueue", lambda *args: None)
+    image = make_image(tmp_path / "beat.img", MiB, [(0, 4096)])
+    job = start_replication(register_image_vm("vm-beat", [str(image)]))
+    assert job.enter_stage("Initializing", JobStatus.PREPARING)
+    assert job.enter_stage("Transfer", JobStatus.REPLICATING)
+    assert job.disks.get().claim("t")
+    post(settings.VMA_URL, job.id, {"stage": "Transfer", "status": "in_progress", "seq": 1, "disk_id": "disk-2000",
+                                    "bytes_transferred": 123, "total_bytes": 4096})
+
+    scheduled = {entry["task"] for entry in settings.CELERY_BEAT_SCHEDULE.values()}
+    assert scheduled == {"replication.poll_progress", "replication.reap_stale"}
+    assert scheduled <= set(app.tasks)
+    tasks.poll_progress.delay()
+    wait_until(lambda: VMDisk.objects.get(job=job).bytes_done == 123, timeout=30, what="the worker's poller pass")
+    tasks.reap_stale.delay()  # nothing stale: the job stays
+    time.sleep(1)
+    assert ReplicationJob.objects.get(pk=job.id).status == JobStatus.REPLICATING

@@ -105,7 +105,8 @@ def source_export(disk: VMDisk) -> Iterator[str]:
 
 
 def progress_client() -> ProgressClient:
-    return ProgressClient(settings.VMA_URL, settings.VMA_TOKEN, timeout_s=settings.VMA_REQUEST_TIMEOUT_S)
+    return ProgressClient(settings.VMA_URL, settings.VMA_TOKEN, timeout_s=settings.VMA_REQUEST_TIMEOUT_S,
+                          keep_alive=settings.VMA_HTTP_KEEPALIVE)
 
 
 class CopyMonitor:

@@ -22,6 +22,7 @@ from datetime import datetime, timedelta
 
 import redis
 from django.conf import settings
+from django.db import transaction
 from django.db.models import Prefetch
 from django.utils import timezone
 
@@ -69,8 +70,8 @@ def _client() -> ProgressClient:
     # One HTTP session per poller thread: requests' sessions are not thread-safe.
     key = (settings.VMA_URL, settings.VMA_TOKEN)
     if getattr(_local, "key", None) != key:
-        _local.client = ProgressClient(settings.VMA_URL, settings.VMA_TOKEN,
-                                       timeout_s=settings.VMA_REQUEST_TIMEOUT_S)
+        _local.client = ProgressClient(settings.VMA_URL, settings.VMA_TOKEN, timeout_s=settings.VMA_REQUEST_TIMEOUT_S,
+                                       keep_alive=settings.VMA_HTTP_KEEPALIVE)
         _local.key = key
     return _local.client
 
@@ -171,25 +172,26 @@ def apply(job: ReplicationJob, fetched: Fetched, now: datetime, stats: PassStats
             _fail_lost(job, now, stats, f"agent lost progress record: none for {job.id} or its exports "
                                         f"{age:.0f} s after start, and no heartbeat from its tasks")
         return
-    wrote = False
-    for disk in job.disks.all():
-        entry = fetched.entries.get(disk.pk)
-        if entry is None or disk.status != DiskStatus.COPYING:
-            continue  # a finished disk keeps the state its copy task wrote
-        if not _should_write(disk, entry, now):
-            continue
-        stage = entry.get("stage") if entry.get("stage") in Stage.values else disk.current_operation
-        if disk.apply_progress(seq=entry["seq"], bytes_done=entry.get("bytes_transferred") or 0,
-                               bytes_total=entry.get("total_bytes") or 0,
-                               throughput_bps=entry.get("throughput_bps") or 0, stage=stage,
-                               eta_seconds=entry.get("eta_seconds"), at=now):
-            stats.disks_written += 1
-            wrote = True
-    if wrote:
-        job.refresh_totals()
-        stats.jobs_written += 1
-    else:
+    # A finished disk keeps the state its copy task wrote.
+    due = [(disk, fetched.entries[disk.pk]) for disk in job.disks.all()
+           if disk.pk in fetched.entries and disk.status == DiskStatus.COPYING
+           and _should_write(disk, fetched.entries[disk.pk], now)]
+    if not due:
         _fail_if_stalled(job, now, stats, None)
+        return
+    with transaction.atomic():  # one commit per job, not one per row
+        wrote = False
+        for disk, entry in due:
+            stage = entry.get("stage") if entry.get("stage") in Stage.values else disk.current_operation
+            if disk.apply_progress(seq=entry["seq"], bytes_done=entry.get("bytes_transferred") or 0,
+                                   bytes_total=entry.get("total_bytes") or 0,
+                                   throughput_bps=entry.get("throughput_bps") or 0, stage=stage,
+                                   eta_seconds=entry.get("eta_seconds"), at=now):
+                stats.disks_written += 1
+                wrote = True
+        if wrote:
+            job.refresh_totals()
+            stats.jobs_written += 1
 
 
 def _alive(job: ReplicationJob, now: datetime) -> bool:
@@ -231,16 +233,17 @@ def poll_once(now: datetime | None = None) -> PassStats:
     stats = PassStats(jobs=len(jobs))
     if jobs:
         workers = max(1, min(settings.PROGRESS_POLL_CONCURRENCY, len(jobs)))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="progress-poll") as pool:
-            results = list(pool.map(fetch, jobs))
         current = now or timezone.now()
-        for job, fetched in zip(jobs, results, strict=True):
-            stats.requests += fetched.requests
-            try:
-                apply(job, fetched, current, stats)
-            except Exception:
-                # One bad job never stops the pass for the others.
-                log.exception("applying progress of job %s failed", job.id)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="progress-poll") as pool:
+            # Results arrive in order while later jobs are still being
+            # fetched: database writes overlap the HTTP round trips.
+            for job, fetched in zip(jobs, pool.map(fetch, jobs), strict=True):
+                stats.requests += fetched.requests
+                try:
+                    apply(job, fetched, current, stats)
+                except Exception:
+                    # One bad job never stops the pass for the others.
+                    log.exception("applying progress of job %s failed", job.id)
     stats.seconds = time.monotonic() - started
     return stats
 
