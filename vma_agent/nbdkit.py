@@ -101,7 +101,16 @@ def start_daemon(args: list[str], socket_path: Path, pidfile: Path, log_path: Pa
         raise NbdkitError(f"nbdkit exited with status {proc.returncode}: {_log_tail(log_path)}")
     if not socket_accepts(socket_path):
         raise NbdkitError(f"nbdkit started but does not accept connections on {socket_path}")
-    return int(pidfile.read_text().strip())
+    # The daemonized child writes the pidfile itself, possibly just after the
+    # foreground part exited: under load reading it at once can find nothing.
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        try:
+            return int(pidfile.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            if time.monotonic() > deadline:
+                raise NbdkitError(f"nbdkit started but wrote no pid to {pidfile}") from None
+            time.sleep(0.02)
 
 
 def daemon_pid(pidfile: Path) -> int | None:
