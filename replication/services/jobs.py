@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 
 from replication.choices import STAGE_PERCENT, DiskStatus, JobStatus, SourceKind, Stage, SyncType
 from replication.models import ReplicationJob, VirtualMachine, VMDisk
@@ -138,6 +139,36 @@ class CopyMonitor:
             raise CopyAborted(f"job {job.id} is {job.status}")
 
 
+class DiskHeartbeat:
+    """Stamps the disk's heartbeat from a thread while its copy task lives,
+    so long phases without progress callbacks (starting the source export,
+    mapping the extents of a large disk) never look like a lost task."""
+
+    def __init__(self, disk: VMDisk, interval_s: float):
+        self.disk = disk
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{disk.pk}", daemon=True)
+
+    def __enter__(self) -> DiskHeartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(self.interval_s):
+                try:
+                    self.disk.beat()
+                except Exception as exc:  # a missed beat is not worth a copy
+                    log.warning("heartbeat of %s not written: %s", self.disk, exc)
+        finally:
+            connection.close()
+
+
 def copy_disk(disk_id: int, task_id: str = "",
               on_progress: Callable[[CopyProgress], None] | None = None) -> bool:
     """Copy one disk to its target volume, reporting progress to the agent's
@@ -155,32 +186,32 @@ def copy_disk(disk_id: int, task_id: str = "",
                             sync_type=job.sync_type)
     monitor = CopyMonitor(disk, reporter, on_progress)
     try:
-        reporter.stage(Stage.SETTING_UP_NBD)
-        with source_export(disk) as src_uri:
-            monitor.check()
-            reporter.stage(Stage.PREPARING_MIGRATION)
-            result = copy_image(
-                src_uri, volumes.export_uri(disk.target_volume),
-                chunk_bytes=settings.COPY_CHUNK_BYTES, progress=monitor,
-                progress_interval_s=settings.PROGRESS_DB_INTERVAL_S,
-            )
-    except CopyAborted as exc:
-        disk.cancel()
-        reporter.finish("cancelled", error_message=str(exc))
+        try:
+            reporter.stage(Stage.SETTING_UP_NBD)
+            with DiskHeartbeat(disk, settings.HEARTBEAT_INTERVAL_S), source_export(disk) as src_uri:
+                monitor.check()
+                reporter.stage(Stage.PREPARING_MIGRATION)
+                result = copy_image(
+                    src_uri, volumes.export_uri(disk.target_volume),
+                    chunk_bytes=settings.COPY_CHUNK_BYTES, progress=monitor,
+                    progress_interval_s=settings.PROGRESS_DB_INTERVAL_S,
+                )
+        except CopyAborted as exc:
+            disk.cancel()
+            reporter.finish("cancelled", error_message=str(exc))
+            log.info("copy of %s stopped: %s", disk, exc)
+            return False
+        except Exception as exc:
+            log.exception("copy of %s failed", disk)
+            reporter.finish("failed", error_message=str(exc))
+            disk.fail(str(exc))
+            fail_job(job.id, f"{disk.disk_key}: {exc}")
+            return False
+        disk.complete(bytes_total=result.bytes_allocated, bytes_zeroed=result.bytes_zeroed,
+                      throughput_bps=result.throughput_bps)
+        reporter.finish("completed", bytes_total=result.bytes_allocated, throughput_bps=result.throughput_bps)
+    finally:
         reporter.close()
-        log.info("copy of %s stopped: %s", disk, exc)
-        return False
-    except Exception as exc:
-        log.exception("copy of %s failed", disk)
-        reporter.finish("failed", error_message=str(exc))
-        reporter.close()
-        disk.fail(str(exc))
-        fail_job(job.id, f"{disk.disk_key}: {exc}")
-        return False
-    disk.complete(bytes_total=result.bytes_allocated, bytes_zeroed=result.bytes_zeroed,
-                  throughput_bps=result.throughput_bps)
-    reporter.finish("completed", bytes_total=result.bytes_allocated, throughput_bps=result.throughput_bps)
-    reporter.close()
     log.info("copied %s: %s", disk, result.as_dict())
     job.refresh_totals()
     return job.all_disks_completed() and job.transition(JobStatus.FINALIZING, current_operation=Stage.FINALIZING)
