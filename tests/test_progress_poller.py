@@ -256,3 +256,16 @@ def test_jobs_watch_draws_live_bars_until_the_jobs_end(vma_server, replicating_j
     out = StringIO()
     call_command("jobs", "--watch", "--interval", "0.01", stdout=out)  # returns: nothing active
     assert "no active jobs" in out.getvalue()
+
+
+def test_a_finalizing_job_is_left_to_the_reaper_not_failed_by_the_poller(vma_server, replicating_job):
+    job = replicating_job(disks=1)
+    post(vma_server, job.id, update(1, 1000, status="completed", stage="Completed", disk_id="disk-2000"))
+    disk = job.disks.get()
+    assert disk.complete(bytes_total=1000, bytes_zeroed=0, throughput_bps=1)
+    assert job.transition(JobStatus.FINALIZING)
+
+    stats = progress.poll_once(now=later(job, 3600))  # finalize long lost, nothing beats
+
+    assert stats.failed == []
+    assert ReplicationJob.objects.get(pk=job.id).status == JobStatus.FINALIZING

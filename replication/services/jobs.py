@@ -74,16 +74,17 @@ def prepare_job(job_id: str) -> list[int]:
         job.beat()
         stages.stage(Stage.INITIALIZING, STAGE_PERCENT[Stage.INITIALIZING])
         try:
-            job.set_stage(Stage.SETTING_UP_NBD)
-            stages.stage(Stage.SETTING_UP_NBD, STAGE_PERCENT[Stage.SETTING_UP_NBD])
-            disks = list(job.disks.select_related("target_volume__source_disk__vm"))
-            for disk in disks:
-                volumes.provision(disk.target_volume, disk.capacity_bytes)
-            job.set_stage(Stage.PREPARING_MIGRATION)
-            stages.stage(Stage.PREPARING_MIGRATION, STAGE_PERCENT[Stage.PREPARING_MIGRATION])
-            if not job.enter_stage(Stage.TRANSFER, JobStatus.REPLICATING):
-                return []
-            job.beat()
+            with Heartbeat(job, settings.HEARTBEAT_INTERVAL_S):
+                job.set_stage(Stage.SETTING_UP_NBD)
+                stages.stage(Stage.SETTING_UP_NBD, STAGE_PERCENT[Stage.SETTING_UP_NBD])
+                disks = list(job.disks.select_related("target_volume__source_disk__vm"))
+                for disk in disks:
+                    volumes.provision(disk.target_volume, disk.capacity_bytes)
+                job.set_stage(Stage.PREPARING_MIGRATION)
+                stages.stage(Stage.PREPARING_MIGRATION, STAGE_PERCENT[Stage.PREPARING_MIGRATION])
+                if not job.enter_stage(Stage.TRANSFER, JobStatus.REPLICATING):
+                    return []
+                job.beat()
         except Exception as exc:
             log.exception("prepare of job %s failed", job_id)
             stages.stage(Stage.FAILED, 0, status="failed", error_message=f"prepare failed: {exc}")
@@ -139,18 +140,18 @@ class CopyMonitor:
             raise CopyAborted(f"job {job.id} is {job.status}")
 
 
-class DiskHeartbeat:
-    """Stamps the disk's heartbeat from a thread while its copy task lives,
-    so long phases without progress callbacks (starting the source export,
-    mapping the extents of a large disk) never look like a lost task."""
+class Heartbeat:
+    """Stamps a job's or disk's heartbeat from a thread while its task lives,
+    so long phases without progress (provisioning volumes, starting a source
+    export, mapping the extents of a large disk) never look like a lost task."""
 
-    def __init__(self, disk: VMDisk, interval_s: float):
-        self.disk = disk
+    def __init__(self, owner: ReplicationJob | VMDisk, interval_s: float):
+        self.owner = owner
         self.interval_s = interval_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{disk.pk}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{owner}", daemon=True)
 
-    def __enter__(self) -> DiskHeartbeat:
+    def __enter__(self) -> Heartbeat:
         self._thread.start()
         return self
 
@@ -162,9 +163,9 @@ class DiskHeartbeat:
         try:
             while not self._stop.wait(self.interval_s):
                 try:
-                    self.disk.beat()
+                    self.owner.beat()
                 except Exception as exc:  # a missed beat is not worth a copy
-                    log.warning("heartbeat of %s not written: %s", self.disk, exc)
+                    log.warning("heartbeat of %s not written: %s", self.owner, exc)
         finally:
             connection.close()
 
@@ -188,7 +189,7 @@ def copy_disk(disk_id: int, task_id: str = "",
     try:
         try:
             reporter.stage(Stage.SETTING_UP_NBD)
-            with DiskHeartbeat(disk, settings.HEARTBEAT_INTERVAL_S), source_export(disk) as src_uri:
+            with Heartbeat(disk, settings.HEARTBEAT_INTERVAL_S), source_export(disk) as src_uri:
                 monitor.check()
                 reporter.stage(Stage.PREPARING_MIGRATION)
                 result = copy_image(

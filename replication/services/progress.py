@@ -168,7 +168,7 @@ def apply(job: ReplicationJob, fetched: Fetched, now: datetime, stats: PassStats
         age = (now - (job.started_at or job.created_at)).total_seconds()
         if age < settings.PROGRESS_GRACE_S:
             return  # the first update may take a while: keep polling
-        if not _alive(job, now):
+        if job.status != JobStatus.FINALIZING and not _alive(job, now):
             _fail_lost(job, now, stats, f"agent lost progress record: none for {job.id} or its exports "
                                         f"{age:.0f} s after start, and no heartbeat from its tasks")
         return
@@ -200,6 +200,8 @@ def _alive(job: ReplicationJob, now: datetime) -> bool:
 
 
 def _fail_if_stalled(job: ReplicationJob, now: datetime, stats: PassStats, why: str | None) -> None:
+    if job.status == JobStatus.FINALIZING:
+        return  # every disk is written; the reaper requeues a lost finalize instead
     last = job.last_progress_at or job.started_at or job.created_at
     quiet = (now - last).total_seconds()
     if quiet < settings.PROGRESS_STALE_S or _alive(job, now):
