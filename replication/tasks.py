@@ -18,7 +18,11 @@ def prepare_job(job_id: str) -> None:
 @shared_task(name="replication.copy_disk", bind=True)
 def copy_disk(self, disk_id: int) -> None:
     publisher = TaskProgressPublisher(self, disk_id, settings.TASK_EVENT_INTERVAL_S)
-    if jobs.copy_disk(disk_id, task_id=self.request.id or "", on_progress=publisher):
+    try:
+        last_disk = jobs.copy_disk(disk_id, task_id=self.request.id or "", on_progress=publisher)
+    finally:
+        publisher.close()
+    if last_disk:
         finalize_job.delay(VMDisk.objects.values_list("job_id", flat=True).get(pk=disk_id))
 
 
