@@ -108,8 +108,55 @@ OMA_VOLUME_DIR = Path(env("OMA_VOLUME_DIR", default=str(VAR_DIR / "volumes")))
 # Runtime files of the data plane: Unix sockets and pid files of nbdkit.
 OMA_RUN_DIR = Path(env("OMA_RUN_DIR", default=str(VAR_DIR / "run")))
 COPY_CHUNK_BYTES = env.int("COPY_CHUNK_BYTES", default=4 * 1024 * 1024)
-# Per-disk progress writes to the database: at most every N seconds or 1 %.
+# Copy-loop progress cadence (the seeds': every N seconds or 1 % of a disk).
 PROGRESS_DB_INTERVAL_S = env.float("PROGRESS_DB_INTERVAL_S", default=2.0)
+
+# --- Progress pipeline ------------------------------------------------------
+# Which URL sets this web process serves: an agent-only host keeps just the API.
+VMA_API_ENABLED = env.bool("VMA_API_ENABLED", default=True)
+OMA_UI_ENABLED = env.bool("OMA_UI_ENABLED", default=True)
+# The agent's progress store: Redis (the broker's by default), records kept a week.
+VMA_REDIS_URL = env("VMA_REDIS_URL", default=CELERY_BROKER_URL)
+VMA_PROGRESS_PREFIX = env("VMA_PROGRESS_PREFIX", default="vma:progress")
+VMA_PROGRESS_TTL_S = env.int("VMA_PROGRESS_TTL_S", default=7 * 24 * 3600)
+VMA_REQUEST_TIMEOUT_S = env.float("VMA_REQUEST_TIMEOUT_S", default=5.0)
+# Reuse HTTP connections to the agent. Off by default: gunicorn's sync workers
+# close them anyway, and runserver stalls 40 ms on every reused connection.
+VMA_HTTP_KEEPALIVE = env.bool("VMA_HTTP_KEEPALIVE", default=False)
+# OMA poller: every N s, up to M jobs at once.
+PROGRESS_POLL_INTERVAL_S = env.float("PROGRESS_POLL_INTERVAL_S", default=5.0)
+PROGRESS_POLL_CONCURRENCY = env.int("PROGRESS_POLL_CONCURRENCY", default=10)
+# A job's first update may come this long after it started without alarm.
+PROGRESS_GRACE_S = env.float("PROGRESS_GRACE_S", default=30.0)
+# No new update for this long -> ask whether the job's tasks are still alive.
+PROGRESS_STALE_S = env.float("PROGRESS_STALE_S", default=120.0)
+# Database progress writes: on a >= 1 % change, after >= 2 s, or a stage/status change.
+PROGRESS_WRITE_STEP_PERCENT = env.float("PROGRESS_WRITE_STEP_PERCENT", default=1.0)
+PROGRESS_WRITE_INTERVAL_S = env.float("PROGRESS_WRITE_INTERVAL_S", default=2.0)
+# Copy tasks and workflow steps stamp a heartbeat this often; one older than
+# HEARTBEAT_TIMEOUT_S means the process doing the work is gone.
+HEARTBEAT_INTERVAL_S = env.float("HEARTBEAT_INTERVAL_S", default=5.0)
+HEARTBEAT_TIMEOUT_S = env.float("HEARTBEAT_TIMEOUT_S", default=60.0)
+REAPER_INTERVAL_S = env.float("REAPER_INTERVAL_S", default=60.0)
+# The reaper fails (or requeues the finalize of) a running job without any
+# heartbeat for this long, and a job still pending after REAPER_PENDING_TIMEOUT_S.
+REAPER_TIMEOUT_S = env.float("REAPER_TIMEOUT_S", default=300.0)
+REAPER_PENDING_TIMEOUT_S = env.float("REAPER_PENDING_TIMEOUT_S", default=3600.0)
+# Flower: copy tasks publish PROGRESS state and task-progress events this often.
+TASK_EVENT_INTERVAL_S = env.float("TASK_EVENT_INTERVAL_S", default=2.0)
+
+CELERY_BEAT_SCHEDULE = {
+    "poll-progress": {
+        "task": "replication.poll_progress",
+        "schedule": PROGRESS_POLL_INTERVAL_S,
+        "options": {"queue": "oma", "expires": PROGRESS_POLL_INTERVAL_S},
+    },
+    "reap-stale": {
+        "task": "replication.reap_stale",
+        "schedule": REAPER_INTERVAL_S,
+        "options": {"queue": "oma", "expires": REAPER_INTERVAL_S},
+    },
+}
 
 LOGGING = {
     "version": 1,

@@ -13,6 +13,9 @@ OMA_VOLUME_DIR = TEST_ROOT / "volumes"
 OMA_RUN_DIR = TEST_ROOT / "run"  # short: Unix socket paths are limited to 107 bytes
 PROGRESS_DB_INTERVAL_S = 0.25
 COPY_CHUNK_BYTES = 1024 * 1024
+# The progress store shares the test broker's Redis database, under its own prefix.
+VMA_REDIS_URL = CELERY_BROKER_URL
+VMA_TOKEN = env("VMA_TOKEN", default="test-vma-token")
 
 if os.environ.get("TEST_DATABASE_NAME") and "sqlite" not in DATABASES["default"]["ENGINE"]:
     # Lets two test runs share one database server without sharing a database.
@@ -22,3 +25,7 @@ if os.environ.get("OMA_TEST_WORKER"):
     # A Celery worker started by the tests works on the test database.
     _db = DATABASES["default"]
     _db["NAME"] = _db.get("TEST", {}).get("NAME") or f"test_{_db['NAME']}"
+
+# Short heartbeats so a copy notices its job's end quickly in tests.
+HEARTBEAT_INTERVAL_S = 0.25
+TASK_EVENT_INTERVAL_S = 0.25

@@ -45,15 +45,6 @@ def transfer_percent(bytes_done: int, bytes_total: int) -> float:
     return TRANSFER_START_PERCENT + (100 - TRANSFER_START_PERCENT) * fraction
 
 
-def eta_seconds(remaining_bytes: int, throughput_bps: int, finished: bool) -> int | None:
-    """Seconds left at the current rate; None while there is no rate to go by."""
-    if finished:
-        return 0
-    if throughput_bps <= 0:
-        return None
-    return int(max(0, remaining_bytes) / throughput_bps)
-
-
 class VirtualMachine(models.Model):
     name = models.CharField(max_length=200, unique=True)
     source_kind = models.CharField(max_length=20, choices=SourceKind.choices, default=SourceKind.IMAGE)
@@ -148,6 +139,10 @@ class ReplicationJob(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
     last_progress_at = models.DateTimeField(null=True, blank=True)
+    eta_seconds = models.BigIntegerField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(
+        null=True, blank=True, help_text="Last sign of life of the workflow step working on this job")
+    poll_errors = models.PositiveIntegerField(default=0, help_text="Consecutive failed polls of the agent")
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -181,11 +176,25 @@ class ReplicationJob(models.Model):
         return self.transition(status, current_operation=stage, progress_percent=STAGE_PERCENT[stage], **extra)
 
     def set_stage(self, stage: Stage) -> None:
+        now = timezone.now()
         moved = ReplicationJob.objects.filter(pk=self.pk, status__in=JOB_ACTIVE).update(
-            current_operation=stage, progress_percent=STAGE_PERCENT[stage], updated_at=timezone.now()
+            current_operation=stage, progress_percent=STAGE_PERCENT[stage], updated_at=now, heartbeat_at=now,
         )
         if moved:
             JobEvent.objects.create(job=self, status=self.status, stage=stage)
+
+    def beat(self) -> None:
+        ReplicationJob.objects.filter(pk=self.pk, status__in=JOB_ACTIVE).update(heartbeat_at=timezone.now())
+
+    def last_sign_of_life(self):
+        """The newest heartbeat of the job or any of its unfinished disks."""
+        beats = [self.heartbeat_at, self.started_at, self.created_at]
+        beats += list(self.disks.exclude(status__in=DISK_TERMINAL).values_list("heartbeat_at", flat=True))
+        return max(b for b in beats if b is not None)
+
+    def record_poll(self, *, error: bool) -> None:
+        count = models.F("poll_errors") + 1 if error else 0
+        ReplicationJob.objects.filter(pk=self.pk).update(poll_errors=count)
 
     def fail(self, reason: str) -> bool:
         return self.transition(JobStatus.FAILED, error_message=reason[:4000], current_operation=Stage.FAILED)
@@ -204,15 +213,21 @@ class ReplicationJob(models.Model):
 
     def refresh_totals(self) -> None:
         """Job totals are always aggregated from the disks."""
+        # A disk whose copy has not measured its data yet counts with its
+        # capacity (an upper bound), so the job's percent only ever rises.
+        unmeasured = models.Q(bytes_total=0) & ~models.Q(status=DiskStatus.COMPLETED)
         sums = self.disks.aggregate(
             done=Sum("bytes_done"), total=Sum("bytes_total"),
             rate=Sum("throughput_bps", filter=models.Q(status=DiskStatus.COPYING)),
+            pending_capacity=Sum("capacity_bytes", filter=unmeasured),
         )
         done, total = sums["done"] or 0, sums["total"] or 0
         updates = {"bytes_transferred": done, "total_bytes": total, "throughput_bps": sums["rate"] or 0,
                    "last_progress_at": timezone.now()}
         if self.status == JobStatus.REPLICATING:
-            updates["progress_percent"] = transfer_percent(done, total)
+            updates["progress_percent"] = transfer_percent(done, total + (sums["pending_capacity"] or 0))
+            rate = updates["throughput_bps"]
+            updates["eta_seconds"] = int((total - done) / rate) if rate > 0 and total > done else None
         if ReplicationJob.objects.filter(pk=self.pk, status__in=JOB_ACTIVE).update(**updates):
             self._sample(updates["last_progress_at"], done, updates["throughput_bps"])
 
@@ -224,10 +239,6 @@ class ReplicationJob(models.Model):
 
     def all_disks_completed(self) -> bool:
         return not self.disks.exclude(status=DiskStatus.COMPLETED).exists()
-
-    @property
-    def eta_seconds(self) -> int | None:
-        return eta_seconds(self.total_bytes - self.bytes_transferred, self.throughput_bps, self.is_terminal)
 
 
 class JobEvent(models.Model):
@@ -286,6 +297,10 @@ class VMDisk(models.Model):
     celery_task_id = models.CharField(max_length=64, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True, help_text="Last sign of life of its copy task")
+    progress_seq = models.BigIntegerField(default=0, help_text="Sequence number of the applied agent update")
+    last_progress_at = models.DateTimeField(null=True, blank=True)
+    eta_seconds = models.BigIntegerField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -308,22 +323,35 @@ class VMDisk(models.Model):
 
     def claim(self, task_id: str = "") -> bool:
         """Take this disk for copying; a second delivery of its task loses."""
+        now = timezone.now()
         return self.transition(
-            DiskStatus.COPYING, attempts=models.F("attempts") + 1, started_at=timezone.now(),
-            current_operation=Stage.TRANSFER, celery_task_id=task_id,
+            DiskStatus.COPYING, attempts=models.F("attempts") + 1, started_at=now, heartbeat_at=now,
+            current_operation=Stage.INITIALIZING, celery_task_id=task_id,
         )
 
-    def record_progress(self, bytes_done: int, bytes_total: int, throughput_bps: int) -> None:
+    def beat(self) -> bool:
+        """Stamp the copy's heartbeat; False when the copy should stop because
+        the disk or its job is no longer running."""
+        alive_jobs = ReplicationJob.objects.filter(pk=self.job_id, status__in=JOB_ACTIVE)
+        return bool(VMDisk.objects.filter(pk=self.pk, status=DiskStatus.COPYING,
+                                          job__in=alive_jobs).update(heartbeat_at=timezone.now()))
+
+    def apply_progress(self, *, seq: int, bytes_done: int, bytes_total: int, throughput_bps: int,
+                       stage: str, eta_seconds: int | None, at) -> bool:
+        """Apply an agent update if it is newer than the applied one and the
+        disk is still copying; progress never moves backwards."""
         percent = 100.0 if bytes_total <= 0 else min(100.0, 100.0 * bytes_done / bytes_total)
-        VMDisk.objects.filter(pk=self.pk, status=DiskStatus.COPYING).update(
-            bytes_done=bytes_done, bytes_total=bytes_total, progress_percent=percent,
-            throughput_bps=throughput_bps, updated_at=timezone.now(),
-        )
+        return bool(VMDisk.objects.filter(pk=self.pk, status=DiskStatus.COPYING, progress_seq__lt=seq).update(
+            progress_seq=seq, bytes_done=bytes_done, bytes_total=bytes_total, progress_percent=percent,
+            throughput_bps=throughput_bps, current_operation=stage, eta_seconds=eta_seconds,
+            last_progress_at=at, updated_at=at,
+        ))
 
     def complete(self, bytes_total: int, bytes_zeroed: int, throughput_bps: int) -> bool:
         return self.transition(
             DiskStatus.COMPLETED, bytes_done=bytes_total, bytes_total=bytes_total, bytes_zeroed=bytes_zeroed,
             progress_percent=100.0, throughput_bps=throughput_bps, current_operation=Stage.COMPLETED,
+            eta_seconds=0, last_progress_at=timezone.now(),
         )
 
     def fail(self, reason: str) -> bool:
@@ -332,7 +360,3 @@ class VMDisk(models.Model):
 
     def cancel(self) -> bool:
         return self.transition(DiskStatus.CANCELLED, throughput_bps=0, current_operation=Stage.CANCELLED)
-
-    @property
-    def eta_seconds(self) -> int | None:
-        return eta_seconds(self.bytes_total - self.bytes_done, self.throughput_bps, self.status in DISK_TERMINAL)

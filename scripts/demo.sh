@@ -14,6 +14,14 @@ ensure_redis
 PY=.venv/bin/python
 $PY manage.py migrate --no-input -v0
 
+# The progress API refuses every request without a token: the copy loop (in
+# the worker) and the API (in the web server) share one, kept under var/.
+if [ -z "${VMA_TOKEN:-}" ]; then
+  [ -s var/vma-token ] || (umask 077; $PY -c 'import secrets; print(secrets.token_urlsafe(32))' >var/vma-token)
+  VMA_TOKEN=$(cat var/vma-token)
+fi
+export VMA_TOKEN
+
 pids=()
 cleanup() {
   if [ "${KEEP_RUNNING:-}" != "1" ]; then
@@ -24,8 +32,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "starting a Celery worker (log: var/log/worker.log)"
-.venv/bin/celery -A oma_site worker -E -c 2 -l info -n "demo@%h" >var/log/worker.log 2>&1 &
+echo "starting a Celery worker with beat: copies, progress poller, reaper (log: var/log/worker.log)"
+mkdir -p var/run
+.venv/bin/celery -A oma_site worker -B -s var/run/celerybeat-schedule -E -c 2 -l info -n "demo@%h" \
+  >var/log/worker.log 2>&1 &
 pids+=($!)
 if ! (exec 3<>/dev/tcp/127.0.0.1/8000) 2>/dev/null; then
   echo "starting the web server on http://127.0.0.1:8000/ (log: var/log/web.log)"

@@ -1,13 +1,16 @@
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import redis
+import requests
 from django.conf import settings
 
 from replication.choices import JOB_TERMINAL
@@ -43,11 +46,61 @@ def worker_env() -> dict:
     # TMPDIR puts the worker's private source-export sockets under TEST_ROOT,
     # where source_exports_running() looks for leftovers of this run only.
     return {**os.environ, "DJANGO_SETTINGS_MODULE": "oma_site.test_settings", "OMA_TEST_WORKER": "1",
-            "TMPDIR": str(Path(settings.TEST_ROOT) / "tmp")}
+            "TMPDIR": str(Path(settings.TEST_ROOT) / "tmp"),
+            "VMA_URL": settings.VMA_URL, "VMA_TOKEN": settings.VMA_TOKEN}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
-def celery_worker_process(django_db_setup, data_plane_root):
+def vma_server(data_plane_root):
+    """The project's web server (manage.py runserver) in its own process on a
+    free port: the VMA progress API over real HTTP, on the test Redis.
+    settings.VMA_URL points at it for this process and the worker."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = Path(settings.TEST_ROOT) / "vma-server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "manage.py", "runserver", "--noreload", "--skip-checks", f"127.0.0.1:{port}"],
+            cwd=PROJECT_ROOT, env=worker_env(), stdout=log, stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+    while True:
+        try:
+            if requests.get(f"{url}/api/v1/openapi.json", timeout=1).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"vma server did not start:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.1)
+    previous, settings.VMA_URL = settings.VMA_URL, url
+    yield url
+    settings.VMA_URL = previous
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def vma_store():
+    """The agent's progress store as the server sees it (same Redis, same prefix)."""
+    from vma_agent.api import get_store
+
+    return get_store()
+
+
+@pytest.fixture(scope="session")
+def celery_worker_process(django_db_setup, data_plane_root, vma_server):
     """A real Celery worker process (prefork, 2 children) on the real Redis and
     the test database, consuming the orchestration and the local agent queues."""
     redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
@@ -88,3 +141,45 @@ def source_exports_running() -> list[str]:
     """Command lines of read-only source nbdkit processes still alive."""
     out = subprocess.run(["pgrep", "-af", "nbdkit.*--readonly"], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if f"{settings.TEST_ROOT}/tmp/vma-src-" in line]
+
+
+class PollerThread:
+    """The OMA progress poller running passes in a thread of the test process
+    (what beat does every PROGRESS_POLL_INTERVAL_S), stoppable and restartable."""
+
+    def __init__(self, interval_s: float = 0.3):
+        self.interval_s = interval_s
+        self.passes = 0
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self) -> "PollerThread":
+        from replication.services.progress import poll_once
+
+        def run():
+            from django.db import connection
+
+            try:
+                while not self._stop.is_set():
+                    poll_once()
+                    self.passes += 1
+                    self._stop.wait(self.interval_s)
+            finally:
+                connection.close()
+
+        self._stop.clear()
+        self._thread = threading.Thread(target=run, name="test-progress-poller", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+
+@pytest.fixture
+def progress_poller(vma_server):
+    poller = PollerThread().start()
+    yield poller
+    poller.stop()

@@ -61,3 +61,11 @@ class NbdkitProcess:
     def stop(self) -> None:
         nbdkit.stop_process(self.proc)
         self.log.close()
+
+
+def slow_nbd_source(sockdir: Path, image: Path, delay: str) -> NbdkitProcess:
+    """A read-only NBD source answering one request at a time, each `delay`
+    late (nbdkit's noparallel and delay filters): a copy lasts long enough to
+    watch however many connections the engine opens."""
+    return NbdkitProcess(sockdir, "--readonly", "--filter=noparallel", "--filter=delay", "file", str(image),
+                         "serialize=all-requests", f"rdelay={delay}")

@@ -10,7 +10,7 @@ from playwright.sync_api import expect, sync_playwright
 from replication.models import ReplicationJob
 from replication.services.inventory import register_image_vm
 from tests.conftest import PROJECT_ROOT, source_exports_running, wait_for_job
-from tests.helpers import MiB, NbdkitProcess, make_image, sha256
+from tests.helpers import MiB, make_image, sha256, slow_nbd_source
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
@@ -33,13 +33,6 @@ def browser_page(monkeypatch):
         browser.close()
 
 
-def slow_source(sockdir, path, delay):
-    """An NBD source serving one request at a time, each `delay` late, so a
-    copy lasts long enough to watch."""
-    return NbdkitProcess(sockdir, "--readonly", "--filter=noparallel", "--filter=delay", "file", str(path),
-                         f"rdelay={delay}")
-
-
 def log_in(page, live_server):
     User.objects.create_user("operator", password="s3cret-pass")
     page.goto(f"{live_server.url}/")
@@ -50,11 +43,11 @@ def log_in(page, live_server):
     expect(page.locator("h1")).to_have_text("Replication dashboard")
 
 
-def test_replicate_from_the_gui_and_watch_it_live(celery_worker_process, live_server, browser_page, tmp_path,
-                                                  sockdir):
+def test_replicate_from_the_gui_and_watch_it_live(celery_worker_process, progress_poller, live_server, browser_page,
+                                                  tmp_path, sockdir):
     page = browser_page
     images = [make_image(tmp_path / f"d{i}.img", 24 * MiB + 4097 * i, [(0, 24 * MiB)], seed=i) for i in range(2)]
-    servers = [slow_source(sockdir, image, "250ms") for image in images]
+    servers = [slow_nbd_source(sockdir, image, "250ms") for image in images]
     try:
         register_image_vm("gui-vm", [server.uri for server in servers])
         log_in(page, live_server)
@@ -96,10 +89,11 @@ def test_replicate_from_the_gui_and_watch_it_live(celery_worker_process, live_se
         assert sha256(disk.target_volume.path) == sha256(image)
 
 
-def test_cancel_a_running_job_from_the_gui(celery_worker_process, live_server, browser_page, tmp_path, sockdir):
+def test_cancel_a_running_job_from_the_gui(celery_worker_process, progress_poller, live_server, browser_page,
+                                           tmp_path, sockdir):
     page = browser_page
     image = make_image(tmp_path / "slow.img", 64 * MiB, [(0, 64 * MiB)], seed=3)
-    server = slow_source(sockdir, image, "300ms")
+    server = slow_nbd_source(sockdir, image, "300ms")
     try:
         vm = register_image_vm("gui-cancel", [server.uri])
         log_in(page, live_server)

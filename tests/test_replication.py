@@ -10,7 +10,7 @@ from replication.models import ReplicationJob, TargetVolume, VMDisk
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import start_replication
 from tests.conftest import source_exports_running, wait_for_job
-from tests.helpers import MiB, NbdkitProcess, make_image, sha256
+from tests.helpers import MiB, NbdkitProcess, make_image, sha256, slow_nbd_source
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -103,13 +103,11 @@ def test_source_server_gone_before_copy_fails_the_job(celery_worker_process, tmp
     assert_nothing_left_running(job)
 
 
-def test_source_killed_mid_copy_fails_the_job_and_stops_the_other_disk(celery_worker_process, tmp_path, sockdir):
+def test_source_killed_mid_copy_fails_the_job_and_stops_the_other_disk(celery_worker_process, progress_poller,
+                                                                      tmp_path, sockdir):
     slow_image = make_image(tmp_path / "slow.img", 64 * MiB, [(0, 64 * MiB)], seed=4)
     other_image = make_image(tmp_path / "other.img", 64 * MiB, [(0, 64 * MiB)], seed=5)
-    # One request at a time, each 100 ms late: the copies take seconds however deep the engine pipelines.
-    slow_args = ["--readonly", "--filter=noparallel", "--filter=delay"]
-    slow = NbdkitProcess(sockdir, *slow_args, "file", str(slow_image), "rdelay=100ms")
-    other = NbdkitProcess(sockdir, *slow_args, "file", str(other_image), "rdelay=300ms")
+    slow, other = slow_nbd_source(sockdir, slow_image, "100ms"), slow_nbd_source(sockdir, other_image, "300ms")
     try:
         vm = register_image_vm("vm-dying-source", [slow.uri, other.uri])
         job = start_replication(vm)

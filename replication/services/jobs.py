@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 
-from replication.choices import DiskStatus, JobStatus, SourceKind, Stage, SyncType
+from replication.choices import STAGE_PERCENT, DiskStatus, JobStatus, SourceKind, Stage, SyncType
 from replication.models import JobEvent, ReplicationJob, VirtualMachine, VMDisk
 from replication.services import volumes
 from replication.services.inventory import is_nbd_uri
 from vma_agent import nbdkit
 from vma_agent.copy import copy_image
 from vma_agent.progress import CopyProgress
+from vma_agent.reporter import DiskReporter, JobStageReporter, ProgressClient
 
 log = logging.getLogger(__name__)
 
@@ -62,22 +65,35 @@ def prepare_job(job_id: str) -> list[int]:
     """Provision and export every target volume; returns the ids of the disks
     to copy (empty when the job did not get to the copy stage)."""
     job = ReplicationJob.objects.get(pk=job_id)
-    if not job.enter_stage(Stage.INITIALIZING, JobStatus.PREPARING):
-        log.warning("prepare skipped: job %s is %s", job_id, job.status)
-        return []
+    # The reporter exists before the first stage is entered, so no stage
+    # update is ever sent into the void (a seeds' bug).
+    stages = JobStageReporter(progress_client(), job.id, job.sync_type)
     try:
-        job.set_stage(Stage.SETTING_UP_NBD)
-        disks = list(job.disks.select_related("target_volume__source_disk__vm"))
-        for disk in disks:
-            volumes.provision(disk.target_volume, disk.capacity_bytes)
-        job.set_stage(Stage.PREPARING_MIGRATION)
-        if not job.enter_stage(Stage.TRANSFER, JobStatus.REPLICATING):
+        if not job.enter_stage(Stage.INITIALIZING, JobStatus.PREPARING):
+            log.warning("prepare skipped: job %s is %s", job_id, job.status)
             return []
-    except Exception as exc:
-        log.exception("prepare of job %s failed", job_id)
-        fail_job(job_id, f"prepare failed: {exc}")
-        return []
-    return [disk.id for disk in disks]
+        job.beat()
+        stages.stage(Stage.INITIALIZING, STAGE_PERCENT[Stage.INITIALIZING])
+        try:
+            with Heartbeat(job, settings.HEARTBEAT_INTERVAL_S):
+                job.set_stage(Stage.SETTING_UP_NBD)
+                stages.stage(Stage.SETTING_UP_NBD, STAGE_PERCENT[Stage.SETTING_UP_NBD])
+                disks = list(job.disks.select_related("target_volume__source_disk__vm"))
+                for disk in disks:
+                    volumes.provision(disk.target_volume, disk.capacity_bytes)
+                job.set_stage(Stage.PREPARING_MIGRATION)
+                stages.stage(Stage.PREPARING_MIGRATION, STAGE_PERCENT[Stage.PREPARING_MIGRATION])
+                if not job.enter_stage(Stage.TRANSFER, JobStatus.REPLICATING):
+                    return []
+                job.beat()
+        except Exception as exc:
+            log.exception("prepare of job %s failed", job_id)
+            stages.stage(Stage.FAILED, 0, status="failed", error_message=f"prepare failed: {exc}")
+            fail_job(job_id, f"prepare failed: {exc}")
+            return []
+        return [disk.id for disk in disks]
+    finally:
+        stages.close(timeout_s=2.0)
 
 
 @contextlib.contextmanager
@@ -91,25 +107,75 @@ def source_export(disk: VMDisk) -> Iterator[str]:
             yield uri
 
 
-class DiskProgressWriter:
-    """Copy-loop progress -> database (the engine already throttles calls).
-    Stops the copy when the job has ended meanwhile."""
+def progress_client() -> ProgressClient:
+    return ProgressClient(settings.VMA_URL, settings.VMA_TOKEN, timeout_s=settings.VMA_REQUEST_TIMEOUT_S,
+                          keep_alive=settings.VMA_HTTP_KEEPALIVE)
 
-    def __init__(self, disk: VMDisk):
+
+class CopyMonitor:
+    """The copy loop's progress callback. Hands every update to the reporter
+    (a mailbox drop: never waits on the network), and at most every
+    HEARTBEAT_INTERVAL_S stamps the disk's heartbeat in the database, which
+    also tells whether the job ended meanwhile: then the copy stops."""
+
+    def __init__(self, disk: VMDisk, reporter: DiskReporter,
+                 on_progress: Callable[[CopyProgress], None] | None = None):
         self.disk = disk
+        self.reporter = reporter
+        self.on_progress = on_progress
+        self.interval_s = settings.HEARTBEAT_INTERVAL_S
+        self.last_beat = time.monotonic()
 
     def __call__(self, progress: CopyProgress) -> None:
-        self.disk.record_progress(progress.bytes_done, progress.bytes_total, progress.throughput_bps)
-        job = self.disk.job
-        job.refresh_from_db(fields=["status"])
-        if job.is_terminal:
+        self.reporter(progress)
+        if self.on_progress is not None:
+            self.on_progress(progress)
+        now = time.monotonic()
+        if now - self.last_beat >= self.interval_s:
+            self.last_beat = now
+            self.check()
+
+    def check(self) -> None:
+        if not self.disk.beat():
+            job = ReplicationJob.objects.only("status").get(pk=self.disk.job_id)
             raise CopyAborted(f"job {job.id} is {job.status}")
-        job.refresh_totals()
 
 
-def copy_disk(disk_id: int, task_id: str = "") -> bool:
-    """Copy one disk to its target volume. Returns True when this was the
-    job's last disk to finish, so the caller enqueues finalize."""
+class Heartbeat:
+    """Stamps a job's or disk's heartbeat from a thread while its task lives,
+    so long phases without progress (provisioning volumes, starting a source
+    export, mapping the extents of a large disk) never look like a lost task."""
+
+    def __init__(self, owner: ReplicationJob | VMDisk, interval_s: float):
+        self.owner = owner
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{owner}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(self.interval_s):
+                try:
+                    self.owner.beat()
+                except Exception as exc:  # a missed beat is not worth a copy
+                    log.warning("heartbeat of %s not written: %s", self.owner, exc)
+        finally:
+            connection.close()
+
+
+def copy_disk(disk_id: int, task_id: str = "",
+              on_progress: Callable[[CopyProgress], None] | None = None) -> bool:
+    """Copy one disk to its target volume, reporting progress to the agent's
+    progress API. Returns True when this was the job's last disk to finish,
+    so the caller enqueues finalize."""
     disk = VMDisk.objects.select_related("job", "target_volume").get(pk=disk_id)
     if not disk.claim(task_id):
         log.warning("copy of %s skipped: disk is %s", disk, disk.status)
@@ -118,24 +184,36 @@ def copy_disk(disk_id: int, task_id: str = "") -> bool:
     if job.status != JobStatus.REPLICATING:
         disk.cancel()
         return False
+    reporter = DiskReporter(progress_client(), job.id, disk.disk_key, export_name=disk.target_volume.export_name,
+                            sync_type=job.sync_type)
+    monitor = CopyMonitor(disk, reporter, on_progress)
     try:
-        with source_export(disk) as src_uri:
-            result = copy_image(
-                src_uri, volumes.export_uri(disk.target_volume),
-                chunk_bytes=settings.COPY_CHUNK_BYTES, progress=DiskProgressWriter(disk),
-                progress_interval_s=settings.PROGRESS_DB_INTERVAL_S,
-            )
-    except CopyAborted as exc:
-        disk.cancel()
-        log.info("copy of %s stopped: %s", disk, exc)
-        return False
-    except Exception as exc:
-        log.exception("copy of %s failed", disk)
-        disk.fail(str(exc))
-        fail_job(job.id, f"{disk.disk_key}: {exc}")
-        return False
-    disk.complete(bytes_total=result.bytes_allocated, bytes_zeroed=result.bytes_zeroed,
-                  throughput_bps=result.throughput_bps)
+        try:
+            reporter.stage(Stage.SETTING_UP_NBD)
+            with Heartbeat(disk, settings.HEARTBEAT_INTERVAL_S), source_export(disk) as src_uri:
+                monitor.check()
+                reporter.stage(Stage.PREPARING_MIGRATION)
+                result = copy_image(
+                    src_uri, volumes.export_uri(disk.target_volume),
+                    chunk_bytes=settings.COPY_CHUNK_BYTES, progress=monitor,
+                    progress_interval_s=settings.PROGRESS_DB_INTERVAL_S,
+                )
+        except CopyAborted as exc:
+            disk.cancel()
+            reporter.finish("cancelled", error_message=str(exc))
+            log.info("copy of %s stopped: %s", disk, exc)
+            return False
+        except Exception as exc:
+            log.exception("copy of %s failed", disk)
+            reporter.finish("failed", error_message=str(exc))
+            disk.fail(str(exc))
+            fail_job(job.id, f"{disk.disk_key}: {exc}")
+            return False
+        disk.complete(bytes_total=result.bytes_allocated, bytes_zeroed=result.bytes_zeroed,
+                      throughput_bps=result.throughput_bps)
+        reporter.finish("completed", bytes_total=result.bytes_allocated, throughput_bps=result.throughput_bps)
+    finally:
+        reporter.close()
     log.info("copied %s: %s", disk, result.as_dict())
     job.refresh_totals()
     return job.all_disks_completed() and job.transition(JobStatus.FINALIZING, current_operation=Stage.FINALIZING)
@@ -144,6 +222,7 @@ def copy_disk(disk_id: int, task_id: str = "") -> bool:
 def finalize_job(job_id: str) -> None:
     """Commit what the copies produced and complete the job."""
     job = ReplicationJob.objects.get(pk=job_id)
+    job.beat()
     try:
         for disk in job.disks.select_related("source_disk"):
             if disk.change_id:
@@ -173,8 +252,8 @@ def cancel_job(job_id: str, reason: str = "cancelled by the operator") -> bool:
 
 
 def _end_unfinished_disks(job: ReplicationJob) -> None:
-    # Running copies notice the job's end at their next progress write and
-    # stop themselves; pending ones never start.
+    # Running copies notice the job's end at their next heartbeat and stop
+    # themselves; pending ones never start.
     for disk in job.disks.filter(status=DiskStatus.PENDING):
         disk.cancel()
 

@@ -1,11 +1,16 @@
 import json
+import time
 
 from django.core.management.base import BaseCommand
+from django.db.models import Q
+from tqdm import tqdm
 
+from replication.choices import JOB_ACTIVE
 from replication.models import ReplicationJob
 
 FIELDS = ["id", "vm", "sync_type", "status", "current_operation", "progress_percent", "bytes_transferred",
-          "total_bytes", "throughput_bps", "error_message", "created_at", "completed_at"]
+          "total_bytes", "throughput_bps", "eta_seconds", "error_message", "created_at", "completed_at"]
+BAR = "{desc:<44} {percentage:5.1f}%|{bar}| {postfix}"
 
 
 def job_row(job: ReplicationJob) -> dict:
@@ -17,14 +22,33 @@ def job_row(job: ReplicationJob) -> dict:
     return {field: row[field] for field in FIELDS}
 
 
+def _rate(bps: int) -> str:
+    for unit in ("B/s", "KiB/s", "MiB/s", "GiB/s"):
+        if bps < 1024 or unit == "GiB/s":
+            return f"{bps:.0f} {unit}" if unit == "B/s" else f"{bps:.1f} {unit}"
+        bps /= 1024
+    return ""
+
+
+def _eta(seconds) -> str:
+    return "" if seconds is None else f"ETA {int(seconds) // 60}:{int(seconds) % 60:02d}"
+
+
 class Command(BaseCommand):
-    help = "List replication jobs with status, stage, percent, bytes and throughput."
+    help = "List replication jobs with status, stage, percent, bytes and throughput; --watch shows live bars."
 
     def add_arguments(self, parser):
         parser.add_argument("--json", action="store_true", dest="as_json")
         parser.add_argument("--limit", type=int, default=50)
+        parser.add_argument("--watch", action="store_true", help="live progress bars of active jobs")
+        parser.add_argument("--interval", type=float, default=1.0, help="with --watch: seconds between redraws")
+        parser.add_argument("--iterations", type=int, default=0,
+                            help="with --watch: stop after N redraws (default: when no job is active)")
 
-    def handle(self, as_json, limit, **options):
+    def handle(self, as_json, limit, watch, interval, iterations, **options):
+        if watch:
+            self.watch(interval, iterations)
+            return
         rows = [job_row(job) for job in ReplicationJob.objects.select_related("vm")[:limit]]
         if as_json:
             self.stdout.write(json.dumps(rows, indent=2))
@@ -35,3 +59,46 @@ class Command(BaseCommand):
                 f"{r['id']:<32} {r['vm']:<16} {r['status']:<12} {r['current_operation']:<20} "
                 f"{r['progress_percent']:>6.1f} {r['bytes_transferred']:>15} {r['throughput_bps']:>12}"
             )
+
+    def watch(self, interval: float, iterations: int) -> None:
+        """Redraw one bar per active job and per disk until no job is active
+        (jobs that end meanwhile get their final state drawn first)."""
+        bars: dict[tuple, tqdm] = {}
+        watched: set[str] = set()
+        count = 0
+        try:
+            while True:
+                jobs = list(ReplicationJob.objects.filter(Q(pk__in=watched) | Q(status__in=JOB_ACTIVE))
+                            .select_related("vm").order_by("created_at"))
+                if not jobs and count > 0:
+                    break
+                if not jobs:
+                    self.stdout.write("no active jobs")
+                    return
+                for job in jobs:
+                    watched.add(job.id)
+                    self._draw(bars, ("job", job.id), f"{job.vm.name} {job.status} {job.current_operation}",
+                               job.progress_percent, f"{_rate(job.throughput_bps)} {_eta(job.eta_seconds)}")
+                    for disk in job.disks.all():
+                        self._draw(bars, ("disk", disk.pk), f"  {disk.disk_key} {disk.status}",
+                                   disk.progress_percent,
+                                   f"{disk.bytes_done}/{disk.bytes_total} B {_rate(disk.throughput_bps)} "
+                                   f"{_eta(disk.eta_seconds)}")
+                watched = {job.id for job in jobs if job.status in JOB_ACTIVE}
+                count += 1
+                if iterations and count >= iterations:
+                    break
+                time.sleep(interval)
+        finally:
+            for bar in bars.values():
+                bar.close()
+
+    def _draw(self, bars: dict, key: tuple, desc: str, percent: float, postfix: str) -> None:
+        bar = bars.get(key)
+        if bar is None:
+            bar = bars[key] = tqdm(total=100.0, position=len(bars), bar_format=BAR, file=self.stdout._out,
+                                   leave=True, dynamic_ncols=True)
+        bar.n = round(percent, 1)
+        bar.set_description_str(desc, refresh=False)
+        bar.set_postfix_str(postfix.strip(), refresh=False)
+        bar.refresh()

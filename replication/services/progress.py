@@ -1,0 +1,265 @@
+"""The OMA progress poller: agent progress records -> the database.
+
+Every pass reads the set of jobs to poll from the database (never from
+memory, so a restarted poller simply carries on), fetches their records from
+the VMA progress API concurrently, and applies them in this thread:
+monotonic (by per-disk sequence number), throttled (>= 1 %, >= 2 s, or a
+stage change), job totals always aggregated from the disks.
+
+Outcomes are classified, never dropped: "no record yet" within the grace
+period and network errors only mean "poll again"; a job is failed only when
+its record is gone or its progress stalled *and* none of its tasks shows a
+heartbeat any more, always with the reason."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import redis
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Prefetch
+from django.utils import timezone
+
+from replication.choices import DiskStatus, JobStatus, Stage
+from replication.models import ReplicationJob, VMDisk
+from replication.services import jobs as job_service
+from vma_agent.reporter import ProgressClient, ProgressUnavailable
+
+log = logging.getLogger(__name__)
+
+# Pending jobs have nothing to report yet (the reaper watches them).
+POLLED_STATUSES = (JobStatus.PREPARING, JobStatus.REPLICATING, JobStatus.FINALIZING)
+FETCH_ATTEMPTS = 3
+FETCH_BACKOFF_S = 0.2
+LOCK_KEY = "oma:progress-poller:lock"
+
+
+@dataclass
+class Fetched:
+    """What the agent said about one job: disk entries by VMDisk pk."""
+
+    job_id: str
+    entries: dict[int, dict] = field(default_factory=dict)
+    found: bool = False
+    error: str | None = None
+    requests: int = 0
+
+
+@dataclass
+class PassStats:
+    jobs: int = 0
+    requests: int = 0
+    disks_written: int = 0
+    jobs_written: int = 0
+    not_found: int = 0
+    errors: int = 0
+    failed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+_local = threading.local()
+
+
+def _client() -> ProgressClient:
+    # One HTTP session per poller thread: requests' sessions are not thread-safe.
+    key = (settings.VMA_URL, settings.VMA_TOKEN)
+    if getattr(_local, "key", None) != key:
+        _local.client = ProgressClient(settings.VMA_URL, settings.VMA_TOKEN, timeout_s=settings.VMA_REQUEST_TIMEOUT_S,
+                                       keep_alive=settings.VMA_HTTP_KEEPALIVE)
+        _local.key = key
+    return _local.client
+
+
+def _get(record_id: str, fetched: Fetched) -> dict | None:
+    """GET with retries and backoff; raises ProgressUnavailable after the last."""
+    delay = FETCH_BACKOFF_S
+    for attempt in range(FETCH_ATTEMPTS):
+        fetched.requests += 1
+        try:
+            return _client().get(record_id)
+        except ProgressUnavailable:
+            if attempt == FETCH_ATTEMPTS - 1:
+                raise
+            time.sleep(delay)
+            delay *= 2
+    return None
+
+
+def fetch(job: ReplicationJob) -> Fetched:
+    """The agent's entries for the job's disks. One GET by job id gives every
+    disk that reported with its job id; disks still missing are looked up by
+    their export names (ReplicationJob -> VMDisk -> TargetVolume), which also
+    finds updates an agent posted by export name alone. Runs in a pool
+    thread: HTTP only, no database."""
+    fetched = Fetched(job.id)
+    disks = list(job.disks.all())  # prefetched
+    by_key = {d.disk_key: d.pk for d in disks}
+    by_export = {d.target_volume.export_name: d.pk for d in disks}
+    try:
+        record = _get(job.id, fetched)
+        if record is not None:
+            fetched.found |= _collect(record, fetched, job, by_key, by_export)
+        for export, pk in by_export.items():
+            if pk in fetched.entries:
+                continue
+            record = _get(export, fetched)
+            if record is not None:
+                fetched.found |= _collect(record, fetched, job, by_key, by_export, export_pk=pk)
+    except ProgressUnavailable as exc:
+        fetched.error = str(exc)
+    return fetched
+
+
+def _collect(record: dict, fetched: Fetched, job: ReplicationJob, by_key: dict, by_export: dict,
+             export_pk: int | None = None) -> bool:
+    """Take the record's entries for this job's disks; False when the record
+    is not this job's (an export whose volume an earlier job reported)."""
+    record_job = record.get("job_id")
+    if record_job not in (None, job.id):
+        return False
+    started = (job.started_at or job.created_at).timestamp()
+    for disk_id, entry in (record.get("disks") or {}).items():
+        if record_job is None:
+            # A record an agent kept under the export name alone: everything
+            # in it is that export's disk, but only if newer than this job.
+            if export_pk is None or entry.get("received_at", 0) < started - 1:
+                continue
+            pk = export_pk
+        else:
+            pk = by_key.get(disk_id) or by_export.get(disk_id) or by_export.get(entry.get("export_name"))
+        if pk is not None and entry.get("seq", 0) > fetched.entries.get(pk, {}).get("seq", 0):
+            fetched.entries[pk] = entry
+    return record_job == job.id or bool(fetched.entries)
+
+
+def _should_write(disk: VMDisk, entry: dict, now: datetime) -> bool:
+    if entry["seq"] <= disk.progress_seq:
+        return False  # late or replayed
+    if entry.get("stage") != disk.current_operation:
+        return True
+    total = entry.get("total_bytes") or 0
+    done = entry.get("bytes_transferred") or 0
+    percent = 100.0 if total <= 0 else 100.0 * done / total
+    if abs(percent - disk.progress_percent) >= settings.PROGRESS_WRITE_STEP_PERCENT:
+        return True
+    changed = (done, total, entry.get("throughput_bps") or 0) != (disk.bytes_done, disk.bytes_total,
+                                                                  disk.throughput_bps)
+    last = disk.last_progress_at or disk.started_at or now
+    return changed and (now - last).total_seconds() >= settings.PROGRESS_WRITE_INTERVAL_S
+
+
+def apply(job: ReplicationJob, fetched: Fetched, now: datetime, stats: PassStats) -> None:
+    """Apply one job's fetched entries and classify the outcome."""
+    if fetched.error is not None and not fetched.entries:
+        stats.errors += 1
+        job.record_poll(error=True)
+        _fail_if_stalled(job, now, stats, f"agent unreachable ({fetched.error})")
+        return
+    if job.poll_errors:
+        job.record_poll(error=False)
+    if not fetched.found:
+        stats.not_found += 1
+        age = (now - (job.started_at or job.created_at)).total_seconds()
+        if age < settings.PROGRESS_GRACE_S:
+            return  # the first update may take a while: keep polling
+        if job.status != JobStatus.FINALIZING and not _alive(job, now):
+            _fail_lost(job, now, stats, f"agent lost progress record: none for {job.id} or its exports "
+                                        f"{age:.0f} s after start, and no heartbeat from its tasks")
+        return
+    # A finished disk keeps the state its copy task wrote.
+    due = [(disk, fetched.entries[disk.pk]) for disk in job.disks.all()
+           if disk.pk in fetched.entries and disk.status == DiskStatus.COPYING
+           and _should_write(disk, fetched.entries[disk.pk], now)]
+    if not due:
+        _fail_if_stalled(job, now, stats, None)
+        return
+    with transaction.atomic():  # one commit per job, not one per row
+        wrote = False
+        for disk, entry in due:
+            stage = entry.get("stage") if entry.get("stage") in Stage.values else disk.current_operation
+            if disk.apply_progress(seq=entry["seq"], bytes_done=entry.get("bytes_transferred") or 0,
+                                   bytes_total=entry.get("total_bytes") or 0,
+                                   throughput_bps=entry.get("throughput_bps") or 0, stage=stage,
+                                   eta_seconds=entry.get("eta_seconds"), at=now):
+                stats.disks_written += 1
+                wrote = True
+        if wrote:
+            job.refresh_totals()
+            stats.jobs_written += 1
+
+
+def _alive(job: ReplicationJob, now: datetime) -> bool:
+    """Whether any of the job's tasks showed a heartbeat recently."""
+    return (now - job.last_sign_of_life()).total_seconds() < settings.HEARTBEAT_TIMEOUT_S
+
+
+def _fail_if_stalled(job: ReplicationJob, now: datetime, stats: PassStats, why: str | None) -> None:
+    if job.status == JobStatus.FINALIZING:
+        return  # every disk is written; the reaper requeues a lost finalize instead
+    last = job.last_progress_at or job.started_at or job.created_at
+    quiet = (now - last).total_seconds()
+    if quiet < settings.PROGRESS_STALE_S or _alive(job, now):
+        return
+    reason = f"no progress for {quiet:.0f} s and no heartbeat from its tasks"
+    _fail_lost(job, now, stats, f"{reason}: {why}" if why else reason)
+
+
+def _fail_lost(job: ReplicationJob, now: datetime, stats: PassStats, reason: str) -> None:
+    """Fail a job whose tasks are gone; their disks end too (nobody else will)."""
+    log.warning("job %s failed by the progress poller: %s", job.id, reason)
+    job_service.fail_job(job.id, reason)
+    stale = now - timedelta(seconds=settings.HEARTBEAT_TIMEOUT_S)
+    for disk in job.disks.filter(status=DiskStatus.COPYING):
+        if disk.heartbeat_at is None or disk.heartbeat_at < stale:
+            disk.fail(reason)
+    stats.failed.append(job.id)
+
+
+def active_jobs() -> list[ReplicationJob]:
+    return list(
+        ReplicationJob.objects.filter(status__in=POLLED_STATUSES)
+        .prefetch_related(Prefetch("disks", queryset=VMDisk.objects.select_related("target_volume")))
+    )
+
+
+def poll_once(now: datetime | None = None) -> PassStats:
+    """One pass over every job the database says is active."""
+    started = time.monotonic()
+    jobs = active_jobs()
+    stats = PassStats(jobs=len(jobs))
+    if jobs:
+        workers = max(1, min(settings.PROGRESS_POLL_CONCURRENCY, len(jobs)))
+        current = now or timezone.now()
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="progress-poll") as pool:
+            # Results arrive in order while later jobs are still being
+            # fetched: database writes overlap the HTTP round trips.
+            for job, fetched in zip(jobs, pool.map(fetch, jobs), strict=True):
+                stats.requests += fetched.requests
+                try:
+                    apply(job, fetched, current, stats)
+                except Exception:
+                    # One bad job never stops the pass for the others.
+                    log.exception("applying progress of job %s failed", job.id)
+    stats.seconds = time.monotonic() - started
+    return stats
+
+
+def poll_once_locked() -> PassStats | None:
+    """A pass unless another poller's pass is still running (beat fires every
+    few seconds; a slow pass must not pile up behind itself)."""
+    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    token = str(time.time_ns())
+    ttl = max(10, int(settings.PROGRESS_POLL_INTERVAL_S * 6))
+    if not client.set(LOCK_KEY, token, nx=True, ex=ttl):
+        return None
+    try:
+        return poll_once()
+    finally:
+        if client.get(LOCK_KEY) == token.encode():
+            client.delete(LOCK_KEY)

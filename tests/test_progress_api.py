@@ -1,0 +1,212 @@
+"""The VMA progress API over real HTTP (manage.py runserver in its own process)
+on the test Redis: auth, validation, id resolution, monotonic updates."""
+
+import json
+import secrets
+import uuid
+
+import pytest
+import requests
+from django.conf import settings
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+
+from vma_agent.progress_store import MAX_BODY_BYTES, InvalidUpdate, validate_update
+
+
+def auth(token=None):
+    return {"Authorization": f"Bearer {token or settings.VMA_TOKEN}"}
+
+
+def new_job_id():
+    return f"job-20261123-134500.123-{secrets.token_hex(3)}"
+
+
+def new_export():
+    return f"migration-vol-{uuid.uuid4()}"
+
+
+def post(base, record_id, body, headers=None, raw=None):
+    data = raw if raw is not None else json.dumps(body)
+    return requests.post(f"{base}/api/v1/progress/{record_id}/update", data=data, timeout=10,
+                         headers={"Content-Type": "application/json", **(headers if headers is not None else auth())})
+
+
+def get(base, record_id, headers=None):
+    return requests.get(f"{base}/api/v1/progress/{record_id}", timeout=10,
+                        headers=headers if headers is not None else auth())
+
+
+def disk_update(seq, done, total=1000, **extra):
+    return {"stage": "Transfer", "status": "in_progress", "seq": seq, "bytes_transferred": done,
+            "total_bytes": total, "percent": 100.0 * done / total, "throughput_bps": 10, **extra}
+
+
+def test_update_stored_under_job_id_is_found_by_export_name_and_back(vma_server):
+    job_id, export = new_job_id(), new_export()
+    r = post(vma_server, job_id, disk_update(1, 250, disk_id="disk-2000", export_name=export, job_id=job_id))
+    assert r.status_code == 200 and r.json()["applied"] is True
+
+    by_job, by_export = get(vma_server, job_id), get(vma_server, export)
+    assert by_job.status_code == by_export.status_code == 200
+    assert by_job.json() == by_export.json()
+    assert by_job.json()["disks"]["disk-2000"]["bytes_transferred"] == 250
+    assert by_job.json()["aggregate"]["percent"] == 25.0
+
+
+def test_update_posted_by_export_name_is_found_by_job_id(vma_server):
+    """The seeds' mismatch, reversed: the copy loop knows the export name."""
+    job_id, exports = new_job_id(), [new_export(), new_export()]
+    for i, export in enumerate(exports):
+        assert post(vma_server, export, disk_update(1, 100 * (i + 1), disk_id=f"disk-200{i}",
+                                                    job_id=job_id)).status_code == 200
+    record = get(vma_server, job_id).json()
+    assert record["job_id"] == job_id
+    assert sorted(record["disks"]) == ["disk-2000", "disk-2001"]
+    # Job totals are the disks' sums; percent is over data to copy.
+    assert record["aggregate"]["bytes_transferred"] == 300
+    assert record["aggregate"]["total_bytes"] == 2000
+    assert record["aggregate"]["percent"] == 15.0
+    assert get(vma_server, exports[1]).json()["id"] == job_id
+
+
+def test_replayed_and_late_updates_never_move_a_disk_backwards(vma_server):
+    job_id = new_job_id()
+    assert post(vma_server, job_id, disk_update(5, 500, disk_id="d0")).json()["applied"] is True
+    late = post(vma_server, job_id, disk_update(4, 400, disk_id="d0"))
+    replay = post(vma_server, job_id, disk_update(5, 500, disk_id="d0"))
+    assert late.status_code == replay.status_code == 200
+    assert late.json()["applied"] is replay.json()["applied"] is False
+    assert post(vma_server, job_id, disk_update(6, 1000, disk_id="d0", status="completed")).json()["applied"]
+    # A completed disk keeps its final state even against a higher seq.
+    assert post(vma_server, job_id, disk_update(7, 10, disk_id="d0")).json()["applied"] is False
+    assert get(vma_server, job_id).json()["disks"]["d0"]["bytes_transferred"] == 1000
+
+
+def test_unknown_id_is_a_json_404(vma_server):
+    r = get(vma_server, new_job_id())
+    assert r.status_code == 404
+    assert "no progress record" in r.json()["error"]
+    assert get(vma_server, new_export()).status_code == 404
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"},
+                                     {"Authorization": "Bearer "}])
+def test_requests_without_the_right_token_are_refused(vma_server, vma_store, headers):
+    job_id = new_job_id()
+    r = post(vma_server, job_id, disk_update(1, 1, disk_id="d0"), headers=headers)
+    assert r.status_code == 401 and r.json()["error"]
+    assert get(vma_server, job_id, headers=headers).status_code == 401
+    assert vma_store.get(job_id) is None
+
+
+def test_openapi_describes_both_paths(vma_server):
+    doc = requests.get(f"{vma_server}/api/v1/openapi.json", timeout=10).json()
+    assert doc["openapi"].startswith("3.")
+    assert set(doc["paths"]) == {"/api/v1/progress/{id}/update", "/api/v1/progress/{id}"}
+    assert "seq" in doc["components"]["schemas"]["ProgressUpdate"]["required"]
+
+
+@pytest.mark.parametrize("body,reason", [
+    (disk_update(1, 1001, percent=50.0), "bytes_transferred is larger than total_bytes"),
+    (disk_update(1, -1), "must not be negative"),
+    (disk_update(1, 1, percent=100.5), "percent must be between 0 and 100"),
+    (disk_update(1, 1, stage="Copying"), "unknown stage"),
+    (disk_update(1, 1, status="running"), "unknown status"),
+    (disk_update("1", 1), "seq must be an integer"),
+    (disk_update(1, 1, colour="red"), "unknown fields: colour"),
+    (disk_update(1, 1, bytes_transferred=True), "must be an integer"),
+    ({"stage": "Transfer", "status": "in_progress"}, "seq is required"),
+    ([1, 2], "must be a JSON object"),
+])
+def test_invalid_bodies_are_refused_with_the_reason_and_not_stored(vma_server, vma_store, body, reason):
+    job_id = new_job_id()
+    r = post(vma_server, job_id, body)
+    assert r.status_code == 400
+    assert reason in r.json()["error"]
+    assert vma_store.get(job_id) is None
+
+
+def test_oversize_body_is_413(vma_server, vma_store):
+    job_id = new_job_id()
+    body = disk_update(1, 1, error_message="x" * 3000)
+    raw = json.dumps(body) + " " * MAX_BODY_BYTES
+    r = post(vma_server, job_id, None, raw=raw)
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+    assert vma_store.get(job_id) is None
+
+
+def test_api_with_no_token_configured_refuses_everything(rf, settings):
+    from vma_agent import api
+
+    settings.VMA_TOKEN = ""
+    request = rf.get("/api/v1/progress/x", HTTP_AUTHORIZATION="Bearer ")
+    response = api.get_progress(request, "x")
+    assert response.status_code == 503
+    assert b"VMA_TOKEN is not set" in response.content
+
+
+# --- generated malformed bodies ------------------------------------------------
+
+_valid = st.fixed_dictionaries({
+    "stage": st.just("Transfer"), "status": st.just("in_progress"), "seq": st.integers(1, 2**40),
+    "total_bytes": st.just(1000), "bytes_transferred": st.integers(0, 1000),
+})
+_junk = st.one_of(st.none(), st.booleans(), st.floats(allow_nan=True), st.text(max_size=20),
+                  st.integers(-2**63, 2**64), st.lists(st.integers(), max_size=3),
+                  st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
+_fields = ["stage", "status", "seq", "total_bytes", "bytes_transferred", "percent", "throughput_bps", "disk_id",
+           "sync_type", "error_message", "job_id", "export_name"]
+
+
+@st.composite
+def malformed_bodies(draw):
+    """A valid update broken in one or more ways."""
+    body = dict(draw(_valid))
+    breakage = draw(st.sampled_from(["junk", "missing", "unknown", "bytes", "percent", "not-object", "huge"]))
+    if breakage == "junk":
+        name = draw(st.sampled_from(_fields))
+        value = draw(_junk)
+        body[name] = value
+        try:  # keep only breakages the contract refuses
+            validate_update(body)
+            body[name] = {"not": "valid"}
+        except InvalidUpdate:
+            pass
+    elif breakage == "missing":
+        del body[draw(st.sampled_from(["stage", "status", "seq"]))]
+    elif breakage == "unknown":
+        body[draw(st.text(min_size=1, max_size=10).filter(lambda k: k not in _fields))] = 1
+    elif breakage == "bytes":
+        body["bytes_transferred"] = 1000 + draw(st.integers(1, 10**9))
+    elif breakage == "percent":
+        body["percent"] = draw(st.one_of(st.floats(max_value=-0.001), st.floats(min_value=100.001),
+                                         st.just(float("nan")), st.just(float("inf"))))
+    elif breakage == "not-object":
+        return json.dumps(draw(st.one_of(st.lists(st.integers()), st.text(), st.integers(), st.none())))
+    elif breakage == "huge":
+        body["error_message"] = "x" * draw(st.integers(4001, 20000))
+    return json.dumps(body)
+
+
+@pytest.fixture(scope="module")
+def fuzz_run(vma_server):
+    """The fuzzed id, and how many keys the store held before the fuzzing."""
+    from vma_agent.api import get_store
+
+    return new_job_id(), get_store().count_keys()
+
+
+@hsettings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(raw=malformed_bodies())
+def test_generated_malformed_bodies_are_all_refused(vma_server, fuzz_run, raw):
+    r = post(vma_server, fuzz_run[0], None, raw=raw)
+    assert 400 <= r.status_code < 500, (r.status_code, raw[:200])
+    assert "error" in r.json()
+
+
+def test_nothing_was_stored_by_the_malformed_bodies(vma_server, fuzz_run, vma_store):
+    job_id, keys_before = fuzz_run
+    assert get(vma_server, job_id).status_code == 404
+    assert vma_store.count_keys() == keys_before

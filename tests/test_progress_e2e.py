@@ -1,0 +1,215 @@
+"""The whole progress pipeline with real parts: the copy loop in a real Celery
+worker posts to the VMA API (runserver process, real Redis), the poller
+brings it into the database, Flower-style event receivers see the copy."""
+
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+import requests
+from django.conf import settings
+from django.utils import timezone
+
+from oma_site.celery import app
+from replication.choices import DiskStatus, JobStatus
+from replication.models import ReplicationJob, VMDisk
+from replication.services import progress, reaper
+from replication.services.inventory import register_image_vm
+from replication.services.jobs import start_replication
+from tests.conftest import PollerThread, free_port, wait_for_job
+from tests.helpers import MiB, make_image, slow_nbd_source
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def slow_vm(tmp_path, sockdir, name, disks=2, size=16 * MiB, delay="200ms"):
+    """A VM whose disks are read through nbdkit's delay filter: copies that
+    take a few seconds, long enough to watch."""
+    servers = []
+    for i in range(disks):
+        image = make_image(tmp_path / f"{name}-{i}.img", size, [(0, size)], seed=i + 3)
+        servers.append(slow_nbd_source(sockdir, image, delay))
+    return register_image_vm(name, [s.uri for s in servers]), servers
+
+
+def wait_until(predicate, timeout=60, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def agent_record(record_id):
+    response = requests.get(f"{settings.VMA_URL}/api/v1/progress/{record_id}", timeout=10,
+                            headers={"Authorization": f"Bearer {settings.VMA_TOKEN}"})
+    return response.json() if response.status_code == 200 else None
+
+
+def test_live_progress_reaches_the_database_during_the_copy(celery_worker_process, progress_poller,
+                                                           tmp_path, sockdir):
+    vm, servers = slow_vm(tmp_path, sockdir, "vm-live")
+    try:
+        job = start_replication(vm)
+        samples = []
+
+        def sample():
+            row = ReplicationJob.objects.values_list("status", "progress_percent", "bytes_transferred").get(pk=job.id)
+            samples.append(row)
+            return row[0] in (JobStatus.COMPLETED, JobStatus.FAILED)
+
+        wait_until(sample, timeout=120, what="job end")
+    finally:
+        for server in servers:
+            server.stop()
+    job.refresh_from_db()
+    assert job.status == JobStatus.COMPLETED, job.error_message
+    mid_copy = [s for s in samples if s[0] == JobStatus.REPLICATING and 30 < s[1] < 100]
+    assert mid_copy, "no progress between 30 and 100 % was ever in the database during the copy"
+    percents = [s[1] for s in samples]
+    assert percents == sorted(percents), "job progress went backwards"
+    # The agent kept each disk's final state, found by job id and by export name alike.
+    record = agent_record(job.id)
+    assert record["aggregate"]["status"] == "completed" and record["aggregate"]["percent"] == 100.0
+    for disk in job.disks.select_related("target_volume"):
+        by_export = agent_record(disk.target_volume.export_name)
+        assert by_export["id"] == job.id
+        assert by_export["disks"][disk.disk_key]["bytes_transferred"] == disk.bytes_total
+    assert record["job"]["stage"] == "Preparing Migration"
+
+
+def test_a_poller_restart_mid_job_loses_nothing(celery_worker_process, vma_server, tmp_path, sockdir):
+    vm, servers = slow_vm(tmp_path, sockdir, "vm-restart", disks=1, size=24 * MiB)
+    first = PollerThread().start()
+    try:
+        job = start_replication(vm)
+        wait_until(lambda: VMDisk.objects.filter(job=job, bytes_done__gt=0).exists(), what="first progress")
+        first.stop()  # the poller process dies; its successor knows nothing but the database
+        before = VMDisk.objects.get(job=job).bytes_done
+        second = PollerThread().start()
+        try:
+            wait_until(lambda: VMDisk.objects.get(job=job).bytes_done > before or
+                       ReplicationJob.objects.get(pk=job.id).status != JobStatus.REPLICATING,
+                       what="progress after the restart")
+            done = wait_for_job(job.id)
+        finally:
+            second.stop()
+    finally:
+        first.stop()
+        for server in servers:
+            server.stop()
+    assert second.passes > 0
+    assert done.status == JobStatus.COMPLETED, done.error_message
+    assert done.progress_percent == 100.0 and done.bytes_transferred == done.total_bytes > 0
+
+
+def test_unreachable_agent_api_never_fails_a_job_that_keeps_copying(celery_worker_process, vma_server,
+                                                                    tmp_path, sockdir):
+    vm, servers = slow_vm(tmp_path, sockdir, "vm-blips", disks=1, size=40 * MiB, delay="250ms")
+    try:
+        job = start_replication(vm)
+        wait_until(lambda: VMDisk.objects.filter(job=job, status=DiskStatus.COPYING).exists(), what="copy start")
+        settings.VMA_URL = f"http://127.0.0.1:{free_port()}"  # the poller's view of the agent: gone
+        try:
+            for _ in range(5):
+                # Make the job look silent for longer than the stale timeout:
+                # only the copy task's real heartbeat speaks for it.
+                long_ago = timezone.now() - timedelta(seconds=settings.PROGRESS_STALE_S + 30)
+                ReplicationJob.objects.filter(pk=job.id).update(last_progress_at=long_ago)
+                stats = progress.poll_once()
+                assert stats.errors == 1 and stats.failed == []
+        finally:
+            settings.VMA_URL = vma_server
+        assert ReplicationJob.objects.get(pk=job.id).status == JobStatus.REPLICATING
+        assert ReplicationJob.objects.get(pk=job.id).poll_errors == 5
+        done = wait_for_job(job.id)
+    finally:
+        for server in servers:
+            server.stop()
+    assert done.status == JobStatus.COMPLETED, done.error_message
+
+
+def test_empty_disk_ends_at_one_hundred_percent(celery_worker_process, progress_poller, tmp_path):
+    empty = make_image(tmp_path / "empty.img", 8 * MiB, [])
+    job = wait_for_job(start_replication(register_image_vm("vm-empty", [str(empty)])).id)
+    assert job.status == JobStatus.COMPLETED, job.error_message
+    assert job.progress_percent == 100.0 and job.total_bytes == 0
+    disk = job.disks.get()
+    assert disk.progress_percent == 100.0
+    assert agent_record(job.id)["aggregate"]["percent"] == 100.0
+
+
+def test_copy_tasks_publish_progress_events_for_flower(celery_worker_process, tmp_path, sockdir):
+    events = []
+    with app.connection_for_read() as conn:
+        receiver = app.events.Receiver(conn, handlers={"task-progress": events.append})
+        ready = threading.Event()
+        receiver.on_consume_ready = lambda *args, **kwargs: ready.set()
+        thread = threading.Thread(target=receiver.capture, kwargs={"limit": None, "wakeup": False},
+                                  daemon=True)
+        thread.start()
+        assert ready.wait(10), "event receiver did not start"
+        vm, servers = slow_vm(tmp_path, sockdir, "vm-flower", disks=1, size=8 * MiB, delay="100ms")
+        try:
+            job = wait_for_job(start_replication(vm).id)
+        finally:
+            for server in servers:
+                server.stop()
+            time.sleep(0.5)
+            receiver.should_stop = True
+            thread.join(10)
+    assert job.status == JobStatus.COMPLETED, job.error_message
+    disk = job.disks.get()
+    mine = [e for e in events if e.get("disk_id") == disk.pk]
+    assert len(mine) >= 2, events
+    assert mine[-1]["current"] == mine[-1]["total"] == disk.bytes_total
+    assert mine[-1]["percent"] == 100.0 and mine[-1]["uuid"] == disk.celery_task_id
+
+
+def test_reaper_fails_a_job_whose_worker_is_gone_and_requeues_a_lost_finalize(tmp_path, monkeypatch, settings):
+    enqueued = []
+    monkeypatch.setattr("replication.services.jobs._enqueue", lambda *args: enqueued.append(args))
+    images = [str(make_image(tmp_path / f"r{i}.img", MiB, [(0, 4096)])) for i in range(2)]
+    lost = start_replication(register_image_vm("vm-reaped", images))
+    assert lost.enter_stage("Initializing", JobStatus.PREPARING)
+    assert lost.enter_stage("Transfer", JobStatus.REPLICATING)
+    for disk in lost.disks.all():
+        assert disk.claim("dead-task")
+    finalizing = start_replication(register_image_vm("vm-finalize-lost", images[:1]))
+    assert finalizing.enter_stage("Initializing", JobStatus.PREPARING)
+    assert finalizing.enter_stage("Transfer", JobStatus.REPLICATING)
+    disk = finalizing.disks.get()
+    assert disk.claim("t") and disk.complete(bytes_total=4096, bytes_zeroed=0, throughput_bps=1)
+    assert finalizing.transition(JobStatus.FINALIZING)
+
+    assert reaper.reap().failed == []  # everything fresh
+    result = reaper.reap(now=timezone.now() + timedelta(seconds=settings.REAPER_TIMEOUT_S + 1))
+
+    assert result.failed == [lost.id] and result.requeued == [finalizing.id]
+    lost.refresh_from_db()
+    assert lost.status == JobStatus.FAILED and "no heartbeat for" in lost.error_message
+    assert set(lost.disks.values_list("status", flat=True)) == {DiskStatus.FAILED}
+    assert ("finalize_job", finalizing.id) in enqueued
+
+
+def test_beat_scheduled_poller_task_runs_on_the_worker(celery_worker_process, tmp_path, monkeypatch):
+    from replication import tasks
+    from tests.test_progress_api import post
+
+    monkeypatch.setattr("replication.services.jobs._enqueue", lambda *args: None)
+    image = make_image(tmp_path / "beat.img", MiB, [(0, 4096)])
+    job = start_replication(register_image_vm("vm-beat", [str(image)]))
+    assert job.enter_stage("Initializing", JobStatus.PREPARING)
+    assert job.enter_stage("Transfer", JobStatus.REPLICATING)
+    assert job.disks.get().claim("t")
+    post(settings.VMA_URL, job.id, {"stage": "Transfer", "status": "in_progress", "seq": 1, "disk_id": "disk-2000",
+                                    "bytes_transferred": 123, "total_bytes": 4096})
+
+    scheduled = {entry["task"] for entry in settings.CELERY_BEAT_SCHEDULE.values()}
+    assert scheduled == {"replication.poll_progress", "replication.reap_stale"}
+    assert scheduled <= set(app.tasks)
+    tasks.poll_progress.delay()
+    wait_until(lambda: VMDisk.objects.get(job=job).bytes_done == 123, timeout=30, what="the worker's poller pass")
+    tasks.reap_stale.delay()  # nothing stale: the job stays
+    time.sleep(1)
+    assert ReplicationJob.objects.get(pk=job.id).status == JobStatus.REPLICATING

@@ -1,0 +1,271 @@
+"""The OMA poller against the real VMA progress API (runserver process, real
+Redis): id resolution, grace period, lost records, network errors,
+monotonic and throttled writes. Time is simulated through poll_once(now=...)
+rather than slept."""
+
+import random
+from datetime import timedelta
+
+import pytest
+
+from replication.choices import DiskStatus, JobStatus, Stage
+from replication.models import ReplicationJob, VMDisk
+from replication.services import progress
+from replication.services.inventory import register_image_vm
+from replication.services.jobs import start_replication
+from tests.conftest import free_port
+from tests.helpers import MiB, make_image
+from tests.test_progress_api import post
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def replicating_job(tmp_path, monkeypatch, vma_server):
+    """A job in Transfer with its disks claimed, as the workflow leaves it,
+    without a worker (enqueueing is recorded, not sent)."""
+    monkeypatch.setattr("replication.services.jobs._enqueue", lambda *args: None)
+
+    def make(name="vm-poll", disks=2):
+        images = [str(make_image(tmp_path / f"{name}-{i}.img", MiB, [(0, 4096)])) for i in range(disks)]
+        job = start_replication(register_image_vm(name, images))
+        assert job.enter_stage(Stage.INITIALIZING, JobStatus.PREPARING)
+        assert job.enter_stage(Stage.TRANSFER, JobStatus.REPLICATING)
+        for disk in job.disks.all():
+            assert disk.claim("task-x")
+        return ReplicationJob.objects.get(pk=job.id)
+
+    return make
+
+
+def update(seq, done, total=1000, stage="Transfer", status="in_progress", **extra):
+    return {"stage": stage, "status": status, "seq": seq, "bytes_transferred": done, "total_bytes": total,
+            "percent": 100.0 * done / total if total else 100.0, "throughput_bps": 100, **extra}
+
+
+def disk_state(job, key="disk-2000"):
+    return VMDisk.objects.get(job=job, disk_key=key)
+
+
+def later(job, seconds):
+    return job.started_at + timedelta(seconds=seconds)
+
+
+def test_poller_finds_progress_reported_only_by_export_name(vma_server, replicating_job):
+    """The seeds' bug: the agent knows export names, the OMA knows job ids."""
+    job = replicating_job()
+    disks = list(job.disks.order_by("disk_key").select_related("target_volume"))
+    for i, disk in enumerate(disks):
+        export = disk.target_volume.export_name
+        # No job id anywhere in these updates: only the database can link them.
+        assert post(vma_server, export, update(10, 250 * (i + 1), disk_id=export)).status_code == 200
+
+    stats = progress.poll_once(now=later(job, 3))
+
+    assert stats.not_found == 0 and stats.failed == []
+    assert [disk_state(job, d.disk_key).bytes_done for d in disks] == [250, 500]
+    job.refresh_from_db()
+    assert job.bytes_transferred == 750 and job.total_bytes == 2000
+    assert job.progress_percent == pytest.approx(30 + 70 * 750 / 2000)
+    assert job.last_progress_at is not None and job.status == JobStatus.REPLICATING
+
+
+def test_poller_finds_progress_reported_only_by_job_id(vma_server, replicating_job):
+    job = replicating_job()
+    for key, done in [("disk-2000", 100), ("disk-2001", 900)]:
+        assert post(vma_server, job.id, update(7, done, disk_id=key)).status_code == 200
+
+    progress.poll_once(now=later(job, 3))
+
+    assert disk_state(job, "disk-2000").bytes_done == 100
+    assert disk_state(job, "disk-2001").bytes_done == 900
+    assert disk_state(job, "disk-2001").current_operation == Stage.TRANSFER
+
+
+def test_first_update_twenty_seconds_after_start_is_picked_up(vma_server, replicating_job):
+    job = replicating_job()
+    for t in (0, 5, 10, 15, 20):
+        stats = progress.poll_once(now=later(job, t))
+        assert stats.not_found == 1 and stats.failed == []
+    assert ReplicationJob.objects.get(pk=job.id).status == JobStatus.REPLICATING
+
+    post(vma_server, job.id, update(1, 400, disk_id="disk-2000", job_id=job.id))
+    stats = progress.poll_once(now=later(job, 25))
+
+    assert stats.not_found == 0 and stats.disks_written == 1
+    assert disk_state(job).bytes_done == 400
+
+
+def test_missing_record_after_the_grace_period_fails_a_job_whose_tasks_are_gone(vma_server, replicating_job):
+    job = replicating_job()
+    stats = progress.poll_once(now=later(job, 29))
+    assert stats.failed == []
+
+    stats = progress.poll_once(now=later(job, 95))  # past grace and past every heartbeat
+
+    assert stats.failed == [job.id]
+    job.refresh_from_db()
+    assert job.status == JobStatus.FAILED
+    assert job.error_message.startswith("agent lost progress record")
+    # Its disks end too, with the reason: nothing stays "copying".
+    assert set(job.disks.values_list("status", flat=True)) == {DiskStatus.FAILED}
+
+
+def test_missing_record_does_not_fail_a_job_whose_copy_still_beats(vma_server, replicating_job):
+    job = replicating_job()
+    now = later(job, 95)
+    VMDisk.objects.filter(job=job, disk_key="disk-2000").update(heartbeat_at=now - timedelta(seconds=3))
+
+    stats = progress.poll_once(now=now)
+
+    assert stats.failed == [] and stats.not_found == 1
+    assert ReplicationJob.objects.get(pk=job.id).status == JobStatus.REPLICATING
+
+
+def test_stalled_progress_fails_only_once_the_heartbeat_is_gone(vma_server, replicating_job, settings):
+    job = replicating_job()
+    post(vma_server, job.id, update(1, 10, disk_id="disk-2000"))
+    progress.poll_once(now=later(job, 2))
+    stale = settings.PROGRESS_STALE_S
+
+    VMDisk.objects.filter(job=job).update(heartbeat_at=later(job, stale))
+    assert progress.poll_once(now=later(job, stale + 10)).failed == []
+
+    stats = progress.poll_once(now=later(job, stale + 10 + settings.HEARTBEAT_TIMEOUT_S))
+    assert stats.failed == [job.id]
+    job.refresh_from_db()
+    assert job.status == JobStatus.FAILED
+    assert job.error_message.startswith("no progress for ")
+
+
+def test_network_errors_never_fail_a_job_whose_agent_keeps_copying(vma_server, replicating_job, settings):
+    job = replicating_job()
+    post(vma_server, job.id, update(1, 100, disk_id="disk-2000"))
+    progress.poll_once(now=later(job, 2))
+    settings.VMA_URL = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+
+    for i in range(5):
+        # Long past the stale timeout, but the copy task still beats.
+        now = later(job, settings.PROGRESS_STALE_S + 60 + i * 5)
+        VMDisk.objects.filter(job=job).update(heartbeat_at=now - timedelta(seconds=1))
+        stats = progress.poll_once(now=now)
+        assert stats.errors == 1 and stats.failed == []
+    job.refresh_from_db()
+    assert job.status == JobStatus.REPLICATING and job.poll_errors == 5
+
+    settings.VMA_URL = vma_server
+    post(vma_server, job.id, update(2, 600, disk_id="disk-2000"))
+    progress.poll_once(now=later(job, settings.PROGRESS_STALE_S + 90))
+    job.refresh_from_db()
+    assert job.poll_errors == 0 and disk_state(job).bytes_done == 600
+
+
+def test_out_of_order_and_replayed_updates_never_move_progress_backwards(vma_server, replicating_job):
+    job = replicating_job()
+    rng = random.Random(5)
+    updates = [(seq, seq * 10) for seq in range(1, 61)]
+    deliveries = updates + rng.sample(updates, 30)  # every update, plus replays
+    rng.shuffle(deliveries)
+    seen = []
+    for step, (seq, done) in enumerate(deliveries):
+        post(vma_server, job.id, update(seq, done, disk_id="disk-2000"))
+        progress.poll_once(now=later(job, 3 + step * 0.5))
+        seen.append(disk_state(job).bytes_done)
+
+    assert seen == sorted(seen), "progress went backwards"
+    assert seen[-1] == 600
+
+
+def test_poller_ignores_an_older_update_even_from_another_id(replicating_job):
+    """Monotonic in the poller itself, not only in the agent's store."""
+    job = replicating_job(disks=1)
+    disk = job.disks.get()
+    now = later(job, 5)
+    newer = progress.Fetched(job.id, {disk.pk: update(9, 700)}, found=True)
+    older = progress.Fetched(job.id, {disk.pk: update(8, 200)}, found=True)
+    for fetched in (newer, older):
+        progress.apply(progress.active_jobs()[0], fetched, now, progress.PassStats())
+        now += timedelta(seconds=5)
+    assert disk_state(job).bytes_done == 700
+
+
+def test_writes_are_throttled_to_one_percent_or_two_seconds(vma_server, replicating_job):
+    job = replicating_job(disks=1)
+    post(vma_server, job.id, update(1, 100, total=100_000, disk_id="disk-2000"))
+    assert progress.poll_once(now=later(job, 1)).disks_written == 1
+
+    post(vma_server, job.id, update(2, 200, total=100_000, disk_id="disk-2000"))  # +0.1 %
+    assert progress.poll_once(now=later(job, 1.5)).disks_written == 0
+    assert progress.poll_once(now=later(job, 3.5)).disks_written == 1  # 2 s later
+    assert progress.poll_once(now=later(job, 6)).disks_written == 0  # nothing new
+
+    post(vma_server, job.id, update(3, 5000, total=100_000, disk_id="disk-2000"))  # +4.8 %
+    assert progress.poll_once(now=later(job, 6.1)).disks_written == 1
+    assert disk_state(job).bytes_done == 5000
+
+
+def test_a_completed_disk_keeps_its_final_state(vma_server, replicating_job):
+    job = replicating_job(disks=1)
+    disk = job.disks.get()
+    disk.complete(bytes_total=1000, bytes_zeroed=0, throughput_bps=5)
+    post(vma_server, job.id, update(50, 10, disk_id="disk-2000"))
+
+    progress.poll_once(now=later(job, 3))
+
+    assert disk_state(job).bytes_done == 1000 and disk_state(job).progress_percent == 100.0
+
+
+def test_export_record_of_an_earlier_job_is_not_taken_for_this_one(vma_server, replicating_job):
+    job = replicating_job(disks=1)
+    export = job.disks.get().target_volume.export_name
+    post(vma_server, export, update(99, 1000, job_id="job-20200101-000000.000-aaaaaa", disk_id="disk-2000"))
+
+    stats = progress.poll_once(now=later(job, 3))
+
+    assert stats.not_found == 1 and disk_state(job).bytes_done == 0
+
+
+def test_poll_progress_command_runs_one_pass(vma_server, replicating_job):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    job = replicating_job(disks=1)
+    post(vma_server, job.id, update(1, 300, disk_id="disk-2000"))
+    out = StringIO()
+    call_command("poll_progress", "--once", stdout=out)
+    assert "polled 1 jobs" in out.getvalue()
+    assert disk_state(job).bytes_done == 300
+
+
+def test_jobs_watch_draws_live_bars_until_the_jobs_end(vma_server, replicating_job):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    job = replicating_job()
+    post(vma_server, job.id, update(1, 420, disk_id="disk-2000"))
+    progress.poll_once(now=later(job, 3))
+    out = StringIO()
+    call_command("jobs", "--watch", "--iterations", "2", "--interval", "0.01", stdout=out)
+    drawn = out.getvalue()
+    assert "vm-poll replicating Transfer" in drawn
+    assert "disk-2000 copying" in drawn and "42.0%" in drawn and "420/1000 B" in drawn
+
+    job.fail("stopped for the test")
+    out = StringIO()
+    call_command("jobs", "--watch", "--interval", "0.01", stdout=out)  # returns: nothing active
+    assert "no active jobs" in out.getvalue()
+
+
+def test_a_finalizing_job_is_left_to_the_reaper_not_failed_by_the_poller(vma_server, replicating_job):
+    job = replicating_job(disks=1)
+    post(vma_server, job.id, update(1, 1000, status="completed", stage="Completed", disk_id="disk-2000"))
+    disk = job.disks.get()
+    assert disk.complete(bytes_total=1000, bytes_zeroed=0, throughput_bps=1)
+    assert job.transition(JobStatus.FINALIZING)
+
+    stats = progress.poll_once(now=later(job, 3600))  # finalize long lost, nothing beats
+
+    assert stats.failed == []
+    assert ReplicationJob.objects.get(pk=job.id).status == JobStatus.FINALIZING

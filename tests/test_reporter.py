@@ -1,0 +1,120 @@
+"""The copy loop's reporter against real HTTP servers: a slow or dead progress
+API never slows the copy loop, newer updates supersede waiting ones,
+failures are retried with backoff, and the latest state gets through."""
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tests.conftest import free_port
+from vma_agent.progress import CopyProgress
+from vma_agent.reporter import DiskReporter, LatestUpdateSender, MovingRate, ProgressClient
+
+
+class RecordingAPI:
+    """A stand-in progress API on a real socket that records what it gets,
+    answering after `delay_s` (a slow agent) or with `status`."""
+
+    def __init__(self, port=None, delay_s=0.0, status=200):
+        self.bodies = []
+        self.delay_s = delay_s
+        self.status = status
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                time.sleep(api.delay_s)
+                if api.status == 200:
+                    api.bodies.append(body)
+                self.send_response(api.status)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b'{"applied": true}')
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port or 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def slow_api():
+    api = RecordingAPI(delay_s=0.5)
+    yield api
+    api.stop()
+
+
+def test_a_slow_api_never_slows_the_copy_loop_and_only_the_latest_is_sent(slow_api):
+    reporter = DiskReporter(ProgressClient(slow_api.url, "t"), "job-1", "disk-2000")
+    started = time.monotonic()
+    for done in range(0, 1001, 10):
+        reporter(CopyProgress(done, 1000, 0.01 * (done + 1)))
+    loop_s = time.monotonic() - started
+    assert loop_s < 0.2, f"the copy loop waited {loop_s:.2f} s on a 0.5 s API"
+    assert reporter.close(timeout_s=5)
+    assert reporter.sender.superseded > 90
+    assert slow_api.bodies[-1]["bytes_transferred"] == 1000
+    seqs = [b["seq"] for b in slow_api.bodies]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+def test_a_dead_api_is_retried_with_backoff_and_gets_the_latest_once_back():
+    port = free_port()
+    sender = LatestUpdateSender(ProgressClient(f"http://127.0.0.1:{port}", "t", timeout_s=1), "job-2",
+                                backoff_s=0.2, max_backoff_s=0.4)
+    started = time.monotonic()
+    for seq in range(1, 6):
+        sender.offer({"stage": "Transfer", "status": "in_progress", "seq": seq})
+    assert time.monotonic() - started < 0.05
+    time.sleep(1.0)
+    assert sender.failures >= 2 and sender.sent == 0
+    api = RecordingAPI(port=port)
+    try:
+        assert sender.close(timeout_s=5), "the waiting update was not delivered after the API came back"
+    finally:
+        api.stop()
+    assert [b["seq"] for b in api.bodies] == [5]
+
+
+def test_a_refused_update_is_dropped_not_retried():
+    api = RecordingAPI(status=400)
+    try:
+        sender = LatestUpdateSender(ProgressClient(api.url, "t"), "job-3")
+        sender.offer({"stage": "Transfer", "status": "in_progress", "seq": 1})
+        assert sender.close(timeout_s=5)
+        assert sender.refused == 1 and sender.failures == 0
+    finally:
+        api.stop()
+
+
+def test_reporter_sends_stages_then_transfer_with_moving_throughput_and_eta(slow_api):
+    slow_api.delay_s = 0
+    reporter = DiskReporter(ProgressClient(slow_api.url, "t"), "job-4", "disk-2001",
+                            export_name="migration-vol-00000000-0000-0000-0000-000000000001", sync_type="full")
+    reporter.stage("Setting up NBD")
+    assert reporter.close(timeout_s=5)
+    reporter = DiskReporter(ProgressClient(slow_api.url, "t"), "job-4", "disk-2001")
+    reporter(CopyProgress(500, 1000, 5.0))
+    reporter.close(timeout_s=5)
+    first, last = slow_api.bodies[0], slow_api.bodies[-1]
+    assert first["stage"] == "Setting up NBD" and first["export_name"].startswith("migration-vol-")
+    assert last["stage"] == "Transfer" and last["throughput_bps"] == 100 and last["eta_seconds"] == 5
+
+
+def test_moving_rate_follows_the_recent_speed():
+    rate = MovingRate(window_s=4)
+    for t in range(0, 11):  # 100 B/s for 10 s
+        rate.add(float(t), 100 * t)
+    for t in range(11, 16):  # then 1000 B/s
+        value = rate.add(float(t), 1000 + 1000 * (t - 10))
+    assert value > 700, "the average still reflects the old speed"

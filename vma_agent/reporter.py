@@ -1,0 +1,256 @@
+"""Progress from the copy loop to the VMA progress API, off the data path.
+
+The copy loop only drops the newest update into a one-slot mailbox; a
+background thread posts it. A slow or failing POST therefore never slows or
+fails a copy: while it is retried (with backoff) newer updates replace the
+waiting one, and only the latest state is ever sent. Free of Django."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+import requests
+
+from vma_agent.progress import CopyProgress
+
+log = logging.getLogger(__name__)
+
+
+class ProgressUnavailable(Exception):
+    """The progress API could not be asked (network error, 5xx, bad answer)."""
+
+
+class ProgressClient:
+    """HTTP client of the VMA progress API."""
+
+    def __init__(self, base_url: str, token: str, timeout_s: float = 5.0, keep_alive: bool = True):
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.keep_alive = keep_alive
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {token}"
+
+    def _request(self, method: str, url: str, **kwargs) -> requests.Response:
+        try:
+            return self.session.request(method, url, timeout=self.timeout_s, **kwargs)
+        finally:
+            if not self.keep_alive:
+                # A fresh connection per request: a server that writes headers
+                # and body separately (Django's runserver) otherwise costs a
+                # 40 ms Nagle/delayed-ACK stall on every reused connection.
+                self.session.close()
+
+    def post_update(self, record_id: str, body: dict) -> dict:
+        """Post one update; raises ProgressUnavailable on anything worth a
+        retry and ValueError on a refusal (4xx), which a retry cannot fix."""
+        try:
+            response = self._request("POST", f"{self.base_url}/api/v1/progress/{record_id}/update", json=body)
+        except requests.RequestException as exc:
+            raise ProgressUnavailable(str(exc)) from exc
+        if response.status_code >= 500 or response.status_code in (401, 408, 429):
+            # 401 too: the token may be fixed on the agent while the copy runs.
+            raise ProgressUnavailable(f"HTTP {response.status_code}: {response.text[:200]}")
+        if response.status_code >= 400:
+            raise ValueError(f"HTTP {response.status_code}: {response.text[:300]}")
+        return response.json()
+
+    def get(self, record_id: str) -> dict | None:
+        """The record for a job id or export name; None when there is none (404)."""
+        try:
+            response = self._request("GET", f"{self.base_url}/api/v1/progress/{record_id}")
+        except requests.RequestException as exc:
+            raise ProgressUnavailable(str(exc)) from exc
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise ProgressUnavailable(f"HTTP {response.status_code}: {response.text[:200]}")
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise ProgressUnavailable(f"answer is not JSON: {exc}") from exc
+
+
+class LatestUpdateSender:
+    """A thread posting the newest update of one stream (one disk, or a job's
+    stages). offer() never blocks on the network."""
+
+    def __init__(self, client: ProgressClient, record_id: str, *, backoff_s: float = 0.5,
+                 max_backoff_s: float = 10.0, name: str = "progress-sender"):
+        self.client = client
+        self.record_id = record_id
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._slot: dict | None = None
+        self._busy = False
+        self._stopping = False
+        self._cond = threading.Condition()
+        self.sent = self.failures = self.superseded = self.refused = 0
+        self.last_sent: dict | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def offer(self, body: dict) -> None:
+        with self._cond:
+            if self._slot is not None:
+                self.superseded += 1
+            self._slot = body
+            self._cond.notify_all()
+
+    def close(self, timeout_s: float = 2.0) -> bool:
+        """Give the last update up to `timeout_s` to go out, then stop.
+        Returns whether everything offered was delivered."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while (self._slot is not None or self._busy) and time.monotonic() < deadline:
+                self._cond.wait(max(0.0, deadline - time.monotonic()))
+            delivered = self._slot is None and not self._busy
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(max(0.1, deadline - time.monotonic()))
+        return delivered
+
+    def _run(self) -> None:
+        delay = self.backoff_s
+        while True:
+            with self._cond:
+                while self._slot is None and not self._stopping:
+                    self._cond.wait()
+                if self._slot is None:
+                    return
+                body, self._slot, self._busy = self._slot, None, True
+            try:
+                self.client.post_update(self.record_id, body)
+            except ProgressUnavailable as exc:
+                self.failures += 1
+                log.warning("progress update for %s not delivered (retry in %.1f s): %s",
+                            self.record_id, delay, exc)
+                with self._cond:
+                    if self._slot is None:
+                        self._slot = body  # retry it unless a newer one came meanwhile
+                    self._busy = False
+                    self._cond.notify_all()
+                    if not self._stopping:
+                        self._cond.wait_for(lambda: self._stopping, timeout=delay)
+                    if self._stopping:
+                        return
+                delay = min(self.max_backoff_s, delay * 2)
+                continue
+            except ValueError as exc:
+                self.refused += 1
+                log.error("progress update for %s refused: %s", self.record_id, exc)
+            else:
+                self.sent += 1
+                self.last_sent = body
+            delay = self.backoff_s
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+
+class SequenceNumbers:
+    """Per-stream sequence numbers that stay increasing across processes and
+    restarts of a copy (microseconds of wall time, never repeating)."""
+
+    def __init__(self):
+        self.last = 0
+
+    def next(self) -> int:
+        self.last = max(self.last + 1, time.time_ns() // 1000)
+        return self.last
+
+
+class MovingRate:
+    """Throughput over the last `window_s` seconds of samples."""
+
+    def __init__(self, window_s: float = 10.0):
+        self.window_s = window_s
+        self.samples: deque[tuple[float, int]] = deque()
+
+    def add(self, elapsed_s: float, bytes_done: int) -> int:
+        self.samples.append((elapsed_s, bytes_done))
+        while len(self.samples) > 2 and elapsed_s - self.samples[1][0] >= self.window_s:
+            self.samples.popleft()
+        (t0, b0), (t1, b1) = self.samples[0], self.samples[-1]
+        if t1 - t0 <= 0:
+            return int(bytes_done / elapsed_s) if elapsed_s > 0 else 0
+        return max(0, int((b1 - b0) / (t1 - t0)))
+
+
+class DiskReporter:
+    """Reports one disk's copy: stage updates, then the copy loop's progress
+    (call it with CopyProgress), then the final status."""
+
+    def __init__(self, client: ProgressClient, job_id: str, disk_id: str, *, export_name: str | None = None,
+                 sync_type: str | None = None, window_s: float = 10.0):
+        self.job_id = job_id
+        self.disk_id = disk_id
+        self.export_name = export_name
+        self.sync_type = sync_type
+        self.seq = SequenceNumbers()
+        self.rate = MovingRate(window_s)
+        self.last: CopyProgress | None = None
+        self.sender = LatestUpdateSender(client, job_id, name=f"progress-{disk_id}")
+
+    def _body(self, stage: str, status: str, **fields) -> dict:
+        body = {"stage": stage, "status": status, "seq": self.seq.next(), "disk_id": self.disk_id,
+                "job_id": self.job_id, **fields}
+        if self.export_name:
+            body["export_name"] = self.export_name
+        if self.sync_type:
+            body["sync_type"] = self.sync_type
+        return body
+
+    def stage(self, stage: str) -> None:
+        self.sender.offer(self._body(stage, "in_progress"))
+
+    def __call__(self, progress: CopyProgress) -> None:
+        self.last = progress
+        rate = self.rate.add(progress.elapsed_s, progress.bytes_done)
+        remaining = max(0, progress.bytes_total - progress.bytes_done)
+        fields = {"bytes_transferred": progress.bytes_done, "total_bytes": progress.bytes_total,
+                  "percent": round(progress.percent, 4), "throughput_bps": rate}
+        if rate > 0:
+            fields["eta_seconds"] = int(remaining / rate)
+        self.sender.offer(self._body("Transfer", "in_progress", **fields))
+
+    def finish(self, status: str, *, bytes_total: int | None = None, throughput_bps: int = 0,
+               error_message: str = "") -> None:
+        stage = {"completed": "Completed", "failed": "Failed", "cancelled": "Cancelled"}[status]
+        fields: dict = {"throughput_bps": throughput_bps}
+        if status == "completed":
+            total = bytes_total if bytes_total is not None else (self.last.bytes_total if self.last else 0)
+            fields.update(bytes_transferred=total, total_bytes=total, percent=100.0, eta_seconds=0)
+        elif self.last is not None:
+            fields.update(bytes_transferred=self.last.bytes_done, total_bytes=self.last.bytes_total,
+                          percent=round(self.last.percent, 4))
+        if error_message:
+            fields["error_message"] = error_message[:4000]
+        self.sender.offer(self._body(stage, status, **fields))
+
+    def close(self, timeout_s: float = 2.0) -> bool:
+        return self.sender.close(timeout_s)
+
+
+class JobStageReporter:
+    """Job-level stage updates (the workflow's steps before the copies)."""
+
+    def __init__(self, client: ProgressClient, job_id: str, sync_type: str | None = None):
+        self.job_id = job_id
+        self.sync_type = sync_type
+        self.seq = SequenceNumbers()
+        self.sender = LatestUpdateSender(client, job_id, name=f"progress-{job_id}")
+
+    def stage(self, stage: str, percent: float, status: str = "in_progress", error_message: str = "") -> None:
+        body = {"stage": stage, "status": status, "seq": self.seq.next(), "job_id": self.job_id,
+                "percent": float(percent)}
+        if self.sync_type:
+            body["sync_type"] = self.sync_type
+        if error_message:
+            body["error_message"] = error_message[:4000]
+        self.sender.offer(body)
+
+    def close(self, timeout_s: float = 2.0) -> bool:
+        return self.sender.close(timeout_s)
