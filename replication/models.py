@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import secrets
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from django.db import models
-from django.db.models import Sum
+from django.db import connection, models
 from django.utils import timezone
 
 from replication.choices import (
@@ -43,6 +42,38 @@ def transfer_percent(bytes_done: int, bytes_total: int) -> float:
     """Job-level percent during Transfer: the copy mapped onto 30..100."""
     fraction = 1.0 if bytes_total <= 0 else min(1.0, bytes_done / bytes_total)
     return TRANSFER_START_PERCENT + (100 - TRANSFER_START_PERCENT) * fraction
+
+
+def _update_rows(model, rows: dict, condition_sql: str = "", condition_params: tuple = ()) -> int:
+    """One UPDATE setting different values per row: {pk: {column: value}}
+    (every row the same columns), as CASE expressions on the primary key.
+    Plain SQL because the ORM's Case/When costs milliseconds per row to
+    build, and the poller writes hundreds of rows per pass. `condition_sql`
+    may narrow the rows further (per-row conditions included)."""
+    if not rows:
+        return 0
+    quote = connection.ops.quote_name
+    pk = quote(model._meta.pk.column)
+    columns = list(next(iter(rows.values())))
+    assignments, params = [], []
+    for column in columns:
+        whens = " ".join(f"WHEN {pk} = %s THEN %s" for _ in rows)
+        assignments.append(f"{quote(column)} = CASE {whens} ELSE {quote(column)} END")
+        for key, values in rows.items():
+            params += [key, values[column]]
+    placeholders = ", ".join(["%s"] * len(rows))
+    sql = (f"UPDATE {quote(model._meta.db_table)} SET {', '.join(assignments)} "
+           f"WHERE {pk} IN ({placeholders})" + (f" AND ({condition_sql})" if condition_sql else ""))
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [*params, *rows, *condition_params])
+        return cursor.rowcount
+
+
+def _db_values(rows: dict) -> dict:
+    """Datetimes as the database backend stores them (raw SQL skips the ORM)."""
+    adapt = connection.ops.adapt_datetimefield_value
+    return {pk: {col: adapt(v) if isinstance(v, datetime) else v for col, v in row.items()}
+            for pk, row in rows.items()}
 
 
 class VirtualMachine(models.Model):
@@ -213,29 +244,43 @@ class ReplicationJob(models.Model):
 
     def refresh_totals(self) -> None:
         """Job totals are always aggregated from the disks."""
-        # A disk whose copy has not measured its data yet counts with its
-        # capacity (an upper bound), so the job's percent only ever rises.
-        unmeasured = models.Q(bytes_total=0) & ~models.Q(status=DiskStatus.COMPLETED)
-        sums = self.disks.aggregate(
-            done=Sum("bytes_done"), total=Sum("bytes_total"),
-            rate=Sum("throughput_bps", filter=models.Q(status=DiskStatus.COPYING)),
-            pending_capacity=Sum("capacity_bytes", filter=unmeasured),
-        )
-        done, total = sums["done"] or 0, sums["total"] or 0
-        updates = {"bytes_transferred": done, "total_bytes": total, "throughput_bps": sums["rate"] or 0,
-                   "last_progress_at": timezone.now()}
-        if self.status == JobStatus.REPLICATING:
-            updates["progress_percent"] = transfer_percent(done, total + (sums["pending_capacity"] or 0))
-            rate = updates["throughput_bps"]
-            updates["eta_seconds"] = int((total - done) / rate) if rate > 0 and total > done else None
-        if ReplicationJob.objects.filter(pk=self.pk, status__in=JOB_ACTIVE).update(**updates):
-            self._sample(updates["last_progress_at"], done, updates["throughput_bps"])
+        ReplicationJob.refresh_totals_of([self])
 
-    def _sample(self, now, bytes_transferred: int, throughput_bps: int) -> None:
-        """Keep one progress sample every PROGRESS_SAMPLE_S for the throughput chart."""
-        if not self.samples.filter(at__gt=now - PROGRESS_SAMPLE_S).exists():
-            ProgressSample.objects.create(job=self, at=now, bytes_transferred=bytes_transferred,
-                                          throughput_bps=throughput_bps)
+    @classmethod
+    def refresh_totals_of(cls, jobs: list[ReplicationJob]) -> None:
+        """refresh_totals for many jobs in two statements: one SELECT of their
+        disks (summed here) and one UPDATE (the poller does this every pass)."""
+        if not jobs:
+            return
+        sums = {job.pk: [0, 0, 0, 0] for job in jobs}  # done, total, rate, unmeasured capacity
+        for job_id, status, bytes_done, bytes_total, throughput, capacity in VMDisk.objects.filter(
+                job_id__in=list(sums)).values_list("job_id", "status", "bytes_done", "bytes_total",
+                                                   "throughput_bps", "capacity_bytes"):
+            row = sums[job_id]
+            row[0] += bytes_done
+            row[1] += bytes_total
+            if status == DiskStatus.COPYING:
+                row[2] += throughput
+            if bytes_total == 0 and status != DiskStatus.COMPLETED:
+                # Not measured yet: counts with its capacity (an upper bound
+                # of its data), so the job's percent only ever rises.
+                row[3] += capacity
+        now = timezone.now()
+        status_of = {job.pk: job.status for job in jobs}
+        rows = {}
+        for pk, (done, total, rate, unmeasured) in sums.items():
+            row = {"bytes_transferred": done, "total_bytes": total, "throughput_bps": rate,
+                   "last_progress_at": now, "updated_at": now}
+            if status_of[pk] == JobStatus.REPLICATING:
+                row["progress_percent"] = transfer_percent(done, total + unmeasured)
+                row["eta_seconds"] = int((total - done) / rate) if rate > 0 and total > done else None
+            rows[pk] = row
+        # Rows of one statement share their columns: replicating jobs apart.
+        for group in (JobStatus.REPLICATING, None):
+            part = {pk: row for pk, row in rows.items() if (status_of[pk] == JobStatus.REPLICATING) == bool(group)}
+            _update_rows(cls, _db_values(part), f"status IN ({', '.join(['%s'] * len(JOB_ACTIVE))})",
+                         tuple(status.value for status in JOB_ACTIVE))
+        ProgressSample.record_for(rows, now)
 
     def all_disks_completed(self) -> bool:
         return not self.disks.exclude(status=DiskStatus.COMPLETED).exists()
@@ -272,6 +317,17 @@ class ProgressSample(models.Model):
 
     def __str__(self):
         return f"{self.job_id} {self.throughput_bps} B/s at {self.at:%H:%M:%S}"
+
+    @classmethod
+    def record_for(cls, totals: dict, now) -> None:
+        """One sample per job every PROGRESS_SAMPLE_S, from the totals just
+        written ({job id: row}); two statements however many jobs."""
+        recent = set(cls.objects.filter(job_id__in=list(totals), at__gt=now - PROGRESS_SAMPLE_S)
+                     .values_list("job_id", flat=True))
+        cls.objects.bulk_create(
+            cls(job_id=pk, at=now, bytes_transferred=row["bytes_transferred"], throughput_bps=row["throughput_bps"])
+            for pk, row in totals.items() if pk not in recent
+        )
 
 
 class VMDisk(models.Model):
@@ -336,16 +392,26 @@ class VMDisk(models.Model):
         return bool(VMDisk.objects.filter(pk=self.pk, status=DiskStatus.COPYING,
                                           job__in=alive_jobs).update(heartbeat_at=timezone.now()))
 
-    def apply_progress(self, *, seq: int, bytes_done: int, bytes_total: int, throughput_bps: int,
-                       stage: str, eta_seconds: int | None, at) -> bool:
-        """Apply an agent update if it is newer than the applied one and the
-        disk is still copying; progress never moves backwards."""
-        percent = 100.0 if bytes_total <= 0 else min(100.0, 100.0 * bytes_done / bytes_total)
-        return bool(VMDisk.objects.filter(pk=self.pk, status=DiskStatus.COPYING, progress_seq__lt=seq).update(
-            progress_seq=seq, bytes_done=bytes_done, bytes_total=bytes_total, progress_percent=percent,
-            throughput_bps=throughput_bps, current_operation=stage, eta_seconds=eta_seconds,
-            last_progress_at=at, updated_at=at,
-        ))
+    @classmethod
+    def apply_progress_of(cls, updates: list[dict], at) -> int:
+        """Apply agent updates to many disks in one conditional UPDATE. Each
+        dict: pk, seq, bytes_done, bytes_total, throughput_bps, stage,
+        eta_seconds. A row changes only if its update is newer than the one
+        applied and the disk is still copying: progress never moves
+        backwards. Returns how many rows changed."""
+        if not updates:
+            return 0
+        for u in updates:
+            total = u["bytes_total"]
+            u["percent"] = 100.0 if total <= 0 else min(100.0, 100.0 * u["bytes_done"] / total)
+        rows = {u["pk"]: {"progress_seq": u["seq"], "bytes_done": u["bytes_done"], "bytes_total": u["bytes_total"],
+                          "progress_percent": u["percent"], "throughput_bps": u["throughput_bps"],
+                          "current_operation": str(u["stage"]), "eta_seconds": u["eta_seconds"],
+                          "last_progress_at": at, "updated_at": at} for u in updates}
+        newer = " OR ".join(["(id = %s AND progress_seq < %s)"] * len(updates))
+        params = tuple(value for u in updates for value in (u["pk"], u["seq"]))
+        return _update_rows(cls, _db_values(rows), f"status = %s AND ({newer})",
+                            (DiskStatus.COPYING.value, *params))
 
     def complete(self, bytes_total: int, bytes_zeroed: int, throughput_bps: int) -> bool:
         return self.transition(

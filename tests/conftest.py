@@ -57,7 +57,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def vma_server(data_plane_root):
+def vma_server(django_db_setup, data_plane_root):
     """The project's web server (manage.py runserver) in its own process on a
     free port: the VMA progress API over real HTTP, on the test Redis.
     settings.VMA_URL points at it for this process and the worker."""
