@@ -112,7 +112,7 @@ def latency(seconds: float, disks: int) -> dict:
             passed[disk.pk][p.bytes_done] = time.monotonic()
             reporter(p)
 
-        throttled = ThrottledReporter(callback, total, settings.PROGRESS_DB_INTERVAL_S)
+        throttled = ThrottledReporter(callback, total, settings.PROGRESS_REPORT_INTERVAL_S)
         started, done = time.monotonic(), 0
         while not stop.is_set() and done < total:
             # A steady copy that would end a little after the measurement.
@@ -167,7 +167,7 @@ def latency(seconds: float, disks: int) -> dict:
             "max_s": max(samples), "visible_samples": len(visible), "visible_median_s": statistics.median(visible),
             "visible_p95_s": percentile(visible, 95), "visible_max_s": max(visible),
             "poll_interval_s": settings.PROGRESS_POLL_INTERVAL_S,
-            "report_interval_s": settings.PROGRESS_DB_INTERVAL_S}
+            "report_interval_s": settings.PROGRESS_REPORT_INTERVAL_S}
 
 
 class WriteCounter:

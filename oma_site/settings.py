@@ -107,9 +107,12 @@ VMA_TOKEN = env("VMA_TOKEN", default="")
 OMA_VOLUME_DIR = Path(env("OMA_VOLUME_DIR", default=str(VAR_DIR / "volumes")))
 # Runtime files of the data plane: Unix sockets and pid files of nbdkit.
 OMA_RUN_DIR = Path(env("OMA_RUN_DIR", default=str(VAR_DIR / "run")))
-COPY_CHUNK_BYTES = env.int("COPY_CHUNK_BYTES", default=4 * 1024 * 1024)
+# The copy engine's request size and parallel connection pairs (measured
+# defaults: bench/copy_bench.py).
+COPY_CHUNK_BYTES = env.int("COPY_CHUNK_BYTES", default=1024 * 1024)
+COPY_CONNECTIONS = env.int("COPY_CONNECTIONS", default=4)
 # Copy-loop progress cadence (the seeds': every N seconds or 1 % of a disk).
-PROGRESS_DB_INTERVAL_S = env.float("PROGRESS_DB_INTERVAL_S", default=2.0)
+PROGRESS_REPORT_INTERVAL_S = env.float("PROGRESS_REPORT_INTERVAL_S", default=2.0)
 
 # --- Progress pipeline ------------------------------------------------------
 # Which URL sets this web process serves: an agent-only host keeps just the API.

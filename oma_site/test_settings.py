@@ -11,7 +11,7 @@ CELERY_BROKER_URL = env("TEST_CELERY_BROKER_URL", default="redis://127.0.0.1:637
 TEST_ROOT = Path(env("OMA_TEST_ROOT", default=f"/tmp/oma-tests-{os.getuid()}"))  # noqa: F405
 OMA_VOLUME_DIR = TEST_ROOT / "volumes"
 OMA_RUN_DIR = TEST_ROOT / "run"  # short: Unix socket paths are limited to 107 bytes
-PROGRESS_DB_INTERVAL_S = 0.25
+PROGRESS_REPORT_INTERVAL_S = 0.25
 COPY_CHUNK_BYTES = 1024 * 1024
 # The progress store shares the test broker's Redis database, under its own prefix.
 VMA_REDIS_URL = CELERY_BROKER_URL

@@ -195,8 +195,8 @@ def copy_disk(disk_id: int, task_id: str = "",
                 reporter.stage(Stage.PREPARING_MIGRATION)
                 result = copy_image(
                     src_uri, volumes.export_uri(disk.target_volume),
-                    chunk_bytes=settings.COPY_CHUNK_BYTES, progress=monitor,
-                    progress_interval_s=settings.PROGRESS_DB_INTERVAL_S,
+                    chunk_bytes=settings.COPY_CHUNK_BYTES, connections=settings.COPY_CONNECTIONS, progress=monitor,
+                    progress_interval_s=settings.PROGRESS_REPORT_INTERVAL_S,
                 )
         except CopyAborted as exc:
             disk.cancel()
