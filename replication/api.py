@@ -4,7 +4,7 @@ from django.http import Http404, JsonResponse
 
 from replication.choices import JOB_ACTIVE, JobStatus
 from replication.models import ReplicationJob, VMDisk
-from replication.views import _jobs_with_disks
+from replication.views import jobs_with_disks
 
 API_LIMIT = 200
 
@@ -45,7 +45,7 @@ def job_json(job: ReplicationJob, with_disks: bool = True) -> dict:
 
 @_login_required_json
 def jobs(request):
-    queryset = _jobs_with_disks().prefetch_related("disks__target_volume")
+    queryset = jobs_with_disks().prefetch_related("disks__target_volume")
     status = request.GET.get("status")
     if status == "active":
         queryset = queryset.filter(status__in=JOB_ACTIVE)
@@ -59,7 +59,7 @@ def jobs(request):
 @_login_required_json
 def job(request, job_id):
     try:
-        found = _jobs_with_disks().prefetch_related("disks__target_volume").get(pk=job_id)
+        found = jobs_with_disks().prefetch_related("disks__target_volume").get(pk=job_id)
     except ReplicationJob.DoesNotExist:
         raise Http404 from None
     return JsonResponse(job_json(found))

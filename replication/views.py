@@ -4,7 +4,7 @@ while Redis is down; actions that must queue work say so when it fails."""
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.db.models import Count, Prefetch, Sum
+from django.db.models import Count, OuterRef, Prefetch, Subquery, Sum
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
@@ -15,14 +15,14 @@ from replication.services import jobs as job_service
 RECENT_FAILURES = 10
 
 
-def _jobs_with_disks():
+def jobs_with_disks():
     return ReplicationJob.objects.select_related("vm").prefetch_related(
         Prefetch("disks", queryset=VMDisk.objects.order_by("disk_key"))
     )
 
 
 def dashboard_context() -> dict:
-    active = list(_jobs_with_disks().filter(status__in=JOB_ACTIVE).order_by("created_at"))
+    active = list(jobs_with_disks().filter(status__in=JOB_ACTIVE).order_by("created_at"))
     counts = dict(ReplicationJob.objects.values_list("status").annotate(n=Count("id")))
     return {
         "counts": [(status.label, counts.get(status.value, 0), status.value) for status in JobStatus],
@@ -68,7 +68,7 @@ def throughput_chart(samples: list) -> dict | None:
 
 
 def _job_context(job_id: str) -> dict:
-    job = get_object_or_404(_jobs_with_disks().prefetch_related("events"), pk=job_id)
+    job = get_object_or_404(jobs_with_disks().prefetch_related("events"), pk=job_id)
     return {"job": job, "chart": throughput_chart(list(job.samples.all()))}
 
 
@@ -108,11 +108,11 @@ def job_retry(request, job_id):
 
 @login_required
 def vm_list(request):
-    vms = VirtualMachine.objects.prefetch_related("disks__target_volume").annotate(job_count=Count("jobs"))
-    last_jobs = {}
-    for job in ReplicationJob.objects.order_by("vm_id", "-created_at").only("id", "vm_id", "status", "created_at"):
-        last_jobs.setdefault(job.vm_id, job)
-    rows = [(vm, last_jobs.get(vm.id)) for vm in vms]
+    # The newest job of each VM in one subquery, not by reading every job ever run.
+    newest = ReplicationJob.objects.filter(vm=OuterRef("pk")).order_by("-created_at").values("id")[:1]
+    vms = list(VirtualMachine.objects.prefetch_related("disks__target_volume").annotate(last_job_id=Subquery(newest)))
+    last_jobs = ReplicationJob.objects.in_bulk([vm.last_job_id for vm in vms if vm.last_job_id])
+    rows = [(vm, last_jobs.get(vm.last_job_id)) for vm in vms]
     return _page(request, "replication/vm_list.html", {"rows": rows, "sync_types": SyncType.choices})
 
 
