@@ -200,3 +200,12 @@ def test_job_page_draws_throughput_chart_and_timeline(operator, job):
     assert '<svg class="chart"' in html and "<polyline" in html
     assert "Peak 238.4\xa0MB/s" in html  # filesizeformat: MiB, with a no-break space
     assert "pending · Initializing" in html, "the timeline starts with the job's creation"
+
+
+def test_vm_page_shows_each_vms_newest_job(operator, vm):
+    first = start_replication(vm)
+    fail_job(first.id, "boom")
+    newest = start_replication(vm)
+    html = operator.get(reverse("vm-list")).content.decode()
+    assert reverse("job-detail", args=[newest.id]) in html
+    assert reverse("job-detail", args=[first.id]) not in html
