@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(nbdkit libnbd-bin python3-libnbd qemu-utils redis-server
               libmariadb-dev pkg-config gcc python3-dev python3-venv procps
-              chromium)
+              chromium golang-go golang-github-vmware-govmomi-dev)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
