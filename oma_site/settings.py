@@ -114,6 +114,18 @@ COPY_CONNECTIONS = env.int("COPY_CONNECTIONS", default=4)
 # Copy-loop progress cadence (the seeds': every N seconds or 1 % of a disk).
 PROGRESS_REPORT_INTERVAL_S = env.float("PROGRESS_REPORT_INTERVAL_S", default=2.0)
 
+# --- VMware sources ---------------------------------------------------------
+VCENTER_TIMEOUT_S = env.float("VCENTER_TIMEOUT_S", default=60.0)
+# How the agent reads a snapshot's disks: "vddk" (nbdkit's vddk plugin, the
+# production path) or "image-dir" (image files under VMA_SNAPSHOT_IMAGE_DIR
+# laid out as the test vCenter simulator keeps them).
+VMA_SNAPSHOT_SOURCE = env("VMA_SNAPSHOT_SOURCE", default="vddk")
+VMA_SNAPSHOT_IMAGE_DIR = Path(env("VMA_SNAPSHOT_IMAGE_DIR", default=str(VAR_DIR / "snapshots")))
+VMA_VDDK_LIBDIR = env("VMA_VDDK_LIBDIR", default="/usr/lib/vmware-vix-disklib")
+VMA_VDDK_TRANSPORTS = env("VMA_VDDK_TRANSPORTS", default="nbdssl:nbd")
+# An ended job's clean-up waits this long for its copies to stop reading the snapshot.
+CLEANUP_WAIT_S = env.float("CLEANUP_WAIT_S", default=120.0)
+
 # --- Progress pipeline ------------------------------------------------------
 # Which URL sets this web process serves: an agent-only host keeps just the API.
 VMA_API_ENABLED = env.bool("VMA_API_ENABLED", default=True)

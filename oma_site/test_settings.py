@@ -12,6 +12,9 @@ TEST_ROOT = Path(env("OMA_TEST_ROOT", default=f"/tmp/oma-tests-{os.getuid()}")) 
 OMA_VOLUME_DIR = TEST_ROOT / "volumes"
 OMA_RUN_DIR = TEST_ROOT / "run"  # short: Unix socket paths are limited to 107 bytes
 PROGRESS_REPORT_INTERVAL_S = 0.25
+# Snapshot disks come from the vCenter simulator's image files (tests/vcsim.py).
+VMA_SNAPSHOT_SOURCE = "image-dir"
+VMA_SNAPSHOT_IMAGE_DIR = TEST_ROOT / "vcsim"
 COPY_CHUNK_BYTES = 1024 * 1024
 # The progress store shares the test broker's Redis database, under its own prefix.
 VMA_REDIS_URL = CELERY_BROKER_URL

@@ -2,7 +2,16 @@ from django.contrib import admin, messages
 from django.template.loader import render_to_string
 from django.utils.html import format_html
 
-from replication.models import DeviceMapping, ReplicationJob, SourceDisk, TargetVolume, VirtualMachine, VMDisk
+from replication.models import (
+    ChangeIdRecord,
+    DeviceMapping,
+    ReplicationJob,
+    SourceDisk,
+    TargetVolume,
+    VCenter,
+    VirtualMachine,
+    VMDisk,
+)
 from replication.services import jobs as job_service
 
 
@@ -11,9 +20,24 @@ class SourceDiskInline(admin.TabularInline):
     extra = 0
 
 
+@admin.register(VCenter)
+class VCenterAdmin(admin.ModelAdmin):
+    list_display = ["name", "host", "port", "username", "thumbprint"]
+    # Where the password is read from; the password itself is never stored.
+    fields = ["name", "host", "port", "username", "password_file", "password_env", "thumbprint"]
+
+
+@admin.register(ChangeIdRecord)
+class ChangeIdRecordAdmin(admin.ModelAdmin):
+    list_display = ["source_disk", "job", "sync_type", "previous_change_id", "change_id", "note", "committed_at"]
+    list_filter = ["sync_type"]
+    readonly_fields = list_display
+
+
 @admin.register(VirtualMachine)
 class VirtualMachineAdmin(admin.ModelAdmin):
-    list_display = ["name", "source_kind", "agent", "cbt_enabled", "created_at"]
+    list_display = ["name", "source_kind", "vcenter", "power_state", "agent", "cbt_enabled", "created_at"]
+    list_filter = ["source_kind", "vcenter"]
     search_fields = ["name", "moref", "vm_uuid"]
     inlines = [SourceDiskInline]
 

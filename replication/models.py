@@ -8,7 +8,7 @@ import secrets
 import uuid
 from datetime import datetime, timedelta
 
-from django.db import connection, models
+from django.db import connection, models, transaction
 from django.utils import timezone
 
 from replication.choices import (
@@ -76,13 +76,41 @@ def _db_values(rows: dict) -> dict:
             for pk, row in rows.items()}
 
 
+class VCenter(models.Model):
+    """How to reach a vCenter. The password is not stored here: only where
+    to read it (a file, or an environment variable of the processes)."""
+
+    name = models.CharField(max_length=100, unique=True)
+    host = models.CharField(max_length=255)
+    port = models.PositiveIntegerField(default=443)
+    username = models.CharField(max_length=200)
+    password_file = models.CharField(max_length=1000, blank=True, help_text="File holding the password")
+    password_env = models.CharField(max_length=100, blank=True, help_text="Environment variable holding it")
+    thumbprint = models.CharField(max_length=200, help_text="Pinned SHA-1 thumbprint of the server certificate")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        db_table = "vcenters"
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+
 class VirtualMachine(models.Model):
     name = models.CharField(max_length=200, unique=True)
     source_kind = models.CharField(max_length=20, choices=SourceKind.choices, default=SourceKind.IMAGE)
     agent = models.CharField(max_length=100, default="local", help_text="VMA whose queue copies this VM's disks")
+    vcenter = models.ForeignKey(VCenter, null=True, blank=True, on_delete=models.PROTECT, related_name="vms")
     moref = models.CharField(max_length=100, blank=True)
     vm_uuid = models.CharField(max_length=64, blank=True)
     cbt_enabled = models.BooleanField(null=True, help_text="Changed block tracking; unknown for image sources")
+    power_state = models.CharField(max_length=20, blank=True)
+    firmware = models.CharField(max_length=20, blank=True)
+    guest_os = models.CharField(max_length=200, blank=True)
+    nics = models.JSONField(default=list, blank=True, help_text="[{label, mac, network}]")
+    snapshots = models.JSONField(default=list, blank=True, help_text="Snapshots at discovery: [{name, moref}]")
+    discovered_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -104,6 +132,12 @@ class SourceDisk(models.Model):
     locator = models.CharField(max_length=1000, help_text="Image path or NBD URI")
     capacity_bytes = models.BigIntegerField()
     change_id = models.CharField(max_length=200, blank=True, help_text="Last committed changeId")
+    device_key = models.IntegerField(null=True, blank=True, help_text="vSphere device key")
+    unit_number = models.IntegerField(null=True, blank=True)
+    backing_file = models.CharField(max_length=1000, blank=True, help_text="e.g. [datastore] vm/vm.vmdk")
+    disk_mode = models.CharField(max_length=40, blank=True)
+    sharing = models.CharField(max_length=40, blank=True)
+    is_rdm = models.BooleanField(default=False)
 
     class Meta:
         db_table = "source_disks"
@@ -174,6 +208,10 @@ class ReplicationJob(models.Model):
     heartbeat_at = models.DateTimeField(
         null=True, blank=True, help_text="Last sign of life of the workflow step working on this job")
     poll_errors = models.PositiveIntegerField(default=0, help_text="Consecutive failed polls of the agent")
+    snapshot_name = models.CharField(max_length=200, blank=True)
+    snapshot_moref = models.CharField(max_length=100, blank=True, help_text="Set while the job's snapshot exists")
+    verify = models.BooleanField(default=False, help_text="Read back every copied area before committing")
+    overrides = models.JSONField(default=list, blank=True, help_text="Preflight blockers the operator overrode")
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -340,7 +378,9 @@ class VMDisk(models.Model):
     capacity_bytes = models.BigIntegerField()
     source_locator = models.CharField(max_length=1000)
     previous_change_id = models.CharField(max_length=200, blank=True)
-    change_id = models.CharField(max_length=200, blank=True)
+    change_id = models.CharField(max_length=200, blank=True, help_text="The snapshot's changeId, committed at the end")
+    sync_type = models.CharField(max_length=20, choices=SyncType.choices, default=SyncType.FULL)
+    full_copy_reason = models.CharField(max_length=500, blank=True, help_text="Why an incremental job copies it all")
     status = models.CharField(max_length=20, choices=DiskStatus.choices, default=DiskStatus.PENDING, db_index=True)
     current_operation = models.CharField(max_length=40, choices=Stage.choices, default=Stage.INITIALIZING)
     bytes_total = models.BigIntegerField(default=0, help_text="Data to copy (allocated bytes)")
@@ -426,3 +466,39 @@ class VMDisk(models.Model):
 
     def cancel(self) -> bool:
         return self.transition(DiskStatus.CANCELLED, throughput_bps=0, current_operation=Stage.CANCELLED)
+
+    def commit_change_id(self) -> bool:
+        """Advance the source disk's changeId to the one this copy covered.
+        Only a completed copy may: a changeId advanced past data that was
+        not written would make the next incremental skip it forever."""
+        if not self.change_id:
+            return False
+        if self.status != DiskStatus.COMPLETED:
+            raise ValueError(f"{self} is {self.status}: its changeId cannot be committed")
+        with transaction.atomic():
+            SourceDisk.objects.filter(pk=self.source_disk_id).update(change_id=self.change_id)
+            ChangeIdRecord.objects.create(
+                source_disk_id=self.source_disk_id, job_id=self.job_id, previous_change_id=self.previous_change_id,
+                change_id=self.change_id, sync_type=self.sync_type, note=self.full_copy_reason,
+            )
+        return True
+
+
+class ChangeIdRecord(models.Model):
+    """Every changeId committed for a disk, and by which job: the audit
+    trail of what each incremental was computed against."""
+
+    source_disk = models.ForeignKey(SourceDisk, on_delete=models.CASCADE, related_name="change_id_history")
+    job = models.ForeignKey(ReplicationJob, on_delete=models.CASCADE, related_name="change_id_records")
+    previous_change_id = models.CharField(max_length=200, blank=True)
+    change_id = models.CharField(max_length=200)
+    sync_type = models.CharField(max_length=20, choices=SyncType.choices)
+    note = models.CharField(max_length=500, blank=True)
+    committed_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        db_table = "change_id_history"
+        ordering = ["committed_at", "id"]
+
+    def __str__(self):
+        return f"{self.source_disk} {self.change_id}"

@@ -31,6 +31,11 @@ def finalize_job(job_id: str) -> None:
     jobs.finalize_job(job_id)
 
 
+@shared_task(name="replication.clean_up_job")
+def clean_up_job(job_id: str) -> None:
+    jobs.clean_up_job(job_id)
+
+
 @shared_task(name="replication.poll_progress")
 def poll_progress() -> None:
     progress.poll_once_locked()

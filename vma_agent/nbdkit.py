@@ -10,7 +10,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 START_TIMEOUT_S = 15.0
@@ -67,17 +67,29 @@ def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:
 @contextlib.contextmanager
 def serve_file_readonly(path: str | Path) -> Iterator[str]:
     """Serve one image file read-only on a private socket for the duration of
-    the block; yields the NBD URI. nbdkit also exits if this process dies."""
+    the block; yields the NBD URI."""
     if not Path(path).exists():
         raise NbdkitError(f"source image {path} does not exist")
+    with serve_readonly(lambda sock: ["nbdkit", "--foreground", "--exit-with-parent", "--readonly",
+                                      "--unix", str(sock), "file", f"file={path}"]) as uri:
+        yield uri
+
+
+@contextlib.contextmanager
+def serve_readonly(command_for: Callable[[Path], list[str]]) -> Iterator[str]:
+    """Run the nbdkit command that `command_for(socket path)` gives, on a
+    private socket, for the duration of the block; yields the NBD URI. The
+    command should carry --exit-with-parent so nbdkit also ends if this
+    process dies."""
     rundir = Path(tempfile.mkdtemp(prefix="vma-src-"))
     sock, log_path = rundir / "nbd.sock", rundir / "nbdkit.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            ["nbdkit", "--foreground", "--exit-with-parent", "--readonly",
-             "--unix", str(sock), "file", f"file={path}"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-        )
+        try:
+            proc = subprocess.Popen(command_for(sock), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=log)
+        except OSError as exc:
+            shutil.rmtree(rundir, ignore_errors=True)
+            raise NbdkitError(f"cannot start nbdkit: {exc}") from exc
     try:
         _wait_until_listening(proc, sock, log_path)
         yield unix_uri(sock)

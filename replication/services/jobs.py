@@ -14,7 +14,7 @@ from django.db import connection, transaction
 
 from replication.choices import STAGE_PERCENT, DiskStatus, JobStatus, SourceKind, Stage, SyncType
 from replication.models import JobEvent, ReplicationJob, VirtualMachine, VMDisk
-from replication.services import volumes
+from replication.services import vmware, volumes
 from replication.services.inventory import is_nbd_uri
 from vma_agent import nbdkit
 from vma_agent.copy import copy_image
@@ -32,13 +32,18 @@ class CopyAborted(Exception):
     """The job ended (failed or cancelled) while this disk was copying."""
 
 
-def start_replication(vm: VirtualMachine, sync_type: str = SyncType.FULL) -> ReplicationJob:
+def start_replication(vm: VirtualMachine, sync_type: str = SyncType.FULL, *, verify: bool = False,
+                      overrides: list[str] | tuple[str, ...] = ()) -> ReplicationJob:
     """Create the job, its disks and their target volumes in one transaction;
     the prepare task is enqueued only once that commits."""
     if sync_type == SyncType.INCREMENTAL and vm.source_kind == SourceKind.IMAGE:
         raise ReplicationError(
             f"VM {vm.name} is an image source without changed-block tracking; only a full copy is possible"
         )
+    unknown = sorted(set(overrides) - set(vmware.OVERRIDES))
+    if unknown:
+        raise ReplicationError(f"unknown preflight override {', '.join(unknown)}; known: "
+                               f"{', '.join(vmware.OVERRIDES)}")
     with transaction.atomic():
         # Lock the VM row so two starts for one VM cannot both pass the check.
         vm = VirtualMachine.objects.select_for_update().get(pk=vm.pk)
@@ -48,7 +53,7 @@ def start_replication(vm: VirtualMachine, sync_type: str = SyncType.FULL) -> Rep
         source_disks = list(vm.disks.all())
         if not source_disks:
             raise ReplicationError(f"VM {vm.name} has no disks")
-        job = ReplicationJob.objects.create(vm=vm, sync_type=sync_type)
+        job = ReplicationJob.objects.create(vm=vm, sync_type=sync_type, verify=verify, overrides=sorted(overrides))
         JobEvent.objects.create(job=job, status=job.status, stage=job.current_operation)
         for source_disk in source_disks:
             VMDisk.objects.create(
@@ -76,6 +81,10 @@ def prepare_job(job_id: str) -> list[int]:
         stages.stage(Stage.INITIALIZING, STAGE_PERCENT[Stage.INITIALIZING])
         try:
             with Heartbeat(job, settings.HEARTBEAT_INTERVAL_S):
+                if job.vm.source_kind == SourceKind.VMWARE:
+                    vmware.prepare_snapshot(job, lambda: (
+                        job.set_stage(Stage.CREATING_SNAPSHOT),
+                        stages.stage(Stage.CREATING_SNAPSHOT, STAGE_PERCENT[Stage.CREATING_SNAPSHOT])))
                 job.set_stage(Stage.SETTING_UP_NBD)
                 stages.stage(Stage.SETTING_UP_NBD, STAGE_PERCENT[Stage.SETTING_UP_NBD])
                 disks = list(job.disks.select_related("target_volume__source_disk__vm"))
@@ -98,9 +107,13 @@ def prepare_job(job_id: str) -> list[int]:
 
 @contextlib.contextmanager
 def source_export(disk: VMDisk) -> Iterator[str]:
-    """The NBD URI to read the disk from: an NBD source as it is, an image
-    file through a read-only nbdkit that lives as long as the copy."""
-    if is_nbd_uri(disk.source_locator):
+    """The NBD URI to read the disk from: a VMware disk as its job's snapshot
+    froze it, an NBD source as it is, an image file through a read-only
+    nbdkit that lives as long as the copy."""
+    if disk.job.vm.source_kind == SourceKind.VMWARE:
+        with vmware.snapshot_export(disk) as uri:
+            yield uri
+    elif is_nbd_uri(disk.source_locator):
         yield disk.source_locator
     else:
         with nbdkit.serve_file_readonly(disk.source_locator) as uri:
@@ -176,7 +189,7 @@ def copy_disk(disk_id: int, task_id: str = "",
     """Copy one disk to its target volume, reporting progress to the agent's
     progress API. Returns True when this was the job's last disk to finish,
     so the caller enqueues finalize."""
-    disk = VMDisk.objects.select_related("job", "target_volume").get(pk=disk_id)
+    disk = VMDisk.objects.select_related("job__vm__vcenter", "target_volume", "source_disk").get(pk=disk_id)
     if not disk.claim(task_id):
         log.warning("copy of %s skipped: disk is %s", disk, disk.status)
         return False
@@ -193,8 +206,10 @@ def copy_disk(disk_id: int, task_id: str = "",
             with Heartbeat(disk, settings.HEARTBEAT_INTERVAL_S), source_export(disk) as src_uri:
                 monitor.check()
                 reporter.stage(Stage.PREPARING_MIGRATION)
+                areas = vmware.areas_to_copy(disk) if job.vm.source_kind == SourceKind.VMWARE else None
                 result = copy_image(
-                    src_uri, volumes.export_uri(disk.target_volume),
+                    src_uri, volumes.export_uri(disk.target_volume), extents=areas,
+                    zero_unlisted=areas is not None and disk.sync_type == SyncType.FULL, verify=job.verify,
                     chunk_bytes=settings.COPY_CHUNK_BYTES, connections=settings.COPY_CONNECTIONS, progress=monitor,
                     progress_interval_s=settings.PROGRESS_REPORT_INTERVAL_S,
                 )
@@ -221,14 +236,16 @@ def copy_disk(disk_id: int, task_id: str = "",
 
 def finalize_job(job_id: str) -> None:
     """Commit what the copies produced and complete the job."""
-    job = ReplicationJob.objects.get(pk=job_id)
+    job = ReplicationJob.objects.select_related("vm__vcenter").get(pk=job_id)
     job.beat()
     try:
-        for disk in job.disks.select_related("source_disk"):
-            if disk.change_id:
-                # Advance the changeId only now that the data it covers is written.
-                disk.source_disk.change_id = disk.change_id
-                disk.source_disk.save(update_fields=["change_id"])
+        if job.vm.source_kind == SourceKind.VMWARE:
+            # Removed before anything is committed: if it cannot be, the job
+            # fails and the next cycle copies these changes again.
+            vmware.remove_job_snapshot(job)
+        for disk in job.disks.all():
+            # The changeId advances only now that the data it covers is written.
+            disk.commit_change_id()
         if not job.complete():
             log.warning("finalize of %s found it %s", job_id, job.status)
     except Exception as exc:
@@ -242,13 +259,36 @@ def fail_job(job_id: str, reason: str) -> None:
     job = ReplicationJob.objects.get(pk=job_id)
     job.fail(reason)
     _end_unfinished_disks(job)
+    _clean_up_after(job)
 
 
 def cancel_job(job_id: str, reason: str = "cancelled by the operator") -> bool:
     job = ReplicationJob.objects.get(pk=job_id)
     cancelled = job.cancel(reason)
     _end_unfinished_disks(job)
+    _clean_up_after(job)
     return cancelled
+
+
+def _clean_up_after(job: ReplicationJob) -> None:
+    """Queue the removal of what the job left on the source (its snapshot),
+    once its copies have stopped. The sweeper catches what this misses."""
+    job.refresh_from_db(fields=["snapshot_moref"])
+    if job.snapshot_moref:
+        transaction.on_commit(lambda: _enqueue("clean_up_job", job.id, fail_on_error=False))
+
+
+def clean_up_job(job_id: str) -> None:
+    """Remove the ended job's snapshot once no copy reads from it any more."""
+    job = ReplicationJob.objects.select_related("vm__vcenter").get(pk=job_id)
+    if not job.is_terminal:
+        log.warning("clean-up of %s skipped: it is %s", job_id, job.status)
+        return
+    deadline = time.monotonic() + settings.CLEANUP_WAIT_S
+    while job.disks.filter(status=DiskStatus.COPYING).exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if job.vm.source_kind == SourceKind.VMWARE:
+        vmware.remove_job_snapshot(job)
 
 
 def _end_unfinished_disks(job: ReplicationJob) -> None:
@@ -266,13 +306,14 @@ def retry_job(job_id: str) -> ReplicationJob:
     return start_replication(job.vm, job.sync_type)
 
 
-def _enqueue(task_name: str, job_id: str) -> None:
-    """Queue the job's first task; if the broker cannot take it, the job
-    fails with the reason instead of waiting forever as pending."""
+def _enqueue(task_name: str, job_id: str, fail_on_error: bool = True) -> None:
+    """Queue a task of the job; if the broker cannot take it, the job fails
+    with the reason instead of waiting forever as pending."""
     from replication import tasks  # tasks import this module
 
     try:
         getattr(tasks, task_name).delay(job_id)
     except Exception as exc:
         log.exception("could not queue %s for job %s", task_name, job_id)
-        fail_job(job_id, f"could not queue the job (is Redis running?): {exc}")
+        if fail_on_error:
+            fail_job(job_id, f"could not queue the job (is Redis running?): {exc}")

@@ -221,6 +221,17 @@ def coalesce(areas: Iterable[tuple[int, int]], size: int | None = None) -> list[
     return [(start, end - start) for start, end in merged]
 
 
+def _with_gaps_zeroed(plan: list[Extent], size: int) -> list[Extent]:
+    filled, offset = [], 0
+    for extent in plan + [Extent(size, 0)]:
+        if extent.offset > offset:
+            filled.append(Extent(offset, extent.offset - offset, True))
+        if extent.length:
+            filled.append(extent)
+        offset = extent.end
+    return filled
+
+
 def _split(extents: Iterable[Extent], chunk_bytes: int) -> list[Extent]:
     items: list[Extent] = []
     for extent in extents:
@@ -423,6 +434,7 @@ def copy_image(
     dst_uri: str,
     *,
     extents: list[tuple[int, int]] | None = None,
+    zero_unlisted: bool = False,
     resume_from: int = 0,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     connections: int = DEFAULT_CONNECTIONS,
@@ -440,6 +452,9 @@ def copy_image(
 
     extents: copy only these (offset, length) areas (an incremental); None
         copies the whole disk, reading only allocated data.
+    zero_unlisted: with extents, the areas outside them read as zeros on the
+        source (a full copy from a list of allocated areas): they are zeroed
+        on the target too, which may hold an older copy.
     resume_from: a cursor from an earlier run's checkpoint; nothing below it
         is copied again.
     target_is_zeroed: the target is known to read as zeros (a fresh volume),
@@ -475,6 +490,8 @@ def copy_image(
             plan = allocation_map(src, size)
         else:
             plan = [Extent(offset, length) for offset, length in coalesce(extents, size)]
+            if zero_unlisted:
+                plan = _with_gaps_zeroed(plan, size)
         done_before = sum(min(e.end, resume_from) - e.offset for e in plan if not e.zero and e.offset < resume_from)
         data_total = sum(e.length for e in plan if not e.zero)
         todo = [Extent(max(e.offset, resume_from), e.end - max(e.offset, resume_from), e.zero)

@@ -7,6 +7,7 @@ from replication.choices import JobStatus, SyncType
 from replication.management.lookup import vm_named
 from replication.models import ReplicationJob
 from replication.services.jobs import ReplicationError, start_replication
+from replication.services.vmware import OVERRIDES
 
 POLL_INTERVAL_S = 0.5
 
@@ -19,13 +20,17 @@ class Command(BaseCommand):
         kind = parser.add_mutually_exclusive_group()
         kind.add_argument("--full", dest="sync_type", action="store_const", const=SyncType.FULL)
         kind.add_argument("--incremental", dest="sync_type", action="store_const", const=SyncType.INCREMENTAL)
+        parser.add_argument("--verify", action="store_true",
+                            help="read every copied area back before committing the changeIds")
+        parser.add_argument("--allow", action="append", default=[], choices=OVERRIDES, metavar="BLOCKER",
+                            help=f"override a preflight blocker ({', '.join(OVERRIDES)})")
         parser.add_argument("--wait", action="store_true", help="show live progress; exit 0 only if it completed")
         parser.add_argument("--timeout", type=float, default=0, help="with --wait: give up after N seconds")
 
-    def handle(self, name, sync_type, wait, timeout, **options):
-        vm = vm_named(name, "; register it with add_vm")
+    def handle(self, name, sync_type, verify, allow, wait, timeout, **options):
+        vm = vm_named(name, "; register it with add_vm or discover it with discover")
         try:
-            job = start_replication(vm, sync_type or SyncType.FULL)
+            job = start_replication(vm, sync_type or SyncType.FULL, verify=verify, overrides=allow)
         except ReplicationError as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(job.id)

@@ -1,0 +1,397 @@
+"""vSphere through pyvmomi: inventory, changed-block tracking, snapshots and
+changed areas. No Django here: the agent's copy tasks and the control plane
+both use it.
+
+Properties are read through the PropertyCollector with explicit paths: one
+round trip for a whole inventory, and no reads of unset properties (which
+some servers answer with faults)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from pyVim.connect import Disconnect, SmartConnect
+from pyVim.task import WaitForTask
+from pyVmomi import vim, vmodl
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_PREFIX = "oma-repl-"
+VM_PROPERTIES = [
+    "name", "config.uuid", "config.hardware.device", "config.changeTrackingEnabled", "config.firmware",
+    "config.guestId", "config.guestFullName", "runtime.powerState", "snapshot",
+]
+# What replication does to a VM: CBT, snapshots, and reading its disks (VDDK).
+REQUIRED_PRIVILEGES = (
+    "VirtualMachine.Config.ChangeTracking", "VirtualMachine.State.CreateSnapshot",
+    "VirtualMachine.State.RemoveSnapshot", "VirtualMachine.Provisioning.DiskRandomRead",
+    "VirtualMachine.Provisioning.DiskRandomAccess",
+)
+UNSUPPORTED_DISK_MODES = {"independent_persistent", "independent_nonpersistent", "nonpersistent"}
+
+
+class VSphereError(RuntimeError):
+    """A vCenter operation failed; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class VCenterConnection:
+    host: str
+    username: str
+    password: str = field(repr=False)
+    thumbprint: str
+    port: int = 443
+
+
+@dataclass
+class DiskInfo:
+    key: int
+    label: str
+    unit_number: int | None
+    capacity_bytes: int
+    backing_file: str
+    disk_mode: str
+    sharing: str
+    is_rdm: bool
+    change_id: str
+
+    @property
+    def disk_key(self) -> str:
+        return f"disk-{self.key}"
+
+
+@dataclass
+class SnapshotInfo:
+    name: str
+    moref: str
+
+
+@dataclass
+class VMInfo:
+    moref: str
+    name: str
+    uuid: str
+    power_state: str
+    firmware: str
+    guest_os: str
+    cbt_enabled: bool
+    disks: list[DiskInfo]
+    nics: list[dict]
+    snapshots: list[SnapshotInfo]
+
+
+@dataclass
+class ChangedAreas:
+    """What QueryChangedDiskAreas reported for one disk, all pages joined."""
+
+    areas: list[tuple[int, int]]
+
+    @property
+    def bytes(self) -> int:
+        return sum(length for _, length in self.areas)
+
+
+def normalize_thumbprint(value: str) -> str:
+    digits = value.replace(":", "").strip().upper()
+    return ":".join(digits[i:i + 2] for i in range(0, len(digits), 2))
+
+
+def server_thumbprint(host: str, port: int, timeout_s: float = 10.0) -> str:
+    """The SHA-1 thumbprint of the certificate the server presents."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection((host, port), timeout=timeout_s) as sock:
+        with context.wrap_socket(sock, server_hostname=host) as tls:
+            der = tls.getpeercert(binary_form=True)
+    return normalize_thumbprint(hashlib.sha1(der).hexdigest())
+
+
+def change_id_epoch(change_id: str) -> str:
+    """The tracking epoch of a changeId ("<uuid>/<sequence>"): it changes
+    when changed-block tracking is reset, and then old changeIds are void."""
+    return change_id.rsplit("/", 1)[0] if "/" in change_id else ""
+
+
+def snapshot_name(job_id: str) -> str:
+    """The deterministic name of a job's snapshot, for the orphan sweeper."""
+    return f"{SNAPSHOT_PREFIX}{job_id}"
+
+
+def job_of_snapshot(name: str) -> str | None:
+    return name[len(SNAPSHOT_PREFIX):] if name.startswith(SNAPSHOT_PREFIX) else None
+
+
+def _fault_text(exc: Exception) -> str:
+    msg = getattr(exc, "msg", "") or ""
+    if not msg and getattr(exc, "faultMessage", None):
+        msg = "; ".join(m.message for m in exc.faultMessage if getattr(m, "message", ""))
+    name = type(exc).__name__
+    return f"{name}: {msg}" if msg else (str(exc) or name)
+
+
+class VSphereClient:
+    """One logged-in session; use as a context manager."""
+
+    def __init__(self, connection: VCenterConnection, timeout_s: float = 60.0):
+        self.connection = connection
+        self.timeout_s = timeout_s
+        self.si = None
+
+    def __enter__(self) -> VSphereClient:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        c = self.connection
+        expected = normalize_thumbprint(c.thumbprint)
+        try:
+            self.si = SmartConnect(host=c.host, port=c.port, user=c.username, pwd=c.password,
+                                   thumbprint=expected, connectionPoolTimeout=self.timeout_s)
+        except vim.fault.InvalidLogin:
+            raise VSphereError(f"vCenter {c.host}:{c.port} refused the login of {c.username}: "
+                               "wrong user name or password") from None
+        except (ssl.SSLError, vim.fault.SSLVerifyFault, OSError) as exc:
+            raise VSphereError(self._connect_failure(exc)) from None
+        except vmodl.MethodFault as exc:
+            raise VSphereError(f"cannot log in to vCenter {c.host}:{c.port}: {_fault_text(exc)}") from None
+        except Exception as exc:  # pyvmomi raises plain Exception for thumbprint mismatches
+            raise VSphereError(self._connect_failure(exc)) from None
+
+    def _connect_failure(self, exc: Exception) -> str:
+        c = self.connection
+        try:
+            seen = server_thumbprint(c.host, c.port)
+        except OSError as conn_exc:
+            return f"cannot reach vCenter {c.host}:{c.port}: {conn_exc}"
+        if seen != normalize_thumbprint(c.thumbprint):
+            return (f"vCenter {c.host}:{c.port} presented certificate thumbprint {seen}, not the pinned "
+                    f"{normalize_thumbprint(c.thumbprint)}; refusing to connect (update the pinned thumbprint "
+                    "only if you trust this certificate)")
+        return f"cannot connect to vCenter {c.host}:{c.port}: {exc}"
+
+    def close(self) -> None:
+        if self.si is not None:
+            try:
+                Disconnect(self.si)
+            except Exception as exc:  # the session ends with the server anyway
+                log.debug("logout failed: %s", exc)
+            self.si = None
+
+    # Reading -------------------------------------------------------------
+
+    def _retrieve(self, obj_specs, obj_type, paths: list[str]) -> Iterator[tuple[object, dict]]:
+        collector = self.si.content.propertyCollector
+        spec = vmodl.query.PropertyCollector.FilterSpec(
+            objectSet=obj_specs,
+            propSet=[vmodl.query.PropertyCollector.PropertySpec(type=obj_type, pathSet=paths, all=False)],
+        )
+        result = collector.RetrievePropertiesEx([spec], vmodl.query.PropertyCollector.RetrieveOptions())
+        while result is not None:
+            for content in result.objects:
+                yield content.obj, {prop.name: prop.val for prop in content.propSet or []}
+            if not result.token:
+                break
+            result = collector.ContinueRetrievePropertiesEx(result.token)
+
+    def _all_vms(self, paths: list[str]) -> Iterator[tuple[object, dict]]:
+        view = self.si.content.viewManager.CreateContainerView(self.si.content.rootFolder, [vim.VirtualMachine], True)
+        try:
+            traversal = vmodl.query.PropertyCollector.TraversalSpec(
+                name="view", path="view", skip=False, type=vim.view.ContainerView)
+            yield from self._retrieve(
+                [vmodl.query.PropertyCollector.ObjectSpec(obj=view, skip=True, selectSet=[traversal])],
+                vim.VirtualMachine, paths)
+        finally:
+            view.Destroy()
+
+    def _props_of(self, obj, obj_type, paths: list[str]) -> dict:
+        for _, props in self._retrieve([vmodl.query.PropertyCollector.ObjectSpec(obj=obj, skip=False)],
+                                       obj_type, paths):
+            return props
+        raise VSphereError(f"{obj_type.__name__} {obj._moId} not found")
+
+    def vm_ref(self, moref: str):
+        return vim.VirtualMachine(moref, self.si._stub)
+
+    def snapshot_ref(self, moref: str):
+        return vim.vm.Snapshot(moref, self.si._stub)
+
+    def inventory(self, names: list[str] | None = None) -> list[VMInfo]:
+        """Every VM (or the named ones), each with its disks, NICs and snapshots."""
+        try:
+            found = [self._vm_info(obj, props) for obj, props in self._all_vms(VM_PROPERTIES)
+                     if names is None or props.get("name") in names]
+        except vmodl.MethodFault as exc:
+            raise VSphereError(f"reading the inventory failed: {_fault_text(exc)}") from None
+        if names is not None:
+            missing = sorted(set(names) - {vm.name for vm in found})
+            if missing:
+                raise VSphereError(f"no VM named {', '.join(missing)} on vCenter {self.connection.host}")
+        return sorted(found, key=lambda vm: vm.name)
+
+    def vm_info(self, moref: str) -> VMInfo:
+        try:
+            return self._vm_info(self.vm_ref(moref), self._props_of(self.vm_ref(moref), vim.VirtualMachine,
+                                                                   VM_PROPERTIES))
+        except vim.fault.ManagedObjectNotFound:
+            raise VSphereError(f"VM {moref} no longer exists on vCenter {self.connection.host}") from None
+        except vmodl.MethodFault as exc:
+            raise VSphereError(f"reading VM {moref} failed: {_fault_text(exc)}") from None
+
+    @staticmethod
+    def _vm_info(obj, props: dict) -> VMInfo:
+        devices = props.get("config.hardware.device") or []
+        snapshots: list[SnapshotInfo] = []
+        tree = props.get("snapshot")
+        pending = list(tree.rootSnapshotList) if tree is not None and tree.rootSnapshotList else []
+        while pending:
+            node = pending.pop(0)
+            snapshots.append(SnapshotInfo(node.name, node.snapshot._moId))
+            pending.extend(node.childSnapshotList or [])
+        return VMInfo(
+            moref=obj._moId, name=props.get("name", ""), uuid=props.get("config.uuid", "") or "",
+            power_state=str(props.get("runtime.powerState", "") or ""),
+            firmware=props.get("config.firmware", "") or "",
+            guest_os=props.get("config.guestFullName") or props.get("config.guestId") or "",
+            cbt_enabled=bool(props.get("config.changeTrackingEnabled")),
+            disks=disks_of(devices),
+            nics=[{"label": d.deviceInfo.label if d.deviceInfo else "", "mac": d.macAddress or "",
+                   "network": d.deviceInfo.summary if d.deviceInfo else ""}
+                  for d in devices if isinstance(d, vim.vm.device.VirtualEthernetCard)],
+            snapshots=snapshots,
+        )
+
+    def snapshot_disks(self, snapshot_moref: str) -> list[DiskInfo]:
+        """The disks as the snapshot froze them, with their changeIds."""
+        try:
+            props = self._props_of(self.snapshot_ref(snapshot_moref), vim.vm.Snapshot, ["config.hardware.device"])
+        except vmodl.MethodFault as exc:
+            raise VSphereError(f"reading snapshot {snapshot_moref} failed: {_fault_text(exc)}") from None
+        return disks_of(props.get("config.hardware.device") or [])
+
+    def missing_privileges(self, vm_moref: str) -> list[str]:
+        """The privileges replication needs on the VM that this session lacks."""
+        try:
+            session = self.si.content.sessionManager.currentSession.key
+            granted = self.si.content.authorizationManager.HasPrivilegeOnEntity(
+                entity=self.vm_ref(vm_moref), sessionId=session, privId=list(REQUIRED_PRIVILEGES))
+        except vmodl.MethodFault as exc:
+            raise VSphereError(f"checking privileges on {vm_moref} failed: {_fault_text(exc)}") from None
+        return [priv for priv, ok in zip(REQUIRED_PRIVILEGES, granted, strict=True) if not ok]
+
+    # Changing ------------------------------------------------------------
+
+    def _wait(self, task, what: str):
+        try:
+            WaitForTask(task)
+        except vmodl.MethodFault as exc:
+            raise VSphereError(f"{what} failed: {_fault_text(exc)}") from None
+        return task.info.result
+
+    def set_change_tracking(self, vm_moref: str, enabled: bool) -> None:
+        spec = vim.vm.ConfigSpec(changeTrackingEnabled=enabled)
+        self._wait(self.vm_ref(vm_moref).ReconfigVM_Task(spec=spec),
+                   f"{'enabling' if enabled else 'disabling'} changed block tracking on {vm_moref}")
+
+    def enable_change_tracking(self, vm_moref: str) -> list[DiskInfo]:
+        """Turn CBT on and make it start on every disk: tracking begins at the
+        next stun/unstun, so a short snapshot is created and removed. Returns
+        the disks, each with a changeId, or raises if one has none."""
+        self.set_change_tracking(vm_moref, True)
+        snapshot = self.create_snapshot(vm_moref, f"{SNAPSHOT_PREFIX}cbt-start",
+                                        "Starts changed block tracking; removed at once")
+        self.remove_snapshot(snapshot)
+        disks = self.vm_info(vm_moref).disks
+        without = [d.disk_key for d in disks if not d.change_id]
+        if without:
+            raise VSphereError(f"changed block tracking was enabled on {vm_moref} but disks {', '.join(without)} "
+                               "report no changeId")
+        return disks
+
+    def create_snapshot(self, vm_moref: str, name: str, description: str = "") -> str:
+        task = self.vm_ref(vm_moref).CreateSnapshot_Task(name=name, description=description, memory=False,
+                                                          quiesce=False)
+        snapshot = self._wait(task, f"creating snapshot {name} of {vm_moref}")
+        return snapshot._moId
+
+    def remove_snapshot(self, snapshot_moref: str) -> None:
+        try:
+            task = self.snapshot_ref(snapshot_moref).RemoveSnapshot_Task(removeChildren=False, consolidate=True)
+        except vim.fault.ManagedObjectNotFound:
+            return  # already gone: removing is idempotent
+        self._wait(task, f"removing snapshot {snapshot_moref}")
+
+    def changed_areas(self, vm_moref: str, snapshot_moref: str, device_key: int, capacity_bytes: int,
+                      change_id: str) -> ChangedAreas:
+        """QueryChangedDiskAreas paged over the whole disk: the areas changed
+        since `change_id`, or with "*" every allocated area. Any failure is an
+        error: never a silent full copy."""
+        vm, snapshot = self.vm_ref(vm_moref), self.snapshot_ref(snapshot_moref)
+        areas: list[tuple[int, int]] = []
+        offset = 0
+        while offset < capacity_bytes:
+            try:
+                info = vm.QueryChangedDiskAreas(snapshot=snapshot, deviceKey=device_key, startOffset=offset,
+                                                changeId=change_id)
+            except vmodl.MethodFault as exc:
+                raise VSphereError(f"QueryChangedDiskAreas of disk {device_key} of {vm_moref} against changeId "
+                                   f"{change_id} at offset {offset} failed: {_fault_text(exc)}") from None
+            for area in info.changedArea or []:
+                areas.append((area.start, area.length))
+            if info.length <= 0:
+                raise VSphereError(f"QueryChangedDiskAreas of disk {device_key} of {vm_moref} made no progress "
+                                   f"at offset {offset}")
+            offset = info.startOffset + info.length
+        return ChangedAreas(areas)
+
+
+def disks_of(devices) -> list[DiskInfo]:
+    disks = []
+    for device in devices:
+        if not isinstance(device, vim.vm.device.VirtualDisk):
+            continue
+        backing = device.backing
+        capacity = device.capacityInBytes or (device.capacityInKB or 0) * 1024
+        disks.append(DiskInfo(
+            key=device.key, label=device.deviceInfo.label if device.deviceInfo else "",
+            unit_number=device.unitNumber, capacity_bytes=capacity,
+            backing_file=getattr(backing, "fileName", "") or "",
+            disk_mode=getattr(backing, "diskMode", "") or "",
+            sharing=getattr(backing, "sharing", "") or "",
+            is_rdm=isinstance(backing, vim.vm.device.VirtualDisk.RawDiskMappingVer1BackingInfo),
+            change_id=getattr(backing, "changeId", "") or "",
+        ))
+    return sorted(disks, key=lambda d: d.key)
+
+
+OVERRIDE_EXISTING_SNAPSHOTS = "existing-snapshots"
+OVERRIDES = (OVERRIDE_EXISTING_SNAPSHOTS,)
+
+
+def preflight_blockers(vm: VMInfo, overrides: frozenset[str] | set[str] = frozenset()) -> list[str]:
+    """What stops a VM from being replicated by snapshot, each with its reason.
+    CBT off is not a blocker: it is enabled automatically. Snapshots of the
+    operator's (not ours) block unless overridden: a snapshot chain slows
+    the VM and consolidating it later is the operator's call."""
+    blockers = []
+    foreign = [s.name for s in vm.snapshots if job_of_snapshot(s.name) is None]
+    if foreign and OVERRIDE_EXISTING_SNAPSHOTS not in overrides:
+        blockers.append(f"the VM has snapshots ({', '.join(foreign)}); remove them or override with "
+                        f"{OVERRIDE_EXISTING_SNAPSHOTS}")
+    for disk in vm.disks:
+        if disk.is_rdm:
+            blockers.append(f"{disk.disk_key} is a raw device mapping, which snapshots do not cover")
+        elif disk.disk_mode in UNSUPPORTED_DISK_MODES:
+            blockers.append(f"{disk.disk_key} is {disk.disk_mode}, which snapshots do not cover")
+        if disk.sharing and disk.sharing not in ("sharingNone", ""):
+            blockers.append(f"{disk.disk_key} is shared ({disk.sharing}) and cannot be snapshotted")
+    return blockers
