@@ -211,6 +211,7 @@ class ReplicationJob(models.Model):
     snapshot_name = models.CharField(max_length=200, blank=True)
     snapshot_moref = models.CharField(max_length=100, blank=True, help_text="Set while the job's snapshot exists")
     verify = models.BooleanField(default=False, help_text="Read back every copied area before committing")
+    bandwidth_limit_bps = models.BigIntegerField(null=True, blank=True, help_text="Per disk copy; empty: no limit")
     overrides = models.JSONField(default=list, blank=True, help_text="Preflight blockers the operator overrode")
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -56,6 +56,19 @@ def test_copy_onto_a_used_volume_clears_what_the_source_no_longer_has(tmp_path, 
     assert sha256(dst) == sha256(src)
 
 
+def test_full_copy_from_an_area_list_zeroes_the_rest_of_a_used_volume(tmp_path, serve):
+    # A VMware full copy lists the allocated areas ("*"); a volume holding an
+    # older copy must not keep old data outside them.
+    size = 6 * MiB + 4097
+    areas = [(MiB, MiB), (size - 4097, 4097)]
+    src = make_image(tmp_path / "src.img", size, areas, seed=3)
+    dst = make_image(tmp_path / "dst.img", size, [(0, size)], seed=4)
+    result = copy_image(serve("--readonly", "file", str(src)).uri, serve("file", str(dst)).uri, extents=areas,
+                        zero_unlisted=True, chunk_bytes=MiB)
+    assert sha256(dst) == sha256(src)
+    assert result.bytes_allocated == MiB + 4097
+
+
 def test_allocated_chunk_of_zeros_is_written_as_zero_request(tmp_path, serve):
     size = 4 * MiB
     src = tmp_path / "src.img"

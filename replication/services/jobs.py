@@ -17,7 +17,7 @@ from replication.models import JobEvent, ReplicationJob, VirtualMachine, VMDisk
 from replication.services import vmware, volumes
 from replication.services.inventory import is_nbd_uri
 from vma_agent import nbdkit
-from vma_agent.copy import copy_image
+from vma_agent.copy import RateLimit, copy_image
 from vma_agent.progress import CopyProgress
 from vma_agent.reporter import DiskReporter, JobStageReporter, ProgressClient
 
@@ -33,13 +33,17 @@ class CopyAborted(Exception):
 
 
 def start_replication(vm: VirtualMachine, sync_type: str = SyncType.FULL, *, verify: bool = False,
-                      overrides: list[str] | tuple[str, ...] = ()) -> ReplicationJob:
+                      overrides: list[str] | tuple[str, ...] = (),
+                      bandwidth_limit_bps: int | None = None) -> ReplicationJob:
     """Create the job, its disks and their target volumes in one transaction;
     the prepare task is enqueued only once that commits."""
     if sync_type == SyncType.INCREMENTAL and vm.source_kind == SourceKind.IMAGE:
         raise ReplicationError(
             f"VM {vm.name} is an image source without changed-block tracking; only a full copy is possible"
         )
+    if bandwidth_limit_bps is not None and bandwidth_limit_bps <= 0:
+        raise ReplicationError(f"bandwidth limit must be a positive number of bytes per second, not "
+                               f"{bandwidth_limit_bps}")
     unknown = sorted(set(overrides) - set(vmware.OVERRIDES))
     if unknown:
         raise ReplicationError(f"unknown preflight override {', '.join(unknown)}; known: "
@@ -53,7 +57,8 @@ def start_replication(vm: VirtualMachine, sync_type: str = SyncType.FULL, *, ver
         source_disks = list(vm.disks.all())
         if not source_disks:
             raise ReplicationError(f"VM {vm.name} has no disks")
-        job = ReplicationJob.objects.create(vm=vm, sync_type=sync_type, verify=verify, overrides=sorted(overrides))
+        job = ReplicationJob.objects.create(vm=vm, sync_type=sync_type, verify=verify, overrides=sorted(overrides),
+                                            bandwidth_limit_bps=bandwidth_limit_bps)
         JobEvent.objects.create(job=job, status=job.status, stage=job.current_operation)
         for source_disk in source_disks:
             VMDisk.objects.create(
@@ -210,6 +215,7 @@ def copy_disk(disk_id: int, task_id: str = "",
                 result = copy_image(
                     src_uri, volumes.export_uri(disk.target_volume), extents=areas,
                     zero_unlisted=areas is not None and disk.sync_type == SyncType.FULL, verify=job.verify,
+                    limit=RateLimit(job.bandwidth_limit_bps),
                     chunk_bytes=settings.COPY_CHUNK_BYTES, connections=settings.COPY_CONNECTIONS, progress=monitor,
                     progress_interval_s=settings.PROGRESS_REPORT_INTERVAL_S,
                 )

@@ -1,3 +1,4 @@
+import argparse
 import time
 
 from django.core.management.base import BaseCommand, CommandError
@@ -10,6 +11,19 @@ from replication.services.jobs import ReplicationError, start_replication
 from replication.services.vmware import OVERRIDES
 
 POLL_INTERVAL_S = 0.5
+UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def _bytes_per_second(text: str) -> int:
+    value = text.strip().upper().removesuffix("/S").removesuffix("B")
+    unit = value[-1:] if value[-1:] in UNITS else ""
+    try:
+        rate = float(value[: len(value) - len(unit)]) * UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate such as 50M or 1048576") from None
+    if rate <= 0:
+        raise argparse.ArgumentTypeError(f"the rate must be positive, not {text!r}")
+    return int(rate)
 
 
 class Command(BaseCommand):
@@ -24,13 +38,16 @@ class Command(BaseCommand):
                             help="read every copied area back before committing the changeIds")
         parser.add_argument("--allow", action="append", default=[], choices=OVERRIDES, metavar="BLOCKER",
                             help=f"override a preflight blocker ({', '.join(OVERRIDES)})")
+        parser.add_argument("--limit", type=_bytes_per_second, default=None, metavar="RATE",
+                            help="bandwidth limit per disk, bytes per second (suffixes K, M, G: powers of 1024)")
         parser.add_argument("--wait", action="store_true", help="show live progress; exit 0 only if it completed")
         parser.add_argument("--timeout", type=float, default=0, help="with --wait: give up after N seconds")
 
-    def handle(self, name, sync_type, verify, allow, wait, timeout, **options):
+    def handle(self, name, sync_type, verify, allow, limit, wait, timeout, **options):
         vm = vm_named(name, "; register it with add_vm or discover it with discover")
         try:
-            job = start_replication(vm, sync_type or SyncType.FULL, verify=verify, overrides=allow)
+            job = start_replication(vm, sync_type or SyncType.FULL, verify=verify, overrides=allow,
+                                    bandwidth_limit_bps=limit)
         except ReplicationError as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(job.id)

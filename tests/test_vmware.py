@@ -1,0 +1,336 @@
+"""VMware sources end to end: the vCenter simulator (govmomi, built by the
+tests, keeping real disk images per snapshot), pyvmomi, a real Celery
+worker, real nbdkit sources and targets. Data is checked by content: after
+every cycle the target equals the image the snapshot froze."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.core.management import CommandError, call_command
+
+from replication.choices import DiskStatus, JobStatus, SyncType
+from replication.models import ChangeIdRecord, ReplicationJob, SourceDisk, VCenter, VirtualMachine
+from replication.services import vmware as vmware_service
+from replication.services.jobs import start_replication
+from tests.conftest import source_exports_running, wait_for_job
+from tests.helpers import MiB, sha256
+from vma_agent.vmware import VSphereClient, VSphereError
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+BLOCK = 64 * 1024  # the simulator's change-tracking granularity
+USER = "administrator@vsphere.local"
+DISKS = [12 * MiB + 4097, 5 * MiB, 9 * MiB + 511]  # odd sizes: the last blocks are partial
+
+
+def vm_spec(name, capacities=DISKS, cbt=False, **extra):
+    return {"name": name, "cbt": cbt, "firmware": "efi", "guest_id": "otherLinux64Guest",
+            "power_state": "poweredOn", "nics": [{"network": "VM Network", "mac": "00:50:56:aa:bb:01"}],
+            "disks": [{"capacity_bytes": c, "mode": "persistent"} for c in capacities], **extra}
+
+
+@pytest.fixture
+def vcenter(vcsim_factory):
+    """A started simulator recorded as a vCenter; its images live where the
+    agent's image-dir snapshot source looks for them."""
+
+    def start(*vms, name="vc1"):
+        sim = vcsim_factory({"vms": list(vms)}, data_dir=Path(settings.VMA_SNAPSHOT_IMAGE_DIR) / name)
+        record = vmware_service.register_vcenter(name, sim.host, USER, sim.thumbprint, port=sim.port,
+                                                 password_file=str(sim.password_file))
+        return sim, record
+
+    return start
+
+
+def write(path, offset, data: bytes):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def fill(path, ranges, seed):
+    rng = __import__("random").Random(seed)
+    for offset, length in ranges:
+        write(path, offset, rng.randbytes(length))
+
+
+def snapshots_of(record: VCenter, moref: str) -> list[str]:
+    with vmware_service.client_for(record) as client:
+        return [s.name for s in client.vm_info(moref).snapshots]
+
+
+def replicate(vm, sync_type=SyncType.FULL, **kwargs) -> ReplicationJob:
+    job = wait_for_job(start_replication(vm, sync_type, **kwargs).id, timeout=120)
+    deadline = time.monotonic() + 10
+    while source_exports_running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert source_exports_running() == []
+    return job
+
+
+def assert_targets_equal_sources(job, live_images):
+    for disk in job.disks.order_by("disk_key"):
+        assert sha256(disk.target_volume.path) == sha256(live_images[str(disk.source_disk.device_key)]), disk
+
+
+def test_discovery_records_a_three_disk_vm(vcenter):
+    sim, record = vcenter(vm_spec("web01"), vm_spec("db01", capacities=[MiB], cbt=True))
+    out = _call("discover", "--vcenter", "vc1", "--json")
+    vms = {vm["name"]: vm for vm in json.loads(out)}
+    assert set(vms) >= {"web01", "db01"}
+    web = vms["web01"]
+    assert web["moref"] == sim.vms["web01"]["moref"]
+    assert web["uuid"] == sim.vms["web01"]["uuid"]
+    assert web["power_state"] == "poweredOn" and web["firmware"] == "efi"
+    assert web["cbt_enabled"] is False and vms["db01"]["cbt_enabled"] is True
+    assert [n["mac"] for n in web["nics"]] == ["00:50:56:aa:bb:01"]
+    assert web["snapshots"] == []
+    assert [(d["disk_key"], d["device_key"], d["unit_number"], d["capacity_bytes"], d["disk_mode"])
+            for d in web["disks"]] == [
+        ("disk-2000", 2000, 0, DISKS[0], "persistent"), ("disk-2001", 2001, 1, DISKS[1], "persistent"),
+        ("disk-2002", 2002, 2, DISKS[2], "persistent")]
+    assert all(d["backing_file"].startswith("[") and d["backing_file"].endswith(".vmdk") for d in web["disks"])
+    # Discovering again updates in place.
+    _call("discover", "--vcenter", "vc1", "--vm", "web01")
+    assert VirtualMachine.objects.filter(name="web01").count() == 1
+    assert SourceDisk.objects.filter(vm__name="web01").count() == 3
+
+
+def test_the_password_never_reaches_the_database_or_a_wrong_thumbprint_or_password(vcenter, tmp_path):
+    sim, record = vcenter(vm_spec("web01", capacities=[MiB]))
+    password = sim.password_file.read_text()
+    record.refresh_from_db()
+    assert password not in json.dumps([str(getattr(record, f.attname)) for f in record._meta.fields])
+    bad = tmp_path / "bad"
+    bad.write_text("not-the-password")
+    with pytest.raises(VSphereError, match="refused the login"):
+        vmware_service.register_vcenter("vc-bad-pw", sim.host, USER, sim.thumbprint, port=sim.port,
+                                        password_file=str(bad))
+    wrong = "AB:" * 19 + "CD"
+    with pytest.raises(VSphereError, match=f"presented certificate thumbprint {sim.thumbprint}"):
+        vmware_service.register_vcenter("vc-bad-tp", sim.host, USER, wrong, port=sim.port,
+                                        password_file=str(sim.password_file))
+    assert not VCenter.objects.filter(name__startswith="vc-bad").exists()
+
+
+def test_full_copy_then_three_incrementals_match_every_snapshot(celery_worker_process, vcenter):
+    sim, record = vcenter(vm_spec("web01"))
+    live = sim.vms["web01"]["disks"]
+    fill(live["2000"], [(0, 3 * MiB), (DISKS[0] - 4097, 4097)], seed=1)
+    fill(live["2001"], [(MiB, 200_000)], seed=2)
+    fill(live["2002"], [(4 * MiB + 7, 10_000)], seed=3)
+    (vm,) = vmware_service.discover(record, ["web01"])
+    assert vm.cbt_enabled is False
+
+    # Full copy: CBT is enabled automatically and every disk gets a changeId.
+    job = replicate(vm)
+    assert job.status == JobStatus.COMPLETED, job.error_message
+    assert job.progress_percent == 100.0
+    vm.refresh_from_db()
+    assert vm.cbt_enabled is True
+    assert "changed block tracking enabled" in " ".join(job.events.values_list("message", flat=True))
+    assert_targets_equal_sources(job, live)
+    committed = dict(SourceDisk.objects.filter(vm=vm).values_list("disk_key", "change_id"))
+    assert all(committed.values()) and len(set(committed.values())) == 3
+    assert snapshots_of(record, vm.moref) == []
+
+    # Cycle 1: the last byte of disk 2000 and a block of 2002; 2001 unchanged.
+    write(live["2000"], DISKS[0] - 1, b"\xff")
+    fill(live["2002"], [(2 * MiB + 100, 5)], seed=4)
+    job = replicate(vm, SyncType.INCREMENTAL)
+    assert job.status == JobStatus.COMPLETED, job.error_message
+    assert job.progress_percent == 100.0
+    disks = {d.disk_key: d for d in job.disks.all()}
+    assert {d.sync_type for d in disks.values()} == {SyncType.INCREMENTAL}
+    assert disks["disk-2000"].bytes_total == DISKS[0] % BLOCK  # only the partial last block
+    assert disks["disk-2001"].bytes_total == 0 and disks["disk-2001"].status == DiskStatus.COMPLETED
+    assert disks["disk-2002"].bytes_total == BLOCK
+    assert_targets_equal_sources(job, live)
+
+    # Cycle 2: data spanning blocks, and zeros over data (a trim).
+    fill(live["2001"], [(BLOCK - 10, BLOCK + 20)], seed=5)
+    write(live["2000"], MiB, bytes(2 * BLOCK))
+    job = replicate(vm, SyncType.INCREMENTAL)
+    assert job.status == JobStatus.COMPLETED, job.error_message
+    disks = {d.disk_key: d for d in job.disks.all()}
+    assert disks["disk-2001"].bytes_total == 3 * BLOCK
+    assert disks["disk-2000"].bytes_total == 2 * BLOCK
+    assert disks["disk-2002"].bytes_total == 0
+    assert_targets_equal_sources(job, live)
+
+    # Cycle 3: nothing changed at all still ends at 100 %.
+    job = replicate(vm, SyncType.INCREMENTAL)
+    assert job.status == JobStatus.COMPLETED and job.progress_percent == 100.0
+    assert job.total_bytes == 0
+    assert_targets_equal_sources(job, live)
+
+    history = ChangeIdRecord.objects.filter(source_disk__vm=vm)
+    assert history.count() == 3 * 4
+    for disk in SourceDisk.objects.filter(vm=vm):
+        records = list(history.filter(source_disk=disk).order_by("id"))
+        assert records[-1].change_id == disk.change_id
+        # Each incremental was computed against the changeId the previous cycle committed.
+        assert [r.previous_change_id for r in records[1:]] == [r.change_id for r in records[:-1]]
+    assert snapshots_of(record, vm.moref) == []
+
+
+def test_a_cbt_reset_forces_a_full_copy_with_the_reason(celery_worker_process, vcenter):
+    sim, record = vcenter(vm_spec("app01", capacities=[6 * MiB + 1, 2 * MiB]))
+    live = sim.vms["app01"]["disks"]
+    fill(live["2000"], [(0, MiB)], seed=1)
+    (vm,) = vmware_service.discover(record, ["app01"])
+    assert replicate(vm).status == JobStatus.COMPLETED
+    with vmware_service.client_for(record) as client:
+        client.set_change_tracking(vm.moref, False)
+        client.set_change_tracking(vm.moref, True)
+    fill(live["2001"], [(MiB, 5000)], seed=2)
+
+    job = replicate(vm, SyncType.INCREMENTAL)
+    assert job.status == JobStatus.COMPLETED, job.error_message
+    for disk in job.disks.all():
+        assert disk.sync_type == SyncType.FULL
+        assert "changed block tracking was reset" in disk.full_copy_reason
+    assert_targets_equal_sources(job, live)
+    assert ChangeIdRecord.objects.filter(job=job, note__contains="reset").count() == 2
+
+
+def test_an_unreadable_previous_change_id_fails_the_job_instead_of_copying_everything(
+        celery_worker_process, vcenter):
+    sim, record = vcenter(vm_spec("app02", capacities=[2 * MiB]))
+    (vm,) = vmware_service.discover(record, ["app02"])
+    assert replicate(vm).status == JobStatus.COMPLETED
+    disk = SourceDisk.objects.get(vm=vm)
+    bogus = disk.change_id.rsplit("/", 1)[0] + "/999"  # same epoch: not a reset, just unknown
+    SourceDisk.objects.filter(pk=disk.pk).update(change_id=bogus)
+
+    job = replicate(vm, SyncType.INCREMENTAL)
+    assert job.status == JobStatus.FAILED
+    assert "QueryChangedDiskAreas" in job.error_message and bogus in job.error_message
+    assert job.disks.get().bytes_done == 0
+    assert SourceDisk.objects.get(pk=disk.pk).change_id == bogus
+    _wait_for_no_snapshots(record, vm.moref)
+
+
+def test_a_failure_mid_copy_removes_the_snapshot_and_advances_no_change_id(celery_worker_process, vcenter):
+    sim, record = vcenter(vm_spec("app03", capacities=[24 * MiB, 2 * MiB]))
+    live = sim.vms["app03"]["disks"]
+    fill(live["2000"], [(0, 24 * MiB)], seed=1)
+    fill(live["2001"], [(0, MiB)], seed=2)
+    (vm,) = vmware_service.discover(record, ["app03"])
+    assert replicate(vm).status == JobStatus.COMPLETED
+    before = dict(SourceDisk.objects.filter(vm=vm).values_list("disk_key", "change_id"))
+    history_before = ChangeIdRecord.objects.count()
+    fill(live["2000"], [(0, 24 * MiB)], seed=3)  # everything changes: a slow incremental
+    fill(live["2001"], [(0, 4096)], seed=4)
+
+    job = start_replication(vm, SyncType.INCREMENTAL, bandwidth_limit_bps=2 * MiB)
+    disk = job.disks.get(disk_key="disk-2000")
+    deadline = time.monotonic() + 60
+    while not _source_export_of(disk.job_id) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # well into the copy
+    pids = _source_export_of(job.id)
+    assert pids, "the copy's source export never started"
+    for pid in pids:
+        os.kill(pid, 9)
+
+    job = wait_for_job(job.id, timeout=60)
+    assert job.status == JobStatus.FAILED
+    assert "disk-2000" in job.error_message and "offset" in job.error_message
+    assert dict(SourceDisk.objects.filter(vm=vm).values_list("disk_key", "change_id")) == before
+    assert ChangeIdRecord.objects.count() == history_before
+    _wait_for_no_snapshots(record, vm.moref)
+
+    # A later run copies every change (against the old changeId) and matches.
+    job = replicate(vm, SyncType.INCREMENTAL)
+    assert job.status == JobStatus.COMPLETED, job.error_message
+    assert job.disks.get(disk_key="disk-2000").bytes_total == 24 * MiB
+    assert_targets_equal_sources(job, live)
+
+
+def test_preflight_blocks_independent_disks_and_operator_snapshots_unless_overridden(
+        celery_worker_process, vcenter):
+    sim, record = vcenter(
+        {**vm_spec("indep01", capacities=[MiB]),
+         "disks": [{"capacity_bytes": MiB, "mode": "persistent"},
+                   {"capacity_bytes": MiB, "mode": "independent_persistent"}]},
+        vm_spec("snapped01", capacities=[MiB]),
+    )
+    indep, snapped = vmware_service.discover(record, ["indep01", "snapped01"])
+    job = replicate(indep)
+    assert job.status == JobStatus.FAILED
+    assert "preflight" in job.error_message and "disk-2001 is independent_persistent" in job.error_message
+    assert snapshots_of(record, indep.moref) == []
+
+    with vmware_service.client_for(record) as client:
+        client.create_snapshot(snapped.moref, "before-upgrade")
+    job = replicate(snapped)
+    assert job.status == JobStatus.FAILED
+    assert "before-upgrade" in job.error_message and "existing-snapshots" in job.error_message
+
+    job = replicate(snapped, overrides=["existing-snapshots"])
+    assert job.status == JobStatus.COMPLETED, job.error_message
+    assert snapshots_of(record, snapped.moref) == ["before-upgrade"]  # the operator's stays
+
+
+def test_sweeper_removes_orphaned_job_snapshots_only(vcenter):
+    sim, record = vcenter(vm_spec("web02", capacities=[MiB]))
+    (vm,) = vmware_service.discover(record, ["web02"])
+    with vmware_service.client_for(record) as client:
+        client.create_snapshot(vm.moref, "oma-repl-job-20260101-000000.000-abcdef")
+        client.create_snapshot(vm.moref, "nightly-backup")
+    out = _call("sweep_snapshots", "--vcenter", "vc1")
+    assert "removed vc1/web02/oma-repl-job-20260101-000000.000-abcdef" in out
+    assert "1 orphaned snapshots removed" in out
+    assert snapshots_of(record, vm.moref) == ["nightly-backup"]
+
+
+def test_commands_refuse_bad_input_with_the_reason(vcenter, tmp_path):
+    with pytest.raises(CommandError, match="no vCenter named 'nowhere'"):
+        call_command("discover", "--vcenter", "nowhere")
+    with pytest.raises(CommandError, match="not a SHA-1 thumbprint"):
+        call_command("add_vcenter", "vcx", "--host", "127.0.0.1", "--user", "u", "--password-file",
+                     str(tmp_path / "pw"), "--thumbprint", "xyz")
+    with pytest.raises(CommandError, match="cannot read the password"):
+        call_command("add_vcenter", "vcx", "--host", "127.0.0.1", "--user", "u", "--password-file",
+                     str(tmp_path / "missing"), "--thumbprint", "AB" * 20)
+    assert not VCenter.objects.exists()
+
+
+def _call(*args) -> str:
+    from io import StringIO
+
+    out = StringIO()
+    call_command(*args, stdout=out)
+    return out.getvalue()
+
+
+def _source_export_of(job_id: str) -> list[int]:
+    """Pids of the nbdkit serving one of the job's snapshot disks."""
+    job = ReplicationJob.objects.get(pk=job_id)
+    if not job.snapshot_moref:
+        return []
+    import subprocess
+
+    out = subprocess.run(["pgrep", "-f", f"snapshots/{job.snapshot_moref}/2000.img"], capture_output=True,
+                         text=True).stdout
+    return [int(pid) for pid in out.split()]
+
+
+def _wait_for_no_snapshots(record, moref, timeout=30):
+    deadline = time.monotonic() + timeout
+    while (left := snapshots_of(record, moref)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left == []
+
+
+def test_vsphere_client_reports_a_vanished_vm(vcenter):
+    sim, record = vcenter(vm_spec("web03", capacities=[MiB]))
+    with pytest.raises(VSphereError, match="vm-99999"):
+        with VSphereClient(vmware_service.connection_for(record)) as client:
+            client.vm_info("vm-99999")
