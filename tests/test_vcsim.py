@@ -301,3 +301,23 @@ def test_rdm_and_shared_disks_show_in_the_inventory(vcsim_factory, session):
     reconfigure_cbt(vm, True)
     disks = disks_of(vm.config.hardware.device)
     assert isinstance(disks[2000].backing, vim.vm.device.VirtualDisk.RawDiskMappingVer1BackingInfo)
+
+
+def test_snapshot_tree_follows_creates_and_removes(vcsim_factory, session):
+    sim = vcsim_factory(spec(cbt=True))
+    si = session(sim)
+    vm = vim.VirtualMachine(sim.vms["web01"]["moref"], si._stub)
+    s1 = snapshot(vm, "s1")
+    s2 = snapshot(vm, "s2")
+    tree = vm.snapshot.rootSnapshotList
+    assert [n.name for n in tree] == ["s1"] and [n.name for n in tree[0].childSnapshotList] == ["s2"]
+    assert vm.snapshot.currentSnapshot == s2
+    ids = {d.backing.changeId.rsplit("/", 1)[1] for d in disks_of(s2.config.hardware.device).values()}
+    assert ids == {"2"}
+    remove(s1, vm)  # its child moves up
+    assert [n.name for n in vm.snapshot.rootSnapshotList] == ["s2"]
+    assert vm.snapshot.currentSnapshot == s2
+    snaps = Path(sim.data_dir) / "vms" / sim.vms["web01"]["moref"] / "snapshots"
+    assert sorted(os.listdir(snaps)) == [s2._moId]
+    WaitForTask(vm.RemoveAllSnapshots_Task())
+    assert vm.snapshot is None and os.listdir(snaps) == []
