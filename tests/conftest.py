@@ -183,3 +183,22 @@ def progress_poller(vma_server):
     poller = PollerThread().start()
     yield poller
     poller.stop()
+
+
+@pytest.fixture
+def vcsim_factory(tmp_path):
+    """Start test vCenters: vcsim_factory(spec, **kwargs) -> a running
+    tests.vcsim.VCenterSimulator (kwargs as VCenterSimulator.start); all are
+    stopped at teardown."""
+    from tests.vcsim import VCenterSimulator
+
+    started = []
+
+    def start(spec: dict, **kwargs):
+        sim = VCenterSimulator.start(tmp_path / f"vcsim{len(started)}", spec, **kwargs)
+        started.append(sim)
+        return sim
+
+    yield start
+    for sim in started:
+        sim.stop()
