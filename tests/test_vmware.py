@@ -136,7 +136,7 @@ def test_full_copy_then_three_incrementals_match_every_snapshot(celery_worker_pr
     assert "changed block tracking enabled" in " ".join(job.events.values_list("message", flat=True))
     assert_targets_equal_sources(job, live)
     committed = dict(SourceDisk.objects.filter(vm=vm).values_list("disk_key", "change_id"))
-    assert all(committed.values()) and len(set(committed.values())) == 3
+    assert set(committed) == {"disk-2000", "disk-2001", "disk-2002"} and all(committed.values())
     assert snapshots_of(record, vm.moref) == []
 
     # Cycle 1: the last byte of disk 2000 and a block of 2002; 2001 unchanged.

@@ -93,12 +93,13 @@ class VCenterSimulator:
 
     @classmethod
     def start(cls, tmpdir, spec: dict, username: str = "administrator@vsphere.local",
-              password: str = "vcsim-Secret-1", cbt_page_bytes: int | None = None) -> "VCenterSimulator":
+              password: str = "vcsim-Secret-1", cbt_page_bytes: int | None = None,
+              data_dir: Path | None = None) -> "VCenterSimulator":
         binary = build()
         root = Path(tmpdir)
         root.mkdir(parents=True, exist_ok=True)
-        data_dir = root / "data"
-        data_dir.mkdir(exist_ok=True)
+        data_dir = Path(data_dir) if data_dir is not None else root / "data"
+        data_dir.mkdir(parents=True, exist_ok=True)
         spec_path = root / "spec.json"
         spec_path.write_text(json.dumps(spec))
         password_file = root / "password"

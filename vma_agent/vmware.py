@@ -15,13 +15,14 @@ import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from pyVim.connect import Disconnect, SmartConnect
+from pyVim.connect import Connect, Disconnect
 from pyVim.task import WaitForTask
 from pyVmomi import vim, vmodl
 
 log = logging.getLogger(__name__)
 
 SNAPSHOT_PREFIX = "oma-repl-"
+API_VERSION = "vim.version.v7_0"
 VM_PROPERTIES = [
     "name", "config.uuid", "config.hardware.device", "config.changeTrackingEnabled", "config.firmware",
     "config.guestId", "config.guestFullName", "runtime.powerState", "snapshot",
@@ -154,12 +155,16 @@ class VSphereClient:
         c = self.connection
         expected = normalize_thumbprint(c.thumbprint)
         try:
-            self.si = SmartConnect(host=c.host, port=c.port, user=c.username, pwd=c.password,
-                                   thumbprint=expected, connectionPoolTimeout=self.timeout_s)
+            # A verifying context: pyvmomi compares the pinned thumbprint only
+            # when normal verification fails (a self-signed or VMCA-issued
+            # certificate), and skips both for localhost without one.
+            self.si = Connect(host=c.host, port=c.port, user=c.username, pwd=c.password, thumbprint=expected,
+                              sslContext=ssl.create_default_context(), version=API_VERSION,
+                              connectionPoolTimeout=self.timeout_s)
         except vim.fault.InvalidLogin:
             raise VSphereError(f"vCenter {c.host}:{c.port} refused the login of {c.username}: "
                                "wrong user name or password") from None
-        except (ssl.SSLError, vim.fault.SSLVerifyFault, OSError) as exc:
+        except (ssl.SSLError, vim.fault.SSLVerifyFault, vim.fault.HostConnectFault, OSError) as exc:
             raise VSphereError(self._connect_failure(exc)) from None
         except vmodl.MethodFault as exc:
             raise VSphereError(f"cannot log in to vCenter {c.host}:{c.port}: {_fault_text(exc)}") from None
@@ -242,7 +247,7 @@ class VSphereClient:
         try:
             return self._vm_info(self.vm_ref(moref), self._props_of(self.vm_ref(moref), vim.VirtualMachine,
                                                                    VM_PROPERTIES))
-        except vim.fault.ManagedObjectNotFound:
+        except vmodl.fault.ManagedObjectNotFound:
             raise VSphereError(f"VM {moref} no longer exists on vCenter {self.connection.host}") from None
         except vmodl.MethodFault as exc:
             raise VSphereError(f"reading VM {moref} failed: {_fault_text(exc)}") from None
@@ -326,7 +331,7 @@ class VSphereClient:
     def remove_snapshot(self, snapshot_moref: str) -> None:
         try:
             task = self.snapshot_ref(snapshot_moref).RemoveSnapshot_Task(removeChildren=False, consolidate=True)
-        except vim.fault.ManagedObjectNotFound:
+        except vmodl.fault.ManagedObjectNotFound:
             return  # already gone: removing is idempotent
         self._wait(task, f"removing snapshot {snapshot_moref}")
 

@@ -102,15 +102,13 @@ def _record_vm(vcenter: VCenter, info: vmware.VMInfo, agent: str) -> VirtualMach
     if clash is not None:
         raise VCenterConfigError(f"VM {info.name} ({info.moref}) clashes with the recorded VM {clash.name} "
                                  f"({clash.source_kind} {clash.moref or ''}); rename one of them")
+    found = dict(name=info.name, source_kind=SourceKind.VMWARE, vm_uuid=info.uuid, cbt_enabled=info.cbt_enabled,
+                 power_state=info.power_state, firmware=info.firmware, guest_os=info.guest_os, nics=info.nics,
+                 snapshots=[{"name": s.name, "moref": s.moref} for s in info.snapshots],
+                 discovered_at=timezone.now())
+    # A rediscovery keeps the agent the operator chose.
     vm, created = VirtualMachine.objects.update_or_create(
-        vcenter=vcenter, moref=info.moref,
-        defaults=dict(name=info.name, source_kind=SourceKind.VMWARE, vm_uuid=info.uuid,
-                      cbt_enabled=info.cbt_enabled, power_state=info.power_state, firmware=info.firmware,
-                      guest_os=info.guest_os, nics=info.nics,
-                      snapshots=[{"name": s.name, "moref": s.moref} for s in info.snapshots],
-                      discovered_at=timezone.now()),
-        create_defaults=dict(agent=agent),
-    )
+        vcenter=vcenter, moref=info.moref, defaults=found, create_defaults={**found, "agent": agent})
     for disk in info.disks:
         SourceDisk.objects.update_or_create(
             vm=vm, disk_key=disk.disk_key,
