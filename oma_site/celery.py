@@ -1,6 +1,6 @@
 import os
 
-from celery import Celery
+from celery import Celery, signals
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "oma_site.settings")
 
@@ -8,3 +8,11 @@ app = Celery("oma_site")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 
+
+
+@signals.worker_ready.connect
+def _sweep_on_start(**kwargs):
+    """A worker starting after a crash removes what its dead predecessor left."""
+    from replication.services import sweeper
+
+    sweeper.sweep()

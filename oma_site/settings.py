@@ -97,9 +97,17 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_SEND_SENT_EVENT = True
-# A disk copy can run for hours; Redis must not redeliver it meanwhile.
+# A disk copy can run for hours; Redis must not redeliver it meanwhile. A
+# copy whose worker died is not left to this timeout: the reaper hands it to
+# a new task within HEARTBEAT_TIMEOUT_S + REAPER_INTERVAL_S, and a late
+# redelivery only loses the claim.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 12 * 3600}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_CONNECTION_MAX_RETRIES = None  # a restarting Redis: keep trying
+# Publishing (the next step of a job) rides out a Redis restart of a few
+# seconds; beyond that the reaper requeues what was lost.
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 20, "interval_start": 0.2, "interval_step": 0.5,
+                                    "interval_max": 2.0}
 
 # --- Replication ------------------------------------------------------------
 VMA_URL = env("VMA_URL", default="http://127.0.0.1:8000")
@@ -113,6 +121,24 @@ COPY_CHUNK_BYTES = env.int("COPY_CHUNK_BYTES", default=1024 * 1024)
 COPY_CONNECTIONS = env.int("COPY_CONNECTIONS", default=4)
 # Copy-loop progress cadence (the seeds': every N seconds or 1 % of a disk).
 PROGRESS_REPORT_INTERVAL_S = env.float("PROGRESS_REPORT_INTERVAL_S", default=2.0)
+# The copy's committed cursor is written to the database this often: what a
+# resumed run copies again is at most this much time of copying.
+COPY_CHECKPOINT_INTERVAL_S = env.float("COPY_CHECKPOINT_INTERVAL_S", default=5.0)
+# Runs of one disk's copy (worker lost, handed over) before the job fails.
+COPY_MAX_ATTEMPTS = env.int("COPY_MAX_ATTEMPTS", default=5)
+# A copy keeps going through a database outage this long (MariaDB restarting),
+# then stops with its cursor committed and its task retries, with exponential
+# backoff and jitter, at most COPY_TASK_MAX_RETRIES times.
+DB_OUTAGE_TOLERANCE_S = env.float("DB_OUTAGE_TOLERANCE_S", default=30.0)
+COPY_TASK_MAX_RETRIES = env.int("COPY_TASK_MAX_RETRIES", default=8)
+COPY_RETRY_BACKOFF_S = env.int("COPY_RETRY_BACKOFF_S", default=2)
+COPY_RETRY_BACKOFF_MAX_S = env.int("COPY_RETRY_BACKOFF_MAX_S", default=120)
+# Time limits of a copy task: base + capacity at the slowest rate worth
+# waiting for; the soft limit fails the disk with the reason, the hard one
+# (soft + grace) kills a copy stuck in C.
+COPY_TIME_LIMIT_BASE_S = env.float("COPY_TIME_LIMIT_BASE_S", default=600.0)
+COPY_MIN_THROUGHPUT_BPS = env.float("COPY_MIN_THROUGHPUT_BPS", default=5 * 1024 * 1024)
+COPY_TIME_LIMIT_GRACE_S = env.float("COPY_TIME_LIMIT_GRACE_S", default=300.0)
 
 # --- VMware sources ---------------------------------------------------------
 VCENTER_TIMEOUT_S = env.float("VCENTER_TIMEOUT_S", default=60.0)

@@ -30,5 +30,6 @@ if os.environ.get("OMA_TEST_WORKER"):
     _db["NAME"] = _db.get("TEST", {}).get("NAME") or f"test_{_db['NAME']}"
 
 # Short heartbeats so a copy notices its job's end quickly in tests.
-HEARTBEAT_INTERVAL_S = 0.25
+HEARTBEAT_INTERVAL_S = env.float("HEARTBEAT_INTERVAL_S", default=0.25)
+COPY_CHECKPOINT_INTERVAL_S = env.float("COPY_CHECKPOINT_INTERVAL_S", default=0.5)
 TASK_EVENT_INTERVAL_S = 0.25

@@ -4,11 +4,15 @@ racing on one row cannot both win, and terminal states stay final."""
 
 from __future__ import annotations
 
+import os
 import secrets
+import socket
 import uuid
 from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.db import connection, models, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from replication.choices import (
@@ -36,6 +40,11 @@ def new_job_id() -> str:
     """The seeds' form: job-YYYYMMDD-HHMMSS.mmm-xxxxxx."""
     now = timezone.now()
     return f"job-{now:%Y%m%d-%H%M%S}.{now.microsecond // 1000:03d}-{secrets.token_hex(3)}"
+
+
+def worker_id() -> str:
+    """Who runs a copy: host and process, so an operator can find it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def transfer_percent(bytes_done: int, bytes_total: int) -> float:
@@ -389,7 +398,12 @@ class VMDisk(models.Model):
     bytes_zeroed = models.BigIntegerField(default=0)
     progress_percent = models.FloatField(default=0.0)
     throughput_bps = models.BigIntegerField(default=0)
-    attempts = models.PositiveIntegerField(default=0)
+    attempts = models.PositiveIntegerField(default=0, help_text="Copy runs claimed so far; the newest one's number "
+                                                                "fences the older ones' writes")
+    worker = models.CharField(max_length=200, blank=True,
+                              help_text="hostname:pid of the copy holding the claim; empty while (re)queued")
+    checkpoint_bytes = models.BigIntegerField(
+        default=0, help_text="Committed cursor: everything below it is written and flushed; a new run resumes here")
     error_message = models.TextField(blank=True)
     celery_task_id = models.CharField(max_length=64, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -408,30 +422,92 @@ class VMDisk(models.Model):
     def __str__(self):
         return f"{self.job_id}/{self.disk_key}"
 
-    def transition(self, to: DiskStatus, **fields) -> bool:
+    def transition(self, to: DiskStatus, attempt: int | None = None, **fields) -> bool:
+        """Move to `to` if allowed from the stored status; with `attempt`, only
+        while that copy run still holds the claim (a run that was taken over
+        must not end the disk its successor is copying)."""
         fields.setdefault("updated_at", timezone.now())
         if to in DISK_TERMINAL:
             fields.setdefault("completed_at", timezone.now())
-        moved = VMDisk.objects.filter(
-            pk=self.pk, status__in=sources_of(DISK_TRANSITIONS, to)
-        ).update(status=to, **fields)
+        rows = VMDisk.objects.filter(pk=self.pk, status__in=sources_of(DISK_TRANSITIONS, to))
+        if attempt is not None:
+            rows = rows.filter(attempts=attempt).exclude(worker="")
+        moved = rows.update(status=to, **fields)
         self.refresh_from_db()
         return bool(moved)
 
-    def claim(self, task_id: str = "") -> bool:
-        """Take this disk for copying; a second delivery of its task loses."""
+    def claim(self, task_id: str = "", worker: str = "") -> bool:
+        """Take this disk for copying, in one conditional UPDATE: a pending
+        disk; a copying disk handed to this task by the reaper (worker empty,
+        task id ours); or a copying disk whose run went silent (heartbeat
+        older than HEARTBEAT_TIMEOUT_S). A second delivery of a task, or any
+        task for a disk that is being copied or is finished, loses."""
         now = timezone.now()
-        return self.transition(
-            DiskStatus.COPYING, attempts=models.F("attempts") + 1, started_at=now, heartbeat_at=now,
-            current_operation=Stage.INITIALIZING, celery_task_id=task_id,
+        stale = now - timedelta(seconds=settings.HEARTBEAT_TIMEOUT_S)
+        claimable = (Q(status=DiskStatus.PENDING)
+                     | Q(status=DiskStatus.COPYING, worker="", celery_task_id=task_id)
+                     | Q(status=DiskStatus.COPYING, heartbeat_at__lt=stale))
+        worker = worker or worker_id()
+        moved = VMDisk.objects.filter(claimable, pk=self.pk).update(
+            status=DiskStatus.COPYING, attempts=models.F("attempts") + 1, worker=worker, started_at=now,
+            heartbeat_at=now, current_operation=Stage.INITIALIZING, celery_task_id=task_id, updated_at=now,
         )
+        self.refresh_from_db()
+        if moved:
+            CopyAttempt.objects.create(disk=self, number=self.attempts, worker=worker, task_id=task_id,
+                                       started_at=now, resumed_from=self.checkpoint_bytes)
+        return bool(moved)
+
+    def hand_over(self, task_id: str) -> bool:
+        """The reaper gives a silent copy to a new task: the old run loses its
+        claim (its next heartbeat fails and it stops), the new task may claim
+        it before the heartbeat would count as stale. A fresh heartbeat stamp
+        keeps the reaper from handing it over again meanwhile."""
+        now = timezone.now()
+        moved = VMDisk.objects.filter(pk=self.pk, status=DiskStatus.COPYING, attempts=self.attempts,
+                                      heartbeat_at=self.heartbeat_at).update(
+            worker="", celery_task_id=task_id, heartbeat_at=now, updated_at=now)
+        if moved:
+            CopyAttempt.objects.filter(disk=self, number=self.attempts, ended_at__isnull=True).update(
+                ended_at=now, outcome=CopyAttempt.Outcome.LOST)
+        self.refresh_from_db()
+        return bool(moved)
+
+    def release_for_retry(self) -> bool:
+        """This run stops for a retry of its own task (same task id): hand the
+        claim to it at once instead of making it wait for a stale heartbeat."""
+        return bool(VMDisk.objects.filter(pk=self.pk, status=DiskStatus.COPYING, attempts=self.attempts,
+                                          worker=self.worker).update(worker="", updated_at=timezone.now()))
 
     def beat(self) -> bool:
         """Stamp the copy's heartbeat; False when the copy should stop because
-        the disk or its job is no longer running."""
+        the disk or its job is no longer running, or another run took it over."""
         alive_jobs = ReplicationJob.objects.filter(pk=self.job_id, status__in=JOB_ACTIVE)
-        return bool(VMDisk.objects.filter(pk=self.pk, status=DiskStatus.COPYING,
-                                          job__in=alive_jobs).update(heartbeat_at=timezone.now()))
+        rows = VMDisk.objects.filter(pk=self.pk, status=DiskStatus.COPYING, job__in=alive_jobs)
+        if self.worker:
+            rows = rows.filter(attempts=self.attempts, worker=self.worker)
+        return bool(rows.update(heartbeat_at=timezone.now()))
+
+    def holds_claim(self) -> bool:
+        return VMDisk.objects.filter(pk=self.pk, status=DiskStatus.COPYING, attempts=self.attempts,
+                                     worker=self.worker).exists()
+
+    def commit_checkpoint(self, cursor: int, bytes_read: int) -> bool:
+        """Persist the engine's committed cursor (never backwards) while this
+        run holds the claim, and what this run has read so far."""
+        now = timezone.now()
+        moved = VMDisk.objects.filter(pk=self.pk, status=DiskStatus.COPYING, attempts=self.attempts,
+                                      worker=self.worker, checkpoint_bytes__lte=cursor).update(
+            checkpoint_bytes=cursor, heartbeat_at=now)
+        CopyAttempt.objects.filter(disk_id=self.pk, number=self.attempts).update(
+            checkpoint_bytes=cursor, bytes_read=bytes_read, last_seen_at=now)
+        return bool(moved)
+
+    def end_attempt(self, outcome: str, bytes_read: int | None = None, reason: str = "") -> None:
+        fields = {"ended_at": timezone.now(), "outcome": outcome, "reason": reason[:2000]}
+        if bytes_read is not None:
+            fields["bytes_read"] = bytes_read
+        CopyAttempt.objects.filter(disk_id=self.pk, number=self.attempts, ended_at__isnull=True).update(**fields)
 
     @classmethod
     def apply_progress_of(cls, updates: list[dict], at) -> int:
@@ -454,19 +530,21 @@ class VMDisk(models.Model):
         return _update_rows(cls, _db_values(rows), f"status = %s AND ({newer})",
                             (DiskStatus.COPYING.value, *params))
 
-    def complete(self, bytes_total: int, bytes_zeroed: int, throughput_bps: int) -> bool:
+    def complete(self, bytes_total: int, bytes_zeroed: int, throughput_bps: int, attempt: int | None = None) -> bool:
         return self.transition(
-            DiskStatus.COMPLETED, bytes_done=bytes_total, bytes_total=bytes_total, bytes_zeroed=bytes_zeroed,
+            DiskStatus.COMPLETED, attempt=attempt, bytes_done=bytes_total, bytes_total=bytes_total,
+            bytes_zeroed=bytes_zeroed,
             progress_percent=100.0, throughput_bps=throughput_bps, current_operation=Stage.COMPLETED,
             eta_seconds=0, last_progress_at=timezone.now(),
         )
 
-    def fail(self, reason: str) -> bool:
-        return self.transition(DiskStatus.FAILED, error_message=reason[:4000], throughput_bps=0,
+    def fail(self, reason: str, attempt: int | None = None) -> bool:
+        return self.transition(DiskStatus.FAILED, attempt=attempt, error_message=reason[:4000], throughput_bps=0,
                                current_operation=Stage.FAILED)
 
-    def cancel(self) -> bool:
-        return self.transition(DiskStatus.CANCELLED, throughput_bps=0, current_operation=Stage.CANCELLED)
+    def cancel(self, attempt: int | None = None) -> bool:
+        return self.transition(DiskStatus.CANCELLED, attempt=attempt, throughput_bps=0,
+                               current_operation=Stage.CANCELLED)
 
     def commit_change_id(self) -> bool:
         """Advance the source disk's changeId to the one this copy covered.
@@ -483,6 +561,42 @@ class VMDisk(models.Model):
                 change_id=self.change_id, sync_type=self.sync_type, note=self.full_copy_reason,
             )
         return True
+
+
+class CopyAttempt(models.Model):
+    """One run of a disk's copy: who ran it, where it resumed, how far its
+    committed cursor got, what it read and how it ended. Lets an operator
+    (and the fault suite) see retries, resumes and overlapping runs."""
+
+    class Outcome(models.TextChoices):
+        RUNNING = "running", "Running"
+        COMPLETED = "completed", "Completed"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+        LOST = "lost", "Lost (worker gone, handed over)"
+        SUPERSEDED = "superseded", "Superseded by a newer run"
+        RETRY = "retry", "Stopped for a retry"
+
+    disk = models.ForeignKey(VMDisk, on_delete=models.CASCADE, related_name="copy_attempts")
+    number = models.PositiveIntegerField()
+    worker = models.CharField(max_length=200, blank=True)
+    task_id = models.CharField(max_length=64, blank=True)
+    started_at = models.DateTimeField()
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    resumed_from = models.BigIntegerField(default=0)
+    checkpoint_bytes = models.BigIntegerField(default=0)
+    bytes_read = models.BigIntegerField(default=0, help_text="Source data this run read")
+    outcome = models.CharField(max_length=20, choices=Outcome.choices, default=Outcome.RUNNING)
+    reason = models.TextField(blank=True)
+
+    class Meta:
+        db_table = "copy_attempts"
+        ordering = ["disk", "number"]
+        constraints = [models.UniqueConstraint(fields=["disk", "number"], name="uniq_copy_attempt_number")]
+
+    def __str__(self):
+        return f"{self.disk_id}#{self.number} {self.outcome}"
 
 
 class ChangeIdRecord(models.Model):

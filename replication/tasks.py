@@ -2,9 +2,9 @@
 
 from celery import shared_task
 from django.conf import settings
+from django.db import DatabaseError
 
 from replication.models import VMDisk
-from replication.routing import agent_queue
 from replication.services import jobs, progress, reaper
 from replication.services.task_events import TaskProgressPublisher
 
@@ -12,10 +12,16 @@ from replication.services.task_events import TaskProgressPublisher
 @shared_task(name="replication.prepare_job")
 def prepare_job(job_id: str) -> None:
     for disk in VMDisk.objects.filter(pk__in=jobs.prepare_job(job_id)).select_related("job__vm"):
-        copy_disk.apply_async(args=[disk.id], queue=agent_queue(disk.job.vm.agent))
+        jobs.enqueue_copy(disk)
 
 
-@shared_task(name="replication.copy_disk", bind=True)
+# A database outage (MariaDB restarting) is retried with exponential backoff
+# and jitter, a bounded number of times; the retried run resumes from the
+# disk's checkpoint. Other errors end the disk in copy_disk itself.
+@shared_task(name="replication.copy_disk", bind=True,
+             autoretry_for=(jobs.DatabaseUnreachable, DatabaseError), max_retries=settings.COPY_TASK_MAX_RETRIES,
+             retry_backoff=settings.COPY_RETRY_BACKOFF_S, retry_backoff_max=settings.COPY_RETRY_BACKOFF_MAX_S,
+             retry_jitter=True)
 def copy_disk(self, disk_id: int) -> None:
     publisher = TaskProgressPublisher(self, disk_id, settings.TASK_EVENT_INTERVAL_S)
     try:
@@ -31,9 +37,9 @@ def finalize_job(job_id: str) -> None:
     jobs.finalize_job(job_id)
 
 
-@shared_task(name="replication.clean_up_job")
-def clean_up_job(job_id: str) -> None:
-    jobs.clean_up_job(job_id)
+@shared_task(name="replication.remove_job_snapshot")
+def remove_job_snapshot(job_id: str) -> None:
+    jobs.remove_job_snapshot(job_id)
 
 
 @shared_task(name="replication.poll_progress")
@@ -44,3 +50,4 @@ def poll_progress() -> None:
 @shared_task(name="replication.reap_stale")
 def reap_stale() -> None:
     reaper.reap()
+

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 START_TIMEOUT_S = 15.0
+SOURCE_EXPORT_PREFIX = "vma-src-"
 
 
 class NbdkitError(RuntimeError):
@@ -81,7 +82,7 @@ def serve_readonly(command_for: Callable[[Path], list[str]]) -> Iterator[str]:
     private socket, for the duration of the block; yields the NBD URI. The
     command should carry --exit-with-parent so nbdkit also ends if this
     process dies."""
-    rundir = Path(tempfile.mkdtemp(prefix="vma-src-"))
+    rundir = Path(tempfile.mkdtemp(prefix=SOURCE_EXPORT_PREFIX))
     sock, log_path = rundir / "nbd.sock", rundir / "nbdkit.log"
     with open(log_path, "wb") as log:
         try:
@@ -90,6 +91,8 @@ def serve_readonly(command_for: Callable[[Path], list[str]]) -> Iterator[str]:
         except OSError as exc:
             shutil.rmtree(rundir, ignore_errors=True)
             raise NbdkitError(f"cannot start nbdkit: {exc}") from exc
+    # Who owns the export: the sweeper removes it once that process is gone.
+    (rundir / "owner").write_text(f"{os.getpid()} {proc.pid}\n")
     try:
         _wait_until_listening(proc, sock, log_path)
         yield unix_uri(sock)
@@ -141,3 +144,49 @@ def stop_daemon(pidfile: Path, timeout: float = 5.0) -> None:
     if daemon_pid(pidfile) is not None:
         os.kill(pid, signal.SIGKILL)
     pidfile.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_nbdkit(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"nbdkit")
+    except OSError:
+        return False
+
+
+def sweep_orphaned_exports(tmpdir: str | Path | None = None) -> list[str]:
+    """Source exports whose owning process died (SIGKILL, OOM, a lost host
+    does not run `finally`): stop their nbdkit if it still runs (it normally
+    exits with its parent) and remove their socket, log and directory.
+    Returns a description of each removal."""
+    removed = []
+    for rundir in sorted(Path(tmpdir or tempfile.gettempdir()).glob(f"{SOURCE_EXPORT_PREFIX}*")):
+        try:
+            owner, server = (int(x) for x in (rundir / "owner").read_text().split())
+        except (OSError, ValueError):
+            # Not written yet (an export starting) or unreadable: only
+            # directories older than a start could ever take are orphans.
+            try:
+                if time.time() - rundir.stat().st_mtime < 10 * START_TIMEOUT_S:
+                    continue
+            except OSError:
+                continue
+            owner = server = -1
+        if owner > 0 and _alive(owner):
+            continue
+        what = f"source export {rundir.name} of dead process {owner}"
+        if server > 0 and _alive(server) and _is_nbdkit(server):
+            os.kill(server, signal.SIGKILL)
+            what += f" (killed nbdkit {server})"
+        shutil.rmtree(rundir, ignore_errors=True)
+        removed.append(what)
+    return removed

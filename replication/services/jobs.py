@@ -9,11 +9,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 
 from replication.choices import STAGE_PERCENT, DiskStatus, JobStatus, SourceKind, Stage, SyncType
-from replication.models import JobEvent, ReplicationJob, VirtualMachine, VMDisk
+from replication.models import CopyAttempt, JobEvent, ReplicationJob, VirtualMachine, VMDisk, worker_id
 from replication.services import vmware, volumes
 from replication.services.inventory import is_nbd_uri
 from vma_agent import nbdkit
@@ -30,6 +31,21 @@ class ReplicationError(Exception):
 
 class CopyAborted(Exception):
     """The job ended (failed or cancelled) while this disk was copying."""
+
+
+class CopySuperseded(CopyAborted):
+    """This run lost its claim (the reaper handed the disk to a new run, or
+    ended it): stop without touching the disk."""
+
+
+class CopyTimeLimit(Exception):
+    """The copy task ran past its soft time limit."""
+
+
+class DatabaseUnreachable(Exception):
+    """The copy could not reach the database for longer than
+    DB_OUTAGE_TOLERANCE_S: it stops (its cursor is committed) rather than
+    copy on unseen, and its task retries; the next run resumes."""
 
 
 def start_replication(vm: VirtualMachine, sync_type: str = SyncType.FULL, *, verify: bool = False,
@@ -131,10 +147,13 @@ def progress_client() -> ProgressClient:
 
 
 class CopyMonitor:
-    """The copy loop's progress callback. Hands every update to the reporter
-    (a mailbox drop: never waits on the network), and at most every
-    HEARTBEAT_INTERVAL_S stamps the disk's heartbeat in the database, which
-    also tells whether the job ended meanwhile: then the copy stops."""
+    """The copy loop's progress and checkpoint callbacks. Hands every update
+    to the reporter (a mailbox drop: never waits on the network); at most
+    every HEARTBEAT_INTERVAL_S stamps the disk's heartbeat in the database,
+    which also tells whether the job ended or another run took the disk
+    over: then the copy stops. Persists the engine's committed cursor, so a
+    later run resumes there. A database outage shorter than
+    DB_OUTAGE_TOLERANCE_S is ridden out: the data plane does not need it."""
 
     def __init__(self, disk: VMDisk, reporter: DiskReporter,
                  on_progress: Callable[[CopyProgress], None] | None = None):
@@ -143,8 +162,19 @@ class CopyMonitor:
         self.on_progress = on_progress
         self.interval_s = settings.HEARTBEAT_INTERVAL_S
         self.last_beat = time.monotonic()
+        self.first_done: int | None = None  # bytes_done at this run's start (what earlier runs copied)
+        self.bytes_done = 0
+        self.unreachable_since: float | None = None
+
+    @property
+    def bytes_read(self) -> int:
+        """Source data this run has read so far."""
+        return self.bytes_done - (self.first_done or 0)
 
     def __call__(self, progress: CopyProgress) -> None:
+        if self.first_done is None:
+            self.first_done = progress.bytes_done
+        self.bytes_done = progress.bytes_done
         self.reporter(progress)
         if self.on_progress is not None:
             self.on_progress(progress)
@@ -154,9 +184,33 @@ class CopyMonitor:
             self.check()
 
     def check(self) -> None:
-        if not self.disk.beat():
-            job = ReplicationJob.objects.only("status").get(pk=self.disk.job_id)
-            raise CopyAborted(f"job {job.id} is {job.status}")
+        try:
+            alive = self.disk.beat()
+            if not alive and not self.disk.holds_claim():
+                raise CopySuperseded(f"{self.disk.disk_key}: this run (attempt {self.disk.attempts}) lost its claim")
+            job_status = None if alive else ReplicationJob.objects.only("status").get(pk=self.disk.job_id).status
+        except DatabaseError as exc:
+            self._unreachable(exc)
+            return
+        self.unreachable_since = None
+        if not alive:
+            raise CopyAborted(f"job {self.disk.job_id} is {job_status}")
+
+    def checkpoint(self, cursor: int) -> None:
+        try:
+            self.disk.commit_checkpoint(cursor, self.bytes_read)
+        except DatabaseError as exc:
+            # The previous checkpoint stays valid; only more is copied again.
+            self._unreachable(exc)
+
+    def _unreachable(self, exc: Exception) -> None:
+        connection.close()  # the next query reconnects
+        now = time.monotonic()
+        if self.unreachable_since is None:
+            self.unreachable_since = now
+            log.warning("copy of %s: database unreachable (%s); copying on", self.disk, exc)
+        elif now - self.unreachable_since > settings.DB_OUTAGE_TOLERANCE_S:
+            raise DatabaseUnreachable(f"database unreachable for {now - self.unreachable_since:.0f} s: {exc}")
 
 
 class Heartbeat:
@@ -185,6 +239,8 @@ class Heartbeat:
                     self.owner.beat()
                 except Exception as exc:  # a missed beat is not worth a copy
                     log.warning("heartbeat of %s not written: %s", self.owner, exc)
+                    if isinstance(exc, DatabaseError):
+                        connection.close()  # reconnect on the next beat
         finally:
             connection.close()
 
@@ -192,16 +248,25 @@ class Heartbeat:
 def copy_disk(disk_id: int, task_id: str = "",
               on_progress: Callable[[CopyProgress], None] | None = None) -> bool:
     """Copy one disk to its target volume, reporting progress to the agent's
-    progress API. Returns True when this was the job's last disk to finish,
-    so the caller enqueues finalize."""
+    progress API. A second run of the same disk (a redelivered, retried or
+    requeued task) resumes from the disk's committed checkpoint. Returns True
+    when this was the job's last disk to finish, so the caller enqueues
+    finalize. Raises DatabaseUnreachable (or a DatabaseError) when the
+    database was gone for too long: the caller retries later."""
     disk = VMDisk.objects.select_related("job__vm__vcenter", "target_volume", "source_disk").get(pk=disk_id)
-    if not disk.claim(task_id):
-        log.warning("copy of %s skipped: disk is %s", disk, disk.status)
+    if not disk.claim(task_id, worker_id()):
+        log.warning("copy of %s skipped: disk is %s (attempt %s on %s)", disk, disk.status, disk.attempts,
+                    disk.worker or "no worker")
         return False
+    attempt = disk.attempts
     job = disk.job
     if job.status != JobStatus.REPLICATING:
-        disk.cancel()
+        disk.cancel(attempt=attempt)
+        disk.end_attempt(CopyAttempt.Outcome.CANCELLED, reason=f"job is {job.status}")
         return False
+    resume_from = disk.checkpoint_bytes
+    if attempt > 1:
+        log.info("copy of %s: attempt %d resumes from offset %d", disk, attempt, resume_from)
     reporter = DiskReporter(progress_client(), job.id, disk.disk_key, export_name=disk.target_volume.export_name,
                             sync_type=job.sync_type)
     monitor = CopyMonitor(disk, reporter, on_progress)
@@ -213,25 +278,47 @@ def copy_disk(disk_id: int, task_id: str = "",
                 reporter.stage(Stage.PREPARING_MIGRATION)
                 areas = vmware.areas_to_copy(disk) if job.vm.source_kind == SourceKind.VMWARE else None
                 result = copy_image(
-                    src_uri, volumes.export_uri(disk.target_volume), extents=areas,
+                    src_uri, volumes.export_uri(disk.target_volume), extents=areas, resume_from=resume_from,
                     zero_unlisted=areas is not None and disk.sync_type == SyncType.FULL, verify=job.verify,
                     limit=RateLimit(job.bandwidth_limit_bps),
                     chunk_bytes=settings.COPY_CHUNK_BYTES, connections=settings.COPY_CONNECTIONS, progress=monitor,
                     progress_interval_s=settings.PROGRESS_REPORT_INTERVAL_S,
+                    checkpoint=monitor.checkpoint, checkpoint_interval_s=settings.COPY_CHECKPOINT_INTERVAL_S,
                 )
+        except CopySuperseded as exc:
+            log.warning("copy of %s stopped: %s", disk, exc)
+            disk.end_attempt(CopyAttempt.Outcome.SUPERSEDED, monitor.bytes_read, str(exc))
+            return False
         except CopyAborted as exc:
-            disk.cancel()
+            disk.cancel(attempt=attempt)
+            disk.end_attempt(CopyAttempt.Outcome.CANCELLED, monitor.bytes_read, str(exc))
             reporter.finish("cancelled", error_message=str(exc))
             log.info("copy of %s stopped: %s", disk, exc)
             return False
+        except (DatabaseUnreachable, DatabaseError) as exc:
+            # Transient: the checkpoint is committed as far as the database
+            # let us; the task retries and the next run resumes from it.
+            log.warning("copy of %s interrupted, will retry: %s", disk, exc)
+            connection.close()
+            with contextlib.suppress(DatabaseError):
+                disk.end_attempt(CopyAttempt.Outcome.RETRY, monitor.bytes_read, str(exc))
+                disk.release_for_retry()
+            raise
         except Exception as exc:
+            if isinstance(exc, SoftTimeLimitExceeded):
+                exc = CopyTimeLimit(f"copy exceeded its time limit ({copy_time_limits(disk.capacity_bytes)[0]} s)")
             log.exception("copy of %s failed", disk)
             reporter.finish("failed", error_message=str(exc))
-            disk.fail(str(exc))
-            fail_job(job.id, f"{disk.disk_key}: {exc}")
+            if disk.fail(str(exc), attempt=attempt):
+                disk.end_attempt(CopyAttempt.Outcome.FAILED, monitor.bytes_read, str(exc))
+                fail_job(job.id, f"{disk.disk_key}: {exc}")
             return False
-        disk.complete(bytes_total=result.bytes_allocated, bytes_zeroed=result.bytes_zeroed,
-                      throughput_bps=result.throughput_bps)
+        if not disk.complete(bytes_total=result.bytes_allocated, bytes_zeroed=result.bytes_zeroed,
+                             throughput_bps=result.throughput_bps, attempt=attempt):
+            # Taken over or ended meanwhile: the newer run or the job's end decides.
+            disk.end_attempt(CopyAttempt.Outcome.SUPERSEDED, result.bytes_read, "finished after losing its claim")
+            return False
+        disk.end_attempt(CopyAttempt.Outcome.COMPLETED, result.bytes_read)
         reporter.finish("completed", bytes_total=result.bytes_allocated, throughput_bps=result.throughput_bps)
     finally:
         reporter.close()
@@ -264,31 +351,41 @@ def fail_job(job_id: str, reason: str) -> None:
     disks not yet finished end too, so nothing stays running."""
     job = ReplicationJob.objects.get(pk=job_id)
     job.fail(reason)
-    _end_unfinished_disks(job)
-    _clean_up_after(job)
+    cleanup_job(job)
 
 
 def cancel_job(job_id: str, reason: str = "cancelled by the operator") -> bool:
     job = ReplicationJob.objects.get(pk=job_id)
     cancelled = job.cancel(reason)
-    _end_unfinished_disks(job)
-    _clean_up_after(job)
+    cleanup_job(job)
     return cancelled
 
 
-def _clean_up_after(job: ReplicationJob) -> None:
-    """Queue the removal of what the job left on the source (its snapshot),
-    once its copies have stopped. The sweeper catches what this misses."""
+def cleanup_job(job: ReplicationJob) -> None:
+    """Release what a failed or cancelled job holds; runs on every failure and
+    cancel path (fail_job, cancel_job, and so the reaper and the poller).
+    Running copies notice the job's end at their next heartbeat and stop
+    themselves, closing their source export (the copy's own `finally`); a
+    copy whose worker died leaves an nbdkit the sweeper removes. A VMware
+    job's snapshot is removed by a queued task once its copies stopped (also
+    when no copy ever started)."""
+    _end_unfinished_disks(job)
+    _queue_snapshot_removal(job)
+
+
+def _queue_snapshot_removal(job: ReplicationJob) -> None:
+    """Queue the removal of the job's snapshot, once its copies have stopped
+    reading it. The snapshot sweeper catches what this misses."""
     job.refresh_from_db(fields=["snapshot_moref"])
     if job.snapshot_moref:
-        transaction.on_commit(lambda: _enqueue("clean_up_job", job.id, fail_on_error=False))
+        transaction.on_commit(lambda: _enqueue("remove_job_snapshot", job.id, fail_on_error=False))
 
 
-def clean_up_job(job_id: str) -> None:
-    """Remove the ended job's snapshot once no copy reads from it any more."""
+def remove_job_snapshot(job_id: str) -> None:
+    """Remove an ended job's snapshot once no copy reads from it any more."""
     job = ReplicationJob.objects.select_related("vm__vcenter").get(pk=job_id)
     if not job.is_terminal:
-        log.warning("clean-up of %s skipped: it is %s", job_id, job.status)
+        log.warning("snapshot removal for %s skipped: it is %s", job_id, job.status)
         return
     deadline = time.monotonic() + settings.CLEANUP_WAIT_S
     while job.disks.filter(status=DiskStatus.COPYING).exists() and time.monotonic() < deadline:
@@ -298,10 +395,28 @@ def clean_up_job(job_id: str) -> None:
 
 
 def _end_unfinished_disks(job: ReplicationJob) -> None:
-    # Running copies notice the job's end at their next heartbeat and stop
-    # themselves; pending ones never start.
+    # Pending ones never start.
     for disk in job.disks.filter(status=DiskStatus.PENDING):
         disk.cancel()
+
+
+def copy_time_limits(capacity_bytes: int) -> tuple[int, int]:
+    """Soft and hard time limits of one disk's copy task, sized from the
+    disk: a base plus its capacity at the slowest throughput still worth
+    waiting for. The soft limit ends the disk cleanly with the reason."""
+    soft = int(settings.COPY_TIME_LIMIT_BASE_S + capacity_bytes / settings.COPY_MIN_THROUGHPUT_BPS)
+    return soft, soft + int(settings.COPY_TIME_LIMIT_GRACE_S)
+
+
+def enqueue_copy(disk: VMDisk, task_id: str | None = None) -> str:
+    """Queue the copy task of a disk on its agent's queue; returns the task id."""
+    from replication import tasks
+    from replication.routing import agent_queue
+
+    soft, hard = copy_time_limits(disk.capacity_bytes)
+    result = tasks.copy_disk.apply_async(args=[disk.pk], queue=agent_queue(disk.job.vm.agent), task_id=task_id,
+                                         soft_time_limit=soft, time_limit=hard)
+    return result.id
 
 
 def retry_job(job_id: str) -> ReplicationJob:

@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('replication', '0003_job_timeline_and_progress_samples'),
+        ('replication', '0004_copy_checkpoint'),
     ]
 
     operations = [
