@@ -13,6 +13,8 @@ from replication.models import (
     VMDisk,
 )
 from replication.services import jobs as job_service
+from replication.services import vmware as vmware_service
+from vma_agent.vmware import VSphereError
 
 
 class SourceDiskInline(admin.TabularInline):
@@ -25,6 +27,23 @@ class VCenterAdmin(admin.ModelAdmin):
     list_display = ["name", "host", "port", "username", "thumbprint"]
     # Where the password is read from; the password itself is never stored.
     fields = ["name", "host", "port", "username", "password_file", "password_env", "thumbprint"]
+    actions = ["discover_vms", "sweep_orphaned_snapshots"]
+
+    @admin.action(description="Discover the VMs of the selected vCenters")
+    def discover_vms(self, request, queryset):
+        self._each(request, queryset, lambda vc: f"{vc.name}: {len(vmware_service.discover(vc))} VMs recorded")
+
+    @admin.action(description="Remove orphaned replication snapshots")
+    def sweep_orphaned_snapshots(self, request, queryset):
+        self._each(request, queryset,
+                   lambda vc: f"{vc.name}: {len(vmware_service.sweep_snapshots(vc))} orphaned snapshots removed")
+
+    def _each(self, request, queryset, action):
+        for vcenter in queryset:
+            try:
+                self.message_user(request, action(vcenter))
+            except (vmware_service.VCenterConfigError, VSphereError) as exc:
+                self.message_user(request, f"{vcenter.name}: {exc}", messages.ERROR)
 
 
 @admin.register(ChangeIdRecord)

@@ -101,6 +101,7 @@ class VCenter(models.Model):
     class Meta:
         db_table = "vcenters"
         ordering = ["name"]
+        verbose_name = "vCenter"
 
     def __str__(self):
         return self.name

@@ -190,8 +190,9 @@ def test_a_cbt_reset_forces_a_full_copy_with_the_reason(celery_worker_process, v
         client.set_change_tracking(vm.moref, True)
     fill(live["2001"], [(MiB, 5000)], seed=2)
 
-    job = replicate(vm, SyncType.INCREMENTAL)
+    job = replicate(vm, SyncType.INCREMENTAL, verify=True)
     assert job.status == JobStatus.COMPLETED, job.error_message
+    assert job.verify
     for disk in job.disks.all():
         assert disk.sync_type == SyncType.FULL
         assert "changed block tracking was reset" in disk.full_copy_reason
@@ -276,6 +277,31 @@ def test_preflight_blocks_independent_disks_and_operator_snapshots_unless_overri
     job = replicate(snapped, overrides=["existing-snapshots"])
     assert job.status == JobStatus.COMPLETED, job.error_message
     assert snapshots_of(record, snapped.moref) == ["before-upgrade"]  # the operator's stays
+
+
+def test_a_snapshot_vcenter_refuses_fails_the_job_with_its_reason(celery_worker_process, vcenter):
+    sim, record = vcenter(vm_spec("locked01", capacities=[MiB], cbt=True, fail_snapshot=True))
+    (vm,) = vmware_service.discover(record, ["locked01"])
+    job = replicate(vm)
+    assert job.status == JobStatus.FAILED
+    assert "creating snapshot" in job.error_message and "SnapshotFault" in job.error_message
+    assert not job.disks.filter(status=DiskStatus.COPYING).exists()
+    assert snapshots_of(record, vm.moref) == []
+    assert SourceDisk.objects.get(vm=vm).change_id == ""
+
+
+def test_admin_discovers_a_vcenters_vms_and_the_job_page_shows_the_copy_plan(
+        celery_worker_process, vcenter, admin_client):
+    sim, record = vcenter(vm_spec("web04", capacities=[2 * MiB]))
+    response = admin_client.post("/admin/replication/vcenter/",
+                                 {"action": "discover_vms", "_selected_action": [record.pk]}, follow=True)
+    assert [str(m) for m in response.context["messages"]] == ["vc1: 1 VMs recorded"]
+    vm = VirtualMachine.objects.get(name="web04")
+    job = replicate(vm, SyncType.INCREMENTAL)
+    assert job.status == JobStatus.COMPLETED, job.error_message
+    page = admin_client.get(f"/jobs/{job.id}/").content.decode()
+    assert "no committed changeId yet: the first copy is full" in page
+    assert job.snapshot_name in page and "(removed)" in page
 
 
 def test_sweeper_removes_orphaned_job_snapshots_only(vcenter):

@@ -26,6 +26,7 @@ class Migration(migrations.Migration):
                 ('created_at', models.DateTimeField(auto_now_add=True)),
             ],
             options={
+                'verbose_name': 'vCenter',
                 'db_table': 'vcenters',
                 'ordering': ['name'],
             },
