@@ -18,7 +18,7 @@ from replication.models import CopyAttempt, JobEvent, ReplicationJob, VirtualMac
 from replication.services import volumes
 from replication.services.inventory import is_nbd_uri
 from vma_agent import nbdkit
-from vma_agent.copy import copy_image
+from vma_agent.copy import RateLimit, copy_image
 from vma_agent.progress import CopyProgress
 from vma_agent.reporter import DiskReporter, JobStageReporter, ProgressClient
 
@@ -263,6 +263,7 @@ def copy_disk(disk_id: int, task_id: str = "",
                     chunk_bytes=settings.COPY_CHUNK_BYTES, connections=settings.COPY_CONNECTIONS, progress=monitor,
                     progress_interval_s=settings.PROGRESS_REPORT_INTERVAL_S,
                     checkpoint=monitor.checkpoint, checkpoint_interval_s=settings.COPY_CHECKPOINT_INTERVAL_S,
+                    limit=RateLimit(settings.COPY_LIMIT_BPS or None),
                 )
         except CopySuperseded as exc:
             log.warning("copy of %s stopped: %s", disk, exc)
