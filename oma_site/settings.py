@@ -12,7 +12,16 @@ VAR_DIR = BASE_DIR / "var"
 env = environ.Env()
 environ.Env.read_env(BASE_DIR / ".env")  # optional; absent by default
 
-SECRET_KEY = env("SECRET_KEY", default="insecure-dev-key-set-SECRET_KEY-in-production")
+def _secret(name: str, default: str = "") -> str:
+    """A secret from NAME_FILE (a file, e.g. a mounted secret) or NAME: files
+    keep secrets out of process listings and shell histories."""
+    path = env(f"{name}_FILE", default="")
+    if path:
+        return Path(path).read_text().strip()
+    return env(name, default=default)
+
+
+SECRET_KEY = _secret("SECRET_KEY", default="insecure-dev-key-set-SECRET_KEY-in-production")
 DEBUG = env.bool("DEBUG", default=True)
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1"])
 
@@ -111,14 +120,24 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 20, "interval_start": 0.2, "i
 
 # --- Replication ------------------------------------------------------------
 VMA_URL = env("VMA_URL", default="http://127.0.0.1:8000")
-VMA_TOKEN = env("VMA_TOKEN", default="")
+VMA_TOKEN = _secret("VMA_TOKEN")
 OMA_VOLUME_DIR = Path(env("OMA_VOLUME_DIR", default=str(VAR_DIR / "volumes")))
 # Runtime files of the data plane: Unix sockets and pid files of nbdkit.
 OMA_RUN_DIR = Path(env("OMA_RUN_DIR", default=str(VAR_DIR / "run")))
+# The target export server listens on a Unix socket under OMA_RUN_DIR. With a
+# PSK file ("username:hexkey" lines, mode 600) it requires TLS and the copies
+# use the same file: for agents that reach it through a forwarded socket or
+# another host. The key is read from the file, never passed on a command line.
+OMA_EXPORT_TLS_PSK_FILE = env("OMA_EXPORT_TLS_PSK_FILE", default="")
+OMA_EXPORT_TLS_USERNAME = env("OMA_EXPORT_TLS_USERNAME", default="oma")
+# Extra nbdkit arguments for the export server (filters), e.g. fault injection.
+OMA_EXPORT_NBDKIT_ARGS = env.list("OMA_EXPORT_NBDKIT_ARGS", default=[])
 # The copy engine's request size and parallel connection pairs (measured
 # defaults: bench/copy_bench.py).
 COPY_CHUNK_BYTES = env.int("COPY_CHUNK_BYTES", default=1024 * 1024)
 COPY_CONNECTIONS = env.int("COPY_CONNECTIONS", default=4)
+# Bandwidth limit of each disk copy, bytes per second; 0 = none.
+COPY_LIMIT_BPS = env.int("COPY_LIMIT_BPS", default=0)
 # Copy-loop progress cadence (the seeds': every N seconds or 1 % of a disk).
 PROGRESS_REPORT_INTERVAL_S = env.float("PROGRESS_REPORT_INTERVAL_S", default=2.0)
 # The copy's committed cursor is written to the database this often: what a

@@ -9,7 +9,7 @@ from oma_site.settings import DATABASES, env
 
 CELERY_BROKER_URL = env("TEST_CELERY_BROKER_URL", default="redis://127.0.0.1:6379/15")
 TEST_ROOT = Path(env("OMA_TEST_ROOT", default=f"/tmp/oma-tests-{os.getuid()}"))  # noqa: F405
-OMA_VOLUME_DIR = TEST_ROOT / "volumes"
+OMA_VOLUME_DIR = Path(env("OMA_TEST_VOLUME_DIR", default=str(TEST_ROOT / "volumes")))  # noqa: F405
 OMA_RUN_DIR = TEST_ROOT / "run"  # short: Unix socket paths are limited to 107 bytes
 PROGRESS_REPORT_INTERVAL_S = 0.25
 # Snapshot disks come from the vCenter simulator's image files (tests/vcsim.py).

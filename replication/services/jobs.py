@@ -284,6 +284,7 @@ def copy_disk(disk_id: int, task_id: str = "",
                     chunk_bytes=settings.COPY_CHUNK_BYTES, connections=settings.COPY_CONNECTIONS, progress=monitor,
                     progress_interval_s=settings.PROGRESS_REPORT_INTERVAL_S,
                     checkpoint=monitor.checkpoint, checkpoint_interval_s=settings.COPY_CHECKPOINT_INTERVAL_S,
+                    limit=RateLimit(settings.COPY_LIMIT_BPS or None),
                 )
         except CopySuperseded as exc:
             log.warning("copy of %s stopped: %s", disk, exc)

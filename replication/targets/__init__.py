@@ -8,5 +8,8 @@ from replication.targets.local import LocalVolumeProvider
 
 def get_provider(name: str = VolumeProvider.LOCAL) -> LocalVolumeProvider:
     if name == VolumeProvider.LOCAL:
-        return LocalVolumeProvider(settings.OMA_VOLUME_DIR, settings.OMA_RUN_DIR)
+        return LocalVolumeProvider(settings.OMA_VOLUME_DIR, settings.OMA_RUN_DIR,
+                                   tls_psk_file=settings.OMA_EXPORT_TLS_PSK_FILE or None,
+                                   tls_username=settings.OMA_EXPORT_TLS_USERNAME,
+                                   extra_args=settings.OMA_EXPORT_NBDKIT_ARGS)
     raise ValueError(f"no target provider named {name!r} is configured")

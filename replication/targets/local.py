@@ -18,9 +18,18 @@ class VolumeError(RuntimeError):
 class LocalVolumeProvider:
     name = "local"
 
-    def __init__(self, volume_dir: Path, run_dir: Path):
+    def __init__(self, volume_dir: Path, run_dir: Path, *, tls_psk_file: Path | None = None,
+                 tls_username: str = "oma", extra_args: list[str] | tuple = ()):
         self.volume_dir = Path(volume_dir)
         self.run_dir = Path(run_dir)
+        # With a PSK file the server accepts TLS only (--tls=require) and the
+        # copies connect with the same key file: the key is never on a
+        # command line, only the file's path.
+        self.tls_psk_file = Path(tls_psk_file) if tls_psk_file else None
+        self.tls_username = tls_username
+        # Extra nbdkit arguments (filters and their parameters), e.g. the
+        # fault suite's error filter.
+        self.extra_args = list(extra_args)
         self.socket_path = self.run_dir / "targets.sock"
         self.pidfile = self.run_dir / "targets.pid"
 
@@ -44,6 +53,9 @@ class LocalVolumeProvider:
         return path
 
     def export_uri(self, export_name: str) -> str:
+        if self.tls_psk_file:
+            return (f"nbds+unix://{self.tls_username}@/{export_name}?socket={self.socket_path}"
+                    f"&tls-psk-file={self.tls_psk_file}")
         return nbdkit.unix_uri(self.socket_path, export_name)
 
     def ensure_export_server(self) -> int:
@@ -57,8 +69,12 @@ class LocalVolumeProvider:
                 return pid
             if pid is not None:
                 nbdkit.stop_daemon(self.pidfile)
+            tls = ["--tls=require", f"--tls-psk={self.tls_psk_file}"] if self.tls_psk_file else []
+            filters = [arg for arg in self.extra_args if arg.startswith("--filter=")]
+            params = [arg for arg in self.extra_args if not arg.startswith("--filter=")]
             return nbdkit.start_daemon(
-                ["file", f"dir={self.volume_dir}"], self.socket_path, self.pidfile, self.run_dir / "targets.log"
+                [*tls, *filters, "file", f"dir={self.volume_dir}", *params], self.socket_path, self.pidfile,
+                self.run_dir / "targets.log",
             )
 
     def stop_export_server(self) -> None:

@@ -1,0 +1,277 @@
+"""The fault suite's harness: restartable Celery worker processes, a source
+whose every read is logged (to count bytes copied more than once), private
+Redis and MariaDB servers that a test may restart, and the figures each case
+records (written to test-artifacts/fault-figures.json, printed by
+`python -m tests.faults`). Reusable by later cases (snapshots, incrementals)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from django.conf import settings
+from django.utils import timezone
+
+from replication.choices import DISK_TERMINAL, JOB_ACTIVE
+from replication.models import CopyAttempt, ReplicationJob, VMDisk
+from tests.conftest import PROJECT_ROOT, free_port, source_exports_running, worker_env
+from tests.helpers import sha256
+from vma_agent import nbdkit
+
+FIGURES_PATH = PROJECT_ROOT / "test-artifacts" / "fault-figures.json"
+WORKER_START_TIMEOUT_S = 60
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class WorkerProcess:
+    """A real Celery worker (prefork) in its own process group, so a test can
+    SIGKILL it with its pool children and their nbdkit sources, as a crash
+    or a lost host would."""
+
+    def __init__(self, name: str, *, concurrency: int = 2, env: dict | None = None):
+        self.name = name
+        self.concurrency = concurrency
+        self.env = {**worker_env(), **(env or {})}
+        self.log_path = Path(settings.TEST_ROOT) / f"worker-{name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> WorkerProcess:
+        self.log_path.unlink(missing_ok=True)
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "oma_site", "worker", "-c", str(self.concurrency),
+                 "-l", "info", "--without-gossip", "--without-mingle", "--without-heartbeat",
+                 "-n", f"{self.name}-{os.getpid()}@%h"],
+                cwd=PROJECT_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+        while b" ready." not in self.log_path.read_bytes():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"worker {self.name} did not start:\n{self.log_text()[-3000:]}")
+            time.sleep(0.1)
+        return self
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL the worker's whole process group: no cleanup code runs."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+class LoggedSource:
+    """A read-only NBD source (nbdkit file plugin) with every request logged
+    (log filter) and optionally delayed (delay filter): the log tells which
+    bytes were read how many times, across every run of a copy."""
+
+    READ = re.compile(r"\bRead id=\d+ offset=(0x[0-9a-f]+) count=(0x[0-9a-f]+)")
+
+    def __init__(self, sockdir: Path, image: Path, rdelay: str | None = None):
+        self.log_path = sockdir / f"src-{time.monotonic_ns()}.log"
+        self.socket = sockdir / f"src-{time.monotonic_ns()}.sock"
+        args = ["nbdkit", "--foreground", "--exit-with-parent", "--readonly", "--unix", str(self.socket),
+                "--filter=log"]
+        if rdelay:
+            args.append("--filter=delay")
+        args += ["file", str(image), f"logfile={self.log_path}"]
+        if rdelay:
+            args.append(f"rdelay={rdelay}")
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: self.socket.exists() and nbdkit.socket_accepts(self.socket), 10, "the logged source")
+
+    @property
+    def uri(self) -> str:
+        return nbdkit.unix_uri(self.socket)
+
+    def reads(self) -> list[tuple[int, int]]:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return [(int(o, 16), int(c, 16)) for o, c in self.READ.findall(text)]
+
+    def bytes_read_more_than_once(self, granule: int = 4096) -> int:
+        """Bytes the source served more than once (counted per 4 KiB)."""
+        seen: Counter = Counter()
+        for offset, count in self.reads():
+            for block in range(offset // granule, (offset + count + granule - 1) // granule):
+                seen[block] += 1
+        return sum(n - 1 for n in seen.values() if n > 1) * granule
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        nbdkit.stop_process(self.proc)
+
+
+class PrivateRedis:
+    """A redis-server of the test's own (append-only file on, so a restart
+    keeps the queues, as a production broker should be configured)."""
+
+    def __init__(self, root: Path):
+        self.dir = root / f"redis-{time.monotonic_ns()}"
+        self.dir.mkdir(parents=True)
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> PrivateRedis:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+            stdout=open(self.dir / "redis.log", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        import redis
+
+        wait_until(lambda: _pings(redis.Redis(port=self.port)), 10, "the private redis")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: redis syncs its append-only file and exits
+            self.proc.wait(10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+def _pings(client) -> bool:
+    try:
+        return client.ping()
+    except Exception:
+        return False
+
+
+@dataclass
+class CaseFigures:
+    case: str
+    result: str = "pass"
+    sha256_match: bool | None = None
+    bytes_recopied: int | None = None
+    max_concurrent_copies: int | None = None
+    leftovers: int | None = None
+    non_terminal_rows: int | None = None
+    detect_s: float | None = None
+    resume_s: float | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def record(figures: CaseFigures) -> None:
+    """Merge one case's figures into the figures file (one entry per case)."""
+    FIGURES_PATH.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(FIGURES_PATH.read_text()) if FIGURES_PATH.exists() else {}
+    data[figures.case] = {**asdict(figures), "recorded_at": timezone.now().isoformat()}
+    FIGURES_PATH.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+# --- measurements ------------------------------------------------------------
+def max_concurrent_copies(disk: VMDisk) -> int:
+    """The most runs of this disk's copy alive at one moment, from their
+    recorded intervals (a run ends at ended_at, or at its last sign of life
+    when its worker was killed)."""
+    points = []
+    for attempt in CopyAttempt.objects.filter(disk=disk):
+        end = attempt.ended_at or attempt.last_seen_at or timezone.now()
+        points += [(attempt.started_at, 1), (end, -1)]
+    running = peak = 0
+    for _, delta in sorted(points, key=lambda p: (p[0], p[1])):
+        running += delta
+        peak = max(peak, running)
+    return peak
+
+
+def max_concurrent_of(jobs) -> int:
+    return max((max_concurrent_copies(d) for job in jobs for d in job.disks.all()), default=0)
+
+
+def non_terminal_rows(jobs) -> int:
+    ids = [job.pk for job in jobs]
+    return (ReplicationJob.objects.filter(pk__in=ids, status__in=JOB_ACTIVE).count()
+            + VMDisk.objects.filter(job_id__in=ids).exclude(status__in=DISK_TERMINAL).count()
+            + CopyAttempt.objects.filter(disk__job_id__in=ids, ended_at__isnull=True).count())
+
+
+def leftovers() -> list[str]:
+    """Source nbdkit processes and source-export directories of this run."""
+    tmp = Path(settings.TEST_ROOT) / "tmp"
+    dirs = [str(p) for p in tmp.glob(f"{nbdkit.SOURCE_EXPORT_PREFIX}*")]
+    return source_exports_running() + dirs
+
+
+def sha256_match(job: ReplicationJob, sources: dict[str, Path]) -> bool:
+    """Every disk's target volume against its source image, by disk key."""
+    return all(sha256(job.disks.get(disk_key=key).target_volume.path) == sha256(path)
+               for key, path in sources.items())
+
+
+def settle(jobs, timeout: float = 15) -> None:
+    """Wait for copies to notice their job's end and for their exports to go."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (non_terminal_rows(jobs) or leftovers()):
+        time.sleep(0.1)
+
+
+def reset_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
+class use_broker:  # noqa: N801 - a context manager named for what it does
+    """Point this (test) process's Celery publishing at another broker."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def _switch(self, url: str) -> None:
+        from oma_site.celery import app
+
+        # Not force_close_all(): kombu keeps pools in a global registry, and
+        # a closed one would be handed out again when switching back.
+        app.conf.broker_url = url
+        app._after_fork()  # drops the connection and producer pools
+
+    def __enter__(self):
+        self.previous = settings.CELERY_BROKER_URL
+        self._switch(self.url)
+        return self
+
+    def __exit__(self, *exc):
+        self._switch(self.previous)

@@ -1,0 +1,312 @@
+"""Fault injection with real processes: Celery workers killed and
+restarted, a Redis restarted, sources killed, targets failing or full,
+duplicate deliveries, cancels, bad requests and load. Each case asserts
+its outcome and records its figures (python -m tests.faults prints them).
+Runs with `pytest -m faults` (scripts/test.sh: the MariaDB pass)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from django.utils import timezone
+
+from replication import tasks
+from replication.choices import DiskStatus, JobStatus
+from replication.models import CopyAttempt, JobEvent, ReplicationJob
+from replication.services import jobs as job_service
+from replication.services.inventory import register_image_vm
+from replication.services.jobs import cancel_job, start_replication
+from tests.conftest import wait_for_job
+from tests.faults.harness import (
+    CaseFigures,
+    LoggedSource,
+    PrivateRedis,
+    leftovers,
+    max_concurrent_copies,
+    max_concurrent_of,
+    non_terminal_rows,
+    record,
+    settle,
+    sha256_match,
+    use_broker,
+    wait_until,
+)
+from tests.helpers import MiB, make_image
+
+pytestmark = [pytest.mark.faults, pytest.mark.django_db(transaction=True)]
+GiB = 1024 * MiB
+
+
+def spread_image(path: Path, size: int, pieces: int, piece: int, seed: int) -> Path:
+    """`pieces` data areas of `piece` bytes spread over a sparse image."""
+    step = size // pieces
+    return make_image(path, size, [(i * step, piece) for i in range(pieces)], seed=seed)
+
+
+def attempt_bytes_read(disk_key: str, job) -> int:
+    return sum(CopyAttempt.objects.filter(disk__job=job, disk__disk_key=disk_key).values_list("bytes_read", flat=True))
+
+
+def test_worker_killed_at_half_resumes_from_its_checkpoint(workers, reaper_thread, tmp_path, sockdir):
+    """1. SIGKILL the worker at ~50 % of a 2 GiB disk; a new worker resumes."""
+    image = spread_image(tmp_path / "big.img", 2 * GiB, pieces=16, piece=6 * MiB, seed=11)
+    data = 16 * 6 * MiB
+    source = LoggedSource(sockdir, image, rdelay="200ms")
+    try:
+        first = workers("kill-a")
+        job = start_replication(register_image_vm("vm-killed", [source.uri]))
+        wait_until(lambda: attempt_bytes_read("disk-2000", job) >= data // 2, 120, "half the disk copied")
+        killed_at = timezone.now()
+        first.kill()
+        workers("kill-b")
+        job = wait_for_job(job.id, timeout=180)
+        settle([job])
+        disk = job.disks.get()
+        runs = list(CopyAttempt.objects.filter(disk=disk))
+        requeued = JobEvent.objects.filter(job=job, message__contains="requeued").first()
+        figures = CaseFigures(
+            "1 worker SIGKILL at 50%", sha256_match=sha256_match(job, {"disk-2000": image}),
+            bytes_recopied=source.bytes_read_more_than_once(), max_concurrent_copies=max_concurrent_copies(disk),
+            leftovers=len(leftovers()), non_terminal_rows=non_terminal_rows([job]),
+            detect_s=round((requeued.at - killed_at).total_seconds(), 2) if requeued else None,
+            resume_s=round((runs[-1].started_at - killed_at).total_seconds(), 2),
+            note=f"2 GiB disk, {data // MiB} MiB data; resumed at offset {runs[-1].resumed_from}")
+    finally:
+        source.stop()
+    figures.result = "pass" if job.status == JobStatus.COMPLETED else "FAIL"
+    record(figures)
+    assert job.status == JobStatus.COMPLETED, job.error_message
+    assert figures.sha256_match
+    assert [r.outcome for r in runs] == ["lost", "completed"] and disk.attempts == 2
+    assert runs[1].resumed_from > 0 and runs[1].resumed_from == runs[0].checkpoint_bytes
+    # Only what the killed run had not yet committed is read again: far
+    # less than the half it had copied.
+    assert figures.bytes_recopied < data // 4, figures
+    assert "silent for" in requeued.message and "resuming from offset" in requeued.message
+    assert figures.max_concurrent_copies == 1
+    assert figures.leftovers == 0 and figures.non_terminal_rows == 0
+
+
+def test_same_task_delivered_twice_copies_once(workers, tmp_path, sockdir, monkeypatch):
+    """2. The same copy task delivered twice at once: exactly one copies."""
+    image = spread_image(tmp_path / "dup.img", 64 * MiB, pieces=8, piece=2 * MiB, seed=12)
+    source = LoggedSource(sockdir, image, rdelay="50ms")
+    try:
+        workers("dup-a")
+        workers("dup-b")
+        monkeypatch.setattr(job_service, "_enqueue", lambda *args: None)
+        job = start_replication(register_image_vm("vm-dup", [source.uri]))
+        monkeypatch.undo()
+        [disk_id] = job_service.prepare_job(job.id)
+        task_id = str(uuid.uuid4())
+        for _ in range(2):  # two deliveries of one message, as a broker may do
+            tasks.copy_disk.apply_async(args=[disk_id], task_id=task_id, queue="vma.local")
+        job = wait_for_job(job.id, timeout=120)
+        settle([job])
+        disk = job.disks.get()
+        figures = CaseFigures(
+            "2 duplicate delivery", sha256_match=sha256_match(job, {"disk-2000": image}),
+            bytes_recopied=source.bytes_read_more_than_once(), max_concurrent_copies=max_concurrent_copies(disk),
+            leftovers=len(leftovers()), non_terminal_rows=non_terminal_rows([job]),
+            note=f"copy runs: {CopyAttempt.objects.filter(disk=disk).count()}")
+    finally:
+        source.stop()
+    figures.result = "pass" if job.status == JobStatus.COMPLETED else "FAIL"
+    record(figures)
+    assert job.status == JobStatus.COMPLETED, job.error_message
+    assert CopyAttempt.objects.filter(disk=disk).count() == 1 and disk.attempts == 1
+    assert figures.sha256_match and figures.bytes_recopied == 0 and figures.max_concurrent_copies == 1
+    assert figures.non_terminal_rows == 0 and figures.leftovers == 0
+
+
+def test_redis_restart_mid_job_completes(workers, tmp_path, sockdir, settings):
+    """3. Restart the broker while one disk copies and the other's task waits
+    in the queue: the job completes."""
+    images = [spread_image(tmp_path / f"r{i}.img", 64 * MiB, pieces=8, piece=3 * MiB, seed=13 + i) for i in range(2)]
+    sources = [LoggedSource(sockdir, image, rdelay="150ms") for image in images]
+    broker = PrivateRedis(Path(settings.TEST_ROOT)).start()
+    try:
+        with use_broker(broker.url):
+            workers("redis", concurrency=1, TEST_CELERY_BROKER_URL=broker.url)
+            job = start_replication(register_image_vm("vm-redis", [s.uri for s in sources]))
+            wait_until(lambda: attempt_bytes_read("disk-2000", job) >= 6 * MiB, 120, "the first copy under way")
+            restarted = time.monotonic()
+            broker.restart()
+            outage_s = time.monotonic() - restarted
+            before = attempt_bytes_read("disk-2000", job)
+            wait_until(lambda: attempt_bytes_read("disk-2000", job) > before, 60, "copying after the restart")
+            resume_s = time.monotonic() - restarted
+            job = wait_for_job(job.id, timeout=180)
+            settle([job])
+        figures = CaseFigures(
+            "3 Redis restart", sha256_match=sha256_match(job, {"disk-2000": images[0], "disk-2001": images[1]}),
+            bytes_recopied=sum(s.bytes_read_more_than_once() for s in sources),
+            max_concurrent_copies=max_concurrent_of([job]), leftovers=len(leftovers()),
+            non_terminal_rows=non_terminal_rows([job]), detect_s=round(outage_s, 2), resume_s=round(resume_s, 2),
+            note="append-only Redis; 2nd disk's task queued across the restart")
+    finally:
+        for source in sources:
+            source.stop()
+        broker.stop()
+    figures.result = "pass" if job.status == JobStatus.COMPLETED else "FAIL"
+    record(figures)
+    assert job.status == JobStatus.COMPLETED, job.error_message
+    assert figures.sha256_match and figures.max_concurrent_copies == 1
+    assert figures.non_terminal_rows == 0 and figures.leftovers == 0
+
+
+def source_export_pids() -> list[int]:
+    from django.conf import settings
+
+    pids = []
+    for owner in (Path(settings.TEST_ROOT) / "tmp").glob("vma-src-*/owner"):
+        pids.append(int(owner.read_text().split()[1]))
+    return pids
+
+
+def test_source_nbdkit_killed_mid_copy_fails_cleanly_and_a_later_run_succeeds(workers, tmp_path):
+    """5 (image sources). Kill the worker's source nbdkit mid-copy."""
+    image = spread_image(tmp_path / "src.img", 96 * MiB, pieces=12, piece=4 * MiB, seed=15)
+    workers("src", COPY_LIMIT_BPS=str(8 * MiB))
+    vm = register_image_vm("vm-src-killed", [str(image)])
+    job = start_replication(vm)
+    wait_until(lambda: attempt_bytes_read("disk-2000", job) > 4 * MiB and source_export_pids(), 60, "copy under way")
+    killed = time.monotonic()
+    for pid in source_export_pids():
+        os.kill(pid, signal.SIGKILL)
+    job = wait_for_job(job.id, timeout=60)
+    detect_s = time.monotonic() - killed
+    settle([job])
+    left, stuck = len(leftovers()), non_terminal_rows([job])
+    retry = wait_for_job(start_replication(vm).id, timeout=120)
+    figures = CaseFigures(
+        "5 source nbdkit killed (image)", sha256_match=sha256_match(retry, {"disk-2000": image}),
+        max_concurrent_copies=max_concurrent_of([job, retry]), leftovers=left + len(leftovers()),
+        non_terminal_rows=stuck + non_terminal_rows([retry]), detect_s=round(detect_s, 2),
+        note=f"reason: {job.error_message[:90]}")
+    figures.result = "pass" if job.status == JobStatus.FAILED and retry.status == JobStatus.COMPLETED else "FAIL"
+    record(figures)
+    assert job.status == JobStatus.FAILED
+    assert re.match(r"disk-2000: read failed at offset \d+ length \d+: ", job.error_message), job.error_message
+    assert retry.status == JobStatus.COMPLETED, retry.error_message
+    assert figures.sha256_match and figures.leftovers == 0 and figures.non_terminal_rows == 0
+
+
+def test_target_write_errors_fail_with_the_offset(workers, tmp_path, sockdir, settings):
+    """6a. The target starts failing writes (nbdkit error filter) mid-copy."""
+    trigger = Path(settings.TEST_ROOT) / "fail-writes"
+    trigger.unlink(missing_ok=True)
+    args = ["--filter=error", "error-pwrite=EIO", "error-pwrite-rate=100%", f"error-pwrite-file={trigger}"]
+    settings.OMA_EXPORT_NBDKIT_ARGS = args
+    image = spread_image(tmp_path / "t.img", 64 * MiB, pieces=8, piece=4 * MiB, seed=16)
+    source = LoggedSource(sockdir, image, rdelay="100ms")
+    try:
+        workers("eio", OMA_EXPORT_NBDKIT_ARGS=",".join(args))
+        job = start_replication(register_image_vm("vm-eio", [source.uri]))
+        wait_until(lambda: attempt_bytes_read("disk-2000", job) > 2 * MiB, 60, "copy under way")
+        trigger.touch()
+        started = time.monotonic()
+        job = wait_for_job(job.id, timeout=60)
+        detect_s = time.monotonic() - started
+        settle([job])
+    finally:
+        source.stop()
+        trigger.unlink(missing_ok=True)
+    figures = CaseFigures("6a target write errors (EIO)", leftovers=len(leftovers()),
+                          non_terminal_rows=non_terminal_rows([job]), detect_s=round(detect_s, 2),
+                          max_concurrent_copies=max_concurrent_of([job]), note=f"reason: {job.error_message[:90]}")
+    figures.result = "pass" if job.status == JobStatus.FAILED else "FAIL"
+    record(figures)
+    assert job.status == JobStatus.FAILED
+    assert re.match(r"disk-2000: write failed at offset \d+ length \d+: .*Input/output error", job.error_message), \
+        job.error_message
+    assert job.disks.get().status == DiskStatus.FAILED
+    assert figures.leftovers == 0 and figures.non_terminal_rows == 0
+
+
+def test_full_target_disk_fails_with_the_offset(workers, tmp_path, settings):
+    """6b. The volumes live on a filesystem too small for the data (tmpfs)."""
+    volume_dir = Path(settings.TEST_ROOT) / "fullvol"
+    volume_dir.mkdir(exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(volume_dir)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        settings.OMA_VOLUME_DIR = volume_dir
+        image = spread_image(tmp_path / "full.img", 32 * MiB, pieces=4, piece=4 * MiB, seed=17)
+        workers("full", OMA_TEST_VOLUME_DIR=str(volume_dir))
+        job = wait_for_job(start_replication(register_image_vm("vm-full", [str(image)])).id, timeout=60)
+        settle([job])
+        figures = CaseFigures("6b full target disk (ENOSPC)", leftovers=len(leftovers()),
+                              non_terminal_rows=non_terminal_rows([job]),
+                              max_concurrent_copies=max_concurrent_of([job]), note=f"reason: {job.error_message[:90]}")
+    finally:
+        from replication.targets import get_provider
+
+        get_provider().stop_export_server()
+        subprocess.run(["umount", str(volume_dir)], check=False)
+    figures.result = "pass" if job.status == JobStatus.FAILED else "FAIL"
+    record(figures)
+    assert job.status == JobStatus.FAILED
+    assert re.match(r"disk-2000: write failed at offset \d+ length \d+: .*No space left on device",
+                    job.error_message), job.error_message
+    assert figures.leftovers == 0 and figures.non_terminal_rows == 0
+
+
+def test_cancel_at_half_ends_cancelled_within_5_s_with_cleanup(workers, tmp_path):
+    """7. Cancel at 50 %: cancelled within 5 s, source export gone."""
+    image = spread_image(tmp_path / "c.img", 128 * MiB, pieces=8, piece=6 * MiB, seed=18)
+    data = 8 * 6 * MiB
+    workers("cancel", COPY_LIMIT_BPS=str(8 * MiB))
+    job = start_replication(register_image_vm("vm-cancel", [str(image)]))
+    wait_until(lambda: attempt_bytes_read("disk-2000", job) >= data // 2, 60, "half the disk copied")
+    assert source_export_pids(), "the copy's source export should be running"
+    started = time.monotonic()
+    assert cancel_job(job.id)
+    settle([job], timeout=10)
+    elapsed = time.monotonic() - started
+    job = ReplicationJob.objects.get(pk=job.id)
+    disk = job.disks.get()
+    figures = CaseFigures("7 cancel at 50%", leftovers=len(leftovers()), non_terminal_rows=non_terminal_rows([job]),
+                          max_concurrent_copies=max_concurrent_copies(disk), detect_s=round(elapsed, 2),
+                          note="detect = cancel until disk cancelled and source nbdkit gone")
+    figures.result = "pass" if job.status == JobStatus.CANCELLED and elapsed <= 5 else "FAIL"
+    record(figures)
+    assert job.status == JobStatus.CANCELLED and disk.status == DiskStatus.CANCELLED
+    assert elapsed <= 5.0, f"cancel took {elapsed:.1f} s"
+    assert figures.leftovers == 0 and figures.non_terminal_rows == 0
+
+
+def test_load_20_vms_of_2_disks_on_2_workers(workers, tmp_path):
+    """10. 20 VMs x 2 disks at once on 2 workers: all complete, nothing stuck."""
+    workers("load-a")
+    workers("load-b")
+    vms = []
+    for i in range(20):
+        images = [make_image(tmp_path / f"l{i}-{d}.img", 6 * MiB + 512 * d, [(d * MiB, MiB + 4097)],
+                             seed=100 + 2 * i + d) for d in range(2)]
+        vms.append((register_image_vm(f"vm-load-{i:02d}", [str(p) for p in images]), images))
+    started = time.monotonic()
+    jobs = [start_replication(vm) for vm, _ in vms]
+    done = [wait_for_job(job.id, timeout=300) for job in jobs]
+    elapsed = time.monotonic() - started
+    settle(done)
+    matches = all(sha256_match(job, {"disk-2000": images[0], "disk-2001": images[1]})
+                  for job, (_, images) in zip(done, vms, strict=True))
+    figures = CaseFigures("10 load 20 VMs x 2 disks", sha256_match=matches,
+                          max_concurrent_copies=max_concurrent_of(done),
+                          leftovers=len(leftovers()), non_terminal_rows=non_terminal_rows(done),
+                          note=f"{elapsed:.1f} s for all 40 disks on 2 workers x 2 processes")
+    figures.result = "pass" if all(j.status == JobStatus.COMPLETED for j in done) else "FAIL"
+    record(figures)
+    assert [j.status for j in done] == [JobStatus.COMPLETED] * 20, [j.error_message for j in done if j.error_message]
+    assert matches and figures.max_concurrent_copies == 1
+    assert figures.non_terminal_rows == 0 and figures.leftovers == 0
