@@ -280,11 +280,10 @@ def copy_disk(disk_id: int, task_id: str = "",
                 result = copy_image(
                     src_uri, volumes.export_uri(disk.target_volume), extents=areas, resume_from=resume_from,
                     zero_unlisted=areas is not None and disk.sync_type == SyncType.FULL, verify=job.verify,
-                    limit=RateLimit(job.bandwidth_limit_bps),
+                    limit=RateLimit(_bandwidth_limit(job)),
                     chunk_bytes=settings.COPY_CHUNK_BYTES, connections=settings.COPY_CONNECTIONS, progress=monitor,
                     progress_interval_s=settings.PROGRESS_REPORT_INTERVAL_S,
                     checkpoint=monitor.checkpoint, checkpoint_interval_s=settings.COPY_CHECKPOINT_INTERVAL_S,
-                    limit=RateLimit(settings.COPY_LIMIT_BPS or None),
                 )
         except CopySuperseded as exc:
             log.warning("copy of %s stopped: %s", disk, exc)
@@ -326,6 +325,12 @@ def copy_disk(disk_id: int, task_id: str = "",
     log.info("copied %s: %s", disk, result.as_dict())
     job.refresh_totals()
     return job.all_disks_completed() and job.transition(JobStatus.FINALIZING, current_operation=Stage.FINALIZING)
+
+
+def _bandwidth_limit(job: ReplicationJob) -> int | None:
+    """The tighter of the job's limit and the agent's (COPY_LIMIT_BPS)."""
+    limits = [limit for limit in (job.bandwidth_limit_bps, settings.COPY_LIMIT_BPS) if limit]
+    return min(limits) if limits else None
 
 
 def finalize_job(job_id: str) -> None:
