@@ -202,3 +202,21 @@ def vcsim_factory(tmp_path):
     yield start
     for sim in started:
         sim.stop()
+
+
+@pytest.fixture
+def vcenter(vcsim_factory):
+    """Start a vCenter simulator with these VMs (tests.vcsim.vm_spec) and
+    record it as a vCenter; its images live where the agent's image-dir
+    snapshot source looks for them. Returns (simulator, VCenter)."""
+    from replication.services import vmware as vmware_service
+
+    def start(*vms, name="vc1"):
+        data_dir = Path(settings.VMA_SNAPSHOT_IMAGE_DIR) / name
+        shutil.rmtree(data_dir, ignore_errors=True)
+        sim = vcsim_factory({"vms": list(vms)}, data_dir=data_dir)
+        record = vmware_service.register_vcenter(name, sim.host, sim.username, sim.thumbprint, port=sim.port,
+                                                 password_file=str(sim.password_file))
+        return sim, record
+
+    return start

@@ -6,10 +6,8 @@ every cycle the target equals the image the snapshot froze."""
 import json
 import os
 import time
-from pathlib import Path
 
 import pytest
-from django.conf import settings
 from django.core.management import CommandError, call_command
 
 from replication.choices import DiskStatus, JobStatus, SyncType
@@ -18,45 +16,15 @@ from replication.services import vmware as vmware_service
 from replication.services.jobs import start_replication
 from tests.conftest import source_exports_running, wait_for_job
 from tests.helpers import MiB, sha256
+from tests.vcsim import fill_image as fill
+from tests.vcsim import vm_spec
+from tests.vcsim import write_image as write
 from vma_agent.vmware import VSphereClient, VSphereError
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 BLOCK = 64 * 1024  # the simulator's change-tracking granularity
-USER = "administrator@vsphere.local"
 DISKS = [12 * MiB + 4097, 5 * MiB, 9 * MiB + 511]  # odd sizes: the last blocks are partial
-
-
-def vm_spec(name, capacities=DISKS, cbt=False, **extra):
-    return {"name": name, "cbt": cbt, "firmware": "efi", "guest_id": "otherLinux64Guest",
-            "power_state": "poweredOn", "nics": [{"network": "VM Network", "mac": "00:50:56:aa:bb:01"}],
-            "disks": [{"capacity_bytes": c, "mode": "persistent"} for c in capacities], **extra}
-
-
-@pytest.fixture
-def vcenter(vcsim_factory):
-    """A started simulator recorded as a vCenter; its images live where the
-    agent's image-dir snapshot source looks for them."""
-
-    def start(*vms, name="vc1"):
-        sim = vcsim_factory({"vms": list(vms)}, data_dir=Path(settings.VMA_SNAPSHOT_IMAGE_DIR) / name)
-        record = vmware_service.register_vcenter(name, sim.host, USER, sim.thumbprint, port=sim.port,
-                                                 password_file=str(sim.password_file))
-        return sim, record
-
-    return start
-
-
-def write(path, offset, data: bytes):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(data)
-
-
-def fill(path, ranges, seed):
-    rng = __import__("random").Random(seed)
-    for offset, length in ranges:
-        write(path, offset, rng.randbytes(length))
 
 
 def snapshots_of(record: VCenter, moref: str) -> list[str]:
@@ -79,7 +47,7 @@ def assert_targets_equal_sources(job, live_images):
 
 
 def test_discovery_records_a_three_disk_vm(vcenter):
-    sim, record = vcenter(vm_spec("web01"), vm_spec("db01", capacities=[MiB], cbt=True))
+    sim, record = vcenter(vm_spec("web01", DISKS), vm_spec("db01", capacities=[MiB], cbt=True))
     out = _call("discover", "--vcenter", "vc1", "--json")
     vms = {vm["name"]: vm for vm in json.loads(out)}
     assert set(vms) >= {"web01", "db01"}
@@ -109,17 +77,17 @@ def test_the_password_never_reaches_the_database_or_a_wrong_thumbprint_or_passwo
     bad = tmp_path / "bad"
     bad.write_text("not-the-password")
     with pytest.raises(VSphereError, match="refused the login"):
-        vmware_service.register_vcenter("vc-bad-pw", sim.host, USER, sim.thumbprint, port=sim.port,
+        vmware_service.register_vcenter("vc-bad-pw", sim.host, sim.username, sim.thumbprint, port=sim.port,
                                         password_file=str(bad))
     wrong = "AB:" * 19 + "CD"
     with pytest.raises(VSphereError, match=f"presented certificate thumbprint {sim.thumbprint}"):
-        vmware_service.register_vcenter("vc-bad-tp", sim.host, USER, wrong, port=sim.port,
+        vmware_service.register_vcenter("vc-bad-tp", sim.host, sim.username, wrong, port=sim.port,
                                         password_file=str(sim.password_file))
     assert not VCenter.objects.filter(name__startswith="vc-bad").exists()
 
 
 def test_full_copy_then_three_incrementals_match_every_snapshot(celery_worker_process, vcenter):
-    sim, record = vcenter(vm_spec("web01"))
+    sim, record = vcenter(vm_spec("web01", DISKS))
     live = sim.vms["web01"]["disks"]
     fill(live["2000"], [(0, 3 * MiB), (DISKS[0] - 4097, 4097)], seed=1)
     fill(live["2001"], [(MiB, 200_000)], seed=2)

@@ -9,6 +9,7 @@ simulator library from Debian plus our CBT extensions) and runs it.
 import hashlib
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -163,3 +164,24 @@ def _tail(path: Path, lines: int = 40) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def vm_spec(name: str, capacities: list[int], cbt: bool = False, **extra) -> dict:
+    """A simulator VM: powered on, EFI, one NIC, persistent disks of these sizes."""
+    return {"name": name, "cbt": cbt, "firmware": "efi", "guest_id": "otherLinux64Guest",
+            "power_state": "poweredOn", "nics": [{"network": "VM Network", "mac": "00:50:56:aa:bb:01"}],
+            "disks": [{"capacity_bytes": c, "mode": "persistent"} for c in capacities], **extra}
+
+
+def write_image(path, offset: int, data: bytes) -> None:
+    """A guest write: bytes into a VM's live disk image."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def fill_image(path, ranges: list[tuple[int, int]], seed: int) -> None:
+    """Guest writes of random data into these (offset, length) ranges."""
+    rng = random.Random(seed)
+    for offset, length in ranges:
+        write_image(path, offset, rng.randbytes(length))

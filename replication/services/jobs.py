@@ -8,10 +8,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import DatabaseError, connection, transaction
+from django.utils import timezone
 
 from replication.choices import STAGE_PERCENT, DiskStatus, JobStatus, SourceKind, Stage, SyncType
 from replication.models import CopyAttempt, JobEvent, ReplicationJob, VirtualMachine, VMDisk, worker_id
@@ -394,7 +396,9 @@ def remove_job_snapshot(job_id: str) -> None:
         log.warning("snapshot removal for %s skipped: it is %s", job_id, job.status)
         return
     deadline = time.monotonic() + settings.CLEANUP_WAIT_S
-    while job.disks.filter(status=DiskStatus.COPYING).exists() and time.monotonic() < deadline:
+    while time.monotonic() < deadline and job.disks.filter(
+            status=DiskStatus.COPYING,  # a copy still alive (a dead one's heartbeat went quiet)
+            heartbeat_at__gt=timezone.now() - timedelta(seconds=settings.HEARTBEAT_TIMEOUT_S)).exists():
         time.sleep(0.5)
     if job.vm.source_kind == SourceKind.VMWARE:
         vmware.remove_job_snapshot(job)
