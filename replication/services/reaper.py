@@ -12,7 +12,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from replication.choices import JOB_TERMINAL, DiskStatus, JobStatus
-from replication.models import JobEvent, ReplicationJob, VMDisk
+from replication.models import CopyAttempt, JobEvent, ReplicationJob, VMDisk
 from replication.services import jobs as job_service
 from replication.services import sweeper
 
@@ -55,6 +55,7 @@ def reap(now: datetime | None = None) -> Reaped:
     for disk in VMDisk.objects.filter(status=DiskStatus.COPYING, job__status__in=JOB_TERMINAL):
         if disk.heartbeat_at is None or disk.heartbeat_at < stale:
             if disk.fail("copy task lost after its job ended"):
+                disk.end_attempt(CopyAttempt.Outcome.LOST, reason="worker gone after its job ended")
                 result.disks_failed.append(disk.pk)
     _requeue_lost_copies(now, result)
     result.swept = sweeper.sweep()
@@ -110,5 +111,6 @@ def _fail(job: ReplicationJob, reason: str, now: datetime, result: Reaped) -> No
     stale = now - timedelta(seconds=settings.HEARTBEAT_TIMEOUT_S)
     for disk in job.disks.filter(status=DiskStatus.COPYING):
         if (disk.heartbeat_at is None or disk.heartbeat_at < stale) and disk.fail(reason):
+            disk.end_attempt(CopyAttempt.Outcome.LOST, reason=reason)
             result.disks_failed.append(disk.pk)
     result.failed.append(job.id)

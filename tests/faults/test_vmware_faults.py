@@ -1,0 +1,164 @@
+"""Fault injection on VMware sources (the vCenter simulator, real worker
+processes, real nbdkit): a source killed in the middle of an incremental,
+and an incremental whose worker is killed halfway then rerun after more
+writes. Snapshots must be gone, changeIds must not advance past data that
+was not written, and every changed block must arrive."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from replication import tasks
+from replication.choices import JobStatus, SyncType
+from replication.models import ChangeIdRecord, CopyAttempt, ReplicationJob, SourceDisk
+from replication.services import vmware as vmware_service
+from replication.services.jobs import cancel_job, start_replication
+from tests.conftest import wait_for_job
+from tests.faults.harness import (
+    CaseFigures,
+    leftovers,
+    max_concurrent_of,
+    non_terminal_rows,
+    record,
+    settle,
+    sha256_match,
+    wait_until,
+)
+from tests.helpers import MiB
+from tests.vcsim import fill_image, vm_spec
+
+pytestmark = [pytest.mark.faults, pytest.mark.django_db(transaction=True)]
+
+
+def snapshot_source_pids(job_id: str) -> list[int]:
+    """The nbdkit processes serving the job's snapshot disks."""
+    moref = ReplicationJob.objects.values_list("snapshot_moref", flat=True).get(pk=job_id)
+    if not moref:
+        return []
+    out = subprocess.run(["pgrep", "-f", f"/snapshots/{moref}/"], capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split()]
+
+
+def snapshots_left(record_: object, moref: str) -> list[str]:
+    with vmware_service.client_for(record_) as client:
+        return [s.name for s in client.vm_info(moref).snapshots]
+
+
+def wait_for_no_snapshots(vcenter_record, moref: str, timeout: float = 30) -> float:
+    started = time.monotonic()
+    wait_until(lambda: not snapshots_left(vcenter_record, moref), timeout, "the job's snapshot removed", 0.2)
+    return time.monotonic() - started
+
+
+def bytes_read(job) -> int:
+    return sum(CopyAttempt.objects.filter(disk__job=job).values_list("bytes_read", flat=True))
+
+
+def committed_change_ids(vm) -> dict:
+    return dict(SourceDisk.objects.filter(vm=vm).values_list("disk_key", "change_id"))
+
+
+def live_images(sim, name):
+    return {f"disk-{key}": path for key, path in sim.vms[name]["disks"].items()}
+
+
+def test_source_killed_mid_incremental_removes_the_snapshot_and_advances_nothing(workers, vcenter):
+    """5 (snapshots). Kill the snapshot's source nbdkit in an incremental."""
+    sim, vc = vcenter(vm_spec("vm-src-cbt", [48 * MiB, 4 * MiB]))
+    live = live_images(sim, "vm-src-cbt")
+    fill_image(live["disk-2000"], [(0, 8 * MiB)], seed=1)
+    workers("cbt-src", COPY_LIMIT_BPS=str(8 * MiB))
+    (vm,) = vmware_service.discover(vc, ["vm-src-cbt"])
+    full = wait_for_job(start_replication(vm).id, timeout=120)
+    assert full.status == JobStatus.COMPLETED, full.error_message
+    before, history = committed_change_ids(vm), ChangeIdRecord.objects.count()
+
+    fill_image(live["disk-2000"], [(i * 4 * MiB, MiB) for i in range(12)], seed=2)
+    fill_image(live["disk-2001"], [(MiB, 3000)], seed=3)
+    job = start_replication(vm, SyncType.INCREMENTAL)
+    wait_until(lambda: bytes_read(job) > 2 * MiB and snapshot_source_pids(job.id), 60, "copy under way")
+    moref = job.vm.moref
+    killed = time.monotonic()
+    for pid in snapshot_source_pids(job.id):
+        os.kill(pid, signal.SIGKILL)
+    job = wait_for_job(job.id, timeout=60)
+    detect_s = time.monotonic() - killed
+    cleanup_s = wait_for_no_snapshots(vc, moref)
+    settle([job])
+    advanced = committed_change_ids(vm) != before or ChangeIdRecord.objects.count() != history
+    left, stuck = len(leftovers()), non_terminal_rows([job])
+
+    retry = wait_for_job(start_replication(vm, SyncType.INCREMENTAL).id, timeout=120)
+    settle([retry])
+    figures = CaseFigures(
+        "5 source nbdkit killed (snapshot)", sha256_match=sha256_match(retry, live),
+        max_concurrent_copies=max_concurrent_of([job, retry]), leftovers=left + len(leftovers()),
+        non_terminal_rows=stuck + non_terminal_rows([retry]), detect_s=round(detect_s, 2),
+        note=f"snapshot removed {cleanup_s:.1f} s after; changeId advanced: {advanced}",
+        extra={"snapshots_left": len(snapshots_left(vc, moref))})
+    figures.result = ("pass" if job.status == JobStatus.FAILED and retry.status == JobStatus.COMPLETED
+                      and not advanced else "FAIL")
+    record(figures)
+    assert job.status == JobStatus.FAILED
+    assert re.search(r"disk-2000: read failed at offset \d+", job.error_message), job.error_message
+    assert not advanced
+    assert retry.status == JobStatus.COMPLETED, retry.error_message
+    assert retry.disks.get(disk_key="disk-2000").bytes_total == 12 * MiB  # every change, against the old changeId
+    assert figures.sha256_match and figures.leftovers == 0 and figures.non_terminal_rows == 0
+    assert figures.extra["snapshots_left"] == 0 and figures.max_concurrent_copies == 1
+
+
+def test_incremental_killed_halfway_then_more_writes_then_rerun_gets_every_block(workers, vcenter):
+    """8. An incremental's worker is SIGKILLed halfway; the operator cancels
+    it, the guest writes more, and the rerun copies both sets of changes."""
+    sim, vc = vcenter(vm_spec("vm-incr-kill", [64 * MiB + 4097, 2 * MiB]))
+    live = live_images(sim, "vm-incr-kill")
+    fill_image(live["disk-2000"], [(0, 4 * MiB)], seed=1)
+    first = workers("incr-a", COPY_LIMIT_BPS=str(8 * MiB), REAPER_TIMEOUT_S="3")
+    (vm,) = vmware_service.discover(vc, ["vm-incr-kill"])
+    assert wait_for_job(start_replication(vm).id, timeout=120).status == JobStatus.COMPLETED
+    before = committed_change_ids(vm)
+
+    changed_a = [(i * 4 * MiB + 12345, MiB) for i in range(16)]  # 16 MiB spread over the disk
+    fill_image(live["disk-2000"], changed_a, seed=2)
+    job = start_replication(vm, SyncType.INCREMENTAL)
+    wait_until(lambda: bytes_read(job) >= 7 * MiB, 60, "half the changes copied")
+    killed = time.monotonic()
+    first.kill()
+    second = workers("incr-b", COPY_LIMIT_BPS=str(8 * MiB), REAPER_TIMEOUT_S="3")
+    cancel_job(job.id, "worker lost; cancelled by the operator")
+    cleanup_s = wait_for_no_snapshots(vc, vm.moref)
+    # The reaper pass as beat runs it: a task on a worker (which also sweeps
+    # the dead worker's source export from the agent's temporary directory).
+    wait_until(lambda: tasks.reap_stale.delay() and non_terminal_rows([job]) == 0, 30,
+               "the killed copy's row closed by the reaper", 1.0)
+    assert committed_change_ids(vm) == before
+
+    changed_b = [(MiB, 5000), (64 * MiB + 4096, 1)]  # more writes, including the disk's last byte
+    fill_image(live["disk-2000"], changed_b, seed=3)
+    fill_image(live["disk-2001"], [(0, 10)], seed=4)
+    rerun = wait_for_job(start_replication(vm, SyncType.INCREMENTAL).id, timeout=180)
+    settle([job, rerun])
+    second.stop()
+    figures = CaseFigures(
+        "8 incremental killed halfway, more writes, rerun", sha256_match=sha256_match(rerun, live),
+        max_concurrent_copies=max_concurrent_of([job, rerun]), leftovers=len(leftovers()),
+        non_terminal_rows=non_terminal_rows([job, rerun]),
+        resume_s=round((rerun.completed_at.timestamp() - killed), 2),
+        note=f"snapshot removed {cleanup_s:.1f} s after the cancel; rerun copied "
+             f"{rerun.disks.get(disk_key='disk-2000').bytes_total // 1024} KiB of disk-2000",
+        extra={"snapshots_left": len(snapshots_left(vc, vm.moref))})
+    figures.result = "pass" if rerun.status == JobStatus.COMPLETED and figures.sha256_match else "FAIL"
+    record(figures)
+    assert rerun.status == JobStatus.COMPLETED, rerun.error_message
+    assert figures.sha256_match
+    assert all(d.sync_type == SyncType.INCREMENTAL for d in rerun.disks.all())
+    assert figures.leftovers == 0, leftovers()
+    assert figures.non_terminal_rows == 0 and figures.extra["snapshots_left"] == 0
+    assert figures.max_concurrent_copies == 1
