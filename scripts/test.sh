@@ -22,6 +22,10 @@ PY
 then
   echo "== tests on MariaDB ($MYSQL_URL)"
   DATABASE_URL="$MYSQL_URL" .venv/bin/python -m pytest "$@"
+  # The fault-injection suite (workers killed, brokers restarted) needs the
+  # real database server: it runs in this pass only, then prints its figures.
+  echo "== fault-injection suite on MariaDB"
+  DATABASE_URL="$MYSQL_URL" .venv/bin/python -m tests.faults --run "$@"
 elif [ "${CI:-}" = "true" ]; then
   echo "MariaDB at $MYSQL_URL does not answer, and CI must test on it" >&2
   exit 1

@@ -116,6 +116,10 @@ def connect(uri: str, *, meta_context: str | None = None) -> nbd.NBD:
     handle = nbd.NBD()
     if meta_context:
         handle.add_meta_context(meta_context)
+    if "tls-psk-file=" in uri:
+        # A TLS-PSK export names its key file in the URI (the key itself is
+        # never in a URI or on a command line); libnbd reads it only if allowed.
+        handle.set_uri_allow_local_file(True)
     try:
         handle.connect_uri(uri)
     except nbd.Error as exc:
