@@ -168,6 +168,8 @@ VMA_SNAPSHOT_SOURCE = env("VMA_SNAPSHOT_SOURCE", default="vddk")
 VMA_SNAPSHOT_IMAGE_DIR = Path(env("VMA_SNAPSHOT_IMAGE_DIR", default=str(VAR_DIR / "snapshots")))
 VMA_VDDK_LIBDIR = env("VMA_VDDK_LIBDIR", default="/usr/lib/vmware-vix-disklib")
 VMA_VDDK_TRANSPORTS = env("VMA_VDDK_TRANSPORTS", default="nbdssl:nbd")
+# Snapshots of ended jobs left on a vCenter (the removal failed) are swept this often.
+SNAPSHOT_SWEEP_INTERVAL_S = env.float("SNAPSHOT_SWEEP_INTERVAL_S", default=900.0)
 # An ended job's clean-up waits this long for its copies to stop reading the snapshot.
 CLEANUP_WAIT_S = env.float("CLEANUP_WAIT_S", default=120.0)
 
@@ -215,6 +217,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "replication.reap_stale",
         "schedule": REAPER_INTERVAL_S,
         "options": {"queue": "oma", "expires": REAPER_INTERVAL_S},
+    },
+    "sweep-snapshots": {
+        "task": "replication.sweep_snapshots",
+        "schedule": SNAPSHOT_SWEEP_INTERVAL_S,
+        "options": {"queue": "oma", "expires": SNAPSHOT_SWEEP_INTERVAL_S},
     },
 }
 

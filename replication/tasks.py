@@ -5,7 +5,7 @@ from django.conf import settings
 from django.db import DatabaseError
 
 from replication.models import VMDisk
-from replication.services import jobs, progress, reaper
+from replication.services import jobs, progress, reaper, sweeper
 from replication.services.task_events import TaskProgressPublisher
 
 
@@ -45,6 +45,11 @@ def remove_job_snapshot(job_id: str) -> None:
 @shared_task(name="replication.poll_progress")
 def poll_progress() -> None:
     progress.poll_once_locked()
+
+
+@shared_task(name="replication.sweep_snapshots")
+def sweep_snapshots() -> None:
+    sweeper.sweep_snapshots()
 
 
 @shared_task(name="replication.reap_stale")
