@@ -148,6 +148,8 @@ class SourceDisk(models.Model):
     disk_mode = models.CharField(max_length=40, blank=True)
     sharing = models.CharField(max_length=40, blank=True)
     is_rdm = models.BooleanField(default=False)
+    discovered_change_id = models.CharField(max_length=200, blank=True,
+                                            help_text="changeId vCenter reported at the last discovery")
 
     class Meta:
         db_table = "source_disks"

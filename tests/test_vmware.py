@@ -63,6 +63,7 @@ def test_discovery_records_a_three_disk_vm(vcenter):
         ("disk-2000", 2000, 0, DISKS[0], "persistent"), ("disk-2001", 2001, 1, DISKS[1], "persistent"),
         ("disk-2002", 2002, 2, DISKS[2], "persistent")]
     assert all(d["backing_file"].startswith("[") and d["backing_file"].endswith(".vmdk") for d in web["disks"])
+    assert [d["discovered_change_id"] for d in vms["db01"]["disks"]] == [""]  # CBT on, no snapshot yet
     # Discovering again updates in place.
     _call("discover", "--vcenter", "vc1", "--vm", "web01")
     assert VirtualMachine.objects.filter(name="web01").count() == 1
@@ -270,6 +271,24 @@ def test_admin_discovers_a_vcenters_vms_and_the_job_page_shows_the_copy_plan(
     page = admin_client.get(f"/jobs/{job.id}/").content.decode()
     assert "no committed changeId yet: the first copy is full" in page
     assert job.snapshot_name in page and "(removed)" in page
+
+
+def test_replicate_command_runs_full_then_incremental_for_a_vmware_vm(celery_worker_process, vcenter):
+    sim, record = vcenter(vm_spec("web06", [3 * MiB + 1]))
+    live = sim.vms["web06"]["disks"]
+    fill(live["2000"], [(0, MiB)], seed=1)
+    _call("discover", "--vcenter", "vc1", "--vm", "web06")
+    with pytest.raises(CommandError, match="invalid choice: 'everything'"):
+        call_command("replicate", "web06", "--allow", "everything")
+    _call("replicate", "web06", "--wait", "--timeout", "120")
+    fill(live["2000"], [(2 * MiB, 10)], seed=2)
+    job_id = _call("replicate", "web06", "--incremental", "--wait", "--timeout", "120").split()[0]
+    job = ReplicationJob.objects.get(pk=job_id)
+    assert job.status == JobStatus.COMPLETED and job.disks.get().bytes_total == BLOCK
+    assert_targets_equal_sources(job, live)
+    out = _call("discover", "--vcenter", "vc1", "--vm", "web06", "--json")
+    (disk,) = json.loads(out)[0]["disks"]
+    assert disk["committed_change_id"] and disk["discovered_change_id"] == disk["committed_change_id"]
 
 
 def test_sweeper_removes_orphaned_job_snapshots_only(vcenter):

@@ -78,6 +78,12 @@ class Migration(migrations.Migration):
         ),
         migrations.AddField(
             model_name='sourcedisk',
+            name='discovered_change_id',
+            field=models.CharField(blank=True, help_text='changeId vCenter reported at the last discovery',
+                                   max_length=200),
+        ),
+        migrations.AddField(
+            model_name='sourcedisk',
             name='sharing',
             field=models.CharField(blank=True, max_length=40),
         ),

@@ -114,7 +114,7 @@ def _record_vm(vcenter: VCenter, info: vmware.VMInfo, agent: str) -> VirtualMach
             vm=vm, disk_key=disk.disk_key,
             defaults=dict(locator=disk.backing_file, capacity_bytes=disk.capacity_bytes, device_key=disk.key,
                           unit_number=disk.unit_number, backing_file=disk.backing_file, disk_mode=disk.disk_mode,
-                          sharing=disk.sharing, is_rdm=disk.is_rdm),
+                          sharing=disk.sharing, is_rdm=disk.is_rdm, discovered_change_id=disk.change_id),
         )
     # Disks removed on vCenter: forget those no job ever copied; the others
     # stay for their history and make the next job's preflight say so.

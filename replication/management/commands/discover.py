@@ -43,7 +43,8 @@ def _vm_dict(vm) -> dict:
         "snapshots": vm.snapshots,
         "disks": [{"disk_key": d.disk_key, "device_key": d.device_key, "unit_number": d.unit_number,
                    "capacity_bytes": d.capacity_bytes, "backing_file": d.backing_file, "disk_mode": d.disk_mode,
-                   "sharing": d.sharing, "is_rdm": d.is_rdm, "change_id": d.change_id}
+                   "sharing": d.sharing, "is_rdm": d.is_rdm, "discovered_change_id": d.discovered_change_id,
+                   "committed_change_id": d.change_id}
                   for d in vm.disks.all()],
     }
 
