@@ -13,7 +13,7 @@ from django.core.management import CommandError, call_command
 from replication.choices import DiskStatus, JobStatus, SyncType
 from replication.models import ChangeIdRecord, ReplicationJob, SourceDisk, VCenter, VirtualMachine
 from replication.services import vmware as vmware_service
-from replication.services.jobs import start_replication
+from replication.services.jobs import cancel_job, start_replication
 from tests.conftest import source_exports_running, wait_for_job
 from tests.helpers import MiB, sha256
 from tests.vcsim import fill_image as fill
@@ -221,6 +221,31 @@ def test_a_failure_mid_copy_removes_the_snapshot_and_advances_no_change_id(celer
     assert job.status == JobStatus.COMPLETED, job.error_message
     assert job.disks.get(disk_key="disk-2000").bytes_total == 24 * MiB
     assert_targets_equal_sources(job, live)
+
+
+def test_cancel_mid_copy_stops_within_seconds_and_removes_the_snapshot(celery_worker_process, vcenter):
+    sim, record = vcenter(vm_spec("app04", [32 * MiB]))
+    fill(sim.vms["app04"]["disks"]["2000"], [(0, 32 * MiB)], seed=1)
+    (vm,) = vmware_service.discover(record, ["app04"])
+    job = start_replication(vm, bandwidth_limit_bps=4 * MiB)
+    deadline = time.monotonic() + 60
+    while not _source_export_of(job.id) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    cancelled_at = time.monotonic()
+    assert cancel_job(job.id)
+    while job.disks.filter(status=DiskStatus.COPYING).exists() and time.monotonic() - cancelled_at < 10:
+        time.sleep(0.05)
+    stopped_s = time.monotonic() - cancelled_at
+    assert stopped_s < 5, f"the copy took {stopped_s:.1f} s to stop"
+    job.refresh_from_db()
+    assert job.status == JobStatus.CANCELLED and job.disks.get().status == DiskStatus.CANCELLED
+    _wait_for_no_snapshots(record, vm.moref)
+    assert SourceDisk.objects.get(vm=vm).change_id == ""
+    deadline = time.monotonic() + 10
+    while source_exports_running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert source_exports_running() == []
 
 
 def test_preflight_blocks_independent_disks_and_operator_snapshots_unless_overridden(

@@ -105,17 +105,16 @@ def prepare_job(job_id: str) -> list[int]:
         try:
             with Heartbeat(job, settings.HEARTBEAT_INTERVAL_S):
                 if job.vm.source_kind == SourceKind.VMWARE:
-                    vmware.prepare_snapshot(job, lambda: (
-                        job.set_stage(Stage.CREATING_SNAPSHOT),
-                        stages.stage(Stage.CREATING_SNAPSHOT, STAGE_PERCENT[Stage.CREATING_SNAPSHOT])))
-                job.set_stage(Stage.SETTING_UP_NBD)
-                stages.stage(Stage.SETTING_UP_NBD, STAGE_PERCENT[Stage.SETTING_UP_NBD])
+                    vmware.prepare_snapshot(job, lambda: _enter_stage(job, stages, Stage.CREATING_SNAPSHOT))
+                _enter_stage(job, stages, Stage.SETTING_UP_NBD)
                 disks = list(job.disks.select_related("target_volume__source_disk__vm"))
                 for disk in disks:
                     volumes.provision(disk.target_volume, disk.capacity_bytes)
-                job.set_stage(Stage.PREPARING_MIGRATION)
-                stages.stage(Stage.PREPARING_MIGRATION, STAGE_PERCENT[Stage.PREPARING_MIGRATION])
+                _enter_stage(job, stages, Stage.PREPARING_MIGRATION)
                 if not job.enter_stage(Stage.TRANSFER, JobStatus.REPLICATING):
+                    # Cancelled meanwhile: the snapshot may have been taken
+                    # after the cancel looked for one.
+                    _queue_snapshot_removal(job)
                     return []
                 job.beat()
         except Exception as exc:
@@ -126,6 +125,11 @@ def prepare_job(job_id: str) -> list[int]:
         return [disk.id for disk in disks]
     finally:
         stages.close(timeout_s=2.0)
+
+
+def _enter_stage(job: ReplicationJob, stages: JobStageReporter, stage: Stage) -> None:
+    job.set_stage(stage)
+    stages.stage(stage, STAGE_PERCENT[stage])
 
 
 @contextlib.contextmanager
