@@ -211,10 +211,10 @@ def vcenter(vcsim_factory):
     snapshot source looks for them. Returns (simulator, VCenter)."""
     from replication.services import vmware as vmware_service
 
-    def start(*vms, name="vc1"):
+    def start(*vms, name="vc1", **simulator_options):
         data_dir = Path(settings.VMA_SNAPSHOT_IMAGE_DIR) / name
         shutil.rmtree(data_dir, ignore_errors=True)
-        sim = vcsim_factory({"vms": list(vms)}, data_dir=data_dir)
+        sim = vcsim_factory({"vms": list(vms)}, data_dir=data_dir, **simulator_options)
         record = vmware_service.register_vcenter(name, sim.host, sim.username, sim.thumbprint, port=sim.port,
                                                  password_file=str(sim.password_file))
         return sim, record

@@ -88,7 +88,8 @@ def test_the_password_never_reaches_the_database_or_a_wrong_thumbprint_or_passwo
 
 
 def test_full_copy_then_three_incrementals_match_every_snapshot(celery_worker_process, vcenter):
-    sim, record = vcenter(vm_spec("web01", DISKS))
+    # Changed areas come in pages of 1 MiB: every disk spans several.
+    sim, record = vcenter(vm_spec("web01", DISKS), cbt_page_bytes=MiB)
     live = sim.vms["web01"]["disks"]
     fill(live["2000"], [(0, 3 * MiB), (DISKS[0] - 4097, 4097)], seed=1)
     fill(live["2001"], [(MiB, 200_000)], seed=2)
@@ -248,19 +249,27 @@ def test_cancel_mid_copy_stops_within_seconds_and_removes_the_snapshot(celery_wo
     assert source_exports_running() == []
 
 
-def test_preflight_blocks_independent_disks_and_operator_snapshots_unless_overridden(
+def test_preflight_blocks_independent_disks_missing_privileges_and_operator_snapshots_unless_overridden(
         celery_worker_process, vcenter):
     sim, record = vcenter(
         {**vm_spec("indep01", capacities=[MiB]),
          "disks": [{"capacity_bytes": MiB, "mode": "persistent"},
                    {"capacity_bytes": MiB, "mode": "independent_persistent"}]},
         vm_spec("snapped01", capacities=[MiB]),
+        vm_spec("nopriv01", capacities=[MiB], denied_privileges=[
+            "VirtualMachine.State.CreateSnapshot", "VirtualMachine.Provisioning.DiskRandomRead"]),
     )
-    indep, snapped = vmware_service.discover(record, ["indep01", "snapped01"])
+    indep, nopriv, snapped = vmware_service.discover(record, ["indep01", "snapped01", "nopriv01"])
     job = replicate(indep)
     assert job.status == JobStatus.FAILED
     assert "preflight" in job.error_message and "disk-2001 is independent_persistent" in job.error_message
     assert snapshots_of(record, indep.moref) == []
+
+    denied = replicate(nopriv)
+    assert denied.status == JobStatus.FAILED
+    assert ("lacks privileges VirtualMachine.State.CreateSnapshot, VirtualMachine.Provisioning.DiskRandomRead"
+            in denied.error_message), denied.error_message
+    assert snapshots_of(record, nopriv.moref) == []
 
     with vmware_service.client_for(record) as client:
         client.create_snapshot(snapped.moref, "before-upgrade")

@@ -287,11 +287,14 @@ class VSphereClient:
         """The privileges replication needs on the VM that this session lacks."""
         try:
             session = self.si.content.sessionManager.currentSession.key
-            granted = self.si.content.authorizationManager.HasPrivilegeOnEntity(
-                entity=self.vm_ref(vm_moref), sessionId=session, privId=list(REQUIRED_PRIVILEGES))
+            # The per-privilege form: a list of booleans may come back with
+            # the false ones left out (govmomi's encoder does so).
+            (answer,) = self.si.content.authorizationManager.HasPrivilegeOnEntities(
+                entity=[self.vm_ref(vm_moref)], sessionId=session, privId=list(REQUIRED_PRIVILEGES))
         except vmodl.MethodFault as exc:
             raise VSphereError(f"checking privileges on {vm_moref} failed: {_fault_text(exc)}") from None
-        return [priv for priv, ok in zip(REQUIRED_PRIVILEGES, granted, strict=True) if not ok]
+        granted = {p.privId for p in answer.privAvailability if p.isGranted}
+        return [priv for priv in REQUIRED_PRIVILEGES if priv not in granted]
 
     # Changing ------------------------------------------------------------
 

@@ -29,10 +29,11 @@ type vmState struct {
 	ref          types.ManagedObjectReference
 	dir          string
 	disks        []diskState
-	epoch        string        // current tracking epoch; "" when CBT is off
-	counters     map[int32]int // last change number per disk in the epoch
-	failSnapshot bool          // fault injection
-	snapSeq      int32         // snapshot tree ids
+	epoch        string          // current tracking epoch; "" when CBT is off
+	counters     map[int32]int   // last change number per disk in the epoch
+	failSnapshot bool            // fault injection
+	denied       map[string]bool // privileges reported as not granted on this VM
+	snapSeq      int32           // snapshot tree ids
 }
 
 func (st *vmState) disk(key int32) *diskState {

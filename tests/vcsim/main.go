@@ -62,6 +62,8 @@ type vmSpec struct {
 	Disks      []diskSpec `json:"disks"`
 	// FailSnapshot makes CreateSnapshot_Task fail for this VM (fault injection).
 	FailSnapshot bool `json:"fail_snapshot"`
+	// DeniedPrivileges are reported as not granted on this VM (preflight tests).
+	DeniedPrivileges []string `json:"denied_privileges"`
 }
 
 type simSpec struct {
@@ -225,6 +227,7 @@ func createVMs(model *simulator.Model, spec simSpec, out map[string]vmOut) error
 	if err != nil {
 		return err
 	}
+	installAuthorizationManager(c)
 	seen := map[string]bool{}
 	for _, vs := range spec.VMs {
 		if vs.Name == "" || seen[vs.Name] {
@@ -381,10 +384,14 @@ func createVM(ctx context.Context, c *vim25.Client, folders *object.DatacenterFo
 		ref:          ref,
 		dir:          filepath.Join(dataDir, "vms", ref.Value),
 		failSnapshot: vs.FailSnapshot,
+		denied:       map[string]bool{},
 		counters:     map[int32]int{},
 	}
 	if vs.CBT {
 		st.epoch = newEpoch()
+	}
+	for _, priv := range vs.DeniedPrivileges {
+		st.denied[priv] = true
 	}
 	o := vmOut{Moref: ref.Value, UUID: inner.Config.Uuid, Disks: map[string]string{}}
 	if err := os.MkdirAll(st.dir, 0o755); err != nil {
