@@ -206,6 +206,35 @@ def test_interrupted_copy_resumes_from_its_cursor_without_recopying(tmp_path, se
     assert calls[0].bytes_done == cursor, "progress resumes where it stopped"
 
 
+class TimeLimit(Exception):
+    pass
+
+
+def test_a_signal_raised_in_the_copy_loop_stops_the_threads_and_commits_the_cursor(tmp_path, serve):
+    # Celery's soft time limit arrives as an exception raised by a signal
+    # handler wherever the main thread is: the copy threads must stop (and
+    # the cursor be committed) before their connections are closed.
+    size = 64 * MiB
+    src = make_image(tmp_path / "src.img", size, [(0, size)], seed=5)
+    dst = make_image(tmp_path / "dst.img", size, [])
+    checkpoints = []
+
+    def alarm(*_):
+        raise TimeLimit()
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, 1.0)
+    try:
+        with pytest.raises(TimeLimit):
+            copy_image(serve("--readonly", "file", str(src)).uri, serve("file", str(dst)).uri, chunk_bytes=MiB,
+                       limit=RateLimit(8 * MiB), checkpoint=checkpoints.append, checkpoint_interval_s=60)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("copy-")]
+    assert checkpoints and 0 < checkpoints[-1] < size
+
+
 def test_cancel_stops_within_a_second_with_the_cursor_committed(tmp_path, serve):
     size = 64 * MiB
     src = make_image(tmp_path / "src.img", size, [(0, size)], seed=5)

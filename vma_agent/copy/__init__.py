@@ -530,18 +530,23 @@ def copy_image(
             thread.start()
         last_checkpoint = time.monotonic()
         stop_reason: BaseException | None = None
-        while not run.all_stopped.wait(TICK_S):
-            if cancel.is_set() and not run.stop.is_set():
-                run.stop.set()
-            if stop_reason is None and not run.stop.is_set():
-                try:
-                    reporter.update(done_before + run.bytes_done)
-                except BaseException as exc:  # noqa: BLE001 - re-raised once the cursor is committed
-                    stop_reason = exc
+        try:
+            while not run.all_stopped.wait(TICK_S):
+                if cancel.is_set() and not run.stop.is_set():
                     run.stop.set()
-            if checkpoint and time.monotonic() - last_checkpoint >= checkpoint_interval_s:
-                checkpoint(run.cursor())
-                last_checkpoint = time.monotonic()
+                if stop_reason is None and not run.stop.is_set():
+                    try:
+                        reporter.update(done_before + run.bytes_done)
+                    except BaseException as exc:  # noqa: BLE001 - re-raised once the cursor is committed
+                        stop_reason = exc
+                        run.stop.set()
+                if checkpoint and time.monotonic() - last_checkpoint >= checkpoint_interval_s:
+                    checkpoint(run.cursor())
+                    last_checkpoint = time.monotonic()
+        except BaseException as exc:  # noqa: BLE001 - e.g. a task's time limit, raised here by a signal
+            # The copy threads must stop before their connections close.
+            stop_reason = stop_reason or exc
+            run.stop.set()
         for thread in threads:
             thread.join()
         cursor = run.cursor()
