@@ -6,8 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from django.conf import settings
@@ -126,17 +125,11 @@ def _record_vm(vcenter: VCenter, info: vmware.VMInfo, agent: str) -> VirtualMach
 
 # The job's snapshot ---------------------------------------------------------
 
-@dataclass
-class PreparedSnapshot:
-    moref: str
-    cbt_enabled_now: bool
-
-
-def prepare_snapshot(job: ReplicationJob, on_snapshot_stage) -> PreparedSnapshot:
+def prepare_snapshot(job: ReplicationJob, on_snapshot_stage: Callable[[], None]) -> str:
     """Preflight, CBT, then the job's snapshot; decides per disk between a
     full and an incremental copy from the changeIds. The snapshot's moref is
     stored on the job as soon as it exists, so every failure path after
-    that removes it."""
+    that removes it. Returns the snapshot's moref."""
     vm = job.vm
     with client_for(vm.vcenter) as client:
         info = client.vm_info(vm.moref)
@@ -155,13 +148,11 @@ def prepare_snapshot(job: ReplicationJob, on_snapshot_stage) -> PreparedSnapshot
                                 "run discover again")
         if blockers:
             raise PreflightError("preflight: " + "; ".join(blockers))
-        cbt_enabled_now = False
         if not info.cbt_enabled or any(not d.change_id for d in info.disks):
             client.enable_change_tracking(vm.moref)
             VirtualMachine.objects.filter(pk=vm.pk).update(cbt_enabled=True)
             JobEvent.objects.create(job=job, status=job.status, stage=job.current_operation,
                                     message="changed block tracking enabled on the VM")
-            cbt_enabled_now = True
         on_snapshot_stage()
         name = vmware.snapshot_name(job.id)
         moref = client.create_snapshot(vm.moref, name, f"Replication job {job.id}")
@@ -169,7 +160,7 @@ def prepare_snapshot(job: ReplicationJob, on_snapshot_stage) -> PreparedSnapshot
         frozen = {d.disk_key: d for d in client.snapshot_disks(moref)}
     for disk in job.disks.all():
         _plan_disk(job, disk, frozen.get(disk.disk_key))
-    return PreparedSnapshot(moref, cbt_enabled_now)
+    return moref
 
 
 def _plan_disk(job: ReplicationJob, disk: VMDisk, frozen: vmware.DiskInfo | None) -> None:
@@ -209,8 +200,10 @@ def areas_to_copy(disk: VMDisk) -> list[tuple[int, int]]:
 def snapshot_export(disk: VMDisk) -> Iterator[str]:
     """An NBD export of the disk as the job's snapshot froze it."""
     job, vm = disk.job, disk.job.vm
+    # The backing file as the snapshot records it (prepare stored it as the
+    # disk's locator): what VDDK opens together with the snapshot's moref.
     snapshot_disk = SnapshotDisk(vcenter=vm.vcenter.name, vm_moref=vm.moref, snapshot_moref=job.snapshot_moref,
-                                 device_key=disk.source_disk.device_key, backing_file=disk.source_disk.backing_file)
+                                 device_key=disk.source_disk.device_key, backing_file=disk.source_locator)
     if settings.VMA_SNAPSHOT_SOURCE == "image-dir":
         with ImageDirSource(settings.VMA_SNAPSHOT_IMAGE_DIR).serve(snapshot_disk) as uri:
             yield uri
