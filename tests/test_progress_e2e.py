@@ -206,7 +206,7 @@ def test_beat_scheduled_poller_task_runs_on_the_worker(celery_worker_process, tm
                                     "bytes_transferred": 123, "total_bytes": 4096})
 
     scheduled = {entry["task"] for entry in settings.CELERY_BEAT_SCHEDULE.values()}
-    assert scheduled == {"replication.poll_progress", "replication.reap_stale"}
+    assert scheduled == {"replication.poll_progress", "replication.reap_stale", "replication.sweep_snapshots"}
     assert scheduled <= set(app.tasks)
     tasks.poll_progress.delay()
     wait_until(lambda: VMDisk.objects.get(job=job).bytes_done == 123, timeout=30, what="the worker's poller pass")
