@@ -124,8 +124,10 @@ def vm_replicate(request, vm_id):
     if sync_type not in SyncType.values:
         messages.error(request, f"Unknown replication type {sync_type!r}.")
         return redirect("vm-list")
+    overrides = [o for o in request.POST.getlist("allow") if o]
     try:
-        job = job_service.start_replication(vm, sync_type)
+        job = job_service.start_replication(vm, sync_type, verify=request.POST.get("verify") == "on",
+                                            overrides=overrides)
     except job_service.ReplicationError as exc:
         messages.error(request, str(exc))
         return redirect("vm-list")

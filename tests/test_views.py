@@ -126,9 +126,13 @@ def test_retry_starts_a_new_job_only_for_ended_ones(operator, job):
 
 
 def test_replicate_now_from_the_vm_page(operator, vm):
-    response = operator.post(reverse("vm-replicate", args=[vm.id]), {"sync_type": "full"})
+    response = operator.post(reverse("vm-replicate", args=[vm.id]), {"sync_type": "full", "allow": "nonsense"},
+                             follow=True)
+    assert "unknown preflight override nonsense" in response.content.decode()
+    response = operator.post(reverse("vm-replicate", args=[vm.id]), {"sync_type": "full", "verify": "on"})
     job = ReplicationJob.objects.get()
     assert response["Location"] == reverse("job-detail", args=[job.id])
+    assert job.verify
     response = operator.post(reverse("vm-replicate", args=[vm.id]), {"sync_type": "full"}, follow=True)
     assert "already has an active job" in response.content.decode()
     response = operator.post(reverse("vm-replicate", args=[vm.id]), {"sync_type": "sideways"}, follow=True)
