@@ -192,6 +192,40 @@ def test_reaper_fails_a_job_whose_worker_is_gone_and_requeues_a_lost_finalize(tm
     assert ("finalize_job", finalizing.id) in enqueued
 
 
+def test_reaper_judges_no_copy_lost_until_the_database_was_up_a_heartbeat_timeout(tmp_path, monkeypatch, settings):
+    """After a database restart every heartbeat looks stale, though the copies
+    rode the outage out: the reaper waits until the server has been up for
+    HEARTBEAT_TIMEOUT_S before it hands a silent copy over."""
+    requeued = []
+    monkeypatch.setattr("replication.services.jobs.enqueue_copy", lambda disk, task_id=None: requeued.append(disk.pk))
+    image = make_image(tmp_path / "up.img", MiB, [(0, 4096)])
+    job = start_replication(register_image_vm("vm-db-restarted", [str(image)]))
+    assert job.enter_stage("Initializing", JobStatus.PREPARING)
+    assert job.enter_stage("Transfer", JobStatus.REPLICATING)
+    disk = job.disks.get()
+    assert disk.claim("t", "w")
+    silent = timezone.now() - timedelta(seconds=settings.HEARTBEAT_TIMEOUT_S + 5)
+    VMDisk.objects.filter(pk=disk.pk).update(heartbeat_at=silent)
+    ReplicationJob.objects.filter(pk=job.pk).update(heartbeat_at=silent)
+    up_for = settings.HEARTBEAT_TIMEOUT_S - 1
+    monkeypatch.setattr(reaper, "database_up_since", lambda: timezone.now() - timedelta(seconds=up_for))
+
+    assert reaper.reap().disks_requeued == [] and requeued == []
+    assert VMDisk.objects.get(pk=disk.pk).worker == "w"  # still the live copy's
+    up_for = settings.HEARTBEAT_TIMEOUT_S + 1
+    assert reaper.reap().disks_requeued == [disk.pk] and requeued == [disk.pk]
+
+
+def test_database_up_since_is_the_servers_start(settings):
+    from django.db import connection
+
+    up_since = reaper.database_up_since()
+    if connection.vendor == "mysql":
+        assert timezone.now() - timedelta(days=3650) < up_since < timezone.now()
+    else:
+        assert up_since is None
+
+
 def test_beat_scheduled_poller_task_runs_on_the_worker(celery_worker_process, tmp_path, monkeypatch):
     from replication import tasks
     from tests.test_progress_api import post

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.db import connection
 from django.utils import timezone
 
 from replication.choices import JOB_TERMINAL, DiskStatus, JobStatus
@@ -28,12 +29,33 @@ class Reaped:
     swept: list[str] = field(default_factory=list)
 
 
+def database_up_since() -> datetime | None:
+    """When the database server last started; None when unknown (SQLite)."""
+    if connection.vendor != "mysql":
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW GLOBAL STATUS LIKE 'Uptime'")
+        row = cursor.fetchone()
+    return timezone.now() - timedelta(seconds=int(row[1])) if row else None
+
+
+def _stale_before(now: datetime, seconds: float, up_since: datetime | None) -> datetime | None:
+    """Heartbeats older than the returned time are stale. None while the
+    database has been up for less than `seconds`: a heartbeat missing then
+    may have been refused by the server (restarting), not lost with its
+    worker, and a copy that rode out the outage must not be handed over."""
+    cutoff = now - timedelta(seconds=seconds)
+    return None if up_since is not None and up_since > cutoff else cutoff
+
+
 def reap(now: datetime | None = None) -> Reaped:
     now = now or timezone.now()
     result = Reaped()
     timeout = settings.REAPER_TIMEOUT_S
+    up_since = database_up_since()
+    stale = _stale_before(now, timeout, up_since)  # None: nothing is judged yet
     running = (JobStatus.PREPARING, JobStatus.REPLICATING, JobStatus.FINALIZING)
-    for job in ReplicationJob.objects.filter(status__in=running):
+    for job in ReplicationJob.objects.filter(status__in=running) if stale else ():
         quiet = (now - job.last_sign_of_life()).total_seconds()
         if quiet < timeout:
             continue
@@ -51,26 +73,30 @@ def reap(now: datetime | None = None) -> Reaped:
     for job in ReplicationJob.objects.filter(status=JobStatus.PENDING, created_at__lt=pending_cutoff):
         _fail(job, f"never started: pending for more than {settings.REAPER_PENDING_TIMEOUT_S:.0f} s", now, result)
     # Copies whose job already ended and whose task died before noticing.
-    stale = now - timedelta(seconds=timeout)
-    for disk in VMDisk.objects.filter(status=DiskStatus.COPYING, job__status__in=JOB_TERMINAL):
+    for disk in VMDisk.objects.filter(status=DiskStatus.COPYING, job__status__in=JOB_TERMINAL) if stale else ():
         if disk.heartbeat_at is None or disk.heartbeat_at < stale:
             if disk.fail("copy task lost after its job ended"):
                 disk.end_attempt(CopyAttempt.Outcome.LOST, reason="worker gone after its job ended")
                 result.disks_failed.append(disk.pk)
-    _requeue_lost_copies(now, result)
+    _requeue_lost_copies(now, result, up_since)
     result.swept = sweeper.sweep()
     return result
 
 
-def _requeue_lost_copies(now: datetime, result: Reaped) -> None:
+def _requeue_lost_copies(now: datetime, result: Reaped, up_since: datetime | None = None) -> None:
     """A copy whose heartbeat went stale while its job replicates lost its
     worker (killed, or its host gone): Redis would hand its unacknowledged
     task back only after the visibility timeout (hours), so the reaper hands
     the disk to a new task at once, which resumes from the checkpoint; after
     COPY_MAX_ATTEMPTS runs the job fails with the reason instead. A pending
     disk whose task never started (a broker that lost its queue) is queued
-    again; a duplicate of a task that is merely waiting loses its claim."""
-    stale = now - timedelta(seconds=settings.HEARTBEAT_TIMEOUT_S)
+    again; a duplicate of a task that is merely waiting loses its claim.
+    Nothing is judged until the database has been up HEARTBEAT_TIMEOUT_S."""
+    stale = _stale_before(now, settings.HEARTBEAT_TIMEOUT_S, up_since)
+    if stale is None:
+        log.info("database up since %s: lost copies are judged from %s s after its start", up_since,
+                 settings.HEARTBEAT_TIMEOUT_S)
+        return
     lost = VMDisk.objects.filter(status=DiskStatus.COPYING, job__status=JobStatus.REPLICATING,
                                  heartbeat_at__lt=stale).select_related("job__vm")
     for disk in lost:
@@ -97,7 +123,7 @@ def _requeue_lost_copies(now: datetime, result: Reaped) -> None:
         job_service.enqueue_copy(disk, task_id)
         result.disks_requeued.append(disk.pk)
     for job in ReplicationJob.objects.filter(status=JobStatus.REPLICATING).select_related("vm"):
-        if (now - job.last_sign_of_life()).total_seconds() < settings.HEARTBEAT_TIMEOUT_S:
+        if job.last_sign_of_life() >= stale:
             continue
         for disk in job.disks.filter(status=DiskStatus.PENDING).select_related("job__vm"):
             job_service.enqueue_copy(disk)

@@ -172,6 +172,133 @@ class PrivateRedis:
         self.start()
 
 
+class PrivateMariaDB:
+    """A mariadbd of the test's own (Debian's packages), on a free TCP port of
+    127.0.0.1 with user root and no password, its datadir under root: a test
+    may stop and restart it (same datadir and port, so clients reconnect).
+    stop() ends it; remove() also deletes its datadir."""
+
+    START_TIMEOUT_S = 30
+
+    def __init__(self, root: Path):
+        self.dir = root / f"mariadb-{time.monotonic_ns()}"
+        self.datadir = self.dir / "data"
+        self.log_path = self.dir / "mariadb.log"  # its stdout and stderr
+        self.error_log = self.dir / "error.log"
+        # Unix socket paths are limited to 107 bytes: a short one under /tmp.
+        self.socket = Path(f"/tmp/oma-my-{os.getpid()}-{time.monotonic_ns() % 10**9}.sock")
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.dir.mkdir(parents=True)
+        installed = subprocess.run(
+            [shutil.which("mariadb-install-db") or "mysql_install_db", "--no-defaults", f"--datadir={self.datadir}",
+             "--user=root", "--auth-root-authentication-method=normal", "--skip-test-db", "--skip-name-resolve",
+             "--innodb-log-file-size=16M"],
+            capture_output=True, text=True)
+        if installed.returncode != 0:
+            raise AssertionError(f"mariadb-install-db failed:\n{(installed.stdout + installed.stderr)[-3000:]}")
+
+    def url(self, name: str) -> str:
+        return f"mysql://root@127.0.0.1:{self.port}/{name}"
+
+    def connect(self, **kwargs):
+        import MySQLdb
+
+        return MySQLdb.connect(host="127.0.0.1", port=self.port, user="root", connect_timeout=2, **kwargs)
+
+    def create_database(self, name: str) -> None:
+        conn = self.connect()
+        try:
+            conn.cursor().execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+        finally:
+            conn.close()
+
+    def start(self) -> PrivateMariaDB:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                ["mariadbd", "--no-defaults", f"--datadir={self.datadir}", f"--port={self.port}",
+                 f"--socket={self.socket}", "--bind-address=127.0.0.1", "--skip-networking=0", "--user=root",
+                 "--skip-name-resolve", f"--pid-file={self.dir / 'mariadbd.pid'}", f"--log-error={self.error_log}",
+                 "--innodb-buffer-pool-size=32M", "--performance-schema=OFF", "--skip-log-bin",
+                 "--max-connections=200"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + self.START_TIMEOUT_S
+        while not self._answers():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop(hard=True)
+                raise AssertionError(f"private mariadbd on port {self.port} did not start within "
+                                     f"{self.START_TIMEOUT_S} s:\n{self.log_tail()}")
+            time.sleep(0.1)
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            self.connect().close()
+            return True
+        except Exception:
+            return False
+
+    def log_tail(self, chars: int = 3000) -> str:
+        texts = [p.read_text(errors="replace") for p in (self.log_path, self.error_log) if p.exists()]
+        return "\n".join(texts)[-chars:]
+
+    def stop(self, hard: bool = False) -> None:
+        """SIGTERM (a clean shutdown) or SIGKILL (a crash: InnoDB recovers at
+        the next start); returns once the process is gone."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGKILL if hard else signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self, hard: bool = False, down_s: float = 0) -> None:
+        """Stop, stay down at least down_s seconds, start again."""
+        stopped = time.monotonic()
+        self.stop(hard=hard)
+        time.sleep(max(0.0, down_s - (time.monotonic() - stopped)))
+        self.start()
+
+    def remove(self) -> None:
+        self.stop(hard=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.socket.unlink(missing_ok=True)
+
+
+class use_database:  # noqa: N801 - a context manager named for what it does
+    """Point this (test) process's default database connection, in every
+    thread, at another database: the connection is closed, its settings
+    (the same dict every thread's connection is made from) changed in place,
+    and restored on exit, before pytest-django flushes its test database."""
+
+    KEYS = ("NAME", "HOST", "PORT", "USER", "PASSWORD")
+
+    def __init__(self, url: str):
+        import environ
+
+        self.config = environ.Env.db_url_config(url)
+
+    def __enter__(self):
+        from django.db import connections
+
+        conn = connections["default"]
+        if conn.vendor != "mysql":
+            raise AssertionError(f"use_database needs the test run on MariaDB, not {conn.vendor}")
+        self.saved = {key: conn.settings_dict[key] for key in self.KEYS}
+        conn.close()
+        conn.settings_dict.update({key: self.config[key] for key in self.KEYS})
+        return self
+
+    def __exit__(self, *exc):
+        from django.db import connections
+
+        conn = connections["default"]
+        conn.close()
+        conn.settings_dict.update(self.saved)
+
+
 def _pings(client) -> bool:
     try:
         return client.ping()

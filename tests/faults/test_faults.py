@@ -15,6 +15,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from django.core.management import call_command
+from django.db import connection
 from django.utils import timezone
 
 from replication import tasks
@@ -24,9 +26,11 @@ from replication.services import jobs as job_service
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import cancel_job, start_replication
 from tests.conftest import wait_for_job
+from tests.faults.conftest import HEARTBEAT_TIMEOUT_S, ReaperThread
 from tests.faults.harness import (
     CaseFigures,
     LoggedSource,
+    PrivateMariaDB,
     PrivateRedis,
     leftovers,
     max_concurrent_copies,
@@ -36,6 +40,7 @@ from tests.faults.harness import (
     settle,
     sha256_match,
     use_broker,
+    use_database,
     wait_until,
 )
 from tests.helpers import MiB, make_image
@@ -160,6 +165,103 @@ def test_redis_restart_mid_job_completes(workers, tmp_path, sockdir, settings):
     assert job.status == JobStatus.COMPLETED, job.error_message
     assert figures.sha256_match and figures.max_concurrent_copies == 1
     assert figures.non_terminal_rows == 0 and figures.leftovers == 0
+
+
+FAULT4_DB = "oma_fault4"
+
+
+@pytest.fixture
+def fault4_database(settings, transactional_db):
+    """A private MariaDB with the schema migrated, which this process's
+    default connection (every thread's) points at for the test; the server
+    is stopped and its datadir removed afterwards."""
+    server = PrivateMariaDB(Path(settings.TEST_ROOT)).start()
+    try:
+        server.create_database(FAULT4_DB)
+        with use_database(server.url(FAULT4_DB)):
+            call_command("migrate", verbosity=0, interactive=False)
+            yield server
+    finally:
+        server.remove()
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["clean", "crash"])
+def test_mariadb_restart_mid_job_completes(hard, fault4_database, workers, tmp_path, sockdir):
+    """4. Restart MariaDB (a clean shutdown; 4b: SIGKILL, so InnoDB recovers
+    at the start), down for longer than HEARTBEAT_TIMEOUT_S, while two disks
+    copy: the copies ride it out (shorter than DB_OUTAGE_TOLERANCE_S, the
+    data plane does not need the database) and the job completes at the
+    first attempt; the reaper hands no copy over (it judges none lost until
+    the database has been up HEARTBEAT_TIMEOUT_S).
+
+    Everything runs on a private mariadbd (PrivateMariaDB) the test may
+    restart without touching the shared server. This process's ORM is
+    pointed at it by use_database (the default connection's settings are
+    changed in place, restored before pytest-django flushes its own test
+    database), so the reaper thread and the harness's measurements read the
+    same rows the worker writes; the worker gets DATABASE_URL of the private
+    server with TEST_DATABASE_NAME set to the same name (OMA_TEST_WORKER
+    renames its database to the test name). The reaper runs as beat would
+    run it: a pass that cannot reach the database fails, the next runs."""
+    images = [spread_image(tmp_path / f"m{i}.img", 96 * MiB, pieces=12, piece=3 * MiB, seed=21 + i)
+              for i in range(2)]
+    sources = [LoggedSource(sockdir, image) for image in images]
+    server = fault4_database
+    reaper = ReaperThread()
+    try:
+        worker = workers("mariadb", concurrency=2, DATABASE_URL=server.url(FAULT4_DB),
+                         TEST_DATABASE_NAME=FAULT4_DB, COPY_LIMIT_BPS=str(3 * MiB))
+        vm = register_image_vm("vm-mariadb", [s.uri for s in sources])
+        job = start_replication(vm)
+        wait_until(lambda: attempt_bytes_read("disk-2000", job) >= 6 * MiB, 60, "the copies under way")
+        read_before = sum(count for s in sources for _, count in s.reads())
+        stopped = time.monotonic()
+        server.restart(hard=hard, down_s=HEARTBEAT_TIMEOUT_S + 1)
+        outage_s = time.monotonic() - stopped
+        read_during = sum(count for s in sources for _, count in s.reads()) - read_before
+        connection.close()  # this process's connection died with the server
+        before = attempt_bytes_read("disk-2000", job) + attempt_bytes_read("disk-2001", job)
+        wait_until(lambda: attempt_bytes_read("disk-2000", job) + attempt_bytes_read("disk-2001", job) > before
+                   or ReplicationJob.objects.get(pk=job.id).is_terminal, 30, "progress recorded after the restart")
+        resume_s = time.monotonic() - stopped
+        job = wait_for_job(job.id, timeout=60)
+        jobs = [job]
+        settle(jobs)
+        log = worker.log_text()
+        # Counted on the worker's formatted log lines ("[date: LEVEL/process] ...").
+        paths = {name: len(re.findall(rf"^\[.*\] .*{pattern}", log, re.M)) for name, pattern in [
+            ("db unreachable, copying on", r"database unreachable .*; copying on"),
+            ("copy interrupted, task retry", r"interrupted, will retry"),
+            ("task retries", r"replication\.copy_disk\[.*\] retry:"),
+            ("resumed attempts", r"resumes from offset"),
+            ("missed heartbeats", r"heartbeat of .* not written"),
+        ]}
+        requeued = JobEvent.objects.filter(job__in=jobs, message__contains="requeued").count()
+        figures = CaseFigures(
+            "4b MariaDB crash (SIGKILL) restart" if hard else "4 MariaDB restart",
+            sha256_match=sha256_match(job, {"disk-2000": images[0], "disk-2001": images[1]}),
+            bytes_recopied=sum(s.bytes_read_more_than_once() for s in sources),
+            max_concurrent_copies=max_concurrent_of(jobs), leftovers=len(leftovers()),
+            non_terminal_rows=non_terminal_rows(jobs), detect_s=round(outage_s, 2), resume_s=round(resume_s, 2),
+            note=(f"detect = outage (stop to ready); resume = stop until progress in the DB again; copies read "
+                  f"{read_during / MiB:.0f} MiB during the outage; attempts "
+                  f"{sorted(d.attempts for d in job.disks.all())}; reaper requeues {requeued}"),
+            extra={"paths": paths, "reaper_db_errors": len(reaper.errors), "read_during_outage": read_during})
+    finally:
+        reaper.stop()
+        for source in sources:
+            source.stop()
+    figures.result = "pass" if job.status == JobStatus.COMPLETED else "FAIL"
+    record(figures)
+    assert job.status == JobStatus.COMPLETED, (job.error_message, log[-3000:])
+    assert figures.sha256_match and figures.max_concurrent_copies == 1
+    assert figures.non_terminal_rows == 0 and figures.leftovers == 0
+    assert outage_s > HEARTBEAT_TIMEOUT_S
+    # Ridden out: the copies read on through the outage, one attempt each,
+    # nothing handed over, nothing read twice.
+    assert read_during > 0 and paths["db unreachable, copying on"] >= 1
+    assert requeued == 0 and [d.attempts for d in job.disks.all()] == [1, 1]
+    assert figures.bytes_recopied == 0
 
 
 def source_export_pids() -> list[int]:
