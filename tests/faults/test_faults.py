@@ -388,27 +388,33 @@ def test_cancel_at_half_ends_cancelled_within_5_s_with_cleanup(workers, tmp_path
 
 
 def test_load_20_vms_of_2_disks_on_2_workers(workers, tmp_path):
-    """10. 20 VMs x 2 disks at once on 2 workers: all complete, nothing stuck."""
+    """10. 20 VMs x 2 disks at once on 2 workers: all complete, nothing stuck.
+    FAULT_LOAD_VMS and FAULT_LOAD_DATA_MIB make it a soak
+    (`python -m tests.faults --soak`)."""
+    count = int(os.environ.get("FAULT_LOAD_VMS", "20"))
+    data = int(float(os.environ.get("FAULT_LOAD_DATA_MIB", "1")) * MiB) + 4097
     workers("load-a")
     workers("load-b")
     vms = []
-    for i in range(20):
-        images = [make_image(tmp_path / f"l{i}-{d}.img", 6 * MiB + 512 * d, [(d * MiB, MiB + 4097)],
+    for i in range(count):
+        images = [make_image(tmp_path / f"l{i}-{d}.img", data + 5 * MiB + 512 * d, [(d * MiB, data)],
                              seed=100 + 2 * i + d) for d in range(2)]
         vms.append((register_image_vm(f"vm-load-{i:02d}", [str(p) for p in images]), images))
     started = time.monotonic()
     jobs = [start_replication(vm) for vm, _ in vms]
-    done = [wait_for_job(job.id, timeout=300) for job in jobs]
+    done = [wait_for_job(job.id, timeout=300 + count * data * 2 / MiB) for job in jobs]
     elapsed = time.monotonic() - started
     settle(done)
     matches = all(sha256_match(job, {"disk-2000": images[0], "disk-2001": images[1]})
                   for job, (_, images) in zip(done, vms, strict=True))
-    figures = CaseFigures("10 load 20 VMs x 2 disks", sha256_match=matches,
+    figures = CaseFigures(f"10 load {count} VMs x 2 disks", sha256_match=matches,
                           max_concurrent_copies=max_concurrent_of(done),
                           leftovers=len(leftovers()), non_terminal_rows=non_terminal_rows(done),
-                          note=f"{elapsed:.1f} s for all 40 disks on 2 workers x 2 processes")
+                          note=f"{elapsed:.1f} s for all {2 * count} disks ({data * 2 * count / MiB:.0f} MiB of data) "
+                               "on 2 workers x 2 processes")
     figures.result = "pass" if all(j.status == JobStatus.COMPLETED for j in done) else "FAIL"
     record(figures)
-    assert [j.status for j in done] == [JobStatus.COMPLETED] * 20, [j.error_message for j in done if j.error_message]
+    assert [j.status for j in done] == [JobStatus.COMPLETED] * count, [j.error_message for j in done
+                                                                       if j.error_message]
     assert matches and figures.max_concurrent_copies == 1
     assert figures.non_terminal_rows == 0 and figures.leftovers == 0
