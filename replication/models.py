@@ -558,6 +558,8 @@ class VMDisk(models.Model):
         if self.status != DiskStatus.COMPLETED:
             raise ValueError(f"{self} is {self.status}: its changeId cannot be committed")
         with transaction.atomic():
+            if ChangeIdRecord.objects.filter(job_id=self.job_id, source_disk_id=self.source_disk_id).exists():
+                return False  # a finalize run again (the reaper requeues a lost one)
             SourceDisk.objects.filter(pk=self.source_disk_id).update(change_id=self.change_id)
             ChangeIdRecord.objects.create(
                 source_disk_id=self.source_disk_id, job_id=self.job_id, previous_change_id=self.previous_change_id,

@@ -83,3 +83,20 @@ def test_job_stages_follow_the_seeds_percentages(vm):
     assert job.progress_percent == 20
     assert job.enter_stage(Stage.TRANSFER, JobStatus.REPLICATING)
     assert job.progress_percent == 30
+
+
+def test_change_id_is_committed_only_for_a_written_disk_and_only_once(vm):
+    job = start_replication(vm)
+    disk = job.disks.get()
+    disk.__class__.objects.filter(pk=disk.pk).update(change_id="52 aa-bb/7", previous_change_id="52 aa-bb/6")
+    disk.refresh_from_db()
+    with pytest.raises(ValueError, match="cannot be committed"):
+        disk.commit_change_id()
+    assert vm.disks.get().change_id == ""
+    assert disk.claim("t")
+    assert disk.complete(bytes_total=1, bytes_zeroed=0, throughput_bps=1)
+    assert disk.commit_change_id() is True
+    assert disk.commit_change_id() is False  # a finalize run twice records it once
+    assert vm.disks.get().change_id == "52 aa-bb/7"
+    (record,) = vm.disks.get().change_id_history.all()
+    assert (record.job_id, record.previous_change_id, record.change_id) == (job.id, "52 aa-bb/6", "52 aa-bb/7")
