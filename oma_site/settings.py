@@ -129,6 +129,9 @@ OMA_RUN_DIR = Path(env("OMA_RUN_DIR", default=str(VAR_DIR / "run")))
 # use the same file: for agents that reach it through a forwarded socket or
 # another host. The key is read from the file, never passed on a command line.
 OMA_EXPORT_TLS_PSK_FILE = env("OMA_EXPORT_TLS_PSK_FILE", default="")
+# Empty: the export server listens on a Unix socket in OMA_RUN_DIR. IP:PORT:
+# on TCP for agents on other hosts (anything but loopback requires TLS).
+OMA_EXPORT_LISTEN = env("OMA_EXPORT_LISTEN", default="")
 OMA_EXPORT_TLS_USERNAME = env("OMA_EXPORT_TLS_USERNAME", default="oma")
 # Extra nbdkit arguments for the export server (filters), e.g. fault injection.
 OMA_EXPORT_NBDKIT_ARGS = env.list("OMA_EXPORT_NBDKIT_ARGS", default=[])

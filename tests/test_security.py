@@ -62,3 +62,33 @@ def test_secrets_come_from_files(tmp_path):
                          text=True, env={"PATH": "/usr/bin:/bin", "DJANGO_SETTINGS_MODULE": "oma_site.settings",
                               "VMA_TOKEN_FILE": str(token_file), "PYTHONPATH": "."}, check=False)
     assert out.stdout.strip() == "from-a-file", out.stderr
+
+
+def test_export_server_on_tcp_for_remote_agents_requires_tls_beyond_loopback(tmp_path, sockdir):
+    from replication.targets.local import VolumeError
+    from tests.conftest import free_port
+
+    with pytest.raises(VolumeError, match="without TLS"):
+        LocalVolumeProvider(tmp_path / "v", sockdir, listen="0.0.0.0:10809")
+    with pytest.raises(VolumeError, match="not IP:PORT"):
+        LocalVolumeProvider(tmp_path / "v", sockdir, listen="localhost")
+
+    psk = tmp_path / "export.psk"
+    psk.write_text(f"oma:{secrets.token_hex(32)}\n")
+    psk.chmod(0o600)
+    port = free_port()
+    provider = LocalVolumeProvider(tmp_path / "v", sockdir, tls_psk_file=psk, listen=f"127.0.0.1:{port}")
+    provider.create_volume("migration-vol-tcp", 4 * MiB)
+    provider.ensure_export_server()
+    try:
+        uri = provider.export_uri("migration-vol-tcp")
+        assert uri == f"nbds://oma@127.0.0.1:{port}/migration-vol-tcp?tls-psk-file={psk}"
+        image = make_image(tmp_path / "src.img", 4 * MiB, [(MiB, 5000)], seed=4)
+        with serve_file_readonly(image) as src:
+            copy_image(src, uri)
+        assert sha256(provider.volume_path("migration-vol-tcp")) == sha256(image)
+        with pytest.raises(CopyError, match="TLS"):
+            export_size(f"nbd://127.0.0.1:{port}/migration-vol-tcp")
+        assert provider.ensure_export_server() == provider.ensure_export_server()  # found running, not restarted
+    finally:
+        provider.stop_export_server()

@@ -101,13 +101,17 @@ def serve_readonly(command_for: Callable[[Path], list[str]]) -> Iterator[str]:
         shutil.rmtree(rundir, ignore_errors=True)
 
 
-def start_daemon(args: list[str], socket_path: Path, pidfile: Path, log_path: Path) -> int:
+def start_daemon(args: list[str], socket_path: Path, pidfile: Path, log_path: Path,
+                 tcp: tuple[str, int] | None = None) -> int:
     """Start a long-lived nbdkit in the background (it outlives this process
-    and its process group); returns its pid once it accepts connections."""
+    and its process group) on a Unix socket, or on `tcp` (address, port);
+    returns its pid once it accepts connections."""
     socket_path.unlink(missing_ok=True)
+    listen = ["--ipaddr", tcp[0], "--port", str(tcp[1])] if tcp else ["--unix", str(socket_path)]
+    where = f"{tcp[0]}:{tcp[1]}" if tcp else str(socket_path)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            ["nbdkit", "--unix", str(socket_path), "--pidfile", str(pidfile), *args],
+            ["nbdkit", *listen, "--pidfile", str(pidfile), *args],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
             start_new_session=True,
         )
@@ -116,11 +120,22 @@ def start_daemon(args: list[str], socket_path: Path, pidfile: Path, log_path: Pa
         raise NbdkitError(f"nbdkit exited with status {proc.returncode}: {_log_tail(log_path)}")
     # The background server writes its pid file just after the foreground part exits.
     deadline = time.monotonic() + START_TIMEOUT_S
-    while (pid := daemon_pid(pidfile)) is None or not socket_accepts(socket_path):
+    while (pid := daemon_pid(pidfile)) is None or not accepts(socket_path, tcp):
         if time.monotonic() > deadline:
-            raise NbdkitError(f"nbdkit started but does not serve on {socket_path}: {_log_tail(log_path)}")
+            raise NbdkitError(f"nbdkit started but does not serve on {where}: {_log_tail(log_path)}")
         time.sleep(0.02)
     return pid
+
+
+def accepts(socket_path: str | Path, tcp: tuple[str, int] | None = None) -> bool:
+    """Whether a server accepts connections on the Unix socket, or on `tcp`."""
+    if tcp is None:
+        return socket_accepts(socket_path)
+    try:
+        socket.create_connection(tcp, timeout=1.0).close()
+    except OSError:
+        return False
+    return True
 
 
 def daemon_pid(pidfile: Path) -> int | None:

@@ -11,5 +11,5 @@ def get_provider(name: str = VolumeProvider.LOCAL) -> LocalVolumeProvider:
         return LocalVolumeProvider(settings.OMA_VOLUME_DIR, settings.OMA_RUN_DIR,
                                    tls_psk_file=settings.OMA_EXPORT_TLS_PSK_FILE or None,
                                    tls_username=settings.OMA_EXPORT_TLS_USERNAME,
-                                   extra_args=settings.OMA_EXPORT_NBDKIT_ARGS)
+                                   extra_args=settings.OMA_EXPORT_NBDKIT_ARGS, listen=settings.OMA_EXPORT_LISTEN)
     raise ValueError(f"no target provider named {name!r} is configured")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import ipaddress
 import os
 from pathlib import Path
 
@@ -15,11 +16,24 @@ class VolumeError(RuntimeError):
     pass
 
 
+def _parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        raise VolumeError(f"export listen address {listen!r} is not IP:PORT (e.g. 127.0.0.1:10809)") from None
+    if not sep or not 0 < number < 65536:
+        raise VolumeError(f"export listen address {listen!r} is not IP:PORT (e.g. 127.0.0.1:10809)")
+    return host, number
+
+
 class LocalVolumeProvider:
     name = "local"
 
     def __init__(self, volume_dir: Path, run_dir: Path, *, tls_psk_file: Path | None = None,
-                 tls_username: str = "oma", extra_args: list[str] | tuple = ()):
+                 tls_username: str = "oma", extra_args: list[str] | tuple = (), listen: str = ""):
         self.volume_dir = Path(volume_dir)
         self.run_dir = Path(run_dir)
         # With a PSK file the server accepts TLS only (--tls=require) and the
@@ -32,6 +46,11 @@ class LocalVolumeProvider:
         self.extra_args = list(extra_args)
         self.socket_path = self.run_dir / "targets.sock"
         self.pidfile = self.run_dir / "targets.pid"
+        # Empty: a Unix socket (agents on this host). "HOST:PORT": TCP, for
+        # agents elsewhere; anything but loopback only with TLS.
+        self.tcp = _parse_listen(listen) if listen else None
+        if self.tcp and not self.tls_psk_file and not ipaddress.ip_address(self.tcp[0]).is_loopback:
+            raise VolumeError(f"refusing to export volumes on {listen} without TLS: set OMA_EXPORT_TLS_PSK_FILE")
 
     def volume_path(self, export_name: str) -> Path:
         return self.volume_dir / export_name
@@ -53,6 +72,12 @@ class LocalVolumeProvider:
         return path
 
     def export_uri(self, export_name: str) -> str:
+        if self.tcp:
+            host = f"[{self.tcp[0]}]" if ":" in self.tcp[0] else self.tcp[0]
+            if self.tls_psk_file:
+                return (f"nbds://{self.tls_username}@{host}:{self.tcp[1]}/{export_name}"
+                        f"?tls-psk-file={self.tls_psk_file}")
+            return f"nbd://{host}:{self.tcp[1]}/{export_name}"
         if self.tls_psk_file:
             return (f"nbds+unix://{self.tls_username}@/{export_name}?socket={self.socket_path}"
                     f"&tls-psk-file={self.tls_psk_file}")
@@ -65,7 +90,7 @@ class LocalVolumeProvider:
         self.volume_dir.mkdir(parents=True, exist_ok=True)
         with self._lock():
             pid = nbdkit.daemon_pid(self.pidfile)
-            if pid is not None and nbdkit.socket_accepts(self.socket_path):
+            if pid is not None and nbdkit.accepts(self.socket_path, self.tcp):
                 return pid
             if pid is not None:
                 nbdkit.stop_daemon(self.pidfile)
@@ -74,7 +99,7 @@ class LocalVolumeProvider:
             params = [arg for arg in self.extra_args if not arg.startswith("--filter=")]
             return nbdkit.start_daemon(
                 [*tls, *filters, "file", f"dir={self.volume_dir}", *params], self.socket_path, self.pidfile,
-                self.run_dir / "targets.log",
+                self.run_dir / "targets.log", tcp=self.tcp,
             )
 
     def stop_export_server(self) -> None:
