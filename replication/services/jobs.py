@@ -9,11 +9,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from typing import TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from replication.choices import STAGE_PERCENT, DiskStatus, JobStatus, SourceKind, Stage, SyncType
 from replication.models import CopyAttempt, JobEvent, ReplicationJob, VirtualMachine, VMDisk, worker_id
@@ -25,6 +27,7 @@ from vma_agent.progress import CopyProgress
 from vma_agent.reporter import DiskReporter, JobStageReporter, ProgressClient
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class ReplicationError(Exception):
@@ -319,18 +322,47 @@ def copy_disk(disk_id: int, task_id: str = "",
                 disk.end_attempt(CopyAttempt.Outcome.FAILED, monitor.bytes_read, str(exc))
                 fail_job(job.id, f"{disk.disk_key}: {exc}")
             return False
-        if not disk.complete(bytes_total=result.bytes_allocated, bytes_zeroed=result.bytes_zeroed,
-                             throughput_bps=result.throughput_bps, attempt=attempt):
+        # The data is written: a database outage now is waited out rather
+        # than have a retry copy the disk again.
+        if not riding_out_the_database(lambda: _record_completion(disk, attempt, result)):
             # Taken over or ended meanwhile: the newer run or the job's end decides.
-            disk.end_attempt(CopyAttempt.Outcome.SUPERSEDED, result.bytes_read, "finished after losing its claim")
+            riding_out_the_database(lambda: disk.end_attempt(
+                CopyAttempt.Outcome.SUPERSEDED, result.bytes_read, "finished after losing its claim"))
             return False
-        disk.end_attempt(CopyAttempt.Outcome.COMPLETED, result.bytes_read)
+        riding_out_the_database(lambda: disk.end_attempt(CopyAttempt.Outcome.COMPLETED, result.bytes_read))
         reporter.finish("completed", bytes_total=result.bytes_allocated, throughput_bps=result.throughput_bps)
     finally:
         reporter.close()
     log.info("copied %s: %s", disk, result.as_dict())
+    return riding_out_the_database(lambda: _refresh_and_maybe_finalize(job))
+
+
+def _record_completion(disk: VMDisk, attempt: int, result) -> bool:
+    if disk.complete(bytes_total=result.bytes_allocated, bytes_zeroed=result.bytes_zeroed,
+                     throughput_bps=result.throughput_bps, attempt=attempt):
+        return True
+    # A retry after an outage may find its own completion already stored
+    # (the server committed it, the reply was lost).
+    disk.refresh_from_db()
+    return disk.status == DiskStatus.COMPLETED and disk.attempts == attempt
+
+
+def _refresh_and_maybe_finalize(job: ReplicationJob) -> bool:
     job.refresh_totals()
     return job.all_disks_completed() and job.transition(JobStatus.FINALIZING, current_operation=Stage.FINALIZING)
+
+
+def riding_out_the_database(step: Callable[[], T]) -> T:
+    """Run a database step, retried with backoff and jitter while the
+    database is unreachable, for up to DB_OUTAGE_TOLERANCE_S."""
+
+    def reconnect(state) -> None:
+        connection.close()
+        log.warning("database unreachable (%s); retrying", state.outcome.exception())
+
+    return Retrying(retry=retry_if_exception_type(DatabaseError), reraise=True, before_sleep=reconnect,
+                    stop=stop_after_delay(settings.DB_OUTAGE_TOLERANCE_S),
+                    wait=wait_exponential_jitter(initial=0.2, max=5))(step)
 
 
 def _bandwidth_limit(job: ReplicationJob) -> int | None:

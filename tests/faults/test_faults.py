@@ -264,6 +264,45 @@ def test_mariadb_restart_mid_job_completes(hard, fault4_database, workers, tmp_p
     assert figures.bytes_recopied == 0
 
 
+def test_mariadb_down_when_a_copy_finishes_is_waited_out(fault4_database, workers, tmp_path, sockdir):
+    """4c. The database goes away just before a copy ends: the copy's final
+    records (disk completed, run ended, job totals, finalize) wait for it
+    (DB_OUTAGE_TOLERANCE_S) instead of failing into a task retry that would
+    copy the disk again from its last checkpoint."""
+    image = spread_image(tmp_path / "end.img", 24 * MiB, pieces=6, piece=MiB, seed=31)
+    source = LoggedSource(sockdir, image)
+    server = fault4_database
+    try:
+        worker = workers("mariadb-end", concurrency=1, DATABASE_URL=server.url(FAULT4_DB),
+                         TEST_DATABASE_NAME=FAULT4_DB, COPY_LIMIT_BPS=str(3 * MiB))
+        job = start_replication(register_image_vm("vm-mariadb-end", [source.uri]))
+        wait_until(lambda: sum(count for _, count in source.reads()) >= 4 * MiB, 60, "most of the copy done")
+        stopped = time.monotonic()
+        server.restart(down_s=HEARTBEAT_TIMEOUT_S + 1)
+        outage_s = time.monotonic() - stopped
+        read_by_restart = sum(count for _, count in source.reads())
+        connection.close()
+        job = wait_for_job(job.id, timeout=60)
+        settle([job])
+        disk = job.disks.get()
+        log = worker.log_text()
+        waited = len(re.findall(r"database unreachable \(.*\); retrying", log))
+        figures = CaseFigures(
+            "4c MariaDB down as a copy ends", sha256_match=sha256_match(job, {"disk-2000": image}),
+            bytes_recopied=source.bytes_read_more_than_once(), max_concurrent_copies=max_concurrent_of([job]),
+            leftovers=len(leftovers()), non_terminal_rows=non_terminal_rows([job]), detect_s=round(outage_s, 2),
+            note=f"detect = outage; the final records waited {waited} times; attempts {disk.attempts}")
+    finally:
+        source.stop()
+    figures.result = "pass" if job.status == JobStatus.COMPLETED else "FAIL"
+    record(figures)
+    assert read_by_restart == 6 * MiB, "the copy ended during the outage"
+    assert job.status == JobStatus.COMPLETED, (job.error_message, log[-3000:])
+    assert figures.sha256_match and waited >= 1
+    assert disk.attempts == 1 and figures.bytes_recopied == 0
+    assert figures.non_terminal_rows == 0 and figures.leftovers == 0
+
+
 def source_export_pids() -> list[int]:
     from django.conf import settings
 
