@@ -162,13 +162,19 @@ def stop_daemon(pidfile: Path, timeout: float = 5.0) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether the process runs; a zombie (dead, not yet reaped: its parent
+    died too and nobody reaped it yet) counts as dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
 
 
 def _is_nbdkit(pid: int) -> bool:

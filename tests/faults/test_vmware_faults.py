@@ -161,3 +161,44 @@ def test_incremental_killed_halfway_then_more_writes_then_rerun_gets_every_block
     assert figures.leftovers == 0, leftovers()
     assert figures.non_terminal_rows == 0 and figures.extra["snapshots_left"] == 0
     assert figures.max_concurrent_copies == 1
+
+
+def test_worker_killed_mid_incremental_resumes_from_its_checkpoint_on_the_same_snapshot(
+        workers, vcenter, reaper_thread):
+    """1 (snapshots). SIGKILL the worker halfway through an incremental: the
+    reaper hands the disk to a new run, which asks vCenter for the same
+    changed areas of the same snapshot and resumes from the checkpoint."""
+    sim, vc = vcenter(vm_spec("vm-resume-cbt", [64 * MiB]))
+    live = live_images(sim, "vm-resume-cbt")
+    fill_image(live["disk-2000"], [(0, MiB)], seed=1)
+    first = workers("resume-a", COPY_LIMIT_BPS=str(8 * MiB))
+    (vm,) = vmware_service.discover(vc, ["vm-resume-cbt"])
+    assert wait_for_job(start_replication(vm).id, timeout=120).status == JobStatus.COMPLETED
+    fill_image(live["disk-2000"], [(i * 4 * MiB, 2 * MiB) for i in range(16)], seed=2)  # 32 MiB changed
+
+    job = start_replication(vm, SyncType.INCREMENTAL)
+    wait_until(lambda: bytes_read(job) >= 14 * MiB, 60, "half the changes copied")
+    snapshot = ReplicationJob.objects.get(pk=job.id).snapshot_moref
+    killed = time.time()
+    first.kill()
+    workers("resume-b", COPY_LIMIT_BPS=str(8 * MiB))
+    job = wait_for_job(job.id, timeout=120)
+    settle([job])
+    runs = list(CopyAttempt.objects.filter(disk__job=job).order_by("number"))
+    figures = CaseFigures(
+        "1 worker SIGKILL mid-incremental (snapshot)", sha256_match=sha256_match(job, live),
+        bytes_recopied=sum(r.bytes_read for r in runs) - 32 * MiB,
+        max_concurrent_copies=max_concurrent_of([job]), leftovers=len(leftovers()),
+        non_terminal_rows=non_terminal_rows([job]), resume_s=round(runs[-1].started_at.timestamp() - killed, 2),
+        note=f"32 MiB changed of 64 MiB; resumed at offset {runs[-1].resumed_from} on snapshot {snapshot}",
+        extra={"snapshots_left": len(snapshots_left(vc, vm.moref))})
+    figures.result = "pass" if job.status == JobStatus.COMPLETED and figures.sha256_match else "FAIL"
+    record(figures)
+    assert job.status == JobStatus.COMPLETED, job.error_message
+    assert figures.sha256_match
+    assert [r.outcome for r in runs] == ["lost", "completed"]
+    assert runs[1].resumed_from == runs[0].checkpoint_bytes > 0
+    assert job.disks.get().bytes_total == 32 * MiB  # the same changed areas, not a full copy
+    assert figures.bytes_recopied < 8 * MiB, figures
+    assert figures.max_concurrent_copies == 1 and figures.leftovers == 0 and figures.non_terminal_rows == 0
+    assert figures.extra["snapshots_left"] == 0
