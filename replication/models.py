@@ -42,6 +42,25 @@ def new_job_id() -> str:
     return f"job-{now:%Y%m%d-%H%M%S}.{now.microsecond // 1000:03d}-{secrets.token_hex(3)}"
 
 
+def database_up_since() -> datetime | None:
+    """When the database server last started; None when unknown (SQLite)."""
+    if connection.vendor != "mysql":
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW GLOBAL STATUS LIKE 'Uptime'")
+        row = cursor.fetchone()
+    return timezone.now() - timedelta(seconds=int(row[1])) if row else None
+
+
+def heartbeats_stale_before(now: datetime, seconds: float, up_since: datetime | None) -> datetime | None:
+    """Heartbeats older than the returned time are stale. None while the
+    database has been up for less than `seconds`: a heartbeat missing then
+    may have been refused by the server (restarting), not lost with its
+    worker, and a copy that rode out the outage must not be handed over."""
+    cutoff = now - timedelta(seconds=seconds)
+    return None if up_since is not None and up_since > cutoff else cutoff
+
+
 def worker_id() -> str:
     """Who runs a copy: host and process, so an operator can find it."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -443,13 +462,15 @@ class VMDisk(models.Model):
         """Take this disk for copying, in one conditional UPDATE: a pending
         disk; a copying disk handed to this task by the reaper (worker empty,
         task id ours); or a copying disk whose run went silent (heartbeat
-        older than HEARTBEAT_TIMEOUT_S). A second delivery of a task, or any
-        task for a disk that is being copied or is finished, loses."""
+        older than HEARTBEAT_TIMEOUT_S, once the database has been up that
+        long). A second delivery of a task, or any task for a disk that is
+        being copied or is finished, loses."""
         now = timezone.now()
-        stale = now - timedelta(seconds=settings.HEARTBEAT_TIMEOUT_S)
         claimable = (Q(status=DiskStatus.PENDING)
-                     | Q(status=DiskStatus.COPYING, worker="", celery_task_id=task_id)
-                     | Q(status=DiskStatus.COPYING, heartbeat_at__lt=stale))
+                     | Q(status=DiskStatus.COPYING, worker="", celery_task_id=task_id))
+        stale = heartbeats_stale_before(now, settings.HEARTBEAT_TIMEOUT_S, database_up_since())
+        if stale is not None:
+            claimable |= Q(status=DiskStatus.COPYING, heartbeat_at__lt=stale)
         worker = worker or worker_id()
         moved = VMDisk.objects.filter(claimable, pk=self.pk).update(
             status=DiskStatus.COPYING, attempts=models.F("attempts") + 1, worker=worker, started_at=now,

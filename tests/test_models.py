@@ -100,3 +100,27 @@ def test_change_id_is_committed_only_for_a_written_disk_and_only_once(vm):
     assert vm.disks.get().change_id == "52 aa-bb/7"
     (record,) = vm.disks.get().change_id_history.all()
     assert (record.job_id, record.previous_change_id, record.change_id) == (job.id, "52 aa-bb/6", "52 aa-bb/7")
+
+
+def test_a_silent_copy_is_taken_over_only_once_the_database_has_been_up_long_enough(vm, settings):
+    from datetime import timedelta
+
+    from django.db import connection
+    from django.utils import timezone
+
+    from replication.models import VMDisk, database_up_since
+
+    job = start_replication(vm)
+    disk = job.disks.get()
+    assert disk.claim("first")
+    VMDisk.objects.filter(pk=disk.pk).update(heartbeat_at=timezone.now() - timedelta(hours=1))
+    if connection.vendor == "mysql":
+        # Just after a restart, every heartbeat looks old: the server refused
+        # them, the copy may well be alive. Pretend the server started recently.
+        up_for = (timezone.now() - database_up_since()).total_seconds()
+        settings.HEARTBEAT_TIMEOUT_S = up_for + 600
+        assert not disk.claim("second")
+        assert disk.attempts == 1
+    settings.HEARTBEAT_TIMEOUT_S = 60
+    assert disk.claim("second")
+    assert disk.attempts == 2 and disk.celery_task_id == "second"

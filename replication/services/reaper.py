@@ -9,11 +9,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import connection
 from django.utils import timezone
 
 from replication.choices import JOB_TERMINAL, DiskStatus, JobStatus
-from replication.models import CopyAttempt, JobEvent, ReplicationJob, VMDisk
+from replication.models import (
+    CopyAttempt,
+    JobEvent,
+    ReplicationJob,
+    VMDisk,
+    database_up_since,
+    heartbeats_stale_before,
+)
 from replication.services import jobs as job_service
 from replication.services import sweeper
 
@@ -29,31 +35,12 @@ class Reaped:
     swept: list[str] = field(default_factory=list)
 
 
-def database_up_since() -> datetime | None:
-    """When the database server last started; None when unknown (SQLite)."""
-    if connection.vendor != "mysql":
-        return None
-    with connection.cursor() as cursor:
-        cursor.execute("SHOW GLOBAL STATUS LIKE 'Uptime'")
-        row = cursor.fetchone()
-    return timezone.now() - timedelta(seconds=int(row[1])) if row else None
-
-
-def _stale_before(now: datetime, seconds: float, up_since: datetime | None) -> datetime | None:
-    """Heartbeats older than the returned time are stale. None while the
-    database has been up for less than `seconds`: a heartbeat missing then
-    may have been refused by the server (restarting), not lost with its
-    worker, and a copy that rode out the outage must not be handed over."""
-    cutoff = now - timedelta(seconds=seconds)
-    return None if up_since is not None and up_since > cutoff else cutoff
-
-
 def reap(now: datetime | None = None) -> Reaped:
     now = now or timezone.now()
     result = Reaped()
     timeout = settings.REAPER_TIMEOUT_S
     up_since = database_up_since()
-    stale = _stale_before(now, timeout, up_since)  # None: nothing is judged yet
+    stale = heartbeats_stale_before(now, timeout, up_since)  # None: nothing is judged yet
     running = (JobStatus.PREPARING, JobStatus.REPLICATING, JobStatus.FINALIZING)
     for job in ReplicationJob.objects.filter(status__in=running) if stale else ():
         quiet = (now - job.last_sign_of_life()).total_seconds()
@@ -92,7 +79,7 @@ def _requeue_lost_copies(now: datetime, result: Reaped, up_since: datetime | Non
     disk whose task never started (a broker that lost its queue) is queued
     again; a duplicate of a task that is merely waiting loses its claim.
     Nothing is judged until the database has been up HEARTBEAT_TIMEOUT_S."""
-    stale = _stale_before(now, settings.HEARTBEAT_TIMEOUT_S, up_since)
+    stale = heartbeats_stale_before(now, settings.HEARTBEAT_TIMEOUT_S, up_since)
     if stale is None:
         log.info("database up since %s: lost copies are judged from %s s after its start", up_since,
                  settings.HEARTBEAT_TIMEOUT_S)
