@@ -17,7 +17,7 @@ from replication.services.jobs import cancel_job, start_replication
 from tests.conftest import source_exports_running, wait_for_job
 from tests.helpers import MiB, sha256
 from tests.vcsim import fill_image as fill
-from tests.vcsim import vm_spec
+from tests.vcsim import snapshot_image, vm_spec
 from tests.vcsim import write_image as write
 from vma_agent.vmware import VSphereClient, VSphereError
 
@@ -41,9 +41,16 @@ def replicate(vm, sync_type=SyncType.FULL, **kwargs) -> ReplicationJob:
     return job
 
 
-def assert_targets_equal_sources(job, live_images):
+def assert_targets_equal_sources(job, live_images, sim=None):
+    """Each target equals the image its job's snapshot froze (the simulator
+    keeps it under the snapshot's changeId), which is also the live image:
+    nothing writes while a job runs."""
     for disk in job.disks.order_by("disk_key"):
-        assert sha256(disk.target_volume.path) == sha256(live_images[str(disk.source_disk.device_key)]), disk
+        target = sha256(disk.target_volume.path)
+        assert target == sha256(live_images[str(disk.source_disk.device_key)]), disk
+        if sim is not None:
+            frozen = snapshot_image(sim, job.vm.name, disk.source_disk.device_key, disk.change_id)
+            assert target == sha256(frozen), disk
 
 
 def test_discovery_records_a_three_disk_vm(vcenter):
@@ -104,7 +111,7 @@ def test_full_copy_then_three_incrementals_match_every_snapshot(celery_worker_pr
     vm.refresh_from_db()
     assert vm.cbt_enabled is True
     assert "changed block tracking enabled" in " ".join(job.events.values_list("message", flat=True))
-    assert_targets_equal_sources(job, live)
+    assert_targets_equal_sources(job, live, sim)
     committed = dict(SourceDisk.objects.filter(vm=vm).values_list("disk_key", "change_id"))
     assert set(committed) == {"disk-2000", "disk-2001", "disk-2002"} and all(committed.values())
     assert snapshots_of(record, vm.moref) == []
@@ -120,7 +127,7 @@ def test_full_copy_then_three_incrementals_match_every_snapshot(celery_worker_pr
     assert disks["disk-2000"].bytes_total == DISKS[0] % BLOCK  # only the partial last block
     assert disks["disk-2001"].bytes_total == 0 and disks["disk-2001"].status == DiskStatus.COMPLETED
     assert disks["disk-2002"].bytes_total == BLOCK
-    assert_targets_equal_sources(job, live)
+    assert_targets_equal_sources(job, live, sim)
 
     # Cycle 2: data spanning blocks, and zeros over data (a trim).
     fill(live["2001"], [(BLOCK - 10, BLOCK + 20)], seed=5)
@@ -131,13 +138,13 @@ def test_full_copy_then_three_incrementals_match_every_snapshot(celery_worker_pr
     assert disks["disk-2001"].bytes_total == 3 * BLOCK
     assert disks["disk-2000"].bytes_total == 2 * BLOCK
     assert disks["disk-2002"].bytes_total == 0
-    assert_targets_equal_sources(job, live)
+    assert_targets_equal_sources(job, live, sim)
 
     # Cycle 3: nothing changed at all still ends at 100 %.
     job = replicate(vm, SyncType.INCREMENTAL)
     assert job.status == JobStatus.COMPLETED and job.progress_percent == 100.0
     assert job.total_bytes == 0
-    assert_targets_equal_sources(job, live)
+    assert_targets_equal_sources(job, live, sim)
 
     history = ChangeIdRecord.objects.filter(source_disk__vm=vm)
     assert history.count() == 3 * 4

@@ -185,3 +185,11 @@ def fill_image(path, ranges: list[tuple[int, int]], seed: int) -> None:
     rng = random.Random(seed)
     for offset, length in ranges:
         write_image(path, offset, rng.randbytes(length))
+
+
+def snapshot_image(sim: VCenterSimulator, vm_name: str, device_key: int, change_id: str) -> Path:
+    """The image a snapshot froze, kept by the simulator under the changeId
+    the snapshot gave the disk (it outlives the snapshot's removal)."""
+    epoch, _, number = change_id.rpartition("/")
+    return (sim.data_dir / "vms" / sim.vms[vm_name]["moref"] / "changes" / str(device_key)
+            / epoch.replace(" ", "").replace("-", "") / f"{number}.img")
