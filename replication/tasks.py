@@ -11,7 +11,27 @@ from replication.services.task_events import TaskProgressPublisher
 
 @shared_task(name="replication.prepare_job")
 def prepare_job(job_id: str) -> None:
-    for disk in VMDisk.objects.filter(pk__in=jobs.prepare_job(job_id)).select_related("job__vm"):
+    if not jobs.begin_job(job_id):
+        return
+    if jobs.needs_snapshot(job_id):
+        jobs.enqueue_job_step("prepare_source", job_id)
+    else:
+        _copy_disks(jobs.prepare_targets(job_id))
+
+
+@shared_task(name="replication.prepare_source")
+def prepare_source(job_id: str) -> None:
+    if jobs.prepare_source(job_id):
+        jobs.enqueue_job_step("prepare_targets", job_id)
+
+
+@shared_task(name="replication.prepare_targets")
+def prepare_targets(job_id: str) -> None:
+    _copy_disks(jobs.prepare_targets(job_id))
+
+
+def _copy_disks(disk_ids: list[int]) -> None:
+    for disk in VMDisk.objects.filter(pk__in=disk_ids).select_related("job__vm"):
         jobs.enqueue_copy(disk)
 
 
@@ -29,7 +49,7 @@ def copy_disk(self, disk_id: int) -> None:
     finally:
         publisher.close()
     if last_disk:
-        finalize_job.delay(VMDisk.objects.values_list("job_id", flat=True).get(pk=disk_id))
+        jobs.enqueue_job_step("finalize_job", VMDisk.objects.values_list("job_id", flat=True).get(pk=disk_id))
 
 
 @shared_task(name="replication.finalize_job")

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def vm(tmp_path, monkeypatch):
     # These tests exercise state only: enqueueing is recorded, not sent.
-    monkeypatch.setattr("replication.services.jobs._enqueue", lambda *args: None)
+    monkeypatch.setattr("replication.services.jobs.enqueue_job_step", lambda *args: None)
     return register_image_vm("vm-state", [str(make_image(tmp_path / "a.img", MiB, [(0, 4096)]))])
 
 

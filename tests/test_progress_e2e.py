@@ -168,7 +168,7 @@ def test_copy_tasks_publish_progress_events_for_flower(celery_worker_process, tm
 
 def test_reaper_fails_a_job_whose_worker_is_gone_and_requeues_a_lost_finalize(tmp_path, monkeypatch, settings):
     enqueued = []
-    monkeypatch.setattr("replication.services.jobs._enqueue", lambda *args: enqueued.append(args))
+    monkeypatch.setattr("replication.services.jobs.enqueue_job_step", lambda *args, **kwargs: enqueued.append(args))
     images = [str(make_image(tmp_path / f"r{i}.img", MiB, [(0, 4096)])) for i in range(2)]
     lost = start_replication(register_image_vm("vm-reaped", images))
     assert lost.enter_stage("Initializing", JobStatus.PREPARING)
@@ -230,7 +230,7 @@ def test_beat_scheduled_poller_task_runs_on_the_worker(celery_worker_process, tm
     from replication import tasks
     from tests.test_progress_api import post
 
-    monkeypatch.setattr("replication.services.jobs._enqueue", lambda *args: None)
+    monkeypatch.setattr("replication.services.jobs.enqueue_job_step", lambda *args: None)
     image = make_image(tmp_path / "beat.img", MiB, [(0, 4096)])
     job = start_replication(register_image_vm("vm-beat", [str(image)]))
     assert job.enter_stage("Initializing", JobStatus.PREPARING)

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.django_db
 def replicating_job(tmp_path, monkeypatch, vma_server):
     """A job in Transfer with its disks claimed, as the workflow leaves it,
     without a worker (enqueueing is recorded, not sent)."""
-    monkeypatch.setattr("replication.services.jobs._enqueue", lambda *args: None)
+    monkeypatch.setattr("replication.services.jobs.enqueue_job_step", lambda *args: None)
 
     def make(name="vm-poll", disks=2):
         images = [str(make_image(tmp_path / f"{name}-{i}.img", MiB, [(0, 4096)])) for i in range(disks)]

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture(autouse=True)
 def no_broker(monkeypatch):
     # These tests look at pages and state; queueing is covered end to end elsewhere.
-    monkeypatch.setattr("replication.services.jobs._enqueue", lambda *args: None)
+    monkeypatch.setattr("replication.services.jobs.enqueue_job_step", lambda *args: None)
 
 
 @pytest.fixture
@@ -178,16 +178,16 @@ def test_queueing_failure_fails_the_job_instead_of_leaving_it_pending(vm, monkey
     from replication import tasks
     from replication.services import jobs
 
-    monkeypatch.undo()  # the real _enqueue
+    monkeypatch.undo()  # the real enqueue_job_step
     dead_broker = Celery(broker="redis://127.0.0.1:1/0", set_as_current=False)
     dead_broker.conf.broker_connection_retry_on_startup = False
-    monkeypatch.setattr(tasks.prepare_job, "delay",
-                        lambda job_id: dead_broker.send_task("replication.prepare_job", args=[job_id]))
+    monkeypatch.setattr(tasks.prepare_job, "apply_async",
+                        lambda args, queue: dead_broker.send_task("replication.prepare_job", args=args, queue=queue))
     with django_capture_on_commit_callbacks(execute=True):
         job = jobs.start_replication(vm)
     job.refresh_from_db()
     assert job.status == JobStatus.FAILED
-    assert "could not queue the job (is Redis running?)" in job.error_message
+    assert "could not queue the job's prepare_job (is Redis running?)" in job.error_message
     assert set(job.disks.values_list("status", flat=True)) == {DiskStatus.CANCELLED}
 
 

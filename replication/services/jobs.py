@@ -87,47 +87,84 @@ def start_replication(vm: VirtualMachine, sync_type: str = SyncType.FULL, *, ver
                 disk_key=source_disk.disk_key, capacity_bytes=source_disk.capacity_bytes,
                 source_locator=source_disk.locator, previous_change_id=source_disk.change_id,
             )
-        transaction.on_commit(lambda: _enqueue("prepare_job", job.id))
+        transaction.on_commit(lambda: enqueue_job_step("prepare_job", job.id))
     log.info("replication %s of VM %s started", job.id, vm.name)
     return job
 
 
-def prepare_job(job_id: str) -> list[int]:
-    """Provision and export every target volume; returns the ids of the disks
-    to copy (empty when the job did not get to the copy stage)."""
+def begin_job(job_id: str) -> bool:
+    """The job's first step (on the OMA): it starts preparing. False when it
+    ended meanwhile (cancelled while queued)."""
     job = ReplicationJob.objects.get(pk=job_id)
     # The reporter exists before the first stage is entered, so no stage
     # update is ever sent into the void (a seeds' bug).
-    stages = JobStageReporter(progress_client(), job.id, job.sync_type)
-    try:
+    with _stage_reporter(job) as stages:
         if not job.enter_stage(Stage.INITIALIZING, JobStatus.PREPARING):
             log.warning("prepare skipped: job %s is %s", job_id, job.status)
-            return []
+            return False
         job.beat()
         stages.stage(Stage.INITIALIZING, STAGE_PERCENT[Stage.INITIALIZING])
-        try:
-            with Heartbeat(job, settings.HEARTBEAT_INTERVAL_S):
-                if job.vm.source_kind == SourceKind.VMWARE:
-                    vmware.prepare_snapshot(job, lambda: _enter_stage(job, stages, Stage.CREATING_SNAPSHOT))
-                _enter_stage(job, stages, Stage.SETTING_UP_NBD)
-                disks = list(job.disks.select_related("target_volume__source_disk__vm"))
-                for disk in disks:
-                    volumes.provision(disk.target_volume, disk.capacity_bytes)
-                _enter_stage(job, stages, Stage.PREPARING_MIGRATION)
-                if not job.enter_stage(Stage.TRANSFER, JobStatus.REPLICATING):
-                    # Cancelled meanwhile: the snapshot may have been taken
-                    # after the cancel looked for one.
-                    _queue_snapshot_removal(job)
-                    return []
-                job.beat()
-        except Exception as exc:
-            log.exception("prepare of job %s failed", job_id)
-            stages.stage(Stage.FAILED, 0, status="failed", error_message=f"prepare failed: {exc}")
-            fail_job(job_id, f"prepare failed: {exc}")
+        return True
+
+
+def needs_snapshot(job_id: str) -> bool:
+    return ReplicationJob.objects.filter(pk=job_id, vm__source_kind=SourceKind.VMWARE).exists()
+
+
+def prepare_source(job_id: str) -> bool:
+    """On the VM's agent, which reaches its vCenter: preflight, changed
+    block tracking and the job's snapshot. False when the job did not get
+    through (failed with the reason, or ended meanwhile)."""
+    job = ReplicationJob.objects.select_related("vm__vcenter").get(pk=job_id)
+    with _stage_reporter(job) as stages, _failing_the_job_on_error(job, stages):
+        if job.status != JobStatus.PREPARING:
+            return False
+        vmware.prepare_snapshot(job, lambda: _enter_stage(job, stages, Stage.CREATING_SNAPSHOT))
+        return True
+    return False
+
+
+def prepare_targets(job_id: str) -> list[int]:
+    """On the OMA: provision and export every target volume; returns the
+    ids of the disks to copy (empty when the job did not get to the copy
+    stage)."""
+    job = ReplicationJob.objects.get(pk=job_id)
+    with _stage_reporter(job) as stages, _failing_the_job_on_error(job, stages):
+        _enter_stage(job, stages, Stage.SETTING_UP_NBD)
+        disks = list(job.disks.select_related("target_volume__source_disk__vm"))
+        for disk in disks:
+            volumes.provision(disk.target_volume, disk.capacity_bytes)
+        _enter_stage(job, stages, Stage.PREPARING_MIGRATION)
+        if not job.enter_stage(Stage.TRANSFER, JobStatus.REPLICATING):
+            # Cancelled meanwhile: the snapshot may have been taken after
+            # the cancel looked for one.
+            _queue_snapshot_removal(job)
             return []
+        job.beat()
         return [disk.id for disk in disks]
+    return []
+
+
+@contextlib.contextmanager
+def _stage_reporter(job: ReplicationJob) -> Iterator[JobStageReporter]:
+    stages = JobStageReporter(progress_client(), job.id, job.sync_type)
+    try:
+        yield stages
     finally:
         stages.close(timeout_s=2.0)
+
+
+@contextlib.contextmanager
+def _failing_the_job_on_error(job: ReplicationJob, stages: JobStageReporter) -> Iterator[None]:
+    """A preparation step under a heartbeat; any error fails the job with
+    the reason (and so cleans up what the step left, its snapshot)."""
+    try:
+        with Heartbeat(job, settings.HEARTBEAT_INTERVAL_S):
+            yield
+    except Exception as exc:
+        log.exception("prepare of job %s failed", job.id)
+        stages.stage(Stage.FAILED, 0, status="failed", error_message=f"prepare failed: {exc}")
+        fail_job(job.id, f"prepare failed: {exc}")
 
 
 def _enter_stage(job: ReplicationJob, stages: JobStageReporter, stage: Stage) -> None:
@@ -422,7 +459,7 @@ def _queue_snapshot_removal(job: ReplicationJob) -> None:
     reading it. The snapshot sweeper catches what this misses."""
     job.refresh_from_db(fields=["snapshot_moref"])
     if job.snapshot_moref:
-        transaction.on_commit(lambda: _enqueue("remove_job_snapshot", job.id, fail_on_error=False))
+        transaction.on_commit(lambda: enqueue_job_step("remove_job_snapshot", job.id, fail_on_error=False))
 
 
 def remove_job_snapshot(job_id: str) -> None:
@@ -473,14 +510,25 @@ def retry_job(job_id: str) -> ReplicationJob:
     return start_replication(job.vm, job.sync_type)
 
 
-def _enqueue(task_name: str, job_id: str, fail_on_error: bool = True) -> None:
-    """Queue a task of the job; if the broker cannot take it, the job fails
-    with the reason instead of waiting forever as pending."""
+# The queue of each step of a job: its source's (prepare_source talks to
+# vCenter, finalize and the snapshot's removal too) or the OMA's.
+SOURCE_STEPS = {"prepare_source", "finalize_job", "remove_job_snapshot"}
+
+
+def enqueue_job_step(task_name: str, job_id: str, fail_on_error: bool = True) -> None:
+    """Queue a step of the job on the queue where it must run; if the broker
+    cannot take it, the job fails with the reason instead of waiting forever."""
     from replication import tasks  # tasks import this module
+    from replication.routing import OMA_QUEUE, source_queue
 
     try:
-        getattr(tasks, task_name).delay(job_id)
+        queue = OMA_QUEUE
+        if task_name in SOURCE_STEPS:
+            queue = source_queue(ReplicationJob.objects.select_related("vm").get(pk=job_id).vm)
+        getattr(tasks, task_name).apply_async(args=[job_id], queue=queue)
     except Exception as exc:
         log.exception("could not queue %s for job %s", task_name, job_id)
         if fail_on_error:
-            fail_job(job_id, f"could not queue the job (is Redis running?): {exc}")
+            fail_job(job_id, f"could not queue the job's {task_name} (is Redis running?): {exc}")
+
+

@@ -50,7 +50,7 @@ def reap(now: datetime | None = None) -> Reaped:
             # Every disk is written: only the finalize step was lost. It is
             # idempotent, so run it again rather than throw the copy away.
             job.beat()
-            job_service._enqueue("finalize_job", job.id)
+            job_service.enqueue_job_step("finalize_job", job.id)
             log.warning("job %s: finalize lost (%.0f s without heartbeat), requeued", job.id, quiet)
             result.requeued.append(job.id)
             continue

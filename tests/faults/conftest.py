@@ -29,8 +29,8 @@ def fault_case(settings, vma_server):
 def workers():
     started: list[WorkerProcess] = []
 
-    def start(name: str, concurrency: int = 2, **env) -> WorkerProcess:
-        worker = WorkerProcess(name, concurrency=concurrency, env={**FAULT_ENV, **env})
+    def start(name: str, concurrency: int = 2, queues: str = "", **env) -> WorkerProcess:
+        worker = WorkerProcess(name, concurrency=concurrency, env={**FAULT_ENV, **env}, queues=queues)
         started.append(worker)
         return worker.start()
 

@@ -47,9 +47,10 @@ class WorkerProcess:
     SIGKILL it with its pool children and their nbdkit sources, as a crash
     or a lost host would."""
 
-    def __init__(self, name: str, *, concurrency: int = 2, env: dict | None = None):
+    def __init__(self, name: str, *, concurrency: int = 2, env: dict | None = None, queues: str = ""):
         self.name = name
         self.concurrency = concurrency
+        self.queues = ["-Q", queues] if queues else []  # default: the OMA's and its agent's queues
         self.env = {**worker_env(), **(env or {})}
         self.log_path = Path(settings.TEST_ROOT) / f"worker-{name}.log"
         self.proc: subprocess.Popen | None = None
@@ -60,7 +61,7 @@ class WorkerProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "oma_site", "worker", "-c", str(self.concurrency),
                  "-l", "info", "--without-gossip", "--without-mingle", "--without-heartbeat",
-                 "-n", f"{self.name}-{os.getpid()}@%h"],
+                 "-n", f"{self.name}-{os.getpid()}@%h", *self.queues],
                 cwd=PROJECT_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         deadline = time.monotonic() + WORKER_START_TIMEOUT_S

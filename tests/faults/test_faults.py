@@ -106,10 +106,11 @@ def test_same_task_delivered_twice_copies_once(workers, tmp_path, sockdir, monke
     try:
         workers("dup-a")
         workers("dup-b")
-        monkeypatch.setattr(job_service, "_enqueue", lambda *args: None)
+        monkeypatch.setattr(job_service, "enqueue_job_step", lambda *args, **kwargs: None)
         job = start_replication(register_image_vm("vm-dup", [source.uri]))
         monkeypatch.undo()
-        [disk_id] = job_service.prepare_job(job.id)
+        assert job_service.begin_job(job.id)
+        [disk_id] = job_service.prepare_targets(job.id)
         task_id = str(uuid.uuid4())
         for _ in range(2):  # two deliveries of one message, as a broker may do
             tasks.copy_disk.apply_async(args=[disk_id], task_id=task_id, queue="vma.local")

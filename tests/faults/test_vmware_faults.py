@@ -202,3 +202,24 @@ def test_worker_killed_mid_incremental_resumes_from_its_checkpoint_on_the_same_s
     assert figures.bytes_recopied < 8 * MiB, figures
     assert figures.max_concurrent_copies == 1 and figures.leftovers == 0 and figures.non_terminal_rows == 0
     assert figures.extra["snapshots_left"] == 0
+
+
+def test_vcenter_steps_run_on_the_agent_and_volume_steps_on_the_oma(workers, vcenter):
+    """With the OMA and the agent as separate workers (as when only the
+    agent reaches the vCenter), every step runs where it must: preflight,
+    CBT, snapshot, copies, finalize and snapshot removal on the agent's
+    queue; the job's start and the volumes on the OMA's."""
+    sim, vc = vcenter(vm_spec("vm-split", [4 * MiB]))
+    fill_image(live_images(sim, "vm-split")["disk-2000"], [(0, MiB)], seed=1)
+    oma = workers("oma-only", queues="oma")
+    agent = workers("agent-only", queues="vma.local")
+    (vm,) = vmware_service.discover(vc, ["vm-split"])
+    job = wait_for_job(start_replication(vm).id, timeout=60)
+    assert job.status == JobStatus.COMPLETED, job.error_message
+    assert sha256_match(job, live_images(sim, "vm-split"))
+
+    def ran(worker) -> set[str]:
+        return set(re.findall(r"Task (replication\.\w+)\[[^]]+\] succeeded", worker.log_text()))
+
+    assert ran(oma) == {"replication.prepare_job", "replication.prepare_targets"}
+    assert ran(agent) == {"replication.prepare_source", "replication.copy_disk", "replication.finalize_job"}
