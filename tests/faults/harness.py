@@ -140,10 +140,12 @@ class LoggedSource:
 
 
 class PrivateRedis:
-    """A redis-server of the test's own (append-only file on, so a restart
-    keeps the queues, as a production broker should be configured)."""
+    """A redis-server of the test's own: by default with its append-only file
+    on, so a restart keeps the queues, as a production broker should be
+    configured; with persist=False a restart loses everything queued."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, persist: bool = True):
+        self.persist = ["--appendonly", "yes", "--appendfsync", "always"] if persist else ["--appendonly", "no"]
         self.dir = root / f"redis-{time.monotonic_ns()}"
         self.dir.mkdir(parents=True)
         self.port = free_port()
@@ -156,7 +158,7 @@ class PrivateRedis:
     def start(self) -> PrivateRedis:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+             *self.persist, "--save", ""],
             stdout=open(self.dir / "redis.log", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
         import redis
 

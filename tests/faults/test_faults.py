@@ -168,6 +168,47 @@ def test_redis_restart_mid_job_completes(workers, tmp_path, sockdir, settings):
     assert figures.non_terminal_rows == 0 and figures.leftovers == 0
 
 
+def test_redis_restart_losing_the_queue_still_completes(workers, reaper_thread, tmp_path, sockdir, settings):
+    """3b. The broker restarts with nothing kept (no persistence): the
+    waiting copy task is gone. The copy under way finishes; the reaper
+    queues the lost disk's task again once the job goes quiet; the job
+    completes."""
+    images = [spread_image(tmp_path / f"q{i}.img", 64 * MiB, pieces=8, piece=3 * MiB, seed=17 + i) for i in range(2)]
+    sources = [LoggedSource(sockdir, image, rdelay="150ms") for image in images]
+    broker = PrivateRedis(Path(settings.TEST_ROOT), persist=False).start()
+    try:
+        with use_broker(broker.url):
+            workers("redis-lost", concurrency=1, TEST_CELERY_BROKER_URL=broker.url)
+            job = start_replication(register_image_vm("vm-redis-lost", [s.uri for s in sources]))
+            wait_until(lambda: attempt_bytes_read("disk-2000", job) >= 6 * MiB, 120, "the first copy under way")
+            restarted = time.time()
+            broker.restart()
+            outage_s = time.time() - restarted
+            job = wait_for_job(job.id, timeout=180)
+            settle([job])
+        requeued = [pk for result in reaper_thread.results for pk in result.disks_requeued]
+        second = CopyAttempt.objects.filter(disk__job=job, disk__disk_key="disk-2001").order_by("number").first()
+        figures = CaseFigures(
+            "3b Redis restart losing the queue",
+            sha256_match=sha256_match(job, {"disk-2000": images[0], "disk-2001": images[1]}),
+            bytes_recopied=sum(s.bytes_read_more_than_once() for s in sources),
+            max_concurrent_copies=max_concurrent_of([job]), leftovers=len(leftovers()),
+            non_terminal_rows=non_terminal_rows([job]), detect_s=round(outage_s, 2),
+            resume_s=round(second.started_at.timestamp() - restarted, 2) if second else None,
+            note="no persistence: the 2nd disk's queued task was lost and queued again by the reaper; "
+                 "resume = restart until that copy started")
+    finally:
+        for source in sources:
+            source.stop()
+        broker.stop()
+    figures.result = "pass" if job.status == JobStatus.COMPLETED else "FAIL"
+    record(figures)
+    assert job.status == JobStatus.COMPLETED, job.error_message
+    assert requeued == [job.disks.get(disk_key="disk-2001").pk], "the lost task was queued again by the reaper"
+    assert figures.sha256_match and figures.max_concurrent_copies == 1
+    assert figures.non_terminal_rows == 0 and figures.leftovers == 0
+
+
 FAULT4_DB = "oma_fault4"
 
 
