@@ -279,14 +279,21 @@ class Heartbeat:
         self._thread.join(10)
 
     def _run(self) -> None:
+        missed = 0  # in a row: logged when it starts and when it ends, not every beat
         try:
             while not self._stop.wait(self.interval_s):
                 try:
                     self.owner.beat()
                 except Exception as exc:  # a missed beat is not worth a copy
-                    log.warning("heartbeat of %s not written: %s", self.owner, exc)
+                    if not missed:
+                        log.warning("heartbeat of %s not written: %s", self.owner, exc)
+                    missed += 1
                     if isinstance(exc, DatabaseError):
                         connection.close()  # reconnect on the next beat
+                    continue
+                if missed:
+                    log.warning("heartbeat of %s written again after %d missed", self.owner, missed)
+                    missed = 0
         finally:
             connection.close()
 
