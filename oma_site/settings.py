@@ -228,13 +228,16 @@ CELERY_BEAT_SCHEDULE = {
     },
 }
 
+# The project's loggers print once, in Celery's worker format, and do not
+# also propagate to the root logger (which a worker hijacks: lines twice).
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "formatters": {"worker": {"format": "[%(asctime)s: %(levelname)s/%(processName)s] %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "worker"}},
     "loggers": {
-        "replication": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
-        "vma_agent": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
+        "replication": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO"), "propagate": False},
+        "vma_agent": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO"), "propagate": False},
     },
 }
 

@@ -1,6 +1,7 @@
 """The sweepers find real orphans: a source export whose owning process was
 SIGKILLed, and a job snapshot left on a vCenter; what is alive stays."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -65,7 +66,8 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.django_db
-def test_periodic_snapshot_sweep_removes_orphans_and_survives_an_unreachable_vcenter(vcenter, caplog):
+def test_periodic_snapshot_sweep_removes_orphans_and_survives_an_unreachable_vcenter(vcenter, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("replication"), "handlers", [caplog.handler])  # it does not propagate
     sim, record = vcenter(vm_spec("web05", [MiB]))
     (vm,) = vmware_service.discover(record, ["web05"])
     with vmware_service.client_for(record) as client:
