@@ -9,7 +9,6 @@ import sys
 import tempfile
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
@@ -49,20 +48,12 @@ def test_source_export_of_a_killed_process_is_swept_and_a_live_one_kept(tmp_path
         assert len(removed) == 1 and f"dead process {owner.pid}" in removed[0]
         assert not orphan.exists()
         deadline = time.monotonic() + 5
-        while _alive(server) and time.monotonic() < deadline:
+        while nbdkit.process_alive(server) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _alive(server), "the orphan's nbdkit is gone too"
+        assert not nbdkit.process_alive(server), "the orphan's nbdkit is gone too"
     finally:
         if owner.poll() is None:
             owner.kill()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
 
 
 @pytest.mark.django_db

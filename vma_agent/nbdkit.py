@@ -161,7 +161,7 @@ def stop_daemon(pidfile: Path, timeout: float = 5.0) -> None:
     pidfile.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether the process runs; a zombie (dead, not yet reaped: its parent
     died too and nobody reaped it yet) counts as dead."""
     try:
@@ -202,10 +202,10 @@ def sweep_orphaned_exports(tmpdir: str | Path | None = None) -> list[str]:
             except OSError:
                 continue
             owner = server = -1
-        if owner > 0 and _alive(owner):
+        if owner > 0 and process_alive(owner):
             continue
         what = f"source export {rundir.name} of dead process {owner}"
-        if server > 0 and _alive(server) and _is_nbdkit(server):
+        if server > 0 and process_alive(server) and _is_nbdkit(server):
             os.kill(server, signal.SIGKILL)
             what += f" (killed nbdkit {server})"
         shutil.rmtree(rundir, ignore_errors=True)

@@ -86,17 +86,6 @@ class VMInfo:
     snapshots: list[SnapshotInfo]
 
 
-@dataclass
-class ChangedAreas:
-    """What QueryChangedDiskAreas reported for one disk, all pages joined."""
-
-    areas: list[tuple[int, int]]
-
-    @property
-    def bytes(self) -> int:
-        return sum(length for _, length in self.areas)
-
-
 def normalize_thumbprint(value: str) -> str:
     digits = value.replace(":", "").strip().upper()
     return ":".join(digits[i:i + 2] for i in range(0, len(digits), 2))
@@ -339,7 +328,7 @@ class VSphereClient:
         self._wait(task, f"removing snapshot {snapshot_moref}")
 
     def changed_areas(self, vm_moref: str, snapshot_moref: str, device_key: int, capacity_bytes: int,
-                      change_id: str) -> ChangedAreas:
+                      change_id: str) -> list[tuple[int, int]]:
         """QueryChangedDiskAreas paged over the whole disk: the areas changed
         since `change_id`, or with "*" every allocated area. Any failure is an
         error: never a silent full copy."""
@@ -359,7 +348,7 @@ class VSphereClient:
                 raise VSphereError(f"QueryChangedDiskAreas of disk {device_key} of {vm_moref} made no progress "
                                    f"at offset {offset}")
             offset = info.startOffset + info.length
-        return ChangedAreas(areas)
+        return areas
 
 
 def disks_of(devices) -> list[DiskInfo]:

@@ -193,7 +193,7 @@ def areas_to_copy(disk: VMDisk) -> list[tuple[int, int]]:
     against = disk.previous_change_id if disk.sync_type == SyncType.INCREMENTAL else "*"
     with client_for(vm.vcenter) as client:
         return client.changed_areas(vm.moref, job.snapshot_moref, disk.source_disk.device_key, disk.capacity_bytes,
-                                    against).areas
+                                    against)
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from django.utils import timezone
 from replication.choices import DISK_TERMINAL, JOB_ACTIVE
 from replication.models import CopyAttempt, ReplicationJob, VMDisk
 from tests.conftest import PROJECT_ROOT, free_port, source_exports_running, worker_env
-from tests.helpers import sha256
+from tests.helpers import NbdkitProcess, sha256
 from vma_agent import nbdkit
 
 FIGURES_PATH = PROJECT_ROOT / "test-artifacts" / "fault-figures.json"
@@ -94,7 +94,7 @@ class WorkerProcess:
             self.kill()
 
 
-class LoggedSource:
+class LoggedSource(NbdkitProcess):
     """A read-only NBD source (nbdkit file plugin) with every request logged
     (log filter) and optionally delayed (delay filter): the log tells which
     bytes were read how many times, across every run of a copy."""
@@ -103,20 +103,9 @@ class LoggedSource:
 
     def __init__(self, sockdir: Path, image: Path, rdelay: str | None = None):
         self.log_path = sockdir / f"src-{time.monotonic_ns()}.log"
-        self.socket = sockdir / f"src-{time.monotonic_ns()}.sock"
-        args = ["nbdkit", "--foreground", "--exit-with-parent", "--readonly", "--unix", str(self.socket),
-                "--filter=log"]
-        if rdelay:
-            args.append("--filter=delay")
-        args += ["file", str(image), f"logfile={self.log_path}"]
-        if rdelay:
-            args.append(f"rdelay={rdelay}")
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: self.socket.exists() and nbdkit.socket_accepts(self.socket), 10, "the logged source")
-
-    @property
-    def uri(self) -> str:
-        return nbdkit.unix_uri(self.socket)
+        delay = (["--filter=delay"], [f"rdelay={rdelay}"]) if rdelay else ([], [])
+        super().__init__(sockdir, "--readonly", "--filter=log", *delay[0], "file", str(image),
+                         f"logfile={self.log_path}", *delay[1])
 
     def reads(self) -> list[tuple[int, int]]:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -129,14 +118,6 @@ class LoggedSource:
             for block in range(offset // granule, (offset + count + granule - 1) // granule):
                 seen[block] += 1
         return sum(n - 1 for n in seen.values() if n > 1) * granule
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self) -> None:
-        nbdkit.stop_process(self.proc)
 
 
 class PrivateRedis:
