@@ -6,7 +6,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "oma_site.settings")
 
 app = Celery("oma_site")
 app.config_from_object("django.conf:settings", namespace="CELERY")
-app.autodiscover_tasks()
+# The OMA's tasks and the agent's (vma_agent holds no models: not an app).
+app.autodiscover_tasks(["replication", "vma_agent"])
 
 
 

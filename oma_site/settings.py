@@ -4,6 +4,7 @@ SQLite under var/, a local Redis, local volume files under var/volumes."""
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 from kombu import Queue
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -63,9 +64,17 @@ TEMPLATES = [
     },
 ]
 
+# Which role this process plays: "all" (one machine: OMA and agent), "oma",
+# or "agent". An agent host holds no OMA database credentials: its
+# processes run with Django's dummy backend, so any ORM access raises.
+PROCESS_ROLE = env("PROCESS_ROLE", default="all")
+if PROCESS_ROLE not in ("all", "oma", "agent"):
+    raise ImproperlyConfigured(f"PROCESS_ROLE must be all, oma or agent, not {PROCESS_ROLE!r}")
 DATABASES = {
     "default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'oma.sqlite3'}"),
 }
+if PROCESS_ROLE == "agent":
+    DATABASES = {"default": {"ENGINE": "django.db.backends.dummy"}}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Workers are separate processes: WAL lets them write progress while pages
     # read, and the test database must be a file they can all open.
@@ -99,7 +108,8 @@ STATIC_ROOT = VAR_DIR / "static"
 # `celery -A oma_site worker` consumes both; -Q narrows it on big setups.
 VMA_AGENT_NAME = env("VMA_AGENT_NAME", default="local")
 CELERY_TASK_DEFAULT_QUEUE = "oma"
-CELERY_TASK_QUEUES = [Queue("oma"), Queue(f"vma.{VMA_AGENT_NAME}")]
+CELERY_TASK_QUEUES = {"all": [Queue("oma"), Queue(f"vma.{VMA_AGENT_NAME}")], "oma": [Queue("oma")],
+                      "agent": [Queue(f"vma.{VMA_AGENT_NAME}")]}[PROCESS_ROLE]
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="redis://127.0.0.1:6379/0")
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
@@ -148,10 +158,9 @@ PROGRESS_REPORT_INTERVAL_S = env.float("PROGRESS_REPORT_INTERVAL_S", default=2.0
 COPY_CHECKPOINT_INTERVAL_S = env.float("COPY_CHECKPOINT_INTERVAL_S", default=5.0)
 # Runs of one disk's copy (worker lost, handed over) before the job fails.
 COPY_MAX_ATTEMPTS = env.int("COPY_MAX_ATTEMPTS", default=5)
-# A copy keeps going through a database outage this long (MariaDB restarting),
-# then stops with its cursor committed and its task retries, with exponential
-# backoff and jitter, at most COPY_TASK_MAX_RETRIES times.
-DB_OUTAGE_TOLERANCE_S = env.float("DB_OUTAGE_TOLERANCE_S", default=30.0)
+# Copies need no database (they run on the agent). The OMA tasks that record
+# an agent's outcome retry through a database outage (MariaDB restarting),
+# with exponential backoff and jitter, at most COPY_TASK_MAX_RETRIES times.
 COPY_TASK_MAX_RETRIES = env.int("COPY_TASK_MAX_RETRIES", default=8)
 COPY_RETRY_BACKOFF_S = env.int("COPY_RETRY_BACKOFF_S", default=2)
 COPY_RETRY_BACKOFF_MAX_S = env.int("COPY_RETRY_BACKOFF_MAX_S", default=120)
@@ -191,20 +200,21 @@ VMA_HTTP_KEEPALIVE = env.bool("VMA_HTTP_KEEPALIVE", default=False)
 # OMA poller: every N s, up to M jobs at once.
 PROGRESS_POLL_INTERVAL_S = env.float("PROGRESS_POLL_INTERVAL_S", default=5.0)
 PROGRESS_POLL_CONCURRENCY = env.int("PROGRESS_POLL_CONCURRENCY", default=10)
-# A job's first update may come this long after it started without alarm.
-PROGRESS_GRACE_S = env.float("PROGRESS_GRACE_S", default=30.0)
-# No new update for this long -> ask whether the job's tasks are still alive.
-PROGRESS_STALE_S = env.float("PROGRESS_STALE_S", default=120.0)
 # Database progress writes: on a >= 1 % change, after >= 2 s, or a stage/status change.
 PROGRESS_WRITE_STEP_PERCENT = env.float("PROGRESS_WRITE_STEP_PERCENT", default=1.0)
 PROGRESS_WRITE_INTERVAL_S = env.float("PROGRESS_WRITE_INTERVAL_S", default=2.0)
-# Copy tasks and workflow steps stamp a heartbeat this often; one older than
-# HEARTBEAT_TIMEOUT_S means the process doing the work is gone.
+# Liveness, judged by the reaper alone (replication/services/reaper.py):
+# - a copy re-reports its state to its agent's API at least every
+#   HEARTBEAT_INTERVAL_S (and checks whether it should stop); the poller
+#   stores each report as the copy's heartbeat;
+# - a copy with no report for HEARTBEAT_TIMEOUT_S is lost: its disk goes to a
+#   new run (resuming from the reported checkpoint), at most COPY_MAX_ATTEMPTS;
+# - a running job with no sign of life at all for REAPER_TIMEOUT_S fails (a
+#   lost finalize is queued again), and one pending past
+#   REAPER_PENDING_TIMEOUT_S fails.
 HEARTBEAT_INTERVAL_S = env.float("HEARTBEAT_INTERVAL_S", default=5.0)
 HEARTBEAT_TIMEOUT_S = env.float("HEARTBEAT_TIMEOUT_S", default=60.0)
 REAPER_INTERVAL_S = env.float("REAPER_INTERVAL_S", default=60.0)
-# The reaper fails (or requeues the finalize of) a running job without any
-# heartbeat for this long, and a job still pending after REAPER_PENDING_TIMEOUT_S.
 REAPER_TIMEOUT_S = env.float("REAPER_TIMEOUT_S", default=300.0)
 REAPER_PENDING_TIMEOUT_S = env.float("REAPER_PENDING_TIMEOUT_S", default=3600.0)
 # Flower: copy tasks publish PROGRESS state and task-progress events this often.

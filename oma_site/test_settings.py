@@ -24,7 +24,7 @@ if os.environ.get("TEST_DATABASE_NAME") and "sqlite" not in DATABASES["default"]
     # Lets two test runs share one database server without sharing a database.
     DATABASES["default"].setdefault("TEST", {})["NAME"] = os.environ["TEST_DATABASE_NAME"]
 
-if os.environ.get("OMA_TEST_WORKER"):
+if os.environ.get("OMA_TEST_WORKER") and PROCESS_ROLE != "agent":  # noqa: F405
     # A Celery worker started by the tests works on the test database.
     _db = DATABASES["default"]
     _db["NAME"] = _db.get("TEST", {}).get("NAME") or f"test_{_db['NAME']}"

@@ -4,15 +4,12 @@ racing on one row cannot both win, and terminal states stay final."""
 
 from __future__ import annotations
 
-import os
 import secrets
-import socket
 import uuid
 from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import connection, models, transaction
-from django.db.models import Q
 from django.utils import timezone
 
 from replication.choices import (
@@ -59,11 +56,6 @@ def heartbeats_stale_before(now: datetime, seconds: float, up_since: datetime | 
     worker, and a copy that rode out the outage must not be handed over."""
     cutoff = now - timedelta(seconds=seconds)
     return None if up_since is not None and up_since > cutoff else cutoff
-
-
-def worker_id() -> str:
-    """Who runs a copy: host and process, so an operator can find it."""
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def transfer_percent(bytes_done: int, bytes_total: int) -> float:
@@ -287,6 +279,10 @@ class ReplicationJob(models.Model):
     def beat(self) -> None:
         ReplicationJob.objects.filter(pk=self.pk, status__in=JOB_ACTIVE).update(heartbeat_at=timezone.now())
 
+    def silent_for(self, now: datetime) -> float:
+        """Seconds since the last sign of life of the job or any of its disks."""
+        return (now - self.last_sign_of_life()).total_seconds()
+
     def last_sign_of_life(self):
         """The newest heartbeat of the job or any of its unfinished disks."""
         beats = [self.heartbeat_at, self.started_at, self.created_at]
@@ -446,100 +442,65 @@ class VMDisk(models.Model):
 
     def transition(self, to: DiskStatus, attempt: int | None = None, **fields) -> bool:
         """Move to `to` if allowed from the stored status; with `attempt`, only
-        while that copy run still holds the claim (a run that was taken over
-        must not end the disk its successor is copying)."""
+        while that copy run is still the disk's newest (a run that was taken
+        over must not end the disk its successor is copying)."""
         fields.setdefault("updated_at", timezone.now())
         if to in DISK_TERMINAL:
             fields.setdefault("completed_at", timezone.now())
         rows = VMDisk.objects.filter(pk=self.pk, status__in=sources_of(DISK_TRANSITIONS, to))
         if attempt is not None:
-            rows = rows.filter(attempts=attempt).exclude(worker="")
+            rows = rows.filter(attempts=attempt)
         moved = rows.update(status=to, **fields)
         self.refresh_from_db()
         return bool(moved)
 
-    def claim(self, task_id: str = "", worker: str = "") -> bool:
-        """Take this disk for copying, in one conditional UPDATE: a pending
-        disk; a copying disk handed to this task by the reaper (worker empty,
-        task id ours); or a copying disk whose run went silent (heartbeat
-        older than HEARTBEAT_TIMEOUT_S, once the database has been up that
-        long). A second delivery of a task, or any task for a disk that is
-        being copied or is finished, loses."""
-        now = timezone.now()
-        claimable = (Q(status=DiskStatus.PENDING)
-                     | Q(status=DiskStatus.COPYING, worker="", celery_task_id=task_id))
-        stale = heartbeats_stale_before(now, settings.HEARTBEAT_TIMEOUT_S, database_up_since())
-        if stale is not None:
-            claimable |= Q(status=DiskStatus.COPYING, heartbeat_at__lt=stale)
-        worker = worker or worker_id()
-        moved = VMDisk.objects.filter(claimable, pk=self.pk).update(
-            status=DiskStatus.COPYING, attempts=models.F("attempts") + 1, worker=worker, started_at=now,
-            heartbeat_at=now, current_operation=Stage.INITIALIZING, celery_task_id=task_id, updated_at=now,
-        )
-        self.refresh_from_db()
-        if moved:
-            CopyAttempt.objects.create(disk=self, number=self.attempts, worker=worker, task_id=task_id,
-                                       started_at=now, resumed_from=self.checkpoint_bytes)
-        return bool(moved)
+    @staticmethod
+    def lost_before(now: datetime, up_since: datetime | None) -> datetime | None:
+        """A copy run whose last report is older than this is lost (the
+        reaper's one rule, HEARTBEAT_TIMEOUT_S); None while nothing may be
+        judged (the database restarted less than that ago)."""
+        return heartbeats_stale_before(now, settings.HEARTBEAT_TIMEOUT_S, up_since)
 
-    def hand_over(self, task_id: str) -> bool:
-        """The reaper gives a silent copy to a new task: the old run loses its
-        claim (its next heartbeat fails and it stops), the new task may claim
-        it before the heartbeat would count as stale. A fresh heartbeat stamp
-        keeps the reaper from handing it over again meanwhile."""
+    def start_attempt(self, task_id: str, *, taking_over: bool = False) -> bool:
+        """Hand the disk's copy to a new run, attempt N+1, in one conditional
+        UPDATE: a pending disk, or (taking_over) a copying one whose run went
+        silent, exactly as this instance read it (another reaper pass, or a
+        heartbeat meanwhile, wins). The agent fences older runs by this
+        number, and every outcome of an older run is refused here."""
         now = timezone.now()
-        moved = VMDisk.objects.filter(pk=self.pk, status=DiskStatus.COPYING, attempts=self.attempts,
-                                      heartbeat_at=self.heartbeat_at).update(
-            worker="", celery_task_id=task_id, heartbeat_at=now, updated_at=now)
-        if moved:
+        rows = VMDisk.objects.filter(pk=self.pk, attempts=self.attempts)
+        if taking_over:
+            rows = rows.filter(status=DiskStatus.COPYING, heartbeat_at=self.heartbeat_at)
+        else:
+            rows = rows.filter(status=DiskStatus.PENDING)
+        moved = rows.update(status=DiskStatus.COPYING, attempts=models.F("attempts") + 1, worker="",
+                            celery_task_id=task_id, heartbeat_at=now, started_at=now, updated_at=now,
+                            current_operation=Stage.INITIALIZING)
+        if not moved:
+            return False
+        if taking_over:
             CopyAttempt.objects.filter(disk=self, number=self.attempts, ended_at__isnull=True).update(
-                ended_at=now, outcome=CopyAttempt.Outcome.LOST)
+                ended_at=now, outcome=CopyAttempt.Outcome.LOST, checkpoint_bytes=self.checkpoint_bytes)
         self.refresh_from_db()
-        return bool(moved)
+        CopyAttempt.objects.create(disk=self, number=self.attempts, task_id=task_id, started_at=now,
+                                   resumed_from=self.checkpoint_bytes)
+        return True
 
-    def release_for_retry(self) -> bool:
-        """This run stops for a retry of its own task (same task id): hand the
-        claim to it at once instead of making it wait for a stale heartbeat."""
-        return bool(VMDisk.objects.filter(pk=self.pk, status=DiskStatus.COPYING, attempts=self.attempts,
-                                          worker=self.worker).update(worker="", updated_at=timezone.now()))
-
-    def beat(self) -> bool:
-        """Stamp the copy's heartbeat; False when the copy should stop because
-        the disk or its job is no longer running, or another run took it over."""
-        alive_jobs = ReplicationJob.objects.filter(pk=self.job_id, status__in=JOB_ACTIVE)
-        rows = VMDisk.objects.filter(pk=self.pk, status=DiskStatus.COPYING, job__in=alive_jobs)
-        if self.worker:
-            rows = rows.filter(attempts=self.attempts, worker=self.worker)
-        return bool(rows.update(heartbeat_at=timezone.now()))
-
-    def holds_claim(self) -> bool:
-        return VMDisk.objects.filter(pk=self.pk, status=DiskStatus.COPYING, attempts=self.attempts,
-                                     worker=self.worker).exists()
-
-    def commit_checkpoint(self, cursor: int, bytes_read: int) -> bool:
-        """Persist the engine's committed cursor (never backwards) while this
-        run holds the claim, and what this run has read so far."""
-        now = timezone.now()
-        moved = VMDisk.objects.filter(pk=self.pk, status=DiskStatus.COPYING, attempts=self.attempts,
-                                      worker=self.worker, checkpoint_bytes__lte=cursor).update(
-            checkpoint_bytes=cursor, heartbeat_at=now)
-        CopyAttempt.objects.filter(disk_id=self.pk, number=self.attempts).update(
-            checkpoint_bytes=cursor, bytes_read=bytes_read, last_seen_at=now)
-        return bool(moved)
-
-    def end_attempt(self, outcome: str, bytes_read: int | None = None, reason: str = "") -> None:
-        fields = {"ended_at": timezone.now(), "outcome": outcome, "reason": reason[:2000]}
-        if bytes_read is not None:
-            fields["bytes_read"] = bytes_read
-        CopyAttempt.objects.filter(disk_id=self.pk, number=self.attempts, ended_at__isnull=True).update(**fields)
+    def end_attempt(self, number: int, outcome: str, *, reason: str = "", **fields) -> None:
+        """Close run `number` with what its agent reported (worker, bytes
+        read, checkpoint...); a run already closed stays as it was."""
+        CopyAttempt.objects.filter(disk_id=self.pk, number=number, ended_at__isnull=True).update(
+            ended_at=timezone.now(), outcome=outcome, reason=reason[:2000], **fields)
 
     @classmethod
     def apply_progress_of(cls, updates: list[dict], at) -> int:
         """Apply agent updates to many disks in one conditional UPDATE. Each
-        dict: pk, seq, bytes_done, bytes_total, throughput_bps, stage,
-        eta_seconds. A row changes only if its update is newer than the one
-        applied and the disk is still copying: progress never moves
-        backwards. Returns how many rows changed."""
+        dict: pk, attempt, seq, bytes_done, bytes_total, throughput_bps,
+        stage, eta_seconds, checkpoint_bytes, worker. A row changes only if
+        its update is newer than the one applied, comes from the disk's
+        current copy run, and the disk is still copying: progress never
+        moves backwards, and a superseded run says nothing. Each applied
+        update is the copy's heartbeat. Returns how many rows changed."""
         if not updates:
             return 0
         for u in updates:
@@ -548,9 +509,10 @@ class VMDisk(models.Model):
         rows = {u["pk"]: {"progress_seq": u["seq"], "bytes_done": u["bytes_done"], "bytes_total": u["bytes_total"],
                           "progress_percent": u["percent"], "throughput_bps": u["throughput_bps"],
                           "current_operation": str(u["stage"]), "eta_seconds": u["eta_seconds"],
-                          "last_progress_at": at, "updated_at": at} for u in updates}
-        newer = " OR ".join(["(id = %s AND progress_seq < %s)"] * len(updates))
-        params = tuple(value for u in updates for value in (u["pk"], u["seq"]))
+                          "checkpoint_bytes": u["checkpoint_bytes"], "worker": u["worker"],
+                          "heartbeat_at": at, "last_progress_at": at, "updated_at": at} for u in updates}
+        newer = " OR ".join(["(id = %s AND progress_seq < %s AND attempts = %s)"] * len(updates))
+        params = tuple(value for u in updates for value in (u["pk"], u["seq"], u["attempt"]))
         return _update_rows(cls, _db_values(rows), f"status = %s AND ({newer})",
                             (DiskStatus.COPYING.value, *params))
 

@@ -99,31 +99,47 @@ def vma_store():
     return get_store()
 
 
-@pytest.fixture(scope="session")
-def celery_worker_process(django_db_setup, data_plane_root, vma_server):
-    """A real Celery worker process (prefork, 2 children) on the real Redis and
-    the test database, consuming the orchestration and the local agent queues."""
-    redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
-    log_path = Path(settings.TEST_ROOT) / "worker.log"
+def start_worker(role: str, name: str, concurrency: int = 2, extra_env: dict | None = None) -> subprocess.Popen:
+    """A real Celery worker process (prefork) on the real Redis, in one role:
+    "oma" (queue oma, the test database) or "agent" (queue vma.local, no
+    database at all: Django's dummy backend raises on any ORM access)."""
+    log_path = Path(settings.TEST_ROOT) / f"worker-{name}.log"
+    env = {**worker_env(), "PROCESS_ROLE": role, **(extra_env or {})}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "oma_site", "worker", "-c", "2", "-E", "-l", "info",
-             "--without-gossip", "--without-mingle", "-n", f"test-{os.getpid()}@%h"],
-            cwd=PROJECT_ROOT, env=worker_env(), stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "celery", "-A", "oma_site", "worker", "-c", str(concurrency), "-E", "-l", "info",
+             "--without-gossip", "--without-mingle", "-n", f"{name}-{os.getpid()}@%h"],
+            cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
     deadline = time.monotonic() + WORKER_START_TIMEOUT_S
     while b" ready." not in log_path.read_bytes():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            pytest.fail(f"celery worker did not start:\n{log_path.read_text()[-3000:]}")
+            pytest.fail(f"celery {role} worker did not start:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.2)
-    yield proc
+    proc.log_path = log_path
+    return proc
+
+
+def stop_worker(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGQUIT)  # cold shutdown: do not wait for tasks
     try:
         proc.wait(15)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="session")
+def celery_worker_process(django_db_setup, data_plane_root, vma_server):
+    """The OMA's worker (orchestration, on the test database) and the local
+    agent's worker (copies, with no database), as on two hosts."""
+    redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
+    oma = start_worker("oma", "test-oma")
+    agent = start_worker("agent", "test-agent")
+    yield oma
+    stop_worker(agent)
+    stop_worker(oma)
 
 
 def wait_for_job(job_id: str, timeout: float = 120) -> ReplicationJob:

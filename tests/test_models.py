@@ -14,7 +14,7 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def vm(tmp_path, monkeypatch):
     # These tests exercise state only: enqueueing is recorded, not sent.
-    monkeypatch.setattr("replication.services.jobs.enqueue_job_step", lambda *args: None)
+    monkeypatch.setattr("replication.services.jobs.enqueue_prepare", lambda *args: None)
     return register_image_vm("vm-state", [str(make_image(tmp_path / "a.img", MiB, [(0, 4096)]))])
 
 
@@ -66,12 +66,13 @@ def test_terminal_states_are_final(vm):
     assert job.status == JobStatus.CANCELLED and job.error_message == "cancelled by the operator"
 
 
-def test_disk_claim_is_won_once(vm):
+def test_a_copy_run_is_numbered_once(vm):
     disk = start_replication(vm).disks.get()
-    assert disk.claim("task-a") is True
-    assert disk.claim("task-b") is False
+    stale_copy = disk.__class__.objects.get(pk=disk.pk)
+    assert disk.start_attempt("task-a") is True
+    assert stale_copy.start_attempt("task-b") is False  # it read the disk before the first run started
     disk.refresh_from_db()
-    assert disk.attempts == 1 and disk.celery_task_id == "task-a"
+    assert disk.attempts == 1 and disk.celery_task_id == "task-a" and disk.status == DiskStatus.COPYING
 
 
 def test_job_stages_follow_the_seeds_percentages(vm):
@@ -93,7 +94,7 @@ def test_change_id_is_committed_only_for_a_written_disk_and_only_once(vm):
     with pytest.raises(ValueError, match="cannot be committed"):
         disk.commit_change_id()
     assert vm.disks.get().change_id == ""
-    assert disk.claim("t")
+    assert disk.start_attempt("t")
     assert disk.complete(bytes_total=1, bytes_zeroed=0, throughput_bps=1)
     assert disk.commit_change_id() is True
     assert disk.commit_change_id() is False  # a finalize run twice records it once
@@ -102,25 +103,30 @@ def test_change_id_is_committed_only_for_a_written_disk_and_only_once(vm):
     assert (record.job_id, record.previous_change_id, record.change_id) == (job.id, "52 aa-bb/6", "52 aa-bb/7")
 
 
-def test_a_silent_copy_is_taken_over_only_once_the_database_has_been_up_long_enough(vm, settings):
+def test_a_silent_copy_is_judged_lost_only_once_the_database_has_been_up_long_enough(vm, settings):
     from datetime import timedelta
 
     from django.db import connection
     from django.utils import timezone
 
-    from replication.models import VMDisk, database_up_since
+    from replication.models import CopyAttempt, VMDisk, database_up_since
 
     job = start_replication(vm)
     disk = job.disks.get()
-    assert disk.claim("first")
+    assert disk.start_attempt("first")
     VMDisk.objects.filter(pk=disk.pk).update(heartbeat_at=timezone.now() - timedelta(hours=1))
+    disk.refresh_from_db()
     if connection.vendor == "mysql":
         # Just after a restart, every heartbeat looks old: the server refused
         # them, the copy may well be alive. Pretend the server started recently.
         up_for = (timezone.now() - database_up_since()).total_seconds()
         settings.HEARTBEAT_TIMEOUT_S = up_for + 600
-        assert not disk.claim("second")
-        assert disk.attempts == 1
+        assert VMDisk.lost_before(timezone.now(), database_up_since()) is None
     settings.HEARTBEAT_TIMEOUT_S = 60
-    assert disk.claim("second")
+    assert disk.heartbeat_at < VMDisk.lost_before(timezone.now(), database_up_since())
+    read_before = VMDisk.objects.get(pk=disk.pk)
+    assert disk.start_attempt("second", taking_over=True)
     assert disk.attempts == 2 and disk.celery_task_id == "second"
+    assert read_before.start_attempt("third", taking_over=True) is False  # another reaper pass lost the race
+    assert list(CopyAttempt.objects.filter(disk=disk).values_list("number", "outcome")) == [
+        (1, CopyAttempt.Outcome.LOST), (2, CopyAttempt.Outcome.RUNNING)]

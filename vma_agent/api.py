@@ -4,6 +4,7 @@ vma_agent.progress_store. Token-authenticated, so CSRF does not apply."""
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from functools import lru_cache
 
@@ -13,6 +14,7 @@ from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
+from vma_agent.control import AgentControl
 from vma_agent.openapi import OPENAPI
 from vma_agent.progress_store import MAX_BODY_BYTES, InvalidUpdate, ProgressStore, parse_update, validate_id
 
@@ -87,6 +89,35 @@ def get_progress(request: HttpRequest, record_id: str) -> JsonResponse:
     if record is None:
         return _error(404, f"no progress record for {record_id}")
     return JsonResponse(record)
+
+
+@lru_cache(maxsize=4)
+def _control_for(url: str, prefix: str) -> AgentControl:
+    return AgentControl.from_url(url, prefix=prefix)
+
+
+@csrf_exempt
+@require_POST
+def stop_job(request: HttpRequest, job_id: str) -> JsonResponse:
+    """The OMA asks this agent to stop a job's copies (cancelled or failed):
+    each stops at its next check, within a heartbeat interval."""
+    if denied := _unauthorized(request):
+        return denied
+    try:
+        validate_id(job_id)
+        body = json.loads(request.read(MAX_BODY_BYTES + 1) or b"{}")
+    except InvalidUpdate as exc:
+        return _error(exc.status, exc.reason)
+    except (ValueError, RecursionError):
+        return _error(400, "body is not valid JSON")
+    reason = body.get("reason") if isinstance(body, dict) else None
+    if not isinstance(reason, str) or not reason.strip():
+        return _error(400, "reason is required: a non-empty string")
+    try:
+        _control_for(settings.VMA_REDIS_URL, f"{settings.VMA_PROGRESS_PREFIX}:control").request_stop(job_id, reason)
+    except redis.RedisError as exc:
+        return _error(503, f"agent store unavailable: {exc}")
+    return JsonResponse({"job_id": job_id, "stopping": True})
 
 
 @require_GET

@@ -31,9 +31,12 @@ EXPORT_RE = re.compile(r"^migration-vol-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9
 DISK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 REQUIRED = ("stage", "status", "seq")
-INT_FIELDS = ("bytes_transferred", "total_bytes", "throughput_bps", "seq", "eta_seconds")
+# checkpoint_bytes, attempt and worker: our agent's copy run (its committed
+# resume cursor, the attempt number the OMA gave it, host:pid).
+INT_FIELDS = ("bytes_transferred", "total_bytes", "throughput_bps", "seq", "eta_seconds", "checkpoint_bytes",
+              "attempt")
 STR_FIELDS = {"stage": 40, "status": 20, "disk_id": 128, "sync_type": 20, "error_message": 4000,
-              "job_id": 128, "export_name": 128}
+              "job_id": 128, "export_name": 128, "worker": 200}
 ALLOWED = (*INT_FIELDS, *STR_FIELDS, "percent")
 
 

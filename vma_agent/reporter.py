@@ -57,6 +57,12 @@ class ProgressClient:
             raise ValueError(f"HTTP {response.status_code}: {response.text[:300]}")
         return response.json()
 
+    def stop(self, job_id: str, reason: str) -> None:
+        """Ask the agent to stop a job's copies; raises on any failure."""
+        response = self._request("POST", f"{self.base_url}/api/v1/jobs/{job_id}/stop", json={"reason": reason})
+        if response.status_code != 200:
+            raise ProgressUnavailable(f"HTTP {response.status_code}: {response.text[:200]}")
+
     def get(self, record_id: str) -> dict | None:
         """The record for a job id or export name; None when there is none (404)."""
         try:
@@ -184,14 +190,19 @@ class DiskReporter:
     (call it with CopyProgress), then the final status."""
 
     def __init__(self, client: ProgressClient, job_id: str, disk_id: str, *, export_name: str | None = None,
-                 sync_type: str | None = None, window_s: float = 10.0):
+                 sync_type: str | None = None, window_s: float = 10.0, attempt: int | None = None,
+                 worker: str | None = None):
         self.job_id = job_id
         self.disk_id = disk_id
         self.export_name = export_name
         self.sync_type = sync_type
+        self.attempt = attempt
+        self.worker = worker
+        self.checkpoint_bytes = 0
         self.seq = SequenceNumbers()
         self.rate = MovingRate(window_s)
         self.last: CopyProgress | None = None
+        self.last_stage = "Initializing"
         self.sender = LatestUpdateSender(client, job_id, name=f"progress-{disk_id}")
 
     def _body(self, stage: str, status: str, **fields) -> dict:
@@ -201,13 +212,31 @@ class DiskReporter:
             body["export_name"] = self.export_name
         if self.sync_type:
             body["sync_type"] = self.sync_type
+        if self.attempt is not None:
+            body.update(attempt=self.attempt, checkpoint_bytes=self.checkpoint_bytes)
+        if self.worker:
+            body["worker"] = self.worker
         return body
 
     def stage(self, stage: str) -> None:
+        self.last_stage = stage
         self.sender.offer(self._body(stage, "in_progress"))
+
+    def checkpoint(self, cursor: int) -> None:
+        """The engine's committed cursor: goes out with the next update."""
+        self.checkpoint_bytes = max(self.checkpoint_bytes, cursor)
+
+    def beat(self) -> None:
+        """The latest state again, under a new sequence number: the OMA's
+        sign that this copy is alive while nothing else moves."""
+        if self.last is not None:
+            self(self.last)
+        else:
+            self.stage(self.last_stage)
 
     def __call__(self, progress: CopyProgress) -> None:
         self.last = progress
+        self.last_stage = "Transfer"
         rate = self.rate.add(progress.elapsed_s, progress.bytes_done)
         remaining = max(0, progress.bytes_total - progress.bytes_done)
         fields = {"bytes_transferred": progress.bytes_done, "total_bytes": progress.bytes_total,

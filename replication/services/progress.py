@@ -6,10 +6,10 @@ the VMA progress API concurrently, and applies them in this thread:
 monotonic (by per-disk sequence number), throttled (>= 1 %, >= 2 s, or a
 stage change), job totals always aggregated from the disks.
 
-Outcomes are classified, never dropped: "no record yet" within the grace
-period and network errors only mean "poll again"; a job is failed only when
-its record is gone or its progress stalled *and* none of its tasks shows a
-heartbeat any more, always with the reason."""
+This is the one path by which copy counters reach the database, and every
+update applied is also the copy run's heartbeat (with its resume cursor).
+The poller judges nothing: "no record yet" and network errors only mean
+"poll again"; the reaper alone decides that a run is lost."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import redis
 from django.conf import settings
@@ -28,7 +28,6 @@ from django.utils import timezone
 
 from replication.choices import DiskStatus, JobStatus, Stage
 from replication.models import ReplicationJob, VMDisk
-from replication.services import jobs as job_service
 from vma_agent.reporter import ProgressClient, ProgressUnavailable
 
 log = logging.getLogger(__name__)
@@ -143,6 +142,8 @@ def _collect(record: dict, fetched: Fetched, job: ReplicationJob, by_key: dict, 
 def _should_write(disk: VMDisk, entry: dict, now: datetime) -> bool:
     if entry["seq"] <= disk.progress_seq:
         return False  # late or replayed
+    if entry.get("attempt", disk.attempts) != disk.attempts:
+        return False  # an older run of the disk, taken over: it speaks no more
     if entry.get("stage") != disk.current_operation:
         return True
     total = entry.get("total_bytes") or 0
@@ -153,7 +154,12 @@ def _should_write(disk: VMDisk, entry: dict, now: datetime) -> bool:
     changed = (done, total, entry.get("throughput_bps") or 0) != (disk.bytes_done, disk.bytes_total,
                                                                   disk.throughput_bps)
     last = disk.last_progress_at or disk.started_at or now
-    return changed and (now - last).total_seconds() >= settings.PROGRESS_WRITE_INTERVAL_S
+    if changed and (now - last).total_seconds() >= settings.PROGRESS_WRITE_INTERVAL_S:
+        return True
+    # Nothing moved, but the run spoke: its heartbeat, stored often enough for
+    # the reaper's HEARTBEAT_TIMEOUT_S and no more often.
+    beat = disk.heartbeat_at or disk.started_at or now
+    return (now - beat).total_seconds() >= settings.HEARTBEAT_TIMEOUT_S / 4
 
 
 def apply(job: ReplicationJob, fetched: Fetched, now: datetime, stats: PassStats) -> None:
@@ -174,11 +180,7 @@ def apply_batch(pairs: list[tuple[ReplicationJob, Fetched]], now: datetime, stat
             continue
         if due:
             due_jobs.append(job)
-            updates += [{"pk": disk.pk, "seq": entry["seq"], "bytes_done": entry.get("bytes_transferred") or 0,
-                         "bytes_total": entry.get("total_bytes") or 0,
-                         "throughput_bps": entry.get("throughput_bps") or 0,
-                         "stage": entry["stage"] if entry.get("stage") in Stage.values else disk.current_operation,
-                         "eta_seconds": entry.get("eta_seconds")} for disk, entry in due]
+            updates += [_update_of(disk, entry) for disk, entry in due]
     if not updates:
         return
     with transaction.atomic():
@@ -187,59 +189,33 @@ def apply_batch(pairs: list[tuple[ReplicationJob, Fetched]], now: datetime, stat
         stats.jobs_written += len(due_jobs)
 
 
+def _update_of(disk: VMDisk, entry: dict) -> dict:
+    return {"pk": disk.pk, "seq": entry["seq"], "attempt": entry.get("attempt", disk.attempts),
+            "bytes_done": entry.get("bytes_transferred") or 0, "bytes_total": entry.get("total_bytes") or 0,
+            "throughput_bps": entry.get("throughput_bps") or 0,
+            "stage": entry["stage"] if entry.get("stage") in Stage.values else disk.current_operation,
+            "eta_seconds": entry.get("eta_seconds"),
+            "checkpoint_bytes": max(disk.checkpoint_bytes, entry.get("checkpoint_bytes") or 0),
+            "worker": (entry.get("worker") or disk.worker)[:200]}
+
+
 def _classify(job: ReplicationJob, fetched: Fetched, now: datetime, stats: PassStats) -> list:
-    """Handle what is not progress (errors, no record, stalls); returns the
-    (disk, entry) pairs worth writing."""
+    """Count what is not progress (errors, no record yet: the reaper alone
+    judges whether a run is lost); returns the (disk, entry) pairs worth
+    writing. Only copying disks take progress: a finished disk keeps the
+    state its outcome wrote."""
     if fetched.error is not None and not fetched.entries:
         stats.errors += 1
         job.record_poll(error=True)
-        _fail_if_stalled(job, now, stats, f"agent unreachable ({fetched.error})")
         return []
     if job.poll_errors:
         job.record_poll(error=False)
     if not fetched.found:
         stats.not_found += 1
-        age = (now - (job.started_at or job.created_at)).total_seconds()
-        if age < settings.PROGRESS_GRACE_S:
-            return []  # the first update may take a while: keep polling
-        if job.status != JobStatus.FINALIZING and not _alive(job, now):
-            _fail_lost(job, now, stats, f"agent lost progress record: none for {job.id} or its exports "
-                                        f"{age:.0f} s after start, and no heartbeat from its tasks")
         return []
-    # A finished disk keeps the state its copy task wrote.
-    due = [(disk, fetched.entries[disk.pk]) for disk in job.disks.all()
-           if disk.pk in fetched.entries and disk.status == DiskStatus.COPYING
-           and _should_write(disk, fetched.entries[disk.pk], now)]
-    if not due:
-        _fail_if_stalled(job, now, stats, None)
-    return due
-
-
-def _alive(job: ReplicationJob, now: datetime) -> bool:
-    """Whether any of the job's tasks showed a heartbeat recently."""
-    return (now - job.last_sign_of_life()).total_seconds() < settings.HEARTBEAT_TIMEOUT_S
-
-
-def _fail_if_stalled(job: ReplicationJob, now: datetime, stats: PassStats, why: str | None) -> None:
-    if job.status == JobStatus.FINALIZING:
-        return  # every disk is written; the reaper requeues a lost finalize instead
-    last = job.last_progress_at or job.started_at or job.created_at
-    quiet = (now - last).total_seconds()
-    if quiet < settings.PROGRESS_STALE_S or _alive(job, now):
-        return
-    reason = f"no progress for {quiet:.0f} s and no heartbeat from its tasks"
-    _fail_lost(job, now, stats, f"{reason}: {why}" if why else reason)
-
-
-def _fail_lost(job: ReplicationJob, now: datetime, stats: PassStats, reason: str) -> None:
-    """Fail a job whose tasks are gone; their disks end too (nobody else will)."""
-    log.warning("job %s failed by the progress poller: %s", job.id, reason)
-    job_service.fail_job(job.id, reason)
-    stale = now - timedelta(seconds=settings.HEARTBEAT_TIMEOUT_S)
-    for disk in job.disks.filter(status=DiskStatus.COPYING):
-        if disk.heartbeat_at is None or disk.heartbeat_at < stale:
-            disk.fail(reason)
-    stats.failed.append(job.id)
+    return [(disk, fetched.entries[disk.pk]) for disk in job.disks.all()
+            if disk.pk in fetched.entries and disk.status == DiskStatus.COPYING
+            and _should_write(disk, fetched.entries[disk.pk], now)]
 
 
 def active_jobs() -> list[ReplicationJob]:

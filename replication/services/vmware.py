@@ -1,24 +1,21 @@
-"""VMware sources: vCenter records, discovery, preflight, CBT, the job's
-snapshot and its changed areas, and the orphan-snapshot sweeper."""
+"""VMware sources on the OMA: vCenter records, discovery and the
+orphan-snapshot sweeper. A job's snapshot, changed areas and copies are the
+agent's (vma_agent.steps), from work orders."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
-from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from replication.choices import JOB_ACTIVE, SourceKind, SyncType
-from replication.models import JobEvent, ReplicationJob, SourceDisk, VCenter, VirtualMachine, VMDisk
+from replication.choices import JOB_ACTIVE, SourceKind
+from replication.models import ReplicationJob, SourceDisk, VCenter, VirtualMachine
 from vma_agent import vmware
-from vma_agent.snapshot_sources import ImageDirSource, SnapshotDisk, VddkSource, password_file
-from vma_agent.vmware import VCenterConnection, VSphereClient, VSphereError
+from vma_agent.vmware import VCenterConnection, VSphereClient
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +24,6 @@ OVERRIDES = vmware.OVERRIDES
 
 class VCenterConfigError(Exception):
     """A vCenter record cannot be used; the message says why."""
-
-
-class PreflightError(Exception):
-    """The VM cannot be replicated as it is; the message lists the blockers."""
 
 
 # vCenter records ------------------------------------------------------------
@@ -121,126 +114,6 @@ def _record_vm(vcenter: VCenter, info: vmware.VMInfo, agent: str) -> VirtualMach
     log.info("%s VM %s (%s) with %d disks", "discovered" if created else "updated", vm.name, vm.moref,
              len(info.disks))
     return vm
-
-
-# The job's snapshot ---------------------------------------------------------
-
-def prepare_snapshot(job: ReplicationJob, on_snapshot_stage: Callable[[], None]) -> str:
-    """Preflight, CBT, then the job's snapshot; decides per disk between a
-    full and an incremental copy from the changeIds. The snapshot's moref is
-    stored on the job as soon as it exists, so every failure path after
-    that removes it. Returns the snapshot's moref."""
-    vm = job.vm
-    with client_for(vm.vcenter) as client:
-        info = client.vm_info(vm.moref)
-        _remove_orphans(client, vm, info)
-        blockers = vmware.preflight_blockers(info, set(job.overrides))
-        missing = client.missing_privileges(vm.moref)
-        if missing:
-            blockers.append(f"the vCenter user lacks privileges {', '.join(missing)}")
-        disks = {d.disk_key: d for d in info.disks}
-        for disk in job.disks.all():
-            live = disks.get(disk.disk_key)
-            if live is None:
-                blockers.append(f"{disk.disk_key} is no longer on the VM; run discover again")
-            elif live.capacity_bytes != disk.capacity_bytes:
-                blockers.append(f"{disk.disk_key} is now {live.capacity_bytes} bytes, not {disk.capacity_bytes}; "
-                                "run discover again")
-        if blockers:
-            raise PreflightError("preflight: " + "; ".join(blockers))
-        if not info.cbt_enabled or any(not d.change_id for d in info.disks):
-            client.enable_change_tracking(vm.moref)
-            VirtualMachine.objects.filter(pk=vm.pk).update(cbt_enabled=True)
-            JobEvent.objects.create(job=job, status=job.status, stage=job.current_operation,
-                                    message="changed block tracking enabled on the VM")
-        on_snapshot_stage()
-        name = vmware.snapshot_name(job.id)
-        moref = client.create_snapshot(vm.moref, name, f"Replication job {job.id}")
-        ReplicationJob.objects.filter(pk=job.pk).update(snapshot_name=name, snapshot_moref=moref)
-        frozen = {d.disk_key: d for d in client.snapshot_disks(moref)}
-    for disk in job.disks.all():
-        _plan_disk(job, disk, frozen.get(disk.disk_key))
-    return moref
-
-
-def _plan_disk(job: ReplicationJob, disk: VMDisk, frozen: vmware.DiskInfo | None) -> None:
-    if frozen is None:
-        raise VSphereError(f"the snapshot has no {disk.disk_key}")
-    if not frozen.change_id:
-        raise VSphereError(f"{disk.disk_key} has no changeId in the snapshot: changed block tracking is not "
-                           "working on it")
-    previous = disk.previous_change_id
-    sync_type, reason = SyncType.FULL, ""
-    if job.sync_type == SyncType.INCREMENTAL:
-        if not previous:
-            reason = "no committed changeId yet: the first copy is full"
-        elif vmware.change_id_epoch(previous) != vmware.change_id_epoch(frozen.change_id):
-            reason = (f"changed block tracking was reset (changeId {previous} -> {frozen.change_id}): "
-                      "full copy")
-        else:
-            sync_type = SyncType.INCREMENTAL
-    VMDisk.objects.filter(pk=disk.pk).update(change_id=frozen.change_id, sync_type=sync_type,
-                                             full_copy_reason=reason, source_locator=frozen.backing_file)
-    if reason:
-        JobEvent.objects.create(job=job, status=job.status, stage=job.current_operation,
-                                message=f"{disk.disk_key}: {reason}")
-
-
-def areas_to_copy(disk: VMDisk) -> list[tuple[int, int]]:
-    """The areas of the snapshot's disk to copy: changed since the committed
-    changeId, or every allocated area for a full copy."""
-    job, vm = disk.job, disk.job.vm
-    against = disk.previous_change_id if disk.sync_type == SyncType.INCREMENTAL else "*"
-    with client_for(vm.vcenter) as client:
-        return client.changed_areas(vm.moref, job.snapshot_moref, disk.source_disk.device_key, disk.capacity_bytes,
-                                    against)
-
-
-@contextlib.contextmanager
-def snapshot_export(disk: VMDisk) -> Iterator[str]:
-    """An NBD export of the disk as the job's snapshot froze it."""
-    job, vm = disk.job, disk.job.vm
-    # The backing file as the snapshot records it (prepare stored it as the
-    # disk's locator): what VDDK opens together with the snapshot's moref.
-    snapshot_disk = SnapshotDisk(vcenter=vm.vcenter.name, vm_moref=vm.moref, snapshot_moref=job.snapshot_moref,
-                                 device_key=disk.source_disk.device_key, backing_file=disk.source_locator)
-    if settings.VMA_SNAPSHOT_SOURCE == "image-dir":
-        with ImageDirSource(settings.VMA_SNAPSHOT_IMAGE_DIR).serve(snapshot_disk) as uri:
-            yield uri
-        return
-    with _password_file_of(vm.vcenter) as secret:
-        source = vddk_source(vm.vcenter, secret)
-        with source.serve(snapshot_disk) as uri:
-            yield uri
-
-
-def vddk_source(vcenter: VCenter, secret_file: str) -> VddkSource:
-    return VddkSource(libdir=settings.VMA_VDDK_LIBDIR, server=vcenter.host, port=vcenter.port,
-                      username=vcenter.username, thumbprint=vcenter.thumbprint, password_file=secret_file,
-                      transports=settings.VMA_VDDK_TRANSPORTS)
-
-
-@contextlib.contextmanager
-def _password_file_of(vcenter: VCenter) -> Iterator[str]:
-    if vcenter.password_file:
-        yield vcenter.password_file
-    else:
-        with password_file(read_password(vcenter)) as path:
-            yield path
-
-
-@retry(retry=retry_if_exception_type(VSphereError), stop=stop_after_attempt(3),
-       wait=wait_exponential_jitter(initial=1, max=10), reraise=True)
-def remove_job_snapshot(job: ReplicationJob) -> bool:
-    """Remove the job's snapshot if it still exists; True if one was removed."""
-    job.refresh_from_db(fields=["snapshot_moref"])
-    if not job.snapshot_moref:
-        return False
-    with client_for(job.vm.vcenter) as client:
-        client.remove_snapshot(job.snapshot_moref)
-    ReplicationJob.objects.filter(pk=job.pk).update(snapshot_moref="")
-    log.info("job %s: snapshot %s removed", job.id, job.snapshot_moref)
-    return True
 
 
 # Orphans --------------------------------------------------------------------

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 class TaskProgressPublisher:
-    def __init__(self, task, disk_id: int, interval_s: float = 2.0):
+    def __init__(self, task, disk_id: str, interval_s: float = 2.0):
         self.task = task
         # Celery's request is thread-local: take what the events need now.
         self.task_id = task.request.id

@@ -1,0 +1,102 @@
+"""Work orders for the agents, built from the OMA's rows, and how they reach
+an agent: its Celery queue for work, its progress API to stop a job. The
+agent never reads the database; everything it needs is in the order."""
+
+from __future__ import annotations
+
+import logging
+
+from django.conf import settings
+
+from replication.choices import SourceKind, SyncType
+from replication.models import ReplicationJob, VCenter, VMDisk
+from replication.routing import agent_queue
+from replication.services import volumes
+from vma_agent.reporter import ProgressClient
+from vma_agent.work import CopyOrder, SnapshotRef, SnapshotRemovalOrder, SourceOrder, VCenterRef
+
+log = logging.getLogger(__name__)
+
+
+def vcenter_ref(vcenter: VCenter) -> VCenterRef:
+    return VCenterRef(name=vcenter.name, host=vcenter.host, port=vcenter.port, username=vcenter.username,
+                      thumbprint=vcenter.thumbprint, password_file=vcenter.password_file,
+                      password_env=vcenter.password_env)
+
+
+def source_order(job: ReplicationJob) -> SourceOrder:
+    vm = job.vm
+    return SourceOrder(job_id=job.id, sync_type=job.sync_type, vcenter=vcenter_ref(vm.vcenter), vm_moref=vm.moref,
+                       vm_name=vm.name, overrides=list(job.overrides),
+                       disks=[{"disk_key": d.disk_key, "capacity_bytes": d.capacity_bytes} for d in job.disks.all()])
+
+
+def copy_order(disk: VMDisk) -> CopyOrder:
+    """The order of the disk's current attempt (start_attempt numbered it)."""
+    job = disk.job
+    snapshot = None
+    if job.vm.source_kind == SourceKind.VMWARE:
+        snapshot = SnapshotRef(
+            vcenter=vcenter_ref(job.vm.vcenter), vm_moref=job.vm.moref, snapshot_moref=job.snapshot_moref,
+            device_key=disk.source_disk.device_key,
+            # The backing file as the snapshot records it: what VDDK opens.
+            backing_file=disk.source_locator,
+            against_change_id=disk.previous_change_id if disk.sync_type == SyncType.INCREMENTAL else "*",
+        )
+    return CopyOrder(
+        job_id=job.id, disk_key=disk.disk_key, attempt=disk.attempts, export_name=disk.target_volume.export_name,
+        source_locator="" if snapshot else disk.source_locator, target_uri=volumes.export_uri(disk.target_volume),
+        capacity_bytes=disk.capacity_bytes, sync_type=disk.sync_type, resume_from=disk.checkpoint_bytes,
+        verify=job.verify, limit_bps=job.bandwidth_limit_bps, snapshot=snapshot,
+    )
+
+
+def snapshot_removal_order(job: ReplicationJob, finalize: bool) -> SnapshotRemovalOrder:
+    return SnapshotRemovalOrder(job_id=job.id, vcenter=vcenter_ref(job.vm.vcenter),
+                                snapshot_moref=job.snapshot_moref, finalize=finalize)
+
+
+def copy_time_limits(capacity_bytes: int) -> tuple[int, int]:
+    """Soft and hard time limits of one disk's copy task, sized from the
+    disk: a base plus its capacity at the slowest throughput still worth
+    waiting for. The soft limit ends the disk cleanly with the reason."""
+    soft = int(settings.COPY_TIME_LIMIT_BASE_S + capacity_bytes / settings.COPY_MIN_THROUGHPUT_BPS)
+    return soft, soft + int(settings.COPY_TIME_LIMIT_GRACE_S)
+
+
+def send_copy(disk: VMDisk) -> None:
+    from vma_agent import tasks as agent_tasks
+
+    soft, hard = copy_time_limits(disk.capacity_bytes)
+    agent_tasks.copy_disk.apply_async(args=[copy_order(disk).as_dict()], queue=agent_queue(disk.job.vm.agent),
+                                      task_id=disk.celery_task_id or None, soft_time_limit=soft, time_limit=hard)
+
+
+def send_source_order(job: ReplicationJob) -> None:
+    from vma_agent import tasks as agent_tasks
+
+    agent_tasks.prepare_source.apply_async(args=[source_order(job).as_dict()], queue=agent_queue(job.vm.agent))
+
+
+def send_snapshot_removal(job: ReplicationJob, finalize: bool) -> None:
+    from vma_agent import tasks as agent_tasks
+
+    agent_tasks.remove_snapshot.apply_async(args=[snapshot_removal_order(job, finalize).as_dict()],
+                                            queue=agent_queue(job.vm.agent))
+
+
+def agent_client() -> ProgressClient:
+    return ProgressClient(settings.VMA_URL, settings.VMA_TOKEN, timeout_s=settings.VMA_REQUEST_TIMEOUT_S,
+                          keep_alive=settings.VMA_HTTP_KEEPALIVE)
+
+
+def request_stop(job: ReplicationJob, reason: str) -> bool:
+    """Ask the job's agent to stop its copies (they stop at their next check,
+    within a heartbeat interval). An agent that cannot be asked finishes its
+    copies; their outcomes are refused, as the job has ended."""
+    try:
+        agent_client().stop(job.id, reason)
+    except Exception as exc:  # noqa: BLE001 - the job has ended either way
+        log.warning("could not ask the agent to stop job %s: %s", job.id, exc)
+        return False
+    return True

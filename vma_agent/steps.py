@@ -1,0 +1,368 @@
+"""What an agent does, from work orders alone: prepare a VMware source (the
+job's snapshot), copy a disk, remove a snapshot. Each step returns its
+outcome as a plain dict, which the agent's task hands to the OMA. Progress,
+the copy's resume cursor and its heartbeat go out through the reporter to
+the agent's progress API; nothing here touches a database. Free of Django."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+
+from vma_agent import nbdkit, vmware
+from vma_agent.control import AgentControl, worker_id
+from vma_agent.copy import RateLimit, copy_image
+from vma_agent.progress import CopyProgress
+from vma_agent.reporter import DiskReporter, JobStageReporter, ProgressClient
+from vma_agent.snapshot_sources import ImageDirSource, SnapshotDisk, VddkSource, password_file
+from vma_agent.vmware import VSphereClient, VSphereError
+from vma_agent.work import CopyOrder, SnapshotRemovalOrder, SourceOrder, VCenterRef
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The agent host's own settings (its API, its Redis, its limits)."""
+
+    vma_url: str
+    vma_token: str
+    redis_url: str
+    request_timeout_s: float = 5.0
+    http_keepalive: bool = False
+    control_prefix: str = "vma:control"
+    snapshot_source: str = "vddk"
+    snapshot_image_dir: str = ""
+    vddk_libdir: str = "/usr/lib/vmware-vix-disklib"
+    vddk_transports: str = "nbdssl:nbd"
+    vcenter_timeout_s: float = 60.0
+    chunk_bytes: int = 1024 * 1024
+    connections: int = 4
+    copy_limit_bps: int = 0
+    progress_interval_s: float = 2.0
+    checkpoint_interval_s: float = 5.0
+    heartbeat_interval_s: float = 5.0
+    heartbeat_timeout_s: float = 60.0
+    cleanup_wait_s: float = 120.0
+
+    def progress_client(self) -> ProgressClient:
+        return ProgressClient(self.vma_url, self.vma_token, timeout_s=self.request_timeout_s,
+                              keep_alive=self.http_keepalive)
+
+    def control(self) -> AgentControl:
+        return AgentControl.from_url(self.redis_url, prefix=self.control_prefix, lease_s=self.heartbeat_timeout_s)
+
+    def vsphere(self, vcenter: VCenterRef) -> VSphereClient:
+        return VSphereClient(vcenter.connection(), timeout_s=self.vcenter_timeout_s)
+
+
+class CopyStopped(Exception):
+    """The OMA stopped the job, or a newer attempt took the disk over."""
+
+    def __init__(self, reason: str, superseded: bool):
+        super().__init__(reason)
+        self.superseded = superseded
+
+
+# Preparing a VMware source --------------------------------------------------
+
+class PreflightError(Exception):
+    """The VM cannot be replicated as it is; the message lists the blockers."""
+
+
+def prepare_source(order: SourceOrder, config: AgentConfig) -> dict:
+    """Preflight, changed block tracking, then the job's snapshot. The
+    snapshot's moref is part of the outcome even when a later step failed,
+    so the OMA always knows what to remove."""
+    stages = JobStageReporter(config.progress_client(), order.job_id, order.sync_type)
+    outcome: dict = {"snapshot_moref": "", "snapshot_name": "", "removed_orphans": [], "events": []}
+    try:
+        stages.stage("Initializing", 5)
+        with config.vsphere(order.vcenter) as client:
+            info = client.vm_info(order.vm_moref)
+            outcome["removed_orphans"] = _remove_orphans(client, order, info)
+            _preflight(client, order, info)
+            if not info.cbt_enabled or any(not d.change_id for d in info.disks):
+                client.enable_change_tracking(order.vm_moref)
+                outcome["cbt_enabled"] = True
+                outcome["events"].append("changed block tracking enabled on the VM")
+            stages.stage("Creating Snapshot", 10)
+            name = vmware.snapshot_name(order.job_id)
+            moref = client.create_snapshot(order.vm_moref, name, f"Replication job {order.job_id}")
+            outcome.update(snapshot_moref=moref, snapshot_name=name)
+            outcome["disks"] = {d.disk_key: {"change_id": d.change_id, "backing_file": d.backing_file,
+                                             "device_key": d.key}
+                                for d in client.snapshot_disks(moref)}
+        stages.stage("Setting up NBD", 20)
+    except Exception as exc:
+        log.exception("prepare of job %s failed", order.job_id)
+        outcome["error"] = f"prepare failed: {exc}"
+        stages.stage("Failed", 0, status="failed", error_message=outcome["error"])
+    finally:
+        stages.close(timeout_s=1.0)
+    return outcome
+
+
+def _preflight(client: VSphereClient, order: SourceOrder, info: vmware.VMInfo) -> None:
+    blockers = vmware.preflight_blockers(info, set(order.overrides))
+    missing = client.missing_privileges(order.vm_moref)
+    if missing:
+        blockers.append(f"the vCenter user lacks privileges {', '.join(missing)}")
+    live = {d.disk_key: d for d in info.disks}
+    for disk in order.disks:
+        found = live.get(disk["disk_key"])
+        if found is None:
+            blockers.append(f"{disk['disk_key']} is no longer on the VM; run discover again")
+        elif found.capacity_bytes != disk["capacity_bytes"]:
+            blockers.append(f"{disk['disk_key']} is now {found.capacity_bytes} bytes, not "
+                            f"{disk['capacity_bytes']}; run discover again")
+    if blockers:
+        raise PreflightError("preflight: " + "; ".join(blockers))
+
+
+def _remove_orphans(client: VSphereClient, order: SourceOrder, info: vmware.VMInfo) -> list[str]:
+    """Our snapshots on the VM from other jobs: the OMA runs one job per VM,
+    so they belong to jobs that ended without removing them."""
+    removed = []
+    for snapshot in info.snapshots:
+        job = vmware.job_of_snapshot(snapshot.name)
+        if job is not None and job != order.job_id:
+            client.remove_snapshot(snapshot.moref)
+            log.warning("removed orphaned snapshot %s (%s) of VM %s", snapshot.name, snapshot.moref, order.vm_name)
+            removed.append(snapshot.moref)
+    info.snapshots = [s for s in info.snapshots if s.moref not in removed]
+    return removed
+
+
+# Removing a snapshot ---------------------------------------------------------
+
+def remove_snapshot(order: SnapshotRemovalOrder, config: AgentConfig) -> dict:
+    """Remove the job's snapshot once none of its copies on this agent reads
+    it any more (or CLEANUP_WAIT_S passed)."""
+    control = config.control()
+    deadline = time.monotonic() + config.cleanup_wait_s
+    with contextlib.suppress(redis.RedisError):
+        while control.copies_running(order.job_id) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    try:
+        _remove_with_retries(order, config)
+    except Exception as exc:
+        log.exception("removing snapshot %s of job %s failed", order.snapshot_moref, order.job_id)
+        return {"removed": False, "error": f"snapshot {order.snapshot_moref} not removed: {exc}"}
+    log.info("job %s: snapshot %s removed", order.job_id, order.snapshot_moref)
+    return {"removed": True}
+
+
+@retry(retry=retry_if_exception_type(VSphereError), stop=stop_after_attempt(3),
+       wait=wait_exponential_jitter(initial=1, max=10), reraise=True)
+def _remove_with_retries(order: SnapshotRemovalOrder, config: AgentConfig) -> None:
+    with config.vsphere(order.vcenter) as client:
+        client.remove_snapshot(order.snapshot_moref)
+
+
+# Copying a disk ---------------------------------------------------------------
+
+class CopyMonitor:
+    """The copy loop's progress and checkpoint callbacks: every update goes to
+    the reporter (a mailbox drop, never waits on the network); at most every
+    heartbeat interval the run's claim is renewed in the agent's Redis, which
+    also says whether the OMA stopped the job or a newer attempt took the
+    disk: then the copy stops. A Redis outage is ridden out: the data plane
+    does not need it."""
+
+    def __init__(self, order: CopyOrder, control: AgentControl, reporter: DiskReporter, worker: str,
+                 interval_s: float, on_progress: Callable[[CopyProgress], None] | None = None):
+        self.order = order
+        self.control = control
+        self.reporter = reporter
+        self.worker = worker
+        self.interval_s = interval_s
+        self.on_progress = on_progress
+        self.last_check = time.monotonic()
+        self.first_done: int | None = None
+        self.bytes_done = 0
+        self.redis_down = False
+
+    @property
+    def bytes_read(self) -> int:
+        return self.bytes_done - (self.first_done or 0)
+
+    def __call__(self, progress: CopyProgress) -> None:
+        if self.first_done is None:
+            self.first_done = progress.bytes_done
+        self.bytes_done = progress.bytes_done
+        self.reporter(progress)
+        if self.on_progress is not None:
+            self.on_progress(progress)
+        if time.monotonic() - self.last_check >= self.interval_s:
+            self.check()
+
+    def check(self) -> None:
+        self.last_check = time.monotonic()
+        try:
+            reason = self.control.check(self.order.job_id, self.order.disk_key, self.order.attempt, self.worker)
+        except redis.RedisError as exc:
+            if not self.redis_down:
+                log.warning("copy of %s/%s: agent Redis unreachable (%s); copying on", self.order.job_id,
+                            self.order.disk_key, exc)
+            self.redis_down = True
+            return
+        self.redis_down = False
+        if reason is not None:
+            raise CopyStopped(reason, superseded=reason.startswith("superseded"))
+
+    def checkpoint(self, cursor: int) -> None:
+        self.reporter.checkpoint(cursor)
+
+
+class Beat:
+    """Re-sends the disk's latest state every interval from a thread, so a
+    phase with nothing to report (a source export starting, the changed
+    areas of a large disk being mapped) never looks like a lost copy."""
+
+    def __init__(self, reporter: DiskReporter, interval_s: float):
+        self.reporter = reporter
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="copy-beat", daemon=True)
+
+    def __enter__(self) -> Beat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.reporter.beat()
+
+
+def copy_disk(order: CopyOrder, config: AgentConfig, *,
+              on_progress: Callable[[CopyProgress], None] | None = None,
+              time_limit_error: type[BaseException] | None = None) -> dict:
+    """Copy one disk as the order says; returns the outcome: status
+    completed, failed, cancelled, superseded or duplicate, with the totals
+    and the committed cursor. A run of an attempt whose earlier delivery
+    already committed a cursor resumes there."""
+    worker = worker_id()
+    control = config.control()
+    try:
+        refusal = control.claim(order.job_id, order.disk_key, order.attempt, worker)
+    except redis.RedisError as exc:
+        refusal = None  # without the agent's Redis there is no second run to fence against
+        log.warning("copy of %s/%s: claim not recorded (%s)", order.job_id, order.disk_key, exc)
+    if refusal is not None:
+        log.warning("copy of %s/%s attempt %d skipped: %s", order.job_id, order.disk_key, order.attempt, refusal)
+        return {"status": "duplicate", "worker": worker, "reason": refusal}
+    resume_from = max(order.resume_from, _reported_checkpoint(config, order))
+    reporter = DiskReporter(config.progress_client(), order.job_id, order.disk_key, export_name=order.export_name,
+                            sync_type=order.sync_type, attempt=order.attempt, worker=worker)
+    reporter.checkpoint(resume_from)
+    monitor = CopyMonitor(order, control, reporter, worker, config.heartbeat_interval_s, on_progress)
+    outcome = {"worker": worker, "resume_from": resume_from}
+    try:
+        with Beat(reporter, config.heartbeat_interval_s):
+            reporter.stage("Setting up NBD")
+            result = _copy(order, config, monitor, resume_from)
+        reporter.finish("completed", bytes_total=result.bytes_allocated, throughput_bps=result.throughput_bps)
+    except CopyStopped as exc:
+        status = "superseded" if exc.superseded else "cancelled"
+        log.info("copy of %s/%s stopped: %s", order.job_id, order.disk_key, exc)
+        if not exc.superseded:
+            reporter.finish("cancelled", error_message=str(exc))
+        return {**outcome, "status": status, "reason": str(exc), "bytes_read": monitor.bytes_read,
+                "checkpoint_bytes": reporter.checkpoint_bytes}
+    except BaseException as exc:
+        if time_limit_error is not None and isinstance(exc, time_limit_error):
+            exc = TimeoutError(f"copy exceeded its time limit ({exc})")
+        elif not isinstance(exc, Exception):
+            raise  # the worker is shutting down: the reaper hands the disk on
+        log.exception("copy of %s/%s failed", order.job_id, order.disk_key)
+        reporter.finish("failed", error_message=str(exc))
+        return {**outcome, "status": "failed", "reason": str(exc), "bytes_read": monitor.bytes_read,
+                "checkpoint_bytes": reporter.checkpoint_bytes}
+    finally:
+        with contextlib.suppress(redis.RedisError):
+            control.release(order.job_id, order.disk_key, order.attempt, worker)
+        reporter.close()
+    log.info("copied %s/%s: %s", order.job_id, order.disk_key, result.as_dict())
+    return {**outcome, "status": "completed", "bytes_total": result.bytes_allocated,
+            "bytes_zeroed": result.bytes_zeroed, "throughput_bps": result.throughput_bps,
+            "bytes_read": result.bytes_read, "checkpoint_bytes": reporter.checkpoint_bytes}
+
+
+def _copy(order: CopyOrder, config: AgentConfig, monitor: CopyMonitor, resume_from: int):
+    with source_export(order, config) as src_uri:
+        monitor.check()
+        monitor.reporter.stage("Preparing Migration")
+        areas = None
+        if order.snapshot is not None:
+            snap = order.snapshot
+            with config.vsphere(snap.vcenter) as client:
+                areas = client.changed_areas(snap.vm_moref, snap.snapshot_moref, snap.device_key,
+                                             order.capacity_bytes, snap.against_change_id)
+        limits = [limit for limit in (order.limit_bps, config.copy_limit_bps) if limit]
+        return copy_image(
+            src_uri, order.target_uri, extents=areas, resume_from=resume_from, zero_unlisted=order.zero_unlisted,
+            verify=order.verify, limit=RateLimit(min(limits) if limits else None),
+            chunk_bytes=config.chunk_bytes, connections=config.connections, progress=monitor,
+            progress_interval_s=config.progress_interval_s, checkpoint=monitor.checkpoint,
+            checkpoint_interval_s=config.checkpoint_interval_s,
+        )
+
+
+def _reported_checkpoint(config: AgentConfig, order: CopyOrder) -> int:
+    """The cursor an earlier run of this job's disk reported to this agent
+    (a redelivered task carries its order's older one)."""
+    try:
+        record = config.progress_client().get(order.job_id)
+    except Exception as exc:  # noqa: BLE001 - only an optimisation: the order's cursor is safe
+        log.info("no reported checkpoint for %s/%s: %s", order.job_id, order.disk_key, exc)
+        return 0
+    entry = ((record or {}).get("disks") or {}).get(order.disk_key) or {}
+    return int(entry.get("checkpoint_bytes") or 0)
+
+
+@contextlib.contextmanager
+def source_export(order: CopyOrder, config: AgentConfig) -> Iterator[str]:
+    """The NBD URI to read the disk from: a VMware disk as its job's snapshot
+    froze it, an NBD source as it is, an image file through a read-only
+    nbdkit that lives as long as the copy."""
+    snap = order.snapshot
+    if snap is not None:
+        disk = SnapshotDisk(vcenter=snap.vcenter.name, vm_moref=snap.vm_moref, snapshot_moref=snap.snapshot_moref,
+                            device_key=snap.device_key, backing_file=snap.backing_file)
+        if config.snapshot_source == "image-dir":
+            with ImageDirSource(Path(config.snapshot_image_dir)).serve(disk) as uri:
+                yield uri
+            return
+        with _password_file_of(snap.vcenter) as secret:
+            source = VddkSource(libdir=config.vddk_libdir, server=snap.vcenter.host, port=snap.vcenter.port,
+                                username=snap.vcenter.username, thumbprint=snap.vcenter.thumbprint,
+                                password_file=secret, transports=config.vddk_transports)
+            with source.serve(disk) as uri:
+                yield uri
+    elif order.source_locator.startswith(("nbd://", "nbd+unix://", "nbds://", "nbds+unix://")):
+        yield order.source_locator
+    else:
+        with nbdkit.serve_file_readonly(order.source_locator) as uri:
+            yield uri
+
+
+@contextlib.contextmanager
+def _password_file_of(vcenter: VCenterRef) -> Iterator[str]:
+    if vcenter.password_file:
+        yield vcenter.password_file
+    else:
+        with password_file(vcenter.password()) as path:
+            yield path

@@ -1,0 +1,61 @@
+"""The agent's Celery tasks (queue vma.<agent>): thin wrappers that take a
+work order, run one step of vma_agent.steps and queue the outcome as an OMA
+task. They read settings (the agent host's own), never the database."""
+
+from __future__ import annotations
+
+from celery import current_app, shared_task
+from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
+
+from vma_agent import steps, work
+from vma_agent.task_events import TaskProgressPublisher
+
+OMA_QUEUE = "oma"
+
+
+def agent_config() -> steps.AgentConfig:
+    return steps.AgentConfig(
+        vma_url=settings.VMA_URL, vma_token=settings.VMA_TOKEN, redis_url=settings.VMA_REDIS_URL,
+        request_timeout_s=settings.VMA_REQUEST_TIMEOUT_S, http_keepalive=settings.VMA_HTTP_KEEPALIVE,
+        control_prefix=f"{settings.VMA_PROGRESS_PREFIX}:control",
+        snapshot_source=settings.VMA_SNAPSHOT_SOURCE, snapshot_image_dir=str(settings.VMA_SNAPSHOT_IMAGE_DIR),
+        vddk_libdir=settings.VMA_VDDK_LIBDIR, vddk_transports=settings.VMA_VDDK_TRANSPORTS,
+        vcenter_timeout_s=settings.VCENTER_TIMEOUT_S, chunk_bytes=settings.COPY_CHUNK_BYTES,
+        connections=settings.COPY_CONNECTIONS, copy_limit_bps=settings.COPY_LIMIT_BPS,
+        progress_interval_s=settings.PROGRESS_REPORT_INTERVAL_S,
+        checkpoint_interval_s=settings.COPY_CHECKPOINT_INTERVAL_S,
+        heartbeat_interval_s=settings.HEARTBEAT_INTERVAL_S, heartbeat_timeout_s=settings.HEARTBEAT_TIMEOUT_S,
+        cleanup_wait_s=settings.CLEANUP_WAIT_S,
+    )
+
+
+def report(task_name: str, *args) -> None:
+    """Hand an outcome to the OMA (its queue), riding out a short broker outage."""
+    current_app.send_task(task_name, args=list(args), queue=OMA_QUEUE, retry=True,
+                          retry_policy=settings.CELERY_TASK_PUBLISH_RETRY_POLICY)
+
+
+@shared_task(name="vma.prepare_source")
+def prepare_source(order: dict) -> None:
+    source = work.SourceOrder.from_dict(order)
+    report(work.SOURCE_PREPARED, source.job_id, steps.prepare_source(source, agent_config()))
+
+
+@shared_task(name="vma.copy_disk", bind=True)
+def copy_disk(self, order: dict) -> None:
+    copy = work.CopyOrder.from_dict(order)
+    publisher = TaskProgressPublisher(self, f"{copy.job_id}/{copy.disk_key}", settings.TASK_EVENT_INTERVAL_S)
+    try:
+        outcome = steps.copy_disk(copy, agent_config(), on_progress=publisher,
+                                  time_limit_error=SoftTimeLimitExceeded)
+    finally:
+        publisher.close()
+    report(work.DISK_COPIED, copy.job_id, copy.disk_key, copy.attempt, outcome)
+
+
+@shared_task(name="vma.remove_snapshot")
+def remove_snapshot(order: dict) -> None:
+    removal = work.SnapshotRemovalOrder.from_dict(order)
+    outcome = steps.remove_snapshot(removal, agent_config())
+    report(work.SNAPSHOT_REMOVED, removal.job_id, removal.snapshot_moref, removal.finalize, outcome)
