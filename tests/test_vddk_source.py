@@ -8,9 +8,11 @@ import stat
 import pytest
 
 from replication.models import VCenter
-from replication.services import vmware as vmware_service
+from replication.services import orders
+from vma_agent import steps
 from vma_agent.nbdkit import NbdkitError
 from vma_agent.snapshot_sources import ImageDirSource, SnapshotDisk, VddkSource, password_file
+from vma_agent.tasks import agent_config
 
 PASSWORD = "s3cret-Pa55 word"
 DISK = SnapshotDisk(vcenter="vc1", vm_moref="vm-42", snapshot_moref="snapshot-7", device_key=2001,
@@ -41,8 +43,9 @@ def test_vddk_source_of_a_vcenter_with_the_password_in_the_environment(monkeypat
     monkeypatch.setenv("VC1_PASSWORD", PASSWORD)
     vcenter = VCenter.objects.create(name="vc1", host="vc.example.com", username="admin", password_env="VC1_PASSWORD",
                                      thumbprint="AA:BB")
-    with vmware_service._password_file_of(vcenter) as secret:
-        command = vmware_service.vddk_source(vcenter, secret).command(DISK, "/tmp/x.sock")
+    ref = orders.vcenter_ref(vcenter)
+    with steps.password_file_of(ref) as secret:
+        command = steps.vddk_source(ref, secret, agent_config()).command(DISK, "/tmp/x.sock")
         assert f"password=+{secret}" in command
         assert open(secret).read() == PASSWORD
     assert not any(PASSWORD in arg for arg in command)

@@ -182,7 +182,7 @@ def test_queueing_failure_fails_the_job_instead_of_leaving_it_pending(vm, monkey
     dead_broker = Celery(broker="redis://127.0.0.1:1/0", set_as_current=False)
     dead_broker.conf.broker_connection_retry_on_startup = False
     monkeypatch.setattr(tasks.prepare_job, "apply_async",
-                        lambda args, queue: dead_broker.send_task("replication.prepare_job", args=args, queue=queue))
+                        lambda args, **kwargs: dead_broker.send_task("replication.prepare_job", args=args))
     with django_capture_on_commit_callbacks(execute=True):
         job = jobs.start_replication(vm)
     job.refresh_from_db()

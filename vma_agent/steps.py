@@ -346,12 +346,8 @@ def source_export(order: CopyOrder, config: AgentConfig) -> Iterator[str]:
             with ImageDirSource(Path(config.snapshot_image_dir)).serve(disk) as uri:
                 yield uri
             return
-        with _password_file_of(snap.vcenter) as secret:
-            source = VddkSource(libdir=config.vddk_libdir, server=snap.vcenter.host, port=snap.vcenter.port,
-                                username=snap.vcenter.username, thumbprint=snap.vcenter.thumbprint,
-                                password_file=secret, transports=config.vddk_transports)
-            with source.serve(disk) as uri:
-                yield uri
+        with password_file_of(snap.vcenter) as secret, vddk_source(snap.vcenter, secret, config).serve(disk) as uri:
+            yield uri
     elif order.source_locator.startswith(("nbd://", "nbd+unix://", "nbds://", "nbds+unix://")):
         yield order.source_locator
     else:
@@ -359,8 +355,16 @@ def source_export(order: CopyOrder, config: AgentConfig) -> Iterator[str]:
             yield uri
 
 
+def vddk_source(vcenter: VCenterRef, secret_file: str, config: AgentConfig) -> VddkSource:
+    return VddkSource(libdir=config.vddk_libdir, server=vcenter.host, port=vcenter.port, username=vcenter.username,
+                      thumbprint=vcenter.thumbprint, password_file=secret_file, transports=config.vddk_transports)
+
+
 @contextlib.contextmanager
-def _password_file_of(vcenter: VCenterRef) -> Iterator[str]:
+def password_file_of(vcenter: VCenterRef) -> Iterator[str]:
+    """The vCenter's password as a file nbdkit reads (`password=+FILE`): the
+    agent's own file, or a private temporary one for a password held in an
+    environment variable."""
     if vcenter.password_file:
         yield vcenter.password_file
     else:

@@ -180,6 +180,8 @@ def disk_copied(job_id: str, disk_key: str, attempt: int, outcome: dict) -> None
     status = outcome.get("status")
     run = {"worker": outcome.get("worker", ""), "bytes_read": outcome.get("bytes_read") or 0,
            "checkpoint_bytes": outcome.get("checkpoint_bytes") or 0}
+    if outcome.get("resume_from") is not None:
+        run["resumed_from"] = outcome["resume_from"]  # the agent may know a later cursor than the order did
     reason = outcome.get("reason") or ""
     if status == "duplicate":
         log.warning("copy of %s: a duplicate delivery of attempt %d did nothing (%s)", disk, attempt, reason)
@@ -307,7 +309,7 @@ def enqueue_prepare(job_id: str) -> None:
     from replication import tasks  # tasks import this module
 
     job = ReplicationJob.objects.get(pk=job_id)
-    _sending(job, "prepare_job", lambda: tasks.prepare_job.apply_async(args=[job_id]))
+    _sending(job, "the job's prepare_job", lambda: tasks.prepare_job.apply_async(args=[job_id]))
 
 
 def _sending(job: ReplicationJob, what: str, send, fail_on_error: bool = True) -> bool:

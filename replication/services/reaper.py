@@ -85,7 +85,7 @@ def _hand_over_lost_copies(now: datetime, stale: datetime, result: Reaped) -> No
         if not job_service.dispatch_copy(disk, taking_over=True):
             continue  # it reported, or another reaper took it, meanwhile
         message = (f"{disk.disk_key}: copy attempt {attempt} on {who} silent for {quiet:.0f} s; "
-                   f"handed to attempt {attempt + 1}, resuming from offset {checkpoint}")
+                   f"requeued as attempt {attempt + 1}, resuming from offset {checkpoint}")
         JobEvent.objects.create(job=disk.job, status=disk.job.status, stage=disk.job.current_operation,
                                 message=message)
         log.warning("job %s: %s", disk.job_id, message)

@@ -15,7 +15,7 @@ from django.utils import timezone
 from replication.choices import JOB_ACTIVE, SourceKind
 from replication.models import ReplicationJob, SourceDisk, VCenter, VirtualMachine
 from vma_agent import vmware
-from vma_agent.vmware import VCenterConnection, VSphereClient
+from vma_agent.vmware import VCenterConnection, VSphereClient, VSphereError  # noqa: F401 - callers catch it here
 
 log = logging.getLogger(__name__)
 

@@ -42,16 +42,26 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
         time.sleep(interval)
 
 
+# A worker's role (PROCESS_ROLE) and the queue it consumes: the OMA's
+# (orchestration and the agents' outcomes, with the database) or the local
+# agent's (copies, snapshots; no database at all).
+ROLE_QUEUES = {"oma": "oma", "agent": "vma.local", "all": ""}
+
+
 class WorkerProcess:
     """A real Celery worker (prefork) in its own process group, so a test can
     SIGKILL it with its pool children and their nbdkit sources, as a crash
-    or a lost host would."""
+    or a lost host would. role "oma" or "agent" runs it as that process
+    (PROCESS_ROLE) on that queue; "all" is one worker doing both."""
 
-    def __init__(self, name: str, *, concurrency: int = 2, env: dict | None = None, queues: str = ""):
+    def __init__(self, name: str, *, concurrency: int = 2, env: dict | None = None, queues: str = "",
+                 role: str = "all"):
         self.name = name
+        self.role = role
         self.concurrency = concurrency
-        self.queues = ["-Q", queues] if queues else []  # default: the OMA's and its agent's queues
-        self.env = {**worker_env(), **(env or {})}
+        queues = queues or ROLE_QUEUES[role]
+        self.queues = ["-Q", queues] if queues else []  # default: the role's queues
+        self.env = {**worker_env(), "PROCESS_ROLE": role, **(env or {})}
         self.log_path = Path(settings.TEST_ROOT) / f"worker-{name}.log"
         self.proc: subprocess.Popen | None = None
 
@@ -74,6 +84,17 @@ class WorkerProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def tasks_succeeded(self) -> list[str]:
+        """Names of the tasks this worker ran to the end, in order."""
+        return re.findall(r"Task ([\w.]+)\[[^]]+\] succeeded", self.log_text())
+
+    def django(self, code: str) -> subprocess.CompletedProcess:
+        """Run Python code after django.setup() with this worker's environment
+        (its settings as the worker sees them)."""
+        script = f"import django\ndjango.setup()\n{code}"
+        return subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, env=self.env, capture_output=True,
+                              text=True, timeout=60)
 
     def kill(self) -> None:
         """SIGKILL the worker's whole process group: no cleanup code runs."""
@@ -110,6 +131,10 @@ class LoggedSource(NbdkitProcess):
     def reads(self) -> list[tuple[int, int]]:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return [(int(o, 16), int(c, 16)) for o, c in self.READ.findall(text)]
+
+    def bytes_served(self) -> int:
+        """Bytes read from this source so far, by every run."""
+        return sum(count for _, count in self.reads())
 
     def bytes_read_more_than_once(self, granule: int = 4096) -> int:
         """Bytes the source served more than once (counted per 4 KiB)."""
@@ -314,6 +339,12 @@ def record(figures: CaseFigures) -> None:
 
 
 # --- measurements ------------------------------------------------------------
+def disk_bytes_done(job, disk_key: str) -> int:
+    """The disk's progress as the database has it: what the poller last
+    wrote from the agent's reports (0 before the first)."""
+    return VMDisk.objects.filter(job_id=job.pk, disk_key=disk_key).values_list("bytes_done", flat=True).first() or 0
+
+
 def max_concurrent_copies(disk: VMDisk) -> int:
     """The most runs of this disk's copy alive at one moment, from their
     recorded intervals (a run ends at ended_at, or at its last sign of life
