@@ -1,3 +1,4 @@
+import contextlib
 import os
 import shutil
 import signal
@@ -101,15 +102,19 @@ def vma_store():
 
 def start_worker(role: str, name: str, concurrency: int = 2, extra_env: dict | None = None) -> subprocess.Popen:
     """A real Celery worker process (prefork) on the real Redis, in one role:
-    "oma" (queue oma, the test database) or "agent" (queue vma.local, no
-    database at all: Django's dummy backend raises on any ORM access)."""
+    "oma" (queue oma, the test database) or "agent" (its agent's queue, no
+    database at all: no DATABASE_URL, and Django's dummy backend raises on
+    any ORM access). In a process group of its own, so kill_worker() takes
+    its pool children and their nbdkit sources with it, as a crash would."""
     log_path = Path(settings.TEST_ROOT) / f"worker-{name}.log"
     env = {**worker_env(), "PROCESS_ROLE": role, **(extra_env or {})}
+    if role == "agent":
+        env.pop("DATABASE_URL", None)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "oma_site", "worker", "-c", str(concurrency), "-E", "-l", "info",
              "--without-gossip", "--without-mingle", "-n", f"{name}-{os.getpid()}@%h"],
-            cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     deadline = time.monotonic() + WORKER_START_TIMEOUT_S
     while b" ready." not in log_path.read_bytes():
@@ -119,6 +124,13 @@ def start_worker(role: str, name: str, concurrency: int = 2, extra_env: dict | N
         time.sleep(0.2)
     proc.log_path = log_path
     return proc
+
+
+def kill_worker(proc: subprocess.Popen) -> None:
+    """SIGKILL the worker's whole process group: no cleanup code runs."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def stop_worker(proc: subprocess.Popen) -> None:

@@ -25,27 +25,59 @@ def fault_case(settings, vma_server):
     get_provider().stop_export_server()
 
 
-@pytest.fixture
-def workers():
-    started: list[WorkerProcess] = []
+class Workers:
+    """Starts the case's worker processes; all are killed at its end.
+    workers(name, role=..., **env) starts one; workers.pair(name, ...) the
+    OMA's worker and the local agent's, as on two hosts."""
 
-    def start(name: str, concurrency: int = 2, queues: str = "", **env) -> WorkerProcess:
-        worker = WorkerProcess(name, concurrency=concurrency, env={**FAULT_ENV, **env}, queues=queues)
-        started.append(worker)
+    def __init__(self):
+        self.started: list[WorkerProcess] = []
+
+    def __call__(self, name: str, concurrency: int = 2, queues: str = "", role: str = "all",
+                 **env) -> WorkerProcess:
+        worker = WorkerProcess(name, concurrency=concurrency, env={**FAULT_ENV, **env}, queues=queues, role=role)
+        self.started.append(worker)
         return worker.start()
 
-    yield start
-    for worker in started:
-        worker.kill()
+    def agent(self, name: str, concurrency: int = 2, **env) -> WorkerProcess:
+        """An agent worker: queue vma.local, no database."""
+        return self(name, concurrency=concurrency, role="agent", **env)
+
+    def oma(self, name: str, concurrency: int = 2, **env) -> WorkerProcess:
+        """The OMA's worker: queue oma, the database."""
+        return self(name, concurrency=concurrency, role="oma", **env)
+
+    def pair(self, name: str, concurrency: int = 2, oma_env: dict | None = None,
+             **env) -> tuple[WorkerProcess, WorkerProcess]:
+        """The OMA's worker and an agent worker of `concurrency` copies; env
+        goes to both, oma_env to the OMA's only (its database)."""
+        return (self.oma(f"{name}-oma", **{**env, **(oma_env or {})}),
+                self.agent(f"{name}-agent", concurrency, **env))
+
+    def kill_all(self) -> None:
+        for worker in self.started:
+            worker.kill()
+
+
+@pytest.fixture
+def workers():
+    started = Workers()
+    yield started
+    started.kill_all()
 
 
 class ReaperThread:
-    """The reaper's periodic pass (beat's job) in a thread of the test process."""
+    """Beat's periodic passes in a thread of the test process: the progress
+    poller (the one path by which the agent's reports, and so the copies'
+    heartbeats, reach the database), then the reaper (the one judge of lost
+    runs), every pass. Without the poller every live copy would look silent."""
 
     def __init__(self, interval_s: float = 0.5):
+        from replication.services.progress import poll_once
         from replication.services.reaper import reap
 
         self.results = []
+        self.polls = []
         self.errors: list[Exception] = []
         self._stop = threading.Event()
 
@@ -53,6 +85,7 @@ class ReaperThread:
             try:
                 while not self._stop.wait(interval_s):
                     try:
+                        self.polls.append(poll_once())
                         self.results.append(reap())
                     except DatabaseError as exc:  # as under beat: this pass fails, the next one runs
                         self.errors.append(exc)
@@ -60,7 +93,7 @@ class ReaperThread:
             finally:
                 connection.close()
 
-        self._thread = threading.Thread(target=run, name="test-reaper", daemon=True)
+        self._thread = threading.Thread(target=run, name="test-poller-reaper", daemon=True)
         self._thread.start()
 
     def stop(self):

@@ -19,10 +19,10 @@ from django.core.management import call_command
 from django.db import connection
 from django.utils import timezone
 
-from replication import tasks
 from replication.choices import DiskStatus, JobStatus
 from replication.models import CopyAttempt, JobEvent, ReplicationJob
 from replication.services import jobs as job_service
+from replication.services import orders
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import cancel_job, start_replication
 from tests.conftest import wait_for_job
@@ -44,6 +44,7 @@ from tests.faults.harness import (
     wait_until,
 )
 from tests.helpers import MiB, make_image
+from vma_agent import tasks as agent_tasks
 
 pytestmark = [pytest.mark.faults, pytest.mark.django_db(transaction=True)]
 GiB = 1024 * MiB
@@ -55,34 +56,34 @@ def spread_image(path: Path, size: int, pieces: int, piece: int, seed: int) -> P
     return make_image(path, size, [(i * step, piece) for i in range(pieces)], seed=seed)
 
 
-def attempt_bytes_read(disk_key: str, job) -> int:
-    return sum(CopyAttempt.objects.filter(disk__job=job, disk__disk_key=disk_key).values_list("bytes_read", flat=True))
-
-
 def test_worker_killed_at_half_resumes_from_its_checkpoint(workers, reaper_thread, tmp_path, sockdir):
-    """1. SIGKILL the worker at ~50 % of a 2 GiB disk; a new worker resumes."""
+    """1. SIGKILL the agent's worker at ~50 % of a 2 GiB disk; the reaper
+    (judging the heartbeats the poller brings in) hands the disk to a new
+    run, which a new agent worker resumes from the checkpoint."""
     image = spread_image(tmp_path / "big.img", 2 * GiB, pieces=16, piece=6 * MiB, seed=11)
     data = 16 * 6 * MiB
     source = LoggedSource(sockdir, image, rdelay="200ms")
     try:
-        first = workers("kill-a")
+        _, first = workers.pair("kill-a")
         job = start_replication(register_image_vm("vm-killed", [source.uri]))
-        wait_until(lambda: attempt_bytes_read("disk-2000", job) >= data // 2, 120, "half the disk copied")
+        wait_until(lambda: source.bytes_served() >= data // 2, 120, "half the disk read")
         killed_at = timezone.now()
         first.kill()
-        workers("kill-b")
+        read_by_kill = source.bytes_served()
+        workers.agent("kill-b")
         job = wait_for_job(job.id, timeout=180)
         settle([job])
         disk = job.disks.get()
         runs = list(CopyAttempt.objects.filter(disk=disk))
-        requeued = JobEvent.objects.filter(job=job, message__contains="requeued").first()
+        requeued = JobEvent.objects.filter(job=job, message__contains="silent for").first()
         figures = CaseFigures(
             "1 worker SIGKILL at 50%", sha256_match=sha256_match(job, {"disk-2000": image}),
             bytes_recopied=source.bytes_read_more_than_once(), max_concurrent_copies=max_concurrent_copies(disk),
             leftovers=len(leftovers()), non_terminal_rows=non_terminal_rows([job]),
             detect_s=round((requeued.at - killed_at).total_seconds(), 2) if requeued else None,
             resume_s=round((runs[-1].started_at - killed_at).total_seconds(), 2),
-            note=f"2 GiB disk, {data // MiB} MiB data; resumed at offset {runs[-1].resumed_from}")
+            note=f"2 GiB disk, {data // MiB} MiB data, {read_by_kill // MiB} MiB read when the agent was killed; "
+                 f"lost run's checkpoint {runs[0].checkpoint_bytes}, resumed at offset {runs[-1].resumed_from}")
     finally:
         source.stop()
     figures.result = "pass" if job.status == JobStatus.COMPLETED else "FAIL"
@@ -90,44 +91,60 @@ def test_worker_killed_at_half_resumes_from_its_checkpoint(workers, reaper_threa
     assert job.status == JobStatus.COMPLETED, job.error_message
     assert figures.sha256_match
     assert [r.outcome for r in runs] == ["lost", "completed"] and disk.attempts == 2
-    assert runs[1].resumed_from > 0 and runs[1].resumed_from == runs[0].checkpoint_bytes
+    # The lost run's checkpoint is the last one the poller brought in; the
+    # new run resumes there or later (the agent may know a later cursor).
+    assert runs[0].checkpoint_bytes > 0 and runs[1].resumed_from >= runs[0].checkpoint_bytes
+    assert runs[1].worker, "the completed run says which worker ran it"
     # Only what the killed run had not yet committed is read again: far
     # less than the half it had copied.
     assert figures.bytes_recopied < data // 4, figures
-    assert "silent for" in requeued.message and "resuming from offset" in requeued.message
+    assert requeued is not None and "resuming from offset" in requeued.message, requeued
     assert figures.max_concurrent_copies == 1
     assert figures.leftovers == 0 and figures.non_terminal_rows == 0
 
 
 def test_same_task_delivered_twice_copies_once(workers, tmp_path, sockdir, monkeypatch):
-    """2. The same copy task delivered twice at once: exactly one copies."""
+    """2. The same copy order (one task id) delivered twice at once, to two
+    agent workers: the agent's claim lets exactly one copy; the other
+    answers "duplicate"."""
     image = spread_image(tmp_path / "dup.img", 64 * MiB, pieces=8, piece=2 * MiB, seed=12)
     source = LoggedSource(sockdir, image, rdelay="50ms")
     try:
-        workers("dup-a")
-        workers("dup-b")
-        monkeypatch.setattr(job_service, "enqueue_job_step", lambda *args, **kwargs: None)
+        workers.oma("dup-oma")
+        agents = [workers.agent(name, COPY_LIMIT_BPS=str(8 * MiB)) for name in ("dup-a", "dup-b")]
+        # The job is prepared in this process and its copy order captured, not sent.
+        sent = []
+        monkeypatch.setattr(job_service, "enqueue_prepare", lambda job_id: None)
+        monkeypatch.setattr(orders, "send_copy", sent.append)
         job = start_replication(register_image_vm("vm-dup", [source.uri]))
+        job_service.prepare_job(job.id)
         monkeypatch.undo()
-        assert job_service.begin_job(job.id)
-        [disk_id] = job_service.prepare_targets(job.id)
-        task_id = str(uuid.uuid4())
+        [disk] = sent
+        order = orders.copy_order(disk).as_dict()
+        task_id = disk.celery_task_id or str(uuid.uuid4())
         for _ in range(2):  # two deliveries of one message, as a broker may do
-            tasks.copy_disk.apply_async(args=[disk_id], task_id=task_id, queue="vma.local")
+            agent_tasks.copy_disk.apply_async(args=[order], task_id=task_id, queue="vma.local")
         job = wait_for_job(job.id, timeout=120)
         settle([job])
+        # Both deliveries ran to their end (one copied, one refused).
+        wait_until(lambda: sum(a.tasks_succeeded().count("vma.copy_disk") for a in agents) == 2, 30,
+                   "both deliveries handled")
         disk = job.disks.get()
+        ran = [a.tasks_succeeded().count("vma.copy_disk") for a in agents]
+        duplicates = sum(len(re.findall(r"attempt 1 skipped: ", a.log_text())) for a in agents)
         figures = CaseFigures(
             "2 duplicate delivery", sha256_match=sha256_match(job, {"disk-2000": image}),
             bytes_recopied=source.bytes_read_more_than_once(), max_concurrent_copies=max_concurrent_copies(disk),
             leftovers=len(leftovers()), non_terminal_rows=non_terminal_rows([job]),
-            note=f"copy runs: {CopyAttempt.objects.filter(disk=disk).count()}")
+            note=f"copy runs: {CopyAttempt.objects.filter(disk=disk).count()}; deliveries per agent worker {ran}; "
+                 f"refused as duplicate: {duplicates}")
     finally:
         source.stop()
     figures.result = "pass" if job.status == JobStatus.COMPLETED else "FAIL"
     record(figures)
     assert job.status == JobStatus.COMPLETED, job.error_message
     assert CopyAttempt.objects.filter(disk=disk).count() == 1 and disk.attempts == 1
+    assert duplicates == 1
     assert figures.sha256_match and figures.bytes_recopied == 0 and figures.max_concurrent_copies == 1
     assert figures.non_terminal_rows == 0 and figures.leftovers == 0
 
@@ -140,14 +157,15 @@ def test_redis_restart_mid_job_completes(workers, tmp_path, sockdir, settings):
     broker = PrivateRedis(Path(settings.TEST_ROOT)).start()
     try:
         with use_broker(broker.url):
-            workers("redis", concurrency=1, TEST_CELERY_BROKER_URL=broker.url)
+            # One copy at a time on the agent: the second disk's order waits in its queue.
+            workers.pair("redis", concurrency=1, TEST_CELERY_BROKER_URL=broker.url)
             job = start_replication(register_image_vm("vm-redis", [s.uri for s in sources]))
-            wait_until(lambda: attempt_bytes_read("disk-2000", job) >= 6 * MiB, 120, "the first copy under way")
+            wait_until(lambda: sources[0].bytes_served() >= 6 * MiB, 120, "the first copy under way")
             restarted = time.monotonic()
             broker.restart()
             outage_s = time.monotonic() - restarted
-            before = attempt_bytes_read("disk-2000", job)
-            wait_until(lambda: attempt_bytes_read("disk-2000", job) > before, 60, "copying after the restart")
+            before = sum(s.bytes_served() for s in sources)
+            wait_until(lambda: sum(s.bytes_served() for s in sources) > before, 60, "copying after the restart")
             resume_s = time.monotonic() - restarted
             job = wait_for_job(job.id, timeout=180)
             settle([job])
@@ -170,17 +188,18 @@ def test_redis_restart_mid_job_completes(workers, tmp_path, sockdir, settings):
 
 def test_redis_restart_losing_the_queue_still_completes(workers, reaper_thread, tmp_path, sockdir, settings):
     """3b. The broker restarts with nothing kept (no persistence): the
-    waiting copy task is gone. The copy under way finishes; the reaper
-    queues the lost disk's task again once the job goes quiet; the job
-    completes."""
+    waiting copy order is gone. The copy under way finishes; the reaper
+    hands the lost disk to a new run once that run has said nothing for
+    HEARTBEAT_TIMEOUT_S (the poller brings the live copy's heartbeats in,
+    so only the lost one is judged); the job completes."""
     images = [spread_image(tmp_path / f"q{i}.img", 64 * MiB, pieces=8, piece=3 * MiB, seed=17 + i) for i in range(2)]
     sources = [LoggedSource(sockdir, image, rdelay="150ms") for image in images]
     broker = PrivateRedis(Path(settings.TEST_ROOT), persist=False).start()
     try:
         with use_broker(broker.url):
-            workers("redis-lost", concurrency=1, TEST_CELERY_BROKER_URL=broker.url)
+            workers.pair("redis-lost", concurrency=1, TEST_CELERY_BROKER_URL=broker.url)
             job = start_replication(register_image_vm("vm-redis-lost", [s.uri for s in sources]))
-            wait_until(lambda: attempt_bytes_read("disk-2000", job) >= 6 * MiB, 120, "the first copy under way")
+            wait_until(lambda: sources[0].bytes_served() >= 6 * MiB, 120, "the first copy under way")
             restarted = time.time()
             broker.restart()
             outage_s = time.time() - restarted
@@ -195,7 +214,7 @@ def test_redis_restart_losing_the_queue_still_completes(workers, reaper_thread, 
             max_concurrent_copies=max_concurrent_of([job]), leftovers=len(leftovers()),
             non_terminal_rows=non_terminal_rows([job]), detect_s=round(outage_s, 2),
             resume_s=round(second.started_at.timestamp() - restarted, 2) if second else None,
-            note="no persistence: the 2nd disk's queued task was lost and queued again by the reaper; "
+            note="no persistence: the 2nd disk's queued order was lost and sent again by the reaper; "
                  "resume = restart until that copy started")
     finally:
         for source in sources:
