@@ -249,7 +249,7 @@ class Beat:
 
 def copy_disk(order: CopyOrder, config: AgentConfig, *,
               on_progress: Callable[[CopyProgress], None] | None = None,
-              time_limit_error: type[BaseException] | None = None) -> dict:
+              time_limit_error: type[BaseException] | None = None, time_limit_s: float | None = None) -> dict:
     """Copy one disk as the order says; returns the outcome: status
     completed, failed, cancelled, superseded or duplicate, with the totals
     and the committed cursor. A run of an attempt whose earlier delivery
@@ -284,7 +284,7 @@ def copy_disk(order: CopyOrder, config: AgentConfig, *,
                 "checkpoint_bytes": reporter.checkpoint_bytes}
     except BaseException as exc:
         if time_limit_error is not None and isinstance(exc, time_limit_error):
-            exc = TimeoutError(f"copy exceeded its time limit ({exc})")
+            exc = TimeoutError(f"copy exceeded its time limit ({time_limit_s or '?'} s)")
         elif not isinstance(exc, Exception):
             raise  # the worker is shutting down: the reaper hands the disk on
         log.exception("copy of %s/%s failed", order.job_id, order.disk_key)

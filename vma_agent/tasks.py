@@ -47,8 +47,9 @@ def copy_disk(self, order: dict) -> None:
     copy = work.CopyOrder.from_dict(order)
     publisher = TaskProgressPublisher(self, f"{copy.job_id}/{copy.disk_key}", settings.TASK_EVENT_INTERVAL_S)
     try:
+        _, soft_limit = self.request.timelimit or (None, None)
         outcome = steps.copy_disk(copy, agent_config(), on_progress=publisher,
-                                  time_limit_error=SoftTimeLimitExceeded)
+                                  time_limit_error=SoftTimeLimitExceeded, time_limit_s=soft_limit)
     finally:
         publisher.close()
     report(work.DISK_COPIED, copy.job_id, copy.disk_key, copy.attempt, outcome)

@@ -286,15 +286,6 @@ def _queue_snapshot_removal(job: ReplicationJob) -> None:
                                                fail_on_error=False))
 
 
-def remove_job_snapshot(job_id: str) -> None:
-    """Queue the removal of an ended job's snapshot (the admin, the sweeper)."""
-    job = ReplicationJob.objects.get(pk=job_id)
-    if not job.is_terminal:
-        log.warning("snapshot removal for %s skipped: it is %s", job_id, job.status)
-        return
-    _queue_snapshot_removal(job)
-
-
 def retry_job(job_id: str) -> ReplicationJob:
     """Start the same replication again after a job failed or was cancelled."""
     job = ReplicationJob.objects.select_related("vm").get(pk=job_id)
