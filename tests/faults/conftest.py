@@ -87,9 +87,10 @@ class ReaperThread:
                     try:
                         self.polls.append(poll_once())
                         self.results.append(reap())
-                    except DatabaseError as exc:  # as under beat: this pass fails, the next one runs
+                    except Exception as exc:  # noqa: BLE001 - as under beat: this pass fails, the next one runs
                         self.errors.append(exc)
-                        connection.close()
+                        if isinstance(exc, DatabaseError):
+                            connection.close()
             finally:
                 connection.close()
 

@@ -347,11 +347,11 @@ def disk_bytes_done(job, disk_key: str) -> int:
 
 def max_concurrent_copies(disk: VMDisk) -> int:
     """The most runs of this disk's copy alive at one moment, from their
-    recorded intervals (a run ends at ended_at, or at its last sign of life
-    when its worker was killed)."""
+    recorded intervals (a run lost with its worker ends when the reaper
+    handed the disk on; one still open counts as running now)."""
     points = []
     for attempt in CopyAttempt.objects.filter(disk=disk):
-        end = attempt.ended_at or attempt.last_seen_at or timezone.now()
+        end = attempt.ended_at or timezone.now()
         points += [(attempt.started_at, 1), (end, -1)]
     running = peak = 0
     for _, delta in sorted(points, key=lambda p: (p[0], p[1])):
