@@ -36,13 +36,15 @@ class Claim:
     attempt: int
     worker: str
     expires: float
+    ended: bool = False  # the run finished (its outcome went to the OMA)
 
     @classmethod
     def parse(cls, raw: bytes | None) -> Claim | None:
         return None if raw is None else cls(**json.loads(raw))
 
     def dump(self) -> str:
-        return json.dumps({"attempt": self.attempt, "worker": self.worker, "expires": self.expires})
+        return json.dumps({"attempt": self.attempt, "worker": self.worker, "expires": self.expires,
+                           "ended": self.ended})
 
 
 class AgentControl:
@@ -81,10 +83,14 @@ class AgentControl:
                     continue
 
     def _refusal(self, held: Claim | None, attempt: int, worker: str) -> str | None:
-        if held is None or attempt > held.attempt or held.worker == worker:
+        if held is None or attempt > held.attempt:
             return None
         if attempt < held.attempt:
             return f"attempt {held.attempt} already took it over"
+        if held.ended:
+            return f"attempt {attempt} already ended on {held.worker}"
+        if held.worker == worker:
+            return None
         if held.expires < time.time() or holder_is_dead_here(held.worker):
             return None  # the same attempt again, its first holder gone: a redelivery after a crash
         return f"attempt {attempt} is already being copied by {held.worker}"
@@ -104,12 +110,12 @@ class AgentControl:
         return None
 
     def release(self, job_id: str, disk_key: str, attempt: int, worker: str) -> None:
-        """The run ended: its lease expires now (the claim stays, so a late
-        duplicate of the same attempt does not copy again)."""
+        """The run ended: its lease expires now, and the claim stays marked
+        ended, so a late duplicate of the same attempt does not copy again."""
         key = self._claim_key(job_id, disk_key)
         held = Claim.parse(self.client.get(key))
         if held is not None and (held.attempt, held.worker) == (attempt, worker):
-            self.client.set(key, Claim(attempt, worker, 0).dump(), keepttl=True)
+            self.client.set(key, Claim(attempt, worker, 0, ended=True).dump(), keepttl=True)
 
     def request_stop(self, job_id: str, reason: str) -> None:
         self.client.set(self._stop_key(job_id), reason[:500], ex=7 * 24 * 3600)

@@ -7,6 +7,8 @@ Its thresholds (settings):
   (its updates are its heartbeat, re-sent every HEARTBEAT_INTERVAL_S even
   when nothing moves) is lost: the disk goes to a new run, which resumes from
   the last reported checkpoint; after COPY_MAX_ATTEMPTS runs the job fails.
+  A run that never reported and whose order still waits in its agent's queue
+  (a busy agent, every copy slot taken) is queued, not lost.
 - REAPER_TIMEOUT_S: a running job with no sign of life at all (no step of
   the OMA, no copy) for this long fails; a lost finalize is queued again.
 - REAPER_PENDING_TIMEOUT_S: a job that never started fails.
@@ -24,8 +26,10 @@ from django.utils import timezone
 
 from replication.choices import JOB_TERMINAL, DiskStatus, JobStatus
 from replication.models import CopyAttempt, JobEvent, ReplicationJob, VMDisk, database_up_since
+from replication.routing import agent_queue
 from replication.services import jobs as job_service
 from replication.services import sweeper
+from replication.services.broker import WaitingTasks
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +74,10 @@ def _hand_over_lost_copies(now: datetime, stale: datetime, result: Reaped) -> No
     timeout (hours), so the disk goes to a new run at once."""
     lost = VMDisk.objects.filter(status=DiskStatus.COPYING, job__status=JobStatus.REPLICATING,
                                  heartbeat_at__lt=stale).select_related("job__vm")
+    waiting = WaitingTasks()
     for disk in lost:
+        if not disk.worker and waiting.holds(agent_queue(disk.job.vm.agent), disk.celery_task_id):
+            continue  # never started: its order waits for a free copy slot on a busy agent
         quiet = (now - disk.heartbeat_at).total_seconds()
         who = disk.worker or "a run that never reported"
         if disk.attempts >= settings.COPY_MAX_ATTEMPTS:
