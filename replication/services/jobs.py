@@ -11,6 +11,7 @@ import logging
 import uuid
 
 from django.db import transaction
+from django.utils import timezone
 
 from replication.choices import DiskStatus, JobStatus, SourceKind, Stage, SyncType
 from replication.models import CopyAttempt, JobEvent, ReplicationJob, VirtualMachine, VMDisk
@@ -179,7 +180,7 @@ def disk_copied(job_id: str, disk_key: str, attempt: int, outcome: dict) -> None
     disk = VMDisk.objects.select_related("job").get(job_id=job_id, disk_key=disk_key)
     status = outcome.get("status")
     run = {"worker": outcome.get("worker", ""), "bytes_read": outcome.get("bytes_read") or 0,
-           "checkpoint_bytes": outcome.get("checkpoint_bytes") or 0}
+           "checkpoint_bytes": outcome.get("checkpoint_bytes") or 0, "last_seen_at": timezone.now()}
     if outcome.get("resume_from") is not None:
         run["resumed_from"] = outcome["resume_from"]  # the agent may know a later cursor than the order did
     reason = outcome.get("reason") or ""
