@@ -184,6 +184,14 @@ OMA_UI_ENABLED = env.bool("OMA_UI_ENABLED", default=True)
 VMA_REDIS_URL = env("VMA_REDIS_URL", default=CELERY_BROKER_URL)
 VMA_PROGRESS_PREFIX = env("VMA_PROGRESS_PREFIX", default="vma:progress")
 VMA_PROGRESS_TTL_S = env.int("VMA_PROGRESS_TTL_S", default=7 * 24 * 3600)
+# The agent API accepts requests without an Authorization header when they
+# come straight from loopback (REMOTE_ADDR 127.0.0.0/8 or ::1, and no
+# X-Forwarded-For, Forwarded or X-Real-IP header, so a reverse proxy on this
+# host cannot make the world look local): the seeds' migratekit posts on the
+# VMA host itself and their OMA poller comes through an SSH tunnel, neither
+# with a token. Everyone else needs VMA_TOKEN, and a token that is sent is
+# always checked. False: the token for everyone.
+VMA_TRUST_LOOPBACK = env.bool("VMA_TRUST_LOOPBACK", default=True)
 VMA_REQUEST_TIMEOUT_S = env.float("VMA_REQUEST_TIMEOUT_S", default=5.0)
 # Reuse HTTP connections to the agent. Off by default: gunicorn's sync workers
 # close them anyway, and runserver stalls 40 ms on every reused connection.
