@@ -190,7 +190,9 @@ def health(request: HttpRequest) -> JsonResponse:
         get_store().ping()
     except redis.RedisError as exc:
         log.error("progress store unavailable: %s", exc)
-        return JsonResponse({"status": "unavailable", "store": "unavailable", "error": str(exc)}, status=503)
+        # No token asked, so no detail given (the log has it).
+        return JsonResponse({"status": "unavailable", "store": "unavailable",
+                             "error": "progress store unavailable"}, status=503)
     return JsonResponse({"status": "ok", "store": "ok", "service": "vma-progress-api",
                          "version": OPENAPI["info"]["version"]})
 
