@@ -7,14 +7,18 @@ poller -> the database.
    PROGRESS_POLL_INTERVAL_S (default 5 s); a watcher reads the database
    every 20 ms. Latency = when a byte count appeared in the database minus
    when the copy loop passed exactly that count to the reporter.
-2. Scale: 200 active jobs x 4 disks against the real API: duration of a
-   poller pass and database writes per pass (first pass, a pass with no
-   change, a pass where a quarter of the disks moved).
+2. Scale: N active jobs x 4 disks against the real API (200 by default;
+   200 and 1250 with --no-latency): duration of a poller pass, its HTTP
+   requests and database writes (first pass, a pass with no change, a pass
+   where a quarter of the disks moved). Each size's jobs end before the next.
 
-Runs on its own SQLite database under a temporary directory and Redis
-database 13 (BENCH_REDIS_URL), so it never touches a developer's jobs:
+Runs on its own SQLite database under a temporary directory (or
+BENCH_DATABASE_URL, e.g. mysql://root@127.0.0.1:3306/oma_bench, a database
+that exists and holds nothing else) and Redis database 13 (BENCH_REDIS_URL),
+so it never touches a developer's jobs:
 
-    .venv/bin/python bench/progress_latency.py [--seconds 60] [--jobs 200] [--disks 4]
+    .venv/bin/python bench/progress_latency.py [--seconds 60] [--jobs 200 ...] [--disks 4]
+    .venv/bin/python bench/progress_latency.py --no-latency        # pass times at 200x4 and 1250x4
 """
 
 from __future__ import annotations
@@ -188,10 +192,15 @@ def scale(job_count: int, disks: int) -> list[dict]:
     from django.conf import settings
     from django.db import connection
 
+    from replication.choices import DiskStatus, JobStatus
+    from replication.models import ReplicationJob, VMDisk
     from replication.services import progress
     from vma_agent.reporter import ProgressClient
 
-    jobs = make_jobs(job_count, disks, "scale")
+    # Only this size's jobs are active: end what an earlier size left.
+    VMDisk.objects.filter(status=DiskStatus.COPYING).update(status=DiskStatus.CANCELLED)
+    ReplicationJob.objects.filter(status=JobStatus.REPLICATING).update(status=JobStatus.CANCELLED)
+    jobs = make_jobs(job_count, disks, f"scale{job_count}")
     client = ProgressClient(settings.VMA_URL, settings.VMA_TOKEN)
     targets = [(job.id, disk.disk_key, disk.target_volume.export_name)
                for job in jobs for disk in job.disks.select_related("target_volume")]
@@ -226,10 +235,13 @@ def scale(job_count: int, disks: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=60)
-    parser.add_argument("--jobs", type=int, default=200)
+    parser.add_argument("--jobs", type=int, nargs="+", default=None,
+                        help="active jobs of the scale measurement, one run per size (default 200; "
+                             "200 and 1250 with --no-latency)")
     parser.add_argument("--disks", type=int, default=4)
     parser.add_argument("--no-latency", action="store_true", help="only the poller pass measurement")
     args = parser.parse_args()
+    sizes = args.jobs or ([200, 1250] if args.no_latency else [200])
     env, workdir = configure()
     import django
 
@@ -263,12 +275,13 @@ def main() -> None:
             print(f"  every count passed, until the database showed it or more: {r['visible_samples']} samples, "
                   f"median {r['visible_median_s']:.2f} s, p95 {r['visible_p95_s']:.2f} s, "
                   f"max {r['visible_max_s']:.2f} s")
-        for row in scale(args.jobs, args.disks):
-            print(f"poller pass, {row['jobs']} jobs x {args.disks} disks, {row['pass']}: {row['seconds']} s "
-                  f"({row['apply_seconds']} s applying), "
-                  f"{row['http_requests']} HTTP requests, {row['db_writes']} DB writes "
-                  f"({row['disk_rows_written']} disk rows, {row['job_rows_written']} job rows), "
-                  f"{row['db_queries']} queries")
+        for size in sizes:
+            for row in scale(size, args.disks):
+                print(f"poller pass, {row['jobs']} jobs x {args.disks} disks, {row['pass']}: {row['seconds']} s "
+                      f"({row['apply_seconds']} s applying), "
+                      f"{row['http_requests']} HTTP requests, {row['db_writes']} DB writes "
+                      f"({row['disk_rows_written']} disk rows, {row['job_rows_written']} job rows), "
+                      f"{row['db_queries']} queries", flush=True)
     finally:
         server.terminate()
         server.wait(10)

@@ -193,13 +193,20 @@ OMA_UI_ENABLED = env.bool("OMA_UI_ENABLED", default=True)
 VMA_REDIS_URL = env("VMA_REDIS_URL", default=CELERY_BROKER_URL)
 VMA_PROGRESS_PREFIX = env("VMA_PROGRESS_PREFIX", default="vma:progress")
 VMA_PROGRESS_TTL_S = env.int("VMA_PROGRESS_TTL_S", default=7 * 24 * 3600)
+# The agent API accepts requests without an Authorization header when they
+# come straight from loopback (REMOTE_ADDR 127.0.0.0/8 or ::1, and no
+# X-Forwarded-For, Forwarded or X-Real-IP header, so a reverse proxy on this
+# host cannot make the world look local): the seeds' migratekit posts on the
+# VMA host itself and their OMA poller comes through an SSH tunnel, neither
+# with a token. Everyone else needs VMA_TOKEN, and a token that is sent is
+# always checked. False: the token for everyone.
+VMA_TRUST_LOOPBACK = env.bool("VMA_TRUST_LOOPBACK", default=True)
 VMA_REQUEST_TIMEOUT_S = env.float("VMA_REQUEST_TIMEOUT_S", default=5.0)
 # Reuse HTTP connections to the agent. Off by default: gunicorn's sync workers
 # close them anyway, and runserver stalls 40 ms on every reused connection.
 VMA_HTTP_KEEPALIVE = env.bool("VMA_HTTP_KEEPALIVE", default=False)
-# OMA poller: every N s, up to M jobs at once.
+# OMA poller: one read of the agent's change feed every N s.
 PROGRESS_POLL_INTERVAL_S = env.float("PROGRESS_POLL_INTERVAL_S", default=5.0)
-PROGRESS_POLL_CONCURRENCY = env.int("PROGRESS_POLL_CONCURRENCY", default=10)
 # Database progress writes: on a >= 1 % change, after >= 2 s, or a stage/status change.
 PROGRESS_WRITE_STEP_PERCENT = env.float("PROGRESS_WRITE_STEP_PERCENT", default=1.0)
 PROGRESS_WRITE_INTERVAL_S = env.float("PROGRESS_WRITE_INTERVAL_S", default=2.0)

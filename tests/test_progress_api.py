@@ -1,5 +1,6 @@
 """The VMA progress API over real HTTP (manage.py runserver in its own process)
-on the test Redis: auth, validation, id resolution, monotonic updates."""
+on the test Redis: auth, validation, id resolution, monotonic updates.
+The seeds' wire format itself is pinned in tests/test_wire_contract.py."""
 
 import json
 import secrets
@@ -38,6 +39,11 @@ def get(base, record_id, headers=None):
                         headers=headers if headers is not None else auth())
 
 
+def stable(record):
+    """A record without what moves with the clock while a job runs."""
+    return {key: value for key, value in record.items() if key not in ("timing", "phases")}
+
+
 def disk_update(seq, done, total=1000, **extra):
     return {"stage": "Transfer", "status": "in_progress", "seq": seq, "bytes_transferred": done,
             "total_bytes": total, "percent": 100.0 * done / total, "throughput_bps": 10, **extra}
@@ -50,7 +56,7 @@ def test_update_stored_under_job_id_is_found_by_export_name_and_back(vma_server)
 
     by_job, by_export = get(vma_server, job_id), get(vma_server, export)
     assert by_job.status_code == by_export.status_code == 200
-    assert by_job.json() == by_export.json()
+    assert stable(by_job.json()) == stable(by_export.json())
     assert by_job.json()["disks"]["disk-2000"]["bytes_transferred"] == 250
     assert by_job.json()["aggregate"]["percent"] == 25.0
 
@@ -91,9 +97,12 @@ def test_unknown_id_is_a_json_404(vma_server):
     assert get(vma_server, new_export()).status_code == 404
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"},
-                                     {"Authorization": "Bearer "}])
+@pytest.mark.parametrize("headers", [{"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"},
+                                     {"Authorization": "Bearer "}, {"X-Forwarded-For": "203.0.113.7"},
+                                     {"Forwarded": "for=203.0.113.7"}, {"X-Real-IP": "203.0.113.7"}])
 def test_requests_without_the_right_token_are_refused(vma_server, vma_store, headers):
+    """A wrong token is refused even from loopback; so is a token-less
+    request a proxy relayed (it only looks local)."""
     job_id = new_job_id()
     r = post(vma_server, job_id, disk_update(1, 1, disk_id="d0"), headers=headers)
     assert r.status_code == 401 and r.json()["error"]
@@ -101,11 +110,29 @@ def test_requests_without_the_right_token_are_refused(vma_server, vma_store, hea
     assert vma_store.get(job_id) is None
 
 
-def test_openapi_describes_both_paths(vma_server):
+def test_token_less_requests_straight_from_loopback_are_trusted(vma_server, vma_store):
+    """The seeds' migratekit and OMA poller send no token (same host, SSH tunnel)."""
+    job_id = new_job_id()
+    r = post(vma_server, job_id, disk_update(1, 10, disk_id="disk-2000"), headers={})
+    assert r.status_code == 200 and r.json()["applied"] is True
+    assert get(vma_server, job_id, headers={}).json()["disks"]["disk-2000"]["bytes_transferred"] == 10
+
+
+def test_openapi_describes_every_path(vma_server):
     doc = requests.get(f"{vma_server}/api/v1/openapi.json", timeout=10).json()
     assert doc["openapi"].startswith("3.")
-    assert set(doc["paths"]) == {"/api/v1/progress/{id}/update", "/api/v1/progress/{id}"}
-    assert "seq" in doc["components"]["schemas"]["ProgressUpdate"]["required"]
+    assert set(doc["paths"]) == {"/api/v1/progress/{id}/update", "/api/v1/progress/{id}", "/api/v1/progress",
+                                 "/api/v1/status/{id}", "/api/v1/jobs/{id}/stop", "/api/v1/health",
+                                 "/api/v1/openapi.json"}
+    schemas = doc["components"]["schemas"]
+    assert "seq" in schemas["ProgressUpdate"]["required"]
+    assert schemas["SeedsProgressUpdate"]["required"] == ["stage"]
+    assert "seq" not in schemas["SeedsProgressUpdate"]["properties"]
+    for name in ("checkpoint_bytes", "attempt", "worker"):
+        assert name in schemas["ProgressUpdate"]["properties"]
+    for path, methods in doc["paths"].items():
+        for operation in methods.values():
+            assert "405" in operation["responses"], path
 
 
 @pytest.mark.parametrize("body,reason", [
@@ -117,7 +144,10 @@ def test_openapi_describes_both_paths(vma_server):
     (disk_update("1", 1), "seq must be an integer"),
     (disk_update(1, 1, colour="red"), "unknown fields: colour"),
     (disk_update(1, 1, bytes_transferred=True), "must be an integer"),
-    ({"stage": "Transfer", "status": "in_progress"}, "seq is required"),
+    ({"status": "in_progress", "seq": 1}, "stage is required"),
+    (disk_update(1, 1, attempt=0), "attempt must be 1 or more"),
+    (disk_update(1, 1, worker="w" * 201), "worker is longer than 200"),
+    (disk_update(1, 1, checkpoint_bytes=-1), "checkpoint_bytes must not be negative"),
     ([1, 2], "must be a JSON object"),
 ])
 def test_invalid_bodies_are_refused_with_the_reason_and_not_stored(vma_server, vma_store, body, reason):
@@ -137,14 +167,88 @@ def test_oversize_body_is_413(vma_server, vma_store):
     assert vma_store.get(job_id) is None
 
 
-def test_api_with_no_token_configured_refuses_everything(rf, settings):
+def test_api_with_no_token_configured_refuses_all_but_trusted_loopback(rf, settings, vma_store):
     from vma_agent import api
 
     settings.VMA_TOKEN = ""
-    request = rf.get("/api/v1/progress/x", HTTP_AUTHORIZATION="Bearer ")
-    response = api.get_progress(request, "x")
-    assert response.status_code == 503
-    assert b"VMA_TOKEN is not set" in response.content
+    for request in (rf.get("/api/v1/progress/x", HTTP_AUTHORIZATION="Bearer "),
+                    rf.get("/api/v1/progress/x", REMOTE_ADDR="10.1.2.3"),
+                    rf.get("/api/v1/progress/x", HTTP_X_FORWARDED_FOR="10.1.2.3")):
+        response = api.get_progress(request, "x")
+        assert response.status_code == 503
+        assert b"VMA_TOKEN is not set" in response.content
+    assert api.get_progress(rf.get("/api/v1/progress/x"), "x").status_code == 404  # REMOTE_ADDR 127.0.0.1
+    settings.VMA_TRUST_LOOPBACK = False
+    assert api.get_progress(rf.get("/api/v1/progress/x"), "x").status_code == 503
+
+
+@pytest.mark.parametrize("address,trusted", [("127.0.0.1", True), ("127.8.9.10", True), ("::1", True),
+                                             ("::ffff:127.0.0.1", True), ("10.1.2.3", False),
+                                             ("192.168.1.5", False), ("::ffff:10.1.2.3", False),
+                                             ("2001:db8::1", False), ("", False), ("localhost", False)])
+def test_only_loopback_addresses_are_trusted_without_a_token(rf, vma_store, address, trusted):
+    from vma_agent import api
+
+    response = api.get_progress(rf.get("/api/v1/progress/x", REMOTE_ADDR=address), "x")
+    assert response.status_code == (404 if trusted else 401)
+    # With the right token the address does not matter.
+    response = api.get_progress(rf.get("/api/v1/progress/x", REMOTE_ADDR=address,
+                                       HTTP_AUTHORIZATION=f"Bearer {settings.VMA_TOKEN}"), "x")
+    assert response.status_code == 404
+
+
+def test_loopback_trust_can_be_turned_off(rf, settings, vma_store):
+    from vma_agent import api
+
+    settings.VMA_TRUST_LOOPBACK = False
+    assert api.get_progress(rf.get("/api/v1/progress/x"), "x").status_code == 401
+    assert api.get_progress(rf.get("/api/v1/progress/x", HTTP_AUTHORIZATION=f"Bearer {settings.VMA_TOKEN}"),
+                            "x").status_code == 404
+
+
+@pytest.mark.parametrize("method,path", [("put", "/api/v1/progress/x/update"), ("get", "/api/v1/progress/x/update"),
+                                         ("delete", "/api/v1/progress/x"), ("post", "/api/v1/progress/x"),
+                                         ("post", "/api/v1/progress"), ("post", "/api/v1/health"),
+                                         ("patch", "/api/v1/status/x"), ("delete", "/api/v1/openapi.json")])
+def test_wrong_methods_are_a_json_405_not_a_csrf_page(vma_server, method, path):
+    r = requests.request(method, f"{vma_server}{path}", headers=auth(), timeout=10, data=b"{}")
+    assert r.status_code == 405
+    assert r.headers["Content-Type"] == "application/json" and r.json()["error"] and r.headers["Allow"]
+
+
+def test_deeply_nested_json_is_a_400_not_a_500(vma_server, vma_store):
+    job_id = new_job_id()
+    for raw in ("[" * 10000, "{\"a\":" * 2500 + "1" + "}" * 2500):
+        r = post(vma_server, job_id, None, raw=raw)
+        assert r.status_code == 400 and "JSON" in r.json()["error"]
+    assert vma_store.get(job_id) is None
+
+
+def test_health_answers_while_the_store_does_and_503_when_it_does_not(vma_server, rf, settings):
+    from vma_agent import api
+
+    r = requests.get(f"{vma_server}/api/v1/health", timeout=10)
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    # No token needed, from anywhere.
+    assert api.health(rf.get("/api/v1/health", REMOTE_ADDR="10.1.2.3")).status_code == 200
+    from tests.conftest import free_port
+
+    settings.VMA_REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    response = api.health(rf.get("/api/v1/health"))
+    assert response.status_code == 503 and json.loads(response.content)["status"] == "unavailable"
+
+
+def test_status_summarises_a_job_and_404s_an_unknown_one(vma_server):
+    job_id = new_job_id()
+    post(vma_server, job_id, disk_update(1, 500, disk_id="disk-2000", sync_type="full"))
+    r = requests.get(f"{vma_server}/api/v1/status/{job_id}", headers=auth(), timeout=10)
+    assert r.status_code == 200
+    assert r.json() | {"last_update": None} == {
+        "id": job_id, "job_id": job_id, "status": "in_progress", "sync_type": "full", "phase": "Transfer",
+        "percentage": 65.0, "current_operation": "Transfer", "bytes_transferred": 500, "total_bytes": 1000,
+        "last_update": None}
+    assert requests.get(f"{vma_server}/api/v1/status/{new_job_id()}", headers=auth(), timeout=10).status_code == 404
+    assert requests.get(f"{vma_server}/api/v1/status/a%20b", headers=auth(), timeout=10).status_code == 400
 
 
 # --- generated malformed bodies ------------------------------------------------
@@ -175,7 +279,7 @@ def malformed_bodies(draw):
         except InvalidUpdate:
             pass
     elif breakage == "missing":
-        del body[draw(st.sampled_from(["stage", "status", "seq"]))]
+        del body["stage"]  # the only required field
     elif breakage == "unknown":
         body[draw(st.text(min_size=1, max_size=10).filter(lambda k: k not in _fields))] = 1
     elif breakage == "bytes":
@@ -210,3 +314,18 @@ def test_nothing_was_stored_by_the_malformed_bodies(vma_server, fuzz_run, vma_st
     job_id, keys_before = fuzz_run
     assert get(vma_server, job_id).status_code == 404
     assert vma_store.count_keys() == keys_before
+
+
+def test_a_stop_request_needs_a_reason_and_reaches_the_agents_copies(vma_server, settings):
+    from vma_agent.control import AgentControl
+
+    job_id = new_job_id()
+    url = f"{vma_server}/api/v1/jobs/{job_id}/stop"
+    auth = {"Authorization": f"Bearer {settings.VMA_TOKEN}"}
+    assert requests.post(url, json={}, headers=auth, timeout=10).status_code == 400
+    assert requests.post(url, data=b"[" * 10_000, headers=auth, timeout=10).status_code == 400
+    assert requests.get(url, headers=auth, timeout=10).status_code == 405
+    response = requests.post(url, json={"reason": "cancelled by the operator"}, headers=auth, timeout=10)
+    assert response.status_code == 200 and response.json() == {"job_id": job_id, "stopping": True}
+    control = AgentControl.from_url(settings.VMA_REDIS_URL, prefix=f"{settings.VMA_PROGRESS_PREFIX}:control")
+    assert control.stop_reason(job_id) == "cancelled by the operator"

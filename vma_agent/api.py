@@ -1,24 +1,41 @@
 """The VMA progress API as Django views: a thin HTTP layer over
-vma_agent.progress_store. Token-authenticated, so CSRF does not apply."""
+vma_agent.progress_store. Bearer-token authenticated, except for requests
+that arrive directly on the loopback address (VMA_TRUST_LOOPBACK): the
+seeds' migratekit and OMA poller send no token. No cookies are involved, so
+CSRF does not apply; every view answers JSON, errors and wrong methods too."""
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import logging
-from functools import lru_cache
+from collections.abc import Callable
+from functools import lru_cache, wraps
 
 import redis
 from django.conf import settings
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_GET, require_POST
 
 from vma_agent.control import AgentControl
 from vma_agent.openapi import OPENAPI
-from vma_agent.progress_store import MAX_BODY_BYTES, InvalidUpdate, ProgressStore, parse_update, validate_id
+from vma_agent.progress_store import (
+    FEED_LIMIT,
+    FEED_MAX_LIMIT,
+    MAX_BODY_BYTES,
+    InvalidUpdate,
+    ProgressStore,
+    parse_update,
+    status_summary,
+    validate_id,
+)
 
 log = logging.getLogger(__name__)
+
+# Headers a reverse proxy adds: a request carrying one was relayed, so its
+# loopback source address says nothing about the client.
+PROXY_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
 
 
 @lru_cache(maxsize=4)
@@ -34,14 +51,50 @@ def _error(status: int, reason: str) -> JsonResponse:
     return JsonResponse({"error": reason}, status=status)
 
 
+def api_view(*methods: str) -> Callable:
+    """A JSON API view: CSRF-exempt (no cookies are read), and a wrong
+    method is a JSON 405 with Allow, not Django's empty or HTML answer."""
+
+    def decorate(view):
+        @csrf_exempt
+        @wraps(view)
+        def wrapper(request: HttpRequest, *args, **kwargs):
+            if request.method not in methods:
+                response = _error(405, f"method {request.method} not allowed; use {', '.join(methods)}")
+                response["Allow"] = ", ".join(methods)
+                return response
+            return view(request, *args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def from_loopback(request: HttpRequest) -> bool:
+    """Whether the request came straight from this host: its peer address is
+    loopback and no proxy header says it was relayed for someone else."""
+    try:
+        address = ipaddress.ip_address(request.META.get("REMOTE_ADDR", ""))
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback and not any(name in request.headers for name in PROXY_HEADERS)
+
+
 def _unauthorized(request: HttpRequest) -> JsonResponse | None:
-    """None when the request carries the agent's token. With no token
-    configured the API refuses everything: it is never open."""
+    """None when the request may use the API: it carries the agent's token,
+    or it carries no Authorization header at all and comes from loopback
+    while VMA_TRUST_LOOPBACK is on (the seeds' clients: migratekit on this
+    host, the OMA poller through an SSH tunnel). A token that is sent is
+    always checked. With no token configured, only trusted loopback works."""
+    header = request.headers.get("Authorization")
+    if header is None and settings.VMA_TRUST_LOOPBACK and from_loopback(request):
+        return None
     expected = settings.VMA_TOKEN
     if not expected:
-        return _error(503, "the progress API is disabled: VMA_TOKEN is not set on this agent")
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
+        return _error(503, "the progress API is disabled for this client: VMA_TOKEN is not set on this agent")
+    scheme, _, token = (header or "").partition(" ")
     if scheme.lower() != "bearer" or not token:
         response = _error(401, "missing bearer token")
     elif not hmac.compare_digest(token.strip().encode(), expected.encode()):
@@ -52,8 +105,12 @@ def _unauthorized(request: HttpRequest) -> JsonResponse | None:
     return response
 
 
-@csrf_exempt
-@require_POST
+def _unavailable(exc: Exception) -> JsonResponse:
+    log.error("progress store unavailable: %s", exc)
+    return _error(503, f"progress store unavailable: {exc}")
+
+
+@api_view("POST")
 def post_update(request: HttpRequest, record_id: str) -> JsonResponse:
     if denied := _unauthorized(request):
         return denied
@@ -68,14 +125,13 @@ def post_update(request: HttpRequest, record_id: str) -> JsonResponse:
     try:
         result = get_store().apply(record_id, update)
     except redis.RedisError as exc:
-        log.error("progress store unavailable: %s", exc)
-        return _error(503, f"progress store unavailable: {exc}")
-    return JsonResponse({"id": result.record_id, "applied": result.applied,
-                         "reason": None if result.applied else "an update with this or a newer seq is stored"})
+        return _unavailable(exc)
+    return JsonResponse({"id": result.record_id, "applied": result.applied, "seq": result.seq,
+                         "reason": None if result.applied else
+                         "an update with this or a newer seq, or the disk's completion, is stored"})
 
 
-@require_GET
-def get_progress(request: HttpRequest, record_id: str) -> JsonResponse:
+def _record(request: HttpRequest, record_id: str) -> dict | JsonResponse:
     if denied := _unauthorized(request):
         return denied
     try:
@@ -85,10 +141,62 @@ def get_progress(request: HttpRequest, record_id: str) -> JsonResponse:
     try:
         record = get_store().get(record_id)
     except redis.RedisError as exc:
-        return _error(503, f"progress store unavailable: {exc}")
+        return _unavailable(exc)
     if record is None:
         return _error(404, f"no progress record for {record_id}")
-    return JsonResponse(record)
+    return record
+
+
+@api_view("GET")
+def get_progress(request: HttpRequest, record_id: str) -> JsonResponse:
+    record = _record(request, record_id)
+    return record if isinstance(record, JsonResponse) else JsonResponse(record)
+
+
+@api_view("GET")
+def get_status(request: HttpRequest, record_id: str) -> JsonResponse:
+    record = _record(request, record_id)
+    return record if isinstance(record, JsonResponse) else JsonResponse(status_summary(record))
+
+
+def _int_param(request: HttpRequest, name: str, default: int, low: int, high: int) -> int:
+    raw = request.GET.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or not low <= int(raw) <= high:
+        raise InvalidUpdate(f"{name} must be an integer from {low} to {high}")
+    return int(raw)
+
+
+@api_view("GET")
+def list_changes(request: HttpRequest) -> JsonResponse:
+    """The change feed: every record changed after cursor `since`."""
+    if denied := _unauthorized(request):
+        return denied
+    try:
+        since = _int_param(request, "since", 0, 0, 2**53 - 1)
+        limit = _int_param(request, "limit", FEED_LIMIT, 1, FEED_MAX_LIMIT)
+    except InvalidUpdate as exc:
+        return _error(exc.status, exc.reason)
+    try:
+        changes = get_store().changes(since, limit)
+    except redis.RedisError as exc:
+        return _unavailable(exc)
+    return JsonResponse(changes.as_json())
+
+
+@api_view("GET")
+def health(request: HttpRequest) -> JsonResponse:
+    """Alive and its store answering; no token needed, nothing is revealed."""
+    try:
+        get_store().ping()
+    except redis.RedisError as exc:
+        log.error("progress store unavailable: %s", exc)
+        # No token asked, so no detail given (the log has it).
+        return JsonResponse({"status": "unavailable", "store": "unavailable",
+                             "error": "progress store unavailable"}, status=503)
+    return JsonResponse({"status": "ok", "store": "ok", "service": "vma-progress-api",
+                         "version": OPENAPI["info"]["version"]})
 
 
 @lru_cache(maxsize=4)
@@ -96,8 +204,7 @@ def _control_for(url: str, prefix: str) -> AgentControl:
     return AgentControl.from_url(url, prefix=prefix)
 
 
-@csrf_exempt
-@require_POST
+@api_view("POST")
 def stop_job(request: HttpRequest, job_id: str) -> JsonResponse:
     """The OMA asks this agent to stop a job's copies (cancelled or failed):
     each stops at its next check, within a heartbeat interval."""
@@ -116,10 +223,10 @@ def stop_job(request: HttpRequest, job_id: str) -> JsonResponse:
     try:
         _control_for(settings.VMA_REDIS_URL, f"{settings.VMA_PROGRESS_PREFIX}:control").request_stop(job_id, reason)
     except redis.RedisError as exc:
-        return _error(503, f"agent store unavailable: {exc}")
+        return _unavailable(exc)
     return JsonResponse({"job_id": job_id, "stopping": True})
 
 
-@require_GET
+@api_view("GET")
 def openapi(request: HttpRequest) -> JsonResponse:
     return JsonResponse(OPENAPI)

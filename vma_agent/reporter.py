@@ -26,12 +26,13 @@ class ProgressUnavailable(Exception):
 class ProgressClient:
     """HTTP client of the VMA progress API."""
 
-    def __init__(self, base_url: str, token: str, timeout_s: float = 5.0, keep_alive: bool = True):
+    def __init__(self, base_url: str, token: str | None, timeout_s: float = 5.0, keep_alive: bool = True):
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.keep_alive = keep_alive
         self.session = requests.Session()
-        self.session.headers["Authorization"] = f"Bearer {token}"
+        if token:  # none: only an agent on this host's loopback that trusts it answers
+            self.session.headers["Authorization"] = f"Bearer {token}"
 
     def _request(self, method: str, url: str, **kwargs) -> requests.Response:
         try:
@@ -77,6 +78,39 @@ class ProgressClient:
             return response.json()
         except ValueError as exc:
             raise ProgressUnavailable(f"answer is not JSON: {exc}") from exc
+
+    def changes_page(self, since: int, limit: int | None = None) -> dict:
+        """One page of the change feed, as the API answers it: epoch, cursor,
+        more, records (changed after `since`), expired."""
+        params = {"since": since} | ({"limit": limit} if limit else {})
+        try:
+            response = self._request("GET", f"{self.base_url}/api/v1/progress", params=params)
+        except requests.RequestException as exc:
+            raise ProgressUnavailable(str(exc)) from exc
+        if response.status_code != 200:
+            raise ProgressUnavailable(f"HTTP {response.status_code}: {response.text[:200]}")
+        try:
+            page = response.json()
+            page["cursor"] = int(page["cursor"])
+            if not isinstance(page["records"], list):
+                raise TypeError("records is not a list")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ProgressUnavailable(f"not a change feed answer: {exc!r}") from exc
+        return page
+
+    def changes(self, since: int) -> tuple[list[dict], int]:
+        """Every record changed after cursor `since` (0: every live record)
+        and the cursor to ask from next time; follows the pages. Does not
+        notice a store emptied meanwhile: for that, read changes_page's epoch."""
+        records: dict[str, dict] = {}
+        while True:
+            page = self.changes_page(since)
+            for record in page["records"]:
+                records.pop(record["id"], None)  # changed again while paging: its latest, in change order
+                records[record["id"]] = record
+            since = page["cursor"]
+            if not page.get("more"):
+                return list(records.values()), since
 
 
 class LatestUpdateSender:

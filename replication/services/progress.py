@@ -1,8 +1,10 @@
 """The OMA progress poller: agent progress records -> the database.
 
 Every pass reads the set of jobs to poll from the database (never from
-memory, so a restarted poller simply carries on), fetches their records from
-the VMA progress API concurrently, and applies them in this thread:
+memory, so a restarted poller simply carries on), reads what changed from
+the VMA progress API's change feed in one request (the cursor is kept in
+memory; a restarted poller reads every live record once), and applies the
+records of the active jobs in this thread:
 monotonic (by per-disk sequence number), throttled (>= 1 %, >= 2 s, or a
 stage change), job totals always aggregated from the disks.
 
@@ -16,7 +18,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -92,24 +93,104 @@ def _get(record_id: str, fetched: Fetched) -> dict | None:
     return None
 
 
-def fetch(job: ReplicationJob) -> Fetched:
-    """The agent's entries for the job's disks. One GET by job id gives every
-    disk that reported with its job id; disks still missing are looked up by
-    their export names (ReplicationJob -> VMDisk -> TargetVolume), which also
-    finds updates an agent posted by export name alone. Runs in a pool
-    thread: HTTP only, no database."""
+FEED_PAGE = 5000  # records per change-feed read: one read per pass unless more changed
+
+
+@dataclass
+class _Feed:
+    """What this poller process knows of one agent's change feed. In memory
+    only: a restarted poller starts at cursor 0 and reads every live record."""
+
+    epoch: str | None = None
+    cursor: int = 0
+    records: dict[str, dict] = field(default_factory=dict)  # latest record of ids active jobs use
+    known: set[str] = field(default_factory=set)  # every record id the agent holds
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_feeds: dict[tuple[str, str], _Feed] = {}
+
+
+def _feed() -> _Feed:
+    return _feeds.setdefault((settings.VMA_URL, settings.VMA_TOKEN), _Feed())
+
+
+def _changes_page(since: int) -> tuple[dict, int]:
+    """One page of the change feed with retries and backoff, and the requests
+    it took; raises ProgressUnavailable after the last."""
+    delay = FETCH_BACKOFF_S
+    for attempt in range(FETCH_ATTEMPTS):
+        try:
+            return _client().changes_page(since, FEED_PAGE), attempt + 1
+        except ProgressUnavailable:
+            if attempt == FETCH_ATTEMPTS - 1:
+                raise
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def _read_changes(feed: _Feed) -> int:
+    """Bring `feed` up to date: the records changed since its cursor replace
+    the ones it holds. Returns the requests made."""
+    requests = 0
+    while True:
+        page, tries = _changes_page(feed.cursor)
+        requests += tries
+        if page.get("epoch") != feed.epoch:
+            if feed.cursor != 0:
+                # The agent's store was emptied (or is another one): what we
+                # hold is void. Read everything again, in this pass.
+                log.warning("the agent's progress store changed (epoch %s -> %s): reading it again",
+                            feed.epoch, page.get("epoch"))
+                feed.cursor, feed.records, feed.known = 0, {}, set()
+                feed.epoch = page.get("epoch")
+                continue
+            feed.epoch = page.get("epoch")
+        for record in page["records"]:
+            feed.records[record["id"]] = record
+            feed.known.add(record["id"])
+        for record_id in page.get("expired") or ():
+            feed.records.pop(record_id, None)
+            feed.known.discard(record_id)
+        feed.cursor = page["cursor"]
+        if not page.get("more"):
+            return requests
+
+
+def _held(feed: _Feed, record_id: str, fetched: Fetched) -> dict | None:
+    """The latest record for an id: the one the feed brought, or, for a
+    record the agent holds that this poller let go (its job was not active
+    then), one GET."""
+    record = feed.records.get(record_id)
+    if record is None and record_id in feed.known:
+        record = _get(record_id, fetched)
+        if record is None:
+            feed.known.discard(record_id)  # gone meanwhile
+        else:
+            feed.records[record_id] = record
+    return record
+
+
+def fetch(job: ReplicationJob, feed: _Feed) -> Fetched:
+    """The agent's entries for the job's disks, from the records the feed
+    brought (no request for a job whose record did not change): its record
+    by job id gives every disk that reported with its job id; disks still
+    missing are looked up under their export names (ReplicationJob -> VMDisk
+    -> TargetVolume), which finds updates an agent posted by export name
+    alone. A job whose record exists is found, changed or not."""
     fetched = Fetched(job.id)
     disks = list(job.disks.all())  # prefetched
     by_key = {d.disk_key: d.pk for d in disks}
     by_export = {d.target_volume.export_name: d.pk for d in disks}
     try:
-        record = _get(job.id, fetched)
+        record = _held(feed, job.id, fetched)
         if record is not None:
             fetched.found |= _collect(record, fetched, job, by_key, by_export)
         for export, pk in by_export.items():
             if pk in fetched.entries:
                 continue
-            record = _get(export, fetched)
+            record = _held(feed, export, fetched)
             if record is not None:
                 fetched.found |= _collect(record, fetched, job, by_key, by_export, export_pk=pk)
     except ProgressUnavailable as exc:
@@ -117,11 +198,29 @@ def fetch(job: ReplicationJob) -> Fetched:
     return fetched
 
 
+def fetch_all(jobs: list[ReplicationJob]) -> tuple[list[tuple[ReplicationJob, Fetched]], int]:
+    """Every active job's Fetched from ONE read of the agent's change feed
+    (more only when more than FEED_PAGE records changed, or for a record
+    this poller let go), and the requests made. Its cost grows with what
+    changed, not with the disks."""
+    feed = _feed()
+    with feed.lock:
+        try:
+            requests = _read_changes(feed)
+        except ProgressUnavailable as exc:
+            return [(job, Fetched(job.id, error=str(exc))) for job in jobs], FETCH_ATTEMPTS
+        results = [(job, fetch(job, feed)) for job in jobs]
+        # Hold only the records active jobs use; the rest stay known by id.
+        used = {job.id for job in jobs} | {d.target_volume.export_name for job in jobs for d in job.disks.all()}
+        feed.records = {record_id: record for record_id, record in feed.records.items() if record_id in used}
+    return results, requests
+
+
 def _collect(record: dict, fetched: Fetched, job: ReplicationJob, by_key: dict, by_export: dict,
              export_pk: int | None = None) -> bool:
     """Take the record's entries for this job's disks; False when the record
     is not this job's (an export whose volume an earlier job reported)."""
-    record_job = record.get("job_id")
+    record_job = record.get("job_id") or None  # "" in the seeds' format: kept under an export name
     if record_job not in (None, job.id):
         return False
     started = (job.started_at or job.created_at).timestamp()
@@ -146,7 +245,7 @@ def _should_write(disk: VMDisk, entry: dict, now: datetime) -> bool:
         return False  # an older run of the disk, taken over: it speaks no more
     if entry.get("stage") != disk.current_operation:
         return True
-    total = entry.get("total_bytes") or 0
+    total = entry.get("total_bytes") or disk.bytes_total
     done = entry.get("bytes_transferred") or 0
     percent = 100.0 if total <= 0 else 100.0 * done / total
     if abs(percent - disk.progress_percent) >= settings.PROGRESS_WRITE_STEP_PERCENT:
@@ -191,7 +290,9 @@ def apply_batch(pairs: list[tuple[ReplicationJob, Fetched]], now: datetime, stat
 
 def _update_of(disk: VMDisk, entry: dict) -> dict:
     return {"pk": disk.pk, "seq": entry["seq"], "attempt": entry.get("attempt", disk.attempts),
-            "bytes_done": entry.get("bytes_transferred") or 0, "bytes_total": entry.get("total_bytes") or 0,
+            "bytes_done": entry.get("bytes_transferred") or 0,
+            # The seeds' client may leave total_bytes out (omitempty): the known total stays.
+            "bytes_total": entry.get("total_bytes") or disk.bytes_total,
             "throughput_bps": entry.get("throughput_bps") or 0,
             "stage": entry["stage"] if entry.get("stage") in Stage.values else disk.current_operation,
             "eta_seconds": entry.get("eta_seconds"),
@@ -231,12 +332,10 @@ def poll_once(now: datetime | None = None) -> PassStats:
     jobs = active_jobs()
     stats = PassStats(jobs=len(jobs))
     if jobs:
-        workers = max(1, min(settings.PROGRESS_POLL_CONCURRENCY, len(jobs)))
         current = now or timezone.now()
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="progress-poll") as pool:
-            results = list(zip(jobs, pool.map(fetch, jobs), strict=True))
+        results, feed_requests = fetch_all(jobs)
         applying = time.monotonic()
-        stats.requests = sum(fetched.requests for _, fetched in results)
+        stats.requests = feed_requests + sum(fetched.requests for _, fetched in results)
         for start in range(0, len(results), APPLY_BATCH_JOBS):
             # A few jobs per statement and commit; short transactions keep
             # row locks brief for the copies' heartbeats.
