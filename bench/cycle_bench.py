@@ -106,14 +106,20 @@ def configure(workdir: Path) -> dict:
 class Services:
     """The processes of one layout, each with its log under workdir/log."""
 
-    def __init__(self, workdir: Path, env: dict, layout: str, api: bool = True):
+    def __init__(self, workdir: Path, env: dict, layout: str, api: str = "runserver"):
         self.workdir = workdir
         self.env = {**os.environ, **env}
         self.procs: dict[str, subprocess.Popen] = {}
         port = env["VMA_URL"].rsplit(":", 1)[1]
         celery = [sys.executable, "-m", "celery", "-A", "oma_site"]
         worker = [*celery, "worker", "-E", "-l", "info", "--without-gossip", "--without-mingle"]
-        if api:
+        self.hung: socket.socket | None = None
+        if api == "hung":
+            # Accepts connections (the kernel's backlog) and never answers.
+            self.hung = socket.socket()
+            self.hung.bind(("127.0.0.1", int(port)))
+            self.hung.listen(64)
+        elif api == "runserver":
             self.start("api", [sys.executable, "manage.py", "runserver", "--noreload", "--skip-checks",
                                f"127.0.0.1:{port}"], extra_env={"OMA_UI_ENABLED": "0"})
         if layout == "single":
@@ -124,7 +130,7 @@ class Services:
             self.start("agent-worker", [*worker, "-Q", "vma.local", "-c", "2", "-n", f"bench-vma-{os.getpid()}@%h"])
             self.start("beat", [*celery, "beat", "-l", "info", "-s", str(workdir / "run" / "celerybeat-schedule")])
             self.start("poller", [sys.executable, "manage.py", "poll_progress"])
-        self.wait_ready(env["VMA_URL"] if api else None)
+        self.wait_ready(env["VMA_URL"] if api == "runserver" else None)
 
     def start(self, name: str, cmd: list[str], extra_env: dict | None = None) -> None:
         log = open(self.workdir / "log" / f"{name}.log", "wb")  # noqa: SIM115 - the child keeps it
@@ -178,6 +184,8 @@ class Services:
         return result
 
     def stop(self) -> None:
+        if self.hung is not None:
+            self.hung.close()
         for proc in self.procs.values():
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -351,9 +359,10 @@ def main() -> None:
     parser.add_argument("--layout", choices=["split", "single"], default="split")
     parser.add_argument("--workdir", type=Path, default=ROOT / "var" / "cycle-bench")
     parser.add_argument("--timeout", type=float, default=120, help="seconds one cycle may take")
-    parser.add_argument("--api-down", action="store_true",
-                        help="do not start the agent's progress API: every progress update fails (an agent API "
-                             "down, unreachable, or refusing the token)")
+    parser.add_argument("--api", choices=["runserver", "down", "hung"], default="runserver",
+                        help="the agent's progress API: runserver (default); down: nothing listens, every "
+                             "update fails at once (as with an API refusing the token); hung: connections are "
+                             "accepted and never answered (a blackholed agent, VMA_REQUEST_TIMEOUT_S per try)")
     parser.add_argument("--json", action="store_true", help="also print every cycle and the summary as JSON")
     parser.add_argument("--keep", action="store_true", help="leave the work directory (logs) afterwards")
     args = parser.parse_args()
@@ -375,7 +384,7 @@ def main() -> None:
     images = make_images(workdir / "images")
     call_command("add_vm", VM_NAME, *[arg for path in images for arg in ("--disk", str(path))],
                  stdout=open(os.devnull, "w"))  # noqa: SIM115
-    services = Services(workdir, env, args.layout, api=not args.api_down)
+    services = Services(workdir, env, args.layout, api=args.api)
     cycles = []
     try:
         for i in range(args.warmup + args.reps):
@@ -389,7 +398,7 @@ def main() -> None:
         for key in broker.scan_iter(f"{env['VMA_PROGRESS_PREFIX']}:*", count=1000):
             broker.delete(key)
     summary = summarize(cycles)
-    print_summary(summary, args.layout + (", agent API down" if args.api_down else ""))
+    print_summary(summary, args.layout + ("" if args.api == "runserver" else f", agent API {args.api}"))
     if args.json:
         print(json.dumps({"cycles": cycles, "summary": summary}, indent=2, default=str))
     if not args.keep:
