@@ -12,8 +12,9 @@ not counted) through `manage.py replicate --full`, one cycle at a time.
 
 Layouts (what runs where):
   split   what scripts/demo.sh starts: an OMA worker (-Q oma), the agent's
-          copy worker (-Q vma.local -c 2), celery beat, and the poller as
-          its own process (manage.py poll_progress)
+          copy worker (-Q vma.local -c 2, PROCESS_ROLE=agent: no database),
+          celery beat, and the poller as its own process (manage.py
+          poll_progress)
   single  one worker with an embedded beat consuming every queue
           (celery worker -B -c 2: the demo's configuration before the split)
 
@@ -126,10 +127,13 @@ class Services:
             self.start("worker", [*worker, "-B", "-s", str(workdir / "run" / "celerybeat-schedule"), "-c", "2",
                                   "-n", f"bench-{os.getpid()}@%h"])
         else:
-            self.start("oma-worker", [*worker, "-Q", "oma", "-c", "2", "-n", f"bench-oma-{os.getpid()}@%h"])
-            self.start("agent-worker", [*worker, "-Q", "vma.local", "-c", "2", "-n", f"bench-vma-{os.getpid()}@%h"])
-            self.start("beat", [*celery, "beat", "-l", "info", "-s", str(workdir / "run" / "celerybeat-schedule")])
-            self.start("poller", [sys.executable, "manage.py", "poll_progress"])
+            oma, agent = {"PROCESS_ROLE": "oma"}, {"PROCESS_ROLE": "agent"}  # the agent: no database
+            self.start("oma-worker", [*worker, "-Q", "oma", "-c", "2", "-n", f"bench-oma-{os.getpid()}@%h"], oma)
+            self.start("agent-worker", [*worker, "-Q", "vma.local", "-c", "2", "-n", f"bench-vma-{os.getpid()}@%h"],
+                       agent)
+            self.start("beat", [*celery, "beat", "-l", "info", "-s", str(workdir / "run" / "celerybeat-schedule")],
+                       oma)
+            self.start("poller", [sys.executable, "manage.py", "poll_progress"], oma)
         self.wait_ready(env["VMA_URL"] if api == "runserver" else None)
 
     def start(self, name: str, cmd: list[str], extra_env: dict | None = None) -> None:

@@ -70,13 +70,15 @@ agent_queue="vma.${VMA_AGENT_NAME:-local}"
 CELERY=".venv/bin/celery -A oma_site"
 echo "starting the OMA worker (-Q oma), the agent worker (-Q $agent_queue -c 2), beat and the progress poller" \
   "(logs: var/log/)"
-$CELERY worker -Q oma -c 2 -E -l info -n "demo-oma@%h" >var/log/oma-worker.log 2>&1 &
+PROCESS_ROLE=oma $CELERY worker -Q oma -c 2 -E -l info -n "demo-oma@%h" >var/log/oma-worker.log 2>&1 &
 pids+=($!)
-$CELERY worker -Q "$agent_queue" -c 2 -E -l info -n "demo-agent@%h" >var/log/agent-worker.log 2>&1 &
+# The agent's worker holds no database (PROCESS_ROLE=agent), as on its own host.
+PROCESS_ROLE=agent $CELERY worker -Q "$agent_queue" -c 2 -E -l info -n "demo-agent@%h" \
+  >var/log/agent-worker.log 2>&1 &
 pids+=($!)
-$CELERY beat -s var/run/celerybeat-schedule -l info >var/log/beat.log 2>&1 &
+PROCESS_ROLE=oma $CELERY beat -s var/run/celerybeat-schedule -l info >var/log/beat.log 2>&1 &
 pids+=($!)
-$PY manage.py poll_progress >var/log/poller.log 2>&1 &
+PROCESS_ROLE=oma $PY manage.py poll_progress >var/log/poller.log 2>&1 &
 pids+=($!)
 for log in var/log/oma-worker.log var/log/agent-worker.log; do
   for _ in $(seq 150); do grep -q " ready." "$log" 2>/dev/null && break; sleep 0.2; done

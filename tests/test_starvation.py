@@ -13,7 +13,6 @@ first copy ended."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from replication.choices import DiskStatus, JobStatus
 from replication.models import ReplicationJob, VMDisk
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import start_replication
-from tests.conftest import PROJECT_ROOT, WORKER_START_TIMEOUT_S, wait_for_job, worker_env
+from tests.conftest import PROJECT_ROOT, start_worker, wait_for_job, worker_env
 from tests.helpers import MiB, make_image
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -38,55 +37,41 @@ DATA_PER_DISK = 12 * MiB
 LIMIT_BPS = 1 * MiB  # per disk: about 12 s of copying
 
 
-class Processes:
-    """The demo's processes, each logging to TEST_ROOT/starvation-<name>.log."""
+def start_process(name: str, *args: str, role: str = "oma") -> subprocess.Popen:
+    log = Path(settings.TEST_ROOT) / f"starvation-{name}.log"
+    env = {**worker_env(), "PROCESS_ROLE": role, "PROGRESS_POLL_INTERVAL_S": str(POLL_INTERVAL_S)}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, *args], cwd=PROJECT_ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    proc.log_path = log
+    return proc
 
-    def __init__(self):
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.env = {**worker_env(), "PROGRESS_POLL_INTERVAL_S": str(POLL_INTERVAL_S), "VMA_AGENT_NAME": AGENT}
 
-    def log(self, name: str) -> Path:
-        return Path(settings.TEST_ROOT) / f"starvation-{name}.log"
-
-    def start(self, name: str, *args: str) -> None:
-        with open(self.log(name), "wb") as log:
-            self.procs[name] = subprocess.Popen([sys.executable, *args], cwd=PROJECT_ROOT, env=self.env, stdout=log,
-                                                stderr=subprocess.STDOUT)
-
-    def wait_ready(self, *names: str) -> None:
-        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-        for name in names:
-            while b" ready." not in self.log(name).read_bytes():
-                if self.procs[name].poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"{name} did not start:\n{self.log(name).read_text()[-3000:]}")
-                time.sleep(0.2)
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+def stop_process(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture
 def demo_layout(vma_server):
-    procs = Processes()
-    worker = ["-m", "celery", "-A", "oma_site", "worker", "-E", "-l", "info", "--without-gossip", "--without-mingle"]
+    """What scripts/demo.sh starts besides the web server: the agent's copy
+    worker (-c 2, its own queue), an OMA worker, beat, the poller process."""
+    started = []
     try:
-        procs.start("agent-worker", *worker, "-Q", f"vma.{AGENT}", "-c", "2", "-n", f"starve-agent-{os.getpid()}@%h")
-        procs.start("oma-worker", *worker, "-Q", "oma", "-c", "2", "-n", f"starve-oma-{os.getpid()}@%h")
-        procs.start("beat", "-m", "celery", "-A", "oma_site", "beat", "-l", "info",
-                    "-s", str(Path(settings.TEST_ROOT) / "starvation-celerybeat-schedule"))
-        procs.start("poller", "manage.py", "poll_progress")
-        procs.wait_ready("agent-worker", "oma-worker")
-        yield procs
+        started.append(start_worker("agent", "starve-agent", 2, extra_env={"VMA_AGENT_NAME": AGENT}))
+        started.append(start_worker("oma", "starve-oma", 2))
+        started.append(start_process("beat", "-m", "celery", "-A", "oma_site", "beat", "-l", "info",
+                                     "-s", str(Path(settings.TEST_ROOT) / "starvation-celerybeat-schedule")))
+        poller = start_process("poller", "manage.py", "poll_progress")
+        started.append(poller)
+        yield poller
     finally:
-        procs.stop()
+        for proc in started:
+            stop_process(proc)
 
 
 def test_progress_advances_while_both_copy_slots_are_busy(demo_layout, tmp_path):
@@ -124,7 +109,7 @@ def test_progress_advances_while_both_copy_slots_are_busy(demo_layout, tmp_path)
     disk_moves.append(copying_until)
     job_moves.append(copying_until)
 
-    log = demo_layout.log("poller")
+    log = demo_layout.log_path
     for what, moves in (("VMDisk.bytes_done", disk_moves), ("ReplicationJob.bytes_transferred", job_moves)):
         gaps = [b - a for a, b in zip(moves, moves[1:], strict=False)]
         assert len(moves) - 2 >= 3, (
