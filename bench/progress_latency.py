@@ -4,9 +4,11 @@ poller -> the database.
 
 1. Latency: simulated copy loops (4 disks, the engine's ThrottledReporter
    cadence, 2 s / 1 %) feed DiskReporters; the poller runs every
-   PROGRESS_POLL_INTERVAL_S (default 5 s); a watcher reads the database
-   every 20 ms. Latency = when a byte count appeared in the database minus
-   when the copy loop passed exactly that count to the reporter.
+   PROGRESS_POLL_INTERVAL_S (default 5 s), as its own process
+   (`manage.py poll_progress`, as scripts/demo.sh runs it; --poller thread:
+   in this process); a watcher reads the database every 20 ms. Latency =
+   when a byte count appeared in the database minus when the copy loop
+   passed exactly that count to the reporter.
 2. Scale: N active jobs x 4 disks against the real API (200 by default;
    200 and 1250 with --no-latency): duration of a poller pass, its HTTP
    requests and database writes (first pass, a pass with no change, a pass
@@ -17,7 +19,7 @@ BENCH_DATABASE_URL, e.g. mysql://root@127.0.0.1:3306/oma_bench, a database
 that exists and holds nothing else) and Redis database 13 (BENCH_REDIS_URL),
 so it never touches a developer's jobs:
 
-    .venv/bin/python bench/progress_latency.py [--seconds 60] [--jobs 200 ...] [--disks 4]
+    .venv/bin/python bench/progress_latency.py [--seconds 60] [--jobs 200 ...] [--disks 4] [--poller process|thread]
     .venv/bin/python bench/progress_latency.py --no-latency        # pass times at 200x4 and 1250x4
 """
 
@@ -90,7 +92,7 @@ def make_jobs(count: int, disks: int, prefix: str):
     return jobs
 
 
-def latency(seconds: float, disks: int) -> dict:
+def latency(seconds: float, disks: int, poller_mode: str = "process", env: dict | None = None) -> dict:
     from django.conf import settings
     from django.db import connection
 
@@ -147,13 +149,23 @@ def latency(seconds: float, disks: int) -> dict:
             connection.close()
 
     threads = [threading.Thread(target=copy_loop, args=(d,)) for d in job_disks]
-    threads += [threading.Thread(target=poller), threading.Thread(target=watcher)]
+    threads.append(threading.Thread(target=watcher))
+    poller_process = None
+    if poller_mode == "thread":
+        threads.append(threading.Thread(target=poller))
+    else:
+        poller_process = subprocess.Popen([sys.executable, "manage.py", "poll_progress"], cwd=ROOT,
+                                          env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL)
     for t in threads:
         t.start()
     time.sleep(seconds)
     stop.set()
     for t in threads:
         t.join()
+    if poller_process is not None:
+        poller_process.terminate()
+        poller_process.wait(30)
     # Each value the database showed, against when the copy loop passed it.
     samples = [t_seen - passed[pk][done] for pk, rows in seen.items() for done, t_seen in rows
                if done in passed[pk]]
@@ -240,6 +252,9 @@ def main() -> None:
                              "200 and 1250 with --no-latency)")
     parser.add_argument("--disks", type=int, default=4)
     parser.add_argument("--no-latency", action="store_true", help="only the poller pass measurement")
+    parser.add_argument("--poller", choices=["process", "thread"], default="process",
+                        help="the latency run's poller: its own process (manage.py poll_progress, as the demo "
+                             "runs it) or a thread of this process")
     args = parser.parse_args()
     sizes = args.jobs or ([200, 1250] if args.no_latency else [200])
     env, workdir = configure()
@@ -267,8 +282,9 @@ def main() -> None:
         print(f"database: {settings.DATABASES['default']['ENGINE']}, API: {env['VMA_URL']} (runserver)")
         if not args.no_latency:
             seconds = max(args.seconds, 12)
-            r = latency(seconds, args.disks)
-            print(f"copy loop -> database latency over {seconds:.0f} s, {args.disks} disks, poll every "
+            r = latency(seconds, args.disks, args.poller, env)
+            print(f"copy loop -> database latency over {seconds:.0f} s, {args.disks} disks, poller: {args.poller}, "
+                  f"poll every "
                   f"{r['poll_interval_s']} s, report every {r['report_interval_s']} s / 1 %:")
             print(f"  each value that reached the database: {r['samples']} samples, median {r['median_s']:.2f} s, "
                   f"p95 {r['p95_s']:.2f} s, max {r['max_s']:.2f} s")

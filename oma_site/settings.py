@@ -104,8 +104,10 @@ STATIC_ROOT = VAR_DIR / "static"
 
 # --- Celery -----------------------------------------------------------------
 # Name of the agent (VMA) this process acts as. Copy tasks of its VMs go to
-# queue "vma.<name>"; orchestration and polling go to "oma". A plain
-# `celery -A oma_site worker` consumes both; -Q narrows it on big setups.
+# queue "vma.<name>"; orchestration and the periodic tasks go to "oma". Run
+# one worker per queue (`-Q oma` on the OMA, `-Q vma.<name>` on each agent):
+# a plain `celery -A oma_site worker` consumes both, and then orchestration
+# steps and the reaper wait behind copies whenever every slot is copying.
 VMA_AGENT_NAME = env("VMA_AGENT_NAME", default="local")
 CELERY_TASK_DEFAULT_QUEUE = "oma"
 CELERY_TASK_QUEUES = {"all": [Queue("oma"), Queue(f"vma.{VMA_AGENT_NAME}")], "oma": [Queue("oma")],
@@ -227,12 +229,12 @@ REAPER_PENDING_TIMEOUT_S = env.float("REAPER_PENDING_TIMEOUT_S", default=3600.0)
 # Flower: copy tasks publish PROGRESS state and task-progress events this often.
 TASK_EVENT_INTERVAL_S = env.float("TASK_EVENT_INTERVAL_S", default=2.0)
 
+# The progress poller is not scheduled here: it runs as its own process
+# (`manage.py poll_progress`, a loop), where no copy can take its slot. A beat
+# task queued into a pool whose slots all copy waits for the copies to end:
+# the GUI stayed at 0 % for a whole copy. The reaper and the sweeper are
+# queued on "oma", which only the OMA worker consumes.
 CELERY_BEAT_SCHEDULE = {
-    "poll-progress": {
-        "task": "replication.poll_progress",
-        "schedule": PROGRESS_POLL_INTERVAL_S,
-        "options": {"queue": "oma", "expires": PROGRESS_POLL_INTERVAL_S},
-    },
     "reap-stale": {
         "task": "replication.reap_stale",
         "schedule": REAPER_INTERVAL_S,

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Set everything up on embedded defaults (SQLite, a local Redis, local image
-# sources, local volume targets), start a Celery worker and the web server,
-# replicate a generated 2-disk VM with live progress, and compare sha256 of
-# every source disk with its target volume. KEEP_RUNNING=1 leaves the worker
-# and the web server running afterwards.
+# sources, local volume targets), start the OMA's and the agent's processes
+# (web server + agent API, OMA worker, agent copy worker, beat, progress
+# poller), replicate a generated 2-disk VM with live progress, and compare
+# sha256 of every source disk with its target volume. KEEP_RUNNING=1 leaves
+# the processes running afterwards. VMA_URL (default http://127.0.0.1:8000)
+# sets the web server's port; CELERY_BROKER_URL the Redis (database).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -32,17 +34,63 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "starting a Celery worker with beat: copies, progress poller, reaper (log: var/log/worker.log)"
+# The web server serves the pages and the agent's progress API (one host
+# here); the copy loops and the poller reach it at VMA_URL.
+export VMA_URL=${VMA_URL:-http://127.0.0.1:8000}
+web_hostport=${VMA_URL#*://}; web_hostport=${web_hostport%%/*}
+web_port=${web_hostport##*:}
 mkdir -p var/run
-.venv/bin/celery -A oma_site worker -B -s var/run/celerybeat-schedule -E -c 2 -l info -n "demo@%h" \
-  >var/log/worker.log 2>&1 &
-pids+=($!)
-if ! (exec 3<>/dev/tcp/127.0.0.1/8000) 2>/dev/null; then
-  echo "starting the web server on http://127.0.0.1:8000/ (log: var/log/web.log)"
-  $PY manage.py runserver --noreload 127.0.0.1:8000 >var/log/web.log 2>&1 &
+if (exec 3<>"/dev/tcp/127.0.0.1/$web_port") 2>/dev/null; then
+  # Someone else's server would refuse our token: every progress update
+  # lost and the bars stuck at 0 %. Use it only if it takes our token.
+  if ! $PY - "$VMA_URL" "$VMA_TOKEN" <<'PY'
+import sys, requests
+url, token = sys.argv[1:]
+answer = requests.get(f"{url}/api/v1/progress/demo-token-check", headers={"Authorization": f"Bearer {token}"},
+                      timeout=5)
+sys.exit(0 if answer.status_code == 404 else 1)
+PY
+  then
+    echo "port $web_port is taken by a server that refuses this demo's token (var/vma-token);" \
+      "stop it or set VMA_URL=http://127.0.0.1:PORT to another port" >&2
+    exit 1
+  fi
+  echo "using the web server already running at $VMA_URL"
+else
+  echo "starting the web server and agent API on $VMA_URL (log: var/log/web.log)"
+  $PY manage.py runserver --noreload "127.0.0.1:$web_port" >var/log/web.log 2>&1 &
   pids+=($!)
 fi
-for _ in $(seq 100); do grep -q " ready." var/log/worker.log 2>/dev/null && break; sleep 0.2; done
+
+# One process per role, so nothing periodic or short waits behind a copy:
+# the agent's worker copies (-Q vma.<agent>, 2 disks at a time); the OMA's
+# worker runs the orchestration steps, the reaper and the sweeper (-Q oma);
+# beat only queues those; the progress poller is its own loop.
+agent_queue="vma.${VMA_AGENT_NAME:-local}"
+CELERY=".venv/bin/celery -A oma_site"
+echo "starting the OMA worker (-Q oma), the agent worker (-Q $agent_queue -c 2), beat and the progress poller" \
+  "(logs: var/log/)"
+PROCESS_ROLE=oma $CELERY worker -Q oma -c 2 -E -l info -n "demo-oma@%h" >var/log/oma-worker.log 2>&1 &
+pids+=($!)
+# The agent's worker holds no database (PROCESS_ROLE=agent), as on its own host.
+PROCESS_ROLE=agent $CELERY worker -Q "$agent_queue" -c 2 -E -l info -n "demo-agent@%h" \
+  >var/log/agent-worker.log 2>&1 &
+pids+=($!)
+PROCESS_ROLE=oma $CELERY beat -s var/run/celerybeat-schedule -l info >var/log/beat.log 2>&1 &
+pids+=($!)
+PROCESS_ROLE=oma $PY manage.py poll_progress >var/log/poller.log 2>&1 &
+pids+=($!)
+for log in var/log/oma-worker.log var/log/agent-worker.log; do
+  for _ in $(seq 150); do grep -q " ready." "$log" 2>/dev/null && break; sleep 0.2; done
+  grep -q " ready." "$log" || { echo "worker did not start; see $log" >&2; exit 1; }
+done
+for _ in $(seq 100); do
+  $PY - "$VMA_URL" <<'PY' 2>/dev/null && break
+import sys, requests
+requests.get(f"{sys.argv[1]}/api/v1/openapi.json", timeout=1).raise_for_status()
+PY
+  sleep 0.2
+done
 
 $PY scripts/make_demo_images.py "$PWD/var/demo"
 if ! $PY manage.py volumes demo-vm >/dev/null 2>&1; then

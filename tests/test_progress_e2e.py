@@ -226,7 +226,11 @@ def test_database_up_since_is_the_servers_start(settings):
         assert up_since is None
 
 
-def test_beat_scheduled_poller_task_runs_on_the_worker(celery_worker_process, tmp_path, monkeypatch):
+def test_periodic_tasks_run_on_the_worker_and_beat_never_queues_the_poller(celery_worker_process, tmp_path,
+                                                                            monkeypatch):
+    """The poller is a process of its own (manage.py poll_progress): beat
+    queues only the reaper and the sweeper; the poll task still runs on a
+    worker when asked."""
     from replication import tasks
     from tests.test_progress_api import post
 
@@ -240,7 +244,8 @@ def test_beat_scheduled_poller_task_runs_on_the_worker(celery_worker_process, tm
                                     "bytes_transferred": 123, "total_bytes": 4096})
 
     scheduled = {entry["task"] for entry in settings.CELERY_BEAT_SCHEDULE.values()}
-    assert scheduled == {"replication.poll_progress", "replication.reap_stale", "replication.sweep_snapshots"}
+    assert scheduled == {"replication.reap_stale", "replication.sweep_snapshots"}
+    assert {entry["options"]["queue"] for entry in settings.CELERY_BEAT_SCHEDULE.values()} == {"oma"}
     assert scheduled <= set(app.tasks)
     tasks.poll_progress.delay()
     wait_until(lambda: VMDisk.objects.get(job=job).bytes_done == 123, timeout=30, what="the worker's poller pass")

@@ -80,10 +80,34 @@ def test_a_dead_api_is_retried_with_backoff_and_gets_the_latest_once_back():
     assert sender.failures >= 2 and sender.sent == 0
     api = RecordingAPI(port=port)
     try:
+        deadline = time.monotonic() + 5
+        while not api.bodies and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert sender.close(timeout_s=5), "the waiting update was not delivered after the API came back"
     finally:
         api.stop()
     assert [b["seq"] for b in api.bodies] == [5]
+
+
+def test_closing_on_a_dead_api_does_not_wait_and_the_update_still_goes_out_once_back():
+    """A workflow step closes its reporter before the next step: with the API
+    down, close() used to wait its whole timeout (three 2 s hops per job)."""
+    port = free_port()
+    sender = LatestUpdateSender(ProgressClient(f"http://127.0.0.1:{port}", "t", timeout_s=1), "job-2b",
+                                backoff_s=0.2, max_backoff_s=0.4)
+    sender.offer({"stage": "Transfer", "status": "completed", "seq": 7})
+    started = time.monotonic()
+    assert not sender.close(timeout_s=5)
+    assert time.monotonic() - started < 1.0, "close() waited on an API that is down"
+    assert sender.failures >= 1
+    api = RecordingAPI(port=port)
+    try:
+        deadline = time.monotonic() + 5
+        while not api.bodies and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        api.stop()
+    assert [b["seq"] for b in api.bodies] == [7], "the closed sender gave up on its last update"
 
 
 def test_a_refused_update_is_dropped_not_retried():

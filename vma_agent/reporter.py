@@ -118,14 +118,17 @@ class LatestUpdateSender:
     stages). offer() never blocks on the network."""
 
     def __init__(self, client: ProgressClient, record_id: str, *, backoff_s: float = 0.5,
-                 max_backoff_s: float = 10.0, name: str = "progress-sender"):
+                 max_backoff_s: float = 10.0, linger_s: float = 60.0, name: str = "progress-sender"):
         self.client = client
         self.record_id = record_id
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        self.linger_s = linger_s
         self._slot: dict | None = None
         self._busy = False
+        self._failing = False  # the last attempt failed: the API is down or refusing us
         self._stopping = False
+        self._give_up_at = float("inf")
         self._cond = threading.Condition()
         self.sent = self.failures = self.superseded = self.refused = 0
         self.last_sent: dict | None = None
@@ -140,17 +143,24 @@ class LatestUpdateSender:
             self._cond.notify_all()
 
     def close(self, timeout_s: float = 2.0) -> bool:
-        """Give the last update up to `timeout_s` to go out, then stop.
+        """No more updates. What is still waiting goes out from the thread,
+        retried for up to `linger_s`, whether or not the caller waits. The
+        caller waits up to `timeout_s` for it, but no longer than the
+        channel works: once an attempt failed (API down, unreachable or
+        refusing the token) waiting only delays the caller's next step -
+        a workflow step used to lose the whole `timeout_s` this way.
         Returns whether everything offered was delivered."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            while (self._slot is not None or self._busy) and time.monotonic() < deadline:
-                self._cond.wait(max(0.0, deadline - time.monotonic()))
-            delivered = self._slot is None and not self._busy
             self._stopping = True
+            self._give_up_at = time.monotonic() + self.linger_s
             self._cond.notify_all()
-        self._thread.join(max(0.1, deadline - time.monotonic()))
-        return delivered
+            while (self._slot is not None or self._busy) and not self._failing:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            return self._slot is None and not self._busy
 
     def _run(self) -> None:
         delay = self.backoff_s
@@ -165,17 +175,23 @@ class LatestUpdateSender:
                 self.client.post_update(self.record_id, body)
             except ProgressUnavailable as exc:
                 self.failures += 1
-                log.warning("progress update for %s not delivered (retry in %.1f s): %s",
-                            self.record_id, delay, exc)
                 with self._cond:
                     if self._slot is None:
                         self._slot = body  # retry it unless a newer one came meanwhile
                     self._busy = False
+                    self._failing = True
                     self._cond.notify_all()
-                    if not self._stopping:
-                        self._cond.wait_for(lambda: self._stopping, timeout=delay)
-                    if self._stopping:
+                    retry_at = time.monotonic() + delay
+                    if self._stopping and retry_at > self._give_up_at:
+                        log.warning("progress update for %s dropped: not delivered %.0f s after its reporter "
+                                    "closed: %s", self.record_id, self.linger_s, exc)
+                        self._slot = None
                         return
+                    log.warning("progress update for %s not delivered (retry in %.1f s): %s",
+                                self.record_id, delay, exc)
+                    # Newer offers and close() do not cut the backoff short.
+                    while (remaining := retry_at - time.monotonic()) > 0:
+                        self._cond.wait(remaining)
                 delay = min(self.max_backoff_s, delay * 2)
                 continue
             except ValueError as exc:
@@ -186,7 +202,7 @@ class LatestUpdateSender:
                 self.last_sent = body
             delay = self.backoff_s
             with self._cond:
-                self._busy = False
+                self._busy = self._failing = False
                 self._cond.notify_all()
 
 
