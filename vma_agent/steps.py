@@ -21,6 +21,7 @@ from vma_agent import nbdkit, vmware
 from vma_agent.control import AgentControl, worker_id
 from vma_agent.copy import RateLimit, copy_image
 from vma_agent.progress import CopyProgress
+from vma_agent.progress_store import ProgressStore
 from vma_agent.reporter import DiskReporter, JobStageReporter, ProgressClient
 from vma_agent.snapshot_sources import ImageDirSource, SnapshotDisk, VddkSource, password_file
 from vma_agent.vmware import VSphereClient, VSphereError
@@ -38,6 +39,7 @@ class AgentConfig:
     redis_url: str
     request_timeout_s: float = 5.0
     http_keepalive: bool = False
+    progress_prefix: str = "vma:progress"
     control_prefix: str = "vma:control"
     snapshot_source: str = "vddk"
     snapshot_image_dir: str = ""
@@ -107,7 +109,7 @@ def prepare_source(order: SourceOrder, config: AgentConfig) -> dict:
         outcome["error"] = f"prepare failed: {exc}"
         stages.stage("Failed", 0, status="failed", error_message=outcome["error"])
     finally:
-        stages.close(timeout_s=1.0)
+        stages.close(timeout_s=0.5)  # undelivered, it keeps being retried in the background
     return outcome
 
 
@@ -294,7 +296,7 @@ def copy_disk(order: CopyOrder, config: AgentConfig, *,
     finally:
         with contextlib.suppress(redis.RedisError):
             control.release(order.job_id, order.disk_key, order.attempt, worker)
-        reporter.close()
+        reporter.close(timeout_s=0.5)  # undelivered, it keeps being retried in the background
     log.info("copied %s/%s: %s", order.job_id, order.disk_key, result.as_dict())
     return {**outcome, "status": "completed", "bytes_total": result.bytes_allocated,
             "bytes_zeroed": result.bytes_zeroed, "throughput_bps": result.throughput_bps,
@@ -323,10 +325,11 @@ def _copy(order: CopyOrder, config: AgentConfig, monitor: CopyMonitor, resume_fr
 
 def _reported_checkpoint(config: AgentConfig, order: CopyOrder) -> int:
     """The cursor an earlier run of this job's disk reported to this agent
-    (a redelivered task carries its order's older one)."""
+    (a redelivered task carries its order's older one), read from the
+    agent's own store: no HTTP round trip before the first byte."""
     try:
-        record = config.progress_client().get(order.job_id)
-    except Exception as exc:  # noqa: BLE001 - only an optimisation: the order's cursor is safe
+        record = ProgressStore.from_url(config.redis_url, prefix=config.progress_prefix).get(order.job_id)
+    except redis.RedisError as exc:  # only an optimisation: the order's cursor is safe
         log.info("no reported checkpoint for %s/%s: %s", order.job_id, order.disk_key, exc)
         return 0
     entry = ((record or {}).get("disks") or {}).get(order.disk_key) or {}

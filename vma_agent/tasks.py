@@ -18,7 +18,7 @@ def agent_config() -> steps.AgentConfig:
     return steps.AgentConfig(
         vma_url=settings.VMA_URL, vma_token=settings.VMA_TOKEN, redis_url=settings.VMA_REDIS_URL,
         request_timeout_s=settings.VMA_REQUEST_TIMEOUT_S, http_keepalive=settings.VMA_HTTP_KEEPALIVE,
-        control_prefix=f"{settings.VMA_PROGRESS_PREFIX}:control",
+        progress_prefix=settings.VMA_PROGRESS_PREFIX, control_prefix=f"{settings.VMA_PROGRESS_PREFIX}:control",
         snapshot_source=settings.VMA_SNAPSHOT_SOURCE, snapshot_image_dir=str(settings.VMA_SNAPSHOT_IMAGE_DIR),
         vddk_libdir=settings.VMA_VDDK_LIBDIR, vddk_transports=settings.VMA_VDDK_TRANSPORTS,
         vcenter_timeout_s=settings.VCENTER_TIMEOUT_S, chunk_bytes=settings.COPY_CHUNK_BYTES,
@@ -50,9 +50,9 @@ def copy_disk(self, order: dict) -> None:
         _, soft_limit = self.request.timelimit or (None, None)
         outcome = steps.copy_disk(copy, agent_config(), on_progress=publisher,
                                   time_limit_error=SoftTimeLimitExceeded, time_limit_s=soft_limit)
+        report(work.DISK_COPIED, copy.job_id, copy.disk_key, copy.attempt, outcome)
     finally:
-        publisher.close()
-    report(work.DISK_COPIED, copy.job_id, copy.disk_key, copy.attempt, outcome)
+        publisher.close(timeout_s=0.5)  # Flower's events: never worth delaying the outcome
 
 
 @shared_task(name="vma.remove_snapshot")
