@@ -107,7 +107,10 @@ def source_prepared(job_id: str, outcome: dict) -> None:
         fail_job(job.id, outcome["error"])
         return
     if job.status != JobStatus.PREPARING:
-        _queue_snapshot_removal(job)  # cancelled while the snapshot was being taken
+        # Ended while the snapshot was being taken: remove it. (Not so for a
+        # second delivery of this outcome: its job is already copying.)
+        if job.is_terminal:
+            _queue_snapshot_removal(job)
         return
     try:
         frozen = outcome.get("disks") or {}
@@ -157,7 +160,8 @@ def start_copies(job: ReplicationJob) -> None:
         fail_job(job.id, f"prepare failed: {exc}")
         return
     if not job.enter_stage(Stage.TRANSFER, JobStatus.REPLICATING):
-        _queue_snapshot_removal(job)  # ended meanwhile
+        if job.is_terminal:
+            _queue_snapshot_removal(job)  # ended meanwhile
         return
     job.beat()
     for disk in disks:
