@@ -81,3 +81,57 @@ DISK_TRANSITIONS = {
 def sources_of(transitions: dict, target) -> list:
     """The statuses from which `target` may be reached."""
     return [source for source, targets in transitions.items() if target in targets]
+
+
+class VMState(models.TextChoices):
+    """A VM's lifecycle (the seeds' vm_replication_contexts.current_status)."""
+
+    DISCOVERED = "discovered", "Discovered"
+    REPLICATING = "replicating", "Replicating"
+    READY_FOR_FAILOVER = "ready_for_failover", "Ready for failover"
+    FAILED_OVER_TEST = "failed_over_test", "Failed over (test)"
+    FAILED_OVER_LIVE = "failed_over_live", "Failed over (live)"
+    COMPLETED = "completed", "Completed"
+    FAILED = "failed", "Failed"
+    CLEANUP_REQUIRED = "cleanup_required", "Cleanup required"
+
+
+# What each state allows next; anything else is refused with the reason.
+VM_TRANSITIONS = {
+    VMState.DISCOVERED: {VMState.REPLICATING},
+    VMState.REPLICATING: {VMState.READY_FOR_FAILOVER, VMState.FAILED, VMState.DISCOVERED},
+    VMState.READY_FOR_FAILOVER: {VMState.REPLICATING, VMState.FAILED_OVER_TEST, VMState.FAILED_OVER_LIVE},
+    VMState.FAILED: {VMState.REPLICATING},
+    VMState.FAILED_OVER_TEST: {VMState.READY_FOR_FAILOVER, VMState.CLEANUP_REQUIRED},
+    VMState.FAILED_OVER_LIVE: {VMState.READY_FOR_FAILOVER, VMState.COMPLETED},
+    VMState.CLEANUP_REQUIRED: {VMState.READY_FOR_FAILOVER},
+    VMState.COMPLETED: set(),
+}
+
+# Why a move is refused, by the state the VM is in (the reason an operator reads).
+VM_STATE_REFUSALS = {
+    VMState.FAILED_OVER_TEST: "a test failover is running (paused: test failover); end it first",
+    VMState.FAILED_OVER_LIVE: "the VM runs on the destination (live failover); roll back first",
+    VMState.CLEANUP_REQUIRED: "a failover left resources behind; clean up first",
+    VMState.COMPLETED: "the migration is completed",
+    VMState.REPLICATING: "a replication cycle is running",
+    VMState.DISCOVERED: "no replication cycle has completed yet",
+    VMState.FAILED: "the last replication cycle failed; replicate again first",
+}
+
+
+class FailoverKind(models.TextChoices):
+    TEST = "test", "Test failover"
+    LIVE = "live", "Live failover"
+
+
+class FailoverStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+    ENDED = "ended", "Ended"  # a test failover the operator ended (VM and overlays gone)
+
+
+# Not ended yet: its destination VM may exist (a succeeded test failover runs on).
+FAILOVER_OPEN = frozenset({FailoverStatus.PENDING, FailoverStatus.RUNNING, FailoverStatus.SUCCEEDED})

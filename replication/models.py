@@ -605,3 +605,8 @@ class ChangeIdRecord(models.Model):
 
     def __str__(self):
         return f"{self.source_disk} {self.change_id}"
+
+
+# The lifecycle and failover models live in their own module (their own
+# concern); imported here so Django finds them with the app's models.
+from replication.lifecycle import FailoverJob, FailoverStep, VMContext, VMStateChange  # noqa: E402, F401

@@ -13,7 +13,8 @@ import uuid
 from django.db import transaction
 from django.utils import timezone
 
-from replication.choices import DiskStatus, JobStatus, SourceKind, Stage, SyncType
+from replication.choices import DiskStatus, JobStatus, SourceKind, Stage, SyncType, VMState
+from replication.lifecycle import IllegalMove, VMContext
 from replication.models import CopyAttempt, JobEvent, ReplicationJob, VirtualMachine, VMDisk
 from replication.services import orders, vmware, volumes
 from vma_agent import vmware as vsphere
@@ -27,9 +28,10 @@ class ReplicationError(Exception):
 
 def start_replication(vm: VirtualMachine, sync_type: str = SyncType.FULL, *, verify: bool = False,
                       overrides: list[str] | tuple[str, ...] = (),
-                      bandwidth_limit_bps: int | None = None) -> ReplicationJob:
+                      bandwidth_limit_bps: int | None = None, actor: str = "operator") -> ReplicationJob:
     """Create the job, its disks and their target volumes in one transaction;
-    the prepare task is enqueued only once that commits."""
+    the prepare task is enqueued only once that commits. The VM's lifecycle
+    must allow a cycle (not under a failover)."""
     if sync_type == SyncType.INCREMENTAL and vm.source_kind == SourceKind.IMAGE:
         raise ReplicationError(
             f"VM {vm.name} is an image source without changed-block tracking; only a full copy is possible"
@@ -52,6 +54,11 @@ def start_replication(vm: VirtualMachine, sync_type: str = SyncType.FULL, *, ver
             raise ReplicationError(f"VM {vm.name} has no disks")
         job = ReplicationJob.objects.create(vm=vm, sync_type=sync_type, verify=verify, overrides=sorted(overrides),
                                             bandwidth_limit_bps=bandwidth_limit_bps)
+        try:
+            # A cycle writes into the replica: never under a failover.
+            VMContext.of(vm).move(VMState.REPLICATING, actor=actor, reason=f"replication {job.id}")
+        except IllegalMove as exc:
+            raise ReplicationError(str(exc)) from None
         JobEvent.objects.create(job=job, status=job.status, stage=job.current_operation)
         for source_disk in source_disks:
             VMDisk.objects.create(
@@ -248,7 +255,10 @@ def commit_and_complete(job: ReplicationJob) -> None:
         for disk in job.disks.all():
             # The changeId advances only now that the data it covers is written.
             disk.commit_change_id()
-        if not job.complete():
+        if job.complete():
+            VMContext.of(job.vm).move(VMState.READY_FOR_FAILOVER, actor="system",
+                                      reason=f"replication {job.id} completed", only_from={VMState.REPLICATING})
+        else:
             log.warning("finalize of %s found it %s", job.id, job.status)
     except Exception as exc:
         log.exception("finalize of job %s failed", job.id)
@@ -277,9 +287,24 @@ def cleanup_job(job: ReplicationJob, reason: str = "") -> None:
     the agent once no copy reads it (also when no copy ever started)."""
     for disk in job.disks.filter(status=DiskStatus.PENDING):
         disk.cancel()
+    _settle_vm_state(job, reason)
     if job.disks.filter(status=DiskStatus.COPYING).exists():
         transaction.on_commit(lambda: orders.request_stop(job, reason or f"job {job.status}"))
     _queue_snapshot_removal(job)
+
+
+def _settle_vm_state(job: ReplicationJob, reason: str) -> None:
+    """A cycle that ended without completing: once any disk started copying,
+    the replica holds part of the cycle's changes and is no point in time
+    to fail over to (failed, until a cycle completes); before that the
+    replica is as it was, and so is the VM's state."""
+    context = VMContext.of(job.vm)
+    to = VMState.FAILED if job.disks.filter(attempts__gt=0).exists() else context.state_before_replicating()
+    try:
+        context.move(to, actor="system", reason=f"replication {job.id} {job.status}: {reason}"[:2000],
+                     only_from={VMState.REPLICATING})
+    except IllegalMove as exc:
+        log.info("VM state of %s left as it is: %s", job.vm, exc)
 
 
 def _queue_snapshot_removal(job: ReplicationJob) -> None:
