@@ -212,6 +212,14 @@ PROGRESS_POLL_INTERVAL_S = env.float("PROGRESS_POLL_INTERVAL_S", default=5.0)
 # Database progress writes: on a >= 1 % change, after >= 2 s, or a stage/status change.
 PROGRESS_WRITE_STEP_PERCENT = env.float("PROGRESS_WRITE_STEP_PERCENT", default=1.0)
 PROGRESS_WRITE_INTERVAL_S = env.float("PROGRESS_WRITE_INTERVAL_S", default=2.0)
+# Failover onto the destination (local KVM through libvirt by default).
+LIBVIRT_URI = env("LIBVIRT_URI", default="qemu:///system")
+FAILOVER_DIR = Path(env("FAILOVER_DIR", default=str(OMA_RUN_DIR / "failover")))  # overlays, console logs
+FAILOVER_MIN_FREE_BYTES = env.int("FAILOVER_MIN_FREE_BYTES", default=256 * 1024 * 1024)
+FAILOVER_TEST_NETWORK = env("FAILOVER_TEST_NETWORK", default="")  # a libvirt network; empty: no NIC
+FAILOVER_DEFAULT_CPUS = env.int("FAILOVER_DEFAULT_CPUS", default=1)
+FAILOVER_DEFAULT_MEMORY_MIB = env.int("FAILOVER_DEFAULT_MEMORY_MIB", default=512)
+
 # Liveness, judged by the reaper alone (replication/services/reaper.py):
 # - a copy re-reports its state to its agent's API at least every
 #   HEARTBEAT_INTERVAL_S (and checks whether it should stop); the poller

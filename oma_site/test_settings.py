@@ -33,3 +33,4 @@ if os.environ.get("OMA_TEST_WORKER") and PROCESS_ROLE != "agent":  # noqa: F405
 HEARTBEAT_INTERVAL_S = env.float("HEARTBEAT_INTERVAL_S", default=0.25)
 COPY_CHECKPOINT_INTERVAL_S = env.float("COPY_CHECKPOINT_INTERVAL_S", default=0.5)
 TASK_EVENT_INTERVAL_S = 0.25
+FAILOVER_DIR = TEST_ROOT / "failover"  # noqa: F405

@@ -25,6 +25,7 @@ from replication.choices import (
     SourceKind,
     Stage,
     SyncType,
+    VMState,
     VolumeProvider,
     sources_of,
 )
@@ -143,6 +144,18 @@ class VirtualMachine(models.Model):
 
     def active_job(self):
         return self.jobs.filter(status__in=JOB_ACTIVE).first()
+
+    @property
+    def lifecycle_state(self) -> str:
+        """Its lifecycle state (VMContext), discovered until its first move."""
+        try:
+            return self.context.state
+        except models.ObjectDoesNotExist:
+            return VMState.DISCOVERED.value
+
+    @property
+    def lifecycle_label(self) -> str:
+        return VMState(self.lifecycle_state).label
 
 
 class SourceDisk(models.Model):

@@ -7,7 +7,7 @@ from celery import shared_task
 from django.conf import settings
 from django.db import DatabaseError
 
-from replication.services import jobs, progress, reaper, sweeper
+from replication.services import failover, jobs, progress, reaper, sweeper
 
 # An outcome must not be lost to a database restart: the agent's work is done.
 OUTCOME_RETRY = {"autoretry_for": (DatabaseError,), "max_retries": settings.COPY_TASK_MAX_RETRIES,
@@ -38,6 +38,11 @@ def finalize_job(job_id: str) -> None:
 @shared_task(name="replication.snapshot_removed", **OUTCOME_RETRY)
 def snapshot_removed(job_id: str, snapshot_moref: str, finalize: bool, outcome: dict) -> None:
     jobs.snapshot_removed(job_id, snapshot_moref, finalize, outcome)
+
+
+@shared_task(name="replication.run_failover")
+def run_failover(failover_id: int) -> None:
+    failover.run_failover(failover_id)
 
 
 @shared_task(name="replication.poll_progress")

@@ -110,7 +110,8 @@ def job_retry(request, job_id):
 def vm_list(request):
     # The newest job of each VM in one subquery, not by reading every job ever run.
     newest = ReplicationJob.objects.filter(vm=OuterRef("pk")).order_by("-created_at").values("id")[:1]
-    vms = list(VirtualMachine.objects.prefetch_related("disks__target_volume").annotate(last_job_id=Subquery(newest)))
+    vms = list(VirtualMachine.objects.select_related("context").prefetch_related("disks__target_volume")
+               .annotate(last_job_id=Subquery(newest)))
     last_jobs = ReplicationJob.objects.in_bulk([vm.last_job_id for vm in vms if vm.last_job_id])
     rows = [(vm, last_jobs.get(vm.last_job_id)) for vm in vms]
     return _page(request, "replication/vm_list.html", {"rows": rows, "sync_types": SyncType.choices})

@@ -7,7 +7,12 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(nbdkit libnbd-bin python3-libnbd qemu-utils redis-server
               libmariadb-dev pkg-config gcc python3-dev python3-venv procps
-              chromium golang-go golang-github-vmware-govmomi-dev)
+              chromium golang-go golang-github-vmware-govmomi-dev
+              # failover: a local KVM/TCG destination through libvirt, and the
+              # bootable test disk (kernel, busybox initramfs, syslinux on FAT)
+              qemu-system-x86 libvirt-daemon-system libvirt-clients python3-libvirt
+              syslinux syslinux-common extlinux mtools busybox-static
+              linux-image-amd64 dosfstools)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -37,4 +42,16 @@ for f in /usr/lib/python3/dist-packages/nbd.py /usr/lib/python3/dist-packages/li
 done
 echo "$bridge" > "$site/debian-libnbd.pth"
 .venv/bin/python -c 'import nbd; print("setup: libnbd", nbd.NBD().get_version())'
+
+# libvirt-python: Debian's python3-libvirt matches the installed libvirt 9.0;
+# bridge only its modules into the venv, the same way as libnbd.
+lvbridge="$site/debian-libvirt"
+mkdir -p "$lvbridge"
+for f in /usr/lib/python3/dist-packages/libvirt.py /usr/lib/python3/dist-packages/libvirtmod.cpython-311-*.so \
+         /usr/lib/python3/dist-packages/libvirt_qemu.py /usr/lib/python3/dist-packages/libvirtmod_qemu.cpython-311-*.so \
+         /usr/lib/python3/dist-packages/libvirt_lxc.py /usr/lib/python3/dist-packages/libvirtmod_lxc.cpython-311-*.so; do
+  if [ -e "$f" ]; then ln -sf "$f" "$lvbridge/"; fi
+done
+echo "$lvbridge" > "$site/debian-libvirt.pth"
+.venv/bin/python -c 'import libvirt; print("setup: libvirt-python", libvirt.getVersion())'
 mkdir -p var

@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/lib.sh
 ensure_redis
+ensure_libvirtd
 
 echo "== ruff"
 .venv/bin/ruff check .

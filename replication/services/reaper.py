@@ -27,8 +27,8 @@ from django.utils import timezone
 from replication.choices import JOB_TERMINAL, DiskStatus, JobStatus
 from replication.models import CopyAttempt, JobEvent, ReplicationJob, VMDisk, database_up_since
 from replication.routing import agent_queue
+from replication.services import failover, sweeper
 from replication.services import jobs as job_service
-from replication.services import sweeper
 from replication.services.broker import WaitingTasks
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class Reaped:
     disks_failed: list[int] = field(default_factory=list)
     disks_requeued: list[int] = field(default_factory=list)
     swept: list[str] = field(default_factory=list)
+    failovers_failed: list[int] = field(default_factory=list)
 
 
 def reap(now: datetime | None = None) -> Reaped:
@@ -63,6 +64,7 @@ def reap(now: datetime | None = None) -> Reaped:
     pending_cutoff = now - timedelta(seconds=settings.REAPER_PENDING_TIMEOUT_S)
     for job in ReplicationJob.objects.filter(status=JobStatus.PENDING, created_at__lt=pending_cutoff):
         _fail(job, f"never started: pending for more than {settings.REAPER_PENDING_TIMEOUT_S:.0f} s", result)
+    result.failovers_failed = failover.reap_failovers(now)
     result.swept = sweeper.sweep()
     return result
 

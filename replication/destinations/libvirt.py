@@ -1,0 +1,530 @@
+"""Local KVM (or plain QEMU) through libvirt: the embedded default destination.
+
+Protection is a qcow2 overlay per replica volume, with the raw replica as its
+backing file: made in milliseconds whatever the disk's size, the guest's
+writes land in the overlay, and discarding the overlay leaves the replica
+byte-identical (it is only ever opened read-only under an overlay).
+
+Domain type: 'kvm' only where KVM can really run a guest, else 'qemu' (TCG).
+libvirt's capabilities are no proof: on a nested PVM host /dev/kvm opens and
+libvirt offers 'kvm', but the guest dies with "KVM internal error ...
+emulation failure" once it leaves real mode, and QEMU then *pauses* it.
+So we try, once per host boot: a transient 'kvm' domain boots the host's own
+kernel directly (no disk, no initramfs). A working KVM gets that kernel to
+print its banner and reach its "VFS: Unable to mount root fs" panic in well
+under a second of guest CPU time. A broken one either pauses the domain or
+(as here) spins in the host kernel without the guest printing anything: no
+console output after PROBE_CPU_S of guest CPU time (or PROBE_TIMEOUT_S of
+wall time) means 'qemu'. The answer is cached per process and in RUN_DIR
+(keyed by boot id and the libvirt/QEMU versions), so only the first failover
+after a reboot pays for the probe (~3 s where KVM is broken, <1 s where it
+works). OMA_LIBVIRT_DOMAIN_TYPE (kvm|qemu) or the domain_type argument skips
+the probe.
+
+Ownership: libvirt's DAC driver normally chowns every disk image to its QEMU
+user and leaves it so. Our domains carry a static DAC label (QEMU runs as
+root, relabel='no'), so replicas, overlays and console logs keep their owner.
+We run as root anyway; see the note in DESIGN.md section 6.
+
+Every wait is bounded: start (state running within START_TIMEOUT_S), stop
+(guest shutdown, then power-off after the timeout), the KVM probe, and dead
+connections (libvirt keepalive: 5 s interval, 3 misses).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import re
+import subprocess
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+from replication.destinations.base import Destination, DestinationError, DiskSpec, VMShape
+
+try:
+    import libvirt
+except ImportError:  # pragma: no cover - setup.sh installs and bridges python3-libvirt
+    libvirt = None
+
+START_TIMEOUT_S = 15.0
+PROBE_TIMEOUT_S = 15.0
+PROBE_CPU_S = 3.0
+QEMU_IMG_TIMEOUT_S = 60.0
+START_HINT = "start it with `virtlogd -d && libvirtd -d` (or run scripts/setup.sh and source scripts/lib.sh; " \
+             "ensure_libvirtd)"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$")
+_ANSI_RE = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|[@-Z\\-_]|c)")
+QCOW2_MAGIC = b"QFI\xfb"
+
+_STATE_NAMES = {
+    0: "unknown",  # VIR_DOMAIN_NOSTATE
+    1: "running", 2: "blocked", 3: "paused", 4: "shutdown", 5: "shutoff", 6: "crashed", 7: "pmsuspended",
+}
+
+# uri -> (domain type, why); per process, filled by the probe.
+_domain_types: dict[str, tuple[str, str]] = {}
+
+
+def _silence_libvirt_stderr() -> None:
+    # libvirt's default error handler prints every error to stderr, also the
+    # expected ones (lookup of a VM that is not there); we raise instead.
+    if libvirt is not None:
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+_silence_libvirt_stderr()
+
+
+def _file_format(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return "qcow2" if fh.read(4) == QCOW2_MAGIC else "raw"
+
+
+def _qemu_img(*args: str) -> str:
+    try:
+        done = subprocess.run(["qemu-img", *args], capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S)
+    except FileNotFoundError:
+        raise DestinationError("qemu-img is missing: run scripts/setup.sh (qemu-utils)") from None
+    except subprocess.TimeoutExpired:
+        raise DestinationError(f"qemu-img {args[0]} did not finish within {QEMU_IMG_TIMEOUT_S:.0f} s") from None
+    if done.returncode != 0:
+        raise DestinationError(f"qemu-img {args[0]} failed: {done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout
+
+
+def _serial_for(key: str) -> str:
+    # libvirt accepts only these characters in <serial>; virtio-blk shows the
+    # guest at most 20 bytes of it.
+    return re.sub(r"[^A-Za-z0-9_. +-]", "-", key)[:20]
+
+
+class LibvirtDestination(Destination):
+    name = "libvirt"
+
+    def __init__(self, uri: str = "qemu:///system", run_dir: Path | str = "var/run/failover",
+                 network: str | None = None, domain_type: str | None = None):
+        self.uri = uri
+        self.run_dir = Path(run_dir).absolute()
+        self.protection_dir = self.run_dir / "protections"
+        self.network = network or None
+        self._domain_type = domain_type or os.environ.get("OMA_LIBVIRT_DOMAIN_TYPE") or None
+        if self._domain_type not in (None, "kvm", "qemu"):
+            raise DestinationError(f"libvirt domain type must be kvm or qemu, not {self._domain_type!r}")
+        self._conn_obj = None
+
+    # -- connection ----------------------------------------------------------
+
+    def _conn(self):
+        if libvirt is None:
+            raise DestinationError("the libvirt Python module is missing: run scripts/setup.sh (python3-libvirt)")
+        if self._conn_obj is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                if self._conn_obj.isAlive():
+                    return self._conn_obj
+            self._conn_obj = None
+        try:
+            conn = libvirt.open(self.uri)
+        except libvirt.libvirtError as exc:
+            message = str(exc)
+            if any(s in message for s in ("Failed to connect socket", "No such file or directory",
+                                          "Connection refused")):
+                raise DestinationError(f"libvirtd is not running ({self.uri}: {message}): {START_HINT}") from None
+            raise DestinationError(f"cannot connect to libvirt at {self.uri}: {message}") from None
+        # A daemon that stops answering is noticed within ~20 s instead of never.
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.setKeepAlive(5, 3)
+        self._conn_obj = conn
+        return conn
+
+    def close(self) -> None:
+        if self._conn_obj is not None:
+            with contextlib.suppress(Exception):
+                self._conn_obj.close()
+            self._conn_obj = None
+
+    def _lookup(self, name: str):
+        """The domain, or None when no domain of that name is defined."""
+        try:
+            return self._conn().lookupByName(name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise DestinationError(f"libvirt lookup of VM {name}: {exc}") from None
+
+    def _domain(self, name: str):
+        dom = self._lookup(name)
+        if dom is None:
+            raise DestinationError(f"no VM named {name} is defined on {self.uri}")
+        return dom
+
+    # -- KVM or TCG ------------------------------------------------------------
+
+    def domain_type(self) -> str:
+        """'kvm' if KVM runs a guest here, else 'qemu'; probed once (see the module doc)."""
+        if self._domain_type:
+            return self._domain_type
+        if self.uri not in _domain_types:
+            _domain_types[self.uri] = self._probe_cached()
+        return _domain_types[self.uri][0]
+
+    def domain_type_reason(self) -> str:
+        if self._domain_type:
+            return "set explicitly"
+        self.domain_type()
+        return _domain_types[self.uri][1]
+
+    def _probe_cached(self) -> tuple[str, str]:
+        conn = self._conn()
+        try:
+            boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        except OSError:
+            boot_id = ""
+        key = {"boot_id": boot_id, "uri": self.uri, "libvirt": conn.getLibVersion(), "qemu": conn.getVersion()}
+        cache = self.run_dir / "domain-type.json"
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            saved = json.loads(cache.read_text())
+            if saved["key"] == key and boot_id:
+                return saved["type"], saved["reason"] + " (cached)"
+        result = self._probe()
+        with contextlib.suppress(OSError):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps({"key": key, "type": result[0], "reason": result[1]}))
+        return result
+
+    def _probe(self) -> tuple[str, str]:
+        if not os.path.exists("/dev/kvm"):
+            return "qemu", "no /dev/kvm"
+        conn = self._conn()
+        try:
+            conn.getDomainCapabilities(None, "x86_64", None, "kvm", 0)
+        except libvirt.libvirtError as exc:
+            return "qemu", f"libvirt offers no KVM: {exc}"
+        kernels = sorted(p for p in glob.glob("/boot/vmlinuz-*") if os.access(p, os.R_OK))
+        if not kernels:
+            return "qemu", "no readable /boot/vmlinuz-* to probe KVM with (install linux-image-amd64)"
+        booted, why = self.boot_host_kernel("kvm", kernels[-1])
+        return ("kvm" if booted else "qemu"), why
+
+    def boot_host_kernel(self, domain_type: str, kernel: str, cpu_limit_s: float = PROBE_CPU_S,
+                         timeout_s: float = PROBE_TIMEOUT_S) -> tuple[bool, str]:
+        """Boot ``kernel`` directly in a transient domain of ``domain_type``:
+        (True, why) if it got as far as its root-fs panic, else (False, why)."""
+        conn = self._conn()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        console = self.run_dir / f"probe-{domain_type}-{os.getpid()}.console.log"
+        console.unlink(missing_ok=True)
+        name = f"oma-probe-{domain_type}-{os.getpid()}"
+        what = "a KVM guest" if domain_type == "kvm" else f"a {domain_type} guest"
+        xml = f"""<domain type='{domain_type}'>
+  <name>{name}</name>
+  <memory unit='MiB'>128</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64'>hvm</type><kernel>{escape(kernel)}</kernel>
+    <cmdline>console=ttyS0 panic=-1 loglevel=4</cmdline></os>
+  <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>
+  <devices>
+    <serial type='file'><source path='{escape(str(console))}'/><target port='0'/></serial>
+    <controller type='usb' model='none'/><memballoon model='none'/>
+  </devices>
+  <seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>
+</domain>"""
+        try:
+            dom = conn.createXML(xml, 0)
+        except libvirt.libvirtError as exc:
+            return False, f"{what} does not start: {exc}"
+        try:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                text = console.read_text(errors="replace") if console.exists() else ""
+                if "VFS:" in text or "Kernel panic" in text:
+                    return True, f"{what} booted the host's kernel"
+                try:
+                    state, reason = dom.state()
+                except libvirt.libvirtError:
+                    state, reason = 5, 0  # transient domain gone: it rebooted (panic) or died
+                if state == 3:
+                    return False, f"{what} was paused by QEMU (reason {reason}): it cannot run guests here"
+                if state in (5, 6):
+                    if "Linux version" in text:
+                        return True, f"{what} booted the host's kernel"
+                    return False, f"{what} stopped before its kernel printed anything"
+                if "Linux version" not in text:
+                    with contextlib.suppress(libvirt.libvirtError):
+                        cpu_s = dom.info()[4] / 1e9
+                        if cpu_s > cpu_limit_s:
+                            return False, (f"{what} used {cpu_s:.1f} s of CPU without printing anything: "
+                                           "it cannot run guests here")
+                time.sleep(0.1)
+            return False, f"{what} did not boot the host's kernel within {timeout_s:.0f} s"
+        finally:
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.destroy()
+            console.unlink(missing_ok=True)
+
+    # -- protection ----------------------------------------------------------------
+
+    def protect(self, volumes: Sequence[str], point_name: str) -> list[str]:
+        point = re.sub(r"[^A-Za-z0-9_.+-]", "-", point_name).strip(".") or "point"
+        directory = self.protection_dir / point
+        sources = []
+        for volume in volumes:
+            src = Path(volume).absolute()
+            if not src.exists():
+                raise DestinationError(f"replica volume {volume} does not exist")
+            sources.append(src)
+        directory.mkdir(parents=True, exist_ok=True)
+        handles: list[str] = []
+        created: list[Path] = []
+        try:
+            for index, src in enumerate(sources):
+                overlay = directory / f"{index:02d}-{src.name}.qcow2"
+                if overlay.exists():
+                    self._check_overlay(overlay, src)
+                else:
+                    self._create_overlay(overlay, src)
+                    created.append(overlay)
+                handles.append(str(overlay))
+        except Exception:
+            for overlay in created:
+                overlay.unlink(missing_ok=True)
+            raise
+        return handles
+
+    def _create_overlay(self, overlay: Path, src: Path) -> None:
+        fmt = _file_format(src)
+        partial = overlay.with_name(overlay.name + ".partial")
+        args = ["create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(src)]
+        if src.is_file():
+            # -u with the size: qemu-img need not open (and lock) the replica,
+            # so a protection can be made while an export server holds it.
+            args += ["-u", str(partial), str(src.stat().st_size)]
+        else:
+            args += [str(partial)]
+        try:
+            _qemu_img(*args)
+            os.replace(partial, overlay)
+        finally:
+            partial.unlink(missing_ok=True)
+
+    def _check_overlay(self, overlay: Path, src: Path) -> None:
+        info = json.loads(_qemu_img("info", "-U", "--output=json", str(overlay)))
+        if info.get("format") != "qcow2" or info.get("backing-filename") != str(src):
+            raise DestinationError(f"{overlay} exists but is not a protection of {src} "
+                                   f"(backing file {info.get('backing-filename')!r})")
+
+    def discard_protection(self, handles: Sequence[str]) -> None:
+        paths = [Path(h).absolute() for h in handles or ()]
+        for path in paths:
+            if self.protection_dir not in path.parents or path.suffix != ".qcow2":
+                raise DestinationError(f"refusing to delete {path}: not a protection made by this destination "
+                                       f"(they live in {self.protection_dir})")
+        users = self._disk_users() if any(p.exists() for p in paths) else {}
+        for path in paths:
+            if str(path) in users:
+                raise DestinationError(f"protection {path} is in use by running VM {users[str(path)]}; "
+                                       "destroy the VM first")
+        for path in paths:
+            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()  # the point's directory, once empty
+
+    def _disk_users(self) -> dict[str, str]:
+        """Disk image path -> name of the active domain that has it open."""
+        users = {}
+        try:
+            domains = self._conn().listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        except libvirt.libvirtError as exc:
+            raise DestinationError(f"cannot list the VMs on {self.uri}: {exc}") from None
+        for dom in domains:
+            with contextlib.suppress(libvirt.libvirtError):
+                for source in ET.fromstring(dom.XMLDesc(0)).iterfind("./devices/disk/source"):
+                    if source.get("file"):
+                        users[source.get("file")] = dom.name()
+        return users
+
+    # -- VMs -----------------------------------------------------------------------
+
+    def console_path(self, name: str) -> Path:
+        return self.run_dir / f"{name}.console.log"
+
+    def define_vm(self, name: str, shape: VMShape, disks: Sequence[DiskSpec | str],
+                  network: str | Mapping[str, str] | None = None) -> str:
+        if not _NAME_RE.match(name):
+            raise DestinationError(f"VM name {name!r} is not usable: letters, digits and _.+- only, at most 100")
+        specs = [(d, Path(d).stem) if isinstance(d, str) else (d[0], d[1]) for d in disks]
+        if not specs:
+            raise DestinationError(f"VM {name} has no disks")
+        for path, key in specs:
+            if not Path(path).exists():
+                raise DestinationError(f"VM {name}: disk {key} ({path}) does not exist")
+        if self._lookup(name) is not None:
+            raise DestinationError(f"a VM named {name} already exists on {self.uri}; destroy it first")
+        xml = self.domain_xml(name, shape, specs, self.network if network is None else network)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.console_path(name).unlink(missing_ok=True)
+        try:
+            self._conn().defineXML(xml)
+        except libvirt.libvirtError as exc:
+            raise DestinationError(f"libvirt refused VM {name}: {exc}") from None
+        return name
+
+    def domain_xml(self, name: str, shape: VMShape, disks: Sequence[DiskSpec],
+                   network: str | Mapping[str, str] | None) -> str:
+        if shape.disks:  # boot order by disk key; disks it does not name follow
+            by_key = {key: (path, key) for path, key in disks}
+            unknown = [key for key in shape.disks if key not in by_key]
+            if unknown:
+                raise DestinationError(f"VM {name}: boot order names disk(s) {', '.join(unknown)} not given")
+            disks = [by_key[k] for k in shape.disks] + [d for d in disks if d[1] not in shape.disks]
+        kvm = self.domain_type() == "kvm"
+        dom = ET.Element("domain", type="kvm" if kvm else "qemu")
+        ET.SubElement(dom, "name").text = name
+        ET.SubElement(dom, "memory", unit="MiB").text = str(shape.memory_mib)
+        ET.SubElement(dom, "vcpu").text = str(shape.cpus)
+        os_el = ET.SubElement(dom, "os", firmware="efi") if shape.firmware == "efi" else ET.SubElement(dom, "os")
+        ET.SubElement(os_el, "type", arch="x86_64").text = "hvm"
+        features = ET.SubElement(dom, "features")
+        ET.SubElement(features, "acpi")
+        ET.SubElement(features, "apic")
+        if kvm:
+            ET.SubElement(dom, "cpu", mode="host-passthrough")
+        ET.SubElement(dom, "clock", offset="utc")
+        for event, action in (("on_poweroff", "destroy"), ("on_reboot", "restart"), ("on_crash", "destroy")):
+            ET.SubElement(dom, event).text = action
+        devices = ET.SubElement(dom, "devices")
+        for index, (path, key) in enumerate(disks):
+            disk = ET.SubElement(devices, "disk", type="file", device="disk")
+            ET.SubElement(disk, "driver", name="qemu", type=_file_format(Path(path)))
+            ET.SubElement(disk, "source", file=str(Path(path).absolute()))
+            ET.SubElement(disk, "target", dev=f"vd{'abcdefghijklmnopqrstuvwxyz'[index]}", bus="virtio")
+            ET.SubElement(disk, "serial").text = _serial_for(key)
+            ET.SubElement(disk, "boot", order=str(index + 1))
+        for nic in self._nics(name, shape, network):
+            devices.append(nic)
+        console = str(self.console_path(name))
+        serial = ET.SubElement(devices, "serial", type="file")
+        ET.SubElement(serial, "source", path=console, append="off")
+        ET.SubElement(serial, "target", port="0")
+        cons = ET.SubElement(devices, "console", type="file")
+        ET.SubElement(cons, "source", path=console, append="off")
+        ET.SubElement(cons, "target", type="serial", port="0")
+        ET.SubElement(devices, "controller", type="usb", model="none")
+        ET.SubElement(devices, "memballoon", model="none")
+        # QEMU as root, no relabelling: replica files keep their owner.
+        label = ET.SubElement(dom, "seclabel", type="static", model="dac", relabel="no")
+        ET.SubElement(label, "label").text = "+0:+0"
+        return ET.tostring(dom, encoding="unicode")
+
+    def _nics(self, name: str, shape: VMShape, network: str | Mapping[str, str] | None) -> list[ET.Element]:
+        if not network:
+            return []
+        nics = shape.nics or (None,)
+        elements = []
+        for nic in nics:
+            if isinstance(network, str):
+                target = network
+            else:
+                source = nic.source_network if nic else ""
+                target = network.get(source, "")
+                if not target:
+                    raise DestinationError(f"VM {name}: no destination network mapped for source network "
+                                           f"{source!r}")
+            iface = ET.Element("interface", type="network")
+            ET.SubElement(iface, "source", network=target)
+            if nic and nic.mac:
+                ET.SubElement(iface, "mac", address=nic.mac)
+            ET.SubElement(iface, "model", type="virtio")
+            elements.append(iface)
+        return elements
+
+    def start(self, vm: str) -> None:
+        dom = self._domain(vm)
+        if dom.isActive():
+            return
+        try:
+            dom.create()
+        except libvirt.libvirtError as exc:
+            raise DestinationError(f"VM {vm} does not start: {exc}") from None
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            state = self.state(vm)
+            if state == "running":
+                return
+            if time.monotonic() > deadline:
+                raise DestinationError(f"VM {vm} is {state} {START_TIMEOUT_S:.0f} s after its start")
+            time.sleep(0.1)
+
+    def stop(self, vm: str, timeout: float = 60.0) -> str:
+        dom = self._lookup(vm)
+        if dom is None or not dom.isActive():
+            return "not running"
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.shutdown()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(libvirt.libvirtError):
+                if not dom.isActive():
+                    return "shutdown"
+            time.sleep(0.25)
+        self._power_off(dom, vm)
+        return "forced"
+
+    def _power_off(self, dom, vm: str) -> None:
+        try:
+            dom.destroy()
+        except libvirt.libvirtError as exc:
+            with contextlib.suppress(libvirt.libvirtError):
+                if not dom.isActive():
+                    return  # it stopped by itself meanwhile
+            raise DestinationError(f"VM {vm} does not power off: {exc}") from None
+
+    def destroy(self, vm: str) -> None:
+        dom = self._lookup(vm)
+        if dom is None:
+            return
+        with contextlib.suppress(libvirt.libvirtError):
+            if dom.isActive():
+                self._power_off(dom, vm)
+        flags = (libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                 | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+        try:
+            dom.undefineFlags(flags)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise DestinationError(f"VM {vm} cannot be undefined: {exc}") from None
+
+    def console_text(self, vm: str) -> str:
+        """The serial console's text, with terminal escapes and carriage
+        returns removed so that regular expressions see plain lines."""
+        try:
+            raw = self.console_path(vm).read_bytes()
+        except FileNotFoundError:
+            return ""
+        except PermissionError as exc:
+            raise DestinationError(f"cannot read the console of VM {vm}: {exc}") from None
+        return _ANSI_RE.sub("", raw.decode("utf-8", errors="replace")).replace("\r", "")
+
+    def state(self, vm: str) -> str:
+        dom = self._lookup(vm)
+        if dom is None:
+            return "absent"
+        try:
+            return _STATE_NAMES.get(dom.state()[0], "unknown")
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return "absent"
+            raise DestinationError(f"state of VM {vm}: {exc}") from None
+
+    def list_vms(self, prefix: str = "") -> list[str]:
+        """Names of the defined VMs starting with prefix (for sweeping leftovers)."""
+        try:
+            domains = self._conn().listAllDomains(0)
+        except libvirt.libvirtError as exc:
+            raise DestinationError(f"cannot list the VMs on {self.uri}: {exc}") from None
+        return sorted(d.name() for d in domains if d.name().startswith(prefix))

@@ -1,0 +1,305 @@
+#!/usr/bin/env python3
+"""Build a tiny bootable raw disk for failover tests, from Debian packages only.
+
+The disk has an MBR (syslinux's boot code) and one active FAT16 partition that
+holds a Debian kernel, a busybox initramfs, syslinux and a file MARKER. The
+initramfs mounts that partition read-only and prints
+
+    BOOT-MARKER: <content of MARKER>
+
+on the serial console (ttyS0), then idles, so a destination that waits for the
+VM to be "running and printing" sees both. ``--set-marker`` rewrites MARKER in
+an existing image with mtools, the way a guest writing its own disk would.
+
+No mounts, no loop devices, no network: the FAT partition is built in a file
+with mkfs.fat and mtools, made bootable with the mtools-based ``syslinux``,
+and spliced behind an MBR written here. Needs: linux-image-amd64,
+busybox-static, dosfstools, mtools, syslinux, syslinux-common.
+
+    make_boot_disk.py OUT.img --marker TEXT [--size-mib 64]
+    make_boot_disk.py OUT.img --set-marker TEXT
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import io
+import os
+import re
+import shutil
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SECTOR = 512
+PARTITION_START_LBA = 2048  # 1 MiB, the usual alignment
+MBR_CODE = Path("/usr/lib/syslinux/mbr/mbr.bin")
+BUSYBOX = Path("/bin/busybox")
+MARKER_FILE = "MARKER"
+MARKER_PREFIX = "BOOT-MARKER: "
+
+# Debian builds these as modules; the initramfs loads them (in this order) so
+# it can see a virtio (or IDE/SATA) disk and mount its FAT partition.
+GUEST_MODULES = [
+    "virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "virtio_blk",
+    "scsi_common", "scsi_mod", "sd_mod", "libata", "ata_piix", "libahci", "ahci",
+    "fat", "vfat", "nls_cp437", "nls_ascii", "nls_utf8", "nls_iso8859-1",
+]
+
+INIT_SCRIPT = r"""#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /mnt /tmp
+/bin/busybox mount -t devtmpfs devtmpfs /dev
+# Without this nothing we print reaches the serial port.
+exec </dev/console >/dev/console 2>&1
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sysfs /sys
+/bin/busybox --install -s /bin
+export PATH=/bin
+echo "BOOT-STAGE: init started"
+for m in $(cat /lib/modules/order); do
+  insmod "/lib/modules/$m.ko" 2>/dev/null
+done
+dev=""
+i=0
+while [ -z "$dev" ] && [ $i -lt 100 ]; do
+  for d in /dev/vd?1 /dev/sd?1 /dev/hd?1; do
+    [ -b "$d" ] || continue
+    if mount -t vfat -o ro "$d" /mnt 2>/dev/null; then
+      if [ -f /mnt/MARKER ]; then dev="$d"; break; fi
+      umount /mnt
+    fi
+  done
+  [ -n "$dev" ] || { sleep 0.1; i=$((i+1)); }
+done
+if [ -z "$dev" ]; then
+  echo "BOOT-MARKER-ERROR: no FAT partition with a MARKER file found"
+else
+  disk=${dev#/dev/}; disk=${disk%1}
+  echo "BOOT-DISK: $disk serial=$(cat /sys/block/$disk/serial 2>/dev/null)"
+  echo "BOOT-MARKER: $(cat /mnt/MARKER)"
+  umount /mnt
+fi
+echo "BOOT-STAGE: idle"
+while true; do sleep 3600; done
+"""
+
+SYSLINUX_CFG = """SERIAL 0 115200
+DEFAULT linux
+PROMPT 0
+TIMEOUT 0
+LABEL linux
+  KERNEL /vmlinuz
+  APPEND initrd=/initrd.gz console=ttyS0,115200 quiet panic=10
+"""
+
+
+class BootDiskError(RuntimeError):
+    pass
+
+
+def _run(*cmd: str, env: dict | None = None) -> None:
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "MTOOLS_SKIP_CHECK": "1", **(env or {})})
+    except FileNotFoundError as exc:
+        raise BootDiskError(f"{cmd[0]} is missing: run scripts/setup.sh") from exc
+    except subprocess.CalledProcessError as exc:
+        raise BootDiskError(f"{' '.join(cmd)} failed: {exc.stderr.strip() or exc.stdout.strip()}") from exc
+
+
+def find_kernel() -> tuple[Path, str]:
+    """The newest Debian kernel in /boot that has its modules installed."""
+
+    def version_key(path: str) -> list:
+        return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.-]", path.split("vmlinuz-", 1)[1])]
+
+    for path in sorted(glob.glob("/boot/vmlinuz-*"), key=version_key, reverse=True):
+        release = path.split("vmlinuz-", 1)[1]
+        if Path("/lib/modules", release).is_dir() and os.access(path, os.R_OK):
+            return Path(path), release
+    raise BootDiskError("no readable /boot/vmlinuz-* with /lib/modules: install linux-image-amd64")
+
+
+def _module_paths(release: str) -> list[tuple[str, Path]]:
+    """(name, .ko path) for GUEST_MODULES plus their dependencies, dependencies first."""
+    ordered: list[tuple[str, Path]] = []
+    seen: set[str] = set()
+
+    def add(name: str) -> None:
+        if name in seen:
+            return
+        seen.add(name)
+        try:
+            out = subprocess.run(["modinfo", "-k", release, name],
+                                 check=True, capture_output=True, text=True, timeout=10).stdout
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            return  # built in, or absent from this kernel: nothing to load
+        fields: dict[str, str] = {}
+        for line in out.splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+        for dep in filter(None, fields.get("depends", "").split(",")):
+            add(dep)
+        filename = fields.get("filename", "")
+        if filename.endswith(".ko"):
+            ordered.append((name, Path(filename)))
+        elif filename.endswith((".ko.xz", ".ko.zst", ".ko.gz")):
+            raise BootDiskError(f"{filename}: compressed modules are not supported")
+
+    for name in GUEST_MODULES:
+        add(name)
+    return ordered
+
+
+def _cpio_newc(entries: list[tuple[str, int, bytes, int]]) -> bytes:
+    """A newc cpio archive; entries are (name, mode, data, rdev) with rdev=(major<<8)|minor."""
+    out = io.BytesIO()
+
+    def pad4() -> None:
+        out.write(b"\0" * (-out.tell() % 4))
+
+    for ino, (name, mode, data, rdev) in enumerate([*entries, ("TRAILER!!!", 0, b"", 0)], start=1):
+        encoded = name.encode() + b"\0"
+        header = "070701" + "".join(f"{v:08x}" for v in (
+            ino if name != "TRAILER!!!" else 0, mode, 0, 0, 1, 0, len(data),
+            0, 0, rdev >> 8, rdev & 0xFF, len(encoded), 0))
+        out.write(header.encode() + encoded)
+        pad4()
+        out.write(data)
+        pad4()
+    return out.getvalue()
+
+
+def build_initramfs(release: str) -> bytes:
+    if not BUSYBOX.is_file():
+        raise BootDiskError(f"{BUSYBOX} is missing: install busybox-static")
+    modules = _module_paths(release)
+    config = Path(f"/boot/config-{release}")
+    config_text = config.read_text() if config.exists() else ""
+    for name, option in (("virtio_blk", "CONFIG_VIRTIO_BLK"), ("vfat", "CONFIG_VFAT_FS")):
+        if name not in {m for m, _ in modules} and f"{option}=y" not in config_text:
+            raise BootDiskError(f"kernel {release} has {name} neither built in nor as a module")
+    d, f, lnk = stat.S_IFDIR | 0o755, stat.S_IFREG, stat.S_IFLNK | 0o777
+    entries: list[tuple[str, int, bytes, int]] = [
+        ("bin", d, b"", 0), ("dev", d, b"", 0), ("proc", d, b"", 0), ("sys", d, b"", 0),
+        ("mnt", d, b"", 0), ("tmp", d, b"", 0), ("lib", d, b"", 0), ("lib/modules", d, b"", 0),
+        # The kernel opens /dev/console before /init runs: early output needs the node.
+        ("dev/console", stat.S_IFCHR | 0o600, b"", (5 << 8) | 1),
+        ("bin/busybox", f | 0o755, BUSYBOX.read_bytes(), 0),
+        ("bin/sh", lnk, b"busybox", 0),
+        ("init", f | 0o755, INIT_SCRIPT.encode(), 0),
+        ("lib/modules/order", f | 0o644, "\n".join(name for name, _ in modules).encode() + b"\n", 0),
+    ]
+    entries += [(f"lib/modules/{name}.ko", f | 0o644, path.read_bytes(), 0) for name, path in modules]
+    return gzip.compress(_cpio_newc(entries), compresslevel=6, mtime=0)
+
+
+def _mbr(code: bytes, start_lba: int, sectors: int) -> bytes:
+    """Boot code + one active FAT16 (LBA) partition; CHS fields set to the 'use LBA' maximum."""
+    entry = struct.pack("<B3sB3sII", 0x80, b"\xfe\xff\xff", 0x0E, b"\xfe\xff\xff", start_lba, sectors)
+    mbr = bytearray(SECTOR)
+    mbr[: min(len(code), 440)] = code[:440]
+    mbr[446:462] = entry
+    mbr[510:512] = b"\x55\xaa"
+    return bytes(mbr)
+
+
+def partition_offset(image: str | os.PathLike) -> int:
+    """Byte offset of the first partition of an MBR disk image."""
+    try:
+        with open(image, "rb") as fh:
+            mbr = fh.read(SECTOR)
+    except OSError as exc:
+        raise BootDiskError(f"cannot read {image}: {exc.strerror}") from None
+    if len(mbr) < SECTOR or mbr[510:512] != b"\x55\xaa":
+        raise BootDiskError(f"{image}: no MBR partition table")
+    start_lba = struct.unpack_from("<I", mbr, 446 + 8)[0]
+    if not start_lba:
+        raise BootDiskError(f"{image}: partition 1 is empty")
+    return start_lba * SECTOR
+
+
+def build_boot_disk(path: str | os.PathLike, marker: str, size_mib: int = 64) -> Path:
+    """Write a bootable raw disk image to ``path`` whose guest prints ``BOOT-MARKER: marker``."""
+    path = Path(path)
+    if size_mib < 32:
+        raise BootDiskError("size_mib must be at least 32 (kernel + initramfs + FAT16 minimum)")
+    if not MBR_CODE.is_file():
+        raise BootDiskError(f"{MBR_CODE} is missing: install syslinux-common")
+    kernel, release = find_kernel()
+    total_sectors = size_mib * 1024 * 1024 // SECTOR
+    part_sectors = total_sectors - PARTITION_START_LBA
+    with tempfile.TemporaryDirectory(prefix="bootdisk-") as tmp:
+        tmpd = Path(tmp)
+        part = tmpd / "part.img"
+        with open(part, "wb") as fh:
+            fh.truncate(part_sectors * SECTOR)
+        # -h: hidden sectors = the partition's start, which syslinux's boot sector needs.
+        _run("mkfs.fat", "-F", "16", "-n", "OMABOOT", "-h", str(PARTITION_START_LBA), str(part))
+        (tmpd / "initrd.gz").write_bytes(build_initramfs(release))
+        (tmpd / "syslinux.cfg").write_text(SYSLINUX_CFG)
+        (tmpd / MARKER_FILE).write_text(marker + "\n")
+        for src, dest in ((kernel, "vmlinuz"), (tmpd / "initrd.gz", "initrd.gz"),
+                          (tmpd / "syslinux.cfg", "syslinux.cfg"), (tmpd / MARKER_FILE, MARKER_FILE)):
+            _run("mcopy", "-i", str(part), str(src), f"::/{dest}")
+        _run("syslinux", "--install", str(part))
+        tmp_out = path.with_name(f".{path.name}.partial")
+        with open(tmp_out, "wb") as out:
+            out.write(_mbr(MBR_CODE.read_bytes(), PARTITION_START_LBA, part_sectors))
+            out.seek(PARTITION_START_LBA * SECTOR)
+            with open(part, "rb") as src_fh:
+                shutil.copyfileobj(src_fh, out, 1 << 20)
+            out.truncate(total_sectors * SECTOR)
+        os.replace(tmp_out, path)
+    return path
+
+
+def set_marker(path: str | os.PathLike, marker: str) -> None:
+    """Rewrite MARKER inside an existing image, as the guest writing its own disk would."""
+    offset = partition_offset(path)
+    with tempfile.TemporaryDirectory(prefix="bootdisk-") as tmp:
+        src = Path(tmp) / MARKER_FILE
+        src.write_text(marker + "\n")
+        _run("mcopy", "-o", "-i", f"{path}@@{offset}", str(src), f"::/{MARKER_FILE}")
+
+
+def read_marker(path: str | os.PathLike) -> str:
+    """The marker the guest would print (read with mtools, no boot)."""
+    offset = partition_offset(path)
+    try:
+        out = subprocess.run(["mtype", "-i", f"{path}@@{offset}", f"::/{MARKER_FILE}"], check=True,
+                             capture_output=True, text=True, timeout=30,
+                             env={**os.environ, "MTOOLS_SKIP_CHECK": "1"})
+    except subprocess.CalledProcessError as exc:
+        raise BootDiskError(f"mtype failed: {exc.stderr.strip()}") from exc
+    return out.stdout.strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("image")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--marker", help="build a new image whose guest prints this marker")
+    group.add_argument("--set-marker", help="rewrite the marker in an existing image")
+    parser.add_argument("--size-mib", type=int, default=64)
+    args = parser.parse_args(argv)
+    try:
+        if args.marker is not None:
+            build_boot_disk(args.image, args.marker, args.size_mib)
+            print(f"built {args.image}: the guest prints '{MARKER_PREFIX}{args.marker}' on ttyS0")
+        else:
+            set_marker(args.image, args.set_marker)
+            print(f"{args.image}: marker set to '{args.set_marker}'")
+    except BootDiskError as exc:
+        print(f"make_boot_disk: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Test failover end to end with real parts: a bootable disk (built from
+Debian packages by scripts/make_boot_disk.py) replicated by a real worker
+pair, booted by libvirt and QEMU (TCG where KVM cannot run a guest) from
+qcow2 overlays over the replica, verified on the guest's own serial
+console; ending the test leaves the replica byte-identical."""
+
+import importlib.util
+import json
+from io import StringIO
+from pathlib import Path
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from replication.choices import FailoverStatus, JobStatus, VMState
+from replication.lifecycle import FailoverJob, VMContext
+from replication.services.inventory import register_image_vm
+from replication.services.jobs import ReplicationError, start_replication
+from tests.conftest import PROJECT_ROOT, wait_for_job
+from tests.helpers import sha256
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+_spec = importlib.util.spec_from_file_location("make_boot_disk", PROJECT_ROOT / "scripts" / "make_boot_disk.py")
+boot_disk = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(boot_disk)
+
+
+def command(*args) -> str:
+    out = StringIO()
+    call_command(*args, stdout=out)
+    return out.getvalue()
+
+
+def replicate(vm):
+    job = wait_for_job(start_replication(vm).id, timeout=120)
+    assert job.status == JobStatus.COMPLETED, job.error_message
+    return job
+
+
+def run_test_failover(vm_name, *extra) -> dict:
+    return json.loads(command("failover", vm_name, "--test", "--wait", "--json", *extra))
+
+
+def destination_domains() -> list[str]:
+    import libvirt
+
+    conn = libvirt.open("qemu:///system")
+    try:
+        return [d.name() for d in conn.listAllDomains()]
+    finally:
+        conn.close()
+
+
+def test_a_test_failover_boots_the_replica_and_ending_it_leaves_the_replica_as_it_was(
+        celery_worker_process, tmp_path, settings):
+    disk = tmp_path / "boot.img"
+    boot_disk.build_boot_disk(disk, "A")
+    vm = register_image_vm("vm-boot", [str(disk)])
+    job = replicate(vm)
+    replica = Path(job.disks.get().target_volume.path)
+    before = sha256(replica)
+    command("set_boot_check", "vm-boot", "--regex", r"BOOT-MARKER: \w+", "--timeout", "180")
+
+    report = run_test_failover("vm-boot")
+
+    assert report["boot_verified"] is True and report["status"] == FailoverStatus.SUCCEEDED, report
+    assert report["console_match"].endswith("BOOT-MARKER: A")
+    assert [s["name"] for s in report["steps"]] == ["preflight", "protect volumes", "define VM", "start VM",
+                                                    "verify boot"]
+    assert all(s["status"] == "done" and s["seconds"] is not None for s in report["steps"])
+    assert report["state"] == VMState.FAILED_OVER_TEST
+    assert report["destination_vm"] in destination_domains()
+    # The replica is paused under the running test: no cycle may write into it.
+    with pytest.raises(ReplicationError, match="paused: test failover"):
+        start_replication(vm)
+    with pytest.raises(CommandError, match="already has a test failover"):
+        command("failover", "vm-boot", "--test")
+
+    command("failover_end", "vm-boot")
+    assert sha256(replica) == before
+    assert report["destination_vm"] not in destination_domains()
+    assert VMContext.of(vm).state == VMState.READY_FOR_FAILOVER
+    assert list(Path(settings.FAILOVER_DIR).glob("*.qcow2")) == []
+
+    # The guest's next state replicates, and the next test boots it.
+    boot_disk.set_marker(disk, "B")
+    replicate(vm)
+    report = run_test_failover("vm-boot")
+    assert report["console_match"].endswith("BOOT-MARKER: B"), report
+    command("failover_end", "vm-boot")
+    history = [c.to_state for c in VMContext.of(vm).changes.all()]
+    assert history == [VMState.REPLICATING, VMState.READY_FOR_FAILOVER, VMState.FAILED_OVER_TEST,
+                       VMState.READY_FOR_FAILOVER, VMState.REPLICATING, VMState.READY_FOR_FAILOVER,
+                       VMState.FAILED_OVER_TEST, VMState.READY_FOR_FAILOVER]
+
+
+def test_a_boot_that_does_not_verify_fails_with_the_console_and_cleans_up(celery_worker_process, tmp_path,
+                                                                            settings):
+    disk = tmp_path / "boot.img"
+    boot_disk.build_boot_disk(disk, "C")
+    vm = register_image_vm("vm-noboot", [str(disk)])
+    replica = Path(replicate(vm).disks.get().target_volume.path)
+    before = sha256(replica)
+    command("set_boot_check", "vm-noboot", "--regex", "NEVER-PRINTED", "--timeout", "40")
+
+    with pytest.raises(CommandError, match="boot not verified within 40 s"):
+        command("failover", "vm-noboot", "--test", "--wait")
+
+    job = FailoverJob.objects.get(vm=vm)
+    assert job.status == FailoverStatus.FAILED and "BOOT-MARKER: C" in job.console_tail
+    assert [s.name for s in job.steps.all()][-2:] == ["destroy VM", "discard protections"]
+    assert job.destination_vm not in destination_domains()
+    assert list(Path(settings.FAILOVER_DIR).glob("*.qcow2")) == []
+    assert VMContext.of(vm).state == VMState.READY_FOR_FAILOVER
+    assert sha256(replica) == before
+
+
+def test_a_failover_needs_a_completed_cycle(tmp_path, monkeypatch):
+    monkeypatch.setattr("replication.services.jobs.enqueue_prepare", lambda *args: None)
+    disk = tmp_path / "boot.img"
+    disk.write_bytes(b"\0" * 4096)
+    vm = register_image_vm("vm-never", [str(disk)])
+    with pytest.raises(CommandError, match="no completed replication cycle"):
+        command("failover", "vm-never", "--test")
+    start_replication(vm)
+    with pytest.raises(CommandError, match="no completed replication cycle"):
+        command("failover", "vm-never", "--test")
+    with pytest.raises(CommandError, match="no test failover to end"):
+        command("failover_end", "vm-never")
+    with pytest.raises(CommandError, match="not a regular expression"):
+        command("set_boot_check", "vm-never", "--regex", "(")
