@@ -214,6 +214,11 @@ PROGRESS_WRITE_STEP_PERCENT = env.float("PROGRESS_WRITE_STEP_PERCENT", default=1
 PROGRESS_WRITE_INTERVAL_S = env.float("PROGRESS_WRITE_INTERVAL_S", default=2.0)
 # Failover onto the destination (local KVM through libvirt by default).
 LIBVIRT_URI = env("LIBVIRT_URI", default="qemu:///system")
+# kvm or qemu (TCG) to skip the check that boots the host's kernel once to see
+# whether KVM can run a guest; empty: found by trying.
+LIBVIRT_DOMAIN_TYPE = env("LIBVIRT_DOMAIN_TYPE", default="")
+if LIBVIRT_DOMAIN_TYPE not in ("", "kvm", "qemu"):
+    raise ImproperlyConfigured(f"LIBVIRT_DOMAIN_TYPE must be kvm, qemu or empty, not {LIBVIRT_DOMAIN_TYPE!r}")
 FAILOVER_DIR = Path(env("FAILOVER_DIR", default=str(OMA_RUN_DIR / "failover")))  # overlays, console logs
 FAILOVER_MIN_FREE_BYTES = env.int("FAILOVER_MIN_FREE_BYTES", default=256 * 1024 * 1024)
 FAILOVER_TEST_NETWORK = env("FAILOVER_TEST_NETWORK", default="")  # a libvirt network; empty: no NIC

@@ -34,9 +34,9 @@ def get_destination(name: str = "libvirt") -> Destination:
     from replication.destinations.libvirt import LibvirtDestination
 
     key = (os.getpid(), name, settings.LIBVIRT_URI, str(settings.FAILOVER_DIR), settings.FAILOVER_TEST_NETWORK,
-           getattr(settings, "LIBVIRT_DOMAIN_TYPE", None))
+           settings.LIBVIRT_DOMAIN_TYPE)
     if key not in _cache:
         _cache[key] = LibvirtDestination(settings.LIBVIRT_URI, Path(settings.FAILOVER_DIR),
                                          network=settings.FAILOVER_TEST_NETWORK or None,
-                                         domain_type=getattr(settings, "LIBVIRT_DOMAIN_TYPE", None) or None)
+                                         domain_type=settings.LIBVIRT_DOMAIN_TYPE or None)
     return _cache[key]

@@ -18,7 +18,7 @@ console output after PROBE_CPU_S of guest CPU time (or PROBE_TIMEOUT_S of
 wall time) means 'qemu'. The answer is cached per process and in RUN_DIR
 (keyed by boot id and the libvirt/QEMU versions), so only the first failover
 after a reboot pays for the probe (~3 s where KVM is broken, <1 s where it
-works). OMA_LIBVIRT_DOMAIN_TYPE (kvm|qemu) or the domain_type argument skips
+works). The domain_type argument (settings.LIBVIRT_DOMAIN_TYPE: kvm|qemu) skips
 the probe.
 
 Ownership: libvirt's DAC driver normally chowns every disk image to its QEMU
@@ -113,7 +113,7 @@ class LibvirtDestination(Destination):
         self.run_dir = Path(run_dir).absolute()
         self.protection_dir = self.run_dir / "protections"
         self.network = network or None
-        self._domain_type = domain_type or os.environ.get("OMA_LIBVIRT_DOMAIN_TYPE") or None
+        self._domain_type = domain_type or None
         if self._domain_type not in (None, "kvm", "qemu"):
             raise DestinationError(f"libvirt domain type must be kvm or qemu, not {self._domain_type!r}")
         self._conn_obj = None
