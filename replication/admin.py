@@ -2,6 +2,7 @@ from django.contrib import admin, messages
 from django.template.loader import render_to_string
 from django.utils.html import format_html
 
+from replication.lifecycle import FailoverJob, FailoverStep, VMContext, VMStateChange
 from replication.models import (
     ChangeIdRecord,
     DeviceMapping,
@@ -55,7 +56,8 @@ class ChangeIdRecordAdmin(admin.ModelAdmin):
 
 @admin.register(VirtualMachine)
 class VirtualMachineAdmin(admin.ModelAdmin):
-    list_display = ["name", "source_kind", "vcenter", "power_state", "agent", "cbt_enabled", "created_at"]
+    list_display = ["name", "lifecycle_label", "source_kind", "vcenter", "power_state", "agent", "cbt_enabled",
+                    "created_at"]
     list_filter = ["source_kind", "vcenter"]
     search_fields = ["name", "moref", "vm_uuid"]
     inlines = [SourceDiskInline]
@@ -117,3 +119,45 @@ class TargetVolumeAdmin(admin.ModelAdmin):
 
 
 admin.site.register(DeviceMapping)
+
+
+class VMStateChangeInline(admin.TabularInline):
+    model = VMStateChange
+    extra = 0
+    fields = ["at", "to_state", "actor", "reason"]
+    readonly_fields = fields
+    can_delete = False
+
+
+@admin.register(VMContext)
+class VMContextAdmin(admin.ModelAdmin):
+    """The lifecycle is moved by its commands and pages only (which check each
+    move); here it is read, and the boot check set."""
+
+    list_display = ["vm", "state", "updated_at", "boot_check_regex", "boot_check_timeout_s"]
+    list_filter = ["state"]
+    fields = ["vm", "state", "boot_check_regex", "boot_check_timeout_s"]
+    readonly_fields = ["vm", "state"]
+    inlines = [VMStateChangeInline]
+
+    def has_add_permission(self, request):
+        return False
+
+
+class FailoverStepInline(admin.TabularInline):
+    model = FailoverStep
+    extra = 0
+    fields = ["name", "status", "started_at", "ended_at", "detail"]
+    readonly_fields = fields
+    can_delete = False
+
+
+@admin.register(FailoverJob)
+class FailoverJobAdmin(admin.ModelAdmin):
+    list_display = ["id", "vm", "kind", "status", "boot_verified", "destination_vm", "created_at", "completed_at"]
+    list_filter = ["kind", "status"]
+    readonly_fields = [f.name for f in FailoverJob._meta.fields]
+    inlines = [FailoverStepInline]
+
+    def has_add_permission(self, request):
+        return False

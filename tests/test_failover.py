@@ -130,3 +130,96 @@ def test_a_failover_needs_a_completed_cycle(tmp_path, monkeypatch):
         command("failover_end", "vm-never")
     with pytest.raises(CommandError, match="not a regular expression"):
         command("set_boot_check", "vm-never", "--regex", "(")
+
+
+def completed_cycle_on(tmp_path, name, monkeypatch):
+    """A VM whose last cycle completed, its replica a real file, without a
+    worker: the failover then runs in this process (enqueueing captured)."""
+    from replication.services import jobs
+
+    monkeypatch.setattr("replication.services.jobs.enqueue_prepare", lambda *args: None)
+    monkeypatch.setattr("replication.services.failover._enqueue_run", lambda job: None)
+    disk = tmp_path / f"{name}.img"
+    boot_disk.build_boot_disk(disk, "D")
+    vm = register_image_vm(name, [str(disk)])
+    job = start_replication(vm)
+    assert job.enter_stage("Initializing", JobStatus.PREPARING)
+    assert job.enter_stage("Transfer", JobStatus.REPLICATING)
+    vm_disk = job.disks.get()
+    replica = tmp_path / f"{name}-replica.img"
+    replica.write_bytes(disk.read_bytes())
+    type(vm_disk.target_volume).objects.filter(pk=vm_disk.target_volume_id).update(path=str(replica))
+    assert vm_disk.start_attempt("t") and vm_disk.complete(bytes_total=1, bytes_zeroed=0, throughput_bps=1)
+    assert job.transition(JobStatus.FINALIZING)
+    jobs.commit_and_complete(job)
+    return vm
+
+
+def test_libvirtd_not_answering_fails_the_failover_with_how_to_start_it(tmp_path, monkeypatch, settings):
+    from replication.services import failover
+
+    vm = completed_cycle_on(tmp_path, "vm-nolibvirt", monkeypatch)
+    settings.LIBVIRT_URI = f"qemu+unix:///system?socket={tmp_path}/no-libvirtd.sock"
+    job = failover.start_test_failover(vm)
+    failover.run_failover(job.pk)
+    job.refresh_from_db()
+    assert job.status == FailoverStatus.FAILED
+    assert "libvirtd is not running" in job.error_message and "libvirtd -d" in job.error_message
+    assert [(s.name, s.status) for s in job.steps.all()] == [("preflight", "failed")]  # nothing to undo
+    assert VMContext.of(vm).state == VMState.READY_FOR_FAILOVER
+
+
+def test_preflight_refuses_without_space_for_the_overlays(tmp_path, monkeypatch, settings):
+    from replication.services import failover
+
+    vm = completed_cycle_on(tmp_path, "vm-nospace", monkeypatch)
+    settings.FAILOVER_MIN_FREE_BYTES = 2**62
+    job = failover.start_test_failover(vm)
+    failover.run_failover(job.pk)
+    job.refresh_from_db()
+    assert job.status == FailoverStatus.FAILED and "not enough space for the overlays" in job.error_message
+    assert VMContext.of(vm).state == VMState.READY_FOR_FAILOVER
+
+
+def test_a_failover_whose_worker_is_killed_is_undone_by_the_reaper_naming_the_step(tmp_path, monkeypatch,
+                                                                                   settings):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from replication.services import failover
+    from tests.conftest import worker_env
+
+    vm = completed_cycle_on(tmp_path, "vm-killed", monkeypatch)
+    command("set_boot_check", "vm-killed", "--regex", "NEVER-PRINTED", "--timeout", "600")
+    job = failover.start_test_failover(vm)
+    # The failover's task, in a process of its own (as in a worker), killed mid-step.
+    runner = subprocess.Popen(
+        [sys.executable, "manage.py", "shell", "-c",
+         f"from replication.services import failover; failover.run_failover({job.pk})"],
+        cwd=PROJECT_ROOT, env={**worker_env(), "PROCESS_ROLE": "oma"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not job.steps.filter(name="verify boot").exists():
+            assert runner.poll() is None and time.monotonic() < deadline, "the failover never reached verify boot"
+            time.sleep(0.1)
+    finally:
+        runner.send_signal(signal.SIGKILL)
+        runner.wait()
+    job.refresh_from_db()
+    assert job.status == FailoverStatus.RUNNING and job.destination_vm in destination_domains()
+
+    later = timezone.now() + timedelta(seconds=settings.REAPER_TIMEOUT_S + 1)
+    assert failover.reap_failovers(now=later) == [job.pk]
+
+    job.refresh_from_db()
+    assert job.status == FailoverStatus.FAILED and "during verify boot" in job.error_message
+    assert job.steps.get(name="verify boot").detail == "interrupted"
+    assert job.destination_vm not in destination_domains()
+    assert job.protection and not any(Path(p).exists() for p in job.protection)
+    assert VMContext.of(vm).state == VMState.READY_FOR_FAILOVER

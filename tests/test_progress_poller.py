@@ -266,14 +266,14 @@ def test_a_finalizing_job_is_left_to_the_reaper_not_failed_by_the_poller(vma_ser
 def test_a_pass_over_more_jobs_than_one_batch_writes_each_job_its_own_numbers(vma_server, replicating_job):
     jobs = [replicating_job(name=f"vm-batch-{i}", disks=2) for i in range(progress.APPLY_BATCH_JOBS + 3)]
     for i, job in enumerate(jobs):
-        post(vma_server, job.id, update(5, 10 * (i + 1), disk_id="disk-2000"))
-        post(vma_server, job.id, update(5, 20 * (i + 1), disk_id="disk-2001"))
+        post(vma_server, job.id, update(5, 10 * (i + 1), total=10_000, disk_id="disk-2000"))
+        post(vma_server, job.id, update(5, 20 * (i + 1), total=10_000, disk_id="disk-2001"))
 
     stats = progress.poll_once(now=later(jobs[-1], 3))
 
     assert stats.disks_written == 2 * len(jobs) and stats.jobs_written == len(jobs)
     for i, job in enumerate(jobs):
         job.refresh_from_db()
-        assert (job.bytes_transferred, job.total_bytes) == (30 * (i + 1), 2000)
-        assert job.progress_percent == pytest.approx(30 + 70 * 30 * (i + 1) / 2000)
-        assert disk_state(job, "disk-2001").progress_percent == pytest.approx(2.0 * (i + 1))
+        assert (job.bytes_transferred, job.total_bytes) == (30 * (i + 1), 20_000)
+        assert job.progress_percent == pytest.approx(30 + 70 * 30 * (i + 1) / 20_000)
+        assert disk_state(job, "disk-2001").progress_percent == pytest.approx(0.2 * (i + 1))

@@ -6,6 +6,7 @@ answers by queueing an OMA task with the outcome. Free of Django."""
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -46,12 +47,12 @@ class VCenterRef:
                 return Path(self.password_file).read_text().rstrip("\r\n")
             except OSError as exc:
                 raise OrderError(f"cannot read the password of vCenter {self.name} from {self.password_file} "
-                                 f"on this agent: {exc.strerror}") from None
+                                 f"on {socket.gethostname()}: {exc.strerror}") from None
         if self.password_env:
             value = os.environ.get(self.password_env)
             if value is None:
                 raise OrderError(f"the password of vCenter {self.name} is expected in the environment variable "
-                                 f"{self.password_env} of this agent, which is not set")
+                                 f"{self.password_env}, which is not set on {socket.gethostname()}")
             return value
         raise OrderError(f"vCenter {self.name} has neither a password file nor a password variable")
 

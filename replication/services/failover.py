@@ -101,6 +101,9 @@ def run_failover(job_id: int) -> None:
         destination = get_destination()
         with _step(job, "preflight") as step:
             volumes = _preflight(job)
+            # The destination answers, and has no VM of that name already.
+            if (state := destination.state(job.destination_vm)) != "absent":
+                raise FailoverError(f"the destination already has a VM named {job.destination_vm} ({state})")
             step.detail = f"{len(volumes)} volume(s) of {job.replication_job_id}"
         with _step(job, "protect volumes") as step:
             job.protection = destination.protect([v for v, _ in volumes], f"{job.destination_vm}-{job.pk}")
@@ -184,13 +187,15 @@ def abandon(job_id: int, reason: str) -> None:
                                                                 ended_at=timezone.now(), detail="interrupted")
     tail = ""
     cleanup_error = ""
-    try:
-        destination = get_destination()
-        with contextlib.suppress(Exception):
-            tail = "\n".join(destination.console_text(job.destination_vm).splitlines()[-CONSOLE_TAIL_LINES:])
-        _undo(job, destination)
-    except Exception as exc:
-        cleanup_error = f"; clean-up failed: {exc}"
+    # Nothing to undo when it failed before it created anything (preflight).
+    if job.steps.exclude(name="preflight").exists():
+        try:
+            destination = get_destination()
+            with contextlib.suppress(Exception):
+                tail = "\n".join(destination.console_text(job.destination_vm).splitlines()[-CONSOLE_TAIL_LINES:])
+            _undo(job, destination)
+        except Exception as exc:
+            cleanup_error = f"; clean-up failed: {exc}"
     job.transition(FailoverStatus.FAILED, from_statuses=FAILOVER_OPEN, error_message=(reason + cleanup_error)[:4000],
                    console_tail=tail, completed_at=timezone.now())
     to = VMState.CLEANUP_REQUIRED if cleanup_error else VMState.READY_FOR_FAILOVER

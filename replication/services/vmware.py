@@ -5,7 +5,6 @@ agent's (vma_agent.steps), from work orders."""
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from django.conf import settings
@@ -14,8 +13,10 @@ from django.utils import timezone
 
 from replication.choices import JOB_ACTIVE, SourceKind
 from replication.models import ReplicationJob, SourceDisk, VCenter, VirtualMachine
+from replication.services.orders import vcenter_ref
 from vma_agent import vmware
 from vma_agent.vmware import VCenterConnection, VSphereClient, VSphereError  # noqa: F401 - callers catch it here
+from vma_agent.work import OrderError
 
 log = logging.getLogger(__name__)
 
@@ -29,19 +30,12 @@ class VCenterConfigError(Exception):
 # vCenter records ------------------------------------------------------------
 
 def read_password(vcenter: VCenter) -> str:
-    if vcenter.password_file:
-        try:
-            return Path(vcenter.password_file).read_text().rstrip("\r\n")
-        except OSError as exc:
-            raise VCenterConfigError(f"cannot read the password of vCenter {vcenter.name} from "
-                                     f"{vcenter.password_file}: {exc.strerror}") from None
-    if vcenter.password_env:
-        value = os.environ.get(vcenter.password_env)
-        if value is None:
-            raise VCenterConfigError(f"the password of vCenter {vcenter.name} is expected in the environment "
-                                     f"variable {vcenter.password_env}, which is not set")
-        return value
-    raise VCenterConfigError(f"vCenter {vcenter.name} has neither a password file nor a password variable")
+    """The password from where the record says (read here on the OMA, for
+    discovery; the agent reads it the same way from its own work order)."""
+    try:
+        return vcenter_ref(vcenter).password()
+    except OrderError as exc:
+        raise VCenterConfigError(str(exc)) from None
 
 
 def connection_for(vcenter: VCenter) -> VCenterConnection:
