@@ -130,6 +130,9 @@ class VirtualMachine(models.Model):
     power_state = models.CharField(max_length=20, blank=True)
     firmware = models.CharField(max_length=20, blank=True)
     guest_os = models.CharField(max_length=200, blank=True)
+    cpus = models.PositiveIntegerField(null=True, blank=True, help_text="Virtual CPUs; unknown: the destination's "
+                                                                        "default")
+    memory_mib = models.PositiveIntegerField(null=True, blank=True, help_text="Memory in MiB")
     nics = models.JSONField(default=list, blank=True, help_text="[{label, mac, network}]")
     snapshots = models.JSONField(default=list, blank=True, help_text="Snapshots at discovery: [{name, moref}]")
     discovered_at = models.DateTimeField(null=True, blank=True)
@@ -144,6 +147,13 @@ class VirtualMachine(models.Model):
 
     def active_job(self):
         return self.jobs.filter(status__in=JOB_ACTIVE).first()
+
+    def shape(self) -> dict:
+        """The VM's shape as recorded (discovery, or add_vm's options): what a
+        cycle stores unless its agent reads a fresher one."""
+        return {"cpus": self.cpus, "memory_mib": self.memory_mib, "firmware": self.firmware or "bios",
+                "guest_os": self.guest_os, "nics": self.nics,
+                "disks": list(self.disks.order_by("disk_key").values_list("disk_key", flat=True))}
 
     @property
     def lifecycle_state(self) -> str:
@@ -249,6 +259,9 @@ class ReplicationJob(models.Model):
     verify = models.BooleanField(default=False, help_text="Read back every copied area before committing")
     bandwidth_limit_bps = models.BigIntegerField(null=True, blank=True, help_text="Per disk copy; empty: no limit")
     overrides = models.JSONField(default=list, blank=True, help_text="Preflight blockers the operator overrode")
+    vm_shape = models.JSONField(default=dict, blank=True,
+                                help_text="The VM's CPUs, memory, firmware, NICs and boot order at this cycle: "
+                                          "what a failover to this cycle boots")
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:

@@ -9,7 +9,9 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from replication.choices import JOB_ACTIVE, JobStatus, SyncType
+from replication.lifecycle import FailoverJob
 from replication.models import ReplicationJob, TargetVolume, VirtualMachine, VMDisk
+from replication.services import failover as failover_service
 from replication.services import jobs as job_service
 
 RECENT_FAILURES = 10
@@ -110,10 +112,12 @@ def job_retry(request, job_id):
 def vm_list(request):
     # The newest job of each VM in one subquery, not by reading every job ever run.
     newest = ReplicationJob.objects.filter(vm=OuterRef("pk")).order_by("-created_at").values("id")[:1]
+    newest_failover = FailoverJob.objects.filter(vm=OuterRef("pk")).order_by("-created_at").values("id")[:1]
     vms = list(VirtualMachine.objects.select_related("context").prefetch_related("disks__target_volume")
-               .annotate(last_job_id=Subquery(newest)))
+               .annotate(last_job_id=Subquery(newest), last_failover_id=Subquery(newest_failover)))
     last_jobs = ReplicationJob.objects.in_bulk([vm.last_job_id for vm in vms if vm.last_job_id])
-    rows = [(vm, last_jobs.get(vm.last_job_id)) for vm in vms]
+    failovers = FailoverJob.objects.in_bulk([vm.last_failover_id for vm in vms if vm.last_failover_id])
+    rows = [(vm, last_jobs.get(vm.last_job_id), failovers.get(vm.last_failover_id)) for vm in vms]
     return _page(request, "replication/vm_list.html", {"rows": rows, "sync_types": SyncType.choices})
 
 
@@ -134,6 +138,34 @@ def vm_replicate(request, vm_id):
         return redirect("vm-list")
     messages.info(request, f"Started {sync_type} replication {job.id} of {vm.name}.")
     return redirect("job-detail", job_id=job.id)
+
+
+@login_required
+@require_POST
+def vm_failover_test(request, vm_id):
+    vm = get_object_or_404(VirtualMachine, pk=vm_id)
+    try:
+        job = failover_service.start_test_failover(vm, actor=request.user.get_username())
+    except failover_service.FailoverError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.info(request, f"Test failover {job.pk} of {vm.name} started: it boots {job.destination_vm} "
+                               f"from the replica of {job.replication_job_id}; cycles pause until it ends.")
+    return redirect("vm-list")
+
+
+@login_required
+@require_POST
+def vm_failover_end(request, vm_id):
+    vm = get_object_or_404(VirtualMachine, pk=vm_id)
+    try:
+        job = failover_service.end_test_failover(vm, actor=request.user.get_username())
+    except failover_service.FailoverError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.info(request, f"Test failover {job.pk} of {vm.name} ended: {job.destination_vm} and its "
+                               "overlays removed, the replica as it was.")
+    return redirect("vm-list")
 
 
 @login_required

@@ -69,3 +69,15 @@ def slow_nbd_source(sockdir: Path, image: Path, delay: str) -> NbdkitProcess:
     watch however many connections the engine opens."""
     return NbdkitProcess(sockdir, "--readonly", "--filter=noparallel", "--filter=delay", "file", str(image),
                          "serialize=all-requests", f"rdelay={delay}")
+
+
+def boot_disk_builder():
+    """scripts/make_boot_disk.py as a module: build_boot_disk(path, marker),
+    set_marker(path, marker) (a script, not a package, so loaded by path)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "make_boot_disk.py"
+    spec = importlib.util.spec_from_file_location("make_boot_disk", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

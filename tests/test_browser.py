@@ -1,6 +1,7 @@
 """The GUI in a real headless Chromium (Debian's, driven by Playwright), on
 a live server, with a real Celery worker copying real NBD sources."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,9 @@ from playwright.sync_api import expect, sync_playwright
 
 from replication.models import ReplicationJob
 from replication.services.inventory import register_image_vm
+from replication.services.jobs import start_replication
 from tests.conftest import PROJECT_ROOT, source_exports_running, wait_for_job
-from tests.helpers import MiB, make_image, sha256, slow_nbd_source
+from tests.helpers import MiB, boot_disk_builder, make_image, sha256, slow_nbd_source
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
@@ -114,3 +116,40 @@ def test_cancel_a_running_job_from_the_gui(celery_worker_process, progress_polle
         server.stop()
     assert source_exports_running() == []
 
+
+
+def test_a_test_failover_from_the_gui_boots_and_ends(celery_worker_process, live_server, browser_page, tmp_path):
+    from replication.lifecycle import FailoverJob, VMContext
+
+    boot_disk = boot_disk_builder()
+    disk = tmp_path / "boot.img"
+    boot_disk.build_boot_disk(disk, "GUI")
+    vm = register_image_vm("gui-boot", [str(disk)])
+    job = wait_for_job(start_replication(vm).id)
+    assert job.status == "completed", job.error_message
+    context = VMContext.of(vm)
+    context.boot_check_regex, context.boot_check_timeout_s = r"BOOT-MARKER: GUI", 180
+    context.save()
+    page = browser_page
+    log_in(page, live_server)
+
+    page.click("text=VMs")
+    row = page.locator('[data-vm="gui-boot"]')
+    expect(row.locator("[data-state]")).to_have_text("Ready for failover")
+    row.locator("text=Test failover gui-boot").click()  # the confirmation is accepted
+    expect(page.locator("body")).to_contain_text(f"Test failover {FailoverJob.objects.get(vm=vm).pk} of gui-boot "
+                                                 "started")
+    deadline = time.monotonic() + 180
+    while FailoverJob.objects.get(vm=vm).status in ("pending", "running"):  # the guest boots
+        assert time.monotonic() < deadline, "the test failover did not end within 180 s"
+        time.sleep(0.25)
+    page.click("text=VMs")
+    row = page.locator('[data-vm="gui-boot"]')
+    expect(row.locator("[data-failover]")).to_contain_text("BOOT-MARKER: GUI")
+    expect(row.locator("[data-state]")).to_have_text("Failed over (test)")
+    expect(row).to_contain_text("paused: test failover")  # no Replicate button under a test
+    page.screenshot(path=str(ARTIFACTS / "vm-list-test-failover.png"), full_page=True)
+
+    row.locator("text=End test gui-boot").click()
+    expect(page.locator('[data-vm="gui-boot"] [data-state]')).to_have_text("Ready for failover")
+    expect(page.locator('[data-vm="gui-boot"] [data-failover]')).to_contain_text("ended")

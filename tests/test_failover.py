@@ -4,7 +4,6 @@ pair, booted by libvirt and QEMU (TCG where KVM cannot run a guest) from
 qcow2 overlays over the replica, verified on the guest's own serial
 console; ending the test leaves the replica byte-identical."""
 
-import importlib.util
 import json
 from io import StringIO
 from pathlib import Path
@@ -14,16 +13,26 @@ from django.core.management import CommandError, call_command
 
 from replication.choices import FailoverStatus, JobStatus, VMState
 from replication.lifecycle import FailoverJob, VMContext
+from replication.models import VirtualMachine
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import ReplicationError, start_replication
 from tests.conftest import PROJECT_ROOT, wait_for_job
-from tests.helpers import sha256
+from tests.helpers import boot_disk_builder, sha256
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-_spec = importlib.util.spec_from_file_location("make_boot_disk", PROJECT_ROOT / "scripts" / "make_boot_disk.py")
-boot_disk = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(boot_disk)
+boot_disk = boot_disk_builder()
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_test_vms():
+    """Test VMs an earlier, interrupted run left on the destination would make
+    these tests' failovers refuse their names: remove them first."""
+    from replication.destinations import get_destination
+
+    destination = get_destination()
+    for name in destination.list_vms("oma-test-vm-"):
+        destination.destroy(name)
 
 
 def command(*args) -> str:
@@ -42,6 +51,17 @@ def run_test_failover(vm_name, *extra) -> dict:
     return json.loads(command("failover", vm_name, "--test", "--wait", "--json", *extra))
 
 
+def domain_info(name: str) -> list:
+    """libvirt's [state, max memory KiB, memory KiB, vCPUs, CPU time]."""
+    import libvirt
+
+    conn = libvirt.open("qemu:///system")
+    try:
+        return conn.lookupByName(name).info()
+    finally:
+        conn.close()
+
+
 def destination_domains() -> list[str]:
     import libvirt
 
@@ -56,8 +76,10 @@ def test_a_test_failover_boots_the_replica_and_ending_it_leaves_the_replica_as_i
         celery_worker_process, tmp_path, settings):
     disk = tmp_path / "boot.img"
     boot_disk.build_boot_disk(disk, "A")
-    vm = register_image_vm("vm-boot", [str(disk)])
+    command("add_vm", "vm-boot", "--disk", str(disk), "--cpus", "2", "--memory-mib", "384")
+    vm = VirtualMachine.objects.get(name="vm-boot")
     job = replicate(vm)
+    assert (job.vm_shape["cpus"], job.vm_shape["memory_mib"], job.vm_shape["disks"]) == (2, 384, ["disk-2000"])
     replica = Path(job.disks.get().target_volume.path)
     before = sha256(replica)
     command("set_boot_check", "vm-boot", "--regex", r"BOOT-MARKER: \w+", "--timeout", "180")
@@ -71,6 +93,8 @@ def test_a_test_failover_boots_the_replica_and_ending_it_leaves_the_replica_as_i
     assert all(s["status"] == "done" and s["seconds"] is not None for s in report["steps"])
     assert report["state"] == VMState.FAILED_OVER_TEST
     assert report["destination_vm"] in destination_domains()
+    # The VM runs with the shape its cycle recorded: 2 vCPUs, 384 MiB.
+    assert domain_info(report["destination_vm"])[1:4:2] == [384 * 1024, 2]
     # The replica is paused under the running test: no cycle may write into it.
     with pytest.raises(ReplicationError, match="paused: test failover"):
         start_replication(vm)

@@ -96,7 +96,7 @@ def test_the_password_never_reaches_the_database_or_a_wrong_thumbprint_or_passwo
 
 def test_full_copy_then_three_incrementals_match_every_snapshot(celery_worker_process, vcenter):
     # Changed areas come in pages of 1 MiB: every disk spans several.
-    sim, record = vcenter(vm_spec("web01", DISKS), cbt_page_bytes=MiB)
+    sim, record = vcenter(vm_spec("web01", DISKS, cpus=2, memory_mib=768), cbt_page_bytes=MiB)
     live = sim.vms["web01"]["disks"]
     fill(live["2000"], [(0, 3 * MiB), (DISKS[0] - 4097, 4097)], seed=1)
     fill(live["2001"], [(MiB, 200_000)], seed=2)
@@ -111,6 +111,11 @@ def test_full_copy_then_three_incrementals_match_every_snapshot(celery_worker_pr
     vm.refresh_from_db()
     assert vm.cbt_enabled is True
     assert "changed block tracking enabled" in " ".join(job.events.values_list("message", flat=True))
+    # The shape a failover to this cycle boots, as the agent read it with the snapshot.
+    assert {k: job.vm_shape[k] for k in ("cpus", "memory_mib", "firmware", "disks")} == {
+        "cpus": 2, "memory_mib": 768, "firmware": "efi", "disks": ["disk-2000", "disk-2001", "disk-2002"]}
+    assert job.vm_shape["nics"][0]["mac"] == "00:50:56:aa:bb:01"
+    assert (vm.cpus, vm.memory_mib) == (2, 768)
     assert_targets_equal_sources(job, live, sim)
     committed = dict(SourceDisk.objects.filter(vm=vm).values_list("disk_key", "change_id"))
     assert set(committed) == {"disk-2000", "disk-2001", "disk-2002"} and all(committed.values())

@@ -90,6 +90,7 @@ def prepare_source(order: SourceOrder, config: AgentConfig) -> dict:
         stages.stage("Initializing", 5)
         with config.vsphere(order.vcenter) as client:
             info = client.vm_info(order.vm_moref)
+            outcome["shape"] = info.shape()
             outcome["removed_orphans"] = _remove_orphans(client, order, info)
             _preflight(client, order, info)
             if not info.cbt_enabled or any(not d.change_id for d in info.disks):

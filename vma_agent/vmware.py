@@ -25,7 +25,8 @@ SNAPSHOT_PREFIX = "oma-repl-"
 API_VERSION = "vim.version.v7_0"
 VM_PROPERTIES = [
     "name", "config.uuid", "config.hardware.device", "config.changeTrackingEnabled", "config.firmware",
-    "config.guestId", "config.guestFullName", "runtime.powerState", "snapshot",
+    "config.guestId", "config.guestFullName", "runtime.powerState", "snapshot", "config.hardware.numCPU",
+    "config.hardware.memoryMB",
 ]
 # What replication does to a VM: CBT, snapshots, and reading its disks (VDDK).
 REQUIRED_PRIVILEGES = (
@@ -84,6 +85,17 @@ class VMInfo:
     disks: list[DiskInfo]
     nics: list[dict]
     snapshots: list[SnapshotInfo]
+    cpus: int = 0
+    memory_mib: int = 0
+    guest_id: str = ""
+
+    def shape(self) -> dict:
+        """What a failed-over copy of the VM needs: CPUs, memory, firmware,
+        guest OS, NICs, and the disks in boot order (unit order)."""
+        disks = sorted(self.disks, key=lambda d: (d.unit_number is None, d.unit_number or 0, d.key))
+        return {"cpus": self.cpus, "memory_mib": self.memory_mib, "firmware": self.firmware or "bios",
+                "guest_id": self.guest_id, "guest_os": self.guest_os, "nics": self.nics,
+                "disks": [d.disk_key for d in disks]}
 
 
 def normalize_thumbprint(value: str) -> str:
@@ -262,6 +274,9 @@ class VSphereClient:
                    "network": d.deviceInfo.summary if d.deviceInfo else ""}
                   for d in devices if isinstance(d, vim.vm.device.VirtualEthernetCard)],
             snapshots=snapshots,
+            cpus=int(props.get("config.hardware.numCPU") or 0),
+            memory_mib=int(props.get("config.hardware.memoryMB") or 0),
+            guest_id=props.get("config.guestId") or "",
         )
 
     def snapshot_disks(self, snapshot_moref: str) -> list[DiskInfo]:

@@ -110,7 +110,7 @@ def run_failover(job_id: int) -> None:
             job.save(update_fields=["protection"])
             step.detail = ", ".join(job.protection)
         with _step(job, "define VM"):
-            destination.define_vm(job.destination_vm, _shape(job.vm),
+            destination.define_vm(job.destination_vm, _shape(job.replication_job, [key for _, key in volumes]),
                                   list(zip(job.protection, [key for _, key in volumes], strict=True)),
                                   network=settings.FAILOVER_TEST_NETWORK or None)
         with _step(job, "start VM"):
@@ -146,11 +146,15 @@ def _preflight(job: FailoverJob) -> list[tuple[str, str]]:
     return volumes
 
 
-def _shape(vm: VirtualMachine) -> VMShape:
-    # The VM's own CPU count, memory and firmware are not captured per cycle
-    # yet: the destination's defaults, BIOS.
-    return VMShape(cpus=settings.FAILOVER_DEFAULT_CPUS, memory_mib=settings.FAILOVER_DEFAULT_MEMORY_MIB,
-                   firmware="bios")
+def _shape(cycle: ReplicationJob, disk_keys: list[str]) -> VMShape:
+    """The VM as the cycle being booted recorded it (boot order among the
+    disks it replicated); what it does not know, the destination's defaults
+    (FAILOVER_DEFAULT_CPUS, FAILOVER_DEFAULT_MEMORY_MIB)."""
+    shape = cycle.vm_shape or {}
+    return VMShape(cpus=shape.get("cpus") or settings.FAILOVER_DEFAULT_CPUS,
+                   memory_mib=shape.get("memory_mib") or settings.FAILOVER_DEFAULT_MEMORY_MIB,
+                   firmware=shape.get("firmware") or "bios",
+                   disks=tuple(key for key in shape.get("disks") or () if key in disk_keys))
 
 
 def _verify_boot(job: FailoverJob, destination) -> str:

@@ -65,19 +65,28 @@ def _image_format(path: Path) -> str:
     return json.loads(out).get("format", "unknown")
 
 
-def register_image_vm(name: str, locators: list[str], agent: str = "local") -> VirtualMachine:
+def register_image_vm(name: str, locators: list[str], agent: str = "local", *, cpus: int | None = None,
+                      memory_mib: int | None = None, firmware: str = "bios") -> VirtualMachine:
     """Register a VM whose disks are image files or NBD URIs, keys disk-2000,
-    disk-2001, ... in the order given."""
+    disk-2001, ... in the order given (the first boots); its shape for a
+    failover from the options (unknown: the destination's defaults)."""
     name = name.strip()
     if not name:
         raise InventoryError("VM name must not be empty")
+    if cpus is not None and not 1 <= cpus <= 256:
+        raise InventoryError(f"--cpus must be 1..256, not {cpus}")
+    if memory_mib is not None and not 16 <= memory_mib <= 16 * 1024 * 1024:
+        raise InventoryError(f"--memory-mib must be 16..16777216, not {memory_mib}")
+    if firmware not in ("bios", "efi"):
+        raise InventoryError(f"--firmware must be bios or efi, not {firmware!r}")
     if not locators:
         raise InventoryError("a VM needs at least one --disk")
     if VirtualMachine.objects.filter(name=name).exists():
         raise InventoryError(f"a VM named {name!r} already exists")
     capacities = [probe_capacity(locator) for locator in locators]
     with transaction.atomic():
-        vm = VirtualMachine.objects.create(name=name, source_kind=SourceKind.IMAGE, agent=agent)
+        vm = VirtualMachine.objects.create(name=name, source_kind=SourceKind.IMAGE, agent=agent, cpus=cpus,
+                                           memory_mib=memory_mib, firmware=firmware)
         SourceDisk.objects.bulk_create(
             SourceDisk(vm=vm, disk_key=f"disk-{FIRST_DISK_KEY + i}", locator=locator, capacity_bytes=capacity)
             for i, (locator, capacity) in enumerate(zip(locators, capacities, strict=True))

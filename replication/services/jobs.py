@@ -53,7 +53,7 @@ def start_replication(vm: VirtualMachine, sync_type: str = SyncType.FULL, *, ver
         if not source_disks:
             raise ReplicationError(f"VM {vm.name} has no disks")
         job = ReplicationJob.objects.create(vm=vm, sync_type=sync_type, verify=verify, overrides=sorted(overrides),
-                                            bandwidth_limit_bps=bandwidth_limit_bps)
+                                            bandwidth_limit_bps=bandwidth_limit_bps, vm_shape=vm.shape())
         try:
             # A cycle writes into the replica: never under a failover.
             VMContext.of(vm).move(VMState.REPLICATING, actor=actor, reason=f"replication {job.id}")
@@ -108,6 +108,13 @@ def source_prepared(job_id: str, outcome: dict) -> None:
         job.refresh_from_db()
     if outcome.get("cbt_enabled"):
         VirtualMachine.objects.filter(pk=job.vm_id).update(cbt_enabled=True)
+    if outcome.get("shape"):
+        # The shape the agent read as it took the snapshot: what this cycle's replica is.
+        shape = outcome["shape"]
+        ReplicationJob.objects.filter(pk=job.pk).update(vm_shape=shape)
+        VirtualMachine.objects.filter(pk=job.vm_id).update(cpus=shape.get("cpus") or None,
+                                                           memory_mib=shape.get("memory_mib") or None,
+                                                           firmware=shape.get("firmware") or "")
     for message in outcome.get("events", []):
         JobEvent.objects.create(job=job, status=job.status, stage=job.current_operation, message=message)
     if outcome.get("error"):

@@ -90,6 +90,7 @@ def _record_vm(vcenter: VCenter, info: vmware.VMInfo, agent: str) -> VirtualMach
                                  f"({clash.source_kind} {clash.moref or ''}); rename one of them")
     found = dict(name=info.name, source_kind=SourceKind.VMWARE, vm_uuid=info.uuid, cbt_enabled=info.cbt_enabled,
                  power_state=info.power_state, firmware=info.firmware, guest_os=info.guest_os, nics=info.nics,
+                 cpus=info.cpus or None, memory_mib=info.memory_mib or None,
                  snapshots=[{"name": s.name, "moref": s.moref} for s in info.snapshots],
                  discovered_at=timezone.now())
     # A rediscovery keeps the agent the operator chose.

@@ -57,6 +57,8 @@ type vmSpec struct {
 	CBT        bool       `json:"cbt"`
 	Firmware   string     `json:"firmware"`
 	GuestID    string     `json:"guest_id"`
+	CPUs       int32      `json:"cpus"`
+	MemoryMB   int64      `json:"memory_mib"`
 	PowerState string     `json:"power_state"`
 	NICs       []nicSpec  `json:"nics"`
 	Disks      []diskSpec `json:"disks"`
@@ -251,12 +253,19 @@ func createVM(ctx context.Context, c *vim25.Client, folders *object.DatacenterFo
 	if firmware == "" {
 		firmware = "bios"
 	}
+	cpus, memory := vs.CPUs, vs.MemoryMB
+	if cpus == 0 {
+		cpus = 1
+	}
+	if memory == 0 {
+		memory = 256
+	}
 	config := types.VirtualMachineConfigSpec{
 		Name:                  vs.Name,
 		GuestId:               guest,
 		Firmware:              firmware,
-		NumCPUs:               1,
-		MemoryMB:              256,
+		NumCPUs:               cpus,
+		MemoryMB:              memory,
 		Files:                 &types.VirtualMachineFileInfo{VmPathName: "[" + datastoreName + "]"},
 		ChangeTrackingEnabled: types.NewBool(vs.CBT),
 	}

@@ -11,10 +11,13 @@ class Command(BaseCommand):
         parser.add_argument("--disk", action="append", required=True, metavar="PATH_OR_NBD_URI",
                             help="an absolute raw image path or an NBD URI; repeat for each disk, in order")
         parser.add_argument("--agent", default="local", help="VMA whose queue copies the disks (default: local)")
+        parser.add_argument("--cpus", type=int, default=None, help="virtual CPUs of a failed-over copy")
+        parser.add_argument("--memory-mib", type=int, default=None, help="its memory in MiB")
+        parser.add_argument("--firmware", choices=["bios", "efi"], default="bios", help="its firmware")
 
-    def handle(self, name, disk, agent, **options):
+    def handle(self, name, disk, agent, cpus, memory_mib, firmware, **options):
         try:
-            vm = register_image_vm(name, disk, agent=agent)
+            vm = register_image_vm(name, disk, agent=agent, cpus=cpus, memory_mib=memory_mib, firmware=firmware)
         except InventoryError as exc:
             raise CommandError(str(exc)) from exc
         for source_disk in vm.disks.all():
