@@ -1,9 +1,12 @@
-"""JSON endpoints behind the pages, for scripts: /api/jobs/ and /api/jobs/{id}/."""
+"""JSON endpoints behind the pages, for scripts: /api/jobs/, /api/jobs/{id}/,
+/api/failovers/ and /api/failovers/{id}/."""
 
 from django.http import Http404, JsonResponse
 
 from replication.choices import JOB_ACTIVE, JobStatus
+from replication.lifecycle import FailoverJob
 from replication.models import ReplicationJob, VMDisk
+from replication.services.failover import failover_report
 from replication.views import jobs_with_disks
 
 API_LIMIT = 200
@@ -65,6 +68,23 @@ def job(request, job_id):
     return JsonResponse(job_json(found))
 
 
+@_login_required_json
+def failovers(request):
+    queryset = FailoverJob.objects.select_related("vm").prefetch_related("steps")
+    if vm := request.GET.get("vm"):
+        queryset = queryset.filter(vm__name=vm)
+    return JsonResponse({"failovers": [failover_report(job) for job in queryset[:API_LIMIT]]})
+
+
+@_login_required_json
+def failover(request, failover_id):
+    try:
+        found = FailoverJob.objects.select_related("vm").prefetch_related("steps").get(pk=failover_id)
+    except FailoverJob.DoesNotExist:
+        return JsonResponse({"error": f"no failover {failover_id}"}, status=404)
+    return JsonResponse(failover_report(found))
+
+
 OPENAPI = {
     "openapi": "3.0.3",
     "info": {"title": "OMA replication jobs", "version": "1"},
@@ -83,8 +103,30 @@ OPENAPI = {
             "responses": {"200": {"description": "the job", "content": {"application/json": {"schema": {
                 "$ref": "#/components/schemas/Job"}}}},
                           "401": {"description": "not logged in"}, "404": {"description": "no such job"}}}},
+        "/api/failovers/": {"get": {
+            "summary": "Failovers, newest first (at most 200), with their steps",
+            "parameters": [{"name": "vm", "in": "query", "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "failovers", "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"failovers": {
+                    "type": "array", "items": {"$ref": "#/components/schemas/Failover"}}}}}}},
+                          "401": {"description": "not logged in"}}}},
+        "/api/failovers/{id}/": {"get": {
+            "summary": "One failover with its steps",
+            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}],
+            "responses": {"200": {"description": "the failover", "content": {"application/json": {"schema": {
+                "$ref": "#/components/schemas/Failover"}}}},
+                          "401": {"description": "not logged in"}, "404": {"description": "no such failover"}}}},
     },
     "components": {"schemas": {
+        "Failover": {"type": "object", "properties": {
+            **{k: {"type": t} for k, t in [
+                ("id", "integer"), ("vm", "string"), ("kind", "string"), ("status", "string"), ("state", "string"),
+                ("destination_vm", "string"), ("replication_job", "string"), ("boot_verified", "boolean"),
+                ("console_match", "string"), ("error", "string"), ("console_tail", "string"),
+                ("created_at", "string"), ("completed_at", "string")]},
+            "steps": {"type": "array", "items": {"type": "object", "properties": {
+                "name": {"type": "string"}, "status": {"type": "string"}, "seconds": {"type": "number"},
+                "detail": {"type": "string"}}}}}},
         "Disk": {"type": "object", "properties": {k: {"type": t} for k, t in [
             ("disk", "string"), ("status", "string"), ("stage", "string"), ("percent", "number"),
             ("bytes_done", "integer"), ("bytes_total", "integer"), ("capacity_bytes", "integer"),

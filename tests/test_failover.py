@@ -193,7 +193,8 @@ def test_libvirtd_not_answering_fails_the_failover_with_how_to_start_it(tmp_path
     assert VMContext.of(vm).state == VMState.READY_FOR_FAILOVER
 
 
-def test_preflight_refuses_without_space_for_the_overlays(tmp_path, monkeypatch, settings):
+def test_preflight_refuses_without_space_for_the_overlays_and_the_api_says_so(tmp_path, monkeypatch, settings,
+                                                                               admin_client, client):
     from replication.services import failover
 
     vm = completed_cycle_on(tmp_path, "vm-nospace", monkeypatch)
@@ -203,6 +204,15 @@ def test_preflight_refuses_without_space_for_the_overlays(tmp_path, monkeypatch,
     job.refresh_from_db()
     assert job.status == FailoverStatus.FAILED and "not enough space for the overlays" in job.error_message
     assert VMContext.of(vm).state == VMState.READY_FOR_FAILOVER
+
+    listed = admin_client.get("/api/failovers/", {"vm": "vm-nospace"}).json()["failovers"]
+    assert [(f["id"], f["status"], f["state"]) for f in listed] == [(job.pk, "failed", VMState.READY_FOR_FAILOVER)]
+    one = admin_client.get(f"/api/failovers/{job.pk}/").json()
+    assert one["steps"][0]["name"] == "preflight" and one["steps"][0]["status"] == "failed"
+    assert "not enough space" in one["error"] and one["boot_verified"] is False
+    assert admin_client.get(f"/api/failovers/{job.pk + 1000}/").status_code == 404
+    assert client.get("/api/failovers/").status_code == 401
+    assert admin_client.get("/api/failovers/", {"vm": "nobody"}).json() == {"failovers": []}
 
 
 def test_a_failover_whose_worker_is_killed_is_undone_by_the_reaper_naming_the_step(tmp_path, monkeypatch,

@@ -152,7 +152,7 @@ def test_api_shapes(operator, job):
     assert operator.get(reverse("api-jobs"), {"status": "completed"}).json() == {"jobs": []}
     assert operator.get(reverse("api-jobs"), {"status": "bogus"}).status_code == 400
     spec = operator.get(reverse("api-openapi")).json()
-    assert set(spec["paths"]) == {"/api/jobs/", "/api/jobs/{id}/"}
+    assert set(spec["paths"]) == {"/api/jobs/", "/api/jobs/{id}/", "/api/failovers/", "/api/failovers/{id}/"}
 
 
 def test_admin_cancel_and_retry_actions(job):

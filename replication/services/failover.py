@@ -40,6 +40,18 @@ class FailoverError(Exception):
     """A failover cannot start or go on; the message is the reason."""
 
 
+def failover_report(job: FailoverJob) -> dict:
+    """A failover as the commands' --json and the JSON API show it."""
+    return {"id": job.pk, "vm": job.vm.name, "kind": job.kind, "status": job.status,
+            "state": VMContext.of(job.vm).state, "destination_vm": job.destination_vm,
+            "replication_job": job.replication_job_id, "boot_verified": job.boot_verified,
+            "console_match": job.console_match, "error": job.error_message, "console_tail": job.console_tail,
+            "created_at": job.created_at.isoformat(),
+            "completed_at": job.completed_at.isoformat() if job.completed_at else None,
+            "steps": [{"name": s.name, "status": s.status, "seconds": s.seconds, "detail": s.detail}
+                      for s in job.steps.all()]}
+
+
 def start_test_failover(vm: VirtualMachine, actor: str = "operator") -> FailoverJob:
     """Record the failover and pause the VM's cycles in one transaction; the
     steps run in a task queued once that commits."""

@@ -4,20 +4,11 @@ import time
 from django.core.management.base import BaseCommand, CommandError
 
 from replication.choices import FailoverStatus
-from replication.lifecycle import FailoverJob, VMContext
+from replication.lifecycle import FailoverJob
 from replication.management.lookup import vm_named
-from replication.services.failover import FailoverError, start_test_failover
+from replication.services.failover import FailoverError, failover_report, start_test_failover
 
 POLL_INTERVAL_S = 0.25
-
-
-def failover_report(job: FailoverJob) -> dict:
-    return {"id": job.pk, "vm": job.vm.name, "kind": job.kind, "status": job.status,
-            "state": VMContext.of(job.vm).state, "destination_vm": job.destination_vm,
-            "replication_job": job.replication_job_id, "boot_verified": job.boot_verified,
-            "console_match": job.console_match, "error": job.error_message, "console_tail": job.console_tail,
-            "steps": [{"name": s.name, "status": s.status, "seconds": s.seconds, "detail": s.detail}
-                      for s in job.steps.all()]}
 
 
 class Command(BaseCommand):

@@ -2,9 +2,8 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
-from replication.management.commands.failover import failover_report
 from replication.management.lookup import vm_named
-from replication.services.failover import FailoverError, end_test_failover
+from replication.services.failover import FailoverError, end_test_failover, failover_report
 
 
 class Command(BaseCommand):
