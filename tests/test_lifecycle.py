@@ -77,3 +77,15 @@ def test_a_cycle_that_fails_after_copying_leaves_no_point_in_time_to_fail_over_t
     complete(start_replication(vm))
     jobs.cancel_job(start_replication(vm).id)
     assert VMContext.of(vm).state == VMState.READY_FOR_FAILOVER
+
+
+def test_a_late_clean_up_of_an_old_job_leaves_the_next_cycle_alone(vm):
+    first = start_replication(vm)
+    assert first.enter_stage("Initializing", JobStatus.PREPARING)
+    assert first.enter_stage("Transfer", JobStatus.REPLICATING)
+    assert first.disks.get().start_attempt("t")
+    jobs.fail_job(first.id, "disk-2000: write failed")
+    assert VMContext.of(vm).state == VMState.FAILED
+    start_replication(vm)
+    jobs.fail_job(first.id, "the reaper, late")  # the first job again: already failed
+    assert VMContext.of(vm).state == VMState.REPLICATING

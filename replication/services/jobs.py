@@ -304,7 +304,10 @@ def _settle_vm_state(job: ReplicationJob, reason: str) -> None:
     """A cycle that ended without completing: once any disk started copying,
     the replica holds part of the cycle's changes and is no point in time
     to fail over to (failed, until a cycle completes); before that the
-    replica is as it was, and so is the VM's state."""
+    replica is as it was, and so is the VM's state. A late clean-up of an
+    old job never touches the state of the VM's next cycle."""
+    if job.vm.active_job() is not None:
+        return
     context = VMContext.of(job.vm)
     to = VMState.FAILED if job.disks.filter(attempts__gt=0).exists() else context.state_before_replicating()
     try:
