@@ -8,7 +8,6 @@ mid-copy and a new one resuming from the checkpoint the first reported."""
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -18,6 +17,7 @@ from replication.services import reaper
 from replication.services import vmware as vmware_service
 from replication.services.jobs import start_replication
 from tests.conftest import PROJECT_ROOT, kill_worker, start_worker, stop_worker, wait_for_job, worker_env
+from tests.faults.harness import wait_until
 from tests.helpers import MiB, sha256
 from tests.vcsim import fill_image, vm_spec
 
@@ -82,8 +82,8 @@ def test_vmware_cycles_with_the_agent_apart_and_killed_mid_copy(celery_worker_pr
     try:
         job = start_replication(vm)
         disk = VMDisk.objects.get(job=job, disk_key="disk-2000")
-        wait_for(lambda: VMDisk.objects.get(pk=disk.pk).checkpoint_bytes >= 8 * MiB,
-                 "a checkpoint of 8 MiB reported by the agent")
+        wait_until(lambda: VMDisk.objects.get(pk=disk.pk).checkpoint_bytes >= 8 * MiB, 60,
+                   "a checkpoint of 8 MiB reported by the agent")
         kill_worker(first)
         second = start_worker("agent", "agent-apart-2", extra_env=agent_env)
         job = wait_for_job(job.id, timeout=120)
@@ -113,10 +113,3 @@ def test_vmware_cycles_with_the_agent_apart_and_killed_mid_copy(celery_worker_pr
         text = worker.log_path.read_text(errors="replace")
         assert "replication." not in " ".join(line for line in text.splitlines() if "Task " in line)
         assert "ImproperlyConfigured" not in text
-
-
-def wait_for(predicate, what, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
