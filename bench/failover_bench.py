@@ -75,9 +75,9 @@ def completed_cycle(workdir: Path, name: str):
 def one_failover(vm) -> dict:
     from replication.services import failover
 
-    failover._enqueue_run = lambda job: None  # run in this process, as the OMA worker's task does
+    failover._enqueue = lambda job, task_name: None  # run in this process, as the OMA worker's task does
     started = time.monotonic()
-    job = failover.start_test_failover(vm, actor="bench")
+    job = failover.start_failover(vm, "test", actor="bench")
     failover.run_failover(job.pk)
     booted = time.monotonic() - started
     job.refresh_from_db()

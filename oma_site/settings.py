@@ -222,6 +222,10 @@ if LIBVIRT_DOMAIN_TYPE not in ("", "kvm", "qemu"):
 FAILOVER_DIR = Path(env("FAILOVER_DIR", default=str(OMA_RUN_DIR / "failover")))  # overlays, console logs
 FAILOVER_MIN_FREE_BYTES = env.int("FAILOVER_MIN_FREE_BYTES", default=256 * 1024 * 1024)
 FAILOVER_TEST_NETWORK = env("FAILOVER_TEST_NETWORK", default="")  # a libvirt network; empty: no NIC
+# Live failover: how long the source's guest has to shut down before it is
+# powered off, and how much longer the agent has to answer at all.
+FAILOVER_SHUTDOWN_TIMEOUT_S = env.float("FAILOVER_SHUTDOWN_TIMEOUT_S", default=120.0)
+FAILOVER_AGENT_GRACE_S = env.float("FAILOVER_AGENT_GRACE_S", default=120.0)
 FAILOVER_DEFAULT_CPUS = env.int("FAILOVER_DEFAULT_CPUS", default=1)
 FAILOVER_DEFAULT_MEMORY_MIB = env.int("FAILOVER_DEFAULT_MEMORY_MIB", default=512)
 

@@ -100,7 +100,8 @@ class VMState(models.TextChoices):
 VM_TRANSITIONS = {
     VMState.DISCOVERED: {VMState.REPLICATING},
     VMState.REPLICATING: {VMState.READY_FOR_FAILOVER, VMState.FAILED, VMState.DISCOVERED},
-    VMState.READY_FOR_FAILOVER: {VMState.REPLICATING, VMState.FAILED_OVER_TEST, VMState.FAILED_OVER_LIVE},
+    VMState.READY_FOR_FAILOVER: {VMState.REPLICATING, VMState.FAILED_OVER_TEST, VMState.FAILED_OVER_LIVE,
+                                 VMState.CLEANUP_REQUIRED},
     VMState.FAILED: {VMState.REPLICATING},
     VMState.FAILED_OVER_TEST: {VMState.READY_FOR_FAILOVER, VMState.CLEANUP_REQUIRED},
     VMState.FAILED_OVER_LIVE: {VMState.READY_FOR_FAILOVER, VMState.COMPLETED},
@@ -123,6 +124,7 @@ VM_STATE_REFUSALS = {
 class FailoverKind(models.TextChoices):
     TEST = "test", "Test failover"
     LIVE = "live", "Live failover"
+    ROLLBACK = "rollback", "Rollback"  # of a live failover: back to the source
 
 
 class FailoverStatus(models.TextChoices):
@@ -130,7 +132,7 @@ class FailoverStatus(models.TextChoices):
     RUNNING = "running", "Running"
     SUCCEEDED = "succeeded", "Succeeded"
     FAILED = "failed", "Failed"
-    ENDED = "ended", "Ended"  # a test failover the operator ended (VM and overlays gone)
+    ENDED = "ended", "Ended"  # a test failover ended, or a live one rolled back (VM and overlays gone)
 
 
 # Not ended yet: its destination VM may exist (a succeeded test failover runs on).

@@ -100,6 +100,17 @@ class FailoverJob(models.Model):
     destination_vm = models.CharField(max_length=200, blank=True, help_text="The VM's name on the destination")
     protection = models.JSONField(default=list, blank=True,
                                   help_text="The point-in-time protections of the volumes (overlay paths)")
+    final_cycle = models.ForeignKey("replication.ReplicationJob", null=True, blank=True, on_delete=models.SET_NULL,
+                                    related_name="+", help_text="Live: the incremental run after the source shut down")
+    rolls_back = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="rollbacks",
+                                   help_text="Rollback: the live failover it undoes")
+    wait_until = models.DateTimeField(null=True, blank=True,
+                                      help_text="Waiting on the agent (source power) until then; the reaper "
+                                                "judges a silent failover only after it")
+    downtime_s = models.FloatField(null=True, blank=True,
+                                   help_text="Live: from the source's shutdown to the boot verified, in seconds")
+    forecast_downtime_s = models.FloatField(null=True, blank=True,
+                                            help_text="Live: the downtime forecast shown before it started")
     boot_verified = models.BooleanField(default=False)
     console_match = models.TextField(blank=True, help_text="The console line that verified the boot")
     console_tail = models.TextField(blank=True)
@@ -156,3 +167,24 @@ class FailoverStep(models.Model):
     def end(self, status: str, detail: str = "") -> None:
         self.status, self.ended_at, self.detail = status, timezone.now(), detail[:4000]
         self.save(update_fields=["status", "ended_at", "detail"])
+
+
+class NetworkMapping(models.Model):
+    """Which destination network a NIC joins on a live failover, by the name
+    of its network on the source. A test failover ignores it: its VM joins
+    the isolated FAILOVER_TEST_NETWORK (or none), never production."""
+
+    source_network = models.CharField(max_length=200, unique=True)
+    destination_network = models.CharField(max_length=200)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        db_table = "network_mappings"
+        ordering = ["source_network"]
+
+    def __str__(self):
+        return f"{self.source_network} -> {self.destination_network}"
+
+    @classmethod
+    def as_dict(cls) -> dict[str, str]:
+        return dict(cls.objects.values_list("source_network", "destination_network"))

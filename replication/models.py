@@ -635,4 +635,4 @@ class ChangeIdRecord(models.Model):
 
 # The lifecycle and failover models live in their own module (their own
 # concern); imported here so Django finds them with the app's models.
-from replication.lifecycle import FailoverJob, FailoverStep, VMContext, VMStateChange  # noqa: E402, F401
+from replication.lifecycle import FailoverJob, FailoverStep, NetworkMapping, VMContext, VMStateChange  # noqa: E402, F401

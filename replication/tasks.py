@@ -45,6 +45,16 @@ def run_failover(failover_id: int) -> None:
     failover.run_failover(failover_id)
 
 
+@shared_task(name="replication.continue_failover", **OUTCOME_RETRY)
+def continue_failover(failover_id: int) -> None:
+    failover.continue_failover(failover_id)
+
+
+@shared_task(name="replication.source_powered", **OUTCOME_RETRY)
+def source_powered(failover_id: int, action: str, outcome: dict) -> None:
+    failover.source_powered(failover_id, action, outcome)
+
+
 @shared_task(name="replication.poll_progress")
 def poll_progress() -> None:
     progress.poll_once_locked()

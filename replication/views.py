@@ -8,10 +8,11 @@ from django.db.models import Count, OuterRef, Prefetch, Subquery, Sum
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from replication.choices import JOB_ACTIVE, JobStatus, SyncType
+from replication.choices import JOB_ACTIVE, FailoverKind, JobStatus, SyncType
 from replication.lifecycle import FailoverJob
 from replication.models import ReplicationJob, TargetVolume, VirtualMachine, VMDisk
 from replication.services import failover as failover_service
+from replication.services import failover_checks, forecast
 from replication.services import jobs as job_service
 
 RECENT_FAILURES = 10
@@ -145,7 +146,7 @@ def vm_replicate(request, vm_id):
 def vm_failover_test(request, vm_id):
     vm = get_object_or_404(VirtualMachine, pk=vm_id)
     try:
-        job = failover_service.start_test_failover(vm, actor=request.user.get_username())
+        job = failover_service.start_failover(vm, FailoverKind.TEST, actor=request.user.get_username())
     except failover_service.FailoverError as exc:
         messages.error(request, str(exc))
     else:
@@ -165,6 +166,40 @@ def vm_failover_end(request, vm_id):
     else:
         messages.info(request, f"Test failover {job.pk} of {vm.name} ended: {job.destination_vm} and its "
                                "overlays removed, the replica as it was.")
+    return redirect("vm-list")
+
+
+@login_required
+def vm_failover_live(request, vm_id):
+    """GET: the confirmation, with every preflight check and the downtime
+    forecast; POST: shut the source down and fail over."""
+    vm = get_object_or_404(VirtualMachine, pk=vm_id)
+    if request.method != "POST":
+        checks = failover_checks.report(vm, failover_service.destination_name(vm, FailoverKind.LIVE))
+        return _page(request, "replication/failover_live.html",
+                     {"vm": vm, "checks": checks, "ready": all(c["ok"] for c in checks),
+                      "forecast": forecast.downtime(vm)})
+    try:
+        job = failover_service.start_failover(vm, FailoverKind.LIVE, actor=request.user.get_username())
+    except failover_service.FailoverError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.info(request, f"Live failover {job.pk} of {vm.name} started: the source shuts down, a final "
+                               f"cycle runs, then {job.destination_vm} boots.")
+    return redirect("vm-list")
+
+
+@login_required
+@require_POST
+def vm_rollback(request, vm_id):
+    vm = get_object_or_404(VirtualMachine, pk=vm_id)
+    try:
+        job = failover_service.start_rollback(vm, actor=request.user.get_username())
+    except failover_service.FailoverError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.info(request, f"Rollback {job.pk} of {vm.name} started: {job.destination_vm} is destroyed, the "
+                               "volumes go back to the rollback point and the source powers on.")
     return redirect("vm-list")
 
 

@@ -147,9 +147,10 @@ def test_a_failover_needs_a_completed_cycle(tmp_path, monkeypatch):
     vm = register_image_vm("vm-never", [str(disk)])
     with pytest.raises(CommandError, match="no completed replication cycle"):
         command("failover", "vm-never", "--test")
-    start_replication(vm)
-    with pytest.raises(CommandError, match="no completed replication cycle"):
-        command("failover", "vm-never", "--test")
+    job = start_replication(vm)
+    for kind in ("--test", "--live"):  # a failover while a cycle runs is refused with the reason
+        with pytest.raises(CommandError, match=f"has a replication cycle running \\({job.id}, pending\\)"):
+            command("failover", "vm-never", kind)
     with pytest.raises(CommandError, match="no test failover to end"):
         command("failover_end", "vm-never")
     with pytest.raises(CommandError, match="not a regular expression"):
@@ -162,7 +163,7 @@ def completed_cycle_on(tmp_path, name, monkeypatch):
     from replication.services import jobs
 
     monkeypatch.setattr("replication.services.jobs.enqueue_prepare", lambda *args: None)
-    monkeypatch.setattr("replication.services.failover._enqueue_run", lambda job: None)
+    monkeypatch.setattr("replication.services.failover._enqueue", lambda job, task_name: None)
     disk = tmp_path / f"{name}.img"
     boot_disk.build_boot_disk(disk, "D")
     vm = register_image_vm(name, [str(disk)])
@@ -184,7 +185,7 @@ def test_libvirtd_not_answering_fails_the_failover_with_how_to_start_it(tmp_path
 
     vm = completed_cycle_on(tmp_path, "vm-nolibvirt", monkeypatch)
     settings.LIBVIRT_URI = f"qemu+unix:///system?socket={tmp_path}/no-libvirtd.sock"
-    job = failover.start_test_failover(vm)
+    job = failover.start_failover(vm)
     failover.run_failover(job.pk)
     job.refresh_from_db()
     assert job.status == FailoverStatus.FAILED
@@ -199,7 +200,7 @@ def test_preflight_refuses_without_space_for_the_overlays_and_the_api_says_so(tm
 
     vm = completed_cycle_on(tmp_path, "vm-nospace", monkeypatch)
     settings.FAILOVER_MIN_FREE_BYTES = 2**62
-    job = failover.start_test_failover(vm)
+    job = failover.start_failover(vm)
     failover.run_failover(job.pk)
     job.refresh_from_db()
     assert job.status == FailoverStatus.FAILED and "not enough space for the overlays" in job.error_message
@@ -230,7 +231,7 @@ def test_a_failover_whose_worker_is_killed_is_undone_by_the_reaper_naming_the_st
 
     vm = completed_cycle_on(tmp_path, "vm-killed", monkeypatch)
     command("set_boot_check", "vm-killed", "--regex", "NEVER-PRINTED", "--timeout", "600")
-    job = failover.start_test_failover(vm)
+    job = failover.start_failover(vm)
     # The failover's task, in a process of its own (as in a worker), killed mid-step.
     runner = subprocess.Popen(
         [sys.executable, "manage.py", "shell", "-c",

@@ -25,7 +25,7 @@ from vma_agent.progress_store import ProgressStore
 from vma_agent.reporter import DiskReporter, JobStageReporter, ProgressClient
 from vma_agent.snapshot_sources import ImageDirSource, SnapshotDisk, VddkSource, password_file
 from vma_agent.vmware import VSphereClient, VSphereError
-from vma_agent.work import CopyOrder, SnapshotRemovalOrder, SourceOrder, VCenterRef
+from vma_agent.work import SHUT_DOWN, CopyOrder, PowerOrder, SnapshotRemovalOrder, SourceOrder, VCenterRef
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,27 @@ def remove_snapshot(order: SnapshotRemovalOrder, config: AgentConfig) -> dict:
 def _remove_with_retries(order: SnapshotRemovalOrder, config: AgentConfig) -> None:
     with config.vsphere(order.vcenter) as client:
         client.remove_snapshot(order.snapshot_moref)
+
+
+# Powering the source off or on (live failover, rollback) -------------------
+
+def power_source(order: PowerOrder, config: AgentConfig) -> dict:
+    """Shut the source VM down (guest first, then power) or power it on; the
+    outcome says how, the VM's power state after it, and how long it took."""
+    started = time.monotonic()
+    outcome: dict = {"action": order.action}
+    try:
+        with config.vsphere(order.vcenter) as client:
+            if order.action == SHUT_DOWN:
+                outcome["how"] = client.shut_down(order.vm_moref, order.timeout_s)
+            else:
+                outcome["how"] = client.power_on(order.vm_moref)
+            outcome["power_state"] = client.power_state(order.vm_moref)
+    except Exception as exc:
+        log.exception("%s of VM %s failed", order.action, order.vm_name)
+        outcome["error"] = f"{order.action.replace('_', ' ')} of VM {order.vm_name} failed: {exc}"
+    outcome["seconds"] = round(time.monotonic() - started, 3)
+    return outcome
 
 
 # Copying a disk ---------------------------------------------------------------

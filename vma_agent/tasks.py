@@ -60,3 +60,9 @@ def remove_snapshot(order: dict) -> None:
     removal = work.SnapshotRemovalOrder.from_dict(order)
     outcome = steps.remove_snapshot(removal, agent_config())
     report(work.SNAPSHOT_REMOVED, removal.job_id, removal.snapshot_moref, removal.finalize, outcome)
+
+
+@shared_task(name="vma.power_source")
+def power_source(order: dict) -> None:
+    power = work.PowerOrder.from_dict(order)
+    report(work.SOURCE_POWERED, power.failover_id, power.action, steps.power_source(power, agent_config()))

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -341,6 +342,38 @@ class VSphereClient:
         except vmodl.fault.ManagedObjectNotFound:
             return  # already gone: removing is idempotent
         self._wait(task, f"removing snapshot {snapshot_moref}")
+
+    def power_state(self, vm_moref: str) -> str:
+        return str(self._props_of(self.vm_ref(vm_moref), vim.VirtualMachine, ["runtime.powerState"])
+                   .get("runtime.powerState", ""))
+
+    def shut_down(self, vm_moref: str, timeout_s: float, poll_s: float = 0.5) -> str:
+        """Shut the guest down through VMware Tools and wait until the VM is
+        off; power it off when the guest cannot be asked or is not off within
+        timeout_s. Returns how it went off."""
+        vm = self.vm_ref(vm_moref)
+        if self.power_state(vm_moref) == "poweredOff":
+            return "already powered off"
+        try:
+            vm.ShutdownGuest()
+        except vmodl.MethodFault as exc:
+            how = f"powered off (the guest could not be asked to shut down: {_fault_text(exc)})"
+        else:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                if self.power_state(vm_moref) == "poweredOff":
+                    return "guest shutdown"
+                time.sleep(poll_s)
+            how = f"powered off (the guest was not off {timeout_s:.0f} s after its shutdown)"
+        if self.power_state(vm_moref) != "poweredOff":
+            self._wait(vm.PowerOffVM_Task(), f"powering off {vm_moref}")
+        return how
+
+    def power_on(self, vm_moref: str) -> str:
+        if self.power_state(vm_moref) == "poweredOn":
+            return "already powered on"
+        self._wait(self.vm_ref(vm_moref).PowerOnVM_Task(), f"powering on {vm_moref}")
+        return "powered on"
 
     def changed_areas(self, vm_moref: str, snapshot_moref: str, device_key: int, capacity_bytes: int,
                       change_id: str) -> list[tuple[int, int]]:

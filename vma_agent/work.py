@@ -16,6 +16,11 @@ from vma_agent.vmware import VCenterConnection
 SOURCE_PREPARED = "replication.source_prepared"
 DISK_COPIED = "replication.disk_copied"
 SNAPSHOT_REMOVED = "replication.snapshot_removed"
+SOURCE_POWERED = "replication.source_powered"
+
+# What a PowerOrder asks of the source VM.
+SHUT_DOWN = "shut_down"
+POWER_ON = "power_on"
 
 
 class OrderError(ValueError):
@@ -144,4 +149,29 @@ class SnapshotRemovalOrder:
 
     @classmethod
     def from_dict(cls, data: dict) -> SnapshotRemovalOrder:
+        return _build(cls, {**data, "vcenter": _build(VCenterRef, data["vcenter"])})
+
+
+@dataclass(frozen=True)
+class PowerOrder:
+    """Power a VMware VM off for a live failover (the guest shuts down
+    through VMware Tools; powered off if it is not off within `timeout_s`
+    or cannot be asked) or back on for a rollback."""
+
+    failover_id: int
+    action: str  # SHUT_DOWN or POWER_ON
+    vcenter: VCenterRef
+    vm_moref: str
+    vm_name: str
+    timeout_s: float = 120.0
+
+    def __post_init__(self):
+        if self.action not in (SHUT_DOWN, POWER_ON):
+            raise OrderError(f"power order action must be {SHUT_DOWN} or {POWER_ON}, not {self.action!r}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PowerOrder:
         return _build(cls, {**data, "vcenter": _build(VCenterRef, data["vcenter"])})

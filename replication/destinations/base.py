@@ -108,3 +108,11 @@ class Destination(abc.ABC):
     @abc.abstractmethod
     def state(self, vm: str) -> str:
         """One of VM_STATES."""
+
+    @abc.abstractmethod
+    def free_memory_mib(self) -> int | None:
+        """Memory free for new VMs, in MiB (None: the destination cannot say)."""
+
+    @abc.abstractmethod
+    def has_network(self, network: str) -> bool:
+        """Whether a NIC can join this destination network."""

@@ -521,6 +521,21 @@ class LibvirtDestination(Destination):
                 return "absent"
             raise DestinationError(f"state of VM {vm}: {exc}") from None
 
+    def free_memory_mib(self) -> int | None:
+        try:
+            return self._conn().getFreeMemory() // 2**20
+        except libvirt.libvirtError as exc:
+            raise DestinationError(f"cannot read the free memory of {self.uri}: {exc}") from None
+
+    def has_network(self, network: str) -> bool:
+        try:
+            self._conn().networkLookupByName(network)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_NETWORK:
+                return False
+            raise DestinationError(f"libvirt lookup of network {network}: {exc}") from None
+        return True
+
     def list_vms(self, prefix: str = "") -> list[str]:
         """Names of the defined VMs starting with prefix (for sweeping leftovers)."""
         try:

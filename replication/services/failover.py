@@ -3,92 +3,153 @@
 A test failover protects every replica volume of the VM at one point in
 time without copying it (the destination's point-in-time protection: qcow2
 overlays over the raw replicas for libvirt), boots a VM from the
-protections, verifies the boot on its console and leaves it running for the
-operator. The replica is never written: the guest's writes land in the
-overlays, and the VM's replication cycles are paused meanwhile (its state is
-failed_over_test, which refuses a cycle with that reason: a cycle writing
-into an overlay's backing file would change what the running guest reads).
-Ending the test destroys the VM and the overlays; the replica is
-byte-identical to what it was. A failed step cleans up by itself."""
+protections on the isolated test network, verifies the boot on its console
+and leaves it running for the operator. The replica is never written: the
+guest's writes land in the overlays, and the VM's replication cycles are
+paused meanwhile (its state is failed_over_test, which refuses a cycle with
+that reason: a cycle writing into an overlay's backing file would change
+what the running guest reads). Ending the test destroys the VM and the
+overlays; the replica is byte-identical to what it was.
+
+A live failover shuts the source down (through its agent: guest shutdown,
+power-off after FAILOVER_SHUTDOWN_TIMEOUT_S), runs a final incremental
+cycle, protects the volumes (the rollback point: the replica as the source
+was when it went off), boots the VM on the production networks its
+network mapping names, verifies it and records the downtime. A rollback
+destroys that VM, discards the protections (the replica is back at the
+rollback point, so the next cycle is incremental) and powers the source on.
+
+Waiting on the agent or on the final cycle holds no worker: the agent's
+answer (source_powered) and the final cycle's end (final_cycle_ended) queue
+the next step. A failed step undoes what the failover made, and a live
+failover that shut its source down powers it back on."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from replication.choices import FAILOVER_OPEN, FailoverKind, FailoverStatus, JobStatus, VMState
+from replication.choices import (
+    FAILOVER_OPEN,
+    VM_STATE_REFUSALS,
+    FailoverKind,
+    FailoverStatus,
+    JobStatus,
+    SourceKind,
+    SyncType,
+    VMState,
+)
 from replication.destinations import get_destination
-from replication.destinations.base import DestinationError, VMShape
+from replication.destinations.base import DestinationError
 from replication.lifecycle import FailoverJob, FailoverStep, IllegalMove, VMContext
 from replication.models import ReplicationJob, VirtualMachine
+from replication.services import forecast, orders
+from replication.services.failover_checks import FailoverError, preflight, production_network, shape_of
+from vma_agent.work import POWER_ON, SHUT_DOWN
 
 log = logging.getLogger(__name__)
 CONSOLE_TAIL_LINES = 20
-
-
-class FailoverError(Exception):
-    """A failover cannot start or go on; the message is the reason."""
+STEP_SHUT_DOWN = "shut down source"
+STEP_FINAL_CYCLE = "final incremental"
+STEP_POWER_ON = "power on source"
+# Steps that make something on the destination: a failover that got to one has something to undo.
+MAKING_STEPS = ("protect volumes", "define VM", "start VM", "verify boot")
 
 
 def failover_report(job: FailoverJob) -> dict:
     """A failover as the commands' --json and the JSON API show it."""
     return {"id": job.pk, "vm": job.vm.name, "kind": job.kind, "status": job.status,
             "state": VMContext.of(job.vm).state, "destination_vm": job.destination_vm,
-            "replication_job": job.replication_job_id, "boot_verified": job.boot_verified,
-            "console_match": job.console_match, "error": job.error_message, "console_tail": job.console_tail,
-            "created_at": job.created_at.isoformat(),
+            "replication_job": job.replication_job_id, "final_cycle": job.final_cycle_id,
+            "rolls_back": job.rolls_back_id, "boot_verified": job.boot_verified,
+            "console_match": job.console_match, "downtime_s": job.downtime_s,
+            "forecast_downtime_s": job.forecast_downtime_s, "error": job.error_message,
+            "console_tail": job.console_tail, "created_at": job.created_at.isoformat(),
             "completed_at": job.completed_at.isoformat() if job.completed_at else None,
             "steps": [{"name": s.name, "status": s.status, "seconds": s.seconds, "detail": s.detail}
                       for s in job.steps.all()]}
 
 
-def start_test_failover(vm: VirtualMachine, actor: str = "operator") -> FailoverJob:
-    """Record the failover and pause the VM's cycles in one transaction; the
-    steps run in a task queued once that commits."""
+# Starting ------------------------------------------------------------------------
+
+def start_failover(vm: VirtualMachine, kind: str = FailoverKind.TEST, actor: str = "operator") -> FailoverJob:
+    """Record the failover (a test one also pauses the VM's cycles) in one
+    transaction; its steps run in a task queued once that commits."""
+    if kind not in (FailoverKind.TEST, FailoverKind.LIVE):
+        raise FailoverError(f"a failover is test or live, not {kind!r}")
     with transaction.atomic():
         vm = VirtualMachine.objects.select_for_update().get(pk=vm.pk)
         running = vm.failovers.filter(status__in=FAILOVER_OPEN).first()
         if running is not None:
             raise FailoverError(f"VM {vm.name} already has a {running.kind} failover ({running.status}); "
-                                "end it first")
+                                f"{'roll it back' if running.kind == FailoverKind.LIVE else 'end it'} first")
+        active = vm.active_job()
+        if active is not None:
+            raise FailoverError(f"VM {vm.name} has a replication cycle running ({active.id}, {active.status}); "
+                                "wait until it ends")
         cycle = vm.jobs.filter(status=JobStatus.COMPLETED).order_by("-completed_at").first()
         if cycle is None:
             raise FailoverError(f"VM {vm.name} has no completed replication cycle to fail over to")
-        job = FailoverJob.objects.create(vm=vm, kind=FailoverKind.TEST, replication_job=cycle, actor=actor[:100],
-                                         destination_vm=_destination_name(vm, "test"))
-        try:
-            VMContext.of(vm).move(VMState.FAILED_OVER_TEST, actor=actor, reason=f"test failover {job.pk}",
-                                  only_from={VMState.READY_FOR_FAILOVER})
-        except IllegalMove as exc:
-            raise FailoverError(str(exc)) from None
-        transaction.on_commit(lambda: _enqueue_run(job))
+        context = VMContext.of(vm)
+        if context.state != VMState.READY_FOR_FAILOVER:
+            why = VM_STATE_REFUSALS.get(context.state, f"it is {context.state}")
+            raise FailoverError(f"VM {vm.name} cannot fail over: {why}")
+        job = FailoverJob.objects.create(
+            vm=vm, kind=kind, replication_job=cycle, actor=actor[:100], destination_vm=destination_name(vm, kind),
+            forecast_downtime_s=forecast.downtime(vm)["total_s"] if kind == FailoverKind.LIVE else None)
+        if kind == FailoverKind.TEST:
+            context.move(VMState.FAILED_OVER_TEST, actor=actor, reason=f"test failover {job.pk}",
+                         only_from={VMState.READY_FOR_FAILOVER})
+        # A live failover moves the VM to failed_over_live once its VM is
+        # verified; until then its open job refuses other cycles and failovers.
+        transaction.on_commit(lambda: _enqueue(job, "run_failover"))
     return job
 
 
-def _enqueue_run(job: FailoverJob) -> None:
+def start_rollback(vm: VirtualMachine, actor: str = "operator") -> FailoverJob:
+    """Undo the VM's live failover: its destination VM goes, the volumes go
+    back to the rollback point, the source powers on."""
+    with transaction.atomic():
+        vm = VirtualMachine.objects.select_for_update().get(pk=vm.pk)
+        live = vm.failovers.filter(kind=FailoverKind.LIVE, status__in=FAILOVER_OPEN).first()
+        if live is None:
+            raise FailoverError(f"VM {vm.name} has no live failover to roll back")
+        if live.status != FailoverStatus.SUCCEEDED:
+            raise FailoverError(f"the live failover of {vm.name} is {live.status}; wait until it has booted or "
+                                "failed (a failed one undoes itself)")
+        if vm.failovers.filter(kind=FailoverKind.ROLLBACK, status__in=FAILOVER_OPEN).exists():
+            raise FailoverError(f"a rollback of {vm.name} is already running")
+        job = FailoverJob.objects.create(vm=vm, kind=FailoverKind.ROLLBACK, rolls_back=live,
+                                         replication_job=live.replication_job, actor=actor[:100],
+                                         destination_vm=live.destination_vm, protection=live.protection)
+        transaction.on_commit(lambda: _enqueue(job, "run_failover"))
+    return job
+
+
+def _enqueue(job: FailoverJob, task_name: str) -> None:
     from replication import tasks
 
     try:
-        tasks.run_failover.apply_async(args=[job.pk])
+        getattr(tasks, task_name).apply_async(args=[job.pk])
     except Exception as exc:
-        log.exception("could not queue failover %s", job.pk)
-        abandon(job.pk, f"could not queue the failover (is Redis running?): {exc}")
+        log.exception("could not queue %s of failover %s", task_name, job.pk)
+        abandon(job.pk, f"could not queue the failover's next step (is Redis running?): {exc}")
 
 
-def _destination_name(vm: VirtualMachine, kind: str) -> str:
+def destination_name(vm: VirtualMachine, kind: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9_.-]", "-", vm.name)[:60]
     return f"oma-{kind}-{safe}"
 
+
+# Steps ---------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def _step(job: FailoverJob, name: str) -> Iterator[FailoverStep]:
@@ -102,71 +163,75 @@ def _step(job: FailoverJob, name: str) -> Iterator[FailoverStep]:
     step.end(FailoverStep.Status.DONE, step.detail)
 
 
+def _open_step(job: FailoverJob, name: str) -> None:
+    """A step that ends when an answer arrives (the agent's, the final cycle's)."""
+    FailoverStep.objects.create(failover=job, name=name)
+    job.beat()
+
+
+def _close_step(job: FailoverJob, name: str, status: str, detail: str) -> bool:
+    """End the running step of that name; False if there is none (a second
+    delivery of the same answer)."""
+    return bool(FailoverStep.objects.filter(failover=job, name=name, status=FailoverStep.Status.RUNNING)
+                .update(status=status, ended_at=timezone.now(), detail=detail[:4000]))
+
+
 def run_failover(job_id: int) -> None:
-    """The test failover's steps; any failure cleans up and says why."""
-    job = FailoverJob.objects.select_related("vm", "replication_job").get(pk=job_id)
+    """The failover's first steps (a test one's all of them); any failure
+    undoes what it made and says why."""
+    job = FailoverJob.objects.select_related("vm", "replication_job", "rolls_back").get(pk=job_id)
     if not job.transition(FailoverStatus.RUNNING, from_statuses={FailoverStatus.PENDING}, started_at=timezone.now(),
                           heartbeat_at=timezone.now()):
         log.warning("failover %s not run: it is %s", job_id, job.status)
         return
     try:
         destination = get_destination()
+        if job.kind == FailoverKind.ROLLBACK:
+            _run_rollback(job, destination)
+            return
         with _step(job, "preflight") as step:
-            volumes = _preflight(job)
-            # The destination answers, and has no VM of that name already.
-            if (state := destination.state(job.destination_vm)) != "absent":
-                raise FailoverError(f"the destination already has a VM named {job.destination_vm} ({state})")
+            volumes = preflight(job, destination)
             step.detail = f"{len(volumes)} volume(s) of {job.replication_job_id}"
-        with _step(job, "protect volumes") as step:
-            job.protection = destination.protect([v for v, _ in volumes], f"{job.destination_vm}-{job.pk}")
-            job.save(update_fields=["protection"])
-            step.detail = ", ".join(job.protection)
-        with _step(job, "define VM"):
-            destination.define_vm(job.destination_vm, _shape(job.replication_job, [key for _, key in volumes]),
-                                  list(zip(job.protection, [key for _, key in volumes], strict=True)),
-                                  network=settings.FAILOVER_TEST_NETWORK or None)
-        with _step(job, "start VM"):
-            destination.start(job.destination_vm)
-        with _step(job, "verify boot") as step:
-            match = _verify_boot(job, destination)
-            step.detail = match
+        if job.kind == FailoverKind.TEST:
+            _boot(job, destination, volumes)
+        else:
+            _shut_down_source(job)
     except Exception as exc:
         log.exception("failover %s failed", job_id)
         abandon(job_id, str(exc))
-        return
-    job.transition(FailoverStatus.SUCCEEDED, from_statuses={FailoverStatus.RUNNING}, boot_verified=True,
-                   console_match=match[:4000], completed_at=timezone.now())
 
 
-def _preflight(job: FailoverJob) -> list[tuple[str, str]]:
-    """Every replica volume of the cycle, in disk order: (path, disk key)."""
-    cycle: ReplicationJob = job.replication_job
-    if cycle is None or cycle.status != JobStatus.COMPLETED:
-        raise FailoverError("the replication cycle to fail over to is gone or not completed")
-    volumes = []
-    for disk in cycle.disks.select_related("target_volume").order_by("disk_key"):
-        path = disk.target_volume.path
-        if not path or not Path(path).exists():
-            raise FailoverError(f"{disk.disk_key}: replica volume {path or '(none)'} is missing")
-        volumes.append((path, disk.disk_key))
-    run_dir = Path(settings.FAILOVER_DIR)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(run_dir).free
-    if free < settings.FAILOVER_MIN_FREE_BYTES:
-        raise FailoverError(f"not enough space for the overlays in {run_dir}: {free // 2**20} MiB free, "
-                            f"{settings.FAILOVER_MIN_FREE_BYTES // 2**20} MiB needed (FAILOVER_MIN_FREE_BYTES)")
-    return volumes
-
-
-def _shape(cycle: ReplicationJob, disk_keys: list[str]) -> VMShape:
-    """The VM as the cycle being booted recorded it (boot order among the
-    disks it replicated); what it does not know, the destination's defaults
-    (FAILOVER_DEFAULT_CPUS, FAILOVER_DEFAULT_MEMORY_MIB)."""
-    shape = cycle.vm_shape or {}
-    return VMShape(cpus=shape.get("cpus") or settings.FAILOVER_DEFAULT_CPUS,
-                   memory_mib=shape.get("memory_mib") or settings.FAILOVER_DEFAULT_MEMORY_MIB,
-                   firmware=shape.get("firmware") or "bios",
-                   disks=tuple(key for key in shape.get("disks") or () if key in disk_keys))
+def _boot(job: FailoverJob, destination, volumes: list[tuple[str, str]]) -> None:
+    """Protect, define, start, verify; then the failover has succeeded."""
+    keys = [key for _, key in volumes]
+    shape = shape_of(job.replication_job, keys)
+    if job.kind == FailoverKind.LIVE:
+        network = production_network(shape, destination)
+    else:
+        network = settings.FAILOVER_TEST_NETWORK or None
+    with _step(job, "protect volumes") as step:
+        job.protection = destination.protect([v for v, _ in volumes], f"{job.destination_vm}-{job.pk}")
+        job.save(update_fields=["protection"])
+        step.detail = ", ".join(job.protection)
+    with _step(job, "define VM"):
+        destination.define_vm(job.destination_vm, shape, list(zip(job.protection, keys, strict=True)),
+                              network=network)
+    with _step(job, "start VM"):
+        destination.start(job.destination_vm)
+    with _step(job, "verify boot") as step:
+        match = _verify_boot(job, destination)
+        step.detail = match
+    fields = {"boot_verified": True, "console_match": match[:4000], "completed_at": timezone.now()}
+    if job.kind == FailoverKind.LIVE:
+        stopping = job.steps.filter(name=STEP_SHUT_DOWN).values_list("started_at", flat=True).first()
+        fields["downtime_s"] = round((fields["completed_at"] - stopping).total_seconds(), 3)
+        try:
+            VMContext.of(job.vm).move(VMState.FAILED_OVER_LIVE, actor=job.actor,
+                                      reason=f"live failover {job.pk}: {job.destination_vm} verified",
+                                      only_from={VMState.READY_FOR_FAILOVER})
+        except IllegalMove as exc:
+            raise FailoverError(str(exc)) from None
+    job.transition(FailoverStatus.SUCCEEDED, from_statuses={FailoverStatus.RUNNING}, **fields)
 
 
 def _verify_boot(job: FailoverJob, destination) -> str:
@@ -194,17 +259,150 @@ def _verify_boot(job: FailoverJob, destination) -> str:
         time.sleep(0.25)
 
 
+# A live failover's waits: the source's power, the final cycle -------------------
+
+def _power_source(job: FailoverJob, action: str, step: str) -> bool:
+    """Ask the VM's agent to switch its source's power; the answer comes back
+    as source_powered. False for a source with no power switch (a disk
+    image): the step is done at once."""
+    _open_step(job, step)
+    if job.vm.source_kind != SourceKind.VMWARE:
+        _close_step(job, step, FailoverStep.Status.DONE,
+                    "a disk image has no power switch: whatever writes to it is the operator's to stop or start")
+        return False
+    timeout = settings.FAILOVER_SHUTDOWN_TIMEOUT_S
+    FailoverJob.objects.filter(pk=job.pk).update(
+        wait_until=timezone.now() + timedelta(seconds=timeout + settings.FAILOVER_AGENT_GRACE_S))
+    orders.send_power(job, action, timeout)
+    return True
+
+
+def _shut_down_source(job: FailoverJob) -> None:
+    if not _power_source(job, SHUT_DOWN, STEP_SHUT_DOWN):
+        _start_final_cycle(job)
+
+
+def source_powered(job_id: int, action: str, outcome: dict) -> None:
+    """The agent's answer to a power order: the live failover goes on to its
+    final cycle, a rollback ends; an error fails it (a live failover then
+    powers its source back on)."""
+    job = FailoverJob.objects.select_related("vm", "rolls_back").get(pk=job_id)
+    error = outcome.get("error") or ""
+    detail = error or f"{outcome.get('how', '?')} ({outcome.get('power_state', '?')}) in {outcome.get('seconds')} s"
+    step = STEP_SHUT_DOWN if action == SHUT_DOWN else STEP_POWER_ON
+    if not _close_step(job, step, FailoverStep.Status.FAILED if error else FailoverStep.Status.DONE, detail):
+        log.info("failover %s: %s answer with no step waiting for it (a second delivery)", job_id, action)
+        return
+    FailoverJob.objects.filter(pk=job.pk).update(wait_until=None)
+    if job.status != FailoverStatus.RUNNING:
+        return  # an abandoned failover's source back on: nothing more to do
+    if job.kind == FailoverKind.ROLLBACK:
+        _finish_rollback(job, error)
+    elif error:
+        abandon(job.pk, error)
+    else:
+        try:
+            _start_final_cycle(job)
+        except Exception as exc:
+            log.exception("failover %s: final cycle not started", job_id)
+            abandon(job.pk, str(exc))
+
+
+def _start_final_cycle(job: FailoverJob) -> None:
+    """The source is off: one more cycle catches the replica up with it."""
+    from replication.services.jobs import ReplicationError, start_replication
+
+    _open_step(job, STEP_FINAL_CYCLE)
+    sync = SyncType.INCREMENTAL if job.vm.source_kind == SourceKind.VMWARE else SyncType.FULL
+    try:
+        cycle = start_replication(job.vm, sync, actor=f"live failover {job.pk}", for_failover=job)
+    except ReplicationError as exc:
+        _close_step(job, STEP_FINAL_CYCLE, FailoverStep.Status.FAILED, str(exc))
+        raise FailoverError(f"the final cycle cannot start: {exc}") from None
+    FailoverStep.objects.filter(failover=job, name=STEP_FINAL_CYCLE, status=FailoverStep.Status.RUNNING).update(
+        detail=f"{cycle.id} ({cycle.sync_type})")
+
+
+def final_cycle_ended(cycle: ReplicationJob) -> None:
+    """Called as a cycle ends (completed, failed or cancelled): a live
+    failover waiting on it goes on, in a task of its own."""
+    for job in FailoverJob.objects.filter(final_cycle=cycle, status=FailoverStatus.RUNNING):
+        transaction.on_commit(lambda job=job: _enqueue(job, "continue_failover"))
+
+
+def continue_failover(job_id: int) -> None:
+    """After the final cycle: boot from the replica it completed, or give up
+    (and power the source back on) if it did not complete."""
+    job = FailoverJob.objects.select_related("vm", "final_cycle").get(pk=job_id)
+    cycle = job.final_cycle
+    if job.status != FailoverStatus.RUNNING or cycle is None or not cycle.is_terminal:
+        return
+    ok = cycle.status == JobStatus.COMPLETED
+    seconds = (cycle.completed_at - cycle.created_at).total_seconds() if cycle.completed_at else 0.0
+    detail = (f"{cycle.id} ({cycle.sync_type}): {cycle.bytes_transferred / 2**20:.1f} MiB in {seconds:.2f} s"
+              if ok else f"{cycle.id} {cycle.status}: {cycle.error_message}")
+    if not _close_step(job, STEP_FINAL_CYCLE, FailoverStep.Status.DONE if ok else FailoverStep.Status.FAILED,
+                       detail):
+        return
+    if not ok:
+        abandon(job.pk, f"the final cycle {detail}")
+        return
+    FailoverJob.objects.filter(pk=job.pk).update(replication_job=cycle)
+    job.refresh_from_db()
+    try:
+        destination = get_destination()
+        with _step(job, "preflight after the final cycle") as step:
+            volumes = preflight(job, destination)
+            step.detail = f"{len(volumes)} volume(s) of {cycle.id}"
+        _boot(job, destination, volumes)
+    except Exception as exc:
+        log.exception("failover %s failed after its final cycle", job_id)
+        abandon(job.pk, str(exc))
+
+
+# Rollback ------------------------------------------------------------------------
+
+def _run_rollback(job: FailoverJob, destination) -> None:
+    with _step(job, "destroy VM") as step:
+        destination.destroy(job.destination_vm)
+        step.detail = f"{job.destination_vm} destroyed"
+    with _step(job, "revert volumes") as step:
+        destination.discard_protection(job.protection)
+        step.detail = "the replicas are as the final cycle left them (the rollback point)"
+    if not _power_source(job, POWER_ON, STEP_POWER_ON):
+        _finish_rollback(job, "")
+
+
+def _finish_rollback(job: FailoverJob, error: str) -> None:
+    """The destination VM is gone and the volumes are back: the live
+    failover has ended, and the VM may replicate again (the next cycle is
+    incremental: the replica holds what the committed changeIds say)."""
+    live = job.rolls_back
+    live.transition(FailoverStatus.ENDED, from_statuses={FailoverStatus.SUCCEEDED}, ended_at=timezone.now())
+    VMContext.of(job.vm).move(VMState.READY_FOR_FAILOVER, actor=job.actor,
+                              reason=f"live failover {live.pk} rolled back ({job.pk})",
+                              only_from={VMState.FAILED_OVER_LIVE})
+    if error:
+        job.transition(FailoverStatus.FAILED, from_statuses={FailoverStatus.RUNNING}, completed_at=timezone.now(),
+                       error_message=f"{error}: power the source on in vCenter"[:4000])
+    else:
+        job.transition(FailoverStatus.SUCCEEDED, from_statuses={FailoverStatus.RUNNING}, completed_at=timezone.now())
+
+
+# Undoing -------------------------------------------------------------------------
+
 def abandon(job_id: int, reason: str) -> None:
     """Fail the failover with the reason and the console's last lines, and
-    undo it: VM destroyed, protections discarded, the VM's state back to
-    ready_for_failover (cleanup_required if that cannot be done)."""
+    undo it: VM destroyed, protections discarded, a source it shut down
+    powered back on; the VM's state back to ready_for_failover
+    (cleanup_required if that cannot be done). A rollback that fails only
+    says why: each of its steps may simply be run again."""
     job = FailoverJob.objects.select_related("vm").get(pk=job_id)
     job.steps.filter(status=FailoverStep.Status.RUNNING).update(status=FailoverStep.Status.FAILED,
                                                                 ended_at=timezone.now(), detail="interrupted")
     tail = ""
     cleanup_error = ""
-    # Nothing to undo when it failed before it created anything (preflight).
-    if job.steps.exclude(name="preflight").exists():
+    if job.kind != FailoverKind.ROLLBACK and job.steps.filter(name__in=MAKING_STEPS).exists():
         try:
             destination = get_destination()
             with contextlib.suppress(Exception):
@@ -212,12 +410,21 @@ def abandon(job_id: int, reason: str) -> None:
             _undo(job, destination)
         except Exception as exc:
             cleanup_error = f"; clean-up failed: {exc}"
-    job.transition(FailoverStatus.FAILED, from_statuses=FAILOVER_OPEN, error_message=(reason + cleanup_error)[:4000],
-                   console_tail=tail, completed_at=timezone.now())
+    if not job.transition(FailoverStatus.FAILED, from_statuses=FAILOVER_OPEN,
+                          error_message=(reason + cleanup_error)[:4000], console_tail=tail,
+                          completed_at=timezone.now(), wait_until=None):
+        return
+    if job.kind == FailoverKind.LIVE and job.steps.filter(name=STEP_SHUT_DOWN).exists():
+        try:
+            _power_source(job, POWER_ON, STEP_POWER_ON)
+        except Exception as exc:
+            _close_step(job, STEP_POWER_ON, FailoverStep.Status.FAILED, f"could not ask the agent: {exc}")
+    if job.kind == FailoverKind.ROLLBACK:
+        return
     to = VMState.CLEANUP_REQUIRED if cleanup_error else VMState.READY_FOR_FAILOVER
     with contextlib.suppress(IllegalMove):
-        VMContext.of(job.vm).move(to, actor="system", reason=f"test failover {job.pk} failed: {reason}"[:2000],
-                                  only_from={VMState.FAILED_OVER_TEST})
+        VMContext.of(job.vm).move(to, actor="system", reason=f"{job.kind} failover {job.pk} failed: {reason}"[:2000],
+                                  only_from={VMState.FAILED_OVER_TEST, VMState.READY_FOR_FAILOVER} - {to})
 
 
 def _undo(job: FailoverJob, destination) -> None:
@@ -246,14 +453,29 @@ def end_test_failover(vm: VirtualMachine, actor: str = "operator") -> FailoverJo
 
 
 def reap_failovers(now=None) -> list[int]:
-    """A failover whose worker went silent (REAPER_TIMEOUT_S) is failed and
-    undone, naming the step it was in."""
+    """The one judge of failovers. One waiting on its final cycle is alive
+    while the cycle is (the cycle's own reaper judges that), and goes on if
+    the cycle ended but the news was lost; one waiting on its agent has until
+    wait_until; any other whose worker went silent for REAPER_TIMEOUT_S is
+    failed and undone, naming the step it was in."""
     now = now or timezone.now()
     cutoff = now - timedelta(seconds=settings.REAPER_TIMEOUT_S)
     reaped = []
-    for job in FailoverJob.objects.filter(status=FailoverStatus.RUNNING, heartbeat_at__lt=cutoff):
+    for job in FailoverJob.objects.filter(status=FailoverStatus.RUNNING).select_related("final_cycle"):
         step = job.steps.order_by("-id").first()
-        abandon(job.pk, f"no sign of life for {settings.REAPER_TIMEOUT_S:.0f} s during "
-                        f"{step.name if step else 'its start'}: the worker running it is gone")
+        if step is not None and step.name == STEP_FINAL_CYCLE and step.status == FailoverStep.Status.RUNNING:
+            if job.final_cycle is not None and job.final_cycle.is_terminal:
+                continue_failover(job.pk)
+            continue
+        if job.wait_until is not None:
+            if job.wait_until > now:
+                continue
+            abandon(job.pk, f"the agent did not answer ({step.name if step else 'its start'}) by "
+                            f"{job.wait_until:%H:%M:%S}: is its worker running?")
+        elif job.heartbeat_at is None or job.heartbeat_at < cutoff:
+            abandon(job.pk, f"no sign of life for {settings.REAPER_TIMEOUT_S:.0f} s during "
+                            f"{step.name if step else 'its start'}: the worker running it is gone")
+        else:
+            continue
         reaped.append(job.pk)
     return reaped

@@ -13,10 +13,10 @@ import uuid
 from django.db import transaction
 from django.utils import timezone
 
-from replication.choices import DiskStatus, JobStatus, SourceKind, Stage, SyncType, VMState
-from replication.lifecycle import IllegalMove, VMContext
+from replication.choices import FAILOVER_OPEN, DiskStatus, FailoverKind, JobStatus, SourceKind, Stage, SyncType, VMState
+from replication.lifecycle import FailoverJob, IllegalMove, VMContext
 from replication.models import CopyAttempt, JobEvent, ReplicationJob, VirtualMachine, VMDisk
-from replication.services import orders, vmware, volumes
+from replication.services import failover, orders, vmware, volumes
 from vma_agent import vmware as vsphere
 
 log = logging.getLogger(__name__)
@@ -28,10 +28,12 @@ class ReplicationError(Exception):
 
 def start_replication(vm: VirtualMachine, sync_type: str = SyncType.FULL, *, verify: bool = False,
                       overrides: list[str] | tuple[str, ...] = (),
-                      bandwidth_limit_bps: int | None = None, actor: str = "operator") -> ReplicationJob:
+                      bandwidth_limit_bps: int | None = None, actor: str = "operator",
+                      for_failover=None) -> ReplicationJob:
     """Create the job, its disks and their target volumes in one transaction;
     the prepare task is enqueued only once that commits. The VM's lifecycle
-    must allow a cycle (not under a failover)."""
+    must allow a cycle (not under a failover); only a live failover's own
+    final cycle (for_failover) runs while that failover is open."""
     if sync_type == SyncType.INCREMENTAL and vm.source_kind == SourceKind.IMAGE:
         raise ReplicationError(
             f"VM {vm.name} is an image source without changed-block tracking; only a full copy is possible"
@@ -49,6 +51,12 @@ def start_replication(vm: VirtualMachine, sync_type: str = SyncType.FULL, *, ver
         active = vm.active_job()
         if active is not None:
             raise ReplicationError(f"VM {vm.name} already has an active job {active.id} ({active.status})")
+        live = vm.failovers.filter(kind=FailoverKind.LIVE, status__in=FAILOVER_OPEN)
+        if for_failover is not None:
+            live = live.exclude(pk=for_failover.pk)
+        if (failover := live.first()) is not None:
+            raise ReplicationError(f"VM {vm.name} is under live failover {failover.pk} ({failover.status}); "
+                                   "roll back first")
         source_disks = list(vm.disks.all())
         if not source_disks:
             raise ReplicationError(f"VM {vm.name} has no disks")
@@ -59,6 +67,8 @@ def start_replication(vm: VirtualMachine, sync_type: str = SyncType.FULL, *, ver
             VMContext.of(vm).move(VMState.REPLICATING, actor=actor, reason=f"replication {job.id}")
         except IllegalMove as exc:
             raise ReplicationError(str(exc)) from None
+        if for_failover is not None:
+            FailoverJob.objects.filter(pk=for_failover.pk).update(final_cycle=job)
         JobEvent.objects.create(job=job, status=job.status, stage=job.current_operation)
         for source_disk in source_disks:
             VMDisk.objects.create(
@@ -265,6 +275,7 @@ def commit_and_complete(job: ReplicationJob) -> None:
         if job.complete():
             VMContext.of(job.vm).move(VMState.READY_FOR_FAILOVER, actor="system",
                                       reason=f"replication {job.id} completed", only_from={VMState.REPLICATING})
+            failover.final_cycle_ended(job)
         else:
             log.warning("finalize of %s found it %s", job.id, job.status)
     except Exception as exc:
@@ -295,6 +306,7 @@ def cleanup_job(job: ReplicationJob, reason: str = "") -> None:
     for disk in job.disks.filter(status=DiskStatus.PENDING):
         disk.cancel()
     _settle_vm_state(job, reason)
+    failover.final_cycle_ended(job)
     if job.disks.filter(status=DiskStatus.COPYING).exists():
         transaction.on_commit(lambda: orders.request_stop(job, reason or f"job {job.status}"))
     _queue_snapshot_removal(job)

@@ -13,7 +13,7 @@ from replication.models import ReplicationJob, VCenter, VMDisk
 from replication.routing import agent_queue
 from replication.services import volumes
 from vma_agent.reporter import ProgressClient
-from vma_agent.work import CopyOrder, SnapshotRef, SnapshotRemovalOrder, SourceOrder, VCenterRef
+from vma_agent.work import CopyOrder, PowerOrder, SnapshotRef, SnapshotRemovalOrder, SourceOrder, VCenterRef
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,20 @@ def send_snapshot_removal(job: ReplicationJob, finalize: bool) -> None:
 
     agent_tasks.remove_snapshot.apply_async(args=[snapshot_removal_order(job, finalize).as_dict()],
                                             queue=agent_queue(job.vm.agent))
+
+
+def power_order(failover, action: str, timeout_s: float) -> PowerOrder:
+    vm = failover.vm
+    return PowerOrder(failover_id=failover.pk, action=action, vcenter=vcenter_ref(vm.vcenter), vm_moref=vm.moref,
+                      vm_name=vm.name, timeout_s=timeout_s)
+
+
+def send_power(failover, action: str, timeout_s: float) -> None:
+    """A failover's power order for its source, to the VM's agent."""
+    from vma_agent import tasks as agent_tasks
+
+    agent_tasks.power_source.apply_async(args=[power_order(failover, action, timeout_s).as_dict()],
+                                         queue=agent_queue(failover.vm.agent))
 
 
 def agent_client() -> ProgressClient:

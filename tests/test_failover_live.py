@@ -1,0 +1,208 @@
+"""A protected VM's whole lifecycle with real parts: a bootable disk (built
+from Debian packages by scripts/make_boot_disk.py) as the boot disk of a VM
+in the vCenter simulator and of an image VM, replicated by a real worker
+pair (OMA worker, agent worker with no database), booted by libvirt and
+QEMU (TCG where KVM cannot run a guest) and checked on the guest's own
+serial console: test failover, incremental, live failover (the source shut
+down through the agent, a final incremental, the VM on the mapped network),
+rollback (the source back on, the next cycle incremental)."""
+
+import json
+import uuid
+from io import StringIO
+from pathlib import Path
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from replication.choices import FailoverStatus, JobStatus, SyncType, VMState
+from replication.lifecycle import VMContext
+from replication.models import VirtualMachine
+from replication.services import vmware as vmware_service
+from replication.services.jobs import ReplicationError, start_replication
+from tests.conftest import wait_for_job
+from tests.helpers import MiB, boot_disk_builder, sha256
+from tests.vcsim import vm_spec
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+boot_disk = boot_disk_builder()
+DISK_BYTES = 64 * MiB
+MAC = "00:50:56:aa:bb:01"
+
+
+def command(*args) -> str:
+    out = StringIO()
+    call_command(*args, stdout=out)
+    return out.getvalue()
+
+
+def failover(vm_name: str, *args) -> dict:
+    return json.loads(command("failover", vm_name, *args, "--wait", "--json"))
+
+
+def replicate(vm, sync_type=SyncType.FULL):
+    job = wait_for_job(start_replication(vm, sync_type).id, timeout=180)
+    assert job.status == JobStatus.COMPLETED, job.error_message
+    return job
+
+
+def libvirt_conn():
+    import libvirt
+
+    return libvirt.open("qemu:///system")
+
+
+def domains() -> list[str]:
+    conn = libvirt_conn()
+    try:
+        return [d.name() for d in conn.listAllDomains()]
+    finally:
+        conn.close()
+
+
+def interfaces(name: str) -> list[tuple[str, str]]:
+    """(network, MAC) of each NIC of the domain, as libvirt defined it."""
+    import xml.etree.ElementTree as ET
+
+    conn = libvirt_conn()
+    try:
+        root = ET.fromstring(conn.lookupByName(name).XMLDesc(0))
+    finally:
+        conn.close()
+    return [(i.find("source").get("network"), i.find("mac").get("address"))
+            for i in root.iterfind("./devices/interface")]
+
+
+@pytest.fixture
+def isolated_network():
+    """A transient libvirt network with no uplink, no address and no DHCP:
+    production as far as the mapping is concerned, connected to nothing."""
+    name = f"oma-test-{uuid.uuid4().hex[:6]}"
+    conn = libvirt_conn()
+    net = conn.networkCreateXML(f"<network><name>{name}</name><bridge name='vb-{name[-6:]}' stp='off'/></network>")
+    try:
+        yield name
+    finally:
+        net.destroy()
+        conn.close()
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_vms():
+    from replication.destinations import get_destination
+
+    destination = get_destination()
+    for prefix in ("oma-test-boot", "oma-live-boot"):
+        for name in destination.list_vms(prefix):
+            destination.destroy(name)
+
+
+def power_state(record, moref: str) -> str:
+    with vmware_service.client_for(record) as client:
+        return client.vm_info(moref).power_state
+
+
+def test_vmware_vm_test_failover_then_live_failover_and_rollback(celery_worker_process, vcenter, tmp_path,
+                                                                 isolated_network, settings):
+    sim, record = vcenter(vm_spec("boot01", [DISK_BYTES], cbt=True, firmware="bios", cpus=1, memory_mib=384))
+    moref = sim.vms["boot01"]["moref"]
+    live = Path(sim.vms["boot01"]["disks"]["2000"])
+    boot_disk.build_boot_disk(tmp_path / "boot.img", "A")
+    live.write_bytes((tmp_path / "boot.img").read_bytes())
+    (vm,) = vmware_service.discover(record, ["boot01"])
+
+    full = replicate(vm)
+    replica = Path(full.disks.get().target_volume.path)
+    assert sha256(replica) == sha256(live)
+
+    # Test failover: marker A on the console; ending it leaves the replica as it was.
+    before = sha256(replica)
+    command("set_boot_check", "boot01", "--regex", "BOOT-MARKER: A", "--timeout", "240")
+    report = failover("boot01", "--test")
+    assert report["boot_verified"] and report["console_match"].endswith("BOOT-MARKER: A"), report
+    command("failover_end", "boot01")
+    assert sha256(replica) == before
+
+    # The guest writes marker B; CBT reports the changed area, an incremental copies it.
+    boot_disk.set_marker(live, "B")
+    incremental = replicate(vm, SyncType.INCREMENTAL)
+    assert incremental.disks.get().sync_type == SyncType.INCREMENTAL
+    assert 0 < incremental.bytes_transferred < 4 * MiB
+    assert sha256(replica) == sha256(live)
+    command("set_boot_check", "boot01", "--regex", "BOOT-MARKER: B", "--timeout", "240")
+    assert failover("boot01", "--test")["console_match"].endswith("BOOT-MARKER: B")
+    command("failover_end", "boot01")
+
+    # Live failover: the guest wrote C after the last cycle; only the final
+    # incremental can bring it over. Its NIC's network must be mapped first.
+    boot_disk.set_marker(live, "C")
+    command("set_boot_check", "boot01", "--regex", "BOOT-MARKER: C", "--timeout", "240")
+    with pytest.raises(CommandError, match="maps to no destination network"):
+        failover("boot01", "--live")
+    assert power_state(record, moref) == "poweredOn"  # refused before the source was touched
+    command("network_map", "VM Network", isolated_network)
+    forecast = json.loads(command("failover", "boot01", "--forecast", "--json"))
+    assert forecast["total_s"] is not None and forecast["boot_s"] > 0
+
+    report = failover("boot01", "--live")
+
+    assert report["status"] == FailoverStatus.SUCCEEDED and report["boot_verified"], report
+    assert report["console_match"].endswith("BOOT-MARKER: C")
+    assert report["state"] == VMState.FAILED_OVER_LIVE
+    steps = {s["name"]: s for s in report["steps"]}
+    assert list(steps)[:3] == ["preflight", "shut down source", "final incremental"]
+    assert steps["shut down source"]["detail"].startswith("guest shutdown (poweredOff)")
+    assert all(s["status"] == "done" for s in report["steps"]), report["steps"]
+    assert report["downtime_s"] >= sum(steps[n]["seconds"] for n in ("shut down source", "final incremental",
+                                                                       "verify boot"))
+    assert report["forecast_downtime_s"] > 0
+    final = vm.jobs.get(pk=report["final_cycle"])
+    assert final.sync_type == SyncType.INCREMENTAL and final.status == JobStatus.COMPLETED
+    assert sha256(replica) == sha256(live)  # the rollback point: the source as it went off
+    assert power_state(record, moref) == "poweredOff"
+    assert interfaces(report["destination_vm"]) == [(isolated_network, MAC)]
+    with pytest.raises(ReplicationError, match="roll back first"):
+        start_replication(vm, SyncType.INCREMENTAL)
+    with pytest.raises(CommandError, match="already has a live failover"):
+        command("failover", "boot01", "--test")
+    rollback_point = sha256(replica)
+
+    rollback = json.loads(command("rollback", "boot01", "--wait", "--json"))
+
+    assert rollback["status"] == FailoverStatus.SUCCEEDED, rollback
+    assert [s["name"] for s in rollback["steps"]] == ["destroy VM", "revert volumes", "power on source"]
+    assert report["destination_vm"] not in domains()
+    assert not any(Path(p).exists() for p in vm.failovers.get(pk=report["id"]).protection)
+    assert power_state(record, moref) == "poweredOn"
+    assert VMContext.of(vm).state == VMState.READY_FOR_FAILOVER
+    assert sha256(replica) == rollback_point
+    # The changeIds still hold: the next cycle is incremental, and nothing changed since.
+    after = replicate(vm, SyncType.INCREMENTAL)
+    assert after.disks.get().sync_type == SyncType.INCREMENTAL and after.bytes_transferred == 0
+    assert sha256(replica) == sha256(live)
+    history = [c.to_state for c in VMContext.of(vm).changes.all()]
+    assert history[-6:] == [VMState.REPLICATING, VMState.READY_FOR_FAILOVER, VMState.FAILED_OVER_LIVE,
+                            VMState.READY_FOR_FAILOVER, VMState.REPLICATING, VMState.READY_FOR_FAILOVER]
+
+
+def test_image_vm_live_failover_and_rollback(celery_worker_process, tmp_path):
+    disk = tmp_path / "boot.img"
+    boot_disk.build_boot_disk(disk, "A")
+    command("add_vm", "boot-img", "--disk", str(disk), "--memory-mib", "384")
+    vm = VirtualMachine.objects.get(name="boot-img")
+    replicate(vm)
+    boot_disk.set_marker(disk, "B")  # after the last cycle: the final one must carry it
+    command("set_boot_check", "boot-img", "--regex", "BOOT-MARKER: B", "--timeout", "240")
+
+    report = failover("boot-img", "--live")
+
+    assert report["boot_verified"] and report["console_match"].endswith("BOOT-MARKER: B"), report
+    steps = {s["name"]: s for s in report["steps"]}
+    assert "no power switch" in steps["shut down source"]["detail"]
+    assert vm.jobs.get(pk=report["final_cycle"]).sync_type == SyncType.FULL
+    assert report["forecast_downtime_s"] is None  # no boot of this VM was ever verified
+    rollback = json.loads(command("rollback", "boot-img", "--wait", "--json"))
+    assert rollback["status"] == FailoverStatus.SUCCEEDED, rollback
+    assert VMContext.of(vm).state == VMState.READY_FOR_FAILOVER
+    assert report["destination_vm"] not in domains()
