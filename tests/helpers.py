@@ -81,3 +81,28 @@ def boot_disk_builder():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def completed_cycle_on(tmp_path, name, monkeypatch):
+    """A VM whose last cycle completed, its replica a real file, without a
+    worker: the failover then runs in this process (enqueueing captured)."""
+    from replication.choices import JobStatus
+    from replication.services import jobs
+    from replication.services.inventory import register_image_vm
+
+    monkeypatch.setattr("replication.services.jobs.enqueue_prepare", lambda *args: None)
+    monkeypatch.setattr("replication.services.failover._enqueue", lambda job, task_name: None)
+    disk = tmp_path / f"{name}.img"
+    boot_disk_builder().build_boot_disk(disk, "D")
+    vm = register_image_vm(name, [str(disk)])
+    job = jobs.start_replication(vm)
+    assert job.enter_stage("Initializing", JobStatus.PREPARING)
+    assert job.enter_stage("Transfer", JobStatus.REPLICATING)
+    vm_disk = job.disks.get()
+    replica = tmp_path / f"{name}-replica.img"
+    replica.write_bytes(disk.read_bytes())
+    type(vm_disk.target_volume).objects.filter(pk=vm_disk.target_volume_id).update(path=str(replica))
+    assert vm_disk.start_attempt("t") and vm_disk.complete(bytes_total=1, bytes_zeroed=0, throughput_bps=1)
+    assert job.transition(JobStatus.FINALIZING)
+    jobs.commit_and_complete(job)
+    return vm

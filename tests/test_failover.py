@@ -17,7 +17,7 @@ from replication.models import VirtualMachine
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import ReplicationError, start_replication
 from tests.conftest import PROJECT_ROOT, wait_for_job
-from tests.helpers import boot_disk_builder, sha256
+from tests.helpers import boot_disk_builder, completed_cycle_on, sha256
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -155,29 +155,6 @@ def test_a_failover_needs_a_completed_cycle(tmp_path, monkeypatch):
         command("failover_end", "vm-never")
     with pytest.raises(CommandError, match="not a regular expression"):
         command("set_boot_check", "vm-never", "--regex", "(")
-
-
-def completed_cycle_on(tmp_path, name, monkeypatch):
-    """A VM whose last cycle completed, its replica a real file, without a
-    worker: the failover then runs in this process (enqueueing captured)."""
-    from replication.services import jobs
-
-    monkeypatch.setattr("replication.services.jobs.enqueue_prepare", lambda *args: None)
-    monkeypatch.setattr("replication.services.failover._enqueue", lambda job, task_name: None)
-    disk = tmp_path / f"{name}.img"
-    boot_disk.build_boot_disk(disk, "D")
-    vm = register_image_vm(name, [str(disk)])
-    job = start_replication(vm)
-    assert job.enter_stage("Initializing", JobStatus.PREPARING)
-    assert job.enter_stage("Transfer", JobStatus.REPLICATING)
-    vm_disk = job.disks.get()
-    replica = tmp_path / f"{name}-replica.img"
-    replica.write_bytes(disk.read_bytes())
-    type(vm_disk.target_volume).objects.filter(pk=vm_disk.target_volume_id).update(path=str(replica))
-    assert vm_disk.start_attempt("t") and vm_disk.complete(bytes_total=1, bytes_zeroed=0, throughput_bps=1)
-    assert job.transition(JobStatus.FINALIZING)
-    jobs.commit_and_complete(job)
-    return vm
 
 
 def test_libvirtd_not_answering_fails_the_failover_with_how_to_start_it(tmp_path, monkeypatch, settings):

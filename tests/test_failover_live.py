@@ -21,7 +21,7 @@ from replication.models import VirtualMachine
 from replication.services import vmware as vmware_service
 from replication.services.jobs import ReplicationError, start_replication
 from tests.conftest import wait_for_job
-from tests.helpers import MiB, boot_disk_builder, sha256
+from tests.helpers import MiB, boot_disk_builder, completed_cycle_on, sha256
 from tests.vcsim import vm_spec
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -206,3 +206,123 @@ def test_image_vm_live_failover_and_rollback(celery_worker_process, tmp_path):
     assert rollback["status"] == FailoverStatus.SUCCEEDED, rollback
     assert VMContext.of(vm).state == VMState.READY_FOR_FAILOVER
     assert report["destination_vm"] not in domains()
+
+
+# Faults -------------------------------------------------------------------------
+
+def as_vmware(vm) -> VirtualMachine:
+    """The VM as a VMware source, for the OMA's side of a live failover whose
+    agent is played by the test (its power orders captured, its answers given)."""
+    from replication.choices import SourceKind
+    from replication.models import VCenter
+
+    vcenter = VCenter.objects.create(name=f"vc-{vm.name}", host="vc.invalid", username="u", thumbprint="AA",
+                                     password_file="/nonexistent")
+    VirtualMachine.objects.filter(pk=vm.pk).update(source_kind=SourceKind.VMWARE, vcenter=vcenter, moref="vm-1")
+    vm.refresh_from_db()
+    return vm
+
+
+@pytest.fixture
+def power_orders(monkeypatch) -> list:
+    sent = []
+    monkeypatch.setattr("replication.services.orders.send_power",
+                        lambda job, action, timeout_s: sent.append((job.pk, action)))
+    return sent
+
+
+def test_an_agent_that_never_answers_the_shutdown_fails_the_failover_and_the_source_is_asked_back_on(
+        tmp_path, monkeypatch, power_orders, settings):
+    from datetime import timedelta
+
+    from replication.services import failover
+
+    vm = as_vmware(completed_cycle_on(tmp_path, "vm-silent", monkeypatch))
+    job = failover.start_failover(vm, "live")
+    failover.run_failover(job.pk)
+    job.refresh_from_db()
+    assert power_orders == [(job.pk, "shut_down")] and job.status == FailoverStatus.RUNNING
+    assert job.wait_until is not None
+
+    # Waiting on the agent is not silence, until its deadline.
+    assert failover.reap_failovers(now=job.wait_until - timedelta(seconds=1)) == []
+    assert failover.reap_failovers(now=job.wait_until + timedelta(seconds=1)) == [job.pk]
+
+    job.refresh_from_db()
+    assert job.status == FailoverStatus.FAILED
+    assert "the agent did not answer (shut down source)" in job.error_message
+    assert power_orders[-1] == (job.pk, "power_on")  # the source may be off: it is asked back on
+    assert VMContext.of(vm).state == VMState.READY_FOR_FAILOVER
+    # The agent's late answers close their steps and change nothing else.
+    failover.source_powered(job.pk, "power_on", {"how": "already powered on", "power_state": "poweredOn",
+                                                 "seconds": 0.2})
+    failover.source_powered(job.pk, "power_on", {"how": "already powered on", "seconds": 0.2})  # twice
+    job.refresh_from_db()
+    steps = [(s.name, s.status) for s in job.steps.all()]
+    assert steps == [("preflight", "done"), ("shut down source", "failed"), ("power on source", "done")]
+    assert job.status == FailoverStatus.FAILED
+
+
+def test_a_final_cycle_that_fails_ends_the_failover_and_powers_the_source_back_on(tmp_path, monkeypatch,
+                                                                                  power_orders):
+    from replication.services import failover, jobs
+
+    vm = as_vmware(completed_cycle_on(tmp_path, "vm-finalfail", monkeypatch))
+    job = failover.start_failover(vm, "live")
+    failover.run_failover(job.pk)
+    failover.source_powered(job.pk, "shut_down", {"how": "guest shutdown", "power_state": "poweredOff",
+                                                  "seconds": 1.5})
+    job.refresh_from_db()
+    cycle = job.final_cycle
+    assert cycle is not None and cycle.sync_type == SyncType.INCREMENTAL
+    # No other cycle or failover may run meanwhile.
+    with pytest.raises(ReplicationError, match=f"already has an active job {cycle.id}"):
+        start_replication(vm, SyncType.INCREMENTAL)
+    with pytest.raises(failover.FailoverError, match="already has a live failover"):
+        failover.start_failover(vm, "test")
+    assert failover.reap_failovers() == []  # its final cycle runs: alive
+
+    jobs.fail_job(cycle.id, "injected: the snapshot failed")
+    # Between the cycle's end and the failover's, the open failover refuses a cycle.
+    with pytest.raises(ReplicationError, match=f"under live failover {job.pk}"):
+        start_replication(vm, SyncType.INCREMENTAL)
+    # The news that the cycle ended is queued as a task (captured here): the
+    # reaper finds the ended cycle and goes on all the same.
+    failover.reap_failovers()
+
+    job.refresh_from_db()
+    assert job.status == FailoverStatus.FAILED
+    assert f"the final cycle {cycle.id} failed: injected" in job.error_message
+    assert power_orders == [(job.pk, "shut_down"), (job.pk, "power_on")]
+    assert [s.name for s in job.steps.all()] == ["preflight", "shut down source", "final incremental",
+                                                 "power on source"]
+    assert VMContext.of(vm).state == VMState.READY_FOR_FAILOVER  # the failed cycle wrote nothing
+
+
+def test_the_agent_powers_off_a_guest_that_will_not_shut_down_and_powers_it_on(vcenter):
+    from replication.services.orders import vcenter_ref
+    from vma_agent import steps
+    from vma_agent.tasks import agent_config
+    from vma_agent.work import PowerOrder
+
+    sim, record = vcenter(vm_spec("stubborn", [MiB], guest_shutdown="ignored"),
+                          vm_spec("notools", [MiB], guest_shutdown="no_tools"))
+
+    def power(name, action, timeout_s=1.0):
+        return steps.power_source(PowerOrder(failover_id=1, action=action, vcenter=vcenter_ref(record),
+                                             vm_moref=sim.vms[name]["moref"], vm_name=name, timeout_s=timeout_s),
+                                  agent_config())
+
+    off = power("stubborn", "shut_down")
+    assert off["how"] == "powered off (the guest was not off 1 s after its shutdown)" and off["seconds"] >= 1
+    assert off["power_state"] == "poweredOff"
+    off = power("notools", "shut_down")
+    assert off["how"] == ("powered off (the guest could not be asked to shut down: vim.fault.ToolsUnavailable: "
+                          "VMware Tools is not running in the guest)")
+    assert power("notools", "shut_down")["how"] == "already powered off"
+    on = power("notools", "power_on")
+    assert (on["how"], on["power_state"]) == ("powered on", "poweredOn")
+    assert power("notools", "power_on")["how"] == "already powered on"
+    bad = steps.power_source(PowerOrder(failover_id=1, action="power_on", vcenter=vcenter_ref(record),
+                                        vm_moref="vm-nope", vm_name="gone"), agent_config())
+    assert "power on of VM gone failed" in bad["error"]

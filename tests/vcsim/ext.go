@@ -32,6 +32,7 @@ type vmState struct {
 	epoch        string          // current tracking epoch; "" when CBT is off
 	counters     map[int32]int   // last change number per disk in the epoch
 	failSnapshot bool            // fault injection
+	shutdown     string          // how the guest answers ShutdownGuest: "", "no_tools", "ignored"
 	denied       map[string]bool // privileges reported as not granted on this VM
 	snapSeq      int32           // snapshot tree ids
 }
@@ -164,6 +165,20 @@ func copyDisk(d *types.VirtualDisk) *types.VirtualDisk {
 		c.Backing = &nb
 	}
 	return &c
+}
+
+// ShutdownGuest as the spec says the guest answers: Tools not running (a
+// fault, as vCenter answers), ignored (the VM stays on), or the simulator's
+// own (off at once).
+func (vm *VM) ShutdownGuest(ctx *simulator.Context, req *types.ShutdownGuest) soap.HasFault {
+	switch vm.st.shutdown {
+	case "no_tools":
+		return &methods.ShutdownGuestBody{Fault_: simulator.Fault("VMware Tools is not running in the guest",
+			&types.ToolsUnavailable{})}
+	case "ignored":
+		return &methods.ShutdownGuestBody{Res: &types.ShutdownGuestResponse{}}
+	}
+	return vm.VirtualMachine.ShutdownGuest(ctx, req)
 }
 
 // CreateSnapshotTask adds the snapshot to the tree, copies every live disk

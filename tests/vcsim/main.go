@@ -64,6 +64,9 @@ type vmSpec struct {
 	Disks      []diskSpec `json:"disks"`
 	// FailSnapshot makes CreateSnapshot_Task fail for this VM (fault injection).
 	FailSnapshot bool `json:"fail_snapshot"`
+	// GuestShutdown: "" (the guest shuts down when asked), "no_tools" (VMware
+	// Tools not running: ShutdownGuest fails) or "ignored" (the guest stays on).
+	GuestShutdown string `json:"guest_shutdown"`
 	// DeniedPrivileges are reported as not granted on this VM (preflight tests).
 	DeniedPrivileges []string `json:"denied_privileges"`
 }
@@ -393,6 +396,7 @@ func createVM(ctx context.Context, c *vim25.Client, folders *object.DatacenterFo
 		ref:          ref,
 		dir:          filepath.Join(dataDir, "vms", ref.Value),
 		failSnapshot: vs.FailSnapshot,
+		shutdown:     vs.GuestShutdown,
 		denied:       map[string]bool{},
 		counters:     map[int32]int{},
 	}
