@@ -1,8 +1,9 @@
+from django import forms
 from django.contrib import admin, messages
 from django.template.loader import render_to_string
 from django.utils.html import format_html
 
-from replication.lifecycle import FailoverJob, FailoverStep, VMContext, VMStateChange
+from replication.lifecycle import FailoverJob, FailoverStep, NetworkMapping, VMContext, VMStateChange
 from replication.models import (
     ChangeIdRecord,
     DeviceMapping,
@@ -154,10 +155,39 @@ class FailoverStepInline(admin.TabularInline):
 
 @admin.register(FailoverJob)
 class FailoverJobAdmin(admin.ModelAdmin):
-    list_display = ["id", "vm", "kind", "status", "boot_verified", "destination_vm", "created_at", "completed_at"]
+    list_display = ["id", "vm", "kind", "status", "boot_verified", "destination_vm", "downtime_s",
+                    "forecast_downtime_s", "created_at", "completed_at"]
     list_filter = ["kind", "status"]
     readonly_fields = [f.name for f in FailoverJob._meta.fields]
     inlines = [FailoverStepInline]
 
     def has_add_permission(self, request):
         return False
+
+
+class NetworkMappingForm(forms.ModelForm):
+    class Meta:
+        model = NetworkMapping
+        fields = ["source_network", "destination_network"]
+
+    def clean_destination_network(self):
+        from replication.destinations import get_destination
+        from replication.destinations.base import DestinationError
+
+        name = self.cleaned_data["destination_network"].strip()
+        try:
+            known = get_destination().has_network(name)
+        except DestinationError as exc:
+            raise forms.ValidationError(f"cannot check the destination's networks: {exc}") from None
+        if not known:
+            raise forms.ValidationError(f"the destination has no network named {name!r}")
+        return name
+
+
+@admin.register(NetworkMapping)
+class NetworkMappingAdmin(admin.ModelAdmin):
+    """Source network -> destination network for live failovers; a network
+    the destination does not have is refused."""
+
+    form = NetworkMappingForm
+    list_display = ["source_network", "destination_network", "updated_at"]

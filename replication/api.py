@@ -120,10 +120,19 @@ OPENAPI = {
     "components": {"schemas": {
         "Failover": {"type": "object", "properties": {
             **{k: {"type": t} for k, t in [
-                ("id", "integer"), ("vm", "string"), ("kind", "string"), ("status", "string"), ("state", "string"),
-                ("destination_vm", "string"), ("replication_job", "string"), ("boot_verified", "boolean"),
+                ("id", "integer"), ("vm", "string"), ("status", "string"), ("state", "string"),
+                ("destination_vm", "string"), ("boot_verified", "boolean"),
                 ("console_match", "string"), ("error", "string"), ("console_tail", "string"),
-                ("created_at", "string"), ("completed_at", "string")]},
+                ("created_at", "string")]},
+            "kind": {"type": "string", "enum": ["test", "live", "rollback"]},
+            # Null until known, or where they do not apply (a test failover has no downtime).
+            **{k: {"type": t, "nullable": True, "description": d} for k, t, d in [
+                ("replication_job", "string", "the completed cycle whose replica boots"),
+                ("final_cycle", "string", "live: the incremental cycle run after the source shut down"),
+                ("rolls_back", "integer", "rollback: the live failover it undoes"),
+                ("downtime_s", "number", "live: seconds from the source's shutdown to the boot verified"),
+                ("forecast_downtime_s", "number", "live: the downtime forecast when it started"),
+                ("completed_at", "string", "")]},
             "steps": {"type": "array", "items": {"type": "object", "properties": {
                 "name": {"type": "string"}, "status": {"type": "string"}, "seconds": {"type": "number"},
                 "detail": {"type": "string"}}}}}},

@@ -153,3 +153,35 @@ def test_a_test_failover_from_the_gui_boots_and_ends(celery_worker_process, live
     row.locator("text=End test gui-boot").click()
     expect(page.locator('[data-vm="gui-boot"] [data-state]')).to_have_text("Ready for failover")
     expect(page.locator('[data-vm="gui-boot"] [data-failover]')).to_contain_text("ended")
+
+    # Live failover: the confirmation shows every preflight check and the
+    # downtime forecast (its boot part from the test just run).
+    page.locator('[data-vm="gui-boot"]').locator("text=Live failover gui-boot").click()
+    expect(page.locator("h1")).to_have_text("Live failover of gui-boot")
+    for check in ("state", "nothing running", "replica volumes", "space for the overlays", "memory", "networks"):
+        expect(page.locator(f'[data-check="{check}"]')).to_have_attribute("data-ok", "yes")
+    expect(page.locator('[data-check="networks"]')).to_contain_text("the VM has no NICs")
+    forecast = float(page.locator("[data-forecast]").get_attribute("data-forecast"))
+    assert forecast > 0
+    page.screenshot(path=str(ARTIFACTS / "failover-live-confirm.png"), full_page=True)
+    page.click("text=Shut down gui-boot and fail over")
+    expect(page.locator("body")).to_contain_text("Live failover")
+    live = FailoverJob.objects.get(vm=vm, kind="live")
+    deadline = time.monotonic() + 240
+    while FailoverJob.objects.get(pk=live.pk).status in ("pending", "running"):  # final cycle, then the boot
+        assert time.monotonic() < deadline, "the live failover did not end within 240 s"
+        time.sleep(0.25)
+    live.refresh_from_db()
+    assert live.status == "succeeded", live.error_message
+    page.click("text=VMs")
+    row = page.locator('[data-vm="gui-boot"]')
+    expect(row.locator("[data-state]")).to_have_text("Failed over (live)")
+    expect(row.locator(".downtime")).to_contain_text(f"downtime {live.downtime_s:.1f} s (forecast {forecast:.1f} s)")
+    page.screenshot(path=str(ARTIFACTS / "vm-list-live-failover.png"), full_page=True)
+    row.locator("text=Roll back gui-boot").click()
+    deadline = time.monotonic() + 120
+    while FailoverJob.objects.get(vm=vm, kind="rollback").status in ("pending", "running"):
+        assert time.monotonic() < deadline, "the rollback did not end within 120 s"
+        time.sleep(0.25)
+    page.click("text=VMs")
+    expect(page.locator('[data-vm="gui-boot"] [data-state]')).to_have_text("Ready for failover")
