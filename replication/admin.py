@@ -135,9 +135,9 @@ class VMContextAdmin(admin.ModelAdmin):
     """The lifecycle is moved by its commands and pages only (which check each
     move); here it is read, and the boot check set."""
 
-    list_display = ["vm", "state", "updated_at", "boot_check_regex", "boot_check_timeout_s"]
+    list_display = ["vm", "state", "updated_at", "boot_check_regex", "boot_check_timeout_s", "convert_guest"]
     list_filter = ["state"]
-    fields = ["vm", "state", "boot_check_regex", "boot_check_timeout_s"]
+    fields = ["vm", "state", "boot_check_regex", "boot_check_timeout_s", "convert_guest"]
     readonly_fields = ["vm", "state"]
     inlines = [VMStateChangeInline]
 

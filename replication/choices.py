@@ -135,5 +135,7 @@ class FailoverStatus(models.TextChoices):
     ENDED = "ended", "Ended"  # a test failover ended, or a live one rolled back (VM and overlays gone)
 
 
-# Not ended yet: its destination VM may exist (a succeeded test failover runs on).
+# Not ended yet: its destination VM may exist (a succeeded test or live
+# failover runs on). A rollback is open only while it runs: FailoverJob.open().
 FAILOVER_OPEN = frozenset({FailoverStatus.PENDING, FailoverStatus.RUNNING, FailoverStatus.SUCCEEDED})
+FAILOVER_RUNNING = frozenset({FailoverStatus.PENDING, FailoverStatus.RUNNING})

@@ -10,6 +10,8 @@ from django.db import models, transaction
 from django.utils import timezone
 
 from replication.choices import (
+    FAILOVER_OPEN,
+    FAILOVER_RUNNING,
     VM_STATE_REFUSALS,
     VM_TRANSITIONS,
     FailoverKind,
@@ -33,6 +35,9 @@ class VMContext(models.Model):
                                         help_text="What the console must show for a boot to count; empty: "
                                                   "the VM runs and its console printed anything")
     boot_check_timeout_s = models.PositiveIntegerField(default=120)
+    convert_guest = models.BooleanField(default=False,
+                                        help_text="Convert the guest (virt-v2v-in-place) on the overlays before "
+                                                  "a failed-over VM's first boot")
 
     class Meta:
         db_table = "vm_replication_contexts"
@@ -128,6 +133,14 @@ class FailoverJob(models.Model):
 
     def __str__(self):
         return f"{self.kind} failover of {self.vm} ({self.status})"
+
+    @classmethod
+    def open(cls, vm) -> models.QuerySet:
+        """The VM's failovers not over yet: a test or live one until it is
+        ended (or failed), a rollback while it runs."""
+        return cls.objects.filter(vm=vm).filter(
+            models.Q(kind__in=[FailoverKind.TEST, FailoverKind.LIVE], status__in=FAILOVER_OPEN)
+            | models.Q(kind=FailoverKind.ROLLBACK, status__in=FAILOVER_RUNNING))
 
     def transition(self, to: FailoverStatus, *, from_statuses, **fields) -> bool:
         moved = FailoverJob.objects.filter(pk=self.pk, status__in=list(from_statuses)).update(status=to, **fields)

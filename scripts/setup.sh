@@ -12,7 +12,9 @@ APT_PACKAGES=(nbdkit libnbd-bin python3-libnbd qemu-utils redis-server
               # bootable test disk (kernel, busybox initramfs, syslinux on FAT)
               qemu-system-x86 libvirt-daemon-system libvirt-clients python3-libvirt
               syslinux syslinux-common extlinux mtools busybox-static
-              linux-image-amd64 dosfstools)
+              linux-image-amd64 dosfstools
+              # guest conversion before a failed-over VM's first boot
+              virt-v2v)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

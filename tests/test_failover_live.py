@@ -16,7 +16,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from replication.choices import FailoverStatus, JobStatus, SyncType, VMState
-from replication.lifecycle import VMContext
+from replication.lifecycle import FailoverJob, VMContext
 from replication.models import VirtualMachine
 from replication.services import vmware as vmware_service
 from replication.services.jobs import ReplicationError, start_replication
@@ -177,6 +177,7 @@ def test_vmware_vm_test_failover_then_live_failover_and_rollback(celery_worker_p
     assert power_state(record, moref) == "poweredOn"
     assert VMContext.of(vm).state == VMState.READY_FOR_FAILOVER
     assert sha256(replica) == rollback_point
+    assert not FailoverJob.open(vm).exists()
     # The changeIds still hold: the next cycle is incremental, and nothing changed since.
     after = replicate(vm, SyncType.INCREMENTAL)
     assert after.disks.get().sync_type == SyncType.INCREMENTAL and after.bytes_transferred == 0
@@ -194,18 +195,27 @@ def test_image_vm_live_failover_and_rollback(celery_worker_process, tmp_path):
     replicate(vm)
     boot_disk.set_marker(disk, "B")  # after the last cycle: the final one must carry it
     command("set_boot_check", "boot-img", "--regex", "BOOT-MARKER: B", "--timeout", "240")
+    # virt-v2v-in-place cannot inspect a busybox guest: it says why, and the VM boots unconverted.
+    command("set_guest_conversion", "boot-img", "on")
 
     report = failover("boot-img", "--live")
 
     assert report["boot_verified"] and report["console_match"].endswith("BOOT-MARKER: B"), report
     steps = {s["name"]: s for s in report["steps"]}
     assert "no power switch" in steps["shut down source"]["detail"]
+    assert steps["convert guest"]["status"] == "done"
+    assert steps["convert guest"]["detail"] == ("not converted: inspection could not detect the source guest (or "
+                                                "physical machine). No root device found in this operating system "
+                                                "image."), steps["convert guest"]
+    assert [name for name in steps][-5:] == ["protect volumes", "convert guest", "define VM", "start VM",
+                                             "verify boot"]
     assert vm.jobs.get(pk=report["final_cycle"]).sync_type == SyncType.FULL
     assert report["forecast_downtime_s"] is None  # no boot of this VM was ever verified
     rollback = json.loads(command("rollback", "boot-img", "--wait", "--json"))
     assert rollback["status"] == FailoverStatus.SUCCEEDED, rollback
     assert VMContext.of(vm).state == VMState.READY_FOR_FAILOVER
     assert report["destination_vm"] not in domains()
+    assert not FailoverJob.open(vm).exists()  # nothing left open: the next failover may start
 
 
 # Faults -------------------------------------------------------------------------

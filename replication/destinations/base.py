@@ -34,6 +34,11 @@ class DestinationError(RuntimeError):
     """A destination operation failed; str() is the reason, readable as is."""
 
 
+class GuestNotConverted(DestinationError):
+    """The guest could not be converted (not inspectable, unsupported OS); it
+    boots unconverted. str() is the converter's reason."""
+
+
 @dataclass(frozen=True)
 class NIC:
     """One network interface of the source VM."""
@@ -86,6 +91,14 @@ class Destination(abc.ABC):
         ``network``: one destination network for every NIC, a mapping from
         source network name to destination network, or None for no NICs.
         A VM of that name already defined is an error."""
+
+    @abc.abstractmethod
+    def convert_guest(self, name: str, shape: VMShape, disks: Sequence[DiskSpec]) -> str:
+        """Prepare the guest on the protected volumes for this destination
+        (drivers, boot configuration) before its first boot; returns what was
+        done. Raises GuestNotConverted with the reason when the guest cannot
+        be converted (it may still boot), DestinationError when the
+        converter itself cannot run."""
 
     @abc.abstractmethod
     def start(self, vm: str) -> None:

@@ -48,7 +48,7 @@ from replication.choices import (
     VMState,
 )
 from replication.destinations import get_destination
-from replication.destinations.base import DestinationError
+from replication.destinations.base import DestinationError, GuestNotConverted
 from replication.lifecycle import FailoverJob, FailoverStep, IllegalMove, VMContext
 from replication.models import ReplicationJob, VirtualMachine
 from replication.services import forecast, orders
@@ -61,7 +61,7 @@ STEP_SHUT_DOWN = "shut down source"
 STEP_FINAL_CYCLE = "final incremental"
 STEP_POWER_ON = "power on source"
 # Steps that make something on the destination: a failover that got to one has something to undo.
-MAKING_STEPS = ("protect volumes", "define VM", "start VM", "verify boot")
+MAKING_STEPS = ("protect volumes", "convert guest", "define VM", "start VM", "verify boot")
 
 
 def failover_report(job: FailoverJob) -> dict:
@@ -80,6 +80,9 @@ def failover_report(job: FailoverJob) -> dict:
 
 # Starting ------------------------------------------------------------------------
 
+_until = {FailoverKind.TEST: "end it", FailoverKind.LIVE: "roll it back", FailoverKind.ROLLBACK: "let it finish"}
+
+
 def start_failover(vm: VirtualMachine, kind: str = FailoverKind.TEST, actor: str = "operator") -> FailoverJob:
     """Record the failover (a test one also pauses the VM's cycles) in one
     transaction; its steps run in a task queued once that commits."""
@@ -87,10 +90,10 @@ def start_failover(vm: VirtualMachine, kind: str = FailoverKind.TEST, actor: str
         raise FailoverError(f"a failover is test or live, not {kind!r}")
     with transaction.atomic():
         vm = VirtualMachine.objects.select_for_update().get(pk=vm.pk)
-        running = vm.failovers.filter(status__in=FAILOVER_OPEN).first()
+        running = FailoverJob.open(vm).first()
         if running is not None:
             raise FailoverError(f"VM {vm.name} already has a {running.kind} failover ({running.status}); "
-                                f"{'roll it back' if running.kind == FailoverKind.LIVE else 'end it'} first")
+                                f"{_until[running.kind]} first")
         active = vm.active_job()
         if active is not None:
             raise FailoverError(f"VM {vm.name} has a replication cycle running ({active.id}, {active.status}); "
@@ -125,7 +128,7 @@ def start_rollback(vm: VirtualMachine, actor: str = "operator") -> FailoverJob:
         if live.status != FailoverStatus.SUCCEEDED:
             raise FailoverError(f"the live failover of {vm.name} is {live.status}; wait until it has booted or "
                                 "failed (a failed one undoes itself)")
-        if vm.failovers.filter(kind=FailoverKind.ROLLBACK, status__in=FAILOVER_OPEN).exists():
+        if FailoverJob.open(vm).filter(kind=FailoverKind.ROLLBACK).exists():
             raise FailoverError(f"a rollback of {vm.name} is already running")
         job = FailoverJob.objects.create(vm=vm, kind=FailoverKind.ROLLBACK, rolls_back=live,
                                          replication_job=live.replication_job, actor=actor[:100],
@@ -213,6 +216,13 @@ def _boot(job: FailoverJob, destination, volumes: list[tuple[str, str]]) -> None
         job.protection = destination.protect([v for v, _ in volumes], f"{job.destination_vm}-{job.pk}")
         job.save(update_fields=["protection"])
         step.detail = ", ".join(job.protection)
+    if VMContext.of(job.vm).convert_guest:
+        with _step(job, "convert guest") as step:
+            try:
+                step.detail = destination.convert_guest(job.destination_vm, shape,
+                                                        list(zip(job.protection, keys, strict=True)))
+            except GuestNotConverted as exc:
+                step.detail = f"not converted: {exc}"  # it may boot all the same: the boot check decides
     with _step(job, "define VM"):
         destination.define_vm(job.destination_vm, shape, list(zip(job.protection, keys, strict=True)),
                               network=network)

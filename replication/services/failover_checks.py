@@ -10,7 +10,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-from replication.choices import FAILOVER_OPEN, VM_STATE_REFUSALS, FailoverKind, JobStatus, VMState
+from replication.choices import VM_STATE_REFUSALS, FailoverKind, JobStatus, VMState
 from replication.destinations.base import NIC, DestinationError, VMShape
 from replication.lifecycle import FailoverJob, NetworkMapping, VMContext
 from replication.models import ReplicationJob, VirtualMachine
@@ -90,7 +90,7 @@ def memory_for(destination, shape: VMShape) -> str:
 def nothing_running(vm: VirtualMachine) -> str:
     if (active := vm.active_job()) is not None:
         raise FailoverError(f"a replication cycle is running ({active.id}, {active.status}); wait until it ends")
-    if (open_failover := vm.failovers.filter(status__in=FAILOVER_OPEN).first()) is not None:
+    if (open_failover := FailoverJob.open(vm).first()) is not None:
         raise FailoverError(f"a {open_failover.kind} failover is open ({open_failover.pk}, {open_failover.status})")
     return "no cycle or failover running"
 

@@ -25,7 +25,7 @@ from django.utils import timezone
 from replication.choices import FailoverKind, JobStatus, SourceKind, SyncType
 
 RECENT_CYCLES = 6
-BOOT_STEPS = ("protect volumes", "define VM", "start VM", "verify boot")
+BOOT_STEPS = ("protect volumes", "convert guest", "define VM", "start VM", "verify boot")
 
 
 def _seconds(a, b) -> float:

@@ -1,0 +1,230 @@
+"""A live failover's downtime, split into its parts, beside the forecast the
+operator was shown before it started.
+
+In a directory of its own (--workdir, default var/live-failover-bench: its
+own SQLite database, volumes, sockets and logs) it starts what
+scripts/demo.sh starts (the agent's progress API, an OMA worker, the
+agent's worker with no database, beat, the poller; bench/cycle_bench.py's
+"split" layout), the vCenter simulator (tests/vcsim.py) with one VM whose
+64 MiB boot disk is the project's test disk (scripts/make_boot_disk.py),
+and maps the VM's network to an isolated libvirt network. It replicates the
+VM (full, then incrementals of 1 MiB each to give the forecast a change
+rate) and runs one test failover (the forecast's boot time). Then, --reps
+times: the guest writes 1 MiB plus a new boot marker, the forecast is read
+(manage.py failover --forecast), a live failover runs through the workers
+(guest shutdown through the agent, final incremental, boot on the mapped
+network, the marker verified on the serial console), and a rollback powers
+the source on again.
+
+Figures per live failover, then medians:
+  downtime        shutdown started -> boot verified (FailoverJob.downtime_s)
+  shutdown        the agent's guest shutdown through vCenter
+  final cycle     the final incremental (MiB it copied)
+  boot            protect volumes + define + start + verify boot (the
+                  guest's own boot under TCG where KVM cannot run)
+  forecast        what the confirmation showed just before
+  CPU             user+system seconds of every process the bench started
+
+    .venv/bin/python bench/live_failover_bench.py [--reps 5] [--json]
+
+The simulator answers a guest shutdown at once; a real guest takes its own
+time, which the forecast learns from the last live failover.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from cycle_bench import Services, configure  # noqa: E402
+
+VM_NAME = "bench-live"
+MiB = 1024 * 1024
+DISK_BYTES = 64 * MiB
+BOOT_STEPS = ("protect volumes", "define VM", "start VM", "verify boot")
+
+
+def wait_for(what: str, done, timeout_s: float):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = done()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{what} did not finish within {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+def guest_writes(live: Path, rng: random.Random, nbytes: int) -> None:
+    """nbytes of new data in the last MiBs of the disk (free clusters of its
+    FAT file system: the guest still boots)."""
+    with open(live, "r+b") as disk:
+        disk.seek(DISK_BYTES - 2 * MiB)
+        disk.write(rng.randbytes(nbytes))
+
+
+def replicate(vm, sync_type: str):
+    from replication.choices import JOB_TERMINAL
+    from replication.models import ReplicationJob
+    from replication.services.jobs import start_replication
+
+    job_id = start_replication(vm, sync_type, actor="bench").id
+    job = wait_for(f"cycle {job_id}", lambda: (j := ReplicationJob.objects.get(pk=job_id)).status in JOB_TERMINAL
+                   and j, 300)
+    if job.status != "completed":
+        raise SystemExit(f"cycle {job.id} {job.status}: {job.error_message}")
+    return job
+
+
+def run_failover(vm, kind: str):
+    from replication.lifecycle import FailoverJob
+    from replication.services import failover
+
+    start = failover.start_rollback(vm, actor="bench") if kind == "rollback" else \
+        failover.start_failover(vm, kind, actor="bench")
+    job = wait_for(f"{kind} {start.pk}", lambda: (j := FailoverJob.objects.get(pk=start.pk)).status in
+                   ("succeeded", "failed") and not j.steps.filter(ended_at__isnull=True).exists() and j, 600)
+    if job.status != "succeeded":
+        raise SystemExit(f"{kind} failover {job.pk} failed: {job.error_message}\n{job.console_tail}")
+    return job
+
+
+def one_live_failover(vm, live: Path, rep: int, rng: random.Random, services: Services) -> dict:
+    from replication.lifecycle import VMContext
+    from replication.services import forecast
+
+    boot_disk = load_boot_disk()
+    guest_writes(live, rng, MiB)
+    marker = f"LIVE{rep}"
+    boot_disk.set_marker(live, marker)
+    context = VMContext.of(vm)
+    context.boot_check_regex = f"BOOT-MARKER: {marker}$"
+    context.save()
+    predicted = forecast.downtime(vm)
+    cpu_before = services.cpu_seconds()
+    job = run_failover(vm, "live")
+    cpu = sum(services.cpu_seconds().values()) - sum(cpu_before.values())
+    steps = {s.name: s.seconds for s in job.steps.all()}
+    final = job.final_cycle
+    run_failover(vm, "rollback")
+    return {"downtime_s": job.downtime_s, "shutdown_s": steps["shut down source"],
+            "final_cycle_s": steps["final incremental"], "final_cycle_mib": round(final.bytes_transferred / MiB, 2),
+            "boot_s": round(sum(steps[name] for name in BOOT_STEPS), 3), "verify_boot_s": steps["verify boot"],
+            "forecast_s": predicted["total_s"], "forecast": predicted, "console_match": job.console_match,
+            "cpu_s": round(cpu, 2)}
+
+
+def load_boot_disk():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_boot_disk", ROOT / "scripts" / "make_boot_disk.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def isolated_network():
+    import libvirt
+
+    name = f"oma-bench-{uuid.uuid4().hex[:6]}"
+    conn = libvirt.open("qemu:///system")
+    net = conn.networkCreateXML(f"<network><name>{name}</name><bridge name='vb-{name[-6:]}' stp='off'/></network>")
+    return name, net, conn
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--workdir", type=Path, default=ROOT / "var" / "live-failover-bench")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="leave the work directory (logs) afterwards")
+    args = parser.parse_args()
+    workdir = args.workdir.resolve()
+    env = configure(workdir)
+    extra = {"VMA_SNAPSHOT_SOURCE": "image-dir", "VMA_SNAPSHOT_IMAGE_DIR": str(workdir / "snapshots"),
+             "FAILOVER_DIR": str(workdir / "run" / "failover")}
+    env.update(extra)
+    os.environ.update(extra)
+    import django
+
+    django.setup()
+    import logging
+
+    import redis
+    from django.core.management import call_command
+
+    from replication.lifecycle import NetworkMapping, VMContext
+    from replication.services import vmware as vmware_service
+    from tests.vcsim import VCenterSimulator, vm_spec
+
+    for name in ("replication", "vma_agent"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    redis.Redis.from_url(env["CELERY_BROKER_URL"]).delete("oma", "vma.local")
+    call_command("migrate", verbosity=0)
+    sim = VCenterSimulator.start(workdir / "vcsim", {"vms": [vm_spec(VM_NAME, [DISK_BYTES], cbt=True,
+                                                                     firmware="bios", cpus=1, memory_mib=384)]},
+                                 data_dir=workdir / "snapshots" / "vc1")
+    network, net, conn = isolated_network()
+    services = Services(workdir, env, "split")
+    rng = random.Random(7)
+    results = []
+    try:
+        live = Path(sim.vms[VM_NAME]["disks"]["2000"])
+        boot_disk = load_boot_disk()
+        boot_disk.build_boot_disk(workdir / "boot.img", "BENCH")
+        live.write_bytes((workdir / "boot.img").read_bytes())
+        record = vmware_service.register_vcenter("vc1", sim.host, sim.username, sim.thumbprint, port=sim.port,
+                                                 password_file=str(sim.password_file))
+        (vm,) = vmware_service.discover(record, [VM_NAME])
+        NetworkMapping.objects.update_or_create(source_network="VM Network",
+                                                defaults={"destination_network": network})
+        context = VMContext.of(vm)
+        context.boot_check_regex, context.boot_check_timeout_s = "BOOT-MARKER: BENCH$", 300
+        context.save()
+        replicate(vm, "full")
+        for _ in range(2):  # a change rate for the forecast
+            guest_writes(live, rng, MiB)
+            replicate(vm, "incremental")
+        test = run_failover(vm, "test")
+        call_command("failover_end", VM_NAME, stdout=open(os.devnull, "w"))  # noqa: SIM115
+        print(f"test failover: boot verified in {sum(s.seconds for s in test.steps.filter(name__in=BOOT_STEPS)):.2f} s")
+        print(f"{'rep':>3} {'downtime':>9} {'shutdown':>9} {'final':>8} {'MiB':>5} {'boot':>7} {'forecast':>9} "
+              f"{'CPU':>6}")
+        for rep in range(args.reps):
+            r = one_live_failover(vm, live, rep, rng, services)
+            results.append(r)
+            print(f"{rep:>3} {r['downtime_s']:8.2f}s {r['shutdown_s']:8.2f}s {r['final_cycle_s']:7.2f}s "
+                  f"{r['final_cycle_mib']:5.2f} {r['boot_s']:6.2f}s {r['forecast_s']:8.2f}s {r['cpu_s']:5.1f}s")
+    finally:
+        services.stop()
+        sim.stop()
+        net.destroy()
+        conn.close()
+    if results:
+        med = {k: round(statistics.median(r[k] for r in results), 3)
+               for k in ("downtime_s", "shutdown_s", "final_cycle_s", "final_cycle_mib", "boot_s", "verify_boot_s",
+                         "forecast_s", "cpu_s")}
+        print(f"median over {len(results)}: downtime {med['downtime_s']:.2f} s = shutdown {med['shutdown_s']:.2f} s"
+              f" + final incremental {med['final_cycle_s']:.2f} s ({med['final_cycle_mib']:.2f} MiB) + boot "
+              f"{med['boot_s']:.2f} s (guest's own boot {med['verify_boot_s']:.2f} s); forecast "
+              f"{med['forecast_s']:.2f} s; CPU {med['cpu_s']:.1f} s per failover and rollback")
+        if args.json:
+            print(json.dumps({"failovers": results, "median": med}, indent=2, default=str))
+    if not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
