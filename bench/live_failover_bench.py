@@ -24,6 +24,7 @@ Figures per live failover, then medians:
                   guest's own boot under TCG where KVM cannot run)
   forecast        what the confirmation showed just before
   CPU             user+system seconds of every process the bench started
+                  (QEMU runs under libvirtd: the guest's CPU is not in it)
 
     .venv/bin/python bench/live_failover_bench.py [--reps 5] [--json]
 
@@ -39,6 +40,7 @@ import os
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 import uuid
@@ -209,6 +211,8 @@ def main() -> None:
                   f"{r['final_cycle_mib']:5.2f} {r['boot_s']:6.2f}s {r['forecast_s']:8.2f}s {r['cpu_s']:5.1f}s")
     finally:
         services.stop()
+        subprocess.run([sys.executable, "manage.py", "export_server", "stop"], cwd=ROOT, env={**os.environ, **env},
+                       capture_output=True)
         sim.stop()
         net.destroy()
         conn.close()

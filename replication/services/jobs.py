@@ -268,15 +268,19 @@ def snapshot_removed(job_id: str, snapshot_moref: str, finalize: bool, outcome: 
 
 
 def commit_and_complete(job: ReplicationJob) -> None:
+    """Commit the changeIds, complete the job and move the VM's state in one
+    transaction: nobody sees a completed job whose VM still replicates."""
     try:
-        for disk in job.disks.all():
-            # The changeId advances only now that the data it covers is written.
-            disk.commit_change_id()
-        if job.complete():
-            VMContext.of(job.vm).move(VMState.READY_FOR_FAILOVER, actor="system",
-                                      reason=f"replication {job.id} completed", only_from={VMState.REPLICATING})
-            failover.final_cycle_ended(job)
-        else:
+        with transaction.atomic():
+            for disk in job.disks.all():
+                # The changeId advances only now that the data it covers is written.
+                disk.commit_change_id()
+            completed = job.complete()
+            if completed:
+                VMContext.of(job.vm).move(VMState.READY_FOR_FAILOVER, actor="system",
+                                          reason=f"replication {job.id} completed", only_from={VMState.REPLICATING})
+                failover.final_cycle_ended(job)
+        if not completed:
             log.warning("finalize of %s found it %s", job.id, job.status)
     except Exception as exc:
         log.exception("finalize of job %s failed", job.id)
@@ -284,16 +288,19 @@ def commit_and_complete(job: ReplicationJob) -> None:
 
 
 def fail_job(job_id: str, reason: str) -> None:
-    """End the job as failed (if it is not already terminal) and clean up."""
-    job = ReplicationJob.objects.get(pk=job_id)
-    job.fail(reason)
-    cleanup_job(job, reason)
+    """End the job as failed (if it is not already terminal) and clean up;
+    the job's end and the VM's state move together."""
+    with transaction.atomic():
+        job = ReplicationJob.objects.get(pk=job_id)
+        job.fail(reason)
+        cleanup_job(job, reason)
 
 
 def cancel_job(job_id: str, reason: str = "cancelled by the operator") -> bool:
-    job = ReplicationJob.objects.get(pk=job_id)
-    cancelled = job.cancel(reason)
-    cleanup_job(job, reason)
+    with transaction.atomic():
+        job = ReplicationJob.objects.get(pk=job_id)
+        cancelled = job.cancel(reason)
+        cleanup_job(job, reason)
     return cancelled
 
 
