@@ -136,6 +136,13 @@ VMA_TOKEN = _secret("VMA_TOKEN")
 OMA_VOLUME_DIR = Path(env("OMA_VOLUME_DIR", default=str(VAR_DIR / "volumes")))
 # Runtime files of the data plane: Unix sockets and pid files of nbdkit.
 OMA_RUN_DIR = Path(env("OMA_RUN_DIR", default=str(VAR_DIR / "run")))
+# Where new target volumes go: "local" (files in OMA_VOLUME_DIR) or
+# "cloudstack" (volumes of the active CloudStack config, attached to the OMA).
+OMA_VOLUME_PROVIDER = env("OMA_VOLUME_PROVIDER", default="local")
+if OMA_VOLUME_PROVIDER not in ("local", "cloudstack"):
+    raise ImproperlyConfigured(f"OMA_VOLUME_PROVIDER must be local or cloudstack, not {OMA_VOLUME_PROVIDER!r}")
+CLOUDSTACK_JOB_TIMEOUT_S = env.float("CLOUDSTACK_JOB_TIMEOUT_S", default=300.0)  # one async job
+CLOUDSTACK_DEVICE_TIMEOUT_S = env.float("CLOUDSTACK_DEVICE_TIMEOUT_S", default=30.0)  # attached -> device seen
 # The target export server listens on a Unix socket under OMA_RUN_DIR. With a
 # PSK file ("username:hexkey" lines, mode 600) it requires TLS and the copies
 # use the same file: for agents that reach it through a forwarded socket or

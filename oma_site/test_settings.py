@@ -34,3 +34,6 @@ HEARTBEAT_INTERVAL_S = env.float("HEARTBEAT_INTERVAL_S", default=0.25)
 COPY_CHECKPOINT_INTERVAL_S = env.float("COPY_CHECKPOINT_INTERVAL_S", default=0.5)
 TASK_EVENT_INTERVAL_S = 0.25
 FAILOVER_DIR = TEST_ROOT / "failover"  # noqa: F405
+# The CloudStack simulator finishes a job in a fraction of a second: a job
+# that does not finish within seconds is one a test made hang.
+CLOUDSTACK_JOB_TIMEOUT_S = env.float("CLOUDSTACK_JOB_TIMEOUT_S", default=6.0)

@@ -3,6 +3,7 @@ from django.contrib import admin, messages
 from django.template.loader import render_to_string
 from django.utils.html import format_html
 
+from replication.cloudstack.models import CloudStackConfig
 from replication.lifecycle import FailoverJob, FailoverStep, NetworkMapping, VMContext, VMStateChange
 from replication.models import (
     ChangeIdRecord,
@@ -114,9 +115,12 @@ class ReplicationJobAdmin(admin.ModelAdmin):
 
 @admin.register(TargetVolume)
 class TargetVolumeAdmin(admin.ModelAdmin):
-    list_display = ["export_name", "source_disk", "provider", "size_bytes", "path", "created_at"]
-    search_fields = ["volume_uuid", "path"]
-    readonly_fields = ["volume_uuid", "export_name"]
+    list_display = ["export_name", "source_disk", "provider", "size_bytes", "requested_bytes", "cloud_volume_id",
+                    "path", "created_at"]
+    search_fields = ["volume_uuid", "path", "cloud_volume_id"]
+    # State the system owns: changed only by the workflows that check it.
+    readonly_fields = ["volume_uuid", "export_name", "source_disk", "provider", "size_bytes", "requested_bytes",
+                       "cloud_volume_id", "path"]
 
 
 admin.site.register(DeviceMapping)
@@ -191,3 +195,39 @@ class NetworkMappingAdmin(admin.ModelAdmin):
 
     form = NetworkMappingForm
     list_display = ["source_network", "destination_network", "updated_at"]
+
+
+class CloudStackConfigForm(forms.ModelForm):
+    api_url = forms.URLField(max_length=500, assume_scheme="https",
+                             help_text="e.g. https://cloud.example.com/client/api")
+
+    class Meta:
+        model = CloudStackConfig
+        fields = ["name", "api_url", "api_key", "secret_file", "secret_env", "zone_id", "disk_offering_id",
+                  "service_offering_id", "network_id", "template_id", "oma_vm_id", "device_dir"]
+
+    def clean(self):
+        """Saved only once the cloud answered for the credentials and every id."""
+        from replication.cloudstack.client import CloudClient
+        from replication.cloudstack.models import CloudError
+
+        data = super().clean()
+        if self.errors:
+            return data
+        if bool(data.get("secret_file")) == bool(data.get("secret_env")):
+            raise forms.ValidationError("give the secret key as exactly one of a file or an environment variable")
+        candidate = CloudStackConfig(**{k: data.get(k) or "" for k in self.Meta.fields})
+        try:
+            CloudClient(candidate, job_timeout_s=30).check()
+        except CloudError as exc:
+            raise forms.ValidationError(str(exc)) from None
+        return data
+
+
+@admin.register(CloudStackConfig)
+class CloudStackConfigAdmin(admin.ModelAdmin):
+    """The cloud target volumes go to; checked against it on save. The secret
+    key is only referenced (a file or a variable on the OMA host)."""
+
+    form = CloudStackConfigForm
+    list_display = ["name", "api_url", "zone_id", "oma_vm_id", "is_active", "created_at"]

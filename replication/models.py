@@ -205,6 +205,10 @@ class TargetVolume(models.Model):
     provider = models.CharField(max_length=20, choices=VolumeProvider.choices, default=VolumeProvider.LOCAL)
     size_bytes = models.BigIntegerField()
     path = models.CharField(max_length=1000, blank=True, help_text="File or device on the appliance")
+    cloud_volume_id = models.CharField(max_length=64, blank=True, help_text="CloudStack: the volume's id")
+    requested_bytes = models.BigIntegerField(null=True, blank=True,
+                                             help_text="CloudStack: the source's size, before rounding up to "
+                                                       "what the disk offering allows (size_bytes)")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -633,6 +637,7 @@ class ChangeIdRecord(models.Model):
         return f"{self.source_disk} {self.change_id}"
 
 
-# The lifecycle and failover models live in their own module (their own
+# The lifecycle, failover and cloud models live in modules of their own (their own
 # concern); imported here so Django finds them with the app's models.
+from replication.cloudstack.models import CloudStackConfig  # noqa: E402, F401
 from replication.lifecycle import FailoverJob, FailoverStep, NetworkMapping, VMContext, VMStateChange  # noqa: E402, F401

@@ -9,7 +9,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from replication.choices import JOB_ACTIVE, FailoverKind, JobStatus, SyncType
-from replication.lifecycle import FailoverJob
+from replication.lifecycle import FailoverJob, VMContext
 from replication.models import ReplicationJob, TargetVolume, VirtualMachine, VMDisk
 from replication.services import failover as failover_service
 from replication.services import failover_checks, forecast
@@ -152,6 +152,7 @@ def vm_failover_test(request, vm_id):
     else:
         messages.info(request, f"Test failover {job.pk} of {vm.name} started: it boots {job.destination_vm} "
                                f"from the replica of {job.replication_job_id}; cycles pause until it ends.")
+        return redirect("failover-detail", failover_id=job.pk)
     return redirect("vm-list")
 
 
@@ -167,6 +168,29 @@ def vm_failover_end(request, vm_id):
         messages.info(request, f"Test failover {job.pk} of {vm.name} ended: {job.destination_vm} and its "
                                "overlays removed, the replica as it was.")
     return redirect("vm-list")
+
+
+def _failover_context(failover_id: int) -> dict:
+    from django.utils import timezone
+
+    failover = get_object_or_404(FailoverJob.objects.select_related("vm__context"), pk=failover_id)
+    steps = list(failover.steps.all())
+    now = timezone.now()
+    for step in steps:
+        step.running_s = (now - step.started_at).total_seconds()
+    context = VMContext.of(failover.vm)
+    history = list(context.changes.order_by("-at", "-id")[:12])
+    return {"failover": failover, "steps": steps, "history": history}
+
+
+@login_required
+def failover_detail(request, failover_id):
+    return _page(request, "replication/failover_detail.html", _failover_context(failover_id))
+
+
+@login_required
+def failover_fragment(request, failover_id):
+    return render(request, "replication/_failover_body.html", _failover_context(failover_id))
 
 
 @login_required
@@ -186,6 +210,7 @@ def vm_failover_live(request, vm_id):
     else:
         messages.info(request, f"Live failover {job.pk} of {vm.name} started: the source shuts down, a final "
                                f"cycle runs, then {job.destination_vm} boots.")
+        return redirect("failover-detail", failover_id=job.pk)
     return redirect("vm-list")
 
 
@@ -200,6 +225,7 @@ def vm_rollback(request, vm_id):
     else:
         messages.info(request, f"Rollback {job.pk} of {vm.name} started: {job.destination_vm} is destroyed, the "
                                "volumes go back to the rollback point and the source powers on.")
+        return redirect("failover-detail", failover_id=job.pk)
     return redirect("vm-list")
 
 

@@ -89,6 +89,17 @@ def test_size_mismatch_is_refused_before_copying(tmp_path, serve):
     assert sha256(dst) == before
 
 
+def test_a_larger_target_holds_the_disk_in_its_first_bytes(tmp_path, serve):
+    """A cloud volume rounded up to its offering's unit: the copy fills the
+    source's size and leaves the rest alone."""
+    src = make_image(tmp_path / "src.img", 2 * MiB, [(0, MiB), (MiB + 4096, 8192)])
+    dst = make_image(tmp_path / "dst.img", 3 * MiB, [(0, 3 * MiB)], seed=5)
+    tail = dst.read_bytes()[2 * MiB:]
+    copy_image(serve("--readonly", "file", str(src)).uri, serve("file", str(dst)).uri)
+    data = dst.read_bytes()
+    assert data[:2 * MiB] == src.read_bytes() and data[2 * MiB:] == tail
+
+
 def test_read_error_names_offset_and_length(tmp_path, serve):
     size = 4 * MiB
     src = make_image(tmp_path / "src.img", size, [(0, size)])

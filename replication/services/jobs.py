@@ -178,6 +178,7 @@ def start_copies(job: ReplicationJob) -> None:
         disks = list(job.disks.select_related("target_volume__source_disk__vm"))
         for disk in disks:
             volumes.provision(disk.target_volume, disk.capacity_bytes)
+            job.beat()  # a cloud's volume calls take their time: still alive
         job.set_stage(Stage.PREPARING_MIGRATION)
     except Exception as exc:
         log.exception("prepare of job %s failed", job.id)

@@ -71,6 +71,13 @@ class LocalVolumeProvider:
                 f.truncate(size_bytes)
         return path
 
+    def provision(self, volume, size_bytes: int) -> Path:
+        """The volume's file at the source's size, exported."""
+        path = self.create_volume(volume.export_name, size_bytes)
+        type(volume).objects.filter(pk=volume.pk).update(size_bytes=size_bytes)
+        self.ensure_export_server()
+        return path
+
     def export_uri(self, export_name: str) -> str:
         if self.tcp:
             host = f"[{self.tcp[0]}]" if ":" in self.tcp[0] else self.tcp[0]

@@ -481,7 +481,9 @@ def copy_image(
         dst = connect(dst_uri)
         try:
             size, dst_size = src.get_size(), dst.get_size()
-            if dst_size != size:
+            # A larger target (a cloud volume rounded up to its offering's
+            # unit) holds the disk in its first `size` bytes; a smaller one cannot.
+            if dst_size < size:
                 raise CopyError(f"target is {dst_size} bytes but the source is {size} bytes; refusing to copy")
             if dst.is_read_only():
                 raise CopyError(f"target {dst_uri} is read-only")

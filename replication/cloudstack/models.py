@@ -1,0 +1,63 @@
+"""The CloudStack the OMA works with (the seeds' ossea_configs)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from django.db import models
+
+
+class CloudError(Exception):
+    """CloudStack refused, failed or could not be reached; str() says why."""
+
+
+class CloudStackConfig(models.Model):
+    """Where the OMA's cloud is and what it creates there. The secret key is a
+    reference the OMA host owns (a file or an environment variable): it is
+    never stored here, logged or passed on a command line."""
+
+    name = models.CharField(max_length=100, unique=True)
+    api_url = models.URLField(max_length=500, help_text="e.g. https://cloud.example.com/client/api")
+    api_key = models.CharField(max_length=200)
+    secret_file = models.CharField(max_length=1000, blank=True, help_text="File holding the secret key")
+    secret_env = models.CharField(max_length=100, blank=True, help_text="Environment variable holding it")
+    zone_id = models.CharField(max_length=64)
+    disk_offering_id = models.CharField(max_length=64, help_text="A customized-size disk offering for the volumes")
+    service_offering_id = models.CharField(max_length=64, blank=True)
+    network_id = models.CharField(max_length=64, blank=True, help_text="Default network of failed-over VMs")
+    template_id = models.CharField(max_length=64, blank=True, help_text="Template failed-over VMs deploy from")
+    oma_vm_id = models.CharField(max_length=64, help_text="The OMA's own VM: volumes attach to it to be written")
+    device_dir = models.CharField(max_length=500, default="/dev/disk/by-id",
+                                  help_text="Where an attached volume appears as virtio-<id>")
+    is_active = models.BooleanField(default=True, help_text="New target volumes go to the active cloud")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        db_table = "ossea_configs"
+
+    def __str__(self):
+        return self.name
+
+    def secret(self) -> str:
+        if self.secret_file:
+            try:
+                return Path(self.secret_file).read_text().strip()
+            except OSError as exc:
+                raise CloudError(f"cannot read the secret key of cloud {self.name} from {self.secret_file} on "
+                                 f"{socket.gethostname()}: {exc.strerror}") from None
+        if self.secret_env:
+            value = os.environ.get(self.secret_env)
+            if value is None:
+                raise CloudError(f"the secret key of cloud {self.name} is expected in the environment variable "
+                                 f"{self.secret_env}, which is not set on {socket.gethostname()}")
+            return value
+        raise CloudError(f"cloud {self.name} has neither a secret key file nor a secret key variable")
+
+    @classmethod
+    def active(cls) -> CloudStackConfig:
+        config = cls.objects.filter(is_active=True).order_by("-created_at").first()
+        if config is None:
+            raise CloudError("no active CloudStack config: add one with manage.py add_cloud")
+        return config

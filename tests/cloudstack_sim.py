@@ -1,0 +1,343 @@
+"""A CloudStack API simulator for the tests: a test double, because no
+CloudStack can run here. It stands in for a real management server as far as
+this project uses one, and behaves like it where that matters:
+
+- requests are authenticated as CloudStack does: the API key must be known,
+  and the signature is checked (HMAC-SHA1 with the secret over the request's
+  parameters but `signature`, sorted by name, values URL-encoded as Java's
+  URLEncoder does with spaces as %20, the whole string lower-cased, base64);
+  signatureVersion 3 requests carry `expires`, refused once past;
+- answers have the real API's shapes: one top-level key `<command>response`
+  (lower-cased), list calls `{"count": n, "<item>": [...]}` or `{}` when
+  empty, async calls `{"id", "jobid"}` followed by queryAsyncJobResult
+  (jobstatus 0 pending, 1 done with `jobresult`, 2 failed with `jobresult`
+  {errorcode, errortext}); errors are HTTP `errorcode` with
+  `{"errorcode", "cserrorcode", "errortext", "uuidList"}`, using CloudStack's
+  codes (401 unauthorized, 431 parameter error, 530 internal error, 533
+  insufficient capacity, 536 resource in use);
+- async jobs finish later (JOB_DELAY_S), from a timer thread;
+- it keeps state: zones, offerings, networks, templates, VMs (among them the
+  OMA's own), volumes with their data (sparse files) and attachments,
+  snapshots.
+
+Attaching a volume to the OMA's VM makes its "block device" appear where the
+guest would see it, `<by_id_dir>/virtio-<first 20 hex digits of the volume
+id>` (a symlink to the volume's data file), so the NBD export and the copies
+are real; detaching removes it.
+
+Faults to inject (attributes, set from the test): `fail_jobs[command] =
+(errorcode, errortext)` fails that command's next async job; `hang_jobs`
+(a set of commands) leaves their jobs pending forever; `zone_capacity_bytes`
+refuses createVolume beyond it (533).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import threading
+import uuid
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qsl, quote, urlparse
+
+GiB = 1024**3
+JOB_DELAY_S = 0.2
+ASYNC = {"createVolume", "attachVolume", "detachVolume", "deployVirtualMachine", "startVirtualMachine",
+         "stopVirtualMachine", "destroyVirtualMachine", "createSnapshot", "revertSnapshot", "deleteSnapshot"}
+
+
+class ApiError(Exception):
+    def __init__(self, code: int, text: str, cs_code: int = 9999):
+        super().__init__(text)
+        self.code, self.text, self.cs_code = code, text, cs_code
+
+
+def java_urlencode(value: str) -> str:
+    return quote(value, safe="*-._").replace("~", "%7E")
+
+
+def signature(params: dict[str, str], secret: str) -> str:
+    text = "&".join(f"{k}={java_urlencode(v)}" for k, v in sorted(params.items()) if k != "signature")
+    digest = hmac.new(secret.encode(), text.lower().encode(), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode()
+
+
+class CloudStackSimulator:
+    def __init__(self, root: Path, by_id_dir: Path, api_key: str = "sim-api-key", secret: str = "sim-secret-key"):
+        self.root = Path(root)
+        self.data_dir = self.root / "volumes"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.by_id_dir = Path(by_id_dir)
+        self.by_id_dir.mkdir(parents=True, exist_ok=True)
+        self.api_key, self.secret = api_key, secret
+        self.lock = threading.RLock()
+        self.calls: list[str] = []
+        self.fail_jobs: dict[str, tuple[int, str]] = {}
+        self.hang_jobs: set[str] = set()
+        self.zone_capacity_bytes: int | None = None
+        self.zone = {"id": str(uuid.uuid4()), "name": "zone1", "allocationstate": "Enabled",
+                     "networktype": "Advanced"}
+        self.disk_offering = {"id": str(uuid.uuid4()), "name": "custom", "iscustomized": True, "disksize": 0,
+                              "storagetype": "shared"}
+        self.service_offering = {"id": str(uuid.uuid4()), "name": "medium", "cpunumber": 2, "memory": 2048,
+                                 "iscustomized": False}
+        self.network = {"id": str(uuid.uuid4()), "name": "prod", "zoneid": self.zone["id"], "state": "Implemented"}
+        self.template = {"id": str(uuid.uuid4()), "name": "blank-bios", "zoneid": self.zone["id"],
+                         "isready": True, "ostypename": "Other Linux (64-bit)"}
+        self.oma_vm = self._new_vm("oma-appliance", state="Running")
+        self.vms: dict[str, dict] = {self.oma_vm["id"]: self.oma_vm}
+        self.volumes: dict[str, dict] = {}
+        self.snapshots: dict[str, dict] = {}
+        self.jobs: dict[str, dict] = {}
+        self._timers: list[threading.Timer] = []
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}/client/api"
+
+    def stop(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self.server.shutdown()
+        self.server.server_close()
+
+    # -- state -----------------------------------------------------------------
+
+    def _new_vm(self, name: str, state: str = "Stopped", **extra) -> dict:
+        return {"id": str(uuid.uuid4()), "name": name, "displayname": name, "state": state,
+                "zoneid": self.zone["id"], "serviceofferingid": self.service_offering["id"], **extra}
+
+    def device_path(self, volume_id: str) -> Path:
+        return self.by_id_dir / f"virtio-{volume_id.replace('-', '')[:20]}"
+
+    def volume_file(self, volume_id: str) -> Path:
+        return self.data_dir / f"{volume_id}.img"
+
+    def attached_to(self, vm_id: str) -> list[dict]:
+        return sorted((v for v in self.volumes.values() if v.get("virtualmachineid") == vm_id),
+                      key=lambda v: v.get("deviceid", 0))
+
+    # -- HTTP ------------------------------------------------------------------
+
+    def _handler(self):
+        sim = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self._answer(dict(parse_qsl(urlparse(self.path).query, keep_blank_values=True)))
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+                self._answer(dict(parse_qsl(body, keep_blank_values=True)))
+
+            def _answer(self, params: dict[str, str]):
+                command = params.get("command", "")
+                key = f"{command.lower()}response"
+                try:
+                    sim._authenticate(params)
+                    status, payload = 200, sim._dispatch(command, params)
+                except ApiError as exc:
+                    status = exc.code
+                    payload = {"uuidList": [], "errorcode": exc.code, "cserrorcode": exc.cs_code,
+                               "errortext": exc.text}
+                data = json.dumps({key: payload}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json; charset=UTF-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        return Handler
+
+    def _authenticate(self, params: dict[str, str]) -> None:
+        if params.get("apiKey") != self.api_key or "signature" not in params:
+            raise ApiError(401, "unable to verify user credentials and/or request signature", 9999)
+        if not hmac.compare_digest(signature(params, self.secret), params["signature"]):
+            raise ApiError(401, "unable to verify user credentials and/or request signature", 9999)
+        if params.get("signatureVersion") == "3":
+            try:
+                expires = datetime.strptime(params["expires"], "%Y-%m-%dT%H:%M:%S%z")
+            except (KeyError, ValueError):
+                raise ApiError(401, "missing or malformed expires parameter", 9999) from None
+            if expires < datetime.now(UTC):
+                raise ApiError(401, "signature expired", 9999)
+
+    def _dispatch(self, command: str, params: dict[str, str]) -> dict:
+        with self.lock:
+            self.calls.append(command)
+            if command == "queryAsyncJobResult":
+                return self._job_result(params)
+            handler = getattr(self, f"_cmd_{command}", None)
+            if handler is None:
+                raise ApiError(432, f"The given command:{command} does not exist or it is not available for user",
+                               9999)
+            if command not in ASYNC:
+                return handler(params)
+            target, run = handler(params)
+            return self._start_job(command, target, run)
+
+    # -- async jobs ------------------------------------------------------------
+
+    def _start_job(self, command: str, target: str | None, run) -> dict:
+        job_id = str(uuid.uuid4())
+        job = {"jobid": job_id, "cmd": command, "jobstatus": 0, "jobresultcode": 0, "jobprocstatus": 0,
+               "jobinstanceid": target, "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.jobs[job_id] = job
+        if command not in self.hang_jobs:
+            timer = threading.Timer(JOB_DELAY_S, self._finish_job, args=(job, command, run))
+            timer.daemon = True
+            self._timers.append(timer)
+            timer.start()
+        return {"jobid": job_id, **({"id": target} if target else {})}
+
+    def _finish_job(self, job: dict, command: str, run) -> None:
+        with self.lock:
+            failure = self.fail_jobs.pop(command, None)
+            try:
+                if failure:
+                    raise ApiError(*failure)
+                result = run()
+                job.update(jobstatus=1, jobresultcode=0, jobresulttype="object", jobresult=result)
+            except ApiError as exc:
+                job.update(jobstatus=2, jobresultcode=exc.code, jobresulttype="object",
+                           jobresult={"errorcode": exc.code, "errortext": exc.text})
+
+    def _job_result(self, params: dict[str, str]) -> dict:
+        job = self.jobs.get(params.get("jobid", ""))
+        if job is None:
+            raise ApiError(431, f"Unable to execute API command queryasyncjobresult due to invalid value. "
+                                f"Invalid parameter jobid value={params.get('jobid')} due to incorrect long value "
+                                "format, or entity does not exist or due to incorrect parameter annotation for "
+                                "the field in api cmd class.", 4350)
+        return dict(job)
+
+    # -- commands --------------------------------------------------------------
+
+    @staticmethod
+    def _listing(item: str, rows: list[dict]) -> dict:
+        return {"count": len(rows), item: rows} if rows else {}
+
+    @staticmethod
+    def _by_id(rows: list[dict], params: dict[str, str]) -> list[dict]:
+        return [r for r in rows if "id" not in params or r["id"] == params["id"]]
+
+    def _cmd_listZones(self, params):
+        return self._listing("zone", self._by_id([self.zone], params))
+
+    def _cmd_listDiskOfferings(self, params):
+        return self._listing("diskoffering", self._by_id([self.disk_offering], params))
+
+    def _cmd_listServiceOfferings(self, params):
+        return self._listing("serviceoffering", self._by_id([self.service_offering], params))
+
+    def _cmd_listNetworks(self, params):
+        return self._listing("network", self._by_id([self.network], params))
+
+    def _cmd_listTemplates(self, params):
+        return self._listing("template", self._by_id([self.template], params))
+
+    def _cmd_listVirtualMachines(self, params):
+        return self._listing("virtualmachine", self._by_id(list(self.vms.values()), params))
+
+    def _cmd_listVolumes(self, params):
+        rows = self._by_id(list(self.volumes.values()), params)
+        if "virtualmachineid" in params:
+            rows = [v for v in rows if v.get("virtualmachineid") == params["virtualmachineid"]]
+        return self._listing("volume", [dict(v) for v in rows])
+
+    def _require(self, params, *names):
+        for name in names:
+            if not params.get(name):
+                raise ApiError(431, f"Unable to execute API command {params['command'].lower()} due to missing "
+                                    f"parameter {name}", 4350)
+
+    def _volume(self, volume_id: str) -> dict:
+        volume = self.volumes.get(volume_id)
+        if volume is None:
+            raise ApiError(431, f"Unable to find volume with id {volume_id}", 4350)
+        return volume
+
+    def _cmd_createVolume(self, params):
+        self._require(params, "name", "zoneid", "diskofferingid")
+        if params["zoneid"] != self.zone["id"]:
+            raise ApiError(431, f"Unable to find zone by id {params['zoneid']}", 4350)
+        if params["diskofferingid"] != self.disk_offering["id"]:
+            raise ApiError(431, f"Unable to find disk offering by id {params['diskofferingid']}", 4350)
+        self._require(params, "size")  # a customized offering: the size in GB
+        size = int(params["size"]) * GiB
+        used = sum(v["size"] for v in self.volumes.values())
+        if self.zone_capacity_bytes is not None and used + size > self.zone_capacity_bytes:
+            raise ApiError(533, f"Insufficient capacity: zone {self.zone['name']} has "
+                                f"{(self.zone_capacity_bytes - used) // GiB} GB of primary storage left", 4250)
+        volume_id = str(uuid.uuid4())
+        volume = {"id": volume_id, "name": params["name"], "zoneid": self.zone["id"], "zonename": self.zone["name"],
+                  "type": "DATADISK", "size": size, "diskofferingid": self.disk_offering["id"],
+                  "state": "Allocated", "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+        def run():
+            with open(self.volume_file(volume_id), "wb") as f:
+                f.truncate(size)
+            volume["state"] = "Ready"
+            self.volumes[volume_id] = volume
+            return {"volume": dict(volume)}
+
+        return volume_id, run
+
+    def _cmd_attachVolume(self, params):
+        self._require(params, "id", "virtualmachineid")
+        volume = self._volume(params["id"])
+        vm = self.vms.get(params["virtualmachineid"])
+        if vm is None:
+            raise ApiError(431, f"Unable to find virtual machine by id {params['virtualmachineid']}", 4350)
+        if volume.get("virtualmachineid"):
+            raise ApiError(431, f"Please specify a volume that is not attached to any VM: {volume['name']} is "
+                                f"attached to VM {volume['vmname']}", 4350)
+
+        def run():
+            used = {v.get("deviceid") for v in self.attached_to(vm["id"])}
+            device = int(params["deviceid"]) if params.get("deviceid") else min(set(range(1, 16)) - used)
+            volume.update(virtualmachineid=vm["id"], vmname=vm["name"], deviceid=device,
+                          type="ROOT" if device == 0 else "DATADISK")
+            if vm["id"] == self.oma_vm["id"]:
+                link = self.device_path(volume["id"])
+                link.unlink(missing_ok=True)
+                os.symlink(self.volume_file(volume["id"]), link)
+            return {"volume": dict(volume)}
+
+        return volume["id"], run
+
+    def _cmd_detachVolume(self, params):
+        self._require(params, "id")
+        volume = self._volume(params["id"])
+        if not volume.get("virtualmachineid"):
+            raise ApiError(431, f"Volume {volume['name']} is not attached to any VM", 4350)
+
+        def run():
+            if volume["virtualmachineid"] == self.oma_vm["id"]:
+                self.device_path(volume["id"]).unlink(missing_ok=True)
+            for key in ("virtualmachineid", "vmname", "deviceid"):
+                volume.pop(key, None)
+            volume["type"] = "DATADISK"
+            return {"volume": dict(volume)}
+
+        return volume["id"], run
+
+    def _cmd_deleteVolume(self, params):
+        self._require(params, "id")
+        volume = self._volume(params["id"])
+        if volume.get("virtualmachineid"):
+            raise ApiError(536, f"Please specify a volume that is not attached to any VM: {volume['name']}", 4350)
+        del self.volumes[volume["id"]]
+        self.volume_file(volume["id"]).unlink(missing_ok=True)
+        return {"success": "true"}

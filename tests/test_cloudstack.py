@@ -1,0 +1,197 @@
+"""CloudStack as the destination cloud, against tests/cloudstack_sim.py (a
+test double: no CloudStack runs here; it checks signatures and answers with
+the real API's shapes and error codes), with real workers, the vCenter
+simulator and real NBD exports: the volumes' "devices" are the simulator's
+data files, linked where the OMA finds attached volumes."""
+
+import hashlib
+import json
+from io import StringIO
+
+import pytest
+import requests
+from django.core.management import CommandError, call_command
+
+from replication.choices import JobStatus, SyncType
+from replication.cloudstack.client import CloudClient
+from replication.cloudstack.models import CloudError, CloudStackConfig
+from replication.services import vmware as vmware_service
+from replication.services.jobs import start_replication
+from tests.cloudstack_sim import GiB, CloudStackSimulator
+from tests.conftest import wait_for_job
+from tests.helpers import MiB
+from tests.vcsim import fill_image, vm_spec
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+DISKS = [12 * MiB + 4097, 5 * MiB, 9 * MiB + 511]
+
+
+@pytest.fixture
+def cloud(tmp_path):
+    sim = CloudStackSimulator(tmp_path / "cloudstack", tmp_path / "by-id")
+    secret = tmp_path / "cloud-secret"
+    secret.write_text(sim.secret + "\n")
+    secret.chmod(0o600)
+    try:
+        yield sim, secret
+    finally:
+        sim.stop()
+
+
+def add_cloud(sim, secret, *extra) -> str:
+    out = StringIO()
+    call_command("add_cloud", "cloud1", "--api-url", sim.endpoint, "--api-key", sim.api_key, "--secret-file",
+                 str(secret), "--zone", sim.zone["id"], "--disk-offering", sim.disk_offering["id"],
+                 "--service-offering", sim.service_offering["id"], "--network", sim.network["id"],
+                 "--template", sim.template["id"], "--oma-vm", sim.oma_vm["id"], "--device-dir", str(sim.by_id_dir),
+                 *extra, stdout=out)
+    return out.getvalue()
+
+
+def sha256_of_first(path, nbytes: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        remaining = nbytes
+        while remaining:
+            chunk = f.read(min(remaining, MiB))
+            if not chunk:
+                break
+            digest.update(chunk)
+            remaining -= len(chunk)
+    return digest.hexdigest()
+
+
+def test_the_config_is_checked_against_the_cloud_and_its_secret_stays_out_of_the_database(cloud, tmp_path):
+    sim, secret = cloud
+    out = add_cloud(sim, secret)
+    assert "cloud cloud1 recorded and active: zone zone1, disk offering custom, service offering medium, " \
+           "network prod, template blank-bios, OMA VM oma-appliance" in out
+    config = CloudStackConfig.objects.get(name="cloud1")
+    assert sim.secret not in json.dumps([str(getattr(config, f.attname)) for f in config._meta.fields])
+
+    wrong = tmp_path / "wrong-secret"
+    wrong.write_text("not-the-secret")
+    with pytest.raises(CommandError, match=r"CloudStack listZones: 401 unauthorized \(API key or secret refused\): "
+                                           "unable to verify user credentials and/or request signature"):
+        call_command("add_cloud", "cloud2", "--api-url", sim.endpoint, "--api-key", sim.api_key, "--secret-file",
+                     str(wrong), "--zone", sim.zone["id"], "--disk-offering", sim.disk_offering["id"],
+                     "--oma-vm", sim.oma_vm["id"])
+    with pytest.raises(CommandError, match="CloudStack has no OMA VM with id nope"):
+        call_command("add_cloud", "cloud2", "--api-url", sim.endpoint, "--api-key", sim.api_key, "--secret-file",
+                     str(secret), "--zone", sim.zone["id"], "--disk-offering", sim.disk_offering["id"],
+                     "--oma-vm", "nope")
+    assert list(CloudStackConfig.objects.values_list("name", flat=True)) == ["cloud1"]  # nothing else stored
+
+    # The simulator checks signatures as CloudStack does: a request signed
+    # with another secret, or tampered with after signing, is refused.
+    client = CloudClient(config)
+    assert client.one("listZones", "zone", id=sim.zone["id"])["name"] == "zone1"
+    answer = requests.get(sim.endpoint, params={"command": "listZones", "apiKey": sim.api_key, "response": "json",
+                                                "signature": "AAAA"}, timeout=5)
+    assert answer.status_code == 401
+    assert answer.json() == {"listzonesresponse": {"uuidList": [], "errorcode": 401, "cserrorcode": 9999,
+                                                   "errortext": "unable to verify user credentials and/or request "
+                                                                "signature"}}
+
+
+def test_a_vmware_vm_replicates_into_cloudstack_volumes_attached_to_the_oma(celery_worker_process, vcenter, cloud,
+                                                                          settings):
+    sim, secret = cloud
+    add_cloud(sim, secret)
+    settings.OMA_VOLUME_PROVIDER = "cloudstack"
+    vcsim, record = vcenter(vm_spec("web01", DISKS), cbt_page_bytes=MiB)
+    live = vcsim.vms["web01"]["disks"]
+    fill_image(live["2000"], [(0, 3 * MiB), (DISKS[0] - 4097, 4097)], seed=1)
+    fill_image(live["2001"], [(MiB, 200_000)], seed=2)
+    fill_image(live["2002"], [(4 * MiB + 7, 10_000)], seed=3)
+    (vm,) = vmware_service.discover(record, ["web01"])
+
+    job = wait_for_job(start_replication(vm).id, timeout=180)
+    assert job.status == JobStatus.COMPLETED, job.error_message
+
+    volumes = {d.disk_key: d.target_volume for d in job.disks.select_related("target_volume")}
+    for disk in job.disks.select_related("target_volume", "source_disk"):
+        volume = disk.target_volume
+        cloud_volume = sim.volumes[volume.cloud_volume_id]
+        # Created at the source's size rounded up to whole GiB (the rounding recorded), attached to the OMA.
+        assert (volume.provider, volume.requested_bytes, volume.size_bytes) == ("cloudstack", disk.capacity_bytes,
+                                                                                GiB)
+        assert cloud_volume["size"] == GiB and cloud_volume["virtualmachineid"] == sim.oma_vm["id"]
+        assert volume.path == str(sim.device_path(volume.cloud_volume_id))
+        assert volume.device_mapping.device_path == volume.path
+        assert sha256_of_first(volume.path, disk.capacity_bytes) == \
+            sha256_of_first(live[str(disk.source_disk.device_key)], disk.capacity_bytes)
+    attached = CloudClient(CloudStackConfig.active()).call("listVolumes", virtualmachineid=sim.oma_vm["id"])
+    assert sorted(v["id"] for v in attached["volume"]) == sorted(v.cloud_volume_id for v in volumes.values())
+
+    fill_image(live["2000"], [(5 * MiB, 300_000)], seed=4)
+    fill_image(live["2002"], [(0, 4096)], seed=5)
+    incremental = wait_for_job(start_replication(vm, SyncType.INCREMENTAL).id, timeout=180)
+    assert incremental.status == JobStatus.COMPLETED, incremental.error_message
+    assert {d.disk_key: d.sync_type for d in incremental.disks.all()} == {
+        "disk-2000": SyncType.INCREMENTAL, "disk-2001": SyncType.INCREMENTAL, "disk-2002": SyncType.INCREMENTAL}
+    for disk in incremental.disks.select_related("target_volume", "source_disk"):
+        assert disk.target_volume.pk == volumes[disk.disk_key].pk  # reused, not created again
+        assert sha256_of_first(disk.target_volume.path, disk.capacity_bytes) == \
+            sha256_of_first(live[str(disk.source_disk.device_key)], disk.capacity_bytes)
+    assert sim.calls.count("createVolume") == 3 and sim.calls.count("attachVolume") == 3
+
+
+def image_vm_on_cloud(tmp_path, name: str, settings):
+    from replication.services.inventory import register_image_vm
+    from tests.helpers import make_image
+
+    settings.OMA_VOLUME_PROVIDER = "cloudstack"
+    disk = make_image(tmp_path / f"{name}.img", 3 * MiB, [(0, MiB)])
+    return register_image_vm(name, [str(disk)])
+
+
+@pytest.mark.parametrize("fault, reason", [
+    ("createVolume fails", "prepare failed: CloudStack createVolume: 530 internal error: Failed to create volume "
+                           "on primary storage"),
+    ("attach hangs", "prepare failed: CloudStack attachVolume: its job"),  # CLOUDSTACK_JOB_TIMEOUT_S in tests: 6 s
+    ("zone full", "prepare failed: CloudStack createVolume: 533 insufficient capacity: Insufficient capacity: zone "
+                  "zone1 has 0 GB of primary storage left"),
+    ("wrong secret", "prepare failed: CloudStack createVolume: 401 unauthorized (API key or secret refused)"),
+])
+def test_a_cloud_that_refuses_fails_the_job_with_its_reason_and_attaches_nothing_elsewhere(
+        celery_worker_process, cloud, tmp_path, settings, fault, reason):
+    sim, secret = cloud
+    add_cloud(sim, secret)
+    if fault == "createVolume fails":
+        sim.fail_jobs["createVolume"] = (530, "Failed to create volume on primary storage")
+    elif fault == "attach hangs":
+        sim.hang_jobs.add("attachVolume")
+    elif fault == "zone full":
+        sim.zone_capacity_bytes = 0
+    else:
+        secret.write_text("rotated-elsewhere")
+    vm = image_vm_on_cloud(tmp_path, f"vm-{fault.replace(' ', '-')}", settings)
+    job = wait_for_job(start_replication(vm).id, timeout=600)
+    assert job.status == JobStatus.FAILED
+    assert job.error_message.startswith(reason), job.error_message
+    # Nothing is attached to any VM but the OMA.
+    assert all(v.get("virtualmachineid") in (None, sim.oma_vm["id"]) for v in sim.volumes.values())
+    assert not list(sim.by_id_dir.iterdir())  # no device appeared for the OMA either
+
+
+def test_a_volume_attached_to_another_vm_is_not_taken(cloud, tmp_path, settings):
+    from replication.services import volumes as volume_service
+
+    sim, secret = cloud
+    add_cloud(sim, secret)
+    vm = image_vm_on_cloud(tmp_path, "vm-taken", settings)
+    volume = volume_service.volume_for(vm.disks.get())
+    client = CloudClient(CloudStackConfig.active())
+    other = sim._new_vm("someone-else")
+    sim.vms[other["id"]] = other
+    made = client.call("createVolume", name="x", zoneid=sim.zone["id"], diskofferingid=sim.disk_offering["id"],
+                       size=1)["volume"]
+    client.call("attachVolume", id=made["id"], virtualmachineid=other["id"])
+    type(volume).objects.filter(pk=volume.pk).update(cloud_volume_id=made["id"])
+    volume.refresh_from_db()
+    with pytest.raises(CloudError, match=f"CloudStack volume {made['id']} is attached to VM someone-else, not to "
+                                         "the OMA"):
+        volume_service.provision(volume, 3 * MiB)
+    assert sim.volumes[made["id"]]["virtualmachineid"] == other["id"]
