@@ -17,7 +17,7 @@ from replication.cloudstack.client import CloudClient
 from replication.cloudstack.models import CloudError, CloudStackConfig
 from replication.services import vmware as vmware_service
 from replication.services.jobs import start_replication
-from tests.cloudstack_sim import GiB, CloudStackSimulator
+from tests.cloudstack_sim import CloudStackSimulator, GiB
 from tests.conftest import wait_for_job
 from tests.helpers import MiB
 from tests.vcsim import fill_image, vm_spec
