@@ -143,6 +143,7 @@ if OMA_VOLUME_PROVIDER not in ("local", "cloudstack"):
     raise ImproperlyConfigured(f"OMA_VOLUME_PROVIDER must be local or cloudstack, not {OMA_VOLUME_PROVIDER!r}")
 CLOUDSTACK_JOB_TIMEOUT_S = env.float("CLOUDSTACK_JOB_TIMEOUT_S", default=300.0)  # one async job
 CLOUDSTACK_DEVICE_TIMEOUT_S = env.float("CLOUDSTACK_DEVICE_TIMEOUT_S", default=30.0)  # attached -> device seen
+CLOUDSTACK_DRIFT_INTERVAL_S = env.float("CLOUDSTACK_DRIFT_INTERVAL_S", default=900.0)  # records vs listVolumes
 # The target export server listens on a Unix socket under OMA_RUN_DIR. With a
 # PSK file ("username:hexkey" lines, mode 600) it requires TLS and the copies
 # use the same file: for agents that reach it through a forwarded socket or
@@ -268,6 +269,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "replication.sweep_snapshots",
         "schedule": SNAPSHOT_SWEEP_INTERVAL_S,
         "options": {"queue": "oma", "expires": SNAPSHOT_SWEEP_INTERVAL_S},
+    },
+    "cloud-drift": {
+        "task": "replication.cloud_drift",
+        "schedule": CLOUDSTACK_DRIFT_INTERVAL_S,
+        "options": {"queue": "oma", "expires": CLOUDSTACK_DRIFT_INTERVAL_S},
     },
 }
 

@@ -68,3 +68,13 @@ def sweep_snapshots() -> None:
 @shared_task(name="replication.reap_stale")
 def reap_stale() -> None:
     reaper.reap()
+
+
+@shared_task(name="replication.cloud_drift")
+def cloud_drift() -> None:
+    """Log how the volume records and the active cloud's volumes differ."""
+    from replication.cloudstack.drift import drift
+    from replication.cloudstack.models import CloudStackConfig
+
+    if CloudStackConfig.objects.filter(is_active=True).exists():
+        drift()

@@ -230,6 +230,33 @@ def vm_rollback(request, vm_id):
 
 
 @login_required
+def cloud(request):
+    from replication.cloudstack.models import CloudStackConfig
+
+    config = CloudStackConfig.objects.filter(is_active=True).order_by("-created_at").first()
+    return _page(request, "replication/cloud.html", {"config": config})
+
+
+@login_required
+@require_POST
+def cloud_check(request):
+    """Ask the cloud about the config's credentials and ids, and compare its
+    volumes with the records."""
+    from replication.cloudstack.client import CloudClient
+    from replication.cloudstack.drift import drift
+    from replication.cloudstack.models import CloudError, CloudStackConfig
+
+    config = CloudStackConfig.objects.filter(is_active=True).order_by("-created_at").first()
+    context = {"config": config, "checked": True}
+    if config is not None:
+        try:
+            context.update(found=CloudClient(config, job_timeout_s=30).check(), drift=drift(config))
+        except CloudError as exc:
+            context["error"] = str(exc)
+    return _page(request, "replication/cloud.html", context)
+
+
+@login_required
 def volume_list(request):
     volumes = TargetVolume.objects.select_related("source_disk__vm").order_by("source_disk__vm__name",
                                                                             "source_disk__disk_key")

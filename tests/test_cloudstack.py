@@ -195,3 +195,36 @@ def test_a_volume_attached_to_another_vm_is_not_taken(cloud, tmp_path, settings)
                                          "the OMA"):
         volume_service.provision(volume, 3 * MiB)
     assert sim.volumes[made["id"]]["virtualmachineid"] == other["id"]
+
+
+def test_drift_between_the_records_and_the_cloud_is_reported(cloud, tmp_path, settings, admin_client):
+    from replication.services import volumes as volume_service
+
+    sim, secret = cloud
+    add_cloud(sim, secret)
+    vm = image_vm_on_cloud(tmp_path, "vm-drift", settings)
+    kept = volume_service.volume_for(vm.disks.get())
+    volume_service.provision(kept, 3 * MiB)
+    kept.refresh_from_db()
+    out = StringIO()
+    call_command("cloud_drift", stdout=out)
+    assert out.getvalue().startswith("1 volume(s) as recorded")
+
+    client = CloudClient(CloudStackConfig.active())
+    stray = client.call("createVolume", name="stray", zoneid=sim.zone["id"], diskofferingid=sim.disk_offering["id"],
+                        size=1)["volume"]
+    client.call("attachVolume", id=stray["id"], virtualmachineid=sim.oma_vm["id"])
+    client.call("detachVolume", id=kept.cloud_volume_id)
+    client.call("deleteVolume", id=kept.cloud_volume_id)
+    out = StringIO()
+    with pytest.raises(SystemExit) as exited:
+        call_command("cloud_drift", stdout=out)
+    assert exited.value.code == 1
+    assert f"unknown: {stray['id']} (stray) is attached to the OMA, no record" in out.getvalue()
+    assert f"gone: vm-drift/disk-2000 ({kept.export_name}) -> {kept.cloud_volume_id} no longer exists" in \
+        out.getvalue()
+
+    page = admin_client.post("/cloud/check/").content.decode()
+    assert 'data-cloud-check="ok"' in page and "zone zone1" in page
+    assert page.count('data-drift="unknown"') == 1 and page.count('data-drift="gone"') == 1
+    assert sim.secret not in page and sim.secret not in admin_client.get("/cloud/").content.decode()
