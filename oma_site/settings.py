@@ -143,6 +143,8 @@ if OMA_VOLUME_PROVIDER not in ("local", "cloudstack"):
     raise ImproperlyConfigured(f"OMA_VOLUME_PROVIDER must be local or cloudstack, not {OMA_VOLUME_PROVIDER!r}")
 CLOUDSTACK_JOB_TIMEOUT_S = env.float("CLOUDSTACK_JOB_TIMEOUT_S", default=300.0)  # one async job
 CLOUDSTACK_DEVICE_TIMEOUT_S = env.float("CLOUDSTACK_DEVICE_TIMEOUT_S", default=30.0)  # attached -> device seen
+# CloudStack has no console API: a failed-over VM counts as booted once it has run this long.
+CLOUDSTACK_BOOT_SETTLE_S = env.float("CLOUDSTACK_BOOT_SETTLE_S", default=30.0)
 CLOUDSTACK_DRIFT_INTERVAL_S = env.float("CLOUDSTACK_DRIFT_INTERVAL_S", default=900.0)  # records vs listVolumes
 # The target export server listens on a Unix socket under OMA_RUN_DIR. With a
 # PSK file ("username:hexkey" lines, mode 600) it requires TLS and the copies

@@ -37,3 +37,4 @@ FAILOVER_DIR = TEST_ROOT / "failover"  # noqa: F405
 # The CloudStack simulator finishes a job in a fraction of a second: a job
 # that does not finish within seconds is one a test made hang.
 CLOUDSTACK_JOB_TIMEOUT_S = env.float("CLOUDSTACK_JOB_TIMEOUT_S", default=6.0)
+CLOUDSTACK_BOOT_SETTLE_S = env.float("CLOUDSTACK_BOOT_SETTLE_S", default=1.0)

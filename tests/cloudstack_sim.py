@@ -38,6 +38,7 @@ import hashlib
 import hmac
 import json
 import os
+import subprocess
 import threading
 import uuid
 from datetime import UTC, datetime
@@ -57,6 +58,11 @@ class ApiError(Exception):
         self.code, self.text, self.cs_code = code, text, cs_code
 
 
+def sparse_copy(src: Path, dst: Path) -> None:
+    """A volume's data as a primary storage snapshot keeps it: holes stay holes."""
+    subprocess.run(["cp", "--sparse=always", str(src), str(dst)], check=True)
+
+
 def java_urlencode(value: str) -> str:
     return quote(value, safe="*-._").replace("~", "%7E")
 
@@ -67,7 +73,153 @@ def signature(params: dict[str, str], secret: str) -> str:
     return base64.b64encode(digest).decode()
 
 
-class CloudStackSimulator:
+class SnapshotCommands:
+    """listSnapshots, createSnapshot, revertSnapshot, deleteSnapshot."""
+
+    def _cmd_listSnapshots(self, params):
+        rows = self._by_id(list(self.snapshots.values()), params)
+        if "volumeid" in params:
+            rows = [s for s in rows if s["volumeid"] == params["volumeid"]]
+        if "name" in params:
+            rows = [s for s in rows if s["name"] == params["name"]]
+        return self._listing("snapshot", [dict(s) for s in rows])
+
+    def snapshot_file(self, snapshot_id: str) -> Path:
+        return self.data_dir / f"snapshot-{snapshot_id}.img"
+
+    def _cmd_createSnapshot(self, params):
+        self._require(params, "volumeid")
+        volume = self._volume(params["volumeid"])
+        snapshot_id = str(uuid.uuid4())
+
+        def run():
+            sparse_copy(self.volume_file(volume["id"]), self.snapshot_file(snapshot_id))
+            snapshot = {"id": snapshot_id, "name": params.get("name") or f"{volume['name']}-snap",
+                        "volumeid": volume["id"], "volumename": volume["name"], "state": "BackedUp",
+                        "snapshottype": "MANUAL", "zoneid": self.zone["id"]}
+            self.snapshots[snapshot_id] = snapshot
+            return {"snapshot": dict(snapshot)}
+
+        return snapshot_id, run
+
+    def _snapshot(self, snapshot_id: str) -> dict:
+        snapshot = self.snapshots.get(snapshot_id)
+        if snapshot is None:
+            raise ApiError(431, f"Unable to find snapshot with id {snapshot_id}", 4350)
+        return snapshot
+
+    def _cmd_revertSnapshot(self, params):
+        self._require(params, "id")
+        snapshot = self._snapshot(params["id"])
+        volume = self._volume(snapshot["volumeid"])
+        vm = self.vms.get(volume.get("virtualmachineid") or "")
+        if vm is not None and vm["state"] != "Stopped":
+            raise ApiError(431, f"Volume {volume['name']} is attached to running VM {vm['name']}: detach it or "
+                                "stop the VM before reverting it to a snapshot", 4350)
+
+        def run():
+            sparse_copy(self.snapshot_file(snapshot["id"]), self.volume_file(volume["id"]))
+            return {"snapshot": dict(snapshot)}
+
+        return snapshot["id"], run
+
+    def _cmd_deleteSnapshot(self, params):
+        self._require(params, "id")
+        snapshot = self._snapshot(params["id"])
+
+        def run():
+            self.snapshots.pop(snapshot["id"], None)
+            self.snapshot_file(snapshot["id"]).unlink(missing_ok=True)
+            return {"success": True}
+
+        return snapshot["id"], run
+
+
+class VMCommands:
+    """deployVirtualMachine, start, stop and destroyVirtualMachine."""
+
+    def _vm(self, vm_id: str) -> dict:
+        vm = self.vms.get(vm_id)
+        if vm is None:
+            raise ApiError(431, f"Unable to find virtual machine with id {vm_id}", 4350)
+        return vm
+
+    def _cmd_deployVirtualMachine(self, params):
+        self._require(params, "serviceofferingid", "templateid", "zoneid")
+        if params["serviceofferingid"] != self.service_offering["id"]:
+            raise ApiError(431, f"Unable to find service offering by id {params['serviceofferingid']}", 4350)
+        if params["templateid"] != self.template["id"]:
+            raise ApiError(431, f"Unable to find template by id {params['templateid']}", 4350)
+        networks = [n for n in params.get("networkids", "").split(",") if n]
+        for network in networks:
+            if network != self.network["id"]:
+                raise ApiError(431, f"Unable to find network by id {network}", 4350)
+        name = params.get("name") or f"VM-{uuid.uuid4()}"
+        if any(v["name"] == name for v in self.vms.values()):
+            raise ApiError(431, f"The vm with hostname {name} already exists", 4350)
+        vm = self._new_vm(name, state="Starting", templateid=self.template["id"],
+                          nic=[{"networkid": n, "macaddress": "02:00:00:00:00:01"} for n in networks])
+
+        def run():
+            root_id = str(uuid.uuid4())
+            with open(self.volume_file(root_id), "wb") as f:
+                f.truncate(GiB)
+            self.volumes[root_id] = {"id": root_id, "name": f"ROOT-{name}", "zoneid": self.zone["id"],
+                                     "type": "ROOT", "size": GiB, "state": "Ready", "virtualmachineid": vm["id"],
+                                     "vmname": name, "deviceid": 0}
+            vm["state"] = "Running" if params.get("startvm", "true") == "true" else "Stopped"
+            self.vms[vm["id"]] = vm
+            return {"virtualmachine": dict(vm)}
+
+        return vm["id"], run
+
+    def _cmd_startVirtualMachine(self, params):
+        self._require(params, "id")
+        vm = self._vm(params["id"])
+        if not any(v.get("deviceid") == 0 for v in self.attached_to(vm["id"])):
+            raise ApiError(530, f"VM {vm['name']} has no ROOT volume: unable to start", 4250)
+
+        def run():
+            vm["state"] = "Running"
+            return {"virtualmachine": dict(vm)}
+
+        return vm["id"], run
+
+    def _cmd_stopVirtualMachine(self, params):
+        self._require(params, "id")
+        vm = self._vm(params["id"])
+
+        def run():
+            vm["state"] = "Stopped"
+            return {"virtualmachine": dict(vm)}
+
+        return vm["id"], run
+
+    def _cmd_destroyVirtualMachine(self, params):
+        """As CloudStack does: the VM's ROOT volume goes with it; data volumes
+        are detached and kept."""
+        self._require(params, "id")
+        vm = self._vm(params["id"])
+        if vm["id"] == self.oma_vm["id"]:
+            raise ApiError(431, "refusing to destroy the OMA in a test", 4350)
+
+        def run():
+            for volume in self.attached_to(vm["id"]):
+                if volume.get("deviceid") == 0:
+                    self.volumes.pop(volume["id"], None)
+                    self.volume_file(volume["id"]).unlink(missing_ok=True)
+                else:
+                    for key in ("virtualmachineid", "vmname", "deviceid"):
+                        volume.pop(key, None)
+            vm["state"] = "Expunging" if params.get("expunge") == "true" else "Destroyed"
+            if params.get("expunge") == "true":
+                self.vms.pop(vm["id"], None)
+            return {"virtualmachine": dict(vm)}
+
+        return vm["id"], run
+
+
+class CloudStackSimulator(SnapshotCommands, VMCommands):
     def __init__(self, root: Path, by_id_dir: Path, api_key: str = "sim-api-key", secret: str = "sim-secret-key"):
         self.root = Path(root)
         self.data_dir = self.root / "volumes"
@@ -152,11 +304,14 @@ class CloudStackSimulator:
                     payload = {"uuidList": [], "errorcode": exc.code, "cserrorcode": exc.cs_code,
                                "errortext": exc.text}
                 data = json.dumps({key: payload}).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json; charset=UTF-8")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json; charset=UTF-8")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (its timeout): as a real server, carry on
 
         return Handler
 
@@ -248,7 +403,10 @@ class CloudStackSimulator:
         return self._listing("template", self._by_id([self.template], params))
 
     def _cmd_listVirtualMachines(self, params):
-        return self._listing("virtualmachine", self._by_id(list(self.vms.values()), params))
+        rows = self._by_id(list(self.vms.values()), params)
+        if "name" in params:
+            rows = [v for v in rows if v["name"] == params["name"]]
+        return self._listing("virtualmachine", [dict(v) for v in rows])
 
     def _cmd_listVolumes(self, params):
         rows = self._by_id(list(self.volumes.values()), params)
@@ -304,6 +462,12 @@ class CloudStackSimulator:
             raise ApiError(431, f"Please specify a volume that is not attached to any VM: {volume['name']} is "
                                 f"attached to VM {volume['vmname']}", 4350)
 
+        if params.get("deviceid") == "0":
+            if vm["state"] != "Stopped":
+                raise ApiError(431, f"VM {vm['name']} must be stopped to attach a ROOT volume", 4350)
+            if any(v.get("deviceid") == 0 for v in self.attached_to(vm["id"])):
+                raise ApiError(431, f"VM {vm['name']} already has a ROOT volume at device 0", 4350)
+
         def run():
             used = {v.get("deviceid") for v in self.attached_to(vm["id"])}
             device = int(params["deviceid"]) if params.get("deviceid") else min(set(range(1, 16)) - used)
@@ -322,6 +486,9 @@ class CloudStackSimulator:
         volume = self._volume(params["id"])
         if not volume.get("virtualmachineid"):
             raise ApiError(431, f"Volume {volume['name']} is not attached to any VM", 4350)
+        owner = self.vms.get(volume["virtualmachineid"], {})
+        if volume.get("deviceid") == 0 and owner.get("state") != "Stopped":
+            raise ApiError(431, f"Root volume {volume['name']} can be detached only from a stopped VM", 4350)
 
         def run():
             if volume["virtualmachineid"] == self.oma_vm["id"]:
@@ -341,3 +508,4 @@ class CloudStackSimulator:
         del self.volumes[volume["id"]]
         self.volume_file(volume["id"]).unlink(missing_ok=True)
         return {"success": "true"}
+

@@ -228,3 +228,117 @@ def test_drift_between_the_records_and_the_cloud_is_reported(cloud, tmp_path, se
     assert 'data-cloud-check="ok"' in page and "zone zone1" in page
     assert page.count('data-drift="unknown"') == 1 and page.count('data-drift="gone"') == 1
     assert sim.secret not in page and sim.secret not in admin_client.get("/cloud/").content.decode()
+
+
+# Failover on CloudStack -------------------------------------------------------------
+
+def failover_json(*args) -> dict:
+    out = StringIO()
+    try:
+        call_command(*args, "--wait", "--json", stdout=out)
+    except CommandError:
+        pass  # the JSON report is printed all the same; the tests read it
+    return json.loads(out.getvalue())
+
+
+def replicated_on_cloud(cloud, tmp_path, settings, name):
+    sim, secret = cloud
+    add_cloud(sim, secret)
+    vm = image_vm_on_cloud(tmp_path, name, settings)
+    job = wait_for_job(start_replication(vm).id, timeout=120)
+    assert job.status == JobStatus.COMPLETED, job.error_message
+    volume = job.disks.get().target_volume
+    return sim, vm, volume, job.disks.get().capacity_bytes
+
+
+def cloud_state(sim, volume_id: str) -> dict:
+    """The volume as CloudStack sees it: who has it, at which device, its snapshots."""
+    volume = sim.volumes[volume_id]
+    return {"vm": sim.vms[volume["virtualmachineid"]]["name"] if volume.get("virtualmachineid") else None,
+            "device": volume.get("deviceid"),
+            "snapshots": sorted(s["name"] for s in sim.snapshots.values() if s["volumeid"] == volume_id),
+            "device_link": sim.device_path(volume_id).exists()}
+
+
+def test_a_cloudstack_test_failover_boots_the_replica_volumes_and_ending_it_reverts_them(
+        celery_worker_process, cloud, tmp_path, settings):
+    from tests.helpers import sha256
+
+    sim, vm, volume, capacity = replicated_on_cloud(cloud, tmp_path, settings, "vm-cloud-test")
+    before = sha256(sim.volume_file(volume.cloud_volume_id))
+
+    report = failover_json("failover", vm.name, "--test")
+
+    assert report["status"] == "succeeded" and report["boot_verified"], report
+    assert [s["name"] for s in report["steps"]] == ["preflight", "protect volumes", "define VM", "start VM",
+                                                    "verify boot"]
+    assert report["console_match"] == "CloudStack shows no console: running for 1 s"
+    test_vm = next(v for v in sim.vms.values() if v["name"] == report["destination_vm"])
+    assert test_vm["state"] == "Running"
+    # The replica volume itself is the test VM's root disk; the template's root is gone.
+    assert cloud_state(sim, volume.cloud_volume_id) == {
+        "vm": report["destination_vm"], "device": 0, "snapshots": [f"{report['destination_vm']}-{report['id']}-00"],
+        "device_link": False}
+    assert [v["name"] for v in sim.attached_to(test_vm["id"])] == [sim.volumes[volume.cloud_volume_id]["name"]]
+    assert not any(v["name"].startswith("ROOT-") for v in sim.volumes.values())
+
+    # The guest writes its disk; ending the test reverts the volume to the snapshot.
+    with open(sim.volume_file(volume.cloud_volume_id), "r+b") as disk:
+        disk.write(b"written by the test VM" * 1000)
+    call_command("failover_end", vm.name, stdout=StringIO())
+
+    assert report["destination_vm"] not in [v["name"] for v in sim.vms.values()]
+    assert cloud_state(sim, volume.cloud_volume_id) == {"vm": "oma-appliance", "device": 1, "snapshots": [],
+                                                        "device_link": True}
+    assert sha256(sim.volume_file(volume.cloud_volume_id)) == before
+    from replication.cloudstack.drift import drift
+
+    assert drift() == {"unknown": [], "gone": [], "elsewhere": [], "in_step": 1}
+
+
+def test_a_cloudstack_live_failover_then_rollback(celery_worker_process, cloud, tmp_path, settings):
+    from tests.helpers import sha256
+
+    sim, vm, volume, capacity = replicated_on_cloud(cloud, tmp_path, settings, "vm-cloud-live")
+    source = vm.disks.get().locator
+    with open(source, "r+b") as disk:  # written after the last cycle: only the final one brings it
+        disk.seek(2 * MiB)
+        disk.write(b"after the last cycle" * 100)
+
+    report = failover_json("failover", vm.name, "--live")
+
+    assert report["status"] == "succeeded" and report["state"] == "failed_over_live", report
+    assert report["downtime_s"] > 0
+    assert sha256_of_first(sim.volume_file(volume.cloud_volume_id), capacity) == sha256_of_first(source, capacity)
+    rollback_point = sha256(sim.volume_file(volume.cloud_volume_id))
+    assert cloud_state(sim, volume.cloud_volume_id)["vm"] == report["destination_vm"]
+    with open(sim.volume_file(volume.cloud_volume_id), "r+b") as disk:
+        disk.write(b"written in production on the cloud" * 100)
+
+    rollback = failover_json("rollback", vm.name)
+
+    assert rollback["status"] == "succeeded", rollback
+    assert report["destination_vm"] not in [v["name"] for v in sim.vms.values()]
+    assert cloud_state(sim, volume.cloud_volume_id) == {"vm": "oma-appliance", "device": 1, "snapshots": [],
+                                                        "device_link": True}
+    assert sha256(sim.volume_file(volume.cloud_volume_id)) == rollback_point
+    again = wait_for_job(start_replication(vm).id, timeout=120)
+    assert again.status == JobStatus.COMPLETED, again.error_message
+
+
+def test_a_cloudstack_failover_that_cannot_deploy_gives_the_volumes_back_to_the_oma(
+        celery_worker_process, cloud, tmp_path, settings):
+    sim, vm, volume, capacity = replicated_on_cloud(cloud, tmp_path, settings, "vm-cloud-nocap")
+    sim.fail_jobs["deployVirtualMachine"] = (533, "Unable to create a deployment for VM: insufficient capacity")
+
+    report = failover_json("failover", vm.name, "--test")
+
+    assert report["status"] == "failed"
+    assert report["error"] == ("CloudStack deployVirtualMachine: 533 insufficient capacity: Unable to create a "
+                               "deployment for VM: insufficient capacity")
+    assert [(s["name"], s["status"]) for s in report["steps"]] == [
+        ("preflight", "done"), ("protect volumes", "done"), ("define VM", "failed"), ("destroy VM", "done"),
+        ("discard protections", "done")]
+    assert cloud_state(sim, volume.cloud_volume_id) == {"vm": "oma-appliance", "device": 1, "snapshots": [],
+                                                        "device_link": True}
+    assert report["state"] == "ready_for_failover"

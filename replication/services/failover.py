@@ -47,7 +47,7 @@ from replication.choices import (
     SyncType,
     VMState,
 )
-from replication.destinations import get_destination
+from replication.destinations import destination_for
 from replication.destinations.base import DestinationError, GuestNotConverted
 from replication.lifecycle import FailoverJob, FailoverStep, IllegalMove, VMContext
 from replication.models import ReplicationJob, VirtualMachine
@@ -188,7 +188,7 @@ def run_failover(job_id: int) -> None:
         log.warning("failover %s not run: it is %s", job_id, job.status)
         return
     try:
-        destination = get_destination()
+        destination = destination_for(job.vm)
         if job.kind == FailoverKind.ROLLBACK:
             _run_rollback(job, destination)
             return
@@ -208,10 +208,9 @@ def _boot(job: FailoverJob, destination, volumes: list[tuple[str, str]]) -> None
     """Protect, define, start, verify; then the failover has succeeded."""
     keys = [key for _, key in volumes]
     shape = shape_of(job.replication_job, keys)
-    if job.kind == FailoverKind.LIVE:
-        network = production_network(shape, destination)
-    else:
-        network = settings.FAILOVER_TEST_NETWORK or None
+    # A test VM joins the destination's own test network (libvirt:
+    # FAILOVER_TEST_NETWORK; CloudStack: the config's network); a live one the mapped ones.
+    network = production_network(shape, destination) if job.kind == FailoverKind.LIVE else None
     with _step(job, "protect volumes") as step:
         job.protection = destination.protect([v for v, _ in volumes], f"{job.destination_vm}-{job.pk}")
         job.save(update_fields=["protection"])
@@ -247,6 +246,8 @@ def _boot(job: FailoverJob, destination, volumes: list[tuple[str, str]]) -> None
 def _verify_boot(job: FailoverJob, destination) -> str:
     """The console line that proves the boot: the VM's boot check regex, or
     (none set) any line at all, within its timeout."""
+    if not getattr(destination, "has_console", True):
+        return destination.wait_running(job.destination_vm)
     context = VMContext.of(job.vm)
     pattern = re.compile(context.boot_check_regex) if context.boot_check_regex else None
     deadline = time.monotonic() + context.boot_check_timeout_s
@@ -360,7 +361,7 @@ def continue_failover(job_id: int) -> None:
     FailoverJob.objects.filter(pk=job.pk).update(replication_job=cycle)
     job.refresh_from_db()
     try:
-        destination = get_destination()
+        destination = destination_for(job.vm)
         with _step(job, "preflight after the final cycle") as step:
             volumes = preflight(job, destination)
             step.detail = f"{len(volumes)} volume(s) of {cycle.id}"
@@ -414,7 +415,7 @@ def abandon(job_id: int, reason: str) -> None:
     cleanup_error = ""
     if job.kind != FailoverKind.ROLLBACK and job.steps.filter(name__in=MAKING_STEPS).exists():
         try:
-            destination = get_destination()
+            destination = destination_for(job.vm)
             with contextlib.suppress(Exception):
                 tail = "\n".join(destination.console_text(job.destination_vm).splitlines()[-CONSOLE_TAIL_LINES:])
             _undo(job, destination)
@@ -453,7 +454,7 @@ def end_test_failover(vm: VirtualMachine, actor: str = "operator") -> FailoverJo
     if job.status != FailoverStatus.SUCCEEDED:
         raise FailoverError(f"the test failover of {vm.name} is {job.status}; wait until it has booted or failed")
     try:
-        _undo(job, get_destination())
+        _undo(job, destination_for(vm))
     except DestinationError as exc:
         VMContext.of(vm).move(VMState.CLEANUP_REQUIRED, actor=actor, reason=f"ending test failover: {exc}")
         raise FailoverError(f"ending the test failover failed: {exc}") from None

@@ -26,10 +26,12 @@ def volumes_of(cycle: ReplicationJob | None) -> list[tuple[str, str]]:
         raise FailoverError("the replication cycle to fail over to is gone or not completed")
     volumes = []
     for disk in cycle.disks.select_related("target_volume").order_by("disk_key"):
-        path = disk.target_volume.path
-        if not path or not Path(path).exists():
-            raise FailoverError(f"{disk.disk_key}: replica volume {path or '(none)'} is missing")
-        volumes.append((path, disk.disk_key))
+        volume = disk.target_volume
+        if not volume.path or not Path(volume.path).exists():
+            where = " (not attached to the OMA?)" if volume.cloud_volume_id else ""
+            raise FailoverError(f"{disk.disk_key}: replica volume {volume.path or '(none)'} is missing{where}")
+        # What the destination knows the replica by: CloudStack its volume id, libvirt its file.
+        volumes.append((volume.cloud_volume_id or volume.path, disk.disk_key))
     return volumes
 
 
@@ -74,6 +76,13 @@ def space_for_overlays() -> str:
     return f"{free / 2**30:.1f} GiB free in {run_dir}"
 
 
+def destination_ready(destination) -> str:
+    """What the destination needs besides the volumes (CloudStack: its template
+    and offerings present); DestinationError says what is missing."""
+    check_ready = getattr(destination, "check_ready", None)
+    return check_ready() if check_ready else f"{destination.name} answers"
+
+
 def name_free(destination, name: str) -> str:
     if (state := destination.state(name)) != "absent":
         raise FailoverError(f"the destination already has a VM named {name} ({state})")
@@ -102,6 +111,7 @@ def preflight(job: FailoverJob, destination) -> list[tuple[str, str]]:
     network for every NIC. Raises FailoverError with the first reason."""
     volumes = volumes_of(job.replication_job)
     space_for_overlays()
+    destination_ready(destination)
     name_free(destination, job.destination_vm)
     if job.kind == FailoverKind.LIVE:
         if (active := job.vm.active_job()) is not None:
@@ -115,7 +125,7 @@ def preflight(job: FailoverJob, destination) -> list[tuple[str, str]]:
 def report(vm: VirtualMachine, destination_name: str) -> list[dict]:
     """Every check of a live failover of the VM, as it would run now:
     [{"check", "ok", "detail"}] (the confirmation page shows them)."""
-    from replication.destinations import get_destination
+    from replication.destinations import destination_for
 
     checks: list[dict] = []
 
@@ -139,7 +149,8 @@ def report(vm: VirtualMachine, destination_name: str) -> list[dict]:
     check("space for the overlays", space_for_overlays)
     destination = None
     try:
-        destination = get_destination()
+        destination = destination_for(vm)
+        check("destination", lambda: destination_ready(destination))
         check("destination VM name", lambda: name_free(destination, destination_name))
     except DestinationError as exc:
         checks.append({"check": "destination", "ok": False, "detail": str(exc)})
