@@ -210,6 +210,9 @@ class TargetVolume(models.Model):
                                              help_text="CloudStack: the source's size, before rounding up to "
                                                        "what the disk offering allows (size_bytes)")
     created_at = models.DateTimeField(auto_now_add=True)
+    retired_at = models.DateTimeField(null=True, blank=True,
+                                      help_text="Deleted from its provider (the VM's replicas were removed); kept "
+                                                "as the history of the jobs that wrote it")
 
     class Meta:
         db_table = "ossea_volumes"

@@ -252,12 +252,14 @@ def replicated_on_cloud(cloud, tmp_path, settings, name):
 
 
 def cloud_state(sim, volume_id: str) -> dict:
-    """The volume as CloudStack sees it: who has it, at which device, its snapshots."""
-    volume = sim.volumes[volume_id]
-    return {"vm": sim.vms[volume["virtualmachineid"]]["name"] if volume.get("virtualmachineid") else None,
-            "device": volume.get("deviceid"),
-            "snapshots": sorted(s["name"] for s in sim.snapshots.values() if s["volumeid"] == volume_id),
-            "device_link": sim.device_path(volume_id).exists()}
+    """The volume as CloudStack's API shows it (listVolumes, listSnapshots):
+    which VM has it, at which device, its snapshots; and whether the OMA sees
+    it as a device."""
+    client = CloudClient(CloudStackConfig.active())
+    volume = client.one("listVolumes", "volume", id=volume_id)
+    snapshots = client.call("listSnapshots", volumeid=volume_id).get("snapshot") or []
+    return {"vm": volume.get("vmname"), "device": volume.get("deviceid"),
+            "snapshots": sorted(s["name"] for s in snapshots), "device_link": sim.device_path(volume_id).exists()}
 
 
 def test_a_cloudstack_test_failover_boots_the_replica_volumes_and_ending_it_reverts_them(
@@ -273,21 +275,24 @@ def test_a_cloudstack_test_failover_boots_the_replica_volumes_and_ending_it_reve
     assert [s["name"] for s in report["steps"]] == ["preflight", "protect volumes", "define VM", "start VM",
                                                     "verify boot"]
     assert report["console_match"] == "CloudStack shows no console: running for 1 s"
-    test_vm = next(v for v in sim.vms.values() if v["name"] == report["destination_vm"])
+    client = CloudClient(CloudStackConfig.active())
+    test_vm = client.one("listVirtualMachines", "virtualmachine", name=report["destination_vm"])
     assert test_vm["state"] == "Running"
     # The replica volume itself is the test VM's root disk; the template's root is gone.
     assert cloud_state(sim, volume.cloud_volume_id) == {
         "vm": report["destination_vm"], "device": 0, "snapshots": [f"{report['destination_vm']}-{report['id']}-00"],
         "device_link": False}
-    assert [v["name"] for v in sim.attached_to(test_vm["id"])] == [sim.volumes[volume.cloud_volume_id]["name"]]
-    assert not any(v["name"].startswith("ROOT-") for v in sim.volumes.values())
+    assert [v["id"] for v in client.call("listVolumes", virtualmachineid=test_vm["id"])["volume"]] == [
+        volume.cloud_volume_id]
+    assert not any(v["name"].startswith("ROOT-") for v in client.call("listVolumes", listall=True)["volume"])
 
     # The guest writes its disk; ending the test reverts the volume to the snapshot.
     with open(sim.volume_file(volume.cloud_volume_id), "r+b") as disk:
         disk.write(b"written by the test VM" * 1000)
     call_command("failover_end", vm.name, stdout=StringIO())
 
-    assert report["destination_vm"] not in [v["name"] for v in sim.vms.values()]
+    client = CloudClient(CloudStackConfig.active())
+    assert client.one("listVirtualMachines", "virtualmachine", name=report["destination_vm"]) is None
     assert cloud_state(sim, volume.cloud_volume_id) == {"vm": "oma-appliance", "device": 1, "snapshots": [],
                                                         "device_link": True}
     assert sha256(sim.volume_file(volume.cloud_volume_id)) == before
@@ -342,3 +347,32 @@ def test_a_cloudstack_failover_that_cannot_deploy_gives_the_volumes_back_to_the_
     assert cloud_state(sim, volume.cloud_volume_id) == {"vm": "oma-appliance", "device": 1, "snapshots": [],
                                                         "device_link": True}
     assert report["state"] == "ready_for_failover"
+
+
+def test_removing_a_vms_replicas_deletes_its_cloud_volumes_and_the_next_cycle_is_full(
+        celery_worker_process, cloud, tmp_path, settings, monkeypatch):
+    from replication.lifecycle import VMContext
+    from replication.models import SourceDisk, TargetVolume
+
+    sim, vm, volume, capacity = replicated_on_cloud(cloud, tmp_path, settings, "vm-unprotect")
+    out = StringIO()
+    call_command("remove_replicas", vm.name, "--yes", stdout=out)
+
+    assert f"CloudStack volume {volume.cloud_volume_id} detached and deleted" in out.getvalue()
+    assert volume.cloud_volume_id not in sim.volumes and not sim.device_path(volume.cloud_volume_id).exists()
+    retired = TargetVolume.objects.get(pk=volume.pk)
+    assert retired.retired_at is not None and retired.source_disk is None and retired.path == ""
+    assert list(SourceDisk.objects.filter(vm=vm).values_list("change_id", flat=True)) == [""]
+    assert VMContext.of(vm).state == "discovered"
+
+    job = wait_for_job(start_replication(vm).id, timeout=120)
+    assert job.status == JobStatus.COMPLETED, job.error_message
+    fresh = job.disks.get().target_volume
+    assert fresh.pk != volume.pk and fresh.cloud_volume_id in sim.volumes
+    assert sha256_of_first(fresh.path, capacity) == sha256_of_first(vm.disks.get().locator, capacity)
+
+    monkeypatch.setattr("replication.services.jobs.enqueue_prepare", lambda *args: None)
+    running = start_replication(vm)
+    with pytest.raises(CommandError, match=f"has a replication cycle running \\({running.id}\\)"):
+        call_command("remove_replicas", vm.name, "--yes", stdout=StringIO())
+    assert fresh.cloud_volume_id in sim.volumes

@@ -23,7 +23,7 @@ def drift(config: CloudStackConfig | None = None) -> dict:
     config = config or CloudStackConfig.active()
     cloud = {v["id"]: v for v in CloudClient(config).call("listVolumes", listall=True).get("volume", [])}
     records = {v.cloud_volume_id: v for v in TargetVolume.objects.exclude(cloud_volume_id="")
-               .select_related("source_disk__vm")}
+               .filter(retired_at__isnull=True).select_related("source_disk__vm")}
     # A VM under failover has its volumes on the destination VM, not on the OMA: expected there.
     failing_over = set(FailoverJob.objects.filter(status__in=["pending", "running", "succeeded"])
                        .exclude(kind="rollback").values_list("vm_id", flat=True))

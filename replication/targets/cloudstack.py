@@ -97,5 +97,24 @@ class CloudStackVolumeProvider:
         os.symlink(device, partial)
         os.replace(partial, link)
 
+    def delete(self, volume) -> str:
+        """Detach the volume from the OMA and delete it in CloudStack; refused
+        while another VM (a failed-over one) has it."""
+        client = self.client()
+        self.exports.delete(volume)
+        if not volume.cloud_volume_id:
+            return f"{volume.export_name} had no CloudStack volume"
+        cloud = client.one("listVolumes", "volume", id=volume.cloud_volume_id)
+        if cloud is None:
+            return f"CloudStack volume {volume.cloud_volume_id} was already gone"
+        attached_to = cloud.get("virtualmachineid")
+        if attached_to and attached_to != self.config.oma_vm_id:
+            raise CloudError(f"CloudStack volume {cloud['id']} is attached to VM {cloud.get('vmname', attached_to)}; "
+                             "refusing to delete it")
+        if attached_to:
+            client.call("detachVolume", id=cloud["id"])
+        client.call("deleteVolume", id=cloud["id"])
+        return f"CloudStack volume {cloud['id']} detached and deleted"
+
     def export_uri(self, export_name: str) -> str:
         return self.exports.export_uri(export_name)

@@ -78,6 +78,11 @@ class LocalVolumeProvider:
         self.ensure_export_server()
         return path
 
+    def delete(self, volume) -> str:
+        """Remove the volume's file (or the link to its device) for good."""
+        self.volume_path(volume.export_name).unlink(missing_ok=True)
+        return f"{volume.export_name} deleted"
+
     def export_uri(self, export_name: str) -> str:
         if self.tcp:
             host = f"[{self.tcp[0]}]" if ":" in self.tcp[0] else self.tcp[0]
