@@ -141,19 +141,26 @@ def vm_replicate(request, vm_id):
     return redirect("job-detail", job_id=job.id)
 
 
+def _start(request, vm, start, started: str):
+    """Start a failover or rollback of the VM: its page on success (the steps
+    live), the VM list with the reason otherwise. `started` is the message,
+    formatted with the job and the VM."""
+    try:
+        job = start(vm, actor=request.user.get_username())
+    except failover_service.FailoverError as exc:
+        messages.error(request, str(exc))
+        return redirect("vm-list")
+    messages.info(request, started.format(job=job, vm=vm))
+    return redirect("failover-detail", failover_id=job.pk)
+
+
 @login_required
 @require_POST
 def vm_failover_test(request, vm_id):
-    vm = get_object_or_404(VirtualMachine, pk=vm_id)
-    try:
-        job = failover_service.start_failover(vm, FailoverKind.TEST, actor=request.user.get_username())
-    except failover_service.FailoverError as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.info(request, f"Test failover {job.pk} of {vm.name} started: it boots {job.destination_vm} "
-                               f"from the replica of {job.replication_job_id}; cycles pause until it ends.")
-        return redirect("failover-detail", failover_id=job.pk)
-    return redirect("vm-list")
+    return _start(request, get_object_or_404(VirtualMachine, pk=vm_id),
+                  lambda vm, actor: failover_service.start_failover(vm, FailoverKind.TEST, actor=actor),
+                  "Test failover {job.pk} of {vm.name} started: it boots {job.destination_vm} from the replica of "
+                  "{job.replication_job_id}; cycles pause until it ends.")
 
 
 @login_required
@@ -203,30 +210,17 @@ def vm_failover_live(request, vm_id):
         return _page(request, "replication/failover_live.html",
                      {"vm": vm, "checks": checks, "ready": all(c["ok"] for c in checks),
                       "forecast": forecast.downtime(vm)})
-    try:
-        job = failover_service.start_failover(vm, FailoverKind.LIVE, actor=request.user.get_username())
-    except failover_service.FailoverError as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.info(request, f"Live failover {job.pk} of {vm.name} started: the source shuts down, a final "
-                               f"cycle runs, then {job.destination_vm} boots.")
-        return redirect("failover-detail", failover_id=job.pk)
-    return redirect("vm-list")
+    return _start(request, vm, lambda vm, actor: failover_service.start_failover(vm, FailoverKind.LIVE, actor=actor),
+                  "Live failover {job.pk} of {vm.name} started: the source shuts down, a final cycle runs, then "
+                  "{job.destination_vm} boots.")
 
 
 @login_required
 @require_POST
 def vm_rollback(request, vm_id):
-    vm = get_object_or_404(VirtualMachine, pk=vm_id)
-    try:
-        job = failover_service.start_rollback(vm, actor=request.user.get_username())
-    except failover_service.FailoverError as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.info(request, f"Rollback {job.pk} of {vm.name} started: {job.destination_vm} is destroyed, the "
-                               "volumes go back to the rollback point and the source powers on.")
-        return redirect("failover-detail", failover_id=job.pk)
-    return redirect("vm-list")
+    return _start(request, get_object_or_404(VirtualMachine, pk=vm_id), failover_service.start_rollback,
+                  "Rollback {job.pk} of {vm.name} started: {job.destination_vm} is destroyed, the volumes go back "
+                  "to the rollback point and the source powers on.")
 
 
 @login_required

@@ -5,11 +5,9 @@ answers by queueing an OMA task with the outcome. Free of Django."""
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
+from vma_agent.secrets import SecretError, read_secret
 from vma_agent.vmware import VCenterConnection
 
 # The OMA tasks an agent queues with its outcomes (on the OMA's queue).
@@ -47,19 +45,10 @@ class VCenterRef:
     password_env: str = ""
 
     def password(self) -> str:
-        if self.password_file:
-            try:
-                return Path(self.password_file).read_text().rstrip("\r\n")
-            except OSError as exc:
-                raise OrderError(f"cannot read the password of vCenter {self.name} from {self.password_file} "
-                                 f"on {socket.gethostname()}: {exc.strerror}") from None
-        if self.password_env:
-            value = os.environ.get(self.password_env)
-            if value is None:
-                raise OrderError(f"the password of vCenter {self.name} is expected in the environment variable "
-                                 f"{self.password_env}, which is not set on {socket.gethostname()}")
-            return value
-        raise OrderError(f"vCenter {self.name} has neither a password file nor a password variable")
+        try:
+            return read_secret(f"the password of vCenter {self.name}", self.password_file, self.password_env)
+        except SecretError as exc:
+            raise OrderError(str(exc)) from None
 
     def connection(self) -> VCenterConnection:
         return VCenterConnection(host=self.host, port=self.port, username=self.username,

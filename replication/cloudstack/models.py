@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import socket
-from pathlib import Path
-
 from django.db import models
+
+from vma_agent.secrets import SecretError, read_secret
 
 
 class CloudError(Exception):
@@ -41,19 +39,10 @@ class CloudStackConfig(models.Model):
         return self.name
 
     def secret(self) -> str:
-        if self.secret_file:
-            try:
-                return Path(self.secret_file).read_text().strip()
-            except OSError as exc:
-                raise CloudError(f"cannot read the secret key of cloud {self.name} from {self.secret_file} on "
-                                 f"{socket.gethostname()}: {exc.strerror}") from None
-        if self.secret_env:
-            value = os.environ.get(self.secret_env)
-            if value is None:
-                raise CloudError(f"the secret key of cloud {self.name} is expected in the environment variable "
-                                 f"{self.secret_env}, which is not set on {socket.gethostname()}")
-            return value
-        raise CloudError(f"cloud {self.name} has neither a secret key file nor a secret key variable")
+        try:
+            return read_secret(f"the secret key of cloud {self.name}", self.secret_file, self.secret_env).strip()
+        except SecretError as exc:
+            raise CloudError(str(exc)) from None
 
     @classmethod
     def active(cls) -> CloudStackConfig:
