@@ -232,6 +232,7 @@ class CloudStackSimulator(SnapshotCommands, VMCommands):
         self.fail_jobs: dict[str, tuple[int, str]] = {}
         self.hang_jobs: set[str] = set()
         self.zone_capacity_bytes: int | None = None
+        self.zone_memory_bytes = 64 * GiB  # listCapacity type 0
         self.zone = {"id": str(uuid.uuid4()), "name": "zone1", "allocationstate": "Enabled",
                      "networktype": "Advanced"}
         self.disk_offering = {"id": str(uuid.uuid4()), "name": "custom", "iscustomized": True, "disksize": 0,
@@ -407,6 +408,17 @@ class CloudStackSimulator(SnapshotCommands, VMCommands):
         if "name" in params:
             rows = [v for v in rows if v["name"] == params["name"]]
         return self._listing("virtualmachine", [dict(v) for v in rows])
+
+    def _cmd_listCapacity(self, params):
+        """Memory (type 0) of the zone: what the running VMs' offerings take."""
+        used = sum(self.service_offering["memory"] * 2**20 for v in self.vms.values()
+                   if v["state"] in ("Running", "Starting") and v["id"] != self.oma_vm["id"])
+        rows = [{"type": 0, "name": "MEMORY", "zoneid": self.zone["id"], "zonename": self.zone["name"],
+                 "capacitytotal": self.zone_memory_bytes, "capacityused": used,
+                 "percentused": f"{100 * used / self.zone_memory_bytes:.2f}"}]
+        if params.get("type") not in (None, "0"):
+            rows = []
+        return self._listing("capacity", rows)
 
     def _cmd_listVolumes(self, params):
         rows = self._by_id(list(self.volumes.values()), params)

@@ -376,3 +376,16 @@ def test_removing_a_vms_replicas_deletes_its_cloud_volumes_and_the_next_cycle_is
     with pytest.raises(CommandError, match=f"has a replication cycle running \\({running.id}\\)"):
         call_command("remove_replicas", vm.name, "--yes", stdout=StringIO())
     assert fresh.cloud_volume_id in sim.volumes
+
+
+def test_a_live_failover_into_a_zone_without_the_memory_is_refused_before_the_source_is_touched(
+        celery_worker_process, cloud, tmp_path, settings):
+    sim, vm, volume, capacity = replicated_on_cloud(cloud, tmp_path, settings, "vm-cloud-nomem")
+    sim.zone_memory_bytes = 256 * MiB
+
+    report = failover_json("failover", vm.name, "--live")
+
+    assert report["status"] == "failed"
+    assert report["error"] == "the destination has 256 MiB of memory free; the VM needs 512 MiB"
+    assert [s["name"] for s in report["steps"]] == ["preflight"]  # no shutdown, no final cycle
+    assert cloud_state(sim, volume.cloud_volume_id)["vm"] == "oma-appliance"

@@ -174,7 +174,11 @@ class CloudStackDestination(Destination):
         return f"CloudStack shows no console: running for {self.settle_s:.0f} s"
 
     def free_memory_mib(self) -> int | None:
-        return None  # listCapacity would tell the zone's; not asked yet
+        """The zone's memory not yet allocated (listCapacity, type 0)."""
+        rows = self._call("listCapacity", zoneid=self.config.zone_id, type=0).get("capacity") or []
+        if not rows:
+            return None
+        return max(int(rows[0]["capacitytotal"]) - int(rows[0]["capacityused"]), 0) // 2**20
 
     def check_ready(self) -> str:
         """What a CloudStack VM is made from: a template and a service
