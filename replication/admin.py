@@ -3,6 +3,7 @@ from django.contrib import admin, messages
 from django.template.loader import render_to_string
 from django.utils.html import format_html
 
+from replication.choices import SourceKind
 from replication.cloudstack.models import CloudStackConfig
 from replication.lifecycle import FailoverJob, FailoverStep, NetworkMapping, VMContext, VMStateChange
 from replication.models import (
@@ -20,9 +21,51 @@ from replication.services import vmware as vmware_service
 from vma_agent.vmware import VSphereError
 
 
+class SourceDiskForm(forms.ModelForm):
+    """A disk enters the inventory only as add_vm takes it: an absolute path
+    (or NBD URI) that is readable and raw, its capacity read from the source
+    itself, never typed."""
+
+    class Meta:
+        model = SourceDisk
+        fields = ["locator"]
+
+    def clean_locator(self):
+        from replication.services.inventory import InventoryError, probe_capacity
+
+        locator = self.cleaned_data["locator"].strip()
+        try:
+            self.instance.capacity_bytes = probe_capacity(locator)
+        except InventoryError as exc:
+            raise forms.ValidationError(str(exc)) from None
+        return locator
+
+
 class SourceDiskInline(admin.TabularInline):
+    """What the system owns about a disk (its key, capacity, committed
+    changeId, vSphere identity) is read here, never typed: a wrong changeId
+    would make the next incremental copy the wrong areas without an error.
+    An image VM's disk locator may be set, through add_vm's checks; a VMware
+    VM's disks come from discovery only."""
+
     model = SourceDisk
+    form = SourceDiskForm
     extra = 0
+    fields = ["disk_key", "locator", "capacity_bytes", "change_id", "device_key", "unit_number", "backing_file",
+              "disk_mode", "is_rdm"]
+    readonly_fields = ["disk_key", "capacity_bytes", "change_id", "device_key", "unit_number", "backing_file",
+                       "disk_mode", "is_rdm"]
+
+    def get_readonly_fields(self, request, obj=None):
+        if obj is not None and obj.source_kind == SourceKind.VMWARE:
+            return [*self.readonly_fields, "locator"]
+        return self.readonly_fields
+
+    def has_add_permission(self, request, obj=None):
+        return obj is None or obj.source_kind != SourceKind.VMWARE
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # a disk with replicas and job history leaves only with its VM
 
 
 @admin.register(VCenter)
@@ -63,6 +106,24 @@ class VirtualMachineAdmin(admin.ModelAdmin):
     list_filter = ["source_kind", "vcenter"]
     search_fields = ["name", "moref", "vm_uuid"]
     inlines = [SourceDiskInline]
+
+    def save_formset(self, request, form, formset, change):
+        """New disks get the next free key (disk-2000, disk-2001, ...), as add_vm gives them."""
+        from replication.services.inventory import FIRST_DISK_KEY
+
+        disks = formset.save(commit=False)
+        vm = form.instance
+        taken = set(vm.disks.values_list("disk_key", flat=True))
+        number = FIRST_DISK_KEY
+        for disk in disks:
+            if not disk.disk_key:
+                while f"disk-{number}" in taken:
+                    number += 1
+                disk.disk_key = f"disk-{number}"
+                taken.add(disk.disk_key)
+            disk.vm = vm
+            disk.save()
+        formset.save_m2m()
 
 
 class VMDiskInline(admin.TabularInline):

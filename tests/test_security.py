@@ -92,3 +92,19 @@ def test_export_server_on_tcp_for_remote_agents_requires_tls_beyond_loopback(tmp
         assert provider.ensure_export_server() == provider.ensure_export_server()  # found running, not restarted
     finally:
         provider.stop_export_server()
+
+
+def test_an_export_server_serving_another_volume_directory_is_restarted(tmp_path, sockdir):
+    """The export server is found through the run directory; started for one
+    OMA_VOLUME_DIR and reused after it changed, every copy would fail with
+    "no export named ...". The worker sees what it serves and restarts it."""
+    first = LocalVolumeProvider(tmp_path / "volumes-a", sockdir)
+    second = LocalVolumeProvider(tmp_path / "volumes-b", sockdir)
+    try:
+        pid = first.ensure_export_server()
+        assert first.ensure_export_server() == pid  # the same directory: reused
+        second.create_volume("migration-vol-b", MiB)
+        assert second.ensure_export_server() != pid
+        assert export_size(second.export_uri("migration-vol-b")) == MiB
+    finally:
+        second.stop_export_server()

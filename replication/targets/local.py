@@ -6,10 +6,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import ipaddress
+import json
+import logging
 import os
 from pathlib import Path
 
 from vma_agent import nbdkit
+
+log = logging.getLogger(__name__)
 
 
 class VolumeError(RuntimeError):
@@ -101,18 +105,33 @@ class LocalVolumeProvider:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.volume_dir.mkdir(parents=True, exist_ok=True)
         with self._lock():
-            pid = nbdkit.daemon_pid(self.pidfile)
-            if pid is not None and nbdkit.accepts(self.socket_path, self.tcp):
-                return pid
-            if pid is not None:
-                nbdkit.stop_daemon(self.pidfile)
             tls = ["--tls=require", f"--tls-psk={self.tls_psk_file}"] if self.tls_psk_file else []
             filters = [arg for arg in self.extra_args if arg.startswith("--filter=")]
             params = [arg for arg in self.extra_args if not arg.startswith("--filter=")]
-            return nbdkit.start_daemon(
-                [*tls, *filters, "file", f"dir={self.volume_dir}", *params], self.socket_path, self.pidfile,
-                self.run_dir / "targets.log", tcp=self.tcp,
-            )
+            args = [*tls, *filters, "file", f"dir={self.volume_dir.absolute()}", *params]
+            wanted = json.dumps({"args": args, "tcp": list(self.tcp) if self.tcp else None})
+            pid = nbdkit.daemon_pid(self.pidfile)
+            if pid is not None and nbdkit.accepts(self.socket_path, self.tcp):
+                # A server started for another volume directory (or other
+                # arguments) would answer "no export named ..." for every copy.
+                if self._served() == wanted:
+                    return pid
+                log.warning("export server %s serves %s, not %s: restarting it", pid, self._served(), wanted)
+            if pid is not None:
+                nbdkit.stop_daemon(self.pidfile)
+            pid = nbdkit.start_daemon(args, self.socket_path, self.pidfile, self.run_dir / "targets.log", tcp=self.tcp)
+            self.served_path.write_text(wanted)
+            return pid
+
+    @property
+    def served_path(self) -> Path:
+        return self.run_dir / "targets.served"
+
+    def _served(self) -> str:
+        try:
+            return self.served_path.read_text()
+        except OSError:
+            return "(unknown)"
 
     def stop_export_server(self) -> None:
         with self._lock():
