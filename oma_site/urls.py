@@ -11,3 +11,5 @@ if settings.OMA_UI_ENABLED:
         path("admin/", admin.site.urls),
         path("", include("replication.urls")),
     ]
+
+handler404 = "replication.api.not_found"

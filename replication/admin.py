@@ -5,7 +5,7 @@ from django.utils.html import format_html
 
 from replication.choices import SourceKind
 from replication.cloudstack.models import CloudStackConfig
-from replication.lifecycle import FailoverJob, FailoverStep, NetworkMapping, VMContext, VMStateChange
+from replication.lifecycle import ApiToken, FailoverJob, FailoverStep, NetworkMapping, VMContext, VMStateChange
 from replication.models import (
     ChangeIdRecord,
     DeviceMapping,
@@ -292,3 +292,15 @@ class CloudStackConfigAdmin(admin.ModelAdmin):
 
     form = CloudStackConfigForm
     list_display = ["name", "api_url", "zone_id", "oma_vm_id", "is_active", "created_at"]
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    """Tokens are made by manage.py api_token (shown once); here they are
+    listed and revoked (deleted). Only their SHA-256 is stored."""
+
+    list_display = ["name", "user", "created_at", "last_used_at"]
+    readonly_fields = ["name", "user", "key_sha256", "created_at", "last_used_at"]
+
+    def has_add_permission(self, request):
+        return False

@@ -1,10 +1,13 @@
 """JSON endpoints behind the pages, for scripts: /api/jobs/, /api/jobs/{id}/,
 /api/failovers/ and /api/failovers/{id}/."""
 
-from django.http import Http404, JsonResponse
+from functools import wraps
+
+from django.http import JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 
 from replication.choices import JOB_ACTIVE, JobStatus
-from replication.lifecycle import FailoverJob
+from replication.lifecycle import ApiToken, FailoverJob
 from replication.models import ReplicationJob, VMDisk
 from replication.services.failover import failover_report
 from replication.views import jobs_with_disks
@@ -12,13 +15,45 @@ from replication.views import jobs_with_disks
 API_LIMIT = 200
 
 
-def _login_required_json(view):
+def api_view(view):
+    """A JSON API view: GET only (any other method a JSON 405 with Allow), for
+    a logged-in user (the pages' session) or a script's token
+    (Authorization: Bearer ..., manage.py api_token); else a JSON 401."""
+
+    @csrf_exempt
+    @wraps(view)
     def wrapped(request, *args, **kwargs):
-        if not request.user.is_authenticated:
-            return JsonResponse({"error": "authentication required"}, status=401)
+        if request.method not in ("GET", "HEAD"):
+            response = JsonResponse({"error": f"method {request.method} not allowed; use GET"}, status=405)
+            response["Allow"] = "GET, HEAD"
+            return response
+        header = request.headers.get("Authorization")
+        if header is not None:
+            scheme, _, key = header.partition(" ")
+            user = ApiToken.user_for(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
+            if user is None:
+                return _unauthorized("wrong or unknown API token")
+            request.user = user
+        elif not request.user.is_authenticated:
+            return _unauthorized("authentication required: log in, or send Authorization: Bearer <API token>")
         return view(request, *args, **kwargs)
 
     return wrapped
+
+
+def _unauthorized(reason: str) -> JsonResponse:
+    response = JsonResponse({"error": reason}, status=401)
+    response["WWW-Authenticate"] = 'Bearer realm="oma"'
+    return response
+
+
+def not_found(request, exception=None):
+    """404 for every path: JSON under /api/, Django's page elsewhere."""
+    if request.path.startswith("/api/"):
+        return JsonResponse({"error": f"no such resource: {request.path}"}, status=404)
+    from django.views.defaults import page_not_found
+
+    return page_not_found(request, exception)
 
 
 def disk_json(disk: VMDisk) -> dict:
@@ -46,29 +81,30 @@ def job_json(job: ReplicationJob, with_disks: bool = True) -> dict:
     return data
 
 
-@_login_required_json
+@api_view
 def jobs(request):
     queryset = jobs_with_disks().prefetch_related("disks__target_volume")
     status = request.GET.get("status")
     if status == "active":
         queryset = queryset.filter(status__in=JOB_ACTIVE)
-    elif status:
+    elif status is not None:
         if status not in JobStatus.values:
-            return JsonResponse({"error": f"unknown status {status!r}"}, status=400)
+            return JsonResponse({"error": f"unknown status {status!r}; use active or one of "
+                                          f"{', '.join(JobStatus.values)}"}, status=400)
         queryset = queryset.filter(status=status)
     return JsonResponse({"jobs": [job_json(job) for job in queryset[:API_LIMIT]]})
 
 
-@_login_required_json
+@api_view
 def job(request, job_id):
     try:
         found = jobs_with_disks().prefetch_related("disks__target_volume").get(pk=job_id)
     except ReplicationJob.DoesNotExist:
-        raise Http404 from None
+        return JsonResponse({"error": f"no job {job_id}"}, status=404)
     return JsonResponse(job_json(found))
 
 
-@_login_required_json
+@api_view
 def failovers(request):
     queryset = FailoverJob.objects.select_related("vm").prefetch_related("steps")
     if vm := request.GET.get("vm"):
@@ -76,11 +112,11 @@ def failovers(request):
     return JsonResponse({"failovers": [failover_report(job) for job in queryset[:API_LIMIT]]})
 
 
-@_login_required_json
+@api_view
 def failover(request, failover_id):
     try:
-        found = FailoverJob.objects.select_related("vm").prefetch_related("steps").get(pk=failover_id)
-    except FailoverJob.DoesNotExist:
+        found = FailoverJob.objects.select_related("vm").prefetch_related("steps").get(pk=int(failover_id))
+    except (ValueError, FailoverJob.DoesNotExist):
         return JsonResponse({"error": f"no failover {failover_id}"}, status=404)
     return JsonResponse(failover_report(found))
 
@@ -117,7 +153,13 @@ OPENAPI = {
                 "$ref": "#/components/schemas/Failover"}}}},
                           "401": {"description": "not logged in"}, "404": {"description": "no such failover"}}}},
     },
-    "components": {"schemas": {
+    # The pages' session (log in at /login/), or a token for scripts (manage.py api_token).
+    "security": [{"session": []}, {"token": []}],
+    "components": {"securitySchemes": {
+        "session": {"type": "apiKey", "in": "cookie", "name": "sessionid",
+                    "description": "the session of a user logged in to the pages"},
+        "token": {"type": "http", "scheme": "bearer", "description": "an API token: manage.py api_token NAME --user U"},
+    }, "schemas": {
         "Failover": {"type": "object", "properties": {
             **{k: {"type": t} for k, t in [
                 ("id", "integer"), ("vm", "string"), ("status", "string"), ("state", "string"),
@@ -134,20 +176,23 @@ OPENAPI = {
                 ("forecast_downtime_s", "number", "live: the downtime forecast when it started"),
                 ("completed_at", "string", "")]},
             "steps": {"type": "array", "items": {"type": "object", "properties": {
-                "name": {"type": "string"}, "status": {"type": "string"}, "seconds": {"type": "number"},
+                "name": {"type": "string"}, "status": {"type": "string"},
+                "seconds": {"type": "number", "nullable": True, "description": "null while it runs"},
                 "detail": {"type": "string"}}}}}},
-        "Disk": {"type": "object", "properties": {k: {"type": t} for k, t in [
-            ("disk", "string"), ("status", "string"), ("stage", "string"), ("percent", "number"),
-            ("bytes_done", "integer"), ("bytes_total", "integer"), ("capacity_bytes", "integer"),
-            ("throughput_bps", "integer"), ("eta_seconds", "integer"), ("export_name", "string"),
-            ("error_message", "string")]}},
+        "Disk": {"type": "object", "properties": {
+            **{k: {"type": t} for k, t in [
+                ("disk", "string"), ("status", "string"), ("stage", "string"), ("percent", "number"),
+                ("bytes_done", "integer"), ("bytes_total", "integer"), ("capacity_bytes", "integer"),
+                ("throughput_bps", "integer"), ("export_name", "string"), ("error_message", "string")]},
+            "eta_seconds": {"type": "integer", "nullable": True, "description": "null while unknown"}}},
         "Job": {"type": "object", "properties": {
             **{k: {"type": t} for k, t in [
                 ("id", "string"), ("vm", "string"), ("sync_type", "string"), ("status", "string"),
                 ("stage", "string"), ("percent", "number"), ("bytes_transferred", "integer"),
-                ("total_bytes", "integer"), ("throughput_bps", "integer"), ("eta_seconds", "integer"),
-                ("error_message", "string"), ("created_at", "string"), ("started_at", "string"),
-                ("completed_at", "string")]},
+                ("total_bytes", "integer"), ("throughput_bps", "integer"), ("error_message", "string"),
+                ("created_at", "string")]},
+            **{k: {"type": t, "nullable": True} for k, t in [
+                ("eta_seconds", "integer"), ("started_at", "string"), ("completed_at", "string")]},
             "disks": {"type": "array", "items": {"$ref": "#/components/schemas/Disk"}}}},
     }},
 }

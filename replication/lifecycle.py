@@ -201,3 +201,42 @@ class NetworkMapping(models.Model):
     @classmethod
     def as_dict(cls) -> dict[str, str]:
         return dict(cls.objects.values_list("source_network", "destination_network"))
+
+
+class ApiToken(models.Model):
+    """A token for scripts calling the JSON API (Authorization: Bearer ...),
+    acting as its user. Only the token's SHA-256 is stored: it is shown once,
+    when made (manage.py api_token)."""
+
+    user = models.ForeignKey("auth.User", on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100)
+    key_sha256 = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "api_tokens"
+
+    def __str__(self):
+        return f"{self.name} ({self.user})"
+
+    @staticmethod
+    def digest(key: str) -> str:
+        import hashlib
+
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    @classmethod
+    def issue(cls, user, name: str) -> tuple[ApiToken, str]:
+        import secrets
+
+        key = secrets.token_urlsafe(32)
+        return cls.objects.create(user=user, name=name[:100], key_sha256=cls.digest(key)), key
+
+    @classmethod
+    def user_for(cls, key: str):
+        token = cls.objects.select_related("user").filter(key_sha256=cls.digest(key), user__is_active=True).first()
+        if token is None:
+            return None
+        cls.objects.filter(pk=token.pk).update(last_used_at=timezone.now())
+        return token.user

@@ -643,4 +643,11 @@ class ChangeIdRecord(models.Model):
 # The lifecycle, failover and cloud models live in modules of their own (their own
 # concern); imported here so Django finds them with the app's models.
 from replication.cloudstack.models import CloudStackConfig  # noqa: E402, F401
-from replication.lifecycle import FailoverJob, FailoverStep, NetworkMapping, VMContext, VMStateChange  # noqa: E402, F401
+from replication.lifecycle import (  # noqa: E402, F401
+    ApiToken,
+    FailoverJob,
+    FailoverStep,
+    NetworkMapping,
+    VMContext,
+    VMStateChange,
+)

@@ -59,7 +59,8 @@ def test_job_pages_require_login(client, job):
 
 def test_api_requires_login_with_401(client, job):
     assert client.get(reverse("api-jobs")).status_code == 401
-    assert client.get(reverse("api-job", args=[job.id])).json() == {"error": "authentication required"}
+    assert client.get(reverse("api-job", args=[job.id])).json() == {
+        "error": "authentication required: log in, or send Authorization: Bearer <API token>"}
 
 
 @pytest.mark.parametrize("name", PAGES)

@@ -1,8 +1,10 @@
 """OpenAPI 3 description of the VMA progress API, served at /api/v1/openapi.json."""
 
 from vma_agent.progress_store import (
+    EXPORT_RE,
     FEED_LIMIT,
     FEED_MAX_LIMIT,
+    ID_RE,
     MAX_BODY_BYTES,
     MAX_SEQ,
     STAGES,
@@ -34,7 +36,7 @@ _SEEDS_UPDATE_PROPERTIES = {
                                              "out: the disk's stored total stays."},
     "throughput_bps": {**_COUNT, "description": "Bytes per second"},
     "percent": {"type": "number", "minimum": 0, "maximum": 100},
-    "disk_id": {"type": "string", "maxLength": 128, "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$",
+    "disk_id": {"type": "string", "maxLength": 128, "pattern": ID_RE.pattern,
                 "description": "The disk, e.g. disk-2000 or its export name. Left out: a job-level update."},
     "sync_type": {"type": "string", "enum": list(SYNC_TYPES),
                   "description": "Left out: the record's known sync type stays."},
@@ -61,9 +63,9 @@ _UPDATE = {
                                          "one is ignored, so late or replayed updates never move progress back. "
                                          "Mixed with updates without seq, the stored seq only grows."},
         "eta_seconds": _COUNT,
-        "job_id": {"type": "string", "maxLength": 128,
+        "job_id": {"type": "string", "maxLength": 128, "pattern": ID_RE.pattern,
                    "description": "Links an update posted by export name to its job's record."},
-        "export_name": {"type": "string", "pattern": "^migration-vol-[0-9a-f-]{36}$",
+        "export_name": {"type": "string", "pattern": EXPORT_RE.pattern,
                         "description": "Makes the disk's export name resolve to the job's record."},
         "checkpoint_bytes": {**_COUNT, "description": "The copy's committed resume cursor"},
         "attempt": {**_COUNT, "minimum": 1, "description": "The copy run number"},
