@@ -203,7 +203,7 @@ def test_job_page_draws_throughput_chart_and_timeline(operator, job):
                                       throughput_bps=rate)
     html = operator.get(reverse("job-fragment", args=[job.id])).content.decode()
     assert '<svg class="chart"' in html and "<polyline" in html
-    assert "Peak 238.4\xa0MB/s" in html  # filesizeformat: MiB, with a no-break space
+    assert "Peak 238.4 MiB/s" in html  # IEC units, labelled as such
     assert "pending · Initializing" in html, "the timeline starts with the job's creation"
 
 
@@ -214,3 +214,14 @@ def test_vm_page_shows_each_vms_newest_job(operator, vm):
     html = operator.get(reverse("vm-list")).content.decode()
     assert reverse("job-detail", args=[newest.id]) in html
     assert reverse("job-detail", args=[first.id]) not in html
+
+
+def test_sizes_are_in_iec_units_labelled_as_such_on_every_surface(operator, vm):
+    from vma_agent.units import iec, iec_rate
+
+    assert [iec(0), iec(1536), iec(12 * 2**20), iec(2**30), iec(None)] == ["0 B", "1.5 KiB", "12.0 MiB",
+                                                                          "1.00 GiB", "—"]
+    assert iec_rate(250_000_000) == "238.4 MiB/s"
+    page = operator.get(reverse("vm-list")).content.decode()
+    capacity = vm.disks.first().capacity_bytes
+    assert iec(capacity) in page and " MB" not in page and " KB" not in page

@@ -1,5 +1,7 @@
 from django import template
-from django.template.defaultfilters import filesizeformat
+
+from vma_agent.units import iec as iec_size
+from vma_agent.units import iec_rate
 
 register = template.Library()
 
@@ -20,8 +22,14 @@ def duration(seconds):
 
 
 @register.filter
+def iec(nbytes):
+    """Bytes in IEC units: 12.0 MiB, 1.00 GiB (the one convention of the pages)."""
+    return iec_size(nbytes)
+
+
+@register.filter
 def rate(bytes_per_s):
-    return f"{filesizeformat(bytes_per_s or 0)}/s"
+    return iec_rate(bytes_per_s)
 
 
 @register.inclusion_tag("replication/_bar.html")

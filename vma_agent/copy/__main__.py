@@ -20,6 +20,7 @@ from vma_agent.copy import (
     copy_image,
     dirty_areas,
 )
+from vma_agent.units import iec, iec_rate
 
 
 def read_extents_file(path: str) -> list[tuple[int, int]]:
@@ -54,18 +55,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# Sizes in IEC units (MiB, GiB), as everywhere: tqdm's own labels are SI.
+BAR_FORMAT = "{desc} {percentage:5.1f}%|{bar}| {postfix}"
+
+
+def progress_text(done: int, total: int, bar) -> str:
+    rate = bar.format_dict.get("rate")
+    return f"{iec(done)} of {iec(total)}" + (f" at {iec_rate(rate)}" if rate else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cancel = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: cancel.set())
     signal.signal(signal.SIGTERM, lambda *_: cancel.set())
-    bar = None if args.no_progress else tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="copy",
-                                             file=sys.stderr, disable=None)
+    bar = None if args.no_progress else tqdm(desc="copy", file=sys.stderr, disable=None, bar_format=BAR_FORMAT)
 
     def show(progress):
         if bar is not None:
             bar.total = progress.bytes_total
             bar.n = progress.bytes_done
+            bar.set_postfix_str(progress_text(progress.bytes_done, progress.bytes_total, bar), refresh=False)
             bar.refresh()
 
     cursor = {"offset": args.resume_from}

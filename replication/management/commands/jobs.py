@@ -7,6 +7,7 @@ from tqdm import tqdm
 
 from replication.choices import JOB_ACTIVE
 from replication.models import ReplicationJob
+from vma_agent.units import iec, iec_rate
 
 FIELDS = ["id", "vm", "sync_type", "status", "current_operation", "progress_percent", "bytes_transferred",
           "total_bytes", "throughput_bps", "eta_seconds", "error_message", "created_at", "completed_at"]
@@ -20,14 +21,6 @@ def job_row(job: ReplicationJob) -> dict:
     row["created_at"] = job.created_at.isoformat()
     row["completed_at"] = job.completed_at.isoformat() if job.completed_at else None
     return {field: row[field] for field in FIELDS}
-
-
-def _rate(bps: int) -> str:
-    for unit in ("B/s", "KiB/s", "MiB/s", "GiB/s"):
-        if bps < 1024 or unit == "GiB/s":
-            return f"{bps:.0f} {unit}" if unit == "B/s" else f"{bps:.1f} {unit}"
-        bps /= 1024
-    return ""
 
 
 def _eta(seconds) -> str:
@@ -78,11 +71,11 @@ class Command(BaseCommand):
                 for job in jobs:
                     watched.add(job.id)
                     self._draw(bars, ("job", job.id), f"{job.vm.name} {job.status} {job.current_operation}",
-                               job.progress_percent, f"{_rate(job.throughput_bps)} {_eta(job.eta_seconds)}")
+                               job.progress_percent, f"{iec_rate(job.throughput_bps)} {_eta(job.eta_seconds)}")
                     for disk in job.disks.all():
                         self._draw(bars, ("disk", disk.pk), f"  {disk.disk_key} {disk.status}",
                                    disk.progress_percent,
-                                   f"{disk.bytes_done}/{disk.bytes_total} B {_rate(disk.throughput_bps)} "
+                                   f"{iec(disk.bytes_done)} of {iec(disk.bytes_total)} {iec_rate(disk.throughput_bps)} "
                                    f"{_eta(disk.eta_seconds)}")
                 watched = {job.id for job in jobs if job.status in JOB_ACTIVE}
                 count += 1

@@ -9,6 +9,7 @@ from replication.management.lookup import vm_named
 from replication.models import ReplicationJob
 from replication.services.jobs import ReplicationError, start_replication
 from replication.services.vmware import OVERRIDES
+from vma_agent.units import iec, iec_rate
 
 POLL_INTERVAL_S = 0.5
 UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
@@ -57,12 +58,12 @@ class Command(BaseCommand):
     def follow(self, job: ReplicationJob, timeout: float) -> None:
         deadline = time.monotonic() + timeout if timeout else None
         disks = list(job.disks.order_by("disk_key"))
-        bar_format = "{desc:<28} {percentage:5.1f}%|{bar}| {n_fmt}/{total_fmt} {rate_fmt}"
+        bar_format = "{desc:<28} {percentage:5.1f}%|{bar}| {postfix}"  # sizes in IEC units, as everywhere
         job_bar = tqdm(total=100.0, position=0, bar_format="{desc:<28} {percentage:5.1f}%|{bar}|",
                        leave=True, dynamic_ncols=True)
         disk_bars = {
-            disk.pk: tqdm(total=max(disk.capacity_bytes, 1), desc=f"  {disk.disk_key}", position=i + 1, unit="B",
-                          unit_scale=True, bar_format=bar_format, leave=True, dynamic_ncols=True)
+            disk.pk: tqdm(total=max(disk.capacity_bytes, 1), desc=f"  {disk.disk_key}", position=i + 1,
+                          bar_format=bar_format, leave=True, dynamic_ncols=True)
             for i, disk in enumerate(disks)
         }
         try:
@@ -76,6 +77,8 @@ class Command(BaseCommand):
                     bar.total = max(disk.bytes_total, 1)
                     bar.n = disk.bytes_done
                     bar.set_description_str(f"  {disk.disk_key} {disk.status}", refresh=False)
+                    bar.set_postfix_str(f"{iec(disk.bytes_done)} of {iec(disk.bytes_total)} at "
+                                        f"{iec_rate(disk.throughput_bps)}", refresh=False)
                     bar.refresh()
                 if job.is_terminal:
                     break
