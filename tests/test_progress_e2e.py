@@ -2,6 +2,7 @@
 worker posts to the VMA API (runserver process, real Redis), the poller
 brings it into the database, Flower-style event receivers see the copy."""
 
+import contextlib
 import threading
 import time
 from datetime import timedelta
@@ -38,6 +39,25 @@ def wait_until(predicate, timeout=60, what="condition"):
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def succeeded_tasks():
+    """The ids of tasks the workers report as succeeded (Celery's events), as
+    they arrive."""
+    done: set[str] = set()
+    with app.connection_for_read() as conn:
+        receiver = app.events.Receiver(conn, handlers={"task-succeeded": lambda event: done.add(event["uuid"])})
+        ready = threading.Event()
+        receiver.on_consume_ready = lambda *args, **kwargs: ready.set()
+        thread = threading.Thread(target=receiver.capture, kwargs={"limit": None, "wakeup": False}, daemon=True)
+        thread.start()
+        assert ready.wait(10), "event receiver did not start"
+        try:
+            yield done
+        finally:
+            receiver.should_stop = True
+            thread.join(10)
 
 
 def agent_record(record_id):
@@ -244,11 +264,14 @@ def test_periodic_tasks_run_on_the_worker_and_beat_never_queues_the_poller(celer
                                     "bytes_transferred": 123, "total_bytes": 4096})
 
     scheduled = {entry["task"] for entry in settings.CELERY_BEAT_SCHEDULE.values()}
-    assert scheduled == {"replication.reap_stale", "replication.sweep_snapshots"}
+    assert scheduled == {"replication.reap_stale", "replication.sweep_snapshots", "replication.cloud_drift"}
     assert {entry["options"]["queue"] for entry in settings.CELERY_BEAT_SCHEDULE.values()} == {"oma"}
     assert scheduled <= set(app.tasks)
     tasks.poll_progress.delay()
     wait_until(lambda: VMDisk.objects.get(job=job).bytes_done == 123, timeout=30, what="the worker's poller pass")
-    tasks.reap_stale.delay()  # nothing stale: the job stays
-    time.sleep(1)
+    # Nothing stale: the job stays. Waited on the task's own end (the worker's
+    # task-succeeded event), not on a sleep.
+    with succeeded_tasks() as done:
+        reap = tasks.reap_stale.delay()
+        wait_until(lambda: reap.id in done, timeout=30, what="the reaper pass on the worker")
     assert ReplicationJob.objects.get(pk=job.id).status == JobStatus.REPLICATING
