@@ -165,6 +165,15 @@ def wait_for_job(job_id: str, timeout: float = 120) -> ReplicationJob:
         time.sleep(0.2)
 
 
+def agent_bytes_copied(job_id: str, disk_key: str) -> int:
+    """What the agent's progress API says a disk's copy has done so far."""
+    response = requests.get(f"{settings.VMA_URL}/api/v1/progress/{job_id}", timeout=10,
+                            headers={"Authorization": f"Bearer {settings.VMA_TOKEN}"})
+    if response.status_code != 200:
+        return 0
+    return int((response.json().get("disks", {}).get(disk_key) or {}).get("bytes_transferred") or 0)
+
+
 def source_exports_running() -> list[str]:
     """Command lines of read-only source nbdkit processes still alive."""
     out = subprocess.run(["pgrep", "-af", "nbdkit.*--readonly"], capture_output=True, text=True).stdout

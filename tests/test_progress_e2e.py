@@ -168,16 +168,21 @@ def test_copy_tasks_publish_progress_events_for_flower(celery_worker_process, tm
         vm, servers = slow_vm(tmp_path, sockdir, "vm-flower", disks=1, size=8 * MiB, delay="100ms")
         try:
             job = wait_for_job(start_replication(vm).id)
+            disk = job.disks.get()
+
+            def mine():
+                return [e for e in events if e.get("disk_id") == f"{job.id}/{disk.disk_key}"]
+
+            wait_until(lambda: len(mine()) >= 2 and mine()[-1].get("percent") == 100.0, timeout=10,
+                       what="the copy's task-progress events, to its last")
         finally:
             for server in servers:
                 server.stop()
-            time.sleep(0.5)
             receiver.should_stop = True
             thread.join(10)
     assert job.status == JobStatus.COMPLETED, job.error_message
-    disk = job.disks.get()
-    mine = [e for e in events if e.get("disk_id") == f"{job.id}/{disk.disk_key}"]
-    assert len(mine) >= 2, events
+    mine = mine()
+    assert len(mine) >= 2
     assert mine[-1]["current"] == mine[-1]["total"] == disk.bytes_total
     assert mine[-1]["percent"] == 100.0 and mine[-1]["uuid"] == disk.celery_task_id
 

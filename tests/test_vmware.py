@@ -14,7 +14,7 @@ from replication.choices import DiskStatus, JobStatus, SyncType
 from replication.models import ChangeIdRecord, ReplicationJob, SourceDisk, VCenter, VirtualMachine
 from replication.services import vmware as vmware_service
 from replication.services.jobs import cancel_job, start_replication
-from tests.conftest import source_exports_running, wait_for_job
+from tests.conftest import agent_bytes_copied, source_exports_running, wait_for_job
 from tests.helpers import MiB, sha256
 from tests.vcsim import fill_image as fill
 from tests.vcsim import snapshot_image, vm_spec
@@ -212,11 +212,10 @@ def test_a_failure_mid_copy_removes_the_snapshot_and_advances_no_change_id(celer
     fill(live["2001"], [(0, 4096)], seed=4)
 
     job = start_replication(vm, SyncType.INCREMENTAL, bandwidth_limit_bps=2 * MiB)
-    disk = job.disks.get(disk_key="disk-2000")
     deadline = time.monotonic() + 60
-    while not _source_export_of(disk.job_id) and time.monotonic() < deadline:
+    while agent_bytes_copied(job.id, "disk-2000") < 2 * MiB:  # well into the copy
+        assert time.monotonic() < deadline, "the copy never got going"
         time.sleep(0.05)
-    time.sleep(1.0)  # well into the copy
     pids = _source_export_of(job.id)
     assert pids, "the copy's source export never started"
     for pid in pids:
@@ -236,21 +235,23 @@ def test_a_failure_mid_copy_removes_the_snapshot_and_advances_no_change_id(celer
     assert_targets_equal_sources(job, live)
 
 
-def test_cancel_mid_copy_stops_within_seconds_and_removes_the_snapshot(celery_worker_process, vcenter):
+def test_cancel_mid_copy_stops_the_copy_and_removes_the_snapshot(celery_worker_process, vcenter):
     sim, record = vcenter(vm_spec("app04", [32 * MiB]))
     fill(sim.vms["app04"]["disks"]["2000"], [(0, 32 * MiB)], seed=1)
     (vm,) = vmware_service.discover(record, ["app04"])
     job = start_replication(vm, bandwidth_limit_bps=4 * MiB)
     deadline = time.monotonic() + 60
-    while not _source_export_of(job.id) and time.monotonic() < deadline:
+    while agent_bytes_copied(job.id, "disk-2000") < 2 * MiB:  # copying
+        assert time.monotonic() < deadline, "the copy never got going"
         time.sleep(0.05)
-    time.sleep(1.0)
-    cancelled_at = time.monotonic()
     assert cancel_job(job.id)
-    while job.disks.filter(status=DiskStatus.COPYING).exists() and time.monotonic() - cancelled_at < 10:
+    # The copy stops (its disk ends cancelled) long before the 8 s the rest of
+    # it would take at 4 MiB/s; how fast is the fault suite's figure.
+    deadline = time.monotonic() + 30
+    while job.disks.filter(status=DiskStatus.COPYING).exists():
+        assert time.monotonic() < deadline, "the copy did not stop"
         time.sleep(0.05)
-    stopped_s = time.monotonic() - cancelled_at
-    assert stopped_s < 5, f"the copy took {stopped_s:.1f} s to stop"
+    assert agent_bytes_copied(job.id, "disk-2000") < 32 * MiB
     job.refresh_from_db()
     assert job.status == JobStatus.CANCELLED and job.disks.get().status == DiskStatus.CANCELLED
     _wait_for_no_snapshots(record, vm.moref)

@@ -85,10 +85,11 @@ class RateLimit:
     schedule, so N bytes take at least N / rate seconds and idle time never
     turns into a burst."""
 
-    def __init__(self, bytes_per_s: float | None = None):
+    def __init__(self, bytes_per_s: float | None = None, *, clock=time.monotonic, sleep=time.sleep):
         self._lock = threading.Lock()
         self._rate = bytes_per_s
-        self._next = time.monotonic()
+        self._clock, self._sleep = clock, sleep  # injectable: the tests drive a clock of their own
+        self._next = clock()
 
     @property
     def bytes_per_s(self) -> float | None:
@@ -97,18 +98,18 @@ class RateLimit:
     def set(self, bytes_per_s: float | None) -> None:
         with self._lock:
             self._rate = bytes_per_s if bytes_per_s and bytes_per_s > 0 else None
-            self._next = time.monotonic()
+            self._next = self._clock()
 
     def acquire(self, nbytes: int, cancel: threading.Event) -> bool:
         """Wait until nbytes may be read; False if `cancel` was set meanwhile."""
         with self._lock:
             if not self._rate:
                 return not cancel.is_set()
-            self._next = max(time.monotonic(), self._next) + nbytes / self._rate
+            self._next = max(self._clock(), self._next) + nbytes / self._rate
             slot_end = self._next
         # Wait in small steps so a cancel is seen promptly.
-        while (delay := slot_end - time.monotonic()) > 0 and not cancel.is_set():
-            time.sleep(min(delay, TICK_S))
+        while (delay := slot_end - self._clock()) > 0 and not cancel.is_set():
+            self._sleep(min(delay, TICK_S))
         return not cancel.is_set()
 
 
