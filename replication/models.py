@@ -341,6 +341,14 @@ class ReplicationJob(models.Model):
         return self.transition(JobStatus.COMPLETED, current_operation=Stage.COMPLETED, progress_percent=100.0,
                                throughput_bps=average)
 
+    @property
+    def data_percent(self) -> float:
+        """How much of the data is copied: bytes, not the stage-weighted
+        progress_percent of the seeds' contract (which starts the copy at 30)."""
+        if self.status == JobStatus.COMPLETED:
+            return 100.0
+        return min(100.0, 100.0 * self.bytes_transferred / self.total_bytes) if self.total_bytes else 0.0
+
     def refresh_totals(self) -> None:
         """Job totals are always aggregated from the disks."""
         ReplicationJob.refresh_totals_of([self])
@@ -352,6 +360,10 @@ class ReplicationJob(models.Model):
         if not jobs:
             return
         sums = {job.pk: [0, 0, 0, 0] for job in jobs}  # done, total, rate, unmeasured capacity
+        # The job ends with its slowest disk: each copying disk's remaining
+        # bytes at its own rate (a per-disk limit included); unknown while
+        # any unfinished disk has no rate yet.
+        etas: dict = {job.pk: 0 for job in jobs}
         for job_id, status, bytes_done, bytes_total, throughput, capacity in VMDisk.objects.filter(
                 job_id__in=list(sums)).values_list("job_id", "status", "bytes_done", "bytes_total",
                                                    "throughput_bps", "capacity_bytes"):
@@ -364,6 +376,9 @@ class ReplicationJob(models.Model):
                 # Not measured yet: counts with its capacity (an upper bound
                 # of its data), so the job's percent only ever rises.
                 row[3] += capacity
+            if status in (DiskStatus.PENDING, DiskStatus.COPYING) and etas[job_id] is not None:
+                remaining = max(bytes_total - bytes_done, 0) if bytes_total else capacity
+                etas[job_id] = None if throughput <= 0 else max(etas[job_id], int(remaining / throughput))
         now = timezone.now()
         status_of = {job.pk: job.status for job in jobs}
         rows = {}
@@ -372,7 +387,7 @@ class ReplicationJob(models.Model):
                    "last_progress_at": now, "updated_at": now}
             if status_of[pk] == JobStatus.REPLICATING:
                 row["progress_percent"] = transfer_percent(done, total + unmeasured)
-                row["eta_seconds"] = int((total - done) / rate) if rate > 0 and total > done else None
+                row["eta_seconds"] = etas[pk]
             rows[pk] = row
         # Rows of one statement share their columns: replicating jobs apart.
         for group in (JobStatus.REPLICATING, None):

@@ -242,7 +242,7 @@ def test_jobs_watch_draws_live_bars_until_the_jobs_end(vma_server, replicating_j
     call_command("jobs", "--watch", "--iterations", "2", "--interval", "0.01", stdout=out)
     drawn = out.getvalue()
     assert "vm-poll replicating Transfer" in drawn
-    assert "disk-2000 copying" in drawn and "42.0%" in drawn and "420/1000 B" in drawn
+    assert "disk-2000 copying" in drawn and "42.0%" in drawn and "420 B of 1000 B" in drawn
 
     job.fail("stopped for the test")
     out = StringIO()

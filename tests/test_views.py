@@ -77,10 +77,33 @@ def test_empty_states(operator):
 
 def test_dashboard_shows_active_job_with_accessible_bars(operator, job):
     job.disks.update(bytes_done=MiB // 2, bytes_total=MiB, progress_percent=50.0)
-    ReplicationJob.objects.filter(pk=job.pk).update(status=JobStatus.REPLICATING, progress_percent=65.0)
+    # The seeds' stage-weighted percent says 65 %; the page says how much data is copied, with the stage.
+    ReplicationJob.objects.filter(pk=job.pk).update(status=JobStatus.REPLICATING, progress_percent=65.0,
+                                                    current_operation="Transfer", bytes_transferred=MiB,
+                                                    total_bytes=4 * MiB)
     html = operator.get(reverse("dashboard-fragment")).content.decode()
     assert f'aria-label="{job.id} progress"' in html
-    assert 'role="progressbar"' in html and 'aria-valuenow="65.0"' in html
+    assert 'role="progressbar"' in html and 'aria-valuenow="25.0"' in html and "25.0 % · Transfer" in html
+    page = operator.get(reverse("job-fragment", args=[job.id])).content.decode()
+    assert "25.0</span> % of the data (1.0 MiB of 4.0 MiB) · stage Transfer" in page
+
+
+def test_the_job_eta_is_its_slowest_disks(job):
+    """Two disks at their own rates (a per-disk limit): the job ends with the slower."""
+    fast, slow = job.disks.order_by("disk_key")
+    ReplicationJob.objects.filter(pk=job.pk).update(status=JobStatus.REPLICATING)
+    type(fast).objects.filter(pk=fast.pk).update(status="copying", bytes_done=0, bytes_total=36 * MiB,
+                                                 throughput_bps=MiB)
+    type(slow).objects.filter(pk=slow.pk).update(status="copying", bytes_done=0, bytes_total=51 * MiB,
+                                                 throughput_bps=MiB)
+    job.refresh_from_db()
+    job.refresh_totals()
+    job.refresh_from_db()
+    assert job.eta_seconds == 51  # not (36 + 51) MiB / 2 MiB/s = 43 s
+    type(slow).objects.filter(pk=slow.pk).update(throughput_bps=0)
+    job.refresh_totals()
+    job.refresh_from_db()
+    assert job.eta_seconds is None  # a disk with no rate yet: unknown
 
 
 def test_job_detail_shows_disks_and_failure_reason(operator, job):
