@@ -158,7 +158,9 @@ def test_empty_disk_ends_at_one_hundred_percent(celery_worker_process, progress_
 def test_copy_tasks_publish_progress_events_for_flower(celery_worker_process, tmp_path, sockdir):
     events = []
     with app.connection_for_read() as conn:
-        receiver = app.events.Receiver(conn, handlers={"task-progress": events.append})
+        received = []
+        receiver = app.events.Receiver(conn, handlers={"task-progress": events.append,
+                                                       "task-received": received.append})
         ready = threading.Event()
         receiver.on_consume_ready = lambda *args, **kwargs: ready.set()
         thread = threading.Thread(target=receiver.capture, kwargs={"limit": None, "wakeup": False},
@@ -183,6 +185,9 @@ def test_copy_tasks_publish_progress_events_for_flower(celery_worker_process, tm
     assert job.status == JobStatus.COMPLETED, job.error_message
     mine = mine()
     assert len(mine) >= 2
+    # Flower and the worker logs show the order as job, VM and disk, not as the whole order.
+    copy = next(e for e in received if e["uuid"] == disk.celery_task_id)
+    assert copy["name"] == "vma.copy_disk" and copy["args"] == f"(job {job.id}, VM vm-flower, disk-2000, attempt 1)"
     assert mine[-1]["current"] == mine[-1]["total"] == disk.bytes_total
     assert mine[-1]["percent"] == 100.0 and mine[-1]["uuid"] == disk.celery_task_id
 

@@ -56,6 +56,12 @@ def snapshot_removal_order(job: ReplicationJob, finalize: bool) -> SnapshotRemov
                                 snapshot_moref=job.snapshot_moref, finalize=finalize)
 
 
+def readable(job: ReplicationJob, *what: str) -> str:
+    """How Flower and the worker logs show an order: job, VM and what it is
+    about, instead of the whole order."""
+    return "(" + ", ".join([f"job {job.id}", f"VM {job.vm.name}", *what]) + ")"
+
+
 def copy_time_limits(capacity_bytes: int) -> tuple[int, int]:
     """Soft and hard time limits of one disk's copy task, sized from the
     disk: a base plus its capacity at the slowest throughput still worth
@@ -68,21 +74,25 @@ def send_copy(disk: VMDisk) -> None:
     from vma_agent import tasks as agent_tasks
 
     soft, hard = copy_time_limits(disk.capacity_bytes)
-    agent_tasks.copy_disk.apply_async(args=[copy_order(disk).as_dict()], queue=agent_queue(disk.job.vm.agent),
-                                      task_id=disk.celery_task_id or None, soft_time_limit=soft, time_limit=hard)
+    job = disk.job
+    agent_tasks.copy_disk.apply_async(args=[copy_order(disk).as_dict()], queue=agent_queue(job.vm.agent),
+                                      task_id=disk.celery_task_id or None, soft_time_limit=soft, time_limit=hard,
+                                      argsrepr=readable(job, disk.disk_key, f"attempt {disk.attempts}"))
 
 
 def send_source_order(job: ReplicationJob) -> None:
     from vma_agent import tasks as agent_tasks
 
-    agent_tasks.prepare_source.apply_async(args=[source_order(job).as_dict()], queue=agent_queue(job.vm.agent))
+    agent_tasks.prepare_source.apply_async(args=[source_order(job).as_dict()], queue=agent_queue(job.vm.agent),
+                                           argsrepr=readable(job, job.sync_type))
 
 
 def send_snapshot_removal(job: ReplicationJob, finalize: bool) -> None:
     from vma_agent import tasks as agent_tasks
 
     agent_tasks.remove_snapshot.apply_async(args=[snapshot_removal_order(job, finalize).as_dict()],
-                                            queue=agent_queue(job.vm.agent))
+                                            queue=agent_queue(job.vm.agent),
+                                            argsrepr=readable(job, f"snapshot {job.snapshot_moref}"))
 
 
 def power_order(failover, action: str, timeout_s: float) -> PowerOrder:
@@ -96,7 +106,9 @@ def send_power(failover, action: str, timeout_s: float) -> None:
     from vma_agent import tasks as agent_tasks
 
     agent_tasks.power_source.apply_async(args=[power_order(failover, action, timeout_s).as_dict()],
-                                         queue=agent_queue(failover.vm.agent))
+                                         queue=agent_queue(failover.vm.agent),
+                                         argsrepr=f"({failover.kind} failover {failover.pk}, VM {failover.vm.name}, "
+                                                  f"{action})")
 
 
 def agent_client() -> ProgressClient:
