@@ -51,10 +51,15 @@ def dashboard_fragment(request):
 
 
 CHART_WIDTH, CHART_HEIGHT, CHART_POINTS = 600, 120, 300
+CHART_LEFT, CHART_BOTTOM, CHART_TOP = 78, 20, 8  # room for the axes' labels
 
 
 def throughput_chart(samples: list) -> dict | None:
-    """Server-side SVG geometry for throughput over time; None with < 2 samples."""
+    """Server-side SVG geometry for throughput over time, with both axes
+    scaled and labelled (rate in IEC units, time since the first sample);
+    None with < 2 samples."""
+    from vma_agent.units import iec_rate
+
     if len(samples) < 2:
         return None
     step = max(1, len(samples) // CHART_POINTS)
@@ -62,12 +67,20 @@ def throughput_chart(samples: list) -> dict | None:
     start, end = samples[0].at, samples[-1].at
     span = max((end - start).total_seconds(), 1e-9)
     peak = max(max(s.throughput_bps for s in samples), 1)
-    points = " ".join(
-        f"{(s.at - start).total_seconds() / span * CHART_WIDTH:.1f},"
-        f"{CHART_HEIGHT - s.throughput_bps / peak * (CHART_HEIGHT - 4):.1f}"
-        for s in samples
-    )
-    return {"points": points, "peak_bps": peak, "seconds": int(span), "width": CHART_WIDTH, "height": CHART_HEIGHT}
+    plot_w, plot_h = CHART_WIDTH - CHART_LEFT, CHART_HEIGHT - CHART_BOTTOM - CHART_TOP
+
+    def x(seconds: float) -> float:
+        return CHART_LEFT + seconds / span * plot_w
+
+    def y(rate: float) -> float:
+        return CHART_TOP + plot_h - rate / peak * plot_h
+
+    points = " ".join(f"{x((s.at - start).total_seconds()):.1f},{y(s.throughput_bps):.1f}" for s in samples)
+    y_ticks = [(round(y(peak * f), 1), iec_rate(peak * f)) for f in (0, 0.5, 1)]
+    x_ticks = [(round(x(span * f), 1), f"{span * f:.0f} s") for f in (0, 0.5, 1)]
+    return {"points": points, "peak_bps": peak, "seconds": int(span), "width": CHART_WIDTH,
+            "height": CHART_HEIGHT, "left": CHART_LEFT, "top": CHART_TOP, "bottom": CHART_TOP + plot_h,
+            "right": CHART_WIDTH, "y_ticks": y_ticks, "x_ticks": x_ticks}
 
 
 def _job_context(job_id: str) -> dict:

@@ -184,3 +184,47 @@ def test_a_test_failover_from_the_gui_boots_and_ends(celery_worker_process, live
     expect(page.locator("[data-status]")).to_have_text("succeeded")
     page.click("text=VMs")
     expect(page.locator('[data-vm="gui-boot"] [data-state]')).to_have_text("Ready for failover")
+
+
+PHONE = {"width": 390, "height": 844}
+
+
+def test_every_page_fits_a_phone_and_shows_progress_and_eta(live_server, tmp_path, monkeypatch):
+    """At 390 px (Chromium with a phone's viewport, one job copying) no page is
+    wider than the screen, and the job's progress and ETA are on it."""
+    from replication.lifecycle import FailoverJob, FailoverStep
+
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    monkeypatch.setattr("replication.services.jobs.enqueue_prepare", lambda *args: None)
+    images = [make_image(tmp_path / f"phone{i}.img", 90 * MiB, [(0, MiB)], seed=i) for i in range(2)]
+    vm = register_image_vm("phone-vm-with-a-long-name", [str(p) for p in images])
+    job = start_replication(vm)
+    ReplicationJob.objects.filter(pk=job.pk).update(status="replicating", current_operation="Transfer",
+                                                    bytes_transferred=18 * MiB, total_bytes=90 * MiB,
+                                                    throughput_bps=3 * MiB, eta_seconds=24, progress_percent=44.0)
+    job.disks.update(status="copying", bytes_done=9 * MiB, bytes_total=45 * MiB, throughput_bps=3 * MiB // 2,
+                     eta_seconds=24, progress_percent=20.0, current_operation="Transfer")
+    failover = FailoverJob.objects.create(vm=vm, kind="test", actor="operator", destination_vm="oma-test-phone-vm")
+    FailoverStep.objects.create(failover=failover, name="preflight", detail="1 volume(s) of " + job.id)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True).new_page()
+        try:
+            log_in(page, live_server)
+            ARTIFACTS.mkdir(exist_ok=True)
+            for name, path in [("dashboard", "/"), ("job", f"/jobs/{job.id}/"), ("vms", "/vms/"),
+                               ("volumes", "/volumes/"), ("failover", f"/failovers/{failover.pk}/"),
+                               ("cloud", "/cloud/")]:
+                page.goto(f"{live_server.url}{path}")
+                page.wait_for_load_state("networkidle")
+                width = page.evaluate("document.documentElement.scrollWidth")
+                page.screenshot(path=str(ARTIFACTS / f"phone-{name}.png"), full_page=True)
+                assert width <= PHONE["width"], f"{name} is {width} px wide at {PHONE['width']} px"
+                if name in ("dashboard", "job"):
+                    bar = page.locator('[role="progressbar"]').first.bounding_box()
+                    assert bar and bar["x"] >= 0 and bar["x"] + bar["width"] <= PHONE["width"], (name, bar)
+                    expect(page.locator("main")).to_contain_text("20.0 % · Transfer" if name == "dashboard"
+                                                                 else "20.0 % of the data")
+                    expect(page.locator("main")).to_contain_text("24s")
+        finally:
+            browser.close()

@@ -226,6 +226,10 @@ def test_job_page_draws_throughput_chart_and_timeline(operator, job):
                                       throughput_bps=rate)
     html = operator.get(reverse("job-fragment", args=[job.id])).content.decode()
     assert '<svg class="chart"' in html and "<polyline" in html
+    # Both axes carry a scale: the rate in IEC units, the time in seconds.
+    assert [t for t in ("0 B/s", "119.2 MiB/s", "238.4 MiB/s") if f"data-y-tick>{t}<" in html] == [
+        "0 B/s", "119.2 MiB/s", "238.4 MiB/s"]
+    assert "data-x-tick>0 s<" in html and "data-x-tick>15 s<" in html
     assert "Peak 238.4 MiB/s" in html  # IEC units, labelled as such
     assert "pending · Initializing" in html, "the timeline starts with the job's creation"
 
