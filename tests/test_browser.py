@@ -228,3 +228,36 @@ def test_every_page_fits_a_phone_and_shows_progress_and_eta(live_server, tmp_pat
                     expect(page.locator("main")).to_contain_text("24s")
         finally:
             browser.close()
+
+
+def test_the_admins_job_list_fits_1280_px_with_data_throughput_and_created(live_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    monkeypatch.setattr("replication.services.jobs.enqueue_prepare", lambda *args: None)
+    image = make_image(tmp_path / "admin.img", 90 * MiB, [(0, MiB)])
+    job = start_replication(register_image_vm("admin-vm-with-a-rather-long-name", [str(image)]))
+    ReplicationJob.objects.filter(pk=job.pk).update(status="replicating", current_operation="Preparing Migration",
+                                                    bytes_transferred=18 * MiB, total_bytes=90 * MiB,
+                                                    throughput_bps=3 * MiB)
+    User.objects.create_superuser("admin", password="s3cret-pass")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
+        try:
+            page.goto(f"{live_server.url}/admin/login/?next=/admin/replication/replicationjob/")
+            page.fill("#id_username", "admin")
+            page.fill("#id_password", "s3cret-pass")
+            page.click("input[type=submit]")
+            expect(page.locator("#result_list")).to_be_visible()
+            page.screenshot(path=str(ARTIFACTS / "admin-jobs-1280.png"), full_page=True)
+            assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+            # The list fits its own box: nothing clipped or scrolled away.
+            overflow = page.evaluate("(() => { const r = document.querySelector('.results'); "
+                                     "return r.scrollWidth - r.clientWidth; })()")
+            assert overflow <= 0, f"the job list is {overflow} px wider than its box"
+            row = page.locator("#result_list tbody tr").first
+            expect(row).to_contain_text("18.0 MiB of 90.0 MiB")
+            expect(row).to_contain_text("3.0 MiB/s")
+            expect(page.locator("#result_list thead")).to_contain_text("Created at")
+            expect(row).to_contain_text(job.created_at.astimezone().strftime("%Y-%m-%d"))
+        finally:
+            browser.close()
