@@ -136,6 +136,9 @@ VMA_TOKEN = _secret("VMA_TOKEN")
 OMA_VOLUME_DIR = Path(env("OMA_VOLUME_DIR", default=str(VAR_DIR / "volumes")))
 # Runtime files of the data plane: Unix sockets and pid files of nbdkit.
 OMA_RUN_DIR = Path(env("OMA_RUN_DIR", default=str(VAR_DIR / "run")))
+# Passwords typed into the pages land here, one file each (mode 0600, the
+# directory 0700); records keep only the file's path.
+OMA_SECRETS_DIR = Path(env("OMA_SECRETS_DIR", default=str(VAR_DIR / "secrets")))
 # Where new target volumes go: "local" (files in OMA_VOLUME_DIR) or
 # "cloudstack" (volumes of the active CloudStack config, attached to the OMA).
 OMA_VOLUME_PROVIDER = env("OMA_VOLUME_PROVIDER", default="local")

@@ -264,6 +264,77 @@ def cloud_check(request):
 
 
 @login_required
+def sources(request):
+    """vCenters (add one: fetch its certificate, trust it, give the user and
+    password) and image/NBD VMs (add one through add_vm's checks)."""
+    from replication.models import VCenter
+    from replication.services import sources as source_service
+    from replication.services import vmware as vmware_service
+    from replication.services.inventory import InventoryError, register_image_vm
+    from vma_agent.vmware import VSphereError
+
+    context = {"form": {}, "image_form": {}}
+    if request.method == "POST":
+        step = request.POST.get("step")
+        data = request.POST
+        try:
+            if step == "fetch":
+                port = int(data.get("port") or 443)
+                context["form"] = {"host": data.get("host", "").strip(), "port": port}
+                context["form"]["thumbprint"] = source_service.certificate_thumbprint(context["form"]["host"], port)
+                context["fetched"] = True
+            elif step == "add":
+                context["form"] = {k: data.get(k, "").strip() for k in ("host", "port", "thumbprint", "name", "user")}
+                context["fetched"] = True
+                vcenter = source_service.add_vcenter(context["form"]["name"], context["form"]["host"],
+                                                     int(context["form"]["port"]), context["form"]["user"],
+                                                     data.get("password", ""), context["form"]["thumbprint"])
+                messages.info(request, f"vCenter {vcenter.name} added; choose which of its VMs to protect.")
+                return redirect("vcenter-inventory", vcenter_id=vcenter.pk)
+            elif step == "image":
+                context["image_form"] = {k: data.get(k, "") for k in ("name", "disks", "cpus", "memory_mib")}
+                vm = register_image_vm(data.get("name", ""), [line.strip() for line in data.get("disks", "")
+                                                              .splitlines() if line.strip()],
+                                       cpus=int(data["cpus"]) if data.get("cpus") else None,
+                                       memory_mib=int(data["memory_mib"]) if data.get("memory_mib") else None,
+                                       firmware=data.get("firmware") or "bios")
+                messages.info(request, f"VM {vm.name} added with {vm.disks.count()} disk(s).")
+                return redirect("vm-list")
+        except (vmware_service.VCenterConfigError, VSphereError, ValueError) as exc:
+            context["vcenter_error"] = str(exc)
+        except InventoryError as exc:
+            context["image_error"] = str(exc)
+    context["vcenters"] = VCenter.objects.order_by("name")
+    return _page(request, "replication/sources.html", context)
+
+
+@login_required
+def vcenter_inventory(request, vcenter_id):
+    """The vCenter's VMs; the chosen ones are recorded (discovered) for protection."""
+    from replication.models import VCenter
+    from replication.services import sources as source_service
+    from replication.services import vmware as vmware_service
+    from vma_agent.vmware import VSphereError
+
+    vcenter = get_object_or_404(VCenter, pk=vcenter_id)
+    if request.method == "POST":
+        names = request.POST.getlist("vm")
+        try:
+            recorded = vmware_service.discover(vcenter, names) if names else []
+        except (vmware_service.VCenterConfigError, VSphereError) as exc:
+            messages.error(request, str(exc))
+        else:
+            messages.info(request, f"{len(recorded)} VM(s) of {vcenter.name} protected: "
+                                   f"{', '.join(vm.name for vm in recorded) or 'none chosen'}.")
+            return redirect("vm-list")
+    try:
+        vms, error = source_service.inventory(vcenter), ""
+    except (vmware_service.VCenterConfigError, VSphereError) as exc:
+        vms, error = [], str(exc)
+    return _page(request, "replication/vcenter_inventory.html", {"vcenter": vcenter, "vms": vms, "error": error})
+
+
+@login_required
 def volume_list(request):
     volumes = TargetVolume.objects.select_related("source_disk__vm").order_by("source_disk__vm__name",
                                                                             "source_disk__disk_key")

@@ -214,7 +214,7 @@ def test_every_page_fits_a_phone_and_shows_progress_and_eta(live_server, tmp_pat
             ARTIFACTS.mkdir(exist_ok=True)
             for name, path in [("dashboard", "/"), ("job", f"/jobs/{job.id}/"), ("vms", "/vms/"),
                                ("volumes", "/volumes/"), ("failover", f"/failovers/{failover.pk}/"),
-                               ("cloud", "/cloud/")]:
+                               ("cloud", "/cloud/"), ("sources", "/sources/")]:
                 page.goto(f"{live_server.url}{path}")
                 page.wait_for_load_state("networkidle")
                 width = page.evaluate("document.documentElement.scrollWidth")
@@ -261,3 +261,58 @@ def test_the_admins_job_list_fits_1280_px_with_data_throughput_and_created(live_
             expect(row).to_contain_text(job.created_at.astimezone().strftime("%Y-%m-%d"))
         finally:
             browser.close()
+
+
+def test_an_operator_adds_a_vcenter_chooses_vms_and_adds_an_image_vm_from_the_browser(
+        live_server, browser_page, vcsim_factory, tmp_path, settings):
+    import subprocess
+
+    from replication.models import VCenter, VirtualMachine
+    from tests.vcsim import vm_spec
+
+    settings.OMA_SECRETS_DIR = tmp_path / "secrets"
+    sim = vcsim_factory({"vms": [vm_spec("web01", [MiB]), vm_spec("db01", [2 * MiB])]})
+    page = browser_page
+    log_in(page, live_server)
+    page.click("text=Sources")
+
+    # The certificate is fetched and shown; the operator trusts it and gives the login.
+    page.fill('input[name="host"]', sim.host)
+    page.fill('input[name="port"]', str(sim.port))
+    page.click("text=Fetch its certificate")
+    expect(page.locator("[data-thumbprint]")).to_have_text(sim.thumbprint)
+    page.fill('input[name="name"]', "vc-gui")
+    page.fill('input[name="user"]', sim.username)
+    page.fill('input[name="password"]', "not-the-password")
+    page.click("text=Trust this certificate and add the vCenter")
+    expect(page.locator('[data-error="vcenter"]')).to_contain_text("refused the login")
+    assert not VCenter.objects.filter(name="vc-gui").exists() and not list((tmp_path / "secrets").iterdir())
+    page.fill('input[name="password"]', sim.password)
+    page.click("text=Trust this certificate and add the vCenter")
+    expect(page.locator("h1")).to_have_text("VMs of vc-gui")
+    vcenter = VCenter.objects.get(name="vc-gui")
+    assert vcenter.thumbprint == sim.thumbprint and sim.password not in page.content()
+    secret = Path(vcenter.password_file)
+    assert secret.read_text() == sim.password and secret.stat().st_mode & 0o777 == 0o600
+
+    # Of the two VMs, the operator protects one.
+    expect(page.locator('[data-vm="db01"]')).to_contain_text("2.0 MiB")
+    page.check('input[aria-label="protect web01"]')
+    page.click("text=Protect the chosen VMs")
+    expect(page.locator("body")).to_contain_text("1 VM(s) of vc-gui protected: web01")
+    assert list(VirtualMachine.objects.filter(vcenter=vcenter).values_list("name", flat=True)) == ["web01"]
+
+    # An image VM goes through add_vm's checks: a qcow2 is refused with the reason, a raw image is taken.
+    qcow2 = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), "8M"], check=True)
+    page.click("text=Sources")
+    page.fill('form:has(input[value="image"]) input[name="name"]', "img-gui")
+    page.fill('textarea[name="disks"]', str(qcow2))
+    page.click("text=Add the VM")
+    expect(page.locator('[data-error="image"]')).to_contain_text("is qcow2, not raw")
+    raw = make_image(tmp_path / "disk.img", 3 * MiB, [(0, MiB)])
+    page.fill('textarea[name="disks"]', str(raw))
+    page.click("text=Add the VM")
+    expect(page.locator('[data-vm="img-gui"]')).to_contain_text("3.0 MiB")
+    page.set_viewport_size(PHONE)
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
