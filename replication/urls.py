@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from replication import api, views
+from replication import api, failover_views, source_views, views
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
@@ -12,16 +12,16 @@ urlpatterns = [
     path("jobs/<str:job_id>/retry/", views.job_retry, name="job-retry"),
     path("vms/", views.vm_list, name="vm-list"),
     path("vms/<int:vm_id>/replicate/", views.vm_replicate, name="vm-replicate"),
-    path("vms/<int:vm_id>/failover/test/", views.vm_failover_test, name="vm-failover-test"),
-    path("vms/<int:vm_id>/failover/end/", views.vm_failover_end, name="vm-failover-end"),
-    path("vms/<int:vm_id>/failover/live/", views.vm_failover_live, name="vm-failover-live"),
-    path("vms/<int:vm_id>/rollback/", views.vm_rollback, name="vm-rollback"),
-    path("failovers/<int:failover_id>/", views.failover_detail, name="failover-detail"),
-    path("cloud/", views.cloud, name="cloud"),
-    path("sources/", views.sources, name="sources"),
-    path("sources/vcenters/<int:vcenter_id>/", views.vcenter_inventory, name="vcenter-inventory"),
-    path("cloud/check/", views.cloud_check, name="cloud-check"),
-    path("failovers/<int:failover_id>/fragment/", views.failover_fragment, name="failover-fragment"),
+    path("vms/<int:vm_id>/failover/test/", failover_views.vm_failover_test, name="vm-failover-test"),
+    path("vms/<int:vm_id>/failover/end/", failover_views.vm_failover_end, name="vm-failover-end"),
+    path("vms/<int:vm_id>/failover/live/", failover_views.vm_failover_live, name="vm-failover-live"),
+    path("vms/<int:vm_id>/rollback/", failover_views.vm_rollback, name="vm-rollback"),
+    path("failovers/<int:failover_id>/", failover_views.failover_detail, name="failover-detail"),
+    path("cloud/", source_views.cloud, name="cloud"),
+    path("sources/", source_views.sources, name="sources"),
+    path("sources/vcenters/<int:vcenter_id>/", source_views.vcenter_inventory, name="vcenter-inventory"),
+    path("cloud/check/", source_views.cloud_check, name="cloud-check"),
+    path("failovers/<int:failover_id>/fragment/", failover_views.failover_fragment, name="failover-fragment"),
     path("volumes/", views.volume_list, name="volume-list"),
     path("api/jobs/", api.jobs, name="api-jobs"),
     path("api/jobs/<str:job_id>/", api.job, name="api-job"),

@@ -8,11 +8,9 @@ from django.db.models import Count, OuterRef, Prefetch, Subquery, Sum
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from replication.choices import JOB_ACTIVE, FailoverKind, JobStatus, SyncType
-from replication.lifecycle import FailoverJob, VMContext
+from replication.choices import JOB_ACTIVE, JobStatus, SyncType
+from replication.lifecycle import FailoverJob
 from replication.models import ReplicationJob, TargetVolume, VirtualMachine, VMDisk
-from replication.services import failover as failover_service
-from replication.services import failover_checks, forecast
 from replication.services import jobs as job_service
 
 RECENT_FAILURES = 10
@@ -36,13 +34,13 @@ def dashboard_context() -> dict:
     }
 
 
-def _page(request, template, context):
+def render_page(request, template, context):
     return render(request, template, {"flower_url": settings.FLOWER_URL, **context})
 
 
 @login_required
 def dashboard(request):
-    return _page(request, "replication/dashboard.html", dashboard_context())
+    return render_page(request, "replication/dashboard.html", dashboard_context())
 
 
 @login_required
@@ -90,7 +88,7 @@ def _job_context(job_id: str) -> dict:
 
 @login_required
 def job_detail(request, job_id):
-    return _page(request, "replication/job_detail.html", _job_context(job_id))
+    return render_page(request, "replication/job_detail.html", _job_context(job_id))
 
 
 @login_required
@@ -132,7 +130,7 @@ def vm_list(request):
     last_jobs = ReplicationJob.objects.in_bulk([vm.last_job_id for vm in vms if vm.last_job_id])
     failovers = FailoverJob.objects.in_bulk([vm.last_failover_id for vm in vms if vm.last_failover_id])
     rows = [(vm, last_jobs.get(vm.last_job_id), failovers.get(vm.last_failover_id)) for vm in vms]
-    return _page(request, "replication/vm_list.html", {"rows": rows, "sync_types": SyncType.choices})
+    return render_page(request, "replication/vm_list.html", {"rows": rows, "sync_types": SyncType.choices})
 
 
 @login_required
@@ -154,189 +152,9 @@ def vm_replicate(request, vm_id):
     return redirect("job-detail", job_id=job.id)
 
 
-def _start(request, vm, start, started: str):
-    """Start a failover or rollback of the VM: its page on success (the steps
-    live), the VM list with the reason otherwise. `started` is the message,
-    formatted with the job and the VM."""
-    try:
-        job = start(vm, actor=request.user.get_username())
-    except failover_service.FailoverError as exc:
-        messages.error(request, str(exc))
-        return redirect("vm-list")
-    messages.info(request, started.format(job=job, vm=vm))
-    return redirect("failover-detail", failover_id=job.pk)
-
-
-@login_required
-@require_POST
-def vm_failover_test(request, vm_id):
-    return _start(request, get_object_or_404(VirtualMachine, pk=vm_id),
-                  lambda vm, actor: failover_service.start_failover(vm, FailoverKind.TEST, actor=actor),
-                  "Test failover {job.pk} of {vm.name} started: it boots {job.destination_vm} from the replica of "
-                  "{job.replication_job_id}; cycles pause until it ends.")
-
-
-@login_required
-@require_POST
-def vm_failover_end(request, vm_id):
-    vm = get_object_or_404(VirtualMachine, pk=vm_id)
-    try:
-        job = failover_service.end_test_failover(vm, actor=request.user.get_username())
-    except failover_service.FailoverError as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.info(request, f"Test failover {job.pk} of {vm.name} ended: {job.destination_vm} and its "
-                               "overlays removed, the replica as it was.")
-    return redirect("vm-list")
-
-
-def _failover_context(failover_id: int) -> dict:
-    from django.utils import timezone
-
-    failover = get_object_or_404(FailoverJob.objects.select_related("vm__context"), pk=failover_id)
-    steps = list(failover.steps.all())
-    now = timezone.now()
-    for step in steps:
-        step.running_s = (now - step.started_at).total_seconds()
-    context = VMContext.of(failover.vm)
-    history = list(context.changes.order_by("-at", "-id")[:12])
-    return {"failover": failover, "steps": steps, "history": history}
-
-
-@login_required
-def failover_detail(request, failover_id):
-    return _page(request, "replication/failover_detail.html", _failover_context(failover_id))
-
-
-@login_required
-def failover_fragment(request, failover_id):
-    return render(request, "replication/_failover_body.html", _failover_context(failover_id))
-
-
-@login_required
-def vm_failover_live(request, vm_id):
-    """GET: the confirmation, with every preflight check and the downtime
-    forecast; POST: shut the source down and fail over."""
-    vm = get_object_or_404(VirtualMachine, pk=vm_id)
-    if request.method != "POST":
-        checks = failover_checks.report(vm, failover_service.destination_name(vm, FailoverKind.LIVE))
-        return _page(request, "replication/failover_live.html",
-                     {"vm": vm, "checks": checks, "ready": all(c["ok"] for c in checks),
-                      "forecast": forecast.downtime(vm)})
-    return _start(request, vm, lambda vm, actor: failover_service.start_failover(vm, FailoverKind.LIVE, actor=actor),
-                  "Live failover {job.pk} of {vm.name} started: the source shuts down, a final cycle runs, then "
-                  "{job.destination_vm} boots.")
-
-
-@login_required
-@require_POST
-def vm_rollback(request, vm_id):
-    return _start(request, get_object_or_404(VirtualMachine, pk=vm_id), failover_service.start_rollback,
-                  "Rollback {job.pk} of {vm.name} started: {job.destination_vm} is destroyed, the volumes go back "
-                  "to the rollback point and the source powers on.")
-
-
-@login_required
-def cloud(request):
-    from replication.cloudstack.models import CloudStackConfig
-
-    config = CloudStackConfig.objects.filter(is_active=True).order_by("-created_at").first()
-    return _page(request, "replication/cloud.html", {"config": config})
-
-
-@login_required
-@require_POST
-def cloud_check(request):
-    """Ask the cloud about the config's credentials and ids, and compare its
-    volumes with the records."""
-    from replication.cloudstack.client import CloudClient
-    from replication.cloudstack.drift import drift
-    from replication.cloudstack.models import CloudError, CloudStackConfig
-
-    config = CloudStackConfig.objects.filter(is_active=True).order_by("-created_at").first()
-    context = {"config": config, "checked": True}
-    if config is not None:
-        try:
-            context.update(found=CloudClient(config, job_timeout_s=30).check(), drift=drift(config))
-        except CloudError as exc:
-            context["error"] = str(exc)
-    return _page(request, "replication/cloud.html", context)
-
-
-@login_required
-def sources(request):
-    """vCenters (add one: fetch its certificate, trust it, give the user and
-    password) and image/NBD VMs (add one through add_vm's checks)."""
-    from replication.models import VCenter
-    from replication.services import sources as source_service
-    from replication.services import vmware as vmware_service
-    from replication.services.inventory import InventoryError, register_image_vm
-    from vma_agent.vmware import VSphereError
-
-    context = {"form": {}, "image_form": {}}
-    if request.method == "POST":
-        step = request.POST.get("step")
-        data = request.POST
-        try:
-            if step == "fetch":
-                port = int(data.get("port") or 443)
-                context["form"] = {"host": data.get("host", "").strip(), "port": port}
-                context["form"]["thumbprint"] = source_service.certificate_thumbprint(context["form"]["host"], port)
-                context["fetched"] = True
-            elif step == "add":
-                context["form"] = {k: data.get(k, "").strip() for k in ("host", "port", "thumbprint", "name", "user")}
-                context["fetched"] = True
-                vcenter = source_service.add_vcenter(context["form"]["name"], context["form"]["host"],
-                                                     int(context["form"]["port"]), context["form"]["user"],
-                                                     data.get("password", ""), context["form"]["thumbprint"])
-                messages.info(request, f"vCenter {vcenter.name} added; choose which of its VMs to protect.")
-                return redirect("vcenter-inventory", vcenter_id=vcenter.pk)
-            elif step == "image":
-                context["image_form"] = {k: data.get(k, "") for k in ("name", "disks", "cpus", "memory_mib")}
-                vm = register_image_vm(data.get("name", ""), [line.strip() for line in data.get("disks", "")
-                                                              .splitlines() if line.strip()],
-                                       cpus=int(data["cpus"]) if data.get("cpus") else None,
-                                       memory_mib=int(data["memory_mib"]) if data.get("memory_mib") else None,
-                                       firmware=data.get("firmware") or "bios")
-                messages.info(request, f"VM {vm.name} added with {vm.disks.count()} disk(s).")
-                return redirect("vm-list")
-        except (vmware_service.VCenterConfigError, VSphereError, ValueError) as exc:
-            context["vcenter_error"] = str(exc)
-        except InventoryError as exc:
-            context["image_error"] = str(exc)
-    context["vcenters"] = VCenter.objects.order_by("name")
-    return _page(request, "replication/sources.html", context)
-
-
-@login_required
-def vcenter_inventory(request, vcenter_id):
-    """The vCenter's VMs; the chosen ones are recorded (discovered) for protection."""
-    from replication.models import VCenter
-    from replication.services import sources as source_service
-    from replication.services import vmware as vmware_service
-    from vma_agent.vmware import VSphereError
-
-    vcenter = get_object_or_404(VCenter, pk=vcenter_id)
-    if request.method == "POST":
-        names = request.POST.getlist("vm")
-        try:
-            recorded = vmware_service.discover(vcenter, names) if names else []
-        except (vmware_service.VCenterConfigError, VSphereError) as exc:
-            messages.error(request, str(exc))
-        else:
-            messages.info(request, f"{len(recorded)} VM(s) of {vcenter.name} protected: "
-                                   f"{', '.join(vm.name for vm in recorded) or 'none chosen'}.")
-            return redirect("vm-list")
-    try:
-        vms, error = source_service.inventory(vcenter), ""
-    except (vmware_service.VCenterConfigError, VSphereError) as exc:
-        vms, error = [], str(exc)
-    return _page(request, "replication/vcenter_inventory.html", {"vcenter": vcenter, "vms": vms, "error": error})
-
-
 @login_required
 def volume_list(request):
     volumes = TargetVolume.objects.select_related("source_disk__vm").order_by("source_disk__vm__name",
                                                                             "source_disk__disk_key")
     total = volumes.aggregate(size=Sum("size_bytes"))["size"] or 0
-    return _page(request, "replication/volume_list.html", {"volumes": volumes, "total_size": total})
+    return render_page(request, "replication/volume_list.html", {"volumes": volumes, "total_size": total})

@@ -1,0 +1,96 @@
+"""The failover pages: start a test or live failover or a rollback, follow
+its steps live, end a test."""
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+
+from replication.choices import FailoverKind
+from replication.lifecycle import FailoverJob, VMContext
+from replication.models import VirtualMachine
+from replication.services import failover as failover_service
+from replication.services import failover_checks, forecast
+from replication.views import render_page
+
+
+def _start(request, vm, start, started: str):
+    """Start a failover or rollback of the VM: its page on success (the steps
+    live), the VM list with the reason otherwise. `started` is the message,
+    formatted with the job and the VM."""
+    try:
+        job = start(vm, actor=request.user.get_username())
+    except failover_service.FailoverError as exc:
+        messages.error(request, str(exc))
+        return redirect("vm-list")
+    messages.info(request, started.format(job=job, vm=vm))
+    return redirect("failover-detail", failover_id=job.pk)
+
+
+@login_required
+@require_POST
+def vm_failover_test(request, vm_id):
+    return _start(request, get_object_or_404(VirtualMachine, pk=vm_id),
+                  lambda vm, actor: failover_service.start_failover(vm, FailoverKind.TEST, actor=actor),
+                  "Test failover {job.pk} of {vm.name} started: it boots {job.destination_vm} from the replica of "
+                  "{job.replication_job_id}; cycles pause until it ends.")
+
+
+@login_required
+@require_POST
+def vm_failover_end(request, vm_id):
+    vm = get_object_or_404(VirtualMachine, pk=vm_id)
+    try:
+        job = failover_service.end_test_failover(vm, actor=request.user.get_username())
+    except failover_service.FailoverError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.info(request, f"Test failover {job.pk} of {vm.name} ended: {job.destination_vm} and its "
+                               "overlays removed, the replica as it was.")
+    return redirect("vm-list")
+
+
+def _failover_context(failover_id: int) -> dict:
+    from django.utils import timezone
+
+    failover = get_object_or_404(FailoverJob.objects.select_related("vm__context"), pk=failover_id)
+    steps = list(failover.steps.all())
+    now = timezone.now()
+    for step in steps:
+        step.running_s = (now - step.started_at).total_seconds()
+    context = VMContext.of(failover.vm)
+    history = list(context.changes.order_by("-at", "-id")[:12])
+    return {"failover": failover, "steps": steps, "history": history}
+
+
+@login_required
+def failover_detail(request, failover_id):
+    return render_page(request, "replication/failover_detail.html", _failover_context(failover_id))
+
+
+@login_required
+def failover_fragment(request, failover_id):
+    return render(request, "replication/_failover_body.html", _failover_context(failover_id))
+
+
+@login_required
+def vm_failover_live(request, vm_id):
+    """GET: the confirmation, with every preflight check and the downtime
+    forecast; POST: shut the source down and fail over."""
+    vm = get_object_or_404(VirtualMachine, pk=vm_id)
+    if request.method != "POST":
+        checks = failover_checks.report(vm, failover_service.destination_name(vm, FailoverKind.LIVE))
+        return render_page(request, "replication/failover_live.html",
+                     {"vm": vm, "checks": checks, "ready": all(c["ok"] for c in checks),
+                      "forecast": forecast.downtime(vm)})
+    return _start(request, vm, lambda vm, actor: failover_service.start_failover(vm, FailoverKind.LIVE, actor=actor),
+                  "Live failover {job.pk} of {vm.name} started: the source shuts down, a final cycle runs, then "
+                  "{job.destination_vm} boots.")
+
+
+@login_required
+@require_POST
+def vm_rollback(request, vm_id):
+    return _start(request, get_object_or_404(VirtualMachine, pk=vm_id), failover_service.start_rollback,
+                  "Rollback {job.pk} of {vm.name} started: {job.destination_vm} is destroyed, the volumes go back "
+                  "to the rollback point and the source powers on.")

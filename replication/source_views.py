@@ -1,0 +1,99 @@
+"""The pages where sources and the cloud are added and checked: vCenters
+(certificate, login, which VMs to protect), image and NBD VMs, CloudStack."""
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.shortcuts import get_object_or_404, redirect
+from django.views.decorators.http import require_POST
+
+from replication.cloudstack.client import CloudClient
+from replication.cloudstack.drift import drift
+from replication.cloudstack.models import CloudError, CloudStackConfig
+from replication.models import VCenter
+from replication.services import sources as source_service
+from replication.services import vmware as vmware_service
+from replication.services.inventory import InventoryError, register_image_vm
+from replication.views import render_page
+from vma_agent.vmware import VSphereError
+
+
+@login_required
+def cloud(request):
+    """The active cloud's config (the secret only by reference)."""
+    config = CloudStackConfig.objects.filter(is_active=True).order_by("-created_at").first()
+    return render_page(request, "replication/cloud.html", {"config": config})
+
+
+@login_required
+@require_POST
+def cloud_check(request):
+    """Ask the cloud about the config's credentials and ids, and compare its
+    volumes with the records."""
+    config = CloudStackConfig.objects.filter(is_active=True).order_by("-created_at").first()
+    context = {"config": config, "checked": True}
+    if config is not None:
+        try:
+            context.update(found=CloudClient(config, job_timeout_s=30).check(), drift=drift(config))
+        except CloudError as exc:
+            context["error"] = str(exc)
+    return render_page(request, "replication/cloud.html", context)
+
+
+@login_required
+def sources(request):
+    """vCenters (add one: fetch its certificate, trust it, give the user and
+    password) and image/NBD VMs (add one through add_vm's checks)."""
+    context = {"form": {}, "image_form": {}}
+    if request.method == "POST":
+        step = request.POST.get("step")
+        data = request.POST
+        try:
+            if step == "fetch":
+                port = int(data.get("port") or 443)
+                context["form"] = {"host": data.get("host", "").strip(), "port": port}
+                context["form"]["thumbprint"] = source_service.certificate_thumbprint(context["form"]["host"], port)
+                context["fetched"] = True
+            elif step == "add":
+                context["form"] = {k: data.get(k, "").strip() for k in ("host", "port", "thumbprint", "name", "user")}
+                context["fetched"] = True
+                vcenter = source_service.add_vcenter(context["form"]["name"], context["form"]["host"],
+                                                     int(context["form"]["port"]), context["form"]["user"],
+                                                     data.get("password", ""), context["form"]["thumbprint"])
+                messages.info(request, f"vCenter {vcenter.name} added; choose which of its VMs to protect.")
+                return redirect("vcenter-inventory", vcenter_id=vcenter.pk)
+            elif step == "image":
+                context["image_form"] = {k: data.get(k, "") for k in ("name", "disks", "cpus", "memory_mib")}
+                vm = register_image_vm(data.get("name", ""), [line.strip() for line in data.get("disks", "")
+                                                              .splitlines() if line.strip()],
+                                       cpus=int(data["cpus"]) if data.get("cpus") else None,
+                                       memory_mib=int(data["memory_mib"]) if data.get("memory_mib") else None,
+                                       firmware=data.get("firmware") or "bios")
+                messages.info(request, f"VM {vm.name} added with {vm.disks.count()} disk(s).")
+                return redirect("vm-list")
+        except (vmware_service.VCenterConfigError, VSphereError, ValueError) as exc:
+            context["vcenter_error"] = str(exc)
+        except InventoryError as exc:
+            context["image_error"] = str(exc)
+    context["vcenters"] = VCenter.objects.order_by("name")
+    return render_page(request, "replication/sources.html", context)
+
+
+@login_required
+def vcenter_inventory(request, vcenter_id):
+    """The vCenter's VMs; the chosen ones are recorded (discovered) for protection."""
+    vcenter = get_object_or_404(VCenter, pk=vcenter_id)
+    if request.method == "POST":
+        names = request.POST.getlist("vm")
+        try:
+            recorded = vmware_service.discover(vcenter, names) if names else []
+        except (vmware_service.VCenterConfigError, VSphereError) as exc:
+            messages.error(request, str(exc))
+        else:
+            messages.info(request, f"{len(recorded)} VM(s) of {vcenter.name} protected: "
+                                   f"{', '.join(vm.name for vm in recorded) or 'none chosen'}.")
+            return redirect("vm-list")
+    try:
+        vms, error = source_service.inventory(vcenter), ""
+    except (vmware_service.VCenterConfigError, VSphereError) as exc:
+        vms, error = [], str(exc)
+    return render_page(request, "replication/vcenter_inventory.html", {"vcenter": vcenter, "vms": vms, "error": error})
