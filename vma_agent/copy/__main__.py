@@ -55,13 +55,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-# Sizes in IEC units (MiB, GiB), as everywhere: tqdm's own labels are SI.
-BAR_FORMAT = "{desc} {percentage:5.1f}%|{bar}| {postfix}"
+# Sizes in IEC units (MiB, GiB), as everywhere: tqdm's own labels are SI. The
+# text rides in tqdm's free-form {unit} field (its {postfix} starts with ", ").
+BAR_FORMAT = "{desc} {percentage:5.1f}%|{bar}| {unit}"
 
 
-def progress_text(done: int, total: int, bar) -> str:
-    rate = bar.format_dict.get("rate")
-    return f"{iec(done)} of {iec(total)}" + (f" at {iec_rate(rate)}" if rate else "")
+def progress_text(progress) -> str:
+    rate = progress.bytes_done / progress.elapsed_s if progress.elapsed_s > 0 else 0
+    return f"{iec(progress.bytes_done)} of {iec(progress.bytes_total)} at {iec_rate(rate)}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         if bar is not None:
             bar.total = progress.bytes_total
             bar.n = progress.bytes_done
-            bar.set_postfix_str(progress_text(progress.bytes_done, progress.bytes_total, bar), refresh=False)
+            bar.unit = progress_text(progress)
             bar.refresh()
 
     cursor = {"offset": args.resume_from}

@@ -11,7 +11,7 @@ from vma_agent.units import iec, iec_rate
 
 FIELDS = ["id", "vm", "sync_type", "status", "current_operation", "progress_percent", "bytes_transferred",
           "total_bytes", "throughput_bps", "eta_seconds", "error_message", "created_at", "completed_at"]
-BAR = "{desc:<44} {percentage:5.1f}%|{bar}| {postfix}"
+BAR = "{desc:<44} {percentage:5.1f}%|{bar}| {unit}"  # the text rides in tqdm's free-form {unit} field
 
 
 def job_row(job: ReplicationJob) -> dict:
@@ -46,11 +46,11 @@ class Command(BaseCommand):
         if as_json:
             self.stdout.write(json.dumps(rows, indent=2))
             return
-        self.stdout.write(f"{'JOB':<32} {'VM':<16} {'STATUS':<12} {'STAGE':<20} {'%':>6} {'BYTES':>15} {'B/S':>12}")
+        self.stdout.write(f"{'JOB':<32} {'VM':<16} {'STATUS':<12} {'STAGE':<20} {'%':>6} {'DATA':>12} {'RATE':>14}")
         for r in rows:
             self.stdout.write(
                 f"{r['id']:<32} {r['vm']:<16} {r['status']:<12} {r['current_operation']:<20} "
-                f"{r['progress_percent']:>6.1f} {r['bytes_transferred']:>15} {r['throughput_bps']:>12}"
+                f"{r['progress_percent']:>6.1f} {iec(r['bytes_transferred']):>12} {iec_rate(r['throughput_bps']):>14}"
             )
 
     def watch(self, interval: float, iterations: int) -> None:
@@ -93,5 +93,5 @@ class Command(BaseCommand):
                                    leave=True, dynamic_ncols=True)
         bar.n = round(percent, 1)
         bar.set_description_str(desc, refresh=False)
-        bar.set_postfix_str(postfix.strip(), refresh=False)
+        bar.unit = postfix.strip()
         bar.refresh()

@@ -58,7 +58,9 @@ class Command(BaseCommand):
     def follow(self, job: ReplicationJob, timeout: float) -> None:
         deadline = time.monotonic() + timeout if timeout else None
         disks = list(job.disks.order_by("disk_key"))
-        bar_format = "{desc:<28} {percentage:5.1f}%|{bar}| {postfix}"  # sizes in IEC units, as everywhere
+        # Sizes in IEC units, as everywhere; the text rides in tqdm's free-form
+        # {unit} field (its {postfix} would start with ", ").
+        bar_format = "{desc:<28} {percentage:5.1f}%|{bar}| {unit}"
         job_bar = tqdm(total=100.0, position=0, bar_format="{desc:<28} {percentage:5.1f}%|{bar}|",
                        leave=True, dynamic_ncols=True)
         disk_bars = {
@@ -77,8 +79,7 @@ class Command(BaseCommand):
                     bar.total = max(disk.bytes_total, 1)
                     bar.n = disk.bytes_done
                     bar.set_description_str(f"  {disk.disk_key} {disk.status}", refresh=False)
-                    bar.set_postfix_str(f"{iec(disk.bytes_done)} of {iec(disk.bytes_total)} at "
-                                        f"{iec_rate(disk.throughput_bps)}", refresh=False)
+                    bar.unit = f"{iec(disk.bytes_done)} of {iec(disk.bytes_total)} at {iec_rate(disk.throughput_bps)}"
                     bar.refresh()
                 if job.is_terminal:
                     break
@@ -90,4 +91,4 @@ class Command(BaseCommand):
                 bar.close()
         if job.status != JobStatus.COMPLETED:
             raise CommandError(f"job {job.id} {job.status}: {job.error_message or 'no reason recorded'}")
-        self.stdout.write(f"job {job.id} completed: {job.bytes_transferred} bytes of data copied")
+        self.stdout.write(f"job {job.id} completed: {iec(job.bytes_transferred)} of data copied")
