@@ -17,6 +17,7 @@ from django.conf import settings
 from replication.choices import JOB_TERMINAL
 from replication.models import ReplicationJob
 from replication.targets import get_provider
+from tests.helpers import wait_until
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WORKER_START_TIMEOUT_S = 60
@@ -71,16 +72,19 @@ def vma_server(django_db_setup, data_plane_root):
             cwd=PROJECT_ROOT, env=worker_env(), stdout=log, stderr=subprocess.STDOUT,
         )
     deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-    while True:
+    def answers() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError("it exited")
         try:
-            if requests.get(f"{url}/api/v1/openapi.json", timeout=1).status_code == 200:
-                break
+            return requests.get(f"{url}/api/v1/openapi.json", timeout=1).status_code == 200
         except requests.RequestException:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"vma server did not start:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.1)
+            return False
+
+    try:
+        wait_until(answers, max(deadline - time.monotonic(), 0), "the vma server", interval=0.1)
+    except AssertionError:
+        proc.kill()
+        pytest.fail(f"vma server did not start:\n{log_path.read_text()[-3000:]}")
     previous, settings.VMA_URL = settings.VMA_URL, url
     yield url
     settings.VMA_URL = previous
@@ -116,12 +120,16 @@ def start_worker(role: str, name: str, concurrency: int = 2, extra_env: dict | N
              "--without-gossip", "--without-mingle", "-n", f"{name}-{os.getpid()}@%h"],
             cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
-    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-    while b" ready." not in log_path.read_bytes():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"celery {role} worker did not start:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.2)
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError("it exited")
+        return b" ready." in log_path.read_bytes()
+
+    try:
+        wait_until(ready, WORKER_START_TIMEOUT_S, f"the celery {role} worker", interval=0.2)
+    except AssertionError:
+        proc.kill()
+        pytest.fail(f"celery {role} worker did not start:\n{log_path.read_text()[-3000:]}")
     proc.log_path = log_path
     return proc
 
@@ -155,14 +163,15 @@ def celery_worker_process(django_db_setup, data_plane_root, vma_server):
 
 
 def wait_for_job(job_id: str, timeout: float = 120) -> ReplicationJob:
-    deadline = time.monotonic() + timeout
-    while True:
+    def ended() -> ReplicationJob | None:
         job = ReplicationJob.objects.get(pk=job_id)
-        if job.status in JOB_TERMINAL:
-            return job
-        if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} still {job.status} ({job.current_operation}) after {timeout} s")
-        time.sleep(0.2)
+        return job if job.status in JOB_TERMINAL else None
+
+    try:
+        return wait_until(ended, timeout, f"job {job_id} to end", interval=0.2)
+    except AssertionError:
+        job = ReplicationJob.objects.get(pk=job_id)
+        raise AssertionError(f"job {job_id} still {job.status} ({job.current_operation}) after {timeout} s") from None
 
 
 def agent_bytes_copied(job_id: str, disk_key: str) -> int:

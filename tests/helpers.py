@@ -14,6 +14,20 @@ from vma_agent import nbdkit
 MiB = 1024 * 1024
 
 
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
+    """Poll `predicate` until it returns something true (returned), failing
+    with `what` after `timeout` seconds. The predicate may raise to stop
+    early (a process that died). The one way the tests wait on a condition."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
 def make_image(path: Path, size: int, data_ranges: list[tuple[int, int]], seed: int = 1) -> Path:
     """A sparse raw image of `size` bytes with random data only in data_ranges."""
     rng = random.Random(seed)
@@ -43,11 +57,12 @@ class NbdkitProcess:
             ["nbdkit", "--foreground", "--exit-with-parent", "--unix", str(self.socket), *args],
             stdout=subprocess.DEVNULL, stderr=self.log,
         )
-        deadline = time.monotonic() + 10
-        while not (self.socket.exists() and nbdkit.socket_accepts(self.socket)):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
+        def serving() -> bool:
+            if self.proc.poll() is not None:
                 raise RuntimeError(f"test nbdkit {args} did not start")
-            time.sleep(0.02)
+            return self.socket.exists() and nbdkit.socket_accepts(self.socket)
+
+        wait_until(serving, 10, f"test nbdkit {args} to serve", interval=0.02)
 
     @property
     def uri(self) -> str:

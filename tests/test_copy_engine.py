@@ -7,12 +7,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
 from tests.conftest import PROJECT_ROOT
-from tests.helpers import MiB, NbdkitProcess, make_image, sha256
+from tests.helpers import MiB, NbdkitProcess, make_image, sha256, wait_until
 from vma_agent.copy import CopyCancelled, CopyError, RateLimit, coalesce, copy_image, dirty_areas
 
 
@@ -356,10 +355,7 @@ def test_dirty_bitmap_incremental_with_qemu_nbd(tmp_path, sockdir):
                              f"--socket={sock}", str(disk)])
     target = NbdkitProcess(sockdir, "file", str(dst))
     try:
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_until(sock.exists, 10, "qemu-nbd's socket", interval=0.02)
         uri = f"nbd+unix:///?socket={sock}"
         areas = dirty_areas(uri, "cbt")
         changed = sum(length for _, length in areas)
@@ -381,10 +377,11 @@ def test_cli_copies_prints_json_and_resumes_after_sigterm(tmp_path, serve):
     cli = [sys.executable, "-m", "vma_agent.copy", src_uri, dst_uri]
     slow = subprocess.Popen([*cli, "--limit", str(8 * MiB), "--chunk", str(MiB)], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, cwd=PROJECT_ROOT)
-    deadline = time.monotonic() + 30
-    while os.stat(dst).st_blocks * 512 < 2 * MiB:  # it is copying
-        assert slow.poll() is None and time.monotonic() < deadline, "the CLI never started copying"
-        time.sleep(0.05)
+    def copying() -> bool:
+        assert slow.poll() is None, "the CLI exited before copying"
+        return os.stat(dst).st_blocks * 512 >= 2 * MiB
+
+    wait_until(copying, 30, "the CLI to be copying")
     slow.send_signal(signal.SIGTERM)
     stopped = json.loads(slow.communicate(timeout=10)[0])
     assert slow.returncode == 130 and stopped["status"] == "cancelled"

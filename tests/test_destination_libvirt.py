@@ -22,6 +22,7 @@ from django.conf import settings
 from replication.destinations import get_destination
 from replication.destinations.base import DestinationError, VMShape
 from replication.destinations.libvirt import LibvirtDestination
+from tests.helpers import wait_until
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BOOT_TIMEOUT_S = 90
@@ -72,12 +73,18 @@ def vm_names(dest):
 def wait_for_console(dest: LibvirtDestination, vm: str, text: str, timeout: float = BOOT_TIMEOUT_S) -> float:
     """Seconds until the VM's console shows text; fails with the console's tail."""
     start = time.monotonic()
-    while time.monotonic() - start < timeout:
+
+    def shown() -> bool:
         if text in dest.console_text(vm):
-            return time.monotonic() - start
+            return True
         assert dest.state(vm) == "running", f"{vm} is {dest.state(vm)}:\n{dest.console_text(vm)[-2000:]}"
-        time.sleep(0.2)
-    pytest.fail(f"{vm}: no {text!r} on the console within {timeout} s:\n{dest.console_text(vm)[-2000:]}")
+        return False
+
+    try:
+        wait_until(shown, timeout, f"{text!r} on the console of {vm}", interval=0.2)
+    except AssertionError as exc:
+        pytest.fail(f"{vm}: {exc}:\n{dest.console_text(vm)[-2000:]}")
+    return time.monotonic() - start
 
 
 def test_boot_from_overlay_shows_marker_and_leaves_the_replica_unchanged(dest, vm_names, tmp_path):

@@ -17,7 +17,7 @@ from replication.models import VirtualMachine
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import ReplicationError, start_replication
 from tests.conftest import PROJECT_ROOT, wait_for_job
-from tests.helpers import boot_disk_builder, completed_cycle_on, sha256
+from tests.helpers import boot_disk_builder, completed_cycle_on, sha256, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -198,7 +198,6 @@ def test_a_failover_whose_worker_is_killed_is_undone_by_the_reaper_naming_the_st
     import signal
     import subprocess
     import sys
-    import time
     from datetime import timedelta
 
     from django.utils import timezone
@@ -216,10 +215,11 @@ def test_a_failover_whose_worker_is_killed_is_undone_by_the_reaper_naming_the_st
         cwd=PROJECT_ROOT, env={**worker_env(), "PROCESS_ROLE": "oma"}, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while not job.steps.filter(name="verify boot").exists():
-            assert runner.poll() is None and time.monotonic() < deadline, "the failover never reached verify boot"
-            time.sleep(0.1)
+        def verifying() -> bool:
+            assert runner.poll() is None, "the failover's process exited"
+            return job.steps.filter(name="verify boot").exists()
+
+        wait_until(verifying, 120, "the failover to reach verify boot", interval=0.1)
     finally:
         runner.send_signal(signal.SIGKILL)
         runner.wait()

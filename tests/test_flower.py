@@ -5,13 +5,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
 from django.conf import settings
 
 from tests.conftest import PROJECT_ROOT
+from tests.helpers import wait_until
 
 
 def free_port() -> int:
@@ -40,15 +40,14 @@ def test_flower_starts_with_basic_auth_from_the_environment():
                               stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}/"
-        deadline = time.monotonic() + 30
-        while True:
+        def answer():
+            assert flower.poll() is None, "flower exited"
             try:
-                status, _ = get(url)
-                break
+                return get(url)
             except OSError:
-                assert flower.poll() is None, "flower exited"
-                assert time.monotonic() < deadline, "flower did not start"
-                time.sleep(0.2)
+                return None
+
+        status, _ = wait_until(answer, 30, "flower to answer", interval=0.2)
         assert status == 401
         assert get(url, "operator:wrong")[0] == 401
         status, body = get(url, "operator:flower-secret")

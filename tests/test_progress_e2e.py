@@ -4,7 +4,6 @@ brings it into the database, Flower-style event receivers see the copy."""
 
 import contextlib
 import threading
-import time
 from datetime import timedelta
 
 import pytest
@@ -19,7 +18,7 @@ from replication.services import progress, reaper
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import start_replication
 from tests.conftest import PollerThread, free_port, wait_for_job
-from tests.helpers import MiB, make_image, slow_nbd_source
+from tests.helpers import MiB, make_image, slow_nbd_source, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -32,13 +31,6 @@ def slow_vm(tmp_path, sockdir, name, disks=2, size=16 * MiB, delay="200ms"):
         image = make_image(tmp_path / f"{name}-{i}.img", size, [(0, size)], seed=i + 3)
         servers.append(slow_nbd_source(sockdir, image, delay))
     return register_image_vm(name, [s.uri for s in servers]), servers
-
-
-def wait_until(predicate, timeout=60, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 @contextlib.contextmanager
@@ -103,14 +95,14 @@ def test_a_poller_restart_mid_job_loses_nothing(celery_worker_process, vma_serve
     first = PollerThread().start()
     try:
         job = start_replication(vm)
-        wait_until(lambda: VMDisk.objects.filter(job=job, bytes_done__gt=0).exists(), what="first progress")
+        wait_until(lambda: VMDisk.objects.filter(job=job, bytes_done__gt=0).exists(), timeout=60, what="first progress")
         first.stop()  # the poller process dies; its successor knows nothing but the database
         before = VMDisk.objects.get(job=job).bytes_done
         second = PollerThread().start()
         try:
             wait_until(lambda: VMDisk.objects.get(job=job).bytes_done > before or
                        ReplicationJob.objects.get(pk=job.id).status != JobStatus.REPLICATING,
-                       what="progress after the restart")
+                       timeout=60, what="progress after the restart")
             done = wait_for_job(job.id)
         finally:
             second.stop()
@@ -128,7 +120,8 @@ def test_unreachable_agent_api_never_fails_a_job_that_keeps_copying(celery_worke
     vm, servers = slow_vm(tmp_path, sockdir, "vm-blips", disks=1, size=40 * MiB, delay="250ms")
     try:
         job = start_replication(vm)
-        wait_until(lambda: VMDisk.objects.filter(job=job, status=DiskStatus.COPYING).exists(), what="copy start")
+        wait_until(lambda: VMDisk.objects.filter(job=job, status=DiskStatus.COPYING).exists(), timeout=60,
+                   what="copy start")
         settings.VMA_URL = f"http://127.0.0.1:{free_port()}"  # the poller's view of the agent: gone
         try:
             for _ in range(5):

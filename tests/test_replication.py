@@ -1,7 +1,6 @@
 """End to end: a real Celery worker process, real Redis, real nbdkit source
 and target servers, real libnbd. Data is checked by content."""
 
-import time
 
 import pytest
 
@@ -10,7 +9,7 @@ from replication.models import ReplicationJob, TargetVolume, VMDisk
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import start_replication
 from tests.conftest import source_exports_running, wait_for_job
-from tests.helpers import MiB, NbdkitProcess, make_image, sha256, slow_nbd_source
+from tests.helpers import MiB, NbdkitProcess, make_image, sha256, slow_nbd_source, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -25,13 +24,9 @@ def two_disk_vm(tmp_path, name="vm-two-disks"):
 def assert_nothing_left_running(job):
     """A terminal job's copies stop within seconds and leave no source export."""
     assert job.status in {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED}
-    deadline = time.monotonic() + 10
-    while job.disks.exclude(status__in=DISK_TERMINAL).exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert list(job.disks.exclude(status__in=DISK_TERMINAL).values_list("disk_key", "status")) == []
-    while source_exports_running() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert source_exports_running() == []
+    wait_until(lambda: not job.disks.exclude(status__in=DISK_TERMINAL).exists(), 10,
+               f"every disk of {job.id} to end")
+    wait_until(lambda: not source_exports_running(), 10, "the source exports to close")
 
 
 def test_two_disk_vm_replicates_byte_for_byte(celery_worker_process, tmp_path):
@@ -111,10 +106,8 @@ def test_source_killed_mid_copy_fails_the_job_and_stops_the_other_disk(celery_wo
     try:
         vm = register_image_vm("vm-dying-source", [slow.uri, other.uri])
         job = start_replication(vm)
-        deadline = time.monotonic() + 60
-        while not VMDisk.objects.filter(job=job, disk_key="disk-2000", bytes_done__gt=0).exists():
-            assert time.monotonic() < deadline, "copy never started"
-            time.sleep(0.05)
+        wait_until(lambda: VMDisk.objects.filter(job=job, disk_key="disk-2000", bytes_done__gt=0).exists(), 60,
+                   "the copy to start")
         slow.kill()
         job = wait_for_job(job.id, timeout=60)
         assert_nothing_left_running(job)

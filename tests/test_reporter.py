@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tests.conftest import free_port
+from tests.helpers import wait_until
 from vma_agent.progress import CopyProgress
 from vma_agent.reporter import DiskReporter, LatestUpdateSender, MovingRate, ProgressClient
 
@@ -83,16 +84,11 @@ def test_a_dead_api_is_retried_with_backoff_and_gets_the_latest_once_back():
                                 backoff_s=0.2, max_backoff_s=0.4)
     for seq in range(1, 6):
         sender.offer({"stage": "Transfer", "status": "in_progress", "seq": seq})
-    deadline = time.monotonic() + 10
-    while sender.failures < 2:  # it keeps trying, backing off
-        assert time.monotonic() < deadline, "the sender gave up retrying"
-        time.sleep(0.05)
+    wait_until(lambda: sender.failures >= 2, 10, "the sender to keep retrying, backing off")
     assert sender.sent == 0
     api = RecordingAPI(port=port)
     try:
-        deadline = time.monotonic() + 5
-        while not api.bodies and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: api.bodies, 5, "the update once the API is back")
         assert sender.close(timeout_s=5), "the waiting update was not delivered after the API came back"
     finally:
         api.stop()
@@ -111,9 +107,7 @@ def test_closing_on_a_dead_api_does_not_wait_and_the_update_still_goes_out_once_
     assert sender.failures >= 1
     api = RecordingAPI(port=port)
     try:
-        deadline = time.monotonic() + 5
-        while not api.bodies and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: api.bodies, 5, "the closed sender's update once the API is back")
     finally:
         api.stop()
     assert [b["seq"] for b in api.bodies] == [7], "the closed sender gave up on its last update"

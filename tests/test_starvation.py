@@ -27,7 +27,7 @@ from replication.models import ReplicationJob, VMDisk
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import start_replication
 from tests.conftest import PROJECT_ROOT, start_worker, wait_for_job, worker_env
-from tests.helpers import MiB, make_image
+from tests.helpers import MiB, make_image, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -84,10 +84,12 @@ def test_progress_advances_while_both_copy_slots_are_busy(demo_layout, tmp_path)
     # Watch the database from the moment both disks copy until the first one
     # ends: every time the disks' or the job's byte count moves.
     deadline = time.monotonic() + 120
-    while VMDisk.objects.filter(job=job, status=DiskStatus.COPYING).count() < 2:
+
+    def both_copying() -> bool:
         assert ReplicationJob.objects.get(pk=job.id).status not in (JobStatus.FAILED, JobStatus.CANCELLED)
-        assert time.monotonic() < deadline, "the two copies never ran at the same time"
-        time.sleep(0.05)
+        return VMDisk.objects.filter(job=job, status=DiskStatus.COPYING).count() >= 2
+
+    wait_until(both_copying, 120, "the two copies to run at the same time")
     copying_since = time.monotonic()
     disk_moves, job_moves = [copying_since], [copying_since]
     last_disks = last_job = None
@@ -104,7 +106,7 @@ def test_progress_advances_while_both_copy_slots_are_busy(demo_layout, tmp_path)
             job_moves.append(now)
         last_disks, last_job = disks_done, job_done
         assert now < deadline, "the copies did not end"
-        time.sleep(0.05)
+        time.sleep(0.05)  # the sampling period of this watch, not a wait
     copying_until = time.monotonic()
     disk_moves.append(copying_until)
     job_moves.append(copying_until)

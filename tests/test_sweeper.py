@@ -8,7 +8,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 
 import pytest
 
@@ -16,7 +15,7 @@ from replication.models import VCenter
 from replication.services import sweeper
 from replication.services import vmware as vmware_service
 from tests.conftest import PROJECT_ROOT
-from tests.helpers import MiB, make_image
+from tests.helpers import MiB, make_image, wait_until
 from tests.vcsim import vm_spec
 from vma_agent import nbdkit
 
@@ -47,10 +46,7 @@ def test_source_export_of_a_killed_process_is_swept_and_a_live_one_kept(tmp_path
             assert live.exists() and nbdkit.socket_accepts(live / "nbd.sock"), live_uri
         assert len(removed) == 1 and f"dead process {owner.pid}" in removed[0]
         assert not orphan.exists()
-        deadline = time.monotonic() + 5
-        while nbdkit.process_alive(server) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not nbdkit.process_alive(server), "the orphan's nbdkit is gone too"
+        wait_until(lambda: not nbdkit.process_alive(server), 5, "the orphan's nbdkit to be gone too")
     finally:
         if owner.poll() is None:
             owner.kill()

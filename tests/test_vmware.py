@@ -5,7 +5,6 @@ every cycle the target equals the image the snapshot froze."""
 
 import json
 import os
-import time
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -15,7 +14,7 @@ from replication.models import ChangeIdRecord, ReplicationJob, SourceDisk, VCent
 from replication.services import vmware as vmware_service
 from replication.services.jobs import cancel_job, start_replication
 from tests.conftest import agent_bytes_copied, source_exports_running, wait_for_job
-from tests.helpers import MiB, sha256
+from tests.helpers import MiB, sha256, wait_until
 from tests.vcsim import fill_image as fill
 from tests.vcsim import snapshot_image, vm_spec
 from tests.vcsim import write_image as write
@@ -34,10 +33,7 @@ def snapshots_of(record: VCenter, moref: str) -> list[str]:
 
 def replicate(vm, sync_type=SyncType.FULL, **kwargs) -> ReplicationJob:
     job = wait_for_job(start_replication(vm, sync_type, **kwargs).id, timeout=120)
-    deadline = time.monotonic() + 10
-    while source_exports_running() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert source_exports_running() == []
+    wait_until(lambda: not source_exports_running(), 10, "the job's source exports to close")
     return job
 
 
@@ -212,10 +208,7 @@ def test_a_failure_mid_copy_removes_the_snapshot_and_advances_no_change_id(celer
     fill(live["2001"], [(0, 4096)], seed=4)
 
     job = start_replication(vm, SyncType.INCREMENTAL, bandwidth_limit_bps=2 * MiB)
-    deadline = time.monotonic() + 60
-    while agent_bytes_copied(job.id, "disk-2000") < 2 * MiB:  # well into the copy
-        assert time.monotonic() < deadline, "the copy never got going"
-        time.sleep(0.05)
+    wait_until(lambda: agent_bytes_copied(job.id, "disk-2000") >= 2 * MiB, 60, "the copy well under way")
     pids = _source_export_of(job.id)
     assert pids, "the copy's source export never started"
     for pid in pids:
@@ -240,26 +233,17 @@ def test_cancel_mid_copy_stops_the_copy_and_removes_the_snapshot(celery_worker_p
     fill(sim.vms["app04"]["disks"]["2000"], [(0, 32 * MiB)], seed=1)
     (vm,) = vmware_service.discover(record, ["app04"])
     job = start_replication(vm, bandwidth_limit_bps=4 * MiB)
-    deadline = time.monotonic() + 60
-    while agent_bytes_copied(job.id, "disk-2000") < 2 * MiB:  # copying
-        assert time.monotonic() < deadline, "the copy never got going"
-        time.sleep(0.05)
+    wait_until(lambda: agent_bytes_copied(job.id, "disk-2000") >= 2 * MiB, 60, "the copy under way")
     assert cancel_job(job.id)
     # The copy stops (its disk ends cancelled) long before the 8 s the rest of
     # it would take at 4 MiB/s; how fast is the fault suite's figure.
-    deadline = time.monotonic() + 30
-    while job.disks.filter(status=DiskStatus.COPYING).exists():
-        assert time.monotonic() < deadline, "the copy did not stop"
-        time.sleep(0.05)
+    wait_until(lambda: not job.disks.filter(status=DiskStatus.COPYING).exists(), 30, "the copy to stop")
     assert agent_bytes_copied(job.id, "disk-2000") < 32 * MiB
     job.refresh_from_db()
     assert job.status == JobStatus.CANCELLED and job.disks.get().status == DiskStatus.CANCELLED
     _wait_for_no_snapshots(record, vm.moref)
     assert SourceDisk.objects.get(vm=vm).change_id == ""
-    deadline = time.monotonic() + 10
-    while source_exports_running() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert source_exports_running() == []
+    wait_until(lambda: not source_exports_running(), 10, "the job's source exports to close")
 
 
 def test_preflight_blocks_independent_disks_missing_privileges_and_operator_snapshots_unless_overridden(
@@ -383,10 +367,7 @@ def _source_export_of(job_id: str) -> list[int]:
 
 
 def _wait_for_no_snapshots(record, moref, timeout=30):
-    deadline = time.monotonic() + timeout
-    while (left := snapshots_of(record, moref)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert left == []
+    wait_until(lambda: not snapshots_of(record, moref), timeout, f"the snapshots of {moref} to go", interval=0.2)
 
 
 def test_vsphere_client_reports_a_vanished_vm(vcenter):

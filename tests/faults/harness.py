@@ -6,6 +6,7 @@ records (written to test-artifacts/fault-figures.json, printed by
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,22 +25,11 @@ from django.utils import timezone
 from replication.choices import DISK_TERMINAL, JOB_ACTIVE
 from replication.models import CopyAttempt, ReplicationJob, VMDisk
 from tests.conftest import PROJECT_ROOT, free_port, source_exports_running, worker_env
-from tests.helpers import NbdkitProcess, sha256
+from tests.helpers import NbdkitProcess, sha256, wait_until
 from vma_agent import nbdkit
 
 FIGURES_PATH = PROJECT_ROOT / "test-artifacts" / "fault-figures.json"
 WORKER_START_TIMEOUT_S = 60
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 # A worker's role (PROCESS_ROLE) and the queue it consumes: the OMA's
@@ -74,12 +64,16 @@ class WorkerProcess:
                  "-n", f"{self.name}-{os.getpid()}@%h", *self.queues],
                 cwd=PROJECT_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
-        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-        while b" ready." not in self.log_path.read_bytes():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
+        def ready() -> bool:
+            if self.proc.poll() is not None:
                 raise AssertionError(f"worker {self.name} did not start:\n{self.log_text()[-3000:]}")
-            time.sleep(0.1)
+            return b" ready." in self.log_path.read_bytes()
+
+        try:
+            wait_until(ready, WORKER_START_TIMEOUT_S, f"worker {self.name} to start", interval=0.1)
+        except AssertionError:
+            self.kill()
+            raise
         return self
 
     def log_text(self) -> str:
@@ -231,13 +225,16 @@ class PrivateMariaDB:
                  "--innodb-buffer-pool-size=32M", "--performance-schema=OFF", "--skip-log-bin",
                  "--max-connections=200"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + self.START_TIMEOUT_S
-        while not self._answers():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop(hard=True)
-                raise AssertionError(f"private mariadbd on port {self.port} did not start within "
-                                     f"{self.START_TIMEOUT_S} s:\n{self.log_tail()}")
-            time.sleep(0.1)
+        def answers() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"private mariadbd on port {self.port} exited:\n{self.log_tail()}")
+            return self._answers()
+
+        try:
+            wait_until(answers, self.START_TIMEOUT_S, f"private mariadbd on port {self.port}", interval=0.1)
+        except AssertionError as exc:
+            self.stop(hard=True)
+            raise AssertionError(f"{exc}\n{self.log_tail()}") from None
         return self
 
     def _answers(self) -> bool:
@@ -386,9 +383,8 @@ def sha256_match(job: ReplicationJob, sources: dict[str, Path]) -> bool:
 
 def settle(jobs, timeout: float = 15) -> None:
     """Wait for copies to notice their job's end and for their exports to go."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and (non_terminal_rows(jobs) or leftovers()):
-        time.sleep(0.1)
+    with contextlib.suppress(AssertionError):  # best effort: the case's own checks judge what is left
+        wait_until(lambda: not (non_terminal_rows(jobs) or leftovers()), timeout, "the jobs to settle", interval=0.1)
 
 
 def reset_dir(path: Path) -> None:
