@@ -139,3 +139,7 @@ class FailoverStatus(models.TextChoices):
 # failover runs on). A rollback is open only while it runs: FailoverJob.open().
 FAILOVER_OPEN = frozenset({FailoverStatus.PENDING, FailoverStatus.RUNNING, FailoverStatus.SUCCEEDED})
 FAILOVER_RUNNING = frozenset({FailoverStatus.PENDING, FailoverStatus.RUNNING})
+
+# The steps that bring a failed-over VM up on the destination, in order: what
+# a failover that got to one of them has to undo, and what its boot took.
+FAILOVER_BOOT_STEPS = ("protect volumes", "convert guest", "define VM", "start VM", "verify boot")

@@ -17,6 +17,7 @@ def drift(config: CloudStackConfig | None = None) -> dict:
         "gone": records whose volume the cloud no longer has,
         "elsewhere": records whose volume is attached to another VM or to none,
         "in_step": how many agree}"""
+    from replication.choices import FAILOVER_OPEN, FailoverKind
     from replication.lifecycle import FailoverJob
     from replication.models import TargetVolume
 
@@ -25,8 +26,8 @@ def drift(config: CloudStackConfig | None = None) -> dict:
     records = {v.cloud_volume_id: v for v in TargetVolume.objects.exclude(cloud_volume_id="")
                .filter(retired_at__isnull=True).select_related("source_disk__vm")}
     # A VM under failover has its volumes on the destination VM, not on the OMA: expected there.
-    failing_over = set(FailoverJob.objects.filter(status__in=["pending", "running", "succeeded"])
-                       .exclude(kind="rollback").values_list("vm_id", flat=True))
+    failing_over = set(FailoverJob.objects.filter(status__in=FAILOVER_OPEN).exclude(kind=FailoverKind.ROLLBACK)
+                       .values_list("vm_id", flat=True))
     report = {"unknown": [], "gone": [], "elsewhere": [], "in_step": 0}
     for volume_id, volume in cloud.items():
         if volume_id not in records and volume.get("virtualmachineid") == config.oma_vm_id:

@@ -38,6 +38,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from replication.choices import (
+    FAILOVER_BOOT_STEPS,
     FAILOVER_OPEN,
     VM_STATE_REFUSALS,
     FailoverKind,
@@ -60,8 +61,6 @@ CONSOLE_TAIL_LINES = 20
 STEP_SHUT_DOWN = "shut down source"
 STEP_FINAL_CYCLE = "final incremental"
 STEP_POWER_ON = "power on source"
-# Steps that make something on the destination: a failover that got to one has something to undo.
-MAKING_STEPS = ("protect volumes", "convert guest", "define VM", "start VM", "verify boot")
 
 
 def failover_report(job: FailoverJob) -> dict:
@@ -413,7 +412,7 @@ def abandon(job_id: int, reason: str) -> None:
                                                                 ended_at=timezone.now(), detail="interrupted")
     tail = ""
     cleanup_error = ""
-    if job.kind != FailoverKind.ROLLBACK and job.steps.filter(name__in=MAKING_STEPS).exists():
+    if job.kind != FailoverKind.ROLLBACK and job.steps.filter(name__in=FAILOVER_BOOT_STEPS).exists():
         try:
             destination = destination_for(job.vm)
             with contextlib.suppress(Exception):

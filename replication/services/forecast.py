@@ -22,10 +22,9 @@ import statistics
 from django.conf import settings
 from django.utils import timezone
 
-from replication.choices import FailoverKind, JobStatus, SourceKind, SyncType
+from replication.choices import FAILOVER_BOOT_STEPS, FailoverKind, JobStatus, SourceKind, SyncType
 
 RECENT_CYCLES = 6
-BOOT_STEPS = ("protect volumes", "convert guest", "define VM", "start VM", "verify boot")
 
 
 def _seconds(a, b) -> float:
@@ -62,7 +61,7 @@ def boot(vm) -> tuple[float | None, str]:
             .order_by("-completed_at").first())
     if last is None:
         return None, "no verified boot yet: run a test failover"
-    seconds = sum(s.seconds or 0.0 for s in last.steps.filter(name__in=BOOT_STEPS))
+    seconds = sum(s.seconds or 0.0 for s in last.steps.filter(name__in=FAILOVER_BOOT_STEPS))
     return seconds, f"{last.kind} failover {last.pk}"
 
 
