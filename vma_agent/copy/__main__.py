@@ -9,11 +9,10 @@ import signal
 import sys
 import threading
 
-from tqdm import tqdm
-
 from vma_agent.copy import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_CONNECTIONS,
+    DEFAULT_DEPTH,
     CopyCancelled,
     CopyError,
     RateLimit,
@@ -50,7 +49,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--verify", action="store_true", help="read back and compare what was copied")
     parser.add_argument("--target-is-zeroed", action="store_true", help="the target is fresh: skip zero extents")
     parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK_BYTES, help="request size in bytes")
-    parser.add_argument("--connections", type=int, default=DEFAULT_CONNECTIONS, help="parallel connection pairs")
+    parser.add_argument("--connections", type=int, default=DEFAULT_CONNECTIONS, help="connections to the source")
+    parser.add_argument("--target-connections", type=int, default=None,
+                        help="connections to the target (default: as many as to the source)")
+    parser.add_argument("--depth", type=int, default=DEFAULT_DEPTH, help="requests in flight per pipeline")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -70,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     cancel = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: cancel.set())
     signal.signal(signal.SIGTERM, lambda *_: cancel.set())
-    bar = None if args.no_progress else tqdm(desc="copy", file=sys.stderr, disable=None, bar_format=BAR_FORMAT)
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm  # only for the bar
+
+        bar = tqdm(desc="copy", file=sys.stderr, disable=None, bar_format=BAR_FORMAT)
 
     def show(progress):
         if bar is not None:
@@ -88,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             extents = dirty_areas(args.src_uri, args.dirty_bitmap)
         result = copy_image(
             args.src_uri, args.dst_uri, extents=extents, resume_from=args.resume_from,
-            chunk_bytes=args.chunk, connections=args.connections, limit=RateLimit(args.limit),
+            chunk_bytes=args.chunk, connections=args.connections,
+            target_connections=args.target_connections, depth=args.depth, limit=RateLimit(args.limit),
             verify=args.verify, target_is_zeroed=args.target_is_zeroed, progress=show, progress_interval_s=0.5,
             checkpoint=lambda offset: cursor.update(offset=offset), cancel=cancel,
         )

@@ -1,0 +1,189 @@
+"""The copy engine's pipelines: many requests in flight per connection,
+source and target connection counts apart. Real nbdkit servers, real
+libnbd; data is checked by sha256, never by timing."""
+
+import random
+import threading
+
+import pytest
+
+from tests.helpers import MiB, NbdkitProcess, make_image, sha256, wait_until
+from vma_agent.copy import CopyCancelled, CopyError, copy_image
+from vma_agent.copy.pipeline import FLUSH_BYTES
+
+
+@pytest.fixture
+def serve(sockdir):
+    servers = []
+
+    def start(*args):
+        servers.append(NbdkitProcess(sockdir, *args))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def odd_image(path, seed=3):
+    """Odd size, holes, zero runs inside data, data in the last partial block."""
+    size = 21 * MiB + 12_345
+    image = make_image(path, size, [(0, 3 * MiB + 7), (5 * MiB, 4 * MiB), (13 * MiB + 511, 2 * MiB),
+                                    (size - 777, 777)], seed=seed)
+    with open(image, "r+b") as f:  # runs of allocated zeros inside the data
+        for offset in (MiB, 6 * MiB + 4096, 14 * MiB):
+            f.seek(offset)
+            f.write(bytes(MiB + 100))
+    return image, size
+
+
+@pytest.mark.parametrize("connections,target_connections,depth,chunk", [
+    (1, 1, 1, MiB),  # one request at a time: the old engine's shape
+    (4, 4, 64, 256 * 1024),  # nbdcopy's shape
+    (2, 4, 32, MiB),  # more target connections than source connections
+    (4, 1, 8, 64 * 1024),  # a VMware-like source limit against a single target
+    (3, 2, 5, 3 * MiB + 1),  # odd numbers everywhere
+])
+def test_pipelines_copy_an_odd_disk_exactly(tmp_path, serve, connections, target_connections, depth, chunk):
+    src, size = odd_image(tmp_path / "src.img")
+    dst = make_image(tmp_path / "dst.img", size, [(0, size)], seed=99)  # a used volume: everything must be rewritten
+    result = copy_image(serve("--readonly", "file", str(src)).uri, serve("file", str(dst)).uri,
+                        connections=connections, target_connections=target_connections, depth=depth,
+                        chunk_bytes=chunk)
+    assert sha256(dst) == sha256(src)
+    assert result.bytes_copied + result.bytes_zeroed + result.bytes_skipped == size
+    assert result.bytes_zeroed >= 3 * MiB  # the zero runs inside data went as zero requests
+
+
+def test_an_extent_list_copy_through_deep_pipelines_touches_only_the_listed_areas(tmp_path, serve):
+    size = 32 * MiB
+    old = make_image(tmp_path / "old.img", size, [(0, size)], seed=1)
+    new = tmp_path / "new.img"
+    new.write_bytes(old.read_bytes())
+    rng = random.Random(5)
+    areas = [(rng.randrange(0, size - MiB) // 512 * 512, rng.choice([512, 4096, 65536, 300_000]))
+             for _ in range(200)]
+    with open(new, "r+b") as f:
+        for offset, length in areas:
+            f.seek(offset)
+            f.write(rng.randbytes(length))
+    dst = tmp_path / "dst.img"
+    dst.write_bytes(old.read_bytes())
+    result = copy_image(serve("--readonly", "file", str(new)).uri, serve("file", str(dst)).uri,
+                        extents=areas, connections=2, depth=64, chunk_bytes=64 * 1024)
+    assert sha256(dst) == sha256(new)
+    assert result.bytes_read <= sum(length for _, length in areas)
+
+
+def test_cancel_with_many_requests_in_flight_commits_only_what_reached_the_target(tmp_path, serve):
+    size = 64 * MiB
+    src = make_image(tmp_path / "src.img", size, [(0, size)], seed=4)
+    dst = make_image(tmp_path / "dst.img", size, [])
+    # Slow reads keep 64 requests outstanding per connection; the target's
+    # writeback cache holds writes until a flush, so only a flush puts them
+    # in the file: what the cursor covers must be in the file.
+    source = serve("--readonly", "--filter=delay", "file", str(src), "rdelay=200ms")
+    target = serve("--filter=cache", "file", str(dst), "cache=writeback")
+    cancel, cursors = threading.Event(), []
+    progress = []
+    thread = threading.Thread(target=lambda: progress.append(_cancelled(
+        source.uri, target.uri, cancel, cursors)), daemon=True)
+    thread.start()
+    wait_until(lambda: cursors and cursors[-1] >= 4 * MiB, 60, "part of the disk committed")
+    cancel.set()
+    thread.join(30)
+    assert not thread.is_alive()
+    (outcome,) = progress
+    assert isinstance(outcome, CopyCancelled) and 4 * MiB <= outcome.cursor < size
+    target.kill()  # whatever the cache still held unflushed is lost now
+    assert same_prefix(src, dst, outcome.cursor)
+
+
+def _cancelled(src_uri, dst_uri, cancel, cursors):
+    try:
+        copy_image(src_uri, dst_uri, connections=2, depth=64, chunk_bytes=64 * 1024, cancel=cancel,
+                   checkpoint=cursors.append, checkpoint_interval_s=0.2)
+    except CopyCancelled as exc:
+        return exc
+    return None
+
+
+def broken_mid_copy(src_uri, dst_uri, fault, **options) -> tuple[CopyError, int]:
+    """Run a copy in a thread, call fault() once 2 MiB are committed, and
+    return the copy's error and its last committed cursor."""
+    cursors, errors = [], []
+
+    def run():
+        try:
+            copy_image(src_uri, dst_uri, connections=2, depth=32, retries=2, checkpoint=cursors.append,
+                       checkpoint_interval_s=0.2, **options)
+        except CopyError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    wait_until(lambda: cursors and cursors[-1] >= 2 * MiB, 60, "the copy under way")
+    fault()
+    thread.join(60)
+    assert not thread.is_alive()
+    assert len(errors) == 1, f"the copy did not fail: cursor {cursors[-1]}"
+    return errors[0], cursors[-1]
+
+
+def same_prefix(a_path, b_path, length) -> bool:
+    with open(a_path, "rb") as a, open(b_path, "rb") as b:
+        return a.read(length) == b.read(length)
+
+
+def test_a_source_that_dies_with_requests_in_flight_is_a_clear_error(tmp_path, serve):
+    size = 64 * MiB
+    src = make_image(tmp_path / "src.img", size, [(0, size)], seed=5)
+    dst = make_image(tmp_path / "dst.img", size, [])
+    source = serve("--readonly", "--filter=delay", "file", str(src), "rdelay=200ms")
+    error, cursor = broken_mid_copy(source.uri, serve("file", str(dst)).uri, source.kill, chunk_bytes=256 * 1024)
+    assert "read failed at offset" in str(error) and "length 262144" in str(error), error
+    assert "connection lost and cannot connect" in str(error), error
+    assert same_prefix(src, dst, cursor)  # what the cursor covered is on the target, whole
+
+
+def test_a_target_that_starts_refusing_writes_mid_pipeline_fails_the_copy_naming_the_write(tmp_path, serve):
+    size = 64 * MiB
+    src = make_image(tmp_path / "src.img", size, [(0, size)], seed=6)
+    dst = make_image(tmp_path / "dst.img", size, [])
+    trigger = tmp_path / "target-broken"
+    source = serve("--readonly", "--filter=delay", "file", str(src), "rdelay=200ms")
+    target = serve("--filter=error", "file", str(dst), "error-pwrite=EIO", "error-pwrite-rate=100%",
+                   f"error-pwrite-file={trigger}")
+    error, cursor = broken_mid_copy(source.uri, target.uri, trigger.touch, chunk_bytes=64 * 1024)
+    assert "write failed at offset" in str(error) and "length 65536" in str(error), error
+    assert "Input/output error" in str(error), error
+    assert same_prefix(src, dst, cursor)
+
+
+def test_a_resumed_pipeline_copy_copies_only_above_its_cursor(tmp_path, serve):
+    size = 40 * MiB + 3
+    src = make_image(tmp_path / "src.img", size, [(0, size)], seed=7)
+    dst = make_image(tmp_path / "dst.img", size, [])
+    head = 16 * MiB
+    with open(src, "rb") as a, open(dst, "r+b") as b:  # an earlier run's committed part
+        b.write(a.read(head))
+    result = copy_image(serve("--readonly", "file", str(src)).uri, serve("file", str(dst)).uri,
+                        resume_from=head, connections=4, depth=32, chunk_bytes=512 * 1024)
+    assert sha256(dst) == sha256(src)
+    assert result.bytes_read == size - head and result.bytes_resumed == head
+
+
+def test_flushes_come_every_flush_bytes_so_writeback_runs_beside_the_copy(tmp_path, serve):
+    size = 4 * FLUSH_BYTES + MiB
+    src = make_image(tmp_path / "src.img", size, [(0, size)], seed=8)
+    dst = make_image(tmp_path / "dst.img", size, [])
+    target = serve("--filter=stats", "file", str(dst), f"statsfile={tmp_path / 'stats.txt'}", "statsappend=true")
+    copy_image(serve("--readonly", "file", str(src)).uri, target.uri, connections=1, depth=16,
+               checkpoint_interval_s=3600)
+    target.stop()
+    flushes = [line for line in (tmp_path / "stats.txt").read_text().splitlines() if line.startswith("flush:")]
+    assert flushes, (tmp_path / "stats.txt").read_text()
+    # At least one flush while copying (the next waits for the one in
+    # flight, so not quite one per FLUSH_BYTES), and the last one.
+    assert int(flushes[0].split()[1].rstrip(",")) >= 2
+    assert sha256(dst) == sha256(src)

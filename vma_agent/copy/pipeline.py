@@ -1,0 +1,492 @@
+"""The copy's data path: pipelines of many requests in flight, reads and
+writes overlapped.
+
+A pipeline is one thread driving a share of the source and target
+connections. It keeps up to `depth` requests outstanding per source
+connection (libnbd aio calls with completion callbacks) and waits in
+poll(2) on all its sockets at once: a read's latency overlaps the other
+reads and the writes, as nbdcopy does. Reads go round-robin over its source
+connections, writes over its target connections. A completed read becomes a
+write of the same buffer (or a zero request when it reads as zeros).
+Buffers are pooled, so the data in flight is at most depth x chunk per
+source connection, whatever the disk's size.
+
+A request that fails is retried synchronously once the pipeline has
+drained, on reconnected handles if the connection died; after the last
+retry the copy fails with the request's offset, length and the server's
+reason. Completed writes become durable with a flush every flush interval;
+only durable items move the committed cursor.
+"""
+
+from __future__ import annotations
+
+import errno as errno_codes
+import math
+import os
+import select
+import threading
+import time
+from collections import deque
+
+import nbd
+
+from vma_agent.copy.connection import CopyError, close, connect
+from vma_agent.copy.plan import Extent
+from vma_agent.copy.ratelimit import TICK_S, RateLimit
+
+POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
+# A target connection is flushed once this much was written on it since its
+# last flush (and at least every flush interval): the target's writeback
+# then runs beside the copy instead of all at its end.
+FLUSH_BYTES = 32 << 20  # measured with bench/copy_bench.py (8, 16, 32, 128 MiB, never)
+
+
+class RequestFailed(Exception):
+    """One NBD request failed; retried, then reported with what it was."""
+
+    def __init__(self, operation: str, message: str):
+        super().__init__(operation)
+        self.operation = operation
+        self.message = message
+
+    @classmethod
+    def from_nbd(cls, operation: str, error: nbd.Error) -> RequestFailed:
+        return cls(operation, error.string)
+
+
+class Connections:
+    """One pipeline's source and target connections (one or more of each),
+    reconnected after a broken connection so a retry has something to retry
+    on. The synchronous path (retries) uses the first of each."""
+
+    def __init__(self, src_uri: str, dst_uri: str, sources: int = 1, targets: int = 1):
+        self.src_uri, self.dst_uri = src_uri, dst_uri
+        self.srcs: list[nbd.NBD] = []
+        self.dsts: list[nbd.NBD] = []
+        try:
+            self.srcs.extend(_open(src_uri) for _ in range(sources))
+            self.dsts.extend(_open(dst_uri) for _ in range(targets))
+        except CopyError:
+            self.close()
+            raise
+        self.generation = 0  # moves on each reconnect: late callbacks of old handles are ignored
+        self.repair_error: CopyError | None = None
+
+    @property
+    def src(self) -> nbd.NBD:
+        return self.srcs[0]
+
+    @property
+    def dst(self) -> nbd.NBD:
+        return self.dsts[0]
+
+    def repair(self) -> None:
+        """Reconnect dead connections; remembers why that failed, if it did."""
+        self.repair_error = None
+        for handles, uri in ((self.srcs, self.src_uri), (self.dsts, self.dst_uri)):
+            for position, handle in enumerate(handles):
+                if handle.aio_is_dead() or handle.aio_is_closed():
+                    close(handle)
+                    self.generation += 1
+                    try:
+                        handles[position] = _open(uri)
+                    except CopyError as exc:
+                        self.repair_error = exc
+                        return
+
+    def close(self) -> None:
+        for handle in self.srcs + self.dsts:
+            close(handle)
+
+
+def _open(uri: str) -> nbd.NBD:
+    handle = connect(uri)
+    handle.set_pread_initialize(False)  # every buffer is read whole or the read fails: no need to clear it first
+    return handle
+
+
+class CopyRun:
+    """One copy run: the items to copy, and the state shared by the
+    pipelines and the calling thread."""
+
+    def __init__(self, items: list[Extent], *, chunk_bytes: int, depth: int, target_is_zeroed: bool,
+                 limit: RateLimit, retries: int, flush_interval_s: float):
+        self.items = items
+        self.chunk_bytes = chunk_bytes
+        self.depth = depth
+        self.target_is_zeroed = target_is_zeroed
+        self.limit = limit
+        self.retries = retries
+        self.flush_interval_s = flush_interval_s
+        self.durable = [False] * len(items)  # written and flushed: what the cursor counts
+        self.next_item = 0
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.workers_left = 0
+        self.all_stopped = threading.Event()  # every pipeline has returned
+        self.error: BaseException | None = None
+        self.bytes_done = 0  # data bytes of finished items
+        self.copied = self.zeroed = 0
+        self.cursor_index = 0
+
+    # --- pipeline side -------------------------------------------------
+    def work(self, conns: Connections) -> None:
+        try:
+            Pipeline(self, conns).drive()
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+            with self.lock:
+                self.error = self.error or exc
+            self.stop.set()
+        finally:
+            with self.lock:
+                self.workers_left -= 1
+                if self.workers_left == 0:
+                    self.all_stopped.set()
+
+    def claim(self) -> int | None:
+        with self.lock:
+            if self.next_item >= len(self.items):
+                return None
+            self.next_item += 1
+            return self.next_item - 1
+
+    def finish(self, index: int, outcome: str) -> None:
+        item = self.items[index]
+        with self.lock:
+            if outcome == "copied":
+                self.copied += item.length
+            elif outcome == "zeroed":
+                self.zeroed += item.length
+            if not item.zero:
+                self.bytes_done += item.length
+
+    def make_durable(self, indexes: list[int]) -> None:
+        with self.lock:
+            for index in indexes:
+                self.durable[index] = True
+
+    # --- calling-thread side -------------------------------------------
+    def cursor(self) -> int:
+        """The committed cursor: every item below it is written and flushed."""
+        with self.lock:
+            while self.cursor_index < len(self.items) and self.durable[self.cursor_index]:
+                self.cursor_index += 1
+            index = self.cursor_index
+        return self.items[index].offset if index < len(self.items) else self.items[-1].end
+
+    def finished(self) -> bool:
+        return self.cursor_index == len(self.items)
+
+
+class Pipeline:
+    """One thread's requests in flight on its connections. Only this thread
+    touches its handles; the completion callbacks run inside its own libnbd
+    calls and only queue what happened."""
+
+    def __init__(self, run: CopyRun, conns: Connections):
+        self.run = run
+        self.conns = conns
+        # What the completion callbacks saw: (kind, position, index, buffer, errno, generation).
+        self.events: deque[tuple] = deque()
+        # Items with a request in flight, per connection position.
+        self.src_busy: list[set[int]] = [set() for _ in conns.srcs]
+        self.dst_busy: list[set[int]] = [set() for _ in conns.dsts]
+        self.in_flight = 0
+        self.max_in_flight = run.depth * len(conns.srcs)
+        self.turn = 0
+        self.flushes: dict[int, tuple[int, list[int]]] = {}  # flushes in flight: (target position, items)
+        self.flush_count = 0
+        self.failed: list[int] = []  # items whose request failed: copied again, synchronously
+        self.redo: list[int] = []  # written, but the flush that would make them durable was lost
+        self.unflushed: list[list[int]] = [[] for _ in conns.dsts]  # written, not yet flushed, per target
+        self.unflushed_bytes = [0] * len(conns.dsts)
+        self.last_flush = time.monotonic()
+        self.free_buffers: list[nbd.Buffer] = []
+        self.held: tuple[int, float] | None = None  # the next item, waiting for its rate-limit slot
+        self.claimed_all = False
+        self.poller = select.poll()
+        self.polled: dict[int, int] = {}  # fd -> the events it is registered for
+        self.dead: set[int] = set()  # fds of dead connections, until the retry reconnects
+        self.sockets: list[tuple] = []
+        self.watched_generation = -1
+
+    # --- the loop ------------------------------------------------------
+    def drive(self) -> None:
+        run = self.run
+        while True:
+            if not self.failed and not self.redo:
+                self._issue()
+            busy = self.in_flight + len(self.flushes)
+            if (self.failed or self.redo) and busy == 0:
+                self._retry_failed()
+                continue
+            if busy == 0 and (run.stop.is_set() or (self.claimed_all and self.held is None)):
+                if not any(self.unflushed):
+                    return
+                self._flush()  # every completed write durable before the pipeline returns
+                continue
+            self._flush_if_due()
+            self._wait(self._timeout())
+            self._handle_events()
+
+    def _timeout(self) -> float:
+        if self.held is not None and not self.run.stop.is_set():
+            return min(TICK_S, max(0.001, self.run.limit.wait_time(self.held[1])))
+        return TICK_S
+
+    def _issue(self) -> None:
+        run = self.run
+        while not run.stop.is_set() and self.in_flight < self.max_in_flight:
+            if self.held is None:
+                index = run.claim()
+                if index is None:
+                    self.claimed_all = True
+                    return
+                item = run.items[index]
+                self.held = (index, 0.0 if item.zero else run.limit.reserve(item.length))
+            index, slot_end = self.held
+            if slot_end and run.limit.wait_time(slot_end) > 0:
+                return  # its bandwidth slot has not come yet
+            self.held = None
+            item = run.items[index]
+            if item.zero:
+                self._zero(index)
+            else:
+                self._read(index)
+
+    def _next(self, count: int) -> int:
+        self.turn += 1
+        return self.turn % count
+
+    def _read(self, index: int) -> None:
+        item = self.run.items[index]
+        buffer = self._buffer(item.length)
+        position = self._next(len(self.conns.srcs))
+        handle = self.conns.srcs[position]
+        self._submit("read", position, index, buffer, handle.aio_pread, buffer, item.offset)
+
+    def _write(self, index: int, buffer: nbd.Buffer) -> None:
+        position = self._next(len(self.conns.dsts))
+        handle = self.conns.dsts[position]
+        self._submit("write", position, index, buffer, handle.aio_pwrite, buffer, self.run.items[index].offset)
+
+    def _zero(self, index: int) -> None:
+        run, item = self.run, self.run.items[index]
+        position = self._next(len(self.conns.dsts))
+        handle = self.conns.dsts[position]
+        if run.target_is_zeroed:
+            self._done(index, "skipped", position)
+        elif handle.can_zero():
+            self._submit("zero", position, index, None, handle.aio_zero, item.length, item.offset)
+        else:
+            self._done(index, run_sync(self.conns, item, run), 0)
+
+    def _submit(self, kind: str, position: int, index: int, buffer, call, *args) -> None:
+        """Send one request; its completion queues (kind, position, index,
+        buffer, errno, generation)."""
+        generation = self.conns.generation
+        if kind != "flush":
+            (self.src_busy if kind == "read" else self.dst_busy)[position].add(index)
+            self.in_flight += 1
+
+        def done(error) -> int:
+            self.events.append((kind, position, index, buffer, error.value, generation))
+            return 1
+
+        try:
+            call(*args, completion=done)
+        except nbd.Error as exc:  # refused before it was sent: a dead or broken connection
+            self.events.append((kind, position, index, buffer, exc.errnum or errno_codes.EIO, generation))
+
+    def _handle_events(self) -> None:
+        while self.events:
+            kind, position, index, buffer, error, generation = self.events.popleft()
+            if generation != self.conns.generation:
+                continue  # a late answer on a replaced connection; the item is already being retried
+            if kind == "flush":
+                self._flushed(index, error)
+                continue
+            busy = (self.src_busy if kind == "read" else self.dst_busy)[position]
+            if index not in busy:
+                continue  # already given up with its lost connection
+            busy.discard(index)
+            self.in_flight -= 1
+            if error:
+                self._release(buffer)
+                self.failed.append(index)
+            elif kind != "read":
+                self._release(buffer)
+                self._done(index, "copied" if kind == "write" else "zeroed", position)
+            elif buffer.is_zero():
+                # Data that reads as zeros is written as a zero request.
+                self._release(buffer)
+                self._zero(index)
+            else:
+                self._write(index, buffer)
+
+    def _done(self, index: int, outcome: str, position: int) -> None:
+        self.run.finish(index, outcome)
+        self.unflushed[position].append(index)
+        self.unflushed_bytes[position] += self.run.items[index].length
+
+    def _watch(self) -> None:
+        """(Re)build the poll set after the connections changed."""
+        self.watched_generation = self.conns.generation
+        for fd in self.polled:
+            self.poller.unregister(fd)
+        self.polled.clear()
+        self.sockets = []
+        for side, busy in ((self.conns.srcs, self.src_busy), (self.conns.dsts, self.dst_busy)):
+            for position, handle in enumerate(side):
+                self.sockets.append((handle.aio_get_fd(), handle, side, busy, position))
+        self.dead.clear()
+
+    def _wait(self, timeout_s: float) -> None:
+        """Wait on every socket at once; let libnbd read and write what is ready."""
+        if self.watched_generation != self.conns.generation:
+            self._watch()
+        handles = {}
+        for fd, handle, side, busy, position in self.sockets:
+            if fd in self.dead:
+                continue
+            direction = handle.aio_get_direction()
+            events = (POLL_IN if direction & nbd.AIO_DIRECTION_READ else 0) | (
+                select.POLLOUT if direction & nbd.AIO_DIRECTION_WRITE else 0)
+            if self.polled.get(fd) != events:
+                if fd in self.polled:
+                    self.poller.modify(fd, events)
+                else:
+                    self.poller.register(fd, events)
+                self.polled[fd] = events
+            handles[fd] = (handle, side, busy, position)
+        for fd, revents in self.poller.poll(math.ceil(timeout_s * 1000)) if handles else ():
+            handle, side, busy, position = handles[fd]
+            try:
+                if revents & select.POLLOUT:
+                    handle.aio_notify_write()
+                if revents & POLL_IN:
+                    handle.aio_notify_read()
+            except nbd.Error:
+                pass
+            if revents & (select.POLLHUP | select.POLLERR) or handle.aio_is_dead():
+                # A dead connection: nothing more comes from it until the retry reconnects.
+                self.dead.add(fd)
+                self.poller.unregister(fd)
+                del self.polled[fd]
+                self._lost(side, busy, position)
+
+    def _lost(self, side: list[nbd.NBD], busy: list[set[int]], position: int) -> None:
+        """A dead connection answers nothing more: what was in flight on it
+        is copied again once the pipeline has drained."""
+        self.failed.extend(busy[position])
+        self.in_flight -= len(busy[position])
+        busy[position].clear()
+        if side is self.conns.dsts:
+            for flush_id, (target, batch) in list(self.flushes.items()):
+                if target == position:
+                    self.redo.extend(batch)
+                    del self.flushes[flush_id]
+
+    def _retry_failed(self) -> None:
+        failed, self.failed = sorted(set(self.failed)), []
+        redo, self.redo = sorted(set(self.redo)), []
+        for index in failed:
+            self._done(index, retrying(self.conns, self.run.items[index], self.run), 0)
+        for index in redo:  # counted when first written
+            retrying(self.conns, self.run.items[index], self.run)
+            self.unflushed[0].append(index)
+        self.last_flush = 0  # make them durable before going on
+
+    # --- durability ----------------------------------------------------
+    def _flush_if_due(self) -> None:
+        if not self.flushes and (time.monotonic() - self.last_flush >= self.run.flush_interval_s
+                                 or max(self.unflushed_bytes) >= FLUSH_BYTES):
+            self._flush()
+
+    def _flush(self) -> None:
+        """Flush each target connection that has completed writes; a flush
+        makes the writes completed before it durable."""
+        self.last_flush = time.monotonic()
+        for position, handle in enumerate(self.conns.dsts):
+            batch, self.unflushed[position] = self.unflushed[position], []
+            self.unflushed_bytes[position] = 0
+            if not batch:
+                continue
+            if not handle.can_flush():
+                self.run.make_durable(batch)
+                continue
+            self.flush_count += 1
+            self.flushes[self.flush_count] = (position, batch)
+            self._submit("flush", position, self.flush_count, None, handle.aio_flush)
+
+    def _flushed(self, flush_id: int, error: int) -> None:
+        if flush_id not in self.flushes:
+            return  # its connection was lost; its items are being written again
+        _, batch = self.flushes.pop(flush_id)
+        if error:
+            raise CopyError(f"flush of the target failed: {os.strerror(error)}")
+        self.run.make_durable(batch)
+
+    # --- buffers -------------------------------------------------------
+    def _buffer(self, length: int) -> nbd.Buffer:
+        if length == self.run.chunk_bytes and self.free_buffers:
+            return self.free_buffers.pop()
+        return nbd.Buffer(length)
+
+    def _release(self, buffer: nbd.Buffer | None) -> None:
+        if buffer is not None and buffer.size() == self.run.chunk_bytes and len(self.free_buffers) < self.max_in_flight:
+            self.free_buffers.append(buffer)
+
+
+# --- the synchronous path: retries, and targets without zero support ----------
+
+def retrying(conns: Connections, item: Extent, run: CopyRun) -> str:
+    """Copy one item synchronously, retrying on reconnected handles; a
+    CopyError names the item after the last attempt."""
+    # Imported here: tenacity pulls in asyncio, a tenth of a second that
+    # only a copy with a failed request needs.
+    from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+    attempts = Retrying(stop=stop_after_attempt(run.retries), wait=wait_exponential(0.2, max=5),
+                        retry=retry_if_exception_type(RequestFailed), reraise=True,
+                        before_sleep=lambda state: conns.repair())
+    conns.repair()
+    try:
+        return attempts(run_sync, conns, item, run)
+    except RequestFailed as exc:
+        # A connection that could not be re-established says more than the
+        # dead handle's own complaint.
+        reason = f"connection lost and {conns.repair_error}" if conns.repair_error else exc.message
+        raise CopyError(f"{exc.operation} failed at offset {item.offset} length {item.length}: {reason}") from exc
+
+
+def run_sync(conns: Connections, item: Extent, run: CopyRun) -> str:
+    """Copy one item with synchronous calls; returns "copied", "zeroed" or "skipped"."""
+    if not item.zero:
+        try:
+            data = conns.src.pread(item.length, item.offset)
+        except nbd.Error as exc:
+            raise RequestFailed.from_nbd("read", exc) from exc
+        if data.count(0) != len(data):
+            try:
+                conns.dst.pwrite(data, item.offset)
+            except nbd.Error as exc:
+                raise RequestFailed.from_nbd("write", exc) from exc
+            return "copied"
+    # Zero extents, and data that reads as zeros, are written as zeros.
+    if run.target_is_zeroed:
+        return "skipped"
+    try:
+        zero(conns.dst, item.offset, item.length, run.chunk_bytes)
+    except nbd.Error as exc:
+        raise RequestFailed.from_nbd("zero", exc) from exc
+    return "zeroed"
+
+
+def zero(dst: nbd.NBD, offset: int, length: int, chunk_bytes: int) -> None:
+    if dst.can_zero():
+        dst.zero(length, offset)
+        return
+    # A target without zero support gets explicit zero data, one chunk at a time.
+    for pos in range(offset, offset + length, chunk_bytes):
+        dst.pwrite(bytes(min(chunk_bytes, offset + length - pos)), pos)
