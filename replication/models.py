@@ -29,6 +29,7 @@ from replication.choices import (
     VolumeProvider,
     sources_of,
 )
+from vma_agent.units import iec_rate
 
 EXPORT_PREFIX = "migration-vol-"
 PROGRESS_SAMPLE_S = timedelta(seconds=5)
@@ -325,6 +326,21 @@ class ReplicationJob(models.Model):
     def record_poll(self, *, error: bool) -> None:
         count = models.F("poll_errors") + 1 if error else 0
         ReplicationJob.objects.filter(pk=self.pk).update(poll_errors=count)
+
+    def change_limit(self, bytes_per_s: int | None, actor: str) -> bool:
+        """A new bandwidth limit per disk copy (None: none) for a job still
+        running, recorded on its timeline; False when the job has ended."""
+        if bytes_per_s is not None and bytes_per_s <= 0:
+            raise ValueError(f"a bandwidth limit must be positive, not {bytes_per_s}")
+        moved = ReplicationJob.objects.filter(pk=self.pk, status__in=JOB_ACTIVE).update(
+            bandwidth_limit_bps=bytes_per_s, updated_at=timezone.now())
+        if not moved:
+            return False
+        self.refresh_from_db()
+        JobEvent.objects.create(job=self, status=self.status, stage=self.current_operation,
+                                message=f"bandwidth limit {iec_rate(bytes_per_s) if bytes_per_s else 'none'} "
+                                        f"per disk, set by {actor}")
+        return True
 
     def fail(self, reason: str) -> bool:
         return self.transition(JobStatus.FAILED, error_message=reason[:4000], current_operation=Stage.FAILED)

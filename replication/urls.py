@@ -10,6 +10,7 @@ urlpatterns = [
     path("jobs/<str:job_id>/fragment/", views.job_fragment, name="job-fragment"),
     path("jobs/<str:job_id>/cancel/", views.job_cancel, name="job-cancel"),
     path("jobs/<str:job_id>/retry/", views.job_retry, name="job-retry"),
+    path("jobs/<str:job_id>/limit/", views.job_limit, name="job-limit"),
     path("vms/", views.vm_list, name="vm-list"),
     path("vms/<int:vm_id>/replicate/", views.vm_replicate, name="vm-replicate"),
     path("vms/<int:vm_id>/failover/test/", failover_views.vm_failover_test, name="vm-failover-test"),

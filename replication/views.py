@@ -12,6 +12,8 @@ from replication.choices import JOB_ACTIVE, JobStatus, SyncType
 from replication.lifecycle import FailoverJob
 from replication.models import ReplicationJob, TargetVolume, VirtualMachine, VMDisk
 from replication.services import jobs as job_service
+from replication.services import limits
+from vma_agent.units import parse_rate
 
 RECENT_FAILURES = 10
 
@@ -104,6 +106,25 @@ def job_cancel(request, job_id):
         messages.info(request, f"Job {job.id} cancelled; its copies stop within seconds.")
     else:
         messages.error(request, f"Job {job.id} is already {job.status} and cannot be cancelled.")
+    return redirect("job-detail", job_id=job.id)
+
+
+@login_required
+@require_POST
+def job_limit(request, job_id):
+    job = get_object_or_404(ReplicationJob, pk=job_id)
+    text = request.POST.get("rate", "").strip()
+    try:
+        rate = None if text.lower() in ("0", "none", "off", "unlimited") else parse_rate(text)
+        change = limits.change_limit(job.id, rate, actor=f"user {request.user.get_username()}")
+    except (ValueError, limits.LimitError) as exc:
+        messages.error(request, str(exc))
+        return redirect("job-detail", job_id=job.id)
+    if change.agent_error:
+        messages.error(request, f"Limit {change.label} per disk recorded, but the agent was not told "
+                                f"({change.agent_error}): running copies keep their limit.")
+    else:
+        messages.info(request, f"Limit {change.label} per disk; the running copies follow within seconds.")
     return redirect("job-detail", job_id=job.id)
 
 

@@ -329,3 +329,31 @@ def test_a_stop_request_needs_a_reason_and_reaches_the_agents_copies(vma_server,
     assert response.status_code == 200 and response.json() == {"job_id": job_id, "stopping": True}
     control = AgentControl.from_url(settings.VMA_REDIS_URL, prefix=f"{settings.VMA_PROGRESS_PREFIX}:control")
     assert control.stop_reason(job_id) == "cancelled by the operator"
+
+
+def test_a_jobs_limit_is_changed_through_the_agent_api_and_bad_limits_are_refused(vma_server, settings):
+    from vma_agent.control import AgentControl
+
+    job_id = new_job_id()
+    url = f"{vma_server}/api/v1/jobs/{job_id}/limit"
+    auth = {"Authorization": f"Bearer {settings.VMA_TOKEN}"}
+    assert requests.get(url, headers=auth, timeout=10).json() == {
+        "job_id": job_id, "bytes_per_s": None, "changed": False, "applied": {}}
+    for bad in ({}, {"bytes_per_s": 0}, {"bytes_per_s": -5}, {"bytes_per_s": "60M"}, {"bytes_per_s": True},
+                {"bytes_per_s": 1.5}, [1]):
+        response = requests.post(url, json=bad, headers=auth, timeout=10)
+        assert response.status_code == 400 and "bytes_per_s" in response.json()["error"], bad
+    assert requests.post(url, data=b"{", headers=auth, timeout=10).status_code == 400
+    assert requests.post(url, json={"bytes_per_s": 1}, timeout=10, headers={"Authorization": "Bearer x"}
+                         ).status_code == 401
+    assert requests.put(url, json={"bytes_per_s": 1}, headers=auth, timeout=10).status_code == 405
+    control = AgentControl.from_url(settings.VMA_REDIS_URL, prefix=f"{settings.VMA_PROGRESS_PREFIX}:control")
+    assert control.limit(job_id) == (False, None)  # nothing refused was stored
+
+    response = requests.post(url, json={"bytes_per_s": 60 * 1024 * 1024}, headers=auth, timeout=10)
+    assert response.status_code == 200 and response.json()["bytes_per_s"] == 60 * 1024 * 1024
+    assert control.limit(job_id) == (True, 60 * 1024 * 1024)
+    control.limit_applied(job_id, "disk-2000", 60 * 1024 * 1024)
+    assert requests.get(url, headers=auth, timeout=10).json()["applied"] == {"disk-2000": 60 * 1024 * 1024}
+    assert requests.post(url, json={"bytes_per_s": None}, headers=auth, timeout=10).json()["bytes_per_s"] is None
+    assert control.limit(job_id) == (True, None)  # lifted: a change, not "unchanged"

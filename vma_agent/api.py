@@ -221,10 +221,41 @@ def stop_job(request: HttpRequest, job_id: str) -> JsonResponse:
     if not isinstance(reason, str) or not reason.strip():
         return _error(400, "reason is required: a non-empty string")
     try:
-        _control_for(settings.VMA_REDIS_URL, f"{settings.VMA_PROGRESS_PREFIX}:control").request_stop(job_id, reason)
+        _control().request_stop(job_id, reason)
     except redis.RedisError as exc:
         return _unavailable(exc)
     return JsonResponse({"job_id": job_id, "stopping": True})
+
+
+def _control() -> AgentControl:
+    return _control_for(settings.VMA_REDIS_URL, f"{settings.VMA_PROGRESS_PREFIX}:control")
+
+
+@api_view("GET", "POST")
+def job_limit(request: HttpRequest, job_id: str) -> JsonResponse:
+    """A job's bandwidth limit per disk copy: POST {"bytes_per_s": N or null}
+    changes it for the job's running copies, which follow within a second
+    or two; GET shows it and, per disk, the limit each copy last applied."""
+    if denied := _unauthorized(request):
+        return denied
+    try:
+        validate_id(job_id)
+        body = json.loads(request.read(MAX_BODY_BYTES + 1) or b"{}") if request.method == "POST" else None
+    except InvalidUpdate as exc:
+        return _error(exc.status, exc.reason)
+    except (ValueError, RecursionError):
+        return _error(400, "body is not valid JSON")
+    try:
+        if body is not None:
+            rate = body.get("bytes_per_s", ...) if isinstance(body, dict) else ...
+            if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int) or rate <= 0):
+                return _error(400, "bytes_per_s is required: a positive integer, or null for no limit")
+            _control().set_limit(job_id, rate)
+        changed, rate = _control().limit(job_id)
+        applied = _control().limits_applied(job_id)
+    except redis.RedisError as exc:
+        return _unavailable(exc)
+    return JsonResponse({"job_id": job_id, "bytes_per_s": rate, "changed": changed, "applied": applied})
 
 
 @api_view("GET")

@@ -63,6 +63,12 @@ class AgentControl:
     def _stop_key(self, job_id: str) -> str:
         return f"{self.prefix}:stop:{job_id}"
 
+    def _limit_key(self, job_id: str) -> str:
+        return f"{self.prefix}:limit:{job_id}"
+
+    def _applied_key(self, job_id: str) -> str:
+        return f"{self.prefix}:limit-applied:{job_id}"
+
     def claim(self, job_id: str, disk_key: str, attempt: int, worker: str) -> str | None:
         """Take the disk for this run; None when taken, else why not."""
         key = self._claim_key(job_id, disk_key)
@@ -119,6 +125,29 @@ class AgentControl:
 
     def request_stop(self, job_id: str, reason: str) -> None:
         self.client.set(self._stop_key(job_id), reason[:500], ex=7 * 24 * 3600)
+
+    def set_limit(self, job_id: str, bytes_per_s: int | None) -> None:
+        """The OMA changed the job's bandwidth limit (None: no limit); its
+        running copies follow at their next limit check."""
+        self.client.set(self._limit_key(job_id), json.dumps({"bytes_per_s": bytes_per_s}), ex=7 * 24 * 3600)
+
+    def limit(self, job_id: str) -> tuple[bool, int | None]:
+        """(whether the OMA changed the job's limit, the limit it set)."""
+        raw = self.client.get(self._limit_key(job_id))
+        return (False, None) if raw is None else (True, json.loads(raw)["bytes_per_s"])
+
+    def limit_applied(self, job_id: str, disk_key: str, bytes_per_s: int | None) -> None:
+        """A copy now runs at this limit (0: none), so the OMA can tell."""
+        key = self._applied_key(job_id)
+        with self.client.pipeline() as pipe:
+            pipe.hset(key, disk_key, int(bytes_per_s or 0))
+            pipe.expire(key, 7 * 24 * 3600)
+            pipe.execute()
+
+    def limits_applied(self, job_id: str) -> dict[str, int | None]:
+        """Per disk, the limit its copy last applied (None: no limit)."""
+        return {disk.decode(): int(value) or None
+                for disk, value in self.client.hgetall(self._applied_key(job_id)).items()}
 
     def stop_reason(self, job_id: str) -> str | None:
         value = self.client.get(self._stop_key(job_id))

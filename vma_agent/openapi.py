@@ -153,6 +153,15 @@ _CHANGES = _object({
     "expired": {"type": "array", "items": _STRING,
                 "description": "Records whose time to live ran out since the last read of the feed"},
 })
+_LIMIT = {"type": "integer", "nullable": True, "minimum": 1, "description": "Bytes per second; null: no limit"}
+_JOB_LIMIT = _object({
+    "job_id": _STRING,
+    "bytes_per_s": {**_LIMIT, "description": "The limit the OMA set while the job ran; null: none (or not changed)"},
+    "changed": {"type": "boolean", "description": "The OMA changed the limit while the job ran; if not, each copy "
+                                                  "keeps its order's limit"},
+    "applied": {"type": "object", "additionalProperties": {"type": "integer", "nullable": True},
+                "description": "Per disk, the limit its copy last applied (null: none)"},
+})
 _HEALTH = _object({"status": {"type": "string", "enum": ["ok", "unavailable"]}, "store": _STRING})
 
 
@@ -181,7 +190,8 @@ OPENAPI = {
     "components": {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         "schemas": {"ProgressUpdate": _UPDATE, "SeedsProgressUpdate": _SEEDS_UPDATE, "ProgressRecord": _RECORD,
-                    "JobStatus": _STATUS, "Changes": _CHANGES, "Health": _HEALTH, "Error": _ERROR},
+                    "JobStatus": _STATUS, "Changes": _CHANGES, "Health": _HEALTH, "JobLimit": _JOB_LIMIT,
+                    "Error": _ERROR},
     },
     "security": [{"bearer": []}, {}],
     "paths": {
@@ -245,6 +255,25 @@ OPENAPI = {
                 "responses": {"200": _json(_object({"job_id": {"type": "string"}, "stopping": {"type": "boolean"}}),
                                            "The job's copies on this agent will stop"),
                               "400": _json(_ERROR, "Invalid id or body (a non-empty reason is required)"),
+                              **_ERRORS},
+            },
+        },
+        "/api/v1/jobs/{id}/limit": {
+            "get": {
+                "summary": "The job's bandwidth limit per disk copy, and the limit each running copy last applied",
+                "parameters": [_ID_PARAM],
+                "responses": {"200": _json({"$ref": "#/components/schemas/JobLimit"}, "The job's limit"),
+                              **_BAD_ID, **_ERRORS},
+            },
+            "post": {
+                "summary": "The OMA changes a job's bandwidth limit per disk copy; the job's running copies "
+                           "follow within a second or two",
+                "parameters": [_ID_PARAM],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["bytes_per_s"], "additionalProperties": True,
+                    "properties": {"bytes_per_s": _LIMIT}}}}},
+                "responses": {"200": _json({"$ref": "#/components/schemas/JobLimit"}, "The limit is changed"),
+                              "400": _json(_ERROR, "Invalid id or body (bytes_per_s: a positive integer or null)"),
                               **_ERRORS},
             },
         },

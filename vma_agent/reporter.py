@@ -64,6 +64,23 @@ class ProgressClient:
         if response.status_code != 200:
             raise ProgressUnavailable(f"HTTP {response.status_code}: {response.text[:200]}")
 
+    def set_limit(self, job_id: str, bytes_per_s: int | None) -> dict:
+        """Change a job's bandwidth limit on the agent; returns the agent's
+        view of it (see the agent API's /jobs/{id}/limit); raises on any failure."""
+        return self._limit("POST", job_id, json={"bytes_per_s": bytes_per_s})
+
+    def job_limit(self, job_id: str) -> dict:
+        return self._limit("GET", job_id)
+
+    def _limit(self, method: str, job_id: str, **kwargs) -> dict:
+        try:
+            response = self._request(method, f"{self.base_url}/api/v1/jobs/{job_id}/limit", **kwargs)
+        except requests.RequestException as exc:
+            raise ProgressUnavailable(str(exc)) from exc
+        if response.status_code != 200:
+            raise ProgressUnavailable(f"HTTP {response.status_code}: {response.text[:200]}")
+        return response.json()
+
     def get(self, record_id: str) -> dict | None:
         """The record for a job id or export name; None when there is none (404)."""
         try:

@@ -24,10 +24,16 @@ from vma_agent.progress import CopyProgress
 from vma_agent.progress_store import ProgressStore
 from vma_agent.reporter import DiskReporter, JobStageReporter, ProgressClient
 from vma_agent.snapshot_sources import ImageDirSource, SnapshotDisk, VddkSource, password_file
+from vma_agent.units import iec_rate
 from vma_agent.vmware import VSphereClient, VSphereError
 from vma_agent.work import SHUT_DOWN, CopyOrder, PowerOrder, SnapshotRemovalOrder, SourceOrder, VCenterRef
 
 log = logging.getLogger(__name__)
+
+# How often a running copy reads its job's bandwidth limit from the agent's
+# Redis: a limit the operator changes reaches the copy within about this
+# plus the progress interval.
+LIMIT_CHECK_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -46,8 +52,10 @@ class AgentConfig:
     vddk_libdir: str = "/usr/lib/vmware-vix-disklib"
     vddk_transports: str = "nbdssl:nbd"
     vcenter_timeout_s: float = 60.0
-    chunk_bytes: int = 1024 * 1024
+    chunk_bytes: int = 2 * 1024 * 1024
     connections: int = 4
+    target_connections: int = 0  # 0: as many as to the source
+    depth: int = 8
     copy_limit_bps: int = 0
     progress_interval_s: float = 2.0
     checkpoint_interval_s: float = 5.0
@@ -199,18 +207,22 @@ class CopyMonitor:
     the reporter (a mailbox drop, never waits on the network); at most every
     heartbeat interval the run's claim is renewed in the agent's Redis, which
     also says whether the OMA stopped the job or a newer attempt took the
-    disk: then the copy stops. A Redis outage is ridden out: the data plane
-    does not need it."""
+    disk: then the copy stops. Every LIMIT_CHECK_S it reads the job's
+    bandwidth limit there, so a limit the OMA changes reaches the running
+    copy. A Redis outage is ridden out: the data plane does not need it."""
 
     def __init__(self, order: CopyOrder, control: AgentControl, reporter: DiskReporter, worker: str,
-                 interval_s: float, on_progress: Callable[[CopyProgress], None] | None = None):
+                 interval_s: float, on_progress: Callable[[CopyProgress], None] | None = None,
+                 agent_limit_bps: int = 0):
         self.order = order
         self.control = control
         self.reporter = reporter
         self.worker = worker
         self.interval_s = interval_s
         self.on_progress = on_progress
-        self.last_check = time.monotonic()
+        self.agent_limit_bps = agent_limit_bps
+        self.limit = RateLimit(self._effective(order.limit_bps))
+        self.last_check = self.last_limit_check = time.monotonic()
         self.first_done: int | None = None
         self.bytes_done = 0
         self.redis_down = False
@@ -226,8 +238,28 @@ class CopyMonitor:
         self.reporter(progress)
         if self.on_progress is not None:
             self.on_progress(progress)
+        if time.monotonic() - self.last_limit_check >= LIMIT_CHECK_S:
+            self.follow_limit()
         if time.monotonic() - self.last_check >= self.interval_s:
             self.check()
+
+    def _effective(self, job_limit_bps: int | None) -> int | None:
+        """The tighter of the job's limit and this agent's own (COPY_LIMIT_BPS)."""
+        limits = [limit for limit in (job_limit_bps, self.agent_limit_bps) if limit]
+        return min(limits) if limits else None
+
+    def follow_limit(self) -> None:
+        self.last_limit_check = time.monotonic()
+        try:
+            changed, job_limit = self.control.limit(self.order.job_id)
+            rate = self._effective(job_limit) if changed else self.limit.bytes_per_s
+            if changed and rate != self.limit.bytes_per_s:
+                log.info("copy of %s/%s: bandwidth limit now %s", self.order.job_id, self.order.disk_key,
+                         iec_rate(rate) if rate else "none")
+                self.limit.set(rate)
+            self.control.limit_applied(self.order.job_id, self.order.disk_key, self.limit.bytes_per_s)
+        except redis.RedisError:
+            pass  # check() says so once; the copy goes on at its current limit
 
     def check(self) -> None:
         self.last_check = time.monotonic()
@@ -292,7 +324,8 @@ def copy_disk(order: CopyOrder, config: AgentConfig, *,
     reporter = DiskReporter(config.progress_client(), order.job_id, order.disk_key, export_name=order.export_name,
                             sync_type=order.sync_type, attempt=order.attempt, worker=worker)
     reporter.checkpoint(resume_from)
-    monitor = CopyMonitor(order, control, reporter, worker, config.heartbeat_interval_s, on_progress)
+    monitor = CopyMonitor(order, control, reporter, worker, config.heartbeat_interval_s, on_progress,
+                          agent_limit_bps=config.copy_limit_bps)
     outcome = {"worker": worker, "resume_from": resume_from}
     try:
         with Beat(reporter, config.heartbeat_interval_s):
@@ -335,11 +368,12 @@ def _copy(order: CopyOrder, config: AgentConfig, monitor: CopyMonitor, resume_fr
             with config.vsphere(snap.vcenter) as client:
                 areas = client.changed_areas(snap.vm_moref, snap.snapshot_moref, snap.device_key,
                                              order.capacity_bytes, snap.against_change_id)
-        limits = [limit for limit in (order.limit_bps, config.copy_limit_bps) if limit]
+        monitor.follow_limit()  # a limit changed before this copy started applies from its first byte
         return copy_image(
             src_uri, order.target_uri, extents=areas, resume_from=resume_from, zero_unlisted=order.zero_unlisted,
-            verify=order.verify, limit=RateLimit(min(limits) if limits else None),
-            chunk_bytes=config.chunk_bytes, connections=config.connections, progress=monitor,
+            verify=order.verify, limit=monitor.limit,
+            chunk_bytes=config.chunk_bytes, connections=config.connections,
+            target_connections=config.target_connections or None, depth=config.depth, progress=monitor,
             progress_interval_s=config.progress_interval_s, checkpoint=monitor.checkpoint,
             checkpoint_interval_s=config.checkpoint_interval_s,
         )

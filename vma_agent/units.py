@@ -22,3 +22,20 @@ def iec(nbytes: float | None) -> str:
 
 def iec_rate(bytes_per_s: float | None) -> str:
     return f"{iec(bytes_per_s or 0)}/s"
+
+
+_RATE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def parse_rate(text: str) -> int:
+    """'50M', '50MiB/s', '1.5G' or '1048576' -> bytes per second (K, M, G are
+    powers of 1024); ValueError with the reason otherwise."""
+    value = text.strip().upper().removesuffix("/S").removesuffix("B").removesuffix("I")
+    unit = value[-1:] if value[-1:] in _RATE_UNITS else ""
+    try:
+        rate = float(value[: len(value) - len(unit)]) * _RATE_UNITS[unit]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a rate such as 50M, 50MiB/s or 1048576") from None
+    if not rate > 0 or rate == float("inf"):
+        raise ValueError(f"the rate must be positive, not {text!r}")
+    return int(rate)

@@ -9,5 +9,6 @@ urlpatterns = [
     path("api/v1/status/<str:record_id>", api.get_status, name="vma-status"),
     path("api/v1/health", api.health, name="vma-health"),
     path("api/v1/jobs/<str:job_id>/stop", api.stop_job, name="vma-job-stop"),
+    path("api/v1/jobs/<str:job_id>/limit", api.job_limit, name="vma-job-limit"),
     path("api/v1/openapi.json", api.openapi, name="vma-openapi"),
 ]

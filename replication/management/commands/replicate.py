@@ -9,22 +9,16 @@ from replication.management.lookup import vm_named
 from replication.models import ReplicationJob
 from replication.services.jobs import ReplicationError, start_replication
 from replication.services.vmware import OVERRIDES
-from vma_agent.units import iec, iec_rate
+from vma_agent.units import iec, iec_rate, parse_rate
 
 POLL_INTERVAL_S = 0.5
-UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 
 
 def _bytes_per_second(text: str) -> int:
-    value = text.strip().upper().removesuffix("/S").removesuffix("B")
-    unit = value[-1:] if value[-1:] in UNITS else ""
     try:
-        rate = float(value[: len(value) - len(unit)]) * UNITS[unit]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a rate such as 50M or 1048576") from None
-    if rate <= 0:
-        raise argparse.ArgumentTypeError(f"the rate must be positive, not {text!r}")
-    return int(rate)
+        return parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 class Command(BaseCommand):
