@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 import nbd
 
 from vma_agent.copy.connection import CopyError, close, connect, export_size
-from vma_agent.copy.pipeline import Connections, CopyRun
-from vma_agent.copy.plan import Extent, allocation_map, coalesce, dirty_areas, split, with_gaps_zeroed
+from vma_agent.copy.pipeline import Connections, CopyRun, count_items
+from vma_agent.copy.plan import Extent, allocation_map, coalesce, dirty_areas, with_gaps_zeroed
 from vma_agent.copy.ratelimit import TICK_S, RateLimit
 from vma_agent.progress import ProgressCallback, ThrottledReporter
 
@@ -150,7 +150,7 @@ def copy_image(
         data_total = sum(e.length for e in plan if not e.zero)
         todo = [Extent(max(e.offset, resume_from), e.end - max(e.offset, resume_from), e.zero)
                 for e in plan if e.end > resume_from]
-        items = split(todo, chunk_bytes)
+        items = count_items(todo, chunk_bytes)
     finally:
         close(src)
 
@@ -170,9 +170,9 @@ def copy_image(
         connections = target_connections = 1
     pool = []
     try:
-        for sources, targets in _spread(connections, target_connections, len(items)):
+        for sources, targets in _spread(connections, target_connections, items):
             pool.append(Connections(src_uri, dst_uri, sources, targets))
-        run = CopyRun(items, chunk_bytes=chunk_bytes, depth=depth, target_is_zeroed=target_is_zeroed,
+        run = CopyRun(todo, chunk_bytes=chunk_bytes, depth=depth, target_is_zeroed=target_is_zeroed,
                       limit=limit, retries=retries, flush_interval_s=checkpoint_interval_s)
         threads = [threading.Thread(target=run.work, args=(conns,), name=f"copy-{i}", daemon=True)
                    for i, conns in enumerate(pool)]
@@ -210,7 +210,7 @@ def copy_image(
         if not run.finished():
             raise CopyCancelled(cursor)
         if verify:
-            _verify(pool[0], items, chunk_bytes)
+            _verify(pool[0], todo, chunk_bytes)
             result.verified = True
         result.bytes_copied, result.bytes_zeroed = run.copied, run.zeroed
         result.bytes_read = run.bytes_done
@@ -231,9 +231,9 @@ def _spread(sources: int, targets: int, items: int) -> list[tuple[int, int]]:
     return [(len(range(i, sources, pipelines)), len(range(i, targets, pipelines))) for i in range(pipelines)]
 
 
-def _verify(conns: Connections, items: list[Extent], chunk_bytes: int) -> None:
+def _verify(conns: Connections, extents: list[Extent], chunk_bytes: int) -> None:
     """Read back what was copied and compare it with the source."""
-    for item in items:
+    for item in extents:
         for offset in range(item.offset, item.end, chunk_bytes):
             length = min(chunk_bytes, item.end - offset)
             try:

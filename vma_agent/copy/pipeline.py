@@ -27,11 +27,12 @@ import select
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 
 import nbd
 
 from vma_agent.copy.connection import CopyError, close, connect
-from vma_agent.copy.plan import Extent
+from vma_agent.copy.plan import ZERO_REQUEST_BYTES, Extent
 from vma_agent.copy.ratelimit import TICK_S, RateLimit
 
 POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
@@ -107,19 +108,23 @@ def _open(uri: str) -> nbd.NBD:
 
 class CopyRun:
     """One copy run: the items to copy, and the state shared by the
-    pipelines and the calling thread."""
+    pipelines and the calling thread. Items are made from the plan as they
+    are claimed, in offset order, and only those not yet durable are held:
+    memory follows the data in flight, not the disk's size."""
 
-    def __init__(self, items: list[Extent], *, chunk_bytes: int, depth: int, target_is_zeroed: bool,
+    def __init__(self, extents: list[Extent], *, chunk_bytes: int, depth: int, target_is_zeroed: bool,
                  limit: RateLimit, retries: int, flush_interval_s: float):
-        self.items = items
         self.chunk_bytes = chunk_bytes
         self.depth = depth
         self.target_is_zeroed = target_is_zeroed
         self.limit = limit
         self.retries = retries
         self.flush_interval_s = flush_interval_s
-        self.durable = [False] * len(items)  # written and flushed: what the cursor counts
-        self.next_item = 0
+        self.plan_end = extents[-1].end if extents else 0
+        self._items = iter_items(extents, chunk_bytes)
+        self._next: Extent | None = next(self._items, None)  # the next item to claim
+        self.claimed = 0
+        self.outstanding: dict[int, Extent] = {}  # claimed, not yet durable, in claim (= offset) order
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.workers_left = 0
@@ -127,7 +132,6 @@ class CopyRun:
         self.error: BaseException | None = None
         self.bytes_done = 0  # data bytes of finished items
         self.copied = self.zeroed = 0
-        self.cursor_index = 0
 
     # --- pipeline side -------------------------------------------------
     def work(self, conns: Connections) -> None:
@@ -143,15 +147,17 @@ class CopyRun:
                 if self.workers_left == 0:
                     self.all_stopped.set()
 
-    def claim(self) -> int | None:
+    def claim(self) -> tuple[int, Extent] | None:
         with self.lock:
-            if self.next_item >= len(self.items):
+            item = self._next
+            if item is None:
                 return None
-            self.next_item += 1
-            return self.next_item - 1
+            self._next = next(self._items, None)
+            index, self.claimed = self.claimed, self.claimed + 1
+            self.outstanding[index] = item
+            return index, item
 
-    def finish(self, index: int, outcome: str) -> None:
-        item = self.items[index]
+    def finish(self, item: Extent, outcome: str) -> None:
         with self.lock:
             if outcome == "copied":
                 self.copied += item.length
@@ -163,19 +169,32 @@ class CopyRun:
     def make_durable(self, indexes: list[int]) -> None:
         with self.lock:
             for index in indexes:
-                self.durable[index] = True
+                self.outstanding.pop(index, None)
 
     # --- calling-thread side -------------------------------------------
     def cursor(self) -> int:
-        """The committed cursor: every item below it is written and flushed."""
+        """The committed cursor: everything below it is written and flushed."""
         with self.lock:
-            while self.cursor_index < len(self.items) and self.durable[self.cursor_index]:
-                self.cursor_index += 1
-            index = self.cursor_index
-        return self.items[index].offset if index < len(self.items) else self.items[-1].end
+            if self.outstanding:
+                return next(iter(self.outstanding.values())).offset
+            return self._next.offset if self._next is not None else self.plan_end
 
     def finished(self) -> bool:
-        return self.cursor_index == len(self.items)
+        with self.lock:
+            return self._next is None and not self.outstanding
+
+
+def iter_items(extents: list[Extent], chunk_bytes: int) -> Iterator[Extent]:
+    """The plan's extents in requests: data in chunks, zero runs in the
+    largest zero requests the protocol takes."""
+    for extent in extents:
+        step = ZERO_REQUEST_BYTES if extent.zero else chunk_bytes
+        for offset in range(extent.offset, extent.end, step):
+            yield Extent(offset, min(step, extent.end - offset), extent.zero)
+
+
+def count_items(extents: list[Extent], chunk_bytes: int) -> int:
+    return sum(-(-extent.length // (ZERO_REQUEST_BYTES if extent.zero else chunk_bytes)) for extent in extents)
 
 
 class Pipeline:
@@ -202,6 +221,7 @@ class Pipeline:
         self.unflushed_bytes = [0] * len(conns.dsts)
         self.last_flush = time.monotonic()
         self.free_buffers: list[nbd.Buffer] = []
+        self.extents: dict[int, Extent] = {}  # this pipeline's items until they are durable
         self.held: tuple[int, float] | None = None  # the next item, waiting for its rate-limit slot
         self.claimed_all = False
         self.poller = select.poll()
@@ -238,17 +258,18 @@ class Pipeline:
         run = self.run
         while not run.stop.is_set() and self.in_flight < self.max_in_flight:
             if self.held is None:
-                index = run.claim()
-                if index is None:
+                claimed = run.claim()
+                if claimed is None:
                     self.claimed_all = True
                     return
-                item = run.items[index]
+                index, item = claimed
+                self.extents[index] = item
                 self.held = (index, 0.0 if item.zero else run.limit.reserve(item.length))
             index, slot_end = self.held
             if slot_end and run.limit.wait_time(slot_end) > 0:
                 return  # its bandwidth slot has not come yet
             self.held = None
-            item = run.items[index]
+            item = self.extents[index]
             if item.zero:
                 self._zero(index)
             else:
@@ -259,7 +280,7 @@ class Pipeline:
         return self.turn % count
 
     def _read(self, index: int) -> None:
-        item = self.run.items[index]
+        item = self.extents[index]
         buffer = self._buffer(item.length)
         position = self._next(len(self.conns.srcs))
         handle = self.conns.srcs[position]
@@ -268,10 +289,10 @@ class Pipeline:
     def _write(self, index: int, buffer: nbd.Buffer) -> None:
         position = self._next(len(self.conns.dsts))
         handle = self.conns.dsts[position]
-        self._submit("write", position, index, buffer, handle.aio_pwrite, buffer, self.run.items[index].offset)
+        self._submit("write", position, index, buffer, handle.aio_pwrite, buffer, self.extents[index].offset)
 
     def _zero(self, index: int) -> None:
-        run, item = self.run, self.run.items[index]
+        run, item = self.run, self.extents[index]
         position = self._next(len(self.conns.dsts))
         handle = self.conns.dsts[position]
         if run.target_is_zeroed:
@@ -325,9 +346,9 @@ class Pipeline:
                 self._write(index, buffer)
 
     def _done(self, index: int, outcome: str, position: int) -> None:
-        self.run.finish(index, outcome)
+        self.run.finish(self.extents[index], outcome)
         self.unflushed[position].append(index)
-        self.unflushed_bytes[position] += self.run.items[index].length
+        self.unflushed_bytes[position] += self.extents[index].length
 
     def _watch(self) -> None:
         """(Re)build the poll set after the connections changed."""
@@ -391,9 +412,9 @@ class Pipeline:
         failed, self.failed = sorted(set(self.failed)), []
         redo, self.redo = sorted(set(self.redo)), []
         for index in failed:
-            self._done(index, retrying(self.conns, self.run.items[index], self.run), 0)
+            self._done(index, retrying(self.conns, self.extents[index], self.run), 0)
         for index in redo:  # counted when first written
-            retrying(self.conns, self.run.items[index], self.run)
+            retrying(self.conns, self.extents[index], self.run)
             self.unflushed[0].append(index)
         self.last_flush = 0  # make them durable before going on
 
@@ -413,7 +434,7 @@ class Pipeline:
             if not batch:
                 continue
             if not handle.can_flush():
-                self.run.make_durable(batch)
+                self._durable(batch)
                 continue
             self.flush_count += 1
             self.flushes[self.flush_count] = (position, batch)
@@ -425,7 +446,12 @@ class Pipeline:
         _, batch = self.flushes.pop(flush_id)
         if error:
             raise CopyError(f"flush of the target failed: {os.strerror(error)}")
+        self._durable(batch)
+
+    def _durable(self, batch: list[int]) -> None:
         self.run.make_durable(batch)
+        for index in batch:
+            del self.extents[index]
 
     # --- buffers -------------------------------------------------------
     def _buffer(self, length: int) -> nbd.Buffer:

@@ -117,13 +117,3 @@ def with_gaps_zeroed(plan: list[Extent], size: int) -> list[Extent]:
             filled.append(extent)
         offset = extent.end
     return filled
-
-
-def split(extents: Iterable[Extent], chunk_bytes: int) -> list[Extent]:
-    items: list[Extent] = []
-    for extent in extents:
-        step = ZERO_REQUEST_BYTES if extent.zero else chunk_bytes
-        for offset in range(extent.offset, extent.end, step):
-            items.append(Extent(offset, min(step, extent.end - offset), extent.zero))
-    return items
-
