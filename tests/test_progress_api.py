@@ -122,7 +122,8 @@ def test_openapi_describes_every_path(vma_server):
     doc = requests.get(f"{vma_server}/api/v1/openapi.json", timeout=10).json()
     assert doc["openapi"].startswith("3.")
     assert set(doc["paths"]) == {"/api/v1/progress/{id}/update", "/api/v1/progress/{id}", "/api/v1/progress",
-                                 "/api/v1/status/{id}", "/api/v1/jobs/{id}/stop", "/api/v1/health",
+                                 "/api/v1/status/{id}", "/api/v1/jobs/{id}/stop", "/api/v1/jobs/{id}/limit",
+                                 "/api/v1/health",
                                  "/api/v1/openapi.json"}
     schemas = doc["components"]["schemas"]
     assert "seq" in schemas["ProgressUpdate"]["required"]
@@ -339,7 +340,7 @@ def test_a_jobs_limit_is_changed_through_the_agent_api_and_bad_limits_are_refuse
     auth = {"Authorization": f"Bearer {settings.VMA_TOKEN}"}
     assert requests.get(url, headers=auth, timeout=10).json() == {
         "job_id": job_id, "bytes_per_s": None, "changed": False, "applied": {}}
-    for bad in ({}, {"bytes_per_s": 0}, {"bytes_per_s": -5}, {"bytes_per_s": "60M"}, {"bytes_per_s": True},
+    for bad in (None, {}, {"bytes_per_s": 0}, {"bytes_per_s": -5}, {"bytes_per_s": "60M"}, {"bytes_per_s": True},
                 {"bytes_per_s": 1.5}, [1]):
         response = requests.post(url, json=bad, headers=auth, timeout=10)
         assert response.status_code == 400 and "bytes_per_s" in response.json()["error"], bad

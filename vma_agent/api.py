@@ -240,16 +240,17 @@ def job_limit(request: HttpRequest, job_id: str) -> JsonResponse:
         return denied
     try:
         validate_id(job_id)
-        body = json.loads(request.read(MAX_BODY_BYTES + 1) or b"{}") if request.method == "POST" else None
+        body = json.loads(request.read(MAX_BODY_BYTES + 1) or b"null") if request.method == "POST" else None
     except InvalidUpdate as exc:
         return _error(exc.status, exc.reason)
     except (ValueError, RecursionError):
         return _error(400, "body is not valid JSON")
+    if request.method == "POST":
+        rate = body.get("bytes_per_s", ...) if isinstance(body, dict) else ...
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int) or rate <= 0):
+            return _error(400, "bytes_per_s is required: a positive integer, or null for no limit")
     try:
-        if body is not None:
-            rate = body.get("bytes_per_s", ...) if isinstance(body, dict) else ...
-            if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int) or rate <= 0):
-                return _error(400, "bytes_per_s is required: a positive integer, or null for no limit")
+        if request.method == "POST":
             _control().set_limit(job_id, rate)
         changed, rate = _control().limit(job_id)
         applied = _control().limits_applied(job_id)
