@@ -33,6 +33,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "django_celery_beat",
     "replication",
 ]
 
@@ -268,6 +269,13 @@ TASK_EVENT_INTERVAL_S = env.float("TASK_EVENT_INTERVAL_S", default=2.0)
 # task queued into a pool whose slots all copy waits for the copies to end:
 # the GUI stayed at 0 % for a whole copy. The reaper and the sweeper are
 # queued on "oma", which only the OMA worker consumes.
+# Beat keeps its schedule in the database (django-celery-beat): the fixed
+# entries below, and each protection group's (services.scheduler writes
+# those), so a restart loses nothing and a new schedule needs no restart.
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# Scheduled protection: cycles one agent runs at once (VMs, and their disks).
+AGENT_MAX_VMS = env.int("AGENT_MAX_VMS", default=4)
+AGENT_MAX_DISKS = env.int("AGENT_MAX_DISKS", default=8)
 CELERY_BEAT_SCHEDULE = {
     "reap-stale": {
         "task": "replication.reap_stale",

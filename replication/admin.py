@@ -1,5 +1,6 @@
 from django import forms
 from django.contrib import admin, messages
+from django.db import transaction
 from django.template.loader import render_to_string
 from django.utils.html import format_html
 
@@ -16,7 +17,9 @@ from replication.models import (
     VirtualMachine,
     VMDisk,
 )
+from replication.policy import Admission, ProtectionGroup
 from replication.services import jobs as job_service
+from replication.services import scheduler
 from replication.services import vmware as vmware_service
 from vma_agent.units import iec, iec_rate
 from vma_agent.vmware import VSphereError
@@ -106,7 +109,8 @@ class ChangeIdRecordAdmin(admin.ModelAdmin):
 @admin.register(VirtualMachine)
 class VirtualMachineAdmin(admin.ModelAdmin):
     list_display = ["name", "lifecycle_label", "source_kind", "vcenter", "power_state", "agent", "cbt_enabled",
-                    "created_at"]
+                    "group", "created_at"]
+    readonly_fields = ["group", "protection_flag"]  # through `manage.py group`: a move drops its queued cycle
     list_filter = ["source_kind", "vcenter"]
     search_fields = ["name", "moref", "vm_uuid"]
     inlines = [SourceDiskInline]
@@ -323,6 +327,69 @@ class ApiTokenAdmin(admin.ModelAdmin):
 
     list_display = ["name", "user", "created_at", "last_used_at"]
     readonly_fields = ["name", "user", "key_sha256", "created_at", "last_used_at"]
+
+    def has_add_permission(self, request):
+        return False
+
+
+class ProtectionGroupForm(forms.ModelForm):
+    """The same checks as `group` and `schedule` (limits, one schedule, a cron
+    expression beat can parse)."""
+
+    class Meta:
+        model = ProtectionGroup
+        fields = ["name", "description", "interval_s", "cron", "timezone", "rpo_target_s", "max_concurrent",
+                  "max_retries", "retry_backoff_s", "paused"]
+
+    def clean(self):
+        cleaned = super().clean()
+        if cleaned.get("interval_s") and cleaned.get("cron"):
+            raise forms.ValidationError("give either an interval or a cron expression, not both")
+        group = ProtectionGroup(**{name: cleaned.get(name) for name in self.Meta.fields
+                                   if cleaned.get(name) is not None})
+        try:
+            scheduler.check_group(group)
+        except scheduler.ScheduleError as exc:
+            raise forms.ValidationError(str(exc)) from None
+        return cleaned
+
+
+class GroupMemberInline(admin.TabularInline):
+    model = VirtualMachine
+    fields = ["name", "agent", "protection_flag"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = True
+    verbose_name_plural = "Members (add them with `manage.py group add`)"
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(ProtectionGroup)
+class ProtectionGroupAdmin(admin.ModelAdmin):
+    form = ProtectionGroupForm
+    list_display = ["name", "schedule_label", "max_concurrent", "rpo_target_s", "max_retries", "paused"]
+    list_filter = ["paused"]
+    inlines = [GroupMemberInline]
+
+    def save_model(self, request, obj, form, change):
+        # Through the scheduler: the only writer of the group's beat schedule.
+        with transaction.atomic():
+            obj.save()
+            scheduler.sync_schedule(obj)
+
+    def delete_model(self, request, obj):
+        scheduler.delete_group(obj)
+
+
+@admin.register(Admission)
+class AdmissionAdmin(admin.ModelAdmin):
+    list_display = ["due_at", "vm", "group", "reason", "attempt", "status", "job", "note"]
+    list_filter = ["status", "reason", "group"]
+    readonly_fields = ["group", "vm", "reason", "attempt", "status", "due_at", "not_before", "decided_at", "job",
+                       "note"]
 
     def has_add_permission(self, request):
         return False

@@ -152,6 +152,13 @@ OPENAPI = {
             "responses": {"200": {"description": "the failover", "content": {"application/json": {"schema": {
                 "$ref": "#/components/schemas/Failover"}}}},
                           "401": {"description": "not logged in"}, "404": {"description": "no such failover"}}}},
+        "/api/rpo/": {"get": {
+            "summary": "Every VM's recovery point and its age; VMs in a protection group against its target",
+            "responses": {"200": {"description": "recovery points", "content": {"application/json": {"schema": {
+                "type": "object", "properties": {
+                    "vms": {"type": "array", "items": {"$ref": "#/components/schemas/RecoveryPoint"}},
+                    "over_target": {"type": "array", "items": {"type": "string"}}}}}}},
+                          "401": {"description": "not logged in"}}}},
     },
     # The pages' session (log in at /login/), or a token for scripts (manage.py api_token).
     "security": [{"session": []}, {"token": []}],
@@ -160,6 +167,14 @@ OPENAPI = {
                     "description": "the session of a user logged in to the pages"},
         "token": {"type": "http", "scheme": "bearer", "description": "an API token: manage.py api_token NAME --user U"},
     }, "schemas": {
+        "RecoveryPoint": {"type": "object", "properties": {
+            "vm": {"type": "string"}, "over_target": {"type": "boolean"},
+            **{k: {"type": t, "nullable": True, "description": d} for k, t, d in [
+                ("group", "string", "its protection group; null: none"),
+                ("recovery_point_at", "string", "when its last completed cycle froze the source; null: never"),
+                ("age_s", "number", "seconds since then; null: never"),
+                ("target_s", "integer", "its group's target; null: not in a group"),
+                ("flag", "string", "why scheduled protection gave up on it; null: it did not")]}}},
         "Failover": {"type": "object", "properties": {
             **{k: {"type": t} for k, t in [
                 ("id", "integer"), ("vm", "string"), ("status", "string"), ("state", "string"),

@@ -137,6 +137,10 @@ class VirtualMachine(models.Model):
     nics = models.JSONField(default=list, blank=True, help_text="[{label, mac, network}]")
     snapshots = models.JSONField(default=list, blank=True, help_text="Snapshots at discovery: [{name, moref}]")
     discovered_at = models.DateTimeField(null=True, blank=True)
+    group = models.ForeignKey("replication.ProtectionGroup", null=True, blank=True, on_delete=models.SET_NULL,
+                              related_name="vms", help_text="Its protection group (at most one)")
+    protection_flag = models.CharField(max_length=500, blank=True,
+                                       help_text="Why scheduled protection gave up on it (after the last retry)")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -263,6 +267,8 @@ class ReplicationJob(models.Model):
         null=True, blank=True, help_text="Last sign of life of the workflow step working on this job")
     poll_errors = models.PositiveIntegerField(default=0, help_text="Consecutive failed polls of the agent")
     snapshot_name = models.CharField(max_length=200, blank=True)
+    recovery_point_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the source was frozen (the snapshot; an image: its copy began)")
     snapshot_moref = models.CharField(max_length=100, blank=True, help_text="Set while the job's snapshot exists")
     verify = models.BooleanField(default=False, help_text="Read back every copied area before committing")
     bandwidth_limit_bps = models.BigIntegerField(null=True, blank=True, help_text="Per disk copy; empty: no limit")
@@ -682,3 +688,4 @@ from replication.lifecycle import (  # noqa: E402, F401
     VMContext,
     VMStateChange,
 )
+from replication.policy import Admission, ProtectionGroup  # noqa: E402, F401

@@ -7,7 +7,7 @@ from celery import shared_task
 from django.conf import settings
 from django.db import DatabaseError
 
-from replication.services import failover, jobs, progress, reaper, sweeper
+from replication.services import failover, jobs, progress, reaper, scheduler, sweeper
 
 # An outcome must not be lost to a database restart: the agent's work is done.
 OUTCOME_RETRY = {"autoretry_for": (DatabaseError,), "max_retries": settings.COPY_TASK_MAX_RETRIES,
@@ -78,3 +78,13 @@ def cloud_drift() -> None:
 
     if CloudStackConfig.objects.filter(is_active=True).exists():
         drift()
+
+
+@shared_task(name="replication.group_due")
+def group_due(group_id: int) -> None:
+    scheduler.group_due(group_id)
+
+
+@shared_task(name="replication.job_ended", **OUTCOME_RETRY)
+def job_ended(job_id: str) -> None:
+    scheduler.job_ended(job_id)

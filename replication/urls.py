@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from replication import api, failover_views, source_views, views
+from replication import api, failover_views, protection_views, source_views, views
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
@@ -18,6 +18,9 @@ urlpatterns = [
     path("vms/<int:vm_id>/failover/live/", failover_views.vm_failover_live, name="vm-failover-live"),
     path("vms/<int:vm_id>/rollback/", failover_views.vm_rollback, name="vm-rollback"),
     path("failovers/<int:failover_id>/", failover_views.failover_detail, name="failover-detail"),
+    path("protection/", protection_views.protection, name="protection"),
+    path("api/rpo/", protection_views.rpo_list, name="api-rpo"),
+    path("metrics", protection_views.metrics, name="metrics"),
     path("cloud/", source_views.cloud, name="cloud"),
     path("sources/", source_views.sources, name="sources"),
     path("sources/vcenters/<int:vcenter_id>/", source_views.vcenter_inventory, name="vcenter-inventory"),

@@ -12,7 +12,7 @@ from replication.choices import JOB_ACTIVE, JobStatus, SyncType
 from replication.lifecycle import FailoverJob
 from replication.models import ReplicationJob, TargetVolume, VirtualMachine, VMDisk
 from replication.services import jobs as job_service
-from replication.services import limits
+from replication.services import limits, rpo
 from vma_agent.units import parse_rate
 
 RECENT_FAILURES = 10
@@ -33,6 +33,7 @@ def dashboard_context() -> dict:
         "active_jobs": active,
         "recent_failures": ReplicationJob.objects.select_related("vm").filter(status=JobStatus.FAILED)
         .order_by("-completed_at")[:RECENT_FAILURES],
+        "recovery_points": rpo.recovery_points(VirtualMachine.objects.filter(group__isnull=False)),
     }
 
 
@@ -146,11 +147,13 @@ def vm_list(request):
     # The newest job of each VM in one subquery, not by reading every job ever run.
     newest = ReplicationJob.objects.filter(vm=OuterRef("pk")).order_by("-created_at").values("id")[:1]
     newest_failover = FailoverJob.objects.filter(vm=OuterRef("pk")).order_by("-created_at").values("id")[:1]
-    vms = list(VirtualMachine.objects.select_related("context").prefetch_related("disks__target_volume")
-               .annotate(last_job_id=Subquery(newest), last_failover_id=Subquery(newest_failover)))
+    vms = list(rpo.with_recovery_points(
+        VirtualMachine.objects.select_related("context", "group").prefetch_related("disks__target_volume")
+        .annotate(last_job_id=Subquery(newest), last_failover_id=Subquery(newest_failover))))
     last_jobs = ReplicationJob.objects.in_bulk([vm.last_job_id for vm in vms if vm.last_job_id])
     failovers = FailoverJob.objects.in_bulk([vm.last_failover_id for vm in vms if vm.last_failover_id])
-    rows = [(vm, last_jobs.get(vm.last_job_id), failovers.get(vm.last_failover_id)) for vm in vms]
+    rows = [(vm, last_jobs.get(vm.last_job_id), failovers.get(vm.last_failover_id), rpo.recovery_point(vm))
+            for vm in vms]
     return render_page(request, "replication/vm_list.html", {"rows": rows, "sync_types": SyncType.choices})
 
 

@@ -76,7 +76,7 @@ pids+=($!)
 PROCESS_ROLE=agent $CELERY worker -Q "$agent_queue" -c 2 -E -l info -n "demo-agent@%h" \
   >var/log/agent-worker.log 2>&1 &
 pids+=($!)
-PROCESS_ROLE=oma $CELERY beat -s var/run/celerybeat-schedule -l info >var/log/beat.log 2>&1 &
+PROCESS_ROLE=oma $CELERY beat -l info >var/log/beat.log 2>&1 &
 pids+=($!)
 PROCESS_ROLE=oma $PY manage.py poll_progress >var/log/poller.log 2>&1 &
 pids+=($!)

@@ -217,7 +217,7 @@ def test_every_page_fits_a_phone_and_shows_progress_and_eta(live_server, tmp_pat
             ARTIFACTS.mkdir(exist_ok=True)
             for name, path in [("dashboard", "/"), ("job", f"/jobs/{job.id}/"), ("vms", "/vms/"),
                                ("volumes", "/volumes/"), ("failover", f"/failovers/{failover.pk}/"),
-                               ("cloud", "/cloud/"), ("sources", "/sources/")]:
+                               ("cloud", "/cloud/"), ("sources", "/sources/"), ("protection", "/protection/")]:
                 page.goto(f"{live_server.url}{path}")
                 page.wait_for_load_state("networkidle")
                 width = page.evaluate("document.documentElement.scrollWidth")
@@ -319,3 +319,40 @@ def test_an_operator_adds_a_vcenter_chooses_vms_and_adds_an_image_vm_from_the_br
     expect(page.locator('[data-vm="img-gui"]')).to_contain_text("3.0 MiB")
     page.set_viewport_size(PHONE)
     assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+
+
+def test_recovery_point_ages_on_the_pages_match_the_database_and_over_target_is_marked(live_server, browser_page,
+                                                                                       tmp_path, monkeypatch):
+    """Two VMs of a group with a 1 h target: one cycle 10 minutes old, one 3
+    hours old (over). The protection page, the VMs page and the dashboard show
+    the ages the database gives, and mark the one over its target."""
+    from django.utils import timezone
+
+    from replication.services import rpo, scheduler
+
+    monkeypatch.setattr("replication.services.jobs.enqueue_prepare", lambda *args: None)
+    group = scheduler.create_group("gold", rpo_target_s=3600, max_concurrent=2)
+    ages = {"rpo-fresh": 600, "rpo-stale": 3 * 3600}
+    for name, age in ages.items():
+        vm = register_image_vm(name, [str(make_image(tmp_path / f"{name}.img", MiB, [(0, MiB)]))])
+        scheduler.add_vms(group, [vm])
+        job = start_replication(vm)
+        ReplicationJob.objects.filter(pk=job.pk).update(
+            status="completed", recovery_point_at=timezone.now() - timezone.timedelta(seconds=age),
+            completed_at=timezone.now())
+    page = browser_page
+    log_in(page, live_server)
+    expected = {point.vm.name: point for point in rpo.recovery_points()}
+    for path in ("/protection/", "/vms/", "/"):
+        page.goto(f"{live_server.url}{path}")
+        for name, point in expected.items():
+            row = page.locator(f'[data-rpo="{name}"]')
+            shown = float(row.locator("[data-age]").first.get_attribute("data-age"))
+            # The page was rendered a moment after `expected` was read.
+            assert point.age_s <= shown <= point.age_s + 30, (path, name, shown, point.age_s)
+            assert (row.locator("[data-over]").count() > 0) == point.over_target, (path, name)
+        page.screenshot(path=str(ARTIFACTS / f"rpo{path.strip('/').replace('/', '-') or '-dashboard'}.png"),
+                        full_page=True)
+    assert expected["rpo-stale"].over_target and not expected["rpo-fresh"].over_target
+    page.goto(f"{live_server.url}/protection/")
+    expect(page.locator("[data-over-target]")).to_contain_text("1 VM over its recovery point target: rpo-stale")

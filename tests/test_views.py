@@ -176,7 +176,8 @@ def test_api_shapes(operator, job):
     assert operator.get(reverse("api-jobs"), {"status": "completed"}).json() == {"jobs": []}
     assert operator.get(reverse("api-jobs"), {"status": "bogus"}).status_code == 400
     spec = operator.get(reverse("api-openapi")).json()
-    assert set(spec["paths"]) == {"/api/jobs/", "/api/jobs/{id}/", "/api/failovers/", "/api/failovers/{id}/"}
+    assert set(spec["paths"]) == {"/api/jobs/", "/api/jobs/{id}/", "/api/failovers/", "/api/failovers/{id}/",
+                                  "/api/rpo/"}
 
 
 def test_admin_cancel_and_retry_actions(job):

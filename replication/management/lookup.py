@@ -9,3 +9,31 @@ def vm_named(name: str, hint: str = "") -> VirtualMachine:
         return VirtualMachine.objects.get(name=name)
     except VirtualMachine.DoesNotExist:
         raise CommandError(f"no VM named {name!r}{hint}") from None
+
+
+def group_named(name: str):
+    from replication.policy import ProtectionGroup
+
+    try:
+        return ProtectionGroup.objects.get(name=name)
+    except ProtectionGroup.DoesNotExist:
+        raise CommandError(f"no protection group named {name!r}; create it with `group create {name}`") from None
+
+
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_s(text: str) -> int:
+    """'90', '90s', '15m', '2h', '1d' -> seconds (argparse type)."""
+    import argparse
+
+    value = text.strip().lower()
+    unit = value[-1:] if value[-1:] in _SECONDS else "s"
+    number = value[:-1] if value[-1:] in _SECONDS else value
+    try:
+        seconds = int(float(number) * _SECONDS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 90s, 15m, 2h or 1d") from None
+    if seconds < 1:
+        raise argparse.ArgumentTypeError(f"a duration must be at least 1 s, not {text!r}")
+    return seconds

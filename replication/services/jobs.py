@@ -113,8 +113,10 @@ def source_prepared(job_id: str, outcome: dict) -> None:
     if outcome.get("removed_orphans"):
         ReplicationJob.objects.filter(snapshot_moref__in=outcome["removed_orphans"]).update(snapshot_moref="")
     if outcome.get("snapshot_moref"):
+        # The snapshot froze the source just now: the cycle's recovery point.
         ReplicationJob.objects.filter(pk=job.pk).update(snapshot_name=outcome["snapshot_name"],
-                                                        snapshot_moref=outcome["snapshot_moref"])
+                                                        snapshot_moref=outcome["snapshot_moref"],
+                                                        recovery_point_at=timezone.now())
         job.refresh_from_db()
     if outcome.get("cbt_enabled"):
         VirtualMachine.objects.filter(pk=job.vm_id).update(cbt_enabled=True)
@@ -188,6 +190,8 @@ def start_copies(job: ReplicationJob) -> None:
         if job.is_terminal:
             _queue_snapshot_removal(job)  # ended meanwhile
         return
+    # A source without a snapshot (an image) is read as it is from now on.
+    ReplicationJob.objects.filter(pk=job.pk, recovery_point_at__isnull=True).update(recovery_point_at=timezone.now())
     job.beat()
     for disk in disks:
         dispatch_copy(disk)
@@ -281,6 +285,7 @@ def commit_and_complete(job: ReplicationJob) -> None:
                 VMContext.of(job.vm).move(VMState.READY_FOR_FAILOVER, actor="system",
                                           reason=f"replication {job.id} completed", only_from={VMState.REPLICATING})
                 failover.final_cycle_ended(job)
+                transaction.on_commit(lambda: enqueue_job_ended(job.id))
         if not completed:
             log.warning("finalize of %s found it %s", job.id, job.status)
     except Exception as exc:
@@ -315,6 +320,7 @@ def cleanup_job(job: ReplicationJob, reason: str = "") -> None:
         disk.cancel()
     _settle_vm_state(job, reason)
     failover.final_cycle_ended(job)
+    transaction.on_commit(lambda: enqueue_job_ended(job.id))
     if job.disks.filter(status=DiskStatus.COPYING).exists():
         transaction.on_commit(lambda: orders.request_stop(job, reason or f"job {job.status}"))
     _queue_snapshot_removal(job)
@@ -352,6 +358,16 @@ def retry_job(job_id: str) -> ReplicationJob:
     if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
         raise ReplicationError(f"job {job.id} is {job.status}; only failed or cancelled jobs can be retried")
     return start_replication(job.vm, job.sync_type)
+
+
+def enqueue_job_ended(job_id: str) -> None:
+    """Scheduled protection hears of every cycle's end (retries, its freed slot)."""
+    from replication import tasks
+
+    try:
+        tasks.job_ended.delay(job_id)
+    except Exception:  # noqa: BLE001 - the next schedule tick admits anyway
+        log.exception("could not queue the end of job %s to the scheduler", job_id)
 
 
 def enqueue_prepare(job_id: str) -> None:

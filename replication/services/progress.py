@@ -38,6 +38,7 @@ POLLED_STATUSES = (JobStatus.PREPARING, JobStatus.REPLICATING, JobStatus.FINALIZ
 FETCH_ATTEMPTS = 3
 FETCH_BACKOFF_S = 0.2
 LOCK_KEY = "oma:progress-poller:lock"
+LAST_PASS_KEY = "oma:progress-poller:last-pass"  # written by the poller only; the metrics read its age
 # Jobs per statement and commit: commits (a log flush each) are what a pass
 # costs; 50 jobs of 4 disks stay well under SQLite's 32766 parameters.
 APPLY_BATCH_JOBS = 50
@@ -347,7 +348,24 @@ def poll_once(now: datetime | None = None) -> PassStats:
                 log.exception("applying a batch of progress failed; the next pass retries it")
         stats.apply_seconds = time.monotonic() - applying
     stats.seconds = time.monotonic() - started
+    _record_pass()
     return stats
+
+
+def _record_pass() -> None:
+    try:
+        redis.Redis.from_url(settings.CELERY_BROKER_URL).set(LAST_PASS_KEY, time.time(), ex=7 * 24 * 3600)
+    except redis.RedisError as exc:
+        log.warning("could not record the poller's pass: %s", exc)
+
+
+def poller_lag_s(now: datetime) -> float | None:
+    """Seconds since the poller's last pass; None when it never ran (or Redis is down)."""
+    try:
+        value = redis.Redis.from_url(settings.CELERY_BROKER_URL).get(LAST_PASS_KEY)
+    except redis.RedisError:
+        return None
+    return None if value is None else max(0.0, now.timestamp() - float(value))
 
 
 def poll_once_locked() -> PassStats | None:

@@ -1,0 +1,83 @@
+"""Protection policies (the seeds' vm_machine_groups, replication_schedules,
+schedule_executions): a group of VMs kept fresh on a schedule, within a
+concurrency limit, against a recovery point objective. The schedule itself
+lives in django-celery-beat's tables (one PeriodicTask per group, written
+only by services.scheduler); a VM's place in the admission queue and every
+decision about it are Admission rows."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.utils import timezone
+
+
+class ProtectionGroup(models.Model):
+    name = models.CharField(max_length=100, unique=True)
+    description = models.CharField(max_length=500, blank=True)
+    interval_s = models.PositiveIntegerField(null=True, blank=True,
+                                             help_text="Start a cycle of each VM every N seconds")
+    cron = models.CharField(max_length=100, blank=True,
+                            help_text='Or a cron expression: "minute hour day-of-month month day-of-week"')
+    timezone = models.CharField(max_length=64, default="UTC", help_text="The cron expression's time zone")
+    rpo_target_s = models.PositiveIntegerField(default=3600,
+                                               help_text="A VM whose recovery point is older is over its target")
+    max_concurrent = models.PositiveIntegerField(default=2, help_text="Cycles of this group's VMs at once")
+    max_retries = models.PositiveIntegerField(default=2, help_text="Retries of a failed scheduled cycle")
+    retry_backoff_s = models.PositiveIntegerField(default=60,
+                                                  help_text="First retry after this; each next one waits twice as long")
+    paused = models.BooleanField(default=False, help_text="A paused group starts nothing")
+    periodic_task = models.OneToOneField("django_celery_beat.PeriodicTask", null=True, blank=True,
+                                         on_delete=models.SET_NULL, related_name="protection_group", editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        db_table = "vm_machine_groups"
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+    @property
+    def schedule_label(self) -> str:
+        if self.interval_s:
+            return f"every {self.interval_s} s"
+        if self.cron:
+            return f"cron {self.cron} ({self.timezone})"
+        return "no schedule"
+
+
+class AdmissionStatus(models.TextChoices):
+    WAITING = "waiting", "waiting for a slot"
+    STARTED = "started", "started"
+    SKIPPED = "skipped", "skipped"
+    DROPPED = "dropped", "dropped"
+
+
+class AdmissionReason(models.TextChoices):
+    SCHEDULED = "scheduled", "scheduled"
+    RETRY = "retry", "retry"
+
+
+class Admission(models.Model):
+    """One time a VM came due: it waits for a slot, starts a cycle, or is
+    skipped (its previous cycle still runs) - with when and why."""
+
+    group = models.ForeignKey(ProtectionGroup, on_delete=models.CASCADE, related_name="admissions")
+    vm = models.ForeignKey("replication.VirtualMachine", on_delete=models.CASCADE, related_name="admissions")
+    reason = models.CharField(max_length=20, choices=AdmissionReason.choices, default=AdmissionReason.SCHEDULED)
+    attempt = models.PositiveIntegerField(default=1, help_text="1, then 2, 3... for retries of a failed cycle")
+    status = models.CharField(max_length=20, choices=AdmissionStatus.choices, default=AdmissionStatus.WAITING,
+                              db_index=True)
+    due_at = models.DateTimeField(default=timezone.now)
+    not_before = models.DateTimeField(default=timezone.now, help_text="A retry waits out its backoff")
+    decided_at = models.DateTimeField(null=True, blank=True)
+    job = models.OneToOneField("replication.ReplicationJob", null=True, blank=True, on_delete=models.SET_NULL,
+                               related_name="admission")
+    note = models.CharField(max_length=500, blank=True)
+
+    class Meta:
+        db_table = "schedule_executions"
+        ordering = ["-due_at", "-id"]
+
+    def __str__(self):
+        return f"{self.vm} {self.reason} #{self.attempt}: {self.status}"

@@ -1,0 +1,56 @@
+"""Scheduled protection on the pages and for scripts: the Protection page
+(groups, the admission queue with each VM's place, recent decisions, flagged
+VMs), recovery points as JSON (/api/rpo/), and the Prometheus metrics."""
+
+from django.contrib.auth.decorators import login_required
+from django.http import HttpResponse, JsonResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from replication.api import api_view
+from replication.metrics import REGISTRY
+from replication.policy import Admission, AdmissionStatus, ProtectionGroup
+from replication.services import rpo, scheduler
+from replication.views import render_page
+
+RECENT_DECISIONS = 30
+
+
+def protection_context() -> dict:
+    groups = list(ProtectionGroup.objects.all())
+    points = rpo.recovery_points(rpo_vms())
+    by_group: dict[int, list] = {group.pk: [] for group in groups}
+    for point in points:
+        by_group[point.vm.group_id].append(point)
+    queue = list(scheduler.waiting_queue())
+    return {
+        "groups": [(group, by_group[group.pk]) for group in groups],
+        "queue": [(place, entry) for place, entry in enumerate(queue, start=1)],
+        "decisions": Admission.objects.exclude(status=AdmissionStatus.WAITING).select_related("vm", "group", "job")
+        [:RECENT_DECISIONS],
+        "over_target": [point for point in points if point.over_target],
+        "flagged": [point for point in points if point.vm.protection_flag],
+    }
+
+
+def rpo_vms():
+    from replication.models import VirtualMachine
+
+    return VirtualMachine.objects.filter(group__isnull=False)
+
+
+@login_required
+def protection(request):
+    return render_page(request, "replication/protection.html", protection_context())
+
+
+@api_view
+def rpo_list(request):
+    """Every VM's recovery point and its age; those in a group against its target."""
+    points = rpo.recovery_points()
+    return JsonResponse({"vms": [point.as_dict() for point in points],
+                         "over_target": [point.vm.name for point in points if point.over_target]})
+
+
+@api_view
+def metrics(request):
+    return HttpResponse(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)

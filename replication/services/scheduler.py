@@ -1,0 +1,254 @@
+"""Scheduled protection: groups come due on their schedule (django-celery-
+beat fires replication.group_due), their VMs queue for a slot, and
+admission starts cycles within each group's limit and each agent's
+(AGENT_MAX_VMS, AGENT_MAX_DISKS), oldest recovery point first. A VM whose
+cycle still runs is skipped, not doubled; a failed scheduled cycle is
+retried with backoff, and after the last retry the VM is flagged.
+
+This module is the only writer of the groups' PeriodicTask rows and of
+Admission rows."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from datetime import timedelta
+
+import redis
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F, OuterRef, Subquery
+from django.utils import timezone
+from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
+
+from replication.choices import DISK_TERMINAL, JOB_ACTIVE, JobStatus, SourceKind, SyncType
+from replication.models import ReplicationJob, VirtualMachine, VMDisk
+from replication.policy import Admission, AdmissionReason, AdmissionStatus, ProtectionGroup
+
+log = logging.getLogger(__name__)
+ADMISSION_LOCK = "oma:admission-lock"
+
+
+class ScheduleError(Exception):
+    """A group or schedule change is refused; the message is the reason."""
+
+
+# --- groups and their schedules -------------------------------------------------
+
+def create_group(name: str, **fields) -> ProtectionGroup:
+    if ProtectionGroup.objects.filter(name=name).exists():
+        raise ScheduleError(f"a group named {name} exists already")
+    group = ProtectionGroup(name=name, **fields)
+    check_group(group)
+    group.save()
+    return group
+
+
+def update_group(group: ProtectionGroup, **fields) -> ProtectionGroup:
+    for name, value in fields.items():
+        setattr(group, name, value)
+    check_group(group)
+    with transaction.atomic():
+        group.save()
+        sync_schedule(group)
+    return group
+
+
+def check_group(group: ProtectionGroup) -> None:
+    if group.max_concurrent < 1:
+        raise ScheduleError("the concurrency limit must be at least 1")
+    if group.interval_s is not None and group.interval_s < 1:
+        raise ScheduleError("the interval must be at least 1 second")
+    if group.cron:
+        fields = group.cron.split()
+        if len(fields) != 5:
+            raise ScheduleError(f"cron expression {group.cron!r} needs 5 fields: minute hour day-of-month month "
+                                "day-of-week")
+        try:
+            from zoneinfo import ZoneInfo
+
+            ZoneInfo(group.timezone)
+            from celery.schedules import crontab
+
+            crontab(*fields)  # the same parser beat uses
+        except Exception as exc:  # noqa: BLE001 - every parse error is the operator's to see
+            raise ScheduleError(f"cron expression {group.cron!r} in {group.timezone}: {exc}") from None
+
+
+def set_schedule(group: ProtectionGroup, *, interval_s: int | None = None, cron: str = "",
+                 tz: str = "UTC") -> ProtectionGroup:
+    if bool(interval_s) == bool(cron):
+        raise ScheduleError("give either an interval or a cron expression")
+    return update_group(group, interval_s=interval_s or None, cron=cron.strip(), timezone=tz)
+
+
+def sync_schedule(group: ProtectionGroup) -> None:
+    """Make the group's PeriodicTask say what the group says (beat reads
+    changes from the database without a restart)."""
+    task = group.periodic_task
+    if not group.interval_s and not group.cron:
+        if task is not None:
+            task.delete()
+        return
+    schedule = {"interval": None, "crontab": None}
+    if group.interval_s:
+        schedule["interval"], _ = IntervalSchedule.objects.get_or_create(every=group.interval_s,
+                                                                         period=IntervalSchedule.SECONDS)
+    else:
+        minute, hour, day_of_month, month_of_year, day_of_week = group.cron.split()
+        schedule["crontab"], _ = CrontabSchedule.objects.get_or_create(
+            minute=minute, hour=hour, day_of_month=day_of_month, month_of_year=month_of_year,
+            day_of_week=day_of_week, timezone=group.timezone)
+    values = {"task": "replication.group_due", "args": json.dumps([group.pk]), "queue": "oma",
+              "enabled": not group.paused, "description": f"protection group {group.name}", **schedule}
+    if task is None:
+        task = PeriodicTask.objects.create(name=f"protection group {group.pk}: {group.name}", **values)
+        ProtectionGroup.objects.filter(pk=group.pk).update(periodic_task=task)
+        group.periodic_task = task
+    else:
+        for name, value in values.items():
+            setattr(task, name, value)
+        task.save()
+
+
+def delete_group(group: ProtectionGroup) -> None:
+    with transaction.atomic():
+        if group.periodic_task is not None:
+            group.periodic_task.delete()
+        group.delete()
+
+
+def add_vms(group: ProtectionGroup, vms: list[VirtualMachine]) -> None:
+    """A VM belongs to at most one group: adding it here takes it from its old one."""
+    with transaction.atomic():
+        for vm in vms:
+            if vm.group_id not in (None, group.pk):
+                Admission.objects.filter(vm=vm, status=AdmissionStatus.WAITING).update(
+                    status=AdmissionStatus.DROPPED, decided_at=timezone.now(), note=f"moved to group {group.name}")
+            VirtualMachine.objects.filter(pk=vm.pk).update(group=group)
+
+
+def remove_vms(group: ProtectionGroup, vms: list[VirtualMachine]) -> None:
+    with transaction.atomic():
+        for vm in vms:
+            if vm.group_id != group.pk:
+                raise ScheduleError(f"VM {vm.name} is not in group {group.name}")
+            Admission.objects.filter(vm=vm, status=AdmissionStatus.WAITING).update(
+                status=AdmissionStatus.DROPPED, decided_at=timezone.now(), note=f"removed from group {group.name}")
+            VirtualMachine.objects.filter(pk=vm.pk).update(group=None, protection_flag="")
+
+
+def set_paused(group: ProtectionGroup, paused: bool) -> ProtectionGroup:
+    return update_group(group, paused=paused)
+
+
+# --- coming due and admission ---------------------------------------------------
+
+def group_due(group_id: int) -> None:
+    """The group's schedule fired: each of its VMs queues for a slot, unless
+    its previous cycle still runs (skipped, and recorded) or it already waits."""
+    group = ProtectionGroup.objects.filter(pk=group_id).first()
+    if group is None or group.paused:
+        return
+    now = timezone.now()
+    with transaction.atomic():
+        waiting = set(Admission.objects.filter(group=group, status=AdmissionStatus.WAITING)
+                      .values_list("vm_id", flat=True))
+        active = dict(ReplicationJob.objects.filter(vm__group=group, status__in=JOB_ACTIVE)
+                      .values_list("vm_id", "id"))
+        for vm in group.vms.all():
+            if vm.pk in active:
+                Admission.objects.create(group=group, vm=vm, status=AdmissionStatus.SKIPPED, due_at=now,
+                                         decided_at=now, note=f"its cycle {active[vm.pk]} is still running")
+            elif vm.pk not in waiting:
+                Admission.objects.create(group=group, vm=vm, due_at=now, not_before=now)
+    admit()
+
+
+def admit() -> list[ReplicationJob]:
+    """Start waiting VMs while their group and agent have free slots, oldest
+    recovery point first. One admission pass at a time (a Redis lock), so
+    two passes never fill the same slot."""
+    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    with client.lock(ADMISSION_LOCK, timeout=120, blocking_timeout=60):
+        return _admit_pass()
+
+
+def waiting_queue():
+    """The VMs waiting for a slot, in the order they will get one."""
+    return (Admission.objects.filter(status=AdmissionStatus.WAITING, group__paused=False)
+            .select_related("vm", "group")
+            .annotate(recovery_point=Subquery(_last_recovery_point(OuterRef("vm_id"))))
+            .order_by(F("recovery_point").asc(nulls_first=True), "due_at", "id"))
+
+
+def _admit_pass() -> list[ReplicationJob]:
+    from replication.services.jobs import ReplicationError, start_replication
+
+    now = timezone.now()
+    running = Counter(ReplicationJob.objects.filter(status__in=JOB_ACTIVE, vm__group__isnull=False)
+                      .values_list("vm__group_id", flat=True))
+    agent_vms = Counter(ReplicationJob.objects.filter(status__in=JOB_ACTIVE).values_list("vm__agent", flat=True))
+    agent_disks = Counter(VMDisk.objects.filter(job__status__in=JOB_ACTIVE).exclude(status__in=DISK_TERMINAL)
+                          .values_list("job__vm__agent", flat=True))
+    started = []
+    for entry in waiting_queue():
+        vm, group = entry.vm, entry.group
+        if entry.not_before > now or running[group.pk] >= group.max_concurrent:
+            continue
+        disks = vm.disks.count()
+        if agent_vms[vm.agent] >= settings.AGENT_MAX_VMS or agent_disks[vm.agent] + disks > settings.AGENT_MAX_DISKS:
+            continue
+        try:
+            job = start_replication(vm, _sync_type(vm), actor=f"schedule of group {group.name}")
+        except ReplicationError as exc:
+            _decide(entry, AdmissionStatus.SKIPPED, note=str(exc))
+            continue
+        _decide(entry, AdmissionStatus.STARTED, job=job)
+        running[group.pk] += 1
+        agent_vms[vm.agent] += 1
+        agent_disks[vm.agent] += disks
+        started.append(job)
+    return started
+
+
+def _sync_type(vm: VirtualMachine) -> str:
+    """Incremental where the source can give one and a cycle has completed."""
+    if vm.source_kind == SourceKind.IMAGE:
+        return SyncType.FULL
+    has_base = vm.disks.exclude(change_id="").exists()
+    return SyncType.INCREMENTAL if has_base else SyncType.FULL
+
+
+def _decide(entry: Admission, status: str, *, job: ReplicationJob | None = None, note: str = "") -> None:
+    Admission.objects.filter(pk=entry.pk).update(status=status, job=job, note=note[:500], decided_at=timezone.now())
+
+
+def _last_recovery_point(vm_ref):
+    return (ReplicationJob.objects.filter(vm_id=vm_ref, status=JobStatus.COMPLETED, recovery_point_at__isnull=False)
+            .order_by("-recovery_point_at").values("recovery_point_at")[:1])
+
+
+def job_ended(job_id: str) -> None:
+    """A cycle ended: a scheduled one that failed is queued again after its
+    backoff, until the group's retries run out and the VM is flagged; one
+    that completed clears the flag. Then the freed slot goes to the queue."""
+    job = ReplicationJob.objects.select_related("vm").filter(pk=job_id).first()
+    if job is None:
+        return
+    entry = getattr(job, "admission", None)
+    if job.status == JobStatus.COMPLETED:
+        VirtualMachine.objects.filter(pk=job.vm_id).exclude(protection_flag="").update(protection_flag="")
+    elif job.status == JobStatus.FAILED and entry is not None and job.vm.group_id == entry.group_id:
+        group = entry.group
+        if entry.attempt <= group.max_retries:
+            delay = group.retry_backoff_s * 2 ** (entry.attempt - 1)
+            now = timezone.now()
+            Admission.objects.create(group=group, vm=job.vm, reason=AdmissionReason.RETRY, attempt=entry.attempt + 1,
+                                     due_at=now, not_before=now + timedelta(seconds=delay),
+                                     note=f"retry {entry.attempt} of {group.max_retries} after {job.id} failed")
+        else:
+            VirtualMachine.objects.filter(pk=job.vm_id).update(
+                protection_flag=f"{entry.attempt} scheduled cycles failed; last {job.id}: {job.error_message}"[:500])
+    admit()
