@@ -1,22 +1,33 @@
-"""Benchmark the copy engine against nbdcopy and qemu-img on this machine.
+"""Benchmark the copy engine against nbdcopy on this machine, on the cases
+that matter in production: targets on disk, slow (high-latency) sources.
 
 Every case starts its own nbdkit source and target servers on Unix sockets
-and runs each tool as a separate process, several times, in one run:
+and runs each tool as a separate process, alternating, several times:
 
-  dense      a dense source file (default 4 GiB), full copy
-  sparse     nbdkit sparse-random (default 8 GiB, 10 % data), full copy
-  incr-1%    1 % of an 8 GiB disk changed, in scattered 64 KiB..1 MiB areas
-  incr-5%    5 % changed, the same way
-  progress   the dense case with and without the progress bar
+  file-disk      a page-cached 2 GiB file (nbdkit file) -> file on disk
+  pattern-disk   nbdkit pattern 2 GiB -> file on disk, target pre-allocated
+  pattern4-disk  nbdkit pattern 4 GiB -> file on disk
+  delay1         nbdkit pattern 1 GiB, 1 ms per read (delay filter) -> file on disk
+  delay3         768 MiB, 3 ms per read -> file on disk
+  delay5         1 GiB, 5 ms per read -> file on disk
+  sparse         nbdkit sparse-random 8 GiB with 10 % data -> file on disk
+  incr-delay5    5 ms per read, 4 GiB: full copy vs 1 % changed in scattered
+                 64 KiB..1 MiB areas (an extent list)
+  rss            peak RSS of the engine copying 1 GiB and 8 GiB (to nbdkit null)
+  limit          a copy limited to 20 MiB/s, changed to 60 MiB/s mid-copy:
+                 the rates before and after, from the progress samples
 
-Full-copy targets live on tmpfs by default, so the page cache's writeback to
-disk does not decide the ranking; pass --target-dir to put them on disk.
+The engine flushes the target as it goes and at the end (its checkpoint
+cursor only counts flushed data), so it is paired with nbdcopy twice: as
+nbdcopy runs by default (no flush: the data may still be in the page cache
+when it exits) and with --flush (durable, the engine's promise).
 
 It prints, per case and tool, the median seconds, MB/s (disk size / s),
 CPU seconds per GB of data (the copying process only, not the servers),
-peak RSS, and the ratio of nbdcopy's time to the engine's (>1: engine faster).
+peak RSS, and nbdcopy's time / the tool's (ref/this; >1: faster than
+nbdcopy), and nbdcopy --flush's time / the tool's (flush/this).
 
-    .venv/bin/python bench/copy_bench.py [--reps 3] [--scale 1.0] [--workdir /var/tmp/copy-bench]
+    .venv/bin/python bench/copy_bench.py [--reps 5] [--scale 1.0] [--cases delay5,sparse]
 """
 
 from __future__ import annotations
@@ -102,7 +113,7 @@ def tools(src: str, dst: str) -> dict[str, list[str]]:
     return {
         "engine": [*ENGINE, "--no-progress", src, dst],
         "nbdcopy": ["nbdcopy", src, dst],
-        "qemu-img": ["qemu-img", "convert", "-n", "-W", "-m", "16", "-f", "raw", "-O", "raw", src, dst],
+        "nbdcopy --flush": ["nbdcopy", "--flush", src, dst],
     }
 
 
@@ -128,88 +139,179 @@ def run_case(name, runs: dict[str, list[str]], reps: int, reset, data_bytes: int
 
 
 def print_case(name: str, rows: dict) -> None:
-    reference = rows.get("nbdcopy") or rows.get("engine (full)")
+    reference = rows.get("nbdcopy") or rows.get("engine (full)") or next(iter(rows.values()))
+    durable = rows.get("nbdcopy --flush")
     print(f"\n== {name}")
-    print(f"  {'tool':<18} {'median s':>9} {'MB/s':>9} {'CPU s/GB':>9} {'RSS MiB':>8} {'ref/this':>9}  runs")
+    print(f"  {'tool':<18} {'median s':>9} {'MB/s':>9} {'CPU s/GB':>9} {'RSS MiB':>8} {'ref/this':>9}"
+          + (f" {'flush/this':>10}" if durable else "") + "  runs")
     for tool, row in rows.items():
-        ratio = reference["seconds"] / row["seconds"] if reference else float("nan")
+        ratio = reference["seconds"] / row["seconds"]
         print(f"  {tool:<18} {row['seconds']:>9.3f} {row['MB_s']:>9.1f} {row['cpu_s_per_GB']:>9.3f} "
-              f"{row['peak_rss_MiB']:>8} {ratio:>9.2f}  {row['runs']}")
+              f"{row['peak_rss_MiB']:>8} {ratio:>9.2f}"
+              + (f" {durable['seconds'] / row['seconds']:>10.2f}" if durable else "") + f"  {row['runs']}")
     sys.stdout.flush()
+
+
+def preallocate(path: Path, size: int) -> None:
+    fresh_target(path, size)
+    subprocess.run(["fallocate", "-l", str(size), str(path)], check=True)
+
+
+def live_limit(sockdir: Path, workdir: Path) -> dict:
+    """An in-process copy at 20 MiB/s whose limit is raised to 60 MiB/s
+    halfway through: the rate from the progress samples on each side."""
+    sys.path.insert(0, str(PROJECT_ROOT))
+    from vma_agent.copy import RateLimit, copy_image
+
+    size = 1 * GiB
+    dst_file = workdir / "limit-dst.img"
+    fresh_target(dst_file, size)
+    src, dst = Server(sockdir, "limit-src", "--readonly", "pattern", f"size={size}"), None
+    try:
+        dst = Server(sockdir, "limit-dst", "file", str(dst_file))
+        limit = RateLimit(20 * MiB)
+        samples, changed_at = [], {}
+
+        def progress(p):
+            samples.append((time.monotonic(), p.bytes_done))
+            if p.elapsed_s >= 10 and not changed_at:
+                limit.set(60 * MiB)
+                changed_at["t"] = time.monotonic()
+
+        cancel = __import__("threading").Event()
+
+        def stop_later(p):
+            progress(p)
+            if changed_at and time.monotonic() - changed_at["t"] >= 10:
+                cancel.set()
+
+        try:
+            copy_image(src.uri, dst.uri, limit=limit, progress=stop_later, progress_interval_s=0.5, cancel=cancel)
+        except Exception as exc:  # noqa: BLE001 - the bench cancels it on purpose
+            if type(exc).__name__ != "CopyCancelled":
+                raise
+    finally:
+        src.stop()
+        if dst:
+            dst.stop()
+    t0 = changed_at["t"]
+
+    def rate(points):
+        (ta, ba), (tb, bb) = points[0], points[-1]
+        return (bb - ba) / (tb - ta) / MiB
+
+    before = [p for p in samples if t0 - 8 <= p[0] <= t0]
+    after = [p for p in samples if t0 + 2 <= p[0]]  # the first samples after the change still average the old rate
+    row = {"before_MiB_s": round(rate(before), 1), "after_MiB_s": round(rate(after), 1), "samples": len(samples)}
+    print(f"\n== live limit: 20 MiB/s raised to 60 MiB/s mid-copy\n  measured from progress samples: "
+          f"{row['before_MiB_s']} MiB/s before, {row['after_MiB_s']} MiB/s after ({row['samples']} samples)")
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every size (0.25 for a quick look)")
-    parser.add_argument("--workdir", default="/var/tmp/copy-bench", help="where the source files live")
-    parser.add_argument("--target-dir", default="/dev/shm/copy-bench",
-                        help="where the full-copy targets live (tmpfs keeps disk writeback out of the comparison)")
-    parser.add_argument("--cases", default="dense,sparse,incremental,progress")
+    parser.add_argument("--workdir", default="/var/tmp/copy-bench", help="where sources and targets live (on disk)")
+    parser.add_argument("--cases", default="file-disk,pattern-disk,pattern4-disk,delay1,delay3,delay5,sparse,"
+                                           "incr-delay5,rss,limit")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args()
-    cases = set(args.cases.split(","))
-    workdir, target_dir = Path(args.workdir), Path(args.target_dir)
+    cases = args.cases.split(",")
+    workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    target_dir.mkdir(parents=True, exist_ok=True)
     sockdir = Path(tempfile.mkdtemp(prefix="bench-"))
-    dense_size = int(4 * GiB * args.scale) // MiB * MiB
-    big_size = int(8 * GiB * args.scale) // MiB * MiB
+
+    def sized(gib: float) -> int:
+        return int(gib * GiB * args.scale) // MiB * MiB
+
     results = {}
     print(f"copy benchmark: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, reps={args.reps}, "
-          f"scale={args.scale}, sources in {workdir}, full-copy targets in {target_dir}")
+          f"scale={args.scale}, sources and targets in {workdir} ({filesystem(workdir)})")
     servers = []
+
+    def serve(name, *a):
+        servers.append(Server(sockdir, name, *a))
+        return servers[-1]
+
+    def full_copy(case: str, title: str, source_args: list[str], size: int, data: int | None = None,
+                  prepare=fresh_target) -> None:
+        dst_file = workdir / f"{case}-dst.img"
+        prepare(dst_file, size)
+        src = serve(f"{case}-src", "--readonly", *source_args)
+        dst = serve(f"{case}-dst", "file", str(dst_file))
+        results[case] = run_case(title, tools(src.uri, dst.uri), args.reps,
+                                 lambda: prepare(dst_file, size), data or size, size)
+
     try:
-        def serve(name, *a):
-            servers.append(Server(sockdir, name, *a))
-            return servers[-1]
-
-        if cases & {"dense", "progress"}:
-            src_file, dst_file = workdir / "dense-src.img", target_dir / "dense-dst.img"
-            make_dense(src_file, dense_size)
-            fresh_target(dst_file, dense_size)
-            src = serve("dense-src", "--readonly", "file", str(src_file))
-            dst = serve("dense-dst", "file", str(dst_file))
-            reset = lambda: fresh_target(dst_file, dense_size)  # noqa: E731
-            if "dense" in cases:
-                results["dense"] = run_case(f"dense full copy, {dense_size / GiB:.1f} GiB", tools(src.uri, dst.uri),
-                                            args.reps, reset, dense_size, dense_size)
-            if "progress" in cases:
-                runs = {"engine (no bar)": [*ENGINE, "--no-progress", src.uri, dst.uri],
-                        "engine (progress)": [*ENGINE, src.uri, dst.uri]}
-                results["progress"] = run_case("progress reporting cost (dense)", runs, args.reps, reset,
-                                               dense_size, dense_size)
-
-        if "sparse" in cases:
-            dst_file = target_dir / "sparse-dst.img"
-            fresh_target(dst_file, big_size)
-            src = serve("sparse-src", "--readonly", "sparse-random", f"size={big_size}", "percent=10", "seed=7")
-            dst = serve("sparse-dst", "file", str(dst_file))
-            results["sparse"] = run_case(f"sparse full copy, {big_size / GiB:.1f} GiB with 10 % data",
-                                         tools(src.uri, dst.uri), args.reps,
-                                         lambda: fresh_target(dst_file, big_size), big_size // 10, big_size)
-
-        if "incremental" in cases:
-            dst_file = workdir / "incr-dst.img"
-            fresh_target(dst_file, big_size)
-            src = serve("incr-src", "--readonly", "pattern", f"size={big_size}")
-            dst = serve("incr-dst", "file", str(dst_file))
-            runs = {"engine (full)": [*ENGINE, "--no-progress", src.uri, dst.uri]}
-            for percent in (1, 5):
-                extents = workdir / f"extents-{percent}.json"
-                areas = changed_areas(big_size, percent, seed=percent)
-                extents.write_text(json.dumps(areas))
-                runs[f"engine ({percent} % chg)"] = [*ENGINE, "--no-progress", "--extents", str(extents),
-                                                   src.uri, dst.uri]
-            results["incremental"] = run_case(f"incremental vs full, {big_size / GiB:.1f} GiB disk", runs,
-                                              args.reps, lambda: None, big_size, big_size)
+        for case in cases:
+            if case == "file-disk":
+                size = sized(2)
+                src_file = workdir / "dense-src.img"
+                make_dense(src_file, size)
+                full_copy(case, f"page-cached {iec(size)} file -> file on disk", ["file", str(src_file)], size)
+            elif case == "pattern-disk":
+                size = sized(2)
+                full_copy(case, f"nbdkit pattern {iec(size)} -> pre-allocated file on disk",
+                          ["pattern", f"size={size}"], size, prepare=preallocate)
+            elif case == "pattern4-disk":
+                size = sized(4)
+                full_copy(case, f"nbdkit pattern {iec(size)} -> file on disk", ["pattern", f"size={size}"], size)
+            elif case.startswith("delay") and case[5:].isdigit():
+                ms = int(case[5:])
+                size = sized({1: 1, 3: 0.75, 5: 1}.get(ms, 1))
+                full_copy(case, f"nbdkit pattern {iec(size)}, {ms} ms per read -> file on disk",
+                          ["--filter=delay", "pattern", f"size={size}", f"rdelay={ms}ms"], size)
+            elif case == "sparse":
+                size = sized(8)
+                full_copy(case, f"sparse-random {iec(size)} with 10 % data -> file on disk",
+                          ["sparse-random", f"size={size}", "percent=10", "seed=7"], size, data=size // 10)
+            elif case == "incr-delay5":
+                size = sized(4)
+                dst_file = workdir / "incr-dst.img"
+                fresh_target(dst_file, size)
+                src = serve("incr-src", "--readonly", "--filter=delay", "pattern", f"size={size}", "rdelay=5ms")
+                dst = serve("incr-dst", "file", str(dst_file))
+                extents = workdir / "extents-1.json"
+                extents.write_text(json.dumps(changed_areas(size, 1, seed=1)))
+                runs = {"engine (full)": [*ENGINE, "--no-progress", src.uri, dst.uri],
+                        "engine (1 % chg)": [*ENGINE, "--no-progress", "--extents", str(extents), src.uri, dst.uri]}
+                results[case] = run_case(f"incremental vs full over a 5 ms source, {iec(size)} disk", runs,
+                                         args.reps, lambda: None, size, size)
+            elif case == "rss":
+                results[case] = {}
+                for gib in (1, 8):
+                    size = sized(gib)
+                    src = serve(f"rss-src-{gib}", "--readonly", "pattern", f"size={size}")
+                    dst = serve(f"rss-dst-{gib}", "null", f"size={size}")
+                    results[case][iec(size)] = run_case(
+                        f"peak RSS, {iec(size)} (pattern -> null)",
+                        {f"engine {iec(size)}": [*ENGINE, "--no-progress", src.uri, dst.uri]},
+                        args.reps, lambda: None, size, size)
+            elif case == "limit":
+                results[case] = live_limit(sockdir, workdir)
+            else:
+                parser.error(f"unknown case {case}")
+            for server in servers:
+                server.stop()
+            servers.clear()
     finally:
         for server in servers:
             server.stop()
         shutil.rmtree(sockdir, ignore_errors=True)
-        shutil.rmtree(target_dir, ignore_errors=True)
+        for leftover in workdir.glob("*-dst.img"):
+            leftover.unlink()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def filesystem(path: Path) -> str:
+    out = subprocess.run(["df", "--output=fstype,source", str(path)], capture_output=True, text=True).stdout
+    return " on ".join(out.splitlines()[-1].split())
+
+
+def iec(n: float) -> str:
+    return f"{n / GiB:g} GiB" if n >= GiB else f"{n / MiB:g} MiB"
 
 
 if __name__ == "__main__":
