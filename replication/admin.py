@@ -38,13 +38,16 @@ class SourceDiskForm(forms.ModelForm):
         fields = ["locator"]
 
     def clean_locator(self):
-        from replication.services.inventory import InventoryError, probe_capacity
+        from replication.services.inventory import InventoryError, probe
 
         locator = self.cleaned_data["locator"].strip()
         try:
-            self.instance.capacity_bytes = probe_capacity(locator)
+            self.instance.capacity_bytes, image_format = probe(locator)
         except InventoryError as exc:
             raise forms.ValidationError(str(exc)) from None
+        if image_format != "raw":
+            raise forms.ValidationError(f"{locator} is {image_format}: an image VM's disks are raw (register "
+                                        "qcow2 disks as a VM of their own with add_vm)")
         return locator
 
 
@@ -63,13 +66,17 @@ class SourceDiskInline(admin.TabularInline):
     readonly_fields = ["disk_key", "capacity_bytes", "change_id", "device_key", "unit_number", "backing_file",
                        "disk_mode", "is_rdm"]
 
+    # A VMware VM's disks come from discovery; a qcow2 VM's carry its dirty
+    # bitmaps: another image there would break the chain of changes.
+    FIXED = (SourceKind.VMWARE, SourceKind.QCOW2)
+
     def get_readonly_fields(self, request, obj=None):
-        if obj is not None and obj.source_kind == SourceKind.VMWARE:
+        if obj is not None and obj.source_kind in self.FIXED:
             return [*self.readonly_fields, "locator"]
         return self.readonly_fields
 
     def has_add_permission(self, request, obj=None):
-        return obj is None or obj.source_kind != SourceKind.VMWARE
+        return obj is None or obj.source_kind not in self.FIXED
 
     def has_delete_permission(self, request, obj=None):
         return False  # a disk with replicas and job history leaves only with its VM

@@ -5,6 +5,7 @@ from django.db import models
 
 class SourceKind(models.TextChoices):
     IMAGE = "image", "Disk image or NBD URI"
+    QCOW2 = "qcow2", "qcow2 images with dirty bitmaps"
     VMWARE = "vmware", "VMware vCenter"
 
 

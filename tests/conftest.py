@@ -184,8 +184,10 @@ def agent_bytes_copied(job_id: str, disk_key: str) -> int:
 
 
 def source_exports_running() -> list[str]:
-    """Command lines of read-only source nbdkit processes still alive."""
-    out = subprocess.run(["pgrep", "-af", "nbdkit.*--readonly"], capture_output=True, text=True).stdout
+    """Command lines of read-only source servers (nbdkit, or qemu-nbd for
+    qcow2 sources) still alive."""
+    out = subprocess.run(["pgrep", "-af", "(nbdkit.*--readonly|qemu-nbd.*--read-only)"], capture_output=True,
+                         text=True).stdout
     return [line for line in out.splitlines() if f"{settings.TEST_ROOT}/tmp/vma-src-" in line]
 
 

@@ -61,11 +61,22 @@ def test_add_vm_refuses_bad_disks(disk, reason):
     assert not VirtualMachine.objects.exists()
 
 
-def test_add_vm_refuses_a_non_raw_image(tmp_path):
+def test_add_vm_takes_qcow2_and_refuses_other_formats(tmp_path):
+    vmdk = tmp_path / "disk.vmdk"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(vmdk), "1M"], check=True)
+    with pytest.raises(CommandError, match="is vmdk, neither raw nor qcow2"):
+        run("add_vm", "v", "--disk", str(vmdk))
     qcow2 = tmp_path / "disk.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), "1M"], check=True)
-    with pytest.raises(CommandError, match="is qcow2, not raw"):
-        run("add_vm", "q", "--disk", str(qcow2))
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), "3M"], check=True)
+    overlay = tmp_path / "overlay.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(qcow2), "-F", "qcow2", str(overlay)],
+                   check=True)
+    with pytest.raises(CommandError, match="has a backing file"):
+        run("add_vm", "o", "--disk", str(overlay))
+    assert not VirtualMachine.objects.exists()
+    run("add_vm", "q", "--disk", str(qcow2))
+    vm = VirtualMachine.objects.get(name="q")
+    assert vm.source_kind == "qcow2" and vm.disks.get().capacity_bytes == 3 * 1024 * 1024
 
 
 def test_add_vm_refuses_a_duplicate_name_and_keeps_the_first(images):

@@ -76,6 +76,15 @@ def serve_file_readonly(path: str | Path) -> Iterator[str]:
         yield uri
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (what nbdkit's
+    --exit-with-parent does, for servers without it, such as qemu-nbd)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def serve_readonly(command_for: Callable[[Path], list[str]]) -> Iterator[str]:
     """Run the nbdkit command that `command_for(socket path)` gives, on a
@@ -87,7 +96,7 @@ def serve_readonly(command_for: Callable[[Path], list[str]]) -> Iterator[str]:
     with open(log_path, "wb") as log:
         try:
             proc = subprocess.Popen(command_for(sock), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=log)
+                                    stderr=log, preexec_fn=_die_with_parent)
         except OSError as exc:
             shutil.rmtree(rundir, ignore_errors=True)
             raise NbdkitError(f"cannot start nbdkit: {exc}") from exc
@@ -178,8 +187,9 @@ def process_alive(pid: int) -> bool:
 
 
 def _is_nbdkit(pid: int) -> bool:
+    """An export server of ours: nbdkit, or qemu-nbd (qcow2 sources)."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"nbdkit")
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith((b"nbdkit", b"qemu-nbd"))
     except OSError:
         return False
 

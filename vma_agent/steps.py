@@ -17,9 +17,9 @@ from pathlib import Path
 import redis
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from vma_agent import nbdkit, vmware
+from vma_agent import nbdkit, qcow2, vmware
 from vma_agent.control import AgentControl, worker_id
-from vma_agent.copy import RateLimit, copy_image
+from vma_agent.copy import RateLimit, copy_image, dirty_areas
 from vma_agent.progress import CopyProgress
 from vma_agent.progress_store import ProgressStore
 from vma_agent.reporter import DiskReporter, JobStageReporter, ProgressClient
@@ -363,7 +363,9 @@ def _copy(order: CopyOrder, config: AgentConfig, monitor: CopyMonitor, resume_fr
         monitor.check()
         monitor.reporter.stage("Preparing Migration")
         areas = None
-        if order.snapshot is not None:
+        if order.bitmap_base:
+            areas = dirty_areas(src_uri, order.bitmap_base)
+        elif order.snapshot is not None:
             snap = order.snapshot
             with config.vsphere(snap.vcenter) as client:
                 areas = client.changed_areas(snap.vm_moref, snap.snapshot_moref, snap.device_key,
@@ -406,6 +408,10 @@ def source_export(order: CopyOrder, config: AgentConfig) -> Iterator[str]:
                 yield uri
             return
         with password_file_of(snap.vcenter) as secret, vddk_source(snap.vcenter, secret, config).serve(disk) as uri:
+            yield uri
+    elif order.bitmap_new:
+        qcow2.freeze(order.source_locator, order.bitmap_base, order.bitmap_new)
+        with qcow2.serve_readonly(order.source_locator, order.bitmap_base) as uri:
             yield uri
     elif order.source_locator.startswith(("nbd://", "nbd+unix://", "nbds://", "nbds+unix://")):
         yield order.source_locator

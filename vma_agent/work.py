@@ -105,6 +105,10 @@ class CopyOrder:
     verify: bool = False
     limit_bps: int | None = None
     snapshot: SnapshotRef | None = None
+    # A qcow2 source: the bitmap this cycle starts (its change id once
+    # committed), and for an incremental the committed one whose areas it copies.
+    bitmap_new: str = ""
+    bitmap_base: str = ""
 
     @property
     def zero_unlisted(self) -> bool:

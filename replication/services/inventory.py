@@ -28,9 +28,17 @@ def is_nbd_uri(locator: str) -> bool:
 def probe_capacity(locator: str) -> int:
     """Size in bytes of an image file, block device or NBD export; refuses
     what cannot be copied byte for byte (missing, unreadable, not raw)."""
+    return probe(locator)[0]
+
+
+def probe(locator: str) -> tuple[int, str]:
+    """(guest-visible size in bytes, format) of an image file, block device
+    or NBD export: raw, or qcow2 (read through qemu-nbd, its changes tracked
+    by dirty bitmaps); refuses what cannot be read (missing, unreadable,
+    another format)."""
     if is_nbd_uri(locator):
         try:
-            return export_size(locator)
+            return export_size(locator), "raw"
         except CopyError as exc:
             raise InventoryError(f"cannot read NBD source {locator}: {exc}") from exc
     path = Path(locator)
@@ -46,23 +54,29 @@ def probe_capacity(locator: str) -> int:
         raise InventoryError(f"{locator} is neither a regular file nor a block device")
     if not os.access(path, os.R_OK):
         raise InventoryError(f"disk image {locator} is not readable")
-    image_format = _image_format(path)
+    details = _image_info(path)
+    image_format = details.get("format", "unknown")
+    if image_format == "qcow2":
+        if details.get("backing-filename"):
+            raise InventoryError(f"disk image {locator} has a backing file ({details['backing-filename']}); "
+                                 "register a standalone qcow2 image")
+        return int(details["virtual-size"]), "qcow2"
     if image_format != "raw":
-        # Copying a qcow2/vmdk container byte for byte would be silently wrong data.
-        raise InventoryError(f"disk image {locator} is {image_format}, not raw; serve it with qemu-nbd and "
-                             "register the NBD URI instead")
+        # Copying a vmdk/vhdx container byte for byte would be silently wrong data.
+        raise InventoryError(f"disk image {locator} is {image_format}, neither raw nor qcow2; convert it, or "
+                             "serve it with qemu-nbd and register the NBD URI")
     with open(path, "rb") as f:
-        return f.seek(0, os.SEEK_END)
+        return f.seek(0, os.SEEK_END), "raw"
 
 
-def _image_format(path: Path) -> str:
+def _image_info(path: Path) -> dict:
     try:
         out = subprocess.run(
-            ["qemu-img", "info", "--output=json", str(path)], capture_output=True, text=True, check=True, timeout=30
-        ).stdout
+            ["qemu-img", "info", "--output=json", "--force-share", str(path)], capture_output=True, text=True,
+            check=True, timeout=30).stdout
     except subprocess.CalledProcessError as exc:
         raise InventoryError(f"cannot inspect disk image {path}: {exc.stderr.strip()}") from exc
-    return json.loads(out).get("format", "unknown")
+    return json.loads(out)
 
 
 def register_image_vm(name: str, locators: list[str], agent: str = "local", *, cpus: int | None = None,
@@ -83,9 +97,15 @@ def register_image_vm(name: str, locators: list[str], agent: str = "local", *, c
         raise InventoryError("a VM needs at least one --disk")
     if VirtualMachine.objects.filter(name=name).exists():
         raise InventoryError(f"a VM named {name!r} already exists")
-    capacities = [probe_capacity(locator) for locator in locators]
+    probed = [probe(locator) for locator in locators]
+    capacities = [capacity for capacity, _ in probed]
+    formats = {image_format for _, image_format in probed}
+    if len(formats) > 1:
+        raise InventoryError("a VM's disks must be all raw (full copies) or all qcow2 (incremental copies from "
+                             "dirty bitmaps), not both")
+    kind = SourceKind.QCOW2 if formats == {"qcow2"} else SourceKind.IMAGE
     with transaction.atomic():
-        vm = VirtualMachine.objects.create(name=name, source_kind=SourceKind.IMAGE, agent=agent, cpus=cpus,
+        vm = VirtualMachine.objects.create(name=name, source_kind=kind, agent=agent, cpus=cpus,
                                            memory_mib=memory_mib, firmware=firmware)
         SourceDisk.objects.bulk_create(
             SourceDisk(vm=vm, disk_key=f"disk-{FIRST_DISK_KEY + i}", locator=locator, capacity_bytes=capacity)

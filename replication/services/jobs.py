@@ -36,7 +36,8 @@ def start_replication(vm: VirtualMachine, sync_type: str = SyncType.FULL, *, ver
     final cycle (for_failover) runs while that failover is open."""
     if sync_type == SyncType.INCREMENTAL and vm.source_kind == SourceKind.IMAGE:
         raise ReplicationError(
-            f"VM {vm.name} is an image source without changed-block tracking; only a full copy is possible"
+            f"VM {vm.name} is a raw image source without change tracking; only a full copy is possible "
+            "(qcow2 images are copied incrementally from dirty bitmaps)"
         )
     if bandwidth_limit_bps is not None and bandwidth_limit_bps <= 0:
         raise ReplicationError(f"bandwidth limit must be a positive number of bytes per second, not "
@@ -172,6 +173,22 @@ def _plan_disk(job: ReplicationJob, disk: VMDisk, frozen: dict | None) -> None:
                                 message=f"{disk.disk_key}: {reason}")
 
 
+def _plan_bitmap_disk(job: ReplicationJob, disk: VMDisk) -> None:
+    """A qcow2 disk: this cycle's dirty bitmap (its change id once
+    committed) and, for an incremental, the committed one it copies."""
+    sync_type, reason = SyncType.FULL, ""
+    if job.sync_type == SyncType.INCREMENTAL:
+        if disk.previous_change_id:
+            sync_type = SyncType.INCREMENTAL
+        else:
+            reason = "no committed dirty bitmap yet: the first copy is full"
+    disk.change_id, disk.sync_type, disk.full_copy_reason = f"oma-{job.id}", sync_type, reason
+    VMDisk.objects.filter(pk=disk.pk).update(change_id=disk.change_id, sync_type=sync_type, full_copy_reason=reason)
+    if reason:
+        JobEvent.objects.create(job=job, status=job.status, stage=job.current_operation,
+                                message=f"{disk.disk_key}: {reason}")
+
+
 def start_copies(job: ReplicationJob) -> None:
     """Provision and export every target volume, enter Transfer, and hand
     every disk's copy to the agent."""
@@ -190,6 +207,9 @@ def start_copies(job: ReplicationJob) -> None:
         if job.is_terminal:
             _queue_snapshot_removal(job)  # ended meanwhile
         return
+    if job.vm.source_kind == SourceKind.QCOW2:
+        for disk in disks:
+            _plan_bitmap_disk(job, disk)
     # A source without a snapshot (an image) is read as it is from now on.
     ReplicationJob.objects.filter(pk=job.pk, recovery_point_at__isnull=True).update(recovery_point_at=timezone.now())
     job.beat()

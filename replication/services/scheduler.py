@@ -18,12 +18,12 @@ from datetime import timedelta
 import redis
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, OuterRef, Subquery
+from django.db.models import Count, F, OuterRef, Subquery
 from django.utils import timezone
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
 
 from replication.choices import DISK_TERMINAL, JOB_ACTIVE, JobStatus, SourceKind, SyncType
-from replication.models import ReplicationJob, VirtualMachine, VMDisk
+from replication.models import ReplicationJob, SourceDisk, VirtualMachine, VMDisk
 from replication.policy import Admission, AdmissionReason, AdmissionStatus, ProtectionGroup
 
 log = logging.getLogger(__name__)
@@ -157,12 +157,14 @@ def group_due(group_id: int) -> None:
                       .values_list("vm_id", flat=True))
         active = dict(ReplicationJob.objects.filter(vm__group=group, status__in=JOB_ACTIVE)
                       .values_list("vm_id", "id"))
-        for vm in group.vms.all():
-            if vm.pk in active:
-                Admission.objects.create(group=group, vm=vm, status=AdmissionStatus.SKIPPED, due_at=now,
-                                         decided_at=now, note=f"its cycle {active[vm.pk]} is still running")
-            elif vm.pk not in waiting:
-                Admission.objects.create(group=group, vm=vm, due_at=now, not_before=now)
+        entries = []
+        for vm_id in group.vms.values_list("pk", flat=True):
+            if vm_id in active:
+                entries.append(Admission(group=group, vm_id=vm_id, status=AdmissionStatus.SKIPPED, due_at=now,
+                                         decided_at=now, note=f"its cycle {active[vm_id]} is still running"))
+            elif vm_id not in waiting:
+                entries.append(Admission(group=group, vm_id=vm_id, due_at=now, not_before=now))
+        Admission.objects.bulk_create(entries)
     admit()
 
 
@@ -179,7 +181,8 @@ def waiting_queue():
     """The VMs waiting for a slot, in the order they will get one."""
     return (Admission.objects.filter(status=AdmissionStatus.WAITING, group__paused=False)
             .select_related("vm", "group")
-            .annotate(recovery_point=Subquery(_last_recovery_point(OuterRef("vm_id"))))
+            .annotate(recovery_point=Subquery(_last_recovery_point(OuterRef("vm_id"))),
+                      disk_count=Subquery(_disk_count(OuterRef("vm_id"))))
             .order_by(F("recovery_point").asc(nulls_first=True), "due_at", "id"))
 
 
@@ -197,7 +200,7 @@ def _admit_pass() -> list[ReplicationJob]:
         vm, group = entry.vm, entry.group
         if entry.not_before > now or running[group.pk] >= group.max_concurrent:
             continue
-        disks = vm.disks.count()
+        disks = entry.disk_count or 0
         if agent_vms[vm.agent] >= settings.AGENT_MAX_VMS or agent_disks[vm.agent] + disks > settings.AGENT_MAX_DISKS:
             continue
         try:
@@ -214,7 +217,8 @@ def _admit_pass() -> list[ReplicationJob]:
 
 
 def _sync_type(vm: VirtualMachine) -> str:
-    """Incremental where the source can give one and a cycle has completed."""
+    """Incremental where the source tracks changes (VMware, qcow2) and a
+    cycle has completed; a raw image is always copied whole."""
     if vm.source_kind == SourceKind.IMAGE:
         return SyncType.FULL
     has_base = vm.disks.exclude(change_id="").exists()
@@ -228,6 +232,11 @@ def _decide(entry: Admission, status: str, *, job: ReplicationJob | None = None,
 def _last_recovery_point(vm_ref):
     return (ReplicationJob.objects.filter(vm_id=vm_ref, status=JobStatus.COMPLETED, recovery_point_at__isnull=False)
             .order_by("-recovery_point_at").values("recovery_point_at")[:1])
+
+
+def _disk_count(vm_ref):
+    return (SourceDisk.objects.filter(vm_id=vm_ref).order_by().values("vm_id")
+            .annotate(n=Count("id")).values("n")[:1])
 
 
 def job_ended(job_id: str) -> None:
