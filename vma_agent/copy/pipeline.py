@@ -185,16 +185,37 @@ class CopyRun:
 
 
 def iter_items(extents: list[Extent], chunk_bytes: int) -> Iterator[Extent]:
-    """The plan's extents in requests: data in chunks, zero runs in the
-    largest zero requests the protocol takes."""
+    """The plan's extents in requests: data in chunks, and a data extent's
+    tail in power-of-two pieces (so every buffer comes from a few pooled
+    sizes, see Pipeline._buffer); zero runs in the largest zero requests the
+    protocol takes."""
     for extent in extents:
-        step = ZERO_REQUEST_BYTES if extent.zero else chunk_bytes
-        for offset in range(extent.offset, extent.end, step):
-            yield Extent(offset, min(step, extent.end - offset), extent.zero)
+        if extent.zero:
+            for offset in range(extent.offset, extent.end, ZERO_REQUEST_BYTES):
+                yield Extent(offset, min(ZERO_REQUEST_BYTES, extent.end - offset), True)
+            continue
+        offset = extent.offset
+        while extent.end - offset >= chunk_bytes:
+            yield Extent(offset, chunk_bytes)
+            offset += chunk_bytes
+        for piece in _powers_of_two(extent.end - offset):
+            yield Extent(offset, piece)
+            offset += piece
+
+
+def _powers_of_two(length: int) -> list[int]:
+    """4097 -> [4096, 1]: the binary pieces of a length, largest first."""
+    return [1 << bit for bit in range(length.bit_length() - 1, -1, -1) if length >> bit & 1]
 
 
 def count_items(extents: list[Extent], chunk_bytes: int) -> int:
-    return sum(-(-extent.length // (ZERO_REQUEST_BYTES if extent.zero else chunk_bytes)) for extent in extents)
+    count = 0
+    for extent in extents:
+        if extent.zero:
+            count += -(-extent.length // ZERO_REQUEST_BYTES)
+        else:
+            count += extent.length // chunk_bytes + (extent.length % chunk_bytes).bit_count()
+    return count
 
 
 class Pipeline:
@@ -220,7 +241,7 @@ class Pipeline:
         self.unflushed: list[list[int]] = [[] for _ in conns.dsts]  # written, not yet flushed, per target
         self.unflushed_bytes = [0] * len(conns.dsts)
         self.last_flush = time.monotonic()
-        self.free_buffers: list[nbd.Buffer] = []
+        self.free_buffers: dict[int, list[nbd.Buffer]] = {}  # by size
         self.extents: dict[int, Extent] = {}  # this pipeline's items until they are durable
         self.held: tuple[int, float] | None = None  # the next item, waiting for its rate-limit slot
         self.claimed_all = False
@@ -455,13 +476,19 @@ class Pipeline:
 
     # --- buffers -------------------------------------------------------
     def _buffer(self, length: int) -> nbd.Buffer:
-        if length == self.run.chunk_bytes and self.free_buffers:
-            return self.free_buffers.pop()
-        return nbd.Buffer(length)
+        pool = self.free_buffers.get(length)
+        return pool.pop() if pool else nbd.Buffer(length)
 
     def _release(self, buffer: nbd.Buffer | None) -> None:
-        if buffer is not None and buffer.size() == self.run.chunk_bytes and len(self.free_buffers) < self.max_in_flight:
-            self.free_buffers.append(buffer)
+        """Every buffer goes back to its size's pool, never to the garbage
+        collector: libnbd 1.14's Python aio calls keep a reference to each
+        buffer they are given (measured: a fresh buffer per request is never
+        freed). Reusing a few buffers of a few sizes (chunks, and the
+        power-of-two pieces of extent tails) bounds that to the data in
+        flight; each size's pool holds at most the requests that were in
+        flight at once."""
+        if buffer is not None:
+            self.free_buffers.setdefault(buffer.size(), []).append(buffer)
 
 
 # --- the synchronous path: retries, and targets without zero support ----------
