@@ -390,6 +390,10 @@ class ProtectionGroupAdmin(admin.ModelAdmin):
     def delete_model(self, request, obj):
         scheduler.delete_group(obj)
 
+    def delete_queryset(self, request, queryset):
+        for group in queryset:
+            scheduler.delete_group(group)
+
 
 @admin.register(Admission)
 class AdmissionAdmin(admin.ModelAdmin):

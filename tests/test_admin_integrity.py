@@ -33,7 +33,8 @@ def vm_form(name: str, disks: list[str], initial: int = 0, **fields) -> dict:
 def test_a_disk_added_in_the_admin_passes_add_vms_checks(admin, tmp_path):
     qcow2 = tmp_path / "disk.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), "64M"], check=True)
-    for locator, reason in [(str(qcow2), "is qcow2: an image VM&#x27;s disks are raw"), ("disk.img", "disk path must be absolute"),
+    for locator, reason in [(str(qcow2), "is qcow2: an image VM&#x27;s disks are raw"),
+                            ("disk.img", "disk path must be absolute"),
                             (str(tmp_path / "missing.img"), "does not exist")]:
         page = admin.post("/admin/replication/virtualmachine/add/", vm_form("vm-admin", [locator]))
         assert page.status_code == 200 and reason in page.content.decode(), (locator, page.content[:2000])

@@ -209,6 +209,8 @@ def _admit_pass() -> list[ReplicationJob]:
             _decide(entry, AdmissionStatus.SKIPPED, note=str(exc))
             continue
         _decide(entry, AdmissionStatus.STARTED, job=job)
+        log.info("group %s: started %s of VM %s (%s, attempt %d)", group.name, job.id, vm.name, entry.reason,
+                 entry.attempt)
         running[group.pk] += 1
         agent_vms[vm.agent] += 1
         agent_disks[vm.agent] += disks
