@@ -17,7 +17,7 @@ from replication.models import (
     VirtualMachine,
     VMDisk,
 )
-from replication.policy import Admission, ProtectionGroup
+from replication.policy import Admission, DrillRun, ProtectionGroup
 from replication.services import jobs as job_service
 from replication.services import scheduler
 from replication.services import vmware as vmware_service
@@ -346,7 +346,7 @@ class ProtectionGroupForm(forms.ModelForm):
     class Meta:
         model = ProtectionGroup
         fields = ["name", "description", "interval_s", "cron", "timezone", "rpo_target_s", "max_concurrent",
-                  "max_retries", "retry_backoff_s", "paused"]
+                  "max_retries", "retry_backoff_s", "drill_interval_s", "paused"]
 
     def clean(self):
         cleaned = super().clean()
@@ -401,6 +401,16 @@ class AdmissionAdmin(admin.ModelAdmin):
     list_filter = ["status", "reason", "group"]
     readonly_fields = ["group", "vm", "reason", "attempt", "status", "due_at", "not_before", "decided_at", "job",
                        "note"]
+
+    def has_add_permission(self, request):
+        return False
+
+
+@admin.register(DrillRun)
+class DrillRunAdmin(admin.ModelAdmin):
+    list_display = ["vm", "group", "status", "rto_s", "queued_at", "ended_at", "note"]
+    list_filter = ["status", "group"]
+    readonly_fields = ["group", "vm", "failover", "status", "queued_at", "started_at", "ended_at", "rto_s", "note"]
 
     def has_add_permission(self, request):
         return False

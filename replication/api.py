@@ -174,7 +174,12 @@ OPENAPI = {
                 ("recovery_point_at", "string", "when its last completed cycle froze the source; null: never"),
                 ("age_s", "number", "seconds since then; null: never"),
                 ("target_s", "integer", "its group's target; null: not in a group"),
-                ("flag", "string", "why scheduled protection gave up on it; null: it did not")]}}},
+                ("flag", "string", "why scheduled protection gave up on it; null: it did not")]},
+            "last_drill": {"type": "object", "nullable": True, "description": "its last rehearsal; null: never",
+                           "properties": {"status": {"type": "string", "enum": ["passed", "failed"]},
+                                          "ended_at": {"type": "string"},
+                                          "rto_s": {"type": "number", "nullable": True},
+                                          "note": {"type": "string"}}}}},
         "Failover": {"type": "object", "properties": {
             **{k: {"type": t} for k, t in [
                 ("id", "integer"), ("vm", "string"), ("status", "string"), ("state", "string"),

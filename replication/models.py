@@ -688,4 +688,4 @@ from replication.lifecycle import (  # noqa: E402, F401
     VMContext,
     VMStateChange,
 )
-from replication.policy import Admission, ProtectionGroup  # noqa: E402, F401
+from replication.policy import Admission, DrillRun, ProtectionGroup  # noqa: E402, F401

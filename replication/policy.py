@@ -1,9 +1,9 @@
 """Protection policies (the seeds' vm_machine_groups, replication_schedules,
 schedule_executions): a group of VMs kept fresh on a schedule, within a
-concurrency limit, against a recovery point objective. The schedule itself
-lives in django-celery-beat's tables (one PeriodicTask per group, written
-only by services.scheduler); a VM's place in the admission queue and every
-decision about it are Admission rows."""
+concurrency limit, against a recovery point objective, and rehearsed by
+drills. The schedules live in django-celery-beat's tables (PeriodicTasks
+written only by services.scheduler); a VM's place in the admission queue
+and every decision about it are Admission rows; each rehearsal a DrillRun."""
 
 from __future__ import annotations
 
@@ -26,8 +26,12 @@ class ProtectionGroup(models.Model):
     retry_backoff_s = models.PositiveIntegerField(default=60,
                                                   help_text="First retry after this; each next one waits twice as long")
     paused = models.BooleanField(default=False, help_text="A paused group starts nothing")
+    drill_interval_s = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Rehearse a recovery of each VM (a test failover) every N seconds")
     periodic_task = models.OneToOneField("django_celery_beat.PeriodicTask", null=True, blank=True,
                                          on_delete=models.SET_NULL, related_name="protection_group", editable=False)
+    drill_task = models.OneToOneField("django_celery_beat.PeriodicTask", null=True, blank=True,
+                                      on_delete=models.SET_NULL, related_name="drill_group", editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -81,3 +85,35 @@ class Admission(models.Model):
 
     def __str__(self):
         return f"{self.vm} {self.reason} #{self.attempt}: {self.status}"
+
+
+class DrillStatus(models.TextChoices):
+    QUEUED = "queued", "queued"
+    RUNNING = "running", "running"
+    PASSED = "passed", "passed"
+    FAILED = "failed", "failed"
+
+
+class DrillRun(models.Model):
+    """One VM's rehearsal in a group's drill: a test failover, its boot
+    verified on the guest's console, the test ended; pass or fail, and the
+    recovery time it measured (failover asked -> boot verified)."""
+
+    group = models.ForeignKey(ProtectionGroup, null=True, on_delete=models.SET_NULL, related_name="drills")
+    vm = models.ForeignKey("replication.VirtualMachine", on_delete=models.CASCADE, related_name="drills")
+    failover = models.OneToOneField("replication.FailoverJob", null=True, blank=True, on_delete=models.SET_NULL,
+                                    related_name="drill")
+    status = models.CharField(max_length=20, choices=DrillStatus.choices, default=DrillStatus.QUEUED, db_index=True)
+    queued_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    rto_s = models.FloatField(null=True, blank=True, help_text="Seconds from the failover's start to its boot "
+                                                               "verified")
+    note = models.CharField(max_length=1000, blank=True)
+
+    class Meta:
+        db_table = "drill_runs"
+        ordering = ["-queued_at", "-id"]
+
+    def __str__(self):
+        return f"drill of {self.vm}: {self.status}"

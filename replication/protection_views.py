@@ -17,7 +17,7 @@ RECENT_DECISIONS = 30
 
 def protection_context() -> dict:
     groups = list(ProtectionGroup.objects.all())
-    points = rpo.recovery_points(rpo_vms())
+    points = rpo.with_drills(rpo.recovery_points(rpo_vms()))
     by_group: dict[int, list] = {group.pk: [] for group in groups}
     for point in points:
         by_group[point.vm.group_id].append(point)
@@ -46,7 +46,7 @@ def protection(request):
 @api_view
 def rpo_list(request):
     """Every VM's recovery point and its age; those in a group against its target."""
-    points = rpo.recovery_points()
+    points = rpo.with_drills(rpo.recovery_points())
     return JsonResponse({"vms": [point.as_dict() for point in points],
                          "over_target": [point.vm.name for point in points if point.over_target]})
 

@@ -7,7 +7,7 @@ from celery import shared_task
 from django.conf import settings
 from django.db import DatabaseError
 
-from replication.services import failover, jobs, progress, reaper, scheduler, sweeper
+from replication.services import drills, failover, jobs, progress, reaper, scheduler, sweeper
 
 # An outcome must not be lost to a database restart: the agent's work is done.
 OUTCOME_RETRY = {"autoretry_for": (DatabaseError,), "max_retries": settings.COPY_TASK_MAX_RETRIES,
@@ -88,3 +88,13 @@ def group_due(group_id: int) -> None:
 @shared_task(name="replication.job_ended", **OUTCOME_RETRY)
 def job_ended(job_id: str) -> None:
     scheduler.job_ended(job_id)
+
+
+@shared_task(name="replication.drill_due")
+def drill_due(group_id: int) -> None:
+    drills.drill_due(group_id)
+
+
+@shared_task(name="replication.drill_continue", **OUTCOME_RETRY)
+def drill_continue(failover_id: int) -> None:
+    drills.drill_continue(failover_id)

@@ -33,7 +33,7 @@ def dashboard_context() -> dict:
         "active_jobs": active,
         "recent_failures": ReplicationJob.objects.select_related("vm").filter(status=JobStatus.FAILED)
         .order_by("-completed_at")[:RECENT_FAILURES],
-        "recovery_points": rpo.recovery_points(VirtualMachine.objects.filter(group__isnull=False)),
+        "recovery_points": rpo.with_drills(rpo.recovery_points(VirtualMachine.objects.filter(group__isnull=False))),
     }
 
 

@@ -52,7 +52,7 @@ from replication.destinations import destination_for
 from replication.destinations.base import DestinationError, GuestNotConverted
 from replication.lifecycle import FailoverJob, FailoverStep, IllegalMove, VMContext
 from replication.models import ReplicationJob, VirtualMachine
-from replication.services import forecast, orders
+from replication.services import drills, forecast, orders
 from replication.services.failover_checks import FailoverError, preflight, production_network, shape_of
 from vma_agent.work import POWER_ON, SHUT_DOWN
 
@@ -196,6 +196,7 @@ def run_failover(job_id: int) -> None:
             step.detail = f"{len(volumes)} volume(s) of {job.replication_job_id}"
         if job.kind == FailoverKind.TEST:
             _boot(job, destination, volumes)
+            drills.failover_ended(job.pk)
         else:
             _shut_down_source(job)
     except Exception as exc:
@@ -435,6 +436,8 @@ def abandon(job_id: int, reason: str) -> None:
     with contextlib.suppress(IllegalMove):
         VMContext.of(job.vm).move(to, actor="system", reason=f"{job.kind} failover {job.pk} failed: {reason}"[:2000],
                                   only_from={VMState.FAILED_OVER_TEST, VMState.READY_FOR_FAILOVER} - {to})
+    if job.kind == FailoverKind.TEST:
+        drills.failover_ended(job.pk)
 
 
 def _undo(job: FailoverJob, destination) -> None:

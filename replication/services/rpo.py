@@ -20,6 +20,7 @@ class RecoveryPoint:
     at: datetime | None  # None: no cycle has completed
     age_s: float | None
     target_s: int | None  # its group's target; None: not in a group
+    last_drill: object = None  # its last ended DrillRun (with_drills), if asked for
 
     @property
     def over_target(self) -> bool:
@@ -30,7 +31,10 @@ class RecoveryPoint:
                 "recovery_point_at": self.at.isoformat() if self.at else None,
                 "age_s": round(self.age_s, 1) if self.age_s is not None else None,
                 "target_s": self.target_s, "over_target": self.over_target,
-                "flag": self.vm.protection_flag or None}
+                "flag": self.vm.protection_flag or None,
+                "last_drill": None if self.last_drill is None else {
+                    "status": self.last_drill.status, "ended_at": self.last_drill.ended_at.isoformat(),
+                    "rto_s": self.last_drill.rto_s, "note": self.last_drill.note}}
 
 
 def with_recovery_points(vms):
@@ -53,3 +57,13 @@ def recovery_point(vm: VirtualMachine, now: datetime | None = None) -> RecoveryP
     at = vm.recovery_point
     return RecoveryPoint(vm=vm, at=at, age_s=(now - at).total_seconds() if at else None,
                          target_s=vm.group.rpo_target_s if vm.group_id else None)
+
+
+def with_drills(points: list[RecoveryPoint]) -> list[RecoveryPoint]:
+    """The same points, each with its VM's last ended drill."""
+    from dataclasses import replace
+
+    from replication.services.drills import last_drills
+
+    drills = last_drills([point.vm.pk for point in points])
+    return [replace(point, last_drill=drills.get(point.vm.pk)) for point in points]

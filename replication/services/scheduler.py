@@ -60,6 +60,8 @@ def check_group(group: ProtectionGroup) -> None:
         raise ScheduleError("the concurrency limit must be at least 1")
     if group.interval_s is not None and group.interval_s < 1:
         raise ScheduleError("the interval must be at least 1 second")
+    if group.drill_interval_s is not None and group.drill_interval_s < 1:
+        raise ScheduleError("the drill interval must be at least 1 second")
     if group.cron:
         fields = group.cron.split()
         if len(fields) != 5:
@@ -84,38 +86,45 @@ def set_schedule(group: ProtectionGroup, *, interval_s: int | None = None, cron:
 
 
 def sync_schedule(group: ProtectionGroup) -> None:
-    """Make the group's PeriodicTask say what the group says (beat reads
-    changes from the database without a restart)."""
-    task = group.periodic_task
-    if not group.interval_s and not group.cron:
-        if task is not None:
-            task.delete()
-        return
-    schedule = {"interval": None, "crontab": None}
-    if group.interval_s:
-        schedule["interval"], _ = IntervalSchedule.objects.get_or_create(every=group.interval_s,
-                                                                         period=IntervalSchedule.SECONDS)
-    else:
+    """Make the group's PeriodicTasks (its cycles', its drills') say what the
+    group says (beat reads changes from the database without a restart)."""
+    crontab = None
+    if group.cron and not group.interval_s:
         minute, hour, day_of_month, month_of_year, day_of_week = group.cron.split()
-        schedule["crontab"], _ = CrontabSchedule.objects.get_or_create(
+        crontab, _ = CrontabSchedule.objects.get_or_create(
             minute=minute, hour=hour, day_of_month=day_of_month, month_of_year=month_of_year,
             day_of_week=day_of_week, timezone=group.timezone)
-    values = {"task": "replication.group_due", "args": json.dumps([group.pk]), "queue": "oma",
-              "enabled": not group.paused, "description": f"protection group {group.name}", **schedule}
+    group.periodic_task = _sync_task(group, group.periodic_task, "replication.group_due", group.interval_s, crontab,
+                                     f"protection group {group.pk}: {group.name}")
+    group.drill_task = _sync_task(group, group.drill_task, "replication.drill_due", group.drill_interval_s, None,
+                                  f"drill of protection group {group.pk}: {group.name}")
+    ProtectionGroup.objects.filter(pk=group.pk).update(periodic_task=group.periodic_task, drill_task=group.drill_task)
+
+
+def _sync_task(group: ProtectionGroup, task: PeriodicTask | None, task_name: str, interval_s: int | None,
+               crontab: CrontabSchedule | None, name: str) -> PeriodicTask | None:
+    if not interval_s and crontab is None:
+        if task is not None:
+            task.delete()
+        return None
+    interval = None
+    if interval_s:
+        interval, _ = IntervalSchedule.objects.get_or_create(every=interval_s, period=IntervalSchedule.SECONDS)
+    values = {"task": task_name, "args": json.dumps([group.pk]), "queue": "oma", "enabled": not group.paused,
+              "description": name, "interval": interval, "crontab": crontab}
     if task is None:
-        task = PeriodicTask.objects.create(name=f"protection group {group.pk}: {group.name}", **values)
-        ProtectionGroup.objects.filter(pk=group.pk).update(periodic_task=task)
-        group.periodic_task = task
-    else:
-        for name, value in values.items():
-            setattr(task, name, value)
-        task.save()
+        return PeriodicTask.objects.create(name=name, **values)
+    for field, value in values.items():
+        setattr(task, field, value)
+    task.save()
+    return task
 
 
 def delete_group(group: ProtectionGroup) -> None:
     with transaction.atomic():
-        if group.periodic_task is not None:
-            group.periodic_task.delete()
+        for task in (group.periodic_task, group.drill_task):
+            if task is not None:
+                task.delete()
         group.delete()
 
 

@@ -35,6 +35,8 @@ class Command(BaseCommand):
         parser.add_argument("--retries", type=int, dest="max_retries", help="retries of a failed scheduled cycle")
         parser.add_argument("--backoff", type=duration_s, dest="retry_backoff_s",
                             help="first retry after this (doubling), e.g. 60s")
+        parser.add_argument("--drill-every", type=duration_s, dest="drill_interval_s",
+                            help="rehearse each VM's recovery (a test failover) this often, e.g. 1d")
         parser.add_argument("--description")
 
     def handle(self, action, **options):
@@ -45,7 +47,7 @@ class Command(BaseCommand):
 
     def _fields(self, options) -> dict:
         return {key: options[key] for key in ("max_concurrent", "rpo_target_s", "max_retries", "retry_backoff_s",
-                                              "description") if options.get(key) is not None}
+                                              "drill_interval_s", "description") if options.get(key) is not None}
 
     def do_create(self, name, **options):
         group = scheduler.create_group(name, **self._fields(options))
@@ -54,8 +56,9 @@ class Command(BaseCommand):
 
     def do_update(self, name, **options):
         group = scheduler.update_group(group_named(name), **self._fields(options))
+        drills = f"drills every {group.drill_interval_s} s" if group.drill_interval_s else "no drills"
         self.stdout.write(f"group {group.name}: limit {group.max_concurrent}, RPO target {group.rpo_target_s} s, "
-                          f"{group.max_retries} retries, backoff {group.retry_backoff_s} s")
+                          f"{group.max_retries} retries, backoff {group.retry_backoff_s} s, {drills}")
 
     def do_add(self, name, vms, **options):
         group = group_named(name)

@@ -1,0 +1,127 @@
+"""Drills: a recovery rehearsed, not guessed. A group's drill (on its drill
+schedule, or `drill run GROUP`) test-fails-over each of its VMs in turn:
+the failover boots the last completed cycle on the destination from
+overlays, its boot is verified on the guest's own console, the test is
+ended; the VM passes or fails, with the recovery time it took (failover
+asked -> boot verified). One VM at a time, so a drill never competes with
+itself for the destination; the next starts when the previous has ended.
+
+The failover workflow calls failover_ended() when a test failover's run
+ends; everything else about drills is here."""
+
+from __future__ import annotations
+
+import logging
+
+from django.db import transaction
+from django.utils import timezone
+
+from replication.choices import FailoverKind, FailoverStatus, VMState
+from replication.policy import DrillRun, DrillStatus, ProtectionGroup
+
+log = logging.getLogger(__name__)
+
+
+class DrillError(Exception):
+    """A drill cannot start; the message is the reason."""
+
+
+def drill_due(group_id: int) -> list[DrillRun]:
+    """Queue a drill of every VM of the group (none while its last drill
+    still runs) and start the first. A paused group drills nothing."""
+    group = ProtectionGroup.objects.filter(pk=group_id).first()
+    if group is None or group.paused:
+        return []
+    with transaction.atomic():
+        if DrillRun.objects.filter(group=group, status__in=(DrillStatus.QUEUED, DrillStatus.RUNNING)).exists():
+            log.info("drill of group %s skipped: the last one still runs", group.name)
+            return []
+        runs = [DrillRun.objects.create(group=group, vm=vm) for vm in group.vms.order_by("name")]
+    _start_next(group)
+    return runs
+
+
+def start_now(group: ProtectionGroup) -> list[DrillRun]:
+    if group.paused:
+        raise DrillError(f"group {group.name} is paused")
+    if not group.vms.exists():
+        raise DrillError(f"group {group.name} has no VMs")
+    runs = drill_due(group.pk)
+    if not runs:
+        raise DrillError(f"a drill of group {group.name} is already running")
+    return runs
+
+
+def _start_next(group: ProtectionGroup) -> None:
+    """Start the oldest queued VM's test failover; a VM that cannot fail
+    over now fails its drill with the reason, and the next goes."""
+    from replication.services.failover import FailoverError, start_failover
+
+    while True:
+        with transaction.atomic():
+            run = (DrillRun.objects.select_for_update().filter(group=group, status=DrillStatus.QUEUED)
+                   .select_related("vm").order_by("queued_at", "id").first())
+            if run is None:
+                return
+            now = timezone.now()
+            if run.vm.lifecycle_state != VMState.READY_FOR_FAILOVER:
+                _end(run, DrillStatus.FAILED, f"not ready for failover: it is {run.vm.lifecycle_label}", now)
+                continue
+            try:
+                failover = start_failover(run.vm, FailoverKind.TEST, actor=f"drill of group {group.name}")
+            except FailoverError as exc:
+                _end(run, DrillStatus.FAILED, str(exc), now)
+                continue
+            DrillRun.objects.filter(pk=run.pk).update(status=DrillStatus.RUNNING, failover=failover, started_at=now)
+            return
+
+
+def failover_ended(failover_id: int) -> None:
+    """A test failover's run ended (booted, or failed and undone): if a
+    drill started it, end the test, record the outcome, and go on."""
+    from replication import tasks
+
+    if DrillRun.objects.filter(failover_id=failover_id, status=DrillStatus.RUNNING).exists():
+        transaction.on_commit(lambda: tasks.drill_continue.delay(failover_id))
+
+
+def drill_continue(failover_id: int) -> None:
+    from replication.services.failover import FailoverError, end_test_failover
+
+    run = (DrillRun.objects.select_related("vm", "group", "failover")
+           .filter(failover_id=failover_id, status=DrillStatus.RUNNING).first())
+    if run is None:
+        return
+    failover, now = run.failover, timezone.now()
+    if failover.status == FailoverStatus.SUCCEEDED:
+        rto = (failover.completed_at - failover.created_at).total_seconds()
+        try:
+            end_test_failover(run.vm, actor=f"drill of group {run.group.name if run.group else '-'}")
+        except FailoverError as exc:
+            _end(run, DrillStatus.FAILED, f"booted ({failover.console_match}), but ending the test failed: {exc}",
+                 now, rto)
+        else:
+            _end(run, DrillStatus.PASSED, f"booted: {failover.console_match}", now, rto)
+    else:
+        _end(run, DrillStatus.FAILED, failover.error_message or f"test failover {failover.status}", now)
+    if run.group is not None:
+        _start_next(run.group)
+
+
+def _end(run: DrillRun, status: str, note: str, now, rto_s: float | None = None) -> None:
+    DrillRun.objects.filter(pk=run.pk).update(status=status, note=note[:1000], ended_at=now,
+                                              rto_s=round(rto_s, 3) if rto_s is not None else None)
+    log.info("drill of VM %s %s: %s", run.vm.name, status, note)
+
+
+def last_drills(vm_ids) -> dict[int, DrillRun]:
+    """Each VM's last ended drill, by VM id."""
+    from django.db.models import OuterRef, Subquery
+
+    from replication.models import VirtualMachine
+
+    last = (DrillRun.objects.filter(vm_id=OuterRef("pk"), status__in=(DrillStatus.PASSED, DrillStatus.FAILED))
+            .order_by("-ended_at").values("id")[:1])
+    ids = VirtualMachine.objects.filter(pk__in=vm_ids).annotate(drill_id=Subquery(last)).values_list("pk", "drill_id")
+    runs = DrillRun.objects.in_bulk([drill_id for _, drill_id in ids if drill_id])
+    return {vm_id: runs[drill_id] for vm_id, drill_id in ids if drill_id}
