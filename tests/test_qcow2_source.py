@@ -3,7 +3,9 @@ a qemu persistent dirty bitmap, read through qemu-nbd. Real qemu-img,
 qemu-io and qemu-nbd, real OMA and agent workers; data checked by sha256
 against the image's guest-visible content (qemu-img convert -O raw)."""
 
+import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +99,29 @@ def test_a_raw_image_stays_full_only_with_the_reason_and_mixed_disks_are_refused
     subprocess.run(["qemu-img", "create", "-f", "vmdk", str(vmdk), "1M"], check=True, capture_output=True)
     with pytest.raises(InventoryError, match="is vmdk, neither raw nor qcow2"):
         register_image_vm("vmdk-vm", [str(vmdk)])
+
+
+def test_a_guest_holding_the_image_for_a_moment_is_waited_out(tmp_path):
+    """A writer's hold on the image's lock (a guest's burst) delays a cycle's
+    bitmap step instead of failing the cycle."""
+    image = tmp_path / "held.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(image), "1M"], check=True, capture_output=True)
+    # qemu-io holds the image (and its write lock) for 1.5 s, then exits.
+    holder = subprocess.Popen(["qemu-io", "-f", "qcow2", "-c", "sleep 1500", str(image)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def holding() -> bool:
+        """qemu-io has the image open (qemu takes its locks as it opens it)."""
+        try:
+            return any(os.readlink(fd) == str(image) for fd in Path(f"/proc/{holder.pid}/fd").iterdir())
+        except OSError:  # not started yet, or an fd closed as we looked
+            return False
+
+    try:
+        wait_until(holding, 10, "qemu-io to hold the image open")
+        qcow2.freeze(str(image), "", "oma-job-held")  # waits until it lets go, then succeeds
+        assert holder.wait(10) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    assert qcow2.bitmaps(str(image))["oma-job-held"]["recording"] is True

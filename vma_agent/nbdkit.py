@@ -44,15 +44,16 @@ def _log_tail(log_path: Path) -> str:
 
 
 def _wait_until_listening(proc: subprocess.Popen, socket_path: Path, log_path: Path) -> None:
+    server = Path(proc.args[0]).name if isinstance(proc.args, list) else "nbdkit"  # nbdkit, or qemu-nbd
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise NbdkitError(f"nbdkit exited with status {proc.returncode}: {_log_tail(log_path)}")
+            raise NbdkitError(f"{server} exited with status {proc.returncode}: {_log_tail(log_path)}")
         if socket_path.exists() and socket_accepts(socket_path):
             return
         time.sleep(0.02)
     proc.kill()
-    raise NbdkitError(f"nbdkit did not listen on {socket_path} within {START_TIMEOUT_S:.0f} s")
+    raise NbdkitError(f"{server} did not listen on {socket_path} within {START_TIMEOUT_S:.0f} s")
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:

@@ -9,8 +9,10 @@ unrecorded, and then disables the committed one: frozen, it says which
 areas this cycle copies, read through qemu-nbd (`-B`). On success its own
 bitmap becomes the committed one.
 
-qemu-img needs the image's write lock: the image must not be open by a
-running VM (a live VM's bitmaps go through its QMP monitor instead)."""
+qemu-img needs the image's write lock, and qemu-nbd a shared one: a
+process writing the image now and then (a guest's burst through qemu-io)
+is waited out for up to LOCK_WAIT_S; an image a running VM holds open
+cannot be a source (its bitmaps would go through the VM's QMP monitor)."""
 
 from __future__ import annotations
 
@@ -19,23 +21,41 @@ import json
 import subprocess
 from collections.abc import Iterator
 
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_fixed
+
 from vma_agent import nbdkit
 
 PREFIX = "oma-"
 TIMEOUT_S = 60
+LOCK_WAIT_S = 30.0  # how long another process's hold on the image's lock is waited out
 
 
 class Qcow2Error(RuntimeError):
     """A qemu-img or qemu-nbd step failed; the message has qemu's reason."""
 
 
+def _busy(exc: BaseException) -> bool:
+    """qemu could not take the image's lock: another process has it open."""
+    return "lock" in str(exc)
+
+
+def _waiting_out_locks(step):
+    """Run step(), again while another process holds the image's lock."""
+    attempts = Retrying(retry=retry_if_exception(_busy), wait=wait_fixed(0.2), stop=stop_after_delay(LOCK_WAIT_S),
+                        reraise=True)
+    return attempts(step)
+
+
 def _run(*args: str) -> str:
-    try:
-        return subprocess.run(args, capture_output=True, text=True, check=True, timeout=TIMEOUT_S).stdout
-    except subprocess.CalledProcessError as exc:
-        raise Qcow2Error(f"{' '.join(args[:3])} failed: {exc.stderr.strip() or exc.stdout.strip()}") from None
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise Qcow2Error(f"{' '.join(args[:3])} failed: {exc}") from None
+    def once() -> str:
+        try:
+            return subprocess.run(args, capture_output=True, text=True, check=True, timeout=TIMEOUT_S).stdout
+        except subprocess.CalledProcessError as exc:
+            raise Qcow2Error(f"{' '.join(args[:3])} failed: {exc.stderr.strip() or exc.stdout.strip()}") from None
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise Qcow2Error(f"{' '.join(args[:3])} failed: {exc}") from None
+
+    return _waiting_out_locks(once)
 
 
 def info(path: str) -> dict:
@@ -76,5 +96,5 @@ def serve_readonly(path: str, bitmap: str = "") -> Iterator[str]:
         return ["qemu-nbd", "--read-only", "--format=qcow2", "--persistent", "--shared=0", f"--socket={sock}",
                 *([f"--bitmap={bitmap}"] if bitmap else []), path]
 
-    with nbdkit.serve_readonly(command) as uri:
-        yield uri
+    with contextlib.ExitStack() as stack:
+        yield _waiting_out_locks(lambda: stack.enter_context(nbdkit.serve_readonly(command)))

@@ -8,8 +8,10 @@ poll(2) on all its sockets at once: a read's latency overlaps the other
 reads and the writes, as nbdcopy does. Reads go round-robin over its source
 connections, writes over its target connections. A completed read becomes a
 write of the same buffer (or a zero request when it reads as zeros).
-Buffers are pooled, so the data in flight is at most depth x chunk per
-source connection, whatever the disk's size.
+Requests are chunks, or power-of-two pieces of an extent's tail, and their
+buffers come from per-size pools: memory follows the requests in flight
+(depth x chunk per source connection, at most twice that with the pieces),
+never the disk's size or how fragmented it is.
 
 A request that fails is retried synchronously once the pipeline has
 drained, on reconnected handles if the connection died; after the last
