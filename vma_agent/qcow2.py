@@ -59,7 +59,10 @@ def _run(*args: str) -> str:
 
 
 def info(path: str) -> dict:
-    return json.loads(_run("qemu-img", "info", "--output=json", "--force-share", path))
+    """The image's details, read under its lock: a read beside a writer
+    (--force-share) can catch its bitmap directory mid-update and miss a
+    bitmap (seen: a cycle refused for a bitmap that was there)."""
+    return json.loads(_run("qemu-img", "info", "--output=json", path))
 
 
 def bitmaps(path: str) -> dict[str, dict]:
