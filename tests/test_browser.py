@@ -305,14 +305,14 @@ def test_an_operator_adds_a_vcenter_chooses_vms_and_adds_an_image_vm_from_the_br
     expect(page.locator("body")).to_contain_text("1 VM(s) of vc-gui protected: web01")
     assert list(VirtualMachine.objects.filter(vcenter=vcenter).values_list("name", flat=True)) == ["web01"]
 
-    # An image VM goes through add_vm's checks: a qcow2 is refused with the reason, a raw image is taken.
-    qcow2 = tmp_path / "disk.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), "8M"], check=True)
+    # An image VM goes through add_vm's checks: a vmdk is refused with the reason, a raw image is taken.
+    vmdk = tmp_path / "disk.vmdk"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(vmdk), "8M"], check=True)
     page.click("text=Sources")
     page.fill('form:has(input[value="image"]) input[name="name"]', "img-gui")
-    page.fill('textarea[name="disks"]', str(qcow2))
+    page.fill('textarea[name="disks"]', str(vmdk))
     page.click("text=Add the VM")
-    expect(page.locator('[data-error="image"]')).to_contain_text("is qcow2, not raw")
+    expect(page.locator('[data-error="image"]')).to_contain_text("is vmdk, neither raw nor qcow2")
     raw = make_image(tmp_path / "disk.img", 3 * MiB, [(0, MiB)])
     page.fill('textarea[name="disks"]', str(raw))
     page.click("text=Add the VM")

@@ -27,7 +27,7 @@ def is_nbd_uri(locator: str) -> bool:
 
 def probe_capacity(locator: str) -> int:
     """Size in bytes of an image file, block device or NBD export; refuses
-    what cannot be copied byte for byte (missing, unreadable, not raw)."""
+    what cannot be read (missing, unreadable, neither raw nor qcow2)."""
     return probe(locator)[0]
 
 
