@@ -65,7 +65,9 @@ def test_worker_killed_at_half_resumes_from_its_checkpoint(workers, reaper_threa
     data = 16 * 6 * MiB
     source = LoggedSource(sockdir, image, rdelay="200ms")
     try:
-        _, first = workers.pair("kill-a")
+        # The pipelines read this slow source fast (many requests in flight):
+        # a limit keeps the kill mid-copy, after checkpoints were reported.
+        _, first = workers.pair("kill-a", COPY_LIMIT_BPS=str(16 * MiB))
         job = start_replication(register_image_vm("vm-killed", [source.uri]))
         wait_until(lambda: source.bytes_served() >= data // 2, 120, "half the disk read")
         killed_at = timezone.now()

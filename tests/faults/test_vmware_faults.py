@@ -245,7 +245,8 @@ def test_vcenter_steps_run_on_the_agent_and_volume_steps_on_the_oma(workers, vce
 
     assert set(agent.tasks_succeeded()) == {"vma.prepare_source", "vma.copy_disk", "vma.remove_snapshot"}
     assert set(oma.tasks_succeeded()) == {"replication.prepare_job", "replication.source_prepared",
-                                          "replication.disk_copied", "replication.snapshot_removed"}
+                                          "replication.disk_copied", "replication.snapshot_removed",
+                                          "replication.job_ended"}
     # The agent's worker has no database: its settings as it sees them.
     probe = agent.django("from django.conf import settings\n"
                          "from replication.models import ReplicationJob\n"
