@@ -109,9 +109,12 @@ def changed_areas(size: int, percent: float, seed: int) -> list[tuple[int, int]]
     return areas
 
 
+ENGINE_ARGS: list[str] = []  # --engine-args: try other settings against the same reference
+
+
 def tools(src: str, dst: str) -> dict[str, list[str]]:
     return {
-        "engine": [*ENGINE, "--no-progress", src, dst],
+        "engine": [*ENGINE, "--no-progress", *ENGINE_ARGS, src, dst],
         "nbdcopy": ["nbdcopy", src, dst],
         "nbdcopy --flush": ["nbdcopy", "--flush", src, dst],
     }
@@ -216,7 +219,9 @@ def main() -> None:
     parser.add_argument("--cases", default="file-disk,pattern-disk,pattern4-disk,delay1,delay3,delay5,sparse,"
                                            "incr-delay5,rss,limit")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument("--engine-args", default="", help='extra engine options, e.g. "--connections 2 --depth 16"')
     args = parser.parse_args()
+    ENGINE_ARGS.extend(args.engine_args.split())
     cases = args.cases.split(",")
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -227,7 +232,8 @@ def main() -> None:
 
     results = {}
     print(f"copy benchmark: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, reps={args.reps}, "
-          f"scale={args.scale}, sources and targets in {workdir} ({filesystem(workdir)})")
+          f"engine options [{args.engine_args}], scale={args.scale}, "
+          f"sources and targets in {workdir} ({filesystem(workdir)})")
     servers = []
 
     def serve(name, *a):

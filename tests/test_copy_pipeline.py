@@ -9,7 +9,6 @@ import pytest
 
 from tests.helpers import MiB, NbdkitProcess, make_image, sha256, wait_until
 from vma_agent.copy import CopyCancelled, CopyError, copy_image
-from vma_agent.copy.pipeline import FLUSH_BYTES
 
 
 @pytest.fixture
@@ -173,19 +172,42 @@ def test_a_resumed_pipeline_copy_copies_only_above_its_cursor(tmp_path, serve):
     assert result.bytes_read == size - head and result.bytes_resumed == head
 
 
+def flushes_seen(stats_file) -> int:
+    """The flush count nbdkit's stats filter wrote when its server stopped."""
+    lines = [line for line in stats_file.read_text().splitlines() if line.startswith("flush:")]
+    assert lines, stats_file.read_text()
+    return int(lines[0].split()[1].rstrip(","))
+
+
 def test_flushes_come_every_flush_bytes_so_writeback_runs_beside_the_copy(tmp_path, serve):
-    size = 4 * FLUSH_BYTES + MiB
+    flush_bytes = 8 * MiB
+    size = 4 * flush_bytes + MiB
     src = make_image(tmp_path / "src.img", size, [(0, size)], seed=8)
     dst = make_image(tmp_path / "dst.img", size, [])
     target = serve("--filter=stats", "file", str(dst), f"statsfile={tmp_path / 'stats.txt'}", "statsappend=true")
     copy_image(serve("--readonly", "file", str(src)).uri, target.uri, connections=1, depth=16,
-               checkpoint_interval_s=3600)
+               checkpoint_interval_s=3600, flush_bytes=flush_bytes)
     target.stop()
-    flushes = [line for line in (tmp_path / "stats.txt").read_text().splitlines() if line.startswith("flush:")]
-    assert flushes, (tmp_path / "stats.txt").read_text()
     # At least one flush while copying (the next waits for the one in
-    # flight, so not quite one per FLUSH_BYTES), and the last one.
-    assert int(flushes[0].split()[1].rstrip(",")) >= 2
+    # flight, so not quite one per flush_bytes), and the last one.
+    assert flushes_seen(tmp_path / "stats.txt") >= 2
+    assert sha256(dst) == sha256(src)
+
+
+def test_one_flush_covers_the_writes_of_every_target_connection(tmp_path, serve):
+    """The target has multi-conn: a flush on one connection makes the writes
+    completed on all of them durable, so a batch costs one flush, not one per
+    connection (each is an fdatasync of the whole image on a file target).
+    Flushing each of the 4 connections would take about 12 here."""
+    flush_bytes = 8 * MiB
+    size = 8 * flush_bytes
+    src = make_image(tmp_path / "src.img", size, [(0, size)], seed=10)
+    dst = make_image(tmp_path / "dst.img", size, [])
+    target = serve("--filter=stats", "file", str(dst), f"statsfile={tmp_path / 'stats.txt'}", "statsappend=true")
+    copy_image(serve("--readonly", "file", str(src)).uri, target.uri, connections=4, target_connections=4,
+               depth=4, chunk_bytes=MiB, checkpoint_interval_s=3600, flush_bytes=flush_bytes)
+    target.stop()
+    assert 2 <= flushes_seen(tmp_path / "stats.txt") <= size // flush_bytes + 1
     assert sha256(dst) == sha256(src)
 
 

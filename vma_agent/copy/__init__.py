@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import nbd
 
 from vma_agent.copy.connection import CopyError, close, connect, export_size
-from vma_agent.copy.pipeline import Connections, CopyRun, count_items
+from vma_agent.copy.pipeline import FLUSH_BYTES, Connections, CopyRun, count_items
 from vma_agent.copy.plan import Extent, allocation_map, coalesce, dirty_areas, with_gaps_zeroed
 from vma_agent.copy.ratelimit import TICK_S, RateLimit
 from vma_agent.progress import ProgressCallback, ThrottledReporter
@@ -31,13 +31,14 @@ MiB = 1024 * 1024
 # Defaults measured with bench/copy_bench.py. Data in flight is at most
 # source connections x depth x chunk.
 DEFAULT_CHUNK_BYTES = 2 * MiB
-DEFAULT_CONNECTIONS = 4
-DEFAULT_DEPTH = 8
-# I/O threads. Only one runs Python at a time: a second overlaps libnbd's
-# socket work (done with the GIL released) with the other's bookkeeping; more
-# only contend for the GIL (measured: 1, 2, 4 with bench/copy_bench.py; 4
-# made a futex storm of 147 000 calls per GiB).
-MAX_PIPELINES = 2
+DEFAULT_CONNECTIONS = 2
+DEFAULT_DEPTH = 16
+# I/O threads. One thread drives every connection: only one runs Python at a
+# time, and a second one waiting for the GIL (up to its 5 ms switch interval)
+# stalls its whole pipeline. Measured with bench/copy_bench.py on 2 cores: two
+# threads took 0.6-1.1 s for the 768 MiB 3 ms row that one thread copies in
+# 0.55 s, in line with nbdcopy; four made a futex storm of 147 000 calls per GiB.
+MAX_PIPELINES = 1
 MAX_REQUEST_BYTES = 32 * MiB  # the NBD protocol's practical limit for one read/write
 
 
@@ -90,6 +91,7 @@ def copy_image(
     progress_interval_s: float = 2.0,
     checkpoint: Callable[[int], None] | None = None,
     checkpoint_interval_s: float = 2.0,
+    flush_bytes: int = FLUSH_BYTES,
     cancel: threading.Event | None = None,
 ) -> CopyResult:
     """Copy the source export onto the target export and return what was done.
@@ -112,7 +114,8 @@ def copy_image(
         or 1 % of the data; raising from it stops the copy (the cursor is
         committed first) and the exception propagates.
     checkpoint: called with the committed cursor at least every
-        checkpoint_interval_s, and once at the end.
+        checkpoint_interval_s, and once at the end. The target is flushed
+        as often, and whenever flush_bytes were written since the last flush.
     cancel: set it to stop the copy within a second; CopyCancelled follows.
     """
     if not 0 < chunk_bytes <= MAX_REQUEST_BYTES:
@@ -173,7 +176,8 @@ def copy_image(
         for sources, targets in _spread(connections, target_connections, items):
             pool.append(Connections(src_uri, dst_uri, sources, targets))
         run = CopyRun(todo, chunk_bytes=chunk_bytes, depth=depth, target_is_zeroed=target_is_zeroed,
-                      limit=limit, retries=retries, flush_interval_s=checkpoint_interval_s)
+                      limit=limit, retries=retries, flush_interval_s=checkpoint_interval_s,
+                      flush_bytes=flush_bytes)
         threads = [threading.Thread(target=run.work, args=(conns,), name=f"copy-{i}", daemon=True)
                    for i, conns in enumerate(pool)]
         run.workers_left = len(threads)

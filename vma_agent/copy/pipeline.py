@@ -38,10 +38,10 @@ from vma_agent.copy.plan import ZERO_REQUEST_BYTES, Extent
 from vma_agent.copy.ratelimit import TICK_S, RateLimit
 
 POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
-# A target connection is flushed once this much was written on it since its
-# last flush (and at least every flush interval): the target's writeback
-# then runs beside the copy instead of all at its end.
-FLUSH_BYTES = 32 << 20  # measured with bench/copy_bench.py (8, 16, 32, 128 MiB, never)
+# The target is flushed once this much was written since the last flush (and
+# at least every flush interval): its writeback then runs beside the copy
+# instead of all at its end.
+FLUSH_BYTES = 256 << 20  # measured with bench/copy_bench.py and by hand: 32, 64, 128, 256, 512 MiB, never
 
 
 class RequestFailed(Exception):
@@ -115,13 +115,14 @@ class CopyRun:
     memory follows the data in flight, not the disk's size."""
 
     def __init__(self, extents: list[Extent], *, chunk_bytes: int, depth: int, target_is_zeroed: bool,
-                 limit: RateLimit, retries: int, flush_interval_s: float):
+                 limit: RateLimit, retries: int, flush_interval_s: float, flush_bytes: int = FLUSH_BYTES):
         self.chunk_bytes = chunk_bytes
         self.depth = depth
         self.target_is_zeroed = target_is_zeroed
         self.limit = limit
         self.retries = retries
         self.flush_interval_s = flush_interval_s
+        self.flush_bytes = flush_bytes
         self.plan_end = extents[-1].end if extents else 0
         self._items = iter_items(extents, chunk_bytes)
         self._next: Extent | None = next(self._items, None)  # the next item to claim
@@ -235,13 +236,12 @@ class Pipeline:
         self.dst_busy: list[set[int]] = [set() for _ in conns.dsts]
         self.in_flight = 0
         self.max_in_flight = run.depth * len(conns.srcs)
-        self.turn = 0
         self.flushes: dict[int, tuple[int, list[int]]] = {}  # flushes in flight: (target position, items)
         self.flush_count = 0
         self.failed: list[int] = []  # items whose request failed: copied again, synchronously
         self.redo: list[int] = []  # written, but the flush that would make them durable was lost
-        self.unflushed: list[list[int]] = [[] for _ in conns.dsts]  # written, not yet flushed, per target
-        self.unflushed_bytes = [0] * len(conns.dsts)
+        self.unflushed: list[int] = []  # written (on any target connection), not yet flushed
+        self.unflushed_bytes = 0
         self.last_flush = time.monotonic()
         self.free_buffers: dict[int, list[nbd.Buffer]] = {}  # by size
         self.extents: dict[int, Extent] = {}  # this pipeline's items until they are durable
@@ -264,7 +264,7 @@ class Pipeline:
                 self._retry_failed()
                 continue
             if busy == 0 and (run.stop.is_set() or (self.claimed_all and self.held is None)):
-                if not any(self.unflushed):
+                if not self.unflushed:
                     return
                 self._flush()  # every completed write durable before the pipeline returns
                 continue
@@ -298,32 +298,34 @@ class Pipeline:
             else:
                 self._read(index)
 
-    def _next(self, count: int) -> int:
-        self.turn += 1
-        return self.turn % count
+    @staticmethod
+    def _least_busy(busy: list[set[int]]) -> int:
+        """The connection with the fewest requests in flight: a slow
+        connection gets fewer, and reads and writes each spread evenly."""
+        return min(range(len(busy)), key=lambda position: len(busy[position]))
 
     def _read(self, index: int) -> None:
         item = self.extents[index]
         buffer = self._buffer(item.length)
-        position = self._next(len(self.conns.srcs))
+        position = self._least_busy(self.src_busy)
         handle = self.conns.srcs[position]
         self._submit("read", position, index, buffer, handle.aio_pread, buffer, item.offset)
 
     def _write(self, index: int, buffer: nbd.Buffer) -> None:
-        position = self._next(len(self.conns.dsts))
+        position = self._least_busy(self.dst_busy)
         handle = self.conns.dsts[position]
         self._submit("write", position, index, buffer, handle.aio_pwrite, buffer, self.extents[index].offset)
 
     def _zero(self, index: int) -> None:
         run, item = self.run, self.extents[index]
-        position = self._next(len(self.conns.dsts))
+        position = self._least_busy(self.dst_busy)
         handle = self.conns.dsts[position]
         if run.target_is_zeroed:
-            self._done(index, "skipped", position)
+            self._done(index, "skipped")
         elif handle.can_zero():
             self._submit("zero", position, index, None, handle.aio_zero, item.length, item.offset)
         else:
-            self._done(index, run_sync(self.conns, item, run), 0)
+            self._done(index, run_sync(self.conns, item, run))
 
     def _submit(self, kind: str, position: int, index: int, buffer, call, *args) -> None:
         """Send one request; its completion queues (kind, position, index,
@@ -360,7 +362,7 @@ class Pipeline:
                 self.failed.append(index)
             elif kind != "read":
                 self._release(buffer)
-                self._done(index, "copied" if kind == "write" else "zeroed", position)
+                self._done(index, "copied" if kind == "write" else "zeroed")
             elif buffer.is_zero():
                 # Data that reads as zeros is written as a zero request.
                 self._release(buffer)
@@ -368,10 +370,10 @@ class Pipeline:
             else:
                 self._write(index, buffer)
 
-    def _done(self, index: int, outcome: str, position: int) -> None:
+    def _done(self, index: int, outcome: str) -> None:
         self.run.finish(self.extents[index], outcome)
-        self.unflushed[position].append(index)
-        self.unflushed_bytes[position] += self.extents[index].length
+        self.unflushed.append(index)
+        self.unflushed_bytes += self.extents[index].length
 
     def _watch(self) -> None:
         """(Re)build the poll set after the connections changed."""
@@ -435,33 +437,37 @@ class Pipeline:
         failed, self.failed = sorted(set(self.failed)), []
         redo, self.redo = sorted(set(self.redo)), []
         for index in failed:
-            self._done(index, retrying(self.conns, self.extents[index], self.run), 0)
+            self._done(index, retrying(self.conns, self.extents[index], self.run))
         for index in redo:  # counted when first written
             retrying(self.conns, self.extents[index], self.run)
-            self.unflushed[0].append(index)
+            self.unflushed.append(index)
         self.last_flush = 0  # make them durable before going on
 
     # --- durability ----------------------------------------------------
     def _flush_if_due(self) -> None:
         if not self.flushes and (time.monotonic() - self.last_flush >= self.run.flush_interval_s
-                                 or max(self.unflushed_bytes) >= FLUSH_BYTES):
+                                 or self.unflushed_bytes >= self.run.flush_bytes):
             self._flush()
 
     def _flush(self) -> None:
-        """Flush each target connection that has completed writes; a flush
-        makes the writes completed before it durable."""
+        """One flush makes every write completed before it durable, on
+        whichever target connection it was written: the target has
+        multi-conn when there are several (copy_image keeps one otherwise),
+        and multi-conn promises exactly that. One flush per batch, not one
+        per connection: each is an fdatasync of the whole image on a file
+        target, and more of them only stall its writers."""
         self.last_flush = time.monotonic()
-        for position, handle in enumerate(self.conns.dsts):
-            batch, self.unflushed[position] = self.unflushed[position], []
-            self.unflushed_bytes[position] = 0
-            if not batch:
-                continue
-            if not handle.can_flush():
-                self._durable(batch)
-                continue
-            self.flush_count += 1
-            self.flushes[self.flush_count] = (position, batch)
-            self._submit("flush", position, self.flush_count, None, handle.aio_flush)
+        batch, self.unflushed, self.unflushed_bytes = self.unflushed, [], 0
+        if not batch:
+            return
+        position = self._least_busy(self.dst_busy)
+        handle = self.conns.dsts[position]
+        if not handle.can_flush():
+            self._durable(batch)
+            return
+        self.flush_count += 1
+        self.flushes[self.flush_count] = (position, batch)
+        self._submit("flush", position, self.flush_count, None, handle.aio_flush)
 
     def _flushed(self, flush_id: int, error: int) -> None:
         if flush_id not in self.flushes:
