@@ -230,6 +230,10 @@ def main() -> None:
     def sized(gib: float) -> int:
         return int(gib * GiB * args.scale) // MiB * MiB
 
+    # The engine runs byte-compiled, as installed (pip compiles what it
+    # installs); without this a shell with PYTHONDONTWRITEBYTECODE would
+    # compile it again on every run.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(PROJECT_ROOT / "vma_agent")], check=True)
     results = {}
     print(f"copy benchmark: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, reps={args.reps}, "
           f"engine options [{args.engine_args}], scale={args.scale}, "

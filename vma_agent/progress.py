@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections import namedtuple
 from collections.abc import Callable
-from dataclasses import dataclass
 
 
-@dataclass(frozen=True)
-class CopyProgress:
-    bytes_done: int
-    bytes_total: int
-    elapsed_s: float
+class CopyProgress(namedtuple("CopyProgress", "bytes_done bytes_total elapsed_s")):
+    """One progress sample of a copy: bytes done of bytes_total, seconds since it began."""
+
+    __slots__ = ()
 
     @property
     def percent(self) -> float:

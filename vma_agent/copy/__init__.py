@@ -14,7 +14,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 
 import nbd
 
@@ -50,18 +49,25 @@ class CopyCancelled(Exception):
         self.cursor = cursor
 
 
-@dataclass
 class CopyResult:
-    size: int
-    bytes_allocated: int = 0  # source data to copy: what progress counts
-    bytes_copied: int = 0  # data written to the target
-    bytes_zeroed: int = 0  # written as zero requests (zero extents or all-zero data)
-    bytes_skipped: int = 0  # not written at all: holes on a fresh target, unchanged areas, below the cursor
-    bytes_read: int = 0  # data read from the source
-    resumed_from: int = 0
-    bytes_resumed: int = 0  # data below resumed_from, copied by an earlier run
-    verified: bool = False
-    seconds: float = 0.0
+    """What a copy did. A plain class: dataclasses alone cost the CLI 7 ms of start-up."""
+
+    FIELDS = ("size", "bytes_allocated", "bytes_copied", "bytes_zeroed", "bytes_skipped", "bytes_read",
+              "resumed_from", "bytes_resumed", "verified", "seconds")
+
+    def __init__(self, size: int, *, bytes_allocated: int = 0, bytes_skipped: int = 0, resumed_from: int = 0,
+                 bytes_resumed: int = 0):
+        self.size = size
+        self.bytes_allocated = bytes_allocated  # source data to copy: what progress counts
+        self.bytes_copied = 0  # data written to the target
+        self.bytes_zeroed = 0  # written as zero requests (zero extents or all-zero data)
+        # Not written at all: holes on a fresh target, unchanged areas, below the cursor.
+        self.bytes_skipped = bytes_skipped
+        self.bytes_read = 0  # data read from the source
+        self.resumed_from = resumed_from
+        self.bytes_resumed = bytes_resumed  # data below resumed_from, copied by an earlier run
+        self.verified = False
+        self.seconds = 0.0
 
     @property
     def throughput_bps(self) -> int:
@@ -69,7 +75,10 @@ class CopyResult:
         return int((self.bytes_allocated - self.bytes_resumed) / self.seconds) if self.seconds > 0 else 0
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "throughput_bps": self.throughput_bps}
+        return {**{name: getattr(self, name) for name in self.FIELDS}, "throughput_bps": self.throughput_bps}
+
+    def __repr__(self) -> str:
+        return f"CopyResult({self.as_dict()})"
 
 
 def copy_image(

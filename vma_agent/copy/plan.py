@@ -3,8 +3,8 @@ qemu dirty bitmap), and their split into requests."""
 
 from __future__ import annotations
 
+from collections import namedtuple
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import nbd
 
@@ -16,11 +16,12 @@ STATE_HOLE, STATE_ZERO = 1, 2  # base:allocation flags
 STATE_DIRTY = 1  # qemu:dirty-bitmap flag
 
 
-@dataclass(frozen=True)
-class Extent:
-    offset: int
-    length: int
-    zero: bool = False
+class Extent(namedtuple("Extent", "offset length zero", defaults=(False,))):
+    """An area of the disk: data, or zeros (zero=True). A named tuple, not a
+    dataclass: one is made per request, and dataclasses alone cost the CLI
+    7 ms of start-up."""
+
+    __slots__ = ()
 
     @property
     def end(self) -> int:
