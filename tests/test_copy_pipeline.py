@@ -3,11 +3,13 @@ source and target connection counts apart. Real nbdkit servers, real
 libnbd; data is checked by sha256, never by timing."""
 
 import random
+import subprocess
 import threading
 
 import pytest
 
 from tests.helpers import MiB, NbdkitProcess, make_image, sha256, wait_until
+from vma_agent import nbdkit
 from vma_agent.copy import CopyCancelled, CopyError, copy_image
 
 
@@ -157,6 +159,41 @@ def test_a_target_that_starts_refusing_writes_mid_pipeline_fails_the_copy_naming
     assert "write failed at offset" in str(error) and "length 65536" in str(error), error
     assert "Input/output error" in str(error), error
     assert same_prefix(src, dst, cursor)
+
+
+def test_a_target_restarted_mid_copy_is_reconnected_and_the_copy_completes(tmp_path, serve):
+    """The target's server dies with writes in flight and comes back on the
+    same socket: the pipeline reconnects, writes again what it had not made
+    durable, and finishes whole, instead of failing the copy."""
+    size = 48 * MiB
+    src = make_image(tmp_path / "src.img", size, [(0, size)], seed=11)
+    dst = make_image(tmp_path / "dst.img", size, [])
+    slow_target = ("--filter=delay", "file", str(dst), "wdelay=30ms")  # writes still in flight when it dies
+    target = serve(*slow_target)
+    restarted: list[subprocess.Popen] = []
+
+    def restart_target_once(progress) -> None:
+        if restarted or progress.bytes_done < 12 * MiB:
+            return
+        target.kill()
+        target.socket.unlink(missing_ok=True)
+        restarted.append(subprocess.Popen(["nbdkit", "--foreground", "--exit-with-parent", "--unix",
+                                           str(target.socket), *slow_target], stderr=subprocess.DEVNULL))
+        wait_until(lambda: target.socket.exists() and nbdkit.socket_accepts(target.socket), 10,
+                   "the target to serve again", interval=0.02)
+
+    try:
+        source = serve("--readonly", "--filter=delay", "file", str(src), "rdelay=30ms")
+        result = copy_image(source.uri, target.uri, connections=2, target_connections=2, depth=8,
+                            chunk_bytes=256 * 1024, progress=restart_target_once, progress_interval_s=0.05,
+                            checkpoint_interval_s=0.01, flush_bytes=256 * 1024, retries=6)
+    finally:
+        for process in restarted:
+            process.terminate()
+            process.wait()
+    assert restarted, "the copy ended before the target was restarted"
+    assert result.bytes_read >= size
+    assert sha256(dst) == sha256(src)
 
 
 def test_a_resumed_pipeline_copy_copies_only_above_its_cursor(tmp_path, serve):

@@ -268,7 +268,8 @@ class Pipeline:
                     return
                 self._flush()  # every completed write durable before the pipeline returns
                 continue
-            self._flush_if_due()
+            if not self.failed and not self.redo:  # after a lost connection, flush once it is back
+                self._flush_if_due()
             self._wait(self._timeout())
             self._handle_events()
 
@@ -460,7 +461,8 @@ class Pipeline:
         batch, self.unflushed, self.unflushed_bytes = self.unflushed, [], 0
         if not batch:
             return
-        position = self._least_busy(self.dst_busy)
+        live = [position for position, handle in enumerate(self.conns.dsts) if not handle.aio_is_dead()]
+        position = min(live or [0], key=lambda position: len(self.dst_busy[position]))
         handle = self.conns.dsts[position]
         if not handle.can_flush():
             self._durable(batch)
@@ -472,10 +474,13 @@ class Pipeline:
     def _flushed(self, flush_id: int, error: int) -> None:
         if flush_id not in self.flushes:
             return  # its connection was lost; its items are being written again
-        _, batch = self.flushes.pop(flush_id)
-        if error:
+        position, batch = self.flushes.pop(flush_id)
+        if error and self.conns.dsts[position].aio_is_dead():
+            self.redo.extend(batch)  # its connection died: written again, and flushed, once it is back
+        elif error:
             raise CopyError(f"flush of the target failed: {os.strerror(error)}")
-        self._durable(batch)
+        else:
+            self._durable(batch)
 
     def _durable(self, batch: list[int]) -> None:
         self.run.make_durable(batch)
