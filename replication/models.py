@@ -497,6 +497,9 @@ class VMDisk(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True, help_text="Last sign of life of its copy task")
+    waiting_seen_at = models.DateTimeField(
+        null=True, blank=True,
+        help_text="When the reaper last saw its run's order waiting in the agent's queue (every copy slot taken)")
     progress_seq = models.BigIntegerField(default=0, help_text="Sequence number of the applied agent update")
     last_progress_at = models.DateTimeField(null=True, blank=True)
     eta_seconds = models.BigIntegerField(null=True, blank=True)
@@ -531,6 +534,11 @@ class VMDisk(models.Model):
         judged (the database restarted less than that ago)."""
         return heartbeats_stale_before(now, settings.HEARTBEAT_TIMEOUT_S, up_since)
 
+    def seen_waiting(self, at: datetime) -> None:
+        """The reaper saw this run's order still waiting in its agent's queue."""
+        VMDisk.objects.filter(pk=self.pk).update(waiting_seen_at=at)
+        self.waiting_seen_at = at
+
     def start_attempt(self, task_id: str, *, taking_over: bool = False) -> bool:
         """Hand the disk's copy to a new run, attempt N+1, in one conditional
         UPDATE: a pending disk, or (taking_over) a copying one whose run went
@@ -545,7 +553,7 @@ class VMDisk(models.Model):
             rows = rows.filter(status=DiskStatus.PENDING)
         moved = rows.update(status=DiskStatus.COPYING, attempts=models.F("attempts") + 1, worker="",
                             celery_task_id=task_id, heartbeat_at=now, started_at=now, updated_at=now,
-                            current_operation=Stage.INITIALIZING)
+                            waiting_seen_at=None, current_operation=Stage.INITIALIZING)
         if not moved:
             return False
         if taking_over:

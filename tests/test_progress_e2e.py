@@ -239,6 +239,41 @@ def test_reaper_judges_no_copy_lost_until_the_database_was_up_a_heartbeat_timeou
     assert reaper.reap().disks_requeued == [disk.pk] and requeued == [disk.pk]
 
 
+def test_a_run_whose_order_just_left_a_busy_agents_queue_has_time_to_report(tmp_path, monkeypatch, settings):
+    """A copy order that waited in its agent's queue (every copy slot taken)
+    longer than HEARTBEAT_TIMEOUT_S is not lost while it waits, nor in the
+    moment after the agent takes it and before its first report comes
+    through (a pass judged one lost so, under load); it is once it has been
+    gone from the queue for HEARTBEAT_TIMEOUT_S without a word."""
+    import redis
+
+    from replication.routing import agent_queue
+
+    requeued = []
+    monkeypatch.setattr("replication.services.orders.send_copy", lambda disk: requeued.append(disk.pk))
+    image = make_image(tmp_path / "queued.img", MiB, [(0, 4096)])
+    job = start_replication(register_image_vm("vm-queued-late", [str(image)]))
+    assert job.enter_stage("Initializing", JobStatus.PREPARING)
+    assert job.enter_stage("Transfer", JobStatus.REPLICATING)
+    disk = job.disks.get()
+    assert disk.start_attempt("order-in-the-queue")
+    queue = agent_queue(job.vm.agent)
+    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    broker.delete(queue)
+    app.send_task("vma.copy_disk", args=[{}], queue=queue, task_id="order-in-the-queue")
+    try:
+        waited = timezone.now() + timedelta(seconds=settings.HEARTBEAT_TIMEOUT_S + 5)
+        assert reaper.reap(now=waited).disks_requeued == []  # waiting: queued, not lost
+        assert VMDisk.objects.get(pk=disk.pk).waiting_seen_at == waited
+    finally:
+        broker.delete(queue)  # the agent took the order; its first report is not in yet
+
+    assert reaper.reap(now=waited + timedelta(seconds=1)).disks_requeued == [] and requeued == []
+    gone = waited + timedelta(seconds=settings.HEARTBEAT_TIMEOUT_S + 1)
+    assert reaper.reap(now=gone).disks_requeued == [disk.pk] and requeued == [disk.pk]
+    assert VMDisk.objects.get(pk=disk.pk).waiting_seen_at is None  # the new run starts afresh
+
+
 def test_database_up_since_is_the_servers_start(settings):
     from django.db import connection
 

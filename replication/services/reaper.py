@@ -8,7 +8,9 @@ Its thresholds (settings):
   when nothing moves) is lost: the disk goes to a new run, which resumes from
   the last reported checkpoint; after COPY_MAX_ATTEMPTS runs the job fails.
   A run that never reported and whose order still waits in its agent's queue
-  (a busy agent, every copy slot taken) is queued, not lost.
+  (a busy agent, every copy slot taken) is queued, not lost; once its order
+  has left the queue it has HEARTBEAT_TIMEOUT_S from the last pass that saw
+  it waiting to send its first report.
 - REAPER_TIMEOUT_S: a running job with no sign of life at all (no step of
   the OMA, no copy) for this long fails; a lost finalize is queued again.
 - REAPER_PENDING_TIMEOUT_S: a job that never started fails.
@@ -79,7 +81,12 @@ def _hand_over_lost_copies(now: datetime, stale: datetime, result: Reaped) -> No
     waiting = WaitingTasks()
     for disk in lost:
         if not disk.worker and waiting.holds(agent_queue(disk.job.vm.agent), disk.celery_task_id):
+            disk.seen_waiting(now)
             continue  # never started: its order waits for a free copy slot on a busy agent
+        if not disk.worker and disk.waiting_seen_at and disk.waiting_seen_at >= stale:
+            # Its order left the queue since a recent pass: the run has just
+            # started, and its first report may not have come through yet.
+            continue
         quiet = (now - disk.heartbeat_at).total_seconds()
         who = disk.worker or "a run that never reported"
         if disk.attempts >= settings.COPY_MAX_ATTEMPTS:
