@@ -214,18 +214,25 @@ def test_reaper_fails_a_job_whose_worker_is_gone_and_requeues_a_lost_finalize(tm
     assert enqueued == [("finalize_job", finalizing.id)]  # nothing handed to a new run: the job is over
 
 
+def copying_disk(tmp_path, monkeypatch, vm_name: str, task_id: str):
+    """A replicating one-disk job whose disk was handed to run 1 (task_id);
+    returns the job, the disk, and the list the disks handed to a new run go to."""
+    requeued = []
+    monkeypatch.setattr("replication.services.orders.send_copy", lambda disk: requeued.append(disk.pk))
+    image = make_image(tmp_path / f"{vm_name}.img", MiB, [(0, 4096)])
+    job = start_replication(register_image_vm(vm_name, [str(image)]))
+    assert job.enter_stage("Initializing", JobStatus.PREPARING)
+    assert job.enter_stage("Transfer", JobStatus.REPLICATING)
+    disk = job.disks.get()
+    assert disk.start_attempt(task_id)
+    return job, disk, requeued
+
+
 def test_reaper_judges_no_copy_lost_until_the_database_was_up_a_heartbeat_timeout(tmp_path, monkeypatch, settings):
     """After a database restart every heartbeat looks stale, though the copies
     rode the outage out: the reaper waits until the server has been up for
     HEARTBEAT_TIMEOUT_S before it hands a silent copy over."""
-    requeued = []
-    monkeypatch.setattr("replication.services.orders.send_copy", lambda disk: requeued.append(disk.pk))
-    image = make_image(tmp_path / "up.img", MiB, [(0, 4096)])
-    job = start_replication(register_image_vm("vm-db-restarted", [str(image)]))
-    assert job.enter_stage("Initializing", JobStatus.PREPARING)
-    assert job.enter_stage("Transfer", JobStatus.REPLICATING)
-    disk = job.disks.get()
-    assert disk.start_attempt("t")
+    job, disk, requeued = copying_disk(tmp_path, monkeypatch, "vm-db-restarted", "t")
     VMDisk.objects.filter(pk=disk.pk).update(worker="w")
     silent = timezone.now() - timedelta(seconds=settings.HEARTBEAT_TIMEOUT_S + 5)
     VMDisk.objects.filter(pk=disk.pk).update(heartbeat_at=silent)
@@ -249,14 +256,7 @@ def test_a_run_whose_order_just_left_a_busy_agents_queue_has_time_to_report(tmp_
 
     from replication.routing import agent_queue
 
-    requeued = []
-    monkeypatch.setattr("replication.services.orders.send_copy", lambda disk: requeued.append(disk.pk))
-    image = make_image(tmp_path / "queued.img", MiB, [(0, 4096)])
-    job = start_replication(register_image_vm("vm-queued-late", [str(image)]))
-    assert job.enter_stage("Initializing", JobStatus.PREPARING)
-    assert job.enter_stage("Transfer", JobStatus.REPLICATING)
-    disk = job.disks.get()
-    assert disk.start_attempt("order-in-the-queue")
+    job, disk, requeued = copying_disk(tmp_path, monkeypatch, "vm-queued-late", "order-in-the-queue")
     queue = agent_queue(job.vm.agent)
     broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
     broker.delete(queue)
