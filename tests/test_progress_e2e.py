@@ -214,13 +214,13 @@ def test_reaper_fails_a_job_whose_worker_is_gone_and_requeues_a_lost_finalize(tm
     assert enqueued == [("finalize_job", finalizing.id)]  # nothing handed to a new run: the job is over
 
 
-def copying_disk(tmp_path, monkeypatch, vm_name: str, task_id: str):
+def copying_disk(tmp_path, monkeypatch, vm_name: str, task_id: str, agent: str = "local"):
     """A replicating one-disk job whose disk was handed to run 1 (task_id);
     returns the job, the disk, and the list the disks handed to a new run go to."""
     requeued = []
     monkeypatch.setattr("replication.services.orders.send_copy", lambda disk: requeued.append(disk.pk))
     image = make_image(tmp_path / f"{vm_name}.img", MiB, [(0, 4096)])
-    job = start_replication(register_image_vm(vm_name, [str(image)]))
+    job = start_replication(register_image_vm(vm_name, [str(image)], agent))
     assert job.enter_stage("Initializing", JobStatus.PREPARING)
     assert job.enter_stage("Transfer", JobStatus.REPLICATING)
     disk = job.disks.get()
@@ -256,7 +256,9 @@ def test_a_run_whose_order_just_left_a_busy_agents_queue_has_time_to_report(tmp_
 
     from replication.routing import agent_queue
 
-    job, disk, requeued = copying_disk(tmp_path, monkeypatch, "vm-queued-late", "order-in-the-queue")
+    # An agent no worker of the test session serves: its queue holds the order until the test takes it.
+    job, disk, requeued = copying_disk(tmp_path, monkeypatch, "vm-queued-late", "order-in-the-queue",
+                                       agent="test-busy-agent")
     queue = agent_queue(job.vm.agent)
     broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
     broker.delete(queue)

@@ -28,15 +28,16 @@ __all__ = ["CopyCancelled", "CopyError", "CopyResult", "RateLimit", "coalesce", 
 
 MiB = 1024 * 1024
 # Defaults measured with bench/copy_bench.py. Data in flight is at most
-# source connections x depth x chunk: 32 MiB. In one A/B on this disk (5 runs
-# each) the 1 GiB 1 ms row took 0.85-0.95 s so, 0.83-1.82 s with 2 MiB x 16
-# (64 MiB in flight), at the same CPU per GB on the latency rows (the
-# production case: a VMware host answers in milliseconds). A page-cached
-# local source costs more CPU per GB in 512 KiB requests (0.36 s/GB against
-# 0.27 in 2 MiB ones).
-DEFAULT_CHUNK_BYTES = 512 * 1024
+# source connections x depth x chunk: 32 MiB, in 32 requests. In one A/B on
+# this disk (5 runs each) the 1 GiB 1 ms row took 0.85-0.95 s with 32 MiB in
+# flight, 0.83-1.82 s with 64 MiB (2 MiB x 16). The request count bounds how
+# long a stop waits for what is in flight: 64 requests of 512 KiB took 19 s
+# to drain from a source serving one request at a time, 300 ms each (the
+# tests' slow source); 32 take 10 s. Smaller requests cost more CPU per GB on
+# a page-cached source (512 KiB: 0.36 s/GB, 2 MiB: 0.27).
+DEFAULT_CHUNK_BYTES = MiB
 DEFAULT_CONNECTIONS = 2
-DEFAULT_DEPTH = 32
+DEFAULT_DEPTH = 16
 # I/O threads. One thread drives every connection: only one runs Python at a
 # time, and a second one waiting for the GIL (up to its 5 ms switch interval)
 # stalls its whole pipeline. Measured with bench/copy_bench.py on 2 cores: two
