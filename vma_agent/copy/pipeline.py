@@ -300,10 +300,11 @@ class Pipeline:
                 self._read(index)
 
     @staticmethod
-    def _least_busy(busy: list[set[int]]) -> int:
-        """The connection with the fewest requests in flight: a slow
-        connection gets fewer, and reads and writes each spread evenly."""
-        return min(range(len(busy)), key=lambda position: len(busy[position]))
+    def _least_busy(busy: list[set[int]], among: list[int] | None = None) -> int:
+        """The connection (of `among`, or of all) with the fewest requests in
+        flight: a slow connection gets fewer, and reads and writes each
+        spread evenly."""
+        return min(among or range(len(busy)), key=lambda position: len(busy[position]))
 
     def _read(self, index: int) -> None:
         item = self.extents[index]
@@ -462,7 +463,7 @@ class Pipeline:
         if not batch:
             return
         live = [position for position, handle in enumerate(self.conns.dsts) if not handle.aio_is_dead()]
-        position = min(live or [0], key=lambda position: len(self.dst_busy[position]))
+        position = self._least_busy(self.dst_busy, live)
         handle = self.conns.dsts[position]
         if not handle.can_flush():
             self._durable(batch)
