@@ -2,7 +2,8 @@
 that matter in production: targets on disk, slow (high-latency) sources.
 
 Every case starts its own nbdkit source and target servers on Unix sockets
-and runs each tool as a separate process, alternating, several times:
+and runs each tool as a separate process, several times, interleaved in a
+rotating order (each run starts after a sync, on a fresh target):
 
   file-disk      a page-cached 2 GiB file (nbdkit file) -> file on disk
   pattern-disk   nbdkit pattern 2 GiB -> file on disk, target pre-allocated
@@ -125,8 +126,12 @@ def run_case(name, runs: dict[str, list[str]], reps: int, reset, data_bytes: int
     for cmd in runs.values():  # one untimed run each: caches and allocations warm for everyone
         reset()
         timed(cmd)
-    for _ in range(reps):
-        for tool, cmd in runs.items():  # interleaved, so drift hits every tool alike
+    order = list(runs.items())
+    for rep in range(reps):
+        # Interleaved, so drift hits every tool alike, and in a rotating
+        # order, so no tool always follows the same one (a disk still busy
+        # with the previous run's discards or writeback).
+        for tool, cmd in order[rep % len(order):] + order[:rep % len(order)]:
             reset()
             os.sync()  # no run pays for the previous one's dirty pages
             samples[tool].append(timed(cmd))
