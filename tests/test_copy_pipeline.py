@@ -3,6 +3,7 @@ source and target connection counts apart. Real nbdkit servers, real
 libnbd; data is checked by sha256, never by timing."""
 
 import random
+import socket
 import subprocess
 import threading
 
@@ -107,6 +108,52 @@ def _cancelled(src_uri, dst_uri, cancel, cursors):
     except CopyCancelled as exc:
         return exc
     return None
+
+
+def pause_control(path, command: bytes) -> None:
+    """Drive nbdkit's pause filter: b"p" holds every request it receives from
+    then on (acknowledged with b"P" once those already received are
+    answered), b"r" lets them through again."""
+    with socket.socket(socket.AF_UNIX) as control:
+        control.settimeout(30)
+        control.connect(str(path))
+        control.sendall(command)
+        assert control.recv(1) == command.upper()
+
+
+def test_a_stop_abandons_the_reads_a_stalled_source_never_answers(tmp_path, sockdir, serve):
+    size = 64 * MiB
+    src = make_image(tmp_path / "src.img", size, [(0, size)], seed=12)
+    dst = make_image(tmp_path / "dst.img", size, [])
+    control = sockdir / "pause.sock"
+    source = serve("--readonly", "--filter=pause", "--filter=delay", "file", str(src), "rdelay=50ms",
+                   f"pause-control={control}")
+    target = serve("file", str(dst))
+    cancel, copying, outcome = threading.Event(), threading.Event(), []
+
+    def run():
+        try:
+            copy_image(source.uri, target.uri, chunk_bytes=64 * 1024, cancel=cancel, progress_interval_s=0.05,
+                       progress=lambda p: p.bytes_done >= 2 * MiB and copying.set())
+            outcome.append("completed")
+        except CopyCancelled as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        assert copying.wait(60), "the copy never got going"
+        pause_control(control, b"p")  # the source answers nothing more: the pipeline's reads hang
+        cancel.set()
+        thread.join(60)
+        assert not thread.is_alive(), "the stop waited for reads the stalled source never answers"
+    finally:
+        pause_control(control, b"r")
+        thread.join(60)
+    (cancelled,) = outcome
+    assert isinstance(cancelled, CopyCancelled) and 2 * MiB <= cancelled.cursor < size
+    copy_image(source.uri, target.uri, resume_from=cancelled.cursor)
+    assert sha256(dst) == sha256(src)
 
 
 def broken_mid_copy(src_uri, dst_uri, fault, **options) -> tuple[CopyError, int]:

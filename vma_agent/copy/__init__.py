@@ -30,11 +30,11 @@ MiB = 1024 * 1024
 # Defaults measured with bench/copy_bench.py. Data in flight is at most
 # source connections x depth x chunk: 32 MiB, in 32 requests. In one A/B on
 # this disk (5 runs each) the 1 GiB 1 ms row took 0.85-0.95 s with 32 MiB in
-# flight, 0.83-1.82 s with 64 MiB (2 MiB x 16). The request count bounds how
-# long a stop waits for what is in flight: 64 requests of 512 KiB took 19 s
-# to drain from a source serving one request at a time, 300 ms each (the
-# tests' slow source); 32 take 10 s. Smaller requests cost more CPU per GB on
-# a page-cached source (512 KiB: 0.36 s/GB, 2 MiB: 0.27).
+# flight, 0.83-1.82 s with 64 MiB (2 MiB x 16). Smaller requests cost more
+# CPU per GB on a page-cached source (512 KiB: 0.36 s/GB, 2 MiB: 0.27). A
+# stop does not wait for the reads in flight (pipeline.py), so the depth does
+# not slow a stop: 32 requests took 10 s to drain from a source serving one
+# at a time, 300 ms each (the tests' slow source), before a stop abandoned them.
 DEFAULT_CHUNK_BYTES = MiB
 DEFAULT_CONNECTIONS = 2
 DEFAULT_DEPTH = 16

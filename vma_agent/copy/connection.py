@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import nbd
 
 
@@ -28,9 +30,23 @@ def close(handle: nbd.NBD | None) -> None:
     if handle is None:
         return
     try:
+        if handle.aio_in_flight():
+            _cut(handle)  # requests were abandoned (a stopped copy's reads): do not wait for their answers
         handle.shutdown()
     except nbd.Error:
         pass  # the connection is already gone; the copy's own error says why
+
+
+def _cut(handle: nbd.NBD) -> None:
+    """Cut the handle's connection. nbd_shutdown alone is polite: it waits
+    for the server to answer every request already sent, however slowly it
+    does. libnbd 1.14's Python binding has no abrupt close, so the socket
+    is shut down under it; libnbd then finds the connection dead and fails
+    the abandoned requests at once."""
+    import socket  # only a stopped copy needs it
+
+    with socket.socket(fileno=os.dup(handle.aio_get_fd())) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def export_size(uri: str) -> int:

@@ -17,7 +17,9 @@ A request that fails is retried synchronously once the pipeline has
 drained, on reconnected handles if the connection died; after the last
 retry the copy fails with the request's offset, length and the server's
 reason. Completed writes become durable with a flush every flush interval;
-only durable items move the committed cursor.
+only durable items move the committed cursor. A stop waits for the target's
+writes in flight and flushes them, but abandons the reads in flight: a slow
+or stalled source cannot hold a stop up.
 """
 
 from __future__ import annotations
@@ -257,21 +259,36 @@ class Pipeline:
     def drive(self) -> None:
         run = self.run
         while True:
-            if not self.failed and not self.redo:
-                self._issue()
-            busy = self.in_flight + len(self.flushes)
-            if (self.failed or self.redo) and busy == 0:
-                self._retry_failed()
-                continue
-            if busy == 0 and (run.stop.is_set() or (self.claimed_all and self.held is None)):
-                if not self.unflushed:
+            if run.stop.is_set():
+                if not self._stopping():
                     return
-                self._flush()  # every completed write durable before the pipeline returns
-                continue
-            if not self.failed and not self.redo:  # after a lost connection, flush once it is back
-                self._flush_if_due()
+            else:
+                if not self.failed and not self.redo:
+                    self._issue()
+                busy = self.in_flight + len(self.flushes)
+                if (self.failed or self.redo) and busy == 0:
+                    self._retry_failed()
+                    continue
+                if busy == 0 and self.claimed_all and self.held is None:
+                    if not self.unflushed:
+                        return
+                    self._flush()  # every completed write durable before the pipeline returns
+                    continue
+                if not self.failed and not self.redo:  # after a lost connection, flush once it is back
+                    self._flush_if_due()
             self._wait(self._timeout())
             self._handle_events()
+
+    def _stopping(self) -> bool:
+        """A stop waits only for the target: its writes in flight, then one
+        flush making them durable. Reads in flight are abandoned (a slow
+        source could take many seconds to answer them all; copy_image cuts
+        those connections) and nothing that failed is retried: those items
+        stay above the cursor, copied again on resume. False once there is
+        nothing left to wait for."""
+        if not any(self.dst_busy) and not self.flushes and self.unflushed:
+            self._flush()
+        return any(self.dst_busy) or bool(self.flushes)
 
     def _timeout(self) -> float:
         if self.held is not None and not self.run.stop.is_set():
@@ -365,6 +382,8 @@ class Pipeline:
             elif kind != "read":
                 self._release(buffer)
                 self._done(index, "copied" if kind == "write" else "zeroed")
+            elif self.run.stop.is_set():
+                self._release(buffer)  # stopping: not written, so it stays above the cursor
             elif buffer.is_zero():
                 # Data that reads as zeros is written as a zero request.
                 self._release(buffer)
