@@ -21,7 +21,9 @@ rotating order (each run starts after a sync, on a fresh target):
 The engine flushes the target as it goes and at the end (its checkpoint
 cursor only counts flushed data), so it is paired with nbdcopy twice: as
 nbdcopy runs by default (no flush: the data may still be in the page cache
-when it exits) and with --flush (durable, the engine's promise).
+when it exits) and with --flush (durable, the engine's promise). A fourth
+row, "disk alone (dd)", writes the case's data straight to the target file
+with dd and fdatasync: the disk's own floor for a durable copy.
 
 It prints, per case and tool, the median seconds, MB/s (disk size / s),
 CPU seconds per GB of data (the copying process only, not the servers),
@@ -113,11 +115,15 @@ def changed_areas(size: int, percent: float, seed: int) -> list[tuple[int, int]]
 ENGINE_ARGS: list[str] = []  # --engine-args: try other settings against the same reference
 
 
-def tools(src: str, dst: str) -> dict[str, list[str]]:
+def tools(src: str, dst: str, dst_file: Path, data_bytes: int) -> dict[str, list[str]]:
     return {
         "engine": [*ENGINE, "--no-progress", *ENGINE_ARGS, src, dst],
         "nbdcopy": ["nbdcopy", src, dst],
         "nbdcopy --flush": ["nbdcopy", "--flush", src, dst],
+        # The disk's own floor: the case's data written straight to the
+        # target file and made durable, no NBD at all.
+        "disk alone (dd)": ["dd", "if=/dev/zero", f"of={dst_file}", "bs=1M", f"count={data_bytes // MiB}",
+                            "conv=fdatasync,notrunc", "status=none"],
     }
 
 
@@ -255,7 +261,7 @@ def main() -> None:
         prepare(dst_file, size)
         src = serve(f"{case}-src", "--readonly", *source_args)
         dst = serve(f"{case}-dst", "file", str(dst_file))
-        results[case] = run_case(title, tools(src.uri, dst.uri), args.reps,
+        results[case] = run_case(title, tools(src.uri, dst.uri, dst_file, data or size), args.reps,
                                  lambda: prepare(dst_file, size), data or size, size)
 
     try:
