@@ -165,10 +165,10 @@ OMA_EXPORT_NBDKIT_ARGS = env.list("OMA_EXPORT_NBDKIT_ARGS", default=[])
 # limits NBD connections: keep it at most 4 there) and to the target (0: as
 # many as to the source), and requests in flight per pipeline (measured
 # defaults: bench/copy_bench.py).
-COPY_CHUNK_BYTES = env.int("COPY_CHUNK_BYTES", default=1024 * 1024)
+COPY_CHUNK_BYTES = env.int("COPY_CHUNK_BYTES", default=512 * 1024)
 COPY_CONNECTIONS = env.int("COPY_CONNECTIONS", default=2)
 COPY_TARGET_CONNECTIONS = env.int("COPY_TARGET_CONNECTIONS", default=0)
-COPY_DEPTH = env.int("COPY_DEPTH", default=16)
+COPY_DEPTH = env.int("COPY_DEPTH", default=32)
 # Bandwidth limit of each disk copy, bytes per second; 0 = none.
 COPY_LIMIT_BPS = env.int("COPY_LIMIT_BPS", default=0)
 # Copy-loop progress cadence (the seeds': every N seconds or 1 % of a disk).

@@ -27,17 +27,18 @@ __all__ = ["CopyCancelled", "CopyError", "CopyResult", "RateLimit", "coalesce", 
            "export_size"]
 
 MiB = 1024 * 1024
-# Defaults measured with bench/copy_bench.py. Data in flight is at most
-# source connections x depth x chunk: 32 MiB, in 32 requests. In one A/B on
-# this disk (5 runs each) the 1 GiB 1 ms row took 0.85-0.95 s with 32 MiB in
-# flight, 0.83-1.82 s with 64 MiB (2 MiB x 16). Smaller requests cost more
-# CPU per GB on a page-cached source (512 KiB: 0.36 s/GB, 2 MiB: 0.27). A
-# stop does not wait for the reads in flight (pipeline.py), so the depth does
-# not slow a stop: 32 requests took 10 s to drain from a source serving one
-# at a time, 300 ms each (the tests' slow source), before a stop abandoned them.
-DEFAULT_CHUNK_BYTES = MiB
+# Defaults measured with bench/copy_bench.py and with A/B runs of the
+# 1 GiB 5 ms row onto a file on disk (5 runs each, rotating order, no flush
+# until the end, timing only the copy until the last write): 512 KiB x 32 per
+# source connection wrote the disk's data in 0.79-0.85 s, 1 MiB x 16 in
+# 1.31-1.54 s, 256 KiB x 64 in 0.88-0.96 s at a third more CPU (onto a null
+# target the three are alike: it is the file target's writes). Data in
+# flight is at most source connections x depth x chunk: 32 MiB, in 64
+# requests. A stop does not wait for the reads in flight (pipeline.py), so
+# the depth does not slow a stop.
+DEFAULT_CHUNK_BYTES = 512 * 1024
 DEFAULT_CONNECTIONS = 2
-DEFAULT_DEPTH = 16
+DEFAULT_DEPTH = 32
 # I/O threads. One thread drives every connection: only one runs Python at a
 # time, and a second one waiting for the GIL (up to its 5 ms switch interval)
 # stalls its whole pipeline. Measured with bench/copy_bench.py on 2 cores: two
