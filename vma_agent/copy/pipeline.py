@@ -259,33 +259,29 @@ class Pipeline:
     def drive(self) -> None:
         run = self.run
         while True:
-            if run.stop.is_set():
-                if not self._stopping():
+            stopping = run.stop.is_set()
+            if not stopping and not self.failed and not self.redo:
+                self._issue()
+            busy = self.in_flight + len(self.flushes)
+            if not stopping and (self.failed or self.redo) and busy == 0:
+                self._retry_failed()
+                continue
+            if stopping or (busy == 0 and self.claimed_all and self.held is None):
+                if not self._target_draining():
                     return
-            else:
-                if not self.failed and not self.redo:
-                    self._issue()
-                busy = self.in_flight + len(self.flushes)
-                if (self.failed or self.redo) and busy == 0:
-                    self._retry_failed()
-                    continue
-                if busy == 0 and self.claimed_all and self.held is None:
-                    if not self.unflushed:
-                        return
-                    self._flush()  # every completed write durable before the pipeline returns
-                    continue
-                if not self.failed and not self.redo:  # after a lost connection, flush once it is back
-                    self._flush_if_due()
+            elif not self.failed and not self.redo:  # after a lost connection, flush once it is back
+                self._flush_if_due()
             self._wait(self._timeout())
             self._handle_events()
 
-    def _stopping(self) -> bool:
-        """A stop waits only for the target: its writes in flight, then one
-        flush making them durable. Reads in flight are abandoned (a slow
-        source could take many seconds to answer them all; copy_image cuts
-        those connections) and nothing that failed is retried: those items
-        stay above the cursor, copied again on resume. False once there is
-        nothing left to wait for."""
+    def _target_draining(self) -> bool:
+        """The pipeline's end, when the plan is done or on a stop: wait for
+        the target's writes in flight, then one flush makes every completed
+        write durable. A stop waits for nothing else: reads in flight are
+        abandoned (a slow source could take many seconds to answer them all;
+        copy_image cuts those connections) and nothing that failed is
+        retried; those items stay above the cursor, copied again on resume.
+        False once there is nothing left to wait for."""
         if not any(self.dst_busy) and not self.flushes and self.unflushed:
             self._flush()
         return any(self.dst_busy) or bool(self.flushes)
@@ -318,9 +314,9 @@ class Pipeline:
 
     @staticmethod
     def _least_busy(busy: list[set[int]], among: list[int] | None = None) -> int:
-        """The connection (of `among`, or of all) with the fewest requests in
-        flight: a slow connection gets fewer, and reads and writes each
-        spread evenly."""
+        """The connection (of `among`, or of all when `among` is empty or
+        not given) with the fewest requests in flight: a slow connection
+        gets fewer, and reads and writes each spread evenly."""
         return min(among or range(len(busy)), key=lambda position: len(busy[position]))
 
     def _read(self, index: int) -> None:
