@@ -40,6 +40,11 @@ from vma_agent.copy.plan import ZERO_REQUEST_BYTES, Extent
 from vma_agent.copy.ratelimit import TICK_S, RateLimit
 
 POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
+POLL_BROKEN = select.POLLHUP | select.POLLERR | select.POLLNVAL
+_DIRECTIONS = nbd.AIO_DIRECTION_READ | nbd.AIO_DIRECTION_WRITE
+# The poll events for each direction libnbd wants to go.
+POLL_EVENTS = {direction: (POLL_IN if direction & nbd.AIO_DIRECTION_READ else 0)
+               | (select.POLLOUT if direction & nbd.AIO_DIRECTION_WRITE else 0) for direction in range(4)}
 # The target is flushed once this much was written since the last flush (and
 # at least every flush interval): its writeback then runs beside the copy
 # instead of all at its end.
@@ -252,7 +257,8 @@ class Pipeline:
         self.poller = select.poll()
         self.polled: dict[int, int] = {}  # fd -> the events it is registered for
         self.dead: set[int] = set()  # fds of dead connections, until the retry reconnects
-        self.sockets: list[tuple] = []
+        self.sockets: list[tuple[int, nbd.NBD]] = []
+        self.owners: dict[int, tuple] = {}  # fd -> (handle, side, busy, position)
         self.watched_generation = -1
 
     # --- the loop ------------------------------------------------------
@@ -260,7 +266,7 @@ class Pipeline:
         run = self.run
         while True:
             stopping = run.stop.is_set()
-            if not stopping and not self.failed and not self.redo:
+            if not stopping and not self.failed and not self.redo and self.in_flight < self.max_in_flight:
                 self._issue()
             busy = self.in_flight + len(self.flushes)
             if not stopping and (self.failed or self.redo) and busy == 0:
@@ -399,43 +405,49 @@ class Pipeline:
             self.poller.unregister(fd)
         self.polled.clear()
         self.sockets = []
+        self.owners = {}
         for side, busy in ((self.conns.srcs, self.src_busy), (self.conns.dsts, self.dst_busy)):
             for position, handle in enumerate(side):
-                self.sockets.append((handle.aio_get_fd(), handle, side, busy, position))
+                fd = handle.aio_get_fd()
+                self.sockets.append((fd, handle))
+                self.owners[fd] = (handle, side, busy, position)
         self.dead.clear()
 
     def _wait(self, timeout_s: float) -> None:
-        """Wait on every socket at once; let libnbd read and write what is ready."""
+        """Wait on every socket at once; let libnbd read and write what is
+        ready. The loop's hot path: it runs once or twice per request."""
         if self.watched_generation != self.conns.generation:
             self._watch()
-        handles = {}
-        for fd, handle, side, busy, position in self.sockets:
-            if fd in self.dead:
+        polled, dead = self.polled, self.dead
+        for fd, handle in self.sockets:
+            if fd in dead:
                 continue
-            direction = handle.aio_get_direction()
-            events = (POLL_IN if direction & nbd.AIO_DIRECTION_READ else 0) | (
-                select.POLLOUT if direction & nbd.AIO_DIRECTION_WRITE else 0)
-            if self.polled.get(fd) != events:
-                if fd in self.polled:
+            events = POLL_EVENTS[handle.aio_get_direction() & _DIRECTIONS]
+            if polled.get(fd) != events:
+                if fd in polled:
                     self.poller.modify(fd, events)
                 else:
                     self.poller.register(fd, events)
-                self.polled[fd] = events
-            handles[fd] = (handle, side, busy, position)
-        for fd, revents in self.poller.poll(math.ceil(timeout_s * 1000)) if handles else ():
-            handle, side, busy, position = handles[fd]
+                polled[fd] = events
+        if not polled:
+            return  # every connection is dead: the retry reconnects them
+        for fd, revents in self.poller.poll(math.ceil(timeout_s * 1000)):
+            handle, side, busy, position = self.owners[fd]
             try:
                 if revents & select.POLLOUT:
                     handle.aio_notify_write()
                 if revents & POLL_IN:
                     handle.aio_notify_read()
             except nbd.Error:
-                pass
-            if revents & (select.POLLHUP | select.POLLERR) or handle.aio_is_dead():
+                # The call fails when libnbd loses the connection; a failed
+                # request is reported by its own completion instead.
+                if handle.aio_is_dead():
+                    revents |= POLL_BROKEN
+            if revents & POLL_BROKEN:
                 # A dead connection: nothing more comes from it until the retry reconnects.
-                self.dead.add(fd)
+                dead.add(fd)
                 self.poller.unregister(fd)
-                del self.polled[fd]
+                del polled[fd]
                 self._lost(side, busy, position)
 
     def _lost(self, side: list[nbd.NBD], busy: list[set[int]], position: int) -> None:

@@ -34,6 +34,8 @@ class RateLimit:
     def reserve(self, nbytes: int) -> float:
         """Take the next slot for nbytes; returns the clock time at which
         they may be read (now or earlier: at once)."""
+        if self._rate is None:
+            return 0.0  # no limit: at once, without the lock or the clock (once per request)
         with self._lock:
             now = self._clock()
             if not self._rate:
