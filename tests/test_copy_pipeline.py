@@ -9,22 +9,9 @@ import threading
 
 import pytest
 
-from tests.helpers import MiB, NbdkitProcess, make_image, sha256, wait_until
+from tests.helpers import MiB, make_image, sha256, wait_until
 from vma_agent import nbdkit
-from vma_agent.copy import CopyCancelled, CopyError, copy_image
-
-
-@pytest.fixture
-def serve(sockdir):
-    servers = []
-
-    def start(*args):
-        servers.append(NbdkitProcess(sockdir, *args))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.stop()
+from vma_agent.copy import CopyCancelled, CopyError, RateLimit, copy_image
 
 
 def odd_image(path, seed=3):
@@ -272,11 +259,27 @@ def test_flushes_come_every_flush_bytes_so_writeback_runs_beside_the_copy(tmp_pa
     dst = make_image(tmp_path / "dst.img", size, [])
     target = serve("--filter=stats", "file", str(dst), f"statsfile={tmp_path / 'stats.txt'}", "statsappend=true")
     copy_image(serve("--readonly", "file", str(src)).uri, target.uri, connections=1, depth=16,
-               checkpoint_interval_s=3600, flush_bytes=flush_bytes)
+               checkpoint_interval_s=3600, flush_interval_s=3600, flush_bytes=flush_bytes)
     target.stop()
     # At least one flush while copying (the next waits for the one in
     # flight, so not quite one per flush_bytes), and the last one.
     assert flushes_seen(tmp_path / "stats.txt") >= 2
+    assert sha256(dst) == sha256(src)
+
+
+def test_a_slow_copy_flushes_every_flush_interval_however_little_it_wrote(tmp_path, serve):
+    """A copy from a slow source (a LAN) writes far less than flush_bytes per
+    second: it still flushes every flush_interval_s, so it ends with little
+    left to flush. 12 MiB at 8 MiB/s takes at least 1.4 s: some 6 flushes
+    every 0.25 s, and 1 (the last) without them."""
+    size = 12 * MiB
+    src = make_image(tmp_path / "src.img", size, [(0, size)], seed=9)
+    dst = make_image(tmp_path / "dst.img", size, [])
+    target = serve("--filter=stats", "file", str(dst), f"statsfile={tmp_path / 'stats.txt'}", "statsappend=true")
+    copy_image(serve("--readonly", "file", str(src)).uri, target.uri, limit=RateLimit(8 * MiB),
+               checkpoint_interval_s=3600, flush_interval_s=0.25)
+    target.stop()
+    assert flushes_seen(tmp_path / "stats.txt") >= 3
     assert sha256(dst) == sha256(src)
 
 
@@ -291,7 +294,8 @@ def test_one_flush_covers_the_writes_of_every_target_connection(tmp_path, serve)
     dst = make_image(tmp_path / "dst.img", size, [])
     target = serve("--filter=stats", "file", str(dst), f"statsfile={tmp_path / 'stats.txt'}", "statsappend=true")
     copy_image(serve("--readonly", "file", str(src)).uri, target.uri, connections=4, target_connections=4,
-               depth=4, chunk_bytes=MiB, checkpoint_interval_s=3600, flush_bytes=flush_bytes)
+               depth=4, chunk_bytes=MiB, checkpoint_interval_s=3600, flush_interval_s=3600,
+               flush_bytes=flush_bytes)
     target.stop()
     assert 2 <= flushes_seen(tmp_path / "stats.txt") <= size // flush_bytes + 1
     assert sha256(dst) == sha256(src)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import nbd
 
 from vma_agent.copy.connection import CopyError, close, connect, export_size
-from vma_agent.copy.pipeline import FLUSH_BYTES, Connections, CopyRun, count_items
+from vma_agent.copy.pipeline import FLUSH_BYTES, FLUSH_INTERVAL_S, Connections, CopyRun, count_items
 from vma_agent.copy.plan import Extent, allocation_map, coalesce, dirty_areas, with_gaps_zeroed
 from vma_agent.copy.ratelimit import TICK_S, RateLimit
 from vma_agent.progress import ProgressCallback, ThrottledReporter
@@ -108,6 +108,7 @@ def copy_image(
     checkpoint: Callable[[int], None] | None = None,
     checkpoint_interval_s: float = 2.0,
     flush_bytes: int = FLUSH_BYTES,
+    flush_interval_s: float = FLUSH_INTERVAL_S,
     cancel: threading.Event | None = None,
 ) -> CopyResult:
     """Copy the source export onto the target export and return what was done.
@@ -131,7 +132,8 @@ def copy_image(
         committed first) and the exception propagates.
     checkpoint: called with the committed cursor at least every
         checkpoint_interval_s, and once at the end. The target is flushed
-        as often, and whenever flush_bytes were written since the last flush.
+        whenever flush_bytes were written since the last flush, and at least
+        every flush_interval_s (or checkpoint_interval_s, if shorter).
     cancel: set it to stop the copy within a second; CopyCancelled follows.
     """
     if not 0 < chunk_bytes <= MAX_REQUEST_BYTES:
@@ -192,7 +194,7 @@ def copy_image(
         for sources, targets in _spread(connections, target_connections, items):
             pool.append(Connections(src_uri, dst_uri, sources, targets))
         run = CopyRun(todo, chunk_bytes=chunk_bytes, depth=depth, target_is_zeroed=target_is_zeroed,
-                      limit=limit, retries=retries, flush_interval_s=checkpoint_interval_s,
+                      limit=limit, retries=retries, flush_interval_s=min(flush_interval_s, checkpoint_interval_s),
                       flush_bytes=flush_bytes)
         threads = [threading.Thread(target=run.work, args=(conns,), name=f"copy-{i}", daemon=True)
                    for i, conns in enumerate(pool)]
