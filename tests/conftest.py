@@ -17,7 +17,7 @@ from django.conf import settings
 from replication.choices import JOB_TERMINAL
 from replication.models import ReplicationJob
 from replication.targets import get_provider
-from tests.helpers import wait_until
+from tests.helpers import NbdkitProcess, wait_until
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WORKER_START_TIMEOUT_S = 60
@@ -42,6 +42,21 @@ def sockdir():
     path.mkdir(parents=True)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def serve(sockdir):
+    """Start nbdkit servers (serve("--readonly", "file", path)); all are
+    stopped when the test ends."""
+    servers = []
+
+    def start(*args):
+        servers.append(NbdkitProcess(sockdir, *args))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
 
 
 def worker_env() -> dict:

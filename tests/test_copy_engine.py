@@ -15,20 +15,6 @@ from tests.helpers import MiB, NbdkitProcess, make_image, sha256, wait_until
 from vma_agent.copy import CopyCancelled, CopyError, RateLimit, coalesce, copy_image, dirty_areas
 
 
-@pytest.fixture
-def serve(sockdir):
-    servers = []
-
-    def start(*args):
-        server = NbdkitProcess(sockdir, *args)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
-
-
 def test_full_copy_of_sparse_odd_sized_image_matches_source(tmp_path, serve):
     size = 9 * MiB + 4097  # not a multiple of the chunk size
     src = make_image(tmp_path / "src.img", size, [(0, MiB + 3), (5 * MiB, 300_000), (size - 4097, 4097)])
