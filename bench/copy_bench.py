@@ -3,7 +3,7 @@ that matter in production: targets on disk, slow (high-latency) sources.
 
 Every case starts its own nbdkit source and target servers on Unix sockets
 and runs each tool as a separate process, several times, interleaved in a
-rotating order (each run starts after a sync, on a fresh target):
+balanced order (each run starts after a sync, on a fresh target):
 
   file-disk      a page-cached 2 GiB file (nbdkit file) -> file on disk
   pattern-disk   nbdkit pattern 2 GiB -> file on disk, target pre-allocated
@@ -12,6 +12,8 @@ rotating order (each run starts after a sync, on a fresh target):
   delay3         768 MiB, 3 ms per read -> file on disk
   delay5         1 GiB, 5 ms per read -> file on disk
   sparse         nbdkit sparse-random 8 GiB with 10 % data -> file on disk
+  lan1g          nbdkit pattern 512 MiB behind a 1 Gbit/s link (rate filter)
+                 and 1 ms per read: ESXi's NBD transport over a gigabit LAN
   incr-delay5    5 ms per read, 4 GiB: full copy vs 1 % changed in scattered
                  64 KiB..1 MiB areas (an extent list)
   rss            peak RSS of the engine copying 1 GiB and 8 GiB (to nbdkit null)
@@ -132,12 +134,17 @@ def run_case(name, runs: dict[str, list[str]], reps: int, reset, data_bytes: int
     for cmd in runs.values():  # one untimed run each: caches and allocations warm for everyone
         reset()
         timed(cmd)
-    order = list(runs.items())
+    tools_in_order = list(runs.items())
+    orders = balanced_orders(len(tools_in_order))
     for rep in range(reps):
-        # Interleaved, so drift hits every tool alike, and in a rotating
-        # order, so no tool always follows the same one (a disk still busy
-        # with the previous run's discards or writeback).
-        for tool, cmd in order[rep % len(order):] + order[:rep % len(order)]:
+        # Interleaved, so drift hits every tool alike, and in orders where
+        # each tool follows each other tool equally often: whatever one run
+        # leaves behind (a disk still busy with discards or writeback, a
+        # source's rate bucket refilled while a run did not read it) falls
+        # on every tool alike. A rotation of one order would not do: it
+        # keeps every tool behind the same one.
+        for position in orders[rep % len(orders)]:
+            tool, cmd = tools_in_order[position]
             reset()
             os.sync()  # no run pays for the previous one's dirty pages
             samples[tool].append(timed(cmd))
@@ -150,6 +157,21 @@ def run_case(name, runs: dict[str, list[str]], reps: int, reset, data_bytes: int
                       "peak_rss_MiB": max(v[2] for v in values), "runs": [round(v[0], 3) for v in values]}
     print_case(name, rows)
     return rows
+
+
+def balanced_orders(n: int) -> list[list[int]]:
+    """Orders of n tools in which each tool directly follows each other
+    tool equally often (a Williams design: n orders for an even n, 2n for
+    an odd one)."""
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    orders = [[(tool + shift) % n for tool in first] for shift in range(n)]
+    return orders if n % 2 == 0 else orders + [order[::-1] for order in orders]
 
 
 def print_case(name: str, rows: dict) -> None:
@@ -228,7 +250,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every size (0.25 for a quick look)")
     parser.add_argument("--workdir", default="/var/tmp/copy-bench", help="where sources and targets live (on disk)")
     parser.add_argument("--cases", default="file-disk,pattern-disk,pattern4-disk,delay1,delay3,delay5,sparse,"
-                                           "incr-delay5,rss,limit")
+                                           "lan1g,incr-delay5,rss,limit")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--engine-args", default="", help='extra engine options, e.g. "--connections 2 --depth 16"')
     args = parser.parse_args()
@@ -287,6 +309,15 @@ def main() -> None:
                 size = sized(8)
                 full_copy(case, f"sparse-random {iec(size)} with 10 % data -> file on disk",
                           ["sparse-random", f"size={size}", "percent=10", "seed=7"], size, data=size // 10)
+            elif case == "lan1g":
+                size = sized(0.5)
+                full_copy(case, f"nbdkit pattern {iec(size)}, 1 Gbit/s and 1 ms per read -> file on disk",
+                          # A link has no credit to burst with after a pause: the
+                          # filter's default would let whichever tool follows an
+                          # idle moment read its first 2 s at any speed.
+                          ["--filter=rate", "--filter=delay", "pattern", f"size={size}", "rate=1G",
+                           "burstiness=0.2", "rdelay=1ms"],
+                          size)
             elif case == "incr-delay5":
                 size = sized(4)
                 dst_file = workdir / "incr-dst.img"
