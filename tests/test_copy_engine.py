@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import PROJECT_ROOT
 from tests.helpers import MiB, NbdkitProcess, make_image, sha256, wait_until
 from vma_agent.copy import CopyCancelled, CopyError, RateLimit, coalesce, copy_image, dirty_areas
+from vma_agent.copy.ratelimit import CATCH_UP_S
 
 
 def test_full_copy_of_sparse_odd_sized_image_matches_source(tmp_path, serve):
@@ -286,6 +287,17 @@ def test_the_rate_limit_spaces_reads_at_its_rate_and_follows_a_change_at_once():
     cancelled = threading.Event()
     cancelled.set()
     assert not limit.acquire(MiB, cancelled)
+
+
+def test_the_rate_limit_keeps_pace_when_reads_take_their_slots_late_but_saves_no_idle_time():
+    clock = FakeClock()
+    limit = RateLimit(MiB, clock=clock, sleep=clock.sleep)  # a second per MiB
+    start = clock.now
+    assert limit.reserve(MiB) == pytest.approx(start + 1.0)
+    clock.now = start + 1.01  # the copy loop wakes 10 ms after the slot came
+    assert limit.reserve(MiB) == pytest.approx(start + 2.0)  # the next slot follows the last, not the late wake-up
+    clock.now = start + 10.0  # then nothing was read for 8 s
+    assert limit.reserve(MiB) == pytest.approx(start + 10.0 - CATCH_UP_S + 1.0)  # no more than CATCH_UP_S made up
 
 
 def test_a_throttled_copy_is_complete(tmp_path, serve):
