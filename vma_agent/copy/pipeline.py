@@ -262,7 +262,6 @@ class Pipeline:
         self.poller = select.poll()
         self.polled: dict[int, int] = {}  # fd -> the events it is registered for
         self.dead: set[int] = set()  # fds of dead connections, until the retry reconnects
-        self.sockets: list[tuple[int, nbd.NBD]] = []
         self.owners: dict[int, tuple] = {}  # fd -> (handle, side, busy, position)
         self.watched_generation = -1
 
@@ -409,13 +408,10 @@ class Pipeline:
         for fd in self.polled:
             self.poller.unregister(fd)
         self.polled.clear()
-        self.sockets = []
         self.owners = {}
         for side, busy in ((self.conns.srcs, self.src_busy), (self.conns.dsts, self.dst_busy)):
             for position, handle in enumerate(side):
-                fd = handle.aio_get_fd()
-                self.sockets.append((fd, handle))
-                self.owners[fd] = (handle, side, busy, position)
+                self.owners[handle.aio_get_fd()] = (handle, side, busy, position)
         self.dead.clear()
 
     def _wait(self, timeout_s: float) -> None:
@@ -424,7 +420,7 @@ class Pipeline:
         if self.watched_generation != self.conns.generation:
             self._watch()
         polled, dead = self.polled, self.dead
-        for fd, handle in self.sockets:
+        for fd, (handle, *_) in self.owners.items():
             if fd in dead:
                 continue
             events = POLL_EVENTS[handle.aio_get_direction() & _DIRECTIONS]
