@@ -39,12 +39,15 @@ def succeeded_tasks():
     they arrive."""
     done: set[str] = set()
     with app.connection_for_read() as conn:
-        receiver = app.events.Receiver(conn, handlers={"task-succeeded": lambda event: done.add(event["uuid"])})
-        ready = threading.Event()
-        receiver.on_consume_ready = lambda *args, **kwargs: ready.set()
+        # Listening from the first event a worker sends (its heartbeat, every
+        # 2 s): Redis subscribes a moment after the receiver says it consumes,
+        # and a task ending in that moment was missed once.
+        listening = threading.Event()
+        receiver = app.events.Receiver(conn, handlers={"task-succeeded": lambda event: done.add(event["uuid"]),
+                                                       "worker-heartbeat": lambda event: listening.set()})
         thread = threading.Thread(target=receiver.capture, kwargs={"limit": None, "wakeup": False}, daemon=True)
         thread.start()
-        assert ready.wait(10), "event receiver did not start"
+        assert listening.wait(15), "no worker event reached the receiver"
         try:
             yield done
         finally:
