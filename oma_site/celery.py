@@ -2,7 +2,11 @@ import os
 
 from celery import Celery, signals
 
+from oma_site.private_files import restrict_umask
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "oma_site.settings")
+# Workers and beat create volumes, overlays, sockets and the schedule: private from the first.
+restrict_umask()
 
 app = Celery("oma_site")
 app.config_from_object("django.conf:settings", namespace="CELERY")

@@ -1,6 +1,9 @@
 """OMA settings, all from the environment (django-environ) with embedded defaults:
 SQLite under var/, a local Redis, local volume files under var/volumes."""
 
+import os
+import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import environ
@@ -22,9 +25,52 @@ def _secret(name: str, default: str = "") -> str:
     return env(name, default=default)
 
 
-SECRET_KEY = _secret("SECRET_KEY", default="insecure-dev-key-set-SECRET_KEY-in-production")
-DEBUG = env.bool("DEBUG", default=True)
+def _generated_secret_key(path: Path) -> str:
+    """The key in path, made there (mode 0600, in a 0700 var/) on first use:
+    a fresh install needs no setup and never runs on a key known to everyone.
+    Linked into place whole, so processes starting together agree on one."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    from django.core.management.utils import get_random_secret_key
+
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    draft = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(get_random_secret_key() + "\n")
+    try:
+        os.link(draft, path)
+    except FileExistsError:
+        pass  # another process made it first: use theirs
+    finally:
+        draft.unlink()
+    return path.read_text().strip()
+
+
+# Production by default: DEBUG shows settings and every URL to anyone who
+# finds an error page, so it is on only when asked for (DEBUG=1).
+DEBUG = env.bool("DEBUG", default=False)
+SECRET_KEY = _secret("SECRET_KEY") or _generated_secret_key(
+    Path(env("SECRET_KEY_PATH", default=str(VAR_DIR / "secret-key"))))
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1"])
+
+# Behind HTTPS (HTTPS=1): plain HTTP redirected, HSTS, cookies only over
+# TLS. A TLS-terminating proxy in front sets X-Forwarded-Proto
+# (HTTPS_BEHIND_PROXY=1 trusts it; only with a proxy that overwrites it).
+HTTPS = env.bool("HTTPS", default=False)
+if HTTPS:
+    SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=True)
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=365 * 24 * 3600)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=True)
+    # Only a directive: a domain is preloaded once someone submits it to the browsers' list.
+    SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=True)
+    if env.bool("HTTPS_BEHIND_PROXY", default=False):
+        SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SESSION_COOKIE_HTTPONLY = True
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -32,19 +78,50 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
+    # WhiteNoise serves the static files under runserver too, as in production.
+    "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "django_celery_beat",
+    "axes",
     "replication",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "csp.middleware.CSPMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: it turns a locked-out login into its answer.
+    "axes.middleware.AxesMiddleware",
+]
+
+# Pages load scripts, styles, images and fragments from this origin only;
+# nothing inline (the progress bars are <progress> elements, the scripts files).
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'"],
+        "img-src": ["'self'", "data:"],
+        "connect-src": ["'self'"],
+        "object-src": ["'none'"],
+        "base-uri": ["'self'"],
+        "form-action": ["'self'"],
+        "frame-ancestors": ["'none'"],
+    },
+}
+
+# Login throttling (django-axes): after AXES_FAILURE_LIMIT wrong passwords
+# for one user name from one address, that pair is locked out for
+# AXES_COOLOFF_MINUTES; a right password before then resets the count.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
 ]
 
 ROOT_URLCONF = "oma_site.urls"
@@ -92,8 +169,20 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.mysql":
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
+# An agent host has no database to count failures in, and no login page.
+AXES_ENABLED = env.bool("AXES_ENABLED", default=PROCESS_ROLE != "agent")
+AXES_FAILURE_LIMIT = env.int("AXES_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = timedelta(minutes=env.float("AXES_COOLOFF_MINUTES", default=15.0))
+# The pair: one address guessing cannot lock everyone out of an account, nor
+# one account's guesses lock out a whole office behind one NAT address.
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+
 AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
 
 LANGUAGE_CODE = "en-us"
@@ -102,6 +191,11 @@ USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
+# WhiteNoise serves the apps' static files straight from where they are
+# (collectstatic into STATIC_ROOT is optional), with DEBUG off as on.
+WHITENOISE_USE_FINDERS = True
+# ... so an absent STATIC_ROOT (no collectstatic run) is normal, not worth a warning in every process.
+warnings.filterwarnings("ignore", message=f"No directory at: {STATIC_ROOT}", category=UserWarning)
 
 # --- Celery -----------------------------------------------------------------
 # Name of the agent (VMA) this process acts as. Copy tasks of its VMs go to
@@ -299,9 +393,13 @@ CELERY_BEAT_SCHEDULE = {
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"worker": {"format": "[%(asctime)s: %(levelname)s/%(processName)s] %(name)s: %(message)s"}},
+    "formatters": {"worker": {"()": "oma_site.log_format.OneLineFormatter",
+                              "format": "[%(asctime)s: %(levelname)s/%(processName)s] %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "worker"}},
     "loggers": {
+        # Django's own errors (a 500's traceback, refused hosts) reach the log
+        # with DEBUG off too; by default they would go only to mailed admins.
+        "django": {"handlers": ["console"], "level": "INFO", "propagate": False},
         "replication": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO"), "propagate": False},
         "vma_agent": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO"), "propagate": False},
     },

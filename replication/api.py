@@ -218,5 +218,7 @@ OPENAPI = {
 }
 
 
+@api_view
 def openapi(request):
+    # Behind the API's own auth, as the README says: the document maps what a caller may reach.
     return JsonResponse(OPENAPI)

@@ -19,6 +19,7 @@ from replication.choices import (
     VMState,
     sources_of,
 )
+from replication.names import validate_no_control_characters
 
 
 class IllegalMove(Exception):
@@ -187,8 +188,8 @@ class NetworkMapping(models.Model):
     of its network on the source. A test failover ignores it: its VM joins
     the isolated FAILOVER_TEST_NETWORK (or none), never production."""
 
-    source_network = models.CharField(max_length=200, unique=True)
-    destination_network = models.CharField(max_length=200)
+    source_network = models.CharField(max_length=200, unique=True, validators=[validate_no_control_characters])
+    destination_network = models.CharField(max_length=200, validators=[validate_no_control_characters])
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:

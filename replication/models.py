@@ -29,6 +29,7 @@ from replication.choices import (
     VolumeProvider,
     sources_of,
 )
+from replication.names import validate_no_control_characters
 from vma_agent.units import iec_rate
 
 EXPORT_PREFIX = "migration-vol-"
@@ -102,7 +103,7 @@ class VCenter(models.Model):
     """How to reach a vCenter. The password is not stored here: only where
     to read it (a file, or an environment variable of the processes)."""
 
-    name = models.CharField(max_length=100, unique=True)
+    name = models.CharField(max_length=100, unique=True, validators=[validate_no_control_characters])
     host = models.CharField(max_length=255)
     port = models.PositiveIntegerField(default=443)
     username = models.CharField(max_length=200)
@@ -121,7 +122,7 @@ class VCenter(models.Model):
 
 
 class VirtualMachine(models.Model):
-    name = models.CharField(max_length=200, unique=True)
+    name = models.CharField(max_length=200, unique=True, validators=[validate_no_control_characters])
     source_kind = models.CharField(max_length=20, choices=SourceKind.choices, default=SourceKind.IMAGE)
     agent = models.CharField(max_length=100, default="local", help_text="VMA whose queue copies this VM's disks")
     vcenter = models.ForeignKey(VCenter, null=True, blank=True, on_delete=models.PROTECT, related_name="vms")

@@ -10,9 +10,11 @@ from __future__ import annotations
 from django.db import models
 from django.utils import timezone
 
+from replication.names import validate_no_control_characters
+
 
 class ProtectionGroup(models.Model):
-    name = models.CharField(max_length=100, unique=True)
+    name = models.CharField(max_length=100, unique=True, validators=[validate_no_control_characters])
     description = models.CharField(max_length=500, blank=True)
     interval_s = models.PositiveIntegerField(null=True, blank=True,
                                              help_text="Start a cycle of each VM every N seconds")

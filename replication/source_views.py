@@ -39,6 +39,15 @@ def cloud_check(request):
     return render_page(request, "replication/cloud.html", context)
 
 
+def _whole(text: str | None, what: str) -> int | None:
+    if not (text or "").strip():
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise InventoryError(f"{what} must be a whole number, not {text!r}") from None
+
+
 @login_required
 def sources(request):
     """vCenters (add one: fetch its certificate, trust it, give the user and
@@ -65,8 +74,8 @@ def sources(request):
                 context["image_form"] = {k: data.get(k, "") for k in ("name", "disks", "cpus", "memory_mib")}
                 vm = register_image_vm(data.get("name", ""), [line.strip() for line in data.get("disks", "")
                                                               .splitlines() if line.strip()],
-                                       cpus=int(data["cpus"]) if data.get("cpus") else None,
-                                       memory_mib=int(data["memory_mib"]) if data.get("memory_mib") else None,
+                                       cpus=_whole(data.get("cpus"), "CPUs"),
+                                       memory_mib=_whole(data.get("memory_mib"), "memory (MiB)"),
                                        firmware=data.get("firmware") or "bios")
                 messages.info(request, f"VM {vm.name} added with {vm.disks.count()} disk(s).")
                 return redirect("vm-list")

@@ -119,8 +119,11 @@ def job_limit(request, job_id):
         rate = None if text.lower() in ("0", "none", "off", "unlimited") else parse_rate(text)
         change = limits.change_limit(job.id, rate, actor=f"user {request.user.get_username()}")
     except (ValueError, limits.LimitError) as exc:
+        # A refused rate is the request's fault: the page again, with the reason, as a 400.
         messages.error(request, str(exc))
-        return redirect("job-detail", job_id=job.id)
+        response = render_page(request, "replication/job_detail.html", _job_context(job.id))
+        response.status_code = 400
+        return response
     if change.agent_error:
         messages.error(request, f"Limit {change.label} per disk recorded, but the agent was not told "
                                 f"({change.agent_error}): running copies keep their limit.")

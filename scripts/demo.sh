@@ -7,6 +7,7 @@
 # the processes running afterwards. VMA_URL (default http://127.0.0.1:8000)
 # sets the web server's port; CELERY_BROKER_URL the Redis (database).
 set -euo pipefail
+umask 077  # logs, database, volumes and sockets: this user's alone
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/lib.sh

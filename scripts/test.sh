@@ -2,6 +2,7 @@
 # Run the whole test suite: ruff, then pytest on SQLite, then on MariaDB.
 # Extra arguments go to pytest (e.g. scripts/test.sh -k copy_engine).
 set -euo pipefail
+umask 077  # as in production: what the tests create is private
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/lib.sh
@@ -10,6 +11,12 @@ ensure_libvirtd
 
 echo "== ruff"
 .venv/bin/ruff check .
+
+# The production settings the README documents must pass Django's deployment
+# checks with no warning at all.
+echo "== manage.py check --deploy (production settings)"
+env -u DEBUG -u DATABASE_URL HTTPS=1 ALLOWED_HOSTS=oma.example.com \
+  .venv/bin/python manage.py check --deploy --fail-level WARNING
 
 echo "== tests on SQLite"
 env -u DATABASE_URL .venv/bin/python -m pytest "$@"

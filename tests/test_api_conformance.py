@@ -43,8 +43,10 @@ def keep_test_connection():
 
 
 @pytest.fixture
-def json_api(db, keep_test_connection):
-    return schemathesis.openapi.from_wsgi("/api/openapi.json", application)
+def json_api(db, keep_test_connection, credentials):
+    # The document is behind the API's own auth, like the API.
+    return schemathesis.openapi.from_wsgi("/api/openapi.json", application,
+                                          headers={"Authorization": credentials["Authorization"]})
 
 
 @pytest.fixture

@@ -123,7 +123,7 @@ def start_daemon(args: list[str], socket_path: Path, pidfile: Path, log_path: Pa
         proc = subprocess.Popen(
             ["nbdkit", *listen, "--pidfile", str(pidfile), *args],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-            start_new_session=True,
+            start_new_session=True, umask=0o077,  # its socket is created private, never briefly open
         )
     proc.wait(START_TIMEOUT_S)  # the foreground part exits once the server listens
     if proc.returncode != 0:

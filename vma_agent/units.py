@@ -25,6 +25,9 @@ def iec_rate(bytes_per_s: float | None) -> str:
 
 
 _RATE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+# Far above any link a copy runs over; a larger "limit" is a typing mistake
+# (1e99 would not even fit the database's integer column).
+MAX_RATE_BPS = 1024**4
 
 
 def parse_rate(text: str) -> int:
@@ -36,6 +39,8 @@ def parse_rate(text: str) -> int:
         rate = float(value[: len(value) - len(unit)]) * _RATE_UNITS[unit]
     except ValueError:
         raise ValueError(f"{text!r} is not a rate such as 50M, 50MiB/s or 1048576") from None
-    if not rate > 0 or rate == float("inf"):
+    if not rate > 0:
         raise ValueError(f"the rate must be positive, not {text!r}")
+    if not rate <= MAX_RATE_BPS:
+        raise ValueError(f"the rate must be at most {iec_rate(MAX_RATE_BPS)}, not {text!r}")
     return int(rate)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from django.db import transaction
 
+from replication import names
 from replication.cloudstack.client import CloudClient
 from replication.cloudstack.models import CloudError, CloudStackConfig
 
@@ -25,6 +26,7 @@ def register_cloud(name: str, *, check: bool = True, **fields) -> tuple[CloudSta
         raise CloudError("give the secret key as exactly one of a file or an environment variable")
     if fields.get("secret_file") and not Path(fields["secret_file"]).is_absolute():
         raise CloudError(f"the secret key file must be an absolute path, not {fields['secret_file']!r}")
+    name = names.checked(name, CloudStackConfig, error=CloudError, what="cloud name")
     config = CloudStackConfig.objects.filter(name=name).first() or CloudStackConfig(name=name)
     for key, value in fields.items():
         setattr(config, key, value or "")

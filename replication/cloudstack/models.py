@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django.db import models
 
+from replication.names import validate_no_control_characters
 from vma_agent.secrets import SecretError, read_secret
 
 
@@ -16,7 +17,7 @@ class CloudStackConfig(models.Model):
     reference the OMA host owns (a file or an environment variable): it is
     never stored here, logged or passed on a command line."""
 
-    name = models.CharField(max_length=100, unique=True)
+    name = models.CharField(max_length=100, unique=True, validators=[validate_no_control_characters])
     api_url = models.URLField(max_length=500, help_text="e.g. https://cloud.example.com/client/api")
     api_key = models.CharField(max_length=200)
     secret_file = models.CharField(max_length=1000, blank=True, help_text="File holding the secret key")

@@ -297,7 +297,7 @@ class LibvirtDestination(Destination):
             if not src.exists():
                 raise DestinationError(f"replica volume {volume} does not exist")
             sources.append(src)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         handles: list[str] = []
         created: list[Path] = []
         try:
@@ -327,6 +327,9 @@ class LibvirtDestination(Destination):
             args += [str(partial)]
         try:
             _qemu_img(*args)
+            # The guest's writes land here: private like the replica. QEMU runs
+            # as root under our static DAC label, so 0600 does not lock it out.
+            partial.chmod(0o600)
             os.replace(partial, overlay)
         finally:
             partial.unlink(missing_ok=True)

@@ -23,6 +23,11 @@ def group_named(name: str):
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+# Intervals, targets and back-offs beyond a year are typing mistakes (and
+# would not fit the database's integer columns for long).
+MAX_DURATION_S = 366 * 24 * 3600
+
+
 def duration_s(text: str) -> int:
     """'90', '90s', '15m', '2h', '1d' -> seconds (argparse type)."""
     import argparse
@@ -32,8 +37,10 @@ def duration_s(text: str) -> int:
     number = value[:-1] if value[-1:] in _SECONDS else value
     try:
         seconds = int(float(number) * _SECONDS[unit])
-    except ValueError:
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 90s, 15m, 2h or 1d") from None
     if seconds < 1:
         raise argparse.ArgumentTypeError(f"a duration must be at least 1 s, not {text!r}")
+    if seconds > MAX_DURATION_S:
+        raise argparse.ArgumentTypeError(f"a duration must be at most 366d, not {text!r}")
     return seconds

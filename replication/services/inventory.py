@@ -10,6 +10,7 @@ from pathlib import Path
 
 from django.db import transaction
 
+from replication import names
 from replication.choices import SourceKind
 from replication.models import SourceDisk, VirtualMachine
 from vma_agent.copy import CopyError, export_size
@@ -84,9 +85,7 @@ def register_image_vm(name: str, locators: list[str], agent: str = "local", *, c
     """Register a VM whose disks are image files or NBD URIs, keys disk-2000,
     disk-2001, ... in the order given (the first boots); its shape for a
     failover from the options (unknown: the destination's defaults)."""
-    name = name.strip()
-    if not name:
-        raise InventoryError("VM name must not be empty")
+    name = names.checked(name, VirtualMachine, error=InventoryError, what="VM name")
     if cpus is not None and not 1 <= cpus <= 256:
         raise InventoryError(f"--cpus must be 1..256, not {cpus}")
     if memory_mib is not None and not 16 <= memory_mib <= 16 * 1024 * 1024:

@@ -14,7 +14,7 @@ from django.db import transaction
 from replication.choices import DiskStatus
 from replication.models import ReplicationJob
 from replication.services import orders
-from vma_agent.units import iec_rate
+from vma_agent.units import MAX_RATE_BPS, iec_rate
 
 
 class LimitError(Exception):
@@ -43,6 +43,8 @@ def change_limit(job_id: str, bytes_per_s: int | None, actor: str = "operator") 
     to its agent. Refused, with the reason, for a job that has ended."""
     if bytes_per_s is not None and bytes_per_s <= 0:
         raise LimitError(f"a bandwidth limit must be a positive rate, not {bytes_per_s}")
+    if bytes_per_s is not None and bytes_per_s > MAX_RATE_BPS:
+        raise LimitError(f"a bandwidth limit must be at most {iec_rate(MAX_RATE_BPS)}, not {bytes_per_s} B/s")
     with transaction.atomic():
         try:
             job = ReplicationJob.objects.select_for_update().get(pk=job_id)

@@ -22,6 +22,7 @@ from django.db.models import Count, F, OuterRef, Subquery
 from django.utils import timezone
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
 
+from replication import names
 from replication.choices import DISK_TERMINAL, JOB_ACTIVE, JobStatus, SourceKind, SyncType
 from replication.models import ReplicationJob, SourceDisk, VirtualMachine, VMDisk
 from replication.policy import Admission, AdmissionReason, AdmissionStatus, ProtectionGroup
@@ -37,6 +38,7 @@ class ScheduleError(Exception):
 # --- groups and their schedules -------------------------------------------------
 
 def create_group(name: str, **fields) -> ProtectionGroup:
+    name = names.checked(name, ProtectionGroup, error=ScheduleError, what="group name")
     if ProtectionGroup.objects.filter(name=name).exists():
         raise ScheduleError(f"a group named {name} exists already")
     group = ProtectionGroup(name=name, **fields)
@@ -55,7 +57,21 @@ def update_group(group: ProtectionGroup, **fields) -> ProtectionGroup:
     return group
 
 
+# Upper bounds: a year of seconds, or counts far past any real group; beyond
+# them a value is a typing mistake (and MariaDB's columns overflow).
+_GROUP_BOUNDS = {"interval_s": ("the interval", 366 * 24 * 3600), "drill_interval_s": ("the drill interval",
+                 366 * 24 * 3600), "rpo_target_s": ("the RPO target", 366 * 24 * 3600),
+                 "retry_backoff_s": ("the retry back-off", 366 * 24 * 3600),
+                 "max_concurrent": ("the concurrency limit", 10_000), "max_retries": ("the retry count", 1_000)}
+
+
 def check_group(group: ProtectionGroup) -> None:
+    for field, (label, limit) in _GROUP_BOUNDS.items():
+        value = getattr(group, field)
+        if value is not None and not isinstance(value, int):
+            raise ScheduleError(f"{label} must be a whole number, not {value!r}")
+        if value is not None and not 0 <= value <= limit:
+            raise ScheduleError(f"{label} must be between 0 and {limit}, not {value}")
     if group.max_concurrent < 1:
         raise ScheduleError("the concurrency limit must be at least 1")
     if group.interval_s is not None and group.interval_s < 1:

@@ -19,6 +19,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 def certificate_thumbprint(host: str, port: int) -> str:
     """The SHA-1 thumbprint of the certificate the server presents now."""
+    if not 0 < port < 65536:
+        raise vmware_service.VCenterConfigError(f"the port must be 1..65535, not {port}")
     try:
         return vmware.server_thumbprint(host, port)
     except OSError as exc:

@@ -11,6 +11,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from replication import names
 from replication.choices import JOB_ACTIVE, SourceKind
 from replication.models import ReplicationJob, SourceDisk, VCenter, VirtualMachine
 from replication.services.orders import vcenter_ref
@@ -51,9 +52,9 @@ def register_vcenter(name: str, host: str, username: str, thumbprint: str, *, po
                      password_file: str = "", password_env: str = "", check: bool = True) -> VCenter:
     """Record a vCenter; with `check`, log in first so a wrong password or
     thumbprint is refused now rather than in the middle of a job."""
-    name = name.strip()
-    if not name:
-        raise VCenterConfigError("the vCenter needs a name")
+    name = names.checked(name, VCenter, error=VCenterConfigError, what="vCenter name")
+    if not 0 < port < 65536:
+        raise VCenterConfigError(f"the port must be 1..65535, not {port}")
     if bool(password_file) == bool(password_env):
         raise VCenterConfigError("give exactly one of a password file or a password environment variable")
     if password_file and not Path(password_file).is_absolute():

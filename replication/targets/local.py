@@ -62,9 +62,12 @@ class LocalVolumeProvider:
     def create_volume(self, export_name: str, size_bytes: int) -> Path:
         """Create the volume file sparse, or grow an existing one to a larger
         source; never shrink a volume that holds data."""
-        self.volume_dir.mkdir(parents=True, exist_ok=True)
+        self.volume_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self.volume_path(export_name)
-        with open(path, "ab") as f:
+        # A replica is another machine's disk: its owner's alone from the
+        # first byte, whatever the process's umask (and one left open is closed).
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as f:
+            os.fchmod(f.fileno(), 0o600)
             current = os.fstat(f.fileno()).st_size
             if current > size_bytes:
                 raise VolumeError(
@@ -102,8 +105,8 @@ class LocalVolumeProvider:
     def ensure_export_server(self) -> int:
         """Start the export server unless one is already serving; returns its
         pid. A lock file keeps two workers from starting it at once."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.volume_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.volume_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with self._lock():
             tls = ["--tls=require", f"--tls-psk={self.tls_psk_file}"] if self.tls_psk_file else []
             filters = [arg for arg in self.extra_args if arg.startswith("--filter=")]
@@ -120,6 +123,9 @@ class LocalVolumeProvider:
             if pid is not None:
                 nbdkit.stop_daemon(self.pidfile)
             pid = nbdkit.start_daemon(args, self.socket_path, self.pidfile, self.run_dir / "targets.log", tcp=self.tcp)
+            if not self.tcp:
+                # Whoever can connect can read and write every replica: the socket is the owner's alone.
+                self.socket_path.chmod(0o600)
             self.served_path.write_text(wanted)
             return pid
 
