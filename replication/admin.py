@@ -18,6 +18,7 @@ from replication.models import (
     VMDisk,
 )
 from replication.policy import Admission, DrillRun, ProtectionGroup
+from replication.roles import actor_of, admin_site_permission
 from replication.services import jobs as job_service
 from replication.services import scheduler
 from replication.services import vmware as vmware_service
@@ -26,6 +27,8 @@ from vma_agent.vmware import VSphereError
 
 # The job list needs the width more than a second navigation beside it.
 admin.site.enable_nav_sidebar = False
+# Only administrators (staff with the administrator role) enter; the model permissions decide the rest.
+admin.site.has_permission = admin_site_permission
 
 
 class SourceDiskForm(forms.ModelForm):
@@ -91,7 +94,8 @@ class VCenterAdmin(admin.ModelAdmin):
 
     @admin.action(description="Discover the VMs of the selected vCenters")
     def discover_vms(self, request, queryset):
-        self._each(request, queryset, lambda vc: f"{vc.name}: {len(vmware_service.discover(vc))} VMs recorded")
+        self._each(request, queryset, lambda vc: f"{vc.name}: "
+                   f"{len(vmware_service.discover(vc, actor=actor_of(request)))} VMs recorded")
 
     @admin.action(description="Remove orphaned replication snapshots")
     def sweep_orphaned_snapshots(self, request, queryset):
@@ -121,6 +125,11 @@ class VirtualMachineAdmin(admin.ModelAdmin):
     list_filter = ["source_kind", "vcenter"]
     search_fields = ["name", "moref", "vm_uuid"]
     inlines = [SourceDiskInline]
+
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        if not change:
+            VMContext.registered(obj, actor_of(request), "in the admin")
 
     def save_formset(self, request, form, formset, change):
         """New disks get the next free key (disk-2000, disk-2001, ...), as add_vm gives them."""
@@ -192,7 +201,7 @@ class ReplicationJobAdmin(admin.ModelAdmin):
 
     @admin.action(description="Cancel the selected jobs")
     def cancel_jobs(self, request, queryset):
-        cancelled = [job.id for job in queryset if job_service.cancel_job(job.id)]
+        cancelled = [job.id for job in queryset if job_service.cancel_job(job.id, actor=actor_of(request))]
         skipped = queryset.count() - len(cancelled)
         self.message_user(request, f"Cancelled {len(cancelled)} job(s); {skipped} had already ended.")
 
@@ -200,7 +209,7 @@ class ReplicationJobAdmin(admin.ModelAdmin):
     def retry_jobs(self, request, queryset):
         for job in queryset:
             try:
-                new_job = job_service.retry_job(job.id)
+                new_job = job_service.retry_job(job.id, actor=actor_of(request))
             except job_service.ReplicationError as exc:
                 self.message_user(request, str(exc), messages.WARNING)
             else:

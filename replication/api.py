@@ -1,31 +1,42 @@
 """JSON endpoints behind the pages, for scripts: /api/jobs/, /api/jobs/{id}/,
-/api/failovers/ and /api/failovers/{id}/."""
+/api/failovers/ (GET: list; POST: start one) and /api/failovers/{id}/.
+Reading needs the viewer role, a test failover the operator role, a live
+failover or a rollback the administrator role."""
 
+import json
 from functools import wraps
 
 from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from replication.choices import JOB_ACTIVE, JobStatus
+from replication.choices import JOB_ACTIVE, FailoverKind, JobStatus
 from replication.lifecycle import ApiToken, FailoverJob
-from replication.models import ReplicationJob, VMDisk
+from replication.models import ReplicationJob, VirtualMachine, VMDisk
+from replication.roles import ADMINISTER, OPERATE, READ, actor_of, log_admin, refusal
 from replication.services.failover import failover_report
 from replication.views import jobs_with_disks
 
 API_LIMIT = 200
 
 
-def api_view(view):
-    """A JSON API view: GET only (any other method a JSON 405 with Allow), for
-    a logged-in user (the pages' session) or a script's token
-    (Authorization: Bearer ..., manage.py api_token); else a JSON 401."""
+def api_view(view=None, *, methods: tuple[str, ...] = ("GET", "HEAD"), permission=READ):
+    """A JSON API view for a logged-in user (the pages' session) or a
+    script's token (Authorization: Bearer ..., manage.py api_token, acting
+    as its owner); else a JSON 401. Another method than `methods` is a JSON
+    405 with Allow; a user without `permission` (a permission name, or a
+    function of the request giving one) a JSON 403 with the reason, before
+    anything runs. A write through the session needs the CSRF token as the
+    pages' forms do (a token request cannot be forged by another site)."""
+    if view is None:
+        return lambda view: api_view(view, methods=methods, permission=permission)
 
     @csrf_exempt
     @wraps(view)
     def wrapped(request, *args, **kwargs):
-        if request.method not in ("GET", "HEAD"):
-            response = JsonResponse({"error": f"method {request.method} not allowed; use GET"}, status=405)
-            response["Allow"] = "GET, HEAD"
+        if request.method not in methods:
+            response = JsonResponse({"error": f"method {request.method} not allowed; use "
+                                              f"{' or '.join(methods)}"}, status=405)
+            response["Allow"] = ", ".join(methods)
             return response
         header = request.headers.get("Authorization")
         if header is not None:
@@ -36,9 +47,21 @@ def api_view(view):
             request.user = user
         elif not request.user.is_authenticated:
             return _unauthorized("authentication required: log in, or send Authorization: Bearer <API token>")
+        elif request.method not in ("GET", "HEAD", "OPTIONS") and _csrf_refused(request):
+            return JsonResponse({"error": "CSRF check failed: send the X-CSRFToken header of your session, or use "
+                                          "an API token"}, status=403)
+        needed = permission(request) if callable(permission) else permission
+        if not request.user.has_perm(needed):
+            return JsonResponse({"error": refusal(request.user, needed)}, status=403)
         return view(request, *args, **kwargs)
 
     return wrapped
+
+
+def _csrf_refused(request) -> bool:
+    from django.middleware.csrf import CsrfViewMiddleware
+
+    return CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {}) is not None
 
 
 def _unauthorized(reason: str) -> JsonResponse:
@@ -104,12 +127,65 @@ def job(request, job_id):
     return JsonResponse(job_json(found))
 
 
-@api_view
+FAILOVER_PERMISSION = {FailoverKind.TEST: OPERATE, FailoverKind.LIVE: ADMINISTER, FailoverKind.ROLLBACK: ADMINISTER}
+
+
+def _failover_permission(request):
+    """Reading: viewer; starting: the kind's role (a request naming no kind
+    it knows needs at least an operator, who is then told why it is wrong)."""
+    if request.method != "POST":
+        return READ
+    kind = _body(request).get("kind")
+    return FAILOVER_PERMISSION.get(kind, OPERATE) if isinstance(kind, str) else OPERATE
+
+
+def _body(request) -> dict:
+    """The request's JSON object; {} when it is not one (the view says why)."""
+    if not hasattr(request, "_json_body"):
+        try:
+            body = json.loads(request.body) if request.content_type == "application/json" else None
+        except ValueError:
+            body = None
+        request._json_body = body if isinstance(body, dict) else {}
+    return request._json_body
+
+
+@api_view(methods=("GET", "HEAD", "POST"), permission=_failover_permission)
 def failovers(request):
+    if request.method == "POST":
+        return _start_failover(request)
     queryset = FailoverJob.objects.select_related("vm").prefetch_related("steps")
     if vm := request.GET.get("vm"):
         queryset = queryset.filter(vm__name=vm)
     return JsonResponse({"failovers": [failover_report(job) for job in queryset[:API_LIMIT]]})
+
+
+def _start_failover(request):
+    """POST {"vm": NAME, "kind": "test" | "live" | "rollback"}: start it as
+    the pages do; 201 with the failover, which runs on."""
+    from replication.services import failover as failover_service
+
+    if request.content_type != "application/json":
+        return JsonResponse({"error": "send a JSON object with Content-Type: application/json"}, status=415)
+    body = _body(request)
+    kind, name = body.get("kind"), body.get("vm")
+    if not isinstance(kind, str) or kind not in FAILOVER_PERMISSION:
+        return JsonResponse({"error": f"kind must be one of {', '.join(FAILOVER_PERMISSION)}, not {kind!r}"},
+                            status=400)
+    if not isinstance(name, str) or not name:
+        return JsonResponse({"error": "vm: the name of a registered VM is required"}, status=400)
+    vm = VirtualMachine.objects.filter(name=name).first()
+    if vm is None:
+        return JsonResponse({"error": f"no VM named {name!r}"}, status=404)
+    try:
+        if kind == FailoverKind.ROLLBACK:
+            job = failover_service.start_rollback(vm, actor=actor_of(request))
+        else:
+            job = failover_service.start_failover(vm, kind, actor=actor_of(request))
+    except failover_service.FailoverError as exc:
+        return JsonResponse({"error": str(exc)}, status=409)
+    log_admin(request, vm, f"{kind} failover {job.pk} started through the API")
+    return JsonResponse(failover_report(job), status=201)
 
 
 @api_view
@@ -120,6 +196,8 @@ def failover(request, failover_id):
         return JsonResponse({"error": f"no failover {failover_id}"}, status=404)
     return JsonResponse(failover_report(found))
 
+
+FORBIDDEN = {"description": "the user's role does not allow it (or a session's write lacks the CSRF token)"}
 
 OPENAPI = {
     "openapi": "3.0.3",
@@ -132,33 +210,52 @@ OPENAPI = {
             "responses": {"200": {"description": "jobs", "content": {"application/json": {"schema": {
                 "type": "object", "properties": {"jobs": {"type": "array",
                                                           "items": {"$ref": "#/components/schemas/Job"}}}}}}},
-                          "400": {"description": "unknown status"}, "401": {"description": "not logged in"}}}},
+                          "400": {"description": "unknown status"}, "401": {"description": "not logged in"},
+                          "403": FORBIDDEN}}},
         "/api/jobs/{id}/": {"get": {
             "summary": "One job with its disks",
             "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {"200": {"description": "the job", "content": {"application/json": {"schema": {
                 "$ref": "#/components/schemas/Job"}}}},
-                          "401": {"description": "not logged in"}, "404": {"description": "no such job"}}}},
+                          "401": {"description": "not logged in"},
+                          "403": FORBIDDEN, "404": {"description": "no such job"}}}},
         "/api/failovers/": {"get": {
             "summary": "Failovers, newest first (at most 200), with their steps",
             "parameters": [{"name": "vm", "in": "query", "schema": {"type": "string"}}],
             "responses": {"200": {"description": "failovers", "content": {"application/json": {"schema": {
                 "type": "object", "properties": {"failovers": {
                     "type": "array", "items": {"$ref": "#/components/schemas/Failover"}}}}}}},
-                          "401": {"description": "not logged in"}}}},
+                          "401": {"description": "not logged in"},
+                          "403": FORBIDDEN}},
+            "post": {
+                "summary": "Start a failover of a VM: test (operator role), live or rollback (administrator role)",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["vm", "kind"], "properties": {
+                        "vm": {"type": "string", "minLength": 1},
+                        "kind": {"type": "string", "enum": ["test", "live", "rollback"]}}}}}},
+                "responses": {"201": {"description": "started; it runs on", "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/Failover"}}}},
+                              "400": {"description": "bad request body"},
+                              "401": {"description": "not logged in"},
+                          "403": FORBIDDEN,
+                              "404": {"description": "no such VM"},
+                              "409": {"description": "the VM's state does not allow it now"},
+                              "415": {"description": "not JSON"}}}},
         "/api/failovers/{id}/": {"get": {
             "summary": "One failover with its steps",
             "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}],
             "responses": {"200": {"description": "the failover", "content": {"application/json": {"schema": {
                 "$ref": "#/components/schemas/Failover"}}}},
-                          "401": {"description": "not logged in"}, "404": {"description": "no such failover"}}}},
+                          "401": {"description": "not logged in"},
+                          "403": FORBIDDEN, "404": {"description": "no such failover"}}}},
         "/api/rpo/": {"get": {
             "summary": "Every VM's recovery point and its age; VMs in a protection group against its target",
             "responses": {"200": {"description": "recovery points", "content": {"application/json": {"schema": {
                 "type": "object", "properties": {
                     "vms": {"type": "array", "items": {"$ref": "#/components/schemas/RecoveryPoint"}},
                     "over_target": {"type": "array", "items": {"type": "string"}}}}}}},
-                          "401": {"description": "not logged in"}}}},
+                          "401": {"description": "not logged in"},
+                          "403": FORBIDDEN}}},
     },
     # The pages' session (log in at /login/), or a token for scripts (manage.py api_token).
     "security": [{"session": []}, {"token": []}],

@@ -2,13 +2,13 @@
 its steps live, end a test."""
 
 from django.contrib import messages
-from django.contrib.auth.decorators import login_required
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from replication.choices import FailoverKind
 from replication.lifecycle import FailoverJob, VMContext
 from replication.models import VirtualMachine
+from replication.roles import ADMINISTER, OPERATE, READ, actor_of, log_admin, page_permission
 from replication.services import failover as failover_service
 from replication.services import failover_checks, forecast
 from replication.views import render_page
@@ -19,16 +19,17 @@ def _start(request, vm, start, started: str):
     live), the VM list with the reason otherwise. `started` is the message,
     formatted with the job and the VM."""
     try:
-        job = start(vm, actor=request.user.get_username())
+        job = start(vm, actor=actor_of(request))
     except failover_service.FailoverError as exc:
         messages.error(request, str(exc))
         return redirect("vm-list")
+    log_admin(request, vm, f"{job.kind} failover {job.pk} started")
     messages.info(request, started.format(job=job, vm=vm))
     return redirect("failover-detail", failover_id=job.pk)
 
 
-@login_required
 @require_POST
+@page_permission(OPERATE)
 def vm_failover_test(request, vm_id):
     return _start(request, get_object_or_404(VirtualMachine, pk=vm_id),
                   lambda vm, actor: failover_service.start_failover(vm, FailoverKind.TEST, actor=actor),
@@ -36,15 +37,16 @@ def vm_failover_test(request, vm_id):
                   "{job.replication_job_id}; cycles pause until it ends.")
 
 
-@login_required
 @require_POST
+@page_permission(OPERATE)
 def vm_failover_end(request, vm_id):
     vm = get_object_or_404(VirtualMachine, pk=vm_id)
     try:
-        job = failover_service.end_test_failover(vm, actor=request.user.get_username())
+        job = failover_service.end_test_failover(vm, actor=actor_of(request))
     except failover_service.FailoverError as exc:
         messages.error(request, str(exc))
     else:
+        log_admin(request, vm, f"test failover {job.pk} ended")
         messages.info(request, f"Test failover {job.pk} of {vm.name} ended: {job.destination_vm} and its "
                                "overlays removed, the replica as it was.")
     return redirect("vm-list")
@@ -63,20 +65,21 @@ def _failover_context(failover_id: int) -> dict:
     return {"failover": failover, "steps": steps, "history": history}
 
 
-@login_required
+@page_permission(READ)
 def failover_detail(request, failover_id):
     return render_page(request, "replication/failover_detail.html", _failover_context(failover_id))
 
 
-@login_required
+@page_permission(READ)
 def failover_fragment(request, failover_id):
     return render(request, "replication/_failover_body.html", _failover_context(failover_id))
 
 
-@login_required
+@page_permission(READ, post=ADMINISTER)
 def vm_failover_live(request, vm_id):
     """GET: the confirmation, with every preflight check and the downtime
-    forecast; POST: shut the source down and fail over."""
+    forecast (anyone may read it); POST: shut the source down and fail
+    over (administrators only)."""
     vm = get_object_or_404(VirtualMachine, pk=vm_id)
     if request.method != "POST":
         checks = failover_checks.report(vm, failover_service.destination_name(vm, FailoverKind.LIVE))
@@ -88,8 +91,8 @@ def vm_failover_live(request, vm_id):
                   "{job.destination_vm} boots.")
 
 
-@login_required
 @require_POST
+@page_permission(ADMINISTER)
 def vm_rollback(request, vm_id):
     return _start(request, get_object_or_404(VirtualMachine, pk=vm_id), failover_service.start_rollback,
                   "Rollback {job.pk} of {vm.name} started: {job.destination_vm} is destroyed, the volumes go back "

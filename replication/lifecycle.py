@@ -51,6 +51,14 @@ class VMContext(models.Model):
         context, _ = cls.objects.get_or_create(vm=vm)
         return context
 
+    @classmethod
+    def registered(cls, vm, actor: str, how: str) -> VMContext:
+        """A new VM's first line of history: who registered it, and how."""
+        context = cls.of(vm)
+        VMStateChange.objects.create(context=context, to_state=context.state, actor=actor[:100],
+                                     reason=f"registered {how} by {actor}"[:2000])
+        return context
+
     def move(self, to: VMState, *, actor: str, reason: str = "", only_from: set | None = None) -> None:
         """Move to `to` if the stored state allows it (and is in `only_from`,
         when given); raises IllegalMove with the reason otherwise."""

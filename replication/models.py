@@ -698,3 +698,4 @@ from replication.lifecycle import (  # noqa: E402, F401
     VMStateChange,
 )
 from replication.policy import Admission, DrillRun, ProtectionGroup  # noqa: E402, F401
+from replication.roles import Role  # noqa: E402, F401

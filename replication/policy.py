@@ -112,6 +112,8 @@ class DrillRun(models.Model):
     rto_s = models.FloatField(null=True, blank=True, help_text="Seconds from the failover's start to its boot "
                                                                "verified")
     note = models.CharField(max_length=1000, blank=True)
+    requested_by = models.CharField(max_length=100, default="schedule",
+                                    help_text="Who asked for the drill (its group's schedule, or a user)")
 
     class Meta:
         db_table = "drill_runs"

@@ -2,13 +2,13 @@
 (groups, the admission queue with each VM's place, recent decisions, flagged
 VMs), recovery points as JSON (/api/rpo/), and the Prometheus metrics."""
 
-from django.contrib.auth.decorators import login_required
 from django.http import HttpResponse, JsonResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from replication.api import api_view
 from replication.metrics import REGISTRY
 from replication.policy import Admission, AdmissionStatus, ProtectionGroup
+from replication.roles import READ, page_permission
 from replication.services import rpo, scheduler
 from replication.views import render_page
 
@@ -38,7 +38,7 @@ def rpo_vms():
     return VirtualMachine.objects.filter(group__isnull=False)
 
 
-@login_required
+@page_permission(READ)
 def protection(request):
     return render_page(request, "replication/protection.html", protection_context())
 

@@ -2,14 +2,16 @@
 (certificate, login, which VMs to protect), image and NBD VMs, CloudStack."""
 
 from django.contrib import messages
-from django.contrib.auth.decorators import login_required
+from django.contrib.admin.models import ADDITION
 from django.shortcuts import get_object_or_404, redirect
 from django.views.decorators.http import require_POST
 
 from replication.cloudstack.client import CloudClient
 from replication.cloudstack.drift import drift
 from replication.cloudstack.models import CloudError, CloudStackConfig
+from replication.lifecycle import VMContext
 from replication.models import VCenter
+from replication.roles import ADMINISTER, READ, actor_of, log_admin, page_permission
 from replication.services import sources as source_service
 from replication.services import vmware as vmware_service
 from replication.services.inventory import InventoryError, register_image_vm
@@ -17,15 +19,15 @@ from replication.views import render_page
 from vma_agent.vmware import VSphereError
 
 
-@login_required
+@page_permission(READ)
 def cloud(request):
     """The active cloud's config (the secret only by reference)."""
     config = CloudStackConfig.objects.filter(is_active=True).order_by("-created_at").first()
     return render_page(request, "replication/cloud.html", {"config": config})
 
 
-@login_required
 @require_POST
+@page_permission(ADMINISTER)
 def cloud_check(request):
     """Ask the cloud about the config's credentials and ids, and compare its
     volumes with the records."""
@@ -48,7 +50,7 @@ def _whole(text: str | None, what: str) -> int | None:
         raise InventoryError(f"{what} must be a whole number, not {text!r}") from None
 
 
-@login_required
+@page_permission(READ, post=ADMINISTER)
 def sources(request):
     """vCenters (add one: fetch its certificate, trust it, give the user and
     password) and image/NBD VMs (add one through add_vm's checks)."""
@@ -68,6 +70,7 @@ def sources(request):
                 vcenter = source_service.add_vcenter(context["form"]["name"], context["form"]["host"],
                                                      int(context["form"]["port"]), context["form"]["user"],
                                                      data.get("password", ""), context["form"]["thumbprint"])
+                log_admin(request, vcenter, "vCenter added from the Sources page", flag=ADDITION)
                 messages.info(request, f"vCenter {vcenter.name} added; choose which of its VMs to protect.")
                 return redirect("vcenter-inventory", vcenter_id=vcenter.pk)
             elif step == "image":
@@ -77,6 +80,8 @@ def sources(request):
                                        cpus=_whole(data.get("cpus"), "CPUs"),
                                        memory_mib=_whole(data.get("memory_mib"), "memory (MiB)"),
                                        firmware=data.get("firmware") or "bios")
+                VMContext.registered(vm, actor_of(request), "from the Sources page")
+                log_admin(request, vm, "VM added from the Sources page", flag=ADDITION)
                 messages.info(request, f"VM {vm.name} added with {vm.disks.count()} disk(s).")
                 return redirect("vm-list")
         except (vmware_service.VCenterConfigError, VSphereError, ValueError) as exc:
@@ -87,17 +92,18 @@ def sources(request):
     return render_page(request, "replication/sources.html", context)
 
 
-@login_required
+@page_permission(READ, post=ADMINISTER)
 def vcenter_inventory(request, vcenter_id):
     """The vCenter's VMs; the chosen ones are recorded (discovered) for protection."""
     vcenter = get_object_or_404(VCenter, pk=vcenter_id)
     if request.method == "POST":
         names = request.POST.getlist("vm")
         try:
-            recorded = vmware_service.discover(vcenter, names) if names else []
+            recorded = vmware_service.discover(vcenter, names, actor=actor_of(request)) if names else []
         except (vmware_service.VCenterConfigError, VSphereError) as exc:
             messages.error(request, str(exc))
         else:
+            log_admin(request, vcenter, f"VMs protected: {', '.join(vm.name for vm in recorded) or 'none'}")
             messages.info(request, f"{len(recorded)} VM(s) of {vcenter.name} protected: "
                                    f"{', '.join(vm.name for vm in recorded) or 'none chosen'}.")
             return redirect("vm-list")

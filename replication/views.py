@@ -3,7 +3,6 @@ while Redis is down; actions that must queue work say so when it fails."""
 
 from django.conf import settings
 from django.contrib import messages
-from django.contrib.auth.decorators import login_required
 from django.db.models import Count, OuterRef, Prefetch, Subquery, Sum
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
@@ -11,6 +10,7 @@ from django.views.decorators.http import require_POST
 from replication.choices import JOB_ACTIVE, JobStatus, SyncType
 from replication.lifecycle import FailoverJob
 from replication.models import ReplicationJob, TargetVolume, VirtualMachine, VMDisk
+from replication.roles import OPERATE, READ, actor_of, log_admin, page_permission
 from replication.services import jobs as job_service
 from replication.services import limits, rpo
 from vma_agent.units import parse_rate
@@ -41,12 +41,12 @@ def render_page(request, template, context):
     return render(request, template, {"flower_url": settings.FLOWER_URL, **context})
 
 
-@login_required
+@page_permission(READ)
 def dashboard(request):
     return render_page(request, "replication/dashboard.html", dashboard_context())
 
 
-@login_required
+@page_permission(READ)
 def dashboard_fragment(request):
     return render(request, "replication/_dashboard_body.html", dashboard_context())
 
@@ -89,41 +89,43 @@ def _job_context(job_id: str) -> dict:
     return {"job": job, "chart": throughput_chart(list(job.samples.all()))}
 
 
-@login_required
+@page_permission(READ)
 def job_detail(request, job_id):
     return render_page(request, "replication/job_detail.html", _job_context(job_id))
 
 
-@login_required
+@page_permission(READ)
 def job_fragment(request, job_id):
     return render(request, "replication/_job_body.html", _job_context(job_id))
 
 
-@login_required
 @require_POST
+@page_permission(OPERATE)
 def job_cancel(request, job_id):
     job = get_object_or_404(ReplicationJob, pk=job_id)
-    if job_service.cancel_job(job.id):
+    if job_service.cancel_job(job.id, actor=actor_of(request)):
+        log_admin(request, job, "cancelled from the job page")
         messages.info(request, f"Job {job.id} cancelled; its copies stop within seconds.")
     else:
         messages.error(request, f"Job {job.id} is already {job.status} and cannot be cancelled.")
     return redirect("job-detail", job_id=job.id)
 
 
-@login_required
 @require_POST
+@page_permission(OPERATE)
 def job_limit(request, job_id):
     job = get_object_or_404(ReplicationJob, pk=job_id)
     text = request.POST.get("rate", "").strip()
     try:
         rate = None if text.lower() in ("0", "none", "off", "unlimited") else parse_rate(text)
-        change = limits.change_limit(job.id, rate, actor=f"user {request.user.get_username()}")
+        change = limits.change_limit(job.id, rate, actor=actor_of(request))
     except (ValueError, limits.LimitError) as exc:
         # A refused rate is the request's fault: the page again, with the reason, as a 400.
         messages.error(request, str(exc))
         response = render_page(request, "replication/job_detail.html", _job_context(job.id))
         response.status_code = 400
         return response
+    log_admin(request, job, f"bandwidth limit {change.label} per disk")
     if change.agent_error:
         messages.error(request, f"Limit {change.label} per disk recorded, but the agent was not told "
                                 f"({change.agent_error}): running copies keep their limit.")
@@ -132,20 +134,21 @@ def job_limit(request, job_id):
     return redirect("job-detail", job_id=job.id)
 
 
-@login_required
 @require_POST
+@page_permission(OPERATE)
 def job_retry(request, job_id):
     job = get_object_or_404(ReplicationJob, pk=job_id)
     try:
-        new_job = job_service.retry_job(job.id)
+        new_job = job_service.retry_job(job.id, actor=actor_of(request))
     except job_service.ReplicationError as exc:
         messages.error(request, str(exc))
         return redirect("job-detail", job_id=job.id)
+    log_admin(request, job, f"retried as {new_job.id}")
     messages.info(request, f"Started job {new_job.id} to retry {job.id}.")
     return redirect("job-detail", job_id=new_job.id)
 
 
-@login_required
+@page_permission(READ)
 def vm_list(request):
     # The newest job of each VM in one subquery, not by reading every job ever run.
     newest = ReplicationJob.objects.filter(vm=OuterRef("pk")).order_by("-created_at").values("id")[:1]
@@ -160,8 +163,8 @@ def vm_list(request):
     return render_page(request, "replication/vm_list.html", {"rows": rows, "sync_types": SyncType.choices})
 
 
-@login_required
 @require_POST
+@page_permission(OPERATE)
 def vm_replicate(request, vm_id):
     vm = get_object_or_404(VirtualMachine, pk=vm_id)
     sync_type = request.POST.get("sync_type", SyncType.FULL)
@@ -171,15 +174,16 @@ def vm_replicate(request, vm_id):
     overrides = [o for o in request.POST.getlist("allow") if o]
     try:
         job = job_service.start_replication(vm, sync_type, verify=request.POST.get("verify") == "on",
-                                            overrides=overrides)
+                                            overrides=overrides, actor=actor_of(request))
     except job_service.ReplicationError as exc:
         messages.error(request, str(exc))
         return redirect("vm-list")
+    log_admin(request, vm, f"{sync_type} replication {job.id} started")
     messages.info(request, f"Started {sync_type} replication {job.id} of {vm.name}.")
     return redirect("job-detail", job_id=job.id)
 
 
-@login_required
+@page_permission(READ)
 def volume_list(request):
     volumes = TargetVolume.objects.select_related("source_disk__vm").order_by("source_disk__vm__name",
                                                                             "source_disk__disk_key")

@@ -121,3 +121,15 @@ def completed_cycle_on(tmp_path, name, monkeypatch):
     assert job.transition(JobStatus.FINALIZING)
     jobs.commit_and_complete(job)
     return vm
+
+
+def user_with_role(username: str, role: str | None, password: str = "s3cret-pass"):
+    """A user holding one role (viewer, operator or administrator; None: no role)."""
+    from django.contrib.auth.models import User
+
+    from replication.roles import grant
+
+    user = User.objects.create_user(username, password=password)
+    if role is not None:
+        grant(user, role)
+    return user

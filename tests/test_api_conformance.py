@@ -16,6 +16,7 @@ from schemathesis.checks import CHECKS
 
 from oma_site.wsgi import application
 from replication.lifecycle import ApiToken
+from replication.roles import grant
 
 EXAMPLES = hypothesis_settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck),
                                derandomize=True)
@@ -59,6 +60,7 @@ def credentials(db, client) -> dict:
     """Both ways the document declares, valid, so that schemathesis's auth
     probes (each removed, each made invalid) are refused every time."""
     user = User.objects.create_user("script", password="not-used-here")
+    grant(user, "viewer")
     client.force_login(user)
     return {"Authorization": f"Bearer {ApiToken.issue(user, 'conformance')[1]}",
             "Cookie": f"sessionid={client.cookies['sessionid'].value}"}

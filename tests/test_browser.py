@@ -12,7 +12,15 @@ from replication.models import ReplicationJob
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import start_replication
 from tests.conftest import PROJECT_ROOT, source_exports_running, wait_for_job
-from tests.helpers import MiB, boot_disk_builder, make_image, sha256, slow_nbd_source, wait_until
+from tests.helpers import (
+    MiB,
+    boot_disk_builder,
+    make_image,
+    sha256,
+    slow_nbd_source,
+    user_with_role,
+    wait_until,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
@@ -35,11 +43,14 @@ def browser_page(monkeypatch):
         browser.close()
 
 
-def log_in(page, live_server):
-    User.objects.create_user("operator", password="s3cret-pass")
+def log_in(page, live_server, role="administrator"):
+    """Log in as a user named after their role: these tests press every
+    button, live failover and sources included (tests/test_roles.py checks
+    what each role may not press)."""
+    user_with_role(role, role)
     page.goto(f"{live_server.url}/")
     assert "/login/" in page.url
-    page.fill("#id_username", "operator")
+    page.fill("#id_username", role)
     page.fill("#id_password", "s3cret-pass")
     page.click("button[type=submit]")
     expect(page.locator("h1")).to_have_text("Replication dashboard")

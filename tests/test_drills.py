@@ -17,7 +17,7 @@ from replication.policy import DrillRun, DrillStatus
 from replication.services import scheduler
 from replication.services.jobs import start_replication
 from tests.conftest import wait_for_job
-from tests.helpers import boot_disk_builder, sha256
+from tests.helpers import boot_disk_builder, sha256, user_with_role
 
 pytestmark = pytest.mark.django_db(transaction=True)
 boot_disk = boot_disk_builder()
@@ -85,9 +85,7 @@ def test_a_drill_rehearses_each_vm_in_turn_and_records_pass_fail_and_recovery_ti
     listed = json.loads(command("drill", "list", "drilled", "--json"))
     assert {entry["vm"]: entry["status"] for entry in listed} == {"dr-a": "passed", "dr-b": "passed",
                                                                   "dr-c": "failed"}
-    from django.contrib.auth.models import User
-
-    client.force_login(User.objects.create_user("viewer"))
+    client.force_login(user_with_role("viewer", "viewer"))
     page = client.get("/").content.decode()
     assert page.count('data-drill="passed"') == 2 and page.count('data-drill="failed"') == 1
     rpo = client.get("/api/rpo/").json()

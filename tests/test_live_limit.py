@@ -10,7 +10,7 @@ from replication.services.inventory import register_image_vm
 from replication.services.jobs import start_replication
 from replication.services.limits import LimitError, change_limit
 from tests.conftest import agent_bytes_copied, wait_for_job
-from tests.helpers import MiB, make_image, sha256, wait_until
+from tests.helpers import MiB, make_image, sha256, user_with_role, wait_until
 from vma_agent.units import parse_rate
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -72,14 +72,13 @@ def test_lifting_and_lowering_a_limit_before_the_copy_starts_and_bad_rates(celer
 
 
 def test_the_job_page_changes_a_running_jobs_limit(celery_worker_process, tmp_path):
-    from django.contrib.auth.models import User
     from django.test import Client
 
     image = make_image(tmp_path / "d0.img", 32 * MiB, [(0, 32 * MiB)], seed=13)
     vm = register_image_vm("vm-limit-page", [str(image)])
     job = start_replication(vm, bandwidth_limit_bps=MiB)
     client = Client()
-    client.force_login(User.objects.create_user("limiter", password="s3cret-pass"))
+    client.force_login(user_with_role("limiter", "operator"))
     page = client.get(f"/jobs/{job.id}/").content.decode()
     assert 'id="limit-form"' in page and 'value="1.0 MiB/s"' in page
     wait_until(lambda: agent_bytes_copied(job.id, "disk-2000") >= MiB, 60, "the copy under way")

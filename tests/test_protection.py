@@ -22,7 +22,7 @@ from replication.services import scheduler
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import cancel_job
 from tests.conftest import PROJECT_ROOT, stop_worker, wait_for_job, worker_env
-from tests.helpers import MiB, make_image, sha256, slow_nbd_source, wait_until
+from tests.helpers import MiB, make_image, sha256, slow_nbd_source, user_with_role, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -134,12 +134,11 @@ def test_twelve_vms_in_three_groups_keep_their_limits_skip_retry_and_flag(beat, 
 
 
 def test_metrics_move_during_a_cycle_and_rpo_shows_in_json(celery_worker_process, progress_poller, tmp_path):
-    from django.contrib.auth.models import User
 
     from replication.lifecycle import ApiToken
     from replication.services.jobs import start_replication
 
-    User.objects.create_user("scraper")
+    user_with_role("scraper", "viewer")
     out = io.StringIO()
     call_command("api_token", "prometheus", "--user", "scraper", stdout=out)
     token = out.getvalue().strip().splitlines()[-1]

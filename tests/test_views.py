@@ -9,7 +9,7 @@ from replication.choices import DiskStatus, JobStatus
 from replication.models import ReplicationJob
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import fail_job, start_replication
-from tests.helpers import MiB, make_image
+from tests.helpers import MiB, make_image, user_with_role
 
 pytestmark = pytest.mark.django_db
 
@@ -28,7 +28,7 @@ def vm(tmp_path):
 
 @pytest.fixture
 def operator():
-    user = User.objects.create_user("operator", password="s3cret-pass")
+    user = user_with_role("operator", "operator")
     client = Client()
     client.force_login(user)
     return client
@@ -123,7 +123,7 @@ def test_unknown_ids_are_404(operator):
 
 
 def test_actions_need_post_and_csrf(job):
-    user = User.objects.create_user("csrf", password="s3cret-pass")
+    user = user_with_role("csrf", "operator")
     strict = Client(enforce_csrf_checks=True)
     strict.force_login(user)
     assert strict.get(reverse("job-cancel", args=[job.id])).status_code == 405

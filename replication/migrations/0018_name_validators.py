@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('replication', '0016_disk_waiting_seen_at'),
+        ('replication', '0017_roles'),
     ]
 
     operations = [

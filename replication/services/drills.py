@@ -26,9 +26,10 @@ class DrillError(Exception):
     """A drill cannot start; the message is the reason."""
 
 
-def drill_due(group_id: int) -> list[DrillRun]:
+def drill_due(group_id: int, actor: str = "schedule") -> list[DrillRun]:
     """Queue a drill of every VM of the group (none while its last drill
-    still runs) and start the first. A paused group drills nothing."""
+    still runs) and start the first. A paused group drills nothing.
+    `actor`: who asked (the schedule, or a user), kept on each VM's run."""
     group = ProtectionGroup.objects.filter(pk=group_id).first()
     if group is None or group.paused:
         return []
@@ -36,17 +37,18 @@ def drill_due(group_id: int) -> list[DrillRun]:
         if DrillRun.objects.filter(group=group, status__in=(DrillStatus.QUEUED, DrillStatus.RUNNING)).exists():
             log.info("drill of group %s skipped: the last one still runs", group.name)
             return []
-        runs = [DrillRun.objects.create(group=group, vm=vm) for vm in group.vms.order_by("name")]
+        runs = [DrillRun.objects.create(group=group, vm=vm, requested_by=actor[:100])
+                for vm in group.vms.order_by("name")]
     _start_next(group)
     return runs
 
 
-def start_now(group: ProtectionGroup) -> list[DrillRun]:
+def start_now(group: ProtectionGroup, actor: str) -> list[DrillRun]:
     if group.paused:
         raise DrillError(f"group {group.name} is paused")
     if not group.vms.exists():
         raise DrillError(f"group {group.name} has no VMs")
-    runs = drill_due(group.pk)
+    runs = drill_due(group.pk, actor)
     if not runs:
         raise DrillError(f"a drill of group {group.name} is already running")
     return runs
@@ -68,7 +70,7 @@ def _start_next(group: ProtectionGroup) -> None:
                 _end(run, DrillStatus.FAILED, f"not ready for failover: it is {run.vm.lifecycle_label}", now)
                 continue
             try:
-                failover = start_failover(run.vm, FailoverKind.TEST, actor=f"drill of group {group.name}")
+                failover = start_failover(run.vm, FailoverKind.TEST, actor=_drill_actor(run))
             except FailoverError as exc:
                 _end(run, DrillStatus.FAILED, str(exc), now)
                 continue
@@ -96,7 +98,7 @@ def drill_continue(failover_id: int) -> None:
     if failover.status == FailoverStatus.SUCCEEDED:
         rto = (failover.completed_at - failover.created_at).total_seconds()
         try:
-            end_test_failover(run.vm, actor=f"drill of group {run.group.name if run.group else '-'}")
+            end_test_failover(run.vm, actor=_drill_actor(run))
         except FailoverError as exc:
             _end(run, DrillStatus.FAILED, f"booted ({failover.console_match}), but ending the test failed: {exc}",
                  now, rto)
@@ -106,6 +108,11 @@ def drill_continue(failover_id: int) -> None:
         _end(run, DrillStatus.FAILED, failover.error_message or f"test failover {failover.status}", now)
     if run.group is not None:
         _start_next(run.group)
+
+
+def _drill_actor(run: DrillRun) -> str:
+    """The VM's history names the drill and who asked for it."""
+    return f"drill of group {run.group.name if run.group else '-'} by {run.requested_by}"[:100]
 
 
 def _end(run: DrillRun, status: str, note: str, now, rto_s: float | None = None) -> None:

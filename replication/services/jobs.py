@@ -70,7 +70,8 @@ def start_replication(vm: VirtualMachine, sync_type: str = SyncType.FULL, *, ver
             raise ReplicationError(str(exc)) from None
         if for_failover is not None:
             FailoverJob.objects.filter(pk=for_failover.pk).update(final_cycle=job)
-        JobEvent.objects.create(job=job, status=job.status, stage=job.current_operation)
+        JobEvent.objects.create(job=job, status=job.status, stage=job.current_operation,
+                                message=f"{sync_type} replication started by {actor}")
         for source_disk in source_disks:
             VMDisk.objects.create(
                 job=job, source_disk=source_disk, target_volume=volumes.volume_for(source_disk),
@@ -322,15 +323,18 @@ def fail_job(job_id: str, reason: str) -> None:
         cleanup_job(job, reason)
 
 
-def cancel_job(job_id: str, reason: str = "cancelled by the operator") -> bool:
+def cancel_job(job_id: str, reason: str = "", *, actor: str | None = None) -> bool:
+    """Cancel the job for `actor` (a user or os:NAME): the reason recorded
+    on its timeline and the VM's history say who."""
+    reason = reason or (f"cancelled by {actor}" if actor else "cancelled by the operator")
     with transaction.atomic():
         job = ReplicationJob.objects.get(pk=job_id)
         cancelled = job.cancel(reason)
-        cleanup_job(job, reason)
+        cleanup_job(job, reason, actor=actor or "system")
     return cancelled
 
 
-def cleanup_job(job: ReplicationJob, reason: str = "") -> None:
+def cleanup_job(job: ReplicationJob, reason: str = "", *, actor: str = "system") -> None:
     """Release what a failed or cancelled job holds; runs on every failure and
     cancel path (fail_job, cancel_job, and so the reaper). Pending disks end;
     the agent is asked to stop the job's copies, which close their source
@@ -338,7 +342,7 @@ def cleanup_job(job: ReplicationJob, reason: str = "") -> None:
     the agent once no copy reads it (also when no copy ever started)."""
     for disk in job.disks.filter(status=DiskStatus.PENDING):
         disk.cancel()
-    _settle_vm_state(job, reason)
+    _settle_vm_state(job, reason, actor)
     failover.final_cycle_ended(job)
     transaction.on_commit(lambda: enqueue_job_ended(job.id))
     if job.disks.filter(status=DiskStatus.COPYING).exists():
@@ -346,7 +350,7 @@ def cleanup_job(job: ReplicationJob, reason: str = "") -> None:
     _queue_snapshot_removal(job)
 
 
-def _settle_vm_state(job: ReplicationJob, reason: str) -> None:
+def _settle_vm_state(job: ReplicationJob, reason: str, actor: str = "system") -> None:
     """A cycle that ended without completing: once any disk started copying,
     the replica holds part of the cycle's changes and is no point in time
     to fail over to (failed, until a cycle completes); before that the
@@ -357,7 +361,7 @@ def _settle_vm_state(job: ReplicationJob, reason: str) -> None:
     context = VMContext.of(job.vm)
     to = VMState.FAILED if job.disks.filter(attempts__gt=0).exists() else context.state_before_replicating()
     try:
-        context.move(to, actor="system", reason=f"replication {job.id} {job.status}: {reason}"[:2000],
+        context.move(to, actor=actor, reason=f"replication {job.id} {job.status}: {reason}"[:2000],
                      only_from={VMState.REPLICATING})
     except IllegalMove as exc:
         log.info("VM state of %s left as it is: %s", job.vm, exc)
@@ -372,12 +376,12 @@ def _queue_snapshot_removal(job: ReplicationJob) -> None:
                                                fail_on_error=False))
 
 
-def retry_job(job_id: str) -> ReplicationJob:
+def retry_job(job_id: str, actor: str = "system") -> ReplicationJob:
     """Start the same replication again after a job failed or was cancelled."""
     job = ReplicationJob.objects.select_related("vm").get(pk=job_id)
     if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
         raise ReplicationError(f"job {job.id} is {job.status}; only failed or cancelled jobs can be retried")
-    return start_replication(job.vm, job.sync_type)
+    return start_replication(job.vm, job.sync_type, actor=actor)
 
 
 def enqueue_job_ended(job_id: str) -> None:

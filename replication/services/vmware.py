@@ -75,16 +75,18 @@ def register_vcenter(name: str, host: str, username: str, thumbprint: str, *, po
 
 # Discovery ------------------------------------------------------------------
 
-def discover(vcenter: VCenter, names: list[str] | None = None, agent: str = "local") -> list[VirtualMachine]:
+def discover(vcenter: VCenter, names: list[str] | None = None, agent: str = "local", *,
+             actor: str = "system") -> list[VirtualMachine]:
     """Record the vCenter's VMs (or the named ones) with their disks, NICs,
-    firmware, guest OS, power state, CBT state and snapshots."""
+    firmware, guest OS, power state, CBT state and snapshots; a VM new to the
+    records starts its history with who registered it (`actor`)."""
     with client_for(vcenter) as client:
         found = client.inventory(names)
-    return [_record_vm(vcenter, info, agent) for info in found]
+    return [_record_vm(vcenter, info, agent, actor) for info in found]
 
 
 @transaction.atomic
-def _record_vm(vcenter: VCenter, info: vmware.VMInfo, agent: str) -> VirtualMachine:
+def _record_vm(vcenter: VCenter, info: vmware.VMInfo, agent: str, actor: str = "system") -> VirtualMachine:
     clash = VirtualMachine.objects.filter(name=info.name).exclude(vcenter=vcenter, moref=info.moref).first()
     if clash is not None:
         raise VCenterConfigError(f"VM {info.name} ({info.moref}) clashes with the recorded VM {clash.name} "
@@ -109,6 +111,10 @@ def _record_vm(vcenter: VCenter, info: vmware.VMInfo, agent: str) -> VirtualMach
     vm.disks.exclude(disk_key__in=[d.disk_key for d in info.disks]).filter(job_disks__isnull=True).delete()
     log.info("%s VM %s (%s) with %d disks", "discovered" if created else "updated", vm.name, vm.moref,
              len(info.disks))
+    if created:
+        from replication.lifecycle import VMContext
+
+        VMContext.registered(vm, actor, f"from vCenter {vcenter.name} ({info.moref})")
     return vm
 
 

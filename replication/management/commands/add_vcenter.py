@@ -1,7 +1,12 @@
+import logging
+
 from django.core.management.base import BaseCommand, CommandError
 
+from replication.roles import os_actor
 from replication.services.vmware import VCenterConfigError, register_vcenter
 from vma_agent.vmware import VSphereError
+
+log = logging.getLogger(__name__)
 
 
 class Command(BaseCommand):
@@ -25,4 +30,6 @@ class Command(BaseCommand):
                                        password_env=password_env, check=not no_check)
         except (VCenterConfigError, VSphereError) as exc:
             raise CommandError(str(exc)) from exc
+        # A vCenter has no history of its own: the OMA's log says who registered it.
+        log.info("vCenter %s (%s:%s) registered by %s", vcenter.name, vcenter.host, vcenter.port, os_actor())
         self.stdout.write(f"vCenter {vcenter.name} ({vcenter.host}:{vcenter.port}) recorded")

@@ -1,5 +1,7 @@
 from django.core.management.base import BaseCommand, CommandError
 
+from replication.lifecycle import VMContext
+from replication.roles import os_actor
 from replication.services.inventory import InventoryError, register_image_vm
 
 
@@ -20,5 +22,6 @@ class Command(BaseCommand):
             vm = register_image_vm(name, disk, agent=agent, cpus=cpus, memory_mib=memory_mib, firmware=firmware)
         except InventoryError as exc:
             raise CommandError(str(exc)) from exc
+        VMContext.registered(vm, os_actor(), "with add_vm")
         for source_disk in vm.disks.all():
             self.stdout.write(f"{vm.name} {source_disk.disk_key} {source_disk.capacity_bytes} {source_disk.locator}")

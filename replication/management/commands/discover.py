@@ -3,6 +3,7 @@ import json
 from django.core.management.base import BaseCommand, CommandError
 
 from replication.models import VCenter
+from replication.roles import os_actor
 from replication.services.vmware import VCenterConfigError, discover
 from vma_agent.vmware import VSphereError
 
@@ -22,7 +23,7 @@ class Command(BaseCommand):
         except VCenter.DoesNotExist:
             raise CommandError(f"no vCenter named {vcenter!r}; record it with add_vcenter") from None
         try:
-            vms = discover(record, vm, agent=agent)
+            vms = discover(record, vm, agent=agent, actor=os_actor())
         except (VCenterConfigError, VSphereError) as exc:
             raise CommandError(str(exc)) from exc
         if as_json:

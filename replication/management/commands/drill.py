@@ -5,6 +5,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from replication.management.lookup import group_named
 from replication.policy import DrillRun, DrillStatus
+from replication.roles import os_actor
 from replication.services import drills
 
 POLL_S = 1.0
@@ -29,7 +30,7 @@ class Command(BaseCommand):
             self._show(runs, as_json)
             return
         try:
-            runs = drills.start_now(target)
+            runs = drills.start_now(target, os_actor())
         except drills.DrillError as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(f"drill of group {target.name}: {', '.join(run.vm.name for run in runs)}")

@@ -5,6 +5,7 @@ from django.core.management.base import BaseCommand, CommandError
 from replication.choices import FailoverKind
 from replication.management.following import follow, print_outcome
 from replication.management.lookup import vm_named
+from replication.roles import command_actor
 from replication.services import forecast
 from replication.services.failover import FailoverError, start_failover
 
@@ -25,7 +26,8 @@ class Command(BaseCommand):
         parser.add_argument("--wait", action="store_true", help="follow the steps; exit 0 only if the boot is verified")
         parser.add_argument("--timeout", type=float, default=1800, help="with --wait: give up after N seconds")
         parser.add_argument("--json", action="store_true", dest="as_json", help="print the outcome as JSON")
-        parser.add_argument("--actor", default="operator", help="who asks (recorded in the VM's history)")
+        parser.add_argument("--actor", default="", help="on whose behalf (recorded in the VM's history beside "
+                            "the OS user running the command)")
 
     def handle(self, name, kind, wait, timeout, as_json, actor, **options):
         vm = vm_named(name)
@@ -33,7 +35,7 @@ class Command(BaseCommand):
             self._forecast(forecast.downtime(vm), as_json)
             return
         try:
-            job = start_failover(vm, kind, actor=actor)
+            job = start_failover(vm, kind, actor=command_actor(actor))
         except FailoverError as exc:
             raise CommandError(str(exc)) from exc
         if kind == FailoverKind.LIVE and not as_json:

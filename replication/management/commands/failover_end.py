@@ -3,6 +3,7 @@ import json
 from django.core.management.base import BaseCommand, CommandError
 
 from replication.management.lookup import vm_named
+from replication.roles import command_actor
 from replication.services.failover import FailoverError, end_test_failover, failover_report
 
 
@@ -12,11 +13,12 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("name")
         parser.add_argument("--json", action="store_true", dest="as_json")
-        parser.add_argument("--actor", default="operator")
+        parser.add_argument("--actor", default="", help="on whose behalf (recorded in the VM's history beside "
+                            "the OS user running the command)")
 
     def handle(self, name, as_json, actor, **options):
         try:
-            job = end_test_failover(vm_named(name), actor=actor)
+            job = end_test_failover(vm_named(name), actor=command_actor(actor))
         except FailoverError as exc:
             raise CommandError(str(exc)) from exc
         if as_json:

@@ -7,6 +7,7 @@ from tqdm import tqdm
 from replication.choices import JobStatus, SyncType
 from replication.management.lookup import vm_named
 from replication.models import ReplicationJob
+from replication.roles import os_actor
 from replication.services.jobs import ReplicationError, start_replication
 from replication.services.vmware import OVERRIDES
 from vma_agent.units import iec, iec_rate, parse_rate
@@ -42,7 +43,7 @@ class Command(BaseCommand):
         vm = vm_named(name, "; register it with add_vm or discover it with discover")
         try:
             job = start_replication(vm, sync_type or SyncType.FULL, verify=verify, overrides=allow,
-                                    bandwidth_limit_bps=limit)
+                                    bandwidth_limit_bps=limit, actor=os_actor())
         except ReplicationError as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(job.id)

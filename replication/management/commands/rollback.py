@@ -2,6 +2,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from replication.management.following import follow, print_outcome
 from replication.management.lookup import vm_named
+from replication.roles import command_actor
 from replication.services.failover import FailoverError, start_rollback
 
 
@@ -15,11 +16,12 @@ class Command(BaseCommand):
         parser.add_argument("--wait", action="store_true", help="follow the steps; exit 0 only if it succeeded")
         parser.add_argument("--timeout", type=float, default=600)
         parser.add_argument("--json", action="store_true", dest="as_json")
-        parser.add_argument("--actor", default="operator")
+        parser.add_argument("--actor", default="", help="on whose behalf (recorded in the VM's history beside "
+                            "the OS user running the command)")
 
     def handle(self, name, wait, timeout, as_json, actor, **options):
         try:
-            job = start_rollback(vm_named(name), actor=actor)
+            job = start_rollback(vm_named(name), actor=command_actor(actor))
         except FailoverError as exc:
             raise CommandError(str(exc)) from exc
         if wait:

@@ -2,6 +2,7 @@ import time
 
 from django.core.management.base import BaseCommand, CommandError
 
+from replication.roles import os_actor
 from replication.services.limits import LimitError, change_limit, wait_applied
 from vma_agent.units import parse_rate
 
@@ -28,7 +29,7 @@ class Command(BaseCommand):
     def handle(self, job_id, rate, timeout, **options):
         started = time.monotonic()
         try:
-            change = change_limit(job_id, _rate(rate), actor="set_limit command")
+            change = change_limit(job_id, _rate(rate), actor=os_actor())
         except LimitError as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(f"job {change.job.id}: limit {change.label} per disk")
