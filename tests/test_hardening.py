@@ -26,7 +26,7 @@ from replication.models import VirtualMachine
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import start_replication
 from replication.targets.local import LocalVolumeProvider
-from tests.helpers import MiB, make_image
+from tests.helpers import MiB, make_image, user_with_role
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BAD_NAMES = {"newline": "vm1\n[2026-01-01 00:00:00,000: INFO/MainProcess] forged", "nul": "vm\x00one",
@@ -140,7 +140,7 @@ def test_pages_carry_no_inline_style_the_csp_would_block(client, tmp_path, monke
     monkeypatch.setattr("replication.services.jobs.enqueue_prepare", lambda *args: None)
     vm = register_image_vm("vm-csp", [str(make_image(tmp_path / "d.img", MiB, [(0, MiB)]))])
     job = start_replication(vm)
-    client.force_login(User.objects.create_user("viewer", password="s3cret-pass-x"))
+    client.force_login(user_with_role("viewer", "viewer"))
     for url in ("/", f"/jobs/{job.id}/", "/vms/"):
         page = client.get(url).content.decode()
         assert "style=" not in page and "<style" not in page and "<script>" not in page, url
@@ -199,7 +199,7 @@ def test_a_rate_of_1e99_is_a_400_on_the_page_and_an_error_from_set_limit(client,
     monkeypatch.setattr("replication.services.jobs.enqueue_prepare", lambda *args: None)
     vm = register_image_vm("vm-rate", [str(make_image(tmp_path / "d.img", MiB, [(0, MiB)]))])
     job = start_replication(vm)
-    client.force_login(User.objects.create_user("limiter", password="s3cret-pass-x"))
+    client.force_login(user_with_role("limiter", "operator"))
     for rate in ("1e99", "inf", "nan", "99999999999999999999G"):
         page = client.post(f"/jobs/{job.id}/limit/", {"rate": rate})
         assert page.status_code == 400, rate
@@ -225,7 +225,7 @@ def test_durations_and_group_numbers_are_bounded():
 def test_the_openapi_document_needs_a_login(client):
     answer = client.get("/api/openapi.json")
     assert answer.status_code == 401 and answer["Content-Type"] == "application/json"
-    client.force_login(User.objects.create_user("reader", password="s3cret-pass-x"))
+    client.force_login(user_with_role("reader", "viewer"))
     assert client.get("/api/openapi.json").json()["openapi"].startswith("3.")
 
 
