@@ -267,9 +267,14 @@ COPY_DEPTH = env.int("COPY_DEPTH", default=32)
 COPY_LIMIT_BPS = env.int("COPY_LIMIT_BPS", default=0)
 # Copy-loop progress cadence (the seeds': every N seconds or 1 % of a disk).
 PROGRESS_REPORT_INTERVAL_S = env.float("PROGRESS_REPORT_INTERVAL_S", default=2.0)
-# The copy's committed cursor is written to the database this often: what a
-# resumed run copies again is at most this much time of copying.
+# The copy's committed cursor is recorded in the agent's Redis this often:
+# what a resumed run copies again is at most this much time of copying.
 COPY_CHECKPOINT_INTERVAL_S = env.float("COPY_CHECKPOINT_INTERVAL_S", default=5.0)
+# A resumed run first compares the data below its cursor with the source and
+# resumes at the first difference: it reads that part again (both sides) but
+# writes nothing. False trusts the cursor (a slow source where re-reading
+# costs what copying does).
+COPY_COMPARE_RESUMED = env.bool("COPY_COMPARE_RESUMED", default=True)
 # Runs of one disk's copy (worker lost, handed over) before the job fails.
 COPY_MAX_ATTEMPTS = env.int("COPY_MAX_ATTEMPTS", default=5)
 # Copies need no database (they run on the agent). The OMA tasks that record
@@ -307,14 +312,15 @@ OMA_UI_ENABLED = env.bool("OMA_UI_ENABLED", default=True)
 VMA_REDIS_URL = env("VMA_REDIS_URL", default=CELERY_BROKER_URL)
 VMA_PROGRESS_PREFIX = env("VMA_PROGRESS_PREFIX", default="vma:progress")
 VMA_PROGRESS_TTL_S = env.int("VMA_PROGRESS_TTL_S", default=7 * 24 * 3600)
-# The agent API accepts requests without an Authorization header when they
-# come straight from loopback (REMOTE_ADDR 127.0.0.0/8 or ::1, and no
-# X-Forwarded-For, Forwarded or X-Real-IP header, so a reverse proxy on this
-# host cannot make the world look local): the seeds' migratekit posts on the
-# VMA host itself and their OMA poller comes through an SSH tunnel, neither
-# with a token. Everyone else needs VMA_TOKEN, and a token that is sent is
-# always checked. False: the token for everyone.
-VMA_TRUST_LOOPBACK = env.bool("VMA_TRUST_LOOPBACK", default=True)
+# The agent API needs VMA_TOKEN. True: for MigrateKit OSSEA's clients, which
+# send no token (migratekit posting on the VMA host itself, their OMA poller
+# through an SSH tunnel), a request without an Authorization header that comes
+# straight from loopback (REMOTE_ADDR 127.0.0.0/8 or ::1, and no
+# X-Forwarded-For, Forwarded or X-Real-IP header) may post the display fields
+# of a progress update (never a checkpoint, attempt, worker or seq, never over
+# our own copies' entries) and read a record by its id. Never control (stop,
+# limit) or the change feed. A token that is sent is always checked.
+VMA_TRUST_LOOPBACK = env.bool("VMA_TRUST_LOOPBACK", default=False)
 VMA_REQUEST_TIMEOUT_S = env.float("VMA_REQUEST_TIMEOUT_S", default=5.0)
 # Reuse HTTP connections to the agent. Off by default: gunicorn's sync workers
 # close them anyway, and runserver stalls 40 ms on every reused connection.

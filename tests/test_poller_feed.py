@@ -1,8 +1,8 @@
 """The OMA poller's fetch half on the agent's change feed (real runserver,
 real Redis): one request per pass whatever the number of jobs, a job whose
 record did not change is found with nothing new, a restarted poller reads
-everything once, an emptied agent store is noticed, migratekit's seq-less
-updates reach the database."""
+everything once, an emptied agent store is noticed, seq-less updates reach
+the database (token-less ones never do)."""
 
 import pytest
 
@@ -76,12 +76,21 @@ def test_an_emptied_agent_store_is_noticed(vma_server, replicating_job, vma_stor
     assert job.id not in progress._feed().known
 
 
-def test_migratekit_updates_without_seq_reach_the_database(vma_server, replicating_job):  # noqa: F811
+def test_updates_without_seq_reach_the_database_but_token_less_ones_never_do(vma_server,
+                                                                            replicating_job):  # noqa: F811
+    """Seq-less updates (migratekit's body) apply in arrival order. One sent
+    without a token (VMA_TRUST_LOOPBACK) is shown by the agent API only: the
+    OMA's copies report with the token, so a token-less entry is never
+    taken as their progress, heartbeat or cursor (issue 26)."""
     job = replicating_job(disks=1)
     raw = (b'{"stage":"Transfer","bytes_transferred":%d,"total_bytes":43253760,"throughput_bps":0,'
            b'"percent":1,"disk_id":"disk-2000","sync_type":"full"}')
+    beat = disk_state(job).heartbeat_at
+    assert post(vma_server, job.id, None, raw=raw % 4096, headers={}).json()["applied"]
+    progress.poll_once(now=later(job, 2))
+    assert (disk_state(job).bytes_done, disk_state(job).heartbeat_at) == (0, beat)
     for step, done in enumerate((432537, 21626880, 43253760)):
-        post(vma_server, job.id, None, raw=raw % done, headers={})
+        post(vma_server, job.id, None, raw=raw % done)
         progress.poll_once(now=later(job, 3 + 3 * step))
         assert disk_state(job).bytes_done == done
     job.refresh_from_db()

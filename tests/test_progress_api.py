@@ -4,6 +4,7 @@ The seeds' wire format itself is pinned in tests/test_wire_contract.py."""
 
 import json
 import secrets
+import time
 import uuid
 
 import pytest
@@ -110,12 +111,140 @@ def test_requests_without_the_right_token_are_refused(vma_server, vma_store, hea
     assert vma_store.get(job_id) is None
 
 
+def seeds_update(done, total=1000, **extra):
+    """As MigrateKit OSSEA's migratekit posts: no seq, no token."""
+    return {"stage": "Transfer", "bytes_transferred": done, "total_bytes": total, "throughput_bps": 10, **extra}
+
+
 def test_token_less_requests_straight_from_loopback_are_trusted(vma_server, vma_store):
-    """The seeds' migratekit and OMA poller send no token (same host, SSH tunnel)."""
+    """MigrateKit OSSEA's migratekit and OMA poller send no token (same
+    host, SSH tunnel): with VMA_TRUST_LOOPBACK (the test server's) they post
+    display fields and read a record by its id."""
     job_id = new_job_id()
-    r = post(vma_server, job_id, disk_update(1, 10, disk_id="disk-2000"), headers={})
+    r = post(vma_server, job_id, seeds_update(10, disk_id="disk-2000"), headers={})
     assert r.status_code == 200 and r.json()["applied"] is True
     assert get(vma_server, job_id, headers={}).json()["disks"]["disk-2000"]["bytes_transferred"] == 10
+
+
+@pytest.mark.parametrize("field,value", [("checkpoint_bytes", 10**9), ("attempt", 2), ("worker", "evil:1"),
+                                         ("seq", 2**40)])
+def test_a_token_less_update_may_not_carry_what_decides_what_is_copied(vma_server, vma_store, field, value):
+    """Finding 1 of issue 26: a token-less update set checkpoint_bytes, and a
+    redelivered copy skipped everything below it."""
+    job_id = new_job_id()
+    r = post(vma_server, job_id, seeds_update(10, disk_id="disk-2000", **{field: value}), headers={})
+    assert r.status_code == 403 and field in r.json()["error"] and "bearer token" in r.json()["error"]
+    assert vma_store.get(job_id) is None
+
+
+def test_a_token_less_update_never_changes_an_entry_of_our_own_copy(vma_server, vma_store):
+    job_id = new_job_id()
+    ours = disk_update(1, 100, disk_id="disk-2000", attempt=1, checkpoint_bytes=64, worker="vma:1")
+    assert post(vma_server, job_id, ours).json()["applied"]
+    for body in (seeds_update(900, disk_id="disk-2000"),
+                 {"stage": "Completed", "status": "completed", "disk_id": "disk-2000"}):
+        r = post(vma_server, job_id, body, headers={})
+        assert r.status_code == 403 and "own copy" in r.json()["error"]
+    entry = get(vma_server, job_id).json()["disks"]["disk-2000"]
+    assert (entry["bytes_transferred"], entry["status"], entry["checkpoint_bytes"]) == (100, "in_progress", 64)
+
+    # A token-less "completed" on a disk our copy has not reported yet does
+    # not lock the copy's own updates out, and the OMA poller skips it.
+    r = post(vma_server, job_id, {"stage": "Completed", "status": "completed", "disk_id": "disk-2001"}, headers={})
+    assert r.json()["applied"] and get(vma_server, job_id).json()["disks"]["disk-2001"]["loopback"] is True
+    assert post(vma_server, job_id, disk_update(2, 5, disk_id="disk-2001", attempt=1)).json()["applied"]
+    assert "loopback" not in get(vma_server, job_id).json()["disks"]["disk-2001"]
+
+
+def test_a_seq_far_ahead_of_the_clock_is_refused_and_cannot_freeze_progress(vma_server, vma_store):
+    """Finding 2: one forged update with a huge seq froze the real progress."""
+    job_id = new_job_id()
+    now_us = time.time_ns() // 1000
+    for seq in (2**53 - 1, now_us + 3600 * 10**6):
+        r = post(vma_server, job_id, disk_update(seq, 999, disk_id="disk-2000", attempt=1))
+        assert r.status_code == 400 and "ahead of this agent's clock" in r.json()["error"]
+    assert vma_store.get(job_id) is None
+    # What the window lets through holds the same run back a minute at most,
+    # and a new attempt (a restarted run) reports at once whatever was stored.
+    assert post(vma_server, job_id, disk_update(now_us + 50 * 10**6, 999, disk_id="disk-2000",
+                                                attempt=1)).json()["applied"]
+    assert not post(vma_server, job_id, disk_update(now_us + 1, 10, disk_id="disk-2000", attempt=1)).json()["applied"]
+    assert post(vma_server, job_id, disk_update(time.time_ns() // 1000, 20, disk_id="disk-2000",
+                                                attempt=2)).json()["applied"]
+    assert get(vma_server, job_id).json()["disks"]["disk-2000"]["bytes_transferred"] == 20
+
+
+@pytest.mark.parametrize("body,reason", [
+    (disk_update(1, 1, throughput_bps=999999999999), "throughput_bps is larger than"),
+    (disk_update(1, 1, total=2**60), "total_bytes is larger than"),
+    (disk_update(1, 1, eta_seconds=2**40), "eta_seconds is larger than"),
+])
+def test_numbers_an_update_shows_are_bounded(vma_server, vma_store, body, reason):
+    job_id = new_job_id()
+    r = post(vma_server, job_id, body)
+    assert r.status_code == 400 and reason in r.json()["error"]
+    assert vma_store.get(job_id) is None
+
+
+def test_bytes_beyond_the_disks_stored_total_are_refused(vma_server):
+    job_id = new_job_id()
+    assert post(vma_server, job_id, disk_update(1, 10, total=1000, disk_id="disk-2000")).json()["applied"]
+    later = {"stage": "Transfer", "seq": 2, "bytes_transferred": 5000, "disk_id": "disk-2000"}
+    r = post(vma_server, job_id, later)
+    assert r.status_code == 400 and "stored total_bytes" in r.json()["error"]
+    assert get(vma_server, job_id).json()["disks"]["disk-2000"]["bytes_transferred"] == 10
+
+
+def test_the_feed_needs_the_token_even_from_trusted_loopback(vma_server):
+    """It lists every job id."""
+    r = requests.get(f"{vma_server}/api/v1/progress", timeout=10)
+    assert r.status_code == 401
+    assert requests.get(f"{vma_server}/api/v1/progress", headers=auth(), timeout=10).status_code == 200
+
+
+def control_call(base, path, body, headers):
+    return requests.post(f"{base}/api/v1/jobs/{path}", data=body, headers=headers, timeout=10)
+
+
+@pytest.mark.parametrize("action,body", [("stop", '{"reason": "forged"}'), ("limit", '{"bytes_per_s": 1}')])
+def test_control_needs_the_token_json_and_no_foreign_origin(vma_server, action, body):
+    """Finding 2: a page on another site posted text/plain (no preflight) to
+    stop and limit, and any local process could without a token."""
+    from vma_agent.api import _control
+
+    job_id = new_job_id()
+    json_type = {"Content-Type": "application/json"}
+    refused = [
+        (401, json_type),  # token-less from loopback: never enough for control
+        (403, {"Content-Type": "text/plain", "Origin": "http://evil.example"}),  # the browser's simple request
+        (403, {**json_type, "Origin": "http://evil.example", **auth()}),  # even with the token
+        (403, {**json_type, "Origin": "null", **auth()}),
+        (403, {**json_type, "Sec-Fetch-Site": "cross-site", **auth()}),
+        (415, {"Content-Type": "text/plain", **auth()}),
+        (415, auth()),
+    ]
+    for status, headers in refused:
+        r = control_call(vma_server, f"{job_id}/{action}", body, headers)
+        assert r.status_code == status, (headers, r.text)
+        assert r.headers["Content-Type"] == "application/json" and r.json()["error"]
+    assert _control().stop_reason(job_id) is None and _control().limit(job_id) == (False, None)
+    assert requests.get(f"{vma_server}/api/v1/jobs/{job_id}/limit", timeout=10).status_code == 401
+
+    own = vma_server.split("://", 1)[1]
+    r = control_call(vma_server, f"{job_id}/{action}", body, {**json_type, **auth(), "Origin": f"http://{own}"})
+    assert r.status_code == 200, r.text
+    assert _control().stop_reason(job_id) == "forged" if action == "stop" else _control().limit(job_id) == (True, 1)
+
+
+def test_an_update_from_a_page_of_another_site_is_refused(vma_server, vma_store):
+    job_id = new_job_id()
+    r = post(vma_server, job_id, seeds_update(10, disk_id="disk-2000"),
+             headers={"Origin": "https://evil.example"})
+    assert r.status_code == 403
+    r = requests.post(f"{vma_server}/api/v1/progress/{job_id}/update", data=json.dumps(seeds_update(1)),
+                      headers={"Content-Type": "text/plain"}, timeout=10)
+    assert r.status_code == 415
+    assert vma_store.get(job_id) is None
 
 
 def test_openapi_describes_every_path(vma_server):
@@ -172,6 +301,7 @@ def test_api_with_no_token_configured_refuses_all_but_trusted_loopback(rf, setti
     from vma_agent import api
 
     settings.VMA_TOKEN = ""
+    settings.VMA_TRUST_LOOPBACK = True
     for request in (rf.get("/api/v1/progress/x", HTTP_AUTHORIZATION="Bearer "),
                     rf.get("/api/v1/progress/x", REMOTE_ADDR="10.1.2.3"),
                     rf.get("/api/v1/progress/x", HTTP_X_FORWARDED_FOR="10.1.2.3")):
@@ -187,9 +317,10 @@ def test_api_with_no_token_configured_refuses_all_but_trusted_loopback(rf, setti
                                              ("::ffff:127.0.0.1", True), ("10.1.2.3", False),
                                              ("192.168.1.5", False), ("::ffff:10.1.2.3", False),
                                              ("2001:db8::1", False), ("", False), ("localhost", False)])
-def test_only_loopback_addresses_are_trusted_without_a_token(rf, vma_store, address, trusted):
+def test_only_loopback_addresses_are_trusted_without_a_token(rf, settings, vma_store, address, trusted):
     from vma_agent import api
 
+    settings.VMA_TRUST_LOOPBACK = True
     response = api.get_progress(rf.get("/api/v1/progress/x", REMOTE_ADDR=address), "x")
     assert response.status_code == (404 if trusted else 401)
     # With the right token the address does not matter.
@@ -198,10 +329,10 @@ def test_only_loopback_addresses_are_trusted_without_a_token(rf, vma_store, addr
     assert response.status_code == 404
 
 
-def test_loopback_trust_can_be_turned_off(rf, settings, vma_store):
+def test_loopback_trust_is_off_unless_configured(rf, settings, vma_store):
     from vma_agent import api
 
-    settings.VMA_TRUST_LOOPBACK = False
+    assert settings.VMA_TRUST_LOOPBACK is False
     assert api.get_progress(rf.get("/api/v1/progress/x"), "x").status_code == 401
     assert api.get_progress(rf.get("/api/v1/progress/x", HTTP_AUTHORIZATION=f"Bearer {settings.VMA_TOKEN}"),
                             "x").status_code == 404
@@ -322,7 +453,8 @@ def test_a_stop_request_needs_a_reason_and_reaches_the_agents_copies(vma_server,
 
     job_id = new_job_id()
     url = f"{vma_server}/api/v1/jobs/{job_id}/stop"
-    auth = {"Authorization": f"Bearer {settings.VMA_TOKEN}"}
+    # Control takes JSON only (a form or text/plain is what a browser posts cross-site).
+    auth = {"Authorization": f"Bearer {settings.VMA_TOKEN}", "Content-Type": "application/json"}
     assert requests.post(url, json={}, headers=auth, timeout=10).status_code == 400
     assert requests.post(url, data=b"[" * 10_000, headers=auth, timeout=10).status_code == 400
     assert requests.get(url, headers=auth, timeout=10).status_code == 405
@@ -337,7 +469,7 @@ def test_a_jobs_limit_is_changed_through_the_agent_api_and_bad_limits_are_refuse
 
     job_id = new_job_id()
     url = f"{vma_server}/api/v1/jobs/{job_id}/limit"
-    auth = {"Authorization": f"Bearer {settings.VMA_TOKEN}"}
+    auth = {"Authorization": f"Bearer {settings.VMA_TOKEN}", "Content-Type": "application/json"}
     assert requests.get(url, headers=auth, timeout=10).json() == {
         "job_id": job_id, "bytes_per_s": None, "changed": False, "applied": {}}
     for bad in (None, {}, {"bytes_per_s": 0}, {"bytes_per_s": -5}, {"bytes_per_s": "60M"}, {"bytes_per_s": True},

@@ -155,6 +155,10 @@ def test_updates_without_seq_apply_in_arrival_order_and_mixing_never_moves_back(
     def send(body, token=False):
         return post_raw(vma_server, job_id, json.dumps(body).encode(), token).json()
 
+    def refused(body):
+        r = post_raw(vma_server, job_id, json.dumps(body).encode(), token=False)
+        return r.status_code == 403 and "own copy" in r.json()["error"]
+
     first = send({"stage": "Transfer", "bytes_transferred": 10, "total_bytes": 1000, "throughput_bps": 0,
                   "disk_id": "disk-2000"})
     second = send({"stage": "Transfer", "bytes_transferred": 20, "throughput_bps": 0, "disk_id": "disk-2000"})
@@ -164,8 +168,11 @@ def test_updates_without_seq_apply_in_arrival_order_and_mixing_never_moves_back(
                  "bytes_transferred": 30, "total_bytes": 1000, "checkpoint_bytes": 16, "attempt": 2,
                  "worker": "vma-1:4242"}, token=True)
     assert ours["applied"] and ours["seq"] == second["seq"] + 10
-    # ... a seq-less update after it goes on from there ...
-    after = send({"stage": "Transfer", "bytes_transferred": 40, "throughput_bps": 0, "disk_id": "disk-2000"})
+    # ... a seq-less update after it goes on from there (a token-less one no
+    # longer changes the disk: our copy reports it) ...
+    assert refused({"stage": "Transfer", "bytes_transferred": 35, "throughput_bps": 0, "disk_id": "disk-2000"})
+    after = send({"stage": "Transfer", "bytes_transferred": 40, "throughput_bps": 0, "disk_id": "disk-2000"},
+                 token=True)
     assert after["applied"] and after["seq"] == ours["seq"] + 1
     # ... and a late seq'd update never moves the disk back.
     late = send({"stage": "Transfer", "status": "in_progress", "seq": ours["seq"], "disk_id": "disk-2000",
@@ -185,7 +192,7 @@ def test_updates_without_seq_apply_in_arrival_order_and_mixing_never_moves_back(
 # --- the change feed ------------------------------------------------------------
 
 
-def feed(base, since, token=False, **params):
+def feed(base, since, token=True, **params):
     r = requests.get(f"{base}/api/v1/progress", params={"since": since, **params},
                      headers=auth() if token else {}, timeout=10)
     assert r.status_code == 200, r.text
@@ -220,7 +227,7 @@ def test_the_feed_returns_only_what_changed_after_the_cursor(vma_server):
 
 
 def test_the_feed_client_pages_and_its_bad_parameters_are_400(vma_server):
-    client = ProgressClient(vma_server, None)
+    client = ProgressClient(vma_server, settings.VMA_TOKEN)  # the feed lists every job id: the token only
     _, start = client.changes(0)
     ours = [seeds_job_id() for _ in range(5)]
     for job_id in ours:
@@ -231,7 +238,7 @@ def test_the_feed_client_pages_and_its_bad_parameters_are_400(vma_server):
     assert [r["id"] for r in records if r["id"] in ours] == ours and cursor > start
     assert client.changes(cursor) == ([], cursor)
     for params in ({"since": "-1"}, {"since": "x"}, {"since": "1e3"}, {"limit": "0"}, {"limit": "100001"}):
-        r = requests.get(f"{vma_server}/api/v1/progress", params=params, timeout=5)
+        r = requests.get(f"{vma_server}/api/v1/progress", params=params, headers=auth(), timeout=5)
         assert r.status_code == 400 and r.json()["error"]
 
 

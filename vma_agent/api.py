@@ -1,8 +1,13 @@
 """The VMA progress API as Django views: a thin HTTP layer over
-vma_agent.progress_store. Bearer-token authenticated, except for requests
-that arrive directly on the loopback address (VMA_TRUST_LOOPBACK): the
-seeds' migratekit and OMA poller send no token. No cookies are involved, so
-CSRF does not apply; every view answers JSON, errors and wrong methods too."""
+vma_agent.progress_store. Bearer-token authenticated. Only when the agent is
+configured for MigrateKit OSSEA's clients (VMA_TRUST_LOOPBACK, off by
+default), a token-less request straight from loopback may post display
+fields of a progress update and read a record by its id: MigrateKit OSSEA's
+migratekit and OMA poller send no token. Control (stop, limit) and the
+change feed always need the token. No cookies are involved, so CSRF as such
+does not apply; but a browser on the agent host would still send a page's
+cross-site POST, so every write refuses a foreign Origin and takes JSON
+only. Every view answers JSON, errors and wrong methods too."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import json
 import logging
 from collections.abc import Callable
 from functools import lru_cache, wraps
+from urllib.parse import urlsplit
 
 import redis
 from django.conf import settings
@@ -82,15 +88,20 @@ def from_loopback(request: HttpRequest) -> bool:
     return address.is_loopback and not any(name in request.headers for name in PROXY_HEADERS)
 
 
-def _unauthorized(request: HttpRequest) -> JsonResponse | None:
-    """None when the request may use the API: it carries the agent's token,
-    or it carries no Authorization header at all and comes from loopback
-    while VMA_TRUST_LOOPBACK is on (the seeds' clients: migratekit on this
-    host, the OMA poller through an SSH tunnel). A token that is sent is
-    always checked. With no token configured, only trusted loopback works."""
-    header = request.headers.get("Authorization")
-    if header is None and settings.VMA_TRUST_LOOPBACK and from_loopback(request):
+def loopback_trusted(request: HttpRequest) -> bool:
+    """A token-less request MigrateKit OSSEA's clients make (migratekit on
+    this host, their OMA poller through an SSH tunnel), accepted for what
+    they do only while VMA_TRUST_LOOPBACK is on."""
+    return "Authorization" not in request.headers and settings.VMA_TRUST_LOOPBACK and from_loopback(request)
+
+
+def _unauthorized(request: HttpRequest, *, loopback_may: bool = False) -> JsonResponse | None:
+    """None when the request may use the endpoint: it carries the agent's
+    token, or (loopback_may: the endpoint is one of MigrateKit OSSEA's) it is
+    loopback_trusted. A token that is sent is always checked."""
+    if loopback_may and loopback_trusted(request):
         return None
+    header = request.headers.get("Authorization")
     expected = settings.VMA_TOKEN
     if not expected:
         return _error(503, "the progress API is disabled for this client: VMA_TOKEN is not set on this agent")
@@ -105,6 +116,33 @@ def _unauthorized(request: HttpRequest) -> JsonResponse | None:
     return response
 
 
+def _foreign_origin(request: HttpRequest) -> JsonResponse | None:
+    """A 403 for a write a browser sends on behalf of another site's page:
+    its Origin (or Sec-Fetch-Site) says the page is not this API's own host.
+    No client of the API is a browser, so nothing legitimate is lost."""
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        parts = urlsplit(origin)
+        own = request.META.get("HTTP_HOST", "").lower()
+        if parts.scheme not in ("http", "https") or not own or parts.netloc.lower() != own:
+            return _error(403, f"refused: a request from a page of another site (Origin {origin[:100]!r})")
+    if request.headers.get("Sec-Fetch-Site", "").lower() in ("cross-site", "same-site"):
+        return _error(403, "refused: a request from a page of another site (Sec-Fetch-Site)")
+    return None
+
+
+def _write_refused(request: HttpRequest, *, loopback_may: bool = False) -> JsonResponse | None:
+    """Why a write (POST) is refused, or None: a foreign origin, no token (or
+    loopback_may and loopback_trusted), a body that is not declared JSON."""
+    if denied := _foreign_origin(request):
+        return denied
+    if denied := _unauthorized(request, loopback_may=loopback_may):
+        return denied
+    if request.content_type != "application/json":
+        return _error(415, f"Content-Type must be application/json, not {request.content_type[:100]!r}")
+    return None
+
+
 def _unavailable(exc: Exception) -> JsonResponse:
     log.error("progress store unavailable: %s", exc)
     return _error(503, f"progress store unavailable: {exc}")
@@ -112,8 +150,9 @@ def _unavailable(exc: Exception) -> JsonResponse:
 
 @api_view("POST")
 def post_update(request: HttpRequest, record_id: str) -> JsonResponse:
-    if denied := _unauthorized(request):
+    if denied := _write_refused(request, loopback_may=True):
         return denied
+    trusted = not loopback_trusted(request)
     length = request.headers.get("Content-Length")
     if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
         return _error(413, f"body is {length} bytes; the limit is {MAX_BODY_BYTES}")
@@ -123,16 +162,25 @@ def post_update(request: HttpRequest, record_id: str) -> JsonResponse:
     except InvalidUpdate as exc:
         return _error(exc.status, exc.reason)
     try:
-        result = get_store().apply(record_id, update)
+        result = get_store().apply(record_id, update, trusted=trusted)
+    except InvalidUpdate as exc:
+        return _error(exc.status, exc.reason)
     except redis.RedisError as exc:
         return _unavailable(exc)
+    if result.refused == "owned":
+        return _error(403, f"{update.get('disk_id') or update.get('export_name') or record_id} is reported by "
+                           f"this agent's own copy: only updates with the bearer token change it")
+    if result.refused == "bytes":
+        return _error(400, "bytes_transferred is larger than the disk's stored total_bytes")
     return JsonResponse({"id": result.record_id, "applied": result.applied, "seq": result.seq,
                          "reason": None if result.applied else
                          "an update with this or a newer seq, or the disk's completion, is stored"})
 
 
 def _record(request: HttpRequest, record_id: str) -> dict | JsonResponse:
-    if denied := _unauthorized(request):
+    # MigrateKit OSSEA's OMA reads a job it knows the id of; loopback trust
+    # lets it, and nothing else: the feed below lists every job id.
+    if denied := _unauthorized(request, loopback_may=True):
         return denied
     try:
         validate_id(record_id)
@@ -208,7 +256,7 @@ def _control_for(url: str, prefix: str) -> AgentControl:
 def stop_job(request: HttpRequest, job_id: str) -> JsonResponse:
     """The OMA asks this agent to stop a job's copies (cancelled or failed):
     each stops at its next check, within a heartbeat interval."""
-    if denied := _unauthorized(request):
+    if denied := _write_refused(request):
         return denied
     try:
         validate_id(job_id)
@@ -236,7 +284,7 @@ def job_limit(request: HttpRequest, job_id: str) -> JsonResponse:
     """A job's bandwidth limit per disk copy: POST {"bytes_per_s": N or null}
     changes it for the job's running copies, which follow within a second
     or two; GET shows it and, per disk, the limit each copy last applied."""
-    if denied := _unauthorized(request):
+    if denied := _write_refused(request) if request.method == "POST" else _unauthorized(request):
         return denied
     try:
         validate_id(job_id)

@@ -1,6 +1,13 @@
 """The agent's own bookkeeping of the copies it runs, in its Redis: who holds
-each disk of each job (a claim with a lease), and which jobs the OMA asked
-to stop. Free of Django; the OMA never reads this, it only asks to stop.
+each disk of each job (a claim with a lease), which jobs the OMA asked to
+stop, and each copy's resume cursor. Free of Django; the OMA never reads
+this, it only asks to stop. The agent API writes only the stop and limit
+keys here, never a claim or a cursor.
+
+A copy's resume cursor is recorded here by the copy itself, each time its
+engine committed it (everything below written and flushed on the target):
+the one place a redelivered run of the disk may resume from. The progress
+store beside it is written over HTTP and only shows the cursor.
 
 A claim is fenced by the attempt number the OMA gave the copy: a newer
 attempt (the reaper handed a silent copy to a new run) takes the disk and
@@ -14,7 +21,7 @@ import json
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import redis
 
@@ -47,6 +54,34 @@ class Claim:
                            "ended": self.ended})
 
 
+@dataclass
+class Checkpoint:
+    """A copy's committed cursor as the copy recorded it: by which attempt
+    and worker, when, and for which copy plan (what is copied from where to
+    where: a cursor means nothing for another plan)."""
+
+    cursor: int
+    attempt: int
+    worker: str
+    plan: str
+    at: float
+
+    @classmethod
+    def parse(cls, raw: bytes | None) -> Checkpoint | None:
+        return None if raw is None else cls(**json.loads(raw))
+
+
+# Only a run of the same or a newer attempt replaces the record: a superseded
+# run writing late must not move its successor's cursor. The same attempt
+# may move it down (a resumed run that found the target differing below it).
+_RECORD_CHECKPOINT = """
+local held = redis.call('GET', KEYS[1])
+if held and tonumber(cjson.decode(held)['attempt']) > tonumber(ARGV[2]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+return 1
+"""
+
+
 class AgentControl:
     def __init__(self, client: redis.Redis, prefix: str = "vma:control", lease_s: float = 60.0):
         self.client = client
@@ -68,6 +103,18 @@ class AgentControl:
 
     def _applied_key(self, job_id: str) -> str:
         return f"{self.prefix}:limit-applied:{job_id}"
+
+    def _checkpoint_key(self, job_id: str, disk_key: str) -> str:
+        return f"{self.prefix}:checkpoint:{job_id}:{disk_key}"
+
+    def record_checkpoint(self, job_id: str, disk_key: str, checkpoint: Checkpoint) -> bool:
+        """Record the copy's committed cursor; False when a newer attempt's is stored."""
+        script = self.client.register_script(_RECORD_CHECKPOINT)
+        return bool(script(keys=[self._checkpoint_key(job_id, disk_key)],
+                           args=[json.dumps(asdict(checkpoint)), checkpoint.attempt, 7 * 24 * 3600]))
+
+    def checkpoint(self, job_id: str, disk_key: str) -> Checkpoint | None:
+        return Checkpoint.parse(self.client.get(self._checkpoint_key(job_id, disk_key)))
 
     def claim(self, job_id: str, disk_key: str, attempt: int, worker: str) -> str | None:
         """Take the disk for this run; None when taken, else why not."""

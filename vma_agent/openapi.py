@@ -6,7 +6,11 @@ from vma_agent.progress_store import (
     FEED_MAX_LIMIT,
     ID_RE,
     MAX_BODY_BYTES,
+    MAX_DISK_BYTES,
+    MAX_ETA_S,
     MAX_SEQ,
+    MAX_THROUGHPUT_BPS,
+    SEQ_AHEAD_US,
     STAGES,
     STATUSES,
     SYNC_TYPES,
@@ -20,6 +24,7 @@ _ID_PARAM = {
     "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"},
 }
 _COUNT = {"type": "integer", "format": "int64", "minimum": 0, "maximum": MAX_SEQ}
+_BYTES = {**_COUNT, "maximum": MAX_DISK_BYTES}
 _INT64 = {"type": "integer", "format": "int64"}
 _FLOAT = {"type": "number", "format": "double"}
 _STRING = {"type": "string"}
@@ -31,10 +36,10 @@ _SEEDS_UPDATE_PROPERTIES = {
     "status": {"type": "string", "enum": list(STATUSES),
                "description": "Left out: completed, failed or cancelled for the stages of those names, "
                               "in_progress otherwise."},
-    "bytes_transferred": _COUNT,
-    "total_bytes": {**_COUNT, "description": "Data to copy (allocated or changed bytes), not capacity. Left "
+    "bytes_transferred": {**_BYTES, "description": "Not above total_bytes (the update's, or the disk's stored one)"},
+    "total_bytes": {**_BYTES, "description": "Data to copy (allocated or changed bytes), not capacity. Left "
                                              "out: the disk's stored total stays."},
-    "throughput_bps": {**_COUNT, "description": "Bytes per second"},
+    "throughput_bps": {**_COUNT, "maximum": MAX_THROUGHPUT_BPS, "description": "Bytes per second"},
     "percent": {"type": "number", "minimum": 0, "maximum": 100},
     "disk_id": {"type": "string", "maxLength": 128, "pattern": ID_RE.pattern,
                 "description": "The disk, e.g. disk-2000 or its export name. Left out: a job-level update."},
@@ -46,9 +51,10 @@ _SEEDS_UPDATE = {
     "type": "object",
     "additionalProperties": False,
     "required": ["stage"],
-    "description": "The seeds' migratekit VMAProgressUpdate: no seq. Updates of one disk apply in arrival "
-                   "order: each gets the stored seq + 1 (a disk's first gets the agent's clock in "
-                   f"microseconds). At most {MAX_BODY_BYTES} bytes.",
+    "description": "MigrateKit OSSEA's migratekit VMAProgressUpdate: no seq. Updates of one disk apply in "
+                   "arrival order: each gets the stored seq + 1 (a disk's first gets the agent's clock in "
+                   f"microseconds). At most {MAX_BODY_BYTES} bytes. Sent without a token (VMA_TRUST_LOOPBACK), "
+                   "only these fields are accepted, and never for a disk this agent's own copy reports.",
     "properties": _SEEDS_UPDATE_PROPERTIES,
 }
 _UPDATE = {
@@ -60,16 +66,21 @@ _UPDATE = {
     "properties": {
         **_SEEDS_UPDATE_PROPERTIES,
         "seq": {**_COUNT, "description": "Per-disk sequence number; an update with a seq not above the stored "
-                                         "one is ignored, so late or replayed updates never move progress back. "
-                                         "Mixed with updates without seq, the stored seq only grows."},
-        "eta_seconds": _COUNT,
+                                         "one is ignored, so late or replayed updates never move progress back, "
+                                         "unless it comes from a newer attempt. Mixed with updates without seq, "
+                                         "the stored seq only grows. Our reporter's are the clock in microseconds: "
+                                         f"one more than {SEQ_AHEAD_US // 1_000_000} s ahead of the agent's clock "
+                                         "is refused (400). Needs the token."},
+        "eta_seconds": {**_COUNT, "maximum": MAX_ETA_S},
         "job_id": {"type": "string", "maxLength": 128, "pattern": ID_RE.pattern,
                    "description": "Links an update posted by export name to its job's record."},
         "export_name": {"type": "string", "pattern": EXPORT_RE.pattern,
                         "description": "Makes the disk's export name resolve to the job's record."},
-        "checkpoint_bytes": {**_COUNT, "description": "The copy's committed resume cursor"},
-        "attempt": {**_COUNT, "minimum": 1, "description": "The copy run number"},
-        "worker": {"type": "string", "maxLength": 200, "description": "host:pid of the copy"},
+        "checkpoint_bytes": {**_BYTES, "description": "The copy's committed resume cursor, shown only: a copy "
+                                                  "resumes from the cursor it recorded itself on the agent. "
+                                                  "Needs the token."},
+        "attempt": {**_COUNT, "minimum": 1, "description": "The copy run number. Needs the token."},
+        "worker": {"type": "string", "maxLength": 200, "description": "host:pid of the copy. Needs the token."},
     },
 }
 _APPLY_RESULT = {
@@ -94,7 +105,11 @@ _DISK_ENTRY = {
     "description": "A disk's latest update as stored: the fields it was sent with (total_bytes, sync_type and "
                    "export_name kept from earlier updates when left out), seq and received_at (Unix time).",
     "required": ["stage", "status", "seq", "received_at"],
-    "properties": {**_UPDATE["properties"], "received_at": {"type": "number"}},
+    "properties": {**_UPDATE["properties"], "received_at": {"type": "number"},
+                   "job_id": {**_UPDATE["properties"]["job_id"], "nullable": True,
+                              "description": "null for an entry kept under an export name alone"},
+                   "loopback": {"type": "boolean", "description": "Sent without a token (VMA_TRUST_LOOPBACK): "
+                                                                 "display only, never read as our copy's"}},
 }
 
 
@@ -170,23 +185,33 @@ def _json(schema: dict, description: str) -> dict:
 
 
 _ERRORS = {
-    "401": _json(_ERROR, "Missing or wrong bearer token (a token-less request not straight from loopback, or "
-                         "any wrong token)"),
+    "401": _json(_ERROR, "Missing or wrong bearer token (token-less: allowed only where VMA_TRUST_LOOPBACK "
+                         "lets a request straight from loopback; any wrong token)"),
     "405": _json(_ERROR, "Wrong method; Allow lists the right one"),
     "503": _json(_ERROR, "No VMA_TOKEN configured on the agent (for a request that needs one), or its store "
                          "is unavailable"),
+}
+_WRITE_ERRORS = {
+    "403": _json(_ERROR, "A request from a page of another site (an Origin header other than this host, or "
+                         "Sec-Fetch-Site cross-site); for an update sent without a token: a field that needs "
+                         "the token, or a disk this agent's own copy reports"),
+    "415": _json(_ERROR, "The body is not declared application/json"),
 }
 _BAD_ID = {"400": _json(_ERROR, "Invalid id")}
 _NOT_FOUND = {"404": _json(_ERROR, "No record for this id (yet, or any more); not an error by itself")}
 
 OPENAPI = {
     "openapi": "3.0.3",
-    "info": {"title": "VMA progress API", "version": "1.1.0",
-             "description": "Live replication progress, written by the agent's copy loop (and the seeds' "
-                            "migratekit) and read by the OMA poller (and the seeds' OMA). Requests need the "
-                            "bearer token, except those without an Authorization header that arrive straight "
-                            "from loopback (no X-Forwarded-For, Forwarded or X-Real-IP) while the agent trusts "
-                            "loopback (VMA_TRUST_LOOPBACK, on by default)."},
+    "info": {"title": "VMA progress API", "version": "1.2.0",
+             "description": "Live replication progress, written by the agent's copy loop (and MigrateKit "
+                            "OSSEA's migratekit) and read by the OMA poller (and MigrateKit OSSEA's OMA). "
+                            "Requests need the bearer token. Only while the agent trusts loopback "
+                            "(VMA_TRUST_LOOPBACK, off by default), a request without an Authorization header "
+                            "that arrives straight from loopback (no X-Forwarded-For, Forwarded or X-Real-IP) "
+                            "may post an update's display fields (SeedsProgressUpdate) and read a record or "
+                            "status by id; control (stop, limit) and the change feed always need the token. "
+                            "Every POST needs Content-Type application/json and is refused from a page of "
+                            "another site."},
     "components": {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         "schemas": {"ProgressUpdate": _UPDATE, "SeedsProgressUpdate": _SEEDS_UPDATE, "ProgressRecord": _RECORD,
@@ -205,9 +230,10 @@ OPENAPI = {
                 "responses": {
                     "200": _json(_APPLY_RESULT, "Accepted; applied is false for a stale or replayed update, or "
                                                 "one for a disk that already completed"),
-                    "400": _json(_ERROR, "Invalid body or id; nothing stored"),
+                    "400": _json(_ERROR, "Invalid body or id, a seq too far ahead of the agent's clock, or "
+                                         "bytes_transferred above the disk's stored total; nothing stored"),
                     "413": _json(_ERROR, f"Body larger than {MAX_BODY_BYTES} bytes; nothing stored"),
-                    **_ERRORS,
+                    **_ERRORS, **_WRITE_ERRORS,
                 },
             },
         },
@@ -223,7 +249,7 @@ OPENAPI = {
         "/api/v1/progress": {
             "get": {
                 "summary": "The change feed: every record changed after a cursor (the OMA poller's one read "
-                           "per pass)",
+                           "per pass). Always needs the token: it lists every job id",
                 "parameters": [
                     {"name": "since", "in": "query", "required": False,
                      "description": "The cursor of the previous read; 0 or absent: every live record",
@@ -247,7 +273,7 @@ OPENAPI = {
         "/api/v1/jobs/{id}/stop": {
             "post": {
                 "summary": "The OMA asks this agent to stop a job's copies (the job was cancelled or failed): "
-                           "each stops within a heartbeat interval and reports \"cancelled\"",
+                           "each stops within a heartbeat interval and reports \"cancelled\". Always needs the token",
                 "parameters": [_ID_PARAM],
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
                     "type": "object", "required": ["reason"], "additionalProperties": True,
@@ -255,26 +281,27 @@ OPENAPI = {
                 "responses": {"200": _json(_object({"job_id": {"type": "string"}, "stopping": {"type": "boolean"}}),
                                            "The job's copies on this agent will stop"),
                               "400": _json(_ERROR, "Invalid id or body (a non-empty reason is required)"),
-                              **_ERRORS},
+                              **_ERRORS, **_WRITE_ERRORS},
             },
         },
         "/api/v1/jobs/{id}/limit": {
             "get": {
-                "summary": "The job's bandwidth limit per disk copy, and the limit each running copy last applied",
+                "summary": "The job's bandwidth limit per disk copy, and the limit each running copy last "
+                           "applied. Always needs the token",
                 "parameters": [_ID_PARAM],
                 "responses": {"200": _json({"$ref": "#/components/schemas/JobLimit"}, "The job's limit"),
                               **_BAD_ID, **_ERRORS},
             },
             "post": {
                 "summary": "The OMA changes a job's bandwidth limit per disk copy; the job's running copies "
-                           "follow within a second or two",
+                           "follow within a second or two. Always needs the token",
                 "parameters": [_ID_PARAM],
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
                     "type": "object", "required": ["bytes_per_s"], "additionalProperties": True,
                     "properties": {"bytes_per_s": _LIMIT}}}}},
                 "responses": {"200": _json({"$ref": "#/components/schemas/JobLimit"}, "The limit is changed"),
                               "400": _json(_ERROR, "Invalid id or body (bytes_per_s: a positive integer or null)"),
-                              **_ERRORS},
+                              **_ERRORS, **_WRITE_ERRORS},
             },
         },
         "/api/v1/health": {

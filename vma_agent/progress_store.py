@@ -27,6 +27,14 @@ import redis
 EXPORT_PREFIX = "migration-vol-"
 MAX_BODY_BYTES = 16 * 1024
 MAX_SEQ = 2**53 - 1  # exact in a double: Lua and JavaScript compare it safely
+# Our reporter's seqs are the agent's clock in microseconds; one further ahead
+# than this would hold back every later update until the clock caught up.
+SEQ_AHEAD_US = 60 * 1_000_000
+# Bounds of the numbers an update may show: a disk of at most 4 PiB (VMware's
+# largest is 62 TB), a copy of at most 100 GB/s, an ETA of at most ten years.
+MAX_DISK_BYTES = 4 * 2**50
+MAX_THROUGHPUT_BPS = 100 * 10**9
+MAX_ETA_S = 10 * 366 * 24 * 3600
 
 STAGES = ("Initializing", "Creating Snapshot", "Setting up NBD", "Preparing Migration", "Transfer",
           "Finalizing", "Completed", "Failed", "Cancelled")
@@ -46,6 +54,13 @@ REQUIRED = ("stage",)
 # resume cursor, the attempt number the OMA gave it, host:pid).
 INT_FIELDS = ("bytes_transferred", "total_bytes", "throughput_bps", "seq", "eta_seconds", "checkpoint_bytes",
               "attempt")
+INT_LIMITS = {"bytes_transferred": MAX_DISK_BYTES, "total_bytes": MAX_DISK_BYTES, "checkpoint_bytes": MAX_DISK_BYTES,
+              "throughput_bps": MAX_THROUGHPUT_BPS, "eta_seconds": MAX_ETA_S}
+# What a token-less writer (MigrateKit OSSEA's migratekit on the agent host,
+# when VMA_TRUST_LOOPBACK is on) may send: what a screen shows. The rest
+# speaks for our own copy runs (their cursor, attempt, worker) or orders the
+# updates (seq): the bearer token only.
+TOKEN_ONLY = ("seq", "checkpoint_bytes", "attempt", "worker")
 STR_FIELDS = {"stage": 40, "status": 20, "disk_id": 128, "sync_type": 20, "error_message": 4000,
               "job_id": 128, "export_name": 128, "worker": 200}
 ALLOWED = (*INT_FIELDS, *STR_FIELDS, "percent")
@@ -113,8 +128,9 @@ def validate_update(body) -> dict:
                 raise InvalidUpdate(f"{name} must be an integer")
             if value < 0:
                 raise InvalidUpdate(f"{name} must not be negative")
-            if value > MAX_SEQ:
-                raise InvalidUpdate(f"{name} is larger than {MAX_SEQ}")
+            limit = INT_LIMITS.get(name, MAX_SEQ)
+            if value > limit:
+                raise InvalidUpdate(f"{name} is larger than {limit}")
             update[name] = value
     if update.get("attempt") == 0:
         raise InvalidUpdate("attempt must be 1 or more")
@@ -172,22 +188,34 @@ def validate_update(body) -> dict:
 # The entry is written as the JSON the caller built plus its seq, spliced in
 # as text: cjson would print numbers with 14 significant digits.
 #
+# A disk entry our own copy wrote (it carries its attempt) takes no token-less
+# update: a local process could otherwise pose as the copy's heartbeat or
+# mark it completed, which would lock the copy's own updates out. A newer
+# attempt of the copy applies whatever seq an older run left stored.
+#
 # KEYS: record, rates, feed counter, feed set, epoch, alias...
 # ARGV: field, seq or '', entry JSON without seq, ttl, record id, now (s),
 #       now (us), stage, status, throughput_bps, sync_type or '',
-#       inherited names (comma-separated), new epoch
+#       inherited names (comma-separated), new epoch, '1' if sent with the
+#       token, bytes_transferred or '', attempt or ''
+# Returns {applied, stored seq, why not ('' , 'owned' or 'bytes')}.
 _APPLY = """
 local record, field = KEYS[1], ARGV[1]
 local current = redis.call('HGET', record, field)
+local trusted = ARGV[14] == '1'
 local seq
 local extra = ''
 if current then
   local stored = cjson.decode(current)
   local stored_seq = tonumber(stored['seq']) or 0
-  if stored['status'] == 'completed' and field ~= '_job' then return {0, stored_seq} end
+  if not trusted and field ~= '_job' and stored['attempt'] ~= nil then return {0, stored_seq, 'owned'} end
+  if stored['status'] == 'completed' and field ~= '_job' and not (trusted and stored['loopback']) then
+    return {0, stored_seq, ''}
+  end
+  local newer_attempt = ARGV[16] ~= '' and tonumber(ARGV[16]) > (tonumber(stored['attempt']) or 0)
   if ARGV[2] ~= '' then
     seq = tonumber(ARGV[2])
-    if stored_seq >= seq then return {0, stored_seq} end
+    if stored_seq >= seq and not newer_attempt then return {0, stored_seq, ''} end
   else
     seq = stored_seq + 1
   end
@@ -198,6 +226,11 @@ if current then
     elseif type(value) == 'string' then
       extra = extra .. ',"' .. name .. '":' .. cjson.encode(value)
     end
+  end
+  local total = tonumber(stored['total_bytes'])
+  if ARGV[15] ~= '' and string.find(ARGV[12], 'total_bytes', 1, true) and total and total > 0
+      and tonumber(ARGV[15]) > total then
+    return {0, stored_seq, 'bytes'}
   end
 elseif ARGV[2] ~= '' then
   seq = tonumber(ARGV[2])
@@ -227,7 +260,7 @@ for i = 6, #KEYS do
 end
 redis.call('SETNX', KEYS[5], ARGV[13])
 redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[3]), ARGV[5])
-return {1, seq}
+return {1, seq, ''}
 """
 
 # The change feed's read, atomic: the counter, the records filed above
@@ -281,6 +314,7 @@ class ApplyResult:
     record_id: str
     applied: bool
     seq: int = 0
+    refused: str = ""  # why not, when it is not a late or replayed update: owned, bytes
 
 
 @dataclass
@@ -338,9 +372,20 @@ class ProgressStore:
                 return job_id.decode()
         return record_id
 
-    def apply(self, record_id: str, update: dict) -> ApplyResult:
-        """Store a validated update posted to `record_id` (job id or export name)."""
+    def apply(self, record_id: str, update: dict, *, trusted: bool = True) -> ApplyResult:
+        """Store a validated update posted to `record_id` (job id or export
+        name). trusted: it came with the bearer token; a token-less one may
+        carry display fields only (TOKEN_ONLY are refused) and never changes
+        an entry our own copy wrote."""
         validate_id(record_id)
+        if not trusted and (sent := [name for name in TOKEN_ONLY if name in update]):
+            raise InvalidUpdate(f"{', '.join(sent)} need the bearer token: a token-less update may only "
+                                f"change what is displayed", status=403)
+        now_ns = time.time_ns()
+        seq = update.get("seq")
+        if seq is not None and seq > now_ns // 1000 + SEQ_AHEAD_US:
+            raise InvalidUpdate(f"seq {seq} is more than {SEQ_AHEAD_US // 1_000_000} s ahead of this agent's "
+                                f"clock in microseconds ({now_ns // 1000}); it would hold back every later update")
         job_id = update.get("job_id")
         if job_id is None and not is_export_name(record_id):
             job_id = record_id
@@ -351,21 +396,22 @@ class ProgressStore:
         field = update.get("disk_id") or update.get("export_name")
         if field is None and is_export_name(record_id) and record_id != job_id:
             field = record_id
-        now_ns = time.time_ns()
         stored = {key: value for key, value in update.items() if key != "seq"}
         stored["received_at"] = now_ns / 1e9
+        if not trusted:
+            stored["loopback"] = True  # the OMA poller takes no heartbeat or progress of its copies from it
         stored.setdefault("job_id", None if is_export_name(job_id) else job_id)
         inherited = [name for name in INHERITED if name not in stored]
         counter, changes, epoch = self._feed_keys()
         keys = [self._record_key(job_id), self._rates_key(job_id), counter, changes, epoch]
         keys += [self._alias_key(name) for name in sorted(exports)]
-        seq = update.get("seq")
-        applied, stored_seq = self._apply(keys=keys, args=[
+        applied, stored_seq, refused = self._apply(keys=keys, args=[
             field or JOB_FIELD, "" if seq is None else seq, json.dumps(stored), self.ttl_s, job_id,
             f"{now_ns / 1e9:.6f}", now_ns // 1000, update["stage"], update["status"],
             update.get("throughput_bps") or 0, update.get("sync_type") or "", ",".join(inherited),
-            secrets.token_hex(8)])
-        return ApplyResult(job_id, bool(applied), int(stored_seq))
+            secrets.token_hex(8), "1" if trusted else "", update.get("bytes_transferred", ""),
+            update.get("attempt", "")])
+        return ApplyResult(job_id, bool(applied), int(stored_seq), refused.decode() if refused else "")
 
     def get(self, record_id: str, now: float | None = None) -> dict | None:
         """The record: the seeds' VMAProgressResponse keys at the top level,

@@ -2,11 +2,18 @@
 job's snapshot), copy a disk, remove a snapshot. Each step returns its
 outcome as a plain dict, which the agent's task hands to the OMA. Progress,
 the copy's resume cursor and its heartbeat go out through the reporter to
-the agent's progress API; nothing here touches a database. Free of Django."""
+the agent's progress API; nothing here touches a database. Free of Django.
+
+A copy resumes only from the cursor it recorded itself in the agent's control
+store (AgentControl.record_checkpoint, after the target flush), never from a
+number that came over HTTP: the progress API shows a cursor, the OMA's order
+carries the one it saw reported, and neither decides what is skipped."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import threading
 import time
@@ -18,10 +25,9 @@ import redis
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from vma_agent import nbdkit, qcow2, vmware
-from vma_agent.control import AgentControl, worker_id
+from vma_agent.control import AgentControl, Checkpoint, worker_id
 from vma_agent.copy import RateLimit, copy_image, dirty_areas
 from vma_agent.progress import CopyProgress
-from vma_agent.progress_store import ProgressStore
 from vma_agent.reporter import DiskReporter, JobStageReporter, ProgressClient
 from vma_agent.snapshot_sources import ImageDirSource, SnapshotDisk, VddkSource, password_file
 from vma_agent.units import iec_rate
@@ -59,6 +65,9 @@ class AgentConfig:
     copy_limit_bps: int = 0
     progress_interval_s: float = 2.0
     checkpoint_interval_s: float = 5.0
+    # A resumed run compares the data below its cursor with the source first
+    # (COPY_COMPARE_RESUMED): it reads that part again, but writes nothing.
+    compare_resumed: bool = True
     heartbeat_interval_s: float = 5.0
     heartbeat_timeout_s: float = 60.0
     cleanup_wait_s: float = 120.0
@@ -276,6 +285,16 @@ class CopyMonitor:
             raise CopyStopped(reason, superseded=reason.startswith("superseded"))
 
     def checkpoint(self, cursor: int) -> None:
+        """The engine committed `cursor` (written and flushed below it): the
+        copy records it where only it writes, then shows it."""
+        try:
+            self.control.record_checkpoint(self.order.job_id, self.order.disk_key, Checkpoint(
+                cursor=cursor, attempt=self.order.attempt, worker=self.worker, plan=copy_plan_id(self.order),
+                at=time.time()))
+        except redis.RedisError as exc:
+            # A next run then resumes from an older cursor, or from 0: slower, never wrong.
+            log.warning("copy of %s/%s: checkpoint %d not recorded (%s)", self.order.job_id, self.order.disk_key,
+                        cursor, exc)
         self.reporter.checkpoint(cursor)
 
 
@@ -320,13 +339,17 @@ def copy_disk(order: CopyOrder, config: AgentConfig, *,
     if refusal is not None:
         log.warning("copy of %s/%s attempt %d skipped: %s", order.job_id, order.disk_key, order.attempt, refusal)
         return {"status": "duplicate", "worker": worker, "reason": refusal}
-    resume_from = max(order.resume_from, _reported_checkpoint(config, order))
+    resume_from, resume_reason = recorded_resume(control, order)
     reporter = DiskReporter(config.progress_client(), order.job_id, order.disk_key, export_name=order.export_name,
                             sync_type=order.sync_type, attempt=order.attempt, worker=worker)
     reporter.checkpoint(resume_from)
     monitor = CopyMonitor(order, control, reporter, worker, config.heartbeat_interval_s, on_progress,
                           agent_limit_bps=config.copy_limit_bps)
     outcome = {"worker": worker, "resume_from": resume_from}
+    if resume_from:
+        outcome["resume_reason"] = resume_reason
+        log.info("copy of %s/%s attempt %d resumes at offset %d: %s", order.job_id, order.disk_key, order.attempt,
+                 resume_from, resume_reason)
     try:
         with Beat(reporter, config.heartbeat_interval_s):
             reporter.stage("Setting up NBD")
@@ -353,6 +376,11 @@ def copy_disk(order: CopyOrder, config: AgentConfig, *,
             control.release(order.job_id, order.disk_key, order.attempt, worker)
         reporter.close(timeout_s=0.5)  # undelivered, it keeps being retried in the background
     log.info("copied %s/%s: %s", order.job_id, order.disk_key, result.as_dict())
+    if resume_from:
+        outcome.update(resume_from=result.resumed_from, resume_checkpoint=resume_from,
+                       resume_differed_at=result.resume_differed_at)
+        if config.compare_resumed:
+            outcome["resume_compared"] = result.resume_compared
     return {**outcome, "status": "completed", "bytes_total": result.bytes_allocated,
             "bytes_zeroed": result.bytes_zeroed, "throughput_bps": result.throughput_bps,
             "bytes_read": result.bytes_read, "checkpoint_bytes": reporter.checkpoint_bytes}
@@ -373,7 +401,7 @@ def _copy(order: CopyOrder, config: AgentConfig, monitor: CopyMonitor, resume_fr
         monitor.follow_limit()  # a limit changed before this copy started applies from its first byte
         return copy_image(
             src_uri, order.target_uri, extents=areas, resume_from=resume_from, zero_unlisted=order.zero_unlisted,
-            verify=order.verify, limit=monitor.limit,
+            verify=order.verify, compare_resumed=config.compare_resumed, limit=monitor.limit,
             chunk_bytes=config.chunk_bytes, connections=config.connections,
             target_connections=config.target_connections or None, depth=config.depth, progress=monitor,
             progress_interval_s=config.progress_interval_s, checkpoint=monitor.checkpoint,
@@ -381,17 +409,41 @@ def _copy(order: CopyOrder, config: AgentConfig, monitor: CopyMonitor, resume_fr
         )
 
 
-def _reported_checkpoint(config: AgentConfig, order: CopyOrder) -> int:
-    """The cursor an earlier run of this job's disk reported to this agent
-    (a redelivered task carries its order's older one), read from the
-    agent's own store: no HTTP round trip before the first byte."""
+def copy_plan_id(order: CopyOrder) -> str:
+    """What a cursor is a position in: the disk's source, its target and
+    which areas the copy covers. A cursor recorded for another plan (the
+    OMA gave the disk a new volume, a source changed) is not used."""
+    snap = order.snapshot
+    plan = [order.source_locator, order.target_uri, order.capacity_bytes, order.sync_type, order.bitmap_base,
+            order.bitmap_new, order.zero_unlisted,
+            [snap.vm_moref, snap.snapshot_moref, snap.device_key, snap.against_change_id] if snap else None]
+    return hashlib.sha256(json.dumps(plan).encode()).hexdigest()[:32]
+
+
+def recorded_resume(control: AgentControl, order: CopyOrder) -> tuple[int, str]:
+    """Where a run of this job's disk resumes, and why: the cursor an
+    earlier run (a delivery killed mid-copy, or an attempt the reaper
+    replaced) recorded in the agent's control store, for the same plan;
+    0 without one. The order's resume_from is the OMA's view of the
+    reported cursor and is not used: it came through the progress API."""
     try:
-        record = ProgressStore.from_url(config.redis_url, prefix=config.progress_prefix).get(order.job_id)
-    except redis.RedisError as exc:  # only an optimisation: the order's cursor is safe
-        log.info("no reported checkpoint for %s/%s: %s", order.job_id, order.disk_key, exc)
-        return 0
-    entry = ((record or {}).get("disks") or {}).get(order.disk_key) or {}
-    return int(entry.get("checkpoint_bytes") or 0)
+        recorded = control.checkpoint(order.job_id, order.disk_key)
+    except redis.RedisError as exc:
+        log.warning("copy of %s/%s: no recorded checkpoint readable (%s); copying from the start", order.job_id,
+                    order.disk_key, exc)
+        return 0, ""
+    if recorded is None or recorded.cursor <= 0:
+        return 0, ""
+    if recorded.plan != copy_plan_id(order):
+        log.warning("copy of %s/%s: the checkpoint at %d was recorded for another copy plan; copying from the "
+                    "start", order.job_id, order.disk_key, recorded.cursor)
+        return 0, ""
+    if recorded.cursor != order.resume_from:
+        log.info("copy of %s/%s: the OMA's order says resume at %d, the agent's record %d (attempt %d): "
+                 "the record wins", order.job_id, order.disk_key, order.resume_from, recorded.cursor,
+                 recorded.attempt)
+    return recorded.cursor, (f"the checkpoint attempt {recorded.attempt} on {recorded.worker} recorded on the agent "
+                             f"after flushing the target")
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ def agent_config() -> steps.AgentConfig:
         connections=settings.COPY_CONNECTIONS, target_connections=settings.COPY_TARGET_CONNECTIONS,
         depth=settings.COPY_DEPTH, copy_limit_bps=settings.COPY_LIMIT_BPS,
         progress_interval_s=settings.PROGRESS_REPORT_INTERVAL_S,
-        checkpoint_interval_s=settings.COPY_CHECKPOINT_INTERVAL_S,
+        checkpoint_interval_s=settings.COPY_CHECKPOINT_INTERVAL_S, compare_resumed=settings.COPY_COMPARE_RESUMED,
         heartbeat_interval_s=settings.HEARTBEAT_INTERVAL_S, heartbeat_timeout_s=settings.HEARTBEAT_TIMEOUT_S,
         cleanup_wait_s=settings.CLEANUP_WAIT_S,
     )

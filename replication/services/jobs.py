@@ -241,6 +241,10 @@ def disk_copied(job_id: str, disk_key: str, attempt: int, outcome: dict) -> None
     if status == "duplicate":
         log.warning("copy of %s: a duplicate delivery of attempt %d did nothing (%s)", disk, attempt, reason)
         return
+    if resumed := resume_note(disk_key, attempt, outcome):
+        job = disk.job
+        JobEvent.objects.create(job=job, status=job.status, stage=job.current_operation, message=resumed)
+        log.info("job %s: %s", job_id, resumed)
     if status == "completed":
         done = disk.complete(bytes_total=outcome["bytes_total"], bytes_zeroed=outcome["bytes_zeroed"],
                              throughput_bps=outcome["throughput_bps"], attempt=attempt)
@@ -261,6 +265,24 @@ def disk_copied(job_id: str, disk_key: str, attempt: int, outcome: dict) -> None
         disk.end_attempt(attempt, CopyAttempt.Outcome.CANCELLED, reason=reason, **run)
         return
     disk.end_attempt(attempt, CopyAttempt.Outcome.SUPERSEDED, reason=reason, **run)
+
+
+def resume_note(disk_key: str, attempt: int, outcome: dict) -> str:
+    """The timeline's line for a run that resumed: from which offset and why
+    (the agent's own recorded checkpoint), and what comparing the data below
+    it with the source found; "" for a run that started at 0."""
+    checkpoint = outcome.get("resume_checkpoint", outcome.get("resume_from")) or 0
+    if not checkpoint:
+        return ""
+    why = outcome.get("resume_reason") or "a recorded checkpoint"
+    differed = outcome.get("resume_differed_at")
+    if differed is not None:
+        return (f"{disk_key}: attempt {attempt} found the checkpoint at offset {checkpoint} ({why}), but the "
+                f"target differed from the source at offset {differed}: copied again from there")
+    note = f"{disk_key}: attempt {attempt} resumed from offset {checkpoint}: {why}"
+    if "resume_compared" in outcome:
+        note += f"; the {outcome['resume_compared']} bytes of data below it compared equal with the source"
+    return note
 
 
 def _maybe_finalize(job: ReplicationJob) -> None:

@@ -228,6 +228,8 @@ def _collect(record: dict, fetched: Fetched, job: ReplicationJob, by_key: dict, 
         return False
     started = (job.started_at or job.created_at).timestamp()
     for disk_id, entry in (record.get("disks") or {}).items():
+        if entry.get("loopback"):
+            continue  # a token-less writer's: never our copies' progress, heartbeat or cursor
         if record_job is None:
             # A record an agent kept under the export name alone: everything
             # in it is that export's disk, but only if newer than this job.
