@@ -209,8 +209,10 @@ def get_status(request: HttpRequest, record_id: str) -> JsonResponse:
 
 def _int_param(request: HttpRequest, name: str, default: int, low: int, high: int) -> int:
     raw = request.GET.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
+    # An empty value is not "the default": the document says integer, and a
+    # client that sent `limit=` has a bug worth hearing about.
     if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or not low <= int(raw) <= high:
         raise InvalidUpdate(f"{name} must be an integer from {low} to {high}")
     return int(raw)
