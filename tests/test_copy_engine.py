@@ -445,3 +445,44 @@ def test_a_limit_lifted_while_the_copy_runs_lets_it_finish_whole(tmp_path, serve
                limit=limit, progress=progress, progress_interval_s=0.05)
     assert lifted and lifted[0] < size and limit.bytes_per_s is None
     assert sha256(dst) == sha256(src)
+
+
+def test_a_resumed_copy_compares_below_its_cursor_with_progress_and_resumes_at_the_first_difference(tmp_path, serve):
+    size = 24 * MiB + 5
+    src = make_image(tmp_path / "src.img", size, [(0, size)], seed=11)
+    dst = tmp_path / "dst.img"
+    shutil.copyfile(src, dst)
+    # The earlier run's data is whole below 9 MiB, differs from 9 MiB + 100 on:
+    # a cursor at 20 MiB claims more than the target holds.
+    with open(dst, "r+b") as f:
+        f.seek(9 * MiB + 100)
+        f.write(b"\xff" * (size - 9 * MiB - 100))
+    calls = []
+    result = copy_image(serve("--readonly", "file", str(src)).uri, serve("file", str(dst)).uri, chunk_bytes=MiB,
+                        resume_from=20 * MiB, compare_resumed=True, progress=calls.append, progress_interval_s=0,
+                        depth=4)
+    assert sha256(dst) == sha256(src)
+    assert result.resume_differed_at == 9 * MiB, "the lowest differing chunk, though reads were in flight past it"
+    assert result.resume_compared == 9 * MiB
+    assert result.resumed_from == 9 * MiB
+    done = [c.bytes_done for c in calls]
+    assert done == sorted(done), "progress never goes backwards"
+    assert 0 < done[0] <= MiB, "the comparison shows progress from its first chunk"
+
+
+def test_a_cancel_stops_the_comparison_below_the_cursor_with_the_cursor_standing(tmp_path, serve):
+    size = 16 * MiB
+    src = make_image(tmp_path / "src.img", size, [(0, size)], seed=12)
+    dst = tmp_path / "dst.img"
+    shutil.copyfile(src, dst)
+    cancel = threading.Event()
+
+    def cancel_at_first_progress(progress):
+        cancel.set()
+
+    with pytest.raises(CopyCancelled) as stopped:
+        copy_image(serve("--readonly", "file", str(src)).uri, serve("file", str(dst)).uri, chunk_bytes=MiB,
+                   resume_from=12 * MiB, compare_resumed=True, progress=cancel_at_first_progress,
+                   progress_interval_s=0, cancel=cancel)
+    assert stopped.value.cursor == 12 * MiB
+    assert sha256(dst) == sha256(src), "nothing was written"

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import nbd
 
+from vma_agent.copy.compare import CompareCancelled, compare_below
 from vma_agent.copy.connection import CopyError, close, connect, export_size
 from vma_agent.copy.pipeline import FLUSH_BYTES, FLUSH_INTERVAL_S, Connections, CopyRun, count_items
 from vma_agent.copy.plan import Extent, allocation_map, coalesce, dirty_areas, with_gaps_zeroed
@@ -177,13 +178,18 @@ def copy_image(
             plan = [Extent(offset, length) for offset, length in coalesce(extents, size)]
             if zero_unlisted:
                 plan = with_gaps_zeroed(plan, size)
+        data_total = sum(e.length for e in plan if not e.zero)
+        reporter = ThrottledReporter(progress, data_total, progress_interval_s)
         compared, differed_at = 0, None
         if compare_resumed and resume_from > 0:
-            compared, differed_at = _compare_below(src, dst_uri, plan, resume_from, chunk_bytes)
+            try:
+                compared, differed_at = compare_below(src, dst_uri, plan, resume_from, chunk_bytes, depth, reporter,
+                                                      cancel)
+            except CompareCancelled:
+                raise CopyCancelled(resume_from) from None  # nothing written: the cursor stands
             if differed_at is not None:
                 resume_from = differed_at
         done_before = sum(min(e.end, resume_from) - e.offset for e in plan if not e.zero and e.offset < resume_from)
-        data_total = sum(e.length for e in plan if not e.zero)
         todo = [Extent(max(e.offset, resume_from), e.end - max(e.offset, resume_from), e.zero)
                 for e in plan if e.end > resume_from]
         items = count_items(todo, chunk_bytes)
@@ -193,7 +199,6 @@ def copy_image(
     result = CopyResult(size=size, bytes_allocated=data_total, resumed_from=resume_from,
                         bytes_resumed=done_before, bytes_skipped=size)
     result.resume_compared, result.resume_differed_at = compared, differed_at
-    reporter = ThrottledReporter(progress, data_total, progress_interval_s)
     reporter.update(done_before, final=True)
     if not items:
         result.seconds = time.monotonic() - started
@@ -282,29 +287,3 @@ def _verify(conns: Connections, extents: list[Extent], chunk_bytes: int) -> None
             if target != source:
                 raise CopyError(f"verification failed: target differs from source at offset {offset} "
                                 f"length {length}")
-
-
-def _compare_below(src: nbd.NBD, dst_uri: str, plan: list[Extent], cursor: int,
-                   chunk_bytes: int) -> tuple[int, int | None]:
-    """Compare the plan's data below `cursor` on the target with the source:
-    (bytes compared, offset of the first chunk that differs or None)."""
-    dst = connect(dst_uri)
-    compared = 0
-    try:
-        for item in plan:
-            if item.zero or item.offset >= cursor:
-                continue
-            end = min(item.end, cursor)
-            for offset in range(item.offset, end, chunk_bytes):
-                length = min(chunk_bytes, end - offset)
-                try:
-                    same = src.pread(length, offset) == dst.pread(length, offset)
-                except nbd.Error as exc:
-                    raise CopyError(f"comparing below the resume offset {cursor} failed at offset {offset}: "
-                                    f"{exc.string}") from exc
-                if not same:
-                    return compared, offset
-                compared += length
-    finally:
-        close(dst)
-    return compared, None
