@@ -93,6 +93,7 @@ def configure(workdir: Path) -> dict:
         "OMA_VOLUME_DIR": str(workdir / "volumes"),
         "OMA_RUN_DIR": str(workdir / "run"),
         "TMPDIR": str(workdir / "tmp"),
+        "IMAGE_SOURCE_DIRS": str(workdir / "images"),
         "CELERY_BROKER_URL": redis_url,
         "VMA_REDIS_URL": redis_url,
         "VMA_PROGRESS_PREFIX": f"cycle-bench:{secrets.token_hex(4)}",

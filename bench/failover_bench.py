@@ -36,6 +36,7 @@ def configure(workdir: Path) -> None:
     os.environ["OMA_VOLUME_DIR"] = str(workdir / "volumes")
     os.environ["OMA_RUN_DIR"] = str(workdir / "run")
     os.environ["FAILOVER_DIR"] = str(workdir / "failover")
+    os.environ["IMAGE_SOURCE_DIRS"] = str(workdir)  # its boot disks (the OMA's own subdirectories stay refused)
     import django
 
     django.setup()

@@ -234,6 +234,22 @@ OMA_RUN_DIR = Path(env("OMA_RUN_DIR", default=str(VAR_DIR / "run")))
 # Passwords typed into the pages land here, one file each (mode 0600, the
 # directory 0700); records keep only the file's path.
 OMA_SECRETS_DIR = Path(env("OMA_SECRETS_DIR", default=str(VAR_DIR / "secrets")))
+# What may be registered as a source (replication/services/allowlist.py):
+# image files (raw or qcow2) and block devices only under these directories,
+# symlinks resolved; none by default, so image sources are refused until set.
+IMAGE_SOURCE_DIRS = env.list("IMAGE_SOURCE_DIRS", default=[])
+# NBD sources only from these servers: "host" (any port) or "host:port"
+# ("[v6addr]:port"), and nbd+unix sockets only under these directories.
+NBD_SOURCE_HOSTS = env.list("NBD_SOURCE_HOSTS", default=[])
+NBD_SOURCE_SOCKET_DIRS = env.list("NBD_SOURCE_SOCKET_DIRS", default=[])
+# A vCenter's password by reference: a file inside OMA_SECRETS_DIR, or an
+# environment variable named with this prefix or listed here.
+VCENTER_PASSWORD_ENV_PREFIX = env("VCENTER_PASSWORD_ENV_PREFIX", default="VCENTER_PASSWORD_")
+VCENTER_PASSWORD_ENVS = env.list("VCENTER_PASSWORD_ENVS", default=[])
+# How long the web process waits for a source or cloud it asks something
+# (an NBD server's handshake, an image's inspection, a certificate, a
+# CloudStack call) before it gives up with the reason.
+PROBE_TIMEOUT_S = env.float("PROBE_TIMEOUT_S", default=10.0)
 # Where new target volumes go: "local" (files in OMA_VOLUME_DIR) or
 # "cloudstack" (volumes of the active CloudStack config, attached to the OMA).
 OMA_VOLUME_PROVIDER = env("OMA_VOLUME_PROVIDER", default="local")
@@ -291,6 +307,7 @@ COPY_MIN_THROUGHPUT_BPS = env.float("COPY_MIN_THROUGHPUT_BPS", default=5 * 1024 
 COPY_TIME_LIMIT_GRACE_S = env.float("COPY_TIME_LIMIT_GRACE_S", default=300.0)
 
 # --- VMware sources ---------------------------------------------------------
+# A vCenter login, and each of the OMA's calls to it (a snapshot's removal waits longer).
 VCENTER_TIMEOUT_S = env.float("VCENTER_TIMEOUT_S", default=60.0)
 # How the agent reads a snapshot's disks: "vddk" (nbdkit's vddk plugin, the
 # production path) or "image-dir" (image files under VMA_SNAPSHOT_IMAGE_DIR

@@ -11,7 +11,30 @@ CELERY_BROKER_URL = env("TEST_CELERY_BROKER_URL", default="redis://127.0.0.1:637
 TEST_ROOT = Path(env("OMA_TEST_ROOT", default=f"/tmp/oma-tests-{os.getuid()}"))  # noqa: F405
 OMA_VOLUME_DIR = Path(env("OMA_TEST_VOLUME_DIR", default=str(TEST_ROOT / "volumes")))  # noqa: F405
 OMA_RUN_DIR = TEST_ROOT / "run"  # short: Unix socket paths are limited to 107 bytes
+OMA_SECRETS_DIR = TEST_ROOT / "secrets"
 PROGRESS_REPORT_INTERVAL_S = 0.25
+
+
+def _pytest_temproot() -> str:
+    """Where pytest's tmp_path directories are, found as pytest finds it, and
+    kept in the environment for the workers (their TMPDIR is another)."""
+    import getpass
+    import tempfile
+
+    try:
+        user = getpass.getuser()
+    except (ImportError, KeyError, OSError):
+        user = "unknown"
+    root = Path(os.environ.get("PYTEST_DEBUG_TEMPROOT") or tempfile.gettempdir()).resolve()  # noqa: F405
+    return str(root / f"pytest-of-{user}")
+
+
+# Test sources: images in tmp_path, nbdkit sockets under TEST_ROOT (its
+# volume, run, failover and secrets directories stay refused).
+os.environ.setdefault("OMA_TEST_PYTEST_TMP", _pytest_temproot())
+IMAGE_SOURCE_DIRS = [str(TEST_ROOT), os.environ["OMA_TEST_PYTEST_TMP"]]
+NBD_SOURCE_SOCKET_DIRS = list(IMAGE_SOURCE_DIRS)
+NBD_SOURCE_HOSTS = []
 # Snapshot disks come from the vCenter simulator's image files (tests/vcsim.py).
 VMA_SNAPSHOT_SOURCE = "image-dir"
 VMA_SNAPSHOT_IMAGE_DIR = TEST_ROOT / "vcsim"

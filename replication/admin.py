@@ -1,4 +1,5 @@
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
 from django.db import transaction
 from django.template.loader import render_to_string
@@ -85,12 +86,79 @@ class SourceDiskInline(admin.TabularInline):
         return False  # a disk with replicas and job history leaves only with its VM
 
 
+class VCenterForm(forms.ModelForm):
+    """The password is typed (kept as a file in OMA_SECRETS_DIR, which the
+    record points at) or referenced by an allow-listed environment variable;
+    a file path is never typed here. A new host or port needs the password
+    again, and the login with it must work before anything is saved: else
+    an edit could send the stored password to any server."""
+
+    password = forms.CharField(widget=forms.PasswordInput(render_value=False), required=False, strip=False,
+                               help_text="Typed again whenever the host or port changes; kept as a file in "
+                                         "OMA_SECRETS_DIR, never in the database")
+
+    class Meta:
+        model = VCenter
+        fields = ["name", "host", "port", "username", "password", "password_env", "thumbprint"]
+
+    def clean(self):
+        from replication.services import sources as source_service
+        from replication.services.allowlist import NotAllowed, check_password_ref
+        from vma_agent.vmware import VCenterConnection, VSphereClient, normalize_thumbprint
+
+        data = super().clean()
+        if self.errors:
+            return data
+        password, env = data.get("password") or "", (data.get("password_env") or "").strip()
+        if password and env:
+            raise forms.ValidationError("give the password or an environment variable holding it, not both")
+        old = self.instance if self.instance.pk else None
+        moved = old is None or (data["host"], data["port"]) != (old.host, old.port)
+        if moved and not password:
+            raise forms.ValidationError("a new vCenter, or a new host or port, needs the password typed again")
+        try:
+            check_password_ref(password_env=env)
+        except NotAllowed as exc:
+            raise forms.ValidationError(str(exc)) from None
+        changed = moved or password or set(self.changed_data) & {"username", "password_env", "thumbprint"}
+        if password and not source_service.NAME_RE.match(data["name"]):
+            raise forms.ValidationError(f"vCenter name {data['name']!r}: letters, digits and _.- only (it names "
+                                        "the password's file)")
+        if changed:
+            if not password:
+                try:
+                    password = vmware_service.read_password(VCenter(name=data["name"], password_env=env,
+                                                                    password_file="" if env else old.password_file))
+                except vmware_service.VCenterConfigError as exc:
+                    raise forms.ValidationError(str(exc)) from None
+            connection = VCenterConnection(host=data["host"], port=data["port"], username=data["username"],
+                                           password=password, thumbprint=normalize_thumbprint(data["thumbprint"]))
+            try:
+                with VSphereClient(connection, request_timeout_s=settings.VCENTER_TIMEOUT_S):
+                    pass
+            except VSphereError as exc:
+                raise forms.ValidationError(str(exc)) from None
+        return data
+
+
 @admin.register(VCenter)
 class VCenterAdmin(admin.ModelAdmin):
+    form = VCenterForm
     list_display = ["name", "host", "port", "username", "thumbprint"]
     # Where the password is read from; the password itself is never stored.
-    fields = ["name", "host", "port", "username", "password_file", "password_env", "thumbprint"]
+    fields = ["name", "host", "port", "username", "password", "password_file", "password_env", "thumbprint"]
+    readonly_fields = ["password_file"]
     actions = ["discover_vms", "sweep_orphaned_snapshots"]
+
+    def save_model(self, request, obj, form, change):
+        from replication.services import sources as source_service
+
+        password = form.cleaned_data.get("password")
+        if password:
+            obj.password_file, obj.password_env = str(source_service.store_password(obj.name, password)), ""
+        elif obj.password_env:
+            obj.password_file = ""
+        super().save_model(request, obj, form, change)
 
     @admin.action(description="Discover the VMs of the selected vCenters")
     def discover_vms(self, request, queryset):

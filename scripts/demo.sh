@@ -17,6 +17,10 @@ ensure_redis
 PY=.venv/bin/python
 $PY manage.py migrate --no-input -v0
 
+# Image sources are refused outside IMAGE_SOURCE_DIRS: the demo's images are
+# made in var/demo, which every process here (web, workers) must allow.
+export IMAGE_SOURCE_DIRS="$PWD/var/demo${IMAGE_SOURCE_DIRS:+,$IMAGE_SOURCE_DIRS}"
+
 # The progress API refuses every request without a token: the copy loop (in
 # the worker) and the API (in the web server) share one, kept under var/.
 if [ -z "${VMA_TOKEN:-}" ]; then

@@ -30,6 +30,7 @@ def data_plane_root():
     shutil.rmtree(settings.TEST_ROOT, ignore_errors=True)
     settings.OMA_RUN_DIR.mkdir(parents=True)
     settings.OMA_VOLUME_DIR.mkdir(parents=True)
+    settings.OMA_SECRETS_DIR.mkdir(mode=0o700, parents=True)
     (Path(settings.TEST_ROOT) / "tmp").mkdir()
     yield settings.TEST_ROOT
     get_provider().stop_export_server()
@@ -262,7 +263,9 @@ def vcsim_factory(tmp_path):
     started = []
 
     def start(spec: dict, **kwargs):
-        sim = VCenterSimulator.start(tmp_path / f"vcsim{len(started)}", spec, **kwargs)
+        # Its password file where a vCenter record may point (OMA_SECRETS_DIR).
+        sim = VCenterSimulator.start(tmp_path / f"vcsim{len(started)}", spec, password_dir=settings.OMA_SECRETS_DIR,
+                                     **kwargs)
         started.append(sim)
         return sim
 

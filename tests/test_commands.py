@@ -51,11 +51,12 @@ def test_add_vm_accepts_an_nbd_uri(images, sockdir):
 
 
 @pytest.mark.parametrize("disk, reason", [
-    ("/nonexistent/disk.img", "disk image /nonexistent/disk.img does not exist"),
+    ("{tmp}/nonexistent.img", "disk image {tmp}/nonexistent.img does not exist"),
     ("relative.img", "disk path must be absolute"),
-    ("nbd+unix:///?socket=/nonexistent.sock", "cannot read NBD source nbd+unix:///?socket=/nonexistent.sock"),
+    ("nbd+unix:///?socket={tmp}/nonexistent.sock", "cannot read NBD source nbd+unix:///?socket={tmp}/nonexistent.sock"),
 ])
-def test_add_vm_refuses_bad_disks(disk, reason):
+def test_add_vm_refuses_bad_disks(disk, reason, tmp_path):
+    disk, reason = disk.format(tmp=tmp_path), reason.format(tmp=tmp_path)
     with pytest.raises(CommandError, match=reason.replace("?", r"\?").replace("+", r"\+")):
         run("add_vm", "bad", "--disk", disk)
     assert not VirtualMachine.objects.exists()
@@ -86,10 +87,10 @@ def test_add_vm_refuses_a_duplicate_name_and_keeps_the_first(images):
     assert VirtualMachine.objects.get(name="dup").disks.get().locator == str(images[0])
 
 
-def test_add_vm_error_exits_non_zero_with_one_line_reason():
-    result = manage("add_vm", "x", "--disk", "/nonexistent.img")
+def test_add_vm_error_exits_non_zero_with_one_line_reason(tmp_path):
+    result = manage("add_vm", "x", "--disk", f"{tmp_path}/nonexistent.img")
     assert result.returncode != 0
-    assert result.stderr.strip() == "CommandError: disk image /nonexistent.img does not exist"
+    assert result.stderr.strip() == f"CommandError: disk image {tmp_path}/nonexistent.img does not exist"
 
 
 def test_replicate_unknown_vm_exits_non_zero():

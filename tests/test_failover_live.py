@@ -223,11 +223,13 @@ def test_image_vm_live_failover_and_rollback(celery_worker_process, tmp_path):
 def as_vmware(vm) -> VirtualMachine:
     """The VM as a VMware source, for the OMA's side of a live failover whose
     agent is played by the test (its power orders captured, its answers given)."""
+    from django.conf import settings
+
     from replication.choices import SourceKind
     from replication.models import VCenter
 
     vcenter = VCenter.objects.create(name=f"vc-{vm.name}", host="vc.invalid", username="u", thumbprint="AA",
-                                     password_file="/nonexistent")
+                                     password_file=str(settings.OMA_SECRETS_DIR / "nonexistent"))
     VirtualMachine.objects.filter(pk=vm.pk).update(source_kind=SourceKind.VMWARE, vcenter=vcenter, moref="vm-1")
     vm.refresh_from_db()
     return vm

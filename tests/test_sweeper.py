@@ -60,8 +60,9 @@ def test_periodic_snapshot_sweep_removes_orphans_and_survives_an_unreachable_vce
     with vmware_service.client_for(record) as client:
         client.create_snapshot(vm.moref, "oma-repl-job-20260102-000000.000-000000")
         client.create_snapshot(vm.moref, "operator-snapshot")
-    VCenter.objects.create(name="vc-down", host="127.0.0.1", port=1, username="u", password_env="HOME",
-                           thumbprint="AB" * 20)
+    monkeypatch.setenv("VCENTER_PASSWORD_VC_DOWN", "unused")
+    VCenter.objects.create(name="vc-down", host="127.0.0.1", port=1, username="u",
+                           password_env="VCENTER_PASSWORD_VC_DOWN", thumbprint="AB" * 20)
     removed = sweeper.sweep_snapshots()
     assert removed == ["vc1/web05/oma-repl-job-20260102-000000.000-000000"]
     assert "snapshot sweep of vCenter vc-down failed" in caplog.text

@@ -40,8 +40,9 @@ def test_password_file_is_private_and_removed_afterwards():
 
 @pytest.mark.django_db
 def test_vddk_source_of_a_vcenter_with_the_password_in_the_environment(monkeypatch):
-    monkeypatch.setenv("VC1_PASSWORD", PASSWORD)
-    vcenter = VCenter.objects.create(name="vc1", host="vc.example.com", username="admin", password_env="VC1_PASSWORD",
+    monkeypatch.setenv("VCENTER_PASSWORD_VC1", PASSWORD)
+    vcenter = VCenter.objects.create(name="vc1", host="vc.example.com", username="admin",
+                                     password_env="VCENTER_PASSWORD_VC1",
                                      thumbprint="AA:BB")
     ref = orders.vcenter_ref(vcenter)
     with steps.password_file_of(ref) as secret:

@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+from django.conf import settings
 from django.core.management import CommandError, call_command
 
 from replication.choices import DiskStatus, JobStatus, SyncType
@@ -78,7 +79,7 @@ def test_the_password_never_reaches_the_database_or_a_wrong_thumbprint_or_passwo
     password = sim.password_file.read_text()
     record.refresh_from_db()
     assert password not in json.dumps([str(getattr(record, f.attname)) for f in record._meta.fields])
-    bad = tmp_path / "bad"
+    bad = settings.OMA_SECRETS_DIR / "bad.password"
     bad.write_text("not-the-password")
     with pytest.raises(VSphereError, match="refused the login"):
         vmware_service.register_vcenter("vc-bad-pw", sim.host, sim.username, sim.thumbprint, port=sim.port,
@@ -342,7 +343,7 @@ def test_commands_refuse_bad_input_with_the_reason(vcenter, tmp_path):
                      str(tmp_path / "pw"), "--thumbprint", "xyz")
     with pytest.raises(CommandError, match="cannot read the password"):
         call_command("add_vcenter", "vcx", "--host", "127.0.0.1", "--user", "u", "--password-file",
-                     str(tmp_path / "missing"), "--thumbprint", "AB" * 20)
+                     str(settings.OMA_SECRETS_DIR / "missing"), "--thumbprint", "AB" * 20)
     assert not VCenter.objects.exists()
 
 

@@ -95,7 +95,7 @@ class VCenterSimulator:
     @classmethod
     def start(cls, tmpdir, spec: dict, username: str = "administrator@vsphere.local",
               password: str = "vcsim-Secret-1", cbt_page_bytes: int | None = None,
-              data_dir: Path | None = None) -> "VCenterSimulator":
+              data_dir: Path | None = None, password_dir: Path | None = None) -> "VCenterSimulator":
         binary = build()
         root = Path(tmpdir)
         root.mkdir(parents=True, exist_ok=True)
@@ -104,6 +104,8 @@ class VCenterSimulator:
         spec_path = root / "spec.json"
         spec_path.write_text(json.dumps(spec))
         password_file = root / "password"
+        if password_dir is not None:
+            password_file = Path(password_dir) / f"vcsim-{os.getpid()}-{time.monotonic_ns()}.password"
         password_file.write_text(password)
         password_file.chmod(0o600)
         stderr_path = root / "vcsim.log"

@@ -141,9 +141,13 @@ def _fault_text(exc: Exception) -> str:
 class VSphereClient:
     """One logged-in session; use as a context manager."""
 
-    def __init__(self, connection: VCenterConnection, timeout_s: float = 60.0):
+    def __init__(self, connection: VCenterConnection, timeout_s: float = 60.0,
+                 request_timeout_s: float | None = None):
         self.connection = connection
         self.timeout_s = timeout_s
+        # The socket timeout of the login and of every call after it; None
+        # (the agent's way) lets a task's wait for its end last as long as the task.
+        self.request_timeout_s = request_timeout_s
         self.si = None
 
     def __enter__(self) -> VSphereClient:
@@ -162,7 +166,7 @@ class VSphereClient:
             # certificate), and skips both for localhost without one.
             self.si = Connect(host=c.host, port=c.port, user=c.username, pwd=c.password, thumbprint=expected,
                               sslContext=ssl.create_default_context(), version=API_VERSION,
-                              connectionPoolTimeout=self.timeout_s)
+                              connectionPoolTimeout=self.timeout_s, httpConnectionTimeout=self.request_timeout_s)
         except vim.fault.InvalidLogin:
             raise VSphereError(f"vCenter {c.host}:{c.port} refused the login of {c.username}: "
                                "wrong user name or password") from None
@@ -175,8 +179,13 @@ class VSphereClient:
 
     def _connect_failure(self, exc: Exception) -> str:
         c = self.connection
+        limit = self.request_timeout_s or 10.0
+        if isinstance(exc, TimeoutError):
+            return f"vCenter {c.host}:{c.port} did not answer the login within {limit:g} s"
         try:
-            seen = server_thumbprint(c.host, c.port)
+            seen = server_thumbprint(c.host, c.port, timeout_s=limit)
+        except TimeoutError:
+            return f"vCenter {c.host}:{c.port} did not present its certificate within {limit:g} s"
         except OSError as conn_exc:
             return f"cannot reach vCenter {c.host}:{c.port}: {conn_exc}"
         if seen != normalize_thumbprint(c.thumbprint):

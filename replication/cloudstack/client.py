@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import requests
 from cs import CloudStack, CloudStackApiException, CloudStackException
+from django.conf import settings
 
 from replication.cloudstack.models import CloudError, CloudStackConfig
 
@@ -36,10 +37,14 @@ def describe(error) -> str:
 
 
 class CloudClient:
-    def __init__(self, config: CloudStackConfig, *, timeout_s: float = 10.0, job_timeout_s: float = 300.0,
+    def __init__(self, config: CloudStackConfig, *, timeout_s: float | None = None, job_timeout_s: float = 300.0,
                  poll_interval_s: float = 0.5):
         self.config = config
         self.job_timeout_s = job_timeout_s
+        # Each HTTP request (cs retries a failed one twice); an async job's
+        # wait is job_timeout_s.
+        self.timeout_s = settings.PROBE_TIMEOUT_S if timeout_s is None else timeout_s
+        timeout_s = self.timeout_s
         self._cs = CloudStack(endpoint=config.api_url, key=config.api_key, secret=config.secret(),
                               timeout=timeout_s, job_timeout=int(job_timeout_s), poll_interval=poll_interval_s,
                               fetch_result=True, retry=2)
@@ -56,6 +61,9 @@ class CloudClient:
                 raise CloudError(f"CloudStack {command}: its job {job} did not finish within "
                                  f"{self.job_timeout_s:.0f} s (CLOUDSTACK_JOB_TIMEOUT_S)") from None
             raise CloudError(f"CloudStack {command}: {' '.join(str(a) for a in exc.args)}") from None
+        except requests.Timeout:
+            raise CloudError(f"CloudStack at {self.config.api_url} did not answer {command} within "
+                             f"{self.timeout_s:g} s (PROBE_TIMEOUT_S)") from None
         except requests.RequestException as exc:
             raise CloudError(f"cannot reach CloudStack at {self.config.api_url}: {exc}") from None
 

@@ -4,26 +4,23 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import subprocess
 from pathlib import Path
 
+from django.conf import settings
 from django.db import transaction
 
 from replication import names
 from replication.choices import SourceKind
 from replication.models import SourceDisk, VirtualMachine
-from vma_agent.copy import CopyError, export_size
+from replication.services.allowlist import NotAllowed, check_source, is_nbd_uri
+from vma_agent.copy import ConnectTimeout, CopyError, export_size
 
 FIRST_DISK_KEY = 2000  # VMware numbers SCSI disks from device key 2000
 
 
 class InventoryError(Exception):
     """Bad input for the inventory; the message is the reason, for the operator."""
-
-
-def is_nbd_uri(locator: str) -> bool:
-    return locator.startswith(("nbd://", "nbds://", "nbd+unix://", "nbds+unix://"))
 
 
 def probe_capacity(locator: str) -> int:
@@ -35,27 +32,27 @@ def probe_capacity(locator: str) -> int:
 def probe(locator: str) -> tuple[int, str]:
     """(guest-visible size in bytes, format) of an image file, block device
     or NBD export: raw, or qcow2 (read through qemu-nbd, its changes tracked
-    by dirty bitmaps); refuses what cannot be read (missing, unreadable,
-    another format)."""
+    by dirty bitmaps); refuses what the settings do not allow as a source
+    (allowlist.check_source) and what cannot be read (missing, unreadable,
+    another format). Gives up after PROBE_TIMEOUT_S: it runs in a web
+    request."""
+    try:
+        target = check_source(locator)
+    except NotAllowed as exc:
+        raise InventoryError(str(exc)) from None
+    timeout_s = settings.PROBE_TIMEOUT_S
     if is_nbd_uri(locator):
         try:
-            return export_size(locator), "raw"
+            return export_size(target, timeout_s=timeout_s), "raw"
+        except ConnectTimeout:
+            raise InventoryError(f"NBD source {locator} did not answer (connection and NBD handshake) within "
+                                 f"{timeout_s:g} s (PROBE_TIMEOUT_S)") from None
         except CopyError as exc:
             raise InventoryError(f"cannot read NBD source {locator}: {exc}") from exc
-    path = Path(locator)
-    if not path.is_absolute():
-        raise InventoryError(f"disk path must be absolute: {locator}")
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise InventoryError(f"disk image {locator} does not exist") from None
-    except OSError as exc:
-        raise InventoryError(f"cannot access disk image {locator}: {exc.strerror}") from exc
-    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-        raise InventoryError(f"{locator} is neither a regular file nor a block device")
+    path = Path(target)
     if not os.access(path, os.R_OK):
         raise InventoryError(f"disk image {locator} is not readable")
-    details = _image_info(path)
+    details = _image_info(path, locator, timeout_s)
     image_format = details.get("format", "unknown")
     if image_format == "qcow2":
         if details.get("backing-filename"):
@@ -70,13 +67,16 @@ def probe(locator: str) -> tuple[int, str]:
         return f.seek(0, os.SEEK_END), "raw"
 
 
-def _image_info(path: Path) -> dict:
+def _image_info(path: Path, locator: str, timeout_s: float) -> dict:
     try:
         out = subprocess.run(
             ["qemu-img", "info", "--output=json", "--force-share", str(path)], capture_output=True, text=True,
-            check=True, timeout=30).stdout
+            check=True, timeout=timeout_s).stdout
     except subprocess.CalledProcessError as exc:
-        raise InventoryError(f"cannot inspect disk image {path}: {exc.stderr.strip()}") from exc
+        raise InventoryError(f"cannot inspect disk image {locator}: {exc.stderr.strip()}") from exc
+    except subprocess.TimeoutExpired:
+        raise InventoryError(f"inspecting disk image {locator} took longer than {timeout_s:g} s "
+                             "(PROBE_TIMEOUT_S)") from None
     return json.loads(out)
 
 

@@ -16,7 +16,7 @@ from django.utils import timezone
 from replication.choices import FAILOVER_OPEN, DiskStatus, FailoverKind, JobStatus, SourceKind, Stage, SyncType, VMState
 from replication.lifecycle import FailoverJob, IllegalMove, VMContext
 from replication.models import CopyAttempt, JobEvent, ReplicationJob, VirtualMachine, VMDisk
-from replication.services import failover, orders, vmware, volumes
+from replication.services import allowlist, failover, orders, vmware, volumes
 from vma_agent import vmware as vsphere
 
 log = logging.getLogger(__name__)
@@ -428,6 +428,11 @@ def enqueue_prepare(job_id: str) -> None:
 def _sending(job: ReplicationJob, what: str, send, fail_on_error: bool = True) -> bool:
     try:
         send()
+    except allowlist.NotAllowed as exc:
+        log.warning("%s of job %s refused: %s", what, job.id, exc)
+        if fail_on_error:
+            fail_job(job.id, f"{what} refused: {exc}")
+        return False
     except Exception as exc:
         log.exception("could not queue %s for job %s", what, job.id)
         if fail_on_error:

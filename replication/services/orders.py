@@ -11,7 +11,7 @@ from django.conf import settings
 from replication.choices import SourceKind, SyncType
 from replication.models import ReplicationJob, VCenter, VMDisk
 from replication.routing import agent_queue
-from replication.services import volumes
+from replication.services import allowlist, volumes
 from vma_agent.reporter import ProgressClient
 from vma_agent.work import CopyOrder, PowerOrder, SnapshotRef, SnapshotRemovalOrder, SourceOrder, VCenterRef
 
@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 
 
 def vcenter_ref(vcenter: VCenter) -> VCenterRef:
+    """The vCenter as orders carry it; a password reference outside what the
+    settings allow (a record edited behind the checks) raises NotAllowed."""
+    allowlist.check_password_ref(vcenter.password_file, vcenter.password_env)
     return VCenterRef(name=vcenter.name, host=vcenter.host, port=vcenter.port, username=vcenter.username,
                       thumbprint=vcenter.thumbprint, password_file=vcenter.password_file,
                       password_env=vcenter.password_env)
@@ -43,13 +46,19 @@ def copy_order(disk: VMDisk) -> CopyOrder:
             backing_file=disk.source_locator,
             against_change_id=disk.previous_change_id if disk.sync_type == SyncType.INCREMENTAL else "*",
         )
+    source_locator = ""
+    if snapshot is None:
+        # Checked again now: the path allowed at registration may lead
+        # elsewhere today (a file swapped for a symlink). The agent opens
+        # the real path found here. A missing file is the copy's to report.
+        source_locator = allowlist.check_source(disk.source_locator, must_exist=False)
     bitmaps = {}
     if job.vm.source_kind == SourceKind.QCOW2:
         bitmaps = {"bitmap_new": disk.change_id,
                    "bitmap_base": disk.previous_change_id if disk.sync_type == SyncType.INCREMENTAL else ""}
     return CopyOrder(
         job_id=job.id, disk_key=disk.disk_key, attempt=disk.attempts, export_name=disk.target_volume.export_name,
-        source_locator="" if snapshot else disk.source_locator, target_uri=volumes.export_uri(disk.target_volume),
+        source_locator=source_locator, target_uri=volumes.export_uri(disk.target_volume),
         capacity_bytes=disk.capacity_bytes, sync_type=disk.sync_type, resume_from=disk.checkpoint_bytes,
         verify=job.verify, limit_bps=job.bandwidth_limit_bps, snapshot=snapshot, **bitmaps,
     )

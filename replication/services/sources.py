@@ -14,22 +14,26 @@ from replication.models import VCenter
 from replication.services import vmware as vmware_service
 from vma_agent import vmware
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
 def certificate_thumbprint(host: str, port: int) -> str:
     """The SHA-1 thumbprint of the certificate the server presents now."""
     if not 0 < port < 65536:
         raise vmware_service.VCenterConfigError(f"the port must be 1..65535, not {port}")
+    timeout_s = settings.PROBE_TIMEOUT_S
     try:
-        return vmware.server_thumbprint(host, port)
+        return vmware.server_thumbprint(host, port, timeout_s=timeout_s)
+    except TimeoutError:
+        raise vmware_service.VCenterConfigError(f"{host}:{port} did not present a certificate within {timeout_s:g} s "
+                                                "(PROBE_TIMEOUT_S)") from None
     except OSError as exc:
         raise vmware_service.VCenterConfigError(f"cannot reach {host}:{port}: {exc}") from None
 
 
 def store_password(name: str, password: str) -> Path:
     """Write the typed password to its own file (0600 in a 0700 directory)."""
-    if not _NAME_RE.match(name):
+    if not NAME_RE.match(name):
         raise vmware_service.VCenterConfigError(f"vCenter name {name!r}: letters, digits and _.- only")
     if not password:
         raise vmware_service.VCenterConfigError("the password is empty")
@@ -60,7 +64,7 @@ def add_vcenter(name: str, host: str, port: int, username: str, password: str, t
 def inventory(vcenter: VCenter) -> list[dict]:
     """The vCenter's VMs as the page lists them, each marked if protected."""
     recorded = set(vcenter.vms.values_list("moref", flat=True))
-    with vmware_service.client_for(vcenter) as client:
+    with vmware_service.session(vcenter) as client:
         found = client.inventory()
     return [{"name": vm.name, "moref": vm.moref, "power_state": vm.power_state, "disks": len(vm.disks),
              "capacity_bytes": sum(d.capacity_bytes for d in vm.disks), "protected": vm.moref in recorded}

@@ -5,6 +5,8 @@ agent's (vma_agent.steps), from work orders."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from django.conf import settings
@@ -14,6 +16,7 @@ from django.utils import timezone
 from replication import names
 from replication.choices import JOB_ACTIVE, SourceKind
 from replication.models import ReplicationJob, SourceDisk, VCenter, VirtualMachine
+from replication.services.allowlist import NotAllowed, check_password_ref
 from replication.services.orders import vcenter_ref
 from vma_agent import vmware
 from vma_agent.vmware import VCenterConnection, VSphereClient, VSphereError  # noqa: F401 - callers catch it here
@@ -35,7 +38,7 @@ def read_password(vcenter: VCenter) -> str:
     discovery; the agent reads it the same way from its own work order)."""
     try:
         return vcenter_ref(vcenter).password()
-    except OrderError as exc:
+    except (OrderError, NotAllowed) as exc:
         raise VCenterConfigError(str(exc)) from None
 
 
@@ -44,8 +47,24 @@ def connection_for(vcenter: VCenter) -> VCenterConnection:
                              password=read_password(vcenter), thumbprint=vcenter.thumbprint)
 
 
-def client_for(vcenter: VCenter) -> VSphereClient:
-    return VSphereClient(connection_for(vcenter), timeout_s=settings.VCENTER_TIMEOUT_S)
+def client_for(vcenter: VCenter, *, long_waits: bool = False) -> VSphereClient:
+    """A session whose login and calls give up after VCENTER_TIMEOUT_S (the
+    web process must not hang on a vCenter that stopped answering); with
+    long_waits, calls that wait for a task's end may take as long as it."""
+    return VSphereClient(connection_for(vcenter), timeout_s=settings.VCENTER_TIMEOUT_S,
+                         request_timeout_s=None if long_waits else settings.VCENTER_TIMEOUT_S)
+
+
+@contextmanager
+def session(vcenter: VCenter, *, long_waits: bool = False) -> Iterator[VSphereClient]:
+    """client_for as a context whose calls that time out raise VSphereError
+    naming the vCenter and the limit."""
+    try:
+        with client_for(vcenter, long_waits=long_waits) as client:
+            yield client
+    except TimeoutError:
+        raise VSphereError(f"vCenter {vcenter.host}:{vcenter.port} did not answer within "
+                           f"{settings.VCENTER_TIMEOUT_S:g} s (VCENTER_TIMEOUT_S)") from None
 
 
 def register_vcenter(name: str, host: str, username: str, thumbprint: str, *, port: int = 443,
@@ -62,12 +81,16 @@ def register_vcenter(name: str, host: str, username: str, thumbprint: str, *, po
     digits = thumbprint.replace(":", "")
     if len(digits) != 40 or any(c not in "0123456789abcdefABCDEF" for c in digits):
         raise VCenterConfigError(f"thumbprint {thumbprint!r} is not a SHA-1 thumbprint (40 hex digits)")
+    try:
+        check_password_ref(password_file, password_env)
+    except NotAllowed as exc:
+        raise VCenterConfigError(str(exc)) from None
     vcenter = VCenter(name=name, host=host, port=port, username=username, password_file=password_file,
                       password_env=password_env, thumbprint=vmware.normalize_thumbprint(thumbprint))
     if VCenter.objects.filter(name=name).exists():
         raise VCenterConfigError(f"a vCenter named {name!r} already exists")
     if check:
-        with client_for(vcenter):
+        with session(vcenter):
             pass
     vcenter.save()
     return vcenter
@@ -80,7 +103,7 @@ def discover(vcenter: VCenter, names: list[str] | None = None, agent: str = "loc
     """Record the vCenter's VMs (or the named ones) with their disks, NICs,
     firmware, guest OS, power state, CBT state and snapshots; a VM new to the
     records starts its history with who registered it (`actor`)."""
-    with client_for(vcenter) as client:
+    with session(vcenter) as client:
         found = client.inventory(names)
     return [_record_vm(vcenter, info, agent, actor) for info in found]
 
@@ -143,7 +166,8 @@ def sweep_snapshots(vcenter: VCenter) -> list[str]:
     """Remove every snapshot of ours on the vCenter whose job is not running
     (its name says which job made it); returns "vm/snapshot" for each."""
     removed = []
-    with client_for(vcenter) as client:
+    # A snapshot's removal (a disk consolidation) may take many minutes.
+    with session(vcenter, long_waits=True) as client:
         for info in client.inventory():
             vm = VirtualMachine.objects.filter(vcenter=vcenter, moref=info.moref).first()
             if vm is None:

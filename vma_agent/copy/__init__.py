@@ -18,14 +18,14 @@ from collections.abc import Callable
 import nbd
 
 from vma_agent.copy.compare import CompareCancelled, compare_below
-from vma_agent.copy.connection import CopyError, close, connect, export_size
+from vma_agent.copy.connection import ConnectTimeout, CopyError, close, connect, export_size
 from vma_agent.copy.pipeline import FLUSH_BYTES, FLUSH_INTERVAL_S, Connections, CopyRun, count_items
 from vma_agent.copy.plan import Extent, allocation_map, coalesce, dirty_areas, with_gaps_zeroed
 from vma_agent.copy.ratelimit import TICK_S, RateLimit
 from vma_agent.progress import ProgressCallback, ThrottledReporter
 
 __all__ = ["CopyCancelled", "CopyError", "CopyResult", "RateLimit", "coalesce", "copy_image", "dirty_areas",
-           "export_size"]
+           "export_size", "ConnectTimeout"]
 
 MiB = 1024 * 1024
 # Defaults measured with bench/copy_bench.py and with A/B runs of the

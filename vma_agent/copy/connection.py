@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import nbd
 
@@ -11,7 +12,14 @@ class CopyError(RuntimeError):
     """A copy failed; the message names the offset, length and server error."""
 
 
-def connect(uri: str, *, meta_context: str | None = None) -> nbd.NBD:
+class ConnectTimeout(CopyError):
+    """The NBD server did not complete the connection and handshake in time."""
+
+
+def connect(uri: str, *, meta_context: str | None = None, timeout_s: float | None = None) -> nbd.NBD:
+    """A connected handle; with timeout_s, the connection and the NBD
+    handshake must be done within it (a server that accepts and never
+    speaks would otherwise hold the caller for ever)."""
     handle = nbd.NBD()
     if meta_context:
         handle.add_meta_context(meta_context)
@@ -20,10 +28,25 @@ def connect(uri: str, *, meta_context: str | None = None) -> nbd.NBD:
         # never in a URI or on a command line); libnbd reads it only if allowed.
         handle.set_uri_allow_local_file(True)
     try:
-        handle.connect_uri(uri)
+        if timeout_s is None:
+            handle.connect_uri(uri)
+        else:
+            _connect_within(handle, uri, timeout_s)
     except nbd.Error as exc:
         raise CopyError(f"cannot connect to {uri}: {exc.string}") from exc
     return handle
+
+
+def _connect_within(handle: nbd.NBD, uri: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    handle.aio_connect_uri(uri)
+    while not handle.aio_is_ready():
+        if handle.aio_is_dead() or handle.aio_is_closed():
+            raise CopyError(f"cannot connect to {uri}: {nbd.get_error() or 'the connection ended in the handshake'}")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ConnectTimeout(f"{uri} did not complete the NBD handshake within {timeout_s:g} s")
+        handle.poll(max(1, int(remaining * 1000)))
 
 
 def close(handle: nbd.NBD | None) -> None:
@@ -49,8 +72,8 @@ def _cut(handle: nbd.NBD) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
-def export_size(uri: str) -> int:
-    handle = connect(uri)
+def export_size(uri: str, *, timeout_s: float | None = None) -> int:
+    handle = connect(uri, timeout_s=timeout_s)
     try:
         return handle.get_size()
     finally:
