@@ -289,7 +289,9 @@ def test_an_operator_adds_a_vcenter_chooses_vms_and_adds_an_image_vm_from_the_br
     from tests.vcsim import vm_spec
 
     settings.OMA_SECRETS_DIR = tmp_path / "secrets"
+    settings.OMA_SECRETS_DIR.mkdir()
     sim = vcsim_factory({"vms": [vm_spec("web01", [MiB]), vm_spec("db01", [2 * MiB])]})
+    secrets_before = set(settings.OMA_SECRETS_DIR.iterdir())  # the simulator's own password file
     page = browser_page
     log_in(page, live_server)
     page.click("text=Sources")
@@ -304,7 +306,8 @@ def test_an_operator_adds_a_vcenter_chooses_vms_and_adds_an_image_vm_from_the_br
     page.fill('input[name="password"]', "not-the-password")
     page.click("text=Trust this certificate and add the vCenter")
     expect(page.locator('[data-error="vcenter"]')).to_contain_text("refused the login")
-    assert not VCenter.objects.filter(name="vc-gui").exists() and not list((tmp_path / "secrets").iterdir())
+    assert not VCenter.objects.filter(name="vc-gui").exists()
+    assert set(settings.OMA_SECRETS_DIR.iterdir()) == secrets_before, "a refused login stores no password"
     page.fill('input[name="password"]', sim.password)
     page.click("text=Trust this certificate and add the vCenter")
     expect(page.locator("h1")).to_have_text("VMs of vc-gui")

@@ -6,6 +6,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from replication.choices import DiskStatus, JobStatus
+from replication.roles import os_actor
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import start_replication
 from replication.services.limits import LimitError, change_limit
@@ -38,7 +39,7 @@ def test_set_limit_reaches_the_running_copy_through_the_agent(celery_worker_proc
                                     "applied": {"disk-2000": 512 * MiB}}
     job.refresh_from_db()
     assert job.bandwidth_limit_bps == 512 * MiB
-    assert job.events.filter(message="bandwidth limit 512.0 MiB/s per disk, set by set_limit command").exists()
+    assert job.events.filter(message=f"bandwidth limit 512.0 MiB/s per disk, set by {os_actor()}").exists()
 
     job = wait_for_job(job.id)
     assert job.status == JobStatus.COMPLETED, job.error_message

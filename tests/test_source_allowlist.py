@@ -22,7 +22,7 @@ from replication.models import ReplicationJob, VCenter, VirtualMachine
 from replication.services import jobs
 from replication.services import vmware as vmware_service
 from replication.services.inventory import register_image_vm
-from tests.helpers import MiB, NbdkitProcess, make_image
+from tests.helpers import MiB, NbdkitProcess, make_image, user_with_role
 
 pytestmark = pytest.mark.django_db
 
@@ -92,7 +92,7 @@ def test_add_vm_refuses_what_is_not_an_allowed_source(which, tmp_path):
 def test_the_sources_page_refuses_what_is_not_an_allowed_source(which, tmp_path):
     locator, reason = forbidden_disks(tmp_path)[which]
     client = Client()
-    client.force_login(User.objects.create_user("someone", password="s3cret-pass"))
+    client.force_login(user_with_role("someone", "administrator"))
     page = client.post(reverse("sources"), {"step": "image", "name": "stolen", "disks": locator})
     assert page.status_code == 200
     assert reason in page.content.decode().replace("&#x27;", "'")
@@ -189,7 +189,7 @@ def test_a_hanging_nbd_source_is_an_error_within_the_timeout(hanging_server):
         with pytest.raises(CommandError, match=r"did not answer .* within 1 s \(PROBE_TIMEOUT_S\)"):
             call_command("add_vm", "hangs", "--disk", uri, stdout=StringIO())
         client = Client()
-        client.force_login(User.objects.create_user("someone", password="s3cret-pass"))
+        client.force_login(user_with_role("someone", "administrator"))
         page = client.post(reverse("sources"), {"step": "image", "name": "hangs", "disks": uri})
     assert "within 1 s (PROBE_TIMEOUT_S)" in page.content.decode()
     assert time.monotonic() - started < 8
