@@ -246,6 +246,9 @@ NBD_SOURCE_SOCKET_DIRS = env.list("NBD_SOURCE_SOCKET_DIRS", default=[])
 # environment variable named with this prefix or listed here.
 VCENTER_PASSWORD_ENV_PREFIX = env("VCENTER_PASSWORD_ENV_PREFIX", default="VCENTER_PASSWORD_")
 VCENTER_PASSWORD_ENVS = env.list("VCENTER_PASSWORD_ENVS", default=[])
+# The same rule for a CloudStack cloud's secret key (add_cloud, the admin).
+CLOUDSTACK_SECRET_ENV_PREFIX = env("CLOUDSTACK_SECRET_ENV_PREFIX", default="CLOUDSTACK_SECRET_")
+CLOUDSTACK_SECRET_ENVS = env.list("CLOUDSTACK_SECRET_ENVS", default=[])
 # How long the web process waits for a source or cloud it asks something
 # (an NBD server's handshake, an image's inspection, a certificate, a
 # CloudStack call) before it gives up with the reason.

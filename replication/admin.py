@@ -387,6 +387,12 @@ class CloudStackConfigForm(forms.ModelForm):
             return data
         if bool(data.get("secret_file")) == bool(data.get("secret_env")):
             raise forms.ValidationError("give the secret key as exactly one of a file or an environment variable")
+        from replication.services.allowlist import NotAllowed, check_cloud_secret_ref
+
+        try:
+            check_cloud_secret_ref(data.get("secret_file") or "", data.get("secret_env") or "")
+        except NotAllowed as exc:
+            raise forms.ValidationError(str(exc)) from None
         candidate = CloudStackConfig(**{k: data.get(k) or "" for k in self.Meta.fields})
         try:
             CloudClient(candidate, job_timeout_s=30).check()

@@ -10,6 +10,7 @@ from io import StringIO
 
 import pytest
 import requests
+from django.conf import settings
 from django.core.management import CommandError, call_command
 
 from replication.choices import JobStatus, SyncType
@@ -30,7 +31,7 @@ DISKS = [12 * MiB + 4097, 5 * MiB, 9 * MiB + 511]
 @pytest.fixture
 def cloud(tmp_path):
     sim = CloudStackSimulator(tmp_path / "cloudstack", tmp_path / "by-id")
-    secret = tmp_path / "cloud-secret"
+    secret = settings.OMA_SECRETS_DIR / f"cloud-secret-{tmp_path.name}"
     secret.write_text(sim.secret + "\n")
     secret.chmod(0o600)
     try:
@@ -70,7 +71,7 @@ def test_the_config_is_checked_against_the_cloud_and_its_secret_stays_out_of_the
     config = CloudStackConfig.objects.get(name="cloud1")
     assert sim.secret not in json.dumps([str(getattr(config, f.attname)) for f in config._meta.fields])
 
-    wrong = tmp_path / "wrong-secret"
+    wrong = settings.OMA_SECRETS_DIR / f"wrong-secret-{tmp_path.name}"
     wrong.write_text("not-the-secret")
     with pytest.raises(CommandError, match=r"CloudStack listZones: 401 unauthorized \(API key or secret refused\): "
                                            "unable to verify user credentials and/or request signature"):

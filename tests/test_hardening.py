@@ -182,8 +182,8 @@ def test_other_operator_names_are_checked_in_their_services():
     with pytest.raises(vmware.VCenterConfigError, match="at most 100"):
         vmware.register_vcenter("v" * 101, "vc.example", "admin", "00" * 20, password_env="VC_PW", check=False)
     with pytest.raises(CloudError, match="control characters"):
-        register_cloud("cloud\x00", api_url="https://cloud.example/client/api", api_key="k", secret_env="CS_SECRET",
-                       zone_id="z", check=False)
+        register_cloud("cloud\x00", api_url="https://cloud.example/client/api", api_key="k",
+                       secret_env="CLOUDSTACK_SECRET_CS", zone_id="z", check=False)
 
 
 def test_a_name_cannot_forge_a_log_line():

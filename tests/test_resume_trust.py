@@ -175,9 +175,9 @@ def test_a_resumed_run_is_recorded_on_the_jobs_timeline(tmp_path, monkeypatch):
     disk_copied(job.id, disk.disk_key, 1, outcome)
 
     (event,) = JobEvent.objects.filter(job=job, message__contains="resumed from offset")
-    assert event.message == (f"{disk.disk_key}: attempt 1 resumed from offset 524288: the checkpoint attempt 1 on "
-                             f"vma:1 recorded on the agent after flushing the target; the 4096 bytes of data below "
-                             f"it compared equal with the source")
+    assert event.message == (f"{disk.disk_key}: attempt 1 resumed from offset 524288 (512.0 KiB): the checkpoint "
+                             f"attempt 1 on vma:1 recorded on the agent after flushing the target; the 4.0 KiB of "
+                             f"data below it compared equal with the source")
     assert disk.copy_attempts.get(number=1).resumed_from == 524288
     # A run that started at 0 adds no line.
     assert resume_note(disk.disk_key, 2, {"status": "completed", "resume_from": 0}) == ""

@@ -213,6 +213,25 @@ def test_a_vcenter_password_reference_must_stay_in_the_secrets_dir_or_an_allowed
     assert VCenter.objects.get(name="vcx").password_env == "VCENTER_PASSWORD_VCX"
 
 
+def test_a_cloud_secret_reference_must_stay_in_the_secrets_dir_or_an_allowed_variable(tmp_path, monkeypatch):
+    from replication.cloudstack.config import register_cloud
+    from replication.cloudstack.models import CloudError, CloudStackConfig
+
+    outside = tmp_path / "cloud-secret"
+    outside.write_text("x")
+    fields = {"api_url": "https://cloud.example/client/api", "api_key": "k", "zone_id": "z"}
+    for secret, reason in [({"secret_file": str(outside)}, "is not inside OMA_SECRETS_DIR"),
+                           ({"secret_env": "VMA_TOKEN"}, "may not hold a CloudStack secret key")]:
+        with pytest.raises(CloudError, match=reason):
+            register_cloud("cloudx", check=False, **fields, **secret)
+    assert not CloudStackConfig.objects.exists()
+    # A record edited behind the checks is refused where the secret is read.
+    monkeypatch.setenv("VMA_TOKEN", "the-agent-token")
+    edited = CloudStackConfig.objects.create(name="cloud-edited", secret_env="VMA_TOKEN", **fields)
+    with pytest.raises(CloudError, match="may not hold a CloudStack secret key"):
+        edited.secret()
+
+
 def test_a_record_edited_behind_the_checks_is_not_read(monkeypatch):
     monkeypatch.setenv("VMA_TOKEN", "the-agent-token")
     vcenter = VCenter.objects.create(name="vc-edited", host="attacker.example", username="u",
@@ -279,9 +298,9 @@ def test_a_cloud_that_never_answers_is_an_error_naming_it_and_the_timeout(hangin
     from replication.cloudstack.client import CloudClient
     from replication.cloudstack.models import CloudError, CloudStackConfig
 
-    monkeypatch.setenv("CLOUD_SECRET", "s")
+    monkeypatch.setenv("CLOUDSTACK_SECRET_TEST", "s")
     config = CloudStackConfig(name="c", api_url=f"http://127.0.0.1:{hanging_server}/client/api", api_key="k",
-                              secret_env="CLOUD_SECRET", zone_id="z")
+                              secret_env="CLOUDSTACK_SECRET_TEST", zone_id="z")
     started = time.monotonic()
     with override_settings(PROBE_TIMEOUT_S=1.0), pytest.raises(CloudError, match=r"did not answer listZones within "
                                                                                  r"1 s \(PROBE_TIMEOUT_S\)"):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from django.db import transaction
 
 from replication import names
 from replication.cloudstack.client import CloudClient
 from replication.cloudstack.models import CloudError, CloudStackConfig
+from replication.services.allowlist import NotAllowed, check_cloud_secret_ref
 
 FIELDS = ("api_url", "api_key", "secret_file", "secret_env", "zone_id", "disk_offering_id", "service_offering_id",
           "network_id", "template_id", "oma_vm_id", "device_dir")
@@ -24,8 +23,10 @@ def register_cloud(name: str, *, check: bool = True, **fields) -> tuple[CloudSta
         raise CloudError(f"unknown CloudStack setting(s): {', '.join(sorted(unknown))}")
     if bool(fields.get("secret_file")) == bool(fields.get("secret_env")):
         raise CloudError("give the secret key as exactly one of a file or an environment variable")
-    if fields.get("secret_file") and not Path(fields["secret_file"]).is_absolute():
-        raise CloudError(f"the secret key file must be an absolute path, not {fields['secret_file']!r}")
+    try:
+        check_cloud_secret_ref(fields.get("secret_file") or "", fields.get("secret_env") or "")
+    except NotAllowed as exc:
+        raise CloudError(str(exc)) from None
     name = names.checked(name, CloudStackConfig, error=CloudError, what="cloud name")
     config = CloudStackConfig.objects.filter(name=name).first() or CloudStackConfig(name=name)
     for key, value in fields.items():

@@ -40,9 +40,13 @@ class CloudStackConfig(models.Model):
         return self.name
 
     def secret(self) -> str:
+        from replication.services.allowlist import NotAllowed, check_cloud_secret_ref
+
         try:
+            # Checked where it is read too: a record edited in the database may point anywhere.
+            check_cloud_secret_ref(self.secret_file, self.secret_env)
             return read_secret(f"the secret key of cloud {self.name}", self.secret_file, self.secret_env).strip()
-        except SecretError as exc:
+        except (NotAllowed, SecretError) as exc:
             raise CloudError(str(exc)) from None
 
     @classmethod

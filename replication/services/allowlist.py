@@ -205,27 +205,38 @@ def check_source(locator: str, *, must_exist: bool = True) -> str:
 
 # Secrets by reference --------------------------------------------------------
 
-def check_password_ref(password_file: str = "", password_env: str = "") -> None:
-    """A vCenter's password may come from a file inside OMA_SECRETS_DIR or an
+def _check_secret_ref(what: str, secret_file: str, secret_env: str, prefix_setting: str, names_setting: str) -> None:
+    """A secret may come from a file inside OMA_SECRETS_DIR or an
     allow-listed environment variable only: a record pointing anywhere else
     would send that file or variable (the agent token, say) to whatever host
     the record names."""
-    if password_file:
+    if secret_file:
         secrets = _real(settings.OMA_SECRETS_DIR)
-        if not os.path.isabs(password_file):
-            raise NotAllowed(f"the password file must be an absolute path: {password_file}")
-        real = _real(password_file)
+        if not os.path.isabs(secret_file):
+            raise NotAllowed(f"the {what} file must be an absolute path: {secret_file}")
+        real = _real(secret_file)
         if not _inside(real, secrets) or real == secrets:
-            raise NotAllowed(f"the password file {password_file} is not inside OMA_SECRETS_DIR ({secrets})")
+            raise NotAllowed(f"the {what} file {secret_file} is not inside OMA_SECRETS_DIR ({secrets})")
         if real in _own_files():
-            raise NotAllowed(f"the password file {password_file} is one of the OMA's own secrets")
+            raise NotAllowed(f"the {what} file {secret_file} is one of the OMA's own secrets")
         if real.exists() and not real.is_file():
-            raise NotAllowed(f"the password file {password_file} is not a regular file")
-    if password_env:
-        prefix = settings.VCENTER_PASSWORD_ENV_PREFIX
-        listed = password_env in settings.VCENTER_PASSWORD_ENVS
-        prefixed = bool(prefix) and password_env.startswith(prefix) and len(password_env) > len(prefix)
-        if not _ENV_NAME_RE.match(password_env) or not (listed or prefixed):
-            raise NotAllowed(f"the environment variable {password_env!r} may not hold a vCenter password: use a "
-                             f"name starting with {prefix} (VCENTER_PASSWORD_ENV_PREFIX) or list it in "
-                             "VCENTER_PASSWORD_ENVS")
+            raise NotAllowed(f"the {what} file {secret_file} is not a regular file")
+    if secret_env:
+        prefix = getattr(settings, prefix_setting)
+        listed = secret_env in getattr(settings, names_setting)
+        prefixed = bool(prefix) and secret_env.startswith(prefix) and len(secret_env) > len(prefix)
+        if not _ENV_NAME_RE.match(secret_env) or not (listed or prefixed):
+            raise NotAllowed(f"the environment variable {secret_env!r} may not hold a {what}: use a name starting "
+                             f"with {prefix} ({prefix_setting}) or list it in {names_setting}")
+
+
+def check_password_ref(password_file: str = "", password_env: str = "") -> None:
+    """Where a vCenter's password may be read from."""
+    _check_secret_ref("vCenter password", password_file, password_env, "VCENTER_PASSWORD_ENV_PREFIX",
+                      "VCENTER_PASSWORD_ENVS")
+
+
+def check_cloud_secret_ref(secret_file: str = "", secret_env: str = "") -> None:
+    """Where a CloudStack cloud's secret key may be read from."""
+    _check_secret_ref("CloudStack secret key", secret_file, secret_env, "CLOUDSTACK_SECRET_ENV_PREFIX",
+                      "CLOUDSTACK_SECRET_ENVS")

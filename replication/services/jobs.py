@@ -18,6 +18,7 @@ from replication.lifecycle import FailoverJob, IllegalMove, VMContext
 from replication.models import CopyAttempt, JobEvent, ReplicationJob, VirtualMachine, VMDisk
 from replication.services import allowlist, failover, orders, vmware, volumes
 from vma_agent import vmware as vsphere
+from vma_agent.units import iec
 
 log = logging.getLogger(__name__)
 
@@ -277,11 +278,12 @@ def resume_note(disk_key: str, attempt: int, outcome: dict) -> str:
     why = outcome.get("resume_reason") or "a recorded checkpoint"
     differed = outcome.get("resume_differed_at")
     if differed is not None:
-        return (f"{disk_key}: attempt {attempt} found the checkpoint at offset {checkpoint} ({why}), but the "
-                f"target differed from the source at offset {differed}: copied again from there")
-    note = f"{disk_key}: attempt {attempt} resumed from offset {checkpoint}: {why}"
+        return (f"{disk_key}: attempt {attempt} found the checkpoint at offset {checkpoint} ({iec(checkpoint)}; "
+                f"{why}), but the target differed from the source at offset {differed} ({iec(differed)}): copied "
+                "again from there")
+    note = f"{disk_key}: attempt {attempt} resumed from offset {checkpoint} ({iec(checkpoint)}): {why}"
     if "resume_compared" in outcome:
-        note += f"; the {outcome['resume_compared']} bytes of data below it compared equal with the source"
+        note += f"; the {iec(outcome['resume_compared'])} of data below it compared equal with the source"
     return note
 
 

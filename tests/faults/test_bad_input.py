@@ -17,7 +17,7 @@ from replication.choices import JobStatus
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import start_replication
 from tests.faults.harness import CaseFigures, record
-from tests.helpers import MiB, make_image
+from tests.helpers import MiB, make_image, user_with_role
 from tests.test_progress_api import stable
 from vma_agent.progress_store import MAX_BODY_BYTES
 
@@ -28,6 +28,8 @@ def database_state() -> dict:
     """Row count and newest update of every table of the project."""
     state = {}
     for model in apps.get_app_config("replication").get_models():
+        if not model._meta.managed:
+            continue  # Role: permissions only, no table
         rows = model.objects.all()
         state[model.__name__] = (rows.count(), sorted(rows.values_list("pk", flat=True))[-5:])
     state["users"] = User.objects.count()
@@ -127,8 +129,9 @@ def test_auth_matrix(vma_server, tmp_path, settings, rf):
     job = start_replication(register_image_vm("vm-auth", [str(image)]))
     update = {"stage": "Transfer", "disk_id": "disk-2000"}  # as migratekit sends it: no seq, no status
     url = f"{vma_server}/api/v1/progress/{job.id}/update"
-    # Agent API, straight from loopback (the test server listens on 127.0.0.1):
-    # no token -> trusted (the seeds' migratekit and tunnelled OMA); the same
+    # Agent API, straight from loopback (the test server listens on 127.0.0.1 and
+    # trusts loopback, VMA_TRUST_LOOPBACK=true): no token -> a display update
+    # accepted (MigrateKit OSSEA's migratekit and tunnelled OMA); the same
     # relayed by a proxy, a wrong token, another agent's token -> 401; its own -> 200.
     another_agents_token = "token-of-agent-b"
     assert requests.post(url, json=update).status_code == 200
@@ -149,6 +152,9 @@ def test_auth_matrix(vma_server, tmp_path, settings, rf):
     with_token = settings.VMA_TOKEN
     settings.VMA_TOKEN = ""
     assert api.post_update(rf.post(url, body, **remote), job.id).status_code == 503
+    # Token-less from loopback only where the agent trusts it (VMA_TRUST_LOOPBACK, off by default).
+    assert api.post_update(rf.post(url, body, content_type="application/json"), job.id).status_code == 503
+    settings.VMA_TRUST_LOOPBACK = True
     assert api.post_update(rf.post(url, body, content_type="application/json"), job.id).status_code == 200
     settings.VMA_TOKEN = with_token
     # JSON API and pages need a login; actions need CSRF too.
@@ -157,7 +163,7 @@ def test_auth_matrix(vma_server, tmp_path, settings, rf):
     assert page.status_code == 302 and "/login/" in page.headers["Location"]
     # An anonymous action is refused before it gets anywhere (CSRF first).
     assert requests.post(f"{vma_server}/jobs/{job.id}/cancel/", allow_redirects=False).status_code == 403
-    User.objects.create_user("operator", password="a-long-password")
+    user_with_role("operator", "operator", password="a-long-password")
     session = login(vma_server, "operator", "a-long-password")
     assert session.get(f"{vma_server}/api/jobs/{job.id}/").status_code == 200
     assert session.post(f"{vma_server}/jobs/{job.id}/cancel/", allow_redirects=False).status_code == 403
