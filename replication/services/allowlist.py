@@ -72,22 +72,28 @@ def _refuse_own(locator: str, real: Path, allowed_dir: Path | None) -> None:
             raise NotAllowed(f"{locator} is in {tree}: never a source")
 
 
+def _allowed_dir(setting: str, kind: str, locator: str, described: str, real: Path) -> Path:
+    """The directory named by `setting` (a list of directories) that holds
+    `real`; NotAllowed, naming the setting, when none does."""
+    dirs = [_real(d) for d in getattr(settings, setting) if d]
+    if not dirs:
+        raise NotAllowed(f"{kind} are not allowed here: the setting {setting} names no directory (set it to the "
+                         f"directories holding them), so {locator} is refused")
+    allowed = next((d for d in dirs if _inside(real, d) and real != d), None)
+    if allowed is None:
+        raise NotAllowed(f"{described} is not inside a directory of {setting} ({', '.join(map(str, dirs))})")
+    return allowed
+
+
 def check_image_path(locator: str, *, must_exist: bool = True) -> Path:
     """The real path of an image file or block device the settings allow as
     a source; raises NotAllowed. A missing file passes with must_exist
     False (the copy then fails with its own reason)."""
     if not os.path.isabs(locator):
         raise NotAllowed(f"disk path must be absolute: {locator}")
-    dirs = [_real(d) for d in settings.IMAGE_SOURCE_DIRS if d]
-    if not dirs:
-        raise NotAllowed(f"image sources are not allowed here: the setting IMAGE_SOURCE_DIRS names no directory "
-                         f"(set it to the directories holding source images), so {locator} is refused")
     real = _real(locator)
-    allowed_dir = next((d for d in dirs if _inside(real, d) and real != d), None)
-    if allowed_dir is None:
-        leads = f" (it leads to {real})" if str(real) != locator else ""
-        raise NotAllowed(f"{locator}{leads} is not inside a directory of IMAGE_SOURCE_DIRS "
-                         f"({', '.join(map(str, dirs))})")
+    leads = f" (it leads to {real})" if str(real) != locator else ""
+    allowed_dir = _allowed_dir("IMAGE_SOURCE_DIRS", "image sources", locator, f"{locator}{leads}", real)
     _refuse_own(locator, real, allowed_dir)
     try:
         mode = os.stat(real).st_mode
@@ -158,15 +164,9 @@ def check_nbd_uri(uri: str) -> str:
         socket_path = (query.get("socket") or [""])[0]
         if not os.path.isabs(socket_path):
             raise NotAllowed(f"{uri}: an nbd+unix source needs an absolute socket= path")
-        dirs = [_real(d) for d in settings.NBD_SOURCE_SOCKET_DIRS if d]
-        if not dirs:
-            raise NotAllowed(f"NBD sources on Unix sockets are not allowed here: the setting NBD_SOURCE_SOCKET_DIRS "
-                             f"names no directory, so {uri} is refused")
         real = _real(socket_path)
-        allowed_dir = next((d for d in dirs if _inside(real, d) and real != d), None)
-        if allowed_dir is None:
-            raise NotAllowed(f"{uri}: the socket {socket_path} is not inside a directory of NBD_SOURCE_SOCKET_DIRS "
-                             f"({', '.join(map(str, dirs))})")
+        allowed_dir = _allowed_dir("NBD_SOURCE_SOCKET_DIRS", "NBD sources on Unix sockets", uri,
+                                   f"{uri}: the socket {socket_path}", real)
         # The OMA's export server listens in OMA_RUN_DIR: its exports are replicas.
         _refuse_own(uri, real, allowed_dir)
         return uri
