@@ -175,6 +175,7 @@ def test_auth_matrix(vma_server, tmp_path, settings, rf):
         session.post(f"{vma_server}/jobs/{job.id}/cancel/", data={"csrfmiddlewaretoken": csrf.group(1)})
         job.refresh_from_db()
         assert job.status == JobStatus.CANCELLED
-    record(CaseFigures("9b auth matrix", note="agent API: token-less from loopback 200, token-less proxied or "
-                                              "from another host, wrong or other agent's token 401; JSON API "
+    record(CaseFigures("9b auth matrix", note="agent API: token-less from loopback 200 where trusted (503 where "
+                                              "not), token-less proxied or from another host, wrong or other "
+                                              "agent's token 401; JSON API "
                                               "401 without login; pages 302 to login; actions 403 without CSRF"))
