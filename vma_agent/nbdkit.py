@@ -134,6 +134,8 @@ def start_daemon(args: list[str], socket_path: Path, pidfile: Path, log_path: Pa
         if time.monotonic() > deadline:
             raise NbdkitError(f"nbdkit started but does not serve on {where}: {_log_tail(log_path)}")
         time.sleep(0.02)
+    # The daemon writes its pid file with a umask of its own (0644): ours like everything in the run dir.
+    pidfile.chmod(0o600)
     return pid
 
 
