@@ -24,3 +24,15 @@ class ReplicationConfig(AppConfig):
         private_files.secure_data_paths()
 
         post_migrate.connect(_ensure_roles, sender=self, dispatch_uid="replication.ensure_roles")
+        _connect_workflows()
+
+
+def _connect_workflows():
+    """Who hears of whose events (replication.signals): the workflow an event
+    belongs to sends it without knowing the listeners."""
+    from replication import signals
+    from replication.services import drills, failover
+
+    signals.cycle_ended.connect(failover.on_cycle_ended, dispatch_uid="replication.failover.on_cycle_ended")
+    signals.test_failover_ended.connect(drills.on_test_failover_ended,
+                                        dispatch_uid="replication.drills.on_test_failover_ended")

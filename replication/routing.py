@@ -1,10 +1,9 @@
-"""Celery queue names: one for the OMA's orchestration, one per agent (VMA)."""
+"""Celery queue names: one for the OMA's orchestration, one per agent (VMA),
+named in vma_agent.task_names (the agent publishes by them too)."""
 
-OMA_QUEUE = "oma"
+from vma_agent.task_names import OMA_QUEUE, agent_queue
 
-
-def agent_queue(agent_name: str) -> str:
-    return f"vma.{agent_name}"
+__all__ = ["OMA_QUEUE", "agent_queue", "source_queue"]
 
 
 def source_queue(vm) -> str:

@@ -1,13 +1,16 @@
 """The OMA's Celery tasks (queue oma): thin wrappers that take ids, or an
 agent's outcome, and call one service. The agent's tasks are in
 vma_agent.tasks; it answers through the *_prepared / *_copied / *_removed
-tasks here. A database outage is retried with backoff and jitter."""
+tasks here. A database outage is retried with backoff and jitter.
+Nothing imports this module but Celery's autodiscovery: the services queue
+tasks by name (replication.dispatch, vma_agent.task_names)."""
 
 from celery import shared_task
 from django.conf import settings
 from django.db import DatabaseError
 
 from replication.services import drills, failover, jobs, progress, reaper, scheduler, sweeper
+from vma_agent import task_names
 
 # An outcome must not be lost to a database restart: the agent's work is done.
 OUTCOME_RETRY = {"autoretry_for": (DatabaseError,), "max_retries": settings.COPY_TASK_MAX_RETRIES,
@@ -15,62 +18,62 @@ OUTCOME_RETRY = {"autoretry_for": (DatabaseError,), "max_retries": settings.COPY
                  "retry_jitter": True}
 
 
-@shared_task(name="replication.prepare_job", **OUTCOME_RETRY)
+@shared_task(name=task_names.PREPARE_JOB, **OUTCOME_RETRY)
 def prepare_job(job_id: str) -> None:
     jobs.prepare_job(job_id)
 
 
-@shared_task(name="replication.source_prepared", **OUTCOME_RETRY)
+@shared_task(name=task_names.SOURCE_PREPARED, **OUTCOME_RETRY)
 def source_prepared(job_id: str, outcome: dict) -> None:
     jobs.source_prepared(job_id, outcome)
 
 
-@shared_task(name="replication.disk_copied", **OUTCOME_RETRY)
+@shared_task(name=task_names.DISK_COPIED, **OUTCOME_RETRY)
 def disk_copied(job_id: str, disk_key: str, attempt: int, outcome: dict) -> None:
     jobs.disk_copied(job_id, disk_key, attempt, outcome)
 
 
-@shared_task(name="replication.finalize_job", **OUTCOME_RETRY)
+@shared_task(name=task_names.FINALIZE_JOB, **OUTCOME_RETRY)
 def finalize_job(job_id: str) -> None:
     jobs.finalize_job(job_id)
 
 
-@shared_task(name="replication.snapshot_removed", **OUTCOME_RETRY)
+@shared_task(name=task_names.SNAPSHOT_REMOVED, **OUTCOME_RETRY)
 def snapshot_removed(job_id: str, snapshot_moref: str, finalize: bool, outcome: dict) -> None:
     jobs.snapshot_removed(job_id, snapshot_moref, finalize, outcome)
 
 
-@shared_task(name="replication.run_failover")
+@shared_task(name=task_names.RUN_FAILOVER)
 def run_failover(failover_id: int) -> None:
     failover.run_failover(failover_id)
 
 
-@shared_task(name="replication.continue_failover", **OUTCOME_RETRY)
+@shared_task(name=task_names.CONTINUE_FAILOVER, **OUTCOME_RETRY)
 def continue_failover(failover_id: int) -> None:
     failover.continue_failover(failover_id)
 
 
-@shared_task(name="replication.source_powered", **OUTCOME_RETRY)
+@shared_task(name=task_names.SOURCE_POWERED, **OUTCOME_RETRY)
 def source_powered(failover_id: int, action: str, outcome: dict) -> None:
     failover.source_powered(failover_id, action, outcome)
 
 
-@shared_task(name="replication.poll_progress")
+@shared_task(name=task_names.POLL_PROGRESS)
 def poll_progress() -> None:
     progress.poll_once_locked()
 
 
-@shared_task(name="replication.sweep_snapshots")
+@shared_task(name=task_names.SWEEP_SNAPSHOTS)
 def sweep_snapshots() -> None:
     sweeper.sweep_snapshots()
 
 
-@shared_task(name="replication.reap_stale")
+@shared_task(name=task_names.REAP_STALE)
 def reap_stale() -> None:
     reaper.reap()
 
 
-@shared_task(name="replication.cloud_drift")
+@shared_task(name=task_names.CLOUD_DRIFT)
 def cloud_drift() -> None:
     """Log how the volume records and the active cloud's volumes differ."""
     from replication.cloudstack.drift import drift
@@ -80,21 +83,21 @@ def cloud_drift() -> None:
         drift()
 
 
-@shared_task(name="replication.group_due")
+@shared_task(name=task_names.GROUP_DUE)
 def group_due(group_id: int) -> None:
     scheduler.group_due(group_id)
 
 
-@shared_task(name="replication.job_ended", **OUTCOME_RETRY)
+@shared_task(name=task_names.JOB_ENDED, **OUTCOME_RETRY)
 def job_ended(job_id: str) -> None:
     scheduler.job_ended(job_id)
 
 
-@shared_task(name="replication.drill_due")
+@shared_task(name=task_names.DRILL_DUE)
 def drill_due(group_id: int) -> None:
     drills.drill_due(group_id)
 
 
-@shared_task(name="replication.drill_continue", **OUTCOME_RETRY)
+@shared_task(name=task_names.DRILL_CONTINUE, **OUTCOME_RETRY)
 def drill_continue(failover_id: int) -> None:
     drills.drill_continue(failover_id)

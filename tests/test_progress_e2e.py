@@ -12,6 +12,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from oma_site.celery import app
+from replication import dispatch
 from replication.choices import DiskStatus, JobStatus
 from replication.models import ReplicationJob, VMDisk
 from replication.services import progress, reaper
@@ -19,6 +20,7 @@ from replication.services.inventory import register_image_vm
 from replication.services.jobs import start_replication
 from tests.conftest import PollerThread, free_port, wait_for_job
 from tests.helpers import MiB, make_image, slow_nbd_source, wait_until
+from vma_agent import task_names
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -192,8 +194,14 @@ def test_reaper_fails_a_job_whose_worker_is_gone_and_requeues_a_lost_finalize(tm
     enqueued = []
     monkeypatch.setattr("replication.services.jobs.enqueue_prepare", lambda *args, **kwargs: None)
     monkeypatch.setattr("replication.services.orders.send_copy", lambda disk: enqueued.append(("copy", disk.pk)))
-    monkeypatch.setattr("replication.tasks.finalize_job.apply_async",
-                        lambda args, **kwargs: enqueued.append(("finalize_job", *args)))
+    publish = dispatch.publish
+
+    def recording_finalize(task_name, args, **kwargs):
+        if task_name != task_names.FINALIZE_JOB:
+            return publish(task_name, args, **kwargs)
+        enqueued.append(("finalize_job", *args))
+
+    monkeypatch.setattr("replication.dispatch.publish", recording_finalize)
     images = [str(make_image(tmp_path / f"r{i}.img", MiB, [(0, 4096)])) for i in range(2)]
     lost = start_replication(register_image_vm("vm-reaped", images))
     assert lost.enter_stage("Initializing", JobStatus.PREPARING)

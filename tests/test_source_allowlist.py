@@ -156,7 +156,7 @@ def test_nbd_sources_only_from_allowed_hosts_and_never_the_oma_export(sockdir, t
 def test_a_source_swapped_for_a_symlink_after_registration_fails_its_job(tmp_path, monkeypatch):
     monkeypatch.setattr("replication.services.jobs.enqueue_prepare", lambda *args: None)
     sent = []
-    monkeypatch.setattr("vma_agent.tasks.copy_disk.apply_async", lambda *args, **kwargs: sent.append(args))
+    monkeypatch.setattr("replication.dispatch.publish", lambda task_name, args, **kwargs: sent.append(task_name))
     monkeypatch.setattr("replication.services.jobs.orders.request_stop", lambda job, reason: False)
     image = make_image(tmp_path / "swapped.img", MiB, [(0, 4096)])
     vm = register_image_vm("swapped", [str(image)])
@@ -165,7 +165,7 @@ def test_a_source_swapped_for_a_symlink_after_registration_fails_its_job(tmp_pat
     image.symlink_to("/etc/passwd")
     jobs.prepare_job(job.id)
     job = ReplicationJob.objects.get(pk=job.id)
-    assert not sent
+    assert "vma.copy_disk" not in sent
     assert job.status == JobStatus.FAILED
     assert "the copy of disk-2000 refused" in job.error_message
     assert "(it leads to /etc/passwd) is not inside a directory of IMAGE_SOURCE_DIRS" in job.error_message

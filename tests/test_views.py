@@ -200,14 +200,13 @@ def test_queueing_failure_fails_the_job_instead_of_leaving_it_pending(vm, monkey
     end the job with the reason, not leave it pending forever."""
     from celery import Celery
 
-    from replication import tasks
     from replication.services import jobs
 
     monkeypatch.undo()  # the real enqueue_prepare
     dead_broker = Celery(broker="redis://127.0.0.1:1/0", set_as_current=False)
     dead_broker.conf.broker_connection_retry_on_startup = False
-    monkeypatch.setattr(tasks.prepare_job, "apply_async",
-                        lambda args, **kwargs: dead_broker.send_task("replication.prepare_job", args=args))
+    monkeypatch.setattr("replication.dispatch.publish",
+                        lambda task_name, args, **kwargs: dead_broker.send_task(task_name, args=args))
     with django_capture_on_commit_callbacks(execute=True):
         job = jobs.start_replication(vm)
     job.refresh_from_db()

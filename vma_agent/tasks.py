@@ -8,10 +8,8 @@ from celery import current_app, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 
-from vma_agent import steps, work
+from vma_agent import steps, task_names, work
 from vma_agent.task_events import TaskProgressPublisher
-
-OMA_QUEUE = "oma"
 
 
 def agent_config() -> steps.AgentConfig:
@@ -33,17 +31,17 @@ def agent_config() -> steps.AgentConfig:
 
 def report(task_name: str, *args) -> None:
     """Hand an outcome to the OMA (its queue), riding out a short broker outage."""
-    current_app.send_task(task_name, args=list(args), queue=OMA_QUEUE, retry=True,
+    current_app.send_task(task_name, args=list(args), queue=task_names.OMA_QUEUE, retry=True,
                           retry_policy=settings.CELERY_TASK_PUBLISH_RETRY_POLICY)
 
 
-@shared_task(name="vma.prepare_source")
+@shared_task(name=task_names.PREPARE_SOURCE)
 def prepare_source(order: dict) -> None:
     source = work.SourceOrder.from_dict(order)
-    report(work.SOURCE_PREPARED, source.job_id, steps.prepare_source(source, agent_config()))
+    report(task_names.SOURCE_PREPARED, source.job_id, steps.prepare_source(source, agent_config()))
 
 
-@shared_task(name="vma.copy_disk", bind=True)
+@shared_task(name=task_names.COPY_DISK, bind=True)
 def copy_disk(self, order: dict) -> None:
     copy = work.CopyOrder.from_dict(order)
     publisher = TaskProgressPublisher(self, f"{copy.job_id}/{copy.disk_key}", settings.TASK_EVENT_INTERVAL_S)
@@ -51,19 +49,19 @@ def copy_disk(self, order: dict) -> None:
         _, soft_limit = self.request.timelimit or (None, None)
         outcome = steps.copy_disk(copy, agent_config(), on_progress=publisher,
                                   time_limit_error=SoftTimeLimitExceeded, time_limit_s=soft_limit)
-        report(work.DISK_COPIED, copy.job_id, copy.disk_key, copy.attempt, outcome)
+        report(task_names.DISK_COPIED, copy.job_id, copy.disk_key, copy.attempt, outcome)
     finally:
         publisher.close(timeout_s=0.5)  # Flower's events: never worth delaying the outcome
 
 
-@shared_task(name="vma.remove_snapshot")
+@shared_task(name=task_names.REMOVE_SNAPSHOT)
 def remove_snapshot(order: dict) -> None:
     removal = work.SnapshotRemovalOrder.from_dict(order)
     outcome = steps.remove_snapshot(removal, agent_config())
-    report(work.SNAPSHOT_REMOVED, removal.job_id, removal.snapshot_moref, removal.finalize, outcome)
+    report(task_names.SNAPSHOT_REMOVED, removal.job_id, removal.snapshot_moref, removal.finalize, outcome)
 
 
-@shared_task(name="vma.power_source")
+@shared_task(name=task_names.POWER_SOURCE)
 def power_source(order: dict) -> None:
     power = work.PowerOrder.from_dict(order)
-    report(work.SOURCE_POWERED, power.failover_id, power.action, steps.power_source(power, agent_config()))
+    report(task_names.SOURCE_POWERED, power.failover_id, power.action, steps.power_source(power, agent_config()))

@@ -10,12 +10,6 @@ from dataclasses import asdict, dataclass, field, fields
 from vma_agent.secrets import SecretError, read_secret
 from vma_agent.vmware import VCenterConnection
 
-# The OMA tasks an agent queues with its outcomes (on the OMA's queue).
-SOURCE_PREPARED = "replication.source_prepared"
-DISK_COPIED = "replication.disk_copied"
-SNAPSHOT_REMOVED = "replication.snapshot_removed"
-SOURCE_POWERED = "replication.source_powered"
-
 # What a PowerOrder asks of the source VM.
 SHUT_DOWN = "shut_down"
 POWER_ON = "power_on"

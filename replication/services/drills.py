@@ -6,8 +6,9 @@ ended; the VM passes or fails, with the recovery time it took (failover
 asked -> boot verified). One VM at a time, so a drill never competes with
 itself for the destination; the next starts when the previous has ended.
 
-The failover workflow calls failover_ended() when a test failover's run
-ends; everything else about drills is here."""
+The failover workflow announces a test failover's end (signals.
+test_failover_ended, received by on_test_failover_ended here); everything else
+about drills is here."""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ import logging
 from django.db import transaction
 from django.utils import timezone
 
+from replication import dispatch
 from replication.choices import FailoverKind, FailoverStatus, VMState
 from replication.policy import DrillRun, DrillStatus, ProtectionGroup
+from replication.services.failover import FailoverError, end_test_failover, start_failover
+from vma_agent import task_names
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +61,6 @@ def start_now(group: ProtectionGroup, actor: str) -> list[DrillRun]:
 def _start_next(group: ProtectionGroup) -> None:
     """Start the oldest queued VM's test failover; a VM that cannot fail
     over now fails its drill with the reason, and the next goes."""
-    from replication.services.failover import FailoverError, start_failover
-
     while True:
         with transaction.atomic():
             run = (DrillRun.objects.select_for_update().filter(group=group, status=DrillStatus.QUEUED)
@@ -78,18 +80,16 @@ def _start_next(group: ProtectionGroup) -> None:
             return
 
 
-def failover_ended(failover_id: int) -> None:
-    """A test failover's run ended (booted, or failed and undone): if a
-    drill started it, end the test, record the outcome, and go on."""
-    from replication import tasks
-
+def on_test_failover_ended(sender=None, *, failover_id: int, **kwargs) -> None:
+    """Receives signals.test_failover_ended (booted, or failed and undone):
+    if a drill started that failover, end the test, record the outcome, and
+    go on, in a task of its own. A broker that cannot take it raises, to
+    whoever ended the failover."""
     if DrillRun.objects.filter(failover_id=failover_id, status=DrillStatus.RUNNING).exists():
-        transaction.on_commit(lambda: tasks.drill_continue.delay(failover_id))
+        transaction.on_commit(lambda: dispatch.publish(task_names.DRILL_CONTINUE, [failover_id]))
 
 
 def drill_continue(failover_id: int) -> None:
-    from replication.services.failover import FailoverError, end_test_failover
-
     run = (DrillRun.objects.select_related("vm", "group", "failover")
            .filter(failover_id=failover_id, status=DrillStatus.RUNNING).first())
     if run is None:

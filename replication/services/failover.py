@@ -20,7 +20,7 @@ destroys that VM, discards the protections (the replica is back at the
 rollback point, so the next cycle is incremental) and powers the source on.
 
 Waiting on the agent or on the final cycle holds no worker: the agent's
-answer (source_powered) and the final cycle's end (final_cycle_ended) queue
+answer (source_powered) and the final cycle's end (signals.cycle_ended) queue
 the next step. A failed step undoes what the failover made, and a live
 failover that shut its source down powers it back on."""
 
@@ -37,6 +37,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from replication import dispatch, signals
 from replication.choices import (
     FAILOVER_BOOT_STEPS,
     FAILOVER_OPEN,
@@ -52,8 +53,10 @@ from replication.destinations import destination_for
 from replication.destinations.base import DestinationError, GuestNotConverted
 from replication.lifecycle import FailoverJob, FailoverStep, IllegalMove, VMContext
 from replication.models import ReplicationJob, VirtualMachine
-from replication.services import drills, forecast, orders
+from replication.services import forecast, orders
 from replication.services.failover_checks import FailoverError, preflight, production_network, shape_of
+from replication.services.jobs import ReplicationError, start_replication
+from vma_agent import task_names
 from vma_agent.work import POWER_ON, SHUT_DOWN
 
 log = logging.getLogger(__name__)
@@ -112,7 +115,7 @@ def start_failover(vm: VirtualMachine, kind: str = FailoverKind.TEST, actor: str
                          only_from={VMState.READY_FOR_FAILOVER})
         # A live failover moves the VM to failed_over_live once its VM is
         # verified; until then its open job refuses other cycles and failovers.
-        transaction.on_commit(lambda: _enqueue(job, "run_failover"))
+        _enqueue(job, task_names.RUN_FAILOVER)
     return job
 
 
@@ -132,18 +135,15 @@ def start_rollback(vm: VirtualMachine, actor: str = "operator") -> FailoverJob:
         job = FailoverJob.objects.create(vm=vm, kind=FailoverKind.ROLLBACK, rolls_back=live,
                                          replication_job=live.replication_job, actor=actor[:100],
                                          destination_vm=live.destination_vm, protection=live.protection)
-        transaction.on_commit(lambda: _enqueue(job, "run_failover"))
+        _enqueue(job, task_names.RUN_FAILOVER)
     return job
 
 
 def _enqueue(job: FailoverJob, task_name: str) -> None:
-    from replication import tasks
-
-    try:
-        getattr(tasks, task_name).apply_async(args=[job.pk])
-    except Exception as exc:
-        log.exception("could not queue %s of failover %s", task_name, job.pk)
-        abandon(job.pk, f"could not queue the failover's next step (is Redis running?): {exc}")
+    """Queue the failover's next step once the transaction commits; one the
+    broker cannot take abandons the failover with the reason."""
+    dispatch.enqueue_on_commit(task_name, [job.pk], what="the failover's next step", subject=f"failover {job.pk}",
+                               on_failure=lambda reason: abandon(job.pk, reason))
 
 
 def destination_name(vm: VirtualMachine, kind: str) -> str:
@@ -196,7 +196,7 @@ def run_failover(job_id: int) -> None:
             step.detail = f"{len(volumes)} volume(s) of {job.replication_job_id}"
         if job.kind == FailoverKind.TEST:
             _boot(job, destination, volumes)
-            drills.failover_ended(job.pk)
+            signals.test_failover_ended.send(sender=FailoverJob, failover_id=job.pk)
         else:
             _shut_down_source(job)
     except Exception as exc:
@@ -321,8 +321,6 @@ def source_powered(job_id: int, action: str, outcome: dict) -> None:
 
 def _start_final_cycle(job: FailoverJob) -> None:
     """The source is off: one more cycle catches the replica up with it."""
-    from replication.services.jobs import ReplicationError, start_replication
-
     _open_step(job, STEP_FINAL_CYCLE)
     sync = SyncType.INCREMENTAL if job.vm.source_kind == SourceKind.VMWARE else SyncType.FULL
     try:
@@ -334,11 +332,11 @@ def _start_final_cycle(job: FailoverJob) -> None:
         detail=f"{cycle.id} ({cycle.sync_type})")
 
 
-def final_cycle_ended(cycle: ReplicationJob) -> None:
-    """Called as a cycle ends (completed, failed or cancelled): a live
-    failover waiting on it goes on, in a task of its own."""
+def on_cycle_ended(sender=None, *, cycle: ReplicationJob, **kwargs) -> None:
+    """Receives signals.cycle_ended (completed, failed or cancelled): a live
+    failover waiting on that cycle goes on, in a task of its own."""
     for job in FailoverJob.objects.filter(final_cycle=cycle, status=FailoverStatus.RUNNING):
-        transaction.on_commit(lambda job=job: _enqueue(job, "continue_failover"))
+        _enqueue(job, task_names.CONTINUE_FAILOVER)
 
 
 def continue_failover(job_id: int) -> None:
@@ -437,7 +435,7 @@ def abandon(job_id: int, reason: str) -> None:
         VMContext.of(job.vm).move(to, actor="system", reason=f"{job.kind} failover {job.pk} failed: {reason}"[:2000],
                                   only_from={VMState.FAILED_OVER_TEST, VMState.READY_FOR_FAILOVER} - {to})
     if job.kind == FailoverKind.TEST:
-        drills.failover_ended(job.pk)
+        signals.test_failover_ended.send(sender=FailoverJob, failover_id=job.pk)
 
 
 def _undo(job: FailoverJob, destination) -> None:

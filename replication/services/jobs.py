@@ -13,10 +13,12 @@ import uuid
 from django.db import transaction
 from django.utils import timezone
 
+from replication import dispatch, signals
 from replication.choices import FAILOVER_OPEN, DiskStatus, FailoverKind, JobStatus, SourceKind, Stage, SyncType, VMState
 from replication.lifecycle import FailoverJob, IllegalMove, VMContext
 from replication.models import CopyAttempt, JobEvent, ReplicationJob, VirtualMachine, VMDisk
-from replication.services import allowlist, failover, orders, vmware, volumes
+from replication.services import orders, vmware, volumes
+from vma_agent import task_names
 from vma_agent import vmware as vsphere
 from vma_agent.units import iec
 
@@ -329,7 +331,7 @@ def commit_and_complete(job: ReplicationJob) -> None:
             if completed:
                 VMContext.of(job.vm).move(VMState.READY_FOR_FAILOVER, actor="system",
                                           reason=f"replication {job.id} completed", only_from={VMState.REPLICATING})
-                failover.final_cycle_ended(job)
+                signals.cycle_ended.send(sender=ReplicationJob, cycle=job)
                 transaction.on_commit(lambda: enqueue_job_ended(job.id))
         if not completed:
             log.warning("finalize of %s found it %s", job.id, job.status)
@@ -367,7 +369,7 @@ def cleanup_job(job: ReplicationJob, reason: str = "", *, actor: str = "system")
     for disk in job.disks.filter(status=DiskStatus.PENDING):
         disk.cancel()
     _settle_vm_state(job, reason, actor)
-    failover.final_cycle_ended(job)
+    signals.cycle_ended.send(sender=ReplicationJob, cycle=job)
     transaction.on_commit(lambda: enqueue_job_ended(job.id))
     if job.disks.filter(status=DiskStatus.COPYING).exists():
         transaction.on_commit(lambda: orders.request_stop(job, reason or f"job {job.status}"))
@@ -395,9 +397,10 @@ def _queue_snapshot_removal(job: ReplicationJob) -> None:
     """The snapshot sweeper catches what this misses."""
     job = ReplicationJob.objects.select_related("vm__vcenter").get(pk=job.pk)
     if job.snapshot_moref and job.vm.source_kind == SourceKind.VMWARE:
-        transaction.on_commit(lambda: _sending(job, "the agent's snapshot removal",
-                                               lambda: orders.send_snapshot_removal(job, finalize=False),
-                                               fail_on_error=False))
+        # Only logged if it cannot be sent: the job has ended already.
+        transaction.on_commit(lambda: dispatch.attempt("the agent's snapshot removal",
+                                                       lambda: orders.send_snapshot_removal(job, finalize=False),
+                                                       subject=f"job {job.id}"))
 
 
 def retry_job(job_id: str, actor: str = "system") -> ReplicationJob:
@@ -409,35 +412,19 @@ def retry_job(job_id: str, actor: str = "system") -> ReplicationJob:
 
 
 def enqueue_job_ended(job_id: str) -> None:
-    """Scheduled protection hears of every cycle's end (retries, its freed slot)."""
-    from replication import tasks
-
-    try:
-        tasks.job_ended.delay(job_id)
-    except Exception:  # noqa: BLE001 - the next schedule tick admits anyway
-        log.exception("could not queue the end of job %s to the scheduler", job_id)
+    """Scheduled protection hears of every cycle's end (retries, its freed
+    slot). Only logged if it cannot be sent: the next schedule tick admits anyway."""
+    dispatch.enqueue(task_names.JOB_ENDED, [job_id], what=f"the end of job {job_id}", subject="the scheduler")
 
 
 def enqueue_prepare(job_id: str) -> None:
     """Queue the job's first step on the OMA; if the broker cannot take it,
     the job fails with the reason instead of waiting forever."""
-    from replication import tasks  # tasks import this module
-
-    job = ReplicationJob.objects.get(pk=job_id)
-    _sending(job, "the job's prepare_job", lambda: tasks.prepare_job.apply_async(args=[job_id]))
+    dispatch.enqueue(task_names.PREPARE_JOB, [job_id], what="the job's prepare_job", subject=f"job {job_id}",
+                     on_failure=lambda reason: fail_job(job_id, reason))
 
 
-def _sending(job: ReplicationJob, what: str, send, fail_on_error: bool = True) -> bool:
-    try:
-        send()
-    except allowlist.NotAllowed as exc:
-        log.warning("%s of job %s refused: %s", what, job.id, exc)
-        if fail_on_error:
-            fail_job(job.id, f"{what} refused: {exc}")
-        return False
-    except Exception as exc:
-        log.exception("could not queue %s for job %s", what, job.id)
-        if fail_on_error:
-            fail_job(job.id, f"could not queue {what} (is Redis running?): {exc}")
-        return False
-    return True
+def _sending(job: ReplicationJob, what: str, send) -> bool:
+    """Send the agent an order for the job; if it is refused or cannot be
+    queued, the job fails with the reason (nobody would ever answer it)."""
+    return dispatch.attempt(what, send, subject=f"job {job.id}", on_failure=lambda reason: fail_job(job.id, reason))

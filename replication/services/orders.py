@@ -1,6 +1,7 @@
 """Work orders for the agents, built from the OMA's rows, and how they reach
-an agent: its Celery queue for work, its progress API to stop a job. The
-agent never reads the database; everything it needs is in the order."""
+an agent: its Celery queue for work (by task name: the OMA never imports the
+agent's tasks), its progress API to stop a job. The agent never reads the
+database; everything it needs is in the order."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import logging
 
 from django.conf import settings
 
+from replication import dispatch
 from replication.choices import SourceKind, SyncType
 from replication.models import ReplicationJob, VCenter, VMDisk
 from replication.routing import agent_queue
 from replication.services import allowlist, volumes
+from vma_agent import task_names
 from vma_agent.reporter import ProgressClient
 from vma_agent.work import CopyOrder, PowerOrder, SnapshotRef, SnapshotRemovalOrder, SourceOrder, VCenterRef
 
@@ -84,28 +87,21 @@ def copy_time_limits(capacity_bytes: int) -> tuple[int, int]:
 
 
 def send_copy(disk: VMDisk) -> None:
-    from vma_agent import tasks as agent_tasks
-
     soft, hard = copy_time_limits(disk.capacity_bytes)
     job = disk.job
-    agent_tasks.copy_disk.apply_async(args=[copy_order(disk).as_dict()], queue=agent_queue(job.vm.agent),
-                                      task_id=disk.celery_task_id or None, soft_time_limit=soft, time_limit=hard,
-                                      argsrepr=readable(job, disk.disk_key, f"attempt {disk.attempts}"))
+    dispatch.publish(task_names.COPY_DISK, [copy_order(disk).as_dict()], queue=agent_queue(job.vm.agent),
+                     task_id=disk.celery_task_id or None, soft_time_limit=soft, time_limit=hard,
+                     argsrepr=readable(job, disk.disk_key, f"attempt {disk.attempts}"))
 
 
 def send_source_order(job: ReplicationJob) -> None:
-    from vma_agent import tasks as agent_tasks
-
-    agent_tasks.prepare_source.apply_async(args=[source_order(job).as_dict()], queue=agent_queue(job.vm.agent),
-                                           argsrepr=readable(job, job.sync_type))
+    dispatch.publish(task_names.PREPARE_SOURCE, [source_order(job).as_dict()], queue=agent_queue(job.vm.agent),
+                     argsrepr=readable(job, job.sync_type))
 
 
 def send_snapshot_removal(job: ReplicationJob, finalize: bool) -> None:
-    from vma_agent import tasks as agent_tasks
-
-    agent_tasks.remove_snapshot.apply_async(args=[snapshot_removal_order(job, finalize).as_dict()],
-                                            queue=agent_queue(job.vm.agent),
-                                            argsrepr=readable(job, f"snapshot {job.snapshot_moref}"))
+    dispatch.publish(task_names.REMOVE_SNAPSHOT, [snapshot_removal_order(job, finalize).as_dict()],
+                     queue=agent_queue(job.vm.agent), argsrepr=readable(job, f"snapshot {job.snapshot_moref}"))
 
 
 def power_order(failover, action: str, timeout_s: float) -> PowerOrder:
@@ -116,12 +112,9 @@ def power_order(failover, action: str, timeout_s: float) -> PowerOrder:
 
 def send_power(failover, action: str, timeout_s: float) -> None:
     """A failover's power order for its source, to the VM's agent."""
-    from vma_agent import tasks as agent_tasks
-
-    agent_tasks.power_source.apply_async(args=[power_order(failover, action, timeout_s).as_dict()],
-                                         queue=agent_queue(failover.vm.agent),
-                                         argsrepr=f"({failover.kind} failover {failover.pk}, VM {failover.vm.name}, "
-                                                  f"{action})")
+    dispatch.publish(task_names.POWER_SOURCE, [power_order(failover, action, timeout_s).as_dict()],
+                     queue=agent_queue(failover.vm.agent),
+                     argsrepr=f"({failover.kind} failover {failover.pk}, VM {failover.vm.name}, {action})")
 
 
 def agent_client() -> ProgressClient:

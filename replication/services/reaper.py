@@ -26,12 +26,14 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.utils import timezone
 
+from replication import dispatch
 from replication.choices import JOB_TERMINAL, DiskStatus, JobStatus
 from replication.models import CopyAttempt, JobEvent, ReplicationJob, VMDisk, database_up_since
 from replication.routing import agent_queue
 from replication.services import failover, sweeper
 from replication.services import jobs as job_service
 from replication.services.broker import WaitingTasks
+from vma_agent import task_names
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +119,8 @@ def _fail_silent_jobs(now: datetime, copies_stale: datetime, result: Reaped) -> 
         if job.status == JobStatus.FINALIZING and job.all_disks_completed():
             # Every disk is written: only the finalize step was lost. It is
             # idempotent, so run it again rather than throw the copy away.
-            from replication import tasks
-
             job.beat()
-            tasks.finalize_job.apply_async(args=[job.id])
+            dispatch.publish(task_names.FINALIZE_JOB, [job.id])
             log.warning("job %s: finalize lost (%.0f s without a sign of life), queued again", job.id, quiet)
             result.requeued.append(job.id)
             continue

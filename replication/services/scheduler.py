@@ -26,6 +26,7 @@ from replication import names
 from replication.choices import DISK_TERMINAL, JOB_ACTIVE, JobStatus, SourceKind, SyncType
 from replication.models import ReplicationJob, SourceDisk, VirtualMachine, VMDisk
 from replication.policy import Admission, AdmissionReason, AdmissionStatus, ProtectionGroup
+from vma_agent import task_names
 
 log = logging.getLogger(__name__)
 ADMISSION_LOCK = "oma:admission-lock"
@@ -110,9 +111,9 @@ def sync_schedule(group: ProtectionGroup) -> None:
         crontab, _ = CrontabSchedule.objects.get_or_create(
             minute=minute, hour=hour, day_of_month=day_of_month, month_of_year=month_of_year,
             day_of_week=day_of_week, timezone=group.timezone)
-    group.periodic_task = _sync_task(group, group.periodic_task, "replication.group_due", group.interval_s, crontab,
+    group.periodic_task = _sync_task(group, group.periodic_task, task_names.GROUP_DUE, group.interval_s, crontab,
                                      f"protection group {group.pk}: {group.name}")
-    group.drill_task = _sync_task(group, group.drill_task, "replication.drill_due", group.drill_interval_s, None,
+    group.drill_task = _sync_task(group, group.drill_task, task_names.DRILL_DUE, group.drill_interval_s, None,
                                   f"drill of protection group {group.pk}: {group.name}")
     ProtectionGroup.objects.filter(pk=group.pk).update(periodic_task=group.periodic_task, drill_task=group.drill_task)
 
@@ -126,8 +127,8 @@ def _sync_task(group: ProtectionGroup, task: PeriodicTask | None, task_name: str
     interval = None
     if interval_s:
         interval, _ = IntervalSchedule.objects.get_or_create(every=interval_s, period=IntervalSchedule.SECONDS)
-    values = {"task": task_name, "args": json.dumps([group.pk]), "queue": "oma", "enabled": not group.paused,
-              "description": name, "interval": interval, "crontab": crontab}
+    values = {"task": task_name, "args": json.dumps([group.pk]), "queue": task_names.OMA_QUEUE,
+              "enabled": not group.paused, "description": name, "interval": interval, "crontab": crontab}
     if task is None:
         return PeriodicTask.objects.create(name=name, **values)
     for field, value in values.items():
