@@ -48,7 +48,7 @@ def configure(workdir: Path) -> None:
 def completed_cycle(workdir: Path, name: str):
     """An image VM whose last cycle completed, its replica the boot disk."""
     from replication.choices import JobStatus
-    from replication.lifecycle import VMContext
+    from replication.models import VMContext
     from replication.services import jobs
     from replication.services.inventory import register_image_vm
     from tests.helpers import boot_disk_builder

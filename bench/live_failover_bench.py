@@ -90,7 +90,7 @@ def replicate(vm, sync_type: str):
 
 
 def run_failover(vm, kind: str):
-    from replication.lifecycle import FailoverJob
+    from replication.models import FailoverJob
     from replication.services import failover
 
     start = failover.start_rollback(vm, actor="bench") if kind == "rollback" else \
@@ -104,7 +104,7 @@ def run_failover(vm, kind: str):
 
 def one_live_failover(vm, live: Path, rep: int, rng: random.Random, services: Services) -> dict:
     from replication.choices import FAILOVER_BOOT_STEPS
-    from replication.lifecycle import VMContext
+    from replication.models import VMContext
     from replication.services import forecast
 
     boot_disk = load_boot_disk()
@@ -169,7 +169,7 @@ def main() -> None:
     from django.core.management import call_command
 
     from replication.choices import FAILOVER_BOOT_STEPS
-    from replication.lifecycle import NetworkMapping, VMContext
+    from replication.models import NetworkMapping, VMContext
     from replication.services import vmware as vmware_service
     from tests.vcsim import VCenterSimulator, vm_spec
 

@@ -115,9 +115,8 @@ def main() -> None:
     from django.core.management import call_command
     from django.db import connection
 
-    from replication.choices import JobStatus
-    from replication.models import ReplicationJob, VirtualMachine
-    from replication.policy import Admission, AdmissionStatus
+    from replication.choices import AdmissionStatus, JobStatus
+    from replication.models import Admission, ReplicationJob, VirtualMachine
     from replication.services import rpo, scheduler
     from replication.services.inventory import register_image_vm
 

@@ -51,8 +51,7 @@ def main() -> None:
     from django.utils import timezone
 
     from replication.choices import JOB_ACTIVE, JobStatus
-    from replication.models import ReplicationJob, SourceDisk, VirtualMachine
-    from replication.policy import Admission, ProtectionGroup
+    from replication.models import Admission, ProtectionGroup, ReplicationJob, SourceDisk, VirtualMachine
     from replication.services import jobs, scheduler
 
     call_command("migrate", verbosity=0)

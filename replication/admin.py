@@ -6,19 +6,26 @@ from django.template.loader import render_to_string
 from django.utils.html import format_html
 
 from replication.choices import SourceKind
-from replication.cloudstack.models import CloudStackConfig
-from replication.lifecycle import ApiToken, FailoverJob, FailoverStep, NetworkMapping, VMContext, VMStateChange
 from replication.models import (
+    Admission,
+    ApiToken,
     ChangeIdRecord,
+    CloudStackConfig,
     DeviceMapping,
+    DrillRun,
+    FailoverJob,
+    FailoverStep,
+    NetworkMapping,
+    ProtectionGroup,
     ReplicationJob,
     SourceDisk,
     TargetVolume,
     VCenter,
     VirtualMachine,
+    VMContext,
     VMDisk,
+    VMStateChange,
 )
-from replication.policy import Admission, DrillRun, ProtectionGroup
 from replication.roles import actor_of, admin_site_permission
 from replication.services import jobs as job_service
 from replication.services import scheduler
@@ -380,7 +387,7 @@ class CloudStackConfigForm(forms.ModelForm):
     def clean(self):
         """Saved only once the cloud answered for the credentials and every id."""
         from replication.cloudstack.client import CloudClient
-        from replication.cloudstack.models import CloudError
+        from replication.models import CloudError
 
         data = super().clean()
         if self.errors:

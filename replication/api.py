@@ -10,8 +10,7 @@ from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from replication.choices import JOB_ACTIVE, FailoverKind, JobStatus
-from replication.lifecycle import ApiToken, FailoverJob
-from replication.models import ReplicationJob, VirtualMachine, VMDisk
+from replication.models import ApiToken, FailoverJob, ReplicationJob, VirtualMachine, VMDisk
 from replication.roles import ADMINISTER, OPERATE, READ, actor_of, log_admin, refusal
 from replication.services.failover import failover_report
 from replication.views import jobs_with_disks

@@ -79,9 +79,11 @@ DISK_TRANSITIONS = {
 }
 
 
-def sources_of(transitions: dict, target) -> list:
-    """The statuses from which `target` may be reached."""
-    return [source for source, targets in transitions.items() if target in targets]
+def sources_of(transitions: dict, target, only_from=None) -> list:
+    """The statuses from which `target` may be reached; with `only_from`,
+    those of them a caller accepts (it may narrow the table, never widen it)."""
+    sources = [source for source, targets in transitions.items() if target in targets]
+    return sources if only_from is None else [source for source in sources if source in set(only_from)]
 
 
 class VMState(models.TextChoices):
@@ -144,3 +146,56 @@ FAILOVER_RUNNING = frozenset({FailoverStatus.PENDING, FailoverStatus.RUNNING})
 # The steps that bring a failed-over VM up on the destination, in order: what
 # a failover that got to one of them has to undo, and what its boot took.
 FAILOVER_BOOT_STEPS = ("protect volumes", "convert guest", "define VM", "start VM", "verify boot")
+
+# A failover waits (pending), runs, then succeeds or fails; a succeeded test
+# or live one is ended (test ended, live rolled back) or, when undoing it
+# goes wrong, failed. Failed and ended are final.
+FAILOVER_TRANSITIONS = {
+    FailoverStatus.PENDING: {FailoverStatus.RUNNING, FailoverStatus.FAILED},
+    FailoverStatus.RUNNING: {FailoverStatus.SUCCEEDED, FailoverStatus.FAILED},
+    FailoverStatus.SUCCEEDED: {FailoverStatus.ENDED, FailoverStatus.FAILED},
+}
+
+
+class FailoverStepStatus(models.TextChoices):
+    RUNNING = "running", "Running"
+    DONE = "done", "Done"
+    FAILED = "failed", "Failed"
+
+
+FAILOVER_STEP_TRANSITIONS = {
+    FailoverStepStatus.RUNNING: {FailoverStepStatus.DONE, FailoverStepStatus.FAILED},
+}
+
+
+class AdmissionStatus(models.TextChoices):
+    WAITING = "waiting", "waiting for a slot"
+    STARTED = "started", "started"
+    SKIPPED = "skipped", "skipped"
+    DROPPED = "dropped", "dropped"
+
+
+class AdmissionReason(models.TextChoices):
+    SCHEDULED = "scheduled", "scheduled"
+    RETRY = "retry", "retry"
+
+
+# A VM due for a cycle waits for a slot, then is decided once: its cycle
+# started, skipped (with the reason), or dropped (it left the group).
+ADMISSION_TRANSITIONS = {
+    AdmissionStatus.WAITING: {AdmissionStatus.STARTED, AdmissionStatus.SKIPPED, AdmissionStatus.DROPPED},
+}
+
+
+class DrillStatus(models.TextChoices):
+    QUEUED = "queued", "queued"
+    RUNNING = "running", "running"
+    PASSED = "passed", "passed"
+    FAILED = "failed", "failed"
+
+
+# A queued VM that cannot fail over fails its drill without running it.
+DRILL_TRANSITIONS = {
+    DrillStatus.QUEUED: {DrillStatus.RUNNING, DrillStatus.FAILED},
+    DrillStatus.RUNNING: {DrillStatus.PASSED, DrillStatus.FAILED},
+}

@@ -6,8 +6,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from replication.choices import FailoverKind
-from replication.lifecycle import FailoverJob, VMContext
-from replication.models import VirtualMachine
+from replication.models import FailoverJob, VirtualMachine, VMContext
 from replication.roles import ADMINISTER, OPERATE, READ, actor_of, log_admin, page_permission
 from replication.services import failover as failover_service
 from replication.services import failover_checks, forecast

@@ -18,8 +18,8 @@ CYCLE_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1800, 3600, 3 * 3600, 12 * 3600, 
 
 class OMACollector:
     def collect(self):
-        from replication.models import ReplicationJob
-        from replication.policy import Admission, AdmissionStatus
+        from replication.choices import AdmissionStatus
+        from replication.models import Admission, ReplicationJob
         from replication.services import progress, rpo
 
         jobs = GaugeMetricFamily("oma_jobs", "Replication jobs by status", labels=["status"])

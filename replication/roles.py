@@ -20,8 +20,6 @@ import getpass
 import os
 from functools import wraps
 
-from django.db import models
-
 READ = "replication.read"
 OPERATE = "replication.operate"
 ADMINISTER = "replication.administer"
@@ -36,22 +34,6 @@ ROLE_PERMISSIONS = {
 ROLES = list(ROLE_PERMISSIONS)
 # The admin's audit trail stays as written: an administrator reads it, never edits it.
 AUDIT_LOCKED = {("admin", "add_logentry"), ("admin", "change_logentry"), ("admin", "delete_logentry")}
-
-
-class Role(models.Model):
-    """No table: it only carries the roles' permissions (Meta.permissions)."""
-
-    class Meta:
-        managed = False
-        default_permissions = ()
-        permissions = [
-            ("read", "Read every page and the JSON API"),
-            ("operate", "Replicate, cancel, retry and limit jobs; test failovers; drills"),
-            ("administer", "Live failover, rollback, sources, vCenters, clouds, agents, users, tokens, settings"),
-        ]
-
-    def __str__(self):
-        return "role"
 
 
 def role_of(user) -> str | None:
@@ -136,6 +118,8 @@ def ensure_roles(apps=None) -> dict:
     (the data migration, post_migrate and `manage.py roles sync`). The
     administrator group also holds every model permission the admin checks,
     except changing its audit log. `apps`: a migration's app registry."""
+    from replication.models import Role
+
     if apps is None:
         from django.apps import apps
     Group = apps.get_model("auth", "Group")

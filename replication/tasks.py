@@ -77,7 +77,7 @@ def reap_stale() -> None:
 def cloud_drift() -> None:
     """Log how the volume records and the active cloud's volumes differ."""
     from replication.cloudstack.drift import drift
-    from replication.cloudstack.models import CloudStackConfig
+    from replication.models import CloudStackConfig
 
     if CloudStackConfig.objects.filter(is_active=True).exists():
         drift()

@@ -8,8 +8,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from replication.choices import JOB_ACTIVE, JobStatus, SyncType
-from replication.lifecycle import FailoverJob
-from replication.models import ReplicationJob, TargetVolume, VirtualMachine, VMDisk
+from replication.models import FailoverJob, ReplicationJob, TargetVolume, VirtualMachine, VMDisk
 from replication.roles import OPERATE, READ, actor_of, log_admin, page_permission
 from replication.services import jobs as job_service
 from replication.services import limits, rpo

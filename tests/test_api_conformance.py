@@ -15,7 +15,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import CHECKS
 
 from oma_site.wsgi import application
-from replication.lifecycle import ApiToken
+from replication.models import ApiToken
 from replication.roles import grant
 
 EXAMPLES = hypothesis_settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck),

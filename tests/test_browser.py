@@ -131,7 +131,7 @@ def test_cancel_a_running_job_from_the_gui(celery_worker_process, progress_polle
 
 def test_a_test_failover_from_the_gui_boots_and_ends(celery_worker_process, live_server, browser_page, tmp_path):
     from replication.destinations import get_destination
-    from replication.lifecycle import FailoverJob, VMContext
+    from replication.models import FailoverJob, VMContext
 
     # VMs an interrupted earlier run left on the destination would make these failovers refuse their names.
     destination = get_destination()
@@ -210,7 +210,7 @@ PHONE = {"width": 390, "height": 844}
 def test_every_page_fits_a_phone_and_shows_progress_and_eta(live_server, tmp_path, monkeypatch):
     """At 390 px (Chromium with a phone's viewport, one job copying) no page is
     wider than the screen, and the job's progress and ETA are on it."""
-    from replication.lifecycle import FailoverJob, FailoverStep
+    from replication.models import FailoverJob, FailoverStep
 
     monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
     monkeypatch.setattr("replication.services.jobs.enqueue_prepare", lambda *args: None)

@@ -15,7 +15,7 @@ from django.core.management import CommandError, call_command
 
 from replication.choices import JobStatus, SyncType
 from replication.cloudstack.client import CloudClient
-from replication.cloudstack.models import CloudError, CloudStackConfig
+from replication.models import CloudError, CloudStackConfig
 from replication.services import vmware as vmware_service
 from replication.services.jobs import start_replication
 from tests.cloudstack_sim import CloudStackSimulator, GiB
@@ -352,8 +352,7 @@ def test_a_cloudstack_failover_that_cannot_deploy_gives_the_volumes_back_to_the_
 
 def test_removing_a_vms_replicas_deletes_its_cloud_volumes_and_the_next_cycle_is_full(
         celery_worker_process, cloud, tmp_path, settings, monkeypatch):
-    from replication.lifecycle import VMContext
-    from replication.models import SourceDisk, TargetVolume
+    from replication.models import SourceDisk, TargetVolume, VMContext
 
     sim, vm, volume, capacity = replicated_on_cloud(cloud, tmp_path, settings, "vm-unprotect")
     out = StringIO()

@@ -5,9 +5,8 @@ and a workflow hears of another's events through replication.signals."""
 import pytest
 
 from replication import signals
-from replication.choices import FailoverKind, FailoverStatus, JobStatus
-from replication.lifecycle import FailoverJob
-from replication.policy import DrillRun, DrillStatus
+from replication.choices import DrillStatus, FailoverKind, FailoverStatus, JobStatus
+from replication.models import DrillRun, FailoverJob
 from replication.services import jobs
 from replication.services.inventory import register_image_vm
 from tests.helpers import MiB, make_image

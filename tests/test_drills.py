@@ -10,10 +10,8 @@ from pathlib import Path
 import pytest
 from django.core.management import CommandError, call_command
 
-from replication.choices import JobStatus, VMState
-from replication.lifecycle import VMContext
-from replication.models import VirtualMachine
-from replication.policy import DrillRun, DrillStatus
+from replication.choices import DrillStatus, JobStatus, VMState
+from replication.models import DrillRun, VirtualMachine, VMContext
 from replication.services import scheduler
 from replication.services.jobs import start_replication
 from tests.conftest import wait_for_job

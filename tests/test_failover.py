@@ -12,8 +12,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from replication.choices import FailoverStatus, JobStatus, VMState
-from replication.lifecycle import FailoverJob, VMContext
-from replication.models import VirtualMachine
+from replication.models import FailoverJob, VirtualMachine, VMContext
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import ReplicationError, start_replication
 from tests.conftest import PROJECT_ROOT, wait_for_job

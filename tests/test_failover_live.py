@@ -16,8 +16,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from replication.choices import FailoverStatus, JobStatus, SyncType, VMState
-from replication.lifecycle import FailoverJob, VMContext
-from replication.models import VirtualMachine
+from replication.models import FailoverJob, VirtualMachine, VMContext
 from replication.services import vmware as vmware_service
 from replication.services.jobs import ReplicationError, start_replication
 from tests.conftest import wait_for_job

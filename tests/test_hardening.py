@@ -174,7 +174,7 @@ def test_a_bad_vm_name_is_refused_by_add_vm_the_sources_page_and_the_admin(kind,
 @pytest.mark.django_db
 def test_other_operator_names_are_checked_in_their_services():
     from replication.cloudstack.config import register_cloud
-    from replication.cloudstack.models import CloudError
+    from replication.models import CloudError
     from replication.services import scheduler, vmware
 
     with pytest.raises(scheduler.ScheduleError, match="control characters"):

@@ -4,7 +4,7 @@ refusing illegal moves with the reason, recording time, actor and reason."""
 import pytest
 
 from replication.choices import JobStatus, VMState
-from replication.lifecycle import IllegalMove, VMContext
+from replication.models import IllegalMove, VMContext
 from replication.services import jobs
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import ReplicationError, start_replication

@@ -15,9 +15,8 @@ from django.conf import settings
 from django.core.management import call_command
 from django.utils import timezone
 
-from replication.choices import JOB_ACTIVE, JobStatus
-from replication.models import ReplicationJob, VirtualMachine
-from replication.policy import Admission, AdmissionReason, AdmissionStatus, ProtectionGroup
+from replication.choices import JOB_ACTIVE, AdmissionReason, AdmissionStatus, JobStatus
+from replication.models import Admission, ProtectionGroup, ReplicationJob, VirtualMachine
 from replication.services import scheduler
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import cancel_job
@@ -135,7 +134,7 @@ def test_twelve_vms_in_three_groups_keep_their_limits_skip_retry_and_flag(beat, 
 
 def test_metrics_move_during_a_cycle_and_rpo_shows_in_json(celery_worker_process, progress_poller, tmp_path):
 
-    from replication.lifecycle import ApiToken
+    from replication.models import ApiToken
     from replication.services.jobs import start_replication
 
     user_with_role("scraper", "viewer")

@@ -16,8 +16,7 @@ from django.core.management import CommandError, call_command
 from django.test import Client
 
 from replication.choices import FailoverKind, JobStatus, VMState
-from replication.lifecycle import ApiToken, FailoverJob, VMContext, VMStateChange
-from replication.models import ReplicationJob, VCenter, VirtualMachine
+from replication.models import ApiToken, FailoverJob, ReplicationJob, VCenter, VirtualMachine, VMContext, VMStateChange
 from replication.roles import ADMINISTRATOR, OPERATOR, VIEWER, ensure_roles, role_of
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import fail_job, start_replication

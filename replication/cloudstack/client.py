@@ -9,7 +9,7 @@ import requests
 from cs import CloudStack, CloudStackApiException, CloudStackException
 from django.conf import settings
 
-from replication.cloudstack.models import CloudError, CloudStackConfig
+from replication.models import CloudError, CloudStackConfig
 
 # CloudStack's error codes (ApiErrorCode), as an operator reads them.
 ERROR_CODES = {

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 from replication.cloudstack.client import CloudClient
-from replication.cloudstack.models import CloudStackConfig
+from replication.models import CloudStackConfig
 
 log = logging.getLogger(__name__)
 
@@ -18,8 +18,7 @@ def drift(config: CloudStackConfig | None = None) -> dict:
         "elsewhere": records whose volume is attached to another VM or to none,
         "in_step": how many agree}"""
     from replication.choices import FAILOVER_OPEN, FailoverKind
-    from replication.lifecycle import FailoverJob
-    from replication.models import TargetVolume
+    from replication.models import FailoverJob, TargetVolume
 
     config = config or CloudStackConfig.active()
     cloud = {v["id"]: v for v in CloudClient(config).call("listVolumes", listall=True).get("volume", [])}

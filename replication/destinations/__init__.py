@@ -31,8 +31,8 @@ def get_destination(name: str = "libvirt") -> Destination:
     from django.conf import settings
 
     if name == "cloudstack":
-        from replication.cloudstack.models import CloudError, CloudStackConfig
         from replication.destinations.cloudstack import CloudStackDestination
+        from replication.models import CloudError, CloudStackConfig
 
         try:
             config = CloudStackConfig.active()

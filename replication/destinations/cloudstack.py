@@ -18,8 +18,8 @@ import time
 from collections.abc import Mapping, Sequence
 
 from replication.cloudstack.client import CloudClient
-from replication.cloudstack.models import CloudError, CloudStackConfig
 from replication.destinations.base import Destination, DestinationError, DiskSpec, GuestNotConverted, VMShape
+from replication.models import CloudError, CloudStackConfig
 
 # CloudStack's VM states as the destination interface names them.
 STATES = {"Running": "running", "Starting": "running", "Stopped": "shutoff", "Stopping": "shutdown",

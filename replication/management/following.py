@@ -7,7 +7,7 @@ import time
 from django.core.management.base import CommandError
 
 from replication.choices import FailoverKind, FailoverStatus
-from replication.lifecycle import FailoverJob
+from replication.models import FailoverJob
 from replication.services.failover import failover_report
 
 POLL_INTERVAL_S = 0.25

@@ -12,7 +12,7 @@ def vm_named(name: str, hint: str = "") -> VirtualMachine:
 
 
 def group_named(name: str):
-    from replication.policy import ProtectionGroup
+    from replication.models import ProtectionGroup
 
     try:
         return ProtectionGroup.objects.get(name=name)

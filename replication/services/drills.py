@@ -18,8 +18,8 @@ from django.db import transaction
 from django.utils import timezone
 
 from replication import dispatch
-from replication.choices import FailoverKind, FailoverStatus, VMState
-from replication.policy import DrillRun, DrillStatus, ProtectionGroup
+from replication.choices import DrillStatus, FailoverKind, FailoverStatus, VMState
+from replication.models import DrillRun, ProtectionGroup
 from replication.services.failover import FailoverError, end_test_failover, start_failover
 from vma_agent import task_names
 
@@ -76,7 +76,7 @@ def _start_next(group: ProtectionGroup) -> None:
             except FailoverError as exc:
                 _end(run, DrillStatus.FAILED, str(exc), now)
                 continue
-            DrillRun.objects.filter(pk=run.pk).update(status=DrillStatus.RUNNING, failover=failover, started_at=now)
+            run.start(failover, now)
             return
 
 
@@ -116,8 +116,7 @@ def _drill_actor(run: DrillRun) -> str:
 
 
 def _end(run: DrillRun, status: str, note: str, now, rto_s: float | None = None) -> None:
-    DrillRun.objects.filter(pk=run.pk).update(status=status, note=note[:1000], ended_at=now,
-                                              rto_s=round(rto_s, 3) if rto_s is not None else None)
+    run.end(status, note, now, rto_s)
     log.info("drill of VM %s %s: %s", run.vm.name, status, note)
 
 

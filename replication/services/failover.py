@@ -51,8 +51,7 @@ from replication.choices import (
 )
 from replication.destinations import destination_for
 from replication.destinations.base import DestinationError, GuestNotConverted
-from replication.lifecycle import FailoverJob, FailoverStep, IllegalMove, VMContext
-from replication.models import ReplicationJob, VirtualMachine
+from replication.models import FailoverJob, FailoverStep, IllegalMove, ReplicationJob, VirtualMachine, VMContext
 from replication.services import forecast, orders
 from replication.services.failover_checks import FailoverError, preflight, production_network, shape_of
 from replication.services.jobs import ReplicationError, start_replication
@@ -155,7 +154,7 @@ def destination_name(vm: VirtualMachine, kind: str) -> str:
 
 @contextlib.contextmanager
 def _step(job: FailoverJob, name: str) -> Iterator[FailoverStep]:
-    step = FailoverStep.objects.create(failover=job, name=name)
+    step = FailoverStep.begin(job, name)
     job.beat()
     try:
         yield step
@@ -167,23 +166,21 @@ def _step(job: FailoverJob, name: str) -> Iterator[FailoverStep]:
 
 def _open_step(job: FailoverJob, name: str) -> None:
     """A step that ends when an answer arrives (the agent's, the final cycle's)."""
-    FailoverStep.objects.create(failover=job, name=name)
+    FailoverStep.begin(job, name)
     job.beat()
 
 
 def _close_step(job: FailoverJob, name: str, status: str, detail: str) -> bool:
     """End the running step of that name; False if there is none (a second
     delivery of the same answer)."""
-    return bool(FailoverStep.objects.filter(failover=job, name=name, status=FailoverStep.Status.RUNNING)
-                .update(status=status, ended_at=timezone.now(), detail=detail[:4000]))
+    return bool(FailoverStep.end_running(job, status, detail, name=name))
 
 
 def run_failover(job_id: int) -> None:
     """The failover's first steps (a test one's all of them); any failure
     undoes what it made and says why."""
     job = FailoverJob.objects.select_related("vm", "replication_job", "rolls_back").get(pk=job_id)
-    if not job.transition(FailoverStatus.RUNNING, from_statuses={FailoverStatus.PENDING}, started_at=timezone.now(),
-                          heartbeat_at=timezone.now()):
+    if not job.transition(FailoverStatus.RUNNING, started_at=timezone.now(), heartbeat_at=timezone.now()):
         log.warning("failover %s not run: it is %s", job_id, job.status)
         return
     try:
@@ -240,7 +237,7 @@ def _boot(job: FailoverJob, destination, volumes: list[tuple[str, str]]) -> None
                                       only_from={VMState.READY_FOR_FAILOVER})
         except IllegalMove as exc:
             raise FailoverError(str(exc)) from None
-    job.transition(FailoverStatus.SUCCEEDED, from_statuses={FailoverStatus.RUNNING}, **fields)
+    job.transition(FailoverStatus.SUCCEEDED, **fields)
 
 
 def _verify_boot(job: FailoverJob, destination) -> str:
@@ -387,15 +384,15 @@ def _finish_rollback(job: FailoverJob, error: str) -> None:
     failover has ended, and the VM may replicate again (the next cycle is
     incremental: the replica holds what the committed changeIds say)."""
     live = job.rolls_back
-    live.transition(FailoverStatus.ENDED, from_statuses={FailoverStatus.SUCCEEDED}, ended_at=timezone.now())
+    live.transition(FailoverStatus.ENDED, ended_at=timezone.now())
     VMContext.of(job.vm).move(VMState.READY_FOR_FAILOVER, actor=job.actor,
                               reason=f"live failover {live.pk} rolled back ({job.pk})",
                               only_from={VMState.FAILED_OVER_LIVE})
     if error:
-        job.transition(FailoverStatus.FAILED, from_statuses={FailoverStatus.RUNNING}, completed_at=timezone.now(),
+        job.transition(FailoverStatus.FAILED, only_from={FailoverStatus.RUNNING}, completed_at=timezone.now(),
                        error_message=f"{error}: power the source on in vCenter"[:4000])
     else:
-        job.transition(FailoverStatus.SUCCEEDED, from_statuses={FailoverStatus.RUNNING}, completed_at=timezone.now())
+        job.transition(FailoverStatus.SUCCEEDED, completed_at=timezone.now())
 
 
 # Undoing -------------------------------------------------------------------------
@@ -407,8 +404,7 @@ def abandon(job_id: int, reason: str) -> None:
     (cleanup_required if that cannot be done). A rollback that fails only
     says why: each of its steps may simply be run again."""
     job = FailoverJob.objects.select_related("vm").get(pk=job_id)
-    job.steps.filter(status=FailoverStep.Status.RUNNING).update(status=FailoverStep.Status.FAILED,
-                                                                ended_at=timezone.now(), detail="interrupted")
+    FailoverStep.end_running(job, FailoverStep.Status.FAILED, "interrupted")
     tail = ""
     cleanup_error = ""
     if job.kind != FailoverKind.ROLLBACK and job.steps.filter(name__in=FAILOVER_BOOT_STEPS).exists():
@@ -419,8 +415,7 @@ def abandon(job_id: int, reason: str) -> None:
             _undo(job, destination)
         except Exception as exc:
             cleanup_error = f"; clean-up failed: {exc}"
-    if not job.transition(FailoverStatus.FAILED, from_statuses=FAILOVER_OPEN,
-                          error_message=(reason + cleanup_error)[:4000], console_tail=tail,
+    if not job.transition(FailoverStatus.FAILED, error_message=(reason + cleanup_error)[:4000], console_tail=tail,
                           completed_at=timezone.now(), wait_until=None):
         return
     if job.kind == FailoverKind.LIVE and job.steps.filter(name=STEP_SHUT_DOWN).exists():
@@ -458,7 +453,7 @@ def end_test_failover(vm: VirtualMachine, actor: str = "operator") -> FailoverJo
     except DestinationError as exc:
         VMContext.of(vm).move(VMState.CLEANUP_REQUIRED, actor=actor, reason=f"ending test failover: {exc}")
         raise FailoverError(f"ending the test failover failed: {exc}") from None
-    job.transition(FailoverStatus.ENDED, from_statuses={FailoverStatus.SUCCEEDED}, ended_at=timezone.now())
+    job.transition(FailoverStatus.ENDED, ended_at=timezone.now())
     VMContext.of(vm).move(VMState.READY_FOR_FAILOVER, actor=actor, reason=f"test failover {job.pk} ended")
     return job
 

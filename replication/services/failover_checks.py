@@ -12,8 +12,7 @@ from django.conf import settings
 
 from replication.choices import VM_STATE_REFUSALS, FailoverKind, JobStatus, VMState
 from replication.destinations.base import NIC, DestinationError, VMShape
-from replication.lifecycle import FailoverJob, NetworkMapping, VMContext
-from replication.models import ReplicationJob, VirtualMachine
+from replication.models import FailoverJob, NetworkMapping, ReplicationJob, VirtualMachine, VMContext
 
 
 class FailoverError(Exception):

@@ -2,8 +2,9 @@
 snapshot of a VMware source; the OMA provisions the targets) -> every disk's
 copy on the agent -> finalize (the agent removes the snapshot; the OMA
 commits the changeIds). The agent reports each step's outcome by queueing
-an OMA task; every database write happens here, and every error path ends
-the job in a terminal status with the reason."""
+an OMA task, handled here: this module decides what happens next, the
+models write and guard each status, and every error path ends the job in a
+terminal status with the reason."""
 
 from __future__ import annotations
 
@@ -15,8 +16,16 @@ from django.utils import timezone
 
 from replication import dispatch, signals
 from replication.choices import FAILOVER_OPEN, DiskStatus, FailoverKind, JobStatus, SourceKind, Stage, SyncType, VMState
-from replication.lifecycle import FailoverJob, IllegalMove, VMContext
-from replication.models import CopyAttempt, JobEvent, ReplicationJob, VirtualMachine, VMDisk
+from replication.models import (
+    CopyAttempt,
+    FailoverJob,
+    IllegalMove,
+    JobEvent,
+    ReplicationJob,
+    VirtualMachine,
+    VMContext,
+    VMDisk,
+)
 from replication.services import orders, vmware, volumes
 from vma_agent import task_names
 from vma_agent import vmware as vsphere
@@ -116,7 +125,7 @@ def source_prepared(job_id: str, outcome: dict) -> None:
     backing file the snapshot froze; or why it failed."""
     job = ReplicationJob.objects.select_related("vm__vcenter").get(pk=job_id)
     if outcome.get("removed_orphans"):
-        ReplicationJob.objects.filter(snapshot_moref__in=outcome["removed_orphans"]).update(snapshot_moref="")
+        ReplicationJob.snapshots_removed(outcome["removed_orphans"])
     if outcome.get("snapshot_moref"):
         # The snapshot froze the source just now: the cycle's recovery point.
         ReplicationJob.objects.filter(pk=job.pk).update(snapshot_name=outcome["snapshot_name"],
@@ -310,7 +319,7 @@ def finalize_job(job_id: str) -> None:
 def snapshot_removed(job_id: str, snapshot_moref: str, finalize: bool, outcome: dict) -> None:
     job = ReplicationJob.objects.get(pk=job_id)
     if outcome.get("removed"):
-        ReplicationJob.objects.filter(pk=job.pk, snapshot_moref=snapshot_moref).update(snapshot_moref="")
+        ReplicationJob.snapshots_removed([snapshot_moref], job_id=job.pk)
     if not finalize:
         return
     if outcome.get("error"):

@@ -11,8 +11,15 @@ from django.db import transaction
 from django.utils import timezone
 
 from replication.choices import VMState
-from replication.lifecycle import FailoverJob, IllegalMove, VMContext
-from replication.models import DeviceMapping, SourceDisk, TargetVolume, VirtualMachine
+from replication.models import (
+    DeviceMapping,
+    FailoverJob,
+    IllegalMove,
+    SourceDisk,
+    TargetVolume,
+    VirtualMachine,
+    VMContext,
+)
 from replication.targets import get_provider
 
 log = logging.getLogger(__name__)

@@ -23,9 +23,16 @@ from django.utils import timezone
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
 
 from replication import names
-from replication.choices import DISK_TERMINAL, JOB_ACTIVE, JobStatus, SourceKind, SyncType
-from replication.models import ReplicationJob, SourceDisk, VirtualMachine, VMDisk
-from replication.policy import Admission, AdmissionReason, AdmissionStatus, ProtectionGroup
+from replication.choices import (
+    DISK_TERMINAL,
+    JOB_ACTIVE,
+    AdmissionReason,
+    AdmissionStatus,
+    JobStatus,
+    SourceKind,
+    SyncType,
+)
+from replication.models import Admission, ProtectionGroup, ReplicationJob, SourceDisk, VirtualMachine, VMDisk
 from vma_agent import task_names
 
 log = logging.getLogger(__name__)
@@ -150,8 +157,7 @@ def add_vms(group: ProtectionGroup, vms: list[VirtualMachine]) -> None:
     with transaction.atomic():
         for vm in vms:
             if vm.group_id not in (None, group.pk):
-                Admission.objects.filter(vm=vm, status=AdmissionStatus.WAITING).update(
-                    status=AdmissionStatus.DROPPED, decided_at=timezone.now(), note=f"moved to group {group.name}")
+                Admission.drop_waiting(vm, f"moved to group {group.name}")
             VirtualMachine.objects.filter(pk=vm.pk).update(group=group)
 
 
@@ -160,8 +166,7 @@ def remove_vms(group: ProtectionGroup, vms: list[VirtualMachine]) -> None:
         for vm in vms:
             if vm.group_id != group.pk:
                 raise ScheduleError(f"VM {vm.name} is not in group {group.name}")
-            Admission.objects.filter(vm=vm, status=AdmissionStatus.WAITING).update(
-                status=AdmissionStatus.DROPPED, decided_at=timezone.now(), note=f"removed from group {group.name}")
+            Admission.drop_waiting(vm, f"removed from group {group.name}")
             VirtualMachine.objects.filter(pk=vm.pk).update(group=None, protection_flag="")
 
 
@@ -254,7 +259,7 @@ def _sync_type(vm: VirtualMachine) -> str:
 
 
 def _decide(entry: Admission, status: str, *, job: ReplicationJob | None = None, note: str = "") -> None:
-    Admission.objects.filter(pk=entry.pk).update(status=status, job=job, note=note[:500], decided_at=timezone.now())
+    entry.decide(status, job=job, note=note)
 
 
 def _last_recovery_point(vm_ref):

@@ -135,7 +135,7 @@ def _record_vm(vcenter: VCenter, info: vmware.VMInfo, agent: str, actor: str = "
     log.info("%s VM %s (%s) with %d disks", "discovered" if created else "updated", vm.name, vm.moref,
              len(info.disks))
     if created:
-        from replication.lifecycle import VMContext
+        from replication.models import VMContext
 
         VMContext.registered(vm, actor, f"from vCenter {vcenter.name} ({info.moref})")
     return vm
@@ -155,7 +155,7 @@ def _remove_orphans(client: VSphereClient, vm: VirtualMachine, info: vmware.VMIn
         if snapshot.moref in active:
             continue
         client.remove_snapshot(snapshot.moref)
-        ReplicationJob.objects.filter(snapshot_moref=snapshot.moref).update(snapshot_moref="")
+        ReplicationJob.snapshots_removed([snapshot.moref])
         log.warning("removed orphaned snapshot %s (%s) of VM %s", name, snapshot.moref, vm.name)
         removed.append(f"{vm.name}/{name}")
     info.snapshots = [s for s in info.snapshots if s.name not in ours or s.moref in active]

@@ -19,7 +19,7 @@ def get_provider(name: str = VolumeProvider.LOCAL):
     if name == VolumeProvider.LOCAL:
         return local_provider()
     if name == VolumeProvider.CLOUDSTACK:
-        from replication.cloudstack.models import CloudStackConfig
+        from replication.models import CloudStackConfig
         from replication.targets.cloudstack import CloudStackVolumeProvider
 
         return CloudStackVolumeProvider(CloudStackConfig.active(), local_provider(),

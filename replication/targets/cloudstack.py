@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from replication.cloudstack.client import CloudClient
-from replication.cloudstack.models import CloudError, CloudStackConfig
+from replication.models import CloudError, CloudStackConfig
 from replication.targets.local import LocalVolumeProvider, VolumeError
 
 GiB = 1024**3

@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from replication.lifecycle import VMContext
+from replication.models import VMContext
 from replication.roles import os_actor
 from replication.services.inventory import InventoryError, register_image_vm
 

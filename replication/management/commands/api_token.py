@@ -1,7 +1,7 @@
 from django.contrib.auth.models import User
 from django.core.management.base import BaseCommand, CommandError
 
-from replication.lifecycle import ApiToken
+from replication.models import ApiToken
 
 
 class Command(BaseCommand):

@@ -3,7 +3,7 @@ import json
 from django.core.management.base import BaseCommand, CommandError
 
 from replication.cloudstack.drift import drift
-from replication.cloudstack.models import CloudError
+from replication.models import CloudError
 
 
 class Command(BaseCommand):

@@ -3,8 +3,9 @@ import time
 
 from django.core.management.base import BaseCommand, CommandError
 
+from replication.choices import DrillStatus
 from replication.management.lookup import group_named
-from replication.policy import DrillRun, DrillStatus
+from replication.models import DrillRun
 from replication.roles import os_actor
 from replication.services import drills
 

@@ -3,7 +3,7 @@ import json
 from django.core.management.base import BaseCommand, CommandError
 
 from replication.management.lookup import duration_s, group_named, vm_named
-from replication.policy import ProtectionGroup
+from replication.models import ProtectionGroup
 from replication.services import rpo, scheduler
 
 

@@ -4,7 +4,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from replication.destinations import get_destination
 from replication.destinations.base import DestinationError
-from replication.lifecycle import NetworkMapping
+from replication.models import NetworkMapping
 
 
 class Command(BaseCommand):

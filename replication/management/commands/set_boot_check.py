@@ -2,8 +2,8 @@ import re
 
 from django.core.management.base import BaseCommand, CommandError
 
-from replication.lifecycle import VMContext
 from replication.management.lookup import vm_named
+from replication.models import VMContext
 
 
 class Command(BaseCommand):

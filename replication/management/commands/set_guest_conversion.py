@@ -1,7 +1,7 @@
 from django.core.management.base import BaseCommand
 
-from replication.lifecycle import VMContext
 from replication.management.lookup import vm_named
+from replication.models import VMContext
 
 
 class Command(BaseCommand):

@@ -1,11 +1,10 @@
-"""Replication state. Models own their state transitions: each transition is a
-conditional UPDATE from the statuses allowed in choices.py, so two processes
-racing on one row cannot both win, and terminal states stay final."""
+"""A replication cycle and its disks: the job, its timeline and progress
+samples, each disk's copy runs, and the changeIds each committed. Statuses
+move along choices.JOB_TRANSITIONS and DISK_TRANSITIONS (models.base)."""
 
 from __future__ import annotations
 
 import secrets
-import uuid
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -22,17 +21,13 @@ from replication.choices import (
     TRANSFER_START_PERCENT,
     DiskStatus,
     JobStatus,
-    SourceKind,
     Stage,
     SyncType,
-    VMState,
-    VolumeProvider,
-    sources_of,
 )
-from replication.names import validate_no_control_characters
+from replication.models.base import StateMachine
+from replication.models.inventory import SourceDisk, TargetVolume, VirtualMachine
 from vma_agent.units import iec_rate
 
-EXPORT_PREFIX = "migration-vol-"
 PROGRESS_SAMPLE_S = timedelta(seconds=5)
 
 
@@ -99,155 +94,8 @@ def _db_values(rows: dict) -> dict:
             for pk, row in rows.items()}
 
 
-class VCenter(models.Model):
-    """How to reach a vCenter. The password is not stored here: only where
-    to read it (a file, or an environment variable of the processes)."""
-
-    name = models.CharField(max_length=100, unique=True, validators=[validate_no_control_characters])
-    host = models.CharField(max_length=255)
-    port = models.PositiveIntegerField(default=443)
-    username = models.CharField(max_length=200)
-    password_file = models.CharField(max_length=1000, blank=True, help_text="File holding the password")
-    password_env = models.CharField(max_length=100, blank=True, help_text="Environment variable holding it")
-    thumbprint = models.CharField(max_length=200, help_text="Pinned SHA-1 thumbprint of the server certificate")
-    created_at = models.DateTimeField(auto_now_add=True)
-
-    class Meta:
-        db_table = "vcenters"
-        ordering = ["name"]
-        verbose_name = "vCenter"
-
-    def __str__(self):
-        return self.name
-
-
-class VirtualMachine(models.Model):
-    name = models.CharField(max_length=200, unique=True, validators=[validate_no_control_characters])
-    source_kind = models.CharField(max_length=20, choices=SourceKind.choices, default=SourceKind.IMAGE)
-    agent = models.CharField(max_length=100, default="local", help_text="VMA whose queue copies this VM's disks")
-    vcenter = models.ForeignKey(VCenter, null=True, blank=True, on_delete=models.PROTECT, related_name="vms")
-    moref = models.CharField(max_length=100, blank=True)
-    vm_uuid = models.CharField(max_length=64, blank=True)
-    cbt_enabled = models.BooleanField(null=True, help_text="Changed block tracking; unknown for image sources")
-    power_state = models.CharField(max_length=20, blank=True)
-    firmware = models.CharField(max_length=20, blank=True)
-    guest_os = models.CharField(max_length=200, blank=True)
-    cpus = models.PositiveIntegerField(null=True, blank=True, help_text="Virtual CPUs; unknown: the destination's "
-                                                                        "default")
-    memory_mib = models.PositiveIntegerField(null=True, blank=True, help_text="Memory in MiB")
-    nics = models.JSONField(default=list, blank=True, help_text="[{label, mac, network}]")
-    snapshots = models.JSONField(default=list, blank=True, help_text="Snapshots at discovery: [{name, moref}]")
-    discovered_at = models.DateTimeField(null=True, blank=True)
-    group = models.ForeignKey("replication.ProtectionGroup", null=True, blank=True, on_delete=models.SET_NULL,
-                              related_name="vms", help_text="Its protection group (at most one)")
-    protection_flag = models.CharField(max_length=500, blank=True,
-                                       help_text="Why scheduled protection gave up on it (after the last retry)")
-    created_at = models.DateTimeField(auto_now_add=True)
-
-    class Meta:
-        db_table = "virtual_machines"
-        ordering = ["name"]
-
-    def __str__(self):
-        return self.name
-
-    def active_job(self):
-        return self.jobs.filter(status__in=JOB_ACTIVE).first()
-
-    def shape(self) -> dict:
-        """The VM's shape as recorded (discovery, or add_vm's options): what a
-        cycle stores unless its agent reads a fresher one."""
-        return {"cpus": self.cpus, "memory_mib": self.memory_mib, "firmware": self.firmware or "bios",
-                "guest_os": self.guest_os, "nics": self.nics,
-                "disks": list(self.disks.order_by("disk_key").values_list("disk_key", flat=True))}
-
-    @property
-    def lifecycle_state(self) -> str:
-        """Its lifecycle state (VMContext), discovered until its first move."""
-        try:
-            return self.context.state
-        except models.ObjectDoesNotExist:
-            return VMState.DISCOVERED.value
-
-    @property
-    def lifecycle_label(self) -> str:
-        return VMState(self.lifecycle_state).label
-
-
-class SourceDisk(models.Model):
-    """A disk of a VM in the source inventory; persists across jobs."""
-
-    vm = models.ForeignKey(VirtualMachine, on_delete=models.CASCADE, related_name="disks")
-    disk_key = models.CharField(max_length=50, help_text="e.g. disk-2000")
-    locator = models.CharField(max_length=1000, help_text="Image path or NBD URI")
-    capacity_bytes = models.BigIntegerField()
-    change_id = models.CharField(max_length=200, blank=True, help_text="Last committed changeId")
-    device_key = models.IntegerField(null=True, blank=True, help_text="vSphere device key")
-    unit_number = models.IntegerField(null=True, blank=True)
-    backing_file = models.CharField(max_length=1000, blank=True, help_text="e.g. [datastore] vm/vm.vmdk")
-    disk_mode = models.CharField(max_length=40, blank=True)
-    sharing = models.CharField(max_length=40, blank=True)
-    is_rdm = models.BooleanField(default=False)
-    discovered_change_id = models.CharField(max_length=200, blank=True,
-                                            help_text="changeId vCenter reported at the last discovery")
-
-    class Meta:
-        db_table = "source_disks"
-        ordering = ["vm", "disk_key"]
-        constraints = [models.UniqueConstraint(fields=["vm", "disk_key"], name="uniq_source_disk_key")]
-
-    def __str__(self):
-        return f"{self.vm.name}/{self.disk_key}"
-
-
-class TargetVolume(models.Model):
-    """A volume on the cloud side (the seeds' ossea_volumes), exported over
-    NBD as migration-vol-{volume_uuid}. Reused by later jobs of its disk."""
-
-    volume_uuid = models.UUIDField(default=uuid.uuid4, unique=True)
-    source_disk = models.OneToOneField(
-        SourceDisk, null=True, blank=True, on_delete=models.SET_NULL, related_name="target_volume"
-    )
-    provider = models.CharField(max_length=20, choices=VolumeProvider.choices, default=VolumeProvider.LOCAL)
-    size_bytes = models.BigIntegerField()
-    path = models.CharField(max_length=1000, blank=True, help_text="File or device on the appliance")
-    cloud_volume_id = models.CharField(max_length=64, blank=True, help_text="CloudStack: the volume's id")
-    requested_bytes = models.BigIntegerField(null=True, blank=True,
-                                             help_text="CloudStack: the source's size, before rounding up to "
-                                                       "what the disk offering allows (size_bytes)")
-    created_at = models.DateTimeField(auto_now_add=True)
-    retired_at = models.DateTimeField(null=True, blank=True,
-                                      help_text="Deleted from its provider (the VM's replicas were removed); kept "
-                                                "as the history of the jobs that wrote it")
-
-    class Meta:
-        db_table = "ossea_volumes"
-
-    def __str__(self):
-        return self.export_name
-
-    @property
-    def export_name(self) -> str:
-        return f"{EXPORT_PREFIX}{self.volume_uuid}"
-
-
-class DeviceMapping(models.Model):
-    """Where a target volume is attached on the appliance."""
-
-    volume = models.OneToOneField(TargetVolume, on_delete=models.CASCADE, related_name="device_mapping")
-    vm = models.ForeignKey(VirtualMachine, on_delete=models.CASCADE, related_name="device_mappings")
-    device_path = models.CharField(max_length=1000)
-    operation_mode = models.CharField(max_length=20, default="oma")
-    created_at = models.DateTimeField(auto_now_add=True)
-
-    class Meta:
-        db_table = "device_mappings"
-
-    def __str__(self):
-        return f"{self.volume} -> {self.device_path}"
-
-
-class ReplicationJob(models.Model):
+class ReplicationJob(StateMachine):
+    transitions = JOB_TRANSITIONS
     id = models.CharField(max_length=40, primary_key=True, default=new_job_id, editable=False)
     vm = models.ForeignKey(VirtualMachine, on_delete=models.PROTECT, related_name="jobs")
     sync_type = models.CharField(max_length=20, choices=SyncType.choices, default=SyncType.FULL)
@@ -258,7 +106,6 @@ class ReplicationJob(models.Model):
     total_bytes = models.BigIntegerField(default=0)
     throughput_bps = models.BigIntegerField(default=0)
     error_message = models.TextField(blank=True)
-    celery_task_id = models.CharField(max_length=64, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
@@ -290,20 +137,16 @@ class ReplicationJob(models.Model):
     def is_terminal(self) -> bool:
         return self.status in JOB_TERMINAL
 
-    def transition(self, to: JobStatus, **fields) -> bool:
-        """Move to `to` if allowed from the current stored status; returns
-        whether this call made the move. Refreshes the instance either way."""
+    def transition(self, to: JobStatus, *, only_from=None, **fields) -> bool:
+        """StateMachine.transition, stamped, and each move on the timeline."""
         fields.setdefault("updated_at", timezone.now())
         if to in JOB_TERMINAL:
             fields.setdefault("completed_at", timezone.now())
-        moved = ReplicationJob.objects.filter(
-            pk=self.pk, status__in=sources_of(JOB_TRANSITIONS, to)
-        ).update(status=to, **fields)
-        self.refresh_from_db()
+        moved = super().transition(to, only_from=only_from, **fields)
         if moved:
             JobEvent.objects.create(job=self, status=to, stage=self.current_operation,
                                     message=fields.get("error_message", ""))
-        return bool(moved)
+        return moved
 
     def enter_stage(self, stage: Stage, status: JobStatus) -> bool:
         extra = {"started_at": timezone.now()} if status == JobStatus.PREPARING else {}
@@ -333,6 +176,16 @@ class ReplicationJob(models.Model):
     def record_poll(self, *, error: bool) -> None:
         count = models.F("poll_errors") + 1 if error else 0
         ReplicationJob.objects.filter(pk=self.pk).update(poll_errors=count)
+
+    @classmethod
+    def snapshots_removed(cls, morefs, *, job_id: str | None = None) -> int:
+        """These snapshots are gone from the source: the jobs holding them
+        (only `job_id`'s, when given) no longer have one to remove. The one
+        place snapshot_moref is cleared."""
+        rows = cls.objects.filter(snapshot_moref__in=[moref for moref in morefs if moref])
+        if job_id is not None:
+            rows = rows.filter(pk=job_id)
+        return rows.update(snapshot_moref="")
 
     def change_limit(self, bytes_per_s: int | None, actor: str) -> bool:
         """A new bandwidth limit per disk copy (None: none) for a job still
@@ -467,8 +320,10 @@ class ProgressSample(models.Model):
         )
 
 
-class VMDisk(models.Model):
+class VMDisk(StateMachine):
     """One disk of one job: what is copied, from where, to which volume."""
+
+    transitions = DISK_TRANSITIONS
 
     job = models.ForeignKey(ReplicationJob, on_delete=models.CASCADE, related_name="disks")
     source_disk = models.ForeignKey(SourceDisk, on_delete=models.PROTECT, related_name="job_disks")
@@ -514,19 +369,17 @@ class VMDisk(models.Model):
     def __str__(self):
         return f"{self.job_id}/{self.disk_key}"
 
-    def transition(self, to: DiskStatus, attempt: int | None = None, **fields) -> bool:
-        """Move to `to` if allowed from the stored status; with `attempt`, only
-        while that copy run is still the disk's newest (a run that was taken
-        over must not end the disk its successor is copying)."""
+    def transition(self, to: DiskStatus, attempt: int | None = None, *, only_from=None, **fields) -> bool:
+        """StateMachine.transition; with `attempt`, only while that copy run
+        is still the disk's newest (a run that was taken over must not end
+        the disk its successor is copying)."""
         fields.setdefault("updated_at", timezone.now())
         if to in DISK_TERMINAL:
             fields.setdefault("completed_at", timezone.now())
-        rows = VMDisk.objects.filter(pk=self.pk, status__in=sources_of(DISK_TRANSITIONS, to))
+        rows = VMDisk.objects.filter(pk=self.pk)
         if attempt is not None:
             rows = rows.filter(attempts=attempt)
-        moved = rows.update(status=to, **fields)
-        self.refresh_from_db()
-        return bool(moved)
+        return self._move(rows, to, only_from, fields)
 
     @staticmethod
     def lost_before(now: datetime, up_since: datetime | None) -> datetime | None:
@@ -684,18 +537,3 @@ class ChangeIdRecord(models.Model):
 
     def __str__(self):
         return f"{self.source_disk} {self.change_id}"
-
-
-# The lifecycle, failover and cloud models live in modules of their own (their own
-# concern); imported here so Django finds them with the app's models.
-from replication.cloudstack.models import CloudStackConfig  # noqa: E402, F401
-from replication.lifecycle import (  # noqa: E402, F401
-    ApiToken,
-    FailoverJob,
-    FailoverStep,
-    NetworkMapping,
-    VMContext,
-    VMStateChange,
-)
-from replication.policy import Admission, DrillRun, ProtectionGroup  # noqa: E402, F401
-from replication.roles import Role  # noqa: E402, F401

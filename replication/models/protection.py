@@ -3,13 +3,23 @@ schedule_executions): a group of VMs kept fresh on a schedule, within a
 concurrency limit, against a recovery point objective, and rehearsed by
 drills. The schedules live in django-celery-beat's tables (PeriodicTasks
 written only by services.scheduler); a VM's place in the admission queue
-and every decision about it are Admission rows; each rehearsal a DrillRun."""
+and every decision about it are Admission rows; each rehearsal a DrillRun.
+Their statuses move along choices.ADMISSION_TRANSITIONS and
+DRILL_TRANSITIONS (models.base)."""
 
 from __future__ import annotations
 
 from django.db import models
 from django.utils import timezone
 
+from replication.choices import (
+    ADMISSION_TRANSITIONS,
+    DRILL_TRANSITIONS,
+    AdmissionReason,
+    AdmissionStatus,
+    DrillStatus,
+)
+from replication.models.base import StateMachine
 from replication.names import validate_no_control_characters
 
 
@@ -52,21 +62,11 @@ class ProtectionGroup(models.Model):
         return "no schedule"
 
 
-class AdmissionStatus(models.TextChoices):
-    WAITING = "waiting", "waiting for a slot"
-    STARTED = "started", "started"
-    SKIPPED = "skipped", "skipped"
-    DROPPED = "dropped", "dropped"
-
-
-class AdmissionReason(models.TextChoices):
-    SCHEDULED = "scheduled", "scheduled"
-    RETRY = "retry", "retry"
-
-
-class Admission(models.Model):
+class Admission(StateMachine):
     """One time a VM came due: it waits for a slot, starts a cycle, or is
     skipped (its previous cycle still runs) - with when and why."""
+
+    transitions = ADMISSION_TRANSITIONS
 
     group = models.ForeignKey(ProtectionGroup, on_delete=models.CASCADE, related_name="admissions")
     vm = models.ForeignKey("replication.VirtualMachine", on_delete=models.CASCADE, related_name="admissions")
@@ -88,18 +88,22 @@ class Admission(models.Model):
     def __str__(self):
         return f"{self.vm} {self.reason} #{self.attempt}: {self.status}"
 
+    def decide(self, status: str, *, job=None, note: str = "") -> bool:
+        return self.transition(status, job=job, note=note[:500], decided_at=timezone.now())
 
-class DrillStatus(models.TextChoices):
-    QUEUED = "queued", "queued"
-    RUNNING = "running", "running"
-    PASSED = "passed", "passed"
-    FAILED = "failed", "failed"
+    @classmethod
+    def drop_waiting(cls, vm, note: str) -> int:
+        """The VM left its group: its waits end unanswered."""
+        return cls.move_rows(cls.objects.filter(vm=vm), AdmissionStatus.DROPPED, decided_at=timezone.now(),
+                             note=note[:500])
 
 
-class DrillRun(models.Model):
+class DrillRun(StateMachine):
     """One VM's rehearsal in a group's drill: a test failover, its boot
     verified on the guest's console, the test ended; pass or fail, and the
     recovery time it measured (failover asked -> boot verified)."""
+
+    transitions = DRILL_TRANSITIONS
 
     group = models.ForeignKey(ProtectionGroup, null=True, on_delete=models.SET_NULL, related_name="drills")
     vm = models.ForeignKey("replication.VirtualMachine", on_delete=models.CASCADE, related_name="drills")
@@ -121,3 +125,10 @@ class DrillRun(models.Model):
 
     def __str__(self):
         return f"drill of {self.vm}: {self.status}"
+
+    def start(self, failover, at) -> bool:
+        return self.transition(DrillStatus.RUNNING, failover=failover, started_at=at)
+
+    def end(self, status: str, note: str, at, rto_s: float | None = None) -> bool:
+        return self.transition(status, note=note[:1000], ended_at=at,
+                               rto_s=round(rto_s, 3) if rto_s is not None else None)

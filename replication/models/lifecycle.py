@@ -1,0 +1,95 @@
+"""A VM's lifecycle: the state that says what an operator may do next
+(replicate, fail over, end a test, roll back), and every move with its
+time, actor and reason. The state moves along choices.VM_TRANSITIONS
+(models.base); a refused move says why."""
+
+from __future__ import annotations
+
+from django.db import models, transaction
+from django.utils import timezone
+
+from replication.choices import VM_STATE_REFUSALS, VM_TRANSITIONS, VMState
+from replication.models.base import StateMachine
+
+
+class IllegalMove(Exception):
+    """A lifecycle move the VM's state does not allow; the message says why."""
+
+
+class VMContext(StateMachine):
+    """The seeds' vm_replication_contexts: one per VM, its lifecycle state."""
+
+    state_field = "state"
+    transitions = VM_TRANSITIONS
+
+    vm = models.OneToOneField("replication.VirtualMachine", on_delete=models.CASCADE, related_name="context")
+    state = models.CharField(max_length=30, choices=VMState.choices, default=VMState.DISCOVERED, db_index=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    boot_check_regex = models.CharField(max_length=500, blank=True,
+                                        help_text="What the console must show for a boot to count; empty: "
+                                                  "the VM runs and its console printed anything")
+    boot_check_timeout_s = models.PositiveIntegerField(default=120)
+    convert_guest = models.BooleanField(default=False,
+                                        help_text="Convert the guest (virt-v2v-in-place) on the overlays before "
+                                                  "a failed-over VM's first boot")
+
+    class Meta:
+        db_table = "vm_replication_contexts"
+
+    def __str__(self):
+        return f"{self.vm} {self.state}"
+
+    @classmethod
+    def of(cls, vm) -> VMContext:
+        context, _ = cls.objects.get_or_create(vm=vm)
+        return context
+
+    @classmethod
+    def registered(cls, vm, actor: str, how: str) -> VMContext:
+        """A new VM's first line of history: who registered it, and how."""
+        context = cls.of(vm)
+        VMStateChange.objects.create(context=context, to_state=context.state, actor=actor[:100],
+                                     reason=f"registered {how} by {actor}"[:2000])
+        return context
+
+    def transition(self, to: VMState, *, actor: str, reason: str = "", only_from=None, **fields) -> bool:
+        """StateMachine.transition, each move in the VM's history."""
+        fields.setdefault("updated_at", timezone.now())
+        with transaction.atomic():
+            moved = super().transition(to, only_from=only_from, **fields)
+            if moved:
+                VMStateChange.objects.create(context=self, to_state=to, actor=actor[:100], reason=reason[:2000])
+        return moved
+
+    def move(self, to: VMState, *, actor: str, reason: str = "", only_from=None) -> None:
+        """transition() for callers that need the move made: raises
+        IllegalMove with the reason unless the VM moved or already is in `to`."""
+        if self.transition(to, actor=actor, reason=reason, only_from=only_from) or self.state == to:
+            return
+        why = VM_STATE_REFUSALS.get(self.state, f"it is {self.state}")
+        raise IllegalMove(f"VM {self.vm.name} cannot go to {VMState(to).label.lower()}: {why}")
+
+    def state_before_replicating(self) -> VMState:
+        """The state the VM left when its current cycle started."""
+        entered = self.changes.filter(to_state=VMState.REPLICATING).order_by("-at", "-id").first()
+        if entered is None:
+            return VMState.DISCOVERED
+        before = self.changes.filter(id__lt=entered.id).order_by("-id").first()
+        return VMState(before.to_state) if before is not None else VMState.DISCOVERED
+
+
+class VMStateChange(models.Model):
+    """The VM's lifecycle history: every state it entered, when, who, why."""
+
+    context = models.ForeignKey(VMContext, on_delete=models.CASCADE, related_name="changes")
+    to_state = models.CharField(max_length=30, choices=VMState.choices)
+    at = models.DateTimeField(default=timezone.now)
+    actor = models.CharField(max_length=100)
+    reason = models.TextField(blank=True)
+
+    class Meta:
+        db_table = "vm_state_changes"
+        ordering = ["at", "id"]
+
+    def __str__(self):
+        return f"{self.context.vm} -> {self.to_state} by {self.actor}"
