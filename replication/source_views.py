@@ -6,11 +6,11 @@ from django.contrib.admin.models import ADDITION
 from django.shortcuts import get_object_or_404, redirect
 from django.views.decorators.http import require_POST
 
-from replication.cloudstack.client import CloudClient
-from replication.cloudstack.drift import drift
 from replication.cloudstack.models import CloudError, CloudStackConfig
 from replication.lifecycle import VMContext
 from replication.models import VCenter
+from replication.platforms.cloudstack.client import CloudClient
+from replication.platforms.cloudstack.drift import drift
 from replication.roles import ADMINISTER, READ, actor_of, log_admin, page_permission
 from replication.services import sources as source_service
 from replication.services import vmware as vmware_service

@@ -1,2 +1,2 @@
-"""CloudStack (the seeds' OSSEA) as the destination cloud: its config, its
-API client, its volumes as replication targets."""
+"""The CloudStack config model (MigrateKit OSSEA's ossea_configs). The platform
+itself (client, volumes, destination) is replication.platforms.cloudstack."""

@@ -13,7 +13,7 @@ from django.utils import timezone
 from replication.choices import VMState
 from replication.lifecycle import FailoverJob, IllegalMove, VMContext
 from replication.models import DeviceMapping, SourceDisk, TargetVolume, VirtualMachine
-from replication.targets import get_provider
+from replication.platforms import get_provider
 
 log = logging.getLogger(__name__)
 

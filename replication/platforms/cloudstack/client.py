@@ -9,7 +9,8 @@ import requests
 from cs import CloudStack, CloudStackApiException, CloudStackException
 from django.conf import settings
 
-from replication.cloudstack.models import CloudError, CloudStackConfig
+from replication.cloudstack.models import CloudError
+from replication.models import CloudStackConfig
 
 # CloudStack's error codes (ApiErrorCode), as an operator reads them.
 ERROR_CODES = {
