@@ -100,7 +100,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="failover-bench-"))
     try:
         configure(workdir)
-        from replication.destinations import get_destination
+        from replication.platforms import get_destination
 
         destination = get_destination()
         print(f"destination: libvirt, domain type {destination.domain_type()} ({destination.domain_type_reason()})")

@@ -353,8 +353,8 @@ class NetworkMappingForm(forms.ModelForm):
         fields = ["source_network", "destination_network"]
 
     def clean_destination_network(self):
-        from replication.destinations import get_destination
-        from replication.destinations.base import DestinationError
+        from replication.platforms import get_destination
+        from replication.platforms.base import DestinationError
 
         name = self.cleaned_data["destination_network"].strip()
         try:
@@ -386,8 +386,8 @@ class CloudStackConfigForm(forms.ModelForm):
 
     def clean(self):
         """Saved only once the cloud answered for the credentials and every id."""
-        from replication.cloudstack.client import CloudClient
         from replication.models import CloudError
+        from replication.platforms.cloudstack.client import CloudClient
 
         data = super().clean()
         if self.errors:

@@ -6,9 +6,9 @@ from django.contrib.admin.models import ADDITION
 from django.shortcuts import get_object_or_404, redirect
 from django.views.decorators.http import require_POST
 
-from replication.cloudstack.client import CloudClient
-from replication.cloudstack.drift import drift
 from replication.models import CloudError, CloudStackConfig, VCenter, VMContext
+from replication.platforms.cloudstack.client import CloudClient
+from replication.platforms.cloudstack.drift import drift
 from replication.roles import ADMINISTER, READ, actor_of, log_admin, page_permission
 from replication.services import sources as source_service
 from replication.services import vmware as vmware_service

@@ -76,8 +76,8 @@ def reap_stale() -> None:
 @shared_task(name=task_names.CLOUD_DRIFT)
 def cloud_drift() -> None:
     """Log how the volume records and the active cloud's volumes differ."""
-    from replication.cloudstack.drift import drift
     from replication.models import CloudStackConfig
+    from replication.platforms.cloudstack.drift import drift
 
     if CloudStackConfig.objects.filter(is_active=True).exists():
         drift()

@@ -16,7 +16,7 @@ from django.conf import settings
 
 from replication.choices import JOB_TERMINAL
 from replication.models import ReplicationJob
-from replication.targets import get_provider
+from replication.platforms import get_provider
 from tests.helpers import NbdkitProcess, wait_until
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

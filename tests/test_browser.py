@@ -130,8 +130,8 @@ def test_cancel_a_running_job_from_the_gui(celery_worker_process, progress_polle
 
 
 def test_a_test_failover_from_the_gui_boots_and_ends(celery_worker_process, live_server, browser_page, tmp_path):
-    from replication.destinations import get_destination
     from replication.models import FailoverJob, VMContext
+    from replication.platforms import get_destination
 
     # VMs an interrupted earlier run left on the destination would make these failovers refuse their names.
     destination = get_destination()

@@ -14,8 +14,8 @@ from django.conf import settings
 from django.core.management import CommandError, call_command
 
 from replication.choices import JobStatus, SyncType
-from replication.cloudstack.client import CloudClient
 from replication.models import CloudError, CloudStackConfig
+from replication.platforms.cloudstack.client import CloudClient
 from replication.services import vmware as vmware_service
 from replication.services.jobs import start_replication
 from tests.cloudstack_sim import CloudStackSimulator, GiB
@@ -297,7 +297,7 @@ def test_a_cloudstack_test_failover_boots_the_replica_volumes_and_ending_it_reve
     assert cloud_state(sim, volume.cloud_volume_id) == {"vm": "oma-appliance", "device": 1, "snapshots": [],
                                                         "device_link": True}
     assert sha256(sim.volume_file(volume.cloud_volume_id)) == before
-    from replication.cloudstack.drift import drift
+    from replication.platforms.cloudstack.drift import drift
 
     assert drift() == {"unknown": [], "gone": [], "elsewhere": [], "in_step": 1}
 

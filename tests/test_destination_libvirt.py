@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
-from replication.destinations import get_destination
-from replication.destinations.base import DestinationError, VMShape
-from replication.destinations.libvirt import LibvirtDestination
+from replication.platforms import get_destination
+from replication.platforms.base import DestinationError, VMShape
+from replication.platforms.local.libvirt import LibvirtDestination
 from tests.helpers import wait_until
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -136,10 +136,6 @@ def test_marker_written_as_the_guest_would_shows_on_the_next_boot(dest, vm_names
     dest.start(vm)
     wait_for_console(dest, vm, "BOOT-MARKER: B")
     assert "BOOT-MARKER: A" not in dest.console_text(vm)
-    # The busybox guest ignores ACPI power-button events: stop forces it off in time.
-    assert dest.stop(vm, timeout=2) == "forced"
-    assert dest.state(vm) == "shutoff"
-    assert dest.stop(vm, timeout=2) == "not running"
     dest.destroy(vm)
     dest.discard_protection(overlays)
 

@@ -23,7 +23,7 @@ boot_disk = boot_disk_builder()
 
 @pytest.fixture(autouse=True)
 def no_leftover_test_vms():
-    from replication.destinations import get_destination
+    from replication.platforms import get_destination
 
     destination = get_destination()
     for name in destination.list_vms("oma-test-"):

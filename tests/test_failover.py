@@ -27,7 +27,7 @@ boot_disk = boot_disk_builder()
 def no_leftover_test_vms():
     """Test VMs an earlier, interrupted run left on the destination would make
     these tests' failovers refuse their names: remove them first."""
-    from replication.destinations import get_destination
+    from replication.platforms import get_destination
 
     destination = get_destination()
     for name in destination.list_vms("oma-test-vm-"):

@@ -89,7 +89,7 @@ def isolated_network():
 
 @pytest.fixture(autouse=True)
 def no_leftover_vms():
-    from replication.destinations import get_destination
+    from replication.platforms import get_destination
 
     destination = get_destination()
     for prefix in ("oma-test-boot", "oma-live-boot"):

@@ -23,9 +23,9 @@ from django.db import connection
 from oma_site import private_files
 from oma_site.log_format import OneLineFormatter
 from replication.models import VirtualMachine
+from replication.platforms.local.volumes import LocalVolumeProvider
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import start_replication
-from replication.targets.local import LocalVolumeProvider
 from tests.helpers import MiB, make_image, user_with_role
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -173,8 +173,8 @@ def test_a_bad_vm_name_is_refused_by_add_vm_the_sources_page_and_the_admin(kind,
 
 @pytest.mark.django_db
 def test_other_operator_names_are_checked_in_their_services():
-    from replication.cloudstack.config import register_cloud
     from replication.models import CloudError
+    from replication.platforms.cloudstack.config import register_cloud
     from replication.services import scheduler, vmware
 
     with pytest.raises(scheduler.ScheduleError, match="control characters"):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from replication.targets.local import LocalVolumeProvider
+from replication.platforms.local.volumes import LocalVolumeProvider
 from tests.helpers import MiB, make_image, sha256
 from vma_agent.copy import CopyError, copy_image, export_size
 from vma_agent.nbdkit import serve_file_readonly
@@ -65,7 +65,7 @@ def test_secrets_come_from_files(tmp_path):
 
 
 def test_export_server_on_tcp_for_remote_agents_requires_tls_beyond_loopback(tmp_path, sockdir):
-    from replication.targets.local import VolumeError
+    from replication.platforms.base import VolumeError
     from tests.conftest import free_port
 
     with pytest.raises(VolumeError, match="without TLS"):

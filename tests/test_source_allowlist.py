@@ -214,8 +214,8 @@ def test_a_vcenter_password_reference_must_stay_in_the_secrets_dir_or_an_allowed
 
 
 def test_a_cloud_secret_reference_must_stay_in_the_secrets_dir_or_an_allowed_variable(tmp_path, monkeypatch):
-    from replication.cloudstack.config import register_cloud
     from replication.models import CloudError, CloudStackConfig
+    from replication.platforms.cloudstack.config import register_cloud
 
     outside = tmp_path / "cloud-secret"
     outside.write_text("x")
@@ -295,8 +295,8 @@ def test_a_vcenter_that_never_answers_is_an_error_within_the_timeout(hanging_ser
 
 
 def test_a_cloud_that_never_answers_is_an_error_naming_it_and_the_timeout(hanging_server, monkeypatch):
-    from replication.cloudstack.client import CloudClient
     from replication.models import CloudError, CloudStackConfig
+    from replication.platforms.cloudstack.client import CloudClient
 
     monkeypatch.setenv("CLOUDSTACK_SECRET_TEST", "s")
     config = CloudStackConfig(name="c", api_url=f"http://127.0.0.1:{hanging_server}/client/api", api_key="k",

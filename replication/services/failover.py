@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import time
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -49,9 +48,9 @@ from replication.choices import (
     SyncType,
     VMState,
 )
-from replication.destinations import destination_for
-from replication.destinations.base import DestinationError, GuestNotConverted
 from replication.models import FailoverJob, FailoverStep, IllegalMove, ReplicationJob, VirtualMachine, VMContext
+from replication.platforms import destination_for
+from replication.platforms.base import Destination, DestinationError, GuestNotConverted
 from replication.services import forecast, orders
 from replication.services.failover_checks import FailoverError, preflight, production_network, shape_of
 from replication.services.jobs import ReplicationError, start_replication
@@ -240,31 +239,12 @@ def _boot(job: FailoverJob, destination, volumes: list[tuple[str, str]]) -> None
     job.transition(FailoverStatus.SUCCEEDED, **fields)
 
 
-def _verify_boot(job: FailoverJob, destination) -> str:
-    """The console line that proves the boot: the VM's boot check regex, or
-    (none set) any line at all, within its timeout."""
-    if not getattr(destination, "has_console", True):
-        return destination.wait_running(job.destination_vm)
+def _verify_boot(job: FailoverJob, destination: Destination) -> str:
+    """What proves the boot, by the VM's boot check (its regex, or any
+    console line when none is set, within its timeout)."""
     context = VMContext.of(job.vm)
-    pattern = re.compile(context.boot_check_regex) if context.boot_check_regex else None
-    deadline = time.monotonic() + context.boot_check_timeout_s
-    last_beat = time.monotonic()
-    while True:
-        text = destination.console_text(job.destination_vm)
-        for line in text.splitlines():
-            if (pattern.search(line) if pattern else line.strip()):
-                return line.strip()
-        state = destination.state(job.destination_vm)
-        if state != "running":
-            raise FailoverError(f"the VM is {state} and its console never showed "
-                                f"{'/' + context.boot_check_regex + '/' if pattern else 'anything'}")
-        if time.monotonic() > deadline:
-            raise FailoverError(f"boot not verified within {context.boot_check_timeout_s} s: the console never "
-                                f"showed {'/' + context.boot_check_regex + '/' if pattern else 'anything'}")
-        if time.monotonic() - last_beat > 5:
-            job.beat()
-            last_beat = time.monotonic()
-        time.sleep(0.25)
+    return destination.verify_boot(job.destination_vm, context.boot_check_regex, context.boot_check_timeout_s,
+                                   heartbeat=job.beat)
 
 
 # A live failover's waits: the source's power, the final cycle -------------------

@@ -11,27 +11,33 @@ from pathlib import Path
 from django.conf import settings
 
 from replication.choices import VM_STATE_REFUSALS, FailoverKind, JobStatus, VMState
-from replication.destinations.base import NIC, DestinationError, VMShape
-from replication.models import FailoverJob, NetworkMapping, ReplicationJob, VirtualMachine, VMContext
+from replication.models import FailoverJob, NetworkMapping, ReplicationJob, TargetVolume, VirtualMachine, VMContext
+from replication.platforms.base import NIC, Destination, DestinationError, VMShape
 
 
 class FailoverError(Exception):
     """A failover cannot start or go on; the message is the reason."""
 
 
-def volumes_of(cycle: ReplicationJob | None) -> list[tuple[str, str]]:
-    """Every replica volume of the cycle, in disk order: (path, disk key)."""
+def replicas_of(cycle: ReplicationJob | None) -> list[tuple[TargetVolume, str]]:
+    """Every replica volume of the cycle, present on the OMA, in disk order:
+    (volume, disk key)."""
     if cycle is None or cycle.status != JobStatus.COMPLETED:
         raise FailoverError("the replication cycle to fail over to is gone or not completed")
-    volumes = []
+    replicas = []
     for disk in cycle.disks.select_related("target_volume").order_by("disk_key"):
         volume = disk.target_volume
         if not volume.path or not Path(volume.path).exists():
             where = " (not attached to the OMA?)" if volume.cloud_volume_id else ""
             raise FailoverError(f"{disk.disk_key}: replica volume {volume.path or '(none)'} is missing{where}")
-        # What the destination knows the replica by: CloudStack its volume id, libvirt its file.
-        volumes.append((volume.cloud_volume_id or volume.path, disk.disk_key))
-    return volumes
+        replicas.append((volume, disk.disk_key))
+    return replicas
+
+
+def volumes_of(cycle: ReplicationJob | None, destination: Destination) -> list[tuple[str, str]]:
+    """Every replica volume of the cycle, in disk order, as the destination
+    knows it: (replica handle, disk key)."""
+    return [(destination.replica_handle(volume), key) for volume, key in replicas_of(cycle)]
 
 
 def shape_of(cycle: ReplicationJob, disk_keys: list[str]) -> VMShape:
@@ -47,7 +53,7 @@ def shape_of(cycle: ReplicationJob, disk_keys: list[str]) -> VMShape:
                               for n in shape.get("nics") or ()))
 
 
-def production_network(shape: VMShape, destination) -> dict[str, str] | None:
+def production_network(shape: VMShape, destination: Destination) -> dict[str, str] | None:
     """A live failover's NICs join the networks the mapping names; a NIC
     whose source network is not mapped stops the failover before the source
     is touched."""
@@ -75,20 +81,19 @@ def space_for_overlays() -> str:
     return f"{free / 2**30:.1f} GiB free in {run_dir}"
 
 
-def destination_ready(destination) -> str:
+def destination_ready(destination: Destination) -> str:
     """What the destination needs besides the volumes (CloudStack: its template
     and offerings present); DestinationError says what is missing."""
-    check_ready = getattr(destination, "check_ready", None)
-    return check_ready() if check_ready else f"{destination.name} answers"
+    return destination.check_ready()
 
 
-def name_free(destination, name: str) -> str:
+def name_free(destination: Destination, name: str) -> str:
     if (state := destination.state(name)) != "absent":
         raise FailoverError(f"the destination already has a VM named {name} ({state})")
     return f"{name} is free"
 
 
-def memory_for(destination, shape: VMShape) -> str:
+def memory_for(destination: Destination, shape: VMShape) -> str:
     free_mib = destination.free_memory_mib()
     if free_mib is not None and free_mib < shape.memory_mib:
         raise FailoverError(f"the destination has {free_mib} MiB of memory free; the VM needs {shape.memory_mib} MiB")
@@ -103,12 +108,12 @@ def nothing_running(vm: VirtualMachine) -> str:
     return "no cycle or failover running"
 
 
-def preflight(job: FailoverJob, destination) -> list[tuple[str, str]]:
+def preflight(job: FailoverJob, destination: Destination) -> list[tuple[str, str]]:
     """The volumes to boot from, once everything a failover needs is there:
     the cycle and its volumes, room for the overlays, a free VM name; for a
     live failover also nothing else running, the memory and a destination
     network for every NIC. Raises FailoverError with the first reason."""
-    volumes = volumes_of(job.replication_job)
+    volumes = volumes_of(job.replication_job, destination)
     space_for_overlays()
     destination_ready(destination)
     name_free(destination, job.destination_vm)
@@ -124,7 +129,7 @@ def preflight(job: FailoverJob, destination) -> list[tuple[str, str]]:
 def report(vm: VirtualMachine, destination_name: str) -> list[dict]:
     """Every check of a live failover of the VM, as it would run now:
     [{"check", "ok", "detail"}] (the confirmation page shows them)."""
-    from replication.destinations import destination_for
+    from replication.platforms import destination_for
 
     checks: list[dict] = []
 
@@ -144,7 +149,7 @@ def report(vm: VirtualMachine, destination_name: str) -> list[dict]:
 
     check("state", state)
     check("nothing running", lambda: nothing_running(vm))
-    check("replica volumes", lambda: f"{len(volumes_of(cycle))} volume(s) present")
+    check("replica volumes", lambda: f"{len(replicas_of(cycle))} volume(s) present")
     check("space for the overlays", space_for_overlays)
     destination = None
     try:

@@ -20,7 +20,7 @@ from replication.models import (
     VirtualMachine,
     VMContext,
 )
-from replication.targets import get_provider
+from replication.platforms import get_provider
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.conf import settings
 
 from replication.models import DeviceMapping, SourceDisk, TargetVolume
-from replication.targets import get_provider
+from replication.platforms import get_provider
 
 
 def volume_for(source_disk: SourceDisk) -> TargetVolume:

@@ -5,7 +5,7 @@ import redis
 from django.conf import settings
 from django.db import DatabaseError, connection
 
-from replication.targets import get_provider
+from replication.platforms import get_provider
 from tests.faults.harness import WorkerProcess, leftovers, reset_dir
 
 # The test process runs the reaper; workers see the same short thresholds.

@@ -491,7 +491,7 @@ def test_full_target_disk_fails_with_the_offset(workers, tmp_path, settings):
                               non_terminal_rows=non_terminal_rows([job]),
                               max_concurrent_copies=max_concurrent_of([job]), note=f"reason: {job.error_message[:90]}")
     finally:
-        from replication.targets import get_provider
+        from replication.platforms import get_provider
 
         get_provider().stop_export_server()
         subprocess.run(["umount", str(volume_dir)], check=False)

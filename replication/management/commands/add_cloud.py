@@ -1,7 +1,7 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from replication.cloudstack.config import register_cloud
 from replication.models import CloudError
+from replication.platforms.cloudstack.config import register_cloud
 
 
 class Command(BaseCommand):

@@ -2,8 +2,8 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
-from replication.cloudstack.drift import drift
 from replication.models import CloudError
+from replication.platforms.cloudstack.drift import drift
 
 
 class Command(BaseCommand):

@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand
 
-from replication.targets import get_provider
+from replication.platforms import get_provider
 from vma_agent import nbdkit
 
 

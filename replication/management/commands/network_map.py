@@ -2,9 +2,9 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
-from replication.destinations import get_destination
-from replication.destinations.base import DestinationError
 from replication.models import NetworkMapping
+from replication.platforms import get_destination
+from replication.platforms.base import DestinationError
 
 
 class Command(BaseCommand):

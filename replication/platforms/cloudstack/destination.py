@@ -1,5 +1,5 @@
 """CloudStack as the failover destination: the replica volumes themselves
-boot, as the seeds do it. Their point-in-time protection is a CloudStack
+boot, as MigrateKit OSSEA does it. Their point-in-time protection is a CloudStack
 snapshot of each volume (the rollback point); the VM is deployed stopped
 from the config's template and service offering, the template's root
 volume is replaced by the boot disk's volume (device 0) and the other
@@ -9,17 +9,16 @@ protection reverts the volume to its snapshot, deletes the snapshot and
 attaches the volume to the OMA again.
 
 CloudStack has no API for a guest's console: a VM counts as booted once it
-has run for CLOUDSTACK_BOOT_SETTLE_S (has_console is False), and the step
-says so. Guest conversion is not run here."""
+has run for CLOUDSTACK_BOOT_SETTLE_S, and the step says so. Guest conversion is not run here."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
-from replication.cloudstack.client import CloudClient
-from replication.destinations.base import Destination, DestinationError, DiskSpec, GuestNotConverted, VMShape
-from replication.models import CloudError, CloudStackConfig
+from replication.models import CloudError, CloudStackConfig, TargetVolume
+from replication.platforms.base import Destination, DestinationError, DiskSpec, GuestNotConverted, VMShape
+from replication.platforms.cloudstack.client import CloudClient
 
 # CloudStack's VM states as the destination interface names them.
 STATES = {"Running": "running", "Starting": "running", "Stopped": "shutoff", "Stopping": "shutdown",
@@ -28,7 +27,6 @@ STATES = {"Running": "running", "Starting": "running", "Stopped": "shutoff", "St
 
 class CloudStackDestination(Destination):
     name = "cloudstack"
-    has_console = False
 
     def __init__(self, config: CloudStackConfig, *, job_timeout_s: float, settle_s: float):
         self.config = config
@@ -56,6 +54,14 @@ class CloudStackDestination(Destination):
         if not rows:
             raise DestinationError(f"CloudStack volume {volume_id} does not exist")
         return rows[0]
+
+    def close(self) -> None:
+        """Nothing held open: every call makes its own client."""
+
+    def replica_handle(self, volume: TargetVolume) -> str:
+        if not volume.cloud_volume_id:
+            raise DestinationError(f"replica {volume.export_name} is not a CloudStack volume")
+        return volume.cloud_volume_id
 
     # -- protection ----------------------------------------------------------
 
@@ -135,13 +141,6 @@ class CloudStackDestination(Destination):
         if found["state"] != "Running":
             self._call("startVirtualMachine", id=found["id"])
 
-    def stop(self, vm: str, timeout: float = 60.0) -> str:
-        found = self._vm(vm)
-        if found is None or found["state"] in ("Stopped", "Destroyed", "Expunging"):
-            return "not running"
-        self._call("stopVirtualMachine", id=found["id"], forced=False)
-        return "shutdown"
-
     def destroy(self, vm: str) -> None:
         """Stop it, take the replica volumes off it (a destroyed VM's root
         volume is deleted with it), destroy and expunge it."""
@@ -161,9 +160,10 @@ class CloudStackDestination(Destination):
         found = self._vm(vm)
         return "absent" if found is None else STATES.get(found["state"], "unknown")
 
-    def wait_running(self, vm: str) -> str:
-        """The boot check where there is no console: the VM runs, and is still
-        running CLOUDSTACK_BOOT_SETTLE_S later."""
+    def verify_boot(self, vm: str, pattern: str, timeout_s: float, heartbeat: Callable[[], None]) -> str:
+        """The boot check where there is no console (pattern and timeout_s
+        cannot apply): the VM runs, and is still running
+        CLOUDSTACK_BOOT_SETTLE_S later."""
         deadline = time.monotonic() + self.settle_s
         while time.monotonic() < deadline:
             state = self.state(vm)

@@ -1,33 +1,50 @@
-"""The destination interface: where a failed-over VM runs.
+"""The two interfaces every platform implements (one package per place a
+VM lives: replication.platforms.local, replication.platforms.cloudstack).
 
-Volumes in, VM out. A destination protects replica volumes at a point in
-time (so a test never writes the replica and a live failover has a rollback
-point), defines a VM from a shape and the protected volumes, starts, stops
-and destroys it, and reads its console and state.
+A target provider keeps the replica volumes: it provisions one per source
+disk at the source's size, serves it to the agents' copies through the
+OMA's export server, and deletes it for good.
+
+A destination runs a failed-over VM: volumes in, VM out. It protects
+replica volumes at a point in time (so a test never writes the replica and
+a live failover has a rollback point), defines a VM from a shape and the
+protected volumes, starts it, verifies its boot, destroys it, and reads its
+console and state.
 
 Every handle is a plain string, so a failover job can store it (JSON) and a
 worker that picks the job up after a crash can still clean up:
 
-- a protected volume is named by what ``protect`` returned (for libvirt: the
-  overlay's path; for CloudStack later: a volume snapshot id);
+- a replica volume is named by what ``replica_handle`` returns (libvirt: its
+  path on the OMA; CloudStack: its volume id);
+- a protected volume is named by what ``protect`` returned (libvirt: the
+  overlay's path; CloudStack: a volume snapshot id);
 - a VM is named by the name it was defined with.
 
-Every call either does what it says or raises ``DestinationError`` with a
-reason an operator can act on. ``destroy`` and ``discard_protection`` are
-idempotent: undoing what is already gone is not an error.
+Every call either does what it says or raises ``DestinationError`` (a
+provider: ``VolumeError`` or the platform's own error) with a reason an
+operator can act on. ``destroy`` and ``discard_protection`` are idempotent:
+undoing what is already gone is not an error.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from replication.models import TargetVolume
 
 Firmware = Literal["bios", "efi"]
 
 # state() answers one of these. "absent": no VM of that name is defined.
 VM_STATES = ("running", "paused", "shutoff", "crashed", "shutdown", "blocked", "pmsuspended", "absent", "unknown")
+
+
+class VolumeError(RuntimeError):
+    """A target volume cannot be made, served or removed; str() says why."""
 
 
 class DestinationError(RuntimeError):
@@ -70,14 +87,51 @@ class VMShape:
 DiskSpec = tuple[str, str]
 
 
+class TargetProvider(abc.ABC):
+    """Where replicated disks land on the OMA's side."""
+
+    name: str = "provider"
+
+    @abc.abstractmethod
+    def provision(self, volume: TargetVolume, size_bytes: int) -> Path:
+        """The volume at the source's size, exported; returns its path on the
+        OMA. Each part already done is skipped, so a retry is safe."""
+
+    @abc.abstractmethod
+    def delete(self, volume: TargetVolume) -> str:
+        """Remove the volume for good; returns what was done."""
+
+    @abc.abstractmethod
+    def export_uri(self, export_name: str) -> str:
+        """The NBD URI an agent's copy writes the volume through."""
+
+    @abc.abstractmethod
+    def ensure_export_server(self) -> int:
+        """Start the export server unless one already serves; returns its pid."""
+
+    @abc.abstractmethod
+    def stop_export_server(self) -> None:
+        """Stop the export server (no server: nothing to do)."""
+
+
 class Destination(abc.ABC):
     name: str = "destination"
 
     @abc.abstractmethod
+    def replica_handle(self, volume: TargetVolume) -> str:
+        """What this destination knows a replica volume by (``protect`` takes it)."""
+
+    @abc.abstractmethod
+    def check_ready(self) -> str:
+        """What the destination needs besides the volumes is there; returns
+        what was found, raises DestinationError with what is missing."""
+
+    @abc.abstractmethod
     def protect(self, volumes: Sequence[str], point_name: str) -> list[str]:
-        """Protect every replica volume (a path) at one point in time without
-        copying it; returns one handle per volume, in order. Protecting the
-        same volumes under the same point name again returns the same handles."""
+        """Protect every replica volume (by its replica_handle) at one point in
+        time without copying it; returns one handle per volume, in order.
+        Protecting the same volumes under the same point name again returns
+        the same handles."""
 
     @abc.abstractmethod
     def discard_protection(self, handles: Sequence[str]) -> None:
@@ -105,9 +159,12 @@ class Destination(abc.ABC):
         """Power the VM on; returns once it runs (not once the guest booted)."""
 
     @abc.abstractmethod
-    def stop(self, vm: str, timeout: float = 60.0) -> str:
-        """Ask the guest to shut down; power it off after ``timeout`` s.
-        Returns "shutdown", "forced" or "not running"."""
+    def verify_boot(self, vm: str, pattern: str, timeout_s: float, heartbeat: Callable[[], None]) -> str:
+        """Once the VM started: what proves its guest booted (with a console,
+        the first line matching the regex ``pattern``, any line if it is
+        empty, within ``timeout_s``), as the failover records it. Raises
+        DestinationError with the reason when the boot is not proven.
+        ``heartbeat`` is called every few seconds of a long wait."""
 
     @abc.abstractmethod
     def destroy(self, vm: str) -> None:
@@ -129,3 +186,8 @@ class Destination(abc.ABC):
     @abc.abstractmethod
     def has_network(self, network: str) -> bool:
         """Whether a NIC can join this destination network."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Let go of what the destination holds open (a connection); it may
+        be used again afterwards."""

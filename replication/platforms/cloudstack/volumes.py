@@ -12,9 +12,10 @@ import os
 import time
 from pathlib import Path
 
-from replication.cloudstack.client import CloudClient
-from replication.models import CloudError, CloudStackConfig
-from replication.targets.local import LocalVolumeProvider, VolumeError
+from replication.models import CloudError, CloudStackConfig, TargetVolume
+from replication.platforms.base import TargetProvider, VolumeError
+from replication.platforms.cloudstack.client import CloudClient
+from replication.platforms.local.volumes import LocalVolumeProvider
 
 GiB = 1024**3
 
@@ -25,7 +26,7 @@ def device_name(volume_id: str) -> str:
     return f"virtio-{volume_id.replace('-', '')[:20]}"
 
 
-class CloudStackVolumeProvider:
+class CloudStackVolumeProvider(TargetProvider):
     name = "cloudstack"
 
     def __init__(self, config: CloudStackConfig, exports: LocalVolumeProvider, *, job_timeout_s: float,
@@ -55,9 +56,7 @@ class CloudStackVolumeProvider:
         self.exports.ensure_export_server()
         return device
 
-    def _volume(self, client: CloudClient, volume, size_bytes: int) -> dict:
-        from replication.models import TargetVolume
-
+    def _volume(self, client: CloudClient, volume: TargetVolume, size_bytes: int) -> dict:
         if volume.cloud_volume_id:
             cloud = client.one("listVolumes", "volume", id=volume.cloud_volume_id)
             if cloud is None:
@@ -118,3 +117,9 @@ class CloudStackVolumeProvider:
 
     def export_uri(self, export_name: str) -> str:
         return self.exports.export_uri(export_name)
+
+    def ensure_export_server(self) -> int:
+        return self.exports.ensure_export_server()
+
+    def stop_export_server(self) -> None:
+        self.exports.stop_export_server()

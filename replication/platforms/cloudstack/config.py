@@ -5,8 +5,8 @@ from __future__ import annotations
 from django.db import transaction
 
 from replication import names
-from replication.cloudstack.client import CloudClient
 from replication.models import CloudError, CloudStackConfig
+from replication.platforms.cloudstack.client import CloudClient
 from replication.services.allowlist import NotAllowed, check_cloud_secret_ref
 
 FIELDS = ("api_url", "api_key", "secret_file", "secret_env", "zone_id", "disk_offering_id", "service_offering_id",

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import logging
 
-from replication.cloudstack.client import CloudClient
-from replication.models import CloudStackConfig
+from replication.choices import FAILOVER_OPEN, FailoverKind
+from replication.models import CloudStackConfig, FailoverJob, TargetVolume
+from replication.platforms.cloudstack.client import CloudClient
 
 log = logging.getLogger(__name__)
 
@@ -17,9 +18,6 @@ def drift(config: CloudStackConfig | None = None) -> dict:
         "gone": records whose volume the cloud no longer has,
         "elsewhere": records whose volume is attached to another VM or to none,
         "in_step": how many agree}"""
-    from replication.choices import FAILOVER_OPEN, FailoverKind
-    from replication.models import FailoverJob, TargetVolume
-
     config = config or CloudStackConfig.active()
     cloud = {v["id"]: v for v in CloudClient(config).call("listVolumes", listall=True).get("volume", [])}
     records = {v.cloud_volume_id: v for v in TargetVolume.objects.exclude(cloud_volume_id="")

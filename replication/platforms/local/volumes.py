@@ -11,13 +11,10 @@ import logging
 import os
 from pathlib import Path
 
+from replication.platforms.base import TargetProvider, VolumeError
 from vma_agent import nbdkit
 
 log = logging.getLogger(__name__)
-
-
-class VolumeError(RuntimeError):
-    pass
 
 
 def _parse_listen(listen: str) -> tuple[str, int]:
@@ -33,7 +30,7 @@ def _parse_listen(listen: str) -> tuple[str, int]:
     return host, number
 
 
-class LocalVolumeProvider:
+class LocalVolumeProvider(TargetProvider):
     name = "local"
 
     def __init__(self, volume_dir: Path, run_dir: Path, *, tls_psk_file: Path | None = None,

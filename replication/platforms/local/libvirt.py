@@ -5,47 +5,34 @@ backing file: made in milliseconds whatever the disk's size, the guest's
 writes land in the overlay, and discarding the overlay leaves the replica
 byte-identical (it is only ever opened read-only under an overlay).
 
-Domain type: 'kvm' only where KVM can really run a guest, else 'qemu' (TCG).
-libvirt's capabilities are no proof: on a nested PVM host /dev/kvm opens and
-libvirt offers 'kvm', but the guest dies with "KVM internal error ...
-emulation failure" once it leaves real mode, and QEMU then *pauses* it.
-So we try, once per host boot: a transient 'kvm' domain boots the host's own
-kernel directly (no disk, no initramfs). A working KVM gets that kernel to
-print its banner and reach its "VFS: Unable to mount root fs" panic in well
-under a second of guest CPU time. A broken one either pauses the domain or
-(as here) spins in the host kernel without the guest printing anything: no
-console output after PROBE_CPU_S of guest CPU time (or PROBE_TIMEOUT_S of
-wall time) means 'qemu'. The answer is cached per process and in RUN_DIR
-(keyed by boot id and the libvirt/QEMU versions), so only the first failover
-after a reboot pays for the probe (~3 s where KVM is broken, <1 s where it
-works). The domain_type argument (settings.LIBVIRT_DOMAIN_TYPE: kvm|qemu) skips
-the probe.
+The domain type is 'kvm' only where KVM really runs a guest, else 'qemu'
+(TCG): found by trying (kvm_probe), unless settings.LIBVIRT_DOMAIN_TYPE
+(kvm|qemu) names it. The domain's XML is built in domain_xml.
 
-Ownership: libvirt's DAC driver normally chowns every disk image to its QEMU
-user and leaves it so. Our domains carry a static DAC label (QEMU runs as
-root, relabel='no'), so replicas, overlays and console logs keep their owner.
-We run as root anyway; see the note in DESIGN.md section 6.
-
-Every wait is bounded: start (state running within START_TIMEOUT_S), stop
-(guest shutdown, then power-off after the timeout), the KVM probe, and dead
+Every wait is bounded: start (state running within START_TIMEOUT_S), the
+boot check (the VM's boot check timeout), the KVM probe, and dead
 connections (libvirt keepalive: 5 s interval, 3 misses).
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
 import re
 import subprocess
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from xml.sax.saxutils import escape
+from typing import TYPE_CHECKING
 
-from replication.destinations.base import Destination, DestinationError, DiskSpec, GuestNotConverted, VMShape
+from replication.platforms.base import Destination, DestinationError, DiskSpec, GuestNotConverted, VMShape
+from replication.platforms.local import kvm_probe
+from replication.platforms.local.domain_xml import boot_order, domain_xml, file_format
+
+if TYPE_CHECKING:
+    from replication.models import TargetVolume
 
 try:
     import libvirt
@@ -53,15 +40,12 @@ except ImportError:  # pragma: no cover - setup.sh installs and bridges python3-
     libvirt = None
 
 START_TIMEOUT_S = 15.0
-PROBE_TIMEOUT_S = 15.0
-PROBE_CPU_S = 3.0
 QEMU_IMG_TIMEOUT_S = 60.0
 CONVERT_TIMEOUT_S = 900.0
 START_HINT = "start it with `virtlogd -d && libvirtd -d` (or run scripts/setup.sh and source scripts/lib.sh; " \
              "ensure_libvirtd)"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$")
 _ANSI_RE = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|[@-Z\\-_]|c)")
-QCOW2_MAGIC = b"QFI\xfb"
 
 _STATE_NAMES = {
     0: "unknown",  # VIR_DOMAIN_NOSTATE
@@ -82,11 +66,6 @@ def _silence_libvirt_stderr() -> None:
 _silence_libvirt_stderr()
 
 
-def _file_format(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return "qcow2" if fh.read(4) == QCOW2_MAGIC else "raw"
-
-
 def _qemu_img(*args: str) -> str:
     try:
         done = subprocess.run(["qemu-img", *args], capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S)
@@ -97,12 +76,6 @@ def _qemu_img(*args: str) -> str:
     if done.returncode != 0:
         raise DestinationError(f"qemu-img {args[0]} failed: {done.stderr.strip() or done.stdout.strip()}")
     return done.stdout
-
-
-def _serial_for(key: str) -> str:
-    # libvirt accepts only these characters in <serial>; virtio-blk shows the
-    # guest at most 20 bytes of it.
-    return re.sub(r"[^A-Za-z0-9_. +-]", "-", key)[:20]
 
 
 def _v2v_reason(output: str) -> str:
@@ -162,10 +135,18 @@ class LibvirtDestination(Destination):
         return conn
 
     def close(self) -> None:
+        """Close the connection; the next call opens another."""
         if self._conn_obj is not None:
             with contextlib.suppress(Exception):
                 self._conn_obj.close()
             self._conn_obj = None
+
+    def check_ready(self) -> str:
+        self._conn()
+        return f"{self.name} answers"
+
+    def replica_handle(self, volume: TargetVolume) -> str:
+        return volume.path
 
     def _lookup(self, name: str):
         """The domain, or None when no domain of that name is defined."""
@@ -185,11 +166,11 @@ class LibvirtDestination(Destination):
     # -- KVM or TCG ------------------------------------------------------------
 
     def domain_type(self) -> str:
-        """'kvm' if KVM runs a guest here, else 'qemu'; probed once (see the module doc)."""
+        """'kvm' if KVM runs a guest here, else 'qemu'; probed once (see kvm_probe)."""
         if self._domain_type:
             return self._domain_type
         if self.uri not in _domain_types:
-            _domain_types[self.uri] = self._probe_cached()
+            _domain_types[self.uri] = kvm_probe.probe_cached(self._conn(), self.uri, self.run_dir)
         return _domain_types[self.uri][0]
 
     def domain_type_reason(self) -> str:
@@ -198,93 +179,11 @@ class LibvirtDestination(Destination):
         self.domain_type()
         return _domain_types[self.uri][1]
 
-    def _probe_cached(self) -> tuple[str, str]:
-        conn = self._conn()
-        try:
-            boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        except OSError:
-            boot_id = ""
-        key = {"boot_id": boot_id, "uri": self.uri, "libvirt": conn.getLibVersion(), "qemu": conn.getVersion()}
-        cache = self.run_dir / "domain-type.json"
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            saved = json.loads(cache.read_text())
-            if saved["key"] == key and boot_id:
-                return saved["type"], saved["reason"] + " (cached)"
-        result = self._probe()
-        with contextlib.suppress(OSError):
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps({"key": key, "type": result[0], "reason": result[1]}))
-        return result
-
-    def _probe(self) -> tuple[str, str]:
-        if not os.path.exists("/dev/kvm"):
-            return "qemu", "no /dev/kvm"
-        conn = self._conn()
-        try:
-            conn.getDomainCapabilities(None, "x86_64", None, "kvm", 0)
-        except libvirt.libvirtError as exc:
-            return "qemu", f"libvirt offers no KVM: {exc}"
-        kernels = sorted(p for p in glob.glob("/boot/vmlinuz-*") if os.access(p, os.R_OK))
-        if not kernels:
-            return "qemu", "no readable /boot/vmlinuz-* to probe KVM with (install linux-image-amd64)"
-        booted, why = self.boot_host_kernel("kvm", kernels[-1])
-        return ("kvm" if booted else "qemu"), why
-
-    def boot_host_kernel(self, domain_type: str, kernel: str, cpu_limit_s: float = PROBE_CPU_S,
-                         timeout_s: float = PROBE_TIMEOUT_S) -> tuple[bool, str]:
+    def boot_host_kernel(self, domain_type: str, kernel: str, cpu_limit_s: float = kvm_probe.PROBE_CPU_S,
+                         timeout_s: float = kvm_probe.PROBE_TIMEOUT_S) -> tuple[bool, str]:
         """Boot ``kernel`` directly in a transient domain of ``domain_type``:
         (True, why) if it got as far as its root-fs panic, else (False, why)."""
-        conn = self._conn()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        console = self.run_dir / f"probe-{domain_type}-{os.getpid()}.console.log"
-        console.unlink(missing_ok=True)
-        name = f"oma-probe-{domain_type}-{os.getpid()}"
-        what = "a KVM guest" if domain_type == "kvm" else f"a {domain_type} guest"
-        xml = f"""<domain type='{domain_type}'>
-  <name>{name}</name>
-  <memory unit='MiB'>128</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64'>hvm</type><kernel>{escape(kernel)}</kernel>
-    <cmdline>console=ttyS0 panic=-1 loglevel=4</cmdline></os>
-  <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>
-  <devices>
-    <serial type='file'><source path='{escape(str(console))}'/><target port='0'/></serial>
-    <controller type='usb' model='none'/><memballoon model='none'/>
-  </devices>
-  <seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>
-</domain>"""
-        try:
-            dom = conn.createXML(xml, 0)
-        except libvirt.libvirtError as exc:
-            return False, f"{what} does not start: {exc}"
-        try:
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
-                text = console.read_text(errors="replace") if console.exists() else ""
-                if "VFS:" in text or "Kernel panic" in text:
-                    return True, f"{what} booted the host's kernel"
-                try:
-                    state, reason = dom.state()
-                except libvirt.libvirtError:
-                    state, reason = 5, 0  # transient domain gone: it rebooted (panic) or died
-                if state == 3:
-                    return False, f"{what} was paused by QEMU (reason {reason}): it cannot run guests here"
-                if state in (5, 6):
-                    if "Linux version" in text:
-                        return True, f"{what} booted the host's kernel"
-                    return False, f"{what} stopped before its kernel printed anything"
-                if "Linux version" not in text:
-                    with contextlib.suppress(libvirt.libvirtError):
-                        cpu_s = dom.info()[4] / 1e9
-                        if cpu_s > cpu_limit_s:
-                            return False, (f"{what} used {cpu_s:.1f} s of CPU without printing anything: "
-                                           "it cannot run guests here")
-                time.sleep(0.1)
-            return False, f"{what} did not boot the host's kernel within {timeout_s:.0f} s"
-        finally:
-            with contextlib.suppress(libvirt.libvirtError):
-                dom.destroy()
-            console.unlink(missing_ok=True)
+        return kvm_probe.boot_host_kernel(self._conn(), self.run_dir, domain_type, kernel, cpu_limit_s, timeout_s)
 
     # -- protection ----------------------------------------------------------------
 
@@ -316,7 +215,7 @@ class LibvirtDestination(Destination):
         return handles
 
     def _create_overlay(self, overlay: Path, src: Path) -> None:
-        fmt = _file_format(src)
+        fmt = file_format(src)
         partial = overlay.with_name(overlay.name + ".partial")
         args = ["create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(src)]
         if src.is_file():
@@ -398,72 +297,9 @@ class LibvirtDestination(Destination):
 
     def domain_xml(self, name: str, shape: VMShape, disks: Sequence[DiskSpec],
                    network: str | Mapping[str, str] | None) -> str:
-        if shape.disks:  # boot order by disk key; disks it does not name follow
-            by_key = {key: (path, key) for path, key in disks}
-            unknown = [key for key in shape.disks if key not in by_key]
-            if unknown:
-                raise DestinationError(f"VM {name}: boot order names disk(s) {', '.join(unknown)} not given")
-            disks = [by_key[k] for k in shape.disks] + [d for d in disks if d[1] not in shape.disks]
-        kvm = self.domain_type() == "kvm"
-        dom = ET.Element("domain", type="kvm" if kvm else "qemu")
-        ET.SubElement(dom, "name").text = name
-        ET.SubElement(dom, "memory", unit="MiB").text = str(shape.memory_mib)
-        ET.SubElement(dom, "vcpu").text = str(shape.cpus)
-        os_el = ET.SubElement(dom, "os", firmware="efi") if shape.firmware == "efi" else ET.SubElement(dom, "os")
-        ET.SubElement(os_el, "type", arch="x86_64").text = "hvm"
-        features = ET.SubElement(dom, "features")
-        ET.SubElement(features, "acpi")
-        ET.SubElement(features, "apic")
-        if kvm:
-            ET.SubElement(dom, "cpu", mode="host-passthrough")
-        ET.SubElement(dom, "clock", offset="utc")
-        for event, action in (("on_poweroff", "destroy"), ("on_reboot", "restart"), ("on_crash", "destroy")):
-            ET.SubElement(dom, event).text = action
-        devices = ET.SubElement(dom, "devices")
-        for index, (path, key) in enumerate(disks):
-            disk = ET.SubElement(devices, "disk", type="file", device="disk")
-            ET.SubElement(disk, "driver", name="qemu", type=_file_format(Path(path)))
-            ET.SubElement(disk, "source", file=str(Path(path).absolute()))
-            ET.SubElement(disk, "target", dev=f"vd{'abcdefghijklmnopqrstuvwxyz'[index]}", bus="virtio")
-            ET.SubElement(disk, "serial").text = _serial_for(key)
-            ET.SubElement(disk, "boot", order=str(index + 1))
-        for nic in self._nics(name, shape, network):
-            devices.append(nic)
-        console = str(self.console_path(name))
-        serial = ET.SubElement(devices, "serial", type="file")
-        ET.SubElement(serial, "source", path=console, append="off")
-        ET.SubElement(serial, "target", port="0")
-        cons = ET.SubElement(devices, "console", type="file")
-        ET.SubElement(cons, "source", path=console, append="off")
-        ET.SubElement(cons, "target", type="serial", port="0")
-        ET.SubElement(devices, "controller", type="usb", model="none")
-        ET.SubElement(devices, "memballoon", model="none")
-        # QEMU as root, no relabelling: replica files keep their owner.
-        label = ET.SubElement(dom, "seclabel", type="static", model="dac", relabel="no")
-        ET.SubElement(label, "label").text = "+0:+0"
-        return ET.tostring(dom, encoding="unicode")
-
-    def _nics(self, name: str, shape: VMShape, network: str | Mapping[str, str] | None) -> list[ET.Element]:
-        if not network:
-            return []
-        nics = shape.nics or (None,)
-        elements = []
-        for nic in nics:
-            if isinstance(network, str):
-                target = network
-            else:
-                source = nic.source_network if nic else ""
-                target = network.get(source, "")
-                if not target:
-                    raise DestinationError(f"VM {name}: no destination network mapped for source network "
-                                           f"{source!r}")
-            iface = ET.Element("interface", type="network")
-            ET.SubElement(iface, "source", network=target)
-            if nic and nic.mac:
-                ET.SubElement(iface, "mac", address=nic.mac)
-            ET.SubElement(iface, "model", type="virtio")
-            elements.append(iface)
-        return elements
+        disks = boot_order(name, shape, disks)
+        return domain_xml(name, shape, disks, network, kvm=self.domain_type() == "kvm",
+                          console=self.console_path(name))
 
     def convert_guest(self, name: str, shape: VMShape, disks: Sequence[DiskSpec]) -> str:
         """virt-v2v-in-place on the overlays (libguestfs's appliance, direct
@@ -507,20 +343,26 @@ class LibvirtDestination(Destination):
                 raise DestinationError(f"VM {vm} is {state} {START_TIMEOUT_S:.0f} s after its start")
             time.sleep(0.1)
 
-    def stop(self, vm: str, timeout: float = 60.0) -> str:
-        dom = self._lookup(vm)
-        if dom is None or not dom.isActive():
-            return "not running"
-        with contextlib.suppress(libvirt.libvirtError):
-            dom.shutdown()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(libvirt.libvirtError):
-                if not dom.isActive():
-                    return "shutdown"
+    def verify_boot(self, vm: str, pattern: str, timeout_s: float, heartbeat: Callable[[], None]) -> str:
+        """The first console line matching ``pattern`` (any line if it is
+        empty), while the VM runs, within ``timeout_s``."""
+        regex = re.compile(pattern) if pattern else None
+        wanted = f"/{pattern}/" if regex else "anything"
+        deadline = time.monotonic() + timeout_s
+        last_beat = time.monotonic()
+        while True:
+            for line in self.console_text(vm).splitlines():
+                if (regex.search(line) if regex else line.strip()):
+                    return line.strip()
+            state = self.state(vm)
+            if state != "running":
+                raise DestinationError(f"the VM is {state} and its console never showed {wanted}")
+            if time.monotonic() > deadline:
+                raise DestinationError(f"boot not verified within {timeout_s} s: the console never showed {wanted}")
+            if time.monotonic() - last_beat > 5:
+                heartbeat()
+                last_beat = time.monotonic()
             time.sleep(0.25)
-        self._power_off(dom, vm)
-        return "forced"
 
     def _power_off(self, dom, vm: str) -> None:
         try:
