@@ -5,12 +5,12 @@ VMs), recovery points as JSON (/api/rpo/), and the Prometheus metrics."""
 from django.http import HttpResponse, JsonResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from replication.api import api_view
 from replication.metrics import REGISTRY
 from replication.policy import Admission, AdmissionStatus, ProtectionGroup
 from replication.roles import READ, page_permission
 from replication.services import rpo, scheduler
-from replication.views import render_page
+from replication.views.api import api_view
+from replication.views.common import render_page
 
 RECENT_DECISIONS = 30
 
