@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 
 from vma_agent.progress_store import MAX_BODY_BYTES, InvalidUpdate, validate_update
 
+pytestmark = pytest.mark.integration
+
 
 def auth(token=None):
     return {"Authorization": f"Bearer {token or settings.VMA_TOKEN}"}
@@ -363,7 +365,7 @@ def test_health_answers_while_the_store_does_and_503_when_it_does_not(vma_server
     assert r.status_code == 200 and r.json()["status"] == "ok"
     # No token needed, from anywhere.
     assert api.health(rf.get("/api/v1/health", REMOTE_ADDR="10.1.2.3")).status_code == 200
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     settings.VMA_REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     response = api.health(rf.get("/api/v1/health"))

@@ -18,11 +18,10 @@ from replication.models import ReplicationJob, VMDisk
 from replication.services import progress, reaper
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import start_replication
-from tests.conftest import PollerThread, free_port, wait_for_job
-from tests.helpers import MiB, make_image, slow_nbd_source, wait_until
+from tests.helpers import MiB, PollerThread, free_port, make_image, slow_nbd_source, wait_for_job, wait_until
 from vma_agent import task_names
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 
 def slow_vm(tmp_path, sockdir, name, disks=2, size=16 * MiB, delay="200ms"):

@@ -13,11 +13,10 @@ from replication.models import ReplicationJob, VMDisk
 from replication.services import progress
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import start_replication
-from tests.conftest import free_port
-from tests.helpers import MiB, make_image
+from tests.helpers import MiB, free_port, make_image
 from tests.test_progress_api import post
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.integration, pytest.mark.django_db]
 
 
 @pytest.fixture

@@ -17,6 +17,8 @@ from tests.test_progress_api import auth
 from vma_agent.progress_store import ProgressStore
 from vma_agent.reporter import ProgressClient
 
+pytestmark = pytest.mark.integration
+
 # As migratekit's VMAProgressUpdate marshals (encoding/json, omitempty): the
 # contract's three examples, a whole float64 (Go writes 12, not 12.0), every
 # field, and the stages before and after the copy.
