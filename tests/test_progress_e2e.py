@@ -264,7 +264,7 @@ def test_a_run_whose_order_just_left_a_busy_agents_queue_has_time_to_report(tmp_
     gone from the queue for HEARTBEAT_TIMEOUT_S without a word."""
     import redis
 
-    from replication.routing import agent_queue
+    from vma_agent.task_names import agent_queue
 
     # An agent no worker of the test session serves: its queue holds the order until the test takes it.
     job, disk, requeued = copying_disk(tmp_path, monkeypatch, "vm-queued-late", "order-in-the-queue",

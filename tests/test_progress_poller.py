@@ -51,7 +51,7 @@ def later(job, seconds):
 
 
 def test_poller_finds_progress_reported_only_by_export_name(vma_server, replicating_job):
-    """The seeds' bug: the agent knows export names, the OMA knows job ids."""
+    """MigrateKit OSSEA's bug: its VMA knows export names, its OMA knows job ids."""
     job = replicating_job()
     disks = list(job.disks.order_by("disk_key").select_related("target_volume"))
     for i, disk in enumerate(disks):
