@@ -32,7 +32,7 @@ CPU seconds per GB of data (the copying process only, not the servers),
 peak RSS, and nbdcopy's time / the tool's (ref/this; >1: faster than
 nbdcopy), and nbdcopy --flush's time / the tool's (flush/this).
 
-    .venv/bin/python bench/copy_bench.py [--reps 5] [--scale 1.0] [--cases delay5,sparse]
+    .venv/bin/python -m bench.copy_bench [--reps 5] [--scale 1.0] [--cases delay5,sparse]
 """
 
 from __future__ import annotations
@@ -49,9 +49,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import ROOT as PROJECT_ROOT
+
 GiB = 1 << 30
 MiB = 1 << 20
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
 ENGINE = [sys.executable, "-m", "vma_agent.copy"]
 
 
@@ -196,7 +198,6 @@ def preallocate(path: Path, size: int) -> None:
 def live_limit(sockdir: Path, workdir: Path) -> dict:
     """An in-process copy at 20 MiB/s whose limit is raised to 60 MiB/s
     halfway through: the rate from the progress samples on each side."""
-    sys.path.insert(0, str(PROJECT_ROOT))
     from vma_agent.copy import RateLimit, copy_image
 
     size = 1 * GiB

@@ -42,7 +42,7 @@ ReplicationJob (created_at, completed_at, status), JobEvent (at, status,
 stage) and VMDisk (started_at, completed_at), so it survives reworks of the
 workflow itself.
 
-    .venv/bin/python bench/cycle_bench.py [--reps 7] [--layout split|single] [--json]
+    .venv/bin/python -m bench.cycle_bench [--reps 7] [--layout split|single] [--json]
 
 Redis: BENCH_REDIS_URL (default redis://127.0.0.1:6379/14); the bench
 empties that database's Celery queues "oma" and "vma.local" before it starts.
@@ -64,22 +64,10 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-MiB = 1 << 20
+from bench.common import ROOT, MiB, free_port, percentile, setup_django
+
 VM_NAME = "cycle-bench-vm"
 TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def configure(workdir: Path) -> dict:
@@ -373,9 +361,7 @@ def main() -> None:
     args = parser.parse_args()
     workdir = args.workdir.resolve()
     env = configure(workdir)
-    import django
-
-    django.setup()
+    setup_django()
     import logging
 
     import redis

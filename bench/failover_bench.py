@@ -11,7 +11,7 @@ an image VM without copying it through a worker: what is measured is the
 failover, not the replication. The steps run in this process, as the OMA
 worker's run_failover task runs them.
 
-    .venv/bin/python bench/failover_bench.py [--reps 5] [--json]
+    .venv/bin/python -m bench.failover_bench [--reps 5] [--json]
 """
 
 from __future__ import annotations
@@ -21,13 +21,12 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.common import setup_django
+from simulators.boot_disk import boot_disk_builder
 
 
 def configure(workdir: Path) -> None:
@@ -37,9 +36,7 @@ def configure(workdir: Path) -> None:
     os.environ["OMA_RUN_DIR"] = str(workdir / "run")
     os.environ["FAILOVER_DIR"] = str(workdir / "failover")
     os.environ["IMAGE_SOURCE_DIRS"] = str(workdir)  # its boot disks (the OMA's own subdirectories stay refused)
-    import django
-
-    django.setup()
+    setup_django()
     from django.core.management import call_command
 
     call_command("migrate", verbosity=0)
@@ -51,7 +48,6 @@ def completed_cycle(workdir: Path, name: str):
     from replication.models import VMContext
     from replication.services import jobs
     from replication.services.inventory import register_image_vm
-    from tests.helpers import boot_disk_builder
 
     disk = workdir / f"{name}.img"
     boot_disk_builder().build_boot_disk(disk, "BENCH")

@@ -4,18 +4,16 @@ Builds a throwaway SQLite database (or uses DATABASE_URL if given), then
 requests the dashboard fragment and a job's fragment through Django's test
 client, logged in, and prints median and p95 milliseconds.
 
-    .venv/bin/python bench/fragment_bench.py [--jobs 50] [--disks 4] [--requests 100]
+    .venv/bin/python -m bench.fragment_bench [--jobs 50] [--disks 4] [--requests 100]
 """
 
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import setup_django
 
 
 def main() -> None:
@@ -26,11 +24,8 @@ def main() -> None:
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="fragment-bench-")
     os.environ.setdefault("DATABASE_URL", f"sqlite:///{workdir}/bench.sqlite3")
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "oma_site.settings")
     os.environ["DEBUG"] = "false"
-    import django
-
-    django.setup()
+    setup_django()
     from django.contrib.auth.models import User
     from django.core.management import call_command
     from django.test import Client
@@ -38,6 +33,7 @@ def main() -> None:
 
     from replication.choices import DiskStatus, JobStatus, Stage
     from replication.models import ReplicationJob, SourceDisk, TargetVolume, VirtualMachine, VMDisk
+    from replication.roles import VIEWER, grant
 
     setup_test_environment()
     call_command("migrate", verbosity=0)
@@ -56,7 +52,9 @@ def main() -> None:
                                   status=DiskStatus.COPYING, bytes_total=100 * GiB, bytes_done=d * GiB,
                                   progress_percent=d, throughput_bps=50_000_000)
     client = Client()
-    client.force_login(User.objects.create_user("bench"))
+    reader = User.objects.create_user("bench")
+    grant(reader, VIEWER)  # the pages need the viewer role
+    client.force_login(reader)
     some_job = ReplicationJob.objects.first()
     targets = {"dashboard fragment": "/fragments/dashboard/", "job fragment": f"/jobs/{some_job.id}/fragment/"}
     print(f"{args.jobs} active jobs x {args.disks} disks, {args.requests} requests each, "

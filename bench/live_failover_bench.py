@@ -5,7 +5,7 @@ In a directory of its own (--workdir, default var/live-failover-bench: its
 own SQLite database, volumes, sockets and logs) it starts what
 scripts/demo.sh starts (the agent's progress API, an OMA worker, the
 agent's worker with no database, beat, the poller; bench/cycle_bench.py's
-"split" layout), the vCenter simulator (tests/vcsim.py) with one VM whose
+"split" layout), the vCenter simulator (simulators/vcenter.py) with one VM whose
 64 MiB boot disk is the project's test disk (scripts/make_boot_disk.py),
 and maps the VM's network to an isolated libvirt network. It replicates the
 VM (full, then incrementals of 1 MiB each to give the forecast a change
@@ -26,7 +26,7 @@ Figures per live failover, then medians:
   CPU             user+system seconds of every process the bench started
                   (QEMU runs under libvirtd: the guest's CPU is not in it)
 
-    .venv/bin/python bench/live_failover_bench.py [--reps 5] [--json]
+    .venv/bin/python -m bench.live_failover_bench [--reps 5] [--json]
 
 The simulator answers a guest shutdown at once; a real guest takes its own
 time, which the forecast learns from the last live failover.
@@ -46,11 +46,9 @@ import time
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from cycle_bench import Services, configure  # noqa: E402
+from bench.common import ROOT, setup_django
+from bench.cycle_bench import Services, configure
+from simulators.boot_disk import boot_disk_builder
 
 VM_NAME = "bench-live"
 MiB = 1024 * 1024
@@ -107,7 +105,7 @@ def one_live_failover(vm, live: Path, rep: int, rng: random.Random, services: Se
     from replication.models import VMContext
     from replication.services import forecast
 
-    boot_disk = load_boot_disk()
+    boot_disk = boot_disk_builder()
     guest_writes(live, rng, MiB)
     marker = f"LIVE{rep}"
     boot_disk.set_marker(live, marker)
@@ -127,15 +125,6 @@ def one_live_failover(vm, live: Path, rep: int, rng: random.Random, services: Se
             "verify_boot_s": steps["verify boot"],
             "forecast_s": predicted["total_s"], "forecast": predicted, "console_match": job.console_match,
             "cpu_s": round(cpu, 2)}
-
-
-def load_boot_disk():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_boot_disk", ROOT / "scripts" / "make_boot_disk.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def isolated_network():
@@ -160,9 +149,7 @@ def main() -> None:
              "FAILOVER_DIR": str(workdir / "run" / "failover")}
     env.update(extra)
     os.environ.update(extra)
-    import django
-
-    django.setup()
+    setup_django()
     import logging
 
     import redis
@@ -171,7 +158,7 @@ def main() -> None:
     from replication.choices import FAILOVER_BOOT_STEPS
     from replication.models import NetworkMapping, VMContext
     from replication.services import vmware as vmware_service
-    from tests.vcsim import VCenterSimulator, vm_spec
+    from simulators.vcenter import VCenterSimulator, vm_spec
 
     for name in ("replication", "vma_agent"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -186,7 +173,7 @@ def main() -> None:
     results = []
     try:
         live = Path(sim.vms[VM_NAME]["disks"]["2000"])
-        boot_disk = load_boot_disk()
+        boot_disk = boot_disk_builder()
         boot_disk.build_boot_disk(workdir / "boot.img", "BENCH")
         live.write_bytes((workdir / "boot.img").read_bytes())
         record = vmware_service.register_vcenter("vc1", sim.host, sim.username, sim.thumbprint, port=sim.port,

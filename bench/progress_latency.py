@@ -19,8 +19,8 @@ BENCH_DATABASE_URL, e.g. mysql://root@127.0.0.1:3306/oma_bench, a database
 that exists and holds nothing else) and Redis database 13 (BENCH_REDIS_URL),
 so it never touches a developer's jobs:
 
-    .venv/bin/python bench/progress_latency.py [--seconds 60] [--jobs 200 ...] [--disks 4] [--poller process|thread]
-    .venv/bin/python bench/progress_latency.py --no-latency        # pass times at 200x4 and 1250x4
+    .venv/bin/python -m bench.progress_latency [--seconds 60] [--jobs 200 ...] [--disks 4] [--poller process|thread]
+    .venv/bin/python -m bench.progress_latency --no-latency        # pass times at 200x4 and 1250x4
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,8 +37,7 @@ import time
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.common import ROOT, free_port, percentile, setup_django
 
 
 def configure() -> tuple[dict, Path]:
@@ -54,16 +52,9 @@ def configure() -> tuple[dict, Path]:
         "VMA_TOKEN": secrets.token_urlsafe(24),
         "LOG_LEVEL": "ERROR",
     }
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        env["VMA_URL"] = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env["VMA_URL"] = f"http://127.0.0.1:{free_port()}"
     os.environ.update(env)
     return env, workdir
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
 def make_jobs(count: int, disks: int, prefix: str):
@@ -258,9 +249,7 @@ def main() -> None:
     args = parser.parse_args()
     sizes = args.jobs or ([200, 1250] if args.no_latency else [200])
     env, workdir = configure()
-    import django
-
-    django.setup()
+    setup_django()
     from django.core.management import call_command
 
     call_command("migrate", verbosity=0)

@@ -10,7 +10,7 @@ milliseconds, as an ESXi NBD transport does) and a target file on disk
 the variants; the script prints the median and the spread of the seconds,
 and the CPU seconds of the copying process.
 
-    .venv/bin/python bench/resume_bench.py [--size-mib 1024] [--delay-ms 3] [--reps 5]
+    .venv/bin/python -m bench.resume_bench [--size-mib 1024] [--delay-ms 3] [--reps 5]
 """
 
 from __future__ import annotations
@@ -22,15 +22,12 @@ import resource
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_ROOT))
-
-from vma_agent.copy import copy_image  # noqa: E402
+from bench.common import ROOT as PROJECT_ROOT
+from vma_agent.copy import copy_image
 
 MiB = 1 << 20
 

@@ -12,7 +12,7 @@ KiB per --write-every seconds in 64 KiB pieces at random offsets, through
 qemu-io (which waits while a cycle's qemu-nbd holds the image's lock: the
 wait is reported).
 
-    .venv/bin/python bench/rpo_bench.py [--vms 50] [--minutes 10] [--every 30] [--limit 4]
+    .venv/bin/python -m bench.rpo_bench [--vms 50] [--minutes 10] [--every 30] [--limit 4]
 
 Figures: recovery point age sampled every 5 s for every VM after the first
 full cycles (p50, p90, p99, max), cycles completed, skips, cycle duration,
@@ -33,11 +33,8 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from cycle_bench import Services, configure  # noqa: E402
+from bench.common import ROOT, percentile, setup_django
+from bench.cycle_bench import Services, configure
 
 MiB = 1024 * 1024
 
@@ -48,11 +45,6 @@ def mariadb_up() -> bool:
             return True
     except OSError:
         return False
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
 class Guests(threading.Thread):
@@ -105,9 +97,7 @@ def main() -> None:
         subprocess.run(["mariadb", "-h", "127.0.0.1", "-u", "root", "-e",
                         "DROP DATABASE IF EXISTS oma_rpo_bench; CREATE DATABASE oma_rpo_bench"], check=True)
         env["DATABASE_URL"] = os.environ["DATABASE_URL"] = "mysql://root@127.0.0.1:3306/oma_rpo_bench"
-    import django
-
-    django.setup()
+    setup_django()
     import logging
 
     import redis

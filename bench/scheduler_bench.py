@@ -14,18 +14,16 @@ not queued. Uses a throwaway SQLite database unless DATABASE_URL is given
 (e.g. mysql://root@127.0.0.1:3306/oma_bench for MariaDB), and Redis for the
 admission lock (CELERY_BROKER_URL, default redis://127.0.0.1:6379/14).
 
-    .venv/bin/python bench/scheduler_bench.py [--vms 500] [--groups 10] [--reps 5]
+    .venv/bin/python -m bench.scheduler_bench [--vms 500] [--groups 10] [--reps 5]
 """
 
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import setup_django
 
 
 def main() -> None:
@@ -39,11 +37,8 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="scheduler-bench-")
     os.environ.setdefault("DATABASE_URL", f"sqlite:///{workdir}/bench.sqlite3")
     os.environ.setdefault("CELERY_BROKER_URL", "redis://127.0.0.1:6379/14")
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "oma_site.settings")
     os.environ["DEBUG"] = "false"
-    import django
-
-    django.setup()
+    setup_django()
     from django.conf import settings
     from django.core.management import call_command
     from django.db import connection

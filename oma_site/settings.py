@@ -284,7 +284,7 @@ COPY_TARGET_CONNECTIONS = env.int("COPY_TARGET_CONNECTIONS", default=0)
 COPY_DEPTH = env.int("COPY_DEPTH", default=32)
 # Bandwidth limit of each disk copy, bytes per second; 0 = none.
 COPY_LIMIT_BPS = env.int("COPY_LIMIT_BPS", default=0)
-# Copy-loop progress cadence (the seeds': every N seconds or 1 % of a disk).
+# Copy-loop progress cadence (as MigrateKit OSSEA's migratekit: every N seconds or 1 % of a disk).
 PROGRESS_REPORT_INTERVAL_S = env.float("PROGRESS_REPORT_INTERVAL_S", default=2.0)
 # The copy's committed cursor is recorded in the agent's Redis this often:
 # what a resumed run copies again is at most this much time of copying.
@@ -384,11 +384,9 @@ REAPER_PENDING_TIMEOUT_S = env.float("REAPER_PENDING_TIMEOUT_S", default=3600.0)
 # Flower: copy tasks publish PROGRESS state and task-progress events this often.
 TASK_EVENT_INTERVAL_S = env.float("TASK_EVENT_INTERVAL_S", default=2.0)
 
-# The progress poller is not scheduled here: it runs as its own process
-# (`manage.py poll_progress`, a loop), where no copy can take its slot. A beat
-# task queued into a pool whose slots all copy waits for the copies to end:
-# the GUI stayed at 0 % for a whole copy. The reaper and the sweeper are
-# queued on "oma", which only the OMA worker consumes.
+# The progress poller is its own process (`manage.py poll_progress`), not a
+# beat task: a task would wait behind the copies for a free slot. The reaper
+# and the sweeper are queued on "oma", which only the OMA worker consumes.
 # Beat keeps its schedule in the database (django-celery-beat): the fixed
 # entries below, and each protection group's (services.scheduler writes
 # those), so a restart loses nothing and a new schedule needs no restart.

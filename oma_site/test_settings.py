@@ -35,7 +35,7 @@ os.environ.setdefault("OMA_TEST_PYTEST_TMP", _pytest_temproot())
 IMAGE_SOURCE_DIRS = [str(TEST_ROOT), os.environ["OMA_TEST_PYTEST_TMP"]]
 NBD_SOURCE_SOCKET_DIRS = list(IMAGE_SOURCE_DIRS)
 NBD_SOURCE_HOSTS = []
-# Snapshot disks come from the vCenter simulator's image files (tests/vcsim.py).
+# Snapshot disks come from the vCenter simulator's image files (simulators/vcenter.py).
 VMA_SNAPSHOT_SOURCE = "image-dir"
 VMA_SNAPSHOT_IMAGE_DIR = TEST_ROOT / "vcsim"
 COPY_CHUNK_BYTES = 1024 * 1024

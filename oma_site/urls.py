@@ -12,4 +12,4 @@ if settings.OMA_UI_ENABLED:
         path("", include("replication.urls")),
     ]
 
-handler404 = "replication.api.not_found"
+handler404 = "replication.views.api.not_found"

@@ -38,7 +38,7 @@ class DiskStatus(models.TextChoices):
 
 
 class Stage(models.TextChoices):
-    """The seeds' stages, in order."""
+    """The stages of a copy, in order, named as MigrateKit OSSEA's OMA names them."""
 
     INITIALIZING = "Initializing"
     CREATING_SNAPSHOT = "Creating Snapshot"
@@ -87,7 +87,7 @@ def sources_of(transitions: dict, target, only_from=None) -> list:
 
 
 class VMState(models.TextChoices):
-    """A VM's lifecycle (the seeds' vm_replication_contexts.current_status)."""
+    """A VM's lifecycle (MigrateKit OSSEA's vm_replication_contexts.current_status)."""
 
     DISCOVERED = "discovered", "Discovered"
     REPLICATING = "replicating", "Replicating"

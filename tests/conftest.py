@@ -1,11 +1,10 @@
-import contextlib
-import os
+"""The suite's fixtures: the data-plane directories, nbdkit servers, the
+agent's web server, the OMA and agent workers, the progress poller and
+vCenter simulators. Helpers that are not fixtures are in tests/helpers.py."""
+
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -14,13 +13,18 @@ import redis
 import requests
 from django.conf import settings
 
-from replication.choices import JOB_TERMINAL
-from replication.models import ReplicationJob
 from replication.platforms import get_provider
-from tests.helpers import NbdkitProcess, wait_until
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-WORKER_START_TIMEOUT_S = 60
+from tests.helpers import (
+    PROJECT_ROOT,
+    WORKER_START_TIMEOUT_S,
+    NbdkitProcess,
+    PollerThread,
+    free_port,
+    start_worker,
+    stop_worker,
+    wait_until,
+    worker_env,
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -58,20 +62,6 @@ def serve(sockdir):
     yield start
     for server in servers:
         server.stop()
-
-
-def worker_env() -> dict:
-    # TMPDIR puts the worker's private source-export sockets under TEST_ROOT,
-    # where source_exports_running() looks for leftovers of this run only.
-    return {**os.environ, "DJANGO_SETTINGS_MODULE": "oma_site.test_settings", "OMA_TEST_WORKER": "1",
-            "TMPDIR": str(Path(settings.TEST_ROOT) / "tmp"),
-            "VMA_URL": settings.VMA_URL, "VMA_TOKEN": settings.VMA_TOKEN}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -124,52 +114,6 @@ def vma_store():
     return get_store()
 
 
-def start_worker(role: str, name: str, concurrency: int = 2, extra_env: dict | None = None) -> subprocess.Popen:
-    """A real Celery worker process (prefork) on the real Redis, in one role:
-    "oma" (queue oma, the test database) or "agent" (its agent's queue, no
-    database at all: no DATABASE_URL, and Django's dummy backend raises on
-    any ORM access). In a process group of its own, so kill_worker() takes
-    its pool children and their nbdkit sources with it, as a crash would."""
-    log_path = Path(settings.TEST_ROOT) / f"worker-{name}.log"
-    env = {**worker_env(), "PROCESS_ROLE": role, **(extra_env or {})}
-    if role == "agent":
-        env.pop("DATABASE_URL", None)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "oma_site", "worker", "-c", str(concurrency), "-E", "-l", "info",
-             "--without-gossip", "--without-mingle", "-n", f"{name}-{os.getpid()}@%h"],
-            cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError("it exited")
-        return b" ready." in log_path.read_bytes()
-
-    try:
-        wait_until(ready, WORKER_START_TIMEOUT_S, f"the celery {role} worker", interval=0.2)
-    except AssertionError:
-        proc.kill()
-        pytest.fail(f"celery {role} worker did not start:\n{log_path.read_text()[-3000:]}")
-    proc.log_path = log_path
-    return proc
-
-
-def kill_worker(proc: subprocess.Popen) -> None:
-    """SIGKILL the worker's whole process group: no cleanup code runs."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def stop_worker(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGQUIT)  # cold shutdown: do not wait for tasks
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture(scope="session")
 def celery_worker_process(django_db_setup, data_plane_root, vma_server):
     """The OMA's worker (orchestration, on the test database) and the local
@@ -182,70 +126,6 @@ def celery_worker_process(django_db_setup, data_plane_root, vma_server):
     stop_worker(oma)
 
 
-def wait_for_job(job_id: str, timeout: float = 120) -> ReplicationJob:
-    def ended() -> ReplicationJob | None:
-        job = ReplicationJob.objects.get(pk=job_id)
-        return job if job.status in JOB_TERMINAL else None
-
-    try:
-        return wait_until(ended, timeout, f"job {job_id} to end", interval=0.2)
-    except AssertionError:
-        job = ReplicationJob.objects.get(pk=job_id)
-        raise AssertionError(f"job {job_id} still {job.status} ({job.current_operation}) after {timeout} s") from None
-
-
-def agent_bytes_copied(job_id: str, disk_key: str) -> int:
-    """What the agent's progress API says a disk's copy has done so far."""
-    response = requests.get(f"{settings.VMA_URL}/api/v1/progress/{job_id}", timeout=10,
-                            headers={"Authorization": f"Bearer {settings.VMA_TOKEN}"})
-    if response.status_code != 200:
-        return 0
-    return int((response.json().get("disks", {}).get(disk_key) or {}).get("bytes_transferred") or 0)
-
-
-def source_exports_running() -> list[str]:
-    """Command lines of read-only source servers (nbdkit, or qemu-nbd for
-    qcow2 sources) still alive."""
-    out = subprocess.run(["pgrep", "-af", "(nbdkit.*--readonly|qemu-nbd.*--read-only)"], capture_output=True,
-                         text=True).stdout
-    return [line for line in out.splitlines() if f"{settings.TEST_ROOT}/tmp/vma-src-" in line]
-
-
-class PollerThread:
-    """The OMA progress poller running passes in a thread of the test process
-    (what beat does every PROGRESS_POLL_INTERVAL_S), stoppable and restartable."""
-
-    def __init__(self, interval_s: float = 0.3):
-        self.interval_s = interval_s
-        self.passes = 0
-        self._stop = threading.Event()
-        self._thread = None
-
-    def start(self) -> "PollerThread":
-        from replication.services.progress import poll_once
-
-        def run():
-            from django.db import connection
-
-            try:
-                while not self._stop.is_set():
-                    poll_once()
-                    self.passes += 1
-                    self._stop.wait(self.interval_s)
-            finally:
-                connection.close()
-
-        self._stop.clear()
-        self._thread = threading.Thread(target=run, name="test-progress-poller", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(30)
-
-
 @pytest.fixture
 def progress_poller(vma_server):
     poller = PollerThread().start()
@@ -256,9 +136,9 @@ def progress_poller(vma_server):
 @pytest.fixture
 def vcsim_factory(tmp_path):
     """Start test vCenters: vcsim_factory(spec, **kwargs) -> a running
-    tests.vcsim.VCenterSimulator (kwargs as VCenterSimulator.start); all are
+    simulators.vcenter.VCenterSimulator (kwargs as VCenterSimulator.start); all are
     stopped at teardown."""
-    from tests.vcsim import VCenterSimulator
+    from simulators.vcenter import VCenterSimulator
 
     started = []
 
@@ -276,7 +156,7 @@ def vcsim_factory(tmp_path):
 
 @pytest.fixture
 def vcenter(vcsim_factory):
-    """Start a vCenter simulator with these VMs (tests.vcsim.vm_spec) and
+    """Start a vCenter simulator with these VMs (simulators.vcenter.vm_spec) and
     record it as a vCenter; its images live where the agent's image-dir
     snapshot source looks for them. Returns (simulator, VCenter)."""
     from replication.services import vmware as vmware_service

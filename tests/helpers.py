@@ -1,17 +1,32 @@
-"""Test data: sparse raw images with known content, and small nbdkit servers."""
+"""What the tests share besides fixtures: waiting on a condition, sparse
+raw images with known content, small nbdkit servers, the boot disk, users
+with a role, and real worker processes, the agent's progress as it answers,
+and the progress poller in a thread."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
+import signal
+import socket
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
+import pytest
+import requests
+from django.conf import settings
+
+from simulators.boot_disk import boot_disk_builder
 from vma_agent import nbdkit
 
 MiB = 1024 * 1024
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+WORKER_START_TIMEOUT_S = 60
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
@@ -86,18 +101,6 @@ def slow_nbd_source(sockdir: Path, image: Path, delay: str) -> NbdkitProcess:
                          "serialize=all-requests", f"rdelay={delay}")
 
 
-def boot_disk_builder():
-    """scripts/make_boot_disk.py as a module: build_boot_disk(path, marker),
-    set_marker(path, marker) (a script, not a package, so loaded by path)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "scripts" / "make_boot_disk.py"
-    spec = importlib.util.spec_from_file_location("make_boot_disk", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def completed_cycle_on(tmp_path, name, monkeypatch):
     """A VM whose last cycle completed, its replica a real file, without a
     worker: the failover then runs in this process (enqueueing captured)."""
@@ -133,3 +136,131 @@ def user_with_role(username: str, role: str | None, password: str = "s3cret-pass
     if role is not None:
         grant(user, role)
     return user
+
+
+def worker_env() -> dict:
+    # TMPDIR puts the worker's private source-export sockets under TEST_ROOT,
+    # where source_exports_running() looks for leftovers of this run only.
+    return {**os.environ, "DJANGO_SETTINGS_MODULE": "oma_site.test_settings", "OMA_TEST_WORKER": "1",
+            "TMPDIR": str(Path(settings.TEST_ROOT) / "tmp"),
+            "VMA_URL": settings.VMA_URL, "VMA_TOKEN": settings.VMA_TOKEN}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_worker(role: str, name: str, concurrency: int = 2, extra_env: dict | None = None) -> subprocess.Popen:
+    """A real Celery worker process (prefork) on the real Redis, in one role:
+    "oma" (queue oma, the test database) or "agent" (its agent's queue, no
+    database at all: no DATABASE_URL, and Django's dummy backend raises on
+    any ORM access). In a process group of its own, so kill_worker() takes
+    its pool children and their nbdkit sources with it, as a crash would."""
+    log_path = Path(settings.TEST_ROOT) / f"worker-{name}.log"
+    env = {**worker_env(), "PROCESS_ROLE": role, **(extra_env or {})}
+    if role == "agent":
+        env.pop("DATABASE_URL", None)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "oma_site", "worker", "-c", str(concurrency), "-E", "-l", "info",
+             "--without-gossip", "--without-mingle", "-n", f"{name}-{os.getpid()}@%h"],
+            cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError("it exited")
+        return b" ready." in log_path.read_bytes()
+
+    try:
+        wait_until(ready, WORKER_START_TIMEOUT_S, f"the celery {role} worker", interval=0.2)
+    except AssertionError:
+        proc.kill()
+        pytest.fail(f"celery {role} worker did not start:\n{log_path.read_text()[-3000:]}")
+    proc.log_path = log_path
+    return proc
+
+
+def kill_worker(proc: subprocess.Popen) -> None:
+    """SIGKILL the worker's whole process group: no cleanup code runs."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def stop_worker(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGQUIT)  # cold shutdown: do not wait for tasks
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def wait_for_job(job_id: str, timeout: float = 120):
+    """Wait until the job ends; the job, or an AssertionError with where it stands."""
+    from replication.choices import JOB_TERMINAL
+    from replication.models import ReplicationJob
+
+    def ended() -> ReplicationJob | None:
+        job = ReplicationJob.objects.get(pk=job_id)
+        return job if job.status in JOB_TERMINAL else None
+
+    try:
+        return wait_until(ended, timeout, f"job {job_id} to end", interval=0.2)
+    except AssertionError:
+        job = ReplicationJob.objects.get(pk=job_id)
+        raise AssertionError(f"job {job_id} still {job.status} ({job.current_operation}) after {timeout} s") from None
+
+
+def agent_bytes_copied(job_id: str, disk_key: str) -> int:
+    """What the agent's progress API says a disk's copy has done so far."""
+    response = requests.get(f"{settings.VMA_URL}/api/v1/progress/{job_id}", timeout=10,
+                            headers={"Authorization": f"Bearer {settings.VMA_TOKEN}"})
+    if response.status_code != 200:
+        return 0
+    return int((response.json().get("disks", {}).get(disk_key) or {}).get("bytes_transferred") or 0)
+
+
+def source_exports_running() -> list[str]:
+    """Command lines of read-only source servers (nbdkit, or qemu-nbd for
+    qcow2 sources) still alive."""
+    out = subprocess.run(["pgrep", "-af", "(nbdkit.*--readonly|qemu-nbd.*--read-only)"], capture_output=True,
+                         text=True).stdout
+    return [line for line in out.splitlines() if f"{settings.TEST_ROOT}/tmp/vma-src-" in line]
+
+
+class PollerThread:
+    """The OMA progress poller running passes in a thread of the test process
+    (what beat does every PROGRESS_POLL_INTERVAL_S), stoppable and restartable."""
+
+    def __init__(self, interval_s: float = 0.3):
+        self.interval_s = interval_s
+        self.passes = 0
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self) -> PollerThread:
+        from replication.services.progress import poll_once
+
+        def run():
+            from django.db import connection
+
+            try:
+                while not self._stop.is_set():
+                    poll_once()
+                    self.passes += 1
+                    self._stop.wait(self.interval_s)
+            finally:
+                connection.close()
+
+        self._stop.clear()
+        self._thread = threading.Thread(target=run, name="test-progress-poller", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)

@@ -16,12 +16,11 @@ from replication.models import CopyAttempt, VMDisk
 from replication.services import reaper
 from replication.services import vmware as vmware_service
 from replication.services.jobs import start_replication
-from tests.conftest import PROJECT_ROOT, kill_worker, start_worker, stop_worker, wait_for_job, worker_env
+from simulators.vcenter import fill_image, vm_spec
 from tests.faults.harness import wait_until
-from tests.helpers import MiB, sha256
-from tests.vcsim import fill_image, vm_spec
+from tests.helpers import PROJECT_ROOT, MiB, kill_worker, sha256, start_worker, stop_worker, wait_for_job, worker_env
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 AGENT = "apart"
 HEARTBEAT_TIMEOUT_S = 3

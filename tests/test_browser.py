@@ -11,18 +11,20 @@ from playwright.sync_api import expect, sync_playwright
 from replication.models import ReplicationJob
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import start_replication
-from tests.conftest import PROJECT_ROOT, source_exports_running, wait_for_job
+from simulators.boot_disk import boot_disk_builder
 from tests.helpers import (
+    PROJECT_ROOT,
     MiB,
-    boot_disk_builder,
     make_image,
     sha256,
     slow_nbd_source,
+    source_exports_running,
     user_with_role,
+    wait_for_job,
     wait_until,
 )
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -286,7 +288,7 @@ def test_an_operator_adds_a_vcenter_chooses_vms_and_adds_an_image_vm_from_the_br
     import subprocess
 
     from replication.models import VCenter, VirtualMachine
-    from tests.vcsim import vm_spec
+    from simulators.vcenter import vm_spec
 
     settings.OMA_SECRETS_DIR = tmp_path / "secrets"
     settings.OMA_SECRETS_DIR.mkdir()

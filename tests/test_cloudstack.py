@@ -1,4 +1,4 @@
-"""CloudStack as the destination cloud, against tests/cloudstack_sim.py (a
+"""CloudStack as the destination cloud, against simulators/cloudstack.py (a
 test double: no CloudStack runs here; it checks signatures and answers with
 the real API's shapes and error codes), with real workers, the vCenter
 simulator and real NBD exports: the volumes' "devices" are the simulator's
@@ -18,12 +18,11 @@ from replication.models import CloudError, CloudStackConfig
 from replication.platforms.cloudstack.client import CloudClient
 from replication.services import vmware as vmware_service
 from replication.services.jobs import start_replication
-from tests.cloudstack_sim import CloudStackSimulator, GiB
-from tests.conftest import wait_for_job
-from tests.helpers import MiB
-from tests.vcsim import fill_image, vm_spec
+from simulators.cloudstack import CloudStackSimulator, GiB
+from simulators.vcenter import fill_image, vm_spec
+from tests.helpers import MiB, wait_for_job
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 DISKS = [12 * MiB + 4097, 5 * MiB, 9 * MiB + 511]
 

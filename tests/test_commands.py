@@ -6,10 +6,9 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from replication.models import VirtualMachine
-from tests.conftest import PROJECT_ROOT, wait_for_job, worker_env
-from tests.helpers import MiB, NbdkitProcess, make_image, sha256
+from tests.helpers import PROJECT_ROOT, MiB, NbdkitProcess, make_image, sha256, wait_for_job, worker_env
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 
 def run(*args, **kwargs):

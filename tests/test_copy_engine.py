@@ -10,10 +10,11 @@ import threading
 
 import pytest
 
-from tests.conftest import PROJECT_ROOT
-from tests.helpers import MiB, NbdkitProcess, make_image, sha256, wait_until
+from tests.helpers import PROJECT_ROOT, MiB, NbdkitProcess, make_image, sha256, wait_until
 from vma_agent.copy import CopyCancelled, CopyError, RateLimit, coalesce, copy_image, dirty_areas
 from vma_agent.copy.ratelimit import CATCH_UP_S
+
+pytestmark = pytest.mark.integration
 
 
 def test_full_copy_of_sparse_odd_sized_image_matches_source(tmp_path, serve):

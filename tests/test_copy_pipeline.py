@@ -13,6 +13,8 @@ from tests.helpers import MiB, make_image, sha256, wait_until
 from vma_agent import nbdkit
 from vma_agent.copy import CopyCancelled, CopyError, RateLimit, copy_image
 
+pytestmark = pytest.mark.integration
+
 
 def odd_image(path, seed=3):
     """Odd size, holes, zero runs inside data, data in the last partial block."""

@@ -7,8 +7,6 @@ Every VM defined here is named oma-test-hv-* and destroyed by the test."""
 from __future__ import annotations
 
 import grp
-import hashlib
-import importlib.util
 import os
 import pwd
 import time
@@ -22,22 +20,14 @@ from django.conf import settings
 from replication.platforms import get_destination
 from replication.platforms.base import DestinationError, VMShape
 from replication.platforms.local.libvirt import LibvirtDestination
-from tests.helpers import wait_until
+from simulators.boot_disk import boot_disk_builder
+from tests.helpers import sha256, wait_until
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.integration
+
 BOOT_TIMEOUT_S = 90
 
-_spec = importlib.util.spec_from_file_location("make_boot_disk", PROJECT_ROOT / "scripts" / "make_boot_disk.py")
-make_boot_disk = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_boot_disk)
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+make_boot_disk = boot_disk_builder()
 
 
 def owner(path: Path) -> tuple[str, str, int]:

@@ -14,10 +14,10 @@ from replication.choices import DrillStatus, JobStatus, VMState
 from replication.models import DrillRun, VirtualMachine, VMContext
 from replication.services import scheduler
 from replication.services.jobs import start_replication
-from tests.conftest import wait_for_job
-from tests.helpers import boot_disk_builder, sha256, user_with_role
+from simulators.boot_disk import boot_disk_builder
+from tests.helpers import sha256, user_with_role, wait_for_job
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 boot_disk = boot_disk_builder()
 
 

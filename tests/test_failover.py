@@ -15,10 +15,10 @@ from replication.choices import FailoverStatus, JobStatus, VMState
 from replication.models import FailoverJob, VirtualMachine, VMContext
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import ReplicationError, start_replication
-from tests.conftest import PROJECT_ROOT, wait_for_job
-from tests.helpers import boot_disk_builder, completed_cycle_on, sha256, wait_until
+from simulators.boot_disk import boot_disk_builder
+from tests.helpers import PROJECT_ROOT, completed_cycle_on, sha256, wait_for_job, wait_until
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 boot_disk = boot_disk_builder()
 
@@ -203,7 +203,7 @@ def test_a_failover_whose_worker_is_killed_is_undone_by_the_reaper_naming_the_st
     from django.utils import timezone
 
     from replication.services import failover
-    from tests.conftest import worker_env
+    from tests.helpers import worker_env
 
     vm = completed_cycle_on(tmp_path, "vm-killed", monkeypatch)
     command("set_boot_check", "vm-killed", "--regex", "NEVER-PRINTED", "--timeout", "600")

@@ -19,11 +19,11 @@ from replication.choices import FailoverStatus, JobStatus, SyncType, VMState
 from replication.models import FailoverJob, VirtualMachine, VMContext
 from replication.services import vmware as vmware_service
 from replication.services.jobs import ReplicationError, start_replication
-from tests.conftest import wait_for_job
-from tests.helpers import MiB, boot_disk_builder, completed_cycle_on, sha256
-from tests.vcsim import vm_spec
+from simulators.boot_disk import boot_disk_builder
+from simulators.vcenter import vm_spec
+from tests.helpers import MiB, completed_cycle_on, sha256, wait_for_job
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 boot_disk = boot_disk_builder()
 DISK_BYTES = 64 * MiB

@@ -2,22 +2,17 @@
 
 import base64
 import os
-import socket
 import subprocess
 import sys
 import urllib.error
 import urllib.request
 
+import pytest
 from django.conf import settings
 
-from tests.conftest import PROJECT_ROOT
-from tests.helpers import wait_until
+from tests.helpers import PROJECT_ROOT, free_port, wait_until
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+pytestmark = pytest.mark.integration
 
 
 def get(url, auth=None):

@@ -122,6 +122,7 @@ def test_check_deploy_is_clean_with_the_production_settings():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.integration  # the agent's web server in its own process
 def test_the_running_server_serves_static_files_a_csp_and_a_404_without_urls(vma_server):
     # The runserver of the tests runs on the defaults: DEBUG unset.
     css = requests.get(f"{vma_server}/static/replication/oma.css", timeout=10)

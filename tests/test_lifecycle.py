@@ -1,4 +1,4 @@
-"""A VM's lifecycle (the seeds' vm_replication_contexts): one place moves it,
+"""A VM's lifecycle (MigrateKit OSSEA's vm_replication_contexts): one place moves it,
 refusing illegal moves with the reason, recording time, actor and reason."""
 
 import pytest

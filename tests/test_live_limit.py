@@ -10,11 +10,10 @@ from replication.roles import os_actor
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import start_replication
 from replication.services.limits import LimitError, change_limit
-from tests.conftest import agent_bytes_copied, wait_for_job
-from tests.helpers import MiB, make_image, sha256, user_with_role, wait_until
+from tests.helpers import MiB, agent_bytes_copied, make_image, sha256, user_with_role, wait_for_job, wait_until
 from vma_agent.units import parse_rate
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 
 def agent_limits(job_id):

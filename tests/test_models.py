@@ -18,7 +18,7 @@ def vm(tmp_path, monkeypatch):
     return register_image_vm("vm-state", [str(make_image(tmp_path / "a.img", MiB, [(0, 4096)]))])
 
 
-def test_job_id_has_the_seeds_form():
+def test_job_id_has_migratekits_form():
     assert re.fullmatch(r"job-\d{8}-\d{6}\.\d{3}-[0-9a-f]{6}", new_job_id())
 
 
@@ -75,7 +75,7 @@ def test_a_copy_run_is_numbered_once(vm):
     assert disk.attempts == 1 and disk.celery_task_id == "task-a" and disk.status == DiskStatus.COPYING
 
 
-def test_job_stages_follow_the_seeds_percentages(vm):
+def test_job_stages_follow_the_ossea_omas_percentages(vm):
     job = start_replication(vm)
     assert job.enter_stage(Stage.INITIALIZING, JobStatus.PREPARING)
     assert job.progress_percent == 5

@@ -12,7 +12,7 @@ from replication.services import progress
 from tests.test_progress_api import post
 from tests.test_progress_poller import disk_state, later, replicating_job, update  # noqa: F401 (fixture)
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.integration, pytest.mark.django_db]
 
 
 def test_one_pass_is_one_request_whatever_the_number_of_jobs(vma_server, replicating_job):  # noqa: F811

@@ -1,6 +1,6 @@
 """The VMA progress API over real HTTP (manage.py runserver in its own process)
 on the test Redis: auth, validation, id resolution, monotonic updates.
-The seeds' wire format itself is pinned in tests/test_wire_contract.py."""
+MigrateKit OSSEA's wire format itself is pinned in tests/test_wire_contract.py."""
 
 import json
 import secrets
@@ -15,6 +15,8 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from vma_agent.progress_store import MAX_BODY_BYTES, InvalidUpdate, validate_update
+
+pytestmark = pytest.mark.integration
 
 
 def auth(token=None):
@@ -63,7 +65,7 @@ def test_update_stored_under_job_id_is_found_by_export_name_and_back(vma_server)
 
 
 def test_update_posted_by_export_name_is_found_by_job_id(vma_server):
-    """The seeds' mismatch, reversed: the copy loop knows the export name."""
+    """MigrateKit OSSEA's mismatch, reversed: the copy loop knows the export name."""
     job_id, exports = new_job_id(), [new_export(), new_export()]
     for i, export in enumerate(exports):
         assert post(vma_server, export, disk_update(1, 100 * (i + 1), disk_id=f"disk-200{i}",
@@ -111,7 +113,7 @@ def test_requests_without_the_right_token_are_refused(vma_server, vma_store, hea
     assert vma_store.get(job_id) is None
 
 
-def seeds_update(done, total=1000, **extra):
+def migratekit_update(done, total=1000, **extra):
     """As MigrateKit OSSEA's migratekit posts: no seq, no token."""
     return {"stage": "Transfer", "bytes_transferred": done, "total_bytes": total, "throughput_bps": 10, **extra}
 
@@ -121,7 +123,7 @@ def test_token_less_requests_straight_from_loopback_are_trusted(vma_server, vma_
     host, SSH tunnel): with VMA_TRUST_LOOPBACK (the test server's) they post
     display fields and read a record by its id."""
     job_id = new_job_id()
-    r = post(vma_server, job_id, seeds_update(10, disk_id="disk-2000"), headers={})
+    r = post(vma_server, job_id, migratekit_update(10, disk_id="disk-2000"), headers={})
     assert r.status_code == 200 and r.json()["applied"] is True
     assert get(vma_server, job_id, headers={}).json()["disks"]["disk-2000"]["bytes_transferred"] == 10
 
@@ -132,7 +134,7 @@ def test_a_token_less_update_may_not_carry_what_decides_what_is_copied(vma_serve
     """Finding 1 of issue 26: a token-less update set checkpoint_bytes, and a
     redelivered copy skipped everything below it."""
     job_id = new_job_id()
-    r = post(vma_server, job_id, seeds_update(10, disk_id="disk-2000", **{field: value}), headers={})
+    r = post(vma_server, job_id, migratekit_update(10, disk_id="disk-2000", **{field: value}), headers={})
     assert r.status_code == 403 and field in r.json()["error"] and "bearer token" in r.json()["error"]
     assert vma_store.get(job_id) is None
 
@@ -141,7 +143,7 @@ def test_a_token_less_update_never_changes_an_entry_of_our_own_copy(vma_server, 
     job_id = new_job_id()
     ours = disk_update(1, 100, disk_id="disk-2000", attempt=1, checkpoint_bytes=64, worker="vma:1")
     assert post(vma_server, job_id, ours).json()["applied"]
-    for body in (seeds_update(900, disk_id="disk-2000"),
+    for body in (migratekit_update(900, disk_id="disk-2000"),
                  {"stage": "Completed", "status": "completed", "disk_id": "disk-2000"}):
         r = post(vma_server, job_id, body, headers={})
         assert r.status_code == 403 and "own copy" in r.json()["error"]
@@ -238,10 +240,10 @@ def test_control_needs_the_token_json_and_no_foreign_origin(vma_server, action, 
 
 def test_an_update_from_a_page_of_another_site_is_refused(vma_server, vma_store):
     job_id = new_job_id()
-    r = post(vma_server, job_id, seeds_update(10, disk_id="disk-2000"),
+    r = post(vma_server, job_id, migratekit_update(10, disk_id="disk-2000"),
              headers={"Origin": "https://evil.example"})
     assert r.status_code == 403
-    r = requests.post(f"{vma_server}/api/v1/progress/{job_id}/update", data=json.dumps(seeds_update(1)),
+    r = requests.post(f"{vma_server}/api/v1/progress/{job_id}/update", data=json.dumps(migratekit_update(1)),
                       headers={"Content-Type": "text/plain"}, timeout=10)
     assert r.status_code == 415
     assert vma_store.get(job_id) is None
@@ -256,8 +258,8 @@ def test_openapi_describes_every_path(vma_server):
                                  "/api/v1/openapi.json"}
     schemas = doc["components"]["schemas"]
     assert "seq" in schemas["ProgressUpdate"]["required"]
-    assert schemas["SeedsProgressUpdate"]["required"] == ["stage"]
-    assert "seq" not in schemas["SeedsProgressUpdate"]["properties"]
+    assert schemas["MigratekitProgressUpdate"]["required"] == ["stage"]
+    assert "seq" not in schemas["MigratekitProgressUpdate"]["properties"]
     for name in ("checkpoint_bytes", "attempt", "worker"):
         assert name in schemas["ProgressUpdate"]["properties"]
     for path, methods in doc["paths"].items():
@@ -363,7 +365,7 @@ def test_health_answers_while_the_store_does_and_503_when_it_does_not(vma_server
     assert r.status_code == 200 and r.json()["status"] == "ok"
     # No token needed, from anywhere.
     assert api.health(rf.get("/api/v1/health", REMOTE_ADDR="10.1.2.3")).status_code == 200
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     settings.VMA_REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     response = api.health(rf.get("/api/v1/health"))

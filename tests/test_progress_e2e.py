@@ -18,11 +18,10 @@ from replication.models import ReplicationJob, VMDisk
 from replication.services import progress, reaper
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import start_replication
-from tests.conftest import PollerThread, free_port, wait_for_job
-from tests.helpers import MiB, make_image, slow_nbd_source, wait_until
+from tests.helpers import MiB, PollerThread, free_port, make_image, slow_nbd_source, wait_for_job, wait_until
 from vma_agent import task_names
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 
 def slow_vm(tmp_path, sockdir, name, disks=2, size=16 * MiB, delay="200ms"):
@@ -265,7 +264,7 @@ def test_a_run_whose_order_just_left_a_busy_agents_queue_has_time_to_report(tmp_
     gone from the queue for HEARTBEAT_TIMEOUT_S without a word."""
     import redis
 
-    from replication.routing import agent_queue
+    from vma_agent.task_names import agent_queue
 
     # An agent no worker of the test session serves: its queue holds the order until the test takes it.
     job, disk, requeued = copying_disk(tmp_path, monkeypatch, "vm-queued-late", "order-in-the-queue",

@@ -13,11 +13,10 @@ from replication.models import ReplicationJob, VMDisk
 from replication.services import progress
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import start_replication
-from tests.conftest import free_port
-from tests.helpers import MiB, make_image
+from tests.helpers import MiB, free_port, make_image
 from tests.test_progress_api import post
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.integration, pytest.mark.django_db]
 
 
 @pytest.fixture
@@ -52,7 +51,7 @@ def later(job, seconds):
 
 
 def test_poller_finds_progress_reported_only_by_export_name(vma_server, replicating_job):
-    """The seeds' bug: the agent knows export names, the OMA knows job ids."""
+    """MigrateKit OSSEA's bug: its VMA knows export names, its OMA knows job ids."""
     job = replicating_job()
     disks = list(job.disks.order_by("disk_key").select_related("target_volume"))
     for i, disk in enumerate(disks):

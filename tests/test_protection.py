@@ -20,10 +20,20 @@ from replication.models import Admission, ProtectionGroup, ReplicationJob, Virtu
 from replication.services import scheduler
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import cancel_job
-from tests.conftest import PROJECT_ROOT, stop_worker, wait_for_job, worker_env
-from tests.helpers import MiB, make_image, sha256, slow_nbd_source, user_with_role, wait_until
+from tests.helpers import (
+    PROJECT_ROOT,
+    MiB,
+    make_image,
+    sha256,
+    slow_nbd_source,
+    stop_worker,
+    user_with_role,
+    wait_for_job,
+    wait_until,
+    worker_env,
+)
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 
 @pytest.fixture

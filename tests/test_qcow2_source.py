@@ -12,11 +12,10 @@ import pytest
 from replication.choices import JobStatus, SourceKind, SyncType
 from replication.services.inventory import InventoryError, register_image_vm
 from replication.services.jobs import ReplicationError, cancel_job, start_replication
-from tests.conftest import agent_bytes_copied, source_exports_running, wait_for_job
-from tests.helpers import MiB, make_image, sha256, wait_until
+from tests.helpers import MiB, agent_bytes_copied, make_image, sha256, source_exports_running, wait_for_job, wait_until
 from vma_agent import qcow2
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 KiB = 1024
 
 

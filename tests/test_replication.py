@@ -8,10 +8,18 @@ from replication.choices import DISK_TERMINAL, DiskStatus, JobStatus
 from replication.models import ReplicationJob, TargetVolume, VMDisk
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import start_replication
-from tests.conftest import source_exports_running, wait_for_job
-from tests.helpers import MiB, NbdkitProcess, make_image, sha256, slow_nbd_source, wait_until
+from tests.helpers import (
+    MiB,
+    NbdkitProcess,
+    make_image,
+    sha256,
+    slow_nbd_source,
+    source_exports_running,
+    wait_for_job,
+    wait_until,
+)
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 
 def two_disk_vm(tmp_path, name="vm-two-disks"):

@@ -9,8 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.conftest import free_port
-from tests.helpers import wait_until
+from tests.helpers import free_port, wait_until
 from vma_agent.progress import CopyProgress
 from vma_agent.reporter import DiskReporter, LatestUpdateSender, MovingRate, ProgressClient
 

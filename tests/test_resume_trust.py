@@ -21,12 +21,13 @@ from replication.choices import JobStatus, Stage
 from replication.models import JobEvent
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import disk_copied, resume_note, start_replication
-from tests.conftest import PROJECT_ROOT
-from tests.helpers import MiB, make_image, sha256, wait_until
+from tests.helpers import PROJECT_ROOT, MiB, make_image, sha256, wait_until
 from tests.test_progress_api import new_job_id, post
 from vma_agent import steps
 from vma_agent.control import AgentControl, Checkpoint
 from vma_agent.work import CopyOrder
+
+pytestmark = pytest.mark.integration
 
 SIZE = 16 * MiB
 DATA = [(0, 3 * MiB), (4 * MiB, 6 * MiB), (12 * MiB, 3 * MiB)]

@@ -139,7 +139,7 @@ def actions(vm, job, monkeypatch):
         ("rollback", ADMINISTRATOR, f"/vms/{vm.pk}/rollback/", {},
          "replication.services.failover.start_rollback", failover_like("rollback")),
         ("add image VM", ADMINISTRATOR, "/sources/", {"step": "image", "name": "new", "disks": "/x.img"},
-         "replication.source_views.register_image_vm", vm),
+         "replication.views.sources.register_image_vm", vm),
         ("add vCenter", ADMINISTRATOR, "/sources/", {"step": "fetch", "host": "vc.example", "port": "443"},
          "replication.services.sources.certificate_thumbprint", "AA:BB"),
         ("protect vCenter VMs", ADMINISTRATOR, f"/sources/vcenters/{vcenter.pk}/", {"vm": ["a"]},
@@ -200,7 +200,7 @@ def test_a_viewer_cannot_start_a_test_failover_nor_an_operator_a_live_one_throug
 def test_the_api_starts_a_failover_for_its_role_and_records_the_tokens_owner(vm, monkeypatch):
     started = Recorder(failover_like())
     monkeypatch.setattr("replication.services.failover.start_failover", started)
-    monkeypatch.setattr("replication.api.failover_report", lambda job: {"id": job.pk})
+    monkeypatch.setattr("replication.views.api.failover_json", lambda job: {"id": job.pk})
     operator = Client(headers={"Authorization": f"Bearer {token_for(OPERATOR, 'carol')}"})
     response = api_start(operator, vm=vm.name, kind="test")
     assert response.status_code == 201 and response.json() == {"id": 1}
@@ -257,7 +257,7 @@ def test_who_registered_a_vm_is_in_its_history(vm, monkeypatch):
     def register(name, locators, **options):
         return VirtualMachine.objects.create(name=name)
 
-    monkeypatch.setattr("replication.source_views.register_image_vm", register)
+    monkeypatch.setattr("replication.views.sources.register_image_vm", register)
     client_as(ADMINISTRATOR, "frank").post("/sources/", {"step": "image", "name": "vm-new", "disks": "/x.img"})
     (change,) = VMStateChange.objects.filter(context__vm__name="vm-new")
     assert change.actor == "frank" and "registered from the Sources page" in change.reason

@@ -12,6 +12,8 @@ from tests.helpers import MiB, make_image, sha256
 from vma_agent.copy import CopyError, copy_image, export_size
 from vma_agent.nbdkit import serve_file_readonly
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def tls_provider(tmp_path, sockdir):
@@ -66,7 +68,7 @@ def test_secrets_come_from_files(tmp_path):
 
 def test_export_server_on_tcp_for_remote_agents_requires_tls_beyond_loopback(tmp_path, sockdir):
     from replication.platforms.base import VolumeError
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     with pytest.raises(VolumeError, match="without TLS"):
         LocalVolumeProvider(tmp_path / "v", sockdir, listen="0.0.0.0:10809")

@@ -24,7 +24,7 @@ from replication.services import vmware as vmware_service
 from replication.services.inventory import register_image_vm
 from tests.helpers import MiB, NbdkitProcess, make_image, user_with_role
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.integration, pytest.mark.django_db]
 
 
 @pytest.fixture

@@ -26,10 +26,9 @@ from replication.choices import DiskStatus, JobStatus
 from replication.models import ReplicationJob, VMDisk
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import start_replication
-from tests.conftest import PROJECT_ROOT, start_worker, wait_for_job, worker_env
-from tests.helpers import MiB, make_image, wait_until
+from tests.helpers import PROJECT_ROOT, MiB, make_image, start_worker, wait_for_job, wait_until, worker_env
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 AGENT = "starve"  # a queue of its own: no other test's worker takes these copies
 POLL_INTERVAL_S = 2.0

@@ -14,10 +14,11 @@ import pytest
 from replication.models import VCenter
 from replication.services import sweeper
 from replication.services import vmware as vmware_service
-from tests.conftest import PROJECT_ROOT
-from tests.helpers import MiB, make_image, wait_until
-from tests.vcsim import vm_spec
+from simulators.vcenter import vm_spec
+from tests.helpers import PROJECT_ROOT, MiB, make_image, wait_until
 from vma_agent import nbdkit
+
+pytestmark = pytest.mark.integration
 
 
 def test_source_export_of_a_killed_process_is_swept_and_a_live_one_kept(tmp_path, monkeypatch):

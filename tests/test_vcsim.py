@@ -2,7 +2,6 @@
 it: login and certificate pinning, inventory reads, snapshots backed by disk
 images, and changed block tracking answered from what really changed."""
 
-import hashlib
 import os
 import ssl
 from pathlib import Path
@@ -11,6 +10,10 @@ import pytest
 from pyVim.connect import Connect, Disconnect
 from pyVim.task import WaitForTask
 from pyVmomi import vim, vmodl
+
+from tests.helpers import sha256
+
+pytestmark = pytest.mark.integration
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -122,10 +125,6 @@ def write(path, offset, data):
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(data)
-
-
-def sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def test_login_needs_the_password_and_the_pinned_certificate(vcsim_factory, session):

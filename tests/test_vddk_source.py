@@ -14,6 +14,8 @@ from vma_agent.nbdkit import NbdkitError
 from vma_agent.snapshot_sources import ImageDirSource, SnapshotDisk, VddkSource, password_file
 from vma_agent.tasks import agent_config
 
+pytestmark = pytest.mark.integration
+
 PASSWORD = "s3cret-Pa55 word"
 DISK = SnapshotDisk(vcenter="vc1", vm_moref="vm-42", snapshot_moref="snapshot-7", device_key=2001,
                     backing_file="[LocalDS_0] web01/web01_1.vmdk")

@@ -77,7 +77,7 @@ def test_empty_states(operator):
 
 def test_dashboard_shows_active_job_with_accessible_bars(operator, job):
     job.disks.update(bytes_done=MiB // 2, bytes_total=MiB, progress_percent=50.0)
-    # The seeds' stage-weighted percent says 65 %; the page says how much data is copied, with the stage.
+    # MigrateKit OSSEA's stage-weighted percent says 65 %; the page says how much data is copied, with the stage.
     ReplicationJob.objects.filter(pk=job.pk).update(status=JobStatus.REPLICATING, progress_percent=65.0,
                                                     current_operation="Transfer", bytes_transferred=MiB,
                                                     total_bytes=4 * MiB)

@@ -14,14 +14,13 @@ from replication.choices import DiskStatus, JobStatus, SyncType
 from replication.models import ChangeIdRecord, ReplicationJob, SourceDisk, VCenter, VirtualMachine
 from replication.services import vmware as vmware_service
 from replication.services.jobs import cancel_job, start_replication
-from tests.conftest import agent_bytes_copied, source_exports_running, wait_for_job
-from tests.helpers import MiB, sha256, wait_until
-from tests.vcsim import fill_image as fill
-from tests.vcsim import snapshot_image, vm_spec
-from tests.vcsim import write_image as write
+from simulators.vcenter import fill_image as fill
+from simulators.vcenter import snapshot_image, vm_spec
+from simulators.vcenter import write_image as write
+from tests.helpers import MiB, agent_bytes_copied, sha256, source_exports_running, wait_for_job, wait_until
 from vma_agent.vmware import VSphereClient, VSphereError
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 BLOCK = 64 * 1024  # the simulator's change-tracking granularity
 DISKS = [12 * MiB + 4097, 5 * MiB, 9 * MiB + 511]  # odd sizes: the last blocks are partial

@@ -1,8 +1,8 @@
-"""The seeds' wire format (shared/contracts/progress-wire.md) against the
+"""MigrateKit OSSEA's wire format (shared/contracts/progress-wire.md) against the
 real agent API (runserver process, real Redis): migratekit's
 VMAProgressUpdate bodies, byte for byte as Go marshals them, are accepted
-with and without a token from loopback; the GET answer decodes into the
-seeds' VMAProgressResponse with Go's types; the change feed returns what
+with and without a token from loopback; the GET answer decodes into
+MigrateKit OSSEA's VMAProgressResponse with Go's types; the change feed returns what
 changed after a cursor and nothing else."""
 
 import json
@@ -16,6 +16,8 @@ from django.conf import settings
 from tests.test_progress_api import auth
 from vma_agent.progress_store import ProgressStore
 from vma_agent.reporter import ProgressClient
+
+pytestmark = pytest.mark.integration
 
 # As migratekit's VMAProgressUpdate marshals (encoding/json, omitempty): the
 # contract's three examples, a whole float64 (Go writes 12, not 12.0), every
@@ -37,7 +39,7 @@ EXAMPLES = [
 ]
 EVERY_FIELD = EXAMPLES[4]
 
-# VMAProgressResponse as the seeds' OMA decodes it.
+# VMAProgressResponse as MigrateKit OSSEA's OMA decodes it.
 INT, FLOAT, STR, BOOL, ANY = "int", "float64", "string", "bool", "any"
 TIMES = {"start_time", "last_update", "phase_start", "end_time"}
 RESPONSE = {
@@ -54,7 +56,7 @@ RESPONSE = {
 
 
 def check_go_types(value, spec, path="$"):
-    """Fail where Go's strict decoding into the seeds' struct would: an int
+    """Fail where Go's strict decoding into its OMA's struct would: an int
     key must be a JSON integer (not 12.0, not "12"), a float64 any number,
     a string a string; every key present."""
     if isinstance(spec, dict):
@@ -78,7 +80,7 @@ def check_go_types(value, spec, path="$"):
         assert type(value) is bool, f"{path}: bool expected, got {value!r}"
 
 
-def seeds_job_id():
+def migratekit_job_id():
     return f"job-20250925-134230.513-{secrets.token_hex(3)}"
 
 
@@ -93,8 +95,8 @@ def get_record(base, job_id, token=False):
 
 @pytest.mark.parametrize("token", [False, True], ids=["token-less-loopback", "bearer-token"])
 @pytest.mark.parametrize("raw", EXAMPLES, ids=range(len(EXAMPLES)))
-def test_each_migratekit_body_is_accepted_and_read_back_in_the_seeds_types(vma_server, raw, token):
-    job_id = seeds_job_id()
+def test_each_migratekit_body_is_accepted_and_read_back_in_the_ossea_omas_types(vma_server, raw, token):
+    job_id = migratekit_job_id()
     r = post_raw(vma_server, job_id, raw, token)
     assert r.status_code == 200, r.text
     assert r.json()["applied"] is True and r.json()["id"] == job_id
@@ -114,7 +116,7 @@ def test_each_migratekit_body_is_accepted_and_read_back_in_the_seeds_types(vma_s
 
 
 def test_every_field_lands_in_the_answer(vma_server):
-    job_id = seeds_job_id()
+    job_id = migratekit_job_id()
     assert post_raw(vma_server, job_id, EXAMPLES[5], token=False).ok  # Creating Snapshot, job-level
     assert post_raw(vma_server, job_id, EVERY_FIELD, token=False).ok
     record = get_record(vma_server, job_id).json()
@@ -134,8 +136,8 @@ def test_every_field_lands_in_the_answer(vma_server):
 
 
 def test_sync_type_and_total_are_never_lost_between_update_and_read(vma_server):
-    """The seeds' bug: a later update without sync_type wiped it."""
-    job_id = seeds_job_id()
+    """MigrateKit OSSEA's bug: a later update without sync_type wiped it."""
+    job_id = migratekit_job_id()
     assert post_raw(vma_server, job_id, EXAMPLES[0], token=False).ok
     later = (b'{"stage":"Transfer","bytes_transferred":131072,"throughput_bps":1048576,"percent":0.3,'
              b'"disk_id":"disk-2000"}')
@@ -150,7 +152,7 @@ def test_sync_type_and_total_are_never_lost_between_update_and_read(vma_server):
 
 
 def test_updates_without_seq_apply_in_arrival_order_and_mixing_never_moves_back(vma_server):
-    job_id = seeds_job_id()
+    job_id = migratekit_job_id()
 
     def send(body, token=False):
         return post_raw(vma_server, job_id, json.dumps(body).encode(), token).json()
@@ -200,7 +202,7 @@ def feed(base, since, token=True, **params):
 
 
 def test_the_feed_returns_only_what_changed_after_the_cursor(vma_server):
-    ours = [seeds_job_id() for _ in range(3)]
+    ours = [migratekit_job_id() for _ in range(3)]
     for job_id in ours:
         assert post_raw(vma_server, job_id, EXAMPLES[0], token=False).ok
     everything = feed(vma_server, 0)
@@ -229,7 +231,7 @@ def test_the_feed_returns_only_what_changed_after_the_cursor(vma_server):
 def test_the_feed_client_pages_and_its_bad_parameters_are_400(vma_server):
     client = ProgressClient(vma_server, settings.VMA_TOKEN)  # the feed lists every job id: the token only
     _, start = client.changes(0)
-    ours = [seeds_job_id() for _ in range(5)]
+    ours = [migratekit_job_id() for _ in range(5)]
     for job_id in ours:
         assert post_raw(vma_server, job_id, EXAMPLES[1], token=False).ok
     page = client.changes_page(start, limit=2)
@@ -255,7 +257,7 @@ def own_store():
 def test_expired_records_drop_out_of_the_feed(own_store):
     from vma_agent.progress_store import parse_update
 
-    jobs = [seeds_job_id() for _ in range(3)]
+    jobs = [migratekit_job_id() for _ in range(3)]
     for job_id in jobs:
         own_store.apply(job_id, parse_update(EXAMPLES[0]))
     first = own_store.changes(0)
@@ -272,7 +274,7 @@ def test_expired_records_drop_out_of_the_feed(own_store):
 def test_an_emptied_store_has_a_new_epoch(own_store):
     from vma_agent.progress_store import parse_update
 
-    own_store.apply(seeds_job_id(), parse_update(EXAMPLES[0]))
+    own_store.apply(migratekit_job_id(), parse_update(EXAMPLES[0]))
     before = own_store.changes(0)
     for key in own_store.client.scan_iter(f"{own_store.prefix}:*"):
         own_store.client.delete(key)

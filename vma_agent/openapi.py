@@ -30,8 +30,8 @@ _FLOAT = {"type": "number", "format": "double"}
 _STRING = {"type": "string"}
 _TIME = {"type": "string", "description": "RFC 3339 UTC time; \"\" when not known"}
 
-# The seeds' migratekit VMAProgressUpdate, exactly as Go marshals it.
-_SEEDS_UPDATE_PROPERTIES = {
+# MigrateKit OSSEA's migratekit VMAProgressUpdate, exactly as Go marshals it.
+_MIGRATEKIT_UPDATE_PROPERTIES = {
     "stage": {"type": "string", "enum": list(STAGES)},
     "status": {"type": "string", "enum": list(STATUSES),
                "description": "Left out: completed, failed or cancelled for the stages of those names, "
@@ -47,7 +47,7 @@ _SEEDS_UPDATE_PROPERTIES = {
                   "description": "Left out: the record's known sync type stays."},
     "error_message": {"type": "string", "maxLength": 4000},
 }
-_SEEDS_UPDATE = {
+_MIGRATEKIT_UPDATE = {
     "type": "object",
     "additionalProperties": False,
     "required": ["stage"],
@@ -55,16 +55,16 @@ _SEEDS_UPDATE = {
                    "arrival order: each gets the stored seq + 1 (a disk's first gets the agent's clock in "
                    f"microseconds). At most {MAX_BODY_BYTES} bytes. Sent without a token (VMA_TRUST_LOOPBACK), "
                    "only these fields are accepted, and never for a disk this agent's own copy reports.",
-    "properties": _SEEDS_UPDATE_PROPERTIES,
+    "properties": _MIGRATEKIT_UPDATE_PROPERTIES,
 }
 _UPDATE = {
     "type": "object",
     "additionalProperties": False,
     "required": ["stage", "seq"],
-    "description": f"Our agent's update: the seeds' fields plus a seq and optional detail. At most "
+    "description": f"Our agent's update: migratekit's fields plus a seq and optional detail. At most "
                    f"{MAX_BODY_BYTES} bytes. bytes_transferred must not exceed total_bytes when both are given.",
     "properties": {
-        **_SEEDS_UPDATE_PROPERTIES,
+        **_MIGRATEKIT_UPDATE_PROPERTIES,
         "seq": {**_COUNT, "description": "Per-disk sequence number; an update with a seq not above the stored "
                                          "one is ignored, so late or replayed updates never move progress back, "
                                          "unless it comes from a newer attempt. Mixed with updates without seq, "
@@ -117,8 +117,8 @@ def _object(properties: dict) -> dict:
     return {"type": "object", "required": list(properties), "properties": properties}
 
 
-# The seeds' VMAProgressResponse: every key present, Go's types.
-_SEEDS_RESPONSE = {
+# MigrateKit OSSEA's VMAProgressResponse, as its OMA decodes it: every key present, Go's types.
+_OSSEA_RESPONSE = {
     "job_id": {**_STRING, "description": "\"\" for a record kept under an export name alone"},
     "status": {"type": "string", "enum": list(STATUSES)},
     "sync_type": {**_STRING, "description": "full, incremental, or \"\" when no update named it"},
@@ -143,10 +143,11 @@ _SEEDS_RESPONSE = {
 }
 _RECORD = {
     "type": "object",
-    "required": [*_SEEDS_RESPONSE, "id", "job", "disks", "aggregate"],
-    "description": "The seeds' VMAProgressResponse at the top level, and this agent's per-disk detail beside it.",
+    "required": [*_OSSEA_RESPONSE, "id", "job", "disks", "aggregate"],
+    "description": "MigrateKit OSSEA's VMAProgressResponse at the top level, and this agent's per-disk detail "
+                   "beside it.",
     "properties": {
-        **_SEEDS_RESPONSE,
+        **_OSSEA_RESPONSE,
         "id": {**_STRING, "description": "The record's id: the job id, or an export name"},
         "job": {"type": "object", "nullable": True, "description": "The latest job-level stage update"},
         "disks": {"type": "object", "additionalProperties": _DISK_ENTRY,
@@ -154,7 +155,7 @@ _RECORD = {
         "aggregate": _AGGREGATE,
     },
 }
-_STATUS = _object({key: _SEEDS_RESPONSE[key] for key in (
+_STATUS = _object({key: _OSSEA_RESPONSE[key] for key in (
     "job_id", "status", "sync_type", "phase", "percentage", "current_operation", "bytes_transferred",
     "total_bytes")} | {"id": _STRING, "last_update": _TIME})
 _CHANGES = _object({
@@ -208,25 +209,25 @@ OPENAPI = {
                             "Requests need the bearer token. Only while the agent trusts loopback "
                             "(VMA_TRUST_LOOPBACK, off by default), a request without an Authorization header "
                             "that arrives straight from loopback (no X-Forwarded-For, Forwarded or X-Real-IP) "
-                            "may post an update's display fields (SeedsProgressUpdate) and read a record or "
+                            "may post an update's display fields (MigratekitProgressUpdate) and read a record or "
                             "status by id; control (stop, limit) and the change feed always need the token. "
                             "Every POST needs Content-Type application/json and is refused from a page of "
                             "another site."},
     "components": {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        "schemas": {"ProgressUpdate": _UPDATE, "SeedsProgressUpdate": _SEEDS_UPDATE, "ProgressRecord": _RECORD,
-                    "JobStatus": _STATUS, "Changes": _CHANGES, "Health": _HEALTH, "JobLimit": _JOB_LIMIT,
-                    "Error": _ERROR},
+        "schemas": {"ProgressUpdate": _UPDATE, "MigratekitProgressUpdate": _MIGRATEKIT_UPDATE,
+                    "ProgressRecord": _RECORD, "JobStatus": _STATUS, "Changes": _CHANGES, "Health": _HEALTH,
+                    "JobLimit": _JOB_LIMIT, "Error": _ERROR},
     },
     "security": [{"bearer": []}, {}],
     "paths": {
         "/api/v1/progress/{id}/update": {
             "post": {
-                "summary": "Store a progress update (ours, with seq, or the seeds' without)",
+                "summary": "Store a progress update (ours, with seq, or migratekit's without)",
                 "parameters": [_ID_PARAM],
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
                     {"$ref": "#/components/schemas/ProgressUpdate"},
-                    {"$ref": "#/components/schemas/SeedsProgressUpdate"}]}}}},
+                    {"$ref": "#/components/schemas/MigratekitProgressUpdate"}]}}}},
                 "responses": {
                     "200": _json(_APPLY_RESULT, "Accepted; applied is false for a stale or replayed update, or "
                                                 "one for a disk that already completed"),
@@ -239,7 +240,7 @@ OPENAPI = {
         },
         "/api/v1/progress/{id}": {
             "get": {
-                "summary": "The job's record: the seeds' VMAProgressResponse, each disk's latest update and "
+                "summary": "The job's record: MigrateKit OSSEA's VMAProgressResponse, each disk's latest update and "
                            "the aggregate",
                 "parameters": [_ID_PARAM],
                 "responses": {"200": _json({"$ref": "#/components/schemas/ProgressRecord"}, "The record"),

@@ -1,4 +1,4 @@
-"""Throttled progress reporting from the copy loop (the seeds' cadence)."""
+"""Throttled progress reporting from the copy loop (MigrateKit OSSEA's migratekit cadence)."""
 
 from __future__ import annotations
 

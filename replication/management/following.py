@@ -8,7 +8,7 @@ from django.core.management.base import CommandError
 
 from replication.choices import FailoverKind, FailoverStatus
 from replication.models import FailoverJob
-from replication.services.failover import failover_report
+from replication.serializers import failover_json
 
 POLL_INTERVAL_S = 0.25
 DONE = (FailoverStatus.SUCCEEDED, FailoverStatus.FAILED)
@@ -37,7 +37,7 @@ def follow(job: FailoverJob, out, *, as_json: bool, timeout: float) -> FailoverJ
 
 def print_outcome(job: FailoverJob, out, as_json: bool) -> None:
     if as_json:
-        out.write(json.dumps(failover_report(job), indent=2))
+        out.write(json.dumps(failover_json(job), indent=2))
         return
     label = FailoverKind(job.kind).label.lower()
     if job.status == FailoverStatus.SUCCEEDED and job.kind == FailoverKind.ROLLBACK:

@@ -64,20 +64,6 @@ STEP_FINAL_CYCLE = "final incremental"
 STEP_POWER_ON = "power on source"
 
 
-def failover_report(job: FailoverJob) -> dict:
-    """A failover as the commands' --json and the JSON API show it."""
-    return {"id": job.pk, "vm": job.vm.name, "kind": job.kind, "status": job.status,
-            "state": VMContext.of(job.vm).state, "destination_vm": job.destination_vm,
-            "replication_job": job.replication_job_id, "final_cycle": job.final_cycle_id,
-            "rolls_back": job.rolls_back_id, "boot_verified": job.boot_verified,
-            "console_match": job.console_match, "downtime_s": job.downtime_s,
-            "forecast_downtime_s": job.forecast_downtime_s, "error": job.error_message,
-            "console_tail": job.console_tail, "created_at": job.created_at.isoformat(),
-            "completed_at": job.completed_at.isoformat() if job.completed_at else None,
-            "steps": [{"name": s.name, "status": s.status, "seconds": s.seconds, "detail": s.detail}
-                      for s in job.steps.all()]}
-
-
 # Starting ------------------------------------------------------------------------
 
 _until = {FailoverKind.TEST: "end it", FailoverKind.LIVE: "roll it back", FailoverKind.ROLLBACK: "let it finish"}

@@ -23,12 +23,6 @@ class InventoryError(Exception):
     """Bad input for the inventory; the message is the reason, for the operator."""
 
 
-def probe_capacity(locator: str) -> int:
-    """Size in bytes of an image file, block device or NBD export; refuses
-    what cannot be read (missing, unreadable, neither raw nor qcow2)."""
-    return probe(locator)[0]
-
-
 def probe(locator: str) -> tuple[int, str]:
     """(guest-visible size in bytes, format) of an image file, block device
     or NBD export: raw, or qcow2 (read through qemu-nbd, its changes tracked

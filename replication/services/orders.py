@@ -12,10 +12,10 @@ from django.conf import settings
 from replication import dispatch
 from replication.choices import SourceKind, SyncType
 from replication.models import ReplicationJob, VCenter, VMDisk
-from replication.routing import agent_queue
 from replication.services import allowlist, volumes
 from vma_agent import task_names
 from vma_agent.reporter import ProgressClient
+from vma_agent.task_names import agent_queue
 from vma_agent.work import CopyOrder, PowerOrder, SnapshotRef, SnapshotRemovalOrder, SourceOrder, VCenterRef
 
 log = logging.getLogger(__name__)

@@ -223,7 +223,7 @@ def _collect(record: dict, fetched: Fetched, job: ReplicationJob, by_key: dict, 
              export_pk: int | None = None) -> bool:
     """Take the record's entries for this job's disks; False when the record
     is not this job's (an export whose volume an earlier job reported)."""
-    record_job = record.get("job_id") or None  # "" in the seeds' format: kept under an export name
+    record_job = record.get("job_id") or None  # "" from MigrateKit OSSEA's migratekit: kept under an export name
     if record_job not in (None, job.id):
         return False
     started = (job.started_at or job.created_at).timestamp()
@@ -296,7 +296,7 @@ def apply_batch(pairs: list[tuple[ReplicationJob, Fetched]], now: datetime, stat
 def _update_of(disk: VMDisk, entry: dict) -> dict:
     return {"pk": disk.pk, "seq": entry["seq"], "attempt": entry.get("attempt", disk.attempts),
             "bytes_done": entry.get("bytes_transferred") or 0,
-            # The seeds' client may leave total_bytes out (omitempty): the known total stays.
+            # MigrateKit OSSEA's migratekit may leave total_bytes out (omitempty): the known total stays.
             "bytes_total": entry.get("total_bytes") or disk.bytes_total,
             "throughput_bps": entry.get("throughput_bps") or 0,
             "stage": entry["stage"] if entry.get("stage") in Stage.values else disk.current_operation,

@@ -29,11 +29,11 @@ from django.utils import timezone
 from replication import dispatch
 from replication.choices import JOB_TERMINAL, DiskStatus, JobStatus
 from replication.models import CopyAttempt, JobEvent, ReplicationJob, VMDisk, database_up_since
-from replication.routing import agent_queue
 from replication.services import failover, sweeper
 from replication.services import jobs as job_service
 from replication.services.broker import WaitingTasks
 from vma_agent import task_names
+from vma_agent.task_names import agent_queue
 
 log = logging.getLogger(__name__)
 

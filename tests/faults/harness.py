@@ -24,8 +24,7 @@ from django.utils import timezone
 
 from replication.choices import DISK_TERMINAL, JOB_ACTIVE
 from replication.models import CopyAttempt, ReplicationJob, VMDisk
-from tests.conftest import PROJECT_ROOT, free_port, source_exports_running, worker_env
-from tests.helpers import NbdkitProcess, sha256, wait_until
+from tests.helpers import PROJECT_ROOT, NbdkitProcess, free_port, sha256, source_exports_running, wait_until, worker_env
 from vma_agent import nbdkit
 
 FIGURES_PATH = PROJECT_ROOT / "test-artifacts" / "fault-figures.json"

@@ -21,7 +21,7 @@ from tests.helpers import MiB, make_image, user_with_role
 from tests.test_progress_api import stable
 from vma_agent.progress_store import MAX_BODY_BYTES
 
-pytestmark = [pytest.mark.faults, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 
 def database_state() -> dict:

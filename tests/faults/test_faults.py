@@ -25,7 +25,6 @@ from replication.services import jobs as job_service
 from replication.services import orders
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import cancel_job, start_replication
-from tests.conftest import wait_for_job
 from tests.faults.conftest import HEARTBEAT_TIMEOUT_S, ReaperThread
 from tests.faults.harness import (
     CaseFigures,
@@ -44,10 +43,10 @@ from tests.faults.harness import (
     use_database,
     wait_until,
 )
-from tests.helpers import MiB, make_image
+from tests.helpers import MiB, make_image, wait_for_job
 from vma_agent import tasks as agent_tasks
 
-pytestmark = [pytest.mark.faults, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 GiB = 1024 * MiB
 
 

@@ -12,11 +12,10 @@ from replication.choices import DiskStatus, JobStatus
 from replication.models import CopyAttempt
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import start_replication
-from tests.conftest import wait_for_job
 from tests.faults.harness import CaseFigures, leftovers, non_terminal_rows, record, settle
-from tests.helpers import MiB, make_image
+from tests.helpers import MiB, make_image, wait_for_job
 
-pytestmark = [pytest.mark.faults, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 
 def test_copy_past_its_soft_time_limit_fails_cleanly_with_the_reason(workers, tmp_path):

@@ -20,7 +20,7 @@ from replication.models import ChangeIdRecord, CopyAttempt, JobEvent, Replicatio
 from replication.services import vmware as vmware_service
 from replication.services.jobs import cancel_job, start_replication
 from replication.services.orders import agent_client
-from tests.conftest import wait_for_job
+from simulators.vcenter import fill_image, vm_spec
 from tests.faults.harness import (
     CaseFigures,
     leftovers,
@@ -31,10 +31,9 @@ from tests.faults.harness import (
     sha256_match,
     wait_until,
 )
-from tests.helpers import MiB
-from tests.vcsim import fill_image, vm_spec
+from tests.helpers import MiB, wait_for_job
 
-pytestmark = [pytest.mark.faults, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 
 def snapshot_source_pids(job_id: str) -> list[int]:

@@ -5,9 +5,9 @@ from replication.platforms.cloudstack.config import register_cloud
 
 
 class Command(BaseCommand):
-    help = ("Record the CloudStack cloud (the seeds' OSSEA) target volumes are created in, and make it the active "
-            "one. The secret key is read from a file or an environment variable, never given on the command line. "
-            "The credentials and every id are checked with read calls before anything is saved.")
+    help = ("Record the CloudStack cloud (OSSEA in MigrateKit OSSEA) target volumes are created in, and make it the "
+            "active one. The secret key is read from a file or an environment variable, never given on the command "
+            "line. The credentials and every id are checked with read calls before anything is saved.")
 
     def add_arguments(self, parser):
         parser.add_argument("name")

@@ -4,7 +4,8 @@ from django.core.management.base import BaseCommand, CommandError
 
 from replication.management.lookup import vm_named
 from replication.roles import command_actor
-from replication.services.failover import FailoverError, end_test_failover, failover_report
+from replication.serializers import failover_json
+from replication.services.failover import FailoverError, end_test_failover
 
 
 class Command(BaseCommand):
@@ -22,6 +23,6 @@ class Command(BaseCommand):
         except FailoverError as exc:
             raise CommandError(str(exc)) from exc
         if as_json:
-            self.stdout.write(json.dumps(failover_report(job), indent=2))
+            self.stdout.write(json.dumps(failover_json(job), indent=2))
         else:
             self.stdout.write(f"test failover {job.pk} of {name} ended; {job.destination_vm} and its overlays removed")

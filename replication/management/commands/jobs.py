@@ -7,20 +7,10 @@ from tqdm import tqdm
 
 from replication.choices import JOB_ACTIVE
 from replication.models import ReplicationJob
+from replication.serializers import job_row
 from vma_agent.units import iec, iec_rate
 
-FIELDS = ["id", "vm", "sync_type", "status", "current_operation", "progress_percent", "bytes_transferred",
-          "total_bytes", "throughput_bps", "eta_seconds", "error_message", "created_at", "completed_at"]
 BAR = "{desc:<44} {percentage:5.1f}%|{bar}| {unit}"  # the text rides in tqdm's free-form {unit} field
-
-
-def job_row(job: ReplicationJob) -> dict:
-    row = {field: getattr(job, field) for field in FIELDS if field != "vm"}
-    row["vm"] = job.vm.name
-    row["progress_percent"] = round(job.progress_percent, 2)
-    row["created_at"] = job.created_at.isoformat()
-    row["completed_at"] = job.completed_at.isoformat() if job.completed_at else None
-    return {field: row[field] for field in FIELDS}
 
 
 def _eta(seconds) -> str:

@@ -1,5 +1,5 @@
 """CloudStack as the failover destination: the replica volumes themselves
-boot, as MigrateKit OSSEA does it. Their point-in-time protection is a CloudStack
+boot, as MigrateKit OSSEA's OMA does it. Their point-in-time protection is a CloudStack
 snapshot of each volume (the rollback point); the VM is deployed stopped
 from the config's template and service offering, the template's root
 volume is replaced by the boot disk's volume (device 0) and the other

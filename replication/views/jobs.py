@@ -1,26 +1,22 @@
-"""The operator's pages. They read the database only, so they keep working
-while Redis is down; actions that must queue work say so when it fails."""
+"""The dashboard and the job pages: what runs, what failed, each job's
+disks, throughput chart and timeline; cancel, retry and limit a job. The
+pages read the database only, so they keep working while Redis is down;
+actions that must queue work say so when it fails."""
 
-from django.conf import settings
 from django.contrib import messages
-from django.db.models import Count, OuterRef, Prefetch, Subquery, Sum
+from django.db.models import Count
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from replication.choices import JOB_ACTIVE, JobStatus, SyncType
-from replication.models import FailoverJob, ReplicationJob, TargetVolume, VirtualMachine, VMDisk
+from replication.choices import JOB_ACTIVE, JobStatus
+from replication.models import ReplicationJob, VirtualMachine
 from replication.roles import OPERATE, READ, actor_of, log_admin, page_permission
 from replication.services import jobs as job_service
 from replication.services import limits, rpo
+from replication.views.common import jobs_with_disks, render_page
 from vma_agent.units import parse_rate
 
 RECENT_FAILURES = 10
-
-
-def jobs_with_disks():
-    return ReplicationJob.objects.select_related("vm").prefetch_related(
-        Prefetch("disks", queryset=VMDisk.objects.order_by("disk_key"))
-    )
 
 
 def dashboard_context() -> dict:
@@ -34,10 +30,6 @@ def dashboard_context() -> dict:
         .order_by("-completed_at")[:RECENT_FAILURES],
         "recovery_points": rpo.with_drills(rpo.recovery_points(VirtualMachine.objects.filter(group__isnull=False))),
     }
-
-
-def render_page(request, template, context):
-    return render(request, template, {"flower_url": settings.FLOWER_URL, **context})
 
 
 @page_permission(READ)
@@ -145,46 +137,3 @@ def job_retry(request, job_id):
     log_admin(request, job, f"retried as {new_job.id}")
     messages.info(request, f"Started job {new_job.id} to retry {job.id}.")
     return redirect("job-detail", job_id=new_job.id)
-
-
-@page_permission(READ)
-def vm_list(request):
-    # The newest job of each VM in one subquery, not by reading every job ever run.
-    newest = ReplicationJob.objects.filter(vm=OuterRef("pk")).order_by("-created_at").values("id")[:1]
-    newest_failover = FailoverJob.objects.filter(vm=OuterRef("pk")).order_by("-created_at").values("id")[:1]
-    vms = list(rpo.with_recovery_points(
-        VirtualMachine.objects.select_related("context", "group").prefetch_related("disks__target_volume")
-        .annotate(last_job_id=Subquery(newest), last_failover_id=Subquery(newest_failover))))
-    last_jobs = ReplicationJob.objects.in_bulk([vm.last_job_id for vm in vms if vm.last_job_id])
-    failovers = FailoverJob.objects.in_bulk([vm.last_failover_id for vm in vms if vm.last_failover_id])
-    rows = [(vm, last_jobs.get(vm.last_job_id), failovers.get(vm.last_failover_id), rpo.recovery_point(vm))
-            for vm in vms]
-    return render_page(request, "replication/vm_list.html", {"rows": rows, "sync_types": SyncType.choices})
-
-
-@require_POST
-@page_permission(OPERATE)
-def vm_replicate(request, vm_id):
-    vm = get_object_or_404(VirtualMachine, pk=vm_id)
-    sync_type = request.POST.get("sync_type", SyncType.FULL)
-    if sync_type not in SyncType.values:
-        messages.error(request, f"Unknown replication type {sync_type!r}.")
-        return redirect("vm-list")
-    overrides = [o for o in request.POST.getlist("allow") if o]
-    try:
-        job = job_service.start_replication(vm, sync_type, verify=request.POST.get("verify") == "on",
-                                            overrides=overrides, actor=actor_of(request))
-    except job_service.ReplicationError as exc:
-        messages.error(request, str(exc))
-        return redirect("vm-list")
-    log_admin(request, vm, f"{sync_type} replication {job.id} started")
-    messages.info(request, f"Started {sync_type} replication {job.id} of {vm.name}.")
-    return redirect("job-detail", job_id=job.id)
-
-
-@page_permission(READ)
-def volume_list(request):
-    volumes = TargetVolume.objects.select_related("source_disk__vm").order_by("source_disk__vm__name",
-                                                                            "source_disk__disk_key")
-    total = volumes.aggregate(size=Sum("size_bytes"))["size"] or 0
-    return render_page(request, "replication/volume_list.html", {"volumes": volumes, "total_size": total})

@@ -1,16 +1,62 @@
-"""The failover pages: start a test or live failover or a rollback, follow
-its steps live, end a test."""
+"""The VM pages: the VM list (last cycle, last failover, recovery point),
+start a cycle, the replica volumes; start a test or live failover or a
+rollback, follow its steps live, end a test."""
 
 from django.contrib import messages
+from django.db.models import OuterRef, Subquery, Sum
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from replication.choices import FailoverKind
-from replication.models import FailoverJob, VirtualMachine, VMContext
+from replication.choices import FailoverKind, SyncType
+from replication.models import FailoverJob, ReplicationJob, TargetVolume, VirtualMachine, VMContext
 from replication.roles import ADMINISTER, OPERATE, READ, actor_of, log_admin, page_permission
 from replication.services import failover as failover_service
-from replication.services import failover_checks, forecast
-from replication.views import render_page
+from replication.services import failover_checks, forecast, rpo
+from replication.services import jobs as job_service
+from replication.views.common import render_page
+
+
+@page_permission(READ)
+def vm_list(request):
+    # The newest job of each VM in one subquery, not by reading every job ever run.
+    newest = ReplicationJob.objects.filter(vm=OuterRef("pk")).order_by("-created_at").values("id")[:1]
+    newest_failover = FailoverJob.objects.filter(vm=OuterRef("pk")).order_by("-created_at").values("id")[:1]
+    vms = list(rpo.with_recovery_points(
+        VirtualMachine.objects.select_related("context", "group").prefetch_related("disks__target_volume")
+        .annotate(last_job_id=Subquery(newest), last_failover_id=Subquery(newest_failover))))
+    last_jobs = ReplicationJob.objects.in_bulk([vm.last_job_id for vm in vms if vm.last_job_id])
+    failovers = FailoverJob.objects.in_bulk([vm.last_failover_id for vm in vms if vm.last_failover_id])
+    rows = [(vm, last_jobs.get(vm.last_job_id), failovers.get(vm.last_failover_id), rpo.recovery_point(vm))
+            for vm in vms]
+    return render_page(request, "replication/vm_list.html", {"rows": rows, "sync_types": SyncType.choices})
+
+
+@require_POST
+@page_permission(OPERATE)
+def vm_replicate(request, vm_id):
+    vm = get_object_or_404(VirtualMachine, pk=vm_id)
+    sync_type = request.POST.get("sync_type", SyncType.FULL)
+    if sync_type not in SyncType.values:
+        messages.error(request, f"Unknown replication type {sync_type!r}.")
+        return redirect("vm-list")
+    overrides = [o for o in request.POST.getlist("allow") if o]
+    try:
+        job = job_service.start_replication(vm, sync_type, verify=request.POST.get("verify") == "on",
+                                            overrides=overrides, actor=actor_of(request))
+    except job_service.ReplicationError as exc:
+        messages.error(request, str(exc))
+        return redirect("vm-list")
+    log_admin(request, vm, f"{sync_type} replication {job.id} started")
+    messages.info(request, f"Started {sync_type} replication {job.id} of {vm.name}.")
+    return redirect("job-detail", job_id=job.id)
+
+
+@page_permission(READ)
+def volume_list(request):
+    volumes = TargetVolume.objects.select_related("source_disk__vm").order_by("source_disk__vm__name",
+                                                                            "source_disk__disk_key")
+    total = volumes.aggregate(size=Sum("size_bytes"))["size"] or 0
+    return render_page(request, "replication/volume_list.html", {"volumes": volumes, "total_size": total})
 
 
 def _start(request, vm, start, started: str):

@@ -1,4 +1,4 @@
-"""The test vCenter: builds the Go simulator in tests/vcsim (govmomi's
+"""The test vCenter: builds the Go simulator in simulators/vcsim (govmomi's
 simulator library from Debian plus our CBT extensions) and runs it.
 
     sim = VCenterSimulator.start(tmpdir, {"vms": [...]}, password="pw")
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SOURCE_DIR = PROJECT_ROOT / "tests" / "vcsim"
+SOURCE_DIR = Path(__file__).resolve().parent / "vcsim"
 BUILD_DIR = PROJECT_ROOT / "var" / "vcsim"
 SYSTEM_GOPATH = "/usr/share/gocode"
 START_TIMEOUT_S = 60

@@ -5,13 +5,13 @@ VMs), recovery points as JSON (/api/rpo/), and the Prometheus metrics."""
 from django.http import HttpResponse, JsonResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from replication.api import api_view
 from replication.choices import AdmissionStatus
 from replication.metrics import REGISTRY
 from replication.models import Admission, ProtectionGroup
 from replication.roles import READ, page_permission
 from replication.services import rpo, scheduler
-from replication.views import render_page
+from replication.views.api import api_view
+from replication.views.common import render_page
 
 RECENT_DECISIONS = 30
 

@@ -13,7 +13,7 @@ from replication.roles import ADMINISTER, READ, actor_of, log_admin, page_permis
 from replication.services import sources as source_service
 from replication.services import vmware as vmware_service
 from replication.services.inventory import InventoryError, register_image_vm
-from replication.views import render_page
+from replication.views.common import render_page
 from vma_agent.vmware import VSphereError
 
 

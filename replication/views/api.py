@@ -10,10 +10,10 @@ from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from replication.choices import JOB_ACTIVE, FailoverKind, JobStatus
-from replication.models import ApiToken, FailoverJob, ReplicationJob, VirtualMachine, VMDisk
+from replication.models import ApiToken, FailoverJob, ReplicationJob, VirtualMachine
 from replication.roles import ADMINISTER, OPERATE, READ, actor_of, log_admin, refusal
-from replication.services.failover import failover_report
-from replication.views import jobs_with_disks
+from replication.serializers import failover_json, job_json
+from replication.views.common import jobs_with_disks
 
 API_LIMIT = 200
 
@@ -78,31 +78,6 @@ def not_found(request, exception=None):
     return page_not_found(request, exception)
 
 
-def disk_json(disk: VMDisk) -> dict:
-    return {
-        "disk": disk.disk_key, "status": disk.status, "stage": disk.current_operation,
-        "percent": round(disk.progress_percent, 2), "bytes_done": disk.bytes_done, "bytes_total": disk.bytes_total,
-        "capacity_bytes": disk.capacity_bytes, "throughput_bps": disk.throughput_bps,
-        "eta_seconds": disk.eta_seconds, "export_name": disk.target_volume.export_name,
-        "error_message": disk.error_message,
-    }
-
-
-def job_json(job: ReplicationJob, with_disks: bool = True) -> dict:
-    data = {
-        "id": job.id, "vm": job.vm.name, "sync_type": job.sync_type, "status": job.status,
-        "stage": job.current_operation, "percent": round(job.progress_percent, 2),
-        "bytes_transferred": job.bytes_transferred, "total_bytes": job.total_bytes,
-        "throughput_bps": job.throughput_bps, "eta_seconds": job.eta_seconds, "error_message": job.error_message,
-        "created_at": job.created_at.isoformat(),
-        "started_at": job.started_at.isoformat() if job.started_at else None,
-        "completed_at": job.completed_at.isoformat() if job.completed_at else None,
-    }
-    if with_disks:
-        data["disks"] = [disk_json(disk) for disk in job.disks.all()]
-    return data
-
-
 @api_view
 def jobs(request):
     queryset = jobs_with_disks().prefetch_related("disks__target_volume")
@@ -156,7 +131,7 @@ def failovers(request):
     queryset = FailoverJob.objects.select_related("vm").prefetch_related("steps")
     if vm := request.GET.get("vm"):
         queryset = queryset.filter(vm__name=vm)
-    return JsonResponse({"failovers": [failover_report(job) for job in queryset[:API_LIMIT]]})
+    return JsonResponse({"failovers": [failover_json(job) for job in queryset[:API_LIMIT]]})
 
 
 def _start_failover(request):
@@ -184,7 +159,7 @@ def _start_failover(request):
     except failover_service.FailoverError as exc:
         return JsonResponse({"error": str(exc)}, status=409)
     log_admin(request, vm, f"{kind} failover {job.pk} started through the API")
-    return JsonResponse(failover_report(job), status=201)
+    return JsonResponse(failover_json(job), status=201)
 
 
 @api_view
@@ -193,7 +168,7 @@ def failover(request, failover_id):
         found = FailoverJob.objects.select_related("vm").prefetch_related("steps").get(pk=int(failover_id))
     except (ValueError, FailoverJob.DoesNotExist):
         return JsonResponse({"error": f"no failover {failover_id}"}, status=404)
-    return JsonResponse(failover_report(found))
+    return JsonResponse(failover_json(found))
 
 
 FORBIDDEN = {"description": "the user's role does not allow it (or a session's write lacks the CSRF token)"}

@@ -1,0 +1,63 @@
+"""The JSON shapes of jobs, disks and failovers that the API, the pages'
+scripts and the management commands' --json share: one builder per shape,
+so a field added or renamed changes every reader at once."""
+
+from replication.models import FailoverJob, ReplicationJob, VMContext, VMDisk
+
+# What `manage.py jobs --json` lists per job, in this order.
+JOB_ROW_FIELDS = ["id", "vm", "sync_type", "status", "current_operation", "progress_percent", "bytes_transferred",
+                  "total_bytes", "throughput_bps", "eta_seconds", "error_message", "created_at", "completed_at"]
+
+
+def _iso(moment) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+def disk_json(disk: VMDisk) -> dict:
+    """A disk of a job as /api/jobs/ shows it."""
+    return {
+        "disk": disk.disk_key, "status": disk.status, "stage": disk.current_operation,
+        "percent": round(disk.progress_percent, 2), "bytes_done": disk.bytes_done, "bytes_total": disk.bytes_total,
+        "capacity_bytes": disk.capacity_bytes, "throughput_bps": disk.throughput_bps,
+        "eta_seconds": disk.eta_seconds, "export_name": disk.target_volume.export_name,
+        "error_message": disk.error_message,
+    }
+
+
+def job_json(job: ReplicationJob, with_disks: bool = True) -> dict:
+    """A job as /api/jobs/ shows it, with its disks unless told not to."""
+    data = {
+        "id": job.id, "vm": job.vm.name, "sync_type": job.sync_type, "status": job.status,
+        "stage": job.current_operation, "percent": round(job.progress_percent, 2),
+        "bytes_transferred": job.bytes_transferred, "total_bytes": job.total_bytes,
+        "throughput_bps": job.throughput_bps, "eta_seconds": job.eta_seconds, "error_message": job.error_message,
+        "created_at": job.created_at.isoformat(), "started_at": _iso(job.started_at),
+        "completed_at": _iso(job.completed_at),
+    }
+    if with_disks:
+        data["disks"] = [disk_json(disk) for disk in job.disks.all()]
+    return data
+
+
+def job_row(job: ReplicationJob) -> dict:
+    """A job as `manage.py jobs --json` lists it (the model's field names)."""
+    row = {field: getattr(job, field) for field in JOB_ROW_FIELDS if field != "vm"}
+    row["vm"] = job.vm.name
+    row["progress_percent"] = round(job.progress_percent, 2)
+    row["created_at"] = job.created_at.isoformat()
+    row["completed_at"] = _iso(job.completed_at)
+    return {field: row[field] for field in JOB_ROW_FIELDS}
+
+
+def failover_json(job: FailoverJob) -> dict:
+    """A failover as the commands' --json and the JSON API show it."""
+    return {"id": job.pk, "vm": job.vm.name, "kind": job.kind, "status": job.status,
+            "state": VMContext.of(job.vm).state, "destination_vm": job.destination_vm,
+            "replication_job": job.replication_job_id, "final_cycle": job.final_cycle_id,
+            "rolls_back": job.rolls_back_id, "boot_verified": job.boot_verified,
+            "console_match": job.console_match, "downtime_s": job.downtime_s,
+            "forecast_downtime_s": job.forecast_downtime_s, "error": job.error_message,
+            "console_tail": job.console_tail, "created_at": job.created_at.isoformat(),
+            "completed_at": _iso(job.completed_at),
+            "steps": [{"name": s.name, "status": s.status, "seconds": s.seconds, "detail": s.detail}
+                      for s in job.steps.all()]}
