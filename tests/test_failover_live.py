@@ -314,8 +314,8 @@ def test_a_final_cycle_that_fails_ends_the_failover_and_powers_the_source_back_o
 def test_the_agent_powers_off_a_guest_that_will_not_shut_down_and_powers_it_on(vcenter):
     from replication.services.orders import vcenter_ref
     from vma_agent import steps
+    from vma_agent.contract import PowerOrder
     from vma_agent.tasks import agent_config
-    from vma_agent.work import PowerOrder
 
     sim, record = vcenter(vm_spec("stubborn", [MiB], guest_shutdown="ignored"),
                           vm_spec("notools", [MiB], guest_shutdown="no_tools"))

@@ -25,8 +25,8 @@ from tests.conftest import PROJECT_ROOT
 from tests.helpers import MiB, make_image, sha256, wait_until
 from tests.test_progress_api import new_job_id, post
 from vma_agent import steps
+from vma_agent.contract import CopyOrder
 from vma_agent.control import AgentControl, Checkpoint
-from vma_agent.work import CopyOrder
 
 SIZE = 16 * MiB
 DATA = [(0, 3 * MiB), (4 * MiB, 6 * MiB), (12 * MiB, 3 * MiB)]
@@ -34,8 +34,8 @@ DATA = [(0, 3 * MiB), (4 * MiB, 6 * MiB), (12 * MiB, 3 * MiB)]
 # Runs one copy_disk in its own process, as an agent worker would.
 RUNNER = """
 import json, sys
-from vma_agent import steps, work
-order = work.CopyOrder.from_dict(json.loads(sys.argv[1]))
+from vma_agent import contract, steps
+order = contract.CopyOrder.from_dict(json.loads(sys.argv[1]))
 print(json.dumps(steps.copy_disk(order, steps.AgentConfig(**json.loads(sys.argv[2])))), flush=True)
 """
 

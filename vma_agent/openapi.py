@@ -1,6 +1,6 @@
 """OpenAPI 3 description of the VMA progress API, served at /api/v1/openapi.json."""
 
-from vma_agent.progress_store import (
+from vma_agent.progress_records.store import (
     EXPORT_RE,
     FEED_LIMIT,
     FEED_MAX_LIMIT,

@@ -25,6 +25,7 @@ import redis
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from vma_agent import nbdkit, qcow2, vmware
+from vma_agent.contract import SHUT_DOWN, CopyOrder, PowerOrder, SnapshotRemovalOrder, SourceOrder, VCenterRef
 from vma_agent.control import AgentControl, Checkpoint, worker_id
 from vma_agent.copy import RateLimit, copy_image, dirty_areas
 from vma_agent.progress import CopyProgress
@@ -32,7 +33,6 @@ from vma_agent.reporter import DiskReporter, JobStageReporter, ProgressClient
 from vma_agent.snapshot_sources import ImageDirSource, SnapshotDisk, VddkSource, password_file
 from vma_agent.units import iec_rate
 from vma_agent.vmware import VSphereClient, VSphereError
-from vma_agent.work import SHUT_DOWN, CopyOrder, PowerOrder, SnapshotRemovalOrder, SourceOrder, VCenterRef
 
 log = logging.getLogger(__name__)
 

@@ -57,7 +57,7 @@ from replication.services import forecast, orders
 from replication.services.failover_checks import FailoverError, preflight, production_network, shape_of
 from replication.services.jobs import ReplicationError, start_replication
 from vma_agent import task_names
-from vma_agent.work import POWER_ON, SHUT_DOWN
+from vma_agent.contract import POWER_ON, SHUT_DOWN
 
 log = logging.getLogger(__name__)
 CONSOLE_TAIL_LINES = 20

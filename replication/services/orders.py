@@ -15,8 +15,8 @@ from replication.models import ReplicationJob, VCenter, VMDisk
 from replication.routing import agent_queue
 from replication.services import allowlist, volumes
 from vma_agent import task_names
+from vma_agent.contract import CopyOrder, PowerOrder, SnapshotRef, SnapshotRemovalOrder, SourceOrder, VCenterRef
 from vma_agent.reporter import ProgressClient
-from vma_agent.work import CopyOrder, PowerOrder, SnapshotRef, SnapshotRemovalOrder, SourceOrder, VCenterRef
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from replication.models import ReplicationJob, SourceDisk, VCenter, VirtualMachi
 from replication.services.allowlist import NotAllowed, check_password_ref
 from replication.services.orders import vcenter_ref
 from vma_agent import vmware
+from vma_agent.contract import OrderError
 from vma_agent.vmware import VCenterConnection, VSphereClient, VSphereError  # noqa: F401 - callers catch it here
-from vma_agent.work import OrderError
 
 log = logging.getLogger(__name__)
 
