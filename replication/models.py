@@ -30,9 +30,9 @@ from replication.choices import (
     sources_of,
 )
 from replication.names import validate_no_control_characters
+from vma_agent.contract import EXPORT_PREFIX
 from vma_agent.units import iec_rate
 
-EXPORT_PREFIX = "migration-vol-"
 PROGRESS_SAMPLE_S = timedelta(seconds=5)
 
 

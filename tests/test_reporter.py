@@ -11,8 +11,9 @@ import pytest
 
 from tests.conftest import free_port
 from tests.helpers import wait_until
+from vma_agent.client import ProgressClient
 from vma_agent.progress import CopyProgress
-from vma_agent.reporter import DiskReporter, LatestUpdateSender, MovingRate, ProgressClient
+from vma_agent.reporter import DiskReporter, LatestUpdateSender, MovingRate
 
 
 class RecordingAPI:

@@ -14,8 +14,8 @@ import requests
 from django.conf import settings
 
 from tests.test_progress_api import auth
+from vma_agent.client import ProgressClient
 from vma_agent.progress_records.store import ProgressStore
-from vma_agent.reporter import ProgressClient
 
 # As migratekit's VMAProgressUpdate marshals (encoding/json, omitempty): the
 # contract's three examples, a whole float64 (Go writes 12, not 12.0), every
@@ -253,7 +253,7 @@ def own_store():
 
 
 def test_expired_records_drop_out_of_the_feed(own_store):
-    from vma_agent.progress_records.store import parse_update
+    from vma_agent.progress_records.schema import parse_update
 
     jobs = [seeds_job_id() for _ in range(3)]
     for job_id in jobs:
@@ -270,7 +270,7 @@ def test_expired_records_drop_out_of_the_feed(own_store):
 
 
 def test_an_emptied_store_has_a_new_epoch(own_store):
-    from vma_agent.progress_records.store import parse_update
+    from vma_agent.progress_records.schema import parse_update
 
     own_store.apply(seeds_job_id(), parse_update(EXAMPLES[0]))
     before = own_store.changes(0)
