@@ -1,4 +1,4 @@
-"""Throttled progress reporting from the copy loop (the seeds' cadence)."""
+"""Throttled progress reporting from the copy loop (MigrateKit OSSEA's cadence)."""
 
 from __future__ import annotations
 

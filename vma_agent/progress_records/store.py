@@ -274,7 +274,7 @@ class ProgressStore:
         return ApplyResult(job_id, bool(applied), int(stored_seq), refused.decode() if refused else "")
 
     def get(self, record_id: str, now: float | None = None) -> dict | None:
-        """The record: the seeds' VMAProgressResponse keys at the top level,
+        """The record: MigrateKit OSSEA's VMAProgressResponse keys at the top level,
         beside each disk's latest update and the aggregate; None when none."""
         job_id = self.resolve(record_id)
         raw = self.client.hgetall(self._record_key(job_id))
