@@ -104,20 +104,20 @@ def validate_update(body) -> dict:
     return update
 
 
+def _integer(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidUpdate(f"{name} must be an integer")
+    if value < 0:
+        raise InvalidUpdate(f"{name} must not be negative")
+    limit = INT_LIMITS.get(name, MAX_SEQ)
+    if value > limit:
+        raise InvalidUpdate(f"{name} is larger than {limit}")
+    return value
+
+
 def _typed(body: dict) -> dict:
     """The body's fields, each checked for its type and bounds."""
-    update: dict = {}
-    for name in INT_FIELDS:
-        if name in body and body[name] is not None:
-            value = body[name]
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise InvalidUpdate(f"{name} must be an integer")
-            if value < 0:
-                raise InvalidUpdate(f"{name} must not be negative")
-            limit = INT_LIMITS.get(name, MAX_SEQ)
-            if value > limit:
-                raise InvalidUpdate(f"{name} is larger than {limit}")
-            update[name] = value
+    update = {name: _integer(name, body[name]) for name in INT_FIELDS if body.get(name) is not None}
     if update.get("attempt") == 0:
         raise InvalidUpdate("attempt must be 1 or more")
     for name, limit in STR_FIELDS.items():
