@@ -90,8 +90,9 @@ def latency(seconds: float, disks: int, poller_mode: str = "process", env: dict 
     from replication.choices import DiskStatus, JobStatus
     from replication.models import ReplicationJob, VMDisk
     from replication.services import progress
+    from vma_agent.client import ProgressClient
     from vma_agent.progress import ThrottledReporter
-    from vma_agent.reporter import DiskReporter, ProgressClient
+    from vma_agent.reporter import DiskReporter
 
     job = make_jobs(1, disks, "latency")[0]
     job_disks = list(job.disks.select_related("target_volume"))
@@ -198,7 +199,7 @@ def scale(job_count: int, disks: int) -> list[dict]:
     from replication.choices import DiskStatus, JobStatus
     from replication.models import ReplicationJob, VMDisk
     from replication.services import progress
-    from vma_agent.reporter import ProgressClient
+    from vma_agent.client import ProgressClient
 
     # Only this size's jobs are active: end what an earlier size left.
     VMDisk.objects.filter(status=DiskStatus.COPYING).update(status=DiskStatus.CANCELLED)

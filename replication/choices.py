@@ -2,6 +2,8 @@
 
 from django.db import models
 
+from vma_agent import contract
+
 
 class SourceKind(models.TextChoices):
     IMAGE = "image", "Disk image or NBD URI"
@@ -38,30 +40,28 @@ class DiskStatus(models.TextChoices):
 
 
 class Stage(models.TextChoices):
-    """The stages of a copy, in order, named as MigrateKit OSSEA's OMA names them."""
+    """The stages of a copy, in order, named as MigrateKit OSSEA's OMA names them (defined in
+    vma_agent.contract, which the agent shares)."""
 
-    INITIALIZING = "Initializing"
-    CREATING_SNAPSHOT = "Creating Snapshot"
-    SETTING_UP_NBD = "Setting up NBD"
-    PREPARING_MIGRATION = "Preparing Migration"
-    TRANSFER = "Transfer"
-    FINALIZING = "Finalizing"
-    COMPLETED = "Completed"
-    FAILED = "Failed"
-    CANCELLED = "Cancelled"
+    INITIALIZING = contract.INITIALIZING
+    CREATING_SNAPSHOT = contract.CREATING_SNAPSHOT
+    SETTING_UP_NBD = contract.SETTING_UP_NBD
+    PREPARING_MIGRATION = contract.PREPARING_MIGRATION
+    TRANSFER = contract.TRANSFER
+    FINALIZING = contract.FINALIZING
+    COMPLETED = contract.COMPLETED
+    FAILED = contract.FAILED
+    CANCELLED = contract.CANCELLED
 
 
 # Job-level percent reached when a stage starts; Transfer maps the copy to 30..100.
 STAGE_PERCENT = {
-    Stage.INITIALIZING: 5,
-    Stage.CREATING_SNAPSHOT: 10,
-    Stage.SETTING_UP_NBD: 20,
-    Stage.PREPARING_MIGRATION: 30,
-    Stage.TRANSFER: 30,
+    **contract.STAGE_PERCENT,
+    Stage.TRANSFER: contract.TRANSFER_FROM,
     Stage.FINALIZING: 100,
     Stage.COMPLETED: 100,
 }
-TRANSFER_START_PERCENT = 30
+TRANSFER_START_PERCENT = contract.TRANSFER_FROM
 
 JOB_TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
 JOB_ACTIVE = frozenset(set(JobStatus) - JOB_TERMINAL)

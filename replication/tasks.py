@@ -11,6 +11,7 @@ from django.db import DatabaseError
 
 from replication.services import drills, failover, jobs, progress, reaper, scheduler, sweeper
 from vma_agent import task_names
+from vma_agent.contract import DiskCopied, SnapshotRemoved, SourcePowered, SourcePrepared
 
 # An outcome must not be lost to a database restart: the agent's work is done.
 OUTCOME_RETRY = {"autoretry_for": (DatabaseError,), "max_retries": settings.COPY_TASK_MAX_RETRIES,
@@ -25,12 +26,12 @@ def prepare_job(job_id: str) -> None:
 
 @shared_task(name=task_names.SOURCE_PREPARED, **OUTCOME_RETRY)
 def source_prepared(job_id: str, outcome: dict) -> None:
-    jobs.source_prepared(job_id, outcome)
+    jobs.source_prepared(job_id, SourcePrepared.from_dict(outcome))
 
 
 @shared_task(name=task_names.DISK_COPIED, **OUTCOME_RETRY)
 def disk_copied(job_id: str, disk_key: str, attempt: int, outcome: dict) -> None:
-    jobs.disk_copied(job_id, disk_key, attempt, outcome)
+    jobs.disk_copied(job_id, disk_key, attempt, DiskCopied.from_dict(outcome))
 
 
 @shared_task(name=task_names.FINALIZE_JOB, **OUTCOME_RETRY)
@@ -40,7 +41,7 @@ def finalize_job(job_id: str) -> None:
 
 @shared_task(name=task_names.SNAPSHOT_REMOVED, **OUTCOME_RETRY)
 def snapshot_removed(job_id: str, snapshot_moref: str, finalize: bool, outcome: dict) -> None:
-    jobs.snapshot_removed(job_id, snapshot_moref, finalize, outcome)
+    jobs.snapshot_removed(job_id, snapshot_moref, finalize, SnapshotRemoved.from_dict(outcome))
 
 
 @shared_task(name=task_names.RUN_FAILOVER)
@@ -55,7 +56,7 @@ def continue_failover(failover_id: int) -> None:
 
 @shared_task(name=task_names.SOURCE_POWERED, **OUTCOME_RETRY)
 def source_powered(failover_id: int, action: str, outcome: dict) -> None:
-    failover.source_powered(failover_id, action, outcome)
+    failover.source_powered(failover_id, action, SourcePowered.from_dict(outcome))
 
 
 @shared_task(name=task_names.POLL_PROGRESS)

@@ -22,6 +22,7 @@ from replication.services.jobs import ReplicationError, start_replication
 from simulators.boot_disk import boot_disk_builder
 from simulators.vcenter import vm_spec
 from tests.helpers import MiB, completed_cycle_on, sha256, wait_for_job
+from vma_agent.contract import SourcePowered
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -265,9 +266,9 @@ def test_an_agent_that_never_answers_the_shutdown_fails_the_failover_and_the_sou
     assert power_orders[-1] == (job.pk, "power_on")  # the source may be off: it is asked back on
     assert VMContext.of(vm).state == VMState.READY_FOR_FAILOVER
     # The agent's late answers close their steps and change nothing else.
-    failover.source_powered(job.pk, "power_on", {"how": "already powered on", "power_state": "poweredOn",
-                                                 "seconds": 0.2})
-    failover.source_powered(job.pk, "power_on", {"how": "already powered on", "seconds": 0.2})  # twice
+    failover.source_powered(job.pk, "power_on", SourcePowered(how="already powered on", power_state="poweredOn",
+                                                            seconds=0.2))
+    failover.source_powered(job.pk, "power_on", SourcePowered(how="already powered on", seconds=0.2))  # twice
     job.refresh_from_db()
     steps = [(s.name, s.status) for s in job.steps.all()]
     assert steps == [("preflight", "done"), ("shut down source", "failed"), ("power on source", "done")]
@@ -281,8 +282,8 @@ def test_a_final_cycle_that_fails_ends_the_failover_and_powers_the_source_back_o
     vm = as_vmware(completed_cycle_on(tmp_path, "vm-finalfail", monkeypatch))
     job = failover.start_failover(vm, "live")
     failover.run_failover(job.pk)
-    failover.source_powered(job.pk, "shut_down", {"how": "guest shutdown", "power_state": "poweredOff",
-                                                  "seconds": 1.5})
+    failover.source_powered(job.pk, "shut_down", SourcePowered(how="guest shutdown", power_state="poweredOff",
+                                                             seconds=1.5))
     job.refresh_from_db()
     cycle = job.final_cycle
     assert cycle is not None and cycle.sync_type == SyncType.INCREMENTAL
@@ -313,8 +314,8 @@ def test_a_final_cycle_that_fails_ends_the_failover_and_powers_the_source_back_o
 def test_the_agent_powers_off_a_guest_that_will_not_shut_down_and_powers_it_on(vcenter):
     from replication.services.orders import vcenter_ref
     from vma_agent import steps
+    from vma_agent.contract import PowerOrder
     from vma_agent.tasks import agent_config
-    from vma_agent.work import PowerOrder
 
     sim, record = vcenter(vm_spec("stubborn", [MiB], guest_shutdown="ignored"),
                           vm_spec("notools", [MiB], guest_shutdown="no_tools"))
@@ -325,15 +326,15 @@ def test_the_agent_powers_off_a_guest_that_will_not_shut_down_and_powers_it_on(v
                                   agent_config())
 
     off = power("stubborn", "shut_down")
-    assert off["how"] == "powered off (the guest was not off 1 s after its shutdown)" and off["seconds"] >= 1
-    assert off["power_state"] == "poweredOff"
+    assert off.how == "powered off (the guest was not off 1 s after its shutdown)" and off.seconds >= 1
+    assert off.power_state == "poweredOff"
     off = power("notools", "shut_down")
-    assert off["how"] == ("powered off (the guest could not be asked to shut down: vim.fault.ToolsUnavailable: "
-                          "VMware Tools is not running in the guest)")
-    assert power("notools", "shut_down")["how"] == "already powered off"
+    assert off.how == ("powered off (the guest could not be asked to shut down: vim.fault.ToolsUnavailable: "
+                       "VMware Tools is not running in the guest)")
+    assert power("notools", "shut_down").how == "already powered off"
     on = power("notools", "power_on")
-    assert (on["how"], on["power_state"]) == ("powered on", "poweredOn")
-    assert power("notools", "power_on")["how"] == "already powered on"
+    assert (on.how, on.power_state) == ("powered on", "poweredOn")
+    assert power("notools", "power_on").how == "already powered on"
     bad = steps.power_source(PowerOrder(failover_id=1, action="power_on", vcenter=vcenter_ref(record),
                                         vm_moref="vm-nope", vm_name="gone"), agent_config())
-    assert "power on of VM gone failed" in bad["error"]
+    assert "power on of VM gone failed" in bad.error

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from vma_agent.progress_store import MAX_BODY_BYTES, InvalidUpdate, validate_update
+from vma_agent.progress_records.schema import MAX_BODY_BYTES, InvalidUpdate, validate_update
 
 pytestmark = pytest.mark.integration
 

@@ -10,8 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tests.helpers import free_port, wait_until
+from vma_agent.client import ProgressClient
 from vma_agent.progress import CopyProgress
-from vma_agent.reporter import DiskReporter, LatestUpdateSender, MovingRate, ProgressClient
+from vma_agent.reporter import DiskReporter, LatestUpdateSender, MovingRate
 
 
 class RecordingAPI:

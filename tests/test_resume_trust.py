@@ -24,8 +24,8 @@ from replication.services.jobs import disk_copied, resume_note, start_replicatio
 from tests.helpers import PROJECT_ROOT, MiB, make_image, sha256, wait_until
 from tests.test_progress_api import new_job_id, post
 from vma_agent import steps
+from vma_agent.contract import CopyOrder, DiskCopied
 from vma_agent.control import AgentControl, Checkpoint
-from vma_agent.work import CopyOrder
 
 pytestmark = pytest.mark.integration
 
@@ -35,9 +35,9 @@ DATA = [(0, 3 * MiB), (4 * MiB, 6 * MiB), (12 * MiB, 3 * MiB)]
 # Runs one copy_disk in its own process, as an agent worker would.
 RUNNER = """
 import json, sys
-from vma_agent import steps, work
-order = work.CopyOrder.from_dict(json.loads(sys.argv[1]))
-print(json.dumps(steps.copy_disk(order, steps.AgentConfig(**json.loads(sys.argv[2])))), flush=True)
+from vma_agent import contract, steps
+order = contract.CopyOrder.from_dict(json.loads(sys.argv[1]))
+print(json.dumps(steps.copy_disk(order, steps.AgentConfig(**json.loads(sys.argv[2]))).as_dict()), flush=True)
 """
 
 
@@ -107,12 +107,12 @@ def test_a_forged_checkpoint_and_a_killed_copy_end_equal_to_the_source(disk, age
 
     outcome = steps.copy_disk(redelivered, agent_config)
 
-    assert outcome["status"] == "completed", outcome
+    assert outcome.status == "completed", outcome
     assert sha256(dst) == sha256(src)
-    assert outcome["resume_checkpoint"] >= recorded.cursor and outcome["resume_checkpoint"] < SIZE
-    assert outcome["resume_differed_at"] is None
-    assert outcome["resume_compared"] > 0 and "recorded on the agent" in outcome["resume_reason"]
-    assert outcome["bytes_read"] < sum(length for _, length in DATA)  # it did resume
+    assert outcome.resume_checkpoint >= recorded.cursor and outcome.resume_checkpoint < SIZE
+    assert outcome.resume_differed_at is None
+    assert outcome.resume_compared > 0 and "recorded on the agent" in outcome.resume_reason
+    assert outcome.bytes_read < sum(length for _, length in DATA)  # it did resume
 
 
 def test_a_cursor_ahead_of_the_target_is_caught_by_the_comparison(disk, agent_config):
@@ -126,9 +126,9 @@ def test_a_cursor_ahead_of_the_target_is_caught_by_the_comparison(disk, agent_co
 
     outcome = steps.copy_disk(order, agent_config)
 
-    assert outcome["status"] == "completed", outcome
+    assert outcome.status == "completed", outcome
     assert sha256(dst) == sha256(src)
-    assert (outcome["resume_checkpoint"], outcome["resume_differed_at"], outcome["resume_from"]) == (10 * MiB, 0, 0)
+    assert (outcome.resume_checkpoint, outcome.resume_differed_at, outcome.resume_from) == (10 * MiB, 0, 0)
     assert "differed from the source at offset 0" in resume_note("disk-2000", 1, outcome)
 
 
@@ -141,7 +141,7 @@ def test_a_checkpoint_of_another_copy_plan_is_not_used(disk, agent_config, tmp_p
 
     outcome = steps.copy_disk(order, agent_config)
 
-    assert outcome["status"] == "completed" and outcome["resume_from"] == 0
+    assert outcome.status == "completed" and outcome.resume_from == 0
     assert sha256(dst) == sha256(src)
 
 
@@ -173,7 +173,7 @@ def test_a_resumed_run_is_recorded_on_the_jobs_timeline(tmp_path, monkeypatch):
                "resume_compared": 4096, "resume_differed_at": None, "bytes_total": 4096, "bytes_zeroed": 0,
                "throughput_bps": 1, "bytes_read": 0, "checkpoint_bytes": MiB}
 
-    disk_copied(job.id, disk.disk_key, 1, outcome)
+    disk_copied(job.id, disk.disk_key, 1, DiskCopied.from_dict(outcome))
 
     (event,) = JobEvent.objects.filter(job=job, message__contains="resumed from offset")
     assert event.message == (f"{disk.disk_key}: attempt 1 resumed from offset 524288 (512.0 KiB): the checkpoint "
@@ -181,4 +181,5 @@ def test_a_resumed_run_is_recorded_on_the_jobs_timeline(tmp_path, monkeypatch):
                              f"data below it compared equal with the source")
     assert disk.copy_attempts.get(number=1).resumed_from == 524288
     # A run that started at 0 adds no line.
-    assert resume_note(disk.disk_key, 2, {"status": "completed", "resume_from": 0}) == ""
+    assert resume_note(disk.disk_key, 2, DiskCopied(status="completed", resume_from=0, bytes_total=0, bytes_zeroed=0,
+                                                  throughput_bps=0)) == ""

@@ -14,8 +14,8 @@ import requests
 from django.conf import settings
 
 from tests.test_progress_api import auth
-from vma_agent.progress_store import ProgressStore
-from vma_agent.reporter import ProgressClient
+from vma_agent.client import ProgressClient
+from vma_agent.progress_records.store import ProgressStore
 
 pytestmark = pytest.mark.integration
 
@@ -255,7 +255,7 @@ def own_store():
 
 
 def test_expired_records_drop_out_of_the_feed(own_store):
-    from vma_agent.progress_store import parse_update
+    from vma_agent.progress_records.schema import parse_update
 
     jobs = [migratekit_job_id() for _ in range(3)]
     for job_id in jobs:
@@ -272,7 +272,7 @@ def test_expired_records_drop_out_of_the_feed(own_store):
 
 
 def test_an_emptied_store_has_a_new_epoch(own_store):
-    from vma_agent.progress_store import parse_update
+    from vma_agent.progress_records.schema import parse_update
 
     own_store.apply(migratekit_job_id(), parse_update(EXAMPLES[0]))
     before = own_store.changes(0)

@@ -1,5 +1,5 @@
 """The VMA progress API as Django views: a thin HTTP layer over
-vma_agent.progress_store. Bearer-token authenticated. Only when the agent is
+vma_agent.progress_records. Bearer-token authenticated. Only when the agent is
 configured for MigrateKit OSSEA's clients (VMA_TRUST_LOOPBACK, off by
 default), a token-less request straight from loopback may post display
 fields of a progress update and read a record by its id: MigrateKit OSSEA's
@@ -26,16 +26,9 @@ from django.views.decorators.csrf import csrf_exempt
 
 from vma_agent.control import AgentControl
 from vma_agent.openapi import OPENAPI
-from vma_agent.progress_store import (
-    FEED_LIMIT,
-    FEED_MAX_LIMIT,
-    MAX_BODY_BYTES,
-    InvalidUpdate,
-    ProgressStore,
-    parse_update,
-    status_summary,
-    validate_id,
-)
+from vma_agent.progress_records.schema import MAX_BODY_BYTES, InvalidUpdate, parse_update, validate_id
+from vma_agent.progress_records.store import FEED_LIMIT, FEED_MAX_LIMIT, ProgressStore
+from vma_agent.progress_records.view import status_summary
 
 log = logging.getLogger(__name__)
 

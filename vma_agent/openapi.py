@@ -1,20 +1,18 @@
 """OpenAPI 3 description of the VMA progress API, served at /api/v1/openapi.json."""
 
-from vma_agent.progress_store import (
+from vma_agent.contract import STAGES
+from vma_agent.progress_records.schema import (
     EXPORT_RE,
-    FEED_LIMIT,
-    FEED_MAX_LIMIT,
     ID_RE,
     MAX_BODY_BYTES,
     MAX_DISK_BYTES,
     MAX_ETA_S,
     MAX_SEQ,
     MAX_THROUGHPUT_BPS,
-    SEQ_AHEAD_US,
-    STAGES,
     STATUSES,
     SYNC_TYPES,
 )
+from vma_agent.progress_records.store import FEED_LIMIT, FEED_MAX_LIMIT, SEQ_AHEAD_US
 
 _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
 _ID_PARAM = {

@@ -1,6 +1,7 @@
 """What an agent does, from work orders alone: prepare a VMware source (the
-job's snapshot), copy a disk, remove a snapshot. Each step returns its
-outcome as a plain dict, which the agent's task hands to the OMA. Progress,
+job's snapshot), copy a disk, remove a snapshot, power the source. Each
+step returns its outcome (vma_agent.contract), which the agent's task hands
+to the OMA. Progress,
 the copy's resume cursor and its heartbeat go out through the reporter to
 the agent's progress API; nothing here touches a database. Free of Django.
 
@@ -24,15 +25,28 @@ from pathlib import Path
 import redis
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from vma_agent import nbdkit, qcow2, vmware
+from vma_agent import contract, nbdkit, qcow2, vmware
+from vma_agent.client import ProgressClient
+from vma_agent.contract import (
+    SHUT_DOWN,
+    CopyOrder,
+    DiskCopied,
+    FrozenDisk,
+    PowerOrder,
+    SnapshotRemovalOrder,
+    SnapshotRemoved,
+    SourceOrder,
+    SourcePowered,
+    SourcePrepared,
+    VCenterRef,
+)
 from vma_agent.control import AgentControl, Checkpoint, worker_id
 from vma_agent.copy import RateLimit, copy_image, dirty_areas
 from vma_agent.progress import CopyProgress
-from vma_agent.reporter import DiskReporter, JobStageReporter, ProgressClient
+from vma_agent.reporter import DiskReporter, JobStageReporter
 from vma_agent.snapshot_sources import ImageDirSource, SnapshotDisk, VddkSource, password_file
 from vma_agent.units import iec_rate
 from vma_agent.vmware import VSphereClient, VSphereError
-from vma_agent.work import SHUT_DOWN, CopyOrder, PowerOrder, SnapshotRemovalOrder, SourceOrder, VCenterRef
 
 log = logging.getLogger(__name__)
 
@@ -97,38 +111,43 @@ class PreflightError(Exception):
     """The VM cannot be replicated as it is; the message lists the blockers."""
 
 
-def prepare_source(order: SourceOrder, config: AgentConfig) -> dict:
+def prepare_source(order: SourceOrder, config: AgentConfig) -> SourcePrepared:
     """Preflight, changed block tracking, then the job's snapshot. The
     snapshot's moref is part of the outcome even when a later step failed,
     so the OMA always knows what to remove."""
     stages = JobStageReporter(config.progress_client(), order.job_id, order.sync_type)
-    outcome: dict = {"snapshot_moref": "", "snapshot_name": "", "removed_orphans": [], "events": []}
+    found: dict = {"removed_orphans": [], "events": []}
     try:
-        stages.stage("Initializing", 5)
+        stages.stage(contract.INITIALIZING, contract.STAGE_PERCENT[contract.INITIALIZING])
         with config.vsphere(order.vcenter) as client:
-            info = client.vm_info(order.vm_moref)
-            outcome["shape"] = info.shape()
-            outcome["removed_orphans"] = _remove_orphans(client, order, info)
-            _preflight(client, order, info)
-            if not info.cbt_enabled or any(not d.change_id for d in info.disks):
-                client.enable_change_tracking(order.vm_moref)
-                outcome["cbt_enabled"] = True
-                outcome["events"].append("changed block tracking enabled on the VM")
-            stages.stage("Creating Snapshot", 10)
-            name = vmware.snapshot_name(order.job_id)
-            moref = client.create_snapshot(order.vm_moref, name, f"Replication job {order.job_id}")
-            outcome.update(snapshot_moref=moref, snapshot_name=name)
-            outcome["disks"] = {d.disk_key: {"change_id": d.change_id, "backing_file": d.backing_file,
-                                             "device_key": d.key}
-                                for d in client.snapshot_disks(moref)}
-        stages.stage("Setting up NBD", 20)
+            _snapshot_source(client, order, stages, found)
+        stages.stage(contract.SETTING_UP_NBD, contract.STAGE_PERCENT[contract.SETTING_UP_NBD])
     except Exception as exc:
         log.exception("prepare of job %s failed", order.job_id)
-        outcome["error"] = f"prepare failed: {exc}"
-        stages.stage("Failed", 0, status="failed", error_message=outcome["error"])
+        found["error"] = f"prepare failed: {exc}"
+        stages.stage(contract.FAILED, 0, status="failed", error_message=found["error"])
     finally:
         stages.close(timeout_s=0.5)  # undelivered, it keeps being retried in the background
-    return outcome
+    return SourcePrepared(**found)
+
+
+def _snapshot_source(client: VSphereClient, order: SourceOrder, stages: JobStageReporter, found: dict) -> None:
+    """prepare_source's steps on vCenter; `found` gathers the outcome's
+    fields as they become known."""
+    info = client.vm_info(order.vm_moref)
+    found["shape"] = info.shape()
+    found["removed_orphans"] = [s.moref for s in client.remove_orphan_snapshots(info, {order.job_id})]
+    _preflight(client, order, info)
+    if not info.cbt_enabled or any(not d.change_id for d in info.disks):
+        client.enable_change_tracking(order.vm_moref)
+        found["cbt_enabled"] = True
+        found["events"].append("changed block tracking enabled on the VM")
+    stages.stage(contract.CREATING_SNAPSHOT, contract.STAGE_PERCENT[contract.CREATING_SNAPSHOT])
+    name = vmware.snapshot_name(order.job_id)
+    moref = client.create_snapshot(order.vm_moref, name, f"Replication job {order.job_id}")
+    found.update(snapshot_moref=moref, snapshot_name=name)
+    found["disks"] = {d.disk_key: FrozenDisk(change_id=d.change_id, backing_file=d.backing_file, device_key=d.key)
+                      for d in client.snapshot_disks(moref)}
 
 
 def _preflight(client: VSphereClient, order: SourceOrder, info: vmware.VMInfo) -> None:
@@ -148,23 +167,9 @@ def _preflight(client: VSphereClient, order: SourceOrder, info: vmware.VMInfo) -
         raise PreflightError("preflight: " + "; ".join(blockers))
 
 
-def _remove_orphans(client: VSphereClient, order: SourceOrder, info: vmware.VMInfo) -> list[str]:
-    """Our snapshots on the VM from other jobs: the OMA runs one job per VM,
-    so they belong to jobs that ended without removing them."""
-    removed = []
-    for snapshot in info.snapshots:
-        job = vmware.job_of_snapshot(snapshot.name)
-        if job is not None and job != order.job_id:
-            client.remove_snapshot(snapshot.moref)
-            log.warning("removed orphaned snapshot %s (%s) of VM %s", snapshot.name, snapshot.moref, order.vm_name)
-            removed.append(snapshot.moref)
-    info.snapshots = [s for s in info.snapshots if s.moref not in removed]
-    return removed
-
-
 # Removing a snapshot ---------------------------------------------------------
 
-def remove_snapshot(order: SnapshotRemovalOrder, config: AgentConfig) -> dict:
+def remove_snapshot(order: SnapshotRemovalOrder, config: AgentConfig) -> SnapshotRemoved:
     """Remove the job's snapshot once none of its copies on this agent reads
     it any more (or CLEANUP_WAIT_S passed)."""
     control = config.control()
@@ -176,9 +181,9 @@ def remove_snapshot(order: SnapshotRemovalOrder, config: AgentConfig) -> dict:
         _remove_with_retries(order, config)
     except Exception as exc:
         log.exception("removing snapshot %s of job %s failed", order.snapshot_moref, order.job_id)
-        return {"removed": False, "error": f"snapshot {order.snapshot_moref} not removed: {exc}"}
+        return SnapshotRemoved(removed=False, error=f"snapshot {order.snapshot_moref} not removed: {exc}")
     log.info("job %s: snapshot %s removed", order.job_id, order.snapshot_moref)
-    return {"removed": True}
+    return SnapshotRemoved(removed=True)
 
 
 @retry(retry=retry_if_exception_type(VSphereError), stop=stop_after_attempt(3),
@@ -190,23 +195,22 @@ def _remove_with_retries(order: SnapshotRemovalOrder, config: AgentConfig) -> No
 
 # Powering the source off or on (live failover, rollback) -------------------
 
-def power_source(order: PowerOrder, config: AgentConfig) -> dict:
+def power_source(order: PowerOrder, config: AgentConfig) -> SourcePowered:
     """Shut the source VM down (guest first, then power) or power it on; the
     outcome says how, the VM's power state after it, and how long it took."""
     started = time.monotonic()
-    outcome: dict = {"action": order.action}
+    found: dict = {"action": order.action}
     try:
         with config.vsphere(order.vcenter) as client:
             if order.action == SHUT_DOWN:
-                outcome["how"] = client.shut_down(order.vm_moref, order.timeout_s)
+                found["how"] = client.shut_down(order.vm_moref, order.timeout_s)
             else:
-                outcome["how"] = client.power_on(order.vm_moref)
-            outcome["power_state"] = client.power_state(order.vm_moref)
+                found["how"] = client.power_on(order.vm_moref)
+            found["power_state"] = client.power_state(order.vm_moref)
     except Exception as exc:
         log.exception("%s of VM %s failed", order.action, order.vm_name)
-        outcome["error"] = f"{order.action.replace('_', ' ')} of VM {order.vm_name} failed: {exc}"
-    outcome["seconds"] = round(time.monotonic() - started, 3)
-    return outcome
+        found["error"] = f"{order.action.replace('_', ' ')} of VM {order.vm_name} failed: {exc}"
+    return SourcePowered(**found, seconds=round(time.monotonic() - started, 3))
 
 
 # Copying a disk ---------------------------------------------------------------
@@ -324,7 +328,7 @@ class Beat:
 
 def copy_disk(order: CopyOrder, config: AgentConfig, *,
               on_progress: Callable[[CopyProgress], None] | None = None,
-              time_limit_error: type[BaseException] | None = None, time_limit_s: float | None = None) -> dict:
+              time_limit_error: type[BaseException] | None = None, time_limit_s: float | None = None) -> DiskCopied:
     """Copy one disk as the order says; returns the outcome: status
     completed, failed, cancelled, superseded or duplicate, with the totals
     and the committed cursor. A run of an attempt whose earlier delivery
@@ -338,30 +342,28 @@ def copy_disk(order: CopyOrder, config: AgentConfig, *,
         log.warning("copy of %s/%s: claim not recorded (%s)", order.job_id, order.disk_key, exc)
     if refusal is not None:
         log.warning("copy of %s/%s attempt %d skipped: %s", order.job_id, order.disk_key, order.attempt, refusal)
-        return {"status": "duplicate", "worker": worker, "reason": refusal}
+        return DiskCopied(status="duplicate", worker=worker, reason=refusal)
     resume_from, resume_reason = recorded_resume(control, order)
     reporter = DiskReporter(config.progress_client(), order.job_id, order.disk_key, export_name=order.export_name,
                             sync_type=order.sync_type, attempt=order.attempt, worker=worker)
     reporter.checkpoint(resume_from)
     monitor = CopyMonitor(order, control, reporter, worker, config.heartbeat_interval_s, on_progress,
                           agent_limit_bps=config.copy_limit_bps)
-    outcome = {"worker": worker, "resume_from": resume_from}
+    run = {"worker": worker, "resume_from": resume_from}
     if resume_from:
-        outcome["resume_reason"] = resume_reason
+        run["resume_reason"] = resume_reason
         log.info("copy of %s/%s attempt %d resumes at offset %d: %s", order.job_id, order.disk_key, order.attempt,
                  resume_from, resume_reason)
     try:
         with Beat(reporter, config.heartbeat_interval_s):
-            reporter.stage("Setting up NBD")
+            reporter.stage(contract.SETTING_UP_NBD)
             result = _copy(order, config, monitor, resume_from)
         reporter.finish("completed", bytes_total=result.bytes_allocated, throughput_bps=result.throughput_bps)
     except CopyStopped as exc:
-        status = "superseded" if exc.superseded else "cancelled"
         log.info("copy of %s/%s stopped: %s", order.job_id, order.disk_key, exc)
         if not exc.superseded:
             reporter.finish("cancelled", error_message=str(exc))
-        return {**outcome, "status": status, "reason": str(exc), "bytes_read": monitor.bytes_read,
-                "checkpoint_bytes": reporter.checkpoint_bytes}
+        return _ended("superseded" if exc.superseded else "cancelled", exc, run, monitor)
     except BaseException as exc:
         if time_limit_error is not None and isinstance(exc, time_limit_error):
             exc = TimeoutError(f"copy exceeded its time limit ({time_limit_s or '?'} s)")
@@ -369,27 +371,38 @@ def copy_disk(order: CopyOrder, config: AgentConfig, *,
             raise  # the worker is shutting down: the reaper hands the disk on
         log.exception("copy of %s/%s failed", order.job_id, order.disk_key)
         reporter.finish("failed", error_message=str(exc))
-        return {**outcome, "status": "failed", "reason": str(exc), "bytes_read": monitor.bytes_read,
-                "checkpoint_bytes": reporter.checkpoint_bytes}
+        return _ended("failed", exc, run, monitor)
     finally:
         with contextlib.suppress(redis.RedisError):
             control.release(order.job_id, order.disk_key, order.attempt, worker)
         reporter.close(timeout_s=0.5)  # undelivered, it keeps being retried in the background
     log.info("copied %s/%s: %s", order.job_id, order.disk_key, result.as_dict())
-    if resume_from:
-        outcome.update(resume_from=result.resumed_from, resume_checkpoint=resume_from,
-                       resume_differed_at=result.resume_differed_at)
-        if config.compare_resumed:
-            outcome["resume_compared"] = result.resume_compared
-    return {**outcome, "status": "completed", "bytes_total": result.bytes_allocated,
-            "bytes_zeroed": result.bytes_zeroed, "throughput_bps": result.throughput_bps,
-            "bytes_read": result.bytes_read, "checkpoint_bytes": reporter.checkpoint_bytes}
+    return _completed(result, run, monitor, config.compare_resumed)
+
+
+def _ended(status: str, exc: BaseException, run: dict, monitor: CopyMonitor) -> DiskCopied:
+    """The outcome of a run that stopped or failed before the end."""
+    return DiskCopied(status=status, reason=str(exc), bytes_read=monitor.bytes_read,
+                      checkpoint_bytes=monitor.reporter.checkpoint_bytes, **run)
+
+
+def _completed(result, run: dict, monitor: CopyMonitor, compared: bool) -> DiskCopied:
+    """The outcome of a completed run; a resumed one says where it resumed,
+    from which recorded checkpoint, and what comparing below it found."""
+    if run["resume_from"]:
+        run.update(resume_from=result.resumed_from, resume_checkpoint=run["resume_from"],
+                   resume_differed_at=result.resume_differed_at)
+        if compared:
+            run["resume_compared"] = result.resume_compared
+    return DiskCopied(status="completed", bytes_total=result.bytes_allocated, bytes_zeroed=result.bytes_zeroed,
+                      throughput_bps=result.throughput_bps, bytes_read=result.bytes_read,
+                      checkpoint_bytes=monitor.reporter.checkpoint_bytes, **run)
 
 
 def _copy(order: CopyOrder, config: AgentConfig, monitor: CopyMonitor, resume_from: int):
     with source_export(order, config) as src_uri:
         monitor.check()
-        monitor.reporter.stage("Preparing Migration")
+        monitor.reporter.stage(contract.PREPARING_MIGRATION)
         areas = None
         if order.bitmap_base:
             areas = dirty_areas(src_uri, order.bitmap_base)

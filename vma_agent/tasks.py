@@ -8,7 +8,7 @@ from celery import current_app, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 
-from vma_agent import steps, task_names, work
+from vma_agent import contract, steps, task_names
 from vma_agent.task_events import TaskProgressPublisher
 
 
@@ -37,31 +37,32 @@ def report(task_name: str, *args) -> None:
 
 @shared_task(name=task_names.PREPARE_SOURCE)
 def prepare_source(order: dict) -> None:
-    source = work.SourceOrder.from_dict(order)
-    report(task_names.SOURCE_PREPARED, source.job_id, steps.prepare_source(source, agent_config()))
+    source = contract.SourceOrder.from_dict(order)
+    report(task_names.SOURCE_PREPARED, source.job_id, steps.prepare_source(source, agent_config()).as_dict())
 
 
 @shared_task(name=task_names.COPY_DISK, bind=True)
 def copy_disk(self, order: dict) -> None:
-    copy = work.CopyOrder.from_dict(order)
+    copy = contract.CopyOrder.from_dict(order)
     publisher = TaskProgressPublisher(self, f"{copy.job_id}/{copy.disk_key}", settings.TASK_EVENT_INTERVAL_S)
     try:
         _, soft_limit = self.request.timelimit or (None, None)
         outcome = steps.copy_disk(copy, agent_config(), on_progress=publisher,
                                   time_limit_error=SoftTimeLimitExceeded, time_limit_s=soft_limit)
-        report(task_names.DISK_COPIED, copy.job_id, copy.disk_key, copy.attempt, outcome)
+        report(task_names.DISK_COPIED, copy.job_id, copy.disk_key, copy.attempt, outcome.as_dict())
     finally:
         publisher.close(timeout_s=0.5)  # Flower's events: never worth delaying the outcome
 
 
 @shared_task(name=task_names.REMOVE_SNAPSHOT)
 def remove_snapshot(order: dict) -> None:
-    removal = work.SnapshotRemovalOrder.from_dict(order)
+    removal = contract.SnapshotRemovalOrder.from_dict(order)
     outcome = steps.remove_snapshot(removal, agent_config())
-    report(task_names.SNAPSHOT_REMOVED, removal.job_id, removal.snapshot_moref, removal.finalize, outcome)
+    report(task_names.SNAPSHOT_REMOVED, removal.job_id, removal.snapshot_moref, removal.finalize, outcome.as_dict())
 
 
 @shared_task(name=task_names.POWER_SOURCE)
 def power_source(order: dict) -> None:
-    power = work.PowerOrder.from_dict(order)
-    report(task_names.SOURCE_POWERED, power.failover_id, power.action, steps.power_source(power, agent_config()))
+    power = contract.PowerOrder.from_dict(order)
+    outcome = steps.power_source(power, agent_config())
+    report(task_names.SOURCE_POWERED, power.failover_id, power.action, outcome.as_dict())

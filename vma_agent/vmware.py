@@ -13,7 +13,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 
 from pyVim.connect import Connect, Disconnect
@@ -128,6 +128,14 @@ def snapshot_name(job_id: str) -> str:
 
 def job_of_snapshot(name: str) -> str | None:
     return name[len(SNAPSHOT_PREFIX):] if name.startswith(SNAPSHOT_PREFIX) else None
+
+
+def orphan_snapshots(info: VMInfo, running_jobs: Collection[str]) -> list[SnapshotInfo]:
+    """The one rule for orphans, the agent's and the OMA's sweeper's: a
+    snapshot of ours (its name says which job made it) whose job is not
+    running. A job removes its own snapshot as it ends; one left behind
+    belongs to a job that ended without it."""
+    return [s for s in info.snapshots if (job := job_of_snapshot(s.name)) is not None and job not in running_jobs]
 
 
 def _fault_text(exc: Exception) -> str:
@@ -351,6 +359,20 @@ class VSphereClient:
         except vmodl.fault.ManagedObjectNotFound:
             return  # already gone: removing is idempotent
         self._wait(task, f"removing snapshot {snapshot_moref}")
+
+    def remove_orphan_snapshots(self, info: VMInfo, running_jobs: Collection[str],
+                                on_removed: Callable[[SnapshotInfo], None] | None = None) -> list[SnapshotInfo]:
+        """Remove the VM's orphan_snapshots, one at a time (`on_removed` hears
+        of each as it goes); `info` keeps the others."""
+        removed = []
+        for snapshot in orphan_snapshots(info, running_jobs):
+            self.remove_snapshot(snapshot.moref)
+            log.warning("removed orphaned snapshot %s (%s) of VM %s", snapshot.name, snapshot.moref, info.name)
+            removed.append(snapshot)
+            if on_removed is not None:
+                on_removed(snapshot)
+        info.snapshots = [s for s in info.snapshots if s not in removed]
+        return removed
 
     def power_state(self, vm_moref: str) -> str:
         return str(self._props_of(self.vm_ref(vm_moref), vim.VirtualMachine, ["runtime.powerState"])

@@ -9,8 +9,7 @@ from django.db import models
 
 from replication.choices import JOB_ACTIVE, SourceKind, VMState, VolumeProvider
 from replication.names import validate_no_control_characters
-
-EXPORT_PREFIX = "migration-vol-"
+from vma_agent.contract import EXPORT_PREFIX
 
 
 class VCenter(models.Model):

@@ -55,7 +55,7 @@ from replication.services import forecast, orders
 from replication.services.failover_checks import FailoverError, preflight, production_network, shape_of
 from replication.services.jobs import ReplicationError, start_replication
 from vma_agent import task_names
-from vma_agent.work import POWER_ON, SHUT_DOWN
+from vma_agent.contract import POWER_ON, SHUT_DOWN, SourcePowered
 
 log = logging.getLogger(__name__)
 CONSOLE_TAIL_LINES = 20
@@ -256,13 +256,13 @@ def _shut_down_source(job: FailoverJob) -> None:
         _start_final_cycle(job)
 
 
-def source_powered(job_id: int, action: str, outcome: dict) -> None:
+def source_powered(job_id: int, action: str, outcome: SourcePowered) -> None:
     """The agent's answer to a power order: the live failover goes on to its
     final cycle, a rollback ends; an error fails it (a live failover then
     powers its source back on)."""
     job = FailoverJob.objects.select_related("vm", "rolls_back").get(pk=job_id)
-    error = outcome.get("error") or ""
-    detail = error or f"{outcome.get('how', '?')} ({outcome.get('power_state', '?')}) in {outcome.get('seconds')} s"
+    error = outcome.error or ""
+    detail = error or f"{outcome.how or '?'} ({outcome.power_state or '?'}) in {outcome.seconds} s"
     step = STEP_SHUT_DOWN if action == SHUT_DOWN else STEP_POWER_ON
     if not _close_step(job, step, FailoverStep.Status.FAILED if error else FailoverStep.Status.DONE, detail):
         log.info("failover %s: %s answer with no step waiting for it (a second delivery)", job_id, action)

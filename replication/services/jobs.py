@@ -29,6 +29,7 @@ from replication.models import (
 from replication.services import orders, vmware, volumes
 from vma_agent import task_names
 from vma_agent import vmware as vsphere
+from vma_agent.contract import DiskCopied, FrozenDisk, SnapshotRemoved, SourcePrepared
 from vma_agent.units import iec
 
 log = logging.getLogger(__name__)
@@ -119,32 +120,32 @@ def prepare_job(job_id: str) -> None:
         start_copies(job)
 
 
-def source_prepared(job_id: str, outcome: dict) -> None:
+def source_prepared(job_id: str, outcome: SourcePrepared) -> None:
     """The agent's answer to prepare_source: the snapshot it took (recorded
     first, so every path after this removes it), per disk the changeId and
     backing file the snapshot froze; or why it failed."""
     job = ReplicationJob.objects.select_related("vm__vcenter").get(pk=job_id)
-    if outcome.get("removed_orphans"):
-        ReplicationJob.snapshots_removed(outcome["removed_orphans"])
-    if outcome.get("snapshot_moref"):
+    if outcome.removed_orphans:
+        ReplicationJob.snapshots_removed(outcome.removed_orphans)
+    if outcome.snapshot_moref:
         # The snapshot froze the source just now: the cycle's recovery point.
-        ReplicationJob.objects.filter(pk=job.pk).update(snapshot_name=outcome["snapshot_name"],
-                                                        snapshot_moref=outcome["snapshot_moref"],
+        ReplicationJob.objects.filter(pk=job.pk).update(snapshot_name=outcome.snapshot_name,
+                                                        snapshot_moref=outcome.snapshot_moref,
                                                         recovery_point_at=timezone.now())
         job.refresh_from_db()
-    if outcome.get("cbt_enabled"):
+    if outcome.cbt_enabled:
         VirtualMachine.objects.filter(pk=job.vm_id).update(cbt_enabled=True)
-    if outcome.get("shape"):
+    if outcome.shape:
         # The shape the agent read as it took the snapshot: what this cycle's replica is.
-        shape = outcome["shape"]
+        shape = outcome.shape
         ReplicationJob.objects.filter(pk=job.pk).update(vm_shape=shape)
         VirtualMachine.objects.filter(pk=job.vm_id).update(cpus=shape.get("cpus") or None,
                                                            memory_mib=shape.get("memory_mib") or None,
                                                            firmware=shape.get("firmware") or "")
-    for message in outcome.get("events", []):
+    for message in outcome.events:
         JobEvent.objects.create(job=job, status=job.status, stage=job.current_operation, message=message)
-    if outcome.get("error"):
-        fail_job(job.id, outcome["error"])
+    if outcome.error:
+        fail_job(job.id, outcome.error)
         return
     if job.status != JobStatus.PREPARING:
         # Ended while the snapshot was being taken: remove it. (Not so for a
@@ -153,7 +154,7 @@ def source_prepared(job_id: str, outcome: dict) -> None:
             _queue_snapshot_removal(job)
         return
     try:
-        frozen = outcome.get("disks") or {}
+        frozen = outcome.disks or {}
         for disk in job.disks.all():
             _plan_disk(job, disk, frozen.get(disk.disk_key))
     except Exception as exc:
@@ -162,11 +163,11 @@ def source_prepared(job_id: str, outcome: dict) -> None:
     start_copies(job)
 
 
-def _plan_disk(job: ReplicationJob, disk: VMDisk, frozen: dict | None) -> None:
+def _plan_disk(job: ReplicationJob, disk: VMDisk, frozen: FrozenDisk | None) -> None:
     """Full or incremental, from the committed changeId and the snapshot's."""
     if frozen is None:
         raise vsphere.VSphereError(f"the snapshot has no {disk.disk_key}")
-    change_id = frozen.get("change_id") or ""
+    change_id = frozen.change_id or ""
     if not change_id:
         raise vsphere.VSphereError(f"{disk.disk_key} has no changeId in the snapshot: changed block tracking "
                                    "is not working on it")
@@ -180,7 +181,7 @@ def _plan_disk(job: ReplicationJob, disk: VMDisk, frozen: dict | None) -> None:
         else:
             sync_type = SyncType.INCREMENTAL
     VMDisk.objects.filter(pk=disk.pk).update(change_id=change_id, sync_type=sync_type, full_copy_reason=reason,
-                                             source_locator=frozen.get("backing_file") or disk.source_locator)
+                                             source_locator=frozen.backing_file or disk.source_locator)
     if reason:
         JobEvent.objects.create(job=job, status=job.status, stage=job.current_operation,
                                 message=f"{disk.disk_key}: {reason}")
@@ -240,16 +241,16 @@ def dispatch_copy(disk: VMDisk, *, taking_over: bool = False) -> bool:
     return _sending(disk.job, f"the copy of {disk.disk_key}", lambda: orders.send_copy(disk))
 
 
-def disk_copied(job_id: str, disk_key: str, attempt: int, outcome: dict) -> None:
+def disk_copied(job_id: str, disk_key: str, attempt: int, outcome: DiskCopied) -> None:
     """The agent's outcome of one copy run. Only the disk's newest run may
     end it; an older run's outcome closes that run's record and nothing else."""
     disk = VMDisk.objects.select_related("job").get(job_id=job_id, disk_key=disk_key)
-    status = outcome.get("status")
-    run = {"worker": outcome.get("worker", ""), "bytes_read": outcome.get("bytes_read") or 0,
-           "checkpoint_bytes": outcome.get("checkpoint_bytes") or 0, "last_seen_at": timezone.now()}
-    if outcome.get("resume_from") is not None:
-        run["resumed_from"] = outcome["resume_from"]  # the agent may know a later cursor than the order did
-    reason = outcome.get("reason") or ""
+    status = outcome.status
+    run = {"worker": outcome.worker, "bytes_read": outcome.bytes_read or 0,
+           "checkpoint_bytes": outcome.checkpoint_bytes or 0, "last_seen_at": timezone.now()}
+    if outcome.resume_from is not None:
+        run["resumed_from"] = outcome.resume_from  # the agent may know a later cursor than the order did
+    reason = outcome.reason or ""
     if status == "duplicate":
         log.warning("copy of %s: a duplicate delivery of attempt %d did nothing (%s)", disk, attempt, reason)
         return
@@ -258,8 +259,8 @@ def disk_copied(job_id: str, disk_key: str, attempt: int, outcome: dict) -> None
         JobEvent.objects.create(job=job, status=job.status, stage=job.current_operation, message=resumed)
         log.info("job %s: %s", job_id, resumed)
     if status == "completed":
-        done = disk.complete(bytes_total=outcome["bytes_total"], bytes_zeroed=outcome["bytes_zeroed"],
-                             throughput_bps=outcome["throughput_bps"], attempt=attempt)
+        done = disk.complete(bytes_total=outcome.bytes_total, bytes_zeroed=outcome.bytes_zeroed,
+                             throughput_bps=outcome.throughput_bps, attempt=attempt)
         disk.end_attempt(attempt, CopyAttempt.Outcome.COMPLETED if done else CopyAttempt.Outcome.SUPERSEDED,
                          reason="" if done else "finished after losing its claim", **run)
         if done or (disk.status == DiskStatus.COMPLETED and disk.attempts == attempt):
@@ -279,22 +280,22 @@ def disk_copied(job_id: str, disk_key: str, attempt: int, outcome: dict) -> None
     disk.end_attempt(attempt, CopyAttempt.Outcome.SUPERSEDED, reason=reason, **run)
 
 
-def resume_note(disk_key: str, attempt: int, outcome: dict) -> str:
+def resume_note(disk_key: str, attempt: int, outcome: DiskCopied) -> str:
     """The timeline's line for a run that resumed: from which offset and why
     (the agent's own recorded checkpoint), and what comparing the data below
     it with the source found; "" for a run that started at 0."""
-    checkpoint = outcome.get("resume_checkpoint", outcome.get("resume_from")) or 0
+    checkpoint = outcome.checkpoint_resumed
     if not checkpoint:
         return ""
-    why = outcome.get("resume_reason") or "a recorded checkpoint"
-    differed = outcome.get("resume_differed_at")
+    why = outcome.resume_reason or "a recorded checkpoint"
+    differed = outcome.resume_differed_at
     if differed is not None:
         return (f"{disk_key}: attempt {attempt} found the checkpoint at offset {checkpoint} ({iec(checkpoint)}; "
                 f"{why}), but the target differed from the source at offset {differed} ({iec(differed)}): copied "
                 "again from there")
     note = f"{disk_key}: attempt {attempt} resumed from offset {checkpoint} ({iec(checkpoint)}): {why}"
-    if "resume_compared" in outcome:
-        note += f"; the {iec(outcome['resume_compared'])} of data below it compared equal with the source"
+    if outcome.resume_compared is not None:
+        note += f"; the {iec(outcome.resume_compared)} of data below it compared equal with the source"
     return note
 
 
@@ -316,14 +317,14 @@ def finalize_job(job_id: str) -> None:
         commit_and_complete(job)
 
 
-def snapshot_removed(job_id: str, snapshot_moref: str, finalize: bool, outcome: dict) -> None:
+def snapshot_removed(job_id: str, snapshot_moref: str, finalize: bool, outcome: SnapshotRemoved) -> None:
     job = ReplicationJob.objects.get(pk=job_id)
-    if outcome.get("removed"):
+    if outcome.removed:
         ReplicationJob.snapshots_removed([snapshot_moref], job_id=job.pk)
     if not finalize:
         return
-    if outcome.get("error"):
-        fail_job(job_id, f"finalize failed: {outcome['error']}")
+    if outcome.error:
+        fail_job(job_id, f"finalize failed: {outcome.error}")
     else:
         commit_and_complete(job)
 

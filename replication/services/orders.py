@@ -13,10 +13,11 @@ from replication import dispatch
 from replication.choices import SourceKind, SyncType
 from replication.models import ReplicationJob, VCenter, VMDisk
 from replication.services import allowlist, volumes
+from vma_agent import client as agent_api
 from vma_agent import task_names
-from vma_agent.reporter import ProgressClient
+from vma_agent.client import ProgressClient
+from vma_agent.contract import CopyOrder, PowerOrder, SnapshotRef, SnapshotRemovalOrder, SourceOrder, VCenterRef
 from vma_agent.task_names import agent_queue
-from vma_agent.work import CopyOrder, PowerOrder, SnapshotRef, SnapshotRemovalOrder, SourceOrder, VCenterRef
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +119,7 @@ def send_power(failover, action: str, timeout_s: float) -> None:
 
 
 def agent_client() -> ProgressClient:
-    return ProgressClient(settings.VMA_URL, settings.VMA_TOKEN, timeout_s=settings.VMA_REQUEST_TIMEOUT_S,
-                          keep_alive=settings.VMA_HTTP_KEEPALIVE)
+    return agent_api.from_settings(settings)
 
 
 def request_stop(job: ReplicationJob, reason: str) -> bool:

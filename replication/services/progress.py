@@ -29,7 +29,8 @@ from django.utils import timezone
 
 from replication.choices import DiskStatus, JobStatus, Stage
 from replication.models import ReplicationJob, VMDisk
-from vma_agent.reporter import ProgressClient, ProgressUnavailable
+from vma_agent import client as agent_api
+from vma_agent.client import ProgressClient, ProgressUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,7 @@ def _client() -> ProgressClient:
     # One HTTP session per poller thread: requests' sessions are not thread-safe.
     key = (settings.VMA_URL, settings.VMA_TOKEN)
     if getattr(_local, "key", None) != key:
-        _local.client = ProgressClient(settings.VMA_URL, settings.VMA_TOKEN, timeout_s=settings.VMA_REQUEST_TIMEOUT_S,
-                                       keep_alive=settings.VMA_HTTP_KEEPALIVE)
+        _local.client = agent_api.from_settings(settings)
         _local.key = key
     return _local.client
 

@@ -19,8 +19,8 @@ from replication.models import ReplicationJob, SourceDisk, VCenter, VirtualMachi
 from replication.services.allowlist import NotAllowed, check_password_ref
 from replication.services.orders import vcenter_ref
 from vma_agent import vmware
+from vma_agent.contract import OrderError
 from vma_agent.vmware import VCenterConnection, VSphereClient, VSphereError  # noqa: F401 - callers catch it here
-from vma_agent.work import OrderError
 
 log = logging.getLogger(__name__)
 
@@ -145,21 +145,12 @@ def _record_vm(vcenter: VCenter, info: vmware.VMInfo, agent: str, actor: str = "
 
 def _remove_orphans(client: VSphereClient, vm: VirtualMachine, info: vmware.VMInfo) -> list[str]:
     """Our snapshots on the VM whose job is no longer running."""
-    ours = {s.name: s for s in info.snapshots if vmware.job_of_snapshot(s.name) is not None}
-    active = set()
+    running = set()
     if vm.pk is not None:
-        active = set(ReplicationJob.objects.filter(vm=vm, status__in=JOB_ACTIVE)
-                     .values_list("snapshot_moref", flat=True))
-    removed = []
-    for name, snapshot in ours.items():
-        if snapshot.moref in active:
-            continue
-        client.remove_snapshot(snapshot.moref)
-        ReplicationJob.snapshots_removed([snapshot.moref])
-        log.warning("removed orphaned snapshot %s (%s) of VM %s", name, snapshot.moref, vm.name)
-        removed.append(f"{vm.name}/{name}")
-    info.snapshots = [s for s in info.snapshots if s.name not in ours or s.moref in active]
-    return removed
+        running = set(ReplicationJob.objects.filter(vm=vm, status__in=JOB_ACTIVE).values_list("id", flat=True))
+    removed = client.remove_orphan_snapshots(
+        info, running, on_removed=lambda snapshot: ReplicationJob.snapshots_removed([snapshot.moref]))
+    return [f"{vm.name}/{snapshot.name}" for snapshot in removed]
 
 
 def sweep_snapshots(vcenter: VCenter) -> list[str]:

@@ -19,7 +19,7 @@ from replication.services.jobs import start_replication
 from tests.faults.harness import CaseFigures, record
 from tests.helpers import MiB, make_image, user_with_role
 from tests.test_progress_api import stable
-from vma_agent.progress_store import MAX_BODY_BYTES
+from vma_agent.progress_records.schema import MAX_BODY_BYTES
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 

@@ -1,4 +1,5 @@
-"""Opening and closing NBD connections with libnbd."""
+"""Opening and closing NBD connections with libnbd, and the set of them one
+pipeline drives."""
 
 from __future__ import annotations
 
@@ -80,3 +81,52 @@ def export_size(uri: str, *, timeout_s: float | None = None) -> int:
         close(handle)
 
 
+class Connections:
+    """One pipeline's source and target connections (one or more of each),
+    reconnected after a broken connection so a retry has something to retry
+    on. The synchronous path (retries) uses the first of each."""
+
+    def __init__(self, src_uri: str, dst_uri: str, sources: int = 1, targets: int = 1):
+        self.src_uri, self.dst_uri = src_uri, dst_uri
+        self.srcs: list[nbd.NBD] = []
+        self.dsts: list[nbd.NBD] = []
+        try:
+            self.srcs.extend(_open(src_uri) for _ in range(sources))
+            self.dsts.extend(_open(dst_uri) for _ in range(targets))
+        except CopyError:
+            self.close()
+            raise
+        self.generation = 0  # moves on each reconnect: late callbacks of old handles are ignored
+        self.repair_error: CopyError | None = None
+
+    @property
+    def src(self) -> nbd.NBD:
+        return self.srcs[0]
+
+    @property
+    def dst(self) -> nbd.NBD:
+        return self.dsts[0]
+
+    def repair(self) -> None:
+        """Reconnect dead connections; remembers why that failed, if it did."""
+        self.repair_error = None
+        for handles, uri in ((self.srcs, self.src_uri), (self.dsts, self.dst_uri)):
+            for position, handle in enumerate(handles):
+                if handle.aio_is_dead() or handle.aio_is_closed():
+                    close(handle)
+                    self.generation += 1
+                    try:
+                        handles[position] = _open(uri)
+                    except CopyError as exc:
+                        self.repair_error = exc
+                        return
+
+    def close(self) -> None:
+        for handle in self.srcs + self.dsts:
+            close(handle)
+
+
+def _open(uri: str) -> nbd.NBD:
+    handle = connect(uri)
+    handle.set_pread_initialize(False)  # every buffer is read whole or the read fails: no need to clear it first
+    return handle

@@ -13,8 +13,8 @@ buffers come from per-size pools: memory follows the requests in flight
 (depth x chunk per source connection, at most twice that with the pieces),
 never the disk's size or how fragmented it is.
 
-A request that fails is retried synchronously once the pipeline has
-drained, on reconnected handles if the connection died; after the last
+A request that fails is retried synchronously (retry.py) once the pipeline
+has drained, on reconnected handles if the connection died; after the last
 retry the copy fails with the request's offset, length and the server's
 reason. Completed writes become durable with a flush every flush interval;
 only durable items move the committed cursor. A stop waits for the target's
@@ -31,13 +31,13 @@ import select
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
 
 import nbd
 
-from vma_agent.copy.connection import CopyError, close, connect
-from vma_agent.copy.plan import ZERO_REQUEST_BYTES, Extent
+from vma_agent.copy.connection import Connections, CopyError
+from vma_agent.copy.plan import Extent, iter_items
 from vma_agent.copy.ratelimit import TICK_S, RateLimit
+from vma_agent.copy.retry import retrying, run_sync
 
 POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
 POLL_BROKEN = select.POLLHUP | select.POLLERR | select.POLLNVAL
@@ -45,79 +45,12 @@ _DIRECTIONS = nbd.AIO_DIRECTION_READ | nbd.AIO_DIRECTION_WRITE
 # The poll events for each direction libnbd wants to go.
 POLL_EVENTS = {direction: (POLL_IN if direction & nbd.AIO_DIRECTION_READ else 0)
                | (select.POLLOUT if direction & nbd.AIO_DIRECTION_WRITE else 0) for direction in range(4)}
-# The target is flushed once this much was written since the last flush (and
-# at least every flush interval): its writeback then runs beside the copy
-# instead of all at its end.
-FLUSH_BYTES = 256 << 20  # measured with bench/copy_bench.py and by hand: 32, 64, 128, 256, 512 MiB, never
-# ... and at least this often: a copy slower than FLUSH_BYTES per interval (a
-# source over a LAN) then ends with at most this long's writes left to flush.
-# Measured on 512 MiB at 1 Gbit/s and 1 ms per read onto a file on disk: 3.81-3.83 s
-# flushing every 0.5 s (0.25 s alike), 3.90-3.92 s every 2 s, nbdcopy 3.81 s.
+# The target is flushed once this much was written since the last flush, so
+# its writeback runs beside the copy instead of all at its end...
+FLUSH_BYTES = 256 << 20
+# ...and at least this often, so a slow copy (a source over a LAN) ends with
+# little left to flush. Both chosen with bench/copy_bench.py (see the README).
 FLUSH_INTERVAL_S = 0.5
-
-
-class RequestFailed(Exception):
-    """One NBD request failed; retried, then reported with what it was."""
-
-    def __init__(self, operation: str, message: str):
-        super().__init__(operation)
-        self.operation = operation
-        self.message = message
-
-    @classmethod
-    def from_nbd(cls, operation: str, error: nbd.Error) -> RequestFailed:
-        return cls(operation, error.string)
-
-
-class Connections:
-    """One pipeline's source and target connections (one or more of each),
-    reconnected after a broken connection so a retry has something to retry
-    on. The synchronous path (retries) uses the first of each."""
-
-    def __init__(self, src_uri: str, dst_uri: str, sources: int = 1, targets: int = 1):
-        self.src_uri, self.dst_uri = src_uri, dst_uri
-        self.srcs: list[nbd.NBD] = []
-        self.dsts: list[nbd.NBD] = []
-        try:
-            self.srcs.extend(_open(src_uri) for _ in range(sources))
-            self.dsts.extend(_open(dst_uri) for _ in range(targets))
-        except CopyError:
-            self.close()
-            raise
-        self.generation = 0  # moves on each reconnect: late callbacks of old handles are ignored
-        self.repair_error: CopyError | None = None
-
-    @property
-    def src(self) -> nbd.NBD:
-        return self.srcs[0]
-
-    @property
-    def dst(self) -> nbd.NBD:
-        return self.dsts[0]
-
-    def repair(self) -> None:
-        """Reconnect dead connections; remembers why that failed, if it did."""
-        self.repair_error = None
-        for handles, uri in ((self.srcs, self.src_uri), (self.dsts, self.dst_uri)):
-            for position, handle in enumerate(handles):
-                if handle.aio_is_dead() or handle.aio_is_closed():
-                    close(handle)
-                    self.generation += 1
-                    try:
-                        handles[position] = _open(uri)
-                    except CopyError as exc:
-                        self.repair_error = exc
-                        return
-
-    def close(self) -> None:
-        for handle in self.srcs + self.dsts:
-            close(handle)
-
-
-def _open(uri: str) -> nbd.NBD:
-    handle = connect(uri)
-    handle.set_pread_initialize(False)  # every buffer is read whole or the read fails: no need to clear it first
-    return handle
 
 
 class CopyRun:
@@ -197,40 +130,6 @@ class CopyRun:
     def finished(self) -> bool:
         with self.lock:
             return self._next is None and not self.outstanding
-
-
-def iter_items(extents: list[Extent], chunk_bytes: int) -> Iterator[Extent]:
-    """The plan's extents in requests: data in chunks, and a data extent's
-    tail in power-of-two pieces (so every buffer comes from a few pooled
-    sizes, see Pipeline._buffer); zero runs in the largest zero requests the
-    protocol takes."""
-    for extent in extents:
-        if extent.zero:
-            for offset in range(extent.offset, extent.end, ZERO_REQUEST_BYTES):
-                yield Extent(offset, min(ZERO_REQUEST_BYTES, extent.end - offset), True)
-            continue
-        offset = extent.offset
-        while extent.end - offset >= chunk_bytes:
-            yield Extent(offset, chunk_bytes)
-            offset += chunk_bytes
-        for piece in _powers_of_two(extent.end - offset):
-            yield Extent(offset, piece)
-            offset += piece
-
-
-def _powers_of_two(length: int) -> list[int]:
-    """4097 -> [4096, 1]: the binary pieces of a length, largest first."""
-    return [1 << bit for bit in range(length.bit_length() - 1, -1, -1) if length >> bit & 1]
-
-
-def count_items(extents: list[Extent], chunk_bytes: int) -> int:
-    count = 0
-    for extent in extents:
-        if extent.zero:
-            count += -(-extent.length // ZERO_REQUEST_BYTES)
-        else:
-            count += extent.length // chunk_bytes + (extent.length % chunk_bytes).bit_count()
-    return count
 
 
 class Pipeline:
@@ -531,57 +430,3 @@ class Pipeline:
         flight at once."""
         if buffer is not None:
             self.free_buffers.setdefault(buffer.size(), []).append(buffer)
-
-
-# --- the synchronous path: retries, and targets without zero support ----------
-
-def retrying(conns: Connections, item: Extent, run: CopyRun) -> str:
-    """Copy one item synchronously, retrying on reconnected handles; a
-    CopyError names the item after the last attempt."""
-    # Imported here: tenacity pulls in asyncio, a tenth of a second that
-    # only a copy with a failed request needs.
-    from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
-
-    attempts = Retrying(stop=stop_after_attempt(run.retries), wait=wait_exponential(0.2, max=5),
-                        retry=retry_if_exception_type(RequestFailed), reraise=True,
-                        before_sleep=lambda state: conns.repair())
-    conns.repair()
-    try:
-        return attempts(run_sync, conns, item, run)
-    except RequestFailed as exc:
-        # A connection that could not be re-established says more than the
-        # dead handle's own complaint.
-        reason = f"connection lost and {conns.repair_error}" if conns.repair_error else exc.message
-        raise CopyError(f"{exc.operation} failed at offset {item.offset} length {item.length}: {reason}") from exc
-
-
-def run_sync(conns: Connections, item: Extent, run: CopyRun) -> str:
-    """Copy one item with synchronous calls; returns "copied", "zeroed" or "skipped"."""
-    if not item.zero:
-        try:
-            data = conns.src.pread(item.length, item.offset)
-        except nbd.Error as exc:
-            raise RequestFailed.from_nbd("read", exc) from exc
-        if data.count(0) != len(data):
-            try:
-                conns.dst.pwrite(data, item.offset)
-            except nbd.Error as exc:
-                raise RequestFailed.from_nbd("write", exc) from exc
-            return "copied"
-    # Zero extents, and data that reads as zeros, are written as zeros.
-    if run.target_is_zeroed:
-        return "skipped"
-    try:
-        zero(conns.dst, item.offset, item.length, run.chunk_bytes)
-    except nbd.Error as exc:
-        raise RequestFailed.from_nbd("zero", exc) from exc
-    return "zeroed"
-
-
-def zero(dst: nbd.NBD, offset: int, length: int, chunk_bytes: int) -> None:
-    if dst.can_zero():
-        dst.zero(length, offset)
-        return
-    # A target without zero support gets explicit zero data, one chunk at a time.
-    for pos in range(offset, offset + length, chunk_bytes):
-        dst.pwrite(bytes(min(chunk_bytes, offset + length - pos)), pos)

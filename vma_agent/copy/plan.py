@@ -4,7 +4,7 @@ qemu dirty bitmap), and their split into requests."""
 from __future__ import annotations
 
 from collections import namedtuple
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import nbd
 
@@ -118,3 +118,37 @@ def with_gaps_zeroed(plan: list[Extent], size: int) -> list[Extent]:
             filled.append(extent)
         offset = extent.end
     return filled
+
+
+def iter_items(extents: list[Extent], chunk_bytes: int) -> Iterator[Extent]:
+    """The plan's extents in requests: data in chunks, and a data extent's
+    tail in power-of-two pieces (so every buffer comes from a few pooled
+    sizes, see Pipeline._buffer); zero runs in the largest zero requests the
+    protocol takes."""
+    for extent in extents:
+        if extent.zero:
+            for offset in range(extent.offset, extent.end, ZERO_REQUEST_BYTES):
+                yield Extent(offset, min(ZERO_REQUEST_BYTES, extent.end - offset), True)
+            continue
+        offset = extent.offset
+        while extent.end - offset >= chunk_bytes:
+            yield Extent(offset, chunk_bytes)
+            offset += chunk_bytes
+        for piece in _powers_of_two(extent.end - offset):
+            yield Extent(offset, piece)
+            offset += piece
+
+
+def _powers_of_two(length: int) -> list[int]:
+    """4097 -> [4096, 1]: the binary pieces of a length, largest first."""
+    return [1 << bit for bit in range(length.bit_length() - 1, -1, -1) if length >> bit & 1]
+
+
+def count_items(extents: list[Extent], chunk_bytes: int) -> int:
+    count = 0
+    for extent in extents:
+        if extent.zero:
+            count += -(-extent.length // ZERO_REQUEST_BYTES)
+        else:
+            count += extent.length // chunk_bytes + (extent.length % chunk_bytes).bit_count()
+    return count
