@@ -161,21 +161,27 @@ def check_nbd_uri(uri: str) -> str:
         if not os.path.isabs(psk) or not _inside(real_psk, secrets) or real_psk in _own_files():
             raise NotAllowed(f"{uri}: the TLS key file must be inside OMA_SECRETS_DIR ({secrets})")
     if parsed.scheme.endswith("+unix"):
-        socket_path = (query.get("socket") or [""])[0]
-        if not os.path.isabs(socket_path):
-            raise NotAllowed(f"{uri}: an nbd+unix source needs an absolute socket= path")
-        real = _real(socket_path)
-        allowed_dir = _allowed_dir("NBD_SOURCE_SOCKET_DIRS", "NBD sources on Unix sockets", uri,
-                                   f"{uri}: the socket {socket_path}", real)
-        # The OMA's export server listens in OMA_RUN_DIR: its exports are replicas.
-        _refuse_own(uri, real, allowed_dir)
-        return uri
-    if "socket" in query:
+        _check_nbd_socket(uri, (query.get("socket") or [""])[0])
+    elif "socket" in query:
         raise NotAllowed(f"{uri}: socket= belongs to nbd+unix URIs")
-    host = (parsed.hostname or "").lower()
+    else:
+        _check_nbd_server(uri, (parsed.hostname or "").lower(), port or NBD_DEFAULT_PORT)
+    return uri
+
+
+def _check_nbd_socket(uri: str, socket_path: str) -> None:
+    if not os.path.isabs(socket_path):
+        raise NotAllowed(f"{uri}: an nbd+unix source needs an absolute socket= path")
+    real = _real(socket_path)
+    allowed_dir = _allowed_dir("NBD_SOURCE_SOCKET_DIRS", "NBD sources on Unix sockets", uri,
+                               f"{uri}: the socket {socket_path}", real)
+    # The OMA's export server listens in OMA_RUN_DIR: its exports are replicas.
+    _refuse_own(uri, real, allowed_dir)
+
+
+def _check_nbd_server(uri: str, host: str, port: int) -> None:
     if not host:
         raise NotAllowed(f"{uri}: an NBD source URI needs a host")
-    port = port or NBD_DEFAULT_PORT
     allowed = []
     for entry in settings.NBD_SOURCE_HOSTS:
         try:
@@ -188,7 +194,6 @@ def check_nbd_uri(uri: str) -> str:
     if not any(host == h and p in (None, port) for h, p in allowed):
         raise NotAllowed(f"{uri}: {host}:{port} is not in NBD_SOURCE_HOSTS ({', '.join(settings.NBD_SOURCE_HOSTS)})")
     _refuse_own_export(uri, host, port)
-    return uri
 
 
 def is_nbd_uri(locator: str) -> bool:

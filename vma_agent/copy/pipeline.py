@@ -313,9 +313,9 @@ class Pipeline:
                 self.owners[handle.aio_get_fd()] = (handle, side, busy, position)
         self.dead.clear()
 
-    def _wait(self, timeout_s: float) -> None:
-        """Wait on every socket at once; let libnbd read and write what is
-        ready. The loop's hot path: it runs once or twice per request."""
+    def _arm(self) -> bool:
+        """Poll each live socket for what its connection waits on now (libnbd's
+        direction); False when no connection is alive."""
         if self.watched_generation != self.conns.generation:
             self._watch()
         polled, dead = self.polled, self.dead
@@ -329,8 +329,14 @@ class Pipeline:
                 else:
                     self.poller.register(fd, events)
                 polled[fd] = events
-        if not polled:
+        return bool(polled)
+
+    def _wait(self, timeout_s: float) -> None:
+        """Wait on every socket at once; let libnbd read and write what is
+        ready. The loop's hot path: it runs once or twice per request."""
+        if not self._arm():
             return  # every connection is dead: the retry reconnects them
+        polled, dead = self.polled, self.dead
         for fd, revents in self.poller.poll(math.ceil(timeout_s * 1000)):
             handle, side, busy, position = self.owners[fd]
             try:
