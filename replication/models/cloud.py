@@ -1,4 +1,4 @@
-"""The CloudStack the OMA works with (the seeds' ossea_configs)."""
+"""The CloudStack the OMA works with (MigrateKit OSSEA's ossea_configs table)."""
 
 from __future__ import annotations
 

@@ -114,7 +114,7 @@ class SourceDisk(models.Model):
 
 
 class TargetVolume(models.Model):
-    """A volume on the cloud side (the seeds' ossea_volumes), exported over
+    """A volume on the cloud side (MigrateKit OSSEA's ossea_volumes), exported over
     NBD as migration-vol-{volume_uuid}. Reused by later jobs of its disk."""
 
     volume_uuid = models.UUIDField(default=uuid.uuid4, unique=True)

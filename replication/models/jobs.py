@@ -32,7 +32,7 @@ PROGRESS_SAMPLE_S = timedelta(seconds=5)
 
 
 def new_job_id() -> str:
-    """The seeds' form: job-YYYYMMDD-HHMMSS.mmm-xxxxxx."""
+    """MigrateKit OSSEA's form: job-YYYYMMDD-HHMMSS.mmm-xxxxxx."""
     now = timezone.now()
     return f"job-{now:%Y%m%d-%H%M%S}.{now.microsecond // 1000:03d}-{secrets.token_hex(3)}"
 
@@ -220,7 +220,7 @@ class ReplicationJob(StateMachine):
     @property
     def data_percent(self) -> float:
         """How much of the data is copied: bytes, not the stage-weighted
-        progress_percent of the seeds' contract (which starts the copy at 30)."""
+        progress_percent of MigrateKit OSSEA's wire contract (which starts the copy at 30)."""
         if self.status == JobStatus.COMPLETED:
             return 100.0
         return min(100.0, 100.0 * self.bytes_transferred / self.total_bytes) if self.total_bytes else 0.0

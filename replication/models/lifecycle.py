@@ -17,7 +17,7 @@ class IllegalMove(Exception):
 
 
 class VMContext(StateMachine):
-    """The seeds' vm_replication_contexts: one per VM, its lifecycle state."""
+    """MigrateKit OSSEA's vm_replication_contexts: one per VM, its lifecycle state."""
 
     state_field = "state"
     transitions = VM_TRANSITIONS

@@ -1,4 +1,4 @@
-"""Protection policies (the seeds' vm_machine_groups, replication_schedules,
+"""Protection policies (MigrateKit OSSEA's vm_machine_groups, replication_schedules,
 schedule_executions): a group of VMs kept fresh on a schedule, within a
 concurrency limit, against a recovery point objective, and rehearsed by
 drills. The schedules live in django-celery-beat's tables (PeriodicTasks
