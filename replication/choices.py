@@ -136,6 +136,7 @@ class FailoverStatus(models.TextChoices):
     SUCCEEDED = "succeeded", "Succeeded"
     FAILED = "failed", "Failed"
     ENDED = "ended", "Ended"  # a test failover ended, or a live one rolled back (VM and overlays gone)
+    COMMITTED = "committed", "Committed"  # a live one whose VM's disks became its own: no rollback
 
 
 # Not ended yet: its destination VM may exist (a succeeded test or live
@@ -153,7 +154,7 @@ FAILOVER_BOOT_STEPS = ("protect volumes", "convert guest", "define VM", "start V
 FAILOVER_TRANSITIONS = {
     FailoverStatus.PENDING: {FailoverStatus.RUNNING, FailoverStatus.FAILED},
     FailoverStatus.RUNNING: {FailoverStatus.SUCCEEDED, FailoverStatus.FAILED},
-    FailoverStatus.SUCCEEDED: {FailoverStatus.ENDED, FailoverStatus.FAILED},
+    FailoverStatus.SUCCEEDED: {FailoverStatus.ENDED, FailoverStatus.FAILED, FailoverStatus.COMMITTED},
 }
 
 

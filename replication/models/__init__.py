@@ -28,6 +28,7 @@ from replication.models.jobs import (
     transfer_percent,
 )
 from replication.models.lifecycle import IllegalMove, VMContext, VMStateChange
+from replication.models.points import PointLayer, RecoveryPoint
 from replication.models.protection import Admission, DrillRun, ProtectionGroup
 
 __all__ = [
@@ -45,8 +46,10 @@ __all__ = [
     "IllegalMove",
     "JobEvent",
     "NetworkMapping",
+    "PointLayer",
     "ProgressSample",
     "ProtectionGroup",
+    "RecoveryPoint",
     "ReplicationJob",
     "Role",
     "SourceDisk",

@@ -33,6 +33,10 @@ class FailoverJob(StateMachine):
                               db_index=True)
     replication_job = models.ForeignKey("replication.ReplicationJob", null=True, on_delete=models.SET_NULL,
                                         related_name="+", help_text="The completed cycle whose replica boots")
+    recovery_point = models.ForeignKey("replication.RecoveryPoint", null=True, blank=True, on_delete=models.PROTECT,
+                                       related_name="failovers", help_text="The point its VM boots from")
+    source_lost = models.BooleanField(default=False, help_text="Live, with the source site lost: no shutdown, no "
+                                                               "final cycle; the running cycle fenced")
     destination_vm = models.CharField(max_length=200, blank=True, help_text="The VM's name on the destination")
     protection = models.JSONField(default=list, blank=True,
                                   help_text="The point-in-time protections of the volumes (overlay paths)")
@@ -57,6 +61,8 @@ class FailoverJob(StateMachine):
     started_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
     ended_at = models.DateTimeField(null=True, blank=True)
+    committed_at = models.DateTimeField(null=True, blank=True,
+                                        help_text="Live: when its VM's disks became its own (no rollback after)")
 
     class Meta:
         db_table = "failover_jobs"

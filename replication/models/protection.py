@@ -38,6 +38,12 @@ class ProtectionGroup(models.Model):
     retry_backoff_s = models.PositiveIntegerField(default=60,
                                                   help_text="First retry after this; each next one waits twice as long")
     paused = models.BooleanField(default=False, help_text="A paused group starts nothing")
+    points_keep = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Recovery points kept per VM: the newest N (empty: RECOVERY_POINTS_KEEP)")
+    points_hourly_h = models.PositiveIntegerField(
+        default=0, help_text="Also keep the newest point of each hour for this many hours")
+    points_daily_d = models.PositiveIntegerField(
+        default=0, help_text="Also keep the newest point of each day for this many days")
     drill_interval_s = models.PositiveIntegerField(
         null=True, blank=True, help_text="Rehearse a recovery of each VM (a test failover) every N seconds")
     periodic_task = models.OneToOneField("django_celery_beat.PeriodicTask", null=True, blank=True,

@@ -113,6 +113,46 @@ class TargetProvider(abc.ABC):
     def stop_export_server(self) -> None:
         """Stop the export server (no server: nothing to do)."""
 
+    # -- the journal: every cycle writes a layer of its own ---------------------
+    #
+    # `base` is the handle of the volume's layer in its VM's newest recovery
+    # point, or None when the volume holds no point yet (the first cycle then
+    # writes the volume itself: there is nothing to keep). A layer becomes a
+    # point's only by seal_layer; discard_layer throws it away and fences the
+    # cycle: its export is closed, so a late write lands nowhere.
+
+    @abc.abstractmethod
+    def open_layer(self, volume: TargetVolume, cycle: str, base: str | None) -> str:
+        """Make (or find again) the cycle's layer of the volume over `base`
+        and serve it; returns the NBD URI the cycle's copy writes."""
+
+    @abc.abstractmethod
+    def seal_layer(self, volume: TargetVolume, cycle: str, base: str | None) -> str:
+        """The cycle completed: close its export, make its layer read-only;
+        returns the layer's handle (what a failover boots, what retention
+        merges). Sealing a sealed layer returns the same handle."""
+
+    @abc.abstractmethod
+    def discard_layer(self, volume: TargetVolume, cycle: str, base: str | None) -> str:
+        """The cycle ended without completing: close its export (fence),
+        throw its layer away; the volume is at `base` again. Idempotent;
+        returns what was done."""
+
+    @abc.abstractmethod
+    def merge_layers(self, older: str, newer: str, above: str | None) -> str:
+        """Retention: the point of `older` expires. Its newer neighbour's
+        layer `newer` is merged into it (a cost proportional to `newer`'s
+        data), `above` (the layer over `newer`, if any) is re-pointed at the
+        result; returns the handle that now holds `newer`'s point."""
+
+    @abc.abstractmethod
+    def drop_layer(self, handle: str) -> None:
+        """Remove a layer no point needs any more (protection ended)."""
+
+    @abc.abstractmethod
+    def layer_bytes(self, handle: str) -> int:
+        """Space the layer takes, in bytes."""
+
 
 class Destination(abc.ABC):
     name: str = "destination"
