@@ -366,6 +366,11 @@ FAILOVER_SHUTDOWN_TIMEOUT_S = env.float("FAILOVER_SHUTDOWN_TIMEOUT_S", default=1
 FAILOVER_AGENT_GRACE_S = env.float("FAILOVER_AGENT_GRACE_S", default=120.0)
 FAILOVER_DEFAULT_CPUS = env.int("FAILOVER_DEFAULT_CPUS", default=1)
 FAILOVER_DEFAULT_MEMORY_MIB = env.int("FAILOVER_DEFAULT_MEMORY_MIB", default=512)
+# Recovery points kept per VM (the newest N) when its protection group sets
+# none; the newest is always kept, and so is every point a failover boots.
+RECOVERY_POINTS_KEEP = env.int("RECOVERY_POINTS_KEEP", default=7)
+if RECOVERY_POINTS_KEEP < 1:
+    raise ImproperlyConfigured(f"RECOVERY_POINTS_KEEP must be at least 1, not {RECOVERY_POINTS_KEEP}")
 
 # Liveness, judged by the reaper alone (replication/services/reaper.py):
 # - a copy re-reports its state to its agent's API at least every
