@@ -114,13 +114,13 @@ VM_TRANSITIONS = {
 
 # Why a move is refused, by the state the VM is in (the reason an operator reads).
 VM_STATE_REFUSALS = {
-    VMState.FAILED_OVER_TEST: "a test failover is running (paused: test failover); end it first",
+    VMState.FAILED_OVER_TEST: "a test failover is running; end it first",
     VMState.FAILED_OVER_LIVE: "the VM runs on the destination (live failover); roll back first",
     VMState.CLEANUP_REQUIRED: "a failover left resources behind; clean up first",
     VMState.COMPLETED: "the migration is completed",
     VMState.REPLICATING: "a replication cycle is running",
     VMState.DISCOVERED: "no replication cycle has completed yet",
-    VMState.FAILED: "the last replication cycle failed; replicate again first",
+    VMState.FAILED: "the last replication cycle failed before any recovery point existed; replicate again first",
 }
 
 

@@ -9,7 +9,7 @@ from celery import shared_task
 from django.conf import settings
 from django.db import DatabaseError
 
-from replication.services import drills, failover, jobs, progress, reaper, scheduler, sweeper
+from replication.services import drills, failover, jobs, points, progress, reaper, scheduler, sweeper
 from vma_agent import task_names
 from vma_agent.contract import DiskCopied, SnapshotRemoved, SourcePowered, SourcePrepared
 
@@ -92,6 +92,11 @@ def group_due(group_id: int) -> None:
 @shared_task(name=task_names.JOB_ENDED, **OUTCOME_RETRY)
 def job_ended(job_id: str) -> None:
     scheduler.job_ended(job_id)
+
+
+@shared_task(name=task_names.RETAIN_POINTS, **OUTCOME_RETRY)
+def retain_points(vm_id: int) -> None:
+    points.retain(vm_id)
 
 
 @shared_task(name=task_names.DRILL_DUE)

@@ -331,6 +331,8 @@ class VMDisk(StateMachine):
     disk_key = models.CharField(max_length=50)
     capacity_bytes = models.BigIntegerField()
     source_locator = models.CharField(max_length=1000)
+    target_uri = models.CharField(max_length=1200, blank=True,
+                                  help_text="The NBD URI its copy writes: its cycle's layer of the target volume")
     previous_change_id = models.CharField(max_length=200, blank=True)
     change_id = models.CharField(max_length=200, blank=True, help_text="The snapshot's changeId, committed at the end")
     sync_type = models.CharField(max_length=20, choices=SyncType.choices, default=SyncType.FULL)

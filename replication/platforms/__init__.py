@@ -19,7 +19,7 @@ from replication.platforms.base import Destination, DestinationError, TargetProv
 from replication.platforms.local.volumes import LocalVolumeProvider
 
 __all__ = ["Destination", "DestinationError", "TargetProvider", "VMShape", "destination_for", "get_destination",
-           "get_provider", "local_provider"]
+           "get_provider", "local_provider", "on_cloudstack"]
 
 # One destination (and so one libvirt connection) per process and settings:
 # a connection must not cross a fork (Celery's prefork pool), hence the pid.
@@ -81,10 +81,15 @@ def get_destination(name: str = "libvirt") -> Destination:
     return _cache[key]
 
 
+def on_cloudstack(vm) -> bool:
+    """Whether the VM's replicas are CloudStack volumes: then its failovers
+    boot them in place (Destination.replica_boots_in_place)."""
+    from replication.models import TargetVolume
+
+    return TargetVolume.objects.filter(source_disk__vm=vm, provider=VolumeProvider.CLOUDSTACK).exists()
+
+
 def destination_for(vm) -> Destination:
     """Where this VM fails over to: CloudStack when its replicas are CloudStack
     volumes (they boot there), else local KVM through libvirt."""
-    from replication.models import TargetVolume
-
-    on_cloud = TargetVolume.objects.filter(source_disk__vm=vm, provider=VolumeProvider.CLOUDSTACK).exists()
-    return get_destination("cloudstack" if on_cloud else "libvirt")
+    return get_destination("cloudstack" if on_cloudstack(vm) else "libvirt")

@@ -156,6 +156,10 @@ class TargetProvider(abc.ABC):
 
 class Destination(abc.ABC):
     name: str = "destination"
+    # True where a failover boots the replica volumes themselves (CloudStack)
+    # rather than an overlay over a recovery point's layers: then only the
+    # newest point boots, and no cycle may run while a failover does.
+    replica_boots_in_place: bool = False
 
     @abc.abstractmethod
     def replica_handle(self, volume: TargetVolume) -> str:
@@ -205,6 +209,13 @@ class Destination(abc.ABC):
         empty, within ``timeout_s``), as the failover records it. Raises
         DestinationError with the reason when the boot is not proven.
         ``heartbeat`` is called every few seconds of a long wait."""
+
+    @abc.abstractmethod
+    def commit_vm(self, vm: str, protection: Sequence[str], heartbeat: Callable[[], None]) -> str:
+        """A live failover is made final: the running VM's disks become its
+        own (nothing of them left in the protections' backing chain, nor
+        in a protection that a rollback would discard); returns what was
+        done. The VM keeps running throughout."""
 
     @abc.abstractmethod
     def destroy(self, vm: str) -> None:

@@ -48,10 +48,18 @@ from replication.choices import (
     SyncType,
     VMState,
 )
-from replication.models import FailoverJob, FailoverStep, IllegalMove, ReplicationJob, VirtualMachine, VMContext
-from replication.platforms import destination_for
+from replication.models import (
+    FailoverJob,
+    FailoverStep,
+    IllegalMove,
+    ReplicationJob,
+    TargetVolume,
+    VirtualMachine,
+    VMContext,
+)
+from replication.platforms import destination_for, get_provider, on_cloudstack
 from replication.platforms.base import Destination, DestinationError, GuestNotConverted
-from replication.services import forecast, orders
+from replication.services import forecast, jobs, orders, points
 from replication.services.failover_checks import FailoverError, preflight, production_network, shape_of
 from replication.services.jobs import ReplicationError, start_replication
 from vma_agent import task_names
@@ -69,38 +77,62 @@ STEP_POWER_ON = "power on source"
 _until = {FailoverKind.TEST: "end it", FailoverKind.LIVE: "roll it back", FailoverKind.ROLLBACK: "let it finish"}
 
 
-def start_failover(vm: VirtualMachine, kind: str = FailoverKind.TEST, actor: str = "operator") -> FailoverJob:
-    """Record the failover (a test one also pauses the VM's cycles) in one
-    transaction; its steps run in a task queued once that commits."""
+def start_failover(vm: VirtualMachine, kind: str = FailoverKind.TEST, actor: str = "operator", *,
+                   point_id: int | None = None, source_lost: bool = False) -> FailoverJob:
+    """Record the failover from a recovery point (the newest unless one is
+    chosen) in one transaction; its steps run in a task queued once that
+    commits. A test failover runs beside the VM's cycles (its VM boots an
+    overlay over a sealed point; new cycles add new points). A live one with
+    the source site lost fences the VM's running cycle first and asks the
+    lost site for nothing."""
     if kind not in (FailoverKind.TEST, FailoverKind.LIVE):
         raise FailoverError(f"a failover is test or live, not {kind!r}")
+    if source_lost and kind != FailoverKind.LIVE:
+        raise FailoverError("only a live failover can be run with the source site lost")
     with transaction.atomic():
         vm = VirtualMachine.objects.select_for_update().get(pk=vm.pk)
         running = FailoverJob.open(vm).first()
         if running is not None:
             raise FailoverError(f"VM {vm.name} already has a {running.kind} failover ({running.status}); "
                                 f"{_until[running.kind]} first")
-        active = vm.active_job()
-        if active is not None:
-            raise FailoverError(f"VM {vm.name} has a replication cycle running ({active.id}, {active.status}); "
-                                "wait until it ends")
-        cycle = vm.jobs.filter(status=JobStatus.COMPLETED).order_by("-completed_at").first()
-        if cycle is None:
-            raise FailoverError(f"VM {vm.name} has no completed replication cycle to fail over to")
-        context = VMContext.of(vm)
-        if context.state != VMState.READY_FOR_FAILOVER:
-            why = VM_STATE_REFUSALS.get(context.state, f"it is {context.state}")
-            raise FailoverError(f"VM {vm.name} cannot fail over: {why}")
+        try:
+            point = points.chosen(vm, point_id)
+        except points.PointError as exc:
+            raise FailoverError(str(exc)) from None
+        _check_may_start(vm, kind, source_lost)
         job = FailoverJob.objects.create(
-            vm=vm, kind=kind, replication_job=cycle, actor=actor[:100], destination_vm=destination_name(vm, kind),
+            vm=vm, kind=kind, replication_job=point.job, recovery_point=point, source_lost=source_lost,
+            actor=actor[:100], destination_vm=destination_name(vm, kind),
             forecast_downtime_s=forecast.downtime(vm)["total_s"] if kind == FailoverKind.LIVE else None)
-        if kind == FailoverKind.TEST:
-            context.move(VMState.FAILED_OVER_TEST, actor=actor, reason=f"test failover {job.pk}",
-                         only_from={VMState.READY_FOR_FAILOVER})
+        if source_lost and (active := vm.active_job()) is not None:
+            # The fence: its exports close and its layers go once this commits,
+            # so a late write from an agent cut off from us lands nowhere.
+            jobs.cancel_job(active.id, f"fenced: the source site is lost (live failover {job.pk} by {actor})",
+                            actor=actor)
         # A live failover moves the VM to failed_over_live once its VM is
         # verified; until then its open job refuses other cycles and failovers.
         _enqueue(job, task_names.RUN_FAILOVER)
     return job
+
+
+def _check_may_start(vm: VirtualMachine, kind: str, source_lost: bool) -> None:
+    """The VM's state and its running cycle allow this failover, or
+    FailoverError says why. A VM with a point may fail over while a cycle
+    runs (test: beside it; live with the source lost: the cycle is fenced),
+    except where failovers boot the replica volumes themselves."""
+    context = VMContext.of(vm)
+    beside_cycle = kind == FailoverKind.TEST or source_lost
+    allowed = {VMState.READY_FOR_FAILOVER} | ({VMState.REPLICATING, VMState.FAILED} if beside_cycle else set())
+    if context.state not in allowed:
+        why = VM_STATE_REFUSALS.get(context.state, f"it is {context.state}")
+        raise FailoverError(f"VM {vm.name} cannot fail over: {why}")
+    active = vm.active_job()
+    if active is None or source_lost:
+        return
+    if not beside_cycle or on_cloudstack(vm):
+        raise FailoverError(f"VM {vm.name} has a replication cycle running ({active.id}, {active.status}); "
+                            "wait until it ends" + (" (its CloudStack volumes boot in place)" if beside_cycle else
+                                                    ", or fail over with the source site lost"))
 
 
 def start_rollback(vm: VirtualMachine, actor: str = "operator") -> FailoverJob:
@@ -179,6 +211,8 @@ def run_failover(job_id: int) -> None:
         if job.kind == FailoverKind.TEST:
             _boot(job, destination, volumes)
             signals.test_failover_ended.send(sender=FailoverJob, failover_id=job.pk)
+        elif job.source_lost:
+            _boot(job, destination, volumes)  # nothing asked of the lost site
         else:
             _shut_down_source(job)
     except Exception as exc:
@@ -214,8 +248,9 @@ def _boot(job: FailoverJob, destination, volumes: list[tuple[str, str]]) -> None
         step.detail = match
     fields = {"boot_verified": True, "console_match": match[:4000], "completed_at": timezone.now()}
     if job.kind == FailoverKind.LIVE:
+        # From the source's shutdown; with the source lost, from the command.
         stopping = job.steps.filter(name=STEP_SHUT_DOWN).values_list("started_at", flat=True).first()
-        fields["downtime_s"] = round((fields["completed_at"] - stopping).total_seconds(), 3)
+        fields["downtime_s"] = round((fields["completed_at"] - (stopping or job.created_at)).total_seconds(), 3)
         try:
             VMContext.of(job.vm).move(VMState.FAILED_OVER_LIVE, actor=job.actor,
                                       reason=f"live failover {job.pk}: {job.destination_vm} verified",
@@ -319,7 +354,7 @@ def continue_failover(job_id: int) -> None:
     if not ok:
         abandon(job.pk, f"the final cycle {detail}")
         return
-    FailoverJob.objects.filter(pk=job.pk).update(replication_job=cycle)
+    FailoverJob.objects.filter(pk=job.pk).update(replication_job=cycle, recovery_point=cycle.recovery_point)
     job.refresh_from_db()
     try:
         destination = destination_for(job.vm)
@@ -340,8 +375,16 @@ def _run_rollback(job: FailoverJob, destination) -> None:
         step.detail = f"{job.destination_vm} destroyed"
     with _step(job, "revert volumes") as step:
         destination.discard_protection(job.protection)
-        step.detail = "the replicas are as the final cycle left them (the rollback point)"
-    if not _power_source(job, POWER_ON, STEP_POWER_ON):
+        step.detail = "the recovery points are as they were before the failover"
+    if job.rolls_back.source_lost:
+        # Its source was never shut down by us: whether it runs again is the
+        # operator's decision at the returned site, not ours.
+        FailoverStep.begin(job, STEP_POWER_ON)
+        _close_step(job, STEP_POWER_ON, FailoverStep.Status.DONE,
+                    "not asked: the failover ran with the source site lost; power the source on in vCenter "
+                    "if it should run again")
+        _finish_rollback(job, "")
+    elif not _power_source(job, POWER_ON, STEP_POWER_ON):
         _finish_rollback(job, "")
 
 
@@ -391,10 +434,11 @@ def abandon(job_id: int, reason: str) -> None:
             _close_step(job, STEP_POWER_ON, FailoverStep.Status.FAILED, f"could not ask the agent: {exc}")
     if job.kind == FailoverKind.ROLLBACK:
         return
-    to = VMState.CLEANUP_REQUIRED if cleanup_error else VMState.READY_FOR_FAILOVER
-    with contextlib.suppress(IllegalMove):
-        VMContext.of(job.vm).move(to, actor="system", reason=f"{job.kind} failover {job.pk} failed: {reason}"[:2000],
-                                  only_from={VMState.FAILED_OVER_TEST, VMState.READY_FOR_FAILOVER} - {to})
+    if cleanup_error:
+        with contextlib.suppress(IllegalMove):
+            VMContext.of(job.vm).move(VMState.CLEANUP_REQUIRED, actor="system",
+                                      reason=f"{job.kind} failover {job.pk} failed: {reason}"[:2000])
+    points.enqueue_retention(job.vm)  # its point is free again
     if job.kind == FailoverKind.TEST:
         signals.test_failover_ended.send(sender=FailoverJob, failover_id=job.pk)
 
@@ -407,8 +451,8 @@ def _undo(job: FailoverJob, destination) -> None:
 
 
 def end_test_failover(vm: VirtualMachine, actor: str = "operator") -> FailoverJob:
-    """End the VM's test failover: its VM and overlays go, the replica is as
-    it was, and cycles may run again."""
+    """End the VM's test failover: its VM and overlays go; every recovery
+    point is as it was (the cycles never stopped)."""
     job = vm.failovers.filter(kind=FailoverKind.TEST, status__in=FAILOVER_OPEN).first()
     if job is None:
         raise FailoverError(f"VM {vm.name} has no test failover to end")
@@ -417,11 +461,45 @@ def end_test_failover(vm: VirtualMachine, actor: str = "operator") -> FailoverJo
     try:
         _undo(job, destination_for(vm))
     except DestinationError as exc:
-        VMContext.of(vm).move(VMState.CLEANUP_REQUIRED, actor=actor, reason=f"ending test failover: {exc}")
+        with contextlib.suppress(IllegalMove):
+            VMContext.of(vm).move(VMState.CLEANUP_REQUIRED, actor=actor, reason=f"ending test failover: {exc}")
         raise FailoverError(f"ending the test failover failed: {exc}") from None
     job.transition(FailoverStatus.ENDED, ended_at=timezone.now())
-    VMContext.of(vm).move(VMState.READY_FOR_FAILOVER, actor=actor, reason=f"test failover {job.pk} ended")
+    points.enqueue_retention(vm)  # its point is free again
     return job
+
+
+def commit_failover(vm: VirtualMachine, actor: str = "operator") -> FailoverJob:
+    """Make the VM's live failover final: its destination VM keeps running
+    and its disks become its own (the overlays flattened; on CloudStack the
+    volumes simply stay with it), its recovery points and replicas are
+    released, protection of the VM ends (its history stays), and its state
+    is completed. No rollback is possible after this."""
+    with transaction.atomic():
+        vm = VirtualMachine.objects.select_for_update().get(pk=vm.pk)
+        live = vm.failovers.filter(kind=FailoverKind.LIVE, status=FailoverStatus.SUCCEEDED).first()
+        if live is None:
+            raise FailoverError(f"VM {vm.name} has no live failover that has booted to commit")
+        if FailoverJob.open(vm).filter(kind=FailoverKind.ROLLBACK).exists():
+            raise FailoverError(f"a rollback of {vm.name} is running")
+    destination = destination_for(vm)
+    try:
+        with _step(live, "commit") as step:
+            step.detail = destination.commit_vm(live.destination_vm, live.protection, heartbeat=live.beat)
+    except DestinationError as exc:
+        raise FailoverError(f"committing failed: {exc}; {live.destination_vm} still runs over its recovery "
+                            "point and can be rolled back") from None
+    reason = f"live failover {live.pk} committed by {actor}"
+    with transaction.atomic():
+        live.transition(FailoverStatus.COMMITTED, committed_at=timezone.now())
+        VMContext.of(vm).move(VMState.COMPLETED, actor=actor, reason=reason, only_from={VMState.FAILED_OVER_LIVE})
+        VirtualMachine.objects.filter(pk=vm.pk).update(group=None)  # its schedule and drills end
+    released = points.release(vm, reason)
+    if not destination.replica_boots_in_place:
+        for volume in TargetVolume.objects.filter(source_disk__vm=vm):
+            released.append(get_provider(volume.provider).delete(volume))
+    log.info("%s: %s", reason, "; ".join(released))
+    return live
 
 
 def reap_failovers(now=None) -> list[int]:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from django.conf import settings
 
-from replication.choices import VM_STATE_REFUSALS, FailoverKind, JobStatus, VMState
-from replication.models import FailoverJob, NetworkMapping, ReplicationJob, TargetVolume, VirtualMachine, VMContext
+from replication.choices import VM_STATE_REFUSALS, FailoverKind, VMState
+from replication.models import FailoverJob, NetworkMapping, RecoveryPoint, ReplicationJob, VirtualMachine, VMContext
 from replication.platforms.base import NIC, Destination, DestinationError, VMShape
 
 
@@ -19,25 +19,26 @@ class FailoverError(Exception):
     """A failover cannot start or go on; the message is the reason."""
 
 
-def replicas_of(cycle: ReplicationJob | None) -> list[tuple[TargetVolume, str]]:
-    """Every replica volume of the cycle, present on the OMA, in disk order:
-    (volume, disk key)."""
-    if cycle is None or cycle.status != JobStatus.COMPLETED:
-        raise FailoverError("the replication cycle to fail over to is gone or not completed")
-    replicas = []
-    for disk in cycle.disks.select_related("target_volume").order_by("disk_key"):
-        volume = disk.target_volume
-        if not volume.path or not Path(volume.path).exists():
-            where = " (not attached to the OMA?)" if volume.cloud_volume_id else ""
-            raise FailoverError(f"{disk.disk_key}: replica volume {volume.path or '(none)'} is missing{where}")
-        replicas.append((volume, disk.disk_key))
-    return replicas
-
-
-def volumes_of(cycle: ReplicationJob | None, destination: Destination) -> list[tuple[str, str]]:
-    """Every replica volume of the cycle, in disk order, as the destination
-    knows it: (replica handle, disk key)."""
-    return [(destination.replica_handle(volume), key) for volume, key in replicas_of(cycle)]
+def volumes_of(point: RecoveryPoint | None, destination: Destination) -> list[tuple[str, str]]:
+    """Every disk of the recovery point, in disk order, as the destination
+    boots it: (handle, disk key). Locally that is the point's layer of each
+    volume (an overlay goes over it); where failovers boot the replica
+    volumes themselves, only the newest point can boot."""
+    if point is None or point.status != RecoveryPoint.Status.SEALED:
+        raise FailoverError("the recovery point to fail over to is gone or expired")
+    layers = list(point.layers.select_related("volume").order_by("disk_key"))
+    if not layers:
+        raise FailoverError(f"recovery point {point.pk} has no disks")
+    if destination.replica_boots_in_place:
+        newest = RecoveryPoint.newest(point.vm)
+        if newest is not None and newest.pk != point.pk:
+            raise FailoverError(f"{destination.name} boots the replica volumes themselves: only the newest recovery "
+                                f"point ({newest.pk}) can boot there, not {point.pk}")
+        return [(destination.replica_handle(layer.volume), layer.disk_key) for layer in layers]
+    for layer in layers:
+        if not Path(layer.handle).exists():
+            raise FailoverError(f"{layer.disk_key}: the layer {layer.handle} of recovery point {point.pk} is missing")
+    return [(layer.handle, layer.disk_key) for layer in layers]
 
 
 def shape_of(cycle: ReplicationJob, disk_keys: list[str]) -> VMShape:
@@ -113,12 +114,12 @@ def preflight(job: FailoverJob, destination: Destination) -> list[tuple[str, str
     the cycle and its volumes, room for the overlays, a free VM name; for a
     live failover also nothing else running, the memory and a destination
     network for every NIC. Raises FailoverError with the first reason."""
-    volumes = volumes_of(job.replication_job, destination)
+    volumes = volumes_of(job.recovery_point, destination)
     space_for_overlays()
     destination_ready(destination)
     name_free(destination, job.destination_vm)
     if job.kind == FailoverKind.LIVE:
-        if (active := job.vm.active_job()) is not None:
+        if not job.source_lost and (active := job.vm.active_job()) is not None:
             raise FailoverError(f"a replication cycle is running ({active.id}); wait until it ends")
         shape = shape_of(job.replication_job, [key for _, key in volumes])
         memory_for(destination, shape)
@@ -140,20 +141,21 @@ def report(vm: VirtualMachine, destination_name: str) -> list[dict]:
             checks.append({"check": name, "ok": False, "detail": str(exc)})
 
     context = VMContext.of(vm)
-    cycle = vm.jobs.filter(status=JobStatus.COMPLETED).order_by("-completed_at").first()
+    point = RecoveryPoint.newest(vm)
+    cycle = point.job if point else None
 
     def state() -> str:
         if context.state != VMState.READY_FOR_FAILOVER:
             raise FailoverError(VM_STATE_REFUSALS.get(context.state, f"it is {context.state}"))
-        return f"ready for failover; last completed cycle {cycle.id if cycle else '?'}"
+        return f"ready for failover; newest recovery point {point.pk if point else '?'} ({cycle.id if cycle else '?'})"
 
     check("state", state)
     check("nothing running", lambda: nothing_running(vm))
-    check("replica volumes", lambda: f"{len(replicas_of(cycle))} volume(s) present")
     check("space for the overlays", space_for_overlays)
     destination = None
     try:
         destination = destination_for(vm)
+        check("recovery point", lambda: f"{len(volumes_of(point, destination))} disk(s) present")
         check("destination", lambda: destination_ready(destination))
         check("destination VM name", lambda: name_free(destination, destination_name))
     except DestinationError as exc:

@@ -21,12 +21,14 @@ from replication.models import (
     FailoverJob,
     IllegalMove,
     JobEvent,
+    RecoveryPoint,
     ReplicationJob,
     VirtualMachine,
     VMContext,
     VMDisk,
 )
-from replication.services import orders, vmware, volumes
+from replication.platforms import on_cloudstack
+from replication.services import orders, points, vmware, volumes
 from vma_agent import task_names
 from vma_agent import vmware as vsphere
 from vma_agent.contract import DiskCopied, FrozenDisk, SnapshotRemoved, SourcePrepared
@@ -71,6 +73,9 @@ def start_replication(vm: VirtualMachine, sync_type: str = SyncType.FULL, *, ver
         if (failover := live.first()) is not None:
             raise ReplicationError(f"VM {vm.name} is under live failover {failover.pk} ({failover.status}); "
                                    "roll back first")
+        if on_cloudstack(vm) and (test := FailoverJob.open(vm).filter(kind=FailoverKind.TEST).first()):
+            raise ReplicationError(f"VM {vm.name} is paused: test failover {test.pk} boots its CloudStack volumes "
+                                   "themselves; end it first")
         source_disks = list(vm.disks.all())
         if not source_disks:
             raise ReplicationError(f"VM {vm.name} has no disks")
@@ -237,7 +242,18 @@ def dispatch_copy(disk: VMDisk, *, taking_over: bool = False) -> bool:
     moved it meanwhile)."""
     if not disk.start_attempt(str(uuid.uuid4()), taking_over=taking_over):
         return False
+    try:
+        # The cycle's own layer of the volume (served again after an OMA restart).
+        uri = points.open_layer(disk)
+    except Exception as exc:
+        log.exception("the layer of %s could not be opened", disk)
+        fail_job(disk.job_id, f"{disk.disk_key}: its layer of the target volume cannot be opened: {exc}")
+        return False
+    VMDisk.objects.filter(pk=disk.pk).update(target_uri=uri)
     disk = VMDisk.objects.select_related("job__vm__vcenter", "target_volume", "source_disk").get(pk=disk.pk)
+    if disk.job.is_terminal:
+        points.discard(disk.job)  # it ended while the layer opened: fenced again
+        return False
     return _sending(disk.job, f"the copy of {disk.disk_key}", lambda: orders.send_copy(disk))
 
 
@@ -330,19 +346,29 @@ def snapshot_removed(job_id: str, snapshot_moref: str, finalize: bool, outcome: 
 
 
 def commit_and_complete(job: ReplicationJob) -> None:
-    """Commit the changeIds, complete the job and move the VM's state in one
-    transaction: nobody sees a completed job whose VM still replicates."""
+    """Seal the cycle's layers, then commit the changeIds, record the
+    recovery point, complete the job and move the VM's state in one
+    transaction: nobody sees a completed job without its point, or whose VM
+    still replicates. A seal that fails fails the job (its layers are
+    discarded, the changeIds stay, the next cycle copies these changes again)."""
+    if job.status != JobStatus.FINALIZING:
+        log.warning("finalize of %s skipped: it is %s", job.id, job.status)  # a second delivery
+        return
     try:
+        sealed = points.seal_layers(job)
         with transaction.atomic():
             for disk in job.disks.all():
                 # The changeId advances only now that the data it covers is written.
                 disk.commit_change_id()
             completed = job.complete()
             if completed:
+                point = points.record(job, sealed)
                 VMContext.of(job.vm).move(VMState.READY_FOR_FAILOVER, actor="system",
-                                          reason=f"replication {job.id} completed", only_from={VMState.REPLICATING})
+                                          reason=f"replication {job.id} completed: recovery point {point.pk}",
+                                          only_from={VMState.REPLICATING})
                 signals.cycle_ended.send(sender=ReplicationJob, cycle=job)
                 transaction.on_commit(lambda: enqueue_job_ended(job.id))
+                points.enqueue_retention(job.vm)
         if not completed:
             log.warning("finalize of %s found it %s", job.id, job.status)
     except Exception as exc:
@@ -378,6 +404,9 @@ def cleanup_job(job: ReplicationJob, reason: str = "", *, actor: str = "system")
     the agent once no copy reads it (also when no copy ever started)."""
     for disk in job.disks.filter(status=DiskStatus.PENDING):
         disk.cancel()
+    # The fence: the cycle's exports close and its layers go, so a copy that
+    # goes on writing (an agent cut off from us) lands nowhere.
+    transaction.on_commit(lambda: _discard_layers(job))
     _settle_vm_state(job, reason, actor)
     signals.cycle_ended.send(sender=ReplicationJob, cycle=job)
     transaction.on_commit(lambda: enqueue_job_ended(job.id))
@@ -386,16 +415,27 @@ def cleanup_job(job: ReplicationJob, reason: str = "", *, actor: str = "system")
     _queue_snapshot_removal(job)
 
 
+def _discard_layers(job: ReplicationJob) -> None:
+    for line in points.discard(job):
+        log.info("job %s: %s", job.id, line)
+
+
 def _settle_vm_state(job: ReplicationJob, reason: str, actor: str = "system") -> None:
-    """A cycle that ended without completing: once any disk started copying,
-    the replica holds part of the cycle's changes and is no point in time
-    to fail over to (failed, until a cycle completes); before that the
-    replica is as it was, and so is the VM's state. A late clean-up of an
-    old job never touches the state of the VM's next cycle."""
+    """A cycle that ended without completing left every recovery point as it
+    was: a VM with one is ready for failover. Without one (the first cycle
+    writes its volumes in place), once any disk started copying the volumes
+    hold part of a copy and are no point in time (failed, until a cycle
+    completes); before that the VM's state is as it was. A late clean-up of
+    an old job never touches the state of the VM's next cycle."""
     if job.vm.active_job() is not None:
         return
     context = VMContext.of(job.vm)
-    to = VMState.FAILED if job.disks.filter(attempts__gt=0).exists() else context.state_before_replicating()
+    if RecoveryPoint.newest(job.vm) is not None:
+        to = VMState.READY_FOR_FAILOVER
+    elif job.disks.filter(attempts__gt=0).exists():
+        to = VMState.FAILED
+    else:
+        to = context.state_before_replicating()
     try:
         context.move(to, actor=actor, reason=f"replication {job.id} {job.status}: {reason}"[:2000],
                      only_from={VMState.REPLICATING})

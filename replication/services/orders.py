@@ -62,7 +62,7 @@ def copy_order(disk: VMDisk) -> CopyOrder:
                    "bitmap_base": disk.previous_change_id if disk.sync_type == SyncType.INCREMENTAL else ""}
     return CopyOrder(
         job_id=job.id, disk_key=disk.disk_key, attempt=disk.attempts, export_name=disk.target_volume.export_name,
-        source_locator=source_locator, target_uri=volumes.export_uri(disk.target_volume),
+        source_locator=source_locator, target_uri=disk.target_uri or volumes.export_uri(disk.target_volume),
         capacity_bytes=disk.capacity_bytes, sync_type=disk.sync_type, resume_from=disk.checkpoint_bytes,
         verify=job.verify, limit_bps=job.bandwidth_limit_bps, snapshot=snapshot, **bitmaps,
     )

@@ -23,9 +23,11 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from replication import dispatch
 from replication.models import PointLayer, RecoveryPoint, ReplicationJob, VirtualMachine, VMDisk
 from replication.platforms import get_provider
 from replication.platforms.base import TargetProvider
+from vma_agent import task_names
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,8 @@ def base_of(disk: VMDisk) -> str | None:
     """The handle the disk's cycle writes over: its volume's layer in the
     newest point (None: the volume holds no point yet)."""
     layer = PointLayer.newest_of(disk.target_volume)
-    return layer.handle if layer is not None else None
+    # "": a point adopted from before points existed, with nothing to revert to.
+    return (layer.handle or None) if layer is not None else None
 
 
 def open_layer(disk: VMDisk) -> str:
@@ -95,24 +98,28 @@ def open_layer(disk: VMDisk) -> str:
     return _provider(disk).open_layer(disk.target_volume, disk.job_id, base_of(disk))
 
 
-def seal(job: ReplicationJob) -> RecoveryPoint:
-    """The completed cycle's layers become one point (all disks at the
-    instant its snapshot froze). Called once its changeIds are committed."""
-    disks = list(job.disks.select_related("target_volume"))
-    layers = []
-    for disk in disks:
-        base = base_of(disk)
+def seal_layers(job: ReplicationJob) -> list[tuple[VMDisk, str, int]]:
+    """Close the completed cycle's exports and make its layers read-only:
+    (disk, layer handle, its size) per disk. Nothing is a point yet."""
+    sealed = []
+    for disk in job.disks.select_related("target_volume"):
         provider = _provider(disk)
-        handle = provider.seal_layer(disk.target_volume, job.id, base)
-        layers.append((disk, handle, provider.layer_bytes(handle)))
-    with transaction.atomic():
-        point, _ = RecoveryPoint.objects.get_or_create(
-            job=job, defaults={"vm": job.vm, "frozen_at": job.recovery_point_at or job.created_at,
-                               "changed_bytes": sum(size for _, _, size in layers)})
-        for disk, handle, size in layers:
-            PointLayer.objects.get_or_create(point=point, disk_key=disk.disk_key,
-                                             defaults={"volume": disk.target_volume, "handle": handle,
-                                                       "changed_bytes": size})
+        handle = provider.seal_layer(disk.target_volume, job.id, base_of(disk))
+        sealed.append((disk, handle, provider.layer_bytes(handle)))
+    return sealed
+
+
+def record(job: ReplicationJob, sealed: list[tuple[VMDisk, str, int]]) -> RecoveryPoint:
+    """The sealed layers become one point (every disk at the instant the
+    cycle's snapshot froze); called in the transaction that commits the
+    cycle's changeIds. Retention runs after, in a task of its own."""
+    point, _ = RecoveryPoint.objects.get_or_create(
+        job=job, defaults={"vm": job.vm, "frozen_at": job.recovery_point_at or job.created_at,
+                           "changed_bytes": sum(size for _, _, size in sealed)})
+    for disk, handle, size in sealed:
+        PointLayer.objects.get_or_create(point=point, disk_key=disk.disk_key,
+                                         defaults={"volume": disk.target_volume, "handle": handle,
+                                                   "changed_bytes": size})
     log.info("job %s sealed as recovery point %s of %s", job.id, point.pk, job.vm)
     return point
 
@@ -176,6 +183,24 @@ def apply_retention(vm: VirtualMachine, now=None) -> list[str]:
                 done.append(f"{len(expiring)} point(s) past the policy kept: in use, or under one in use")
             return done
         done.append(outcome)
+
+
+def retain(vm_id: int) -> None:
+    """Retention for one VM, as its task runs it (after each point sealed,
+    each failover ended): one at a time per VM, under its row's lock."""
+    with transaction.atomic():
+        vm = VirtualMachine.objects.select_for_update().filter(pk=vm_id).first()
+        if vm is None:
+            return
+        for line in apply_retention(vm):
+            log.info("retention of %s: %s", vm, line)
+
+
+def enqueue_retention(vm: VirtualMachine) -> None:
+    """Queue the VM's retention once the transaction commits; if the broker
+    cannot take it, the next point's retention catches up."""
+    dispatch.enqueue_on_commit(task_names.RETAIN_POINTS, [vm.pk], what="recovery point retention",
+                               subject=f"VM {vm.name}")
 
 
 def _try_expire(points: list[RecoveryPoint], point: RecoveryPoint) -> str:

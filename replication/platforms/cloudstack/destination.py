@@ -27,6 +27,7 @@ STATES = {"Running": "running", "Starting": "running", "Stopped": "shutoff", "St
 
 class CloudStackDestination(Destination):
     name = "cloudstack"
+    replica_boots_in_place = True
 
     def __init__(self, config: CloudStackConfig, *, job_timeout_s: float, settle_s: float):
         self.config = config
@@ -89,6 +90,15 @@ class CloudStackDestination(Destination):
             self._call("revertSnapshot", id=snapshot_id)
             self._call("deleteSnapshot", id=snapshot_id)
             self._call("attachVolume", id=volume["id"], virtualmachineid=self.config.oma_vm_id)
+
+    def commit_vm(self, vm: str, protection: Sequence[str], heartbeat: Callable[[], None]) -> str:
+        """The volumes already are the VM's: only the rollback point (their
+        snapshots) goes."""
+        for snapshot_id in protection or ():
+            if self._call("listSnapshots", id=snapshot_id).get("snapshot"):
+                self._call("deleteSnapshot", id=snapshot_id)
+            heartbeat()
+        return f"{vm} keeps its {len(protection or ())} volume(s); the rollback snapshots are deleted"
 
     def _volume_of(self, snapshot_id: str) -> str:
         rows = self._call("listSnapshots", id=snapshot_id).get("snapshot") or []

@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover - setup.sh installs and bridges python3-
 START_TIMEOUT_S = 15.0
 QEMU_IMG_TIMEOUT_S = 60.0
 CONVERT_TIMEOUT_S = 900.0
+COMMIT_TIMEOUT_S = 6 * 3600.0  # a block pull copies the whole disk: hours for a large one
 START_HINT = "start it with `virtlogd -d && libvirtd -d` (or run scripts/setup.sh and source scripts/lib.sh; " \
              "ensure_libvirtd)"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$")
@@ -363,6 +364,49 @@ class LibvirtDestination(Destination):
                 heartbeat()
                 last_beat = time.monotonic()
             time.sleep(0.25)
+
+    def commit_vm(self, vm: str, protection: Sequence[str], heartbeat: Callable[[], None]) -> str:
+        """Pull each disk's backing chain (the recovery point's layers) into
+        its overlay while the guest runs (libvirt's block pull), one disk at
+        a time; the overlays are then standalone images, the VM's own."""
+        dom = self._domain(vm)
+        wanted = {str(Path(h).absolute()) for h in protection}
+        done = []
+        for disk in ET.fromstring(dom.XMLDesc(0)).iterfind("./devices/disk"):
+            source, target = disk.find("source"), disk.find("target")
+            if source is None or target is None or source.get("file") not in wanted:
+                continue
+            device = target.get("dev")
+            try:
+                dom.blockPull(device, 0, 0)
+            except libvirt.libvirtError as exc:
+                raise DestinationError(f"the block pull of {device} of VM {vm} did not start: {exc}") from None
+            self._wait_block_job(dom, vm, device, heartbeat)
+            info = json.loads(_qemu_img("info", "-U", "--output=json", source.get("file")))
+            if info.get("backing-filename"):
+                raise DestinationError(f"{source.get('file')} still has a backing file after the block pull")
+            done.append(f"{device}: {source.get('file')} is standalone")
+        if len(done) != len(wanted):
+            raise DestinationError(f"VM {vm} has {len(done)} of its {len(wanted)} protected disks")
+        return "; ".join(done)
+
+    def _wait_block_job(self, dom, vm: str, device: str, heartbeat: Callable[[], None]) -> None:
+        deadline = time.monotonic() + COMMIT_TIMEOUT_S
+        last_beat = time.monotonic()
+        while True:
+            try:
+                job = dom.blockJobInfo(device, 0)
+            except libvirt.libvirtError as exc:
+                raise DestinationError(f"the block pull of {device} of VM {vm} failed: {exc}") from None
+            if not job:
+                return  # finished (libvirt answers {} once no job runs on the disk)
+            if time.monotonic() > deadline:
+                raise DestinationError(f"the block pull of {device} of VM {vm} did not finish within "
+                                       f"{COMMIT_TIMEOUT_S:.0f} s ({job.get('cur', 0)} of {job.get('end', 0)} bytes)")
+            if time.monotonic() - last_beat > 5:
+                heartbeat()
+                last_beat = time.monotonic()
+            time.sleep(0.2)
 
     def _power_off(self, dom, vm: str) -> None:
         try:
