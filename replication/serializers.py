@@ -53,7 +53,8 @@ def failover_json(job: FailoverJob) -> dict:
     """A failover as the commands' --json and the JSON API show it."""
     return {"id": job.pk, "vm": job.vm.name, "kind": job.kind, "status": job.status,
             "state": VMContext.of(job.vm).state, "destination_vm": job.destination_vm,
-            "replication_job": job.replication_job_id, "final_cycle": job.final_cycle_id,
+            "replication_job": job.replication_job_id, "recovery_point": job.recovery_point_id,
+            "source_lost": job.source_lost, "committed_at": _iso(job.committed_at), "final_cycle": job.final_cycle_id,
             "rolls_back": job.rolls_back_id, "boot_verified": job.boot_verified,
             "console_match": job.console_match, "downtime_s": job.downtime_s,
             "forecast_downtime_s": job.forecast_downtime_s, "error": job.error_message,

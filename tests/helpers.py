@@ -62,6 +62,42 @@ def sha256(path: Path | str) -> str:
     return digest.hexdigest()
 
 
+def layer_sha256(handle: Path | str, size: int | None = None) -> str:
+    """sha256 of what a recovery point's layer holds for its disk, read
+    through its whole chain (a qcow2 layer over earlier layers and the raw
+    replica), the first `size` bytes (default: all): the disk as a failover
+    boots it."""
+    handle = Path(handle)
+    with open(handle, "rb") as f:
+        is_qcow2 = f.read(4) == b"QFI\xfb"
+    if not is_qcow2:
+        return sha256(handle) if size is None else sha256_prefix(handle, size)
+    out = Path(settings.TEST_ROOT) / "tmp" / f"chain-{time.monotonic_ns()}.raw"
+    try:
+        subprocess.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", str(handle), str(out)],
+                       check=True, capture_output=True, timeout=300)
+        return sha256(out) if size is None else sha256_prefix(out, size)
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def sha256_prefix(path: Path | str, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        left = size
+        while left and (chunk := f.read(min(4 * MiB, left))):
+            digest.update(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
+
+
+def replica_sha256(disk) -> str:
+    """sha256 of a completed cycle's disk (a VMDisk) in the recovery point
+    that cycle sealed: the replica as a failover from that point boots it."""
+    layer = disk.job.recovery_point.layers.get(disk_key=disk.disk_key)
+    return layer_sha256(layer.handle, disk.capacity_bytes)
+
+
 class NbdkitProcess:
     """An nbdkit serving one export on a Unix socket, started and killed by a test."""
 

@@ -18,7 +18,17 @@ from replication.services import vmware as vmware_service
 from replication.services.jobs import start_replication
 from simulators.vcenter import fill_image, vm_spec
 from tests.faults.harness import wait_until
-from tests.helpers import PROJECT_ROOT, MiB, kill_worker, sha256, start_worker, stop_worker, wait_for_job, worker_env
+from tests.helpers import (
+    PROJECT_ROOT,
+    MiB,
+    kill_worker,
+    replica_sha256,
+    sha256,
+    start_worker,
+    stop_worker,
+    wait_for_job,
+    worker_env,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -88,7 +98,7 @@ def test_vmware_cycles_with_the_agent_apart_and_killed_mid_copy(celery_worker_pr
         job = wait_for_job(job.id, timeout=120)
         assert job.status == JobStatus.COMPLETED, job.error_message
         for d in job.disks.all():
-            assert sha256(d.target_volume.path) == sha256(live[str(d.source_disk.device_key)]), d
+            assert replica_sha256(d) == sha256(live[str(d.source_disk.device_key)]), d
         runs = list(CopyAttempt.objects.filter(disk=disk).order_by("number"))
         assert [r.outcome for r in runs] == ["lost", "completed"]
         assert runs[0].checkpoint_bytes >= 8 * MiB
@@ -101,7 +111,7 @@ def test_vmware_cycles_with_the_agent_apart_and_killed_mid_copy(celery_worker_pr
         assert {d.sync_type for d in job.disks.all()} == {SyncType.INCREMENTAL}
         assert job.disks.get(disk_key="disk-2001").bytes_total == 0
         for d in job.disks.all():
-            assert sha256(d.target_volume.path) == sha256(live[str(d.source_disk.device_key)]), d
+            assert replica_sha256(d) == sha256(live[str(d.source_disk.device_key)]), d
     finally:
         judge.stop()
         kill_worker(first)

@@ -16,6 +16,7 @@ from tests.helpers import (
     PROJECT_ROOT,
     MiB,
     make_image,
+    replica_sha256,
     sha256,
     slow_nbd_source,
     source_exports_running,
@@ -101,7 +102,7 @@ def test_replicate_from_the_gui_and_watch_it_live(celery_worker_process, progres
             server.stop()
     job = ReplicationJob.objects.get(vm__name="gui-vm")
     for disk, image in zip(job.disks.order_by("disk_key"), images, strict=True):
-        assert sha256(disk.target_volume.path) == sha256(image)
+        assert replica_sha256(disk) == sha256(image)
 
 
 def test_cancel_a_running_job_from_the_gui(celery_worker_process, progress_poller, live_server, browser_page,

@@ -21,7 +21,7 @@ from replication.services import vmware as vmware_service
 from replication.services.jobs import ReplicationError, start_replication
 from simulators.boot_disk import boot_disk_builder
 from simulators.vcenter import vm_spec
-from tests.helpers import MiB, completed_cycle_on, sha256, wait_for_job
+from tests.helpers import MiB, completed_cycle_on, replica_sha256, sha256, wait_for_job
 from vma_agent.contract import SourcePowered
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -129,7 +129,8 @@ def test_vmware_vm_test_failover_then_live_failover_and_rollback(celery_worker_p
     incremental = replicate(vm, SyncType.INCREMENTAL)
     assert incremental.disks.get().sync_type == SyncType.INCREMENTAL
     assert 0 < incremental.bytes_transferred < 4 * MiB
-    assert sha256(replica) == sha256(live)
+    assert replica_sha256(incremental.disks.get()) == sha256(live)
+    assert sha256(replica) == before  # the incremental wrote its own layer, not the first point
     command("set_boot_check", "boot01", "--regex", "BOOT-MARKER: B", "--timeout", "240")
     assert failover("boot01", "--test")["console_match"].endswith("BOOT-MARKER: B")
     command("failover_end", "boot01")
@@ -159,14 +160,15 @@ def test_vmware_vm_test_failover_then_live_failover_and_rollback(celery_worker_p
     assert report["forecast_downtime_s"] > 0
     final = vm.jobs.get(pk=report["final_cycle"])
     assert final.sync_type == SyncType.INCREMENTAL and final.status == JobStatus.COMPLETED
-    assert sha256(replica) == sha256(live)  # the rollback point: the source as it went off
+    final = vm.jobs.get(pk=report["final_cycle"])
+    assert replica_sha256(final.disks.get()) == sha256(live)  # the rollback point: the source as it went off
     assert power_state(record, moref) == "poweredOff"
     assert interfaces(report["destination_vm"]) == [(isolated_network, MAC)]
     with pytest.raises(ReplicationError, match="roll back first"):
         start_replication(vm, SyncType.INCREMENTAL)
     with pytest.raises(CommandError, match="already has a live failover"):
         command("failover", "boot01", "--test")
-    rollback_point = sha256(replica)
+    rollback_point = replica_sha256(final.disks.get())
 
     rollback = json.loads(command("rollback", "boot01", "--wait", "--json"))
 
@@ -176,12 +178,12 @@ def test_vmware_vm_test_failover_then_live_failover_and_rollback(celery_worker_p
     assert not any(Path(p).exists() for p in vm.failovers.get(pk=report["id"]).protection)
     assert power_state(record, moref) == "poweredOn"
     assert VMContext.of(vm).state == VMState.READY_FOR_FAILOVER
-    assert sha256(replica) == rollback_point
+    assert replica_sha256(final.disks.get()) == rollback_point
     assert not FailoverJob.open(vm).exists()
     # The changeIds still hold: the next cycle is incremental, and nothing changed since.
     after = replicate(vm, SyncType.INCREMENTAL)
     assert after.disks.get().sync_type == SyncType.INCREMENTAL and after.bytes_transferred == 0
-    assert sha256(replica) == sha256(live)
+    assert replica_sha256(after.disks.get()) == sha256(live)
     history = [c.to_state for c in VMContext.of(vm).changes.all()]
     assert history[-6:] == [VMState.REPLICATING, VMState.READY_FOR_FAILOVER, VMState.FAILED_OVER_LIVE,
                             VMState.READY_FOR_FAILOVER, VMState.REPLICATING, VMState.READY_FOR_FAILOVER]

@@ -10,7 +10,16 @@ from replication.roles import os_actor
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import start_replication
 from replication.services.limits import LimitError, change_limit
-from tests.helpers import MiB, agent_bytes_copied, make_image, sha256, user_with_role, wait_for_job, wait_until
+from tests.helpers import (
+    MiB,
+    agent_bytes_copied,
+    make_image,
+    replica_sha256,
+    sha256,
+    user_with_role,
+    wait_for_job,
+    wait_until,
+)
 from vma_agent.units import parse_rate
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -42,7 +51,7 @@ def test_set_limit_reaches_the_running_copy_through_the_agent(celery_worker_proc
 
     job = wait_for_job(job.id)
     assert job.status == JobStatus.COMPLETED, job.error_message
-    assert sha256(job.disks.get().target_volume.path) == sha256(image)
+    assert replica_sha256(job.disks.get()) == sha256(image)
     with pytest.raises(CommandError, match=f"job {job.id} is completed: it has no copies left to limit"):
         call_command("set_limit", job.id, "10M")
 
@@ -68,7 +77,7 @@ def test_lifting_and_lowering_a_limit_before_the_copy_starts_and_bad_rates(celer
     job = wait_for_job(job.id)
     assert job.status == JobStatus.COMPLETED and job.bandwidth_limit_bps is None
     assert job.disks.get().status == DiskStatus.COMPLETED
-    assert sha256(job.disks.get().target_volume.path) == sha256(image)
+    assert replica_sha256(job.disks.get()) == sha256(image)
 
 
 def test_the_job_page_changes_a_running_jobs_limit(celery_worker_process, tmp_path):
@@ -94,5 +103,5 @@ def test_the_job_page_changes_a_running_jobs_limit(celery_worker_process, tmp_pa
     wait_until(lambda: agent_limits(job.id)["applied"].get("disk-2000") == 256 * MiB, 10,
                "the running copy to apply the page's limit")
     job = wait_for_job(job.id)
-    assert job.status == JobStatus.COMPLETED and sha256(job.disks.get().target_volume.path) == sha256(image)
+    assert job.status == JobStatus.COMPLETED and replica_sha256(job.disks.get()) == sha256(image)
     assert 'id="limit-form"' not in client.get(f"/jobs/{job.id}/").content.decode()  # nothing left to limit

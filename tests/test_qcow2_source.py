@@ -12,7 +12,16 @@ import pytest
 from replication.choices import JobStatus, SourceKind, SyncType
 from replication.services.inventory import InventoryError, register_image_vm
 from replication.services.jobs import ReplicationError, cancel_job, start_replication
-from tests.helpers import MiB, agent_bytes_copied, make_image, sha256, source_exports_running, wait_for_job, wait_until
+from tests.helpers import (
+    MiB,
+    agent_bytes_copied,
+    make_image,
+    replica_sha256,
+    sha256,
+    source_exports_running,
+    wait_for_job,
+    wait_until,
+)
 from vma_agent import qcow2
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -49,7 +58,7 @@ def test_qcow2_cycles_copy_only_the_dirty_clusters_and_a_failed_cycles_writes_co
 
     first, disk = replicate(vm)  # the first cycle is full, whatever was asked
     assert disk.sync_type == SyncType.FULL and "no committed dirty bitmap yet" in disk.full_copy_reason
-    assert sha256(disk.target_volume.path) == raw_sha256(image, tmp_path)
+    assert replica_sha256(disk) == raw_sha256(image, tmp_path)
     assert vm.disks.get().change_id == f"oma-{first.id}"
 
     # The guest writes (qemu-io): 4 KiB inside one 64 KiB cluster, a whole
@@ -58,14 +67,14 @@ def test_qcow2_cycles_copy_only_the_dirty_clusters_and_a_failed_cycles_writes_co
     job, disk = replicate(vm)
     assert disk.sync_type == SyncType.INCREMENTAL
     assert disk.bytes_total == 4 * 64 * KiB, disk.bytes_total  # only the dirty clusters
-    assert sha256(disk.target_volume.path) == raw_sha256(image, tmp_path)
+    assert replica_sha256(disk) == raw_sha256(image, tmp_path)
     assert vm.disks.get().change_id == f"oma-{job.id}"
     # The bitmap this cycle copied stays, frozen, until the next cycle drops it.
     assert {name: b["recording"] for name, b in qcow2.bitmaps(str(image)).items()} == {
         f"oma-{first.id}": False, f"oma-{job.id}": True}
 
     job, disk = replicate(vm)  # nothing written since
-    assert disk.bytes_total == 0 and sha256(disk.target_volume.path) == raw_sha256(image, tmp_path)
+    assert disk.bytes_total == 0 and replica_sha256(disk) == raw_sha256(image, tmp_path)
 
     # A cycle that ends before its copy does: its writes must come with the next one.
     qemu_io(image, "write -P 0x66 2M 4M")
@@ -78,7 +87,7 @@ def test_qcow2_cycles_copy_only_the_dirty_clusters_and_a_failed_cycles_writes_co
     qemu_io(image, "write -P 0x77 15M 64k")
     job, disk = replicate(vm)
     assert disk.bytes_total == 4 * MiB + 64 * KiB, disk.bytes_total
-    assert sha256(disk.target_volume.path) == raw_sha256(image, tmp_path)
+    assert replica_sha256(disk) == raw_sha256(image, tmp_path)
     # The failed cycle's bitmap was folded into the committed one, and removed.
     assert {name: b["recording"] for name, b in qcow2.bitmaps(str(image)).items()} == {
         base: False, f"oma-{job.id}": True}

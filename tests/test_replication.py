@@ -12,6 +12,7 @@ from tests.helpers import (
     MiB,
     NbdkitProcess,
     make_image,
+    replica_sha256,
     sha256,
     slow_nbd_source,
     source_exports_running,
@@ -49,7 +50,7 @@ def test_two_disk_vm_replicates_byte_for_byte(celery_worker_process, tmp_path):
         assert disk.status == DiskStatus.COMPLETED
         assert disk.progress_percent == 100.0
         assert disk.bytes_done == disk.bytes_total
-        assert sha256(disk.target_volume.path) == sha256(image)
+        assert replica_sha256(disk) == sha256(image)
         assert disk.target_volume.export_name == f"migration-vol-{disk.target_volume.volume_uuid}"
     assert job.total_bytes == sum(d.bytes_total for d in disks)
     assert job.bytes_transferred == job.total_bytes
@@ -80,7 +81,7 @@ def test_second_replication_reuses_volumes_and_follows_source_changes(celery_wor
     assert second.status == JobStatus.COMPLETED, second.error_message
     assert set(TargetVolume.objects.values_list("volume_uuid", flat=True)) == volumes_before
     for disk, image in zip(second.disks.order_by("disk_key"), images, strict=True):
-        assert sha256(disk.target_volume.path) == sha256(image)
+        assert replica_sha256(disk) == sha256(image)
 
 
 def test_missing_source_image_fails_the_job_with_the_reason(celery_worker_process, tmp_path):

@@ -17,7 +17,15 @@ from replication.services.jobs import cancel_job, start_replication
 from simulators.vcenter import fill_image as fill
 from simulators.vcenter import snapshot_image, vm_spec
 from simulators.vcenter import write_image as write
-from tests.helpers import MiB, agent_bytes_copied, sha256, source_exports_running, wait_for_job, wait_until
+from tests.helpers import (
+    MiB,
+    agent_bytes_copied,
+    replica_sha256,
+    sha256,
+    source_exports_running,
+    wait_for_job,
+    wait_until,
+)
 from vma_agent.vmware import VSphereClient, VSphereError
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -42,7 +50,7 @@ def assert_targets_equal_sources(job, live_images, sim=None):
     keeps it under the snapshot's changeId), which is also the live image:
     nothing writes while a job runs."""
     for disk in job.disks.order_by("disk_key"):
-        target = sha256(disk.target_volume.path)
+        target = replica_sha256(disk)
         assert target == sha256(live_images[str(disk.source_disk.device_key)]), disk
         if sim is not None:
             frozen = snapshot_image(sim, job.vm.name, disk.source_disk.device_key, disk.change_id)

@@ -24,7 +24,16 @@ from django.utils import timezone
 
 from replication.choices import DISK_TERMINAL, JOB_ACTIVE
 from replication.models import CopyAttempt, ReplicationJob, VMDisk
-from tests.helpers import PROJECT_ROOT, NbdkitProcess, free_port, sha256, source_exports_running, wait_until, worker_env
+from tests.helpers import (
+    PROJECT_ROOT,
+    NbdkitProcess,
+    free_port,
+    replica_sha256,
+    sha256,
+    source_exports_running,
+    wait_until,
+    worker_env,
+)
 from vma_agent import nbdkit
 
 FIGURES_PATH = PROJECT_ROOT / "test-artifacts" / "fault-figures.json"
@@ -376,8 +385,7 @@ def leftovers() -> list[str]:
 
 def sha256_match(job: ReplicationJob, sources: dict[str, Path]) -> bool:
     """Every disk's target volume against its source image, by disk key."""
-    return all(sha256(job.disks.get(disk_key=key).target_volume.path) == sha256(path)
-               for key, path in sources.items())
+    return all(replica_sha256(job.disks.get(disk_key=key)) == sha256(path) for key, path in sources.items())
 
 
 def settle(jobs, timeout: float = 15) -> None:

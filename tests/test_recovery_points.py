@@ -1,0 +1,179 @@
+"""Recovery points with real parts: the vCenter simulator with a bootable
+disk, real OMA and agent workers, qemu-nbd layers, libvirt and QEMU (TCG
+where KVM cannot run a guest), each boot checked on the guest's own console.
+
+The day the product exists for: the VMware site is lost while a cycle is
+copying. The cut-off cycle must leave the last point untouched, a test
+failover must boot it beside the stuck cycle, and a live failover with the
+source site lost must boot it with nothing asked of the lost site; an agent
+that comes back afterwards must not be able to write anywhere."""
+
+import json
+import os
+import signal
+import subprocess
+from io import StringIO
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+
+from replication.choices import FailoverStatus, JobStatus, SyncType, VMState
+from replication.models import CopyAttempt, FailoverJob, RecoveryPoint, ReplicationJob, VMContext
+from replication.services import vmware as vmware_service
+from replication.services.jobs import start_replication
+from simulators.boot_disk import boot_disk_builder
+from simulators.vcenter import vm_spec
+from tests.helpers import (
+    MiB,
+    agent_bytes_copied,
+    layer_sha256,
+    replica_sha256,
+    sha256,
+    start_worker,
+    stop_worker,
+    wait_for_job,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+boot_disk = boot_disk_builder()
+DISK_BYTES = 96 * MiB
+
+
+def command(*args) -> str:
+    out = StringIO()
+    call_command(*args, stdout=out)
+    return out.getvalue()
+
+
+def failover(vm_name: str, *args) -> dict:
+    return json.loads(command("failover", vm_name, *args, "--wait", "--json"))
+
+
+def domains() -> list[str]:
+    import libvirt
+
+    conn = libvirt.open("qemu:///system")
+    try:
+        return [d.name() for d in conn.listAllDomains()]
+    finally:
+        conn.close()
+
+
+def layer_servers() -> list[str]:
+    """qemu-nbd processes serving a cycle's layer, by command line."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmdline and cmdline[0].endswith(b"qemu-nbd"):
+            found.append(b" ".join(cmdline).decode(errors="replace"))
+    return found
+
+
+@pytest.fixture
+def workers(django_db_setup, data_plane_root, vma_server):
+    """The OMA's worker and the agent's, the agent's killable on its own."""
+    import redis
+    from django.conf import settings
+
+    redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
+    procs = {"oma": start_worker("oma", "rp-oma"), "agent": start_worker("agent", "rp-agent")}
+    yield procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            with_signal(proc, signal.SIGCONT)
+            stop_worker(proc)
+
+
+def with_signal(proc, sig) -> None:
+    os.killpg(proc.pid, sig)
+
+
+def write_guest_data(live: Path, marker: str, mib: int) -> None:
+    """The guest writes its marker and `mib` MiB more, spread over the disk."""
+    boot_disk.set_marker(live, marker)
+    with open(live, "r+b") as f:
+        for i in range(mib):
+            f.seek(32 * MiB + i * (DISK_BYTES - 40 * MiB) // mib)
+            f.write(os.urandom(MiB))
+
+
+def test_the_site_lost_mid_cycle_still_fails_over_to_the_last_point_and_a_returning_agent_writes_nowhere(
+        workers, vcenter, tmp_path, settings):
+    sim, record = vcenter(vm_spec("dr01", [DISK_BYTES], cbt=True, firmware="bios", cpus=1, memory_mib=256))
+    live = Path(sim.vms["dr01"]["disks"]["2000"])
+    boot_disk.build_boot_disk(tmp_path / "boot.img", "A")
+    with open(tmp_path / "boot.img", "ab") as f:
+        f.truncate(DISK_BYTES)
+    live.write_bytes((tmp_path / "boot.img").read_bytes())
+    (vm,) = vmware_service.discover(record, ["dr01"])
+    full = wait_for_job(start_replication(vm).id, timeout=240)
+    assert full.status == JobStatus.COMPLETED, full.error_message
+    point_a = full.recovery_point
+    a_sha = replica_sha256(full.disks.get())
+    assert a_sha == sha256(live)
+
+    # The guest writes B and 24 MiB more; a slow incremental starts copying them.
+    write_guest_data(live, "B", 24)
+    cycle = start_replication(vm, SyncType.INCREMENTAL, bandwidth_limit_bps=2 * MiB)
+    wait_until(lambda: agent_bytes_copied(cycle.id, "disk-2000") >= 3 * MiB, 120, "3 MiB of the incremental")
+    # The site goes dark: the agent's host is cut off mid-copy (frozen, as a
+    # partition leaves it: it may come back) and vCenter is gone.
+    with_signal(workers["agent"], signal.SIGSTOP)
+    sim.stop()
+    assert ReplicationJob.objects.get(pk=cycle.id).status == JobStatus.REPLICATING
+
+    # A test failover runs beside the stuck cycle and boots the last point: marker A.
+    command("set_boot_check", "dr01", "--regex", "BOOT-MARKER: A", "--timeout", "240")
+    test = failover("dr01", "--test")
+    assert test["boot_verified"] and test["console_match"].endswith("BOOT-MARKER: A"), test
+    assert test["recovery_point"] == point_a.pk
+    command("failover_end", "dr01")
+    assert test["destination_vm"] not in domains()
+
+    # The live failover with the source site lost: the cycle fenced, no power
+    # order, no final cycle, point A on the production side.
+    live_report = failover("dr01", "--live", "--source-lost", "--yes")
+    assert live_report["status"] == FailoverStatus.SUCCEEDED, live_report
+    assert live_report["console_match"].endswith("BOOT-MARKER: A")
+    names = [s["name"] for s in live_report["steps"]]
+    assert "shut down source" not in names and "final incremental" not in names, names
+    assert live_report["downtime_s"] > 0
+    fenced = ReplicationJob.objects.get(pk=cycle.id)
+    assert fenced.status == JobStatus.CANCELLED and "source site is lost" in fenced.error_message
+    assert not [s for s in layer_servers() if cycle.id in s], layer_servers()
+    assert VMContext.of(vm).state == VMState.FAILED_OVER_LIVE
+    assert list(RecoveryPoint.sealed(vm)) == [point_a]
+
+    # The agent comes back and goes on with its copy: its export is gone, it
+    # writes nowhere; point A and the running VM's disks are as they were.
+    with_signal(workers["agent"], signal.SIGCONT)
+    wait_until(lambda: fenced_attempt_ended(cycle.id), 120, "the returning agent's copy to give up")
+    assert layer_sha256(point_a.layers.get().handle, DISK_BYTES) == a_sha
+    overlay = FailoverJob.objects.get(pk=live_report["id"]).protection[0]
+    assert backing_of(overlay) == point_a.layers.get().handle
+
+    # Rollback leaves nothing behind: no domain, no overlay, no layer server.
+    rollback = json.loads(command("rollback", "dr01", "--wait", "--json"))
+    assert rollback["status"] == FailoverStatus.SUCCEEDED, rollback
+    power = {s["name"]: s for s in rollback["steps"]}["power on source"]
+    assert power["detail"].startswith("not asked"), power
+    assert live_report["destination_vm"] not in domains()
+    assert not Path(overlay).exists()
+    assert not [s for s in layer_servers() if cycle.id in s]
+    assert replica_sha256(full.disks.get()) == a_sha
+
+
+def fenced_attempt_ended(job_id: str) -> bool:
+    return CopyAttempt.objects.filter(disk__job_id=job_id, ended_at__isnull=False).exists()
+
+
+def backing_of(image: str) -> str:
+    info = subprocess.run(["qemu-img", "info", "-U", "--output=json", image], capture_output=True, text=True,
+                          check=True, timeout=60)
+    return json.loads(info.stdout).get("backing-filename", "")
