@@ -19,7 +19,15 @@ import pytest
 from django.core.management import call_command
 
 from replication.choices import FailoverStatus, JobStatus, SyncType, VMState
-from replication.models import CopyAttempt, FailoverJob, RecoveryPoint, ReplicationJob, VMContext
+from replication.models import (
+    CopyAttempt,
+    FailoverJob,
+    ProtectionGroup,
+    RecoveryPoint,
+    ReplicationJob,
+    VirtualMachine,
+    VMContext,
+)
 from replication.services import vmware as vmware_service
 from replication.services.jobs import start_replication
 from simulators.boot_disk import boot_disk_builder
@@ -177,3 +185,52 @@ def backing_of(image: str) -> str:
     info = subprocess.run(["qemu-img", "info", "-U", "--output=json", image], capture_output=True, text=True,
                           check=True, timeout=60)
     return json.loads(info.stdout).get("backing-filename", "")
+
+
+def test_cycles_go_on_during_a_test_failover_and_retention_keeps_three_points_that_each_boot_their_marker(
+        workers, vcenter, tmp_path, settings):
+    sim, record = vcenter(vm_spec("rp01", [DISK_BYTES], cbt=True, firmware="bios", cpus=1, memory_mib=256))
+    live = Path(sim.vms["rp01"]["disks"]["2000"])
+    boot_disk.build_boot_disk(tmp_path / "boot.img", "1")
+    with open(tmp_path / "boot.img", "ab") as f:
+        f.truncate(DISK_BYTES)
+    live.write_bytes((tmp_path / "boot.img").read_bytes())
+    (vm,) = vmware_service.discover(record, ["rp01"])
+    # Its group keeps 3 points (no schedule: the test starts each cycle).
+    VirtualMachine.objects.filter(pk=vm.pk).update(group=ProtectionGroup.objects.create(name="keep3", points_keep=3))
+    cycles, marks = [], {}
+    for marker in "12345":
+        if marker != "1":
+            write_guest_data(live, marker, 2)
+        job = wait_for_job(start_replication(vm, SyncType.INCREMENTAL).id, timeout=240)
+        assert job.status == JobStatus.COMPLETED, job.error_message
+        cycles.append(job)
+        marks[job.recovery_point.pk] = (marker, sha256(live))
+        if marker == "2":
+            # The test VM boots point 2 and keeps running while cycles 3-5 complete.
+            command("set_boot_check", "rp01", "--regex", "BOOT-MARKER: 2", "--timeout", "240")
+            test = failover("rp01", "--test")
+            assert test["console_match"].endswith("BOOT-MARKER: 2"), test
+            assert VMContext.of(vm).state == VMState.READY_FOR_FAILOVER  # not paused
+    assert [c.disks.get().sync_type for c in cycles] == [SyncType.FULL] + [SyncType.INCREMENTAL] * 4
+    # Point 2 is in use: retention keeps it (and point 1 under it) past the policy.
+    kept = {p.pk for p in RecoveryPoint.sealed(vm)}
+    assert cycles[1].recovery_point.pk in kept and len(kept) == 5
+    command("failover_end", "rp01")
+    wait_until(lambda: RecoveryPoint.sealed(vm).count() == 3, 60, "retention to expire the two oldest points")
+
+    kept = list(RecoveryPoint.sealed(vm).order_by("frozen_at"))
+    assert [p.job_id for p in kept] == [c.id for c in cycles[2:]]
+    for point in kept:
+        marker, source_sha = marks[point.pk]
+        assert layer_sha256(point.layers.get().handle, DISK_BYTES) == source_sha, marker
+    files = {Path(p.layers.get().handle) for p in kept}
+    used = sum(f.stat().st_blocks * 512 for f in files)
+    changed = sum(p.changed_bytes for p in kept[1:])
+    assert used <= DISK_BYTES + changed + 4 * MiB, (used, changed)  # 4 MiB: qcow2 metadata
+    for point in kept:
+        marker, _ = marks[point.pk]
+        command("set_boot_check", "rp01", "--regex", f"BOOT-MARKER: {marker}", "--timeout", "240")
+        report = failover("rp01", "--test", "--point", str(point.pk))
+        assert report["console_match"].endswith(f"BOOT-MARKER: {marker}"), report
+        command("failover_end", "rp01")
