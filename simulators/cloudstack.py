@@ -28,7 +28,9 @@ are real; detaching removes it.
 Faults to inject (attributes, set from the test): `fail_jobs[command] =
 (errorcode, errortext)` fails that command's next async job; `hang_jobs`
 (a set of commands) leaves their jobs pending forever; `zone_capacity_bytes`
-refuses createVolume beyond it (533).
+refuses createVolume beyond it (533); `kvm_snapshot_enabled = False` is a
+cloud with CloudStack's default for kvm.snapshot.enabled (no snapshot of a
+volume attached to a running VM).
 """
 
 from __future__ import annotations
@@ -74,7 +76,27 @@ def signature(params: dict[str, str], secret: str) -> str:
 
 
 class SnapshotCommands:
-    """listSnapshots, createSnapshot, revertSnapshot, deleteSnapshot."""
+    """listSnapshots, createSnapshot, revertSnapshot, deleteSnapshot, and
+    listCapabilities (which says whether KVM snapshots of a running VM's
+    volume are allowed), with CloudStack's rules for KVM:
+
+    - createSnapshot allocates the snapshot at once (listed, state Allocated)
+      and its job backs it up (state BackedUp, with physicalsize: the bytes
+      the copy takes, and virtualsize: the volume's size); a failed job
+      leaves it in state Error. A volume attached to a VM that is not
+      stopped is refused (530) unless the cloud's kvm.snapshot.enabled is
+      true (`kvm_snapshot_enabled`);
+    - revertSnapshot needs the volume Ready and, when it is attached, its VM
+      stopped (431 "The VM the specified disk is attached to is not in the
+      shutdown state."), and a snapshot that is backed up;
+    - an unknown id is refused as CloudStack's API layer refuses it (431).
+    """
+
+    def _cmd_listCapabilities(self, params):
+        return {"capability": {"cloudstackversion": "4.19.1.0", "kvmsnapshotenabled": self.kvm_snapshot_enabled,
+                               "securitygroupsenabled": False, "userpublictemplateenabled": True,
+                               "allowusercreateprojects": True, "customdiskofferingminsize": 1,
+                               "customdiskofferingmaxsize": 1024}}
 
     def _cmd_listSnapshots(self, params):
         rows = self._by_id(list(self.snapshots.values()), params)
@@ -87,37 +109,70 @@ class SnapshotCommands:
     def snapshot_file(self, snapshot_id: str) -> Path:
         return self.data_dir / f"snapshot-{snapshot_id}.img"
 
+    @staticmethod
+    def _invalid(command: str, param: str, value: str) -> ApiError:
+        """What CloudStack answers for an id that names nothing (its API
+        layer cannot map the uuid to an entity)."""
+        return ApiError(431, f"Unable to execute API command {command.lower()} due to invalid value. Invalid "
+                             f"parameter {param} value={value} due to incorrect long value format, or entity does "
+                             "not exist or due to incorrect parameter annotation for the field in api cmd class.",
+                        4350)
+
+    def _check_snapshottable(self, volume: dict) -> None:
+        if volume.get("state") != "Ready":
+            raise ApiError(431, "Volume is not in ready state", 4350)
+        vm = self.vms.get(volume.get("virtualmachineid") or "")
+        if vm is not None and vm["state"] not in ("Stopped", "Destroyed") and not self.kvm_snapshot_enabled:
+            raise ApiError(530, "KVM Snapshot is not supported for Running VMs. It is disabled by default due to a "
+                                "possible volume corruption in certain cases. To enable it set global settings "
+                                "kvm.snapshot.enabled to True. See the documentation for more details.", 4250)
+
     def _cmd_createSnapshot(self, params):
         self._require(params, "volumeid")
-        volume = self._volume(params["volumeid"])
+        volume = self.volumes.get(params["volumeid"])
+        if volume is None:
+            raise self._invalid("createSnapshot", "volumeid", params["volumeid"])
+        self._check_snapshottable(volume)
         snapshot_id = str(uuid.uuid4())
+        snapshot = {"id": snapshot_id, "name": params.get("name") or f"{volume['name']}-snap",
+                    "volumeid": volume["id"], "volumename": volume["name"], "volumetype": volume["type"],
+                    "state": "Allocated", "snapshottype": "MANUAL", "intervaltype": "MANUAL",
+                    "locationtype": "SECONDARY", "revertable": True, "physicalsize": 0,
+                    "virtualsize": volume["size"], "zoneid": self.zone["id"],
+                    "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.snapshots[snapshot_id] = snapshot
 
         def run():
-            sparse_copy(self.volume_file(volume["id"]), self.snapshot_file(snapshot_id))
-            snapshot = {"id": snapshot_id, "name": params.get("name") or f"{volume['name']}-snap",
-                        "volumeid": volume["id"], "volumename": volume["name"], "state": "BackedUp",
-                        "snapshottype": "MANUAL", "zoneid": self.zone["id"]}
-            self.snapshots[snapshot_id] = snapshot
+            path = self.snapshot_file(snapshot_id)
+            sparse_copy(self.volume_file(volume["id"]), path)
+            snapshot.update(state="BackedUp", physicalsize=path.stat().st_blocks * 512)
             return {"snapshot": dict(snapshot)}
 
-        return snapshot_id, run
+        def failed():
+            snapshot["state"] = "Error"
 
-    def _snapshot(self, snapshot_id: str) -> dict:
+        return snapshot_id, run, failed
+
+    def _snapshot(self, command: str, snapshot_id: str) -> dict:
         snapshot = self.snapshots.get(snapshot_id)
         if snapshot is None:
-            raise ApiError(431, f"Unable to find snapshot with id {snapshot_id}", 4350)
+            raise self._invalid(command, "id", snapshot_id)
         return snapshot
 
     def _cmd_revertSnapshot(self, params):
         self._require(params, "id")
-        snapshot = self._snapshot(params["id"])
-        volume = self._volume(snapshot["volumeid"])
+        snapshot = self._snapshot("revertSnapshot", params["id"])
+        volume = self.volumes.get(snapshot["volumeid"])
+        if volume is None or volume.get("state") != "Ready":
+            raise ApiError(431, "The volume is not in Ready state.", 4350)
         vm = self.vms.get(volume.get("virtualmachineid") or "")
         if vm is not None and vm["state"] != "Stopped":
-            raise ApiError(431, f"Volume {volume['name']} is attached to running VM {vm['name']}: detach it or "
-                                "stop the VM before reverting it to a snapshot", 4350)
+            raise ApiError(431, "The VM the specified disk is attached to is not in the shutdown state.", 4350)
+        if snapshot["state"] != "BackedUp":
+            raise ApiError(530, f"snapshot:{snapshot['id']} not exist in data store", 4250)
 
         def run():
+            # In place, as the hypervisor's copy does: the volume keeps its file.
             sparse_copy(self.snapshot_file(snapshot["id"]), self.volume_file(volume["id"]))
             return {"snapshot": dict(snapshot)}
 
@@ -125,7 +180,7 @@ class SnapshotCommands:
 
     def _cmd_deleteSnapshot(self, params):
         self._require(params, "id")
-        snapshot = self._snapshot(params["id"])
+        snapshot = self._snapshot("deleteSnapshot", params["id"])
 
         def run():
             self.snapshots.pop(snapshot["id"], None)
@@ -232,6 +287,10 @@ class CloudStackSimulator(SnapshotCommands, VMCommands):
         self.fail_jobs: dict[str, tuple[int, str]] = {}
         self.hang_jobs: set[str] = set()
         self.zone_capacity_bytes: int | None = None
+        # The global setting kvm.snapshot.enabled (CloudStack's default is
+        # false); the OMA's volumes hang on a running VM, the OMA, and the
+        # destination's protect snapshots them there, so this cloud has it on.
+        self.kvm_snapshot_enabled = True
         self.zone_memory_bytes = 64 * GiB  # listCapacity type 0
         self.zone = {"id": str(uuid.uuid4()), "name": "zone1", "allocationstate": "Enabled",
                      "networktype": "Advanced"}
@@ -340,24 +399,24 @@ class CloudStackSimulator(SnapshotCommands, VMCommands):
                                9999)
             if command not in ASYNC:
                 return handler(params)
-            target, run = handler(params)
-            return self._start_job(command, target, run)
+            target, run, *failed = handler(params)
+            return self._start_job(command, target, run, *failed)
 
     # -- async jobs ------------------------------------------------------------
 
-    def _start_job(self, command: str, target: str | None, run) -> dict:
+    def _start_job(self, command: str, target: str | None, run, failed=None) -> dict:
         job_id = str(uuid.uuid4())
         job = {"jobid": job_id, "cmd": command, "jobstatus": 0, "jobresultcode": 0, "jobprocstatus": 0,
                "jobinstanceid": target, "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S%z")}
         self.jobs[job_id] = job
         if command not in self.hang_jobs:
-            timer = threading.Timer(JOB_DELAY_S, self._finish_job, args=(job, command, run))
+            timer = threading.Timer(JOB_DELAY_S, self._finish_job, args=(job, command, run, failed))
             timer.daemon = True
             self._timers.append(timer)
             timer.start()
         return {"jobid": job_id, **({"id": target} if target else {})}
 
-    def _finish_job(self, job: dict, command: str, run) -> None:
+    def _finish_job(self, job: dict, command: str, run, failed=None) -> None:
         with self.lock:
             failure = self.fail_jobs.pop(command, None)
             try:
@@ -366,6 +425,8 @@ class CloudStackSimulator(SnapshotCommands, VMCommands):
                 result = run()
                 job.update(jobstatus=1, jobresultcode=0, jobresulttype="object", jobresult=result)
             except ApiError as exc:
+                if failed is not None:
+                    failed()  # what the failed job leaves behind (a snapshot in state Error)
                 job.update(jobstatus=2, jobresultcode=exc.code, jobresulttype="object",
                            jobresult={"errorcode": exc.code, "errortext": exc.text})
 

@@ -3,7 +3,13 @@ disk, attached to the OMA's own VM, found as a block device by its id (the
 virtio serial CloudStack gives it, under /dev/disk/by-id: never by guessing
 /dev/vdX order), and exported by the same export server as local volumes
 (a link named migration-vol-{uuid} in the volume directory points at the
-device). Later cycles reuse the volume."""
+device). Later cycles reuse the volume.
+
+Its journal: the volumes are written in place (they are what a failed-over
+VM boots), and each completed cycle's recovery point is a CloudStack volume
+snapshot named point-<cycle>. A cycle cut off is thrown away by reverting
+the volume to the last point's snapshot; expiring a point deletes its
+snapshot (CloudStack's snapshots do not depend on each other)."""
 
 from __future__ import annotations
 
@@ -18,6 +24,10 @@ from replication.platforms.cloudstack.client import CloudClient
 from replication.platforms.local.volumes import LocalVolumeProvider
 
 GiB = 1024**3
+# A snapshot on its way to BackedUp (CloudStack's Snapshot.State), and the
+# seconds between two looks at it.
+SNAPSHOT_PENDING = ("Allocated", "Creating", "CreatedOnPrimary", "BackingUp", "Copying")
+SNAPSHOT_POLL_S = 0.2
 
 
 def device_name(volume_id: str) -> str:
@@ -45,6 +55,13 @@ class CloudStackVolumeProvider(TargetProvider):
         returns the device path. Each step is skipped when already done."""
         client = self.client()
         cloud = self._volume(client, volume, size_bytes)
+        device = self._attach_to_oma(client, cloud, volume.export_name)
+        self.exports.ensure_export_server()
+        return device
+
+    def _attach_to_oma(self, client: CloudClient, cloud: dict, export_name: str) -> Path:
+        """The volume attached to the OMA (unless it is), its device there,
+        and the export's link to it; returns the device."""
         attached_to = cloud.get("virtualmachineid")
         if attached_to and attached_to != self.config.oma_vm_id:
             raise CloudError(f"CloudStack volume {cloud['id']} is attached to VM {cloud.get('vmname', attached_to)}, "
@@ -52,16 +69,23 @@ class CloudStackVolumeProvider(TargetProvider):
         if not attached_to:
             client.call("attachVolume", id=cloud["id"], virtualmachineid=self.config.oma_vm_id)
         device = self.wait_for_device(cloud["id"])
-        self._link(volume.export_name, device)
-        self.exports.ensure_export_server()
+        self._link(export_name, device)
         return device
+
+    @staticmethod
+    def _cloud_volume(client: CloudClient, volume: TargetVolume) -> dict:
+        """The volume as CloudStack shows it now (listVolumes)."""
+        if not volume.cloud_volume_id:
+            raise VolumeError(f"{volume.export_name} has no CloudStack volume yet (not provisioned)")
+        cloud = client.one("listVolumes", "volume", id=volume.cloud_volume_id)
+        if cloud is None:
+            raise CloudError(f"CloudStack volume {volume.cloud_volume_id} of {volume.export_name} is gone "
+                             "(deleted outside the OMA?)")
+        return cloud
 
     def _volume(self, client: CloudClient, volume: TargetVolume, size_bytes: int) -> dict:
         if volume.cloud_volume_id:
-            cloud = client.one("listVolumes", "volume", id=volume.cloud_volume_id)
-            if cloud is None:
-                raise CloudError(f"CloudStack volume {volume.cloud_volume_id} of {volume.export_name} is gone "
-                                 "(deleted outside the OMA?)")
+            cloud = self._cloud_volume(client, volume)
             if int(cloud["size"]) < size_bytes:
                 raise VolumeError(f"CloudStack volume {cloud['id']} is {int(cloud['size'])} bytes, smaller than "
                                   f"its source disk ({size_bytes} bytes); resizing is not supported")
@@ -123,3 +147,127 @@ class CloudStackVolumeProvider(TargetProvider):
 
     def stop_export_server(self) -> None:
         self.exports.stop_export_server()
+
+    # -- the journal -------------------------------------------------------------
+
+    @staticmethod
+    def point_name(cycle: str) -> str:
+        """The name of the snapshot that is the cycle's recovery point."""
+        return f"point-{cycle}"
+
+    def open_layer(self, volume, cycle: str, base: str | None) -> str:
+        """The cycle writes the volume itself, whatever `base` is: the
+        volume attached to the OMA again if a discard was cut off between
+        its detach and its attach, served by the export server."""
+        if volume.cloud_volume_id:
+            client = self.client()
+            self._attach_to_oma(client, self._cloud_volume(client, volume), volume.export_name)
+        self.exports.ensure_export_server()
+        return self.export_uri(volume.export_name)
+
+    def seal_layer(self, volume, cycle: str, base: str | None) -> str:
+        """The cycle's point: a snapshot of the volume named point-<cycle>,
+        usable (state BackedUp) before it counts; returns its id. A snapshot
+        of that name on the volume already is that point (a seal retried
+        after a crash): waited for, not taken twice; one left in state Error
+        by a failed job is deleted and taken again."""
+        client = self.client()
+        cloud = self._cloud_volume(client, volume)
+        name = self.point_name(cycle)
+        rows = client.call("listSnapshots", volumeid=cloud["id"], name=name).get("snapshot") or []
+        snapshot = rows[0] if rows else None
+        if snapshot is not None and snapshot.get("state") == "Error":
+            client.call("deleteSnapshot", id=snapshot["id"])
+            snapshot = None
+        if snapshot is None:
+            snapshot = self._take_snapshot(client, cloud, name, volume.export_name)
+        return self._backed_up(client, snapshot["id"])["id"]
+
+    def _kvm_snapshots_of_running_vms(self, client: CloudClient) -> bool:
+        """Whether the cloud snapshots a volume of a running VM (the global
+        setting kvm.snapshot.enabled, as listCapabilities shows it)."""
+        capability = client.call("listCapabilities").get("capability") or {}
+        return bool(capability.get("kvmsnapshotenabled"))
+
+    def _take_snapshot(self, client: CloudClient, cloud: dict, name: str, export_name: str) -> dict:
+        """createSnapshot of the volume. The OMA is a running VM: where the
+        cloud does not snapshot a running VM's volume, the volume is
+        detached from the OMA for it and attached again (the cycle that
+        wrote it has completed: no copy has it open)."""
+        detach = (cloud.get("virtualmachineid") == self.config.oma_vm_id
+                  and not self._kvm_snapshots_of_running_vms(client))
+        if detach:
+            client.call("detachVolume", id=cloud["id"])
+        try:
+            return client.call("createSnapshot", volumeid=cloud["id"], name=name)["snapshot"]
+        finally:
+            if detach:
+                self._attach_to_oma(client, client.one("listVolumes", "volume", id=cloud["id"]) or cloud,
+                                    export_name)
+
+    def _backed_up(self, client: CloudClient, snapshot_id: str) -> dict:
+        """The snapshot once CloudStack reports it BackedUp (ready to be
+        used), within the job timeout."""
+        deadline = time.monotonic() + self.job_timeout_s
+        while True:
+            snapshot = client.one("listSnapshots", "snapshot", id=snapshot_id)
+            if snapshot is None:
+                raise CloudError(f"CloudStack snapshot {snapshot_id} disappeared while it was being taken")
+            state = snapshot.get("state")
+            if state == "BackedUp":
+                return snapshot
+            if state not in SNAPSHOT_PENDING:
+                raise CloudError(f"CloudStack snapshot {snapshot['name']} ({snapshot_id}) is {state}, not BackedUp")
+            if time.monotonic() > deadline:
+                raise CloudError(f"CloudStack snapshot {snapshot['name']} ({snapshot_id}) is still {state} after "
+                                 f"{self.job_timeout_s:.0f} s (CLOUDSTACK_JOB_TIMEOUT_S)")
+            time.sleep(SNAPSHOT_POLL_S)
+
+    def discard_layer(self, volume, cycle: str, base: str | None) -> str:
+        """The cycle is thrown away: the volume reverted to the snapshot
+        `base` (the last point), so it holds exactly that point again.
+        CloudStack reverts a volume only while no running VM has it, and the
+        OMA runs: the volume is detached from the OMA for the revert and
+        attached again. Doing it twice reverts twice: the same result."""
+        if base is None:
+            return f"{volume.export_name}: nothing to revert, the volume holds no point yet (its first cycle)"
+        client = self.client()
+        snapshot = client.one("listSnapshots", "snapshot", id=base)
+        if snapshot is None:
+            raise CloudError(f"cannot revert {volume.export_name} to its last point: CloudStack snapshot {base} is "
+                             "gone (deleted outside the OMA?)")
+        if snapshot["volumeid"] != volume.cloud_volume_id:
+            raise CloudError(f"CloudStack snapshot {base} is of volume {snapshot['volumeid']}, not of "
+                             f"{volume.export_name}'s volume {volume.cloud_volume_id}: refusing to revert")
+        cloud = self._cloud_volume(client, volume)
+        attached_to = cloud.get("virtualmachineid")
+        if attached_to and attached_to != self.config.oma_vm_id:
+            raise CloudError(f"CloudStack volume {cloud['id']} is attached to VM {cloud.get('vmname', attached_to)}; "
+                             "refusing to revert it under that VM")
+        if attached_to:
+            client.call("detachVolume", id=cloud["id"])
+        client.call("revertSnapshot", id=base)
+        device = self._attach_to_oma(client, self._cloud_volume(client, volume), volume.export_name)
+        self.exports.ensure_export_server()
+        return (f"CloudStack volume {cloud['id']} reverted to snapshot {snapshot['name']} ({base})"
+                f"{', detached from the OMA for it' if attached_to else ''} and attached to the OMA at {device}")
+
+    def merge_layers(self, older: str, newer: str, above: str | None) -> str:
+        """CloudStack's snapshots are independent of each other: the older
+        point expires by deleting its snapshot; `newer` stays as it is."""
+        self.drop_layer(older)
+        return newer
+
+    def drop_layer(self, handle: str) -> None:
+        """deleteSnapshot; a snapshot already gone is fine."""
+        client = self.client()
+        if client.one("listSnapshots", "snapshot", id=handle) is not None:
+            client.call("deleteSnapshot", id=handle)
+
+    def layer_bytes(self, handle: str) -> int:
+        """The snapshot's physicalsize: what its backup takes on CloudStack's
+        storage (on KVM a full copy of the volume's data, not its changes)."""
+        snapshot = self.client().one("listSnapshots", "snapshot", id=handle)
+        if snapshot is None:
+            raise CloudError(f"CloudStack snapshot {handle} is gone (deleted outside the OMA?)")
+        return int(snapshot.get("physicalsize") or 0)
