@@ -24,19 +24,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 SIZE = 3 * MiB
 
 
-@pytest.fixture(scope="session", autouse=True)
-def exports_without_a_local_journal():
-    """The CloudStack provider uses the local provider only for its export
-    server. While the local provider's journal is not on this branch (it is
-    still abstract here), it is made for that all the same, for the whole
-    session (the session's last step stops the export server through it);
-    once the local journal lands this fixture does nothing."""
-    from replication.platforms.local.volumes import LocalVolumeProvider
-
-    if LocalVolumeProvider.__abstractmethods__:
-        LocalVolumeProvider.__abstractmethods__ = frozenset()
-
-
 def provisioned(cloud, tmp_path, settings, name):  # noqa: F811
     """A VM's disk on a CloudStack volume attached to the OMA, exported."""
     sim, secret = cloud
