@@ -8,6 +8,7 @@ point deletes its snapshot."""
 
 import hashlib
 import uuid
+from pathlib import Path
 
 import nbd
 import pytest
@@ -87,13 +88,16 @@ def test_a_point_is_a_snapshot_of_the_volume_a_cut_off_cycle_reverts_to_it_and_e
     write_through_export(provider.open_layer(volume, second, point_a), seed=2)
     assert sha256_of(volume.path) != content_a
     done = provider.discard_layer(volume, second, point_a)
-    assert done.startswith(f"CloudStack volume {volume.cloud_volume_id} reverted to snapshot point-{first} "
-                           f"({point_a}), detached from the OMA for it and attached to the OMA at ")
-    assert sha256_of(volume.path) == content_a  # through the volume's device on the OMA
-    assert on_the_oma(sim, volume)
+    assert done == (f"CloudStack volume {volume.cloud_volume_id} reverted to snapshot point-{first} ({point_a}); "
+                    "detached from the OMA, its export closed until the next cycle")
+    # The fence: no device, no export link: a late write of the cut-off cycle lands nowhere.
+    assert not on_the_oma(sim, volume) and not Path(volume.path).exists()
+    assert sha256_of(sim.volume_file(volume.cloud_volume_id)) == content_a
     assert sim.calls.count("revertSnapshot") == 1
     assert provider.discard_layer(volume, second, point_a) == done  # again: the same volume
-    assert sha256_of(volume.path) == content_a
+    assert sha256_of(sim.volume_file(volume.cloud_volume_id)) == content_a
+    provider.open_layer(volume, "next", point_a)  # the next cycle attaches it again
+    assert on_the_oma(sim, volume) and sha256_of(volume.path) == content_a
     assert list(snapshots(volume)) == [f"point-{first}"]
 
     # The third cycle completes as point C; point A expires into it.

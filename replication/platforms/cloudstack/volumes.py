@@ -227,8 +227,11 @@ class CloudStackVolumeProvider(TargetProvider):
         """The cycle is thrown away: the volume reverted to the snapshot
         `base` (the last point), so it holds exactly that point again.
         CloudStack reverts a volume only while no running VM has it, and the
-        OMA runs: the volume is detached from the OMA for the revert and
-        attached again. Doing it twice reverts twice: the same result."""
+        OMA runs: the volume is detached from the OMA for the revert, and
+        stays detached with its export's link removed (the fence: a late
+        write from the cut-off cycle's agent finds no export) until the next
+        cycle's open_layer attaches it again. Doing it twice reverts twice:
+        the same result."""
         if base is None:
             return f"{volume.export_name}: nothing to revert, the volume holds no point yet (its first cycle)"
         client = self.client()
@@ -244,13 +247,12 @@ class CloudStackVolumeProvider(TargetProvider):
         if attached_to and attached_to != self.config.oma_vm_id:
             raise CloudError(f"CloudStack volume {cloud['id']} is attached to VM {cloud.get('vmname', attached_to)}; "
                              "refusing to revert it under that VM")
+        self.exports.volume_path(volume.export_name).unlink(missing_ok=True)
         if attached_to:
             client.call("detachVolume", id=cloud["id"])
         client.call("revertSnapshot", id=base)
-        device = self._attach_to_oma(client, self._cloud_volume(client, volume), volume.export_name)
-        self.exports.ensure_export_server()
-        return (f"CloudStack volume {cloud['id']} reverted to snapshot {snapshot['name']} ({base})"
-                f"{', detached from the OMA for it' if attached_to else ''} and attached to the OMA at {device}")
+        return (f"CloudStack volume {cloud['id']} reverted to snapshot {snapshot['name']} ({base}); detached from "
+                "the OMA, its export closed until the next cycle")
 
     def merge_layers(self, older: str, newer: str, above: str | None) -> str:
         """CloudStack's snapshots are independent of each other: the older
