@@ -365,10 +365,12 @@ class LayerJournal:
 
     def _refuse_if_in_use(self, older: Path, newer: Path, above: Path | None) -> None:
         """Refuse before changing anything while a process uses older's or
-        newer's point: one holding either image open without `above` (a
-        reader of a chain through above, such as a test VM on a later
-        point or a later cycle's layer, sees no change: newer covers every
-        area the commit writes), or one writing above itself (its lock)."""
+        newer's point (holds either image open, not through `above`), or
+        while anything holds `above` under QEMU's lock: its own export, a
+        test VM's overlay or a later cycle's layer over it (QEMU forbids
+        rewriting a qcow2 image another process holds, even as a backing;
+        a raw volume file held as a backing it leaves writable, hence the
+        check of open files for older and newer)."""
         chain = [older, newer, *([above] if above else [])]
         for pid, held in sorted(_same_file_holders(chain).items()):
             if above is None or 2 not in held:
@@ -377,9 +379,11 @@ class LayerJournal:
                                   f"({_command_of(pid)}) holds {names} open (a test VM, failover or export uses "
                                   "that point); end it first")
         if above:
-            # Opening it for writing, as raw, fails while another process writes it.
-            _run(["qemu-io", "-f", "raw", "-c", "quit", str(above)],
-                 f"cannot merge {newer.name} into {older.name}: layer {above.name} is being written")
+            # Opening it for writing (as raw: no chain, no change) fails while QEMU's lock is held.
+            with _writable(above):
+                _run(["qemu-io", "-f", "raw", "-c", "quit", str(above)],
+                     f"cannot merge {newer.name} into {older.name}: layer {above.name} is in use "
+                     "(its export, a test VM's overlay or a later cycle's layer lies over it)")
 
     def drop(self, path: Path) -> None:
         if not self.is_layer(path):
