@@ -1,5 +1,7 @@
 """Local target volumes: sparse files in one directory, all served by one
-nbdkit process (`nbdkit file dir=...`), each as export migration-vol-{uuid}."""
+nbdkit process (`nbdkit file dir=...`), each as export migration-vol-{uuid}.
+A volume's later cycles write layers of their own (replication.platforms.
+local.journal): qcow2 files over the volume, each served by its own qemu-nbd."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import os
 from pathlib import Path
 
 from replication.platforms.base import TargetProvider, VolumeError
+from replication.platforms.local.journal import LayerJournal, layer_bytes
 from vma_agent import nbdkit
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,8 @@ class LocalVolumeProvider(TargetProvider):
         self.tcp = _parse_listen(listen) if listen else None
         if self.tcp and not self.tls_psk_file and not ipaddress.ip_address(self.tcp[0]).is_loopback:
             raise VolumeError(f"refusing to export volumes on {listen} without TLS: set OMA_EXPORT_TLS_PSK_FILE")
+        self.journal = LayerJournal(self.volume_dir, self.run_dir, tls_psk_file=self.tls_psk_file,
+                                    tls_username=tls_username, tcp=self.tcp)
 
     def volume_path(self, export_name: str) -> Path:
         return self.volume_dir / export_name
@@ -83,9 +88,44 @@ class LocalVolumeProvider(TargetProvider):
         return path
 
     def delete(self, volume) -> str:
-        """Remove the volume's file (or the link to its device) for good."""
+        """Remove the volume's file (or the link to its device) and its
+        layers (their servers stopped) for good."""
+        layers = self.journal.remove_all(volume.export_name)
         self.volume_path(volume.export_name).unlink(missing_ok=True)
-        return f"{volume.export_name} deleted"
+        return f"{volume.export_name} deleted" + (f" with {len(layers)} layer(s)" if layers else "")
+
+    # -- the journal (the mechanics are in journal.py) -------------------------
+
+    def open_layer(self, volume, cycle: str, base: str | None) -> str:
+        """The cycle's layer over `base`, served by a qemu-nbd of its own;
+        made again or found again (a server gone after an OMA restart is
+        started again). No base: the cycle writes the volume in place."""
+        if base is None:
+            self.ensure_export_server()
+            return self.export_uri(volume.export_name)
+        return self.journal.open(volume.export_name, cycle, Path(base), volume.size_bytes or 0)
+
+    def seal_layer(self, volume, cycle: str, base: str | None) -> str:
+        if base is None:
+            return str(self.volume_path(volume.export_name))
+        return self.journal.seal(volume.export_name, cycle, Path(base))
+
+    def discard_layer(self, volume, cycle: str, base: str | None) -> str:
+        if base is None:
+            return (f"cycle {cycle} wrote {volume.export_name} in place (its first cycle): "
+                    "no layer to discard, the volume keeps what the cycle wrote")
+        return self.journal.discard(volume.export_name, cycle)
+
+    def merge_layers(self, older: str, newer: str, above: str | None) -> str:
+        return self.journal.merge(Path(older), Path(newer), Path(above) if above else None)
+
+    def drop_layer(self, handle: str) -> None:
+        """Remove a layer file; the volume file itself is delete(volume)'s."""
+        self.journal.drop(Path(handle))
+
+    def layer_bytes(self, handle: str) -> int:
+        """Allocated bytes of the layer (or volume) file on disk."""
+        return layer_bytes(Path(handle))
 
     def export_uri(self, export_name: str) -> str:
         if self.tcp:
