@@ -14,7 +14,7 @@ from django.core.management import CommandError, call_command
 from replication.choices import FailoverStatus, JobStatus, VMState
 from replication.models import FailoverJob, VirtualMachine, VMContext
 from replication.services.inventory import register_image_vm
-from replication.services.jobs import ReplicationError, start_replication
+from replication.services.jobs import start_replication
 from simulators.boot_disk import boot_disk_builder
 from tests.helpers import PROJECT_ROOT, completed_cycle_on, sha256, wait_for_job, wait_until
 
@@ -90,13 +90,14 @@ def test_a_test_failover_boots_the_replica_and_ending_it_leaves_the_replica_as_i
     assert [s["name"] for s in report["steps"]] == ["preflight", "protect volumes", "define VM", "start VM",
                                                     "verify boot"]
     assert all(s["status"] == "done" and s["seconds"] is not None for s in report["steps"])
-    assert report["state"] == VMState.FAILED_OVER_TEST
+    assert report["state"] == VMState.READY_FOR_FAILOVER  # protection goes on beside the test
     assert report["destination_vm"] in destination_domains()
     # The VM runs with the shape its cycle recorded: 2 vCPUs, 384 MiB.
     assert domain_info(report["destination_vm"])[1:4:2] == [384 * 1024, 2]
-    # The replica is paused under the running test: no cycle may write into it.
-    with pytest.raises(ReplicationError, match="paused: test failover"):
-        start_replication(vm)
+    # A cycle runs beside the test VM: it adds a point of its own; the test's point is untouched.
+    beside = replicate(vm)
+    assert beside.recovery_point.pk != report["recovery_point"] == job.recovery_point.pk
+    assert sha256(replica) == before
     with pytest.raises(CommandError, match="already has a test failover"):
         command("failover", "vm-boot", "--test")
 
@@ -113,10 +114,9 @@ def test_a_test_failover_boots_the_replica_and_ending_it_leaves_the_replica_as_i
     assert report["console_match"].endswith("BOOT-MARKER: B"), report
     command("failover_end", "vm-boot")
     history = [c.to_state for c in VMContext.of(vm).changes.all()]
-    # add_vm records the registration (the VM discovered), then the two cycles and tests.
-    assert history == [VMState.DISCOVERED, VMState.REPLICATING, VMState.READY_FOR_FAILOVER, VMState.FAILED_OVER_TEST,
-                       VMState.READY_FOR_FAILOVER, VMState.REPLICATING, VMState.READY_FOR_FAILOVER,
-                       VMState.FAILED_OVER_TEST, VMState.READY_FOR_FAILOVER]
+    # add_vm records the registration (the VM discovered), then the three cycles; tests move nothing.
+    assert history == [VMState.DISCOVERED, VMState.REPLICATING, VMState.READY_FOR_FAILOVER, VMState.REPLICATING,
+                       VMState.READY_FOR_FAILOVER, VMState.REPLICATING, VMState.READY_FOR_FAILOVER]
 
 
 def test_a_boot_that_does_not_verify_fails_with_the_console_and_cleans_up(celery_worker_process, tmp_path,

@@ -37,8 +37,8 @@ def provider(tmp_path, sockdir):
 
 
 def volume(provider, size=SIZE, name="migration-vol-00000000-0000-0000-0000-00000000000a"):
-    provider.create_volume(name, size)
-    return types.SimpleNamespace(export_name=name, size_bytes=size)
+    path = provider.create_volume(name, size)
+    return types.SimpleNamespace(export_name=name, size_bytes=size, path=str(path))
 
 
 def chain_sha(image) -> str:

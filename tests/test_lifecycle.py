@@ -4,8 +4,8 @@ refusing illegal moves with the reason, recording time, actor and reason."""
 import pytest
 
 from replication.choices import JobStatus, VMState
-from replication.models import IllegalMove, VMContext
-from replication.services import jobs
+from replication.models import IllegalMove, RecoveryPoint, VMContext
+from replication.services import jobs, volumes
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import ReplicationError, start_replication
 from tests.helpers import MiB, make_image
@@ -24,6 +24,7 @@ def complete(job):
     assert job.enter_stage("Initializing", JobStatus.PREPARING)
     assert job.enter_stage("Transfer", JobStatus.REPLICATING)
     for disk in job.disks.all():
+        volumes.provision(disk.target_volume, disk.capacity_bytes)  # the replica the copy wrote
         assert disk.start_attempt("t") and disk.complete(bytes_total=4096, bytes_zeroed=0, throughput_bps=1)
     assert job.transition(JobStatus.FINALIZING)
     jobs.commit_and_complete(job)
@@ -45,7 +46,7 @@ def test_no_cycle_while_a_failover_holds_the_replica(vm):
     complete(start_replication(vm))
     context = VMContext.of(vm)
     context.move(VMState.FAILED_OVER_TEST, actor="bob", reason="test failover")
-    with pytest.raises(ReplicationError, match="paused: test failover"):
+    with pytest.raises(ReplicationError, match="a test failover is running"):
         start_replication(vm)
     assert vm.jobs.count() == 1  # nothing stored by the refused start
     context.move(VMState.READY_FOR_FAILOVER, actor="bob", reason="test ended")
@@ -61,20 +62,28 @@ def test_illegal_moves_are_refused_with_the_reason(vm):
     assert context.state == VMState.DISCOVERED and context.changes.count() == 0
 
 
-def test_a_cycle_that_fails_after_copying_leaves_no_point_in_time_to_fail_over_to(vm):
-    complete(start_replication(vm))
+def test_a_failed_first_cycle_leaves_no_point_and_a_later_failed_cycle_leaves_the_last_point(vm):
+    # The first cycle writes its volumes in place: cut off after copying, there is no point in time.
     job = start_replication(vm)
     assert job.enter_stage("Initializing", JobStatus.PREPARING)
     assert job.enter_stage("Transfer", JobStatus.REPLICATING)
     assert job.disks.get().start_attempt("t")
     jobs.fail_job(job.id, "disk-2000: write failed")
     assert VMContext.of(vm).state == VMState.FAILED
-
-    # A cycle cancelled before any copy started leaves the replica as it was:
-    # still the failed cycle's, so still no point in time.
+    # One cancelled before any copy started changes nothing: still no point.
     jobs.cancel_job(start_replication(vm).id)
     assert VMContext.of(vm).state == VMState.FAILED
+
     complete(start_replication(vm))
+    (point,) = RecoveryPoint.sealed(vm)
+    # Later cycles write layers of their own: one cut off after copying leaves the point as it was.
+    job = start_replication(vm)
+    assert job.enter_stage("Initializing", JobStatus.PREPARING)
+    assert job.enter_stage("Transfer", JobStatus.REPLICATING)
+    assert job.disks.get().start_attempt("t")
+    jobs.fail_job(job.id, "disk-2000: write failed")
+    assert VMContext.of(vm).state == VMState.READY_FOR_FAILOVER
+    assert list(RecoveryPoint.sealed(vm)) == [point]
     jobs.cancel_job(start_replication(vm).id)
     assert VMContext.of(vm).state == VMState.READY_FOR_FAILOVER
 

@@ -56,7 +56,7 @@ LAYER_OPTIONS = "cluster_size=2M,extended_l2=on"
 SERVE_OPTIONS = ["--cache=none", "--aio=native", "--discard=unmap", "--detect-zeroes=off"]
 SERVE_OPTIONS_NO_DIRECT = ["--cache=writeback", "--aio=threads", "--discard=unmap", "--detect-zeroes=off"]
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # job ids have dots; never "/" nor a leading "."
 
 
 def _run(cmd: list[str], what: str, timeout: float = IMG_TIMEOUT_S) -> str:
@@ -157,7 +157,7 @@ class LayerJournal:
     def layer_path(self, export_name: str, cycle: str) -> Path:
         for what, name in (("export name", export_name), ("cycle", cycle)):
             if not _NAME_RE.match(name or ""):
-                raise VolumeError(f"{what} {name!r} is not a plain name (letters, digits, '-', '_')")
+                raise VolumeError(f"{what} {name!r} is not a plain name (letters, digits, '-', '_', '.')")
         return self.layer_dir / f"{export_name}.{cycle}.qcow2"
 
     def _state(self, layer: Path, suffix: str) -> Path:

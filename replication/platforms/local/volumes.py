@@ -107,7 +107,8 @@ class LocalVolumeProvider(TargetProvider):
 
     def seal_layer(self, volume, cycle: str, base: str | None) -> str:
         if base is None:
-            return str(self.volume_path(volume.export_name))
+            # The first cycle wrote the volume itself: its point is the file.
+            return volume.path or str(self.volume_path(volume.export_name))
         return self.journal.seal(volume.export_name, cycle, Path(base))
 
     def discard_layer(self, volume, cycle: str, base: str | None) -> str:
