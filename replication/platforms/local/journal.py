@@ -40,11 +40,12 @@ START_TIMEOUT_S = 30.0
 # never killed instead (its qcow2 metadata would be lost with it).
 SEAL_TIMEOUT_S = 120.0
 KILL_TIMEOUT_S = 15.0
+LOCK_RELEASE_S = 5.0
 SUN_PATH_MAX = 107
 INSTALL_HINT = "install qemu-utils (apt-get install qemu-utils; scripts/setup.sh does)"
 
 # How a cycle's layer is made and served, chosen with bench/journal_bench.py
-# (see the README): 2 MiB clusters of 64 KiB subclusters (extended L2
+# (its table in the helper report of issue 28): 2 MiB clusters of 64 KiB subclusters (extended L2
 # entries) allocate a thirty-second as often as 64 KiB clusters while a
 # point still costs its changed data (the unwritten subclusters of a
 # cluster stay holes), and qemu-nbd writing with O_DIRECT and Linux native
@@ -145,9 +146,10 @@ class LayerJournal:
 
     def __init__(self, volume_dir: Path, run_dir: Path, *, tls_psk_file: Path | None, tls_username: str,
                  tcp: tuple[str, int] | None):
-        self.volume_dir = Path(volume_dir)
+        # Absolute: a layer's server is found by the layer's path on its command line.
+        self.volume_dir = Path(volume_dir).absolute()
         self.layer_dir = self.volume_dir / "layers"
-        self.state_dir = Path(run_dir) / "layers"
+        self.state_dir = Path(run_dir).absolute() / "layers"
         self.tls_psk_file = tls_psk_file
         self.tls_username = tls_username
         self.tcp = tcp
@@ -275,6 +277,10 @@ class LayerJournal:
         if len(str(sock)) > SUN_PATH_MAX:
             raise VolumeError(f"run directory {self.state_dir} is too deep for a Unix socket path "
                               f"({len(str(sock))} > {SUN_PATH_MAX} bytes): choose a shorter OMA_RUN_DIR")
+        # A server killed a moment ago (by discard, or by a restart) may still
+        # hold the layer's lock: the kernel releases it a little after exit.
+        with contextlib.suppress(AssertionError):
+            _wait(lambda: not _locked(layer), LOCK_RELEASE_S)
         tcp = (self.tcp[0], _free_port(self.tcp[0])) if self.tcp else None
         listen = ["--bind", tcp[0], "--port", str(tcp[1])] if tcp else ["--socket", str(sock)]
         cmd = ["qemu-nbd", "--fork", f"--pid-file={pidfile}", "--persistent", "--shared=0", "--format=qcow2",
@@ -334,6 +340,11 @@ class LayerJournal:
                 raise VolumeError(f"qemu-nbd {pids} serving layer {layer.name} did not exit within {timeout:.0f} s "
                                   f"of signal {signal.Signals(sig).name}")
             time.sleep(0.02)
+        if pids:
+            # The kernel releases a dead process's image locks a moment after
+            # it is gone; the next user (a new server, a merge) waits for it.
+            with contextlib.suppress(AssertionError):
+                _wait(lambda: not _locked(layer), LOCK_RELEASE_S)
         for suffix in ("sock", "pid", "json"):
             self._state(layer, suffix).unlink(missing_ok=True)
         return pids[0] if pids else None
@@ -437,6 +448,24 @@ def _writable(path: Path):
         yield
     finally:
         path.chmod(mode)
+
+
+def _locked(path: Path) -> bool:
+    """Whether any process holds a lock on the file (QEMU's image locks)."""
+    try:
+        st = path.stat()
+        locks = Path("/proc/locks").read_text()
+    except OSError:
+        return False
+    return f" {os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino} " in locks
+
+
+def _wait(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.01)
 
 
 def _serve_options(layer: Path) -> list[str]:
