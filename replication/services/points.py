@@ -206,13 +206,16 @@ def enqueue_retention(vm: VirtualMachine) -> None:
 def _try_expire(points: list[RecoveryPoint], point: RecoveryPoint) -> str:
     """Merge `point` with its newer neighbour, unless it, the neighbour or
     the point above them is in use (a failover boots it), or the neighbour
-    is the newest point while a cycle writes over it. Returns what was done,
-    or "" when it must wait."""
+    or the point above is the newest while a cycle writes over it (QEMU's
+    locks on a chain held open refuse the merge). Returns what was done, or
+    "" when it must wait."""
     index = points.index(point)  # newest first: the newer neighbour is at index - 1
     newer = points[index - 1]
     above = points[index - 2] if index >= 2 else None
-    if any(p.in_use_by() for p in (point, newer, above) if p) or (above is None and point.vm.active_job()):
+    if any(p.in_use_by() for p in (point, newer, above) if p):
         return ""
+    if points[0] in (newer, above) and point.vm.active_job() is not None:
+        return ""  # the running cycle's layer lies over the newest point: its chain is held open
     older_layers, newer_layers = point.handles(), newer.handles()
     above_layers = above.handles() if above else {}
     for layer in newer.layers.select_related("volume"):
