@@ -31,6 +31,8 @@ urlpatterns = [
     path("api/jobs/<str:job_id>/", api.job, name="api-job"),
     path("api/failovers/", api.failovers, name="api-failovers"),
     path("api/failovers/<str:failover_id>/", api.failover, name="api-failover"),
+    path("api/failovers/<str:failover_id>/commit/", api.failover_commit, name="api-failover-commit"),
+    path("api/vms/<str:name>/points/", api.vm_points, name="api-vm-points"),
     path("api/openapi.json", api.openapi, name="api-openapi"),
     path("login/", auth_views.LoginView.as_view(template_name="replication/login.html"), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
