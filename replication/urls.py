@@ -17,6 +17,7 @@ urlpatterns = [
     path("vms/<int:vm_id>/failover/end/", vms.vm_failover_end, name="vm-failover-end"),
     path("vms/<int:vm_id>/failover/live/", vms.vm_failover_live, name="vm-failover-live"),
     path("vms/<int:vm_id>/rollback/", vms.vm_rollback, name="vm-rollback"),
+    path("vms/<int:vm_id>/failover/commit/", vms.vm_failover_commit, name="vm-failover-commit"),
     path("failovers/<int:failover_id>/", vms.failover_detail, name="failover-detail"),
     path("protection/", protection.protection, name="protection"),
     path("api/rpo/", protection.rpo_list, name="api-rpo"),
