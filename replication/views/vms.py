@@ -168,7 +168,7 @@ def vm_failover_commit(request, vm_id):
 def _failover_context(failover_id: int) -> dict:
     from django.utils import timezone
 
-    failover = get_object_or_404(FailoverJob.objects.select_related("vm__context"), pk=failover_id)
+    failover = get_object_or_404(FailoverJob.objects.select_related("vm__context", "recovery_point"), pk=failover_id)
     steps = list(failover.steps.all())
     now = timezone.now()
     for step in steps:
