@@ -11,8 +11,9 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from replication.choices import FailoverKind, SyncType, VMState
+from replication.choices import FailoverKind, SyncType, VMState, VolumeProvider
 from replication.models import FailoverJob, RecoveryPoint, ReplicationJob, TargetVolume, VirtualMachine, VMContext
+from replication.platforms import on_cloudstack
 from replication.roles import ADMINISTER, OPERATE, READ, actor_of, log_admin, page_permission
 from replication.services import failover as failover_service
 from replication.services import failover_checks, forecast, rpo
@@ -39,8 +40,8 @@ def vm_list(request):
         sealed[point.vm_id].append(point)
     now = timezone.now()
     for vm in vms:
-        vm.points = sealed[vm.pk]  # newest first: what the failover forms offer, the newest chosen
-        vm.points_summary = _summary(vm.points, now)
+        vm.points_summary = _summary(sealed[vm.pk], now)
+        vm.points = _bootable(sealed[vm.pk], _volumes_on_cloudstack(vm))
         # A cycle running or failed leaves every point as it was: a test failover may boot one beside it.
         vm.may_fail_over = bool(vm.points) and vm.lifecycle_state in FAILOVER_FROM
     rows = [(vm, last_jobs.get(vm.last_job_id), failovers.get(vm.last_failover_id), rpo.recovery_point(vm))
@@ -57,6 +58,18 @@ def _summary(sealed: list, now) -> dict:
             "oldest_age_s": sealed[-1].age_s if sealed else None}
 
 
+def _volumes_on_cloudstack(vm) -> bool:
+    """on_cloudstack from the VM's prefetched disks and volumes (no query)."""
+    volumes = [getattr(disk, "target_volume", None) for disk in vm.disks.all()]
+    return any(v is not None and v.provider == VolumeProvider.CLOUDSTACK for v in volumes)
+
+
+def _bootable(sealed: list, in_place: bool) -> list:
+    """The points a failover form offers, newest first (it is chosen): all of
+    them, or only the newest where failovers boot the volumes in place."""
+    return sealed[:1] if in_place else sealed
+
+
 class BadPoint(ValueError):
     """A form's recovery point is not a point id; the message says so."""
 
@@ -66,7 +79,7 @@ def _point_id(data) -> int | None:
     value = (data.get("point") or "").strip()
     if not value:
         return None
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise BadPoint(f"recovery point {value!r} is not a point id")
     return int(value)
 
@@ -124,12 +137,13 @@ def vm_failover_test(request, vm_id):
     except BadPoint as exc:
         messages.error(request, str(exc))
         return redirect("vm-list")
+    cycles = ("its cycles wait until it ends (its CloudStack volumes boot in place)" if on_cloudstack(vm) else
+              "the VM's cycles go on adding points meanwhile")
     return _start(request, vm,
                   lambda vm, actor: failover_service.start_failover(vm, FailoverKind.TEST, actor=actor,
                                                                     point_id=point_id),
                   "Test failover {job.pk} of {vm.name} started: it boots {job.destination_vm} from recovery point "
-                  "{job.recovery_point_id} (cycle {job.replication_job_id}) on overlays of its own; the VM's "
-                  "cycles go on adding points meanwhile.")
+                  "{job.recovery_point_id} (cycle {job.replication_job_id}) on overlays of its own; " + cycles + ".")
 
 
 @require_POST
@@ -224,6 +238,7 @@ def _live_confirmation(request, vm):
     checks = failover_checks.report(vm, failover_service.destination_name(vm, FailoverKind.LIVE))
     sealed = list(RecoveryPoint.sealed(vm))
     _summary(sealed, timezone.now())
+    sealed = _bootable(sealed, on_cloudstack(vm))
     try:
         chosen = _point_id(request.GET)
     except BadPoint:
