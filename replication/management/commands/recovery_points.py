@@ -1,4 +1,5 @@
 import json
+from datetime import UTC, datetime
 
 from django.core.management.base import BaseCommand
 
@@ -26,10 +27,10 @@ class Command(BaseCommand):
         if not rows:
             self.stdout.write(f"{name}: no recovery point yet (a point is made when a cycle completes)")
             return
-        self.stdout.write(f"{'ID':>6}  {'FROZEN AT':<19}  {'AGE':>8}  {'JOB':<32}  {'SYNC':<11}  {'CHANGED':>10}  "
-                          "IN USE BY")
+        self.stdout.write(f"{'ID':>6}  {'FROZEN AT (UTC)':<19}  {'AGE':>8}  {'JOB':<32}  {'SYNC':<11}  "
+                          f"{'CHANGED':>10}  IN USE BY")
         for row in rows:
-            frozen = row["frozen_at"][:19].replace("T", " ")
+            frozen = f"{datetime.fromisoformat(row['frozen_at']).astimezone(UTC):%Y-%m-%d %H:%M:%S}"
             self.stdout.write(f"{row['id']:>6}  {frozen:<19}  {duration(row['age_s']):>8}  {row['job']:<32}  "
                               f"{row['sync_type']:<11}  {iec(row['changed_bytes']):>10}  "
                               f"{', '.join(row['in_use_by']) or '-'}")
