@@ -91,7 +91,7 @@ def test_recovery_points_lists_the_points_newest_first_with_their_changes_and_us
                                       recovery_point=middle, status=FailoverStatus.SUCCEEDED)
     lines = run("recovery_points", "web01").splitlines()
     columns = [re.split(r"\s{2,}", line.strip()) for line in lines[:4]]  # columns: two spaces or more apart
-    assert columns[0] == ["ID", "FROZEN AT", "AGE", "JOB", "SYNC", "CHANGED", "IN USE BY"]
+    assert columns[0] == ["ID", "FROZEN AT (UTC)", "AGE", "JOB", "SYNC", "CHANGED", "IN USE BY"]
     assert columns[1:] == [
         [str(p.pk), f"{p.frozen_at:%Y-%m-%d %H:%M:%S}", age, p.job_id, sync, changed, use]
         for p, age, sync, changed, use in [(newest, "1m 30s", "incremental", "3.0 MiB", "-"),
@@ -397,6 +397,16 @@ def test_the_vms_page_shows_each_vms_points_and_offers_them_for_a_test_failover(
     assert 'data-points="3"' in viewer_row and "Test failover web01" not in viewer_row
 
 
+def test_where_failovers_boot_the_volumes_in_place_only_the_newest_point_is_offered(tmp_path):
+    vm, (newest, middle, _) = vm_with_points(tmp_path)
+    TargetVolume.objects.filter(source_disk__vm=vm).update(provider="cloudstack", cloud_volume_id="v-1")
+    row = row_of(page_as(ADMINISTRATOR).get("/vms/").content.decode(), "web01")
+    assert 'data-points="3"' in row  # all three are the VM's points
+    assert f'value="{newest.pk}" selected' in row and f'value="{middle.pk}"' not in row
+    live = page_as(ADMINISTRATOR, "admin2").get(f"/vms/{vm.pk}/failover/live/").content.decode()
+    assert f'value="{newest.pk}" selected' in live and f'value="{middle.pk}"' not in live
+
+
 def test_a_test_failover_from_the_page_boots_the_chosen_point_and_pauses_nothing(tmp_path):
     vm, (_, middle, _) = vm_with_points(tmp_path)
     operator = page_as(OPERATOR)
@@ -470,3 +480,61 @@ def test_a_failovers_page_names_its_point_and_a_lost_source(tmp_path):
     page = page_as(VIEWER).get(f"/failovers/{live.pk}/fragment/").content.decode()
     assert f'data-point="{middle.pk}">{middle.pk} (frozen {middle.frozen_at:%Y-%m-%d %H:%M:%S})' in page
     assert "lost: no shutdown request, no final cycle, its running cycle fenced" in page
+
+
+# End to end: the commands over a real failover ------------------------------------------------------------
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_a_source_lost_failover_then_its_commit_through_the_commands(tmp_path):
+    """A real boot (libvirt, the project's boot disk): the commands start a
+    live failover with the source site lost from the VM's point, then commit
+    it; after the commit nothing rolls it back and its points are released."""
+    from replication.platforms import get_destination, get_provider
+    from replication.services import failover, jobs
+    from simulators.boot_disk import boot_disk_builder
+
+    destination = get_destination()
+    for name in destination.list_vms("oma-live-vm-commit"):
+        destination.destroy(name)
+    # One completed cycle without a worker: its replica is the boot disk, written in place (a first cycle).
+    disk = tmp_path / "vm-commit.img"
+    boot_disk_builder().build_boot_disk(disk, "D")
+    vm = register_image_vm("vm-commit", [str(disk)])
+    job = jobs.start_replication(vm)
+    assert job.enter_stage("Initializing", JobStatus.PREPARING) and job.enter_stage("Transfer", JobStatus.REPLICATING)
+    vm_disk = job.disks.get()
+    replica = get_provider().volume_path(vm_disk.target_volume.export_name)
+    replica.write_bytes(disk.read_bytes())
+    TargetVolume.objects.filter(pk=vm_disk.target_volume_id).update(path=str(replica))
+    assert vm_disk.start_attempt("t") and vm_disk.complete(bytes_total=1, bytes_zeroed=0, throughput_bps=1)
+    assert job.transition(JobStatus.FINALIZING)
+    jobs.commit_and_complete(job)
+    context = VMContext.of(vm)
+    context.boot_check_regex, context.boot_check_timeout_s = r"BOOT-MARKER: D", 180
+    context.save()
+    (point,) = RecoveryPoint.sealed(vm)
+    run("failover", "vm-commit", "--live", "--source-lost", "--yes", "--point", str(point.pk))
+    live = FailoverJob.objects.get(vm=vm)
+    try:
+        failover.run_failover(live.pk)
+        live.refresh_from_db()
+        assert live.status == FailoverStatus.SUCCEEDED and live.boot_verified, live.error_message
+        assert (live.source_lost, live.recovery_point_id) == (True, point.pk)
+        assert not live.steps.filter(name__in=["shut down source", "final incremental"]).exists()
+        out = run("failover_commit", "vm-commit", "--yes")
+        assert out.splitlines()[0].startswith("Committing vm-commit's live failover")
+        assert f"live failover {live.pk} of vm-commit committed: {live.destination_vm} is the VM now" in out
+        live.refresh_from_db()
+        assert live.status == FailoverStatus.COMMITTED and live.committed_at is not None
+        assert VMContext.of(vm).state == VMState.COMPLETED
+        point.refresh_from_db()
+        assert point.status == RecoveryPoint.Status.RELEASED
+        assert json.loads(run("recovery_points", "vm-commit", "--json")) == []
+        with pytest.raises(CommandError, match="VM vm-commit has no live failover to roll back"):
+            run("rollback", "vm-commit")
+        with pytest.raises(CommandError, match="no live failover that has booted to commit"):
+            run("failover_commit", "vm-commit", "--yes")
+    finally:
+        for name in destination.list_vms("oma-live-vm-commit"):
+            destination.destroy(name)
