@@ -16,7 +16,9 @@ from replication.models import (
     FailoverJob,
     FailoverStep,
     NetworkMapping,
+    PointLayer,
     ProtectionGroup,
+    RecoveryPoint,
     ReplicationJob,
     SourceDisk,
     TargetVolume,
@@ -347,6 +349,51 @@ class FailoverJobAdmin(admin.ModelAdmin):
         return False
 
 
+class PointLayerInline(admin.TabularInline):
+    model = PointLayer
+    extra = 0
+    fields = ["disk_key", "volume", "handle", "changed"]
+    readonly_fields = fields
+    can_delete = False
+
+    @admin.display(description="changed data")
+    def changed(self, layer):
+        return iec(layer.changed_bytes)
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(RecoveryPoint)
+class RecoveryPointAdmin(admin.ModelAdmin):
+    """Recovery points are made by completed cycles and expired by retention
+    (services.points): here they are only read."""
+
+    list_display = ["id", "vm", "frozen_at", "job", "changed", "status", "in_use"]
+    list_filter = ["status"]
+    list_select_related = ["vm", "job"]
+    search_fields = ["vm__name", "job__id"]
+    readonly_fields = [f.name for f in RecoveryPoint._meta.fields] + ["in_use"]
+    inlines = [PointLayerInline]
+
+    @admin.display(description="changed data", ordering="changed_bytes")
+    def changed(self, point):
+        return iec(point.changed_bytes)
+
+    @admin.display(description="in use by")
+    def in_use(self, point):
+        return ", ".join(point.in_use_by()) or "-"
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
 class NetworkMappingForm(forms.ModelForm):
     class Meta:
         model = NetworkMapping
@@ -436,7 +483,8 @@ class ProtectionGroupForm(forms.ModelForm):
     class Meta:
         model = ProtectionGroup
         fields = ["name", "description", "interval_s", "cron", "timezone", "rpo_target_s", "max_concurrent",
-                  "max_retries", "retry_backoff_s", "drill_interval_s", "paused"]
+                  "max_retries", "retry_backoff_s", "drill_interval_s", "points_keep", "points_hourly_h",
+                  "points_daily_d", "paused"]
 
     def clean(self):
         cleaned = super().clean()

@@ -164,8 +164,11 @@ def test_a_test_failover_from_the_gui_boots_and_ends(celery_worker_process, live
     page.click("text=VMs")
     row = page.locator('[data-vm="gui-boot"]')
     expect(row.locator("[data-failover]")).to_contain_text("BOOT-MARKER: GUI")
-    expect(row.locator("[data-state]")).to_have_text("Failed over (test)")
-    expect(row).to_contain_text("paused: test failover")  # no Replicate button under a test
+    # Protection goes on under a test: nothing paused, the Replicate button stays.
+    expect(row.locator("[data-state]")).to_have_text("Ready for failover")
+    expect(row).not_to_contain_text("paused")
+    expect(row.locator("text=Replicate gui-boot")).to_be_visible()
+    expect(row.locator("[data-points]")).to_have_attribute("data-points", "1")
     page.screenshot(path=str(ARTIFACTS / "vm-list-test-failover.png"), full_page=True)
 
     row.locator("text=End test gui-boot").click()
@@ -176,11 +179,12 @@ def test_a_test_failover_from_the_gui_boots_and_ends(celery_worker_process, live
     # downtime forecast (its boot part from the test just run).
     page.locator('[data-vm="gui-boot"]').locator("text=Live failover gui-boot").click()
     expect(page.locator("h1")).to_have_text("Live failover of gui-boot")
-    for check in ("state", "nothing running", "replica volumes", "space for the overlays", "memory", "networks"):
+    for check in ("state", "nothing running", "recovery point", "space for the overlays", "memory", "networks"):
         expect(page.locator(f'[data-check="{check}"]')).to_have_attribute("data-ok", "yes")
     expect(page.locator('[data-check="networks"]')).to_contain_text("the VM has no NICs")
     forecast = float(page.locator("[data-forecast]").get_attribute("data-forecast"))
     assert forecast > 0
+    expect(page.locator("form[data-source-lost]")).to_contain_text("no shutdown request")
     page.screenshot(path=str(ARTIFACTS / "failover-live-confirm.png"), full_page=True)
     page.click("text=Shut down gui-boot and fail over")
     # The failover's page follows its steps live, to the boot verified.
@@ -198,6 +202,7 @@ def test_a_test_failover_from_the_gui_boots_and_ends(celery_worker_process, live
     # format rounds the binary value: 5.85 is 5.9 on the page, 5.8 in an f-string).
     expect(row.locator(".downtime")).to_contain_text(
         f"downtime {floatformat(live.downtime_s, 1)} s (forecast {floatformat(forecast, 1)} s)")
+    expect(row.locator("form[data-commit]")).to_contain_text("no rollback after it")
     page.screenshot(path=str(ARTIFACTS / "vm-list-live-failover.png"), full_page=True)
     row.locator("text=Roll back gui-boot").click()
     expect(page.locator("h1")).to_contain_text("Rollback")

@@ -115,7 +115,8 @@ class Recorder:
 
 
 def failover_like(kind="test"):
-    return SimpleNamespace(pk=1, kind=kind, destination_vm="oma-x", replication_job_id="job-x")
+    return SimpleNamespace(pk=1, kind=kind, destination_vm="oma-x", replication_job_id="job-x", recovery_point_id=1,
+                           source_lost=False)
 
 
 @pytest.fixture
@@ -138,6 +139,8 @@ def actions(vm, job, monkeypatch):
          "replication.services.failover.start_failover", failover_like("live")),
         ("rollback", ADMINISTRATOR, f"/vms/{vm.pk}/rollback/", {},
          "replication.services.failover.start_rollback", failover_like("rollback")),
+        ("commit", ADMINISTRATOR, f"/vms/{vm.pk}/failover/commit/", {},
+         "replication.services.failover.commit_failover", failover_like("live")),
         ("add image VM", ADMINISTRATOR, "/sources/", {"step": "image", "name": "new", "disks": "/x.img"},
          "replication.views.sources.register_image_vm", vm),
         ("add vCenter", ADMINISTRATOR, "/sources/", {"step": "fetch", "host": "vc.example", "port": "443"},
@@ -204,13 +207,13 @@ def test_the_api_starts_a_failover_for_its_role_and_records_the_tokens_owner(vm,
     operator = Client(headers={"Authorization": f"Bearer {token_for(OPERATOR, 'carol')}"})
     response = api_start(operator, vm=vm.name, kind="test")
     assert response.status_code == 201 and response.json() == {"id": 1}
-    assert started.calls == [((vm, "test"), {"actor": "carol"})]
+    assert started.calls == [((vm, "test"), {"actor": "carol", "point_id": None, "source_lost": False})]
     assert api_start(operator, vm="nobody", kind="test").status_code == 404
     assert api_start(operator, vm=vm.name, kind="sideways").status_code == 400
     assert operator.post("/api/failovers/", "kind=test", content_type="text/plain").status_code == 415
     admin = Client(headers={"Authorization": f"Bearer {token_for(ADMINISTRATOR, 'dave')}"})
     assert api_start(admin, vm=vm.name, kind="live").status_code == 201
-    assert started.calls[-1] == ((vm, "live"), {"actor": "dave"})
+    assert started.calls[-1] == ((vm, "live"), {"actor": "dave", "point_id": None, "source_lost": False})
 
 
 def test_an_api_write_through_the_session_needs_the_csrf_token(vm, monkeypatch):

@@ -177,7 +177,7 @@ def test_api_shapes(operator, job):
     assert operator.get(reverse("api-jobs"), {"status": "bogus"}).status_code == 400
     spec = operator.get(reverse("api-openapi")).json()
     assert set(spec["paths"]) == {"/api/jobs/", "/api/jobs/{id}/", "/api/failovers/", "/api/failovers/{id}/",
-                                  "/api/rpo/"}
+                                  "/api/failovers/{id}/commit/", "/api/vms/{name}/points/", "/api/rpo/"}
 
 
 def test_admin_cancel_and_retry_actions(job):

@@ -48,6 +48,7 @@ def print_outcome(job: FailoverJob, out, as_json: bool) -> None:
         if job.kind == FailoverKind.LIVE:
             forecast = "no forecast" if job.forecast_downtime_s is None else f"forecast {job.forecast_downtime_s} s"
             out.write(f"downtime {job.downtime_s} s ({forecast}); roll back with: manage.py rollback "
+                      f"{job.vm.name}, or keep it on the destination for good: manage.py failover_commit "
                       f"{job.vm.name}")
         else:
             out.write(f"end it with: manage.py failover_end {job.vm.name}")

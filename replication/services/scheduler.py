@@ -70,7 +70,10 @@ def update_group(group: ProtectionGroup, **fields) -> ProtectionGroup:
 _GROUP_BOUNDS = {"interval_s": ("the interval", 366 * 24 * 3600), "drill_interval_s": ("the drill interval",
                  366 * 24 * 3600), "rpo_target_s": ("the RPO target", 366 * 24 * 3600),
                  "retry_backoff_s": ("the retry back-off", 366 * 24 * 3600),
-                 "max_concurrent": ("the concurrency limit", 10_000), "max_retries": ("the retry count", 1_000)}
+                 "max_concurrent": ("the concurrency limit", 10_000), "max_retries": ("the retry count", 1_000),
+                 "points_keep": ("the recovery points kept", 10_000),
+                 "points_hourly_h": ("the hours of hourly recovery points", 366 * 24),
+                 "points_daily_d": ("the days of daily recovery points", 3_660)}
 
 
 def check_group(group: ProtectionGroup) -> None:
@@ -82,6 +85,8 @@ def check_group(group: ProtectionGroup) -> None:
             raise ScheduleError(f"{label} must be between 0 and {limit}, not {value}")
     if group.max_concurrent < 1:
         raise ScheduleError("the concurrency limit must be at least 1")
+    if group.points_keep is not None and group.points_keep < 1:
+        raise ScheduleError("a group keeps at least 1 recovery point per VM (the newest)")
     if group.interval_s is not None and group.interval_s < 1:
         raise ScheduleError("the interval must be at least 1 second")
     if group.drill_interval_s is not None and group.drill_interval_s < 1:

@@ -1,7 +1,9 @@
 """JSON endpoints behind the pages, for scripts: /api/jobs/, /api/jobs/{id}/,
-/api/failovers/ (GET: list; POST: start one) and /api/failovers/{id}/.
-Reading needs the viewer role, a test failover the operator role, a live
-failover or a rollback the administrator role."""
+/api/failovers/ (GET: list; POST: start one, from a chosen recovery point,
+live with the source site lost), /api/failovers/{id}/ and its commit, and a
+VM's recovery points (/api/vms/{name}/points/). Reading needs the viewer
+role, a test failover the operator role, a live failover, a rollback or a
+commit the administrator role."""
 
 import json
 from functools import wraps
@@ -9,10 +11,11 @@ from functools import wraps
 from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from replication.choices import JOB_ACTIVE, FailoverKind, JobStatus
+from replication.choices import JOB_ACTIVE, FailoverKind, FailoverStatus, JobStatus
 from replication.models import ApiToken, FailoverJob, ReplicationJob, VirtualMachine
 from replication.roles import ADMINISTER, OPERATE, READ, actor_of, log_admin, refusal
 from replication.serializers import failover_json, job_json
+from replication.services import points
 from replication.views.common import jobs_with_disks
 
 API_LIMIT = 200
@@ -143,11 +146,14 @@ def _start_failover(request):
         return JsonResponse({"error": "send a JSON object with Content-Type: application/json"}, status=415)
     body = _body(request)
     kind, name = body.get("kind"), body.get("vm")
+    point, source_lost = body.get("point"), body.get("source_lost", False)
     if not isinstance(kind, str) or kind not in FAILOVER_PERMISSION:
         return JsonResponse({"error": f"kind must be one of {', '.join(FAILOVER_PERMISSION)}, not {kind!r}"},
                             status=400)
     if not isinstance(name, str) or not name:
         return JsonResponse({"error": "vm: the name of a registered VM is required"}, status=400)
+    if refused := _point_options_refused(kind, point, source_lost):
+        return JsonResponse({"error": refused}, status=400)
     vm = VirtualMachine.objects.filter(name=name).first()
     if vm is None:
         return JsonResponse({"error": f"no VM named {name!r}"}, status=404)
@@ -155,11 +161,26 @@ def _start_failover(request):
         if kind == FailoverKind.ROLLBACK:
             job = failover_service.start_rollback(vm, actor=actor_of(request))
         else:
-            job = failover_service.start_failover(vm, kind, actor=actor_of(request))
-    except failover_service.FailoverError as exc:
+            job = failover_service.start_failover(vm, kind, actor=actor_of(request), point_id=point,
+                                                  source_lost=source_lost)
+    except (failover_service.FailoverError, points.PointError) as exc:
         return JsonResponse({"error": str(exc)}, status=409)
-    log_admin(request, vm, f"{kind} failover {job.pk} started through the API")
+    lost = " with the source site lost" if source_lost else ""
+    log_admin(request, vm, f"{kind} failover {job.pk}{lost} started through the API")
     return JsonResponse(failover_json(job), status=201)
+
+
+def _point_options_refused(kind: str, point, source_lost) -> str:
+    """Why `point` and `source_lost` do not fit the request ("" when they do)."""
+    if point is not None and (isinstance(point, bool) or not isinstance(point, int) or point < 1):
+        return f"point must be the id of one of the VM's recovery points (a positive integer) or null, not {point!r}"
+    if not isinstance(source_lost, bool):
+        return f"source_lost must be true or false, not {source_lost!r}"
+    if source_lost and kind != FailoverKind.LIVE:
+        return f"source_lost goes with kind live only, not {kind}: only a live failover acts on the source"
+    if point is not None and kind == FailoverKind.ROLLBACK:
+        return "point goes with a test or live failover: a rollback returns to the source"
+    return ""
 
 
 @api_view
@@ -169,6 +190,36 @@ def failover(request, failover_id):
     except (ValueError, FailoverJob.DoesNotExist):
         return JsonResponse({"error": f"no failover {failover_id}"}, status=404)
     return JsonResponse(failover_json(found))
+
+
+@api_view(methods=("POST",), permission=ADMINISTER)
+def failover_commit(request, failover_id):
+    """POST: commit this live failover (it must be the VM's open one): the VM
+    stays on the destination, no rollback after, its protection ends."""
+    from replication.services import failover as failover_service
+
+    try:
+        found = FailoverJob.objects.select_related("vm").get(pk=int(failover_id))
+    except (ValueError, FailoverJob.DoesNotExist):
+        return JsonResponse({"error": f"no failover {failover_id}"}, status=404)
+    if found.kind != FailoverKind.LIVE or found.status != FailoverStatus.SUCCEEDED:
+        return JsonResponse({"error": f"failover {found.pk} is a {found.kind} failover, {found.status}: only a live "
+                                      "failover whose VM booted can be committed"}, status=409)
+    try:
+        job = failover_service.commit_failover(found.vm, actor=actor_of(request))
+    except failover_service.FailoverError as exc:
+        return JsonResponse({"error": str(exc)}, status=409)
+    log_admin(request, found.vm, f"live failover {job.pk} committed through the API: no rollback, protection ended")
+    return JsonResponse(failover_json(job))
+
+
+@api_view
+def vm_points(request, name):
+    """A VM's recovery points, newest first, and their count and ages."""
+    vm = VirtualMachine.objects.filter(name=name).first()
+    if vm is None:
+        return JsonResponse({"error": f"no VM named {name!r}"}, status=404)
+    return JsonResponse({"vm": vm.name, **points.summary(vm), "points": points.points_of(vm)})
 
 
 FORBIDDEN = {"description": "the user's role does not allow it (or a session's write lacks the CSRF token)"}
@@ -203,10 +254,19 @@ OPENAPI = {
                           "403": FORBIDDEN}},
             "post": {
                 "summary": "Start a failover of a VM: test (operator role), live or rollback (administrator role)",
+                "description": "A test or live failover boots `point` (one of the VM's recovery points; default "
+                               "the newest). `source_lost` (live only): the source site is gone; no shutdown "
+                               "request, no final cycle, the VM's running cycle fenced (ended, its layer "
+                               "discarded).",
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
                     "type": "object", "required": ["vm", "kind"], "properties": {
                         "vm": {"type": "string", "minLength": 1},
-                        "kind": {"type": "string", "enum": ["test", "live", "rollback"]}}}}}},
+                        "kind": {"type": "string", "enum": ["test", "live", "rollback"]},
+                        "point": {"type": "integer", "minimum": 1, "nullable": True,
+                                  "description": "a recovery point's id (GET /api/vms/{name}/points/); null: the "
+                                                 "newest"},
+                        "source_lost": {"type": "boolean", "default": False,
+                                        "description": "live only: fail over with the source site lost"}}}}}},
                 "responses": {"201": {"description": "started; it runs on", "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/Failover"}}}},
                               "400": {"description": "bad request body"},
@@ -222,6 +282,27 @@ OPENAPI = {
                 "$ref": "#/components/schemas/Failover"}}}},
                           "401": {"description": "not logged in"},
                           "403": FORBIDDEN, "404": {"description": "no such failover"}}}},
+        "/api/failovers/{id}/commit/": {"post": {
+            "summary": "Commit a live failover whose VM booted (administrator role): the VM stays on the "
+                       "destination, its disks its own; no rollback after, its protection ends (history kept)",
+            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}],
+            "responses": {"200": {"description": "committed", "content": {"application/json": {"schema": {
+                "$ref": "#/components/schemas/Failover"}}}},
+                          "401": {"description": "not logged in"},
+                          "403": FORBIDDEN, "404": {"description": "no such failover"},
+                          "409": {"description": "not a live failover whose VM booted, or committing failed"}}}},
+        "/api/vms/{name}/points/": {"get": {
+            "summary": "A VM's recovery points, newest first, with their count and the ages of the newest and "
+                       "oldest",
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "its points", "content": {"application/json": {"schema": {
+                "type": "object", "properties": {
+                    "vm": {"type": "string"}, "count": {"type": "integer"},
+                    "newest_age_s": {"type": "number", "nullable": True, "description": "null: no point"},
+                    "oldest_age_s": {"type": "number", "nullable": True, "description": "null: no point"},
+                    "points": {"type": "array", "items": {"$ref": "#/components/schemas/Point"}}}}}}},
+                          "401": {"description": "not logged in"},
+                          "403": FORBIDDEN, "404": {"description": "no such VM"}}}},
         "/api/rpo/": {"get": {
             "summary": "Every VM's recovery point and its age; VMs in a protection group against its target",
             "responses": {"200": {"description": "recovery points", "content": {"application/json": {"schema": {
@@ -251,9 +332,22 @@ OPENAPI = {
                                           "ended_at": {"type": "string"},
                                           "rto_s": {"type": "number", "nullable": True},
                                           "note": {"type": "string"}}}}},
+        "Point": {"type": "object", "properties": {
+            "id": {"type": "integer"},
+            "frozen_at": {"type": "string", "description": "when the cycle's snapshot froze the source"},
+            "age_s": {"type": "number"},
+            "job": {"type": "string", "description": "the cycle that made it"},
+            "sync_type": {"type": "string"},
+            "changed_bytes": {"type": "integer", "description": "the space its layers take: the data it changed"},
+            "status": {"type": "string", "enum": ["sealed", "expired", "released"]},
+            "in_use_by": {"type": "array", "items": {"type": "string"},
+                          "description": "the failovers booting from it; empty: none"},
+            "disks": {"type": "object", "additionalProperties": {"type": "integer"},
+                      "description": "disk key: the bytes its layer of that disk takes"}}},
         "Failover": {"type": "object", "properties": {
             **{k: {"type": t} for k, t in [
                 ("id", "integer"), ("vm", "string"), ("status", "string"), ("state", "string"),
+                ("source_lost", "boolean"),
                 ("destination_vm", "string"), ("boot_verified", "boolean"),
                 ("console_match", "string"), ("error", "string"), ("console_tail", "string"),
                 ("created_at", "string")]},
@@ -263,6 +357,8 @@ OPENAPI = {
                 ("replication_job", "string", "the completed cycle whose replica boots"),
                 ("final_cycle", "string", "live: the incremental cycle run after the source shut down"),
                 ("rolls_back", "integer", "rollback: the live failover it undoes"),
+                ("recovery_point", "integer", "the recovery point its VM boots"),
+                ("committed_at", "string", "live: when it was committed (no rollback after)"),
                 ("downtime_s", "number", "live: seconds from the source's shutdown to the boot verified"),
                 ("forecast_downtime_s", "number", "live: the downtime forecast when it started"),
                 ("completed_at", "string", "")]},
