@@ -262,6 +262,13 @@ def cloud_state(sim, volume_id: str) -> dict:
             "snapshots": sorted(s["name"] for s in snapshots), "device_link": sim.device_path(volume_id).exists()}
 
 
+def point_snapshots(vm) -> list[str]:
+    """The snapshots that are the VM's recovery points (one per completed cycle)."""
+    from replication.models import RecoveryPoint
+
+    return [f"point-{p.job_id}" for p in RecoveryPoint.sealed(vm)]
+
+
 def test_a_cloudstack_test_failover_boots_the_replica_volumes_and_ending_it_reverts_them(
         celery_worker_process, cloud, tmp_path, settings):
     from tests.helpers import sha256
@@ -280,7 +287,8 @@ def test_a_cloudstack_test_failover_boots_the_replica_volumes_and_ending_it_reve
     assert test_vm["state"] == "Running"
     # The replica volume itself is the test VM's root disk; the template's root is gone.
     assert cloud_state(sim, volume.cloud_volume_id) == {
-        "vm": report["destination_vm"], "device": 0, "snapshots": [f"{report['destination_vm']}-{report['id']}-00"],
+        "vm": report["destination_vm"], "device": 0,
+        "snapshots": sorted([f"{report['destination_vm']}-{report['id']}-00", *point_snapshots(vm)]),
         "device_link": False}
     assert [v["id"] for v in client.call("listVolumes", virtualmachineid=test_vm["id"])["volume"]] == [
         volume.cloud_volume_id]
@@ -293,8 +301,8 @@ def test_a_cloudstack_test_failover_boots_the_replica_volumes_and_ending_it_reve
 
     client = CloudClient(CloudStackConfig.active())
     assert client.one("listVirtualMachines", "virtualmachine", name=report["destination_vm"]) is None
-    assert cloud_state(sim, volume.cloud_volume_id) == {"vm": "oma-appliance", "device": 1, "snapshots": [],
-                                                        "device_link": True}
+    assert cloud_state(sim, volume.cloud_volume_id) == {"vm": "oma-appliance", "device": 1,
+                                                        "snapshots": sorted(point_snapshots(vm)), "device_link": True}
     assert sha256(sim.volume_file(volume.cloud_volume_id)) == before
     from replication.platforms.cloudstack.drift import drift
 
@@ -324,8 +332,8 @@ def test_a_cloudstack_live_failover_then_rollback(celery_worker_process, cloud, 
 
     assert rollback["status"] == "succeeded", rollback
     assert report["destination_vm"] not in [v["name"] for v in sim.vms.values()]
-    assert cloud_state(sim, volume.cloud_volume_id) == {"vm": "oma-appliance", "device": 1, "snapshots": [],
-                                                        "device_link": True}
+    assert cloud_state(sim, volume.cloud_volume_id) == {"vm": "oma-appliance", "device": 1,
+                                                        "snapshots": sorted(point_snapshots(vm)), "device_link": True}
     assert sha256(sim.volume_file(volume.cloud_volume_id)) == rollback_point
     again = wait_for_job(start_replication(vm).id, timeout=120)
     assert again.status == JobStatus.COMPLETED, again.error_message
@@ -344,8 +352,8 @@ def test_a_cloudstack_failover_that_cannot_deploy_gives_the_volumes_back_to_the_
     assert [(s["name"], s["status"]) for s in report["steps"]] == [
         ("preflight", "done"), ("protect volumes", "done"), ("define VM", "failed"), ("destroy VM", "done"),
         ("discard protections", "done")]
-    assert cloud_state(sim, volume.cloud_volume_id) == {"vm": "oma-appliance", "device": 1, "snapshots": [],
-                                                        "device_link": True}
+    assert cloud_state(sim, volume.cloud_volume_id) == {"vm": "oma-appliance", "device": 1,
+                                                        "snapshots": sorted(point_snapshots(vm)), "device_link": True}
     assert report["state"] == "ready_for_failover"
 
 

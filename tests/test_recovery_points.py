@@ -43,6 +43,7 @@ from tests.helpers import (
     wait_for_job,
     wait_until,
 )
+from tests.test_failover_live import isolated_network  # noqa: F401 (the fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -112,7 +113,7 @@ def write_guest_data(live: Path, marker: str, mib: int) -> None:
 
 
 def test_the_site_lost_mid_cycle_still_fails_over_to_the_last_point_and_a_returning_agent_writes_nowhere(
-        workers, vcenter, tmp_path, settings):
+        workers, vcenter, tmp_path, settings, isolated_network):  # noqa: F811
     sim, record = vcenter(vm_spec("dr01", [DISK_BYTES], cbt=True, firmware="bios", cpus=1, memory_mib=256))
     live = Path(sim.vms["dr01"]["disks"]["2000"])
     boot_disk.build_boot_disk(tmp_path / "boot.img", "A")
@@ -144,6 +145,7 @@ def test_the_site_lost_mid_cycle_still_fails_over_to_the_last_point_and_a_return
     command("failover_end", "dr01")
     assert test["destination_vm"] not in domains()
 
+    command("network_map", "VM Network", isolated_network)
     # The live failover with the source site lost: the cycle fenced, no power
     # order, no final cycle, point A on the production side.
     live_report = failover("dr01", "--live", "--source-lost", "--yes")

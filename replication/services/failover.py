@@ -89,6 +89,9 @@ def start_failover(vm: VirtualMachine, kind: str = FailoverKind.TEST, actor: str
         raise FailoverError(f"a failover is test or live, not {kind!r}")
     if source_lost and kind != FailoverKind.LIVE:
         raise FailoverError("only a live failover can be run with the source site lost")
+    if kind == FailoverKind.LIVE and not source_lost and point_id is not None:
+        raise FailoverError("a live failover with its source alive boots the point its final cycle makes; a point "
+                            "is chosen for a test failover, or a live one with the source site lost")
     with transaction.atomic():
         vm = VirtualMachine.objects.select_for_update().get(pk=vm.pk)
         running = FailoverJob.open(vm).first()

@@ -221,8 +221,11 @@ class LibvirtDestination(Destination):
         args = ["create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(src)]
         if src.is_file():
             # -u with the size: qemu-img need not open (and lock) the replica,
-            # so a protection can be made while an export server holds it.
-            args += ["-u", str(partial), str(src.stat().st_size)]
+            # so a protection can be made while an export server holds it. A
+            # point's qcow2 layer is read for its virtual size (-U: no lock).
+            size = (json.loads(_qemu_img("info", "-U", "--output=json", str(src)))["virtual-size"]
+                    if fmt == "qcow2" else src.stat().st_size)
+            args += ["-u", str(partial), str(size)]
         else:
             args += [str(partial)]
         try:
