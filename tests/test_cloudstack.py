@@ -6,21 +6,23 @@ data files, linked where the OMA finds attached volumes."""
 
 import hashlib
 import json
+import os
 from io import StringIO
+from pathlib import Path
 
 import pytest
 import requests
 from django.conf import settings
 from django.core.management import CommandError, call_command
 
-from replication.choices import JobStatus, SyncType
-from replication.models import CloudError, CloudStackConfig
+from replication.choices import JobStatus, SyncType, VMState
+from replication.models import CloudError, CloudStackConfig, VMContext
 from replication.platforms.cloudstack.client import CloudClient
 from replication.services import vmware as vmware_service
 from replication.services.jobs import start_replication
 from simulators.cloudstack import CloudStackSimulator, GiB
 from simulators.vcenter import fill_image, vm_spec
-from tests.helpers import MiB, wait_for_job
+from tests.helpers import MiB, sha256, wait_for_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -271,7 +273,6 @@ def point_snapshots(vm) -> list[str]:
 
 def test_a_cloudstack_test_failover_boots_the_replica_volumes_and_ending_it_reverts_them(
         celery_worker_process, cloud, tmp_path, settings):
-    from tests.helpers import sha256
 
     sim, vm, volume, capacity = replicated_on_cloud(cloud, tmp_path, settings, "vm-cloud-test")
     before = sha256(sim.volume_file(volume.cloud_volume_id))
@@ -310,7 +311,6 @@ def test_a_cloudstack_test_failover_boots_the_replica_volumes_and_ending_it_reve
 
 
 def test_a_cloudstack_live_failover_then_rollback(celery_worker_process, cloud, tmp_path, settings):
-    from tests.helpers import sha256
 
     sim, vm, volume, capacity = replicated_on_cloud(cloud, tmp_path, settings, "vm-cloud-live")
     source = vm.disks.get().locator
@@ -395,4 +395,45 @@ def test_a_live_failover_into_a_zone_without_the_memory_is_refused_before_the_so
     assert report["status"] == "failed"
     assert report["error"] == "the destination has 256 MiB of memory free; the VM needs 512 MiB"
     assert [s["name"] for s in report["steps"]] == ["preflight"]  # no shutdown, no final cycle
+    assert cloud_state(sim, volume.cloud_volume_id)["vm"] == "oma-appliance"
+
+
+def test_a_cycle_that_fails_mid_copy_on_cloudstack_reverts_the_volume_to_the_last_point(
+        celery_worker_process, cloud, tmp_path, settings):
+    from replication.models import RecoveryPoint
+    from tests.helpers import agent_bytes_copied, make_image, wait_until
+
+    sim, vm, volume, capacity = replicated_on_cloud(cloud, tmp_path, settings, "vm-cloud-cut")
+    (point,) = RecoveryPoint.sealed(vm)
+    snapshot_id = point.layers.get().handle
+    at_point = sha256(sim.volume_file(volume.cloud_volume_id))
+    assert sha256(sim.snapshot_file(snapshot_id)) == at_point
+
+    # The source changes everywhere; a slow full cycle starts writing it in place, then the source dies.
+    image = Path(vm.disks.get().locator)
+    make_image(image, capacity, [(0, capacity)], seed=9)
+    job = start_replication(vm, bandwidth_limit_bps=256 * 1024)
+    wait_until(lambda: agent_bytes_copied(job.id, "disk-2000") >= 512 * 1024, 60, "half a MiB written in place")
+    assert sha256(sim.volume_file(volume.cloud_volume_id)) != at_point
+    os.truncate(image, 0)
+    job = wait_for_job(job.id, timeout=120)
+    assert job.status == JobStatus.FAILED, job.status
+
+    # The volume is the last point again, checked through CloudStack's API and its bytes; it is
+    # off the OMA (the fence) until the next cycle attaches it.
+    wait_until(lambda: "revertSnapshot" in sim.calls and sha256(sim.volume_file(volume.cloud_volume_id)) == at_point,
+               60, "the volume reverted to the point")
+    assert cloud_state(sim, volume.cloud_volume_id)["vm"] is None
+    client = CloudClient(CloudStackConfig.active())
+    listed = client.one("listSnapshots", "snapshot", id=snapshot_id)
+    assert (listed["name"], listed["state"]) == (f"point-{point.job_id}", "BackedUp")
+    assert "revertSnapshot" in sim.calls
+    assert list(RecoveryPoint.sealed(vm)) == [point]
+    assert VMContext.of(vm).state == VMState.READY_FOR_FAILOVER
+    assert sha256(sim.volume_file(volume.cloud_volume_id)) == at_point  # nothing wrote it since
+
+    make_image(image, capacity, [(0, capacity)], seed=9)
+    again = wait_for_job(start_replication(vm).id, timeout=120)
+    assert again.status == JobStatus.COMPLETED, again.error_message
+    assert sha256_of_first(sim.volume_file(volume.cloud_volume_id), capacity) == sha256(image)  # a GiB volume
     assert cloud_state(sim, volume.cloud_volume_id)["vm"] == "oma-appliance"
