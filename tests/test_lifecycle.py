@@ -62,13 +62,16 @@ def test_illegal_moves_are_refused_with_the_reason(vm):
     assert context.state == VMState.DISCOVERED and context.changes.count() == 0
 
 
-def test_a_failed_first_cycle_leaves_no_point_and_a_later_failed_cycle_leaves_the_last_point(vm):
-    # The first cycle writes its volumes in place: cut off after copying, there is no point in time.
-    job = start_replication(vm)
+def cut_off_while_copying(job):
     assert job.enter_stage("Initializing", JobStatus.PREPARING)
     assert job.enter_stage("Transfer", JobStatus.REPLICATING)
     assert job.disks.get().start_attempt("t")
     jobs.fail_job(job.id, "disk-2000: write failed")
+
+
+def test_a_failed_first_cycle_leaves_no_point_and_a_later_failed_cycle_leaves_the_last_point(vm):
+    # The first cycle writes its volumes in place: cut off after copying, there is no point in time.
+    cut_off_while_copying(start_replication(vm))
     assert VMContext.of(vm).state == VMState.FAILED
     # One cancelled before any copy started changes nothing: still no point.
     jobs.cancel_job(start_replication(vm).id)
@@ -77,11 +80,7 @@ def test_a_failed_first_cycle_leaves_no_point_and_a_later_failed_cycle_leaves_th
     complete(start_replication(vm))
     (point,) = RecoveryPoint.sealed(vm)
     # Later cycles write layers of their own: one cut off after copying leaves the point as it was.
-    job = start_replication(vm)
-    assert job.enter_stage("Initializing", JobStatus.PREPARING)
-    assert job.enter_stage("Transfer", JobStatus.REPLICATING)
-    assert job.disks.get().start_attempt("t")
-    jobs.fail_job(job.id, "disk-2000: write failed")
+    cut_off_while_copying(start_replication(vm))
     assert VMContext.of(vm).state == VMState.READY_FOR_FAILOVER
     assert list(RecoveryPoint.sealed(vm)) == [point]
     jobs.cancel_job(start_replication(vm).id)

@@ -12,11 +12,9 @@ import json
 import os
 import signal
 import subprocess
-from io import StringIO
 from pathlib import Path
 
 import pytest
-from django.core.management import call_command
 
 from replication.choices import FailoverStatus, JobStatus, SyncType, VMState
 from replication.models import (
@@ -43,7 +41,7 @@ from tests.helpers import (
     wait_for_job,
     wait_until,
 )
-from tests.test_failover_live import isolated_network  # noqa: F401 (the fixture)
+from tests.test_failover_live import command, domains, failover, isolated_network  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -51,24 +49,17 @@ boot_disk = boot_disk_builder()
 DISK_BYTES = 96 * MiB
 
 
-def command(*args) -> str:
-    out = StringIO()
-    call_command(*args, stdout=out)
-    return out.getvalue()
-
-
-def failover(vm_name: str, *args) -> dict:
-    return json.loads(command("failover", vm_name, *args, "--wait", "--json"))
-
-
-def domains() -> list[str]:
-    import libvirt
-
-    conn = libvirt.open("qemu:///system")
-    try:
-        return [d.name() for d in conn.listAllDomains()]
-    finally:
-        conn.close()
+def boot_vm(vcenter, tmp_path, name: str, marker: str):
+    """A VM in the vCenter simulator whose disk is the bootable test disk
+    showing `marker`, discovered: (VM, its live disk image)."""
+    sim, record = vcenter(vm_spec(name, [DISK_BYTES], cbt=True, firmware="bios", cpus=1, memory_mib=256))
+    live = Path(sim.vms[name]["disks"]["2000"])
+    boot_disk.build_boot_disk(tmp_path / "boot.img", marker)
+    with open(tmp_path / "boot.img", "ab") as f:
+        f.truncate(DISK_BYTES)
+    live.write_bytes((tmp_path / "boot.img").read_bytes())
+    (vm,) = vmware_service.discover(record, [name])
+    return sim, vm, live
 
 
 def layer_servers() -> list[str]:
@@ -114,13 +105,7 @@ def write_guest_data(live: Path, marker: str, mib: int) -> None:
 
 def test_the_site_lost_mid_cycle_still_fails_over_to_the_last_point_and_a_returning_agent_writes_nowhere(
         workers, vcenter, tmp_path, settings, isolated_network):  # noqa: F811
-    sim, record = vcenter(vm_spec("dr01", [DISK_BYTES], cbt=True, firmware="bios", cpus=1, memory_mib=256))
-    live = Path(sim.vms["dr01"]["disks"]["2000"])
-    boot_disk.build_boot_disk(tmp_path / "boot.img", "A")
-    with open(tmp_path / "boot.img", "ab") as f:
-        f.truncate(DISK_BYTES)
-    live.write_bytes((tmp_path / "boot.img").read_bytes())
-    (vm,) = vmware_service.discover(record, ["dr01"])
+    sim, vm, live = boot_vm(vcenter, tmp_path, "dr01", "A")
     full = wait_for_job(start_replication(vm).id, timeout=240)
     assert full.status == JobStatus.COMPLETED, full.error_message
     point_a = full.recovery_point
@@ -191,13 +176,7 @@ def backing_of(image: str) -> str:
 
 def test_cycles_go_on_during_a_test_failover_and_retention_keeps_three_points_that_each_boot_their_marker(
         workers, vcenter, tmp_path, settings):
-    sim, record = vcenter(vm_spec("rp01", [DISK_BYTES], cbt=True, firmware="bios", cpus=1, memory_mib=256))
-    live = Path(sim.vms["rp01"]["disks"]["2000"])
-    boot_disk.build_boot_disk(tmp_path / "boot.img", "1")
-    with open(tmp_path / "boot.img", "ab") as f:
-        f.truncate(DISK_BYTES)
-    live.write_bytes((tmp_path / "boot.img").read_bytes())
-    (vm,) = vmware_service.discover(record, ["rp01"])
+    sim, vm, live = boot_vm(vcenter, tmp_path, "rp01", "1")
     # Its group keeps 3 points (no schedule: the test starts each cycle).
     VirtualMachine.objects.filter(pk=vm.pk).update(group=ProtectionGroup.objects.create(name="keep3", points_keep=3))
     cycles, marks = [], {}

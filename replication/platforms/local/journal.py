@@ -60,17 +60,19 @@ SERVE_OPTIONS_NO_DIRECT = ["--cache=writeback", "--aio=threads", "--discard=unma
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # job ids have dots; never "/" nor a leading "."
 
 
-def _run(cmd: list[str], what: str, timeout: float = IMG_TIMEOUT_S) -> str:
-    """Run a qemu tool; its output, or a VolumeError saying what failed."""
+def run_tool(cmd: list[str], what: str, timeout: float = IMG_TIMEOUT_S,
+             error: type[Exception] = VolumeError) -> str:
+    """Run a qemu tool (qemu-img, qemu-io) with a deadline; its output, or
+    `error` saying what failed and why."""
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, umask=0o077,
                               stdin=subprocess.DEVNULL, check=False)
     except FileNotFoundError:
-        raise VolumeError(f"{what}: {cmd[0]} is not installed: {INSTALL_HINT}") from None
+        raise error(f"{what}: {cmd[0]} is not installed: {INSTALL_HINT}") from None
     except subprocess.TimeoutExpired:
-        raise VolumeError(f"{what}: {cmd[0]} did not finish within {timeout:.0f} s") from None
+        raise error(f"{what}: {cmd[0]} did not finish within {timeout:.0f} s") from None
     if done.returncode != 0:
-        raise VolumeError(f"{what}: {_readable(done.stderr)}")
+        raise error(f"{what}: {_readable(done.stderr or done.stdout)}")
     return done.stdout
 
 
@@ -86,7 +88,7 @@ def image_info(path: Path) -> dict:
     taking its lock (an image in use can be described)."""
     if not path.exists():
         raise VolumeError(f"image {path} does not exist")
-    out = _run(["qemu-img", "info", "-U", "--output=json", str(path)], f"cannot read image {path}")
+    out = run_tool(["qemu-img", "info", "-U", "--output=json", str(path)], f"cannot read image {path}")
     return json.loads(out)
 
 
@@ -201,7 +203,7 @@ class LayerJournal:
         partial = layer.with_name(layer.name + ".new")
         partial.unlink(missing_ok=True)
         # -u: the backing is neither opened nor locked (it may be served).
-        _run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", LAYER_OPTIONS, "-F", info["format"],
+        run_tool(["qemu-img", "create", "-q", "-f", "qcow2", "-o", LAYER_OPTIONS, "-F", info["format"],
               "-b", str(Path(base).absolute()), "-u", str(partial), str(size)], f"cannot create layer {layer.name}")
         partial.chmod(0o600)
         os.rename(partial, layer)  # a crash never leaves a half-made layer under the layer's name
@@ -380,11 +382,11 @@ class LayerJournal:
                 raise VolumeError(f"layer {above} lies over {above_over}, not over {newer}")
             self._refuse_if_in_use(older, newer, above)
             with _writable(older):
-                _run(["qemu-img", "commit", "-q", "-d", "-f", "qcow2", str(newer)],
+                run_tool(["qemu-img", "commit", "-q", "-d", "-f", "qcow2", str(newer)],
                      f"cannot merge layer {newer.name} into {older.name}", timeout=COMMIT_TIMEOUT_S)
             if above and above_over != Path(os.path.realpath(older)):
                 with _writable(above):
-                    _run(["qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-F", image_info(older)["format"],
+                    run_tool(["qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-F", image_info(older)["format"],
                           "-b", str(Path(older).absolute()), str(above)], f"cannot re-point layer {above.name}")
             newer.unlink()
             _fsync_dir(self.layer_dir)
@@ -408,7 +410,7 @@ class LayerJournal:
         if above:
             # Opening it for writing (as raw: no chain, no change) fails while QEMU's lock is held.
             with _writable(above):
-                _run(["qemu-io", "-f", "raw", "-c", "quit", str(above)],
+                run_tool(["qemu-io", "-f", "raw", "-c", "quit", str(above)],
                      f"cannot merge {newer.name} into {older.name}: layer {above.name} is in use "
                      "(its export, a test VM's overlay or a later cycle's layer lies over it)")
 

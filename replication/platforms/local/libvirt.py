@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from replication.platforms.base import Destination, DestinationError, DiskSpec, GuestNotConverted, VMShape
 from replication.platforms.local import kvm_probe
 from replication.platforms.local.domain_xml import boot_order, domain_xml, file_format
+from replication.platforms.local.journal import run_tool
 
 if TYPE_CHECKING:
     from replication.models import TargetVolume
@@ -68,15 +69,8 @@ _silence_libvirt_stderr()
 
 
 def _qemu_img(*args: str) -> str:
-    try:
-        done = subprocess.run(["qemu-img", *args], capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S)
-    except FileNotFoundError:
-        raise DestinationError("qemu-img is missing: run scripts/setup.sh (qemu-utils)") from None
-    except subprocess.TimeoutExpired:
-        raise DestinationError(f"qemu-img {args[0]} did not finish within {QEMU_IMG_TIMEOUT_S:.0f} s") from None
-    if done.returncode != 0:
-        raise DestinationError(f"qemu-img {args[0]} failed: {done.stderr.strip() or done.stdout.strip()}")
-    return done.stdout
+    return run_tool(["qemu-img", *args], f"qemu-img {args[0]} failed", timeout=QEMU_IMG_TIMEOUT_S,
+                    error=DestinationError)
 
 
 def _v2v_reason(output: str) -> str:
