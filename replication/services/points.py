@@ -11,16 +11,21 @@ every point stays as it was.
 Retention keeps the newest RECOVERY_POINTS_KEEP points (a protection group
 may keep its own number, plus the newest point of each hour and of each day
 for a span); an expired point is merged with its newer neighbour, at a cost
-proportional to that neighbour's changed data. A point a failover boots
-from, or the one under it, is never merged: retention waits for it."""
+proportional to that neighbour's changed data. Retention runs between the
+VM's cycles (a running cycle holds the whole chain open), and a point a
+failover boots from, with every point under it (its chain runs through
+them), is kept until the failover ends."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 from django.conf import settings
-from django.db import transaction
 from django.utils import timezone
 
 from replication import dispatch
@@ -93,9 +98,22 @@ def base_of(disk: VMDisk) -> str | None:
     return (layer.handle or None) if layer is not None else None
 
 
+@contextlib.contextmanager
+def _chain_lock(vm_id: int, *, exclusive: bool) -> Iterator[None]:
+    """Retention rewrites a VM's chain of layers under this lock; a cycle
+    opens its layer over the chain under it too (shared), so it never opens
+    a chain half-merged. A file lock: the OMA's workers share one host."""
+    path = Path(settings.OMA_RUN_DIR) / "chains" / f"vm-{vm_id}.lock"
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+
+
 def open_layer(disk: VMDisk) -> str:
     """Make and serve the disk's layer of its cycle; the URI its copy writes."""
-    return _provider(disk).open_layer(disk.target_volume, disk.job_id, base_of(disk))
+    with _chain_lock(disk.job.vm_id, exclusive=False):
+        return _provider(disk).open_layer(disk.target_volume, disk.job_id, base_of(disk))
 
 
 def seal_layers(job: ReplicationJob) -> list[tuple[VMDisk, str, int]]:
@@ -187,10 +205,12 @@ def apply_retention(vm: VirtualMachine, now=None) -> list[str]:
 
 def retain(vm_id: int) -> None:
     """Retention for one VM, as its task runs it (after each point sealed,
-    each failover ended): one at a time per VM, under its row's lock."""
-    with transaction.atomic():
-        vm = VirtualMachine.objects.select_for_update().filter(pk=vm_id).first()
-        if vm is None:
+    each failover ended), between its cycles: a running cycle holds the
+    whole chain open (QEMU's locks refuse to rewrite it); the next cycle's
+    retention catches up. No cycle opens its layer meanwhile (_chain_lock)."""
+    with _chain_lock(vm_id, exclusive=True):
+        vm = VirtualMachine.objects.filter(pk=vm_id).first()
+        if vm is None or vm.active_job() is not None:
             return
         for line in apply_retention(vm):
             log.info("retention of %s: %s", vm, line)
@@ -204,31 +224,38 @@ def enqueue_retention(vm: VirtualMachine) -> None:
 
 
 def _try_expire(points: list[RecoveryPoint], point: RecoveryPoint) -> str:
-    """Merge `point` with its newer neighbour, unless it, the neighbour or
-    the point above them is in use (a failover boots it), or the neighbour
-    or the point above is the newest while a cycle writes over it (QEMU's
-    locks on a chain held open refuse the merge). Returns what was done, or
-    "" when it must wait."""
+    """Merge `point` with its newer neighbour, unless a failover boots it or
+    any newer point (each of their chains runs through this point's layers,
+    and QEMU's locks keep a chain in use from being rewritten). Returns what
+    was done, or "" when it must wait.
+
+    The point is expired first: from the first merged disk on, its layers
+    hold its neighbour's data. A merge refused half-way (by a holder these
+    rules did not foresee) leaves that disk's layers where they were, under
+    the neighbour: its data stays right, only its space is not reclaimed."""
     index = points.index(point)  # newest first: the newer neighbour is at index - 1
+    if any(p.in_use_by() for p in points[:index + 1]):
+        return ""
     newer = points[index - 1]
     above = points[index - 2] if index >= 2 else None
-    if any(p.in_use_by() for p in (point, newer, above) if p):
-        return ""
-    if points[0] in (newer, above) and point.vm.active_job() is not None:
-        return ""  # the running cycle's layer lies over the newest point: its chain is held open
-    older_layers, newer_layers = point.handles(), newer.handles()
-    above_layers = above.handles() if above else {}
+    older_layers, above_layers = point.handles(), above.handles() if above else {}
+    point.transition(RecoveryPoint.Status.EXPIRED, ended_at=timezone.now(),
+                     ended_reason=f"merged into point {newer.pk} by retention")
     for layer in newer.layers.select_related("volume"):
-        provider = get_provider(layer.volume.provider)
         older = older_layers.get(layer.disk_key)
         if older is None:
             continue  # a disk added since: its layer in `newer` is its first
-        merged = provider.merge_layers(older, newer_layers[layer.disk_key], above_layers.get(layer.disk_key))
+        provider = get_provider(layer.volume.provider)
+        try:
+            merged = provider.merge_layers(older, layer.handle, above_layers.get(layer.disk_key))
+        except Exception as exc:  # noqa: BLE001 - the point is expired either way; the reason is kept
+            log.exception("merging %s of point %s into %s", layer.disk_key, point.pk, newer.pk)
+            RecoveryPoint.objects.filter(pk=point.pk).update(
+                ended_reason=f"merged into point {newer.pk} by retention; {layer.disk_key} not merged: {exc}"[:500])
+            continue
         PointLayer.objects.filter(pk=layer.pk).update(handle=merged, changed_bytes=provider.layer_bytes(merged))
-    newer_size = sum(newer.layers.values_list("changed_bytes", flat=True))
-    RecoveryPoint.objects.filter(pk=newer.pk).update(changed_bytes=newer_size)
-    point.transition(RecoveryPoint.Status.EXPIRED, ended_at=timezone.now(),
-                     ended_reason=f"merged into point {newer.pk} by retention")
+    RecoveryPoint.objects.filter(pk=newer.pk).update(changed_bytes=sum(newer.layers.values_list("changed_bytes",
+                                                                                                 flat=True)))
     log.info("recovery point %s of %s expired: merged into %s", point.pk, point.vm, newer.pk)
     return f"point {point.pk} ({point.frozen_at:%Y-%m-%d %H:%M:%S}) merged into point {newer.pk}"
 
