@@ -254,6 +254,7 @@ def main() -> None:
     guests = Guests(images, args.write_kib, args.write_every, stop)
     samples: list[float] = []
     tested: list[float] = []
+    by_minute: dict[int, list[float]] = {}
     failovers: list = []
     failover_vms = list(VirtualMachine.objects.order_by("name")[:args.test_failovers])
     try:
@@ -282,11 +283,14 @@ def main() -> None:
                   f"{max(p.age_s for p in rpo.recovery_points() if p.age_s is not None):.1f} s")
         print(f"  sampling for {args.minutes:g} min", flush=True)
         names = {vm.name for vm in failover_vms}
-        end = time.monotonic() + args.minutes * 60
+        begin = time.monotonic()
+        end = begin + args.minutes * 60
         while time.monotonic() < end:
+            minute = int((time.monotonic() - begin) // 60)
             for point in rpo.recovery_points():
                 if point.age_s is not None:
                     (tested if point.vm.name in names else samples).append(point.age_s)
+                    by_minute.setdefault(minute, []).append(point.age_s)
             time.sleep(5)
         running = FailoverJob.objects.filter(pk__in=[job.pk for job in failovers], status="succeeded").count()
         print(f"  test failovers still running at the end of the measurement: {running}")
@@ -311,6 +315,8 @@ def main() -> None:
     if tested:
         print_rpo(f"of the {len(failover_vms)} VMs under a test failover", tested)
         print_rpo("of the others", samples)
+    print("  RPO age per minute of the measurement, p99 / max: " + ", ".join(
+        f"{minute}: {percentile(ages, 99):.0f}/{max(ages):.0f}" for minute, ages in sorted(by_minute.items())))
     print(f"  cycles completed {len(jobs)}, failed {failed}, skipped ticks {skips}; cycle (created -> completed) "
           f"median {statistics.median(durations):.1f} s, p90 {percentile(durations, 90):.1f} s")
     print(f"  queue wait (due -> started) median {statistics.median(waits):.1f} s, p90 {percentile(waits, 90):.1f} s, "
