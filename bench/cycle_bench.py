@@ -191,6 +191,7 @@ class Services:
 
 
 def make_images(directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(2):
         path = directory / f"disk{i}.img"
@@ -202,37 +203,62 @@ def make_images(directory: Path) -> list[Path]:
     return paths
 
 
-def empty_volumes(volume_dir: Path) -> None:
-    """Make every target volume sparse again (same size, no data), so the
-    first data the next cycle writes shows as allocated blocks."""
-    for path in volume_dir.iterdir():
-        if path.is_file():
-            size = path.stat().st_size
-            with open(path, "r+b") as f:
-                f.truncate(0)
-                f.truncate(size)
-
-
 class FirstWrite(threading.Thread):
-    """Notes the wall time at which any file in the volume directory first
-    has allocated blocks (the directory's files were emptied beforehand)."""
+    """Notes the wall time at which a target file first grows: a volume
+    (written in place by a VM's first cycle) or a cycle's layer (a qcow2
+    file under volume_dir/layers, written by every later cycle). Each file's
+    allocated blocks when first seen are its baseline: a layer's qcow2
+    metadata is there from its creation, long before the copy's first write
+    (its server starts in between)."""
 
     def __init__(self, volume_dir: Path):
         super().__init__(daemon=True)
         self.volume_dir = volume_dir
         self.at: float | None = None
         self.stopped = threading.Event()
+        self.baseline = {path: path.stat().st_blocks for path in self._files()}
+
+    def _files(self) -> list[Path]:
+        layers = self.volume_dir / "layers"
+        return [path for path in [*self.volume_dir.iterdir(), *(layers.iterdir() if layers.is_dir() else [])]
+                if path.is_file()]
 
     def run(self) -> None:
         while not self.stopped.is_set():
-            for path in self.volume_dir.iterdir():
+            for path in self._files():
                 try:
-                    if path.stat().st_blocks > 0:
-                        self.at = time.time()
-                        return
+                    blocks = path.stat().st_blocks
                 except FileNotFoundError:
                     continue
+                if path not in self.baseline:
+                    # a new volume is empty; a new layer holds its metadata only
+                    self.baseline[path] = blocks if path.parent.name == "layers" else 0
+                if blocks > self.baseline[path]:
+                    self.at = time.time()
+                    return
             time.sleep(0.002)
+
+
+def journaled(job_id: str) -> bool:
+    """Whether the cycle wrote layers of its own (a VM's first cycle writes
+    its volumes in place: its point's layers are the volumes themselves)."""
+    from replication.models import PointLayer
+
+    handles = list(PointLayer.objects.filter(point__job_id=job_id).values_list("handle", flat=True))
+    return bool(handles) and all("/layers/" in handle for handle in handles)
+
+
+def leftovers(workdir: Path) -> dict:
+    """What the journal holds after the cycles: layer files, qemu-nbd
+    servers of this work directory, points sealed and expired (merged)."""
+    from replication.models import RecoveryPoint
+
+    layers = workdir / "volumes" / "layers"
+    servers = subprocess.run(["pgrep", "-f", f"qemu-nbd.*{workdir}"], capture_output=True, text=True).stdout.split()
+    return {"layer_files": sorted(p.name for p in layers.iterdir()) if layers.is_dir() else [],
+            "qemu_nbd": len(servers),
+            "points": {status: RecoveryPoint.objects.filter(status=status).count()
+                       for status in ("sealed", "expired", "released")}}
 
 
 def timeline(job) -> list[tuple[float, str]]:
@@ -250,20 +276,19 @@ def timeline(job) -> list[tuple[float, str]]:
     return sorted(entries, key=lambda entry: entry[0])
 
 
-def one_cycle(volume_dir: Path, services: Services, timeout_s: float) -> dict:
+def one_cycle(volume_dir: Path, services: Services, timeout_s: float, vm_name: str = VM_NAME) -> dict:
     from io import StringIO
 
     from django.core.management import call_command
 
     from replication.models import ReplicationJob, VMDisk
 
-    empty_volumes(volume_dir)
     watcher = FirstWrite(volume_dir)
     cpu_before = services.cpu_seconds()
     watcher.start()
     out = StringIO()
     issued = time.time()
-    call_command("replicate", VM_NAME, "--full", stdout=out)
+    call_command("replicate", vm_name, "--full", stdout=out)
     job_id = out.getvalue().split()[0]
     deadline = time.monotonic() + timeout_s
     terminal = {"completed", "failed", "cancelled"}
@@ -282,6 +307,7 @@ def one_cycle(volume_dir: Path, services: Services, timeout_s: float) -> dict:
     started = [s for s in VMDisk.objects.filter(job_id=job_id).values_list("started_at", flat=True) if s]
     return {
         "job": job_id,
+        "journaled": journaled(job_id),
         "created_to_completed_s": (job.completed_at - job.created_at).total_seconds(),
         "issued_to_created_s": job.created_at.timestamp() - issued,
         "issued_to_first_byte_s": (watcher.at - issued) if watcher.at else None,
@@ -345,10 +371,29 @@ def print_summary(summary: dict, layout: str) -> None:
                                                         if hop["n"] != summary["cycles"] else ""))
 
 
+def vm_name(index: int) -> str:
+    return VM_NAME if index == 0 else f"{VM_NAME}-fresh{index}"
+
+
+def compare(journal: dict, in_place: dict) -> None:
+    """The journal's share: journaled minus in-place medians, overall and per
+    hop present in both."""
+    total = journal["created_to_completed_s"]["median"] - in_place["created_to_completed_s"]["median"]
+    print(f"journal's share (median journaled - median in place): created -> completed {total:+.3f} s")
+    for label, hop in journal["hops_median_s"].items():
+        if label in in_place["hops_median_s"]:
+            print(f"  {hop['median'] - in_place['hops_median_s'][label]['median']:+.3f} s  {label}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1, help="cycles run first and not counted")
+    parser.add_argument("--in-place", type=int, default=3,
+                        help="fresh VMs whose first cycles (written in place, no layer) run alternately with the "
+                             "journaled ones, for comparison")
+    parser.add_argument("--points-keep", type=int, default=3,
+                        help="RECOVERY_POINTS_KEEP of the services (retention merges once a VM has more)")
     parser.add_argument("--layout", choices=["split", "single"], default="split")
     parser.add_argument("--workdir", type=Path, default=ROOT / "var" / "cycle-bench")
     parser.add_argument("--timeout", type=float, default=120, help="seconds one cycle may take")
@@ -361,6 +406,7 @@ def main() -> None:
     args = parser.parse_args()
     workdir = args.workdir.resolve()
     env = configure(workdir)
+    env["RECOVERY_POINTS_KEEP"] = os.environ["RECOVERY_POINTS_KEEP"] = str(args.points_keep)
     setup_django()
     import logging
 
@@ -372,26 +418,50 @@ def main() -> None:
     broker = redis.Redis.from_url(env["CELERY_BROKER_URL"])
     broker.delete("oma", "vma.local")
     call_command("migrate", verbosity=0)
-    images = make_images(workdir / "images")
-    call_command("add_vm", VM_NAME, *[arg for path in images for arg in ("--disk", str(path))],
-                 stdout=open(os.devnull, "w"))  # noqa: SIM115
+    for index in range(args.in_place + 1):
+        images = make_images(workdir / "images" / f"vm{index}")
+        call_command("add_vm", vm_name(index), *[arg for path in images for arg in ("--disk", str(path))],
+                     stdout=open(os.devnull, "w"))  # noqa: SIM115
     services = Services(workdir, env, args.layout, api=args.api)
-    cycles = []
+    cycles, firsts, warm = [], [], []
     try:
-        for i in range(args.warmup + args.reps):
-            cycle = one_cycle(workdir / "volumes", services, args.timeout)
-            if i >= args.warmup:
-                cycles.append(cycle)
+        for _ in range(args.warmup):
+            warm.append(one_cycle(workdir / "volumes", services, args.timeout))
+        for i in range(args.reps):
+            # paired: each journaled cycle of the bench VM, then (while there
+            # are fresh VMs) a fresh VM's first cycle, written in place
+            cycles.append(one_cycle(workdir / "volumes", services, args.timeout))
+            if i < args.in_place:
+                firsts.append(one_cycle(workdir / "volumes", services, args.timeout, vm_name(i + 1)))
+        left = leftovers(workdir)
     finally:
         services.stop()
         subprocess.run([sys.executable, "manage.py", "export_server", "stop"], cwd=ROOT,
                        env={**os.environ, **env}, capture_output=True)
         for key in broker.scan_iter(f"{env['VMA_PROGRESS_PREFIX']}:*", count=1000):
             broker.delete(key)
+    not_journaled = [c["job"] for c in cycles if not c["journaled"]]
+    if not_journaled:
+        print(f"WARNING: counted cycles not journaled: {not_journaled}")
+    if warm:
+        print(f"warmup: {len(warm)} cycle(s), the first in place; created -> completed "
+              + ", ".join(f"{c['created_to_completed_s']:.3f} s" + ("" if c["journaled"] else " (in place)")
+                          for c in warm))
+    print(f"after the cycles: {left['points']} points; layer files {len(left['layer_files'])}; "
+          f"qemu-nbd servers still running {left['qemu_nbd']} (RECOVERY_POINTS_KEEP {env['RECOVERY_POINTS_KEEP']})")
     summary = summarize(cycles)
-    print_summary(summary, args.layout + ("" if args.api == "runserver" else f", agent API {args.api}"))
+    label = args.layout + ("" if args.api == "runserver" else f", agent API {args.api}")
+    print("== journaled cycles (a layer per disk: opened, served by qemu-nbd, sealed) ==")
+    print_summary(summary, label)
+    result = {"cycles": cycles, "summary": summary}
+    if firsts:
+        first_summary = summarize(firsts)
+        print("== first cycles of fresh VMs (in place: no layer), run alternately with the above ==")
+        print_summary(first_summary, label)
+        compare(summary, first_summary)
+        result |= {"in_place": firsts, "in_place_summary": first_summary}
     if args.json:
-        print(json.dumps({"cycles": cycles, "summary": summary}, indent=2, default=str))
+        print(json.dumps(result | {"warmup": warm, "leftovers": left}, indent=2, default=str))
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
 
