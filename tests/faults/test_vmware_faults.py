@@ -239,13 +239,15 @@ def test_vcenter_steps_run_on_the_agent_and_volume_steps_on_the_oma(workers, vce
     job = wait_for_job(start_replication(vm).id, timeout=60)
     assert job.status == JobStatus.COMPLETED, job.error_message
     assert sha256_match(job, live_images(sim, "vm-split"))
-    # The snapshot's removal is the agent's last task; its outcome the OMA's.
-    wait_until(lambda: "replication.snapshot_removed" in oma.tasks_succeeded(), 30, "the removal's outcome recorded")
+    # The snapshot's removal is the agent's last task; its outcome the OMA's,
+    # and so is the retention of the recovery point the cycle sealed.
+    wait_until(lambda: {"replication.snapshot_removed", "replication.retain_points"} <= set(oma.tasks_succeeded()),
+               30, "the removal's outcome recorded and retention run")
 
     assert set(agent.tasks_succeeded()) == {"vma.prepare_source", "vma.copy_disk", "vma.remove_snapshot"}
     assert set(oma.tasks_succeeded()) == {"replication.prepare_job", "replication.source_prepared",
                                           "replication.disk_copied", "replication.snapshot_removed",
-                                          "replication.job_ended"}
+                                          "replication.job_ended", "replication.retain_points"}
     # The agent's worker has no database: its settings as it sees them.
     probe = agent.django("from django.conf import settings\n"
                          "from replication.models import ReplicationJob\n"
