@@ -3,6 +3,7 @@ copy engine: a volume's first cycle writes it in place, later cycles write
 qcow2 layers of their own; sealed, discarded (the fence), merged, dropped.
 Content is checked by sha256 of each chain read back."""
 
+import contextlib
 import hashlib
 import os
 import resource
@@ -233,35 +234,35 @@ def test_merge_of_two_layers_keeps_the_points_around_them(provider, tmp_path):
     assert sha256(p1) == sums[0]
 
 
+@contextlib.contextmanager
+def qemu_nbd_serving(sock, image: str, *flags: str):
+    """A qemu-nbd holding `image` (and its chain) open, as a test VM would."""
+    server = subprocess.Popen(["qemu-nbd", *flags, "-t", "-e", "0", "-f", "qcow2", "-k", str(sock), image])
+    try:
+        wait_until(lambda: socket_accepts(sock), 10, f"qemu-nbd to serve {image}")
+        yield server
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 def test_merge_is_refused_while_a_point_it_changes_is_in_use(provider, tmp_path, sockdir):
     vol, (p1, p2, p3), sums = three_points(provider, tmp_path)
     files = [sha256(p) for p in (p1, p2, p3)]
-    sock = sockdir / "reader.sock"
     # A test VM's view of p2's point: a reader of the chain p2 over p1.
-    reader = subprocess.Popen(["qemu-nbd", "-r", "-t", "-e", "0", "-f", "qcow2", "-k", str(sock), p2])
-    try:
-        wait_until(lambda: socket_accepts(sock), 10, "the reader to serve")
+    with qemu_nbd_serving(sockdir / "reader.sock", p2, "-r"):
         with pytest.raises(VolumeError, match=r"holds .*open .*end it first"):
             provider.merge_layers(p1, p2, p3)
         assert [sha256(p) for p in (p1, p2, p3)] == files, "nothing changed"
-    finally:
-        reader.terminate()
-        reader.wait(10)
 
     # A test VM on the newest point (its own overlay over p3, opened as a VM
     # opens it): QEMU's lock keeps p3's header as it is, so the merge waits.
     overlay = tmp_path / "test-vm.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", p3, str(overlay)], check=True)
-    sock = sockdir / "reader-3.sock"
-    reader = subprocess.Popen(["qemu-nbd", "-t", "-e", "0", "-f", "qcow2", "-k", str(sock), str(overlay)])
-    try:
-        wait_until(lambda: socket_accepts(sock), 10, "the test VM's disk to serve")
+    with qemu_nbd_serving(sockdir / "reader-3.sock", str(overlay)):
         with pytest.raises(VolumeError, match=r"cycle-3.qcow2 is in use .*Failed to get \"write\" lock"):
             provider.merge_layers(p1, p2, p3)
         assert [sha256(p) for p in (p1, p2, p3)] == files, "nothing changed"
-    finally:
-        reader.terminate()
-        reader.wait(10)
     provider.merge_layers(p1, p2, p3)
     assert chain_sha(p3) == sums[2]
 
