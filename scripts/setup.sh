@@ -14,7 +14,12 @@ APT_PACKAGES=(nbdkit libnbd-bin python3-libnbd qemu-utils redis-server
               syslinux syslinux-common extlinux mtools busybox-static
               linux-image-amd64 dosfstools
               # guest conversion before a failed-over VM's first boot
-              virt-v2v)
+              virt-v2v
+              # real guests: UEFI (OVMF, Secure Boot), a vTPM, the screen read
+              # by OCR, a DHCP test network, and a unified kernel image for a
+              # UEFI-only test disk
+              ovmf swtpm swtpm-tools tesseract-ocr tesseract-ocr-eng dnsmasq-base
+              systemd-boot-efi)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -52,7 +52,13 @@ class FailoverJob(StateMachine):
     forecast_downtime_s = models.FloatField(null=True, blank=True,
                                             help_text="Live: the downtime forecast shown before it started")
     boot_verified = models.BooleanField(default=False)
-    console_match = models.TextField(blank=True, help_text="The console line that verified the boot")
+    console_match = models.TextField(blank=True, help_text="What verified the boot: the console line, the "
+                                                            "screen's text, the lease or the agent's answer")
+    boot_probe = models.CharField(max_length=20, blank=True,
+                                  help_text="The probe that verified the boot: console, screen, network or agent")
+    hardware = models.JSONField(default=dict, blank=True,
+                                help_text="What its VM booted with (firmware, buses, NIC model, offering...) "
+                                          "and where each came from")
     console_tail = models.TextField(blank=True)
     error_message = models.TextField(blank=True)
     actor = models.CharField(max_length=100)

@@ -44,6 +44,17 @@ class VirtualMachine(models.Model):
     cbt_enabled = models.BooleanField(null=True, help_text="Changed block tracking; unknown for image sources")
     power_state = models.CharField(max_length=20, blank=True)
     firmware = models.CharField(max_length=20, blank=True)
+    secure_boot = models.BooleanField(default=False, help_text="The source boots with UEFI Secure Boot")
+    tpm = models.BooleanField(default=False, help_text="The source has a vTPM")
+    disk_bus = models.CharField(max_length=10, blank=True,
+                                help_text="The bus of the source's boot disk: virtio, sata, scsi or ide; "
+                                          "empty: unknown")
+    scsi_model = models.CharField(max_length=20, blank=True,
+                                  help_text="The source's SCSI controller as QEMU emulates it (lsilogic, "
+                                            "lsisas1068, vmpvscsi) when its disks are on SCSI")
+    nic_model = models.CharField(max_length=20, blank=True,
+                                 help_text="The source's NIC model as QEMU emulates it (e1000e, e1000, vmxnet3, "
+                                           "virtio); empty: unknown")
     guest_os = models.CharField(max_length=200, blank=True)
     cpus = models.PositiveIntegerField(null=True, blank=True, help_text="Virtual CPUs; unknown: the destination's "
                                                                         "default")
@@ -71,6 +82,8 @@ class VirtualMachine(models.Model):
         """The VM's shape as recorded (discovery, or add_vm's options): what a
         cycle stores unless its agent reads a fresher one."""
         return {"cpus": self.cpus, "memory_mib": self.memory_mib, "firmware": self.firmware or "bios",
+                "secure_boot": self.secure_boot, "tpm": self.tpm, "disk_bus": self.disk_bus,
+                "scsi_model": self.scsi_model, "nic_model": self.nic_model,
                 "guest_os": self.guest_os, "nics": self.nics,
                 "disks": list(self.disks.order_by("disk_key").values_list("disk_key", flat=True))}
 

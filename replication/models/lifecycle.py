@@ -29,6 +29,16 @@ class VMContext(StateMachine):
                                         help_text="What the console must show for a boot to count; empty: "
                                                   "the VM runs and its console printed anything")
     boot_check_timeout_s = models.PositiveIntegerField(default=120)
+    boot_probes = models.CharField(max_length=100, blank=True,
+                                   help_text="How a boot is seen, comma-separated, any one suffices: console, "
+                                             "screen, network, agent; empty: the default probes")
+    hardware = models.JSONField(default=dict, blank=True,
+                                help_text="The operator's choices for the destination's hardware (firmware, "
+                                          "secure_boot, tpm, disk_bus, scsi_model, nic_model); a key absent: "
+                                          "from the source and the conversion")
+    hardware_warning = models.CharField(max_length=500, blank=True,
+                                        help_text="Why the VM may not boot as expected (e.g. a Windows guest "
+                                                  "converted without virtio-win drivers)")
     convert_guest = models.BooleanField(default=False,
                                         help_text="Convert the guest (virt-v2v-in-place) on the overlays before "
                                                   "a failed-over VM's first boot")

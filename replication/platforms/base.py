@@ -38,6 +38,12 @@ if TYPE_CHECKING:
     from replication.models import TargetVolume
 
 Firmware = Literal["bios", "efi"]
+# How the destination presents the disks and NICs to the guest. "scsi" is a
+# SCSI controller of model VMShape.scsi_model (virtio-scsi unless the source's
+# own controller is emulated: lsilogic, lsisas1068, vmpvscsi).
+DISK_BUSES = ("virtio", "sata", "scsi", "ide")
+SCSI_MODELS = ("virtio-scsi", "lsilogic", "lsisas1068", "vmpvscsi")
+NIC_MODELS = ("virtio", "e1000e", "e1000", "vmxnet3", "rtl8139")
 
 # state() answers one of these. "absent": no VM of that name is defined.
 VM_STATES = ("running", "paused", "shutoff", "crashed", "shutdown", "blocked", "pmsuspended", "absent", "unknown")
@@ -62,24 +68,41 @@ class NIC:
 
     mac: str | None = None  # None: the destination picks one
     source_network: str = ""  # the network's name on the source (for a mapping)
+    ip: str | None = None  # the guest's address on it, where known (kept on CloudStack)
 
 
 @dataclass(frozen=True)
 class VMShape:
     """What the destination VM looks like: the source's CPUs, memory, firmware,
-    disks in boot order (their disk keys; the first boots) and NICs."""
+    disks in boot order (their disk keys; the first boots) and NICs, and the
+    devices the guest finds them on (the source's, the conversion's or the
+    operator's choice: services.hardware decides)."""
 
     cpus: int
     memory_mib: int
     firmware: Firmware = "bios"
     disks: tuple[str, ...] = ()  # disk keys in boot order; empty: the order define_vm gets them in
     nics: tuple[NIC, ...] = field(default_factory=tuple)
+    secure_boot: bool = False  # UEFI Secure Boot with Microsoft's keys enrolled (efi only)
+    tpm: bool = False  # a vTPM 2.0 (swtpm on libvirt)
+    disk_bus: str = "virtio"
+    scsi_model: str = "virtio-scsi"  # the controller when disk_bus is scsi
+    nic_model: str = "virtio"
 
     def __post_init__(self):
         if self.cpus < 1 or self.memory_mib < 16:
             raise DestinationError(f"VM shape needs at least 1 CPU and 16 MiB (got {self.cpus}, {self.memory_mib})")
         if self.firmware not in ("bios", "efi"):
             raise DestinationError(f"VM firmware must be 'bios' or 'efi', not {self.firmware!r}")
+        if self.secure_boot and self.firmware != "efi":
+            raise DestinationError("Secure Boot needs UEFI firmware (efi)")
+        if self.disk_bus not in DISK_BUSES:
+            raise DestinationError(f"disk bus must be one of {', '.join(DISK_BUSES)}, not {self.disk_bus!r}")
+        if self.scsi_model not in SCSI_MODELS:
+            raise DestinationError(f"SCSI controller must be one of {', '.join(SCSI_MODELS)}, "
+                                   f"not {self.scsi_model!r}")
+        if self.nic_model not in NIC_MODELS:
+            raise DestinationError(f"NIC model must be one of {', '.join(NIC_MODELS)}, not {self.nic_model!r}")
 
 
 # A disk of define_vm: (protected volume handle, disk key). The key is what the
