@@ -16,8 +16,15 @@ with mkfs.fat and mtools, made bootable with the mtools-based ``syslinux``,
 and spliced behind an MBR written here. Needs: linux-image-amd64,
 busybox-static, dosfstools, mtools, syslinux, syslinux-common.
 
-    make_boot_disk.py OUT.img --marker TEXT [--size-mib 64]
+    make_boot_disk.py OUT.img --marker TEXT [--size-mib 64] [--firmware efi]
     make_boot_disk.py OUT.img --set-marker TEXT
+
+``--firmware efi`` builds a UEFI-only disk instead: a GPT whose only
+partition is an EFI system partition (FAT) holding a unified kernel image
+(systemd-boot-efi's stub + the same kernel, initramfs and command line, put
+together with objcopy) as \\EFI\\BOOT\\BOOTX64.EFI, and MARKER. The protective
+MBR carries no boot code: a BIOS cannot boot it. Also needs: systemd-boot-efi,
+binutils, fdisk (sfdisk).
 """
 
 from __future__ import annotations
@@ -96,6 +103,12 @@ LABEL linux
   KERNEL /vmlinuz
   APPEND initrd=/initrd.gz console=ttyS0,115200 quiet panic=10
 """
+
+
+EFI_STUB = Path("/usr/lib/systemd/boot/efi/linuxx64.efi.stub")
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+UKI_PATH = "EFI/BOOT/BOOTX64.EFI"
+UKI_CMDLINE = "console=ttyS0,115200 quiet panic=10"
 
 
 class BootDiskError(RuntimeError):
@@ -210,10 +223,12 @@ def _mbr(code: bytes, start_lba: int, sectors: int) -> bytes:
 
 
 def partition_offset(image: str | os.PathLike) -> int:
-    """Byte offset of the first partition of an MBR disk image."""
+    """Byte offset of the first partition of an MBR or GPT disk image."""
     try:
         with open(image, "rb") as fh:
             mbr = fh.read(SECTOR)
+            if len(mbr) == SECTOR and mbr[446 + 4] == 0xEE:  # protective MBR: the GPT says
+                return _gpt_first_partition(fh, image)
     except OSError as exc:
         raise BootDiskError(f"cannot read {image}: {exc.strerror}") from None
     if len(mbr) < SECTOR or mbr[510:512] != b"\x55\xaa":
@@ -222,6 +237,91 @@ def partition_offset(image: str | os.PathLike) -> int:
     if not start_lba:
         raise BootDiskError(f"{image}: partition 1 is empty")
     return start_lba * SECTOR
+
+
+def _gpt_first_partition(fh, image) -> int:
+    fh.seek(SECTOR)
+    header = fh.read(92)
+    if header[:8] != b"EFI PART":
+        raise BootDiskError(f"{image}: protective MBR but no GPT header")
+    entries_lba, = struct.unpack_from("<Q", header, 72)
+    fh.seek(entries_lba * SECTOR)
+    first_lba, = struct.unpack_from("<Q", fh.read(128), 32)
+    if not first_lba:
+        raise BootDiskError(f"{image}: partition 1 is empty")
+    return first_lba * SECTOR
+
+
+def build_uki(kernel: Path, initrd: Path, out: Path) -> Path:
+    """A unified kernel image: systemd-boot-efi's stub with the kernel, the
+    initramfs and the command line as PE sections, each placed after the
+    stub's own image (the stub's ImageBase is 0: addresses are RVAs)."""
+    if not EFI_STUB.is_file():
+        raise BootDiskError(f"{EFI_STUB} is missing: install systemd-boot-efi")
+    try:
+        dump = subprocess.run(["objdump", "-p", str(EFI_STUB)], check=True, capture_output=True, text=True,
+                              timeout=30).stdout
+    except FileNotFoundError:
+        raise BootDiskError("objdump is missing: install binutils") from None
+    match = re.search(r"^SizeOfImage\s+([0-9a-fA-F]+)", dump, re.M)
+    if not match:
+        raise BootDiskError(f"objdump -p {EFI_STUB} shows no SizeOfImage")
+    cmdline = out.with_name("cmdline.txt")
+    cmdline.write_text(UKI_CMDLINE + "\0")
+    align = 0x100000
+    vma = (int(match.group(1), 16) + align - 1) // align * align
+    args = []
+    for section, src in ((".osrel", Path("/usr/lib/os-release")), (".cmdline", cmdline), (".linux", kernel),
+                         (".initrd", initrd)):
+        args += ["--add-section", f"{section}={src}", "--change-section-vma", f"{section}={vma:#x}"]
+        vma += (src.stat().st_size + align - 1) // align * align
+    _run("objcopy", *args, str(EFI_STUB), str(out))
+    return out
+
+
+def build_efi_boot_disk(path: str | os.PathLike, marker: str, size_mib: int = 64) -> Path:
+    """Write a UEFI-only raw disk image to ``path`` (GPT, an EFI system
+    partition with the unified kernel image, no BIOS boot code) whose guest
+    prints ``BOOT-MARKER: marker``."""
+    path = Path(path)
+    if size_mib < 40:
+        raise BootDiskError("size_mib must be at least 40 for a UEFI disk (its unified kernel image + FAT16)")
+    kernel, release = find_kernel()
+    total_sectors = size_mib * 1024 * 1024 // SECTOR
+    # 1 MiB in front (protective MBR, GPT), 1 MiB behind (the backup GPT).
+    part_sectors = total_sectors - 2 * PARTITION_START_LBA
+    with tempfile.TemporaryDirectory(prefix="bootdisk-") as tmp:
+        tmpd = Path(tmp)
+        (tmpd / "initrd.gz").write_bytes(build_initramfs(release))
+        uki = build_uki(kernel, tmpd / "initrd.gz", tmpd / "BOOTX64.EFI")
+        part = tmpd / "esp.img"
+        with open(part, "wb") as fh:
+            fh.truncate(part_sectors * SECTOR)
+        _run("mkfs.fat", "-F", "16", "-n", "OMAESP", str(part))
+        (tmpd / MARKER_FILE).write_text(marker + "\n")
+        _run("mmd", "-i", str(part), "::/EFI", "::/EFI/BOOT")
+        _run("mcopy", "-i", str(part), str(uki), f"::/{UKI_PATH}")
+        _run("mcopy", "-i", str(part), str(tmpd / MARKER_FILE), f"::/{MARKER_FILE}")
+        tmp_out = path.with_name(f".{path.name}.partial")
+        with open(tmp_out, "wb") as out:
+            out.truncate(total_sectors * SECTOR)
+        table = (f"label: gpt\nstart={PARTITION_START_LBA}, size={part_sectors}, type={ESP_TYPE}, "
+                 'name="EFI system partition"\n')
+        try:
+            subprocess.run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", str(tmp_out)], input=table,
+                           check=True, capture_output=True, text=True, timeout=30)
+        except FileNotFoundError:
+            raise BootDiskError("sfdisk is missing: install fdisk") from None
+        except subprocess.CalledProcessError as exc:
+            raise BootDiskError(f"sfdisk failed: {exc.stderr.strip()}") from None
+        with open(tmp_out, "r+b") as out:
+            if out.read(440).strip(b"\0"):
+                raise BootDiskError("sfdisk wrote boot code into the protective MBR")
+            out.seek(PARTITION_START_LBA * SECTOR)
+            with open(part, "rb") as src_fh:
+                shutil.copyfileobj(src_fh, out, 1 << 20)
+        os.replace(tmp_out, path)
+    return path
 
 
 def build_boot_disk(path: str | os.PathLike, marker: str, size_mib: int = 64) -> Path:
@@ -287,11 +387,14 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--marker", help="build a new image whose guest prints this marker")
     group.add_argument("--set-marker", help="rewrite the marker in an existing image")
     parser.add_argument("--size-mib", type=int, default=64)
+    parser.add_argument("--firmware", choices=["bios", "efi"], default="bios",
+                        help="efi: a UEFI-only disk (GPT, EFI system partition, unified kernel image)")
     args = parser.parse_args(argv)
     try:
         if args.marker is not None:
-            build_boot_disk(args.image, args.marker, args.size_mib)
-            print(f"built {args.image}: the guest prints '{MARKER_PREFIX}{args.marker}' on ttyS0")
+            build = build_efi_boot_disk if args.firmware == "efi" else build_boot_disk
+            build(args.image, args.marker, args.size_mib)
+            print(f"built {args.image} ({args.firmware}): the guest prints '{MARKER_PREFIX}{args.marker}' on ttyS0")
         else:
             set_marker(args.image, args.set_marker)
             print(f"{args.image}: marker set to '{args.set_marker}'")
