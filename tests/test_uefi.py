@@ -33,7 +33,7 @@ def no_leftover_test_vms():
     from replication.platforms import get_destination
 
     destination = get_destination()
-    for prefix in ("oma-test-uefi", "oma-live-uefi", "oma-test-sb", "oma-test-bios"):
+    for prefix in ("oma-test-uefi", "oma-live-uefi", "oma-test-sb", "oma-test-bios"):  # this file's VMs
         for name in destination.list_vms(prefix):
             destination.destroy(name)
 
@@ -122,11 +122,13 @@ def test_a_uefi_only_guest_boots_through_ovmf_with_its_own_nvram_and_a_vtpm_in_a
     assert tpm is not None and tpm.get("model") == "tpm-crb"
     assert tpm.find("backend").get("type") == "emulator" and tpm.find("backend").get("version") == "2.0"
     assert swtpm_of(name), "no swtpm process runs for the VM"
+    tpm_state = Path("/var/lib/libvirt/swtpm") / live.findtext("./uuid")
+    assert tpm_state.is_dir()  # the vTPM's own state, kept by libvirt per VM
 
     command("failover_end", "uefi-vm")
     assert name not in domains()
     assert not nvram.exists()  # the VM's variables went with it
-    assert not swtpm_of(name)
+    assert not swtpm_of(name) and not tpm_state.exists()
     assert sha256(replica) == before
 
 
@@ -190,6 +192,30 @@ def test_secure_boot_runs_ovmf_with_microsofts_keys_which_refuses_the_unsigned_k
     assert "Access Denied" in failed.console_tail and "BOOT-MARKER" not in failed.console_tail, failed.console_tail
     assert failed.destination_vm not in domains()
     assert not (Path(settings.FAILOVER_DIR) / f"{failed.destination_vm}.VARS.fd").exists()
+
+
+def test_secure_boot_boots_debians_signed_shim_grub_and_kernel_and_the_guest_sees_it_on(
+        celery_worker_process, tmp_path, settings):
+    """The positive side: shim (signed by Microsoft's UEFI CA), grub and the
+    kernel (signed by Debian) boot under the same firmware and keys, and the
+    guest's kernel reports Secure Boot on."""
+    disk = tmp_path / "shim.img"
+    boot_disk.build_efi_boot_disk(disk, "S2", loader="shim")
+    command("add_vm", "sb-shim", "--disk", str(disk), "--memory-mib", "384", "--firmware", "efi", "--secure-boot")
+    replicate(VirtualMachine.objects.get(name="sb-shim"))
+    command("set_boot_check", "sb-shim", "--regex", "BOOT-MARKER: S2", "--timeout", "240")
+
+    report = failover("sb-shim", "--test")
+
+    assert report["status"] == FailoverStatus.SUCCEEDED and report["boot_verified"], report
+    name = report["destination_vm"]
+    live = running_domain(name)
+    assert live.findtext("./os/loader") == "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"
+    assert live.find("./os/loader").get("secure") == "yes" and live.find("./features/smm").get("state") == "on"
+    console = (Path(settings.FAILOVER_DIR) / f"{name}.console.log").read_text(errors="replace")
+    assert "Welcome to GRUB!" in console and "secureboot: Secure boot enabled" in console, console[-3000:]
+    command("failover_end", "sb-shim")
+    assert name not in domains()
 
 
 def test_the_domain_of_a_secure_boot_vm_uses_the_smm_firmware_on_q35(tmp_path):
