@@ -16,8 +16,17 @@ with mkfs.fat and mtools, made bootable with the mtools-based ``syslinux``,
 and spliced behind an MBR written here. Needs: linux-image-amd64,
 busybox-static, dosfstools, mtools, syslinux, syslinux-common.
 
-    make_boot_disk.py OUT.img --marker TEXT [--size-mib 64]
+    make_boot_disk.py OUT.img --marker TEXT [--size-mib 64] [--firmware efi [--efi-loader uki|shim]]
     make_boot_disk.py OUT.img --set-marker TEXT
+
+``--firmware efi`` builds a UEFI-only disk instead: a GPT whose only
+partition is an EFI system partition (FAT) holding a unified kernel image
+(systemd-boot-efi's stub + the same kernel, initramfs and command line, put
+together with objcopy) as \\EFI\\BOOT\\BOOTX64.EFI, and MARKER. The protective
+MBR carries no boot code: a BIOS cannot boot it. Also needs: systemd-boot-efi,
+binutils, fdisk (sfdisk). ``--efi-loader shim`` puts Debian's signed chain
+there instead (shim-signed, grub-efi-amd64-signed and the signed kernel), the
+one a firmware with Secure Boot on and Microsoft's keys enrolled boots.
 """
 
 from __future__ import annotations
@@ -95,6 +104,22 @@ TIMEOUT 0
 LABEL linux
   KERNEL /vmlinuz
   APPEND initrd=/initrd.gz console=ttyS0,115200 quiet panic=10
+"""
+
+
+EFI_STUB = Path("/usr/lib/systemd/boot/efi/linuxx64.efi.stub")
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+UKI_PATH = "EFI/BOOT/BOOTX64.EFI"
+UKI_CMDLINE = "console=ttyS0,115200 quiet panic=10"
+SHIM_SIGNED = Path("/usr/lib/shim/shimx64.efi.signed")
+GRUB_SIGNED = Path("/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed")
+# Not quiet: the kernel's own "secureboot: Secure boot enabled" reaches the console.
+GRUB_CFG = """set default=0
+set timeout=0
+menuentry "boot disk" {
+  linux /vmlinuz console=ttyS0,115200 panic=10
+  initrd /initrd.gz
+}
 """
 
 
@@ -210,10 +235,12 @@ def _mbr(code: bytes, start_lba: int, sectors: int) -> bytes:
 
 
 def partition_offset(image: str | os.PathLike) -> int:
-    """Byte offset of the first partition of an MBR disk image."""
+    """Byte offset of the first partition of an MBR or GPT disk image."""
     try:
         with open(image, "rb") as fh:
             mbr = fh.read(SECTOR)
+            if len(mbr) == SECTOR and mbr[446 + 4] == 0xEE:  # protective MBR: the GPT says
+                return _gpt_first_partition(fh, image)
     except OSError as exc:
         raise BootDiskError(f"cannot read {image}: {exc.strerror}") from None
     if len(mbr) < SECTOR or mbr[510:512] != b"\x55\xaa":
@@ -222,6 +249,116 @@ def partition_offset(image: str | os.PathLike) -> int:
     if not start_lba:
         raise BootDiskError(f"{image}: partition 1 is empty")
     return start_lba * SECTOR
+
+
+def _gpt_first_partition(fh, image) -> int:
+    fh.seek(SECTOR)
+    header = fh.read(92)
+    if header[:8] != b"EFI PART":
+        raise BootDiskError(f"{image}: protective MBR but no GPT header")
+    entries_lba, = struct.unpack_from("<Q", header, 72)
+    fh.seek(entries_lba * SECTOR)
+    first_lba, = struct.unpack_from("<Q", fh.read(128), 32)
+    if not first_lba:
+        raise BootDiskError(f"{image}: partition 1 is empty")
+    return first_lba * SECTOR
+
+
+def _parents(dest: str) -> list[str]:
+    """EFI/BOOT/x.efi -> [EFI, EFI/BOOT]."""
+    parts = dest.split("/")[:-1]
+    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def build_uki(kernel: Path, initrd: Path, out: Path) -> Path:
+    """A unified kernel image: systemd-boot-efi's stub with the kernel, the
+    initramfs and the command line as PE sections, each placed after the
+    stub's own image (the stub's ImageBase is 0: addresses are RVAs)."""
+    if not EFI_STUB.is_file():
+        raise BootDiskError(f"{EFI_STUB} is missing: install systemd-boot-efi")
+    try:
+        dump = subprocess.run(["objdump", "-p", str(EFI_STUB)], check=True, capture_output=True, text=True,
+                              timeout=30).stdout
+    except FileNotFoundError:
+        raise BootDiskError("objdump is missing: install binutils") from None
+    match = re.search(r"^SizeOfImage\s+([0-9a-fA-F]+)", dump, re.M)
+    if not match:
+        raise BootDiskError(f"objdump -p {EFI_STUB} shows no SizeOfImage")
+    cmdline = out.with_name("cmdline.txt")
+    cmdline.write_text(UKI_CMDLINE + "\0")
+    align = 0x100000
+    vma = (int(match.group(1), 16) + align - 1) // align * align
+    args = []
+    for section, src in ((".osrel", Path("/usr/lib/os-release")), (".cmdline", cmdline), (".linux", kernel),
+                         (".initrd", initrd)):
+        args += ["--add-section", f"{section}={src}", "--change-section-vma", f"{section}={vma:#x}"]
+        vma += (src.stat().st_size + align - 1) // align * align
+    _run("objcopy", *args, str(EFI_STUB), str(out))
+    return out
+
+
+def _signed_chain_files(kernel: Path, initrd: Path, tmpd: Path) -> list[tuple[Path, str]]:
+    """The ESP of a Secure Boot guest, as Debian boots one: shim signed by
+    Microsoft's UEFI CA (shim-signed), Debian's grub signed by Debian
+    (grub-efi-amd64-signed; shim checks it against its built-in Debian CA),
+    and Debian's signed kernel, which grub has shim check too."""
+    for binary, package in ((SHIM_SIGNED, "shim-signed"), (GRUB_SIGNED, "grub-efi-amd64-signed")):
+        if not binary.is_file():
+            raise BootDiskError(f"{binary} is missing: install {package}")
+    (tmpd / "grub.cfg").write_text(GRUB_CFG)
+    return [(SHIM_SIGNED, UKI_PATH), (GRUB_SIGNED, "EFI/BOOT/grubx64.efi"), (tmpd / "grub.cfg", "EFI/debian/grub.cfg"),
+            (kernel, "vmlinuz"), (initrd, "initrd.gz")]
+
+
+def build_efi_boot_disk(path: str | os.PathLike, marker: str, size_mib: int = 64, loader: str = "uki") -> Path:
+    """Write a UEFI-only raw disk image to ``path`` (GPT, an EFI system
+    partition, no BIOS boot code) whose guest prints ``BOOT-MARKER: marker``.
+    Its loader: ``uki``, an unsigned unified kernel image; ``shim``, the
+    signed chain a Secure Boot firmware with Microsoft's keys boots."""
+    path = Path(path)
+    if size_mib < 40:
+        raise BootDiskError("size_mib must be at least 40 for a UEFI disk (its unified kernel image + FAT16)")
+    if loader not in ("uki", "shim"):
+        raise BootDiskError(f"the EFI loader must be uki or shim, not {loader!r}")
+    kernel, release = find_kernel()
+    total_sectors = size_mib * 1024 * 1024 // SECTOR
+    # 1 MiB in front (protective MBR, GPT), 1 MiB behind (the backup GPT).
+    part_sectors = total_sectors - 2 * PARTITION_START_LBA
+    with tempfile.TemporaryDirectory(prefix="bootdisk-") as tmp:
+        tmpd = Path(tmp)
+        (tmpd / "initrd.gz").write_bytes(build_initramfs(release))
+        (tmpd / MARKER_FILE).write_text(marker + "\n")
+        if loader == "uki":
+            files = [(build_uki(kernel, tmpd / "initrd.gz", tmpd / "BOOTX64.EFI"), UKI_PATH)]
+        else:
+            files = _signed_chain_files(kernel, tmpd / "initrd.gz", tmpd)
+        part = tmpd / "esp.img"
+        with open(part, "wb") as fh:
+            fh.truncate(part_sectors * SECTOR)
+        _run("mkfs.fat", "-F", "16", "-n", "OMAESP", str(part))
+        _run("mmd", "-i", str(part), *sorted({f"::/{d}" for _, dest in files for d in _parents(dest)}))
+        for src, dest in [*files, (tmpd / MARKER_FILE, MARKER_FILE)]:
+            _run("mcopy", "-i", str(part), str(src), f"::/{dest}")
+        tmp_out = path.with_name(f".{path.name}.partial")
+        with open(tmp_out, "wb") as out:
+            out.truncate(total_sectors * SECTOR)
+        table = (f"label: gpt\nstart={PARTITION_START_LBA}, size={part_sectors}, type={ESP_TYPE}, "
+                 'name="EFI system partition"\n')
+        try:
+            subprocess.run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", str(tmp_out)], input=table,
+                           check=True, capture_output=True, text=True, timeout=30)
+        except FileNotFoundError:
+            raise BootDiskError("sfdisk is missing: install fdisk") from None
+        except subprocess.CalledProcessError as exc:
+            raise BootDiskError(f"sfdisk failed: {exc.stderr.strip()}") from None
+        with open(tmp_out, "r+b") as out:
+            if out.read(440).strip(b"\0"):
+                raise BootDiskError("sfdisk wrote boot code into the protective MBR")
+            out.seek(PARTITION_START_LBA * SECTOR)
+            with open(part, "rb") as src_fh:
+                shutil.copyfileobj(src_fh, out, 1 << 20)
+        os.replace(tmp_out, path)
+    return path
 
 
 def build_boot_disk(path: str | os.PathLike, marker: str, size_mib: int = 64) -> Path:
@@ -287,9 +424,18 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--marker", help="build a new image whose guest prints this marker")
     group.add_argument("--set-marker", help="rewrite the marker in an existing image")
     parser.add_argument("--size-mib", type=int, default=64)
+    parser.add_argument("--firmware", choices=["bios", "efi"], default="bios",
+                        help="efi: a UEFI-only disk (GPT, EFI system partition, unified kernel image)")
+    parser.add_argument("--efi-loader", choices=["uki", "shim"], default="uki",
+                        help="with --firmware efi: an unsigned unified kernel image (uki), or shim + grub + "
+                             "kernel as Debian signs them, which boots under Secure Boot (shim)")
     args = parser.parse_args(argv)
     try:
-        if args.marker is not None:
+        if args.marker is not None and args.firmware == "efi":
+            build_efi_boot_disk(args.image, args.marker, args.size_mib, args.efi_loader)
+            print(f"built {args.image} (efi, {args.efi_loader}): the guest prints "
+                  f"'{MARKER_PREFIX}{args.marker}' on ttyS0")
+        elif args.marker is not None:
             build_boot_disk(args.image, args.marker, args.size_mib)
             print(f"built {args.image}: the guest prints '{MARKER_PREFIX}{args.marker}' on ttyS0")
         else:

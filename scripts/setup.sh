@@ -19,7 +19,9 @@ APT_PACKAGES=(nbdkit libnbd-bin python3-libnbd qemu-utils redis-server
               # by OCR, a DHCP test network, and a unified kernel image for a
               # UEFI-only test disk
               ovmf swtpm swtpm-tools tesseract-ocr tesseract-ocr-eng dnsmasq-base
-              systemd-boot-efi)
+              systemd-boot-efi
+              # a Secure Boot test guest: Debian's signed shim and grub
+              shim-signed grub-efi-amd64-signed)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -49,6 +49,8 @@ def shape_of(cycle: ReplicationJob, disk_keys: list[str]) -> VMShape:
     return VMShape(cpus=shape.get("cpus") or settings.FAILOVER_DEFAULT_CPUS,
                    memory_mib=shape.get("memory_mib") or settings.FAILOVER_DEFAULT_MEMORY_MIB,
                    firmware=shape.get("firmware") or "bios",
+                   secure_boot=bool(shape.get("secure_boot")) and shape.get("firmware") == "efi",
+                   tpm=bool(shape.get("tpm")),
                    disks=tuple(key for key in shape.get("disks") or () if key in disk_keys),
                    nics=tuple(NIC(mac=n.get("mac") or None, source_network=n.get("network") or "")
                               for n in shape.get("nics") or ()))

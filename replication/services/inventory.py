@@ -75,10 +75,12 @@ def _image_info(path: Path, locator: str, timeout_s: float) -> dict:
 
 
 def register_image_vm(name: str, locators: list[str], agent: str = "local", *, cpus: int | None = None,
-                      memory_mib: int | None = None, firmware: str = "bios") -> VirtualMachine:
+                      memory_mib: int | None = None, firmware: str = "bios", secure_boot: bool = False,
+                      tpm: bool = False) -> VirtualMachine:
     """Register a VM whose disks are image files or NBD URIs, keys disk-2000,
     disk-2001, ... in the order given (the first boots); its shape for a
-    failover from the options (unknown: the destination's defaults)."""
+    failover from the options (unknown: the destination's defaults): UEFI
+    with Secure Boot (needs efi) and a vTPM only when asked."""
     name = names.checked(name, VirtualMachine, error=InventoryError, what="VM name")
     if cpus is not None and not 1 <= cpus <= 256:
         raise InventoryError(f"--cpus must be 1..256, not {cpus}")
@@ -86,6 +88,8 @@ def register_image_vm(name: str, locators: list[str], agent: str = "local", *, c
         raise InventoryError(f"--memory-mib must be 16..16777216, not {memory_mib}")
     if firmware not in ("bios", "efi"):
         raise InventoryError(f"--firmware must be bios or efi, not {firmware!r}")
+    if secure_boot and firmware != "efi":
+        raise InventoryError("--secure-boot needs UEFI firmware: add --firmware efi")
     if not locators:
         raise InventoryError("a VM needs at least one --disk")
     if VirtualMachine.objects.filter(name=name).exists():
@@ -99,7 +103,8 @@ def register_image_vm(name: str, locators: list[str], agent: str = "local", *, c
     kind = SourceKind.QCOW2 if formats == {"qcow2"} else SourceKind.IMAGE
     with transaction.atomic():
         vm = VirtualMachine.objects.create(name=name, source_kind=kind, agent=agent, cpus=cpus,
-                                           memory_mib=memory_mib, firmware=firmware)
+                                           memory_mib=memory_mib, firmware=firmware, secure_boot=secure_boot,
+                                           tpm=tpm)
         SourceDisk.objects.bulk_create(
             SourceDisk(vm=vm, disk_key=f"disk-{FIRST_DISK_KEY + i}", locator=locator, capacity_bytes=capacity)
             for i, (locator, capacity) in enumerate(zip(locators, capacities, strict=True))

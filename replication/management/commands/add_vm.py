@@ -16,10 +16,14 @@ class Command(BaseCommand):
         parser.add_argument("--cpus", type=int, default=None, help="virtual CPUs of a failed-over copy")
         parser.add_argument("--memory-mib", type=int, default=None, help="its memory in MiB")
         parser.add_argument("--firmware", choices=["bios", "efi"], default="bios", help="its firmware")
+        parser.add_argument("--secure-boot", action="store_true",
+                            help="UEFI Secure Boot with Microsoft's keys enrolled (needs --firmware efi)")
+        parser.add_argument("--tpm", action="store_true", help="a vTPM 2.0 (swtpm on the libvirt destination)")
 
-    def handle(self, name, disk, agent, cpus, memory_mib, firmware, **options):
+    def handle(self, name, disk, agent, cpus, memory_mib, firmware, secure_boot, tpm, **options):
         try:
-            vm = register_image_vm(name, disk, agent=agent, cpus=cpus, memory_mib=memory_mib, firmware=firmware)
+            vm = register_image_vm(name, disk, agent=agent, cpus=cpus, memory_mib=memory_mib, firmware=firmware,
+                                   secure_boot=secure_boot, tpm=tpm)
         except InventoryError as exc:
             raise CommandError(str(exc)) from exc
         VMContext.registered(vm, os_actor(), "with add_vm")

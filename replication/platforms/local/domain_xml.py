@@ -1,6 +1,7 @@
 """The libvirt domain XML of a failed-over VM: its shape, its disks in boot
 order (each with its disk key as serial number), its NICs and a serial
-console written to a file.
+console written to a file; UEFI firmware (OVMF, Secure Boot) and a vTPM
+(swtpm) when the shape asks for them.
 
 Ownership: libvirt's DAC driver normally chowns every disk image to its QEMU
 user and leaves it so. Our domains carry a static DAC label (QEMU runs as
@@ -10,6 +11,7 @@ We run as root anyway; see the note in DESIGN.md section 6."""
 from __future__ import annotations
 
 import re
+import shutil
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,6 +19,14 @@ from pathlib import Path
 from replication.platforms.base import DestinationError, DiskSpec, VMShape
 
 QCOW2_MAGIC = b"QFI\xfb"
+
+# Debian's ovmf: the firmware code (read-only) and the template of each VM's
+# own variable store (NVRAM). Secure Boot: the SMM build, with Microsoft's
+# keys enrolled in the variables (what Windows and shim-signed distributions
+# boot with).
+OVMF_DIR = Path("/usr/share/OVMF")
+OVMF = {False: ("OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd"), True: ("OVMF_CODE_4M.secboot.fd", "OVMF_VARS_4M.ms.fd")}
+SWTPM = "swtpm"
 
 
 def file_format(path: Path) -> str:
@@ -41,18 +51,63 @@ def boot_order(name: str, shape: VMShape, disks: Sequence[DiskSpec]) -> list[Dis
     return [by_key[k] for k in shape.disks] + [d for d in disks if d[1] not in shape.disks]
 
 
+def uefi_firmware(secure_boot: bool) -> tuple[Path, Path]:
+    """(firmware code, variables template) of OVMF, found now: a clear
+    error naming the package when they are not installed."""
+    code, template = (OVMF_DIR / f for f in OVMF[secure_boot])
+    for path in (code, template):
+        if not path.is_file():
+            raise DestinationError(f"UEFI firmware {path} is missing{' (Secure Boot)' if secure_boot else ''}: "
+                                   "install Debian's ovmf package (scripts/setup.sh)")
+    return code, template
+
+
+def _os(dom: ET.Element, shape: VMShape, nvram: Path | None) -> None:
+    """<os> and <features>: BIOS (SeaBIOS), or OVMF with the VM's own
+    NVRAM, copied by libvirt from the template at the first start and removed
+    with the VM (undefine with VIR_DOMAIN_UNDEFINE_NVRAM). Secure Boot needs
+    SMM, so a q35 machine."""
+    os_el = ET.SubElement(dom, "os")
+    type_el = ET.SubElement(os_el, "type", arch="x86_64")
+    type_el.text = "hvm"
+    if shape.firmware == "efi":
+        if nvram is None:
+            raise DestinationError("a UEFI VM needs a path for its NVRAM")
+        code, template = uefi_firmware(shape.secure_boot)
+        if shape.secure_boot:
+            type_el.set("machine", "q35")
+        loader = ET.SubElement(os_el, "loader", readonly="yes", type="pflash",
+                               secure="yes" if shape.secure_boot else "no")
+        loader.text = str(code)
+        ET.SubElement(os_el, "nvram", template=str(template)).text = str(nvram)
+    features = ET.SubElement(dom, "features")
+    ET.SubElement(features, "acpi")
+    ET.SubElement(features, "apic")
+    if shape.firmware == "efi" and shape.secure_boot:
+        ET.SubElement(features, "smm", state="on")
+
+
+def _tpm(devices: ET.Element, shape: VMShape) -> None:
+    """A TPM 2.0 (CRB interface, as Windows 11 expects) emulated by swtpm,
+    which libvirtd starts beside QEMU; its state goes with the VM."""
+    if not shape.tpm:
+        return
+    if shutil.which(SWTPM) is None:
+        raise DestinationError("a vTPM needs swtpm, which is missing: install Debian's swtpm and swtpm-tools "
+                               "packages (scripts/setup.sh)")
+    tpm = ET.SubElement(devices, "tpm", model="tpm-crb")
+    ET.SubElement(tpm, "backend", type="emulator", version="2.0")
+
+
 def domain_xml(name: str, shape: VMShape, disks: Sequence[DiskSpec], network: str | Mapping[str, str] | None,
-               *, kvm: bool, console: Path) -> str:
-    """The domain of a VM whose disks are given in boot order (boot_order)."""
+               *, kvm: bool, console: Path, nvram: Path | None = None) -> str:
+    """The domain of a VM whose disks are given in boot order (boot_order);
+    a UEFI VM keeps its variables in ``nvram``."""
     dom = ET.Element("domain", type="kvm" if kvm else "qemu")
     ET.SubElement(dom, "name").text = name
     ET.SubElement(dom, "memory", unit="MiB").text = str(shape.memory_mib)
     ET.SubElement(dom, "vcpu").text = str(shape.cpus)
-    os_el = ET.SubElement(dom, "os", firmware="efi") if shape.firmware == "efi" else ET.SubElement(dom, "os")
-    ET.SubElement(os_el, "type", arch="x86_64").text = "hvm"
-    features = ET.SubElement(dom, "features")
-    ET.SubElement(features, "acpi")
-    ET.SubElement(features, "apic")
+    _os(dom, shape, nvram)
     if kvm:
         ET.SubElement(dom, "cpu", mode="host-passthrough")
     ET.SubElement(dom, "clock", offset="utc")
@@ -68,6 +123,7 @@ def domain_xml(name: str, shape: VMShape, disks: Sequence[DiskSpec], network: st
         ET.SubElement(disk, "boot", order=str(index + 1))
     devices.extend(nics(name, shape, network))
     _serial_console(devices, str(console))
+    _tpm(devices, shape)
     ET.SubElement(devices, "controller", type="usb", model="none")
     ET.SubElement(devices, "memballoon", model="none")
     # QEMU as root, no relabelling: replica files keep their owner.

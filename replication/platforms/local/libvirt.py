@@ -272,6 +272,10 @@ class LibvirtDestination(Destination):
     def console_path(self, name: str) -> Path:
         return self.run_dir / f"{name}.console.log"
 
+    def nvram_path(self, name: str) -> Path:
+        """A UEFI VM's own variable store; libvirt removes it with the VM."""
+        return self.run_dir / f"{name}.VARS.fd"
+
     def define_vm(self, name: str, shape: VMShape, disks: Sequence[DiskSpec | str],
                   network: str | Mapping[str, str] | None = None) -> str:
         if not _NAME_RE.match(name):
@@ -297,7 +301,7 @@ class LibvirtDestination(Destination):
                    network: str | Mapping[str, str] | None) -> str:
         disks = boot_order(name, shape, disks)
         return domain_xml(name, shape, disks, network, kvm=self.domain_type() == "kvm",
-                          console=self.console_path(name))
+                          console=self.console_path(name), nvram=self.nvram_path(name))
 
     def convert_guest(self, name: str, shape: VMShape, disks: Sequence[DiskSpec]) -> str:
         """virt-v2v-in-place on the overlays (libguestfs's appliance, direct
