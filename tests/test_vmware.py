@@ -554,3 +554,26 @@ def test_a_cycle_quiesces_when_vmware_tools_runs_and_says_on_the_job_why_not_oth
     job = replicate(app03)
     assert job.status == JobStatus.COMPLETED, job.error_message
     assert "crash-consistent snapshot: VMware Tools is not installed in the guest" in timeline(job)
+
+
+def test_the_snapshot_says_how_consistent_it_is_for_every_tools_state(vcenter):
+    sim, record = vcenter(vm_spec("app04", [MiB], tools="running"), vm_spec("off01", [MiB], power_state="poweredOff"))
+    moref = sim.vms["app04"]["moref"]
+
+    def snap(vm_moref):
+        info = client.vm_info(vm_moref)
+        taken = client.take_snapshot(info, "oma-repl-probe")
+        (tree,) = client.vm_ref(vm_moref).snapshot.rootSnapshotList
+        client.remove_snapshot(taken.moref)
+        assert tree.quiesced is taken.quiesced  # as vCenter recorded it
+        return taken.quiesced, taken.note
+
+    with vmware_service.client_for(record) as client:
+        assert snap(moref) == (True, "quiesced snapshot: VMware Tools quiesced the guest")
+        set_tools(client, moref, "guestToolsExecutingScripts", "toolsOk")
+        assert snap(moref) == (False, "crash-consistent snapshot: VMware Tools is starting or stopping in the "
+                                      "guest (guestToolsExecutingScripts)")
+        set_tools(client, moref, "guestToolsNotRunning", "toolsNotInstalled")
+        assert snap(moref) == (False, "crash-consistent snapshot: VMware Tools is not installed in the guest")
+        assert snap(sim.vms["off01"]["moref"]) == (False, "snapshot of a powered-off VM: its disks are at rest")
+        assert client.vm_info(moref).snapshots == []
