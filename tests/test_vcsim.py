@@ -320,3 +320,53 @@ def test_snapshot_tree_follows_creates_and_removes(vcsim_factory, session):
     assert sorted(os.listdir(snaps)) == [s2._moId]
     WaitForTask(vm.RemoveAllSnapshots_Task())
     assert vm.snapshot is None and os.listdir(snaps) == []
+
+
+def set_tools(vm, running_status, tools_status):
+    """VMware Tools' state as the guest reports it, changed the vcsim way
+    (govc vm.change -e SET.guest...)."""
+    WaitForTask(vm.ReconfigVM_Task(vim.vm.ConfigSpec(extraConfig=[
+        vim.option.OptionValue(key="SET.guest.toolsRunningStatus", value=running_status),
+        vim.option.OptionValue(key="SET.guest.toolsStatus", value=tools_status)])))
+
+
+def quiesced_snapshot(vm, name):
+    task = vm.CreateSnapshot_Task(name=name, description="", memory=False, quiesce=True)
+    WaitForTask(task)
+    return task.info.result
+
+
+def test_a_quiesced_snapshot_needs_vmware_tools_running_as_on_vcenter(vcsim_factory, session):
+    sim = vcsim_factory({"vms": [
+        {"name": "plain", "disks": [{"capacity_bytes": MiB}]},
+        {"name": "tooled", "tools": "running", "disks": [{"capacity_bytes": MiB}],
+         "nics": [{"mac": "00:50:56:aa:bb:07", "ips": ["fe80::7", "192.0.2.7"]}]},
+        {"name": "freezes-badly", "tools": "running", "fail_quiesce": True, "disks": [{"capacity_bytes": MiB}]}]})
+    si = session(sim)
+    plain, tooled, bad = (vim.VirtualMachine(sim.vms[n]["moref"], si._stub)
+                          for n in ("plain", "tooled", "freezes-badly"))
+    # The library's VMs have no Tools: vCenter's own refusal of a quiesced snapshot.
+    props = retrieve(si, plain, ["guest.toolsRunningStatus", "guest.toolsStatus"])
+    assert props == {"guest.toolsRunningStatus": "guestToolsNotRunning", "guest.toolsStatus": "toolsNotInstalled"}
+    with pytest.raises(vim.fault.ApplicationQuiesceFault) as refused:
+        quiesced_snapshot(plain, "q")
+    assert "VMware Tools is not currently available" in refused.value.msg
+    assert retrieve(si, plain, ["snapshot"]).get("snapshot") is None
+    # Tools started in the guest (the vcsim way): the same call quiesces.
+    set_tools(plain, "guestToolsRunning", "toolsOk")
+    quiesced_snapshot(plain, "q")
+    assert [n.quiesced for n in retrieve(si, plain, ["snapshot"])["snapshot"].rootSnapshotList] == [True]
+    # A spec's running Tools report the guest's addresses per NIC.
+    props = retrieve(si, tooled, ["guest.toolsRunningStatus", "guest.net"])
+    assert props["guest.toolsRunningStatus"] == "guestToolsRunning"
+    assert [(n.macAddress, list(n.ipAddress)) for n in props["guest.net"]] == [
+        ("00:50:56:aa:bb:07", ["fe80::7", "192.0.2.7"])]
+    assert quiesced_snapshot(tooled, "q") is not None
+    # A guest whose quiescing fails, and Tools stopped again.
+    with pytest.raises(vim.fault.ApplicationQuiesceFault) as failed:
+        quiesced_snapshot(bad, "q")
+    assert "error during quiescing" in failed.value.msg
+    snapshot(bad, "crash-consistent")  # without quiescing it works
+    set_tools(tooled, "guestToolsNotRunning", "toolsNotRunning")
+    with pytest.raises(vim.fault.ApplicationQuiesceFault):
+        quiesced_snapshot(tooled, "q2")

@@ -9,6 +9,8 @@ import os
 import pytest
 from django.conf import settings
 from django.core.management import CommandError, call_command
+from pyVim.task import WaitForTask
+from pyVmomi import vim
 
 from replication.choices import DiskStatus, JobStatus, SyncType
 from replication.models import ChangeIdRecord, ReplicationJob, SourceDisk, VCenter, VirtualMachine
@@ -383,3 +385,195 @@ def test_vsphere_client_reports_a_vanished_vm(vcenter):
     with pytest.raises(VSphereError, match="vm-99999"):
         with VSphereClient(vmware_service.connection_for(record)) as client:
             client.vm_info("vm-99999")
+
+
+# The source's hardware and quiesced snapshots --------------------------------
+
+Device = vim.vm.device
+DeviceSpec = vim.vm.device.VirtualDeviceSpec
+HARDWARE = ("firmware", "secure_boot", "tpm", "disk_bus", "scsi_model", "nic_model")
+
+
+def reconfigure(client, moref, **spec):
+    WaitForTask(client.vm_ref(moref).ReconfigVM_Task(vim.vm.ConfigSpec(**spec)))
+
+
+def devices_of(client, moref):
+    return list(client.vm_ref(moref).config.hardware.device)
+
+
+def move_disk(client, moref, disk_key, controller=None, controller_key=None):
+    """Put the disk on a new controller (or an existing one) at unit 0."""
+    disk = next(d for d in devices_of(client, moref) if d.key == disk_key)
+    changes = []
+    if controller is not None:
+        controller.key = controller_key = -100
+        changes.append(DeviceSpec(operation="add", device=controller))
+    disk.controllerKey, disk.unitNumber = controller_key, 0
+    reconfigure(client, moref, deviceChange=[*changes, DeviceSpec(operation="edit", device=disk)])
+
+
+def replace_nic(client, moref, nic_type, **changes):
+    """The VM's NIC swapped for one of another model with the same MAC."""
+    (nic,) = [d for d in devices_of(client, moref) if isinstance(d, Device.VirtualEthernetCard)]
+    new = nic_type(key=-101, macAddress=nic.macAddress, addressType="manual", backing=nic.backing)
+    reconfigure(client, moref, deviceChange=[DeviceSpec(operation="remove", device=nic),
+                                             DeviceSpec(operation="add", device=new)], **changes)
+
+
+def make_it_a_windows_11_vm(client, moref):
+    """As vSphere builds a Windows 11 VM: its boot disk on SATA (AHCI), an
+    E1000e NIC, Secure Boot and a vTPM."""
+    move_disk(client, moref, 2000, Device.VirtualAHCIController(busNumber=0))
+    replace_nic(client, moref, Device.VirtualE1000e, bootOptions=vim.vm.BootOptions(efiSecureBootEnabled=True))
+    reconfigure(client, moref, deviceChange=[DeviceSpec(operation="add", device=Device.VirtualTPM(key=-102))])
+
+
+def set_tools(client, moref, running_status, tools_status):
+    """VMware Tools started or stopped in the guest (the vcsim way)."""
+    reconfigure(client, moref, extraConfig=[
+        vim.option.OptionValue(key="SET.guest.toolsRunningStatus", value=running_status),
+        vim.option.OptionValue(key="SET.guest.toolsStatus", value=tools_status)])
+
+
+def test_discovery_reads_the_sources_hardware_and_the_guests_addresses(vcenter):
+    nics = [{"network": "VM Network", "mac": "00:50:56:aa:bb:01", "ips": ["fe80::250:56ff:feaa:bb01", "10.1.2.3",
+                                                                          "10.1.2.4"]}]
+    sim, record = vcenter(vm_spec("win11", [MiB, MiB], tools="running", nics=nics),
+                          vm_spec("bios01", [MiB], firmware="bios"))
+    vms = {vm["name"]: vm for vm in json.loads(_call("discover", "--vcenter", "vc1", "--json"))}
+    # As the simulator creates them: boot disk on PVSCSI, a VMXNET3, no Secure Boot nor vTPM.
+    assert {k: vms["win11"][k] for k in HARDWARE} == {
+        "firmware": "efi", "secure_boot": False, "tpm": False, "disk_bus": "scsi", "scsi_model": "vmpvscsi",
+        "nic_model": "vmxnet3"}
+    # The first IPv4 address VMware Tools reports on the NIC (the IPv6 one comes first).
+    assert [(n["mac"], n["ip"]) for n in vms["win11"]["nics"]] == [("00:50:56:aa:bb:01", "10.1.2.3")]
+    assert [n["ip"] for n in vms["bios01"]["nics"]] == [""]  # no Tools, no address
+    assert vms["bios01"]["firmware"] == "bios"
+
+    win11 = sim.vms["win11"]["moref"]
+    with vmware_service.client_for(record) as client:
+        make_it_a_windows_11_vm(client, win11)
+        # Secure Boot needs EFI firmware: vCenter refuses it on a BIOS VM.
+        with pytest.raises(vim.fault.InvalidVmConfig):
+            reconfigure(client, sim.vms["bios01"]["moref"], bootOptions=vim.vm.BootOptions(efiSecureBootEnabled=True))
+        set_tools(client, win11, "guestToolsNotRunning", "toolsNotRunning")
+    vms = {vm["name"]: vm for vm in json.loads(_call("discover", "--vcenter", "vc1", "--json"))}
+    assert {k: vms["win11"][k] for k in HARDWARE} == {
+        "firmware": "efi", "secure_boot": True, "tpm": True, "disk_bus": "sata", "scsi_model": "",
+        "nic_model": "e1000e"}
+    # Tools stopped: the address discovery knew is kept for the NIC's MAC.
+    assert [(n["mac"], n["ip"]) for n in vms["win11"]["nics"]] == [("00:50:56:aa:bb:01", "10.1.2.3")]
+    assert vms["bios01"]["secure_boot"] is False
+    vm = VirtualMachine.objects.get(name="win11")
+    assert (vm.secure_boot, vm.tpm, vm.disk_bus, vm.nic_model) == (True, True, "sata", "e1000e")
+    # What a failover is built from carries them.
+    assert {k: vm.shape()[k] for k in HARDWARE} == {k: vms["win11"][k] for k in HARDWARE}
+
+
+# Each controller vSphere offers -> (disk bus, SCSI model) the destination emulates.
+CONTROLLERS = [
+    (lambda: Device.VirtualLsiLogicController(busNumber=1, sharedBus="noSharing"), ("scsi", "lsilogic")),
+    (lambda: Device.VirtualLsiLogicSASController(busNumber=2, sharedBus="noSharing"), ("scsi", "lsisas1068")),
+    (lambda: Device.VirtualBusLogicController(busNumber=3, sharedBus="noSharing"), ("scsi", "lsilogic")),
+    (lambda: Device.VirtualNVMEController(busNumber=0), ("", "")),  # no NVMe bus on the destinations
+    (lambda: Device.VirtualAHCIController(busNumber=0), ("sata", "")),
+]
+NICS = [(Device.VirtualE1000, "e1000"), (Device.VirtualVmxnet2, "e1000"), (Device.VirtualPCNet32, "e1000"),
+        (Device.VirtualE1000e, "e1000e"), (Device.VirtualVmxnet3, "vmxnet3")]
+
+
+def test_every_boot_controller_and_nic_model_maps_to_what_the_destination_emulates(vcenter):
+    sim, record = vcenter(vm_spec("old01", [MiB, MiB]))
+    moref = sim.vms["old01"]["moref"]
+    with vmware_service.client_for(record) as client:
+        def hardware():
+            shape = client.vm_info(moref).shape()
+            return (shape["disk_bus"], shape["scsi_model"]), shape["nic_model"], shape["disks"]
+
+        assert hardware() == (("scsi", "vmpvscsi"), "vmxnet3", ["disk-2000", "disk-2001"])
+        for make, expected in CONTROLLERS:
+            move_disk(client, moref, 2000, make())
+            assert hardware()[0] == expected, make()
+        move_disk(client, moref, 2000, controller_key=200)  # the VM's first IDE controller
+        assert hardware()[0] == ("ide", "")
+        for nic_type, expected in NICS:
+            replace_nic(client, moref, nic_type)
+            assert hardware()[1] == expected, nic_type
+        # The boot order names the second disk: it boots first, on its own bus.
+        reconfigure(client, moref, bootOptions=vim.vm.BootOptions(
+            bootOrder=[vim.vm.BootOptions.BootableDiskDevice(deviceKey=2001)]))
+        assert hardware() == (("scsi", "vmpvscsi"), "vmxnet3", ["disk-2001", "disk-2000"])
+
+
+def timeline(job) -> str:
+    return "\n".join(job.events.values_list("message", flat=True))
+
+
+def test_a_cycle_quiesces_when_vmware_tools_runs_and_says_on_the_job_why_not_otherwise(
+        celery_worker_process, vcenter, admin_client):
+    sim, record = vcenter(vm_spec("app01", [2 * MiB], tools="running"),
+                          vm_spec("app02", [MiB], tools="running", fail_quiesce=True),
+                          vm_spec("app03", [MiB]))
+    live = sim.vms["app01"]["disks"]
+    fill(live["2000"], [(0, MiB)], seed=1)
+    app01, app02, app03 = vmware_service.discover(record, ["app01", "app02", "app03"])
+
+    job = replicate(app01)
+    assert job.status == JobStatus.COMPLETED, job.error_message
+    assert "quiesced snapshot: VMware Tools quiesced the guest" in timeline(job)
+    assert "crash-consistent" not in timeline(job)
+    assert_targets_equal_sources(job, live, sim)
+
+    # Tools stopped in the guest, and the NIC changed model, since discovery:
+    # the cycle's snapshot is crash-consistent and says why; the VM's record
+    # follows the hardware the agent read with the snapshot.
+    with vmware_service.client_for(record) as client:
+        set_tools(client, app01.moref, "guestToolsNotRunning", "toolsNotRunning")
+        replace_nic(client, app01.moref, Device.VirtualE1000e)
+    fill(live["2000"], [(MiB, 4096)], seed=2)
+    job = replicate(app01, SyncType.INCREMENTAL)
+    assert job.status == JobStatus.COMPLETED, job.error_message
+    reason = "crash-consistent snapshot: VMware Tools is not running in the guest (guestToolsNotRunning)"
+    assert reason in timeline(job) and "quiesced snapshot:" not in timeline(job)
+    assert_targets_equal_sources(job, live, sim)
+    assert job.vm_shape["nic_model"] == "e1000e"
+    app01.refresh_from_db()
+    assert app01.nic_model == "e1000e"
+    page = admin_client.get(f"/jobs/{job.id}/").content.decode()
+    assert reason in page
+
+    # Tools running but the guest cannot quiesce: crash-consistent, with vCenter's fault.
+    job = replicate(app02)
+    assert job.status == JobStatus.COMPLETED, job.error_message
+    assert ("crash-consistent snapshot: the quiesced snapshot failed" in timeline(job)
+            and "ApplicationQuiesceFault" in timeline(job) and "error during quiescing" in timeline(job))
+    assert snapshots_of(record, app02.moref) == []  # the job's one snapshot, removed
+
+    # No Tools at all.
+    job = replicate(app03)
+    assert job.status == JobStatus.COMPLETED, job.error_message
+    assert "crash-consistent snapshot: VMware Tools is not installed in the guest" in timeline(job)
+
+
+def test_the_snapshot_says_how_consistent_it_is_for_every_tools_state(vcenter):
+    sim, record = vcenter(vm_spec("app04", [MiB], tools="running"), vm_spec("off01", [MiB], power_state="poweredOff"))
+    moref = sim.vms["app04"]["moref"]
+
+    def snap(vm_moref):
+        info = client.vm_info(vm_moref)
+        taken = client.take_snapshot(info, "oma-repl-probe")
+        (tree,) = client.vm_ref(vm_moref).snapshot.rootSnapshotList
+        client.remove_snapshot(taken.moref)
+        assert tree.quiesced is taken.quiesced  # as vCenter recorded it
+        return taken.quiesced, taken.note
+
+    with vmware_service.client_for(record) as client:
+        assert snap(moref) == (True, "quiesced snapshot: VMware Tools quiesced the guest")
+        set_tools(client, moref, "guestToolsExecutingScripts", "toolsOk")
+        assert snap(moref) == (False, "crash-consistent snapshot: VMware Tools is starting or stopping in the "
+                                      "guest (guestToolsExecutingScripts)")
+        set_tools(client, moref, "guestToolsNotRunning", "toolsNotInstalled")
+        assert snap(moref) == (False, "crash-consistent snapshot: VMware Tools is not installed in the guest")
+        assert snap(sim.vms["off01"]["moref"]) == (False, "snapshot of a powered-off VM: its disks are at rest")
+        assert client.vm_info(moref).snapshots == []

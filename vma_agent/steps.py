@@ -144,10 +144,11 @@ def _snapshot_source(client: VSphereClient, order: SourceOrder, stages: JobStage
         found["events"].append("changed block tracking enabled on the VM")
     stages.stage(contract.CREATING_SNAPSHOT, contract.STAGE_PERCENT[contract.CREATING_SNAPSHOT])
     name = vmware.snapshot_name(order.job_id)
-    moref = client.create_snapshot(order.vm_moref, name, f"Replication job {order.job_id}")
-    found.update(snapshot_moref=moref, snapshot_name=name)
+    taken = client.take_snapshot(info, name, f"Replication job {order.job_id}")
+    found.update(snapshot_moref=taken.moref, snapshot_name=name)
+    found["events"].append(taken.note)
     found["disks"] = {d.disk_key: FrozenDisk(change_id=d.change_id, backing_file=d.backing_file, device_key=d.key)
-                      for d in client.snapshot_disks(moref)}
+                      for d in client.snapshot_disks(taken.moref)}
 
 
 def _preflight(client: VSphereClient, order: SourceOrder, info: vmware.VMInfo) -> None:

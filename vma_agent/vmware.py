@@ -9,6 +9,7 @@ some servers answer with faults)."""
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import socket
 import ssl
@@ -27,7 +28,8 @@ API_VERSION = "vim.version.v7_0"
 VM_PROPERTIES = [
     "name", "config.uuid", "config.hardware.device", "config.changeTrackingEnabled", "config.firmware",
     "config.guestId", "config.guestFullName", "runtime.powerState", "snapshot", "config.hardware.numCPU",
-    "config.hardware.memoryMB",
+    "config.hardware.memoryMB", "config.bootOptions", "guest.toolsRunningStatus", "guest.toolsStatus",
+    "guest.toolsVersionStatus2", "guest.net",
 ]
 # What replication does to a VM: CBT, snapshots, and reading its disks (VDDK).
 REQUIRED_PRIVILEGES = (
@@ -74,6 +76,34 @@ class SnapshotInfo:
     moref: str
 
 
+# The boot disk's controller -> (disk bus, SCSI controller model) as QEMU
+# emulates them (replication.platforms.base.DISK_BUSES / SCSI_MODELS).
+# BusLogic -> LSI Logic: QEMU emulates no BusLogic controller, and LSI Logic
+# parallel is the controller vSphere itself offers in its place and whose
+# driver the guests that had BusLogic carry (Linux mptspi, Windows' symmpi).
+# NVMe -> unknown (""): the destinations have no NVMe bus; the conversion's
+# or the operator's choice decides, as for any unknown bus.
+DISK_CONTROLLERS = (
+    (vim.vm.device.VirtualAHCIController, "sata", ""),
+    (vim.vm.device.ParaVirtualSCSIController, "scsi", "vmpvscsi"),
+    (vim.vm.device.VirtualLsiLogicSASController, "scsi", "lsisas1068"),
+    (vim.vm.device.VirtualLsiLogicController, "scsi", "lsilogic"),
+    (vim.vm.device.VirtualBusLogicController, "scsi", "lsilogic"),
+    (vim.vm.device.VirtualIDEController, "ide", ""),
+    (vim.vm.device.VirtualNVMEController, "", ""),
+)
+# The first NIC's model -> the NIC model QEMU emulates (NIC_MODELS). Any
+# other (vmxnet/vmxnet2, PCnet32 "Flexible", SR-IOV): e1000, the emulated
+# NIC the most guests carry a driver for (Linux e1000, Windows inbox).
+NIC_MODELS = (
+    (vim.vm.device.VirtualE1000e, "e1000e"),
+    (vim.vm.device.VirtualE1000, "e1000"),
+    (vim.vm.device.VirtualVmxnet3, "vmxnet3"),
+)
+OTHER_NIC_MODEL = "e1000"
+TOOLS_RUNNING = "guestToolsRunning"
+
+
 @dataclass
 class VMInfo:
     moref: str
@@ -89,14 +119,51 @@ class VMInfo:
     cpus: int = 0
     memory_mib: int = 0
     guest_id: str = ""
+    secure_boot: bool = False
+    tpm: bool = False
+    disk_bus: str = ""  # the boot disk's bus; "": unknown
+    scsi_model: str = ""  # its SCSI controller when disk_bus is scsi
+    nic_model: str = ""  # the first NIC's; "": no NIC
+    boot_disk_key: int | None = None  # the disk the VM's boot order names first, if it names one
+    tools_running_status: str = ""  # guest.toolsRunningStatus
+    tools_installed: bool = True  # False when vCenter says VMware Tools is not installed
+
+    def boot_order(self) -> list[DiskInfo]:
+        """The disks in boot order: the one the boot options name first,
+        then by unit number."""
+        disks = sorted(self.disks, key=lambda d: (d.unit_number is None, d.unit_number or 0, d.key))
+        return sorted(disks, key=lambda d: d.key != self.boot_disk_key)
 
     def shape(self) -> dict:
-        """What a failed-over copy of the VM needs: CPUs, memory, firmware,
-        guest OS, NICs, and the disks in boot order (unit order)."""
-        disks = sorted(self.disks, key=lambda d: (d.unit_number is None, d.unit_number or 0, d.key))
+        """What a failed-over copy of the VM needs: CPUs, memory, firmware
+        (Secure Boot, vTPM), the buses the guest found its boot disk and NIC
+        on, guest OS, NICs (with the guest's IPv4 address on each), and the
+        disks in boot order."""
         return {"cpus": self.cpus, "memory_mib": self.memory_mib, "firmware": self.firmware or "bios",
+                "secure_boot": self.secure_boot, "tpm": self.tpm, "disk_bus": self.disk_bus,
+                "scsi_model": self.scsi_model, "nic_model": self.nic_model,
                 "guest_id": self.guest_id, "guest_os": self.guest_os, "nics": self.nics,
-                "disks": [d.disk_key for d in disks]}
+                "disks": [d.disk_key for d in self.boot_order()]}
+
+    def quiesce_refusal(self) -> str:
+        """Why a snapshot of the VM cannot be quiesced ("" when VMware Tools
+        runs in the guest and can)."""
+        if self.power_state == "poweredOff":
+            return "the VM is powered off (its disks are at rest)"
+        if self.tools_running_status == TOOLS_RUNNING:
+            return ""
+        if not self.tools_installed:
+            return "VMware Tools is not installed in the guest"
+        if self.tools_running_status == "guestToolsExecutingScripts":
+            return "VMware Tools is starting or stopping in the guest (guestToolsExecutingScripts)"
+        return f"VMware Tools is not running in the guest ({self.tools_running_status or 'state unknown'})"
+
+
+@dataclass
+class SnapshotTaken:
+    moref: str
+    quiesced: bool
+    note: str  # for the job's timeline: how consistent the snapshot is, and why
 
 
 def normalize_thumbprint(value: str) -> str:
@@ -281,21 +348,37 @@ class VSphereClient:
             node = pending.pop(0)
             snapshots.append(SnapshotInfo(node.name, node.snapshot._moId))
             pending.extend(node.childSnapshotList or [])
-        return VMInfo(
+        firmware = props.get("config.firmware", "") or ""
+        boot = props.get("config.bootOptions")
+        addresses = guest_ipv4_by_mac(props.get("guest.net") or [])
+        nics = [d for d in devices if isinstance(d, vim.vm.device.VirtualEthernetCard)]
+        info = VMInfo(
             moref=obj._moId, name=props.get("name", ""), uuid=props.get("config.uuid", "") or "",
             power_state=str(props.get("runtime.powerState", "") or ""),
-            firmware=props.get("config.firmware", "") or "",
+            firmware=firmware,
             guest_os=props.get("config.guestFullName") or props.get("config.guestId") or "",
             cbt_enabled=bool(props.get("config.changeTrackingEnabled")),
             disks=disks_of(devices),
             nics=[{"label": d.deviceInfo.label if d.deviceInfo else "", "mac": d.macAddress or "",
-                   "network": d.deviceInfo.summary if d.deviceInfo else ""}
-                  for d in devices if isinstance(d, vim.vm.device.VirtualEthernetCard)],
+                   "network": d.deviceInfo.summary if d.deviceInfo else "",
+                   "ip": addresses.get((d.macAddress or "").lower(), "")}
+                  for d in nics],
             snapshots=snapshots,
             cpus=int(props.get("config.hardware.numCPU") or 0),
             memory_mib=int(props.get("config.hardware.memoryMB") or 0),
             guest_id=props.get("config.guestId") or "",
+            secure_boot=firmware == "efi" and bool(boot is not None and boot.efiSecureBootEnabled),
+            tpm=any(isinstance(d, vim.vm.device.VirtualTPM) for d in devices),
+            nic_model=nic_model_of(nics[0]) if nics else "",
+            boot_disk_key=boot_disk_key(boot),
+            tools_running_status=str(props.get("guest.toolsRunningStatus") or ""),
+            tools_installed="NotInstalled" not in (f"{props.get('guest.toolsStatus') or ''} "
+                                                   f"{props.get('guest.toolsVersionStatus2') or ''}"),
         )
+        boot_disks = info.boot_order()
+        if boot_disks:
+            info.disk_bus, info.scsi_model = bus_of(devices, boot_disks[0].key)
+        return info
 
     def snapshot_disks(self, snapshot_moref: str) -> list[DiskInfo]:
         """The disks as the snapshot froze them, with their changeIds."""
@@ -347,11 +430,44 @@ class VSphereClient:
                                "report no changeId")
         return disks
 
-    def create_snapshot(self, vm_moref: str, name: str, description: str = "") -> str:
+    def create_snapshot(self, vm_moref: str, name: str, description: str = "", *, quiesce: bool = False) -> str:
         task = self.vm_ref(vm_moref).CreateSnapshot_Task(name=name, description=description, memory=False,
-                                                          quiesce=False)
-        snapshot = self._wait(task, f"creating snapshot {name} of {vm_moref}")
+                                                          quiesce=quiesce)
+        snapshot = self._wait(task, f"creating {'quiesced ' if quiesce else ''}snapshot {name} of {vm_moref}")
         return snapshot._moId
+
+    def take_snapshot(self, info: VMInfo, name: str, description: str = "") -> SnapshotTaken:
+        """The job's snapshot: quiesced when VMware Tools runs in the guest
+        (its file systems, and on Windows its VSS writers, flushed and held
+        still), crash-consistent otherwise or when quiescing fails; the
+        answer says which and why."""
+        refusal = info.quiesce_refusal()
+        if not refusal:
+            try:
+                moref = self.create_snapshot(info.moref, name, description, quiesce=True)
+            except VSphereError as exc:
+                refusal = f"the quiesced snapshot failed ({exc})"
+                self._remove_named(info.moref, name)
+            else:
+                return SnapshotTaken(moref, True, "quiesced snapshot: VMware Tools quiesced the guest")
+        try:
+            moref = self.create_snapshot(info.moref, name, description)
+        except VSphereError as exc:
+            raise VSphereError(f"{exc} (after not quiescing: {refusal})") from None
+        note = ("snapshot of a powered-off VM: its disks are at rest" if info.power_state == "poweredOff"
+                else f"crash-consistent snapshot: {refusal}")
+        return SnapshotTaken(moref, False, note)
+
+    def _remove_named(self, vm_moref: str, name: str) -> None:
+        """Remove what a failed snapshot left behind under the job's name (a
+        vCenter normally leaves nothing; one that stays is the orphan
+        sweeper's once the job ends)."""
+        try:
+            for snapshot in self.vm_info(vm_moref).snapshots:
+                if snapshot.name == name:
+                    self.remove_snapshot(snapshot.moref)
+        except VSphereError as exc:
+            log.warning("what the failed snapshot %s of %s left was not removed: %s", name, vm_moref, exc)
 
     def remove_snapshot(self, snapshot_moref: str) -> None:
         try:
@@ -428,6 +544,46 @@ class VSphereClient:
                                    f"at offset {offset}")
             offset = info.startOffset + info.length
         return areas
+
+
+def guest_ipv4_by_mac(guest_net) -> dict[str, str]:
+    """Per NIC MAC (lower case) the first IPv4 address VMware Tools reports
+    the guest has on it (guest.net; empty without Tools)."""
+    found: dict[str, str] = {}
+    for nic in guest_net:
+        mac = (nic.macAddress or "").lower()
+        for address in nic.ipAddress or []:
+            try:
+                if mac and mac not in found and ipaddress.ip_address(address).version == 4:
+                    found[mac] = address
+            except ValueError:
+                continue
+    return found
+
+
+def nic_model_of(nic) -> str:
+    for device_type, model in NIC_MODELS:
+        if isinstance(nic, device_type):
+            return model
+    return OTHER_NIC_MODEL
+
+
+def boot_disk_key(boot) -> int | None:
+    """The disk the boot options name first (bootOrder), if they name one."""
+    for device in (boot.bootOrder or []) if boot is not None else []:
+        if isinstance(device, vim.vm.BootOptions.BootableDiskDevice):
+            return device.deviceKey
+    return None
+
+
+def bus_of(devices, disk_key: int) -> tuple[str, str]:
+    """(disk bus, SCSI model) of the disk's controller; ("", "") unknown."""
+    by_key = {d.key: d for d in devices}
+    controller = by_key.get(getattr(by_key.get(disk_key), "controllerKey", None))
+    for controller_type, bus, model in DISK_CONTROLLERS:
+        if isinstance(controller, controller_type):
+            return bus, model
+    return "", ""
 
 
 def disks_of(devices) -> list[DiskInfo]:

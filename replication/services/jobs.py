@@ -142,11 +142,9 @@ def source_prepared(job_id: str, outcome: SourcePrepared) -> None:
         VirtualMachine.objects.filter(pk=job.vm_id).update(cbt_enabled=True)
     if outcome.shape:
         # The shape the agent read as it took the snapshot: what this cycle's replica is.
-        shape = outcome.shape
+        shape = vmware.with_known_ips(outcome.shape, job.vm.nics)
         ReplicationJob.objects.filter(pk=job.pk).update(vm_shape=shape)
-        VirtualMachine.objects.filter(pk=job.vm_id).update(cpus=shape.get("cpus") or None,
-                                                           memory_mib=shape.get("memory_mib") or None,
-                                                           firmware=shape.get("firmware") or "")
+        VirtualMachine.objects.filter(pk=job.vm_id).update(**vmware.hardware_fields(shape))
     for message in outcome.events:
         JobEvent.objects.create(job=job, status=job.status, stage=job.current_operation, message=message)
     if outcome.error:

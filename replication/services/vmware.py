@@ -98,14 +98,51 @@ def register_vcenter(name: str, host: str, username: str, thumbprint: str, *, po
 
 # Discovery ------------------------------------------------------------------
 
+# The VirtualMachine fields that are facts about the source's hardware, as
+# VMInfo.shape() names them.
+HARDWARE_FIELDS = ("cpus", "memory_mib", "firmware", "secure_boot", "tpm", "disk_bus", "scsi_model", "nic_model",
+                   "guest_os", "nics")
+
+
+def hardware_fields(shape: dict) -> dict:
+    """The VirtualMachine fields a shape the agent read from vCenter sets
+    (VMInfo.shape(): at discovery, and with each cycle's snapshot): the one
+    mapping of the source's hardware onto the VM's record. Only the facts
+    the shape carries (an older agent's lacks some)."""
+    fields = {name: shape[name] for name in HARDWARE_FIELDS if name in shape}
+    for name in ("cpus", "memory_mib"):
+        if name in fields:
+            fields[name] = fields[name] or None  # 0: unknown
+    if "firmware" in fields:
+        fields["firmware"] = fields["firmware"] or ""
+    return fields
+
+
+def with_known_ips(shape: dict, recorded_nics: list[dict]) -> dict:
+    """The shape with each NIC that has no guest address now (VMware Tools
+    reports them only while it runs) given the one recorded for its MAC."""
+    known = {(n.get("mac") or "").lower(): n.get("ip") for n in recorded_nics or [] if n.get("ip")}
+    if "nics" not in shape or not known:
+        return shape
+    nics = [{**n, "ip": n.get("ip") or known.get((n.get("mac") or "").lower(), "")} for n in shape["nics"]]
+    return {**shape, "nics": nics}
+
+
 def discover(vcenter: VCenter, names: list[str] | None = None, agent: str = "local", *,
              actor: str = "system") -> list[VirtualMachine]:
-    """Record the vCenter's VMs (or the named ones) with their disks, NICs,
-    firmware, guest OS, power state, CBT state and snapshots; a VM new to the
-    records starts its history with who registered it (`actor`)."""
+    """Record the vCenter's VMs (or the named ones) with their disks, NICs
+    (and the guest's addresses on them), hardware (firmware, Secure Boot,
+    vTPM, boot disk bus, NIC model), guest OS, power state, CBT state and
+    snapshots; a VM new to the records starts its history with who
+    registered it (`actor`)."""
     with session(vcenter) as client:
         found = client.inventory(names)
     return [_record_vm(vcenter, info, agent, actor) for info in found]
+
+
+def _shape_keeping_ips(vcenter: VCenter, info: vmware.VMInfo) -> dict:
+    recorded = VirtualMachine.objects.filter(vcenter=vcenter, moref=info.moref).values_list("nics", flat=True).first()
+    return with_known_ips(info.shape(), recorded or [])
 
 
 @transaction.atomic
@@ -115,8 +152,7 @@ def _record_vm(vcenter: VCenter, info: vmware.VMInfo, agent: str, actor: str = "
         raise VCenterConfigError(f"VM {info.name} ({info.moref}) clashes with the recorded VM {clash.name} "
                                  f"({clash.source_kind} {clash.moref or ''}); rename one of them")
     found = dict(name=info.name, source_kind=SourceKind.VMWARE, vm_uuid=info.uuid, cbt_enabled=info.cbt_enabled,
-                 power_state=info.power_state, firmware=info.firmware, guest_os=info.guest_os, nics=info.nics,
-                 cpus=info.cpus or None, memory_mib=info.memory_mib or None,
+                 power_state=info.power_state, **hardware_fields(_shape_keeping_ips(vcenter, info)),
                  snapshots=[{"name": s.name, "moref": s.moref} for s in info.snapshots],
                  discovered_at=timezone.now())
     # A rediscovery keeps the agent the operator chose.

@@ -32,6 +32,7 @@ type vmState struct {
 	epoch        string          // current tracking epoch; "" when CBT is off
 	counters     map[int32]int   // last change number per disk in the epoch
 	failSnapshot bool            // fault injection
+	failQuiesce  bool            // fault injection: quiescing the guest fails
 	shutdown     string          // how the guest answers ShutdownGuest: "", "no_tools", "ignored"
 	denied       map[string]bool // privileges reported as not granted on this VM
 	snapSeq      int32           // snapshot tree ids
@@ -189,6 +190,16 @@ func (vm *VM) CreateSnapshotTask(req *types.CreateSnapshot_Task) soap.HasFault {
 		st := vm.st
 		if st.failSnapshot {
 			return nil, &types.SnapshotFault{}, fmt.Sprintf("An error occurred while taking a snapshot: injected failure for %s", vm.Name)
+		}
+		// A quiesced snapshot needs VMware Tools running in the guest; both
+		// refusals are vCenter's own fault and text.
+		if req.Quiesce && vm.Runtime.PowerState == types.VirtualMachinePowerStatePoweredOn {
+			if vm.Guest.ToolsRunningStatus != string(types.VirtualMachineToolsRunningStatusGuestToolsRunning) {
+				return nil, &types.ApplicationQuiesceFault{}, "Cannot quiesce this virtual machine because VMware Tools is not currently available."
+			}
+			if st.failQuiesce {
+				return nil, &types.ApplicationQuiesceFault{}, "An error occurred while quiescing the virtual machine. The guest OS has reported an error during quiescing."
+			}
 		}
 		inner := &simulator.VirtualMachineSnapshot{}
 		inner.Vm = vm.Self

@@ -43,6 +43,9 @@ import (
 type nicSpec struct {
 	Network string `json:"network"`
 	MAC     string `json:"mac"`
+	// IPs are the addresses VMware Tools reports the guest has on the NIC
+	// (guest.net[].ipAddress; shown only while Tools runs, as on vCenter).
+	IPs []string `json:"ips"`
 }
 
 type diskSpec struct {
@@ -69,6 +72,13 @@ type vmSpec struct {
 	GuestShutdown string `json:"guest_shutdown"`
 	// DeniedPrivileges are reported as not granted on this VM (preflight tests).
 	DeniedPrivileges []string `json:"denied_privileges"`
+	// Tools: "" (the library's: VMware Tools not installed), "running" or
+	// "not_running" (installed, stopped). A reconfigure with extraConfig
+	// SET.guest.toolsRunningStatus changes it later, as with govc.
+	Tools string `json:"tools"`
+	// FailQuiesce makes a quiesced CreateSnapshot_Task fail as a guest
+	// whose quiescing fails does (fault injection).
+	FailQuiesce bool `json:"fail_quiesce"`
 }
 
 type simSpec struct {
@@ -392,10 +402,14 @@ func createVM(ctx context.Context, c *vim25.Client, folders *object.DatacenterFo
 
 	inner := simulator.Map.Get(ref).(*simulator.VirtualMachine)
 	swapBackings(inner, rdm)
+	if err := setGuest(inner, vs); err != nil {
+		return err
+	}
 	st := &vmState{
 		ref:          ref,
 		dir:          filepath.Join(dataDir, "vms", ref.Value),
 		failSnapshot: vs.FailSnapshot,
+		failQuiesce:  vs.FailQuiesce,
 		shutdown:     vs.GuestShutdown,
 		denied:       map[string]bool{},
 		counters:     map[int32]int{},
@@ -428,6 +442,36 @@ func createVM(ctx context.Context, c *vim25.Client, folders *object.DatacenterFo
 	vmStates[ref.Value] = st
 	simulator.Map.Put(&VM{VirtualMachine: *inner, st: st})
 	out[vs.Name] = o
+	return nil
+}
+
+// setGuest sets what VMware Tools reports: its state and, while it runs,
+// the guest's addresses per NIC.
+func setGuest(vm *simulator.VirtualMachine, vs vmSpec) error {
+	switch vs.Tools {
+	case "":
+		return nil
+	case "running":
+		vm.Guest.ToolsRunningStatus = string(types.VirtualMachineToolsRunningStatusGuestToolsRunning)
+		vm.Guest.ToolsStatus = types.VirtualMachineToolsStatusToolsOk
+	case "not_running":
+		vm.Guest.ToolsRunningStatus = string(types.VirtualMachineToolsRunningStatusGuestToolsNotRunning)
+		vm.Guest.ToolsStatus = types.VirtualMachineToolsStatusToolsNotRunning
+	default:
+		return fmt.Errorf("tools must be \"\", \"running\" or \"not_running\", not %q", vs.Tools)
+	}
+	vm.Guest.ToolsVersionStatus2 = string(types.VirtualMachineToolsVersionStatusGuestToolsCurrent)
+	vm.Summary.Guest.ToolsStatus = vm.Guest.ToolsStatus
+	if vs.Tools != "running" {
+		return nil
+	}
+	for i, ns := range vs.NICs {
+		for j := range vm.Guest.Net {
+			if vm.Guest.Net[j].DeviceConfigId == int32(4000+i) {
+				vm.Guest.Net[j].IpAddress = ns.IPs
+			}
+		}
+	}
 	return nil
 }
 

@@ -9,7 +9,8 @@ from vma_agent.vmware import VSphereError
 
 
 class Command(BaseCommand):
-    help = "Record the VMs of a vCenter (or the named ones) with their disks, NICs, CBT state and snapshots."
+    help = ("Record the VMs of a vCenter (or the named ones) with their disks, NICs (and guest addresses), hardware "
+            "(firmware, Secure Boot, vTPM, boot disk bus, NIC model), CBT state and snapshots.")
 
     def add_arguments(self, parser):
         parser.add_argument("--vcenter", required=True, help="name given to add_vcenter")
@@ -40,7 +41,9 @@ class Command(BaseCommand):
 def _vm_dict(vm) -> dict:
     return {
         "name": vm.name, "moref": vm.moref, "uuid": vm.vm_uuid, "power_state": vm.power_state,
-        "firmware": vm.firmware, "guest_os": vm.guest_os, "cbt_enabled": vm.cbt_enabled, "nics": vm.nics,
+        "firmware": vm.firmware, "secure_boot": vm.secure_boot, "tpm": vm.tpm, "disk_bus": vm.disk_bus,
+        "scsi_model": vm.scsi_model, "nic_model": vm.nic_model, "cpus": vm.cpus, "memory_mib": vm.memory_mib,
+        "guest_os": vm.guest_os, "cbt_enabled": vm.cbt_enabled, "nics": vm.nics,
         "snapshots": vm.snapshots,
         "disks": [{"disk_key": d.disk_key, "device_key": d.device_key, "unit_number": d.unit_number,
                    "capacity_bytes": d.capacity_bytes, "backing_file": d.backing_file, "disk_mode": d.disk_mode,
