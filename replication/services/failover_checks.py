@@ -50,8 +50,8 @@ def shape_of(cycle: ReplicationJob, disk_keys: list[str]) -> VMShape:
                    memory_mib=shape.get("memory_mib") or settings.FAILOVER_DEFAULT_MEMORY_MIB,
                    firmware=shape.get("firmware") or "bios",
                    disks=tuple(key for key in shape.get("disks") or () if key in disk_keys),
-                   nics=tuple(NIC(mac=n.get("mac") or None, source_network=n.get("network") or "")
-                              for n in shape.get("nics") or ()))
+                   nics=tuple(NIC(mac=n.get("mac") or None, source_network=n.get("network") or "",
+                                  ip=n.get("ip") or None) for n in shape.get("nics") or ()))
 
 
 def production_network(shape: VMShape, destination: Destination) -> dict[str, str] | None:

@@ -30,7 +30,6 @@ has run for CLOUDSTACK_BOOT_SETTLE_S, and the step says so."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -61,8 +60,9 @@ class CloudStackDestination(Destination):
         self.job_timeout_s = job_timeout_s
         self.settle_s = settle_s
         self.work_dir = Path(work_dir).absolute()
-        # The conversion's appliance: KVM where the OMA has it, else TCG.
-        self.domain_type = domain_type or ("kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "qemu")
+        # The conversion's appliance: TCG unless told KVM runs guests here
+        # (LIBVIRT_DOMAIN_TYPE=kvm): a /dev/kvm that opens may still not run one.
+        self.domain_type = domain_type or "qemu"
         self._choices: dict[str, dict] = {}
 
     def _client(self) -> CloudClient:
@@ -180,6 +180,8 @@ class CloudStackDestination(Destination):
         MAC and (mapped networks: a live failover) its IP. CloudStack keys the
         list by network and gives a VM one NIC per network."""
         source_nics = list(shape.nics) or [None]
+        if isinstance(network, Mapping) and not shape.nics:
+            return [], {"value": [], "from": "the source has no NICs"}
         if isinstance(network, Mapping) and network:
             targets = [network.get(nic.source_network if nic else "", "") for nic in source_nics]
             unmapped = [nic.mac or "?" for nic, target in zip(source_nics, targets, strict=True) if not target]
