@@ -17,11 +17,12 @@ import requests
 from django.core.management import call_command
 
 from replication.choices import JobStatus
-from replication.models import CloudError, CloudStackConfig, FailoverJob
+from replication.models import CloudError, CloudStackConfig, FailoverJob, NetworkMapping
 from replication.platforms.base import NIC, DestinationError, GuestNotConverted, VMShape
 from replication.platforms.cloudstack.client import CloudClient
 from replication.platforms.cloudstack.destination import CloudStackDestination
 from replication.platforms.cloudstack.volumes import device_name
+from replication.services.failover_checks import FailoverError, production_network
 from replication.services.jobs import start_replication
 from simulators.cloudstack import signature
 from simulators.cloudstack_api import API, FRAMEWORK
@@ -246,6 +247,11 @@ def test_nics_one_network_cannot_hold(cloud, tmp_path):  # noqa: F811
                                                                         "B": sim.network["id"]})
     assert client.one("listVolumes", "volume", id=volume)["vmname"] == "oma-appliance"
     assert "deployVirtualMachine" not in sim.calls and "detachVolume" not in sim.calls
+    # A live failover's preflight (before the source is touched) says the same.
+    NetworkMapping.objects.create(source_network="A", destination_network=sim.network["id"])
+    NetworkMapping.objects.create(source_network="B", destination_network=sim.network["id"])
+    with pytest.raises(FailoverError, match="both map to CloudStack network .* one NIC per network"):
+        production_network(shape, dest)
 
     dest.define_vm("db01-test", shape, [(handle, "disk-2000")])  # a test failover: the config's network
     vm = client.one("listVirtualMachines", "virtualmachine", name="db01-test")

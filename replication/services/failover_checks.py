@@ -69,6 +69,10 @@ def production_network(shape: VMShape, destination: Destination) -> dict[str, st
         if not destination.has_network(target):
             raise FailoverError(f"source network {nic.source_network!r} maps to {target!r}, which the destination "
                                 "does not have")
+    try:
+        destination.check_nics("the VM", shape, mapping)
+    except DestinationError as exc:
+        raise FailoverError(str(exc)) from None
     return mapping
 
 

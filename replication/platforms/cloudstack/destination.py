@@ -175,6 +175,9 @@ class CloudStackDestination(Destination):
     def hardware_choices(self, vm: str) -> dict:
         return dict(self._choices.get(vm, {}))
 
+    def check_nics(self, name: str, shape: VMShape, network: Mapping[str, str]) -> None:
+        self._nics(name, shape, network)
+
     def _nics(self, name: str, shape: VMShape, network: str | Mapping[str, str] | None) -> tuple[list[dict], dict]:
         """iptonetworklist: one entry per source NIC, on its network, with its
         MAC and (mapped networks: a live failover) its IP. CloudStack keys the
