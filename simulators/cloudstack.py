@@ -1,6 +1,17 @@
 """A CloudStack API simulator for the tests: a test double, because no
 CloudStack can run here. It stands in for a real management server as far as
-this project uses one, and behaves like it where that matters:
+this project uses one, and behaves like it where that matters. It is held to
+CloudStack's own API as simulators/cloudstack_api.py encodes it (read from
+CloudStack's source: every call the project makes, its parameters by wire
+name, type and whether required, sync or async):
+
+- parameter names are matched as CloudStack matches them (lower-cased; a
+  map's `name[i].field` by its name); a required one missing is refused with
+  431 `... due to missing parameter <name>` (empty: `Invalid value provided
+  for API arg`); a name the command does not have is ignored, as CloudStack
+  ignores it, and recorded in `unknown_params` (the tests fail on any); a
+  command it does not know is refused with 401 under `errorresponse`, as
+  CloudStack refuses one with API-key authentication;
 
 - requests are authenticated as CloudStack does: the API key must be known,
   and the signature is checked (HMAC-SHA1 with the secret over the request's
@@ -16,9 +27,20 @@ this project uses one, and behaves like it where that matters:
   codes (401 unauthorized, 431 parameter error, 530 internal error, 533
   insufficient capacity, 536 resource in use);
 - async jobs finish later (JOB_DELAY_S), from a timer thread;
-- it keeps state: zones, offerings, networks, templates, VMs (among them the
-  OMA's own), volumes with their data (sparse files) and attachments,
-  snapshots.
+- it keeps state: zones, offerings (fixed ones; a custom one with
+  `add_custom_offering`), networks, templates, VMs (among them the OMA's
+  own) with their NICs, boot type and details, volumes with their data
+  (sparse files) and attachments, snapshots;
+- deployVirtualMachine checks what CloudStack checks before its job: the
+  offering (a custom one needs details cpuNumber, cpuSpeed and memory; a
+  fixed one refuses them), boottype/bootmode (UEFI needs a bootmode),
+  `details` merged flat from every index, `iptonetworklist` not with
+  `networkids`, a MAC valid and unicast, an IP inside its network's CIDR;
+  and, as CloudStack's own code does, it keys `iptonetworklist` by network:
+  two entries for one network leave one NIC (the later entry's).
+
+Not modelled: accounts and domains, projects, paging, XML replies, the
+hypervisor (a VM "runs" once started; its disks are not booted).
 
 Attaching a volume to the OMA's VM makes its "block device" appear where the
 guest would see it, `<by_id_dir>/virtio-<first 20 hex digits of the volume
@@ -38,8 +60,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import os
+import re
 import subprocess
 import threading
 import uuid
@@ -48,10 +72,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qsl, quote, urlparse
 
+from simulators.cloudstack_api import API, FRAMEWORK, wire_name
+
 GiB = 1024**3
 JOB_DELAY_S = 0.2
-ASYNC = {"createVolume", "attachVolume", "detachVolume", "deployVirtualMachine", "startVirtualMachine",
-         "stopVirtualMachine", "destroyVirtualMachine", "createSnapshot", "revertSnapshot", "deleteSnapshot"}
+MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
 
 
 class ApiError(Exception):
@@ -128,7 +153,6 @@ class SnapshotCommands:
                                 "kvm.snapshot.enabled to True. See the documentation for more details.", 4250)
 
     def _cmd_createSnapshot(self, params):
-        self._require(params, "volumeid")
         volume = self.volumes.get(params["volumeid"])
         if volume is None:
             raise self._invalid("createSnapshot", "volumeid", params["volumeid"])
@@ -160,7 +184,6 @@ class SnapshotCommands:
         return snapshot
 
     def _cmd_revertSnapshot(self, params):
-        self._require(params, "id")
         snapshot = self._snapshot("revertSnapshot", params["id"])
         volume = self.volumes.get(snapshot["volumeid"])
         if volume is None or volume.get("state") != "Ready":
@@ -179,7 +202,6 @@ class SnapshotCommands:
         return snapshot["id"], run
 
     def _cmd_deleteSnapshot(self, params):
-        self._require(params, "id")
         snapshot = self._snapshot("deleteSnapshot", params["id"])
 
         def run():
@@ -200,20 +222,26 @@ class VMCommands:
         return vm
 
     def _cmd_deployVirtualMachine(self, params):
-        self._require(params, "serviceofferingid", "templateid", "zoneid")
-        if params["serviceofferingid"] != self.service_offering["id"]:
-            raise ApiError(431, f"Unable to find service offering by id {params['serviceofferingid']}", 4350)
-        if params["templateid"] != self.template["id"]:
-            raise ApiError(431, f"Unable to find template by id {params['templateid']}", 4350)
-        networks = [n for n in params.get("networkids", "").split(",") if n]
-        for network in networks:
-            if network != self.network["id"]:
-                raise ApiError(431, f"Unable to find network by id {network}", 4350)
+        """What CloudStack checks before it queues the job (its create()
+        step), then the job: the VM with its NICs, offering, boot type and
+        details, and a template root volume."""
+        offering = self.offerings.get(params["serviceofferingid"])
+        if offering is None:
+            raise self._invalid("deployVirtualMachine", "serviceofferingid", params["serviceofferingid"])
+        if params.get("templateid") != self.template["id"]:
+            raise ApiError(431, f"Unable to find template by id {params.get('templateid')}", 4350)
+        details = self._map_flat(params, "details")
+        if any(key.startswith("extraconfig") for key in details):
+            raise ApiError(431, "'extraconfig' should not be included in details as key", 4350)
+        cpus, memory, speed = self._sized_by(offering, details)
+        boot = self._boot(params)
+        nics = self._deploy_nics(params)
         name = params.get("name") or f"VM-{uuid.uuid4()}"
         if any(v["name"] == name for v in self.vms.values()):
             raise ApiError(431, f"The vm with hostname {name} already exists", 4350)
-        vm = self._new_vm(name, state="Starting", templateid=self.template["id"],
-                          nic=[{"networkid": n, "macaddress": "02:00:00:00:00:01"} for n in networks])
+        vm = self._new_vm(name, state="Starting", templateid=self.template["id"], serviceofferingid=offering["id"],
+                          serviceofferingname=offering["name"], cpunumber=cpus, memory=memory, cpuspeed=speed,
+                          nic=nics, details=details, **boot)
 
         def run():
             root_id = str(uuid.uuid4())
@@ -222,14 +250,117 @@ class VMCommands:
             self.volumes[root_id] = {"id": root_id, "name": f"ROOT-{name}", "zoneid": self.zone["id"],
                                      "type": "ROOT", "size": GiB, "state": "Ready", "virtualmachineid": vm["id"],
                                      "vmname": name, "deviceid": 0}
-            vm["state"] = "Running" if params.get("startvm", "true") == "true" else "Stopped"
+            vm["state"] = "Running" if params.get("startvm", "true").lower() == "true" else "Stopped"
             self.vms[vm["id"]] = vm
             return {"virtualmachine": dict(vm)}
 
         return vm["id"], run
 
+    @staticmethod
+    def _map_flat(params: dict[str, str], name: str) -> dict[str, str]:
+        """A `details`-style map as CloudStack reads it: every field of every
+        index merged into one map."""
+        flat = {}
+        for key, value in params.items():
+            if key.startswith(f"{name}[") and "]." in key:
+                flat[key.split("].", 1)[1]] = value
+        return flat
+
+    @staticmethod
+    def _map_entries(params: dict[str, str], name: str) -> list[dict[str, str]]:
+        """An indexed map (`name[i].field`), one dict per index in index order."""
+        entries: dict[int, dict[str, str]] = {}
+        for key, value in params.items():
+            match = re.fullmatch(rf"{name}\[(\d+)\]\.(.+)", key)
+            if match:
+                entries.setdefault(int(match.group(1)), {})[match.group(2).lower()] = value
+        return [entries[i] for i in sorted(entries)]
+
+    @staticmethod
+    def _sized_by(offering: dict, details: dict[str, str]) -> tuple[int, int, int]:
+        """CPUs, memory (MB) and CPU speed (MHz): a fixed offering's own, or
+        a custom offering's from details cpuNumber, cpuSpeed, memory."""
+        keys = ("cpuNumber", "cpuSpeed", "memory")
+        if not offering.get("iscustomized"):
+            if "cpuNumber" in details:
+                raise ApiError(431, f"The cpu cores of this offering id:{offering['id']} is not customizable. This "
+                                    "is predefined in the template.", 4350)
+            if "memory" in details:
+                raise ApiError(431, f"The memory of this offering id:{offering['id']} is not customizable. This is "
+                                    "predefined in the template.", 4350)
+            return offering["cpunumber"], offering["memory"], offering.get("cpuspeed", 1000)
+        if any(not details.get(k) for k in keys):
+            raise ApiError(431, "Need to specify custom parameter values cpu, cpu speed and memory when using "
+                                "custom offering", 4350)
+        try:
+            cpus, speed, memory = (int(details[k]) for k in keys)
+        except ValueError:
+            raise ApiError(431, "Invalid cpu cores, cpu speed or memory value: not a number", 4350) from None
+        limits = offering.get("serviceofferingdetails") or {}
+        low, high = int(limits.get("mincpunumber", 1)), int(limits.get("maxcpunumber", 2**31))
+        if not low <= cpus <= high:
+            raise ApiError(431, f"Invalid cpu cores value, specify a value between {low} and {high}", 4350)
+        low, high = int(limits.get("minmemory", 32)), int(limits.get("maxmemory", 2**31))
+        if not low <= memory <= high:
+            raise ApiError(431, f"Invalid memory value, specify a value between {low} and {high}", 4350)
+        return cpus, memory, speed
+
+    @staticmethod
+    def _boot(params: dict[str, str]) -> dict[str, str]:
+        boot_type, boot_mode = params.get("boottype", ""), params.get("bootmode", "")
+        if not boot_type:
+            return {"boottype": "BIOS", "bootmode": "LEGACY"}
+        if boot_type.upper() not in ("BIOS", "UEFI"):
+            raise ApiError(431, f"Invalid bootType {boot_type}Valid values are: [BIOS, UEFI]", 4350)
+        if boot_mode and boot_mode.upper() not in ("LEGACY", "SECURE"):
+            raise ApiError(431, f"Invalid bootmode: {boot_mode} specified for VM: . Valid values are: "
+                                "[LEGACY, SECURE]", 4350)
+        if boot_type.upper() == "UEFI" and not boot_mode:
+            raise ApiError(431, "bootmode must be specified for the VM with boot type: UEFI. Valid values are: "
+                                "[LEGACY, SECURE]", 4350)
+        return {"boottype": boot_type.upper(), "bootmode": (boot_mode or "LEGACY").upper()}
+
+    def _deploy_nics(self, params: dict[str, str]) -> list[dict]:
+        """The VM's NICs from networkids, or from iptonetworklist keyed by
+        network as CloudStack keys it (a second entry for a network replaces
+        the first: one NIC per network)."""
+        entries = self._map_entries(params, "iptonetworklist")
+        if entries and (params.get("networkids") or params.get("ipaddress")):
+            raise ApiError(431, "NetworkIds and ipAddress can't be specified along with ipToNetworkMap parameter",
+                           4350)
+        by_network: dict[str, dict] = {}
+        for entry in entries or [{"networkid": n} for n in params.get("networkids", "").split(",") if n]:
+            network = self.networks.get(entry.get("networkid", ""))
+            if network is None:
+                raise self._invalid("deployVirtualMachine", "iptonetworklist", entry.get("networkid", ""))
+            mac = entry.get("mac")
+            if mac is not None:
+                if not MAC_RE.match(mac):
+                    raise ApiError(431, f"Mac address is not valid: {mac}", 4350)
+                if int(mac[:2], 16) & 1:
+                    raise ApiError(431, f"Mac address is not unicast: {mac}", 4350)
+            ip = entry.get("ip")
+            if ip is not None:
+                try:
+                    inside = ipaddress.ip_address(ip) in ipaddress.ip_network(network["cidr"])
+                except ValueError:
+                    inside = False
+                if not inside:
+                    raise ApiError(431, f"Invalid ip address {ip}: not in the CIDR {network['cidr']} of network "
+                                        f"{network['name']}", 4350)
+            by_network[network["id"]] = {"networkid": network["id"], "networkname": network["name"],
+                                         "macaddress": mac, "ipaddress": ip}
+        nics = []
+        for device, nic in enumerate(by_network.values()):
+            self._mac_counter += 1
+            nic["macaddress"] = (nic["macaddress"] or f"02:00:00:00:{self._mac_counter >> 8:02x}:"
+                                 f"{self._mac_counter & 0xff:02x}").lower()
+            network = ipaddress.ip_network(self.networks[nic["networkid"]]["cidr"])
+            nic["ipaddress"] = nic["ipaddress"] or str(network.network_address + 100 + self._mac_counter)
+            nics.append({"id": str(uuid.uuid4()), "deviceid": str(device), "isdefault": device == 0, **nic})
+        return nics
+
     def _cmd_startVirtualMachine(self, params):
-        self._require(params, "id")
         vm = self._vm(params["id"])
         if not any(v.get("deviceid") == 0 for v in self.attached_to(vm["id"])):
             raise ApiError(530, f"VM {vm['name']} has no ROOT volume: unable to start", 4250)
@@ -241,7 +372,6 @@ class VMCommands:
         return vm["id"], run
 
     def _cmd_stopVirtualMachine(self, params):
-        self._require(params, "id")
         vm = self._vm(params["id"])
 
         def run():
@@ -253,7 +383,6 @@ class VMCommands:
     def _cmd_destroyVirtualMachine(self, params):
         """As CloudStack does: the VM's ROOT volume goes with it; data volumes
         are detached and kept."""
-        self._require(params, "id")
         vm = self._vm(params["id"])
         if vm["id"] == self.oma_vm["id"]:
             raise ApiError(431, "refusing to destroy the OMA in a test", 4350)
@@ -284,6 +413,11 @@ class CloudStackSimulator(SnapshotCommands, VMCommands):
         self.api_key, self.secret = api_key, secret
         self.lock = threading.RLock()
         self.calls: list[str] = []
+        # Every request as the API layer saw it (parameter names matched as
+        # CloudStack matches them), and the names it ignored as unknown.
+        self.requests: list[tuple[str, dict[str, str]]] = []
+        self.unknown_params: list[tuple[str, str]] = []
+        self._mac_counter = 0
         self.fail_jobs: dict[str, tuple[int, str]] = {}
         self.hang_jobs: set[str] = set()
         self.zone_capacity_bytes: int | None = None
@@ -296,9 +430,17 @@ class CloudStackSimulator(SnapshotCommands, VMCommands):
                      "networktype": "Advanced"}
         self.disk_offering = {"id": str(uuid.uuid4()), "name": "custom", "iscustomized": True, "disksize": 0,
                               "storagetype": "shared"}
-        self.service_offering = {"id": str(uuid.uuid4()), "name": "medium", "cpunumber": 2, "memory": 2048,
-                                 "iscustomized": False}
-        self.network = {"id": str(uuid.uuid4()), "name": "prod", "zoneid": self.zone["id"], "state": "Implemented"}
+        # Fixed offerings; the config's is "medium". A custom one: add_custom_offering.
+        self.offerings = {o["id"]: o for o in (
+            {"id": str(uuid.uuid4()), "name": name, "cpunumber": cpus, "memory": memory, "cpuspeed": 1000,
+             "iscustomized": False, "state": "Active"}
+            for name, cpus, memory in (("small", 1, 512), ("medium", 2, 2048), ("large", 4, 8192)))}
+        self.service_offering = next(o for o in self.offerings.values() if o["name"] == "medium")
+        self.networks = {n["id"]: n for n in (
+            {"id": str(uuid.uuid4()), "name": name, "zoneid": self.zone["id"], "state": "Implemented",
+             "cidr": cidr, "type": "Isolated"}
+            for name, cidr in (("prod", "10.1.1.0/24"), ("backend", "10.2.2.0/24")))}
+        self.network = next(n for n in self.networks.values() if n["name"] == "prod")
         self.template = {"id": str(uuid.uuid4()), "name": "blank-bios", "zoneid": self.zone["id"],
                          "isready": True, "ostypename": "Other Linux (64-bit)"}
         self.oma_vm = self._new_vm("oma-appliance", state="Running")
@@ -326,6 +468,16 @@ class CloudStackSimulator(SnapshotCommands, VMCommands):
     def _new_vm(self, name: str, state: str = "Stopped", **extra) -> dict:
         return {"id": str(uuid.uuid4()), "name": name, "displayname": name, "state": state,
                 "zoneid": self.zone["id"], "serviceofferingid": self.service_offering["id"], **extra}
+
+    def add_custom_offering(self, min_cpus: int = 1, max_cpus: int = 16, min_memory: int = 256,
+                            max_memory: int = 65536) -> dict:
+        """A custom offering (no CPU, speed or memory of its own: the deploy
+        gives them), within these bounds."""
+        offering = {"id": str(uuid.uuid4()), "name": "custom", "iscustomized": True, "state": "Active",
+                    "serviceofferingdetails": {"mincpunumber": str(min_cpus), "maxcpunumber": str(max_cpus),
+                                               "minmemory": str(min_memory), "maxmemory": str(max_memory)}}
+        self.offerings[offering["id"]] = offering
+        return offering
 
     def device_path(self, volume_id: str) -> Path:
         return self.by_id_dir / f"virtio-{volume_id.replace('-', '')[:20]}"
@@ -357,8 +509,11 @@ class CloudStackSimulator(SnapshotCommands, VMCommands):
                 command = params.get("command", "")
                 key = f"{command.lower()}response"
                 try:
+                    if command not in API or not hasattr(sim, f"_cmd_{command}") and command != "queryAsyncJobResult":
+                        key = "errorresponse"  # CloudStack checks the command map before the signature
+                        raise ApiError(401, "unable to verify user credentials and/or request signature", 9999)
                     sim._authenticate(params)
-                    status, payload = 200, sim._dispatch(command, params)
+                    status, payload = 200, sim._dispatch(command, sim._checked(command, params))
                 except ApiError as exc:
                     status = exc.code
                     payload = {"uuidList": [], "errorcode": exc.code, "cserrorcode": exc.cs_code,
@@ -388,19 +543,42 @@ class CloudStackSimulator(SnapshotCommands, VMCommands):
             if expires < datetime.now(UTC):
                 raise ApiError(401, "signature expired", 9999)
 
+    def _checked(self, command: str, raw: dict[str, str]) -> dict[str, str]:
+        """The parameters as CloudStack's API layer hands them on: names
+        lower-cased (a map's fields keep their case), a required one missing
+        or empty refused with 431, an unknown one ignored (and recorded)."""
+        params = {}
+        for key, value in raw.items():
+            name = wire_name(key)
+            params[name + key[len(name):] if "[" in key else name] = value
+        spec = API[command]
+        with self.lock:
+            self.requests.append((command, dict(params)))
+            for key in params:
+                name = wire_name(key)
+                if name not in spec.params and name not in FRAMEWORK and name not in ("id", "page", "pagesize"):
+                    self.unknown_params.append((command, key))
+        for name in spec.required():
+            if name not in params and not any(k.startswith(f"{name}[") for k in params):
+                raise ApiError(431, f"Unable to execute API command {command.lower()} due to missing parameter "
+                                    f"{name}", 9999)
+            if name in params and not params[name]:
+                raise ApiError(431, f"Invalid value provided for API arg: {name}", 9999)
+        return params
+
     def _dispatch(self, command: str, params: dict[str, str]) -> dict:
         with self.lock:
             self.calls.append(command)
             if command == "queryAsyncJobResult":
                 return self._job_result(params)
-            handler = getattr(self, f"_cmd_{command}", None)
-            if handler is None:
-                raise ApiError(432, f"The given command:{command} does not exist or it is not available for user",
-                               9999)
-            if command not in ASYNC:
+            handler = getattr(self, f"_cmd_{command}")
+            mode = API[command].mode
+            if mode == "sync":
                 return handler(params)
             target, run, *failed = handler(params)
-            return self._start_job(command, target, run, *failed)
+            job = self._start_job(command, target, run, *failed)
+            # A create command's first reply names the new entity; the others' only the job.
+            return job if mode == "async-create" else {"jobid": job["jobid"]}
 
     # -- async jobs ------------------------------------------------------------
 
@@ -456,10 +634,11 @@ class CloudStackSimulator(SnapshotCommands, VMCommands):
         return self._listing("diskoffering", self._by_id([self.disk_offering], params))
 
     def _cmd_listServiceOfferings(self, params):
-        return self._listing("serviceoffering", self._by_id([self.service_offering], params))
+        return self._listing("serviceoffering", [dict(o) for o in self._by_id(list(self.offerings.values()),
+                                                                                params)])
 
     def _cmd_listNetworks(self, params):
-        return self._listing("network", self._by_id([self.network], params))
+        return self._listing("network", [dict(n) for n in self._by_id(list(self.networks.values()), params)])
 
     def _cmd_listTemplates(self, params):
         return self._listing("template", self._by_id([self.template], params))
@@ -472,7 +651,7 @@ class CloudStackSimulator(SnapshotCommands, VMCommands):
 
     def _cmd_listCapacity(self, params):
         """Memory (type 0) of the zone: what the running VMs' offerings take."""
-        used = sum(self.service_offering["memory"] * 2**20 for v in self.vms.values()
+        used = sum(v.get("memory", self.service_offering["memory"]) * 2**20 for v in self.vms.values()
                    if v["state"] in ("Running", "Starting") and v["id"] != self.oma_vm["id"])
         rows = [{"type": 0, "name": "MEMORY", "zoneid": self.zone["id"], "zonename": self.zone["name"],
                  "capacitytotal": self.zone_memory_bytes, "capacityused": used,
@@ -500,7 +679,9 @@ class CloudStackSimulator(SnapshotCommands, VMCommands):
         return volume
 
     def _cmd_createVolume(self, params):
-        self._require(params, "name", "zoneid", "diskofferingid")
+        if not params.get("diskofferingid") and not params.get("snapshotid"):
+            raise ApiError(431, "Either disk Offering Id or snapshot Id must be passed whilst creating volume", 4350)
+        self._require(params, "zoneid")  # a volume from a disk offering needs its zone
         if params["zoneid"] != self.zone["id"]:
             raise ApiError(431, f"Unable to find zone by id {params['zoneid']}", 4350)
         if params["diskofferingid"] != self.disk_offering["id"]:
@@ -526,7 +707,6 @@ class CloudStackSimulator(SnapshotCommands, VMCommands):
         return volume_id, run
 
     def _cmd_attachVolume(self, params):
-        self._require(params, "id", "virtualmachineid")
         volume = self._volume(params["id"])
         vm = self.vms.get(params["virtualmachineid"])
         if vm is None:
@@ -574,11 +754,10 @@ class CloudStackSimulator(SnapshotCommands, VMCommands):
         return volume["id"], run
 
     def _cmd_deleteVolume(self, params):
-        self._require(params, "id")
         volume = self._volume(params["id"])
         if volume.get("virtualmachineid"):
             raise ApiError(536, f"Please specify a volume that is not attached to any VM: {volume['name']}", 4350)
         del self.volumes[volume["id"]]
         self.volume_file(volume["id"]).unlink(missing_ok=True)
-        return {"success": "true"}
+        return {"success": True}
 

@@ -37,6 +37,8 @@ def cloud(tmp_path):
     secret.chmod(0o600)
     try:
         yield sim, secret
+        # CloudStack ignores a parameter it does not know: every call made must name only its own.
+        assert sim.unknown_params == [], f"parameters CloudStack would ignore: {sim.unknown_params}"
     finally:
         sim.stop()
 

@@ -67,7 +67,9 @@ def get_destination(name: str = "libvirt") -> Destination:
         except CloudError as exc:
             raise DestinationError(str(exc)) from None
         return CloudStackDestination(config, job_timeout_s=settings.CLOUDSTACK_JOB_TIMEOUT_S,
-                                     settle_s=settings.CLOUDSTACK_BOOT_SETTLE_S)
+                                     settle_s=settings.CLOUDSTACK_BOOT_SETTLE_S,
+                                     work_dir=Path(settings.FAILOVER_DIR) / "cloudstack",
+                                     domain_type=settings.LIBVIRT_DOMAIN_TYPE or None)
     if name != "libvirt":
         raise DestinationError(f"no destination named {name!r} is configured")
     from replication.platforms.local.libvirt import LibvirtDestination

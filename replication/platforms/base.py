@@ -213,6 +213,20 @@ class Destination(abc.ABC):
         source network name to destination network, or None for no NICs.
         A VM of that name already defined is an error."""
 
+    def check_nics(self, name: str, shape: VMShape, network: Mapping[str, str]) -> None:
+        """Raise DestinationError with the reason when the destination cannot
+        give the VM its NICs on these mapped networks (checked before a live
+        failover touches the source). Not abstract: nothing to check."""
+        return None
+
+    def hardware_choices(self, vm: str) -> dict:
+        """What the destination chose for the VM it defined as ``vm`` where
+        the shape left it a choice, as FailoverJob.hardware records it:
+        ``{what: {"value": ..., "from": why}}`` (CloudStack: the service
+        offering, the NICs it kept, the boot type, the disk controller).
+        Not abstract: {} where the destination chooses nothing."""
+        return {}
+
     @abc.abstractmethod
     def convert_guest(self, name: str, shape: VMShape, disks: Sequence[DiskSpec]) -> str:
         """Prepare the guest on the protected volumes for this destination

@@ -241,9 +241,15 @@ def _boot(job: FailoverJob, destination, volumes: list[tuple[str, str]]) -> None
                                                         list(zip(job.protection, keys, strict=True)))
             except GuestNotConverted as exc:
                 step.detail = f"not converted: {exc}"  # it may boot all the same: the boot check decides
-    with _step(job, "define VM"):
+    with _step(job, "define VM") as step:
         destination.define_vm(job.destination_vm, shape, list(zip(job.protection, keys, strict=True)),
                               network=network)
+        chosen = destination.hardware_choices(job.destination_vm)  # the destination's own choices, and why
+        if chosen:
+            job.hardware = {**(job.hardware or {}), **chosen}
+            job.save(update_fields=["hardware"])
+            step.detail = "; ".join(f"{what}: {c['value']} ({c['from']})" for what, c in chosen.items()
+                                    if what != "nics")[:2000]
     with _step(job, "start VM"):
         destination.start(job.destination_vm)
     with _step(job, "verify boot") as step:

@@ -52,8 +52,8 @@ def shape_of(cycle: ReplicationJob, disk_keys: list[str]) -> VMShape:
                    secure_boot=bool(shape.get("secure_boot")) and shape.get("firmware") == "efi",
                    tpm=bool(shape.get("tpm")),
                    disks=tuple(key for key in shape.get("disks") or () if key in disk_keys),
-                   nics=tuple(NIC(mac=n.get("mac") or None, source_network=n.get("network") or "")
-                              for n in shape.get("nics") or ()))
+                   nics=tuple(NIC(mac=n.get("mac") or None, source_network=n.get("network") or "",
+                                  ip=n.get("ip") or None) for n in shape.get("nics") or ()))
 
 
 def production_network(shape: VMShape, destination: Destination) -> dict[str, str] | None:
@@ -71,6 +71,10 @@ def production_network(shape: VMShape, destination: Destination) -> dict[str, st
         if not destination.has_network(target):
             raise FailoverError(f"source network {nic.source_network!r} maps to {target!r}, which the destination "
                                 "does not have")
+    try:
+        destination.check_nics("the VM", shape, mapping)
+    except DestinationError as exc:
+        raise FailoverError(str(exc)) from None
     return mapping
 
 
