@@ -1,6 +1,7 @@
 from django.core.management.base import BaseCommand, CommandError
 
 from replication.models import VMContext
+from replication.platforms.base import DISK_BUSES, NIC_MODELS, SCSI_MODELS
 from replication.roles import os_actor
 from replication.services.inventory import InventoryError, register_image_vm
 
@@ -16,10 +17,18 @@ class Command(BaseCommand):
         parser.add_argument("--cpus", type=int, default=None, help="virtual CPUs of a failed-over copy")
         parser.add_argument("--memory-mib", type=int, default=None, help="its memory in MiB")
         parser.add_argument("--firmware", choices=["bios", "efi"], default="bios", help="its firmware")
+        parser.add_argument("--disk-bus", choices=DISK_BUSES, default="",
+                            help="the bus the image's guest boots from (its drivers); default: unknown, decided "
+                                 "at failover (see set_hardware)")
+        parser.add_argument("--scsi-model", choices=SCSI_MODELS, default="",
+                            help="with --disk-bus scsi: the SCSI controller")
+        parser.add_argument("--nic-model", choices=NIC_MODELS, default="",
+                            help="the NIC model the guest has a driver for; default: unknown")
 
-    def handle(self, name, disk, agent, cpus, memory_mib, firmware, **options):
+    def handle(self, name, disk, agent, cpus, memory_mib, firmware, disk_bus, scsi_model, nic_model, **options):
         try:
-            vm = register_image_vm(name, disk, agent=agent, cpus=cpus, memory_mib=memory_mib, firmware=firmware)
+            vm = register_image_vm(name, disk, agent=agent, cpus=cpus, memory_mib=memory_mib, firmware=firmware,
+                                   disk_bus=disk_bus, scsi_model=scsi_model, nic_model=nic_model)
         except InventoryError as exc:
             raise CommandError(str(exc)) from exc
         VMContext.registered(vm, os_actor(), "with add_vm")
