@@ -304,6 +304,56 @@ def test_a_windows_vm_without_virtio_win_shows_its_warning_on_the_vms_page(clien
     assert "Windows guest to be converted without virtio drivers (VIRTIO_WIN is not set)" in page
 
 
+# The source's devices as vCenter reports them ------------------------------------
+
+def vsphere_devices(controller, card) -> list:
+    from pyVmomi import vim
+
+    controller.key = 1000
+    disk = vim.vm.device.VirtualDisk(key=2000, controllerKey=1000, unitNumber=0)
+    card.key = 4000
+    return [controller, disk, card]
+
+
+def test_vsphere_controllers_and_nics_map_to_what_qemu_emulates():
+    from pyVmomi import vim
+
+    from vma_agent.vmware import devices_of
+
+    device = vim.vm.device
+    cases = [
+        (device.VirtualAHCIController(), device.VirtualE1000e(), ("sata", "", "e1000e")),
+        (device.ParaVirtualSCSIController(), device.VirtualVmxnet3(), ("scsi", "vmpvscsi", "vmxnet3")),
+        (device.VirtualLsiLogicSASController(), device.VirtualE1000(), ("scsi", "lsisas1068", "e1000")),
+        (device.VirtualLsiLogicController(), device.VirtualPCNet32(), ("scsi", "lsilogic", "")),
+        (device.VirtualBusLogicController(), device.VirtualE1000e(), ("scsi", "", "e1000e")),
+        (device.VirtualIDEController(), device.VirtualE1000e(), ("ide", "", "e1000e")),
+        (device.VirtualNVMEController(), device.VirtualVmxnet3(), ("", "", "vmxnet3")),
+    ]
+    for controller, card, expected in cases:
+        found = devices_of(vsphere_devices(controller, card))
+        assert (found["disk_bus"], found["scsi_model"], found["nic_model"]) == expected, type(controller).__name__
+    # A BusLogic guest's controller has no QEMU model: the destination's default, said as such.
+    hw = hardware.decide({"disk_bus": "scsi", "scsi_model": ""}, image=False)
+    assert values(hw)["scsi_model"] == ("lsilogic", "default")
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_a_discovered_vmware_vm_boots_on_its_source_controller_and_nic(vcenter):
+    from replication.services import vmware as vmware_service
+    from simulators.vcenter import vm_spec
+
+    _sim, record = vcenter(vm_spec("web-hw", capacities=[1024 * 1024]))
+    (vm,) = vmware_service.discover(record, ["web-hw"])
+    # The simulator's VMs have their disks on a paravirtual SCSI controller and vmxnet3 NICs.
+    assert (vm.disk_bus, vm.scsi_model, vm.nic_model) == ("scsi", "vmpvscsi", "vmxnet3")
+    hw = hardware.for_vm(vm)
+    assert values(hw) == {"disk_bus": ("scsi", "source"), "scsi_model": ("vmpvscsi", "source"),
+                          "nic_model": ("vmxnet3", "source")}
+    assert hw.summary() == "EFI · scsi disk (vmpvscsi) · vmxnet3 NIC"
+
+
 # A real failover of a SATA-only guest -----------------------------------------
 
 @pytest.fixture

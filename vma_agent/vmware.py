@@ -89,14 +89,18 @@ class VMInfo:
     cpus: int = 0
     memory_mib: int = 0
     guest_id: str = ""
+    # The boot disk's bus and controller, the first NIC's model, as QEMU names
+    # them (devices_of); "" where QEMU has no such device.
+    devices: dict = field(default_factory=dict)
 
     def shape(self) -> dict:
         """What a failed-over copy of the VM needs: CPUs, memory, firmware,
-        guest OS, NICs, and the disks in boot order (unit order)."""
+        guest OS, NICs, the disks in boot order (unit order) and the devices
+        its guest has drivers for."""
         disks = sorted(self.disks, key=lambda d: (d.unit_number is None, d.unit_number or 0, d.key))
         return {"cpus": self.cpus, "memory_mib": self.memory_mib, "firmware": self.firmware or "bios",
                 "guest_id": self.guest_id, "guest_os": self.guest_os, "nics": self.nics,
-                "disks": [d.disk_key for d in disks]}
+                "disks": [d.disk_key for d in disks], **self.devices}
 
 
 def normalize_thumbprint(value: str) -> str:
@@ -295,6 +299,7 @@ class VSphereClient:
             cpus=int(props.get("config.hardware.numCPU") or 0),
             memory_mib=int(props.get("config.hardware.memoryMB") or 0),
             guest_id=props.get("config.guestId") or "",
+            devices=devices_of(devices),
         )
 
     def snapshot_disks(self, snapshot_moref: str) -> list[DiskInfo]:
@@ -447,6 +452,45 @@ def disks_of(devices) -> list[DiskInfo]:
             change_id=getattr(backing, "changeId", "") or "",
         ))
     return sorted(disks, key=lambda d: d.key)
+
+
+# vSphere's controllers and NICs -> (disk bus, SCSI model) and NIC model as
+# QEMU emulates them; the most derived class first. BusLogic, NVMe and PCnet
+# have no QEMU model here: "" (unknown), the destination then decides.
+_CONTROLLERS = [
+    (vim.vm.device.ParaVirtualSCSIController, ("scsi", "vmpvscsi")),
+    (vim.vm.device.VirtualLsiLogicSASController, ("scsi", "lsisas1068")),
+    (vim.vm.device.VirtualLsiLogicController, ("scsi", "lsilogic")),
+    (vim.vm.device.VirtualSCSIController, ("scsi", "")),
+    (vim.vm.device.VirtualAHCIController, ("sata", "")),
+    (vim.vm.device.VirtualIDEController, ("ide", "")),
+]
+_NIC_MODELS = [
+    (vim.vm.device.VirtualE1000e, "e1000e"),
+    (vim.vm.device.VirtualE1000, "e1000"),
+    (vim.vm.device.VirtualVmxnet3, "vmxnet3"),
+]
+
+
+def devices_of(devices) -> dict:
+    """{"disk_bus", "scsi_model", "nic_model"}: the controller of the boot
+    disk (the first in unit order) and the first NIC, as QEMU names them."""
+    by_key = {device.key: device for device in devices}
+    disks = sorted((d for d in devices if isinstance(d, vim.vm.device.VirtualDisk)),
+                   key=lambda d: (d.unitNumber is None, d.unitNumber or 0, d.key))
+    bus, scsi_model = "", ""
+    controller = by_key.get(disks[0].controllerKey) if disks else None
+    for kind, found in _CONTROLLERS:
+        if controller is not None and isinstance(controller, kind):
+            bus, scsi_model = found
+            break
+    nic_model = ""
+    card = next((d for d in devices if isinstance(d, vim.vm.device.VirtualEthernetCard)), None)
+    for kind, model in _NIC_MODELS:
+        if card is not None and isinstance(card, kind):
+            nic_model = model
+            break
+    return {"disk_bus": bus, "scsi_model": scsi_model, "nic_model": nic_model}
 
 
 OVERRIDE_EXISTING_SNAPSHOTS = "existing-snapshots"

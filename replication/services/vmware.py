@@ -119,6 +119,7 @@ def _record_vm(vcenter: VCenter, info: vmware.VMInfo, agent: str, actor: str = "
                  cpus=info.cpus or None, memory_mib=info.memory_mib or None,
                  snapshots=[{"name": s.name, "moref": s.moref} for s in info.snapshots],
                  discovered_at=timezone.now())
+    found.update(info.devices)  # the boot disk's bus and controller, the NIC model (services.hardware)
     # A rediscovery keeps the agent the operator chose.
     vm, created = VirtualMachine.objects.update_or_create(
         vcenter=vcenter, moref=info.moref, defaults=found, create_defaults={**found, "agent": agent})
