@@ -427,3 +427,45 @@ def test_a_sata_only_guest_boots_on_sata_and_not_on_virtio(celery_worker_process
     assert list(Path(settings.FAILOVER_DIR).rglob("*.qcow2")) == []
     assert VMContext.of(vm).state == VMState.READY_FOR_FAILOVER
     assert sha256(replica) == before
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_a_failover_follows_a_windows_conversion_to_emulated_devices_and_says_so(tmp_path, monkeypatch, settings,
+                                                                                 no_leftover_vms):
+    """The failover's own path with virt-v2v's run replaced by the report it
+    prints for a Windows guest without virtio-win (no Windows image here): the
+    destination boots on the IDE disk it fell back to (our test guest has IDE
+    drivers, so the boot is real), and the VM carries the warning."""
+    from replication.platforms.local.libvirt import LibvirtDestination
+    from replication.serializers import failover_json
+    from replication.services import failover
+    from tests.helpers import completed_cycle_on
+
+    settings.VIRTIO_WIN = ""
+    vm = completed_cycle_on(tmp_path, "vm-sata-win", monkeypatch)
+    VirtualMachine.objects.filter(pk=vm.pk).update(guest_os="Microsoft Windows Server 2022 (64-bit)")
+    command("set_guest_conversion", "vm-sata-win", "on")
+    command("set_boot_check", "vm-sata-win", "--regex", r"BOOT-MARKER: D", "--timeout", "120")
+    converted = []
+    monkeypatch.setattr(LibvirtDestination, "convert_guest", lambda self, name, shape, disks: converted.append(
+        name) or v2v.report(WINDOWS_NO_DRIVERS_STDOUT, WINDOWS_NO_DRIVERS_STDERR))
+
+    job = failover.start_failover(vm)
+    failover.run_failover(job.pk)
+    job.refresh_from_db()
+
+    assert job.status == FailoverStatus.SUCCEEDED and job.console_match.endswith("BOOT-MARKER: D"), job.error_message
+    assert converted == [job.destination_vm]
+    assert domain_disk_buses(job.destination_vm) == [("hda", "ide")]
+    assert {k: (v["value"], v["origin"]) for k, v in job.hardware.items() if k in ("disk_bus", "nic_model")} == {
+        "disk_bus": ("ide", "conversion"), "nic_model": ("rtl8139", "conversion")}
+    warning = VMContext.of(vm).hardware_warning
+    assert warning.startswith("Windows guest converted without virtio drivers (VIRTIO_WIN is not set)"), warning
+    assert job.hardware["warning"] == warning and failover_json(job)["hardware_warning"] == warning
+    steps = {s.name: s.detail for s in job.steps.all()}
+    assert steps["convert guest"].endswith("no virtio drivers installed: emulated devices (ide disk, rtl8139 NIC)")
+    assert steps["define VM"].startswith("BIOS · ide disk · rtl8139 NIC") and f"warning: {warning}" in \
+        steps["define VM"]
+    failover.end_test_failover(vm)
+    assert job.destination_vm not in domains()
