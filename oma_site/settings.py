@@ -357,6 +357,13 @@ LIBVIRT_URI = env("LIBVIRT_URI", default="qemu:///system")
 LIBVIRT_DOMAIN_TYPE = env("LIBVIRT_DOMAIN_TYPE", default="")
 if LIBVIRT_DOMAIN_TYPE not in ("", "kvm", "qemu"):
     raise ImproperlyConfigured(f"LIBVIRT_DOMAIN_TYPE must be kvm, qemu or empty, not {LIBVIRT_DOMAIN_TYPE!r}")
+# The virtio-win drivers (ISO or directory; not in Debian: the operator's copy)
+# that guest conversion installs into Windows guests. Empty: a Windows guest is
+# converted to emulated devices (IDE disk, RTL8139 NIC), with a warning on the VM.
+VIRTIO_WIN = env("VIRTIO_WIN", default="")
+if VIRTIO_WIN and not Path(VIRTIO_WIN).exists():
+    raise ImproperlyConfigured(f"VIRTIO_WIN={VIRTIO_WIN} does not exist: the path of the virtio-win ISO or "
+                               "directory, or empty")
 FAILOVER_DIR = Path(env("FAILOVER_DIR", default=str(OMA_RUN_DIR / "failover")))  # overlays, console logs
 FAILOVER_MIN_FREE_BYTES = env.int("FAILOVER_MIN_FREE_BYTES", default=256 * 1024 * 1024)
 FAILOVER_TEST_NETWORK = env("FAILOVER_TEST_NETWORK", default="")  # a libvirt network; empty: no NIC

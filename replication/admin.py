@@ -321,8 +321,10 @@ class VMContextAdmin(admin.ModelAdmin):
 
     list_display = ["vm", "state", "updated_at", "boot_check_regex", "boot_check_timeout_s", "convert_guest"]
     list_filter = ["state"]
-    fields = ["vm", "state", "boot_check_regex", "boot_check_timeout_s", "convert_guest"]
-    readonly_fields = ["vm", "state"]
+    fields = ["vm", "state", "boot_check_regex", "boot_check_timeout_s", "convert_guest", "hardware",
+              "hardware_warning"]
+    # The hardware choices through `manage.py set_hardware`, which checks them.
+    readonly_fields = ["vm", "state", "hardware", "hardware_warning"]
     inlines = [VMStateChangeInline]
 
     def has_add_permission(self, request):

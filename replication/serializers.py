@@ -58,7 +58,8 @@ def failover_json(job: FailoverJob) -> dict:
             "rolls_back": job.rolls_back_id, "boot_verified": job.boot_verified,
             "console_match": job.console_match, "downtime_s": job.downtime_s,
             "forecast_downtime_s": job.forecast_downtime_s, "error": job.error_message,
-            "console_tail": job.console_tail, "created_at": job.created_at.isoformat(),
+            "console_tail": job.console_tail, "hardware": job.hardware,
+            "hardware_warning": VMContext.of(job.vm).hardware_warning, "created_at": job.created_at.isoformat(),
             "completed_at": _iso(job.completed_at),
             "steps": [{"name": s.name, "status": s.status, "seconds": s.seconds, "detail": s.detail}
                       for s in job.steps.all()]}

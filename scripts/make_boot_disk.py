@@ -16,7 +16,8 @@ with mkfs.fat and mtools, made bootable with the mtools-based ``syslinux``,
 and spliced behind an MBR written here. Needs: linux-image-amd64,
 busybox-static, dosfstools, mtools, syslinux, syslinux-common.
 
-    make_boot_disk.py OUT.img --marker TEXT [--size-mib 64] [--firmware efi [--efi-loader uki|shim]]
+    make_boot_disk.py OUT.img --marker TEXT [--size-mib 64] [--drivers all|sata]
+                      [--firmware efi [--efi-loader uki|shim]]
     make_boot_disk.py OUT.img --set-marker TEXT
 
 ``--firmware efi`` builds a UEFI-only disk instead: a GPT whose only
@@ -53,12 +54,23 @@ MARKER_FILE = "MARKER"
 MARKER_PREFIX = "BOOT-MARKER: "
 
 # Debian builds these as modules; the initramfs loads them (in this order) so
-# it can see a virtio (or IDE/SATA) disk and mount its FAT partition.
+# it can see a virtio, IDE/SATA or VMware paravirtual SCSI disk (as a Linux
+# guest made on VMware carries vmw_pvscsi) and mount its FAT partition.
 GUEST_MODULES = [
     "virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "virtio_blk",
-    "scsi_common", "scsi_mod", "sd_mod", "libata", "ata_piix", "libahci", "ahci",
+    "scsi_common", "scsi_mod", "sd_mod", "vmw_pvscsi", "libata", "ata_piix", "libahci", "ahci",
     "fat", "vfat", "nls_cp437", "nls_ascii", "nls_utf8", "nls_iso8859-1",
 ]
+# --drivers: which disk drivers the initramfs carries. "sata": AHCI only (no
+# virtio_blk, no IDE), like a guest whose initramfs was built on a SATA VM: it
+# finds its disk on a SATA bus and on no other.
+DRIVER_SETS = {
+    "all": GUEST_MODULES,
+    "sata": ["scsi_common", "scsi_mod", "sd_mod", "libata", "libahci", "ahci",
+             "fat", "vfat", "nls_cp437", "nls_ascii", "nls_utf8", "nls_iso8859-1"],
+}
+# The module each set needs to see its disk (built in or loadable).
+_DISK_DRIVER = {"all": ("virtio_blk", "CONFIG_VIRTIO_BLK"), "sata": ("ahci", "CONFIG_SATA_AHCI")}
 
 INIT_SCRIPT = r"""#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /mnt /tmp
@@ -150,8 +162,8 @@ def find_kernel() -> tuple[Path, str]:
     raise BootDiskError("no readable /boot/vmlinuz-* with /lib/modules: install linux-image-amd64")
 
 
-def _module_paths(release: str) -> list[tuple[str, Path]]:
-    """(name, .ko path) for GUEST_MODULES plus their dependencies, dependencies first."""
+def _module_paths(release: str, drivers: str = "all") -> list[tuple[str, Path]]:
+    """(name, .ko path) for the driver set's modules plus their dependencies, dependencies first."""
     ordered: list[tuple[str, Path]] = []
     seen: set[str] = set()
 
@@ -176,7 +188,7 @@ def _module_paths(release: str) -> list[tuple[str, Path]]:
         elif filename.endswith((".ko.xz", ".ko.zst", ".ko.gz")):
             raise BootDiskError(f"{filename}: compressed modules are not supported")
 
-    for name in GUEST_MODULES:
+    for name in DRIVER_SETS[drivers]:
         add(name)
     return ordered
 
@@ -200,13 +212,15 @@ def _cpio_newc(entries: list[tuple[str, int, bytes, int]]) -> bytes:
     return out.getvalue()
 
 
-def build_initramfs(release: str) -> bytes:
+def build_initramfs(release: str, drivers: str = "all") -> bytes:
     if not BUSYBOX.is_file():
         raise BootDiskError(f"{BUSYBOX} is missing: install busybox-static")
-    modules = _module_paths(release)
+    if drivers not in DRIVER_SETS:
+        raise BootDiskError(f"--drivers must be one of {', '.join(DRIVER_SETS)}, not {drivers!r}")
+    modules = _module_paths(release, drivers)
     config = Path(f"/boot/config-{release}")
     config_text = config.read_text() if config.exists() else ""
-    for name, option in (("virtio_blk", "CONFIG_VIRTIO_BLK"), ("vfat", "CONFIG_VFAT_FS")):
+    for name, option in (_DISK_DRIVER[drivers], ("vfat", "CONFIG_VFAT_FS")):
         if name not in {m for m, _ in modules} and f"{option}=y" not in config_text:
             raise BootDiskError(f"kernel {release} has {name} neither built in nor as a module")
     d, f, lnk = stat.S_IFDIR | 0o755, stat.S_IFREG, stat.S_IFLNK | 0o777
@@ -310,7 +324,8 @@ def _signed_chain_files(kernel: Path, initrd: Path, tmpd: Path) -> list[tuple[Pa
             (kernel, "vmlinuz"), (initrd, "initrd.gz")]
 
 
-def build_efi_boot_disk(path: str | os.PathLike, marker: str, size_mib: int = 64, loader: str = "uki") -> Path:
+def build_efi_boot_disk(path: str | os.PathLike, marker: str, size_mib: int = 64, loader: str = "uki",
+                        drivers: str = "all") -> Path:
     """Write a UEFI-only raw disk image to ``path`` (GPT, an EFI system
     partition, no BIOS boot code) whose guest prints ``BOOT-MARKER: marker``.
     Its loader: ``uki``, an unsigned unified kernel image; ``shim``, the
@@ -326,7 +341,7 @@ def build_efi_boot_disk(path: str | os.PathLike, marker: str, size_mib: int = 64
     part_sectors = total_sectors - 2 * PARTITION_START_LBA
     with tempfile.TemporaryDirectory(prefix="bootdisk-") as tmp:
         tmpd = Path(tmp)
-        (tmpd / "initrd.gz").write_bytes(build_initramfs(release))
+        (tmpd / "initrd.gz").write_bytes(build_initramfs(release, drivers))
         (tmpd / MARKER_FILE).write_text(marker + "\n")
         if loader == "uki":
             files = [(build_uki(kernel, tmpd / "initrd.gz", tmpd / "BOOTX64.EFI"), UKI_PATH)]
@@ -361,8 +376,9 @@ def build_efi_boot_disk(path: str | os.PathLike, marker: str, size_mib: int = 64
     return path
 
 
-def build_boot_disk(path: str | os.PathLike, marker: str, size_mib: int = 64) -> Path:
-    """Write a bootable raw disk image to ``path`` whose guest prints ``BOOT-MARKER: marker``."""
+def build_boot_disk(path: str | os.PathLike, marker: str, size_mib: int = 64, drivers: str = "all") -> Path:
+    """Write a bootable raw disk image to ``path`` whose guest prints ``BOOT-MARKER: marker``;
+    its initramfs carries the disk drivers of DRIVER_SETS[drivers]."""
     path = Path(path)
     if size_mib < 32:
         raise BootDiskError("size_mib must be at least 32 (kernel + initramfs + FAT16 minimum)")
@@ -378,7 +394,7 @@ def build_boot_disk(path: str | os.PathLike, marker: str, size_mib: int = 64) ->
             fh.truncate(part_sectors * SECTOR)
         # -h: hidden sectors = the partition's start, which syslinux's boot sector needs.
         _run("mkfs.fat", "-F", "16", "-n", "OMABOOT", "-h", str(PARTITION_START_LBA), str(part))
-        (tmpd / "initrd.gz").write_bytes(build_initramfs(release))
+        (tmpd / "initrd.gz").write_bytes(build_initramfs(release, drivers))
         (tmpd / "syslinux.cfg").write_text(SYSLINUX_CFG)
         (tmpd / MARKER_FILE).write_text(marker + "\n")
         for src, dest in ((kernel, "vmlinuz"), (tmpd / "initrd.gz", "initrd.gz"),
@@ -424,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--marker", help="build a new image whose guest prints this marker")
     group.add_argument("--set-marker", help="rewrite the marker in an existing image")
     parser.add_argument("--size-mib", type=int, default=64)
+    parser.add_argument("--drivers", choices=list(DRIVER_SETS), default="all",
+                        help="disk drivers in the initramfs: all (virtio, IDE, SATA) or sata (AHCI only)")
     parser.add_argument("--firmware", choices=["bios", "efi"], default="bios",
                         help="efi: a UEFI-only disk (GPT, EFI system partition, unified kernel image)")
     parser.add_argument("--efi-loader", choices=["uki", "shim"], default="uki",
@@ -432,11 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.marker is not None and args.firmware == "efi":
-            build_efi_boot_disk(args.image, args.marker, args.size_mib, args.efi_loader)
+            build_efi_boot_disk(args.image, args.marker, args.size_mib, args.efi_loader, args.drivers)
             print(f"built {args.image} (efi, {args.efi_loader}): the guest prints "
                   f"'{MARKER_PREFIX}{args.marker}' on ttyS0")
         elif args.marker is not None:
-            build_boot_disk(args.image, args.marker, args.size_mib)
+            build_boot_disk(args.image, args.marker, args.size_mib, args.drivers)
             print(f"built {args.image}: the guest prints '{MARKER_PREFIX}{args.marker}' on ttyS0")
         else:
             set_marker(args.image, args.set_marker)

@@ -206,8 +206,8 @@ def test_a_two_nic_vm_keeps_both_nics_macs_and_ips_its_size_boot_type_and_disk_c
     chosen = dest.hardware_choices("web01")
     assert chosen["service_offering"] == {
         "value": "large (4 CPU(s), 8192 MiB)", "id": vm["serviceofferingid"],
-        "from": "the smallest fixed offering that fits the source's 3 CPU(s), 3000 MiB (no custom offering "
-                "allows it)"}
+        "origin": "destination",
+        "why": "the smallest fixed offering that fits the source's 3 CPU(s), 3000 MiB (no custom offering allows it)"}
     assert chosen["boottype"]["value"] == "UEFI SECURE" and chosen["rootdiskcontroller"]["value"] == "sata"
     # The replica volume is the VM's root disk now.
     assert client.one("listVolumes", "volume", id=volume)["vmname"] == "web01"
@@ -225,7 +225,7 @@ def test_a_two_nic_vm_keeps_both_nics_macs_and_ips_its_size_boot_type_and_disk_c
     params = deploy_params(sim)
     assert (params["details[0].cpuNumber"], params["details[0].memory"], params["details[0].cpuSpeed"]) == (
         "3", "3000", "1000")
-    assert dest.hardware_choices("web01")["service_offering"]["from"] == (
+    assert dest.hardware_choices("web01")["service_offering"]["why"] == (
         "custom offering sized to the source's 3 CPU(s), 3000 MiB")
 
 
@@ -258,7 +258,7 @@ def test_nics_one_network_cannot_hold(cloud, tmp_path):  # noqa: F811
     assert [(n["networkname"], n["macaddress"]) for n in vm["nic"]] == [("prod", "00:50:56:aa:00:01")]
     assert (vm["serviceofferingname"], vm["boottype"], vm["bootmode"]) == ("small", "BIOS", "LEGACY")
     assert vm["details"] == {"rootDiskController": "virtio", "dataDiskController": "virtio"}
-    assert dest.hardware_choices("db01-test")["nics"]["from"] == (
+    assert dest.hardware_choices("db01-test")["nics"]["why"] == (
         "the source's first NIC, with its MAC, on the test network (its IP is the test network's); NIC(s) "
         "00:50:56:aa:00:02 left off: CloudStack gives a VM one NIC per network and a test failover has one")
 
@@ -316,8 +316,8 @@ def test_a_cloudstack_test_failover_converts_before_the_volumes_leave_the_oma_an
     assert failover.hardware["service_offering"] == {
         "value": "small (1 CPU(s), 512 MiB)", "id": next(o["id"] for o in sim.offerings.values()
                                                          if o["name"] == "small"),
-        "from": "the smallest fixed offering that fits the source's 1 CPU(s), 512 MiB (no custom offering "
-                "allows it)"}
+        "origin": "destination",
+        "why": "the smallest fixed offering that fits the source's 1 CPU(s), 512 MiB (no custom offering allows it)"}
     assert "service_offering: small" in steps["define VM"]["detail"]
     assert sim.unknown_params == []
     call_command("failover_end", vm.name, stdout=StringIO())

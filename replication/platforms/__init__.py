@@ -75,11 +75,12 @@ def get_destination(name: str = "libvirt") -> Destination:
     from replication.platforms.local.libvirt import LibvirtDestination
 
     key = (os.getpid(), name, settings.LIBVIRT_URI, str(settings.FAILOVER_DIR), settings.FAILOVER_TEST_NETWORK,
-           settings.LIBVIRT_DOMAIN_TYPE)
+           settings.LIBVIRT_DOMAIN_TYPE, settings.VIRTIO_WIN)
     if key not in _cache:
         _cache[key] = LibvirtDestination(settings.LIBVIRT_URI, Path(settings.FAILOVER_DIR),
                                          network=settings.FAILOVER_TEST_NETWORK or None,
-                                         domain_type=settings.LIBVIRT_DOMAIN_TYPE or None)
+                                         domain_type=settings.LIBVIRT_DOMAIN_TYPE or None,
+                                         virtio_win=settings.VIRTIO_WIN)
     return _cache[key]
 
 

@@ -105,6 +105,33 @@ class VMShape:
             raise DestinationError(f"NIC model must be one of {', '.join(NIC_MODELS)}, not {self.nic_model!r}")
 
 
+@dataclass(frozen=True)
+class GuestConversion:
+    """What a guest conversion did and decided (virt-v2v's own words): the
+    bus it prepared the boot disk for and the NIC model it left drivers for,
+    so the destination boots the guest on devices it can drive.
+
+    block_bus: "virtio-blk", "virtio-scsi" or "ide" (virt-v2v's fallback
+    when it could not install virtio drivers); net_bus: "virtio-net",
+    "e1000" or "rtl8139"; None: the converter did not say. guest_type is
+    the inspected OS type (windows, linux), product its name."""
+
+    detail: str  # one line for the failover's step
+    block_bus: str | None = None
+    net_bus: str | None = None
+    guest_type: str = ""
+    product: str = ""
+    warnings: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return self.detail
+
+    @property
+    def virtio(self) -> bool:
+        """Whether virtio drivers are in the guest (its boot disk can be virtio)."""
+        return self.block_bus in ("virtio-blk", "virtio-scsi")
+
+
 # A disk of define_vm: (protected volume handle, disk key). The key is what the
 # guest sees as the disk's serial number, so it can tell its disks apart.
 DiskSpec = tuple[str, str]
@@ -222,18 +249,20 @@ class Destination(abc.ABC):
     def hardware_choices(self, vm: str) -> dict:
         """What the destination chose for the VM it defined as ``vm`` where
         the shape left it a choice, as FailoverJob.hardware records it:
-        ``{what: {"value": ..., "from": why}}`` (CloudStack: the service
+        ``{what: {"value": ..., "origin": "destination", "why": ...}}`` (CloudStack: the service
         offering, the NICs it kept, the boot type, the disk controller).
         Not abstract: {} where the destination chooses nothing."""
         return {}
 
     @abc.abstractmethod
-    def convert_guest(self, name: str, shape: VMShape, disks: Sequence[DiskSpec]) -> str:
+    def convert_guest(self, name: str, shape: VMShape, disks: Sequence[DiskSpec]) -> str | GuestConversion:
         """Prepare the guest on the protected volumes for this destination
         (drivers, boot configuration) before its first boot; returns what was
-        done. Raises GuestNotConverted with the reason when the guest cannot
-        be converted (it may still boot), DestinationError when the
-        converter itself cannot run."""
+        done (a GuestConversion where the converter says what it decided:
+        services.hardware then boots the guest on those devices). Raises
+        GuestNotConverted with the reason when the guest cannot be converted
+        (it may still boot), DestinationError when the converter itself
+        cannot run."""
 
     @abc.abstractmethod
     def start(self, vm: str) -> None:

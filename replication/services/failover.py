@@ -58,8 +58,9 @@ from replication.models import (
     VMContext,
 )
 from replication.platforms import destination_for, get_provider, on_cloudstack
-from replication.platforms.base import Destination, DestinationError, GuestNotConverted
+from replication.platforms.base import Destination, DestinationError, GuestConversion, GuestNotConverted
 from replication.services import forecast, jobs, orders, points
+from replication.services import hardware as hardware_service
 from replication.services.failover_checks import FailoverError, preflight, production_network, shape_of
 from replication.services.jobs import ReplicationError, start_replication
 from vma_agent import task_names
@@ -234,22 +235,31 @@ def _boot(job: FailoverJob, destination, volumes: list[tuple[str, str]]) -> None
         job.protection = destination.protect([v for v, _ in volumes], f"{job.destination_vm}-{job.pk}")
         job.save(update_fields=["protection"])
         step.detail = ", ".join(job.protection)
+    conversion, not_converted = None, ""
     if VMContext.of(job.vm).convert_guest:
         with _step(job, "convert guest") as step:
             try:
-                step.detail = destination.convert_guest(job.destination_vm, shape,
-                                                        list(zip(job.protection, keys, strict=True)))
+                done = destination.convert_guest(job.destination_vm, shape,
+                                                 list(zip(job.protection, keys, strict=True)))
+                step.detail = str(done)
+                conversion = done if isinstance(done, GuestConversion) else None
             except GuestNotConverted as exc:
                 step.detail = f"not converted: {exc}"  # it may boot all the same: the boot check decides
+                not_converted = str(exc)
+    # The buses and NIC model follow what the conversion decided (services.hardware).
+    hardware = hardware_service.for_vm(job.vm, job.replication_job.vm_shape, conversion=conversion,
+                                       not_converted=not_converted)
+    shape = shape_of(job.replication_job, keys, hardware)
     with _step(job, "define VM") as step:
         destination.define_vm(job.destination_vm, shape, list(zip(job.protection, keys, strict=True)),
                               network=network)
-        chosen = destination.hardware_choices(job.destination_vm)  # the destination's own choices, and why
-        if chosen:
-            job.hardware = {**(job.hardware or {}), **chosen}
-            job.save(update_fields=["hardware"])
-            step.detail = "; ".join(f"{what}: {c['value']} ({c['from']})" for what, c in chosen.items()
-                                    if what != "nics")[:2000]
+        # What was decided here, and what the destination itself chose (a cloud's offering, its NICs).
+        chosen = destination.hardware_choices(job.destination_vm)
+        hardware_service.booted(job, hardware, chosen)
+        step.detail = "; ".join([f"{hardware.summary()} ({hardware.origins()})"]
+                                + [f"{what}: {c['value']} ({c['why']})" for what, c in chosen.items()
+                                   if what != "nics"]
+                                + ([f"warning: {hardware.warning}"] if hardware.warning else []))[:2000]
     with _step(job, "start VM"):
         destination.start(job.destination_vm)
     with _step(job, "verify boot") as step:

@@ -13,6 +13,8 @@ from django.conf import settings
 from replication.choices import VM_STATE_REFUSALS, FailoverKind, VMState
 from replication.models import FailoverJob, NetworkMapping, RecoveryPoint, ReplicationJob, VirtualMachine, VMContext
 from replication.platforms.base import NIC, Destination, DestinationError, VMShape
+from replication.services import hardware as hardware_service
+from replication.services.hardware import Hardware
 
 
 class FailoverError(Exception):
@@ -41,16 +43,17 @@ def volumes_of(point: RecoveryPoint | None, destination: Destination) -> list[tu
     return [(layer.handle, layer.disk_key) for layer in layers]
 
 
-def shape_of(cycle: ReplicationJob, disk_keys: list[str]) -> VMShape:
+def shape_of(cycle: ReplicationJob, disk_keys: list[str], hardware: Hardware | None = None) -> VMShape:
     """The VM as the cycle being booted recorded it (boot order among the
     disks it replicated); what it does not know, the destination's defaults
-    (FAILOVER_DEFAULT_CPUS, FAILOVER_DEFAULT_MEMORY_MIB)."""
+    (FAILOVER_DEFAULT_CPUS, FAILOVER_DEFAULT_MEMORY_MIB). Its firmware,
+    buses and NIC model as services.hardware decides (``hardware``, else
+    decided now from the source, the expected conversion and the operator)."""
     shape = cycle.vm_shape or {}
+    hardware = hardware or hardware_service.for_vm(cycle.vm, shape)
     return VMShape(cpus=shape.get("cpus") or settings.FAILOVER_DEFAULT_CPUS,
                    memory_mib=shape.get("memory_mib") or settings.FAILOVER_DEFAULT_MEMORY_MIB,
-                   firmware=shape.get("firmware") or "bios",
-                   secure_boot=bool(shape.get("secure_boot")) and shape.get("firmware") == "efi",
-                   tpm=bool(shape.get("tpm")),
+                   **{key: hardware.value(key) for key in hardware_service.KEYS},
                    disks=tuple(key for key in shape.get("disks") or () if key in disk_keys),
                    nics=tuple(NIC(mac=n.get("mac") or None, source_network=n.get("network") or "",
                                   ip=n.get("ip") or None) for n in shape.get("nics") or ()))

@@ -13,6 +13,7 @@ from django.db import transaction
 from replication import names
 from replication.choices import SourceKind
 from replication.models import SourceDisk, VirtualMachine
+from replication.platforms.base import DISK_BUSES, NIC_MODELS, SCSI_MODELS
 from replication.services.allowlist import NotAllowed, check_source, is_nbd_uri
 from vma_agent.copy import ConnectTimeout, CopyError, export_size
 
@@ -76,12 +77,16 @@ def _image_info(path: Path, locator: str, timeout_s: float) -> dict:
 
 def register_image_vm(name: str, locators: list[str], agent: str = "local", *, cpus: int | None = None,
                       memory_mib: int | None = None, firmware: str = "bios", secure_boot: bool = False,
-                      tpm: bool = False) -> VirtualMachine:
+                      tpm: bool = False, disk_bus: str = "", scsi_model: str = "",
+                      nic_model: str = "") -> VirtualMachine:
     """Register a VM whose disks are image files or NBD URIs, keys disk-2000,
     disk-2001, ... in the order given (the first boots); its shape for a
     failover from the options (unknown: the destination's defaults): UEFI
-    with Secure Boot (needs efi) and a vTPM only when asked."""
+    with Secure Boot (needs efi) and a vTPM only when asked. The disk bus
+    and NIC model are the devices the image's guest has drivers for, as its
+    source would have had them (empty: unknown; see services.hardware)."""
     name = names.checked(name, VirtualMachine, error=InventoryError, what="VM name")
+    _check_devices(disk_bus, scsi_model, nic_model)
     if cpus is not None and not 1 <= cpus <= 256:
         raise InventoryError(f"--cpus must be 1..256, not {cpus}")
     if memory_mib is not None and not 16 <= memory_mib <= 16 * 1024 * 1024:
@@ -104,9 +109,18 @@ def register_image_vm(name: str, locators: list[str], agent: str = "local", *, c
     with transaction.atomic():
         vm = VirtualMachine.objects.create(name=name, source_kind=kind, agent=agent, cpus=cpus,
                                            memory_mib=memory_mib, firmware=firmware, secure_boot=secure_boot,
-                                           tpm=tpm)
+                                           tpm=tpm, disk_bus=disk_bus, scsi_model=scsi_model, nic_model=nic_model)
         SourceDisk.objects.bulk_create(
             SourceDisk(vm=vm, disk_key=f"disk-{FIRST_DISK_KEY + i}", locator=locator, capacity_bytes=capacity)
             for i, (locator, capacity) in enumerate(zip(locators, capacities, strict=True))
         )
     return vm
+
+
+def _check_devices(disk_bus: str, scsi_model: str, nic_model: str) -> None:
+    for option, value, allowed in (("--disk-bus", disk_bus, DISK_BUSES), ("--scsi-model", scsi_model, SCSI_MODELS),
+                                   ("--nic-model", nic_model, NIC_MODELS)):
+        if value and value not in allowed:
+            raise InventoryError(f"{option} must be one of {', '.join(allowed)}, not {value!r}")
+    if scsi_model and disk_bus != "scsi":
+        raise InventoryError("--scsi-model goes with --disk-bus scsi")

@@ -16,7 +16,7 @@ from replication.models import FailoverJob, RecoveryPoint, ReplicationJob, Targe
 from replication.platforms import on_cloudstack
 from replication.roles import ADMINISTER, OPERATE, READ, actor_of, log_admin, page_permission
 from replication.services import failover as failover_service
-from replication.services import failover_checks, forecast, rpo
+from replication.services import failover_checks, forecast, hardware, rpo
 from replication.services import jobs as job_service
 from replication.services.points import PointError
 from replication.views.common import render_page
@@ -44,6 +44,10 @@ def vm_list(request):
         vm.points = _bootable(sealed[vm.pk], _volumes_on_cloudstack(vm))
         # A cycle running or failed leaves every point as it was: a test failover may boot one beside it.
         vm.may_fail_over = bool(vm.points) and vm.lifecycle_state in FAILOVER_FROM
+        context = getattr(vm, "context", None)
+        vm.hardware = hardware.for_vm(vm, context=context)  # what its next failover boots with
+        # The decision's own warning, else what its last failover recorded.
+        vm.hardware_warning = vm.hardware.warning or (context.hardware_warning if context else "")
     rows = [(vm, last_jobs.get(vm.last_job_id), failovers.get(vm.last_failover_id), rpo.recovery_point(vm))
             for vm in vms]
     return render_page(request, "replication/vm_list.html", {"rows": rows, "sync_types": SyncType.choices})

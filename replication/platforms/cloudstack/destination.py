@@ -50,6 +50,11 @@ DISK_CONTROLLERS = {"virtio": "virtio", "sata": "sata", "scsi": "scsi", "ide": "
 CUSTOM_CPU_SPEED_MHZ = 1000
 
 
+
+def _chosen(value, why: str, **extra) -> dict:
+    """A choice the cloud made, as FailoverJob.hardware records it."""
+    return {"value": value, **extra, "origin": "destination", "why": why}
+
 class CloudStackDestination(Destination):
     name = "cloudstack"
     replica_boots_in_place = True
@@ -184,7 +189,7 @@ class CloudStackDestination(Destination):
         list by network and gives a VM one NIC per network."""
         source_nics = list(shape.nics) or [None]
         if isinstance(network, Mapping) and not shape.nics:
-            return [], {"value": [], "from": "the source has no NICs"}
+            return [], _chosen([], "the source has no NICs")
         if isinstance(network, Mapping) and network:
             targets = [network.get(nic.source_network if nic else "", "") for nic in source_nics]
             unmapped = [nic.mac or "?" for nic, target in zip(source_nics, targets, strict=True) if not target]
@@ -206,11 +211,11 @@ class CloudStackDestination(Destination):
                 if nic and nic.ip:
                     entry["ip"] = nic.ip
                 entries.append(entry)
-            return entries, {"value": [{k: e.get(k) for k in ("networkid", "mac", "ip")} for e in entries],
-                             "from": "the source's NICs on the mapped networks, each with its MAC and IP"}
+            return entries, _chosen([{k: e.get(k) for k in ("networkid", "mac", "ip")} for e in entries],
+                                    "the source's NICs on the mapped networks, each with its MAC and IP")
         target = network if isinstance(network, str) and network else self.config.network_id
         if not target:
-            return [], {"value": [], "from": "no network given and the cloud config names none"}
+            return [], _chosen([], "no network given and the cloud config names none")
         first = source_nics[0]
         entry = {"networkid": target, **({"mac": first.mac.lower()} if first and first.mac else {})}
         left_off = [nic.mac or "?" for nic in source_nics[1:]]
@@ -218,7 +223,7 @@ class CloudStackDestination(Destination):
         if left_off:
             why += (f"; NIC(s) {', '.join(left_off)} left off: CloudStack gives a VM one NIC per network and a "
                     "test failover has one")
-        return [entry], {"value": [{"networkid": target, "mac": entry.get("mac"), "ip": None}], "from": why}
+        return [entry], _chosen([{"networkid": target, "mac": entry.get("mac"), "ip": None}], why)
 
     def _offering(self, shape: VMShape) -> tuple[dict, dict, dict]:
         """The service offering for the VM's CPUs and memory: a custom one
@@ -236,8 +241,8 @@ class CloudStackDestination(Destination):
                 details = {"cpuNumber": shape.cpus, "memory": shape.memory_mib}
                 if not row.get("cpuspeed"):
                     details["cpuSpeed"] = CUSTOM_CPU_SPEED_MHZ
-                return row, details, {"value": f"{row['name']} ({need})", "id": row["id"],
-                                      "from": f"custom offering sized to the source's {need}"}
+                return row, details, _chosen(f"{row['name']} ({need})", f"custom offering sized to the source's "
+                                             f"{need}", id=row["id"])
         fixed = [r for r in rows if not r.get("iscustomized") and r.get("cpunumber") and r.get("memory")]
         if not fixed:
             raise DestinationError(f"CloudStack offers no service offering for {need}: no custom offering allows "
@@ -254,7 +259,7 @@ class CloudStackDestination(Destination):
         else:
             row = max(fixed, key=lambda r: (r["memory"], r["cpunumber"]))
             why = f"no offering fits the source's {need}: the largest fixed one; the VM gets less than its source"
-        return row, {}, {"value": label(row), "id": row["id"], "from": why}
+        return row, {}, _chosen(label(row), why, id=row["id"])
 
     @staticmethod
     def _boot_params(shape: VMShape) -> tuple[dict, dict]:
@@ -263,13 +268,13 @@ class CloudStackDestination(Destination):
         boot_type = "UEFI" if shape.firmware == "efi" else "BIOS"
         boot_mode = "SECURE" if shape.secure_boot else "LEGACY"
         controller = DISK_CONTROLLERS[shape.disk_bus]
-        choices = {"boottype": {"value": f"{boot_type} {boot_mode}", "from": "the VM's firmware and Secure Boot"},
-                   "rootdiskcontroller": {"value": controller, "from": f"the VM's disk bus {shape.disk_bus}"}}
+        choices = {"boottype": _chosen(f"{boot_type} {boot_mode}", "the VM's firmware and Secure Boot"),
+                   "rootdiskcontroller": _chosen(controller, f"the VM's disk bus {shape.disk_bus}")}
         if shape.disk_bus == "scsi" and shape.scsi_model != "virtio-scsi":
-            choices["rootdiskcontroller"]["from"] += (f"; CloudStack's KVM gives SCSI disks a virtio-scsi "
+            choices["rootdiskcontroller"]["why"] += (f"; CloudStack's KVM gives SCSI disks a virtio-scsi "
                                                       f"controller, not the source's {shape.scsi_model}")
         if shape.tpm:
-            choices["tpm"] = {"value": None, "from": "the source has a vTPM; CloudStack's deploy has no vTPM"}
+            choices["tpm"] = _chosen(None, "the source has a vTPM; CloudStack's deploy has no vTPM")
         return ({"boottype": boot_type, "bootmode": boot_mode,
                  "details": {"rootDiskController": controller, "dataDiskController": controller}}, choices)
 

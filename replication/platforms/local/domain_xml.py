@@ -1,7 +1,7 @@
 """The libvirt domain XML of a failed-over VM: its shape, its disks in boot
-order (each with its disk key as serial number), its NICs and a serial
-console written to a file; UEFI firmware (OVMF, Secure Boot) and a vTPM
-(swtpm) when the shape asks for them.
+order on the shape's bus (each with its disk key as serial number), its
+NICs of the shape's model and a serial console written to a file; UEFI
+firmware (OVMF, Secure Boot) and a vTPM (swtpm) when the shape asks for them.
 
 Ownership: libvirt's DAC driver normally chowns every disk image to its QEMU
 user and leaves it so. Our domains carry a static DAC label (QEMU runs as
@@ -114,13 +114,7 @@ def domain_xml(name: str, shape: VMShape, disks: Sequence[DiskSpec], network: st
     for event, action in (("on_poweroff", "destroy"), ("on_reboot", "restart"), ("on_crash", "destroy")):
         ET.SubElement(dom, event).text = action
     devices = ET.SubElement(dom, "devices")
-    for index, (path, key) in enumerate(disks):
-        disk = ET.SubElement(devices, "disk", type="file", device="disk")
-        ET.SubElement(disk, "driver", name="qemu", type=file_format(Path(path)))
-        ET.SubElement(disk, "source", file=str(Path(path).absolute()))
-        ET.SubElement(disk, "target", dev=f"vd{'abcdefghijklmnopqrstuvwxyz'[index]}", bus="virtio")
-        ET.SubElement(disk, "serial").text = serial_for(key)
-        ET.SubElement(disk, "boot", order=str(index + 1))
+    devices.extend(disk_elements(name, shape, disks))
     devices.extend(nics(name, shape, network))
     _serial_console(devices, str(console))
     _tpm(devices, shape)
@@ -130,6 +124,40 @@ def domain_xml(name: str, shape: VMShape, disks: Sequence[DiskSpec], network: st
     label = ET.SubElement(dom, "seclabel", type="static", model="dac", relabel="no")
     ET.SubElement(label, "label").text = "+0:+0"
     return ET.tostring(dom, encoding="unicode")
+
+
+# The guest's name for the n-th disk on each bus (libvirt's target dev).
+_DEV_PREFIX = {"virtio": "vd", "sata": "sd", "scsi": "sd", "ide": "hd"}
+IDE_MAX_DISKS = 4  # two IDE channels, master and slave
+
+
+def disk_elements(name: str, shape: VMShape, disks: Sequence[DiskSpec]) -> list[ET.Element]:
+    """The disks in boot order on the shape's bus (virtio-blk vdX, SATA/AHCI
+    sdX, SCSI sdX behind one controller of the shape's SCSI model, IDE hdX),
+    each with its disk key as serial number (every one of these buses shows
+    it to the guest)."""
+    bus = shape.disk_bus
+    if bus == "ide" and len(disks) > IDE_MAX_DISKS:
+        raise DestinationError(f"VM {name}: {len(disks)} disks do not fit on IDE (at most {IDE_MAX_DISKS}); "
+                               "choose another bus (manage.py set_hardware --disk-bus)")
+    elements = []
+    if bus == "scsi":
+        elements.append(ET.Element("controller", type="scsi", index="0", model=shape.scsi_model))
+    for index, (path, key) in enumerate(disks):
+        disk = ET.Element("disk", type="file", device="disk")
+        ET.SubElement(disk, "driver", name="qemu", type=file_format(Path(path)))
+        ET.SubElement(disk, "source", file=str(Path(path).absolute()))
+        ET.SubElement(disk, "target", dev=_DEV_PREFIX[bus] + _dev_letters(index), bus=bus)
+        ET.SubElement(disk, "serial").text = serial_for(key)
+        ET.SubElement(disk, "boot", order=str(index + 1))
+        elements.append(disk)
+    return elements
+
+
+def _dev_letters(index: int) -> str:
+    """a..z, aa..zz as the guest's kernel names disks."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return letters[index] if index < 26 else letters[index // 26 - 1] + letters[index % 26]
 
 
 def _serial_console(devices: ET.Element, console: str) -> None:
@@ -142,8 +170,8 @@ def _serial_console(devices: ET.Element, console: str) -> None:
 
 
 def nics(name: str, shape: VMShape, network: str | Mapping[str, str] | None) -> list[ET.Element]:
-    """One virtio NIC per source NIC (one if the shape names none) on
-    ``network``, or on the network its source network maps to."""
+    """One NIC of the shape's model per source NIC (one if the shape names
+    none) on ``network``, or on the network its source network maps to."""
     if not network:
         return []
     elements = []
@@ -160,6 +188,6 @@ def nics(name: str, shape: VMShape, network: str | Mapping[str, str] | None) -> 
         ET.SubElement(iface, "source", network=target)
         if nic and nic.mac:
             ET.SubElement(iface, "mac", address=nic.mac)
-        ET.SubElement(iface, "model", type="virtio")
+        ET.SubElement(iface, "model", type=shape.nic_model)
         elements.append(iface)
     return elements

@@ -20,15 +20,14 @@ import contextlib
 import json
 import os
 import re
-import subprocess
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from replication.platforms.base import Destination, DestinationError, DiskSpec, GuestNotConverted, VMShape
-from replication.platforms.local import kvm_probe
+from replication.platforms.base import Destination, DestinationError, DiskSpec, GuestConversion, VMShape
+from replication.platforms.local import kvm_probe, v2v
 from replication.platforms.local.domain_xml import boot_order, domain_xml, file_format
 from replication.platforms.local.journal import run_tool
 
@@ -73,29 +72,14 @@ def _qemu_img(*args: str) -> str:
                     error=DestinationError)
 
 
-def _v2v_reason(output: str) -> str:
-    """virt-v2v's own words for why it stopped: its error line and the
-    explanation after it, without the advice on reporting bugs."""
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
-    errors = [i for i, line in enumerate(lines) if "error:" in line]
-    if not errors:
-        return lines[-1] if lines else "virt-v2v-in-place failed without a message"
-    reason = [lines[errors[0]].split("error:", 1)[1].strip()]
-    for line in lines[errors[0] + 1:]:
-        if line.startswith(("If reporting bugs", "virt-v2v-in-place -v -x")):
-            break
-        if not line.startswith(("Assuming that you are running", "Do:", "export LIBGUESTFS")):
-            reason.append(line)
-    return " ".join(reason)[:1000]
-
-
 class LibvirtDestination(Destination):
     name = "libvirt"
 
     def __init__(self, uri: str = "qemu:///system", run_dir: Path | str = "var/run/failover",
                  network: str | None = None, domain_type: str | None = None,
-                 convert_timeout_s: float = CONVERT_TIMEOUT_S):
+                 convert_timeout_s: float = CONVERT_TIMEOUT_S, virtio_win: str = ""):
         self.uri = uri
+        self.virtio_win = virtio_win  # the virtio-win ISO or directory for Windows guests ("" for none)
         self.convert_timeout_s = convert_timeout_s
         self.run_dir = Path(run_dir).absolute()
         self.protection_dir = self.run_dir / "protections"
@@ -303,10 +287,11 @@ class LibvirtDestination(Destination):
         return domain_xml(name, shape, disks, network, kvm=self.domain_type() == "kvm",
                           console=self.console_path(name), nvram=self.nvram_path(name))
 
-    def convert_guest(self, name: str, shape: VMShape, disks: Sequence[DiskSpec]) -> str:
+    def convert_guest(self, name: str, shape: VMShape, disks: Sequence[DiskSpec]) -> GuestConversion:
         """virt-v2v-in-place on the overlays (libguestfs's appliance, direct
-        backend; TCG forced where KVM cannot run a guest): virtio drivers and
-        the boot configuration for KVM, written into the overlays only."""
+        backend; TCG forced where KVM cannot run a guest): drivers and the
+        boot configuration for KVM, written into the overlays only; returns
+        what it decided (v2v.report). Windows drivers from virtio_win."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         xml_path = self.run_dir / f"{name}.v2v.xml"
         xml_path.write_text(self.domain_xml(name, shape, disks, None))
@@ -315,18 +300,9 @@ class LibvirtDestination(Destination):
             env["LIBGUESTFS_BACKEND_SETTINGS"] = "force_tcg"
         (self.run_dir / "guestfs").mkdir(exist_ok=True)
         try:
-            done = subprocess.run(["virt-v2v-in-place", "-i", "libvirtxml", str(xml_path)], capture_output=True,
-                                  text=True, env=env, timeout=self.convert_timeout_s)
-        except FileNotFoundError:
-            raise DestinationError("virt-v2v-in-place is missing: run scripts/setup.sh (virt-v2v)") from None
-        except subprocess.TimeoutExpired:
-            raise GuestNotConverted(f"virt-v2v-in-place did not finish within {self.convert_timeout_s:.0f} s") \
-                from None
+            return v2v.convert_in_place(xml_path, env, self.convert_timeout_s, self.virtio_win)
         finally:
             xml_path.unlink(missing_ok=True)
-        if done.returncode == 0:
-            return "converted by virt-v2v-in-place"
-        raise GuestNotConverted(_v2v_reason(done.stdout + done.stderr))
 
     def start(self, vm: str) -> None:
         dom = self._domain(vm)
