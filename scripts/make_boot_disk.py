@@ -7,7 +7,8 @@ initramfs mounts that partition read-only and prints
 
     BOOT-MARKER: <content of MARKER>
 
-on the serial console (ttyS0), then idles, so a destination that waits for the
+on the serial console (ttyS0) (with --screen-only: on the VGA screen only,
+after clearing it), asks for a DHCP lease if it has a virtio NIC, then idles, so a destination that waits for the
 VM to be "running and printing" sees both. ``--set-marker`` rewrites MARKER in
 an existing image with mtools, the way a guest writing its own disk would.
 
@@ -16,7 +17,7 @@ with mkfs.fat and mtools, made bootable with the mtools-based ``syslinux``,
 and spliced behind an MBR written here. Needs: linux-image-amd64,
 busybox-static, dosfstools, mtools, syslinux, syslinux-common.
 
-    make_boot_disk.py OUT.img --marker TEXT [--size-mib 64]
+    make_boot_disk.py OUT.img --marker TEXT [--size-mib 64] [--screen-only]
     make_boot_disk.py OUT.img --set-marker TEXT
 """
 
@@ -50,6 +51,8 @@ GUEST_MODULES = [
     "scsi_common", "scsi_mod", "sd_mod", "libata", "ata_piix", "libahci", "ahci",
     "fat", "vfat", "nls_cp437", "nls_ascii", "nls_utf8", "nls_iso8859-1",
 ]
+# A virtio NIC, so that a guest on a network asks for a DHCP lease (the network boot probe).
+NET_MODULES = ["virtio_net"]
 
 INIT_SCRIPT = r"""#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /mnt /tmp
@@ -80,9 +83,16 @@ if [ -z "$dev" ]; then
   echo "BOOT-MARKER-ERROR: no FAT partition with a MARKER file found"
 else
   disk=${dev#/dev/}; disk=${disk%1}
+  # On a screen-only guest: a clear screen, the marker alone at its top (for OCR).
+  case "$(cat /proc/cmdline)" in *console=tty0*) printf '\033[2J\033[H';; esac
   echo "BOOT-DISK: $disk serial=$(cat /sys/block/$disk/serial 2>/dev/null)"
   echo "BOOT-MARKER: $(cat /mnt/MARKER)"
   umount /mnt
+fi
+# A NIC: ask for a DHCP lease (recorded by the network's DHCP server; nothing configured here).
+if [ -e /sys/class/net/eth0 ]; then
+  ip link set eth0 up
+  udhcpc -i eth0 -b -s /bin/true -x hostname:boot-disk >/dev/null 2>&1
 fi
 echo "BOOT-STAGE: idle"
 while true; do sleep 3600; done
@@ -95,6 +105,17 @@ TIMEOUT 0
 LABEL linux
   KERNEL /vmlinuz
   APPEND initrd=/initrd.gz console=ttyS0,115200 quiet panic=10
+"""
+
+# --screen-only: a guest that, like most VMware guests, never writes to a
+# serial port: syslinux and the kernel print on the VGA screen (tty0) only.
+# The init clears the screen before the marker, so it stands alone for OCR.
+SYSLINUX_CFG_SCREEN = """DEFAULT linux
+PROMPT 0
+TIMEOUT 0
+LABEL linux
+  KERNEL /vmlinuz
+  APPEND initrd=/initrd.gz console=tty0 quiet panic=10 vga=normal
 """
 
 
@@ -151,7 +172,7 @@ def _module_paths(release: str) -> list[tuple[str, Path]]:
         elif filename.endswith((".ko.xz", ".ko.zst", ".ko.gz")):
             raise BootDiskError(f"{filename}: compressed modules are not supported")
 
-    for name in GUEST_MODULES:
+    for name in GUEST_MODULES + NET_MODULES:
         add(name)
     return ordered
 
@@ -224,8 +245,9 @@ def partition_offset(image: str | os.PathLike) -> int:
     return start_lba * SECTOR
 
 
-def build_boot_disk(path: str | os.PathLike, marker: str, size_mib: int = 64) -> Path:
-    """Write a bootable raw disk image to ``path`` whose guest prints ``BOOT-MARKER: marker``."""
+def build_boot_disk(path: str | os.PathLike, marker: str, size_mib: int = 64, *, screen_only: bool = False) -> Path:
+    """Write a bootable raw disk image to ``path`` whose guest prints ``BOOT-MARKER: marker``
+    on its serial console, or with ``screen_only`` on its VGA screen alone."""
     path = Path(path)
     if size_mib < 32:
         raise BootDiskError("size_mib must be at least 32 (kernel + initramfs + FAT16 minimum)")
@@ -242,7 +264,7 @@ def build_boot_disk(path: str | os.PathLike, marker: str, size_mib: int = 64) ->
         # -h: hidden sectors = the partition's start, which syslinux's boot sector needs.
         _run("mkfs.fat", "-F", "16", "-n", "OMABOOT", "-h", str(PARTITION_START_LBA), str(part))
         (tmpd / "initrd.gz").write_bytes(build_initramfs(release))
-        (tmpd / "syslinux.cfg").write_text(SYSLINUX_CFG)
+        (tmpd / "syslinux.cfg").write_text(SYSLINUX_CFG_SCREEN if screen_only else SYSLINUX_CFG)
         (tmpd / MARKER_FILE).write_text(marker + "\n")
         for src, dest in ((kernel, "vmlinuz"), (tmpd / "initrd.gz", "initrd.gz"),
                           (tmpd / "syslinux.cfg", "syslinux.cfg"), (tmpd / MARKER_FILE, MARKER_FILE)):
@@ -287,11 +309,14 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--marker", help="build a new image whose guest prints this marker")
     group.add_argument("--set-marker", help="rewrite the marker in an existing image")
     parser.add_argument("--size-mib", type=int, default=64)
+    parser.add_argument("--screen-only", action="store_true",
+                        help="the guest prints on its VGA screen only (console=tty0), nothing on a serial port")
     args = parser.parse_args(argv)
     try:
         if args.marker is not None:
-            build_boot_disk(args.image, args.marker, args.size_mib)
-            print(f"built {args.image}: the guest prints '{MARKER_PREFIX}{args.marker}' on ttyS0")
+            build_boot_disk(args.image, args.marker, args.size_mib, screen_only=args.screen_only)
+            print(f"built {args.image}: the guest prints '{MARKER_PREFIX}{args.marker}' on "
+                  f"{'its screen only' if args.screen_only else 'ttyS0'}")
         else:
             set_marker(args.image, args.set_marker)
             print(f"{args.image}: marker set to '{args.set_marker}'")

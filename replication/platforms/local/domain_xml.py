@@ -1,6 +1,6 @@
 """The libvirt domain XML of a failed-over VM: its shape, its disks in boot
-order (each with its disk key as serial number), its NICs and a serial
-console written to a file.
+order (each with its disk key as serial number), its NICs, a serial
+console written to a file, a VGA screen and the guest agent's channel.
 
 Ownership: libvirt's DAC driver normally chowns every disk image to its QEMU
 user and leaves it so. Our domains carry a static DAC label (QEMU runs as
@@ -68,6 +68,7 @@ def domain_xml(name: str, shape: VMShape, disks: Sequence[DiskSpec], network: st
         ET.SubElement(disk, "boot", order=str(index + 1))
     devices.extend(nics(name, shape, network))
     _serial_console(devices, str(console))
+    _screen_and_agent(devices)
     ET.SubElement(devices, "controller", type="usb", model="none")
     ET.SubElement(devices, "memballoon", model="none")
     # QEMU as root, no relabelling: replica files keep their owner.
@@ -83,6 +84,16 @@ def _serial_console(devices: ET.Element, console: str) -> None:
     cons = ET.SubElement(devices, "console", type="file")
     ET.SubElement(cons, "source", path=console, append="off")
     ET.SubElement(cons, "target", type="serial", port="0")
+
+
+def _screen_and_agent(devices: ET.Element) -> None:
+    """What the screen and agent boot probes read: a VGA card (its screen is
+    what libvirt's screenshot returns; OVMF needs one too) and the QEMU
+    guest agent's channel (answered only where the guest runs qemu-ga)."""
+    video = ET.SubElement(devices, "video")
+    ET.SubElement(video, "model", type="vga")
+    channel = ET.SubElement(devices, "channel", type="unix")
+    ET.SubElement(channel, "target", type="virtio", name="org.qemu.guest_agent.0")
 
 
 def nics(name: str, shape: VMShape, network: str | Mapping[str, str] | None) -> list[ET.Element]:
