@@ -7,9 +7,9 @@
   alternates between two images);
 - network: a NIC of the VM on a libvirt network got a DHCP lease from that
   network's dnsmasq (virNetworkGetDHCPLeases by the NIC's MAC), or its MAC
-  appeared in the host's neighbour (ARP) table on the network's bridge,
-  after the check began: a lease or entry left by an earlier VM with the
-  same MAC does not count;
+  is reachable in the host's neighbour (ARP) table on the network's bridge
+  (it answered ARP: a guest with a static address), after the check began:
+  a lease or entry left by an earlier VM with the same MAC does not count;
 - agent: the QEMU guest agent answers guest-ping.
 
 Each probe returns the evidence, or None with its last word on why not.
@@ -138,14 +138,16 @@ class NetworkProbe:
                 done = subprocess.run(["ip", "-j", "neigh", "show", "dev", bridge], capture_output=True, text=True,
                                       timeout=ARP_TIMEOUT_S)
                 for entry in json.loads(done.stdout or "[]"):
-                    if entry.get("lladdr", "").lower() == mac and "FAILED" not in entry.get("state", []):
+                    # REACHABLE: the guest answered ARP (an entry dnsmasq made to send its DHCP offer
+                    # is only DELAY/STALE until then).
+                    if entry.get("lladdr", "").lower() == mac and "REACHABLE" in entry.get("state", []):
                         seen[("arp", mac)] = f"{entry.get('dst')} at {mac} answered ARP on {bridge} ({name})"
         return seen
 
     def check(self) -> tuple[str | None, str]:
         if not self.nics:
             return None, "the VM has no NIC on a libvirt network"
-        for key, text in self._seen().items():
+        for key, text in sorted(self._seen().items(), key=lambda item: item[0][0] != "lease"):  # leases first
             if self.before.get(key) != text and (key[0] == "lease" or key not in self.before):
                 return text, ""
         return None, "no DHCP lease nor ARP answer from " + ", ".join(f"{mac} on {net}" for mac, net in self.nics)
