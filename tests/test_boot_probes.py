@@ -60,7 +60,7 @@ def boot(dest, made, name, disk, network=None, mac=None):
 @pytest.mark.django_db(transaction=True)
 def test_a_screen_only_guest_is_verified_by_its_screen_in_a_test_failover(celery_worker_process, tmp_path):
     disk = tmp_path / "screen.img"
-    boot_disk.build_boot_disk(disk, "SCREEN7", screen_only=True)
+    boot_disk.build_boot_disk(disk, "ONSCREEN", screen_only=True)
     vm = register_image_vm("vm-screen", [str(disk)])
     job = wait_for_job(start_replication(vm).id, timeout=120)
     assert job.status == JobStatus.COMPLETED, job.error_message
@@ -73,9 +73,9 @@ def test_a_screen_only_guest_is_verified_by_its_screen_in_a_test_failover(celery
     try:
         assert report["status"] == FailoverStatus.SUCCEEDED and report["boot_verified"], report
         assert report["boot_probe"] == "screen", report
-        assert report["console_match"] == "BOOT-MARKER: SCREEN7", report
+        assert report["console_match"] == "BOOT-MARKER: ONSCREEN", report
         verify = next(s for s in report["steps"] if s["name"] == "verify boot")
-        assert verify["detail"] == "screen: BOOT-MARKER: SCREEN7"
+        assert verify["detail"] == "screen: BOOT-MARKER: ONSCREEN"
         # The serial console printed nothing of the guest: only the screen could see it.
         assert "BOOT-MARKER" not in get_destination().console_text(report["destination_vm"])
     finally:
