@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import subprocess
 import tempfile
@@ -35,7 +36,7 @@ except ImportError:  # pragma: no cover - setup.sh installs and bridges python3-
 OCR_TIMEOUT_S = 30.0
 ARP_TIMEOUT_S = 5.0
 AGENT_TIMEOUT_S = 2
-SCREEN_INTERVAL_S = 2.0  # between screenshots: OCR costs CPU the guest (under TCG) shares
+SCREEN_INTERVAL_S = 1.0  # between screenshots: OCR costs CPU the guest (under TCG) shares
 SCREEN_CACHE = 8
 TAIL_LINES = 10
 
@@ -82,8 +83,10 @@ def ocr(image: bytes, work_dir: Path) -> str:
         fh.write(image)
         fh.flush()
         try:
+            # One thread: tesseract's OpenMP threads cost 5x the CPU for the
+            # same text on a screen this small (bench/boot_probe_bench.py).
             done = subprocess.run(["tesseract", fh.name, "-", "--psm", "6"], capture_output=True, text=True,
-                                  timeout=OCR_TIMEOUT_S)
+                                  timeout=OCR_TIMEOUT_S, env={**os.environ, "OMP_THREAD_LIMIT": "1"})
         except FileNotFoundError:
             raise OSError("tesseract is missing: run scripts/setup.sh (tesseract-ocr, tesseract-ocr-eng)") from None
         except subprocess.TimeoutExpired:
