@@ -13,7 +13,8 @@ from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
 
 from replication.choices import FailoverStatus, JobStatus
-from replication.models import VirtualMachine, VMContext
+from replication.management.following import print_outcome
+from replication.models import FailoverJob, VirtualMachine, VMContext
 from replication.platforms import get_destination
 from replication.platforms.base import DEFAULT_BOOT_PROBES, DestinationError, VMShape
 from replication.platforms.local.libvirt import LibvirtDestination
@@ -76,6 +77,9 @@ def test_a_screen_only_guest_is_verified_by_its_screen_in_a_test_failover(celery
         assert report["console_match"] == "BOOT-MARKER: ONSCREEN", report
         verify = next(s for s in report["steps"] if s["name"] == "verify boot")
         assert verify["detail"] == "screen: BOOT-MARKER: ONSCREEN"
+        out = StringIO()
+        print_outcome(FailoverJob.objects.get(pk=report["id"]), out, as_json=False)
+        assert "booted; seen by screen: 'BOOT-MARKER: ONSCREEN'" in out.getvalue()
         # The serial console printed nothing of the guest: only the screen could see it.
         assert "BOOT-MARKER" not in get_destination().console_text(report["destination_vm"])
     finally:
