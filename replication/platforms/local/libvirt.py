@@ -355,8 +355,11 @@ class LibvirtDestination(Destination):
         """The first of ``probes`` to see the boot (boot_probes), all polled
         in one loop while the VM runs, within ``timeout_s``; the screen every
         SCREEN_INTERVAL_S."""
-        probes = parse_boot_probes(probes)
-        regex = re.compile(pattern or DEFAULT_BOOT_REGEX)
+        try:
+            probes = parse_boot_probes(probes)
+            regex = re.compile(pattern or DEFAULT_BOOT_REGEX)
+        except (ValueError, re.error) as exc:
+            raise DestinationError(f"the boot check of VM {vm} cannot run: {exc}") from None
         dom = self._domain(vm) if set(probes) - {"console"} else None
         screen = boot_probes.ScreenReader(self._conn(), dom, self.run_dir / "screens") if "screen" in probes else None
         network = boot_probes.NetworkProbe(self._conn(), dom) if "network" in probes else None
