@@ -319,13 +319,18 @@ class VMContextAdmin(admin.ModelAdmin):
     """The lifecycle is moved by its commands and pages only (which check each
     move); here it is read, and the boot check set."""
 
-    list_display = ["vm", "state", "updated_at", "boot_check_regex", "boot_check_timeout_s", "convert_guest"]
+    list_display = ["vm", "state", "updated_at", "boot_probes_shown", "boot_check_regex", "boot_check_timeout_s",
+                    "convert_guest"]
     list_filter = ["state"]
-    fields = ["vm", "state", "boot_check_regex", "boot_check_timeout_s", "convert_guest", "hardware",
+    fields = ["vm", "state", "boot_probes", "boot_check_regex", "boot_check_timeout_s", "convert_guest", "hardware",
               "hardware_warning"]
     # The hardware choices through `manage.py set_hardware`, which checks them.
     readonly_fields = ["vm", "state", "hardware", "hardware_warning"]
     inlines = [VMStateChangeInline]
+
+    @admin.display(description="boot probes")
+    def boot_probes_shown(self, obj):
+        return obj.boot_probes or f"default ({', '.join(obj.probes())})"
 
     def has_add_permission(self, request):
         return False

@@ -56,7 +56,7 @@ def failover_json(job: FailoverJob) -> dict:
             "replication_job": job.replication_job_id, "recovery_point": job.recovery_point_id,
             "source_lost": job.source_lost, "committed_at": _iso(job.committed_at), "final_cycle": job.final_cycle_id,
             "rolls_back": job.rolls_back_id, "boot_verified": job.boot_verified,
-            "console_match": job.console_match, "downtime_s": job.downtime_s,
+            "boot_probe": job.boot_probe, "console_match": job.console_match, "downtime_s": job.downtime_s,
             "forecast_downtime_s": job.forecast_downtime_s, "error": job.error_message,
             "console_tail": job.console_tail, "hardware": job.hardware,
             "hardware_warning": VMContext.of(job.vm).hardware_warning, "created_at": job.created_at.isoformat(),

@@ -7,7 +7,8 @@ initramfs mounts that partition read-only and prints
 
     BOOT-MARKER: <content of MARKER>
 
-on the serial console (ttyS0), then idles, so a destination that waits for the
+on the serial console (ttyS0) (with --screen-only: on the VGA screen only,
+after clearing it), asks for a DHCP lease if it has a virtio NIC, then idles, so a destination that waits for the
 VM to be "running and printing" sees both. ``--set-marker`` rewrites MARKER in
 an existing image with mtools, the way a guest writing its own disk would.
 
@@ -16,7 +17,7 @@ with mkfs.fat and mtools, made bootable with the mtools-based ``syslinux``,
 and spliced behind an MBR written here. Needs: linux-image-amd64,
 busybox-static, dosfstools, mtools, syslinux, syslinux-common.
 
-    make_boot_disk.py OUT.img --marker TEXT [--size-mib 64] [--drivers all|sata]
+    make_boot_disk.py OUT.img --marker TEXT [--size-mib 64] [--drivers all|sata] [--screen-only]
                       [--firmware efi [--efi-loader uki|shim]]
     make_boot_disk.py OUT.img --set-marker TEXT
 
@@ -71,6 +72,8 @@ DRIVER_SETS = {
 }
 # The module each set needs to see its disk (built in or loadable).
 _DISK_DRIVER = {"all": ("virtio_blk", "CONFIG_VIRTIO_BLK"), "sata": ("ahci", "CONFIG_SATA_AHCI")}
+# A virtio NIC, so that a guest on a network asks for a DHCP lease (the network boot probe).
+NET_MODULES = ["virtio_net"]
 
 INIT_SCRIPT = r"""#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /mnt /tmp
@@ -101,9 +104,16 @@ if [ -z "$dev" ]; then
   echo "BOOT-MARKER-ERROR: no FAT partition with a MARKER file found"
 else
   disk=${dev#/dev/}; disk=${disk%1}
+  # On a screen-only guest: a clear screen, the marker alone at its top (for OCR).
+  case "$(cat /proc/cmdline)" in *console=tty0*) printf '\033[2J\033[H';; esac
   echo "BOOT-DISK: $disk serial=$(cat /sys/block/$disk/serial 2>/dev/null)"
   echo "BOOT-MARKER: $(cat /mnt/MARKER)"
   umount /mnt
+fi
+# A NIC: ask for a DHCP lease (recorded by the network's DHCP server; nothing configured here).
+if [ -e /sys/class/net/eth0 ]; then
+  ip link set eth0 up
+  udhcpc -i eth0 -b -s /bin/true -x hostname:boot-disk >/dev/null 2>&1
 fi
 echo "BOOT-STAGE: idle"
 while true; do sleep 3600; done
@@ -116,6 +126,17 @@ TIMEOUT 0
 LABEL linux
   KERNEL /vmlinuz
   APPEND initrd=/initrd.gz console=ttyS0,115200 quiet panic=10
+"""
+
+# --screen-only: a guest that, like most VMware guests, never writes to a
+# serial port: syslinux and the kernel print on the VGA screen (tty0) only.
+# The init clears the screen before the marker, so it stands alone for OCR.
+SYSLINUX_CFG_SCREEN = """DEFAULT linux
+PROMPT 0
+TIMEOUT 0
+LABEL linux
+  KERNEL /vmlinuz
+  APPEND initrd=/initrd.gz console=tty0 quiet panic=10 vga=normal
 """
 
 
@@ -188,7 +209,7 @@ def _module_paths(release: str, drivers: str = "all") -> list[tuple[str, Path]]:
         elif filename.endswith((".ko.xz", ".ko.zst", ".ko.gz")):
             raise BootDiskError(f"{filename}: compressed modules are not supported")
 
-    for name in DRIVER_SETS[drivers]:
+    for name in DRIVER_SETS[drivers] + NET_MODULES:
         add(name)
     return ordered
 
@@ -376,9 +397,11 @@ def build_efi_boot_disk(path: str | os.PathLike, marker: str, size_mib: int = 64
     return path
 
 
-def build_boot_disk(path: str | os.PathLike, marker: str, size_mib: int = 64, drivers: str = "all") -> Path:
-    """Write a bootable raw disk image to ``path`` whose guest prints ``BOOT-MARKER: marker``;
-    its initramfs carries the disk drivers of DRIVER_SETS[drivers]."""
+def build_boot_disk(path: str | os.PathLike, marker: str, size_mib: int = 64, drivers: str = "all", *,
+                    screen_only: bool = False) -> Path:
+    """Write a bootable raw disk image to ``path`` whose guest prints ``BOOT-MARKER: marker``
+    on its serial console, or with ``screen_only`` on its VGA screen alone; its
+    initramfs carries the disk drivers of DRIVER_SETS[drivers]."""
     path = Path(path)
     if size_mib < 32:
         raise BootDiskError("size_mib must be at least 32 (kernel + initramfs + FAT16 minimum)")
@@ -395,7 +418,7 @@ def build_boot_disk(path: str | os.PathLike, marker: str, size_mib: int = 64, dr
         # -h: hidden sectors = the partition's start, which syslinux's boot sector needs.
         _run("mkfs.fat", "-F", "16", "-n", "OMABOOT", "-h", str(PARTITION_START_LBA), str(part))
         (tmpd / "initrd.gz").write_bytes(build_initramfs(release, drivers))
-        (tmpd / "syslinux.cfg").write_text(SYSLINUX_CFG)
+        (tmpd / "syslinux.cfg").write_text(SYSLINUX_CFG_SCREEN if screen_only else SYSLINUX_CFG)
         (tmpd / MARKER_FILE).write_text(marker + "\n")
         for src, dest in ((kernel, "vmlinuz"), (tmpd / "initrd.gz", "initrd.gz"),
                           (tmpd / "syslinux.cfg", "syslinux.cfg"), (tmpd / MARKER_FILE, MARKER_FILE)):
@@ -441,7 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--set-marker", help="rewrite the marker in an existing image")
     parser.add_argument("--size-mib", type=int, default=64)
     parser.add_argument("--drivers", choices=list(DRIVER_SETS), default="all",
-                        help="disk drivers in the initramfs: all (virtio, IDE, SATA) or sata (AHCI only)")
+                        help="disk drivers in the initramfs: all (virtio, IDE, SATA, PVSCSI) or sata (AHCI only)")
+    parser.add_argument("--screen-only", action="store_true",
+                        help="the guest prints on its VGA screen only (console=tty0), nothing on a serial port")
     parser.add_argument("--firmware", choices=["bios", "efi"], default="bios",
                         help="efi: a UEFI-only disk (GPT, EFI system partition, unified kernel image)")
     parser.add_argument("--efi-loader", choices=["uki", "shim"], default="uki",
@@ -450,12 +475,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.marker is not None and args.firmware == "efi":
+            if args.screen_only:
+                raise BootDiskError("--screen-only is for BIOS disks (a UEFI disk's kernel command line is "
+                                    "built into its image)")
             build_efi_boot_disk(args.image, args.marker, args.size_mib, args.efi_loader, args.drivers)
             print(f"built {args.image} (efi, {args.efi_loader}): the guest prints "
                   f"'{MARKER_PREFIX}{args.marker}' on ttyS0")
         elif args.marker is not None:
-            build_boot_disk(args.image, args.marker, args.size_mib, args.drivers)
-            print(f"built {args.image}: the guest prints '{MARKER_PREFIX}{args.marker}' on ttyS0")
+            build_boot_disk(args.image, args.marker, args.size_mib, args.drivers, screen_only=args.screen_only)
+            print(f"built {args.image}: the guest prints '{MARKER_PREFIX}{args.marker}' on "
+                  f"{'its screen only' if args.screen_only else 'ttyS0'}")
         else:
             set_marker(args.image, args.set_marker)
             print(f"{args.image}: marker set to '{args.set_marker}'")

@@ -128,7 +128,8 @@ def test_a_boot_that_does_not_verify_fails_with_the_console_and_cleans_up(celery
     before = sha256(replica)
     command("set_boot_check", "vm-noboot", "--regex", "NEVER-PRINTED", "--timeout", "40")
 
-    with pytest.raises(CommandError, match="boot not verified within 40 s"):
+    with pytest.raises(CommandError, match=r"boot not verified \(not within 40 s\): console: never showed "
+                                           r"/NEVER-PRINTED/"):
         command("failover", "vm-noboot", "--test", "--wait")
 
     job = FailoverJob.objects.get(vm=vm)

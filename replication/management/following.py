@@ -44,7 +44,8 @@ def print_outcome(job: FailoverJob, out, as_json: bool) -> None:
         out.write(f"{label} {job.pk} of {job.vm.name}: {job.destination_vm} gone, volumes back at the rollback "
                   "point, source powered on")
     elif job.status == FailoverStatus.SUCCEEDED:
-        out.write(f"{label} {job.pk}: {job.destination_vm} booted; console: {job.console_match!r}")
+        out.write(f"{label} {job.pk}: {job.destination_vm} booted; seen by {job.boot_probe or 'console'}: "
+                  f"{job.console_match!r}")
         if job.kind == FailoverKind.LIVE:
             forecast = "no forecast" if job.forecast_downtime_s is None else f"forecast {job.forecast_downtime_s} s"
             out.write(f"downtime {job.downtime_s} s ({forecast}); roll back with: manage.py rollback "

@@ -5,11 +5,15 @@ time, actor and reason. The state moves along choices.VM_TRANSITIONS
 
 from __future__ import annotations
 
+import re
+
+from django.core.exceptions import ValidationError
 from django.db import models, transaction
 from django.utils import timezone
 
 from replication.choices import VM_STATE_REFUSALS, VM_TRANSITIONS, VMState
 from replication.models.base import StateMachine
+from replication.platforms.base import parse_boot_probes
 
 
 class IllegalMove(Exception):
@@ -48,6 +52,25 @@ class VMContext(StateMachine):
 
     def __str__(self):
         return f"{self.vm} {self.state}"
+
+    def probes(self) -> tuple[str, ...]:
+        """The boot probes a failover tries: the ones set, else the default ones."""
+        return parse_boot_probes(self.boot_probes)
+
+    def clean(self):
+        errors = {}
+        try:
+            self.boot_probes = ",".join(parse_boot_probes(self.boot_probes)) if self.boot_probes.strip() else ""
+        except ValueError as exc:
+            errors["boot_probes"] = str(exc)
+        try:
+            re.compile(self.boot_check_regex)
+        except re.error as exc:
+            errors["boot_check_regex"] = f"not a regular expression: {exc}"
+        if not 1 <= self.boot_check_timeout_s <= 3600:
+            errors["boot_check_timeout_s"] = "1..3600 seconds"
+        if errors:
+            raise ValidationError(errors)
 
     @classmethod
     def of(cls, vm) -> VMContext:

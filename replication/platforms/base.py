@@ -46,7 +46,45 @@ SCSI_MODELS = ("virtio-scsi", "lsilogic", "lsisas1068", "vmpvscsi")
 NIC_MODELS = ("virtio", "e1000e", "e1000", "vmxnet3", "rtl8139")
 
 # state() answers one of these. "absent": no VM of that name is defined.
+# How a failed-over VM's boot is seen (VMContext.boot_probes); any one suffices.
+# console: its serial console shows the regex; screen: its screen, read by
+# OCR, shows it; network: its NIC got a DHCP lease (or answered ARP) on its
+# network; agent: the QEMU guest agent answers.
+BOOT_PROBES = ("console", "screen", "network", "agent")
+# No probes set: all four. The console and screen cover a Linux guest
+# whatever its console= (the kernel prints on tty0 by default), Windows'
+# sign-in screen, and our test guests; network covers a guest whose screen
+# shows no words (a graphical lock screen) once its OS brought up its NIC
+# (firmware never does: libvirt boots with strict boot order, so no PXE);
+# the agent costs one refused call where no qemu-ga runs.
+DEFAULT_BOOT_PROBES = BOOT_PROBES
+# No regex set: a login prompt (Linux getty, OCR's spacing allowed), Windows'
+# "Press Ctrl+Alt+Delete" or "Sign in", or the test guests' marker; never a
+# firmware's or bootloader's banner (SeaBIOS, SYSLINUX, GRUB), which any
+# console shows before the kernel has run.
+DEFAULT_BOOT_REGEX = r"(?i)\blogin\s*:|\bBOOT-MARKER:|ctrl\s*\+\s*alt\s*\+\s*del|\bsign\s+in\b"
+
 VM_STATES = ("running", "paused", "shutoff", "crashed", "shutdown", "blocked", "pmsuspended", "absent", "unknown")
+
+
+@dataclass(frozen=True)
+class BootEvidence:
+    """What proved a boot: the probe (one of BOOT_PROBES, or the
+    destination's own, e.g. CloudStack's 'running') and what it saw."""
+
+    probe: str
+    text: str
+
+
+def parse_boot_probes(value: str | Sequence[str]) -> tuple[str, ...]:
+    """Probes from a comma-separated string or a list, in BOOT_PROBES' order,
+    without repeats; empty: DEFAULT_BOOT_PROBES. ValueError for an unknown one."""
+    names = [n.strip().lower() for n in (value.split(",") if isinstance(value, str) else value) if n.strip()]
+    unknown = [n for n in names if n not in BOOT_PROBES]
+    if unknown:
+        raise ValueError(f"unknown boot probe(s) {', '.join(map(repr, unknown))}: choose from "
+                         f"{', '.join(BOOT_PROBES)}")
+    return tuple(p for p in BOOT_PROBES if p in names) or DEFAULT_BOOT_PROBES
 
 
 class VolumeError(RuntimeError):
@@ -269,12 +307,17 @@ class Destination(abc.ABC):
         """Power the VM on; returns once it runs (not once the guest booted)."""
 
     @abc.abstractmethod
-    def verify_boot(self, vm: str, pattern: str, timeout_s: float, heartbeat: Callable[[], None]) -> str:
-        """Once the VM started: what proves its guest booted (with a console,
-        the first line matching the regex ``pattern``, any line if it is
-        empty, within ``timeout_s``), as the failover records it. Raises
-        DestinationError with the reason when the boot is not proven.
-        ``heartbeat`` is called every few seconds of a long wait."""
+    def verify_boot(self, vm: str, probes: Sequence[str], pattern: str, timeout_s: float,
+                    heartbeat: Callable[[], None]) -> BootEvidence:
+        """Once the VM started: what proves its guest booted, by the first of
+        ``probes`` (BOOT_PROBES) to see it within ``timeout_s`` (the regex
+        ``pattern``, DEFAULT_BOOT_REGEX if empty, for the console and the
+        screen), all polled together. Raises DestinationError with the reason
+        (each probe's last word, the console's or screen's last lines) when
+        the boot is not proven, at once if the VM stops running. A
+        destination that cannot run a probe says so, or proves the boot its
+        own way (named in the evidence). ``heartbeat`` is called every few
+        seconds of a long wait."""
 
     @abc.abstractmethod
     def commit_vm(self, vm: str, protection: Sequence[str], heartbeat: Callable[[], None]) -> str:

@@ -100,10 +100,10 @@ def drill_continue(failover_id: int) -> None:
         try:
             end_test_failover(run.vm, actor=_drill_actor(run))
         except FailoverError as exc:
-            _end(run, DrillStatus.FAILED, f"booted ({failover.console_match}), but ending the test failed: {exc}",
-                 now, rto)
+            _end(run, DrillStatus.FAILED, f"booted ({failover.boot_probe}: {failover.console_match}), but ending "
+                                          f"the test failed: {exc}", now, rto)
         else:
-            _end(run, DrillStatus.PASSED, f"booted: {failover.console_match}", now, rto)
+            _end(run, DrillStatus.PASSED, f"booted ({failover.boot_probe}): {failover.console_match}", now, rto)
     else:
         _end(run, DrillStatus.FAILED, failover.error_message or f"test failover {failover.status}", now)
     if run.group is not None:

@@ -58,7 +58,13 @@ from replication.models import (
     VMContext,
 )
 from replication.platforms import destination_for, get_provider, on_cloudstack
-from replication.platforms.base import Destination, DestinationError, GuestConversion, GuestNotConverted
+from replication.platforms.base import (
+    BootEvidence,
+    Destination,
+    DestinationError,
+    GuestConversion,
+    GuestNotConverted,
+)
 from replication.services import forecast, jobs, orders, points
 from replication.services import hardware as hardware_service
 from replication.services.failover_checks import FailoverError, preflight, production_network, shape_of
@@ -263,9 +269,10 @@ def _boot(job: FailoverJob, destination, volumes: list[tuple[str, str]]) -> None
     with _step(job, "start VM"):
         destination.start(job.destination_vm)
     with _step(job, "verify boot") as step:
-        match = _verify_boot(job, destination)
-        step.detail = match
-    fields = {"boot_verified": True, "console_match": match[:4000], "completed_at": timezone.now()}
+        evidence = _verify_boot(job, destination)
+        step.detail = f"{evidence.probe}: {evidence.text}"
+    fields = {"boot_verified": True, "boot_probe": evidence.probe, "console_match": evidence.text[:4000],
+              "completed_at": timezone.now()}
     if job.kind == FailoverKind.LIVE:
         # From the source's shutdown; with the source lost, from the command.
         stopping = job.steps.filter(name=STEP_SHUT_DOWN).values_list("started_at", flat=True).first()
@@ -279,12 +286,13 @@ def _boot(job: FailoverJob, destination, volumes: list[tuple[str, str]]) -> None
     job.transition(FailoverStatus.SUCCEEDED, **fields)
 
 
-def _verify_boot(job: FailoverJob, destination: Destination) -> str:
-    """What proves the boot, by the VM's boot check (its regex, or any
-    console line when none is set, within its timeout)."""
+def _verify_boot(job: FailoverJob, destination: Destination) -> BootEvidence:
+    """What proves the boot, by the VM's boot check: its probes (the default
+    ones when none is set) and regex (the default one when empty), within
+    its timeout."""
     context = VMContext.of(job.vm)
-    return destination.verify_boot(job.destination_vm, context.boot_check_regex, context.boot_check_timeout_s,
-                                   heartbeat=job.beat)
+    return destination.verify_boot(job.destination_vm, context.probes(), context.boot_check_regex,
+                                   context.boot_check_timeout_s, heartbeat=job.beat)
 
 
 # A live failover's waits: the source's power, the final cycle -------------------

@@ -351,6 +351,8 @@ OPENAPI = {
                 ("destination_vm", "string"), ("boot_verified", "boolean"),
                 ("console_match", "string"), ("error", "string"), ("console_tail", "string"),
                 ("created_at", "string")]},
+            "boot_probe": {"type": "string", "description": "the probe that verified the boot (console, screen, "
+                                                            "network, agent; CloudStack: running); empty: not yet"},
             "kind": {"type": "string", "enum": ["test", "live", "rollback"]},
             # Null until known, or where they do not apply (a test failover has no downtime).
             **{k: {"type": t, "nullable": True, "description": d} for k, t, d in [

@@ -4,27 +4,54 @@ from django.core.management.base import BaseCommand, CommandError
 
 from replication.management.lookup import vm_named
 from replication.models import VMContext
+from replication.platforms.base import BOOT_PROBES, DEFAULT_BOOT_PROBES, DEFAULT_BOOT_REGEX, parse_boot_probes
 
 
 class Command(BaseCommand):
-    help = "What a failed-over VM's console must show for its boot to count, and how long to wait for it."
+    help = ("How a failed-over VM's boot is seen: the probes to try (any one suffices), what the console or "
+            "screen must show, and how long to wait.")
 
     def add_arguments(self, parser):
         parser.add_argument("name")
-        parser.add_argument("--regex", required=True, help="a Python regular expression; '' for any output")
+        parser.add_argument("--probe", action="append", default=None, metavar="|".join(BOOT_PROBES),
+                            help="console: the serial console shows the regex; screen: the screen, read by OCR, "
+                                 "shows it; network: a DHCP lease or an ARP answer on the VM's network; agent: "
+                                 "the QEMU guest agent answers. Repeat for several. Default (none set): "
+                                 f"{', '.join(DEFAULT_BOOT_PROBES)}; --probe default sets that back")
+        parser.add_argument("--regex", default=None,
+                            help="a Python regular expression for the console and screen; '' for the default, "
+                                 "a login prompt, Windows' sign-in or the test guests' BOOT-MARKER "
+                                 "(default: unchanged)")
         parser.add_argument("--timeout", type=int, default=None, help="seconds (default: unchanged, 120 at first)")
 
-    def handle(self, name, regex, timeout, **options):
-        try:
-            re.compile(regex)
-        except re.error as exc:
-            raise CommandError(f"--regex {regex!r} is not a regular expression: {exc}") from exc
+    def handle(self, name, probe, regex, timeout, **options):
+        if probe is None and regex is None and timeout is None:
+            raise CommandError("nothing to set: give --probe, --regex and/or --timeout")
+        probes = None
+        if probe is not None:
+            if probe == ["default"]:
+                probes = ""
+            else:
+                try:
+                    probes = ",".join(parse_boot_probes(probe))
+                except ValueError as exc:
+                    raise CommandError(f"--probe: {exc}") from None
+        if regex is not None:
+            try:
+                re.compile(regex)
+            except re.error as exc:
+                raise CommandError(f"--regex {regex!r} is not a regular expression: {exc}") from exc
         if timeout is not None and not 1 <= timeout <= 3600:
             raise CommandError(f"--timeout must be 1..3600 seconds, not {timeout}")
         context = VMContext.of(vm_named(name))
-        context.boot_check_regex = regex
+        if probes is not None:
+            context.boot_probes = probes
+        if regex is not None:
+            context.boot_check_regex = regex
         if timeout is not None:
             context.boot_check_timeout_s = timeout
-        context.save(update_fields=["boot_check_regex", "boot_check_timeout_s", "updated_at"])
-        self.stdout.write(f"{name}: boot verified when the console shows /{regex}/ within "
-                          f"{context.boot_check_timeout_s} s")
+        context.save(update_fields=["boot_probes", "boot_check_regex", "boot_check_timeout_s", "updated_at"])
+        shown = context.boot_check_regex or f"the default {DEFAULT_BOOT_REGEX}"
+        self.stdout.write(f"{name}: boot verified when any of {', '.join(context.probes())}"
+                          f"{'' if context.boot_probes else ' (the default probes)'} sees it within "
+                          f"{context.boot_check_timeout_s} s; console and screen must show /{shown}/")

@@ -35,7 +35,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from replication.models import CloudError, CloudStackConfig, TargetVolume
-from replication.platforms.base import Destination, DestinationError, DiskSpec, GuestNotConverted, VMShape
+from replication.platforms.base import (
+    BootEvidence,
+    Destination,
+    DestinationError,
+    DiskSpec,
+    GuestNotConverted,
+    VMShape,
+)
 from replication.platforms.cloudstack.client import CloudClient
 from replication.platforms.cloudstack.volumes import device_name
 
@@ -329,9 +336,11 @@ class CloudStackDestination(Destination):
         found = self._vm(vm)
         return "absent" if found is None else STATES.get(found["state"], "unknown")
 
-    def verify_boot(self, vm: str, pattern: str, timeout_s: float, heartbeat: Callable[[], None]) -> str:
-        """The boot check where there is no console (pattern and timeout_s
-        cannot apply): the VM runs, and is still running
+    def verify_boot(self, vm: str, probes: Sequence[str], pattern: str, timeout_s: float,
+                    heartbeat: Callable[[], None]) -> BootEvidence:
+        """CloudStack shows no console, screen, lease or agent to the OMA, so
+        whatever ``probes`` ask for (and ``pattern``, ``timeout_s``), its one
+        probe is 'running': the VM runs, and is still running
         CLOUDSTACK_BOOT_SETTLE_S later."""
         deadline = time.monotonic() + self.settle_s
         while time.monotonic() < deadline:
@@ -340,7 +349,7 @@ class CloudStackDestination(Destination):
                 raise DestinationError(f"VM {vm} is {state} {self.settle_s - (deadline - time.monotonic()):.0f} s "
                                        "after its start")
             time.sleep(min(1.0, self.settle_s / 4))
-        return f"CloudStack shows no console: running for {self.settle_s:.0f} s"
+        return BootEvidence("running", f"CloudStack shows no console: running for {self.settle_s:.0f} s")
 
     def free_memory_mib(self) -> int | None:
         """The zone's memory not yet allocated (listCapacity, type 0)."""

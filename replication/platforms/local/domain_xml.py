@@ -1,7 +1,8 @@
 """The libvirt domain XML of a failed-over VM: its shape, its disks in boot
 order on the shape's bus (each with its disk key as serial number), its
-NICs of the shape's model and a serial console written to a file; UEFI
-firmware (OVMF, Secure Boot) and a vTPM (swtpm) when the shape asks for them.
+NICs of the shape's model, a serial console written to a file, a VGA screen
+and the guest agent's channel; UEFI firmware (OVMF, Secure Boot) and a vTPM
+(swtpm) when the shape asks for them.
 
 Ownership: libvirt's DAC driver normally chowns every disk image to its QEMU
 user and leaves it so. Our domains carry a static DAC label (QEMU runs as
@@ -117,6 +118,7 @@ def domain_xml(name: str, shape: VMShape, disks: Sequence[DiskSpec], network: st
     devices.extend(disk_elements(name, shape, disks))
     devices.extend(nics(name, shape, network))
     _serial_console(devices, str(console))
+    _screen_and_agent(devices)
     _tpm(devices, shape)
     ET.SubElement(devices, "controller", type="usb", model="none")
     ET.SubElement(devices, "memballoon", model="none")
@@ -167,6 +169,16 @@ def _serial_console(devices: ET.Element, console: str) -> None:
     cons = ET.SubElement(devices, "console", type="file")
     ET.SubElement(cons, "source", path=console, append="off")
     ET.SubElement(cons, "target", type="serial", port="0")
+
+
+def _screen_and_agent(devices: ET.Element) -> None:
+    """What the screen and agent boot probes read: a VGA card (its screen is
+    what libvirt's screenshot returns; OVMF needs one too) and the QEMU
+    guest agent's channel (answered only where the guest runs qemu-ga)."""
+    video = ET.SubElement(devices, "video")
+    ET.SubElement(video, "model", type="vga")
+    channel = ET.SubElement(devices, "channel", type="unix")
+    ET.SubElement(channel, "target", type="virtio", name="org.qemu.guest_agent.0")
 
 
 def nics(name: str, shape: VMShape, network: str | Mapping[str, str] | None) -> list[ET.Element]:

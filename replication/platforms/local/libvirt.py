@@ -26,8 +26,18 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from replication.platforms.base import Destination, DestinationError, DiskSpec, GuestConversion, VMShape
-from replication.platforms.local import kvm_probe, v2v
+from replication.platforms.base import (
+    DEFAULT_BOOT_REGEX,
+    BootEvidence,
+    Destination,
+    DestinationError,
+    DiskSpec,
+    GuestConversion,
+    GuestNotConverted,
+    VMShape,
+    parse_boot_probes,
+)
+from replication.platforms.local import boot_probes, kvm_probe, v2v
 from replication.platforms.local.domain_xml import boot_order, domain_xml, file_format
 from replication.platforms.local.journal import run_tool
 
@@ -321,26 +331,69 @@ class LibvirtDestination(Destination):
                 raise DestinationError(f"VM {vm} is {state} {START_TIMEOUT_S:.0f} s after its start")
             time.sleep(0.1)
 
-    def verify_boot(self, vm: str, pattern: str, timeout_s: float, heartbeat: Callable[[], None]) -> str:
-        """The first console line matching ``pattern`` (any line if it is
-        empty), while the VM runs, within ``timeout_s``."""
-        regex = re.compile(pattern) if pattern else None
-        wanted = f"/{pattern}/" if regex else "anything"
+    def verify_boot(self, vm: str, probes: Sequence[str], pattern: str, timeout_s: float,
+                    heartbeat: Callable[[], None]) -> BootEvidence:
+        """The first of ``probes`` to see the boot (boot_probes), all polled
+        in one loop while the VM runs, within ``timeout_s``; the screen every
+        SCREEN_INTERVAL_S."""
+        try:
+            probes = parse_boot_probes(probes)
+            regex = re.compile(pattern or DEFAULT_BOOT_REGEX)
+        except (ValueError, re.error) as exc:
+            raise DestinationError(f"the boot check of VM {vm} cannot run: {exc}") from None
+        dom = self._domain(vm) if set(probes) - {"console"} else None
+        screen = boot_probes.ScreenReader(self._conn(), dom, self.run_dir / "screens") if "screen" in probes else None
+        network = boot_probes.NetworkProbe(self._conn(), dom) if "network" in probes else None
+        why = {probe: "not checked yet" for probe in probes}
         deadline = time.monotonic() + timeout_s
-        last_beat = time.monotonic()
+        last_beat = next_screen = time.monotonic()
         while True:
-            for line in self.console_text(vm).splitlines():
-                if (regex.search(line) if regex else line.strip()):
-                    return line.strip()
+            for probe in probes:
+                found = None
+                if probe == "console":
+                    found = boot_probes.first_match(self.console_text(vm), regex)
+                    why[probe] = f"never showed /{regex.pattern}/"
+                elif probe == "screen" and time.monotonic() >= next_screen:
+                    next_screen = time.monotonic() + boot_probes.SCREEN_INTERVAL_S
+                    try:
+                        found = boot_probes.first_match(screen.read(), regex)
+                        why[probe] = f"never showed /{regex.pattern}/"
+                    except (libvirt.libvirtError, OSError) as exc:
+                        why[probe] = f"unreadable: {exc}"
+                elif probe == "network":
+                    found, why[probe] = network.check()
+                elif probe == "agent":
+                    found, why[probe] = boot_probes.agent_answer(dom)
+                if found:
+                    return BootEvidence(probe, found)
             state = self.state(vm)
-            if state != "running":
-                raise DestinationError(f"the VM is {state} and its console never showed {wanted}")
-            if time.monotonic() > deadline:
-                raise DestinationError(f"boot not verified within {timeout_s} s: the console never showed {wanted}")
+            if state != "running" or time.monotonic() > deadline:
+                reason = f"the VM is {state}" if state != "running" else f"not within {timeout_s} s"
+                raise DestinationError(f"boot not verified ({reason}): "
+                                       + "; ".join(f"{p}: {w}" for p, w in why.items())
+                                       + self._boot_tails(vm, screen))
             if time.monotonic() - last_beat > 5:
                 heartbeat()
                 last_beat = time.monotonic()
             time.sleep(0.25)
+
+    def _boot_tails(self, vm: str, screen: boot_probes.ScreenReader | None) -> str:
+        tails = ""
+        console = boot_probes.tail(self.console_text(vm))
+        if console:
+            tails += f"\nconsole's last lines:\n{console}"
+        if screen is not None and boot_probes.tail(screen.last_text):
+            tails += f"\nscreen's last lines (OCR):\n{boot_probes.tail(screen.last_text)}"
+        return tails
+
+    def screen_text(self, vm: str) -> str:
+        """What the VM's screen shows now, read by tesseract."""
+        try:
+            return boot_probes.ScreenReader(self._conn(), self._domain(vm), self.run_dir / "screens").read()
+        except libvirt.libvirtError as exc:
+            raise DestinationError(f"no screenshot of VM {vm}: {exc}") from None
+        except OSError as exc:
+            raise DestinationError(f"the screen of VM {vm} cannot be read: {exc}") from None
 
     def commit_vm(self, vm: str, protection: Sequence[str], heartbeat: Callable[[], None]) -> str:
         """Pull each disk's backing chain (the recovery point's layers) into
