@@ -33,7 +33,6 @@ from replication.platforms.base import (
     DestinationError,
     DiskSpec,
     GuestConversion,
-    GuestNotConverted,
     VMShape,
     parse_boot_probes,
 )
