@@ -128,6 +128,15 @@ def test_windows_converted_without_virtio_win_boots_on_what_virt_v2v_fell_back_t
     expected = hardware.decide(source, image=False, convert=True, virtio_win="")
     assert values(expected)["disk_bus"] == ("ide", "conversion") and "expected" in expected.choices["disk_bus"].why
     assert expected.warning.startswith("Windows guest to be converted without virtio drivers")
+    assert "64-bit Windows has no driver for it in the box" in hw.warning
+
+
+def test_secure_boot_moves_an_ide_disk_to_sata_since_q35_has_no_ide():
+    source = {"firmware": "efi", "secure_boot": True, "disk_bus": "ide", "nic_model": "e1000e"}
+    hw = hardware.decide(source, image=False)
+    assert values(hw)["disk_bus"] == ("sata", "source") and "q35" in hw.choices["disk_bus"].why
+    without = hardware.decide({**source, "secure_boot": False}, image=False)
+    assert values(without)["disk_bus"] == ("ide", "source")
     # With VIRTIO_WIN the expected outcome is virtio, and nothing to warn of.
     with_drivers = hardware.decide(source, image=False, convert=True, virtio_win="/srv/virtio-win.iso")
     assert values(with_drivers)["disk_bus"] == ("virtio", "conversion") and with_drivers.warning == ""
@@ -394,7 +403,7 @@ def test_a_sata_only_guest_boots_on_sata_and_not_on_virtio(celery_worker_process
     with pytest.raises(CommandError) as refused:
         command("failover", "vm-sata", "--test", "--wait", "--timeout", "400")
     failed = FailoverJob.objects.filter(vm=vm).order_by("-pk").first()
-    assert "boot not verified within 90 s" in str(refused.value), (str(refused.value), failed.console_tail)
+    assert "boot not verified (not within 90 s)" in str(refused.value), (str(refused.value), failed.console_tail)
     assert failed.status == FailoverStatus.FAILED
     assert "BOOT-MARKER-ERROR: no FAT partition with a MARKER file found" in failed.console_tail, failed.console_tail
     assert failed.hardware["disk_bus"] == {"value": "virtio", "origin": "operator", "why": "set_hardware --disk-bus"}

@@ -123,6 +123,11 @@ def decide(source: dict, *, image: bool, overrides: dict | None = None, convert:
     guest = _guest(source, image, convert, conversion, not_converted, virtio_win)
     choices = _firmware(source, overrides)
     choices["disk_bus"] = _disk_bus(guest, overrides)
+    if choices["disk_bus"].value == "ide" and choices["secure_boot"].value:
+        # Secure Boot runs on the q35 machine (SMM), which has no IDE controller.
+        choices["disk_bus"] = Choice("sata", choices["disk_bus"].origin,
+                                     f"{choices['disk_bus'].why}; IDE is SATA here: Secure Boot needs the q35 "
+                                     "machine, which has no IDE")
     choices["scsi_model"] = _scsi_model(guest, overrides, conversion)
     choices["nic_model"] = _nic_model(guest, overrides)
     notes = (f"not converted: {not_converted}",) if not_converted else ()
@@ -234,6 +239,10 @@ def _warning(guest: _Guest, choices: dict[str, Choice], virtio_win: str) -> str:
         warnings.append(f"a virtio disk ({bus.origin}) for a Windows guest without virtio drivers: it cannot find "
                         "its boot disk (INACCESSIBLE_BOOT_DEVICE); convert it with VIRTIO_WIN, or choose an emulated "
                         "bus (set_hardware --disk-bus sata)")
+    if choices["nic_model"].value == "rtl8139":
+        warnings.append("an RTL8139 NIC (virt-v2v's fallback) for a Windows guest: 64-bit Windows has no driver "
+                        "for it in the box; set_hardware --nic-model e1000e (Windows 8 / Server 2012 and later "
+                        "carry its driver) or e1000")
     if choices["nic_model"].value == "virtio":
         warnings.append(f"a virtio NIC ({choices['nic_model'].origin}) for a Windows guest without virtio drivers: "
                         "it has no network; convert it with VIRTIO_WIN, or set_hardware --nic-model e1000e")
