@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
+import json
 import os
 import random
 import signal
@@ -27,6 +29,31 @@ from vma_agent import nbdkit
 MiB = 1024 * 1024
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WORKER_START_TIMEOUT_S = 60
+
+
+def command(*args) -> str:
+    """A management command's output (CommandError raised as is)."""
+    from django.core.management import call_command
+
+    out = io.StringIO()
+    call_command(*args, stdout=out)
+    return out.getvalue()
+
+
+def failover(vm_name: str, *args) -> dict:
+    """`failover VM ... --wait --json`, its JSON report."""
+    return json.loads(command("failover", vm_name, *args, "--wait", "--json"))
+
+
+def domains() -> list[str]:
+    """The names of every libvirt domain on qemu:///system."""
+    import libvirt
+
+    conn = libvirt.open("qemu:///system")
+    try:
+        return [d.name() for d in conn.listAllDomains()]
+    finally:
+        conn.close()
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):

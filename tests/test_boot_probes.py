@@ -10,7 +10,7 @@ from io import StringIO
 
 import pytest
 from django.core.exceptions import ValidationError
-from django.core.management import CommandError, call_command
+from django.core.management import CommandError
 
 from replication.choices import FailoverStatus, JobStatus
 from replication.management.following import print_outcome
@@ -22,18 +22,13 @@ from replication.services.inventory import register_image_vm
 from replication.services.jobs import start_replication
 from simulators.boot_disk import boot_disk_builder
 from simulators.dhcp_network import dhcp_network
-from tests.helpers import wait_for_job, wait_until
+from tests.helpers import command, wait_for_job, wait_until
 
 pytestmark = [pytest.mark.integration]
 
 boot_disk = boot_disk_builder()
 BOOT_TIMEOUT_S = 240
 
-
-def command(*args) -> str:
-    out = StringIO()
-    call_command(*args, stdout=out)
-    return out.getvalue()
 
 
 @pytest.fixture

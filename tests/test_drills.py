@@ -4,18 +4,17 @@ their replicas, verified on the guest's own console, the tests ended; pass
 or fail with the recovery time, shown on the dashboard."""
 
 import json
-from io import StringIO
 from pathlib import Path
 
 import pytest
-from django.core.management import CommandError, call_command
+from django.core.management import CommandError
 
 from replication.choices import DrillStatus, JobStatus, VMState
 from replication.models import DrillRun, VirtualMachine, VMContext
 from replication.services import scheduler
 from replication.services.jobs import start_replication
 from simulators.boot_disk import boot_disk_builder
-from tests.helpers import sha256, user_with_role, wait_for_job
+from tests.helpers import command, sha256, user_with_role, wait_for_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 boot_disk = boot_disk_builder()
@@ -31,11 +30,6 @@ def no_leftover_test_vms():
     yield
     assert destination.list_vms("oma-test-") == []  # every drill ended its test
 
-
-def command(*args) -> str:
-    out = StringIO()
-    call_command(*args, stdout=out)
-    return out.getvalue()
 
 
 def test_a_drill_rehearses_each_vm_in_turn_and_records_pass_fail_and_recovery_time(celery_worker_process,

@@ -5,18 +5,17 @@ qcow2 overlays over the replica, verified on the guest's own serial
 console; ending the test leaves the replica byte-identical."""
 
 import json
-from io import StringIO
 from pathlib import Path
 
 import pytest
-from django.core.management import CommandError, call_command
+from django.core.management import CommandError
 
 from replication.choices import FailoverStatus, JobStatus, VMState
 from replication.models import FailoverJob, VirtualMachine, VMContext
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import start_replication
 from simulators.boot_disk import boot_disk_builder
-from tests.helpers import PROJECT_ROOT, completed_cycle_on, sha256, wait_for_job, wait_until
+from tests.helpers import PROJECT_ROOT, command, completed_cycle_on, sha256, wait_for_job, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -33,11 +32,6 @@ def no_leftover_test_vms():
     for name in destination.list_vms("oma-test-vm-"):
         destination.destroy(name)
 
-
-def command(*args) -> str:
-    out = StringIO()
-    call_command(*args, stdout=out)
-    return out.getvalue()
 
 
 def replicate(vm):

@@ -9,11 +9,10 @@ rollback (the source back on, the next cycle incremental)."""
 
 import json
 import uuid
-from io import StringIO
 from pathlib import Path
 
 import pytest
-from django.core.management import CommandError, call_command
+from django.core.management import CommandError
 
 from replication.choices import FailoverStatus, JobStatus, SyncType, VMState
 from replication.models import FailoverJob, VirtualMachine, VMContext
@@ -21,7 +20,7 @@ from replication.services import vmware as vmware_service
 from replication.services.jobs import ReplicationError, start_replication
 from simulators.boot_disk import boot_disk_builder
 from simulators.vcenter import vm_spec
-from tests.helpers import MiB, completed_cycle_on, replica_sha256, sha256, wait_for_job
+from tests.helpers import MiB, command, completed_cycle_on, failover, replica_sha256, sha256, wait_for_job
 from vma_agent.contract import SourcePowered
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -31,14 +30,6 @@ DISK_BYTES = 64 * MiB
 MAC = "00:50:56:aa:bb:01"
 
 
-def command(*args) -> str:
-    out = StringIO()
-    call_command(*args, stdout=out)
-    return out.getvalue()
-
-
-def failover(vm_name: str, *args) -> dict:
-    return json.loads(command("failover", vm_name, *args, "--wait", "--json"))
 
 
 def replicate(vm, sync_type=SyncType.FULL):

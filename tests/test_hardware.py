@@ -14,11 +14,10 @@
 
 import json
 import xml.etree.ElementTree as ET
-from io import StringIO
 from pathlib import Path
 
 import pytest
-from django.core.management import CommandError, call_command
+from django.core.management import CommandError
 
 from replication.choices import FailoverStatus, JobStatus, VMState
 from replication.models import FailoverJob, VirtualMachine, VMContext
@@ -28,15 +27,10 @@ from replication.platforms.local.domain_xml import domain_xml
 from replication.services import hardware
 from replication.services.jobs import start_replication
 from simulators.boot_disk import boot_disk_builder
-from tests.helpers import sha256, wait_for_job
+from tests.helpers import command, domains, sha256, wait_for_job
 
 boot_disk = boot_disk_builder()
 
-
-def command(*args) -> str:
-    out = StringIO()
-    call_command(*args, stdout=out)
-    return out.getvalue()
 
 
 def values(hw) -> dict:
@@ -346,15 +340,6 @@ def no_leftover_vms():
     for name in destination.list_vms("oma-test-vm-sata"):
         destination.destroy(name)
 
-
-def domains() -> list[str]:
-    import libvirt
-
-    conn = libvirt.open("qemu:///system")
-    try:
-        return [d.name() for d in conn.listAllDomains()]
-    finally:
-        conn.close()
 
 
 def domain_disk_buses(name: str) -> list[tuple[str, str]]:

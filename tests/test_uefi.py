@@ -8,11 +8,10 @@ refuses its unsigned kernel image."""
 
 import json
 import xml.etree.ElementTree as ET
-from io import StringIO
 from pathlib import Path
 
 import pytest
-from django.core.management import CommandError, call_command
+from django.core.management import CommandError
 
 from replication.choices import FailoverStatus, JobStatus, VMState
 from replication.models import FailoverJob, VirtualMachine, VMContext
@@ -20,7 +19,7 @@ from replication.platforms.base import DestinationError, VMShape
 from replication.platforms.local import domain_xml as domain_xml_module
 from replication.services.jobs import start_replication
 from simulators.boot_disk import boot_disk_builder
-from tests.helpers import sha256, wait_for_job
+from tests.helpers import command, domains, failover, sha256, wait_for_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -38,14 +37,6 @@ def no_leftover_test_vms():
             destination.destroy(name)
 
 
-def command(*args) -> str:
-    out = StringIO()
-    call_command(*args, stdout=out)
-    return out.getvalue()
-
-
-def failover(vm_name: str, *args) -> dict:
-    return json.loads(command("failover", vm_name, *args, "--wait", "--json"))
 
 
 def replicate(vm):
@@ -66,15 +57,6 @@ def running_domain(name: str) -> ET.Element:
     finally:
         conn.close()
 
-
-def domains() -> list[str]:
-    import libvirt
-
-    conn = libvirt.open("qemu:///system")
-    try:
-        return [d.name() for d in conn.listAllDomains()]
-    finally:
-        conn.close()
 
 
 def swtpm_of(name: str) -> list[str]:
