@@ -406,6 +406,9 @@ CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 # Scheduled protection: cycles one agent runs at once (VMs, and their disks).
 AGENT_MAX_VMS = env.int("AGENT_MAX_VMS", default=4)
 AGENT_MAX_DISKS = env.int("AGENT_MAX_DISKS", default=8)
+# VMs in flight per ESXi host, for an agent that sets none (snapshots and NBD
+# sessions are the host's resources).
+AGENT_MAX_PER_HOST = env.int("AGENT_MAX_PER_HOST", default=4)
 CELERY_BEAT_SCHEDULE = {
     "reap-stale": {
         "task": "replication.reap_stale",

@@ -200,3 +200,25 @@ DRILL_TRANSITIONS = {
     DrillStatus.QUEUED: {DrillStatus.RUNNING, DrillStatus.FAILED},
     DrillStatus.RUNNING: {DrillStatus.PASSED, DrillStatus.FAILED},
 }
+
+
+class AgentState(models.TextChoices):
+    """An agent (MigrateKit OSSEA's VMA) as the OMA sees it."""
+
+    PENDING = "pending", "pending approval"
+    ACTIVE = "active", "active"
+    PAUSED = "paused", "paused"  # takes no new cycle; its running copies go on
+    DRAINING = "draining", "draining"  # takes no new cycle; removed (retired) once its copies end
+    REJECTED = "rejected", "rejected"
+    REVOKED = "revoked", "revoked"  # its credentials refused from now on
+
+
+# Enrolment ends in approval (active) or rejection; an active agent may be
+# paused, drained, resumed; revocation is final, as is rejection.
+AGENT_TRANSITIONS = {
+    AgentState.PENDING: {AgentState.ACTIVE, AgentState.REJECTED, AgentState.REVOKED},
+    AgentState.ACTIVE: {AgentState.PAUSED, AgentState.DRAINING, AgentState.REVOKED},
+    AgentState.PAUSED: {AgentState.ACTIVE, AgentState.DRAINING, AgentState.REVOKED},
+    AgentState.DRAINING: {AgentState.ACTIVE, AgentState.PAUSED, AgentState.REVOKED},
+}
+AGENT_TAKES_WORK = (AgentState.ACTIVE,)

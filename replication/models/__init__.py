@@ -3,6 +3,7 @@ here (`from replication.models import X`), which is also where Django finds
 them. Models write and guard their own state (models.base, the transition
 tables in choices.py); services decide when."""
 
+from replication.models.agents import Agent, AgentAuditEntry, PairingCode
 from replication.models.auth import ApiToken, Role
 from replication.models.base import StateMachine
 from replication.models.cloud import CloudError, CloudStackConfig
@@ -34,6 +35,8 @@ from replication.models.protection import Admission, DrillRun, ProtectionGroup
 __all__ = [
     "EXPORT_PREFIX",
     "Admission",
+    "Agent",
+    "AgentAuditEntry",
     "ApiToken",
     "ChangeIdRecord",
     "CloudError",
@@ -46,6 +49,7 @@ __all__ = [
     "IllegalMove",
     "JobEvent",
     "NetworkMapping",
+    "PairingCode",
     "PointLayer",
     "ProgressSample",
     "ProtectionGroup",

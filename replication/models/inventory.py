@@ -23,6 +23,9 @@ class VCenter(models.Model):
     password_file = models.CharField(max_length=1000, blank=True, help_text="File holding the password")
     password_env = models.CharField(max_length=100, blank=True, help_text="Environment variable holding it")
     thumbprint = models.CharField(max_length=200, help_text="Pinned SHA-1 thumbprint of the server certificate")
+    agent = models.CharField(max_length=50, default="local",
+                             help_text="The agent (Agent.name) that reaches this vCenter: discovery, and the "
+                                       "default agent of its VMs")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -43,6 +46,9 @@ class VirtualMachine(models.Model):
     vm_uuid = models.CharField(max_length=64, blank=True)
     cbt_enabled = models.BooleanField(null=True, help_text="Changed block tracking; unknown for image sources")
     power_state = models.CharField(max_length=20, blank=True)
+    esxi_host = models.CharField(max_length=200, blank=True,
+                                 help_text="The ESXi host it runs on (discovery): snapshots and NBD sessions are "
+                                           "per-host resources, limited by Agent.max_per_host")
     firmware = models.CharField(max_length=20, blank=True)
     secure_boot = models.BooleanField(default=False, help_text="The source boots with UEFI Secure Boot")
     tpm = models.BooleanField(default=False, help_text="The source has a vTPM")
