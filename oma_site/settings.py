@@ -409,6 +409,9 @@ AGENT_MAX_DISKS = env.int("AGENT_MAX_DISKS", default=8)
 # VMs in flight per ESXi host, for an agent that sets none (snapshots and NBD
 # sessions are the host's resources).
 AGENT_MAX_PER_HOST = env.int("AGENT_MAX_PER_HOST", default=4)
+# An agent whose API has not answered the poller for this long is silent: the
+# reaper judges its running copies lost and flags its VMs (nothing else stops).
+AGENT_SILENT_AFTER_S = env.float("AGENT_SILENT_AFTER_S", default=300.0)
 CELERY_BEAT_SCHEDULE = {
     "reap-stale": {
         "task": "replication.reap_stale",

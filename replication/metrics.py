@@ -64,6 +64,35 @@ class OMACollector:
                                 .values_list("vm__name", "vm__agent", F("throughput_bps"))):
             throughput.add_metric([vm, agent], rate)
         yield throughput
+        yield from _agent_metrics()
+
+
+def _agent_metrics():
+    """Per agent, one series each (agents are records: bounded): its state,
+    seconds since its API last answered, copies running and their bytes/s."""
+    from replication.choices import DiskStatus
+    from replication.models import Agent, VMDisk
+
+    now = timezone.now()
+    records = list(Agent.objects.values_list("name", "state", "last_seen_at"))
+    copies = {agent: (n, rate or 0) for agent, n, rate in
+              VMDisk.objects.filter(status=DiskStatus.COPYING).values_list("job__vm__agent")
+              .annotate(n=Count("id"), rate=Sum("throughput_bps")).order_by()}
+    state = GaugeMetricFamily("oma_agent_state", "Each agent's state (1 for the state it is in)",
+                              labels=["agent", "state"])
+    seen = GaugeMetricFamily("oma_agent_last_seen_seconds",
+                             "Seconds since each agent's progress API last answered (NaN: never)", labels=["agent"])
+    running = GaugeMetricFamily("oma_agent_copies_running", "Disk copies each agent runs", labels=["agent"])
+    rate = GaugeMetricFamily("oma_agent_throughput_bytes_per_second", "Each agent's copy throughput, all disks",
+                             labels=["agent"])
+    for name, current, last_seen in records:
+        state.add_metric([name, current], 1)
+        seen.add_metric([name], float("nan") if last_seen is None else max(0.0, (now - last_seen).total_seconds()))
+    for name in sorted({name for name, _, _ in records} | set(copies)):
+        n, bps = copies.get(name, (0, 0))
+        running.add_metric([name], n)
+        rate.add_metric([name], bps)
+    yield from (state, seen, running, rate)
 
 
 REGISTRY = CollectorRegistry(auto_describe=False)

@@ -29,7 +29,7 @@ VM_PROPERTIES = [
     "name", "config.uuid", "config.hardware.device", "config.changeTrackingEnabled", "config.firmware",
     "config.guestId", "config.guestFullName", "runtime.powerState", "snapshot", "config.hardware.numCPU",
     "config.hardware.memoryMB", "config.bootOptions", "guest.toolsRunningStatus", "guest.toolsStatus",
-    "guest.toolsVersionStatus2", "guest.net",
+    "guest.toolsVersionStatus2", "guest.net", "runtime.host",
 ]
 # What replication does to a VM: CBT, snapshots, and reading its disks (VDDK).
 REQUIRED_PRIVILEGES = (
@@ -127,6 +127,7 @@ class VMInfo:
     boot_disk_key: int | None = None  # the disk the VM's boot order names first, if it names one
     tools_running_status: str = ""  # guest.toolsRunningStatus
     tools_installed: bool = True  # False when vCenter says VMware Tools is not installed
+    esxi_host: str = ""  # the name of the ESXi host it runs on (runtime.host); "": unknown
 
     def boot_order(self) -> list[DiskInfo]:
         """The disks in boot order: the one the boot options name first,
@@ -319,8 +320,10 @@ class VSphereClient:
     def inventory(self, names: list[str] | None = None) -> list[VMInfo]:
         """Every VM (or the named ones), each with its disks, NICs and snapshots."""
         try:
-            found = [self._vm_info(obj, props) for obj, props in self._all_vms(VM_PROPERTIES)
-                     if names is None or props.get("name") in names]
+            wanted = [(obj, props) for obj, props in self._all_vms(VM_PROPERTIES)
+                      if names is None or props.get("name") in names]
+            hosts = self._host_names([props.get("runtime.host") for _, props in wanted])
+            found = [self._vm_info(obj, props, hosts) for obj, props in wanted]
         except vmodl.MethodFault as exc:
             raise VSphereError(f"reading the inventory failed: {_fault_text(exc)}") from None
         if names is not None:
@@ -331,15 +334,23 @@ class VSphereClient:
 
     def vm_info(self, moref: str) -> VMInfo:
         try:
-            return self._vm_info(self.vm_ref(moref), self._props_of(self.vm_ref(moref), vim.VirtualMachine,
-                                                                   VM_PROPERTIES))
+            props = self._props_of(self.vm_ref(moref), vim.VirtualMachine, VM_PROPERTIES)
+            return self._vm_info(self.vm_ref(moref), props, self._host_names([props.get("runtime.host")]))
         except vmodl.fault.ManagedObjectNotFound:
             raise VSphereError(f"VM {moref} no longer exists on vCenter {self.connection.host}") from None
         except vmodl.MethodFault as exc:
             raise VSphereError(f"reading VM {moref} failed: {_fault_text(exc)}") from None
 
+    def _host_names(self, refs: list) -> dict[str, str]:
+        """The names of these HostSystems by moref, in one round trip."""
+        unique = {ref._moId: ref for ref in refs if ref is not None}
+        if not unique:
+            return {}
+        specs = [vmodl.query.PropertyCollector.ObjectSpec(obj=ref, skip=False) for ref in unique.values()]
+        return {obj._moId: props.get("name", "") for obj, props in self._retrieve(specs, vim.HostSystem, ["name"])}
+
     @staticmethod
-    def _vm_info(obj, props: dict) -> VMInfo:
+    def _vm_info(obj, props: dict, hosts: dict[str, str] | None = None) -> VMInfo:
         devices = props.get("config.hardware.device") or []
         snapshots: list[SnapshotInfo] = []
         tree = props.get("snapshot")
@@ -374,6 +385,7 @@ class VSphereClient:
             tools_running_status=str(props.get("guest.toolsRunningStatus") or ""),
             tools_installed="NotInstalled" not in (f"{props.get('guest.toolsStatus') or ''} "
                                                    f"{props.get('guest.toolsVersionStatus2') or ''}"),
+            esxi_host=(hosts or {}).get(getattr(props.get("runtime.host"), "_moId", None), ""),
         )
         boot_disks = info.boot_order()
         if boot_disks:

@@ -97,6 +97,14 @@ class Admission(StateMachine):
     def decide(self, status: str, *, job=None, note: str = "") -> bool:
         return self.transition(status, job=job, note=note[:500], decided_at=timezone.now())
 
+    def still_waits(self, why: str) -> bool:
+        """It keeps waiting, for this reason (written only when the reason changes)."""
+        why = why[:500]
+        if self.note == why:
+            return False
+        self.note = why
+        return bool(type(self).objects.filter(pk=self.pk, status=AdmissionStatus.WAITING).update(note=why))
+
     @classmethod
     def drop_waiting(cls, vm, note: str) -> int:
         """The VM left its group: its waits end unanswered."""

@@ -6,10 +6,13 @@ configuration)."""
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from django.conf import settings
+from django.utils import timezone
 
+from replication.choices import AgentState
 from replication.models import Agent
 from vma_agent.client import ProgressClient
 
@@ -60,4 +63,46 @@ def client(agent: Agent) -> ProgressClient:
                           keep_alive=settings.VMA_HTTP_KEEPALIVE)
 
 
-__all__ = ["LOCAL", "AgentError", "api_token", "api_url", "client", "get", "of_vm"]
+# --- health and limits ([limits] part of issue 30) --------------------------------
+
+_REFUSALS = {
+    AgentState.PAUSED: "agent {name} is paused: new cycles wait until it is resumed",
+    AgentState.DRAINING: "agent {name} is draining: it finishes its running copies and takes no new cycle",
+    AgentState.PENDING: "agent {name} awaits approval: no cycle before it is approved",
+    AgentState.REJECTED: "agent {name} was rejected: it takes no work",
+    AgentState.REVOKED: "agent {name} is revoked: it takes no work",
+}
+
+
+def work_refusal(agent: Agent) -> str | None:
+    """Why the agent takes no new cycle now; None when it takes work."""
+    if agent.takes_work:
+        return None
+    return _REFUSALS.get(agent.state, "agent {name} is {state}: it takes no new cycle").format(
+        name=agent.name, state=agent.state)
+
+
+def silent_after() -> timedelta:
+    return timedelta(seconds=settings.AGENT_SILENT_AFTER_S)
+
+
+def is_silent(agent: Agent, now: datetime) -> bool:
+    return agent.last_seen_at is not None and agent.last_seen_at < now - silent_after()
+
+
+def silent(now: datetime) -> list[Agent]:
+    """Agents whose API answered once and not for AGENT_SILENT_AFTER_S since
+    (one never seen has not gone silent: its copies' own heartbeats judge them)."""
+    return list(Agent.objects.filter(last_seen_at__lt=now - silent_after()))
+
+
+def seen(agent: Agent, version: str = "", now: datetime | None = None) -> None:
+    """Its API answered (the poller says so): its health, one writer."""
+    fields = {"last_seen_at": now or timezone.now(), "last_error": ""}
+    if version:
+        fields["version"] = version[:50]
+    Agent.objects.filter(pk=agent.pk).update(**fields)
+
+
+__all__ = ["LOCAL", "AgentError", "api_token", "api_url", "client", "get", "is_silent", "of_vm", "seen", "silent",
+           "work_refusal"]

@@ -17,6 +17,7 @@ from django.utils import timezone
 from replication import dispatch, signals
 from replication.choices import FAILOVER_OPEN, DiskStatus, FailoverKind, JobStatus, SourceKind, Stage, SyncType, VMState
 from replication.models import (
+    Agent,
     CopyAttempt,
     FailoverJob,
     IllegalMove,
@@ -28,7 +29,7 @@ from replication.models import (
     VMDisk,
 )
 from replication.platforms import on_cloudstack
-from replication.services import orders, points, vmware, volumes
+from replication.services import agents, orders, points, vmware, volumes
 from vma_agent import task_names
 from vma_agent import vmware as vsphere
 from vma_agent.contract import DiskCopied, FrozenDisk, SnapshotRemoved, SourcePrepared
@@ -39,6 +40,15 @@ log = logging.getLogger(__name__)
 
 class ReplicationError(Exception):
     """A replication cannot start; the message is the reason."""
+
+
+def _check_agent(vm: VirtualMachine, for_failover) -> None:
+    """A cycle needs an agent that takes work; a live failover's own last cycle goes on."""
+    if for_failover is not None:
+        return
+    agent = Agent.objects.filter(name=vm.agent).first()  # none recorded: as before agents were records
+    if agent is not None and (refusal := agents.work_refusal(agent)):
+        raise ReplicationError(f"VM {vm.name}: {refusal}")
 
 
 def start_replication(vm: VirtualMachine, sync_type: str = SyncType.FULL, *, verify: bool = False,
@@ -61,6 +71,7 @@ def start_replication(vm: VirtualMachine, sync_type: str = SyncType.FULL, *, ver
     if unknown:
         raise ReplicationError(f"unknown preflight override {', '.join(unknown)}; known: "
                                f"{', '.join(vmware.OVERRIDES)}")
+    _check_agent(vm, for_failover)
     with transaction.atomic():
         # Lock the VM row so two starts for one VM cannot both pass the check.
         vm = VirtualMachine.objects.select_for_update().get(pk=vm.pk)

@@ -339,6 +339,7 @@ def poll_once(now: datetime | None = None) -> PassStats:
     if jobs:
         current = now or timezone.now()
         results, feed_requests = fetch_all(jobs)
+        _agents_answered(jobs, results, current)
         applying = time.monotonic()
         stats.requests = feed_requests + sum(fetched.requests for _, fetched in results)
         for start in range(0, len(results), APPLY_BATCH_JOBS):
@@ -352,6 +353,22 @@ def poll_once(now: datetime | None = None) -> PassStats:
     stats.seconds = time.monotonic() - started
     _record_pass()
     return stats
+
+
+def _agents_answered(jobs: list[ReplicationJob], results: list[tuple[ReplicationJob, Fetched]],
+                     now: datetime) -> None:
+    """The agents of the polled jobs answered (their health: last seen, for
+    the reaper's silent-agent judgement), or did not (the error, kept).
+    One progress API serves them all in this poller; one UPDATE a pass."""
+    from replication.models import Agent, VirtualMachine
+
+    named = Agent.objects.filter(name__in=VirtualMachine.objects.filter(pk__in={job.vm_id for job in jobs})
+                                 .values("agent"))
+    errors = [fetched.error for _, fetched in results if fetched.error is not None]
+    if len(errors) < len(results):
+        named.update(last_seen_at=now, last_error="")
+    else:
+        named.update(last_error=errors[0][:500])
 
 
 def _record_pass() -> None:

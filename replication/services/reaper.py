@@ -14,6 +14,11 @@ Its thresholds (settings):
 - REAPER_TIMEOUT_S: a running job with no sign of life at all (no step of
   the OMA, no copy) for this long fails; a lost finalize is queued again.
 - REAPER_PENDING_TIMEOUT_S: a job that never started fails.
+- AGENT_SILENT_AFTER_S: an agent whose API has not answered the poller for
+  this long (Agent.last_seen_at) is silent: its running copies are judged
+  lost, its running jobs fail and its VMs are flagged with the reason;
+  nothing of any other agent stops. Judged only while the poller itself
+  runs (a stopped poller makes every agent look silent).
 Nothing is judged until the database has been up HEARTBEAT_TIMEOUT_S: after
 a restart every heartbeat looks old."""
 
@@ -28,8 +33,8 @@ from django.utils import timezone
 
 from replication import dispatch
 from replication.choices import JOB_TERMINAL, DiskStatus, JobStatus
-from replication.models import CopyAttempt, JobEvent, ReplicationJob, VMDisk, database_up_since
-from replication.services import failover, sweeper
+from replication.models import CopyAttempt, JobEvent, ReplicationJob, VirtualMachine, VMDisk, database_up_since
+from replication.services import agents, failover, progress, sweeper
 from replication.services import jobs as job_service
 from replication.services.broker import WaitingTasks
 from vma_agent import task_names
@@ -46,6 +51,7 @@ class Reaped:
     disks_requeued: list[int] = field(default_factory=list)
     swept: list[str] = field(default_factory=list)
     failovers_failed: list[int] = field(default_factory=list)
+    agents_silent: list[str] = field(default_factory=list)
 
 
 def reap(now: datetime | None = None) -> Reaped:
@@ -57,6 +63,7 @@ def reap(now: datetime | None = None) -> Reaped:
         log.info("database up since %s: nothing is judged until %s s after its start", up_since,
                  settings.HEARTBEAT_TIMEOUT_S)
     else:
+        _judge_silent_agents(now, result)
         _fail_silent_jobs(now, copies_stale, result)
         _hand_over_lost_copies(now, copies_stale, result)
         # Copies whose job already ended and whose agent never said they stopped.
@@ -71,6 +78,32 @@ def reap(now: datetime | None = None) -> Reaped:
     result.failovers_failed = failover.reap_failovers(now)
     result.swept = sweeper.sweep()
     return result
+
+
+def _judge_silent_agents(now: datetime, result: Reaped) -> None:
+    """An agent silent past AGENT_SILENT_AFTER_S: its runs cannot report,
+    and a new run would go to the same silent agent; they are lost, their
+    jobs fail, their VMs are flagged. Only that agent's."""
+    lag = progress.poller_lag_s(now)
+    if lag is None or lag > settings.AGENT_SILENT_AFTER_S:
+        return  # the poller is the one that is silent: nobody asked the agents
+    running = (JobStatus.PREPARING, JobStatus.REPLICATING, JobStatus.FINALIZING)
+    for agent in agents.silent(now):
+        quiet = (now - agent.last_seen_at).total_seconds()
+        reason = (f"agent {agent.name} silent for {quiet:.0f} s (its API has not answered; AGENT_SILENT_AFTER_S "
+                  f"{settings.AGENT_SILENT_AFTER_S:.0f}): its run is judged lost")
+        # A job younger than the threshold has not had the time to be seen.
+        jobs = list(ReplicationJob.objects.filter(status__in=running, vm__agent=agent.name,
+                                                  created_at__lt=now - agents.silent_after()))
+        if jobs:
+            result.agents_silent.append(agent.name)
+        for job in jobs:
+            for disk in job.disks.filter(status=DiskStatus.COPYING):
+                if disk.fail(reason):
+                    disk.end_attempt(disk.attempts, CopyAttempt.Outcome.LOST, reason=reason)
+                    result.disks_failed.append(disk.pk)
+            _fail(job, reason, result)
+            VirtualMachine.objects.filter(pk=job.vm_id).update(protection_flag=f"{job.id}: {reason}"[:500])
 
 
 def _hand_over_lost_copies(now: datetime, stale: datetime, result: Reaped) -> None:

@@ -1,7 +1,11 @@
 """Scheduled protection: groups come due on their schedule (django-celery-
 beat fires replication.group_due), their VMs queue for a slot, and
-admission starts cycles within each group's limit and each agent's
-(AGENT_MAX_VMS, AGENT_MAX_DISKS), oldest recovery point first. A VM whose
+admission starts cycles within each group's limit, each agent's (its
+record's max_vms/max_disks, else AGENT_MAX_VMS/AGENT_MAX_DISKS) and each
+ESXi host's (the agent's max_per_host, else AGENT_MAX_PER_HOST: snapshots
+and NBD sessions are the host's resources), oldest recovery point first,
+and only on agents that take work (active; a paused, draining, pending or
+revoked agent's VMs wait, the reason on their admission). A VM whose
 cycle still runs is skipped, not doubled; a failed scheduled cycle is
 retried with backoff, and after the last retry the VM is flagged.
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from datetime import timedelta
 
 import redis
@@ -32,7 +37,7 @@ from replication.choices import (
     SourceKind,
     SyncType,
 )
-from replication.models import Admission, ProtectionGroup, ReplicationJob, SourceDisk, VirtualMachine, VMDisk
+from replication.models import Admission, Agent, ProtectionGroup, ReplicationJob, SourceDisk, VirtualMachine, VMDisk
 from vma_agent import task_names
 
 log = logging.getLogger(__name__)
@@ -228,16 +233,33 @@ def _admit_pass() -> list[ReplicationJob]:
     now = timezone.now()
     running = Counter(ReplicationJob.objects.filter(status__in=JOB_ACTIVE, vm__group__isnull=False)
                       .values_list("vm__group_id", flat=True))
-    agent_vms = Counter(ReplicationJob.objects.filter(status__in=JOB_ACTIVE).values_list("vm__agent", flat=True))
+    in_flight = list(ReplicationJob.objects.filter(status__in=JOB_ACTIVE).values_list("vm__agent", "vm__esxi_host"))
+    agent_vms = Counter(agent for agent, _ in in_flight)
+    host_vms = Counter((agent, host) for agent, host in in_flight if host)
     agent_disks = Counter(VMDisk.objects.filter(job__status__in=JOB_ACTIVE).exclude(status__in=DISK_TERMINAL)
                           .values_list("job__vm__agent", flat=True))
+    queue = list(waiting_queue())
+    limits = _agent_limits({entry.vm.agent for entry in queue})
     started = []
-    for entry in waiting_queue():
+    for entry in queue:
         vm, group = entry.vm, entry.group
         if entry.not_before > now or running[group.pk] >= group.max_concurrent:
             continue
         disks = entry.disk_count or 0
-        if agent_vms[vm.agent] >= settings.AGENT_MAX_VMS or agent_disks[vm.agent] + disks > settings.AGENT_MAX_DISKS:
+        limit = limits[vm.agent]
+        host = (vm.agent, vm.esxi_host)
+        if limit.refusal:
+            entry.still_waits(limit.refusal)
+            continue
+        if agent_vms[vm.agent] >= limit.vms:
+            entry.still_waits(f"agent {vm.agent} runs {agent_vms[vm.agent]} VMs, its limit")
+            continue
+        if agent_disks[vm.agent] + disks > limit.disks:
+            entry.still_waits(f"agent {vm.agent} copies {agent_disks[vm.agent]} disks of its {limit.disks}; "
+                              f"this VM has {disks}")
+            continue
+        if vm.esxi_host and host_vms[host] >= limit.per_host:
+            entry.still_waits(f"ESXi host {vm.esxi_host} has {host_vms[host]} VMs in flight, its limit")
             continue
         try:
             job = start_replication(vm, _sync_type(vm), actor=f"schedule of group {group.name}")
@@ -250,8 +272,40 @@ def _admit_pass() -> list[ReplicationJob]:
         running[group.pk] += 1
         agent_vms[vm.agent] += 1
         agent_disks[vm.agent] += disks
+        if vm.esxi_host:
+            host_vms[host] += 1
         started.append(job)
     return started
+
+
+@dataclass
+class AgentLimits:
+    vms: int
+    disks: int
+    per_host: int
+    refusal: str = ""  # why it takes no new cycle; "": it does
+
+
+def _agent_limits(names: set[str]) -> dict[str, AgentLimits]:
+    """Each named agent's limits (its record's, else the settings') and
+    whether it takes new cycles; one query for all of them."""
+    from replication.services import agents
+
+    records = {agent.name: agent for agent in Agent.objects.filter(name__in=names)}
+    if agents.LOCAL in names and agents.LOCAL not in records:
+        records[agents.LOCAL] = agents.get(agents.LOCAL)
+    limits = {}
+    for name in names:
+        agent = records.get(name)
+        if agent is None:  # none recorded (yet): the settings' limits, as before agents were records
+            limits[name] = AgentLimits(settings.AGENT_MAX_VMS, settings.AGENT_MAX_DISKS, settings.AGENT_MAX_PER_HOST)
+            continue
+        limits[name] = AgentLimits(
+            vms=settings.AGENT_MAX_VMS if agent.max_vms is None else agent.max_vms,
+            disks=settings.AGENT_MAX_DISKS if agent.max_disks is None else agent.max_disks,
+            per_host=settings.AGENT_MAX_PER_HOST if agent.max_per_host is None else agent.max_per_host,
+            refusal=agents.work_refusal(agent) or "")
+    return limits
 
 
 def _sync_type(vm: VirtualMachine) -> str:

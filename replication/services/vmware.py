@@ -152,7 +152,8 @@ def _record_vm(vcenter: VCenter, info: vmware.VMInfo, agent: str, actor: str = "
         raise VCenterConfigError(f"VM {info.name} ({info.moref}) clashes with the recorded VM {clash.name} "
                                  f"({clash.source_kind} {clash.moref or ''}); rename one of them")
     found = dict(name=info.name, source_kind=SourceKind.VMWARE, vm_uuid=info.uuid, cbt_enabled=info.cbt_enabled,
-                 power_state=info.power_state, **hardware_fields(_shape_keeping_ips(vcenter, info)),
+                 power_state=info.power_state, esxi_host=info.esxi_host,
+                 **hardware_fields(_shape_keeping_ips(vcenter, info)),
                  snapshots=[{"name": s.name, "moref": s.moref} for s in info.snapshots],
                  discovered_at=timezone.now())
     # A rediscovery keeps the agent the operator chose.
