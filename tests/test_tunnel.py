@@ -22,7 +22,7 @@ from django.conf import settings
 from replication.models import Agent
 from replication.services import agents as agent_service
 from replication.services import tunnels
-from tests.helpers import PROJECT_ROOT, free_port, wait_until
+from tests.helpers import PROJECT_ROOT, MiB, free_port, make_image, sha256, wait_until
 from vma_agent.client import ProgressUnavailable
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db]
@@ -261,3 +261,37 @@ def test_bad_keys_and_bad_forwards_are_refused_with_the_reason(tmp_path):
                           "--remote-port", "20000", "--api-port", "8000", "--forward", "5672"],
                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "'5672' is not LOCAL_PORT:[HOST:]PORT" in out.stderr
+
+
+def test_the_agent_writes_the_oma_export_through_its_tunnel(tmp_path, keepers, tunnel_settings):
+    """The NBD data path, outbound only: the agent's NBD client writes the
+    OMA's export (nbdkit on 127.0.0.1 at the OMA) through the tunnel's local
+    forward, which the OMA permits for that port only; the target is
+    sha256-equal to the source."""
+    export_port = free_port()
+    tunnel_settings.AGENT_TUNNEL_PERMIT_OPEN = ["127.0.0.1:6379", f"127.0.0.1:{export_port}"]
+    volumes = tmp_path / "oma-volumes"
+    volumes.mkdir()
+    target = volumes / "migration-vol-1"
+    target.write_bytes(b"")
+    os.truncate(target, 8 * MiB)
+    source = make_image(tmp_path / "source.img", 8 * MiB, [(0, MiB), (5 * MiB, 512 * 1024)], seed=7)
+    # Only the OMA's side listens on the export port: the agent's end of the
+    # forward needs its own number here, as both sides share this host.
+    agent_port = free_port()
+    export = subprocess.Popen(["nbdkit", "-f", "--ipaddr", "127.0.0.1", "--port", str(export_port), "file",
+                               f"dir={volumes}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: listeners(export_port), 30, "the OMA's export server")
+        agent, key = new_agent(tmp_path, "site-h")
+        spec = tunnels.open_tunnel_for(agent)
+        assert f"127.0.0.1:{export_port}" in spec["forwards"]
+        keepers(tmp_path, agent, key, 8000, extra=["--forward", f"{agent_port}:{export_port}"])
+        wait_until(lambda: listeners(agent_port), TUNNEL_UP_TIMEOUT_S, "the agent's end of the export forward")
+        out = subprocess.run(["nbdcopy", str(source), f"nbd://127.0.0.1:{agent_port}/migration-vol-1"],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert sha256(target) == sha256(source)
+    finally:
+        export.terminate()
+        export.wait(30)
