@@ -242,6 +242,8 @@ def test_a_revoked_agents_session_ends_and_its_tunnel_is_refused(vma_server, tmp
     wait_until(lambda: "Permission denied (publickey)" in keeper.log(), TUNNEL_UP_TIMEOUT_S,
                "the keeper's re-open refused")
     assert progress_through(agent, job_id) is None
+    assert tunnels.close_tunnel_for(other) is False  # no session open: only its line goes
+    assert "oma-agent:site-f" not in tunnels.authorized_keys_path().read_text()
 
 
 def test_bad_keys_and_bad_forwards_are_refused_with_the_reason(tmp_path):

@@ -180,14 +180,22 @@ def close_tunnel_for(agent: Agent) -> bool:
 def _end_session(port: int) -> bool:
     """End the sshd session that listens on 127.0.0.1:port (the agent's
     reverse forward): its per-connection sshd process is the listener."""
-    out = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True, timeout=10)
+    out = subprocess.run(["ss", "-ltnpH", f"src 127.0.0.1:{port}"], capture_output=True, text=True, timeout=10)
+    if not out.stdout.strip():
+        return False  # no session open
     pids = {int(pid) for pid in re.findall(r'\("sshd",pid=(\d+),', out.stdout)}
+    if not pids:
+        raise TunnelError(f"its key is removed, but the session listening on 127.0.0.1:{port} is not an sshd "
+                          "this process may see (ss shows no owner): end it as root")
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-    return bool(pids)
+        except PermissionError:
+            raise TunnelError(f"its key is removed, but its open session (sshd pid {pid}) may not be ended by "
+                              "this user: run the OMA's revocation as root or as the agents' sshd user") from None
+    return True
 
 
 def tunnel_spec(agent: Agent) -> dict:
