@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -297,3 +298,43 @@ def test_the_agent_writes_the_oma_export_through_its_tunnel(tmp_path, keepers, t
     finally:
         export.terminate()
         export.wait(30)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_replication_whose_agent_reaches_the_broker_only_through_its_tunnel(celery_worker_process, vcenter,
+                                                                                tmp_path, keepers):
+    """A full VMware cycle whose agent worker knows the broker only as its
+    end of the tunnel (127.0.0.1:<local forward>): its work order arrives,
+    and its outcome goes back, through the one SSH connection; the
+    replica is sha256-equal to the source."""
+    from replication.choices import JobStatus
+    from replication.services import vmware as vmware_service
+    from replication.services.jobs import start_replication
+    from simulators.vcenter import fill_image, vm_spec
+    from tests.helpers import replica_sha256, start_worker, stop_worker, wait_for_job
+
+    agent, key = new_agent(tmp_path, "site-tunnel")
+    tunnels.open_tunnel_for(agent)
+    broker_port = free_port()
+    keepers(tmp_path, agent, key, int(settings.VMA_URL.rsplit(":", 1)[1]),
+            extra=["--forward", f"{broker_port}:6379"])
+    wait_until(lambda: listeners(broker_port), TUNNEL_UP_TIMEOUT_S, "the agent's end of the broker forward")
+    db = urlsplit(settings.CELERY_BROKER_URL).path  # the test's Redis database, e.g. /14
+    broker = f"redis://127.0.0.1:{broker_port}{db}"
+
+    sim, record = vcenter(vm_spec("tunnel01", capacities=[16 * MiB]), name="vc-tunnel")
+    live = sim.vms["tunnel01"]["disks"]["2000"]
+    fill_image(live, [(0, 3 * MiB), (9 * MiB, MiB)], seed=61)
+    (vm,) = vmware_service.discover(record, ["tunnel01"], agent=agent.name)
+    worker = start_worker("agent", "agent-tunnel", extra_env={"VMA_AGENT_NAME": agent.name,
+                                                              "TEST_CELERY_BROKER_URL": broker})
+    try:
+        job = wait_for_job(start_replication(vm).id, timeout=180)
+        assert job.status == JobStatus.COMPLETED, job.error_message
+        (disk,) = job.disks.all()
+        assert replica_sha256(disk) == sha256(live)
+    finally:
+        stop_worker(worker)
+    # The agent's worker connected to its end of the tunnel, never to the OMA's broker port.
+    log = worker.log_path.read_text(errors="replace")
+    assert re.search(rf"Connected to redis://\S*127\.0\.0\.1:{broker_port}/", log), log[-2000:]
