@@ -412,6 +412,18 @@ AGENT_MAX_PER_HOST = env.int("AGENT_MAX_PER_HOST", default=4)
 # An agent whose API has not answered the poller for this long is silent: the
 # reaper judges its running copies lost and flags its VMs (nothing else stops).
 AGENT_SILENT_AFTER_S = env.float("AGENT_SILENT_AFTER_S", default=300.0)
+# Agents behind a firewall (services.tunnels): each enrolled agent opens one
+# SSH connection to the OMA's own sshd for agents (scripts/lib.sh
+# ensure_agent_sshd; 443 in production, never the system sshd) and through it a
+# reverse forward of its progress API to 127.0.0.1:<a port of
+# AGENT_TUNNEL_PORTS> here, and local forwards to the broker and the NBD export
+# (the host:port pairs of AGENT_TUNNEL_PERMIT_OPEN; empty: the broker's port
+# and OMA_EXPORT_LISTEN's, on 127.0.0.1).
+AGENT_SSH_DIR = Path(env("AGENT_SSH_DIR", default=str(VAR_DIR / "agent-ssh")))
+AGENT_SSH_PORT = env.int("AGENT_SSH_PORT", default=2222)
+AGENT_SSH_USER = env("AGENT_SSH_USER", default="oma-agents")
+AGENT_TUNNEL_PORTS = env("AGENT_TUNNEL_PORTS", default="20000-20999")
+AGENT_TUNNEL_PERMIT_OPEN = env.list("AGENT_TUNNEL_PERMIT_OPEN", default=[])
 CELERY_BEAT_SCHEDULE = {
     "reap-stale": {
         "task": "replication.reap_stale",

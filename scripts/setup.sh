@@ -21,7 +21,9 @@ APT_PACKAGES=(nbdkit libnbd-bin python3-libnbd qemu-utils redis-server
               ovmf swtpm swtpm-tools tesseract-ocr tesseract-ocr-eng dnsmasq-base
               systemd-boot-efi
               # a Secure Boot test guest: Debian's signed shim and grub
-              shim-signed grub-efi-amd64-signed)
+              shim-signed grub-efi-amd64-signed
+              # the agents' outbound tunnels end at the OMA's own sshd for agents
+              openssh-server)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -1,0 +1,340 @@
+"""Agents behind a firewall: the outbound tunnel, with a real sshd (the
+OMA's own sshd for agents, started by scripts/lib.sh ensure_agent_sshd) and
+real ssh (the agent's tunnel keeper, python -m vma_agent.tunnel). Both ends
+are on this host: the agent's API listens on 127.0.0.1 only, and the OMA
+reads it at its tunnel port, which only the agent's reverse forward opens."""
+
+import base64
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+from django.conf import settings
+
+from replication.models import Agent
+from replication.services import agents as agent_service
+from replication.services import tunnels
+from tests.helpers import PROJECT_ROOT, MiB, free_port, make_image, sha256, wait_until
+from vma_agent.client import ProgressUnavailable
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db]
+
+TUNNEL_UP_TIMEOUT_S = 30
+
+
+@pytest.fixture(scope="module")
+def agent_sshd():
+    """The OMA's sshd for agents, as scripts/lib.sh starts it, on a free port
+    with its own directory."""
+    directory = Path(settings.TEST_ROOT) / f"agent-ssh-{secrets.token_hex(3)}"
+    port = free_port()
+    env = {**os.environ, "AGENT_SSH_DIR": str(directory), "AGENT_SSH_PORT": str(port),
+           "AGENT_SSH_LISTEN": "127.0.0.1"}
+    out = subprocess.run(["bash", "-c", "source scripts/lib.sh && ensure_agent_sshd"], cwd=PROJECT_ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"the agents' sshd did not start: {out.stdout}{out.stderr}"
+    yield directory, port
+    pid = int((directory / "sshd.pid").read_text())
+    os.kill(pid, signal.SIGTERM)
+
+
+@pytest.fixture(autouse=True)
+def tunnel_settings(settings, agent_sshd):
+    directory, port = agent_sshd
+    low = free_port()
+    settings.AGENT_SSH_DIR = directory
+    settings.AGENT_SSH_PORT = port
+    settings.AGENT_TUNNEL_PORTS = f"{low}-{min(low + 20, 65535)}"
+    # The broker, and MariaDB standing for a port an agent may NOT open.
+    settings.AGENT_TUNNEL_PERMIT_OPEN = ["127.0.0.1:6379"]
+    return settings
+
+
+def new_agent(tmp_path, name) -> tuple[Agent, Path]:
+    key = tmp_path / f"{name}_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{name}@site", "-f", str(key)], check=True)
+    agent = Agent.objects.create(name=name, public_key=key.with_suffix(".pub").read_text())
+    return agent, key
+
+
+class KeeperProcess:
+    """python -m vma_agent.tunnel in its own process, its log in a file."""
+
+    def __init__(self, tmp_path, agent, key, api_port, remote_port=None, extra=()):
+        self.log_path = tmp_path / f"tunnel-{agent.name}-{secrets.token_hex(2)}.log"
+        command = [sys.executable, "-m", "vma_agent.tunnel", "--oma-host", "127.0.0.1",
+                   "--ssh-port", str(settings.AGENT_SSH_PORT), "--user", settings.AGENT_SSH_USER,
+                   "--key", str(key), "--remote-port", str(remote_port or agent.tunnel_port),
+                   "--api-port", str(api_port), "--backoff-min", "0.2", "--backoff-max", "1", *extra]
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def ssh_pid(self) -> int | None:
+        """The ssh it runs now (its child), if any."""
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the tunnel keeper exited:\n{self.log()}")
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        return int(children[0]) if children else None
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def keepers():
+    started = []
+
+    def start(*args, **kwargs):
+        started.append(KeeperProcess(*args, **kwargs))
+        return started[-1]
+
+    yield start
+    for keeper in started:
+        keeper.stop()
+
+
+def post_progress(api_url, job_id, done):
+    body = {"stage": "Transfer", "status": "in_progress", "seq": done, "bytes_transferred": done,
+            "total_bytes": 1000, "percent": done / 10, "throughput_bps": 10, "job_id": job_id, "disk_id": "disk-1"}
+    response = requests.post(f"{api_url}/api/v1/progress/{job_id}/update", data=json.dumps(body), timeout=10,
+                             headers={"Content-Type": "application/json",
+                                      "Authorization": f"Bearer {settings.VMA_TOKEN}"})
+    assert response.status_code == 200, response.text
+
+
+def progress_through(agent, job_id):
+    """What the OMA's client of this agent reads, or None while it cannot."""
+    try:
+        return agent_service.client(agent).get(job_id)
+    except ProgressUnavailable:
+        return None
+
+
+def done(record) -> int | None:
+    return record["disks"]["disk-1"]["bytes_transferred"] if record else None
+
+
+def listeners(port) -> str:
+    return subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+
+
+def new_job_id():
+    return f"job-20261207-150000.000-{secrets.token_hex(3)}"
+
+
+def test_the_oma_reads_an_agents_progress_only_through_its_tunnel(vma_server, tmp_path, keepers):
+    api_port = int(vma_server.rsplit(":", 1)[1])
+    # The agent's API listens on loopback only: nothing off this host reaches it.
+    assert re.search(rf"127\.0\.0\.1:{api_port}\b", listeners(api_port))
+    assert not re.search(rf"(0\.0\.0\.0|\*|\[::\]):{api_port}\b", listeners(api_port))
+
+    agent, key = new_agent(tmp_path, "site-a")
+    spec = tunnels.open_tunnel_for(agent)
+    agent.refresh_from_db()
+    assert agent.channel == Agent.Channel.TUNNEL and agent.tunnel_port == spec["remote_port"]
+    assert agent.api_url == f"http://127.0.0.1:{agent.tunnel_port}" and agent.tunnel_port != api_port
+    line = tunnels.authorized_keys_path().read_text()
+    assert f'permitlisten="127.0.0.1:{agent.tunnel_port}"' in line and line.rstrip().endswith("oma-agent:site-a")
+
+    job_id = new_job_id()
+    post_progress(vma_server, job_id, 250)  # the agent's copy loop, on its own host
+    assert progress_through(agent, job_id) is None  # no tunnel yet: the OMA has no way in
+
+    broker_port = free_port()
+    keeper = keepers(tmp_path, agent, key, api_port, extra=["--forward", f"{broker_port}:6379"])
+    record = wait_until(lambda: progress_through(agent, job_id), TUNNEL_UP_TIMEOUT_S, "progress through the tunnel")
+    assert done(record) == 250
+    # The same connection carries the agent's way to the broker (local forward).
+    ping = subprocess.run(["redis-cli", "-p", str(broker_port), "ping"], capture_output=True, text=True, timeout=30)
+    assert ping.stdout.strip() == "PONG"
+    assert "tunnel opening to oma-agents@127.0.0.1" in keeper.log()
+
+
+def test_a_killed_tunnel_is_reopened_by_itself_and_progress_flows_again(vma_server, tmp_path, keepers):
+    api_port = int(vma_server.rsplit(":", 1)[1])
+    agent, key = new_agent(tmp_path, "site-b")
+    tunnels.open_tunnel_for(agent)
+    job_id = new_job_id()
+    post_progress(vma_server, job_id, 100)
+    keeper = keepers(tmp_path, agent, key, api_port)
+    wait_until(lambda: progress_through(agent, job_id), TUNNEL_UP_TIMEOUT_S, "the tunnel")
+    first_ssh = keeper.ssh_pid()
+
+    os.kill(first_ssh, signal.SIGKILL)  # the connection drops
+    wait_until(lambda: progress_through(agent, job_id) is None, TUNNEL_UP_TIMEOUT_S, "the tunnel to drop")
+    post_progress(vma_server, job_id, 600)
+    wait_until(lambda: done(progress_through(agent, job_id)) == 600, TUNNEL_UP_TIMEOUT_S,
+               "progress through the re-opened tunnel")
+    assert keeper.ssh_pid() not in (None, first_ssh)
+    assert "tunnel closed after" in keeper.log() and "re-opening (attempt 2)" in keeper.log()
+
+    assert keeper.stop() == 0  # SIGTERM: a clean exit, its ssh ended with it
+    assert "tunnel keeper stopped" in keeper.log()
+    wait_until(lambda: not listeners(agent.tunnel_port), TUNNEL_UP_TIMEOUT_S, "the tunnel's end to close")
+
+
+def test_a_key_not_in_authorized_keys_is_refused(tmp_path):
+    stranger, key = new_agent(tmp_path, "stranger")  # a record, but never approved: no line
+    stranger.tunnel_port = free_port()
+    from vma_agent.tunnel import parse_args, ssh_command
+
+    command = ssh_command(parse_args(["--oma-host", "127.0.0.1", "--ssh-port", str(settings.AGENT_SSH_PORT),
+                                      "--key", str(key), "--remote-port", str(stranger.tunnel_port),
+                                      "--api-port", "8000"]))
+    out = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 255 and "Permission denied (publickey)" in out.stderr
+    assert not listeners(stranger.tunnel_port)
+
+
+def test_an_agent_may_listen_only_on_its_own_port_and_open_only_the_broker(tmp_path, keepers):
+    a, key_a = new_agent(tmp_path, "site-c")
+    b, _ = new_agent(tmp_path, "site-d")
+    tunnels.open_tunnel_for(a)
+    tunnels.open_tunnel_for(b)
+    assert a.tunnel_port != b.tunnel_port
+    from vma_agent.tunnel import parse_args, ssh_command
+
+    # A asks for B's port: the OMA refuses the forward and ssh gives up.
+    command = ssh_command(parse_args(["--oma-host", "127.0.0.1", "--ssh-port", str(settings.AGENT_SSH_PORT),
+                                      "--key", str(key_a), "--remote-port", str(b.tunnel_port),
+                                      "--api-port", "8000"]))
+    out = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 255 and f"remote port forwarding failed for listen port {b.tunnel_port}" in out.stderr
+    assert not listeners(b.tunnel_port)
+
+    # Its own port, with a local forward to MariaDB (not permitted): the
+    # tunnel stands, but that channel is refused (MariaDB would greet first).
+    sock_port = free_port()
+    keeper = keepers(tmp_path, a, key_a, 8000, extra=["--forward", f"{sock_port}:3306"])
+    wait_until(lambda: listeners(a.tunnel_port) and listeners(sock_port), TUNNEL_UP_TIMEOUT_S, "A's tunnel")
+    with socket.create_connection(("127.0.0.1", sock_port), timeout=10) as sock:
+        assert sock.recv(64) == b""
+    assert keeper.ssh_pid() is not None
+
+
+def test_a_revoked_agents_session_ends_and_its_tunnel_is_refused(vma_server, tmp_path, keepers):
+    api_port = int(vma_server.rsplit(":", 1)[1])
+    agent, key = new_agent(tmp_path, "site-e")
+    other, _ = new_agent(tmp_path, "site-f")
+    tunnels.open_tunnel_for(agent)
+    tunnels.open_tunnel_for(other)
+    job_id = new_job_id()
+    post_progress(vma_server, job_id, 300)
+    keeper = keepers(tmp_path, agent, key, api_port)
+    wait_until(lambda: progress_through(agent, job_id), TUNNEL_UP_TIMEOUT_S, "the tunnel")
+
+    assert tunnels.close_tunnel_for(agent) is True  # its open session was ended
+    lines = tunnels.authorized_keys_path().read_text()
+    assert "oma-agent:site-e" not in lines and "oma-agent:site-f" in lines  # the other agent keeps its line
+    wait_until(lambda: "Permission denied (publickey)" in keeper.log(), TUNNEL_UP_TIMEOUT_S,
+               "the keeper's re-open refused")
+    assert progress_through(agent, job_id) is None
+    assert tunnels.close_tunnel_for(other) is False  # no session open: only its line goes
+    assert "oma-agent:site-f" not in tunnels.authorized_keys_path().read_text()
+
+
+def test_bad_keys_and_bad_forwards_are_refused_with_the_reason(tmp_path):
+    agent = Agent.objects.create(name="site-g", public_key='command="sh" ssh-ed25519 AAAA x')
+    with pytest.raises(tunnels.TunnelError, match="not an OpenSSH public key"):
+        tunnels.open_tunnel_for(agent)
+    rsa_blob = base64.b64encode(b"\x00\x00\x00\x07ssh-rsa\x00\x00\x00\x01\x01").decode()
+    agent.public_key = f"ssh-ed25519 {rsa_blob} x"  # an RSA key's data labelled ed25519
+    with pytest.raises(tunnels.TunnelError, match="not a ssh-ed25519 key"):
+        tunnels.open_tunnel_for(agent)
+    agent.refresh_from_db()
+    assert agent.tunnel_port is None and agent.channel == Agent.Channel.DIRECT
+
+    key = tmp_path / "k"
+    key.write_text("x")
+    out = subprocess.run([sys.executable, "-m", "vma_agent.tunnel", "--oma-host", "h", "--key", str(key),
+                          "--remote-port", "20000", "--api-port", "8000", "--forward", "5672"],
+                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "'5672' is not LOCAL_PORT:[HOST:]PORT" in out.stderr
+
+
+def test_the_agent_writes_the_oma_export_through_its_tunnel(tmp_path, keepers, tunnel_settings):
+    """The NBD data path, outbound only: the agent's NBD client writes the
+    OMA's export (nbdkit on 127.0.0.1 at the OMA) through the tunnel's local
+    forward, which the OMA permits for that port only; the target is
+    sha256-equal to the source."""
+    export_port = free_port()
+    tunnel_settings.AGENT_TUNNEL_PERMIT_OPEN = ["127.0.0.1:6379", f"127.0.0.1:{export_port}"]
+    volumes = tmp_path / "oma-volumes"
+    volumes.mkdir()
+    target = volumes / "migration-vol-1"
+    target.write_bytes(b"")
+    os.truncate(target, 8 * MiB)
+    source = make_image(tmp_path / "source.img", 8 * MiB, [(0, MiB), (5 * MiB, 512 * 1024)], seed=7)
+    # Only the OMA's side listens on the export port: the agent's end of the
+    # forward needs its own number here, as both sides share this host.
+    agent_port = free_port()
+    export = subprocess.Popen(["nbdkit", "-f", "--ipaddr", "127.0.0.1", "--port", str(export_port), "file",
+                               f"dir={volumes}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: listeners(export_port), 30, "the OMA's export server")
+        agent, key = new_agent(tmp_path, "site-h")
+        spec = tunnels.open_tunnel_for(agent)
+        assert f"127.0.0.1:{export_port}" in spec["forwards"]
+        keepers(tmp_path, agent, key, 8000, extra=["--forward", f"{agent_port}:{export_port}"])
+        wait_until(lambda: listeners(agent_port), TUNNEL_UP_TIMEOUT_S, "the agent's end of the export forward")
+        out = subprocess.run(["nbdcopy", str(source), f"nbd://127.0.0.1:{agent_port}/migration-vol-1"],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert sha256(target) == sha256(source)
+    finally:
+        export.terminate()
+        export.wait(30)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_replication_whose_agent_reaches_the_broker_only_through_its_tunnel(celery_worker_process, vcenter,
+                                                                                tmp_path, keepers):
+    """A full VMware cycle whose agent worker knows the broker only as its
+    end of the tunnel (127.0.0.1:<local forward>): its work order arrives,
+    and its outcome goes back, through the one SSH connection; the
+    replica is sha256-equal to the source."""
+    from replication.choices import JobStatus
+    from replication.services import vmware as vmware_service
+    from replication.services.jobs import start_replication
+    from simulators.vcenter import fill_image, vm_spec
+    from tests.helpers import replica_sha256, start_worker, stop_worker, wait_for_job
+
+    agent, key = new_agent(tmp_path, "site-tunnel")
+    tunnels.open_tunnel_for(agent)
+    broker_port = free_port()
+    keepers(tmp_path, agent, key, int(settings.VMA_URL.rsplit(":", 1)[1]),
+            extra=["--forward", f"{broker_port}:6379"])
+    wait_until(lambda: listeners(broker_port), TUNNEL_UP_TIMEOUT_S, "the agent's end of the broker forward")
+    db = urlsplit(settings.CELERY_BROKER_URL).path  # the test's Redis database, e.g. /14
+    broker = f"redis://127.0.0.1:{broker_port}{db}"
+
+    sim, record = vcenter(vm_spec("tunnel01", capacities=[16 * MiB]), name="vc-tunnel")
+    live = sim.vms["tunnel01"]["disks"]["2000"]
+    fill_image(live, [(0, 3 * MiB), (9 * MiB, MiB)], seed=61)
+    (vm,) = vmware_service.discover(record, ["tunnel01"], agent=agent.name)
+    worker = start_worker("agent", "agent-tunnel", extra_env={"VMA_AGENT_NAME": agent.name,
+                                                              "TEST_CELERY_BROKER_URL": broker})
+    try:
+        job = wait_for_job(start_replication(vm).id, timeout=180)
+        assert job.status == JobStatus.COMPLETED, job.error_message
+        (disk,) = job.disks.all()
+        assert replica_sha256(disk) == sha256(live)
+    finally:
+        stop_worker(worker)
+    # The agent's worker connected to its end of the tunnel, never to the OMA's broker port.
+    log = worker.log_path.read_text(errors="replace")
+    assert re.search(rf"Connected to redis://\S*127\.0\.0\.1:{broker_port}/", log), log[-2000:]
