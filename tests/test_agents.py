@@ -158,3 +158,59 @@ def test_discovery_gives_new_vms_the_vcenters_agent(vcenter, token_file):
     assert vm.agent == "site-b"
     with pytest.raises(vmware_service.VCenterConfigError, match="no agent named 'ghost'"):
         vmware_service.discover(record, ["disc01"], agent="ghost")
+
+
+# The Agents page and the admin ------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_the_agents_page_shows_every_agent_to_a_viewer_without_actions(client, token_file):
+    from django.urls import reverse
+
+    from tests.helpers import user_with_role
+
+    run("agent", "add", "site-b", "--url", "http://h:1", "--token-file", str(token_file))
+    Agent.objects.filter(name="site-b").update(version="0.30.0")
+    client.force_login(user_with_role("viewer", "viewer"))
+    page = client.get(reverse("agent-list")).content.decode()
+    assert 'data-agent="site-b"' in page and "0.30.0" in page and 'href="/agents/"' in page
+    assert "/agents/site-b/pause/" not in page
+    assert client.post(reverse("agent-action", args=["site-b", "pause"])).status_code == 403
+    assert Agent.objects.get(name="site-b").state == AgentState.ACTIVE
+
+
+@pytest.mark.django_db
+def test_an_operator_pauses_and_resumes_an_agent_by_post_with_csrf(token_file):
+    from django.test import Client
+    from django.urls import reverse
+
+    from tests.helpers import user_with_role
+
+    run("agent", "add", "site-b", "--url", "http://h:1", "--token-file", str(token_file))
+    strict = Client(enforce_csrf_checks=True)
+    strict.force_login(user_with_role("op", "operator"))
+    url = reverse("agent-action", args=["site-b", "pause"])
+    assert strict.get(url).status_code == 405
+    assert strict.post(url).status_code == 403  # no CSRF token
+    page = strict.get(reverse("agent-list"))
+    token = page.cookies["csrftoken"].value
+    done = strict.post(url, {"csrfmiddlewaretoken": token}, follow=True).content.decode()
+    assert "agent site-b is now paused" in done and Agent.objects.get(name="site-b").state == AgentState.PAUSED
+    again = strict.post(url, {"csrfmiddlewaretoken": token}, follow=True).content.decode()
+    assert "already paused" in again
+    entry = AgentAuditEntry.objects.filter(agent_name="site-b", action="pause").get()
+    assert entry.actor == "op" and entry.source == "127.0.0.1"
+
+
+@pytest.mark.django_db
+def test_the_admin_shows_agents_read_mostly(client, token_file):
+    from django.contrib.auth.models import User
+
+    run("agent", "add", "site-b", "--url", "http://h:1", "--token-file", str(token_file))
+    client.force_login(User.objects.create_superuser("admin", password="s3cret-pass"))
+    agent = Agent.objects.get(name="site-b")
+    assert client.get("/admin/replication/agent/").status_code == 200
+    assert client.get("/admin/replication/agent/add/").status_code == 403
+    page = client.get(f"/admin/replication/agent/{agent.pk}/change/").content.decode()
+    assert 'name="max_vms"' in page and 'name="api_url"' not in page
+    assert client.get("/admin/replication/agentauditentry/").status_code == 200
