@@ -9,14 +9,16 @@ import json
 import subprocess
 import sys
 from io import StringIO
+from pathlib import Path
 
 import pytest
+import requests
 from django.core.management import CommandError, call_command
 
-from replication.choices import AgentState
-from replication.models import Agent, AgentAuditEntry, ReplicationJob
-from replication.services import agents, orders
-from tests.helpers import PROJECT_ROOT, MiB, make_image, worker_env
+from replication.choices import AgentState, DiskStatus, JobStatus
+from replication.models import Agent, AgentAuditEntry, CopyAttempt, ReplicationJob, VMDisk
+from replication.services import agents, orders, progress
+from tests.helpers import PROJECT_ROOT, MiB, free_port, make_image, sha256, start_worker, wait_until, worker_env
 
 
 def run(*args) -> str:
@@ -214,3 +216,157 @@ def test_the_admin_shows_agents_read_mostly(client, token_file):
     page = client.get(f"/admin/replication/agent/{agent.pk}/change/").content.decode()
     assert 'name="max_vms"' in page and 'name="api_url"' not in page
     assert client.get("/admin/replication/agentauditentry/").status_code == 200
+
+
+# Two agents as two sets of processes -------------------------------------------
+
+HEARTBEAT_TIMEOUT_S = 3
+DISK_BYTES = 24 * MiB
+COPY_RATE = 3 * MiB  # each agent's own limit (COPY_LIMIT_BPS): a copy lasts ~8 s, so the two overlap
+
+
+class AgentSite:
+    """One agent as on its own host: its API (vma_agent.api, served as the
+    session's is) with its own token and progress store (a prefix of its
+    own), and its own Celery worker consuming only vma.<name>."""
+
+    def __init__(self, name: str, tmp_path: Path):
+        from django.conf import settings
+
+        self.name = name
+        self.token = f"token-of-{name}"
+        self.token_file = tmp_path / f"{name}.token"
+        self.token_file.write_text(self.token)
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.env = {"VMA_AGENT_NAME": name, "VMA_URL": self.url, "VMA_TOKEN": self.token,
+                    "VMA_PROGRESS_PREFIX": f"vma:progress:{name}", "HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S),
+                    "COPY_LIMIT_BPS": str(COPY_RATE)}
+        log_path = Path(settings.TEST_ROOT) / f"agent-api-{name}.log"
+        with open(log_path, "wb") as log:
+            self.api = subprocess.Popen(
+                [sys.executable, "manage.py", "runserver", "--noreload", "--skip-checks", f"127.0.0.1:{port}"],
+                cwd=PROJECT_ROOT, env={**worker_env(), **self.env}, stdout=log, stderr=subprocess.STDOUT)
+
+        def answers() -> bool:
+            assert self.api.poll() is None, log_path.read_text()[-3000:]
+            try:
+                return requests.get(f"{self.url}/api/v1/health", timeout=1).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_until(answers, 60, f"agent {name}'s API", interval=0.1)
+        self.worker = start_worker("agent", f"agent-{name}", extra_env=self.env)
+        agents.add(name, self.url, str(self.token_file), actor="test")
+
+    def kill(self) -> None:
+        from tests.helpers import kill_worker
+
+        kill_worker(self.worker)
+        self.api.kill()
+        self.api.wait()
+
+    def stop(self) -> None:
+        from tests.helpers import stop_worker
+
+        if self.worker.poll() is None:
+            stop_worker(self.worker)
+        if self.api.poll() is None:
+            self.api.terminate()
+            self.api.wait(10)
+
+
+class Judge:
+    """The poller and the reaper in a thread, as beat runs them."""
+
+    def __init__(self):
+        import threading
+
+        from replication.services import reaper
+
+        self._stop = threading.Event()
+
+        def run():
+            from django.db import connection
+
+            try:
+                while not self._stop.wait(0.3):
+                    progress.poll_once()
+                    reaper.reap()
+            finally:
+                connection.close()
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(30)
+
+
+def _copying(job) -> VMDisk:
+    return VMDisk.objects.get(job=job)
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_two_agents_copy_at_once_and_only_the_killed_ones_run_is_lost(celery_worker_process, tmp_path, settings):
+    from replication.services.inventory import register_image_vm
+    from replication.services.jobs import start_replication
+    from tests.helpers import replica_sha256, wait_for_job
+
+    settings.HEARTBEAT_TIMEOUT_S = HEARTBEAT_TIMEOUT_S
+    monkey_feeds = progress._feeds.copy()
+    progress._feeds.clear()
+    sites, judge = [], None
+    try:
+        sites = [AgentSite("east", tmp_path), AgentSite("west", tmp_path)]
+        images = {site.name: make_image(tmp_path / f"{site.name}.img", DISK_BYTES, [(0, DISK_BYTES)],
+                                        seed=7 if site.name == "east" else 8) for site in sites}
+        vms = {site.name: register_image_vm(f"vm-{site.name}", [str(images[site.name])], agent=site.name)
+               for site in sites}
+        judge = Judge()
+
+        # Both copy at once; each one's progress reaches the database from its own agent's API.
+        jobs = {name: start_replication(vm) for name, vm in vms.items()}
+
+        def both_midway() -> bool:
+            disks = [_copying(job) for job in jobs.values()]
+            running = all(ReplicationJob.objects.get(pk=job.id).status == JobStatus.REPLICATING
+                          for job in jobs.values())
+            assert running or not all(0 < d.progress_percent < 100 for d in disks), "a copy ended first"
+            return running and all(d.status == DiskStatus.COPYING and 0 < d.progress_percent < 100 for d in disks)
+
+        wait_until(both_midway, 60, "both agents' progress in the database while both copy")
+        for name, job in jobs.items():
+            job = wait_for_job(job.id, timeout=120)
+            assert job.status == JobStatus.COMPLETED, (name, job.error_message)
+            assert replica_sha256(_copying(job)) == sha256(images[name]), name
+        for site in sites:
+            agent = Agent.objects.get(name=site.name)
+            assert agent.last_seen_at is not None and agent.last_error == "", site.name
+            assert agent.version, site.name
+
+        # A second cycle on each; east's agent dies mid-copy (its worker and its API).
+        jobs = {name: start_replication(vm) for name, vm in vms.items()}
+        wait_until(both_midway, 60, "both second cycles copying")
+        east, west = sites
+        east.kill()
+        west_job = wait_for_job(jobs["west"].id, timeout=120)
+        assert west_job.status == JobStatus.COMPLETED, west_job.error_message
+        assert replica_sha256(_copying(west_job)) == sha256(images["west"])
+        assert not CopyAttempt.objects.filter(disk__job=west_job, outcome=CopyAttempt.Outcome.LOST).exists()
+
+        east_disk = _copying(jobs["east"])
+        wait_until(lambda: CopyAttempt.objects.filter(disk=east_disk, outcome=CopyAttempt.Outcome.LOST).exists(),
+                   60, "east's run judged lost by the reaper")
+        assert ReplicationJob.objects.get(pk=jobs["east"].id).status != JobStatus.COMPLETED
+        wait_until(lambda: Agent.objects.get(name="east").last_error != "", 30, "east's silence recorded")
+        assert Agent.objects.get(name="west").last_error == ""
+    finally:
+        if judge is not None:
+            judge.stop()
+        for site in sites:
+            site.stop()
+        progress._feeds.clear()
+        progress._feeds.update(monkey_feeds)
