@@ -370,3 +370,87 @@ def test_two_agents_copy_at_once_and_only_the_killed_ones_run_is_lost(celery_wor
             site.stop()
         progress._feeds.clear()
         progress._feeds.update(monkey_feeds)
+
+
+# The poller and a slow agent -----------------------------------------------------
+
+
+class SilentAgent:
+    """An agent API that accepts connections and never answers (a hung
+    host, a stalled tunnel), until released."""
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(8)
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.held = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def release(self):
+        self.server.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.mark.integration
+@pytest.mark.django_db
+def test_a_silent_agent_never_delays_the_others_progress(vma_server, tmp_path, monkeypatch, settings):
+    from tests.test_progress_api import post
+    from tests.test_progress_poller import update
+
+    monkeypatch.setattr("replication.services.jobs.enqueue_prepare", lambda *args: None)
+    monkeypatch.setattr(progress, "_feeds", {})
+    settings.PROGRESS_POLL_INTERVAL_S = 1  # the pass waits this long for an agent, then goes on
+    settings.VMA_REQUEST_TIMEOUT_S = 60  # far longer: only the pass's own wait lets it go on
+    silent = SilentAgent()
+    token = tmp_path / "slow.token"
+    token.write_text("slow-token")
+    agents.add("slow", silent.url, str(token), actor="test")
+    try:
+        local_job, slow_job = _replicating("vm-quick", "local", tmp_path), _replicating("vm-slow", "slow", tmp_path)
+        progress.poll_once()  # catch up with what other tests left in the local agent's store
+        post(vma_server, local_job.id, update(1, 300, disk_id="disk-2000"))
+
+        stats = progress.poll_once()
+
+        assert (stats.agents, stats.agents_busy) == (2, 1)
+        assert VMDisk.objects.get(job=local_job).bytes_done == 300
+        wait_until(lambda: silent.held, 10, "the poller's request held by the silent agent")
+        assert "no answer within 1 s" in Agent.objects.get(name="slow").last_error
+        assert VMDisk.objects.get(job=slow_job).bytes_done == 0
+
+        # Its read still hangs: the next pass skips it rather than waiting, and the local agent's progress flows.
+        post(vma_server, local_job.id, update(2, 700, disk_id="disk-2000"))
+        stats = progress.poll_once()
+        assert stats.agents_busy == 1 and VMDisk.objects.get(job=local_job).bytes_done == 700
+        assert len(silent.held) == 1  # no second request piled up behind the first
+        assert Agent.objects.get(name=agents.LOCAL).last_error == ""
+    finally:
+        silent.release()
+
+
+def _replicating(name: str, agent: str, tmp_path):
+    from replication.choices import Stage
+    from replication.services.inventory import register_image_vm
+    from replication.services.jobs import start_replication
+
+    image = make_image(tmp_path / f"{name}.img", MiB, [(0, 4096)])
+    job = start_replication(register_image_vm(name, [str(image)], agent=agent))
+    assert job.enter_stage(Stage.INITIALIZING, JobStatus.PREPARING)
+    assert job.enter_stage(Stage.TRANSFER, JobStatus.REPLICATING)
+    for disk in job.disks.all():
+        assert disk.start_attempt("task-x")
+    return ReplicationJob.objects.get(pk=job.id)

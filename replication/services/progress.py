@@ -420,7 +420,7 @@ def poll_once(now: datetime | None = None) -> PassStats:
         reads = _by_agent(jobs)
         stats.agents = len(reads)
         pool = ThreadPoolExecutor(max_workers=len(reads), thread_name_prefix="poller-agent")
-        pending = set()
+        pending: dict = {}  # future -> AgentRead
         try:
             for read in reads:
                 if read.agent is None:
@@ -438,15 +438,19 @@ def poll_once(now: datetime | None = None) -> PassStats:
                     read.results = [(job, Fetched(job.id, error=read.error)) for job in read.jobs]
                     _apply_read(read, current, stats)
                     continue
-                pending.add(pool.submit(_read_agent, read, feed))
+                pending[pool.submit(_read_agent, read, feed)] = read
             try:
-                for future in as_completed(pending, timeout=settings.PROGRESS_POLL_INTERVAL_S):
-                    pending.discard(future)
+                for future in as_completed(list(pending), timeout=settings.PROGRESS_POLL_INTERVAL_S):
+                    del pending[future]
                     _apply_read(future.result(), current, stats)
             except FuturesTimeout:
                 stats.agents_busy += len(pending)
-                log.warning("%d agent(s) did not answer within %.1f s; their progress comes in a later pass",
-                            len(pending), settings.PROGRESS_POLL_INTERVAL_S)
+                wait_s = settings.PROGRESS_POLL_INTERVAL_S
+                log.warning("agent(s) %s did not answer within %.1f s; their progress comes in a later pass",
+                            ", ".join(read.name for read in pending.values()), wait_s)
+                for read in pending.values():
+                    # Its thread goes on; this pass only says why it has nothing from the agent.
+                    _record_health(AgentRead(read.agent, read.name, [], error=f"no answer within {wait_s:g} s"))
         finally:
             pool.shutdown(wait=False)
     stats.seconds = time.monotonic() - started
