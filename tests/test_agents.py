@@ -16,7 +16,7 @@ import requests
 from django.core.management import CommandError, call_command
 
 from replication.choices import AgentState, DiskStatus, JobStatus
-from replication.models import Agent, AgentAuditEntry, CopyAttempt, ReplicationJob, VMDisk
+from replication.models import Agent, AgentAuditEntry, CopyAttempt, ReplicationJob, VirtualMachine, VMDisk
 from replication.services import agents, orders, progress
 from tests.helpers import PROJECT_ROOT, MiB, free_port, make_image, sha256, start_worker, wait_until, worker_env
 
@@ -158,8 +158,11 @@ def test_discovery_gives_new_vms_the_vcenters_agent(vcenter, token_file):
     record.save()
     (vm,) = vmware_service.discover(record, ["disc01"])
     assert vm.agent == "site-b"
-    with pytest.raises(vmware_service.VCenterConfigError, match="no agent named 'ghost'"):
-        vmware_service.discover(record, ["disc01"], agent="ghost")
+    # An agent named before it was added is recorded (active, read at VMA_URL, as migration 0023 did).
+    VirtualMachine.objects.filter(pk=vm.pk).delete()
+    (vm,) = vmware_service.discover(record, ["disc01"], agent="later")
+    assert vm.agent == "later" and Agent.objects.get(name="later").api_url == ""
+    assert AgentAuditEntry.objects.filter(agent_name="later", action="recorded").exists()
 
 
 # The Agents page and the admin ------------------------------------------------

@@ -6,6 +6,7 @@ configuration)."""
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from replication.models import Agent, AgentAuditEntry, ReplicationJob, VCenter, 
 from vma_agent.client import ProgressClient
 
 LOCAL = "local"
+
+log = logging.getLogger(__name__)
 
 
 class AgentError(ValueError):
@@ -78,6 +81,18 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 def _audit(agent: Agent | None, name: str, action: str, actor: str, source: str = "", detail: str = "") -> None:
     AgentAuditEntry.objects.create(agent=agent, agent_name=name, action=action, actor=actor[:100],
                                    source=source[:200], detail=detail)
+
+
+def named(name: str) -> Agent:
+    """The agent a VM or vCenter names. A name with no record (given to
+    add_vm or discover before it was added) is recorded now, as migration
+    0023 recorded every name already in use: active, read at VMA_URL with
+    VMA_TOKEN until `agent add` or enrolment says otherwise."""
+    agent, created = Agent.objects.get_or_create(name=name)
+    if created and name != LOCAL:
+        log.warning("agent %s is named by a VM but was not recorded: recorded now, read at VMA_URL", name)
+        _audit(agent, name, "recorded", "system", detail="named before it was added: read at VMA_URL")
+    return agent
 
 
 def _limit(value: int | None, what: str) -> int | None:
@@ -212,4 +227,4 @@ def remove(name: str, *, actor: str, source: str = "") -> None:
 
 
 __all__ = ["LOCAL", "AgentError", "AgentRow", "add", "api_token", "api_url", "change_state", "client",
-           "copies_running", "drain", "get", "listing", "of_vm", "pause", "remove", "resume"]
+           "copies_running", "drain", "get", "listing", "named", "of_vm", "pause", "remove", "resume"]

@@ -261,19 +261,11 @@ def _read_agent(read: AgentRead, feed: _Feed) -> AgentRead:
 
 
 def _by_agent(jobs: list[ReplicationJob]) -> list[AgentRead]:
-    """The active jobs grouped by the agent that copies them, each agent's
-    record resolved (an unknown agent: its jobs cannot be read, said why)."""
+    """The active jobs grouped by the agent that copies them, each with its record."""
     groups: dict[str, list[ReplicationJob]] = {}
     for job in jobs:
         groups.setdefault(job.vm.agent or agents.LOCAL, []).append(job)
-    reads = []
-    for name, group in sorted(groups.items()):
-        try:
-            reads.append(AgentRead(agents.get(name), name, group))
-        except agents.AgentError as exc:
-            reads.append(AgentRead(None, name, group, error=str(exc),
-                                   results=[(job, Fetched(job.id, error=str(exc))) for job in group]))
-    return reads
+    return [AgentRead(agents.named(name), name, group) for name, group in sorted(groups.items())]
 
 
 def _record_health(read: AgentRead) -> None:

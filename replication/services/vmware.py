@@ -144,10 +144,7 @@ def discover(vcenter: VCenter, names: list[str] | None = None, agent: str | None
     snapshots; a VM new to the records starts its history with who
     registered it (`actor`) and is copied by `agent` (none: the vCenter's
     agent; a rediscovered VM keeps the agent it has)."""
-    try:
-        agent = agents.get(agent or vcenter.agent or agents.LOCAL).name
-    except agents.AgentError as exc:
-        raise VCenterConfigError(str(exc)) from None
+    agent = agents.named(agent or vcenter.agent or agents.LOCAL).name
     with session(vcenter) as client:
         found = client.inventory(names)
     return [_record_vm(vcenter, info, agent, actor) for info in found]
