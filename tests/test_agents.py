@@ -457,3 +457,24 @@ def _replicating(name: str, agent: str, tmp_path):
     for disk in job.disks.all():
         assert disk.start_attempt("task-x")
     return ReplicationJob.objects.get(pk=job.id)
+
+
+@pytest.mark.integration
+@pytest.mark.django_db
+def test_an_api_answering_as_another_agent_is_not_taken_for_it(vma_server, tmp_path, monkeypatch, settings):
+    from tests.test_progress_api import post
+    from tests.test_progress_poller import update
+
+    monkeypatch.setattr("replication.services.jobs.enqueue_prepare", lambda *args: None)
+    monkeypatch.setattr(progress, "_feeds", {})
+    token = tmp_path / "b.token"
+    token.write_text(settings.VMA_TOKEN)
+    # site-b recorded at the session agent's URL, which answers as "local".
+    agents.add("site-b", vma_server, str(token), actor="test")
+    job = _replicating("vm-b", "site-b", tmp_path)
+    post(vma_server, job.id, update(1, 300, disk_id="disk-2000"))
+
+    stats = progress.poll_once()
+
+    assert stats.errors == 1 and VMDisk.objects.get(job=job).bytes_done == 0
+    assert "answers as agent 'local', not 'site-b'" in Agent.objects.get(name="site-b").last_error

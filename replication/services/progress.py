@@ -247,6 +247,14 @@ def _read_agent(read: AgentRead, feed: _Feed) -> AgentRead:
     (taken by the pass) and released here."""
     try:
         read.results, read.requests = fetch_all(read.jobs, feed)
+        if read.agent.api_url and feed.agent_name and feed.agent_name != read.name:
+            # Another agent answers at this agent's URL (a swapped tunnel port, a
+            # copied config): its records are not this agent's jobs' progress.
+            read.error = (f"the API at {read.agent.api_url} answers as agent {feed.agent_name!r}, "
+                          f"not {read.name!r}")
+            read.results = [(job, Fetched(job.id, error=read.error)) for job in read.jobs]
+            feed.epoch, feed.cursor, feed.records, feed.known = None, 0, {}, set()
+            return read
         errors = [fetched.error for _, fetched in read.results if fetched.error]
         if errors and len(errors) == len(read.results):
             read.error = errors[0]
