@@ -8,6 +8,8 @@ from django.utils.html import format_html
 from replication.choices import SourceKind
 from replication.models import (
     Admission,
+    Agent,
+    AgentAuditEntry,
     ApiToken,
     ChangeIdRecord,
     CloudStackConfig,
@@ -558,4 +560,41 @@ class DrillRunAdmin(admin.ModelAdmin):
     readonly_fields = ["group", "vm", "failover", "status", "queued_at", "started_at", "ended_at", "rto_s", "note"]
 
     def has_add_permission(self, request):
+        return False
+
+
+@admin.register(Agent)
+class AgentAdmin(admin.ModelAdmin):
+    """Read-mostly: agents are added, paused, drained and removed through
+    `manage.py agent` or the Agents page (each change audited); here only
+    their limits may be changed."""
+
+    list_display = ["name", "state", "channel", "api_url", "last_seen_at", "version", "last_error"]
+    list_filter = ["state", "channel"]
+    search_fields = ["name"]
+    fields = ["name", "state", "channel", "api_url", "token_file", "max_vms", "max_disks", "max_per_host",
+              "broker_user", "tunnel_port", "version", "last_seen_at", "last_error", "enrolled_from", "approved_by",
+              "approved_at", "revoked_at", "created_at"]
+    readonly_fields = [f for f in fields if not f.startswith("max_")]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # manage.py agent remove: refused while VMs use it or it copies
+
+
+@admin.register(AgentAuditEntry)
+class AgentAuditEntryAdmin(admin.ModelAdmin):
+    list_display = ["at", "agent_name", "action", "actor", "source", "detail"]
+    list_filter = ["action"]
+    search_fields = ["agent_name", "actor"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
         return False

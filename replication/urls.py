@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from replication.views import api, jobs, protection, sources, vms
+from replication.views import agents, api, jobs, protection, sources, vms
 
 urlpatterns = [
     path("", jobs.dashboard, name="dashboard"),
@@ -28,6 +28,8 @@ urlpatterns = [
     path("cloud/check/", sources.cloud_check, name="cloud-check"),
     path("failovers/<int:failover_id>/fragment/", vms.failover_fragment, name="failover-fragment"),
     path("volumes/", vms.volume_list, name="volume-list"),
+    path("agents/", agents.agent_list, name="agent-list"),
+    path("agents/<str:name>/<str:action>/", agents.agent_action, name="agent-action"),
     path("api/jobs/", api.jobs, name="api-jobs"),
     path("api/jobs/<str:job_id>/", api.job, name="api-job"),
     path("api/failovers/", api.failovers, name="api-failovers"),

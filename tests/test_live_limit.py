@@ -26,9 +26,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 
 def agent_limits(job_id):
+    from replication.models import ReplicationJob
     from replication.services.orders import agent_client
 
-    return agent_client().job_limit(job_id)
+    return agent_client(ReplicationJob.objects.get(pk=job_id)).job_limit(job_id)
 
 
 def test_set_limit_reaches_the_running_copy_through_the_agent(celery_worker_process, tmp_path, capsys):

@@ -24,6 +24,7 @@ from django.conf import settings
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from vma_agent import __version__
 from vma_agent.control import AgentControl
 from vma_agent.openapi import OPENAPI
 from vma_agent.progress_records.schema import MAX_BODY_BYTES, InvalidUpdate, parse_update, validate_id
@@ -225,7 +226,9 @@ def list_changes(request: HttpRequest) -> JsonResponse:
         changes = get_store().changes(since, limit)
     except redis.RedisError as exc:
         return _unavailable(exc)
-    return JsonResponse(changes.as_json())
+    # Who answers: the OMA records each agent's name and software version
+    # from its poller's read of the feed.
+    return JsonResponse(changes.as_json() | {"agent": {"name": settings.VMA_AGENT_NAME, "version": __version__}})
 
 
 @api_view("GET")

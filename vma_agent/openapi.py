@@ -166,6 +166,9 @@ _CHANGES = _object({
                                "first"},
     "expired": {"type": "array", "items": _STRING,
                 "description": "Records whose time to live ran out since the last read of the feed"},
+    "agent": {**_object({"name": {**_STRING, "description": "The agent's name (its queue: vma.<name>)"},
+                         "version": {**_STRING, "description": "The agent software's version"}}),
+              "description": "Who answered: the OMA records it as the agent's health"},
 })
 _LIMIT = {"type": "integer", "nullable": True, "minimum": 1, "description": "Bytes per second; null: no limit"}
 _JOB_LIMIT = _object({

@@ -55,7 +55,7 @@ def change_limit(job_id: str, bytes_per_s: int | None, actor: str = "operator") 
         copying = sorted(job.disks.filter(status=DiskStatus.COPYING).values_list("disk_key", flat=True))
     change = LimitChange(job, bytes_per_s, copying)
     try:
-        change.applied = orders.agent_client().set_limit(job.id, bytes_per_s)["applied"]
+        change.applied = orders.agent_client(job).set_limit(job.id, bytes_per_s)["applied"]
     except Exception as exc:  # noqa: BLE001 - the job's record holds the limit; say what did not happen
         change.agent_error = str(exc)
     return change
@@ -65,7 +65,7 @@ def wait_applied(change: LimitChange, timeout_s: float, interval_s: float = 0.25
     """Follow the agent's reports until every running copy applied the
     change or timeout_s passed; change.pending() says which did not."""
     deadline = time.monotonic() + timeout_s
-    client = orders.agent_client()
+    client = orders.agent_client(change.job)
     while change.agent_error is None and change.pending() and time.monotonic() < deadline:
         time.sleep(interval_s)  # the agent's copies report their applied limit about every second
         try:

@@ -12,8 +12,7 @@ from django.conf import settings
 from replication import dispatch
 from replication.choices import SourceKind, SyncType
 from replication.models import ReplicationJob, VCenter, VMDisk
-from replication.services import allowlist, volumes
-from vma_agent import client as agent_api
+from replication.services import agents, allowlist, volumes
 from vma_agent import task_names
 from vma_agent.client import ProgressClient
 from vma_agent.contract import CopyOrder, PowerOrder, SnapshotRef, SnapshotRemovalOrder, SourceOrder, VCenterRef
@@ -118,8 +117,9 @@ def send_power(failover, action: str, timeout_s: float) -> None:
                      argsrepr=f"({failover.kind} failover {failover.pk}, VM {failover.vm.name}, {action})")
 
 
-def agent_client() -> ProgressClient:
-    return agent_api.from_settings(settings)
+def agent_client(job: ReplicationJob) -> ProgressClient:
+    """The client of the API of the agent that copies the job's VM."""
+    return agents.client(agents.of_vm(job.vm))
 
 
 def request_stop(job: ReplicationJob, reason: str) -> bool:
@@ -127,7 +127,7 @@ def request_stop(job: ReplicationJob, reason: str) -> bool:
     within a heartbeat interval). An agent that cannot be asked finishes its
     copies; their outcomes are refused, as the job has ended."""
     try:
-        agent_client().stop(job.id, reason)
+        agent_client(job).stop(job.id, reason)
     except Exception as exc:  # noqa: BLE001 - the job has ended either way
         log.warning("could not ask the agent to stop job %s: %s", job.id, exc)
         return False

@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -28,8 +30,8 @@ from django.db.models import Prefetch
 from django.utils import timezone
 
 from replication.choices import DiskStatus, JobStatus, Stage
-from replication.models import ReplicationJob, VMDisk
-from vma_agent import client as agent_api
+from replication.models import Agent, ReplicationJob, VMDisk
+from replication.services import agents
 from vma_agent.client import ProgressClient, ProgressUnavailable
 
 log = logging.getLogger(__name__)
@@ -65,29 +67,19 @@ class PassStats:
     not_found: int = 0
     errors: int = 0
     failed: list[str] = field(default_factory=list)
+    agents: int = 0  # agents with active jobs
+    agents_busy: int = 0  # of them, not read (or not answered) within this pass's wait
     seconds: float = 0.0
     apply_seconds: float = 0.0  # of `seconds`, spent applying (database) rather than fetching
 
 
-_local = threading.local()
-
-
-def _client() -> ProgressClient:
-    # One HTTP session per poller thread: requests' sessions are not thread-safe.
-    key = (settings.VMA_URL, settings.VMA_TOKEN)
-    if getattr(_local, "key", None) != key:
-        _local.client = agent_api.from_settings(settings)
-        _local.key = key
-    return _local.client
-
-
-def _get(record_id: str, fetched: Fetched) -> dict | None:
+def _get(feed: _Feed, record_id: str, fetched: Fetched) -> dict | None:
     """GET with retries and backoff; raises ProgressUnavailable after the last."""
     delay = FETCH_BACKOFF_S
     for attempt in range(FETCH_ATTEMPTS):
         fetched.requests += 1
         try:
-            return _client().get(record_id)
+            return feed.client.get(record_id)
         except ProgressUnavailable:
             if attempt == FETCH_ATTEMPTS - 1:
                 raise
@@ -102,8 +94,15 @@ FEED_PAGE = 5000  # records per change-feed read: one read per pass unless more 
 @dataclass
 class _Feed:
     """What this poller process knows of one agent's change feed. In memory
-    only: a restarted poller starts at cursor 0 and reads every live record."""
+    only: a restarted poller starts at cursor 0 and reads every live record.
+    Its lock is held for a whole read of the agent (taken by the pass,
+    released by the thread that reads), so a read still running when the
+    next pass starts makes that pass skip the agent instead of waiting."""
 
+    address: tuple[str, str | None] = ("", None)  # the API's URL and token this feed was read from
+    client: ProgressClient | None = None  # used under `lock` only: requests' sessions are not thread-safe
+    agent_name: str = ""
+    agent_version: str = ""
     epoch: str | None = None
     cursor: int = 0
     records: dict[str, dict] = field(default_factory=dict)  # latest record of ids active jobs use
@@ -111,20 +110,31 @@ class _Feed:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-_feeds: dict[tuple[str, str], _Feed] = {}
+_feeds: dict[str, _Feed] = {}  # by agent name
 
 
-def _feed() -> _Feed:
-    return _feeds.setdefault((settings.VMA_URL, settings.VMA_TOKEN), _Feed())
+def _feed(agent_name: str = agents.LOCAL) -> _Feed:
+    return _feeds.setdefault(agent_name, _Feed())
 
 
-def _changes_page(since: int) -> tuple[dict, int]:
+def _bind(feed: _Feed, url: str, token: str | None) -> None:
+    """Point the feed at the agent's API as its record says now; a changed
+    URL or token is another store, maybe: read it from cursor 0."""
+    if feed.address != (url, token) or feed.client is None:
+        feed.client = ProgressClient(url, token, timeout_s=settings.VMA_REQUEST_TIMEOUT_S,
+                                     keep_alive=settings.VMA_HTTP_KEEPALIVE)
+        if feed.address != ("", None):
+            feed.epoch, feed.cursor, feed.records, feed.known = None, 0, {}, set()
+        feed.address = (url, token)
+
+
+def _changes_page(feed: _Feed, since: int) -> tuple[dict, int]:
     """One page of the change feed with retries and backoff, and the requests
     it took; raises ProgressUnavailable after the last."""
     delay = FETCH_BACKOFF_S
     for attempt in range(FETCH_ATTEMPTS):
         try:
-            return _client().changes_page(since, FEED_PAGE), attempt + 1
+            return feed.client.changes_page(since, FEED_PAGE), attempt + 1
         except ProgressUnavailable:
             if attempt == FETCH_ATTEMPTS - 1:
                 raise
@@ -138,7 +148,7 @@ def _read_changes(feed: _Feed) -> int:
     the ones it holds. Returns the requests made."""
     requests = 0
     while True:
-        page, tries = _changes_page(feed.cursor)
+        page, tries = _changes_page(feed, feed.cursor)
         requests += tries
         if page.get("epoch") != feed.epoch:
             if feed.cursor != 0:
@@ -157,6 +167,8 @@ def _read_changes(feed: _Feed) -> int:
             feed.records.pop(record_id, None)
             feed.known.discard(record_id)
         feed.cursor = page["cursor"]
+        who = page.get("agent") or {}  # agents older than 0.30 do not say
+        feed.agent_name, feed.agent_version = str(who.get("name") or ""), str(who.get("version") or "")
         if not page.get("more"):
             return requests
 
@@ -167,7 +179,7 @@ def _held(feed: _Feed, record_id: str, fetched: Fetched) -> dict | None:
     then), one GET."""
     record = feed.records.get(record_id)
     if record is None and record_id in feed.known:
-        record = _get(record_id, fetched)
+        record = _get(feed, record_id, fetched)
         if record is None:
             feed.known.discard(record_id)  # gone meanwhile
         else:
@@ -201,22 +213,81 @@ def fetch(job: ReplicationJob, feed: _Feed) -> Fetched:
     return fetched
 
 
-def fetch_all(jobs: list[ReplicationJob]) -> tuple[list[tuple[ReplicationJob, Fetched]], int]:
-    """Every active job's Fetched from ONE read of the agent's change feed
+def fetch_all(jobs: list[ReplicationJob], feed: _Feed) -> tuple[list[tuple[ReplicationJob, Fetched]], int]:
+    """Every active job's Fetched from ONE read of its agent's change feed
     (more only when more than FEED_PAGE records changed, or for a record
     this poller let go), and the requests made. Its cost grows with what
-    changed, not with the disks."""
-    feed = _feed()
-    with feed.lock:
-        try:
-            requests = _read_changes(feed)
-        except ProgressUnavailable as exc:
-            return [(job, Fetched(job.id, error=str(exc))) for job in jobs], FETCH_ATTEMPTS
-        results = [(job, fetch(job, feed)) for job in jobs]
-        # Hold only the records active jobs use; the rest stay known by id.
-        used = {job.id for job in jobs} | {d.target_volume.export_name for job in jobs for d in job.disks.all()}
-        feed.records = {record_id: record for record_id, record in feed.records.items() if record_id in used}
+    changed, not with the disks. The caller holds `feed.lock`."""
+    try:
+        requests = _read_changes(feed)
+    except ProgressUnavailable as exc:
+        return [(job, Fetched(job.id, error=str(exc))) for job in jobs], FETCH_ATTEMPTS
+    results = [(job, fetch(job, feed)) for job in jobs]
+    # Hold only the records active jobs use; the rest stay known by id.
+    used = {job.id for job in jobs} | {d.target_volume.export_name for job in jobs for d in job.disks.all()}
+    feed.records = {record_id: record for record_id, record in feed.records.items() if record_id in used}
     return results, requests
+
+
+@dataclass
+class AgentRead:
+    """One agent's part of a pass: its jobs, and what reading its feed gave."""
+
+    agent: Agent | None
+    name: str
+    jobs: list[ReplicationJob]
+    results: list[tuple[ReplicationJob, Fetched]] = field(default_factory=list)
+    requests: int = 0
+    error: str | None = None  # its API did not answer (or it cannot be reached as recorded)
+    version: str = ""
+
+
+def _read_agent(read: AgentRead, feed: _Feed) -> AgentRead:
+    """In a thread of its own, no database: the feed's lock is already held
+    (taken by the pass) and released here."""
+    try:
+        read.results, read.requests = fetch_all(read.jobs, feed)
+        if read.agent.api_url and feed.agent_name and feed.agent_name != read.name:
+            # Another agent answers at this agent's URL (a swapped tunnel port, a
+            # copied config): its records are not this agent's jobs' progress.
+            read.error = (f"the API at {read.agent.api_url} answers as agent {feed.agent_name!r}, "
+                          f"not {read.name!r}")
+            read.results = [(job, Fetched(job.id, error=read.error)) for job in read.jobs]
+            feed.epoch, feed.cursor, feed.records, feed.known = None, 0, {}, set()
+            return read
+        errors = [fetched.error for _, fetched in read.results if fetched.error]
+        if errors and len(errors) == len(read.results):
+            read.error = errors[0]
+        read.version = feed.agent_version
+    except Exception as exc:  # noqa: BLE001 - one agent's failure is its own, never the pass's
+        log.exception("reading agent %s failed", read.name)
+        read.error = f"{type(exc).__name__}: {exc}"
+        read.results = [(job, Fetched(job.id, error=read.error)) for job in read.jobs]
+    finally:
+        feed.lock.release()
+    return read
+
+
+def _by_agent(jobs: list[ReplicationJob]) -> list[AgentRead]:
+    """The active jobs grouped by the agent that copies them, each with its record."""
+    groups: dict[str, list[ReplicationJob]] = {}
+    for job in jobs:
+        groups.setdefault(job.vm.agent or agents.LOCAL, []).append(job)
+    return [AgentRead(agents.named(name), name, group) for name, group in sorted(groups.items())]
+
+
+def _record_health(read: AgentRead) -> None:
+    """The agent's health as this pass saw it: the poller is the one writer
+    of last_seen_at, version and last_error."""
+    if read.agent is None:
+        return
+    if read.error is None:
+        fields = {"last_seen_at": timezone.now(), "last_error": ""}
+        if read.version:
+            fields["version"] = read.version[:50]
+    else:
+        fields = {"last_error": read.error[:500]}
+    Agent.objects.filter(pk=read.agent.pk).update(**fields)
 
 
 def _collect(record: dict, fetched: Fetched, job: ReplicationJob, by_key: dict, by_export: dict,
@@ -327,48 +398,81 @@ def _classify(job: ReplicationJob, fetched: Fetched, now: datetime, stats: PassS
 def active_jobs() -> list[ReplicationJob]:
     return list(
         ReplicationJob.objects.filter(status__in=POLLED_STATUSES)
+        .select_related("vm")
         .prefetch_related(Prefetch("disks", queryset=VMDisk.objects.select_related("target_volume")))
     )
 
 
 def poll_once(now: datetime | None = None) -> PassStats:
-    """One pass over every job the database says is active."""
+    """One pass over every job the database says is active: every agent's
+    feed read at once, each in a thread of its own with the per-request
+    timeout; each agent's progress applied (here, the one writer) as soon as
+    its read ends. An agent whose read outlasts the pass's wait
+    (PROGRESS_POLL_INTERVAL_S) is left to finish in its thread: the records
+    it brings stay in its feed for the next pass, which skips the agent
+    while it is still being read. So a slow or dead agent never delays the
+    others' progress."""
     started = time.monotonic()
     jobs = active_jobs()
     stats = PassStats(jobs=len(jobs))
     if jobs:
         current = now or timezone.now()
-        results, feed_requests = fetch_all(jobs)
-        _agents_answered(jobs, results, current)
-        applying = time.monotonic()
-        stats.requests = feed_requests + sum(fetched.requests for _, fetched in results)
-        for start in range(0, len(results), APPLY_BATCH_JOBS):
-            # Copies no longer write these rows (they run on the agent); a
-            # batch's transaction holds them for milliseconds.
+        reads = _by_agent(jobs)
+        stats.agents = len(reads)
+        pool = ThreadPoolExecutor(max_workers=len(reads), thread_name_prefix="poller-agent")
+        pending: dict = {}  # future -> AgentRead
+        try:
+            for read in reads:
+                if read.agent is None:
+                    _apply_read(read, current, stats)
+                    continue
+                feed = _feed(read.name)
+                if not feed.lock.acquire(blocking=False):
+                    stats.agents_busy += 1  # its last read is still running: not now, and not waited for
+                    continue
+                try:
+                    _bind(feed, agents.api_url(read.agent), agents.api_token(read.agent))
+                except agents.AgentError as exc:
+                    feed.lock.release()
+                    read.error = str(exc)
+                    read.results = [(job, Fetched(job.id, error=read.error)) for job in read.jobs]
+                    _apply_read(read, current, stats)
+                    continue
+                pending[pool.submit(_read_agent, read, feed)] = read
             try:
-                apply_batch(results[start:start + APPLY_BATCH_JOBS], current, stats)
-            except Exception:
-                log.exception("applying a batch of progress failed; the next pass retries it")
-        stats.apply_seconds = time.monotonic() - applying
+                for future in as_completed(list(pending), timeout=settings.PROGRESS_POLL_INTERVAL_S):
+                    del pending[future]
+                    _apply_read(future.result(), current, stats)
+            except FuturesTimeout:
+                stats.agents_busy += len(pending)
+                wait_s = settings.PROGRESS_POLL_INTERVAL_S
+                log.warning("agent(s) %s did not answer within %.1f s; their progress comes in a later pass",
+                            ", ".join(read.name for read in pending.values()), wait_s)
+                for read in pending.values():
+                    # Its thread goes on; this pass only says why it has nothing from the agent.
+                    _record_health(AgentRead(read.agent, read.name, [], error=f"no answer within {wait_s:g} s"))
+        finally:
+            pool.shutdown(wait=False)
     stats.seconds = time.monotonic() - started
     _record_pass()
     return stats
 
 
-def _agents_answered(jobs: list[ReplicationJob], results: list[tuple[ReplicationJob, Fetched]],
-                     now: datetime) -> None:
-    """The agents of the polled jobs answered (their health: last seen, for
-    the reaper's silent-agent judgement), or did not (the error, kept).
-    One progress API serves them all in this poller; one UPDATE a pass."""
-    from replication.models import Agent, VirtualMachine
-
-    named = Agent.objects.filter(name__in=VirtualMachine.objects.filter(pk__in={job.vm_id for job in jobs})
-                                 .values("agent"))
-    errors = [fetched.error for _, fetched in results if fetched.error is not None]
-    if len(errors) < len(results):
-        named.update(last_seen_at=now, last_error="")
-    else:
-        named.update(last_error=errors[0][:500])
+def _apply_read(read: AgentRead, current: datetime, stats: PassStats) -> None:
+    applying = time.monotonic()
+    stats.requests += read.requests + sum(fetched.requests for _, fetched in read.results)
+    for start in range(0, len(read.results), APPLY_BATCH_JOBS):
+        # Copies no longer write these rows (they run on the agent); a
+        # batch's transaction holds them for milliseconds.
+        try:
+            apply_batch(read.results[start:start + APPLY_BATCH_JOBS], current, stats)
+        except Exception:
+            log.exception("applying a batch of progress failed; the next pass retries it")
+    try:
+        _record_health(read)
+    except Exception:
+        log.exception("recording agent %s's health failed", read.name)
+    stats.apply_seconds += time.monotonic() - applying
 
 
 def _record_pass() -> None:

@@ -16,6 +16,7 @@ from django.utils import timezone
 from replication import names
 from replication.choices import JOB_ACTIVE, SourceKind
 from replication.models import ReplicationJob, SourceDisk, VCenter, VirtualMachine
+from replication.services import agents
 from replication.services.allowlist import NotAllowed, check_password_ref
 from replication.services.orders import vcenter_ref
 from vma_agent import vmware
@@ -68,10 +69,17 @@ def session(vcenter: VCenter, *, long_waits: bool = False) -> Iterator[VSphereCl
 
 
 def register_vcenter(name: str, host: str, username: str, thumbprint: str, *, port: int = 443,
-                     password_file: str = "", password_env: str = "", check: bool = True) -> VCenter:
-    """Record a vCenter; with `check`, log in first so a wrong password or
-    thumbprint is refused now rather than in the middle of a job."""
+                     password_file: str = "", password_env: str = "", check: bool = True,
+                     agent: str = "local") -> VCenter:
+    """Record a vCenter, reached through `agent` (its discovery, and the
+    agent of the VMs discovered on it); with `check`, log in first so a
+    wrong password or thumbprint is refused now rather than in the middle
+    of a job."""
     name = names.checked(name, VCenter, error=VCenterConfigError, what="vCenter name")
+    try:
+        agent = agents.get(agent).name
+    except agents.AgentError as exc:
+        raise VCenterConfigError(str(exc)) from None
     if not 0 < port < 65536:
         raise VCenterConfigError(f"the port must be 1..65535, not {port}")
     if bool(password_file) == bool(password_env):
@@ -86,7 +94,7 @@ def register_vcenter(name: str, host: str, username: str, thumbprint: str, *, po
     except NotAllowed as exc:
         raise VCenterConfigError(str(exc)) from None
     vcenter = VCenter(name=name, host=host, port=port, username=username, password_file=password_file,
-                      password_env=password_env, thumbprint=vmware.normalize_thumbprint(thumbprint))
+                      password_env=password_env, thumbprint=vmware.normalize_thumbprint(thumbprint), agent=agent)
     if VCenter.objects.filter(name=name).exists():
         raise VCenterConfigError(f"a vCenter named {name!r} already exists")
     if check:
@@ -128,13 +136,15 @@ def with_known_ips(shape: dict, recorded_nics: list[dict]) -> dict:
     return {**shape, "nics": nics}
 
 
-def discover(vcenter: VCenter, names: list[str] | None = None, agent: str = "local", *,
+def discover(vcenter: VCenter, names: list[str] | None = None, agent: str | None = None, *,
              actor: str = "system") -> list[VirtualMachine]:
     """Record the vCenter's VMs (or the named ones) with their disks, NICs
     (and the guest's addresses on them), hardware (firmware, Secure Boot,
     vTPM, boot disk bus, NIC model), guest OS, power state, CBT state and
     snapshots; a VM new to the records starts its history with who
-    registered it (`actor`)."""
+    registered it (`actor`) and is copied by `agent` (none: the vCenter's
+    agent; a rediscovered VM keeps the agent it has)."""
+    agent = agents.named(agent or vcenter.agent or agents.LOCAL).name
     with session(vcenter) as client:
         found = client.inventory(names)
     return [_record_vm(vcenter, info, agent, actor) for info in found]

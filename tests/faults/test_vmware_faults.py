@@ -63,7 +63,7 @@ def bytes_done(job) -> int:
 
 def reported_bytes(job_id: str, disk_key: str) -> int:
     """What the agent's API last heard of the disk's copy (bytes done)."""
-    record = agent_client().get(job_id) or {}
+    record = agent_client(ReplicationJob.objects.get(pk=job_id)).get(job_id) or {}
     return int(((record.get("disks") or {}).get(disk_key) or {}).get("bytes_transferred") or 0)
 
 

@@ -22,14 +22,18 @@ class Command(BaseCommand):
         secret.add_argument("--password-file", default="", help="absolute path of a file holding the password")
         secret.add_argument("--password-env", default="", help="environment variable holding the password")
         parser.add_argument("--thumbprint", required=True, help="SHA-1 thumbprint of the vCenter certificate")
+        parser.add_argument("--agent", default="local",
+                            help="the agent (manage.py agent list) that reaches this vCenter: its discovery, and "
+                                 "the agent of the VMs discovered on it (default: local)")
         parser.add_argument("--no-check", action="store_true", help="record it without logging in first")
 
-    def handle(self, name, host, port, user, password_file, password_env, thumbprint, no_check, **options):
+    def handle(self, name, host, port, user, password_file, password_env, thumbprint, no_check, agent, **options):
         try:
             vcenter = register_vcenter(name, host, user, thumbprint, port=port, password_file=password_file,
-                                       password_env=password_env, check=not no_check)
+                                       password_env=password_env, check=not no_check, agent=agent)
         except (VCenterConfigError, VSphereError) as exc:
             raise CommandError(str(exc)) from exc
         # A vCenter has no history of its own: the OMA's log says who registered it.
         log.info("vCenter %s (%s:%s) registered by %s", vcenter.name, vcenter.host, vcenter.port, os_actor())
-        self.stdout.write(f"vCenter {vcenter.name} ({vcenter.host}:{vcenter.port}) recorded")
+        self.stdout.write(f"vCenter {vcenter.name} ({vcenter.host}:{vcenter.port}) recorded, reached through agent "
+                          f"{vcenter.agent}")

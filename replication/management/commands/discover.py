@@ -15,7 +15,8 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--vcenter", required=True, help="name given to add_vcenter")
         parser.add_argument("--vm", action="append", default=None, help="only this VM; repeat for more")
-        parser.add_argument("--agent", default="local", help="VMA whose queue copies new VMs' disks")
+        parser.add_argument("--agent", default=None,
+                            help="agent that copies new VMs' disks (default: the vCenter's agent)")
         parser.add_argument("--json", dest="as_json", action="store_true", help="print the recorded VMs as JSON")
 
     def handle(self, vcenter, vm, agent, as_json, **options):
