@@ -16,7 +16,6 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Count
-from django.utils import timezone
 
 from replication import names
 from replication.choices import JOB_ACTIVE, AgentState, DiskStatus
