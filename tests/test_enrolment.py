@@ -344,6 +344,10 @@ def test_a_revoked_agents_signed_outcome_is_refused(copying_disk_of_b):
     _, b, job, disk = copying_disk_of_b
     args = completed_args(job, disk)
     call_command("agent", "revoke", "enr-b")
+    job.refresh_from_db()
+    assert job.status == JobStatus.FAILED and "agent enr-b revoked" in job.error_message
+    disk.refresh_from_db()
+    assert disk.status == DiskStatus.COPYING  # the run's own outcome (or the reaper) ends it; not a completion
     tasks.disk_copied(*args, identity=identity.sign(b["key_file"].read_bytes().strip(), "enr-b",
                                                     task_names.DISK_COPIED, args))
     disk.refresh_from_db()

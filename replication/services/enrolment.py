@@ -240,9 +240,26 @@ def revoke(name: str, actor: str, source: str = "") -> Agent:
     closed = _delete_broker_user(agent.broker_user) if agent.broker_user else 0
     (Path(settings.OMA_SECRETS_DIR) / "agents" / name / "broker_password").unlink(missing_ok=True)
     agent.transition(AgentState.REVOKED, revoked_at=timezone.now())
+    ended = _end_its_jobs(agent, f"agent {name} revoked by {actor}")
     audit(agent, "revoked", actor, source, f"broker user {agent.broker_user or '-'} deleted, "
-                                           f"{closed} connection(s) closed")
+                                           f"{closed} connection(s) closed, {ended} job(s) ended")
     return agent
+
+
+def _end_its_jobs(agent: Agent, reason: str) -> int:
+    """Fail the revoked agent's running cycles: each job's cleanup asks the
+    agent (its API, if reachable) to stop its copies and discards the
+    cycle's layers, so a copy that goes on writing lands nowhere; its late
+    outcomes are refused (revoked)."""
+    from replication.choices import JOB_ACTIVE
+    from replication.models import ReplicationJob
+    from replication.services import jobs
+
+    job_ids = list(ReplicationJob.objects.filter(vm__agent=agent.name, status__in=JOB_ACTIVE)
+                   .values_list("pk", flat=True))
+    for job_id in job_ids:
+        jobs.fail_job(job_id, reason)
+    return len(job_ids)
 
 
 def credentials(name: str, code: str, source: str) -> tuple[int, dict]:
