@@ -31,7 +31,15 @@ from replication import tasks
 from replication.choices import AgentState, DiskStatus, JobStatus
 from replication.models import Agent, AgentAuditEntry, PairingCode
 from replication.services import enrolment
-from tests.helpers import PROJECT_ROOT, free_port, make_image, start_worker, stop_worker, wait_until
+from tests.helpers import (
+    PROJECT_ROOT,
+    free_port,
+    make_image,
+    start_worker,
+    stop_worker,
+    wait_until,
+    worker_env,
+)
 from vma_agent import identity, task_names
 from vma_agent.enrol import agent_key, write_credentials
 
@@ -293,6 +301,26 @@ def test_a_celery_worker_as_agent_a_consumes_its_queue_and_signs_its_outcome(cli
     assert kwargs["identity"]["agent"] == "enr-a"
     assert enrolment.accepts(task_names.SOURCE_POWERED, args, kwargs["identity"], "enr-a")
     assert not enrolment.accepts(task_names.SOURCE_POWERED, args, kwargs["identity"], "enr-b")
+
+
+@pytest.mark.django_db
+def test_a_celery_worker_as_agent_a_cannot_consume_bs_queue(client, tmp_path, rabbit):
+    a = approved(client, tmp_path, "enr-a")
+    approved(client, tmp_path, "enr-b")
+    log_path = tmp_path / "worker-a-on-b.log"
+    env = {**worker_env(), "PROCESS_ROLE": "agent", "TEST_CELERY_BROKER_URL": a["broker_url"],
+           "VMA_AGENT_NAME": "enr-a", "VMA_MESSAGE_KEY_FILE": str(a["key_file"])}
+    env.pop("DATABASE_URL", None)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "oma_site", "worker", "-Q", "vma.enr-b", "-c",
+                                 "1", "--without-gossip", "--without-mingle", "-n", f"enr-a-on-b-{os.getpid()}@%h"],
+                                cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        assert proc.wait(timeout=120) != 0
+    finally:
+        proc.kill()
+    text = log_path.read_text()
+    assert "ACCESS_REFUSED" in text and "vma.enr-b" in text and "refused for user 'vma-enr-a'" in text, text[-3000:]
 
 
 @pytest.fixture
