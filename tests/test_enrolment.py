@@ -316,10 +316,11 @@ def test_a_celery_worker_as_agent_a_cannot_consume_bs_queue(client, tmp_path, ra
                                  "1", "--without-gossip", "--without-mingle", "-n", f"enr-a-on-b-{os.getpid()}@%h"],
                                 cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        assert proc.wait(timeout=120) != 0
+        code = proc.wait(timeout=120)
     finally:
         proc.kill()
     text = log_path.read_text()
+    assert code != 0, f"the worker ran with A's credentials on B's queue:\n{text[-3000:]}"
     assert "ACCESS_REFUSED" in text and "vma.enr-b" in text and "refused for user 'vma-enr-a'" in text, text[-3000:]
 
 
