@@ -8,7 +8,7 @@ from pathlib import Path
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
-from kombu import Queue
+from kombu import Exchange, Queue
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = BASE_DIR / "var"
@@ -205,9 +205,22 @@ warnings.filterwarnings("ignore", message=f"No directory at: {STATIC_ROOT}", cat
 # steps and the reaper wait behind copies whenever every slot is copying.
 VMA_AGENT_NAME = env("VMA_AGENT_NAME", default="local")
 CELERY_TASK_DEFAULT_QUEUE = "oma"
-CELERY_TASK_QUEUES = {"all": [Queue("oma"), Queue(f"vma.{VMA_AGENT_NAME}")], "oma": [Queue("oma")],
-                      "agent": [Queue(f"vma.{VMA_AGENT_NAME}")]}[PROCESS_ROLE]
+# Each queue bound to its own same-named exchange (as Celery makes a queue it
+# was not told of): left without one, Celery binds every listed queue to the
+# default exchange "oma", and an agent's broker user would need the OMA's.
+_OMA_QUEUE, _AGENT_QUEUE = (Queue(q, Exchange(q), routing_key=q) for q in ("oma", f"vma.{VMA_AGENT_NAME}"))
+CELERY_TASK_QUEUES = {"all": [_OMA_QUEUE, _AGENT_QUEUE], "oma": [_OMA_QUEUE],
+                      "agent": [_AGENT_QUEUE]}[PROCESS_ROLE]
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="redis://127.0.0.1:6379/0")
+# --- Enrolment (replication/services/enrolment.py) ---------------------------
+# The key this agent host signs its outcomes with (given at approval); empty:
+# unsigned, accepted only for an agent recorded without a key (by hand).
+VMA_MESSAGE_KEY_FILE = env("VMA_MESSAGE_KEY_FILE", default="")
+# The broker an enrolled agent is told to use (RabbitMQ; its own user and
+# password are put in), and how the OMA manages those users.
+AGENT_BROKER_URL = env("AGENT_BROKER_URL", default="amqp://127.0.0.1:5672/oma")
+RABBITMQCTL = env.list("RABBITMQCTL", default=["rabbitmqctl"])
+PAIRING_CODE_MINUTES = env.int("PAIRING_CODE_MINUTES", default=15)
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1

@@ -9,7 +9,7 @@ from celery import shared_task
 from django.conf import settings
 from django.db import DatabaseError
 
-from replication.services import drills, failover, jobs, points, progress, reaper, scheduler, sweeper
+from replication.services import drills, enrolment, failover, jobs, points, progress, reaper, scheduler, sweeper
 from vma_agent import task_names
 from vma_agent.contract import DiskCopied, SnapshotRemoved, SourcePowered, SourcePrepared
 
@@ -25,13 +25,15 @@ def prepare_job(job_id: str) -> None:
 
 
 @shared_task(name=task_names.SOURCE_PREPARED, **OUTCOME_RETRY)
-def source_prepared(job_id: str, outcome: dict) -> None:
-    jobs.source_prepared(job_id, SourcePrepared.from_dict(outcome))
+def source_prepared(job_id: str, outcome: dict, identity: dict | None = None) -> None:
+    if enrolment.accepts_for_job(task_names.SOURCE_PREPARED, [job_id, outcome], identity, job_id):
+        jobs.source_prepared(job_id, SourcePrepared.from_dict(outcome))
 
 
 @shared_task(name=task_names.DISK_COPIED, **OUTCOME_RETRY)
-def disk_copied(job_id: str, disk_key: str, attempt: int, outcome: dict) -> None:
-    jobs.disk_copied(job_id, disk_key, attempt, DiskCopied.from_dict(outcome))
+def disk_copied(job_id: str, disk_key: str, attempt: int, outcome: dict, identity: dict | None = None) -> None:
+    if enrolment.accepts_for_job(task_names.DISK_COPIED, [job_id, disk_key, attempt, outcome], identity, job_id):
+        jobs.disk_copied(job_id, disk_key, attempt, DiskCopied.from_dict(outcome))
 
 
 @shared_task(name=task_names.FINALIZE_JOB, **OUTCOME_RETRY)
@@ -40,8 +42,11 @@ def finalize_job(job_id: str) -> None:
 
 
 @shared_task(name=task_names.SNAPSHOT_REMOVED, **OUTCOME_RETRY)
-def snapshot_removed(job_id: str, snapshot_moref: str, finalize: bool, outcome: dict) -> None:
-    jobs.snapshot_removed(job_id, snapshot_moref, finalize, SnapshotRemoved.from_dict(outcome))
+def snapshot_removed(job_id: str, snapshot_moref: str, finalize: bool, outcome: dict,
+                     identity: dict | None = None) -> None:
+    args = [job_id, snapshot_moref, finalize, outcome]
+    if enrolment.accepts_for_job(task_names.SNAPSHOT_REMOVED, args, identity, job_id):
+        jobs.snapshot_removed(job_id, snapshot_moref, finalize, SnapshotRemoved.from_dict(outcome))
 
 
 @shared_task(name=task_names.RUN_FAILOVER)
@@ -55,8 +60,10 @@ def continue_failover(failover_id: int) -> None:
 
 
 @shared_task(name=task_names.SOURCE_POWERED, **OUTCOME_RETRY)
-def source_powered(failover_id: int, action: str, outcome: dict) -> None:
-    failover.source_powered(failover_id, action, SourcePowered.from_dict(outcome))
+def source_powered(failover_id: int, action: str, outcome: dict, identity: dict | None = None) -> None:
+    args = [failover_id, action, outcome]
+    if enrolment.accepts_for_failover(task_names.SOURCE_POWERED, args, identity, failover_id):
+        failover.source_powered(failover_id, action, SourcePowered.from_dict(outcome))
 
 
 @shared_task(name=task_names.POLL_PROGRESS)

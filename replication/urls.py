@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from replication.views import agents, api, jobs, protection, sources, vms
+from replication.views import agents, api, enrolment, jobs, protection, sources, vms
 
 urlpatterns = [
     path("", jobs.dashboard, name="dashboard"),
@@ -36,6 +36,8 @@ urlpatterns = [
     path("api/failovers/<str:failover_id>/", api.failover, name="api-failover"),
     path("api/failovers/<str:failover_id>/commit/", api.failover_commit, name="api-failover-commit"),
     path("api/vms/<str:name>/points/", api.vm_points, name="api-vm-points"),
+    path("api/agents/enrol/", enrolment.enrol, name="api-agent-enrol"),
+    path("api/agents/enrol/<str:name>/", enrolment.credentials, name="api-agent-credentials"),
     path("api/openapi.json", api.openapi, name="api-openapi"),
     path("login/", auth_views.LoginView.as_view(template_name="replication/login.html"), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),

@@ -4,11 +4,14 @@ task. They read settings (the agent host's own), never the database."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from celery import current_app, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
+from kombu import Exchange, Queue
 
-from vma_agent import contract, steps, task_names
+from vma_agent import contract, identity, steps, task_names
 from vma_agent.task_events import TaskProgressPublisher
 
 
@@ -30,8 +33,19 @@ def agent_config() -> steps.AgentConfig:
 
 
 def report(task_name: str, *args) -> None:
-    """Hand an outcome to the OMA (its queue), riding out a short broker outage."""
-    current_app.send_task(task_name, args=list(args), queue=task_names.OMA_QUEUE, retry=True,
+    """Hand an outcome to the OMA (its queue), riding out a short broker
+    outage; signed with this agent's message key when it has one (enrolled)."""
+    kwargs = {}
+    if settings.VMA_MESSAGE_KEY_FILE:
+        key = Path(settings.VMA_MESSAGE_KEY_FILE).read_bytes().strip()
+        kwargs[identity.IDENTITY_KWARG] = identity.sign(key, settings.VMA_AGENT_NAME, task_name, list(args))
+    # Through the OMA's own exchange, never the default one: on RabbitMQ an
+    # enrolled agent may write only there (the default exchange reaches
+    # every queue, other agents' too), and may not declare the OMA's queue.
+    oma = Queue(task_names.OMA_QUEUE, Exchange(task_names.OMA_QUEUE), routing_key=task_names.OMA_QUEUE)
+    declare = [] if settings.CELERY_BROKER_URL.startswith(("amqp", "pyamqp")) else [oma]
+    current_app.send_task(task_name, args=list(args), kwargs=kwargs, exchange=oma.exchange.name,
+                          routing_key=oma.routing_key, declare=declare, retry=True,
                           retry_policy=settings.CELERY_TASK_PUBLISH_RETRY_POLICY)
 
 

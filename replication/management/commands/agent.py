@@ -1,10 +1,10 @@
 """manage.py agent SUBCOMMAND: the agents (MigrateKit OSSEA's VMAs) as records.
 
 One function per subcommand: SUBCOMMANDS maps a name to (help, add its
-arguments, run it). Another part adds its own subcommands (enrolment:
-pairing-code, approve, reject, revoke) by adding entries to SUBCOMMANDS;
-each runner gets the parsed options and the command (for stdout) and
-raises CommandError with the reason on bad input."""
+arguments, run it): agents reached by hand (add, list, pause, resume,
+drain, remove) and enrolment (pairing-code, approve, reject, revoke). Each
+runner gets the parsed options and the command (for stdout); a refusal is
+a CommandError with the reason."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import json
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from replication.roles import os_actor
-from replication.services import agents
+from replication.roles import command_actor, os_actor
+from replication.services import agents, enrolment
 
 
 def _add_arguments(parser):
@@ -84,6 +84,39 @@ def remove(command, options):
     command.stdout.write(f"agent {options['name']} removed")
 
 
+# Enrolment ------------------------------------------------------------------
+
+def _code_arguments(parser):
+    parser.add_argument("--expires-min", type=int, default=None, dest="minutes",
+                        help="minutes it stays valid (default PAIRING_CODE_MINUTES, 15)")
+    parser.add_argument("--json", action="store_true", dest="as_json")
+
+
+def pairing_code(command, options):
+    code = enrolment.new_pairing_code(command_actor(), options["minutes"])
+    command.stdout.write(json.dumps({"code": code}) if options["as_json"] else code)
+
+
+def _enrolment_arguments(parser):
+    parser.add_argument("name", help="the agent's name")
+    parser.add_argument("--actor", default="", help="whom you act for (recorded in the audit trail)")
+
+
+def approve(command, options):
+    agent = enrolment.approve(options["name"], command_actor(options["actor"]))
+    command.stdout.write(f"agent {agent.name} approved: broker user {agent.broker_user}, queue {agent.queue}")
+
+
+def reject(command, options):
+    enrolment.reject(options["name"], command_actor(options["actor"]))
+    command.stdout.write(f"agent {options['name']} rejected")
+
+
+def revoke(command, options):
+    enrolment.revoke(options["name"], command_actor(options["actor"]))
+    command.stdout.write(f"agent {options['name']} revoked: its broker user deleted, its messages refused")
+
+
 SUBCOMMANDS = {
     "add": ("record an agent reached by hand (URL and token file)", _add_arguments, add),
     "list": ("every agent: state, channel, URL, last seen, version, copies running, VMs", _list_arguments, list_),
@@ -91,6 +124,12 @@ SUBCOMMANDS = {
     "resume": ("take new cycles on it again", _name_argument, _state_change("resume")),
     "drain": ("take no new cycles on it, to remove it once its copies end", _name_argument, _state_change("drain")),
     "remove": ("forget it (refused while a VM or vCenter uses it or it copies)", _name_argument, remove),
+    "pairing-code": ("a one-time code for one agent to enrol with (only its hash is kept)", _code_arguments,
+                     pairing_code),
+    "approve": ("give a pending agent its own broker user and message key", _enrolment_arguments, approve),
+    "reject": ("refuse a pending agent", _enrolment_arguments, reject),
+    "revoke": ("take an agent's credentials back at once (its broker user deleted, its connections closed)",
+               _enrolment_arguments, revoke),
 }
 
 
@@ -106,5 +145,5 @@ class Command(BaseCommand):
         _, _, run = SUBCOMMANDS[subcommand]
         try:
             run(self, options)
-        except agents.AgentError as exc:
+        except (agents.AgentError, enrolment.EnrolmentError) as exc:
             raise CommandError(str(exc)) from exc

@@ -1,0 +1,339 @@
+"""Enrolment and isolation of agents (MigrateKit OSSEA's VMAs).
+
+An administrator makes a one-time pairing code (only its hash is kept,
+expiring); the agent host presents it with its name and its own SSH public
+key (vma_agent.enrol) and becomes a pending agent; approval gives it its own
+RabbitMQ user, allowed only its own queue vma.<name> (and what a Celery
+worker needs beside it) and to publish to the OMA's queue, and its own
+message key, which signs every outcome it sends; revocation deletes that
+user, closing its connections at once. The OMA's outcome tasks ask
+`accepts` before anything changes: an outcome about a VM that is not the
+sender's, or whose signature fails, is refused and recorded. Every step is
+in the agents' audit trail (who, when, from where)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import secrets
+import subprocess
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import quote
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+from kombu.utils.url import url_to_parts
+
+from replication.choices import AgentState
+from replication.models import Agent, AgentAuditEntry, PairingCode
+from vma_agent import identity as message_identity
+from vma_agent.task_names import OMA_QUEUE, agent_queue
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
+CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I
+
+
+class EnrolmentError(ValueError):
+    """A refused enrolment step; str() says why, `status` is its HTTP status."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def audit(agent: Agent | None, action: str, actor: str, source: str = "", detail: str = "",
+          agent_name: str = "") -> AgentAuditEntry:
+    return AgentAuditEntry.objects.create(agent=agent, agent_name=agent.name if agent else agent_name,
+                                          action=action, actor=actor, source=source, detail=detail)
+
+
+def _hash(code: str) -> str:
+    return hashlib.sha256(code.strip().upper().encode()).hexdigest()
+
+
+def _agent(name: str) -> Agent:
+    try:
+        return Agent.objects.get(name=name)
+    except Agent.DoesNotExist:
+        raise EnrolmentError(f"no agent named {name!r}", 404) from None
+
+
+def _secrets_dir(name: str) -> Path:
+    path = Path(settings.OMA_SECRETS_DIR) / "agents" / name
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def _write_secret(path: Path, value: str) -> None:
+    path.unlink(missing_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(value)
+
+
+# Pairing codes ----------------------------------------------------------------
+
+def new_pairing_code(actor: str, minutes: int | None = None) -> str:
+    """A one-time code for one agent to enrol with, valid `minutes`; only its hash is kept."""
+    minutes = settings.PAIRING_CODE_MINUTES if minutes is None else minutes
+    if minutes <= 0:
+        raise EnrolmentError(f"a pairing code must be valid for at least a minute, not {minutes}")
+    raw = "".join(secrets.choice(CODE_ALPHABET) for _ in range(16))
+    code = "-".join(raw[i:i + 4] for i in range(0, 16, 4))
+    PairingCode.objects.create(code_hash=_hash(code), created_by=actor,
+                               expires_at=timezone.now() + timedelta(minutes=minutes))
+    audit(None, "pairing-code", actor, detail=f"valid {minutes} min", agent_name="")
+    return code
+
+
+def enrol(code: str, name: str, public_key: str, version: str, source: str) -> Agent:
+    """A pending agent, from a usable pairing code (used up by it)."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise EnrolmentError(f"bad agent name {name!r}: lower-case letters, digits and '-', at most 40, "
+                             "starting with a letter or digit")
+    if not isinstance(public_key, str) or not public_key.startswith("ssh-ed25519 "):
+        raise EnrolmentError("public_key must be an ed25519 SSH public key (ssh-ed25519 AAAA...)")
+    refusal = None
+    with transaction.atomic():
+        pairing = PairingCode.objects.select_for_update().filter(code_hash=_hash(str(code or ""))).first()
+        if pairing is None:
+            refusal = EnrolmentError("unknown pairing code", 403)
+        elif pairing.used_at is not None:
+            refusal = EnrolmentError("pairing code already used", 409)
+        elif pairing.expires_at <= timezone.now():
+            refusal = EnrolmentError("pairing code expired", 410)
+        elif Agent.objects.filter(name=name).exists():
+            refusal = EnrolmentError(f"agent name {name!r} is taken", 409)
+        else:
+            agent = Agent.objects.create(name=name, state=AgentState.PENDING, public_key=public_key.strip(),
+                                         version=str(version or "")[:50], enrolled_from=source[:200])
+            pairing.used_at = timezone.now()
+            pairing.agent = agent
+            pairing.save(update_fields=["used_at", "agent"])
+            audit(agent, "enrolled", name, source, f"version {version}; code of {pairing.created_by}")
+    if refusal is not None:
+        audit(None, "enrol-refused", name, source, str(refusal), agent_name=name)
+        raise refusal
+    return agent
+
+
+# RabbitMQ users -------------------------------------------------------------------
+
+def broker_vhost() -> str:
+    return url_to_parts(settings.AGENT_BROKER_URL).path or "/"
+
+
+def broker_user_of(name: str) -> str:
+    return f"vma-{name}"
+
+
+def broker_permissions(name: str) -> tuple[str, str, str]:
+    """(configure, write, read) regular expressions for agent `name`'s user.
+    A Celery worker consuming vma.<name> declares its queue and the same-named
+    direct exchange and binds them; remote control declares the fanout
+    exchange celery.pidbox and its own <node>.celery.pidbox queue and answers
+    to reply.celery.pidbox; events (-E) publish to celeryev. Outcomes go to
+    the OMA's exchange, which it may write to but not declare or delete.
+    The worker runs --without-gossip --without-mingle. Never another
+    agent's vma.* queue or exchange, nor the default exchange (so it cannot
+    queue an order into another agent's queue)."""
+    own = re.escape(agent_queue(name))
+    pidbox = r"[^.]+@.+\.celery\.pidbox"
+    configure = rf"^({own}|celery\.pidbox|reply\.celery\.pidbox|celeryev|{pidbox})$"
+    write = rf"^({own}|{re.escape(OMA_QUEUE)}|celeryev|reply\.celery\.pidbox|{pidbox})$"
+    read = rf"^({own}|celery\.pidbox|{pidbox})$"
+    return configure, write, read
+
+
+def _rabbitmqctl(*args: str) -> str:
+    done = subprocess.run([*settings.RABBITMQCTL, "-q", *args], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise EnrolmentError(f"rabbitmqctl {args[0]} failed: {(done.stderr or done.stdout).strip()[:300]}", 502)
+    return done.stdout
+
+
+def _broker_users() -> set[str]:
+    return {line.split("\t")[0] for line in _rabbitmqctl("list_users", "--no-table-headers").splitlines()}
+
+
+def _ensure_vhost(vhost: str) -> None:
+    if vhost not in _rabbitmqctl("list_vhosts", "name", "--no-table-headers").split():
+        _rabbitmqctl("add_vhost", vhost)
+
+
+def _add_broker_user(name: str, password: str) -> str:
+    user, vhost = broker_user_of(name), broker_vhost()
+    _ensure_vhost(vhost)
+    if user in _broker_users():
+        _rabbitmqctl("delete_user", user)
+    _rabbitmqctl("add_user", user, password)
+    _rabbitmqctl("set_permissions", "-p", vhost, user, *broker_permissions(name))
+    return user
+
+
+def _close_connections(user: str, why: str) -> int:
+    closed = 0
+    for line in _rabbitmqctl("list_connections", "pid", "user", "--no-table-headers").splitlines():
+        parts = line.split("\t")
+        if len(parts) == 2 and parts[1] == user:
+            subprocess.run([*settings.RABBITMQCTL, "-q", "close_connection", parts[0], why], capture_output=True,
+                           timeout=60)
+            closed += 1
+    return closed
+
+
+def _delete_broker_user(user: str) -> int:
+    closed = _close_connections(user, "agent revoked")
+    if user in _broker_users():
+        _rabbitmqctl("delete_user", user)
+    return closed
+
+
+def broker_url_for(user: str, password: str) -> str:
+    parts = url_to_parts(settings.AGENT_BROKER_URL)
+    port = f":{parts.port}" if parts.port else ""
+    return (f"{parts.scheme}://{quote(user, safe='')}:{quote(password, safe='')}@{parts.hostname}{port}/"
+            f"{quote(broker_vhost(), safe='')}")
+
+
+# Approval, rejection, revocation -----------------------------------------------------
+
+def approve(name: str, actor: str, source: str = "") -> Agent:
+    """Give a pending agent its own broker user and message key; active."""
+    agent = _agent(name)
+    if agent.state != AgentState.PENDING:
+        raise EnrolmentError(f"agent {name} is {agent.state}, not pending: only a pending agent can be approved",
+                             409)
+    password = secrets.token_urlsafe(24)
+    user = _add_broker_user(name, password)
+    folder = _secrets_dir(name)
+    key_file = folder / "message_key"
+    _write_secret(key_file, secrets.token_hex(32))
+    _write_secret(folder / "broker_password", password)  # until the agent fetches it (once)
+    if not agent.transition(AgentState.ACTIVE, only_from=[AgentState.PENDING], broker_user=user,
+                            message_key_file=str(key_file), approved_by=actor, approved_at=timezone.now()):
+        _delete_broker_user(user)
+        raise EnrolmentError(f"agent {name} is no longer pending ({agent.state})", 409)
+    audit(agent, "approved", actor, source, f"broker user {user} on vhost {broker_vhost()}")
+    return agent
+
+
+def reject(name: str, actor: str, source: str = "") -> Agent:
+    agent = _agent(name)
+    if not agent.transition(AgentState.REJECTED, only_from=[AgentState.PENDING]):
+        raise EnrolmentError(f"agent {name} is {agent.state}, not pending: only a pending agent can be rejected",
+                             409)
+    audit(agent, "rejected", actor, source)
+    return agent
+
+
+def revoke(name: str, actor: str, source: str = "") -> Agent:
+    """Take an agent's credentials back at once: its broker user deleted
+    (its connections closed), its messages refused from now on."""
+    agent = _agent(name)
+    if agent.state in (AgentState.REVOKED, AgentState.REJECTED):
+        raise EnrolmentError(f"agent {name} is already {agent.state}", 409)
+    closed = _delete_broker_user(agent.broker_user) if agent.broker_user else 0
+    (Path(settings.OMA_SECRETS_DIR) / "agents" / name / "broker_password").unlink(missing_ok=True)
+    agent.transition(AgentState.REVOKED, revoked_at=timezone.now())
+    ended = _end_its_jobs(agent, f"agent {name} revoked by {actor}")
+    audit(agent, "revoked", actor, source, f"broker user {agent.broker_user or '-'} deleted, "
+                                           f"{closed} connection(s) closed, {ended} job(s) ended")
+    return agent
+
+
+def _end_its_jobs(agent: Agent, reason: str) -> int:
+    """Fail the revoked agent's running cycles: each job's cleanup asks the
+    agent (its API, if reachable) to stop its copies and discards the
+    cycle's layers, so a copy that goes on writing lands nowhere; its late
+    outcomes are refused (revoked)."""
+    from replication.choices import JOB_ACTIVE
+    from replication.models import ReplicationJob
+    from replication.services import jobs
+
+    job_ids = list(ReplicationJob.objects.filter(vm__agent=agent.name, status__in=JOB_ACTIVE)
+                   .values_list("pk", flat=True))
+    for job_id in job_ids:
+        jobs.fail_job(job_id, reason)
+    return len(job_ids)
+
+
+def credentials(name: str, code: str, source: str) -> tuple[int, dict]:
+    """What an enrolling agent polls for, proving itself with its pairing
+    code: (202, pending), (403, rejected/revoked), or once approved (200, its
+    broker URL and message key), given once."""
+    agent = Agent.objects.filter(name=name).first()
+    if agent is None or not PairingCode.objects.filter(agent=agent, code_hash=_hash(str(code or ""))).exists():
+        return 403, {"error": "unknown agent or wrong pairing code"}
+    if agent.state == AgentState.PENDING:
+        return 202, {"state": agent.state, "detail": "waiting for an administrator's approval"}
+    if agent.state in (AgentState.REJECTED, AgentState.REVOKED):
+        return 403, {"state": agent.state, "error": f"agent {name} was {agent.state}"}
+    password_file = Path(settings.OMA_SECRETS_DIR) / "agents" / name / "broker_password"
+    try:
+        password = password_file.read_text()
+    except FileNotFoundError:
+        return 410, {"error": "credentials already fetched"}
+    password_file.unlink()
+    audit(agent, "credentials-fetched", name, source)
+    return 200, {"state": agent.state, "agent_name": name, "queue": agent.queue,
+                 "broker_url": broker_url_for(agent.broker_user, password),
+                 "message_key": Path(agent.message_key_file).read_text().strip()}
+
+
+# Identity on outcomes ------------------------------------------------------------------
+
+def accepts(task_name: str, args: list, identity: dict | None, vm_agent: str) -> bool:
+    """Whether an outcome about a VM whose agent is `vm_agent` may be acted
+    on: signed by that agent with its message key; unsigned only if that
+    agent has no key recorded (configured by hand, or the embedded agent).
+    A refusal is recorded in the audit trail."""
+    claimed = identity.get("agent") if isinstance(identity, dict) else None
+    agent = Agent.objects.filter(name=vm_agent).first()
+    why = ""
+    if identity is None:
+        if agent is not None and agent.message_key_file:
+            why = f"unsigned, but agent {vm_agent} signs its messages"
+    elif claimed != vm_agent:
+        why = f"sent as agent {claimed!r}, but the VM's agent is {vm_agent!r}"
+    elif agent is None or not agent.message_key_file:
+        why = f"signed, but agent {vm_agent} has no message key recorded"
+    elif agent.state in (AgentState.REVOKED, AgentState.REJECTED, AgentState.PENDING):
+        why = f"agent {vm_agent} is {agent.state}"
+    else:
+        try:
+            key = Path(agent.message_key_file).read_bytes().strip()
+        except OSError as exc:
+            key, why = b"", f"cannot read agent {vm_agent}'s message key: {exc.strerror}"
+        if key and not message_identity.verify(key, identity, task_name, args):
+            why = f"signature of agent {vm_agent} does not match"
+    if not why:
+        return True
+    log.warning("outcome %s refused: %s", task_name, why)
+    sender = Agent.objects.filter(name=claimed).first() if isinstance(claimed, str) else None
+    audit(sender, "message-refused", str(claimed or "unsigned")[:100], "broker",
+          f"{task_name}{args[:1]}: {why}", agent_name=str(claimed or vm_agent)[:50])
+    return False
+
+
+def accepts_for_job(task_name: str, args: list, identity: dict | None, job_id: str) -> bool:
+    from replication.models import ReplicationJob
+
+    vm_agent = ReplicationJob.objects.filter(pk=job_id).values_list("vm__agent", flat=True).first()
+    return accepts(task_name, args, identity, vm_agent or "")
+
+
+def accepts_for_failover(task_name: str, args: list, identity: dict | None, failover_id: int) -> bool:
+    from replication.models import FailoverJob
+
+    vm_agent = FailoverJob.objects.filter(pk=failover_id).values_list("vm__agent", flat=True).first()
+    return accepts(task_name, args, identity, vm_agent or "")
+
+
+__all__ = ["EnrolmentError", "accepts", "accepts_for_failover", "accepts_for_job", "approve", "broker_permissions",
+           "broker_url_for", "broker_user_of", "broker_vhost", "credentials", "enrol", "new_pairing_code", "reject",
+           "revoke"]
