@@ -280,8 +280,12 @@ def test_a_celery_worker_as_agent_a_consumes_its_queue_and_signs_its_outcome(cli
         order = {"failover_id": 7, "action": "power_on", "vm_name": "vm-a", "vm_moref": "vm-1",
                  "vcenter": {"name": "vc", "host": "127.0.0.1", "port": free_port(), "username": "u",
                              "thumbprint": "", "password_env": "ENR_NO_SUCH_PASSWORD"}}
-        oma_app = Celery("oma-test", broker=rabbit)
-        oma_app.send_task(task_names.POWER_SOURCE, args=[order], queue="vma.enr-a")
+        # Not the current app: the rest of the session publishes through its own.
+        oma_app = Celery("oma-test", broker=rabbit, set_as_current=False)
+        try:
+            oma_app.send_task(task_names.POWER_SOURCE, args=[order], queue="vma.enr-a")
+        finally:
+            oma_app.close()
         with Connection(rabbit) as oma:
             inbox = oma.SimpleQueue(oma_queue())
             deadline = time.monotonic() + 120
