@@ -26,14 +26,16 @@ def prepare_job(job_id: str) -> None:
 
 @shared_task(name=task_names.SOURCE_PREPARED, **OUTCOME_RETRY)
 def source_prepared(job_id: str, outcome: dict, identity: dict | None = None) -> None:
+    parsed = SourcePrepared.from_dict(outcome)  # a malformed outcome is refused before anything else
     if enrolment.accepts_for_job(task_names.SOURCE_PREPARED, [job_id, outcome], identity, job_id):
-        jobs.source_prepared(job_id, SourcePrepared.from_dict(outcome))
+        jobs.source_prepared(job_id, parsed)
 
 
 @shared_task(name=task_names.DISK_COPIED, **OUTCOME_RETRY)
 def disk_copied(job_id: str, disk_key: str, attempt: int, outcome: dict, identity: dict | None = None) -> None:
+    parsed = DiskCopied.from_dict(outcome)
     if enrolment.accepts_for_job(task_names.DISK_COPIED, [job_id, disk_key, attempt, outcome], identity, job_id):
-        jobs.disk_copied(job_id, disk_key, attempt, DiskCopied.from_dict(outcome))
+        jobs.disk_copied(job_id, disk_key, attempt, parsed)
 
 
 @shared_task(name=task_names.FINALIZE_JOB, **OUTCOME_RETRY)
@@ -44,9 +46,10 @@ def finalize_job(job_id: str) -> None:
 @shared_task(name=task_names.SNAPSHOT_REMOVED, **OUTCOME_RETRY)
 def snapshot_removed(job_id: str, snapshot_moref: str, finalize: bool, outcome: dict,
                      identity: dict | None = None) -> None:
+    parsed = SnapshotRemoved.from_dict(outcome)
     args = [job_id, snapshot_moref, finalize, outcome]
     if enrolment.accepts_for_job(task_names.SNAPSHOT_REMOVED, args, identity, job_id):
-        jobs.snapshot_removed(job_id, snapshot_moref, finalize, SnapshotRemoved.from_dict(outcome))
+        jobs.snapshot_removed(job_id, snapshot_moref, finalize, parsed)
 
 
 @shared_task(name=task_names.RUN_FAILOVER)
@@ -61,9 +64,10 @@ def continue_failover(failover_id: int) -> None:
 
 @shared_task(name=task_names.SOURCE_POWERED, **OUTCOME_RETRY)
 def source_powered(failover_id: int, action: str, outcome: dict, identity: dict | None = None) -> None:
+    parsed = SourcePowered.from_dict(outcome)
     args = [failover_id, action, outcome]
     if enrolment.accepts_for_failover(task_names.SOURCE_POWERED, args, identity, failover_id):
-        failover.source_powered(failover_id, action, SourcePowered.from_dict(outcome))
+        failover.source_powered(failover_id, action, parsed)
 
 
 @shared_task(name=task_names.POLL_PROGRESS)

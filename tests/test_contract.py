@@ -72,6 +72,7 @@ def test_a_malformed_nested_outcome_or_order_is_refused():
                                "snapshot_moref": "s", "device_key": 1, "backing_file": "", "against_change_id": "*"})
 
 
+@pytest.mark.django_db  # a well-formed outcome's sender is checked against its job's agent
 def test_the_oma_task_refuses_a_malformed_outcome_before_any_service_reads_it(monkeypatch):
     from replication import tasks
 
