@@ -43,12 +43,20 @@ ensure_libvirtd() {  # the failover destination: libvirtd (and virtlogd) for qem
   # A daemon that is still shutting down shows as a zombie (<defunct>) while
   # its threads finish and still holds its pidfile: keep trying to start one
   # until a live daemon answers, within the deadline.
+  # Directories an earlier daemon made under umask 077 are repaired too.
+  local dir
+  for dir in /run/libvirt/qemu /var/log/swtpm /var/log/swtpm/libvirt /var/lib/libvirt/swtpm; do
+    [ -d "$dir" ] && chmod go+x "$dir"
+  done
   local deadline=$((SECONDS + 60)) started="" daemon
   while [ "$SECONDS" -lt "$deadline" ]; do
     for daemon in virtlogd libvirtd; do
       if ! ps -C "$daemon" -o stat= 2>/dev/null | grep -qv Z; then
         case " $started " in *" $daemon "*) ;; *) echo "starting $daemon"; started="$started $daemon";; esac
-        "$daemon" -d 2>/dev/null || true
+        # A system daemon keeps the system's umask, not the tests' 077: libvirtd
+        # creates swtpm's state and log directories with it, and a 0700 root
+        # directory stops swtpm (running as tss) from starting any vTPM.
+        (umask 022; "$daemon" -d 2>/dev/null) || true
       fi
     done
     timeout 15 virsh -c qemu:///system version >/dev/null 2>&1 && return 0
