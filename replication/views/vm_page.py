@@ -41,13 +41,13 @@ def _bounded(queryset, section: str, shown: str) -> tuple[list, bool]:
     return rows[:LIMIT], len(rows) > LIMIT
 
 
-def _rate(job) -> int:
+def _rate(job) -> int | None:
     """A cycle's rate: its average once ended (bytes over its run time),
-    else its current throughput."""
-    if job.completed_at and job.started_at and job.bytes_transferred:
+    else its current throughput; None when unknown."""
+    if job.completed_at and job.started_at:
         seconds = (job.completed_at - job.started_at).total_seconds()
-        return int(job.bytes_transferred / seconds) if seconds > 0 else 0
-    return job.throughput_bps
+        return int(job.bytes_transferred / seconds) if seconds > 0 else None
+    return job.throughput_bps or None
 
 
 def _points(vm, shown: str, now) -> tuple[list, bool, dict]:
@@ -95,7 +95,10 @@ def vm_detail(request, vm_id):
                                    "drills", shown)
     history, more_history = ([], False) if context is None else _bounded(
         context.changes.order_by(F("at").desc(), F("id").desc()), "history", shown)
+    # When it entered its state: its newest move there (none shown before its first move).
+    since = next((change.at for change in history if change.to_state == vm.lifecycle_state), None)
     return render_page(request, "replication/vm_detail.html", {
+        "since": since,
         "vm": vm, "context": context, "hardware": decision,
         "hardware_rows": [(HARDWARE_LABELS[key], decision.choices[key]) for key in hardware.KEYS],
         "hardware_warning": decision.warning or (context.hardware_warning if context else ""),
