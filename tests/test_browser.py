@@ -239,8 +239,9 @@ def test_every_page_fits_a_phone_and_shows_progress_and_eta(live_server, tmp_pat
             log_in(page, live_server)
             ARTIFACTS.mkdir(exist_ok=True)
             for name, path in [("dashboard", "/"), ("job", f"/jobs/{job.id}/"), ("vms", "/vms/"),
-                               ("volumes", "/volumes/"), ("failover", f"/failovers/{failover.pk}/"),
-                               ("cloud", "/cloud/"), ("sources", "/sources/"), ("protection", "/protection/")]:
+                               ("vm", f"/vms/{vm.pk}/"), ("volumes", "/volumes/"),
+                               ("failover", f"/failovers/{failover.pk}/"), ("cloud", "/cloud/"),
+                               ("sources", "/sources/"), ("protection", "/protection/")]:
                 page.goto(f"{live_server.url}{path}")
                 page.wait_for_load_state("networkidle")
                 width = page.evaluate("document.documentElement.scrollWidth")
