@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from replication.views import agents, api, enrolment, jobs, protection, sources, vms
+from replication.views import agents, api, enrolment, jobs, protection, sources, vm_settings, vms
 
 urlpatterns = [
     path("", jobs.dashboard, name="dashboard"),
@@ -18,6 +18,9 @@ urlpatterns = [
     path("vms/<int:vm_id>/failover/live/", vms.vm_failover_live, name="vm-failover-live"),
     path("vms/<int:vm_id>/rollback/", vms.vm_rollback, name="vm-rollback"),
     path("vms/<int:vm_id>/failover/commit/", vms.vm_failover_commit, name="vm-failover-commit"),
+    path("vms/<int:vm_id>/settings/", vm_settings.vm_settings, name="vm-settings"),
+    path("vms/<int:vm_id>/settings/remove-replicas/", vm_settings.vm_remove_replicas, name="vm-remove-replicas"),
+    path("vms/<int:vm_id>/settings/decommission/", vm_settings.vm_decommission, name="vm-decommission"),
     path("failovers/<int:failover_id>/", vms.failover_detail, name="failover-detail"),
     path("protection/", protection.protection, name="protection"),
     path("api/rpo/", protection.rpo_list, name="api-rpo"),

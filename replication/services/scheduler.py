@@ -36,6 +36,7 @@ from replication.choices import (
     JobStatus,
     SourceKind,
     SyncType,
+    VMState,
 )
 from replication.models import Admission, Agent, ProtectionGroup, ReplicationJob, SourceDisk, VirtualMachine, VMDisk
 from vma_agent import task_names
@@ -164,6 +165,9 @@ def delete_group(group: ProtectionGroup) -> None:
 
 def add_vms(group: ProtectionGroup, vms: list[VirtualMachine]) -> None:
     """A VM belongs to at most one group: adding it here takes it from its old one."""
+    retired = [vm.name for vm in vms if vm.lifecycle_state == VMState.DECOMMISSIONED]
+    if retired:
+        raise ScheduleError(f"VM(s) {', '.join(retired)} are decommissioned: they cannot join a group")
     with transaction.atomic():
         for vm in vms:
             if vm.group_id not in (None, group.pk):

@@ -30,7 +30,7 @@ def vm_list(request):
     newest = ReplicationJob.objects.filter(vm=OuterRef("pk")).order_by("-created_at").values("id")[:1]
     newest_failover = FailoverJob.objects.filter(vm=OuterRef("pk")).order_by("-created_at").values("id")[:1]
     vms = list(rpo.with_recovery_points(
-        VirtualMachine.objects.select_related("context", "group").prefetch_related("disks__target_volume")
+        VirtualMachine.objects.in_service().select_related("context", "group").prefetch_related("disks__target_volume")
         .annotate(last_job_id=Subquery(newest), last_failover_id=Subquery(newest_failover))))
     last_jobs = ReplicationJob.objects.in_bulk([vm.last_job_id for vm in vms if vm.last_job_id])
     failovers = FailoverJob.objects.in_bulk([vm.last_failover_id for vm in vms if vm.last_failover_id])

@@ -1,0 +1,200 @@
+"""The operator console's forms through Django's test client: each form
+valid, invalid (the service's reason beside the field, nothing stored) and
+refused to a role below the one it needs."""
+
+import html as html_module
+import re
+
+import pytest
+from django.test import Client
+from django.urls import reverse
+
+from replication.choices import VMState
+from replication.models import ReplicationJob, VMContext
+from replication.services.inventory import register_image_vm
+from tests.helpers import MiB, make_image, user_with_role
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def no_broker(monkeypatch):
+    monkeypatch.setattr("replication.services.jobs.enqueue_prepare", lambda *args: None)
+
+
+@pytest.fixture
+def vm(tmp_path):
+    image = make_image(tmp_path / "d.img", 2 * MiB, [(0, MiB)])
+    return register_image_vm("web01", [str(image)])
+
+
+def client_as(role: str) -> Client:
+    client = Client()
+    client.force_login(user_with_role(role, role))
+    return client
+
+
+@pytest.fixture
+def admin():
+    return client_as("administrator")
+
+
+def feedback(response, field: str) -> str:
+    """The text of the .invalid-feedback beside a field (data-error=its html name)."""
+    html = response.content.decode()
+    found = re.findall(rf'<div class="invalid-feedback[^"]*" data-error="{re.escape(field)}">([^<]*)</div>', html)
+    assert found, f"no error beside {field} in the page"
+    return html_module.unescape(" ".join(found))
+
+
+def settings_url(vm):
+    return reverse("vm-settings", args=[vm.pk])
+
+
+def test_the_settings_page_shows_each_form(admin, vm):
+    response = admin.get(settings_url(vm))
+    assert response.status_code == 200
+    for form in ("boot", "hardware", "conversion", "network", "replicate"):
+        assert f'data-form="{form}"' in response.content.decode()
+    assert "<h1>Settings of web01</h1>" in response.content.decode()
+
+
+def test_boot_check_valid_invalid_and_refused(admin, vm):
+    url = settings_url(vm)
+    response = admin.post(url, {"action": "boot", "boot-probes": ["screen", "network"], "boot-regex": r"login:\s",
+                                "boot-timeout": "300"})
+    assert response.status_code == 302
+    context = VMContext.of(vm)
+    assert (context.boot_probes, context.boot_check_regex, context.boot_check_timeout_s) == (
+        "screen,network", r"login:\s", 300)
+
+    response = admin.post(url, {"action": "boot", "boot-probes": ["console"], "boot-regex": "(",
+                                "boot-timeout": "5000"})
+    assert response.status_code == 400
+    assert "is not a regular expression" in feedback(response, "boot-regex")
+    assert "must be 1..3600 seconds, not 5000" in feedback(response, "boot-timeout")
+    assert 'is-invalid" id="id_boot-regex"' in response.content.decode() or "is-invalid" in response.content.decode()
+    context.refresh_from_db()
+    assert (context.boot_probes, context.boot_check_timeout_s) == ("screen,network", 300), "nothing half-set"
+
+    response = client_as("operator").post(url, {"action": "boot", "boot-regex": "", "boot-timeout": "60"})
+    assert response.status_code == 403 and "This needs the administrator role" in response.content.decode()
+    context.refresh_from_db()
+    assert context.boot_check_timeout_s == 300
+
+
+def test_boot_check_empty_probes_set_the_default_back(admin, vm):
+    VMContext.objects.filter(vm=vm).update(boot_probes="agent")
+    admin.post(settings_url(vm), {"action": "boot", "boot-regex": "", "boot-timeout": "120"})
+    assert VMContext.of(vm).boot_probes == ""
+
+
+def test_hardware_valid_invalid_and_refused(admin, vm):
+    url = settings_url(vm)
+    base = {"action": "hardware", "hw-firmware": "efi", "hw-secure_boot": "on", "hw-tpm": "auto",
+            "hw-disk_bus": "sata", "hw-scsi_model": "auto", "hw-nic_model": "e1000e"}
+    assert admin.post(url, base).status_code == 302
+    assert VMContext.of(vm).hardware == {"firmware": "efi", "secure_boot": True, "disk_bus": "sata",
+                                         "nic_model": "e1000e"}
+
+    response = admin.post(url, {**base, "hw-firmware": "bios"})
+    assert response.status_code == 400
+    assert "Secure Boot needs UEFI firmware" in feedback(response, "hw-secure_boot")
+    response = admin.post(url, {**base, "hw-nic_model": "ne2000"})
+    assert "nic model must be one of virtio" in feedback(response, "hw-nic_model")
+    assert VMContext.of(vm).hardware["firmware"] == "efi", "nothing stored from a refused form"
+
+    response = client_as("viewer").post(url, {**base, "hw-firmware": "auto", "hw-secure_boot": "auto"})
+    assert response.status_code == 403
+    assert VMContext.of(vm).hardware["firmware"] == "efi"
+
+
+def test_guest_conversion_on_off_and_refused(admin, vm):
+    url = settings_url(vm)
+    assert admin.post(url, {"action": "conversion", "conv-convert_guest": "on"}).status_code == 302
+    assert VMContext.of(vm).convert_guest is True
+    assert client_as("operator").post(url, {"action": "conversion"}).status_code == 403
+    assert VMContext.of(vm).convert_guest is True
+    assert admin.post(url, {"action": "conversion"}).status_code == 302
+    assert VMContext.of(vm).convert_guest is False
+
+
+def test_network_map_valid_invalid_and_refused(admin, vm, monkeypatch):
+    from replication.models import NetworkMapping
+
+    class Destination:
+        def has_network(self, name):
+            return name == "prod-net"
+
+    monkeypatch.setattr("replication.services.network_maps.get_destination", lambda: Destination())
+    url = settings_url(vm)
+    response = admin.post(url, {"action": "network", "net-source": "VM Network", "net-destination": "nowhere"})
+    assert response.status_code == 400
+    assert "the destination has no network named 'nowhere'" in feedback(response, "net-destination")
+    assert not NetworkMapping.objects.exists()
+    response = admin.post(url, {"action": "network", "net-source": "", "net-destination": "prod-net"})
+    assert "This field is required." in feedback(response, "net-source")
+    assert admin.post(url, {"action": "network", "net-source": "VM Network",
+                            "net-destination": "prod-net"}).status_code == 302
+    assert NetworkMapping.as_dict() == {"VM Network": "prod-net"}
+    assert client_as("operator").post(url, {"action": "network", "net-source": "x",
+                                            "net-destination": "prod-net"}).status_code == 403
+    assert NetworkMapping.as_dict() == {"VM Network": "prod-net"}
+
+
+def test_start_a_cycle_with_a_limit_valid_invalid_and_refused(vm):
+    url = settings_url(vm)
+    response = client_as("viewer").post(url, {"action": "replicate", "rep-sync_type": "full", "rep-limit": "50M"})
+    assert response.status_code == 403 and not ReplicationJob.objects.exists()
+    operator = client_as("operator")
+    response = operator.post(url, {"action": "replicate", "rep-sync_type": "full", "rep-limit": "fast"})
+    assert response.status_code == 400
+    assert "'fast' is not a rate such as 50M" in feedback(response, "rep-limit")
+    response = operator.post(url, {"action": "replicate", "rep-sync_type": "incremental", "rep-limit": ""})
+    assert response.status_code == 400 and "only a full copy is possible" in response.content.decode()
+    assert not ReplicationJob.objects.exists()
+    response = operator.post(url, {"action": "replicate", "rep-sync_type": "full", "rep-limit": "50MiB/s"})
+    job = ReplicationJob.objects.get()
+    assert response.status_code == 302 and response["Location"] == reverse("job-detail", args=[job.id])
+    assert job.bandwidth_limit_bps == 50 * MiB
+
+
+def test_checksums_start_a_run_and_are_refused_to_a_viewer(vm, monkeypatch, django_capture_on_commit_callbacks):
+    published = []
+    monkeypatch.setattr("replication.dispatch.publish", lambda name, args=(), **kw: published.append((name, args)))
+    url = settings_url(vm)
+    assert client_as("viewer").post(url, {"action": "checksums"}).status_code == 403
+    assert not vm.checksum_runs.exists()
+    with django_capture_on_commit_callbacks(execute=True):
+        assert client_as("operator").post(url, {"action": "checksums"}).status_code == 302
+    run = vm.checksum_runs.get()
+    assert published == [("replication.compare_checksums", [run.pk])]
+    assert run.status == "running" and run.actor == "operator"
+
+
+def test_decommission_asks_first_and_is_refused_below_administrator(admin, vm):
+    url = reverse("vm-decommission", args=[vm.pk])
+    assert 'data-vm="web01"' in admin.get(reverse("vm-list")).content.decode()
+    page = admin.get(url).content.decode()
+    assert "Decommission web01?" in page
+    assert "hide it from the VM list" in page and "keep its jobs, failovers" in page
+    assert VMContext.of(vm).state == VMState.DISCOVERED, "asking changes nothing"
+    response = client_as("operator").post(url)
+    assert response.status_code == 403 and VMContext.of(vm).state == VMState.DISCOVERED
+    assert admin.post(url).status_code == 302
+    assert VMContext.of(vm).state == VMState.DECOMMISSIONED
+    admin.get(reverse("vm-settings", args=[vm.pk]))  # the message shown once
+    assert "web01" not in admin.get(reverse("vm-list")).content.decode()
+    response = admin.post(url)
+    assert response.status_code == 409 and "already decommissioned" in response.content.decode()
+
+
+def test_decommission_is_refused_with_the_reason_while_a_cycle_runs(admin, vm):
+    from replication.services.jobs import start_replication
+
+    job = start_replication(vm)
+    response = admin.get(reverse("vm-decommission", args=[vm.pk]))
+    assert "cannot be decommissioned: a replication cycle is running" in response.content.decode()
+    response = admin.post(reverse("vm-decommission", args=[vm.pk]))
+    assert response.status_code == 409
+    assert VMContext.of(vm).state == VMState.REPLICATING and job.disks.get().target_volume is not None
