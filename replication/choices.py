@@ -225,3 +225,20 @@ AGENT_TRANSITIONS = {
     AgentState.DRAINING: {AgentState.ACTIVE, AgentState.PAUSED, AgentState.REVOKED},
 }
 AGENT_TAKES_WORK = (AgentState.ACTIVE,)
+
+
+class ChecksumStatus(models.TextChoices):
+    """A comparison of a VM's sources with its replicas (ChecksumRun)."""
+
+    RUNNING = "running", "Running"
+    MATCH = "match", "Every comparable disk matches"
+    MISMATCH = "mismatch", "A replica differs from its source"
+    FAILED = "failed", "Failed"
+
+
+CHECKSUM_TRANSITIONS = {
+    ChecksumStatus.RUNNING: {ChecksumStatus.MATCH, ChecksumStatus.MISMATCH, ChecksumStatus.FAILED},
+    ChecksumStatus.MATCH: set(),
+    ChecksumStatus.MISMATCH: set(),
+    ChecksumStatus.FAILED: set(),
+}

@@ -5,13 +5,13 @@ settings page or at once by `manage.py checksums`."""
 from django.db import models
 from django.utils import timezone
 
+from replication.choices import CHECKSUM_TRANSITIONS, ChecksumStatus
+from replication.models.base import StateMachine
 
-class ChecksumRun(models.Model):
-    class Status(models.TextChoices):
-        RUNNING = "running", "Running"
-        MATCH = "match", "Every comparable disk matches"
-        MISMATCH = "mismatch", "A replica differs from its source"
-        FAILED = "failed", "Failed"
+
+class ChecksumRun(StateMachine):
+    Status = ChecksumStatus
+    transitions = CHECKSUM_TRANSITIONS
 
     vm = models.ForeignKey("replication.VirtualMachine", on_delete=models.CASCADE, related_name="checksum_runs")
     actor = models.CharField(max_length=100)
@@ -36,6 +36,4 @@ class ChecksumRun(models.Model):
             status = self.Status.MISMATCH
         else:
             status = self.Status.MATCH
-        type(self).objects.filter(pk=self.pk, status=self.Status.RUNNING).update(
-            status=status, disks=disks or [], error=error, ended_at=timezone.now())
-        self.refresh_from_db()
+        self.transition(status, disks=disks or [], error=error, ended_at=timezone.now())
