@@ -162,3 +162,116 @@ class ReplicateForm(ConsoleForm):
         except job_service.ReplicationError as exc:
             self.add_error(None, str(exc))
             return None
+
+
+def _duration_text(seconds: int | None) -> str:
+    """Seconds as the commands take them back: 90s, 15m, 2h, 1d."""
+    if not seconds:
+        return ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+class DurationField(forms.CharField):
+    """A duration as `manage.py group` takes it (90s, 15m, 2h, 1d), to seconds."""
+
+    def to_python(self, value):
+        import argparse
+
+        from replication.management.lookup import duration_s
+
+        text = super().to_python(value).strip()
+        if not text:
+            return None
+        try:
+            return duration_s(text)
+        except argparse.ArgumentTypeError as exc:
+            raise forms.ValidationError(str(exc)) from None
+
+
+class GroupForm(ConsoleForm):
+    """A protection group, its schedule and its VMs: `group create|update|add|remove` and `schedule set|clear`."""
+
+    POLICY = ("description", "max_concurrent", "rpo_target_s", "max_retries", "retry_backoff_s", "drill_interval_s",
+              "points_keep", "points_hourly_h", "points_daily_d", "paused")
+
+    name = forms.CharField(max_length=100)
+    description = forms.CharField(required=False, max_length=500)
+    interval_s = DurationField(required=False, label="Replicate every", help_text="e.g. 30m; or a cron expression.")
+    cron = forms.CharField(required=False, max_length=100, label="Or on a cron schedule",
+                           help_text='"minute hour day-of-month month day-of-week", e.g. 0 */4 * * *')
+    timezone = forms.CharField(max_length=64, initial="UTC", label="The cron expression's time zone")
+    max_concurrent = forms.IntegerField(initial=2, label="Cycles at once")
+    rpo_target_s = DurationField(initial="1h", label="Recovery point target")
+    max_retries = forms.IntegerField(initial=2, label="Retries of a failed scheduled cycle")
+    retry_backoff_s = DurationField(initial="60s", label="First retry after (doubling)")
+    drill_interval_s = DurationField(required=False, label="Rehearse each VM's recovery every",
+                                     help_text="A drill (test failover, boot verified, ended); empty: no drills.")
+    points_keep = forms.IntegerField(required=False, label="Recovery points kept per VM",
+                                     help_text="Empty: the appliance's default.")
+    points_hourly_h = forms.IntegerField(initial=0, label="Also the newest of each hour, for hours")
+    points_daily_d = forms.IntegerField(initial=0, label="Also the newest of each day, for days")
+    paused = forms.BooleanField(required=False, label="Paused (starts nothing)")
+    vms = forms.ModelMultipleChoiceField(queryset=None, required=False, widget=forms.CheckboxSelectMultiple,
+                                         label="VMs", help_text="A VM is in at most one group: ticking it here "
+                                                                "takes it from its old one.")
+
+    def __init__(self, *args, group=None, **kwargs):
+        from replication.models import VirtualMachine
+
+        self.group = group
+        if group is not None:
+            initial = {field: getattr(group, field) for field in ("name", "description", "cron", "timezone",
+                                                                  "max_concurrent", "max_retries", "points_keep",
+                                                                  "points_hourly_h", "points_daily_d", "paused")}
+            for field in ("interval_s", "rpo_target_s", "retry_backoff_s", "drill_interval_s"):
+                initial[field] = _duration_text(getattr(group, field))
+            initial["vms"] = list(group.vms.values_list("pk", flat=True))
+            kwargs.setdefault("initial", initial)
+        super().__init__(*args, **kwargs)
+        self.fields["vms"].queryset = VirtualMachine.objects.in_service().select_related("group")
+        self.fields["vms"].label_from_instance = (
+            lambda vm: vm.name + (f" (in {vm.group.name})" if vm.group and vm.group != group else ""))
+        if group is not None:
+            self.fields["name"].disabled = True
+
+    def apply(self):
+        """The group created or changed, or None (the reasons beside the fields; nothing stored)."""
+        from django.db import transaction
+
+        from replication.services import scheduler
+
+        if not self.is_valid():
+            return None
+        data = self.cleaned_data
+        policy = {key: data[key] for key in self.POLICY if data[key] is not None}
+        if data["points_keep"] is None:
+            policy["points_keep"] = None
+        if data["drill_interval_s"] is None:
+            policy["drill_interval_s"] = None
+        try:
+            with transaction.atomic():
+                if self.group is None:
+                    group = scheduler.create_group(data["name"], **policy)
+                else:
+                    group = scheduler.update_group(self.group, **policy)
+                if data["interval_s"] or data["cron"].strip():
+                    scheduler.set_schedule(group, interval_s=data["interval_s"], cron=data["cron"],
+                                           tz=data["timezone"].strip() or "UTC")
+                else:
+                    scheduler.update_group(group, interval_s=None, cron="")
+                chosen = list(data["vms"])
+                gone = [vm for vm in group.vms.all() if vm not in chosen]
+                if gone:
+                    scheduler.remove_vms(group, gone)
+                added = [vm for vm in chosen if vm.group_id != group.pk]
+                if added:
+                    scheduler.add_vms(group, added)
+        except scheduler.ScheduleError as exc:
+            if self.group is not None:
+                self.group.refresh_from_db()
+            self.add_error(exc.field if exc.field in self.fields else None, str(exc))
+            return None
+        return group

@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from replication.views import agents, api, enrolment, jobs, protection, sources, vm_settings, vms
+from replication.views import agents, api, enrolment, groups, jobs, protection, sources, vm_settings, vms
 
 urlpatterns = [
     path("", jobs.dashboard, name="dashboard"),
@@ -23,6 +23,10 @@ urlpatterns = [
     path("vms/<int:vm_id>/settings/decommission/", vm_settings.vm_decommission, name="vm-decommission"),
     path("failovers/<int:failover_id>/", vms.failover_detail, name="failover-detail"),
     path("protection/", protection.protection, name="protection"),
+    path("protection/groups/new/", groups.group_new, name="group-new"),
+    path("protection/groups/<int:group_id>/", groups.group_edit, name="group-edit"),
+    path("protection/groups/<int:group_id>/delete/", groups.group_delete, name="group-delete"),
+    path("protection/groups/<int:group_id>/drill/", groups.group_drill, name="group-drill"),
     path("api/rpo/", protection.rpo_list, name="api-rpo"),
     path("metrics", protection.metrics, name="metrics"),
     path("cloud/", sources.cloud, name="cloud"),

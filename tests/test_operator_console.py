@@ -29,8 +29,10 @@ def vm(tmp_path):
 
 
 def client_as(role: str) -> Client:
+    from django.contrib.auth.models import User
+
     client = Client()
-    client.force_login(user_with_role(role, role))
+    client.force_login(User.objects.filter(username=role).first() or user_with_role(role, role))
     return client
 
 
@@ -198,3 +200,82 @@ def test_decommission_is_refused_with_the_reason_while_a_cycle_runs(admin, vm):
     response = admin.post(reverse("vm-decommission", args=[vm.pk]))
     assert response.status_code == 409
     assert VMContext.of(vm).state == VMState.REPLICATING and job.disks.get().target_volume is not None
+
+
+def group_data(**changes):
+    data = {"name": "web", "description": "", "interval_s": "30m", "cron": "", "timezone": "UTC",
+            "max_concurrent": "2", "rpo_target_s": "1h", "max_retries": "2", "retry_backoff_s": "60s",
+            "drill_interval_s": "", "points_keep": "", "points_hourly_h": "0", "points_daily_d": "0"}
+    data.update(changes)
+    return data
+
+
+def test_group_create_valid_invalid_and_refused(admin, vm):
+    from replication.models import ProtectionGroup
+
+    url = reverse("group-new")
+    response = client_as("operator").post(url, group_data())
+    assert response.status_code == 403 and not ProtectionGroup.objects.exists()
+
+    response = admin.post(url, group_data(rpo_target_s="soon", cron="0 */4 * *", interval_s=""))
+    assert response.status_code == 400
+    assert "'soon' is not a duration such as 90s, 15m, 2h or 1d" in feedback(response, "rpo_target_s")
+    response = admin.post(url, group_data(cron="0 */4 * *", interval_s="", vms=[vm.pk]))
+    assert "needs 5 fields" in feedback(response, "cron")
+    response = admin.post(url, group_data(max_concurrent="0"))
+    assert "the concurrency limit must be at least 1" in feedback(response, "max_concurrent")
+    response = admin.post(url, group_data(cron="0 * * * *"))
+    assert "give either an interval or a cron expression" in feedback(response, "interval_s")
+    assert not ProtectionGroup.objects.exists(), "a refused form stores no group"
+    from django_celery_beat.models import PeriodicTask
+    assert not PeriodicTask.objects.exists()
+
+    response = admin.post(url, group_data(vms=[vm.pk], drill_interval_s="1d"))
+    assert response.status_code == 302
+    group = ProtectionGroup.objects.get()
+    assert (group.interval_s, group.rpo_target_s, group.drill_interval_s) == (1800, 3600, 86400)
+    assert list(group.vms.values_list("name", flat=True)) == ["web01"]
+    assert group.periodic_task.enabled and group.drill_task is not None
+    response = admin.post(url, group_data())
+    assert "a group named web exists already" in feedback(response, "name")
+
+
+def test_group_edit_members_schedule_and_delete(admin, vm, tmp_path):
+    from replication.models import ProtectionGroup
+    from replication.services import scheduler
+
+    other = register_image_vm("db01", [str(make_image(tmp_path / "o.img", MiB, [(0, 4096)]))])
+    group = scheduler.create_group("web")
+    scheduler.add_vms(group, [vm])
+    url = reverse("group-edit", args=[group.pk])
+    assert client_as("operator").post(url, group_data(vms=[other.pk])).status_code == 403
+    response = admin.post(url, group_data(vms=[other.pk], interval_s="", cron="0 */4 * * *", paused="on"))
+    assert response.status_code == 302
+    group.refresh_from_db()
+    assert (group.cron, group.interval_s, group.paused) == ("0 */4 * * *", None, True)
+    assert list(group.vms.values_list("name", flat=True)) == ["db01"]
+    assert not group.periodic_task.enabled
+
+    response = admin.post(url, group_data(vms=[vm.pk], max_retries="5000"))
+    assert "the retry count must be between 0 and 1000, not 5000" in feedback(response, "max_retries")
+    group.refresh_from_db()
+    assert group.max_retries == 2 and list(group.vms.values_list("name", flat=True)) == ["db01"]
+
+    delete = reverse("group-delete", args=[group.pk])
+    page = admin.get(delete).content.decode()
+    assert "Delete group web?" in page and "leave its VMs (db01) in no group" in page
+    assert client_as("operator").post(delete).status_code == 403
+    assert admin.post(delete).status_code == 302
+    assert not ProtectionGroup.objects.exists()
+    other.refresh_from_db()
+    assert other.group is None
+
+
+def test_a_drill_now_needs_the_operator_role_and_says_why_it_cannot_run(vm):
+    from replication.services import scheduler
+
+    group = scheduler.create_group("empty")
+    url = reverse("group-drill", args=[group.pk])
+    assert client_as("viewer").post(url).status_code == 403
+    response = client_as("operator").post(url, follow=True)
+    assert "group empty has no VMs" in response.content.decode()

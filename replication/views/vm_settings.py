@@ -11,6 +11,7 @@ settings, removing replicas and decommissioning administrator."""
 
 from django.contrib import messages
 from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
 
 from replication.choices import VMState
 from replication.forms import BootCheckForm, GuestConversionForm, HardwareForm, NetworkMapForm, ReplicateForm
@@ -56,7 +57,7 @@ def _replicas(vm):
 def _page(request, vm, context, forms, status=200):
     mapping = NetworkMapping.as_dict()
     networks = sorted({nic.get("network", "") for nic in vm.nics or [] if nic.get("network")})
-    return render_page_status(request, "replication/vm_settings.html", {
+    return render_page(request, "replication/vm_settings.html", {
         "vm": vm, "context": context, **forms,
         "hardware": hardware.for_vm(vm, context=context),
         "networks": [(network, mapping.get(network, "")) for network in networks],
@@ -66,12 +67,6 @@ def _page(request, vm, context, forms, status=200):
         "decommission_refusal": decommission_refusal(vm),
         "decommissioned": context.state == VMState.DECOMMISSIONED,
     }, status)
-
-
-def render_page_status(request, template, context, status):
-    response = render_page(request, template, context)
-    response.status_code = status
-    return response
 
 
 @page_permission(READ)
@@ -116,18 +111,20 @@ def _confirm(request, vm, *, title, action_label, consequences, perm, act, done_
     POST does it."""
     if not request.user.has_perm(perm):
         return render(request, "replication/forbidden.html", {"reason": refusal(request.user, perm)}, status=403)
-    page = {"vm": vm, "title": title, "action_label": action_label, "consequences": consequences,
-            "refusal": refusal_text}
+    back = reverse("vm-settings", args=[vm.pk])
+    page = {"title": title, "action_label": action_label, "consequences": consequences, "refusal": refusal_text,
+            "back_url": back, "crumbs": [(reverse("vm-list"), "VMs"), (back, vm.name)],
+            "warning": "Deleted replicas cannot be brought back."}
     if request.method == "POST" and not refusal_text:
         try:
             done = act()
         except ProtectionError as exc:
             page["refusal"] = str(exc)
-            return render_page_status(request, "replication/vm_confirm.html", page, 409)
+            return render_page(request, "replication/confirm.html", page, 409)
         log_admin(request, vm, done_message.format(count=len(done)))
         messages.info(request, done_message.format(count=len(done)) + (": " + "; ".join(done) if done else ""))
         return redirect("vm-settings", vm_id=vm.pk)
-    return render_page_status(request, "replication/vm_confirm.html", page, 409 if refusal_text and
+    return render_page(request, "replication/confirm.html", page, 409 if refusal_text and
                               request.method == "POST" else 200)
 
 
