@@ -275,3 +275,46 @@ class GroupForm(ConsoleForm):
             self.add_error(exc.field if exc.field in self.fields else None, str(exc))
             return None
         return group
+
+
+class VCenterForm(ConsoleForm):
+    """How a vCenter is reached (services.sources.update_vcenter: its checks, then a login)."""
+
+    host = forms.CharField(max_length=255)
+    port = forms.IntegerField()
+    username = forms.CharField(max_length=200, label="User")
+    thumbprint = forms.CharField(max_length=200, label="Certificate thumbprint (SHA-1)")
+    agent = forms.CharField(max_length=50, help_text="The agent that reaches it (manage.py agent list).")
+
+    def apply(self, vcenter):
+        from replication.services import sources
+        from vma_agent.vmware import VSphereError
+
+        if not self.is_valid():
+            return None
+        try:
+            return sources.update_vcenter(vcenter, **self.cleaned_data)
+        except sources.VCenterFieldError as exc:
+            self.add_error(exc.field, str(exc))
+        except (sources.vmware_service.VCenterConfigError, VSphereError) as exc:
+            self.add_error(None, str(exc))
+        return None
+
+
+class PasswordForm(ConsoleForm):
+    password = forms.CharField(widget=forms.PasswordInput, strip=False, label="New password",
+                               help_text="Kept in its own secret file; a login with it is tried first.")
+
+    def apply(self, vcenter):
+        from replication.services import sources
+        from vma_agent.vmware import VSphereError
+
+        if not self.is_valid():
+            return None
+        try:
+            return sources.rotate_password(vcenter, self.cleaned_data["password"])
+        except sources.VCenterFieldError as exc:
+            self.add_error(exc.field, str(exc))
+        except (sources.vmware_service.VCenterConfigError, VSphereError) as exc:
+            self.add_error("password", str(exc))
+        return None
