@@ -318,3 +318,42 @@ class PasswordForm(ConsoleForm):
         except (sources.vmware_service.VCenterConfigError, VSphereError) as exc:
             self.add_error("password", str(exc))
         return None
+
+
+class CloudForm(ConsoleForm):
+    """The CloudStack cloud, as `manage.py add_cloud` records it (register_cloud:
+    the secret by reference, every id checked with the cloud before saving)."""
+
+    name = forms.CharField(max_length=100, help_text="The same name changes that cloud; a new one adds a cloud "
+                                                      "and makes it the active one.")
+    api_url = forms.CharField(max_length=500, label="API URL", help_text="e.g. https://cloud.example.com/client/api")
+    api_key = forms.CharField(max_length=200, label="API key")
+    secret_file = forms.CharField(required=False, max_length=1000, label="Secret key file",
+                                  help_text="Absolute path of a file holding the secret key; or:")
+    secret_env = forms.CharField(required=False, max_length=100, label="Secret key environment variable")
+    zone_id = forms.CharField(max_length=64, label="Zone id")
+    disk_offering_id = forms.CharField(max_length=64, label="Disk offering id",
+                                       help_text="A customized-size disk offering (volumes in whole GiB).")
+    service_offering_id = forms.CharField(required=False, max_length=64, label="Service offering id")
+    network_id = forms.CharField(required=False, max_length=64, label="Network id")
+    template_id = forms.CharField(required=False, max_length=64, label="Template id")
+    oma_vm_id = forms.CharField(max_length=64, label="The OMA's own VM id")
+    device_dir = forms.CharField(max_length=500, initial="/dev/disk/by-id", label="Device directory")
+
+    SECRET_WORDS = ("secret", "environment variable")
+
+    def apply(self):
+        """(config, what the cloud answered for), or None (the reason on the form; nothing saved)."""
+        from replication.models import CloudError
+        from replication.platforms.cloudstack.config import register_cloud
+
+        if not self.is_valid():
+            return None
+        fields = {key: value.strip() for key, value in self.cleaned_data.items()}
+        try:
+            return register_cloud(fields.pop("name"), **fields)
+        except CloudError as exc:
+            message = str(exc)
+            field = "secret_file" if any(word in message for word in self.SECRET_WORDS) else None
+            self.add_error(field, message)
+            return None

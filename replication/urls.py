@@ -34,6 +34,7 @@ urlpatterns = [
     path("sources/vcenters/<int:vcenter_id>/", sources.vcenter_inventory, name="vcenter-inventory"),
     path("sources/vcenters/<int:vcenter_id>/edit/", sources.vcenter_edit, name="vcenter-edit"),
     path("sources/vcenters/<int:vcenter_id>/delete/", sources.vcenter_delete, name="vcenter-delete"),
+    path("cloud/edit/", sources.cloud_edit, name="cloud-edit"),
     path("cloud/check/", sources.cloud_check, name="cloud-check"),
     path("failovers/<int:failover_id>/fragment/", vms.failover_fragment, name="failover-fragment"),
     path("volumes/", vms.volume_list, name="volume-list"),

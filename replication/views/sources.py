@@ -164,3 +164,24 @@ def vcenter_delete(request, vcenter_id):
         "refusal": refusal, "back_url": back,
         "crumbs": [(reverse("sources"), "Sources"), (back, vcenter.name)]},
         status=409 if refusal and request.method == "POST" else 200)
+
+
+@page_permission(ADMINISTER)
+def cloud_edit(request):
+    """Add or change the CloudStack cloud (as add_cloud: checked with the cloud first)."""
+    from replication.forms import CloudForm
+
+    config = CloudStackConfig.objects.filter(is_active=True).order_by("-created_at").first()
+    if request.method == "POST":
+        form = CloudForm(request.POST)
+        done = form.apply()
+        if done is not None:
+            config, found = done
+            log_admin(request, config, "cloud recorded from the pages")
+            messages.info(request, f"Cloud {config.name} recorded and active" +
+                          (f": the cloud answers for {', '.join(found)}." if found else "."))
+            return redirect("cloud")
+        return render_page(request, "replication/cloud_edit.html", {"form": form, "config": config}, status=400)
+    initial = {f: getattr(config, f) for f in CloudForm.base_fields} if config else {}
+    return render_page(request, "replication/cloud_edit.html", {"form": CloudForm(initial=initial or None),
+                                                                "config": config})
