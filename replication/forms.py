@@ -357,3 +357,32 @@ class CloudForm(ConsoleForm):
             field = "secret_file" if any(word in message for word in self.SECRET_WORDS) else None
             self.add_error(field, message)
             return None
+
+
+class ApiTokenForm(ConsoleForm):
+    """A token for scripts calling the JSON API as a user (`manage.py api_token NAME --user USER`)."""
+
+    user = forms.ModelChoiceField(queryset=None, to_field_name="username", label="Acts as user",
+                                  help_text="The token has this user's role.")
+    name = forms.CharField(max_length=100, label="What it is for", help_text="e.g. monitoring")
+
+    def __init__(self, *args, **kwargs):
+        from django.contrib.auth.models import User
+
+        super().__init__(*args, **kwargs)
+        self.fields["user"].queryset = User.objects.filter(is_active=True).order_by("username")
+        self.fields["name"].validators.append(_no_control_characters)
+
+    def apply(self):
+        """(token, key shown once) or None."""
+        from replication.models import ApiToken
+
+        if not self.is_valid():
+            return None
+        return ApiToken.issue(self.cleaned_data["user"], self.cleaned_data["name"].strip())
+
+
+def _no_control_characters(value):
+    from replication.names import validate_no_control_characters
+
+    validate_no_control_characters(value)

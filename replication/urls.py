@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from replication.views import agents, api, enrolment, groups, jobs, protection, sources, vm_settings, vms
+from replication.views import agents, api, enrolment, groups, jobs, protection, sources, tokens, vm_settings, vms
 
 urlpatterns = [
     path("", jobs.dashboard, name="dashboard"),
@@ -34,6 +34,8 @@ urlpatterns = [
     path("sources/vcenters/<int:vcenter_id>/", sources.vcenter_inventory, name="vcenter-inventory"),
     path("sources/vcenters/<int:vcenter_id>/edit/", sources.vcenter_edit, name="vcenter-edit"),
     path("sources/vcenters/<int:vcenter_id>/delete/", sources.vcenter_delete, name="vcenter-delete"),
+    path("tokens/", tokens.token_list, name="token-list"),
+    path("tokens/<int:token_id>/revoke/", tokens.token_revoke, name="token-revoke"),
     path("cloud/edit/", sources.cloud_edit, name="cloud-edit"),
     path("cloud/check/", sources.cloud_check, name="cloud-check"),
     path("failovers/<int:failover_id>/fragment/", vms.failover_fragment, name="failover-fragment"),

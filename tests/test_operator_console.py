@@ -279,3 +279,28 @@ def test_a_drill_now_needs_the_operator_role_and_says_why_it_cannot_run(vm):
     assert client_as("viewer").post(url).status_code == 403
     response = client_as("operator").post(url, follow=True)
     assert "group empty has no VMs" in response.content.decode()
+
+
+def test_api_tokens_made_shown_once_used_and_revoked(admin):
+    from replication.models import ApiToken
+
+    url = reverse("token-list")
+    assert client_as("operator").post(url, {"user": "operator", "name": "x"}).status_code == 403
+    response = admin.post(url, {"user": "nobody", "name": "monitoring"})
+    assert response.status_code == 400 and feedback(response, "user")
+    response = admin.post(url, {"user": "administrator", "name": "bad\x07name"})
+    assert response.status_code == 400 and feedback(response, "name")
+    assert not ApiToken.objects.exists()
+
+    response = admin.post(url, {"user": "administrator", "name": "monitoring"})
+    assert response.status_code == 200 and response["Cache-Control"] == "no-store"
+    key = re.search(r"<code[^>]*data-key>([^<]+)</code>", response.content.decode()).group(1)
+    token = ApiToken.objects.get()
+    assert token.key_sha256 == ApiToken.digest(key) and key not in admin.get(url).content.decode(), "shown once"
+    assert Client().get(reverse("api-jobs"), HTTP_AUTHORIZATION=f"Bearer {key}").status_code == 200
+
+    revoke = reverse("token-revoke", args=[token.pk])
+    assert "Revoke token monitoring of administrator?" in admin.get(revoke).content.decode()
+    assert client_as("operator").post(revoke).status_code == 403 and ApiToken.objects.exists()
+    assert admin.post(revoke).status_code == 302 and not ApiToken.objects.exists()
+    assert Client().get(reverse("api-jobs"), HTTP_AUTHORIZATION=f"Bearer {key}").status_code == 401
