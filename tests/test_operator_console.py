@@ -304,3 +304,40 @@ def test_api_tokens_made_shown_once_used_and_revoked(admin):
     assert client_as("operator").post(revoke).status_code == 403 and ApiToken.objects.exists()
     assert admin.post(revoke).status_code == 302 and not ApiToken.objects.exists()
     assert Client().get(reverse("api-jobs"), HTTP_AUTHORIZATION=f"Bearer {key}").status_code == 401
+
+
+def test_remove_replicas_asks_first_and_needs_the_administrator_role(admin, vm, tmp_path):
+    from replication.services import jobs
+
+    job = start_replication_completed(vm, tmp_path / "replica.img")
+    volume = job.disks.get().target_volume
+    url = reverse("vm-remove-replicas", args=[vm.pk])
+    page = admin.get(url).content.decode()
+    assert "Remove the replicas of web01?" in page and "the next cycle copies every disk in full" in page
+    assert volume.path in page
+    assert client_as("operator").post(url).status_code == 403
+    volume.refresh_from_db()
+    assert volume.retired_at is None
+    assert admin.post(url).status_code == 302
+    volume.refresh_from_db()
+    assert volume.retired_at is not None and volume.source_disk is None
+    assert "has no replica volumes" in admin.get(url).content.decode()
+    assert jobs.ReplicationJob.objects.filter(pk=job.pk).exists()
+
+
+def start_replication_completed(vm, replica):
+    """A cycle whose replica is a file, completed without a worker (the view tests queue nothing)."""
+    from replication.choices import JobStatus
+    from replication.models import TargetVolume
+    from replication.services import jobs
+
+    job = jobs.start_replication(vm)
+    assert job.enter_stage("Initializing", JobStatus.PREPARING)
+    assert job.enter_stage("Transfer", JobStatus.REPLICATING)
+    disk = job.disks.get()
+    replica.write_bytes(b"\0" * MiB)
+    TargetVolume.objects.filter(pk=disk.target_volume_id).update(path=str(replica))
+    assert disk.start_attempt("t") and disk.complete(bytes_total=1, bytes_zeroed=0, throughput_bps=1)
+    assert job.transition(JobStatus.FINALIZING)
+    jobs.commit_and_complete(job)
+    return job
