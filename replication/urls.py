@@ -1,7 +1,19 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from replication.views import agents, api, enrolment, groups, jobs, protection, sources, tokens, vm_settings, vms
+from replication.views import (
+    agents,
+    api,
+    enrolment,
+    groups,
+    jobs,
+    protection,
+    sources,
+    tokens,
+    vm_page,
+    vm_settings,
+    vms,
+)
 
 urlpatterns = [
     path("", jobs.dashboard, name="dashboard"),
@@ -12,6 +24,7 @@ urlpatterns = [
     path("jobs/<str:job_id>/retry/", jobs.job_retry, name="job-retry"),
     path("jobs/<str:job_id>/limit/", jobs.job_limit, name="job-limit"),
     path("vms/", vms.vm_list, name="vm-list"),
+    path("vms/<int:vm_id>/", vm_page.vm_detail, name="vm-detail"),
     path("vms/<int:vm_id>/replicate/", vms.vm_replicate, name="vm-replicate"),
     path("vms/<int:vm_id>/failover/test/", vms.vm_failover_test, name="vm-failover-test"),
     path("vms/<int:vm_id>/failover/end/", vms.vm_failover_end, name="vm-failover-end"),

@@ -239,8 +239,9 @@ def test_every_page_fits_a_phone_and_shows_progress_and_eta(live_server, tmp_pat
             log_in(page, live_server)
             ARTIFACTS.mkdir(exist_ok=True)
             for name, path in [("dashboard", "/"), ("job", f"/jobs/{job.id}/"), ("vms", "/vms/"),
-                               ("volumes", "/volumes/"), ("failover", f"/failovers/{failover.pk}/"),
-                               ("cloud", "/cloud/"), ("sources", "/sources/"), ("protection", "/protection/")]:
+                               ("vm", f"/vms/{vm.pk}/"), ("volumes", "/volumes/"),
+                               ("failover", f"/failovers/{failover.pk}/"), ("cloud", "/cloud/"),
+                               ("sources", "/sources/"), ("protection", "/protection/")]:
                 page.goto(f"{live_server.url}{path}")
                 page.wait_for_load_state("networkidle")
                 width = page.evaluate("document.documentElement.scrollWidth")
@@ -382,3 +383,38 @@ def test_recovery_point_ages_on_the_pages_match_the_database_and_over_target_is_
     assert expected["rpo-stale"].over_target and not expected["rpo-fresh"].over_target
     page.goto(f"{live_server.url}/protection/")
     expect(page.locator("[data-over-target]")).to_contain_text("1 VM over its recovery point target: rpo-stale")
+
+
+def test_open_a_vm_page_from_the_vms_table(live_server, browser_page, tmp_path):
+    from django.utils import timezone
+
+    from replication.models import RecoveryPoint
+
+    images = [make_image(tmp_path / f"p{i}.img", 2 * MiB, [(0, MiB)], seed=i) for i in range(2)]
+    vm = register_image_vm("page-vm", [str(image) for image in images])
+    register_image_vm("other-vm", [str(images[0])])
+    job = start_replication(vm)
+    at = timezone.now() - timezone.timedelta(minutes=5)
+    ReplicationJob.objects.filter(pk=job.pk).update(status="completed", recovery_point_at=at, started_at=at,
+                                                    completed_at=at, bytes_transferred=2 * MiB, total_bytes=2 * MiB)
+    RecoveryPoint.objects.create(vm=vm, job=job, frozen_at=at, changed_bytes=MiB)
+    page = browser_page
+    log_in(page, live_server, role="viewer")
+    page.goto(f"{live_server.url}/vms/")
+    page.fill("#vm-q", "page-")
+    page.click("[data-vm-search] button[type=submit]")
+    expect(page.locator("tr[data-vm]")).to_have_count(1)
+    assert "q=page-" in page.url
+    page.screenshot(path=str(ARTIFACTS / "vm-list-search.png"), full_page=True)
+    page.click("text=page-vm")
+    page.wait_for_url(f"{live_server.url}/vms/{vm.pk}/")
+    expect(page.locator("h1")).to_contain_text("page-vm")
+    expect(page.locator("[data-disk-label]")).to_have_text(["Disk 1", "Disk 2"])
+    expect(page.locator("[data-disk] [data-locator]").first).to_have_text(vm.disks.order_by("disk_key")[0].locator)
+    expect(page.locator(f'[data-point="{vm.recovery_points.get().pk}"] [data-point-retention]')).to_have_text(
+        "kept by the policy")
+    expect(page.locator("[data-hardware] tbody tr")).to_have_count(6)
+    page.screenshot(path=str(ARTIFACTS / "vm-page.png"), full_page=True)
+    page.click(f'[data-cycle="{job.id}"] a')
+    page.wait_for_url(f"{live_server.url}/jobs/{job.id}/")
+    expect(page.locator("[data-status]")).to_have_text("completed")

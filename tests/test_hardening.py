@@ -142,7 +142,7 @@ def test_pages_carry_no_inline_style_the_csp_would_block(client, tmp_path, monke
     vm = register_image_vm("vm-csp", [str(make_image(tmp_path / "d.img", MiB, [(0, MiB)]))])
     job = start_replication(vm)
     client.force_login(user_with_role("viewer", "viewer"))
-    for url in ("/", f"/jobs/{job.id}/", "/vms/"):
+    for url in ("/", f"/jobs/{job.id}/", "/vms/", f"/vms/{vm.pk}/"):
         page = client.get(url).content.decode()
         assert "style=" not in page and "<style" not in page and "<script>" not in page, url
 

@@ -66,7 +66,8 @@ def read_pages(job, vm, monkeypatch):
     vcenter = VCenter.objects.create(name="vc1", host="vc.example", username="u", thumbprint="AA")
     return ["/", "/fragments/dashboard/", "/vms/", "/volumes/", "/protection/", "/cloud/", "/sources/",
             f"/jobs/{job.id}/", f"/jobs/{job.id}/fragment/", f"/failovers/{failover.pk}/",
-            f"/failovers/{failover.pk}/fragment/", f"/vms/{vm.pk}/failover/live/", f"/sources/vcenters/{vcenter.pk}/"]
+            f"/failovers/{failover.pk}/fragment/", f"/vms/{vm.pk}/failover/live/", f"/sources/vcenters/{vcenter.pk}/",
+            f"/vms/{vm.pk}/"]
 
 
 @pytest.mark.parametrize("role", ROLES)

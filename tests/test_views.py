@@ -49,6 +49,8 @@ def test_pages_require_login(client, name):
 
 
 def test_job_pages_require_login(client, job):
+    response = client.get(reverse("vm-detail", args=[job.vm_id]))
+    assert response.status_code == 302 and "/login/" in response["Location"]
     for name in ["job-detail", "job-fragment"]:
         response = client.get(reverse(name, args=[job.id]))
         assert response.status_code == 302 and "/login/" in response["Location"]
@@ -71,7 +73,8 @@ def test_pages_render_for_an_operator(operator, job, name):
 
 def test_empty_states(operator):
     assert "No replication is running" in operator.get(reverse("dashboard")).content.decode()
-    assert "No VMs registered yet" in operator.get(reverse("vm-list")).content.decode()
+    empty = operator.get(reverse("vm-list")).content.decode()
+    assert "No VMs registered yet" in empty and f'href="{reverse("sources")}"' in empty and "add_vm" not in empty
     assert "No volumes yet" in operator.get(reverse("volume-list")).content.decode()
 
 
@@ -119,6 +122,8 @@ def test_unknown_ids_are_404(operator):
     assert operator.get(reverse("job-fragment", args=["job-nope"])).status_code == 404
     assert operator.post(reverse("job-cancel", args=["job-nope"])).status_code == 404
     assert operator.post(reverse("vm-replicate", args=[999999])).status_code == 404
+    assert operator.get(reverse("vm-detail", args=[999999])).status_code == 404
+    assert operator.get("/vms/not-a-number/").status_code == 404
     assert operator.get(reverse("api-job", args=["job-nope"])).status_code == 404
 
 
@@ -252,3 +257,185 @@ def test_sizes_are_in_iec_units_labelled_as_such_on_every_surface(operator, vm):
     page = operator.get(reverse("vm-list")).content.decode()
     capacity = vm.disks.first().capacity_bytes
     assert iec(capacity) in page and " MB" not in page and " KB" not in page
+
+
+# The VM page and the VMs table ---------------------------------------------------------------------------
+
+def _completed(vm, age_s: float, **fields):
+    """A completed cycle of the VM, with its recovery point frozen age_s ago."""
+    from django.utils import timezone
+
+    from replication.models import RecoveryPoint
+
+    job = start_replication(vm)
+    at = timezone.now() - timezone.timedelta(seconds=age_s)
+    ReplicationJob.objects.filter(pk=job.pk).update(
+        status=JobStatus.COMPLETED, recovery_point_at=at, started_at=at,
+        completed_at=at + timezone.timedelta(seconds=4), bytes_transferred=8 * MiB, total_bytes=8 * MiB, **fields)
+    return RecoveryPoint.objects.create(vm=vm, job=job, frozen_at=at, changed_bytes=MiB)
+
+
+def test_vm_page_shows_identity_hardware_disks_cycles_points_failovers_drills_and_history(operator, vm):
+    from replication.choices import FailoverKind, VMState
+    from replication.models import DrillRun, FailoverJob, VMContext
+    from replication.services import scheduler
+
+    group = scheduler.create_group("gold", rpo_target_s=3600, max_concurrent=2)
+    scheduler.add_vms(group, [vm])
+    old = _completed(vm, 7200)
+    new = _completed(vm, 60)
+    failed = start_replication(vm)
+    fail_job(failed.id, "source went away")
+    failover = FailoverJob.objects.create(vm=vm, kind=FailoverKind.TEST, actor="operator", recovery_point=new,
+                                          destination_vm="web01-test", status="succeeded", boot_verified=True)
+    DrillRun.objects.create(vm=vm, group=group, failover=failover, status="passed", rto_s=42.5, note="booted")
+    VMContext.of(vm).transition(VMState.REPLICATING, actor="alice", reason="cycle by alice")
+
+    response = operator.get(reverse("vm-detail", args=[vm.pk]))
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert "<h1" in html and "web01" in html and 'data-agent>local<' in html
+    # The hardware decision: each value with its origin and why.
+    assert "Disk bus" in html and 'data-origin="default"' in html and "the bus KVM images" in html
+    # Protection: the group and the recovery point against its target.
+    assert 'data-group>gold<' in html and "within target" in html
+    # Disks: operator labels, the source, the size.
+    disks = list(vm.disks.order_by("disk_key"))
+    assert "data-disk-label>Disk 1<" in html and "data-disk-label>Disk 2<" in html
+    assert f"data-locator>{disks[0].locator}<" in html and "2.0 MiB" in html
+    # Cycles newest first, linked, with status, bytes and rate (8 MiB over 4 s).
+    cycles = [failed.id, new.job_id, old.job_id]
+    assert [html.index(f'data-cycle="{c}"') for c in cycles] == sorted(html.index(f'data-cycle="{c}"') for c in cycles)
+    assert reverse("job-detail", args=[failed.id]) in html and "source went away" in html
+    assert "8.0 MiB of 8.0 MiB" in html and "2.0 MiB/s" in html
+    # Points with retention, the one a failover boots from named; failovers and drills linked; the history.
+    assert f'data-point="{new.pk}"' in html and "kept by the policy" in html and "booted by" in html
+    assert reverse("failover-detail", args=[failover.pk]) in html and "42.5 s" in html
+    history = html[html.index("data-history"):]
+    assert history.index("cycle by alice") < history.index("failed: source went away"), "newest move first"
+
+
+def test_vm_page_names_vcenter_disks_as_vcenter_does():
+    from replication.choices import SourceKind
+    from replication.models import SourceDisk, VCenter, VirtualMachine
+
+    vcenter = VCenter.objects.create(name="vc1", host="vc.example", username="u", thumbprint="AA")
+    vm = VirtualMachine.objects.create(name="db01", source_kind=SourceKind.VMWARE, vcenter=vcenter, moref="vm-7",
+                                       esxi_host="esx-03.example", agent="site-b")
+    for key in (2016, 2000, 2001):  # the second controller's disk, then the first's
+        SourceDisk.objects.create(vm=vm, disk_key=f"disk-{key}", device_key=key, unit_number=key % 16,
+                                  locator=f"[ds1] db01/db01_{key}.vmdk", backing_file=f"[ds1] db01/db01_{key}.vmdk",
+                                  capacity_bytes=40 * 2**30)
+    client = Client()
+    client.force_login(user_with_role("viewer", "viewer"))
+    html = client.get(reverse("vm-detail", args=[vm.pk])).content.decode()
+    rows = [html.index(f'data-disk="disk-{key}"') for key in (2000, 2001, 2016)]
+    assert rows == sorted(rows)
+    for key, label in ((2000, "Hard disk 1"), (2001, "Hard disk 2"), (2016, "Hard disk 3")):
+        row = html[html.index(f'data-disk="disk-{key}"'):]
+        assert row.index(f"data-disk-label>{label}<") < row.index("</tr>")
+    assert "[ds1] db01/db01_2000.vmdk" in html and "40.00 GiB" in html
+    assert "data-vcenter>vc1<" in html and "data-esxi>esx-03.example<" in html
+    listed = client.get(reverse("vm-list")).content.decode()
+    assert "Hard disk 1 · 40.00 GiB" in listed and f'href="{reverse("vm-detail", args=[vm.pk])}"' in listed
+
+
+def test_vm_page_queries_are_bounded_and_show_all_lists_every_cycle(operator, vm):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    for age in range(30):
+        _completed(vm, 600 + age * 60)
+    url = reverse("vm-detail", args=[vm.pk])
+    with CaptureQueriesContext(connection) as queries:
+        html = operator.get(url).content.decode()
+    assert html.count("data-cycle=") == 10 and html.count("data-point=") == 10
+    assert 'data-show-all="cycles"' in html and 'data-show-all="points"' in html
+    few = len(queries)
+    for age in range(30, 60):
+        _completed(vm, 600 + age * 60)
+    with CaptureQueriesContext(connection) as queries:
+        operator.get(url)
+    assert len(queries) == few, "the page's queries do not grow with the VM's history"
+    assert few <= 25, [q["sql"] for q in queries.captured_queries]
+    everything = operator.get(url + "?show=cycles").content.decode()
+    assert everything.count("data-cycle=") == 60 and 'data-show-all="cycles"' not in everything
+
+
+def test_the_settings_link_appears_once_that_page_exists(operator, vm, monkeypatch):
+    from replication.views import vm_page
+
+    assert "data-settings" not in operator.get(reverse("vm-detail", args=[vm.pk])).content.decode()
+    monkeypatch.setattr(vm_page, "reverse", lambda name, args: f"/vms/{args[0]}/settings/")
+    html = operator.get(reverse("vm-detail", args=[vm.pk])).content.decode()
+    assert f'href="/vms/{vm.pk}/settings/" data-settings' in html
+
+
+@pytest.fixture
+def many_vms():
+    """5,000 VMs, each with a disk; every third one replicating."""
+    from replication.choices import VMState
+    from replication.models import SourceDisk, VirtualMachine, VMContext
+
+    vms = VirtualMachine.objects.bulk_create(
+        VirtualMachine(name=f"vm-{i:04d}", agent="site-a" if i % 2 else "site-b") for i in range(5000))
+    vms = list(VirtualMachine.objects.order_by("name"))
+    SourceDisk.objects.bulk_create(SourceDisk(vm=vm, disk_key="disk-2000", locator=f"/images/{vm.name}.img",
+                                              capacity_bytes=2**30) for vm in vms)
+    VMContext.objects.bulk_create(VMContext(vm=vm, state=VMState.REPLICATING) for vm in vms[::3])
+    return vms
+
+
+def _names(html: str) -> list[str]:
+    import re
+
+    return re.findall(r'<tr data-vm="([^"]+)">', html)
+
+
+def test_the_vms_table_pages_5000_vms_in_bounded_queries(operator, many_vms, django_assert_max_num_queries):
+    with django_assert_max_num_queries(15):
+        response = operator.get(reverse("vm-list"))
+    html = response.content.decode()
+    assert _names(html) == [f"vm-{i:04d}" for i in range(50)]
+    assert "VMs 1–50 of 5000" in html and "Page 1 of 100" in html
+    with django_assert_max_num_queries(15):
+        html = operator.get(reverse("vm-list") + "?page=3").content.decode()
+    assert _names(html) == [f"vm-{i:04d}" for i in range(100, 150)]
+    # Descending by name, last page: the oldest names.
+    html = operator.get(reverse("vm-list") + "?sort=-name&page=100").content.decode()
+    assert _names(html) == [f"vm-{i:04d}" for i in range(49, -1, -1)]
+    assert 'aria-sort="descending"' in html
+
+
+def test_the_vms_table_searches_by_name_agent_and_state_and_keeps_the_query_across_pages(operator, many_vms):
+    html = operator.get(reverse("vm-list") + "?q=vm-004").content.decode()
+    assert _names(html) == [f"vm-{i:04d}" for i in range(40, 50)]
+    assert "no VM matches" not in html.lower() and "Page 1 of" not in html
+    # Agent and state together: replicating (every third VM) on site-a (odd ones): i % 6 == 3.
+    html = operator.get(reverse("vm-list") + "?q=SITE-A&state=replicating&sort=name").content.decode()
+    assert _names(html) == [f"vm-{i:04d}" for i in range(3, 300, 6)]
+    assert "VMs 1–50 of 833" in html
+    next_link = html[html.index('rel="next"') - 200:html.index('rel="next"')]
+    assert all(part in next_link for part in ("q=SITE-A", "state=replicating", "sort=name", "page=2"))
+    sort_link = html[html.index('data-sort="agent"') - 120:html.index('data-sort="agent"')]
+    assert "q=SITE-A" in sort_link and "state=replicating" in sort_link and "page=" not in sort_link
+    discovered = operator.get(reverse("vm-list") + "?state=discovered&sort=-name").content.decode()
+    assert _names(discovered)[:3] == ["vm-4999", "vm-4997", "vm-4996"]
+    none = operator.get(reverse("vm-list") + "?q=nothing-like-this").content.decode()
+    assert "No VM matches this search" in none and "No VMs registered yet" not in none
+
+
+def test_the_vms_table_sorts_by_state_agent_and_last_replication(operator, tmp_path):
+    images = [make_image(tmp_path / f"s{i}.img", MiB, [(0, MiB)], seed=i) for i in range(3)]
+    a = register_image_vm("alpha", [str(images[0])], agent="zeta")
+    b = register_image_vm("bravo", [str(images[1])], agent="eta")
+    register_image_vm("charlie", [str(images[2])], agent="theta")
+    _completed(b, 3600)
+    _completed(a, 60)
+    url = reverse("vm-list")
+    assert _names(operator.get(url + "?sort=agent").content.decode()) == ["bravo", "charlie", "alpha"]
+    # Never replicated first ascending, last descending.
+    assert _names(operator.get(url + "?sort=last").content.decode()) == ["charlie", "bravo", "alpha"]
+    assert _names(operator.get(url + "?sort=-point").content.decode()) == ["alpha", "bravo", "charlie"]
+    assert _names(operator.get(url + "?sort=-state").content.decode())[-1] == "charlie"  # discovered
+    assert _names(operator.get(url + "?sort=bogus").content.decode()) == ["alpha", "bravo", "charlie"]

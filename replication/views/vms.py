@@ -6,7 +6,9 @@ rollback or a commit, follow its steps live, end a test."""
 from collections import defaultdict
 
 from django.contrib import messages
-from django.db.models import OuterRef, Subquery, Sum
+from django.core.paginator import Paginator
+from django.db.models import F, OuterRef, Q, Subquery, Sum, Value
+from django.db.models.functions import Coalesce
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_POST
@@ -18,20 +20,51 @@ from replication.roles import ADMINISTER, OPERATE, READ, actor_of, log_admin, pa
 from replication.services import failover as failover_service
 from replication.services import failover_checks, forecast, hardware, rpo
 from replication.services import jobs as job_service
+from replication.services.inventory import label_disks
 from replication.services.points import PointError
 from replication.views.common import render_page
 
 FAILOVER_FROM = (VMState.READY_FOR_FAILOVER, VMState.REPLICATING, VMState.FAILED)
 
 
+# The VMs table's columns an operator may sort by (?sort=NAME, ?sort=-NAME descending).
+SORTS = {"name": "name", "state": "state_key", "agent": "agent", "source": "source_kind",
+         "last": "last_job_at", "point": "recovery_point"}
+VMS_PER_PAGE = 50
+
+
+def _vm_rows(request):
+    """The VMs the table shows, searched (?q= name or agent, ?state=) and
+    sorted (?sort=), unevaluated: one query whatever the number of VMs."""
+    newest = ReplicationJob.objects.filter(vm=OuterRef("pk")).order_by("-created_at")
+    newest_failover = FailoverJob.objects.filter(vm=OuterRef("pk")).order_by("-created_at").values("id")[:1]
+    state = request.GET.get("state", "")
+    # Decommissioned VMs are hidden unless asked for (?state=decommissioned).
+    shown = VirtualMachine.objects if state == VMState.DECOMMISSIONED else VirtualMachine.objects.in_service()
+    vms = rpo.with_recovery_points(
+        shown.select_related("context", "group")
+        .annotate(last_job_id=Subquery(newest.values("id")[:1]), last_job_at=Subquery(newest.values("created_at")[:1]),
+                  last_failover_id=Subquery(newest_failover),
+                  state_key=Coalesce("context__state", Value(VMState.DISCOVERED.value))))
+    query = request.GET.get("q", "").strip()
+    if query:
+        vms = vms.filter(Q(name__icontains=query) | Q(agent__icontains=query))
+    if state in VMState.values:
+        vms = vms.filter(state_key=state)
+    sort = request.GET.get("sort", "name")
+    field = SORTS.get(sort.removeprefix("-"), "name")
+    order = F(field).desc(nulls_last=True) if sort.startswith("-") else F(field).asc(nulls_first=True)
+    return vms.order_by(order, "name", "pk"), {"q": query, "state": state if state in VMState.values else "",
+                                              "sort": sort if sort.removeprefix("-") in SORTS else "name"}
+
+
 @page_permission(READ)
 def vm_list(request):
-    # The newest job of each VM in one subquery, not by reading every job ever run.
-    newest = ReplicationJob.objects.filter(vm=OuterRef("pk")).order_by("-created_at").values("id")[:1]
-    newest_failover = FailoverJob.objects.filter(vm=OuterRef("pk")).order_by("-created_at").values("id")[:1]
-    vms = list(rpo.with_recovery_points(
-        VirtualMachine.objects.in_service().select_related("context", "group").prefetch_related("disks__target_volume")
-        .annotate(last_job_id=Subquery(newest), last_failover_id=Subquery(newest_failover))))
+    """The VMs table, 50 a page: its queries are the same few for 5 or 5,000
+    VMs (the page's VMs, then their disks, jobs, failovers and points)."""
+    vms, search = _vm_rows(request)
+    page = Paginator(vms, VMS_PER_PAGE).get_page(request.GET.get("page"))
+    vms = list(page.object_list.prefetch_related("disks__target_volume"))
     last_jobs = ReplicationJob.objects.in_bulk([vm.last_job_id for vm in vms if vm.last_job_id])
     failovers = FailoverJob.objects.in_bulk([vm.last_failover_id for vm in vms if vm.last_failover_id])
     sealed = defaultdict(list)
@@ -42,15 +75,39 @@ def vm_list(request):
     for vm in vms:
         vm.points_summary = _summary(sealed[vm.pk], now)
         vm.points = _bootable(sealed[vm.pk], _volumes_on_cloudstack(vm))
+        vm.labelled_disks = label_disks(vm.disks.all())
         # A cycle running or failed leaves every point as it was: a test failover may boot one beside it.
         vm.may_fail_over = bool(vm.points) and vm.lifecycle_state in FAILOVER_FROM
         context = getattr(vm, "context", None)
-        vm.hardware = hardware.for_vm(vm, context=context)  # what its next failover boots with
+        # What its next failover boots with (a VM never moved has no context yet: the defaults, no query).
+        vm.hardware = hardware.for_vm(vm, context=context or VMContext(vm=vm))
         # The decision's own warning, else what its last failover recorded.
         vm.hardware_warning = vm.hardware.warning or (context.hardware_warning if context else "")
-    rows = [(vm, last_jobs.get(vm.last_job_id), failovers.get(vm.last_failover_id), rpo.recovery_point(vm))
+    rows = [(vm, last_jobs.get(vm.last_job_id), failovers.get(vm.last_failover_id), rpo.recovery_point(vm, now))
             for vm in vms]
-    return render_page(request, "replication/vm_list.html", {"rows": rows, "sync_types": SyncType.choices})
+    searching = bool(search["q"] or search["state"])
+    return render_page(request, "replication/vm_list.html", {
+        "rows": rows, "page": page, "search": search, "searching": searching, "states": VMState.choices,
+        "headers": _headers(search["sort"]),
+        "any_vm": bool(rows) or (searching and VirtualMachine.objects.exists()),
+        "sync_types": SyncType.choices})
+
+
+COLUMNS = [("name", "VM"), ("state", "State"), ("source", "Source"), ("agent", "Agent"), (None, "CBT"),
+           (None, "Disks"), ("last", "Last replication"), ("point", "Recovery point"), (None, "Recovery points"),
+           (None, "Replicate now"), (None, "Failover")]
+
+
+def _headers(sort: str) -> list[dict]:
+    """The table's column headers: a sortable one links to sorting by it
+    (ascending, or descending when already sorted ascending by it)."""
+    headers = []
+    for key, label in COLUMNS:
+        current = None if key is None else ("ascending" if sort == key else
+                                            "descending" if sort == f"-{key}" else None)
+        headers.append({"key": key, "label": label, "current": current,
+                        "next": f"-{key}" if current == "ascending" else key})
+    return headers
 
 
 def _summary(sealed: list, now) -> dict:
