@@ -187,6 +187,7 @@ def test_decommission_asks_first_and_is_refused_below_administrator(admin, vm):
     assert VMContext.of(vm).state == VMState.DECOMMISSIONED
     admin.get(reverse("vm-settings", args=[vm.pk]))  # the message shown once
     assert "web01" not in admin.get(reverse("vm-list")).content.decode()
+    assert 'data-vm="web01"' in admin.get(reverse("vm-list") + "?state=decommissioned").content.decode()
     response = admin.post(url)
     assert response.status_code == 409 and "already decommissioned" in response.content.decode()
 
