@@ -129,8 +129,8 @@ def _confirm(request, vm, *, title, action_label, consequences, perm, act, done_
 
 
 def _replica_lines(vm) -> list[str]:
-    return [f"delete {volume.get_provider_display()} volume {volume.cloud_volume_id or volume.path} "
-            f"(disk {volume.source_disk.disk_key})" for volume in _replicas(vm)]
+    return [f"delete the replica of disk {volume.source_disk.disk_key}: {volume.cloud_volume_id or volume.path} "
+            f"({volume.get_provider_display().lower()})" for volume in _replicas(vm)]
 
 
 @page_permission(READ)
@@ -149,10 +149,10 @@ def vm_remove_replicas(request, vm_id):
 @page_permission(READ)
 def vm_decommission(request, vm_id):
     vm = get_object_or_404(VirtualMachine, pk=vm_id)
-    group = f"take it out of protection group {vm.group.name}" if vm.group else "it is in no protection group"
+    group = [f"take it out of protection group {vm.group.name}"] if vm.group else []
     return _confirm(
         request, vm, title=f"Decommission {vm.name}", action_label=f"Decommission {vm.name}",
-        consequences=[*_replica_lines(vm), group, "hide it from the VM list and the protection pages for good",
+        consequences=[*_replica_lines(vm), *group, "hide it from the VM list and the protection pages for good",
                       "never replicate or fail it over again",
                       "keep its jobs, failovers, recovery point records and history"],
         refusal_text=decommission_refusal(vm),
