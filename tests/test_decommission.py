@@ -49,9 +49,14 @@ def test_decommission_removes_the_replicas_and_keeps_the_history(celery_worker_p
     run.refresh_from_db()
     assert run.status == "match", (run.error, run.disks)
     assert [d["verdict"] for d in run.disks] == ["match", "match"]
+    out = StringIO()
+    call_command("checksums", vm.name, stdout=out)  # the command compares the same way, at once
+    assert out.getvalue().count("MATCH") == 2 and run.disks[0]["source"] in out.getvalue()
     # A replica changed behind the OMA's back is seen.
     with open(paths[0], "r+b") as f:
         f.write(b"tampered")
+    with pytest.raises(CommandError, match="target differs from source for disk-2000"):
+        call_command("checksums", vm.name, stdout=StringIO())
     run = checksums.start(vm, "tester")
     wait_until(lambda: ChecksumRun.objects.get(pk=run.pk).status != "running", 60, "the checksum task")
     run.refresh_from_db()
