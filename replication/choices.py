@@ -97,11 +97,12 @@ class VMState(models.TextChoices):
     COMPLETED = "completed", "Completed"
     FAILED = "failed", "Failed"
     CLEANUP_REQUIRED = "cleanup_required", "Cleanup required"
+    DECOMMISSIONED = "decommissioned", "Decommissioned"  # replicas gone, hidden from the lists, history kept
 
 
 # What each state allows next; anything else is refused with the reason.
 VM_TRANSITIONS = {
-    VMState.DISCOVERED: {VMState.REPLICATING},
+    VMState.DISCOVERED: {VMState.REPLICATING, VMState.DECOMMISSIONED},
     VMState.REPLICATING: {VMState.READY_FOR_FAILOVER, VMState.FAILED, VMState.DISCOVERED},
     VMState.READY_FOR_FAILOVER: {VMState.REPLICATING, VMState.FAILED_OVER_TEST, VMState.FAILED_OVER_LIVE,
                                  VMState.CLEANUP_REQUIRED, VMState.DISCOVERED},
@@ -110,6 +111,7 @@ VM_TRANSITIONS = {
     VMState.FAILED_OVER_LIVE: {VMState.READY_FOR_FAILOVER, VMState.COMPLETED},
     VMState.CLEANUP_REQUIRED: {VMState.READY_FOR_FAILOVER},
     VMState.COMPLETED: set(),
+    VMState.DECOMMISSIONED: set(),
 }
 
 # Why a move is refused, by the state the VM is in (the reason an operator reads).
@@ -118,6 +120,7 @@ VM_STATE_REFUSALS = {
     VMState.FAILED_OVER_LIVE: "the VM runs on the destination (live failover); roll back first",
     VMState.CLEANUP_REQUIRED: "a failover left resources behind; clean up first",
     VMState.COMPLETED: "the migration is completed",
+    VMState.DECOMMISSIONED: "the VM is decommissioned",
     VMState.REPLICATING: "a replication cycle is running",
     VMState.DISCOVERED: "no replication cycle has completed yet",
     VMState.FAILED: "the last replication cycle failed before any recovery point existed; replicate again first",
@@ -222,3 +225,20 @@ AGENT_TRANSITIONS = {
     AgentState.DRAINING: {AgentState.ACTIVE, AgentState.PAUSED, AgentState.REVOKED},
 }
 AGENT_TAKES_WORK = (AgentState.ACTIVE,)
+
+
+class ChecksumStatus(models.TextChoices):
+    """A comparison of a VM's sources with its replicas (ChecksumRun)."""
+
+    RUNNING = "running", "Running"
+    MATCH = "match", "Every comparable disk matches"
+    MISMATCH = "mismatch", "A replica differs from its source"
+    FAILED = "failed", "Failed"
+
+
+CHECKSUM_TRANSITIONS = {
+    ChecksumStatus.RUNNING: {ChecksumStatus.MATCH, ChecksumStatus.MISMATCH, ChecksumStatus.FAILED},
+    ChecksumStatus.MATCH: set(),
+    ChecksumStatus.MISMATCH: set(),
+    ChecksumStatus.FAILED: set(),
+}

@@ -9,7 +9,18 @@ from celery import shared_task
 from django.conf import settings
 from django.db import DatabaseError
 
-from replication.services import drills, enrolment, failover, jobs, points, progress, reaper, scheduler, sweeper
+from replication.services import (
+    checksums,
+    drills,
+    enrolment,
+    failover,
+    jobs,
+    points,
+    progress,
+    reaper,
+    scheduler,
+    sweeper,
+)
 from vma_agent import task_names
 from vma_agent.contract import DiskCopied, SnapshotRemoved, SourcePowered, SourcePrepared
 
@@ -118,3 +129,8 @@ def drill_due(group_id: int) -> None:
 @shared_task(name=task_names.DRILL_CONTINUE, **OUTCOME_RETRY)
 def drill_continue(failover_id: int) -> None:
     drills.drill_continue(failover_id)
+
+
+@shared_task(name=task_names.COMPARE_CHECKSUMS)
+def compare_checksums(run_id: int) -> None:
+    checksums.run(run_id)

@@ -1,7 +1,19 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from replication.views import agents, api, enrolment, jobs, protection, sources, vm_page, vms
+from replication.views import (
+    agents,
+    api,
+    enrolment,
+    groups,
+    jobs,
+    protection,
+    sources,
+    tokens,
+    vm_page,
+    vm_settings,
+    vms,
+)
 
 urlpatterns = [
     path("", jobs.dashboard, name="dashboard"),
@@ -19,13 +31,25 @@ urlpatterns = [
     path("vms/<int:vm_id>/failover/live/", vms.vm_failover_live, name="vm-failover-live"),
     path("vms/<int:vm_id>/rollback/", vms.vm_rollback, name="vm-rollback"),
     path("vms/<int:vm_id>/failover/commit/", vms.vm_failover_commit, name="vm-failover-commit"),
+    path("vms/<int:vm_id>/settings/", vm_settings.vm_settings, name="vm-settings"),
+    path("vms/<int:vm_id>/settings/remove-replicas/", vm_settings.vm_remove_replicas, name="vm-remove-replicas"),
+    path("vms/<int:vm_id>/settings/decommission/", vm_settings.vm_decommission, name="vm-decommission"),
     path("failovers/<int:failover_id>/", vms.failover_detail, name="failover-detail"),
     path("protection/", protection.protection, name="protection"),
+    path("protection/groups/new/", groups.group_new, name="group-new"),
+    path("protection/groups/<int:group_id>/", groups.group_edit, name="group-edit"),
+    path("protection/groups/<int:group_id>/delete/", groups.group_delete, name="group-delete"),
+    path("protection/groups/<int:group_id>/drill/", groups.group_drill, name="group-drill"),
     path("api/rpo/", protection.rpo_list, name="api-rpo"),
     path("metrics", protection.metrics, name="metrics"),
     path("cloud/", sources.cloud, name="cloud"),
     path("sources/", sources.sources, name="sources"),
     path("sources/vcenters/<int:vcenter_id>/", sources.vcenter_inventory, name="vcenter-inventory"),
+    path("sources/vcenters/<int:vcenter_id>/edit/", sources.vcenter_edit, name="vcenter-edit"),
+    path("sources/vcenters/<int:vcenter_id>/delete/", sources.vcenter_delete, name="vcenter-delete"),
+    path("tokens/", tokens.token_list, name="token-list"),
+    path("tokens/<int:token_id>/revoke/", tokens.token_revoke, name="token-revoke"),
+    path("cloud/edit/", sources.cloud_edit, name="cloud-edit"),
     path("cloud/check/", sources.cloud_check, name="cloud-check"),
     path("failovers/<int:failover_id>/fragment/", vms.failover_fragment, name="failover-fragment"),
     path("volumes/", vms.volume_list, name="volume-list"),

@@ -6,6 +6,7 @@ tables in choices.py); services decide when."""
 from replication.models.agents import Agent, AgentAuditEntry, PairingCode
 from replication.models.auth import ApiToken, Role
 from replication.models.base import StateMachine
+from replication.models.checks import ChecksumRun
 from replication.models.cloud import CloudError, CloudStackConfig
 from replication.models.failover import FailoverJob, FailoverStep, NetworkMapping
 from replication.models.inventory import (
@@ -39,6 +40,7 @@ __all__ = [
     "AgentAuditEntry",
     "ApiToken",
     "ChangeIdRecord",
+    "ChecksumRun",
     "CloudError",
     "CloudStackConfig",
     "CopyAttempt",

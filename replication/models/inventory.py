@@ -37,6 +37,12 @@ class VCenter(models.Model):
         return self.name
 
 
+class VirtualMachineQuerySet(models.QuerySet):
+    def in_service(self):
+        """The VMs the lists show: every one but the decommissioned."""
+        return self.exclude(context__state=VMState.DECOMMISSIONED)
+
+
 class VirtualMachine(models.Model):
     name = models.CharField(max_length=200, unique=True, validators=[validate_no_control_characters])
     source_kind = models.CharField(max_length=20, choices=SourceKind.choices, default=SourceKind.IMAGE)
@@ -73,6 +79,8 @@ class VirtualMachine(models.Model):
     protection_flag = models.CharField(max_length=500, blank=True,
                                        help_text="Why scheduled protection gave up on it (after the last retry)")
     created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = VirtualMachineQuerySet.as_manager()
 
     class Meta:
         db_table = "virtual_machines"

@@ -45,7 +45,12 @@ V2V_FALLBACK_BLOCK, V2V_FALLBACK_NET = "ide", "rtl8139"
 
 
 class HardwareError(ValueError):
-    """An operator's hardware choice that cannot be; the message says why."""
+    """An operator's hardware choice that cannot be; the message says why,
+    `field` which setting (a KEYS entry) it is about."""
+
+    def __init__(self, message: str, field: str = ""):
+        self.field = field
+        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -283,15 +288,16 @@ def checked_overrides(changes: dict, current: dict) -> dict:
     merged = dict(current)
     for key, value in changes.items():
         if key not in KEYS:
-            raise HardwareError(f"unknown hardware setting {key!r}; known: {', '.join(KEYS)}")
+            raise HardwareError(f"unknown hardware setting {key!r}; known: {', '.join(KEYS)}", key)
         if value is None:
             merged.pop(key, None)
         elif key in ("secure_boot", "tpm"):
             if not isinstance(value, bool):
-                raise HardwareError(f"{key} must be on or off, not {value!r}")
+                raise HardwareError(f"{key} must be on or off, not {value!r}", key)
             merged[key] = value
         elif value not in allowed[key]:
-            raise HardwareError(f"{key.replace('_', ' ')} must be one of {', '.join(allowed[key])}, not {value!r}")
+            raise HardwareError(f"{key.replace('_', ' ')} must be one of {', '.join(allowed[key])}, not {value!r}",
+                                key)
         else:
             merged[key] = value
     return merged
@@ -310,12 +316,21 @@ def set_overrides(vm, changes: dict, *, clear: bool = False) -> Hardware:
         firmware = merged.get("firmware") or source_of(vm).get("firmware") or "bios"
         if firmware != "efi":
             raise HardwareError("Secure Boot needs UEFI firmware: add --firmware efi (the VM's firmware is "
-                                f"{firmware})")
+                                f"{firmware})", "secure_boot")
     context.hardware = merged
     context.save(update_fields=["hardware", "updated_at"])
     hardware = for_vm(vm)
     _warn(context, hardware.warning)
     return hardware
+
+
+def set_guest_conversion(vm, on: bool) -> None:
+    """Whether a failover converts the VM's guest before its first boot."""
+    from replication.models import VMContext
+
+    context = VMContext.of(vm)
+    context.convert_guest = on
+    context.save(update_fields=["convert_guest", "updated_at"])
 
 
 def booted(job, hardware: Hardware, destination_choices: dict | None = None) -> None:

@@ -47,7 +47,8 @@ def with_recovery_points(vms):
 
 def recovery_points(vms=None, now: datetime | None = None) -> list[RecoveryPoint]:
     now = now or timezone.now()
-    vms = with_recovery_points((vms if vms is not None else VirtualMachine.objects.all()).select_related("group"))
+    vms = VirtualMachine.objects.in_service() if vms is None else vms
+    vms = with_recovery_points(vms.select_related("group"))
     return [recovery_point(vm, now) for vm in vms]
 
 

@@ -36,6 +36,7 @@ from replication.choices import (
     JobStatus,
     SourceKind,
     SyncType,
+    VMState,
 )
 from replication.models import Admission, Agent, ProtectionGroup, ReplicationJob, SourceDisk, VirtualMachine, VMDisk
 from vma_agent import task_names
@@ -45,15 +46,20 @@ ADMISSION_LOCK = "oma:admission-lock"
 
 
 class ScheduleError(Exception):
-    """A group or schedule change is refused; the message is the reason."""
+    """A group or schedule change is refused; the message is the reason,
+    `field` the group's field it is about (if one)."""
+
+    def __init__(self, message: str, field: str = ""):
+        self.field = field
+        super().__init__(message)
 
 
 # --- groups and their schedules -------------------------------------------------
 
 def create_group(name: str, **fields) -> ProtectionGroup:
-    name = names.checked(name, ProtectionGroup, error=ScheduleError, what="group name")
+    name = names.checked(name, ProtectionGroup, error=lambda why: ScheduleError(why, "name"), what="group name")
     if ProtectionGroup.objects.filter(name=name).exists():
-        raise ScheduleError(f"a group named {name} exists already")
+        raise ScheduleError(f"a group named {name} exists already", "name")
     group = ProtectionGroup(name=name, **fields)
     check_group(group)
     group.save()
@@ -85,22 +91,22 @@ def check_group(group: ProtectionGroup) -> None:
     for field, (label, limit) in _GROUP_BOUNDS.items():
         value = getattr(group, field)
         if value is not None and not isinstance(value, int):
-            raise ScheduleError(f"{label} must be a whole number, not {value!r}")
+            raise ScheduleError(f"{label} must be a whole number, not {value!r}", field)
         if value is not None and not 0 <= value <= limit:
-            raise ScheduleError(f"{label} must be between 0 and {limit}, not {value}")
+            raise ScheduleError(f"{label} must be between 0 and {limit}, not {value}", field)
     if group.max_concurrent < 1:
-        raise ScheduleError("the concurrency limit must be at least 1")
+        raise ScheduleError("the concurrency limit must be at least 1", "max_concurrent")
     if group.points_keep is not None and group.points_keep < 1:
-        raise ScheduleError("a group keeps at least 1 recovery point per VM (the newest)")
+        raise ScheduleError("a group keeps at least 1 recovery point per VM (the newest)", "points_keep")
     if group.interval_s is not None and group.interval_s < 1:
-        raise ScheduleError("the interval must be at least 1 second")
+        raise ScheduleError("the interval must be at least 1 second", "interval_s")
     if group.drill_interval_s is not None and group.drill_interval_s < 1:
-        raise ScheduleError("the drill interval must be at least 1 second")
+        raise ScheduleError("the drill interval must be at least 1 second", "drill_interval_s")
     if group.cron:
         fields = group.cron.split()
         if len(fields) != 5:
             raise ScheduleError(f"cron expression {group.cron!r} needs 5 fields: minute hour day-of-month month "
-                                "day-of-week")
+                                "day-of-week", "cron")
         try:
             from zoneinfo import ZoneInfo
 
@@ -109,13 +115,13 @@ def check_group(group: ProtectionGroup) -> None:
 
             crontab(*fields)  # the same parser beat uses
         except Exception as exc:  # noqa: BLE001 - every parse error is the operator's to see
-            raise ScheduleError(f"cron expression {group.cron!r} in {group.timezone}: {exc}") from None
+            raise ScheduleError(f"cron expression {group.cron!r} in {group.timezone}: {exc}", "cron") from None
 
 
 def set_schedule(group: ProtectionGroup, *, interval_s: int | None = None, cron: str = "",
                  tz: str = "UTC") -> ProtectionGroup:
     if bool(interval_s) == bool(cron):
-        raise ScheduleError("give either an interval or a cron expression")
+        raise ScheduleError("give either an interval or a cron expression", "interval_s")
     return update_group(group, interval_s=interval_s or None, cron=cron.strip(), timezone=tz)
 
 
@@ -164,6 +170,9 @@ def delete_group(group: ProtectionGroup) -> None:
 
 def add_vms(group: ProtectionGroup, vms: list[VirtualMachine]) -> None:
     """A VM belongs to at most one group: adding it here takes it from its old one."""
+    retired = [vm.name for vm in vms if vm.lifecycle_state == VMState.DECOMMISSIONED]
+    if retired:
+        raise ScheduleError(f"VM(s) {', '.join(retired)} are decommissioned: they cannot join a group", "vms")
     with transaction.atomic():
         for vm in vms:
             if vm.group_id not in (None, group.pk):

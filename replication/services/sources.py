@@ -69,3 +69,79 @@ def inventory(vcenter: VCenter) -> list[dict]:
     return [{"name": vm.name, "moref": vm.moref, "power_state": vm.power_state, "disks": len(vm.disks),
              "capacity_bytes": sum(d.capacity_bytes for d in vm.disks), "protected": vm.moref in recorded}
             for vm in sorted(found, key=lambda v: v.name)]
+
+
+class VCenterFieldError(vmware_service.VCenterConfigError):
+    """A refused vCenter setting; `field` names it."""
+
+    def __init__(self, message: str, field: str):
+        self.field = field
+        super().__init__(message)
+
+
+def update_vcenter(vcenter: VCenter, *, host: str, port: int, username: str, thumbprint: str,
+                   agent: str) -> VCenter:
+    """Change how the vCenter is reached; the same checks as registering it
+    (port, thumbprint, agent), and a login with its password before anything
+    is stored."""
+    from replication.services import agents
+
+    try:
+        agent = agents.get(agent).name
+    except agents.AgentError as exc:
+        raise VCenterFieldError(str(exc), "agent") from None
+    if not 0 < port < 65536:
+        raise VCenterFieldError(f"the port must be 1..65535, not {port}", "port")
+    digits = thumbprint.replace(":", "")
+    if len(digits) != 40 or any(c not in "0123456789abcdefABCDEF" for c in digits):
+        raise VCenterFieldError(f"thumbprint {thumbprint!r} is not a SHA-1 thumbprint (40 hex digits)", "thumbprint")
+    candidate = VCenter.objects.get(pk=vcenter.pk)
+    candidate.host, candidate.port, candidate.username, candidate.agent = host.strip(), port, username.strip(), agent
+    candidate.thumbprint = vmware.normalize_thumbprint(thumbprint)
+    with vmware_service.session(candidate):
+        pass
+    candidate.save(update_fields=["host", "port", "username", "thumbprint", "agent"])
+    return candidate
+
+
+def rotate_password(vcenter: VCenter, password: str) -> VCenter:
+    """Give the vCenter a new password: kept in its own secret file (the
+    record points at it, as from the Sources page), once a login with it
+    works; a refused one leaves the old password in place."""
+    if not password:
+        raise VCenterFieldError("the password is empty", "password")
+    staged = store_password(f"{vcenter.name}.new", password)
+    try:
+        candidate = VCenter.objects.get(pk=vcenter.pk)
+        candidate.password_file, candidate.password_env = str(staged), ""
+        with vmware_service.session(candidate):
+            pass
+        final = staged.with_name(f"vcenter-{vcenter.name}.password")
+        os.replace(staged, final)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    VCenter.objects.filter(pk=vcenter.pk).update(password_file=str(final), password_env="")
+    vcenter.refresh_from_db()
+    return vcenter
+
+
+def vcenter_delete_refusal(vcenter: VCenter) -> str:
+    """Why the vCenter cannot be deleted ("" if it can): VMs recorded from it
+    depend on it (their cycles read it; a decommissioned one's history names it)."""
+    names_ = list(vcenter.vms.order_by("name").values_list("name", flat=True))
+    if not names_:
+        return ""
+    shown = ", ".join(names_[:10]) + (f" and {len(names_) - 10} more" if len(names_) > 10 else "")
+    return (f"vCenter {vcenter.name} cannot be deleted: {len(names_)} VM(s) recorded from it depend on it "
+            f"({shown}); decommissioned VMs keep their history tied to it")
+
+
+def delete_vcenter(vcenter: VCenter) -> None:
+    """Delete the vCenter and the secret file the pages wrote for it."""
+    if why := vcenter_delete_refusal(vcenter):
+        raise vmware_service.VCenterConfigError(why)
+    ours = Path(settings.OMA_SECRETS_DIR).absolute() / f"vcenter-{vcenter.name}.password"
+    vcenter.delete()
+    if vcenter.password_file and Path(vcenter.password_file) == ours:
+        ours.unlink(missing_ok=True)

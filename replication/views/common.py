@@ -14,5 +14,5 @@ def jobs_with_disks():
     )
 
 
-def render_page(request, template, context):
-    return render(request, template, {"flower_url": settings.FLOWER_URL, **context})
+def render_page(request, template, context, status: int = 200):
+    return render(request, template, {"flower_url": settings.FLOWER_URL, **context}, status=status)

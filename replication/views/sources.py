@@ -110,3 +110,78 @@ def vcenter_inventory(request, vcenter_id):
     except (vmware_service.VCenterConfigError, VSphereError) as exc:
         vms, error = [], str(exc)
     return render_page(request, "replication/vcenter_inventory.html", {"vcenter": vcenter, "vms": vms, "error": error})
+
+
+def _vcenter_page(request, vcenter, form, password_form, status=200):
+    return render_page(request, "replication/vcenter_edit.html",
+                       {"vcenter": vcenter, "form": form, "password_form": password_form,
+                        "delete_refusal": source_service.vcenter_delete_refusal(vcenter)}, status=status)
+
+
+@page_permission(ADMINISTER)
+def vcenter_edit(request, vcenter_id):
+    """Change how a vCenter is reached, or rotate its password (a login with
+    the new settings first; nothing is stored when it is refused)."""
+    from replication.forms import PasswordForm, VCenterForm
+
+    vcenter = get_object_or_404(VCenter, pk=vcenter_id)
+    initial = {k: getattr(vcenter, k) for k in ("host", "port", "username", "thumbprint", "agent")}
+    form, password_form = VCenterForm(initial=initial, prefix="vc"), PasswordForm(prefix="pw")
+    if request.method == "POST":
+        if request.POST.get("action") == "password":
+            password_form = PasswordForm(request.POST, prefix="pw")
+            if password_form.apply(vcenter) is not None:
+                log_admin(request, vcenter, "password rotated from the pages")
+                messages.info(request, f"vCenter {vcenter.name}: new password stored; the login with it worked.")
+                return redirect("vcenter-edit", vcenter_id=vcenter.pk)
+        else:
+            form = VCenterForm(request.POST, prefix="vc")
+            if form.apply(vcenter) is not None:
+                log_admin(request, vcenter, "connection changed from the pages")
+                messages.info(request, f"vCenter {vcenter.name} saved; the login with its settings worked.")
+                return redirect("vcenter-edit", vcenter_id=vcenter.pk)
+        return _vcenter_page(request, vcenter, form, password_form, status=400)
+    return _vcenter_page(request, vcenter, form, password_form)
+
+
+@page_permission(ADMINISTER)
+def vcenter_delete(request, vcenter_id):
+    from django.urls import reverse
+
+    vcenter = get_object_or_404(VCenter, pk=vcenter_id)
+    refusal = source_service.vcenter_delete_refusal(vcenter)
+    if request.method == "POST" and not refusal:
+        name = vcenter.name
+        log_admin(request, vcenter, "deleted from the pages", flag=3)
+        source_service.delete_vcenter(vcenter)
+        messages.info(request, f"vCenter {name} deleted.")
+        return redirect("sources")
+    back = reverse("vcenter-edit", args=[vcenter.pk])
+    return render_page(request, "replication/confirm.html", {
+        "title": f"Delete vCenter {vcenter.name}", "action_label": f"Delete vCenter {vcenter.name}",
+        "consequences": [f"forget vCenter {vcenter.name} ({vcenter.host}:{vcenter.port}) and the password file the "
+                         "pages stored for it", "nothing on the vCenter itself changes"],
+        "refusal": refusal, "back_url": back,
+        "crumbs": [(reverse("sources"), "Sources"), (back, vcenter.name)]},
+        status=409 if refusal and request.method == "POST" else 200)
+
+
+@page_permission(ADMINISTER)
+def cloud_edit(request):
+    """Add or change the CloudStack cloud (as add_cloud: checked with the cloud first)."""
+    from replication.forms import CloudForm
+
+    config = CloudStackConfig.objects.filter(is_active=True).order_by("-created_at").first()
+    if request.method == "POST":
+        form = CloudForm(request.POST)
+        done = form.apply()
+        if done is not None:
+            config, found = done
+            log_admin(request, config, "cloud recorded from the pages")
+            messages.info(request, f"Cloud {config.name} recorded and active" +
+                          (f": the cloud answers for {', '.join(found)}." if found else "."))
+            return redirect("cloud")
+        return render_page(request, "replication/cloud_edit.html", {"form": form, "config": config}, status=400)
+    initial = {f: getattr(config, f) for f in CloudForm.base_fields} if config else {}
+    return render_page(request, "replication/cloud_edit.html", {"form": CloudForm(initial=initial or None),
+                                                                "config": config})

@@ -38,15 +38,17 @@ def _vm_rows(request):
     sorted (?sort=), unevaluated: one query whatever the number of VMs."""
     newest = ReplicationJob.objects.filter(vm=OuterRef("pk")).order_by("-created_at")
     newest_failover = FailoverJob.objects.filter(vm=OuterRef("pk")).order_by("-created_at").values("id")[:1]
+    state = request.GET.get("state", "")
+    # Decommissioned VMs are hidden unless asked for (?state=decommissioned).
+    shown = VirtualMachine.objects if state == VMState.DECOMMISSIONED else VirtualMachine.objects.in_service()
     vms = rpo.with_recovery_points(
-        VirtualMachine.objects.select_related("context", "group")
+        shown.select_related("context", "group")
         .annotate(last_job_id=Subquery(newest.values("id")[:1]), last_job_at=Subquery(newest.values("created_at")[:1]),
                   last_failover_id=Subquery(newest_failover),
                   state_key=Coalesce("context__state", Value(VMState.DISCOVERED.value))))
     query = request.GET.get("q", "").strip()
     if query:
         vms = vms.filter(Q(name__icontains=query) | Q(agent__icontains=query))
-    state = request.GET.get("state", "")
     if state in VMState.values:
         vms = vms.filter(state_key=state)
     sort = request.GET.get("sort", "name")

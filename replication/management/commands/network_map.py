@@ -3,8 +3,7 @@ import json
 from django.core.management.base import BaseCommand, CommandError
 
 from replication.models import NetworkMapping
-from replication.platforms import get_destination
-from replication.platforms.base import DestinationError
+from replication.services.network_maps import NetworkMapError, map_network, unmap_network
 
 
 class Command(BaseCommand):
@@ -22,22 +21,17 @@ class Command(BaseCommand):
         if remove:
             if not source:
                 raise CommandError("--remove needs the source network")
-            deleted, _ = NetworkMapping.objects.filter(source_network=source).delete()
-            if not deleted:
-                raise CommandError(f"source network {source!r} is not mapped")
+            try:
+                unmap_network(source)
+            except NetworkMapError as exc:
+                raise CommandError(str(exc)) from None
             self.stdout.write(f"{source!r} no longer mapped")
             return
         if source is not None and not list_them:
-            if not destination:
-                raise CommandError("give the source network and the destination network it maps to")
             try:
-                known = get_destination().has_network(destination)
-            except DestinationError as exc:
-                raise CommandError(f"cannot check destination network {destination!r}: {exc}") from exc
-            if not known:
-                raise CommandError(f"the destination has no network named {destination!r}")
-            NetworkMapping.objects.update_or_create(source_network=source,
-                                                    defaults={"destination_network": destination})
+                map_network(source, destination or "")
+            except NetworkMapError as exc:
+                raise CommandError(str(exc)) from exc
         mapping = NetworkMapping.as_dict()
         if as_json:
             self.stdout.write(json.dumps(mapping, indent=2))

@@ -1,10 +1,8 @@
-import re
-
 from django.core.management.base import BaseCommand, CommandError
 
 from replication.management.lookup import vm_named
-from replication.models import VMContext
-from replication.platforms.base import BOOT_PROBES, DEFAULT_BOOT_PROBES, DEFAULT_BOOT_REGEX, parse_boot_probes
+from replication.platforms.base import BOOT_PROBES, DEFAULT_BOOT_PROBES, DEFAULT_BOOT_REGEX
+from replication.services.boot_check import BootCheckError, set_boot_check
 
 
 class Command(BaseCommand):
@@ -27,30 +25,10 @@ class Command(BaseCommand):
     def handle(self, name, probe, regex, timeout, **options):
         if probe is None and regex is None and timeout is None:
             raise CommandError("nothing to set: give --probe, --regex and/or --timeout")
-        probes = None
-        if probe is not None:
-            if probe == ["default"]:
-                probes = ""
-            else:
-                try:
-                    probes = ",".join(parse_boot_probes(probe))
-                except ValueError as exc:
-                    raise CommandError(f"--probe: {exc}") from None
-        if regex is not None:
-            try:
-                re.compile(regex)
-            except re.error as exc:
-                raise CommandError(f"--regex {regex!r} is not a regular expression: {exc}") from exc
-        if timeout is not None and not 1 <= timeout <= 3600:
-            raise CommandError(f"--timeout must be 1..3600 seconds, not {timeout}")
-        context = VMContext.of(vm_named(name))
-        if probes is not None:
-            context.boot_probes = probes
-        if regex is not None:
-            context.boot_check_regex = regex
-        if timeout is not None:
-            context.boot_check_timeout_s = timeout
-        context.save(update_fields=["boot_probes", "boot_check_regex", "boot_check_timeout_s", "updated_at"])
+        try:
+            context = set_boot_check(vm_named(name), probes=probe, regex=regex, timeout_s=timeout)
+        except BootCheckError as exc:
+            raise CommandError("; ".join(f"--{key}: {why}" for key, why in exc.errors.items())) from None
         shown = context.boot_check_regex or f"the default {DEFAULT_BOOT_REGEX}"
         self.stdout.write(f"{name}: boot verified when any of {', '.join(context.probes())}"
                           f"{'' if context.boot_probes else ' (the default probes)'} sees it within "

@@ -1,7 +1,7 @@
 from django.core.management.base import BaseCommand
 
 from replication.management.lookup import vm_named
-from replication.models import VMContext
+from replication.services.hardware import set_guest_conversion
 
 
 class Command(BaseCommand):
@@ -14,7 +14,5 @@ class Command(BaseCommand):
         parser.add_argument("switch", choices=["on", "off"])
 
     def handle(self, name, switch, **options):
-        context = VMContext.of(vm_named(name))
-        context.convert_guest = switch == "on"
-        context.save(update_fields=["convert_guest", "updated_at"])
+        set_guest_conversion(vm_named(name), switch == "on")
         self.stdout.write(f"{name}: guest conversion {switch}")
