@@ -51,6 +51,37 @@ def _check_agent(vm: VirtualMachine, for_failover) -> None:
         raise ReplicationError(f"VM {vm.name}: {refusal}")
 
 
+AUTO = "auto"  # the sync type an operator asks for by default: see choose_sync_type
+SYNC_CHOICES = (AUTO, SyncType.FULL.value, SyncType.INCREMENTAL.value)
+
+
+def _image_refusal(vm: VirtualMachine) -> str:
+    return (f"VM {vm.name} is a raw image source without change tracking; only a full copy is possible "
+            "(qcow2 images are copied incrementally from dirty bitmaps)")
+
+
+def choose_sync_type(vm: VirtualMachine, requested: str = AUTO) -> str:
+    """What an operator's request means: "auto" is incremental when every
+    disk of the VM holds a committed changeId (a completed cycle's), full
+    otherwise; "full" and "incremental" force it, and an incremental with
+    nothing committed to start from is refused with the reason."""
+    if requested not in SYNC_CHOICES:
+        raise ReplicationError(f"Unknown replication type {requested!r}; use {', '.join(SYNC_CHOICES)}")
+    if requested == SyncType.FULL:
+        return SyncType.FULL
+    tracked = vm.source_kind != SourceKind.IMAGE
+    missing = [disk.disk_key for disk in vm.disks.all() if not disk.change_id]
+    if requested == AUTO:
+        return SyncType.INCREMENTAL if tracked and vm.disks.exists() and not missing else SyncType.FULL
+    if not tracked:
+        raise ReplicationError(_image_refusal(vm))
+    if missing:
+        raise ReplicationError(
+            f"VM {vm.name} has no committed changeId for {', '.join(missing)}: an incremental copy needs a "
+            "completed replication to start from; run a full one (or choose auto)")
+    return SyncType.INCREMENTAL
+
+
 def start_replication(vm: VirtualMachine, sync_type: str = SyncType.FULL, *, verify: bool = False,
                       overrides: list[str] | tuple[str, ...] = (),
                       bandwidth_limit_bps: int | None = None, actor: str = "operator",
@@ -60,10 +91,7 @@ def start_replication(vm: VirtualMachine, sync_type: str = SyncType.FULL, *, ver
     must allow a cycle (not under a failover); only a live failover's own
     final cycle (for_failover) runs while that failover is open."""
     if sync_type == SyncType.INCREMENTAL and vm.source_kind == SourceKind.IMAGE:
-        raise ReplicationError(
-            f"VM {vm.name} is a raw image source without change tracking; only a full copy is possible "
-            "(qcow2 images are copied incrementally from dirty bitmaps)"
-        )
+        raise ReplicationError(_image_refusal(vm))
     if bandwidth_limit_bps is not None and bandwidth_limit_bps <= 0:
         raise ReplicationError(f"bandwidth limit must be a positive number of bytes per second, not "
                                f"{bandwidth_limit_bps}")

@@ -21,6 +21,9 @@ from replication.services import jobs as job_service
 from replication.services.points import PointError
 from replication.views.common import render_page
 
+# What the Replicate button offers; the first is the default.
+SYNC_TYPE_CHOICES = [(job_service.AUTO, "Auto (incremental when a committed changeId holds)"), *SyncType.choices]
+
 FAILOVER_FROM = (VMState.READY_FOR_FAILOVER, VMState.REPLICATING, VMState.FAILED)
 
 
@@ -50,7 +53,7 @@ def vm_list(request):
         vm.hardware_warning = vm.hardware.warning or (context.hardware_warning if context else "")
     rows = [(vm, last_jobs.get(vm.last_job_id), failovers.get(vm.last_failover_id), rpo.recovery_point(vm))
             for vm in vms]
-    return render_page(request, "replication/vm_list.html", {"rows": rows, "sync_types": SyncType.choices})
+    return render_page(request, "replication/vm_list.html", {"rows": rows, "sync_types": SYNC_TYPE_CHOICES})
 
 
 def _summary(sealed: list, now) -> dict:
@@ -92,12 +95,9 @@ def _point_id(data) -> int | None:
 @page_permission(OPERATE)
 def vm_replicate(request, vm_id):
     vm = get_object_or_404(VirtualMachine, pk=vm_id)
-    sync_type = request.POST.get("sync_type", SyncType.FULL)
-    if sync_type not in SyncType.values:
-        messages.error(request, f"Unknown replication type {sync_type!r}.")
-        return redirect("vm-list")
     overrides = [o for o in request.POST.getlist("allow") if o]
     try:
+        sync_type = job_service.choose_sync_type(vm, request.POST.get("sync_type", job_service.AUTO))
         job = job_service.start_replication(vm, sync_type, verify=request.POST.get("verify") == "on",
                                             overrides=overrides, actor=actor_of(request))
     except job_service.ReplicationError as exc:
