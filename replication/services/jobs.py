@@ -29,7 +29,7 @@ from replication.models import (
     VMDisk,
 )
 from replication.platforms import on_cloudstack
-from replication.services import agents, orders, points, vmware, volumes
+from replication.services import agents, diagnosis, orders, points, vmware, volumes
 from vma_agent import task_names
 from vma_agent import vmware as vsphere
 from vma_agent.contract import DiskCopied, FrozenDisk, SnapshotRemoved, SourcePrepared
@@ -320,7 +320,7 @@ def disk_copied(job_id: str, disk_key: str, attempt: int, outcome: DiskCopied) -
             _maybe_finalize(disk.job)
         return
     if status == "failed":
-        if disk.fail(reason, attempt=attempt):
+        if disk.fail(diagnosis.operator_text(reason), attempt=attempt):
             disk.end_attempt(attempt, CopyAttempt.Outcome.FAILED, reason=reason, **run)
             fail_job(job_id, f"{disk_key}: {reason}")
         else:
@@ -416,6 +416,7 @@ def commit_and_complete(job: ReplicationJob) -> None:
 def fail_job(job_id: str, reason: str) -> None:
     """End the job as failed (if it is not already terminal) and clean up;
     the job's end and the VM's state move together."""
+    reason = diagnosis.operator_text(reason, f"job {job_id}")
     with transaction.atomic():
         job = ReplicationJob.objects.get(pk=job_id)
         job.fail(reason)
