@@ -158,3 +158,43 @@ def test_a_cancelled_jobs_disks_stop_showing_a_copy_at_once(celery_worker_proces
                60, "the agent to confirm the stop")
     for server in servers:
         server.stop()
+
+
+def test_the_rules_on_every_disk_state():
+    """replication.figures alone, on unsaved rows: what each state shows."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from replication.figures import job_figures
+    from replication.models import VMDisk
+
+    now = timezone.now()
+    job = ReplicationJob(status=JobStatus.REPLICATING, bandwidth_limit_bps=2 * MiB, created_at=now)
+    copying = VMDisk(disk_key="a", status=DiskStatus.COPYING, bytes_done=2 * MiB, bytes_total=10 * MiB,
+                     capacity_bytes=20 * MiB, throughput_bps=9 * MiB)  # measured above the limit
+    unmeasured = VMDisk(disk_key="b", status=DiskStatus.COPYING, bytes_done=0, bytes_total=0,
+                        capacity_bytes=4 * MiB, throughput_bps=MiB)
+    done = VMDisk(disk_key="c", status=DiskStatus.COMPLETED, bytes_done=6 * MiB, bytes_total=6 * MiB,
+                  capacity_bytes=6 * MiB, throughput_bps=50 * MiB, started_at=now - timedelta(seconds=3),
+                  completed_at=now)
+    figures = job_figures(job, [copying, unmeasured, done])
+    a, b, c = figures.disks
+    assert (a.rate_bps, a.eta_seconds) == (2 * MiB, 4)  # capped; 8 MiB left at 2 MiB/s
+    assert (b.rate_bps, b.eta_seconds) == (MiB, 4)  # its capacity while not measured
+    assert (c.rate_bps, c.eta_seconds, c.average) == (2 * MiB, None, True)  # 6 MiB in 3 s
+    assert (figures.rate_bps, figures.eta_seconds) == (3 * MiB, 4)  # the copying disks' sum; the slowest
+
+    waiting = VMDisk(disk_key="d", status=DiskStatus.PENDING, capacity_bytes=MiB)
+    assert job_figures(job, [copying, waiting]).eta_seconds is None  # a disk still to copy has no rate yet
+
+    job.status = JobStatus.CANCELLED
+    stopped = job_figures(job, [copying, done])
+    assert [(d.state, d.rate_bps, d.eta_seconds) for d in stopped.disks][0] == ("stopping", 0, None)
+    assert (stopped.rate_bps, stopped.eta_seconds) == (0, None)
+
+    job.status, job.started_at, job.completed_at, job.bytes_transferred = (
+        JobStatus.COMPLETED, now - timedelta(seconds=7), now, 14 * MiB)
+    completed = job_figures(job, [done])
+    assert (completed.rate_bps, completed.eta_seconds, completed.average, completed.duration_s) == (
+        2 * MiB, None, True, 7.0)

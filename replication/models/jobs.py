@@ -204,10 +204,13 @@ class ReplicationJob(StateMachine):
         return True
 
     def fail(self, reason: str) -> bool:
-        return self.transition(JobStatus.FAILED, error_message=reason[:4000], current_operation=Stage.FAILED)
+        # An ended job copies nothing: no rate, no ETA (replication.figures).
+        return self.transition(JobStatus.FAILED, error_message=reason[:4000], current_operation=Stage.FAILED,
+                               throughput_bps=0, eta_seconds=None)
 
     def cancel(self, reason: str = "cancelled by the operator") -> bool:
-        return self.transition(JobStatus.CANCELLED, error_message=reason, current_operation=Stage.CANCELLED)
+        return self.transition(JobStatus.CANCELLED, error_message=reason, current_operation=Stage.CANCELLED,
+                               throughput_bps=0, eta_seconds=None)
 
     def complete(self) -> bool:
         """Completed, with the throughput averaged over the whole job."""
