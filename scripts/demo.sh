@@ -3,9 +3,15 @@
 # sources, local volume targets), start the OMA's and the agent's processes
 # (web server + agent API, OMA worker, agent copy worker, beat, progress
 # poller), replicate a generated 2-disk VM with live progress, and compare
-# sha256 of every source disk with its target volume. KEEP_RUNNING=1 leaves
-# the processes running afterwards. VMA_URL (default http://127.0.0.1:8000)
-# sets the web server's port; CELERY_BROKER_URL the Redis (database).
+# sha256 of every source disk with its target volume. libvirtd (the failover
+# destination) and an isolated libvirt network (FAILOVER_TEST_NETWORK, default
+# oma-demo-isolated) are started when missing, so the GUI's test failover
+# works right after the demo; Flower runs behind a password (basic auth,
+# var/flower-password) and the GUI links to it. KEEP_RUNNING=1 leaves the
+# processes (and what was started for them) running afterwards; otherwise
+# everything the demo started is stopped at the end, and nothing it found
+# running. VMA_URL (default http://127.0.0.1:8000) sets the web server's
+# port; FLOWER_PORT (5555) Flower's; CELERY_BROKER_URL the Redis (database).
 set -euo pipefail
 umask 077  # logs, database, volumes and sockets: this user's alone
 cd "$(dirname "$0")/.."
@@ -30,14 +36,51 @@ fi
 export VMA_TOKEN
 
 pids=()
+started_network=""
+started_daemons=()
 cleanup() {
   if [ "${KEEP_RUNNING:-}" != "1" ]; then
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
     $PY manage.py export_server stop >/dev/null 2>&1 || true
+    # What the demo started for failovers, and only that.
+    if [ -n "$started_network" ]; then
+      virsh -q -c qemu:///system net-destroy "$started_network" >/dev/null 2>&1 || true
+    fi
+    for pid in "${started_daemons[@]}"; do kill "$pid" 2>/dev/null || true; done
   fi
 }
 trap cleanup EXIT
+
+# The failover destination: libvirtd (started here when it is not running,
+# and then stopped at the end) and an isolated network for test failovers
+# (no forwarding: a test boot never reaches production).
+running_daemons() { ps -C virtlogd,libvirtd -o pid= 2>/dev/null | tr -d ' ' | sort; }
+before=$(running_daemons)
+ensure_libvirtd
+for pid in $(comm -13 <(echo "$before") <(running_daemons)); do started_daemons+=("$pid"); done
+export FAILOVER_TEST_NETWORK=${FAILOVER_TEST_NETWORK:-oma-demo-isolated}
+if ! virsh -q -c qemu:///system net-info "$FAILOVER_TEST_NETWORK" >/dev/null 2>&1; then
+  echo "starting the isolated libvirt network $FAILOVER_TEST_NETWORK for test failovers"
+  virsh -q -c qemu:///system net-create /dev/stdin >/dev/null <<XML
+<network><name>$FAILOVER_TEST_NETWORK</name><bridge name='virbr-omademo' stp='off'/></network>
+XML
+  started_network=$FAILOVER_TEST_NETWORK
+fi
+
+# Flower, behind a password (basic auth, from the environment, never on a
+# command line); the GUI links to it only when it runs.
+FLOWER_PORT=${FLOWER_PORT:-5555}
+[ -s var/flower-password ] || (umask 077; $PY -c 'import secrets; print(secrets.token_urlsafe(18))' >var/flower-password)
+if (exec 3<>"/dev/tcp/127.0.0.1/$FLOWER_PORT") 2>/dev/null; then
+  echo "port $FLOWER_PORT is taken: Flower not started, and the GUI does not link to it"
+  export FLOWER_URL=""
+else
+  FLOWER_BASIC_AUTH="operator:$(cat var/flower-password)" PROCESS_ROLE=oma .venv/bin/celery -A oma_site flower \
+    --address=127.0.0.1 --port="$FLOWER_PORT" >var/log/flower.log 2>&1 &
+  pids+=($!)
+  export FLOWER_URL="http://127.0.0.1:$FLOWER_PORT/"
+fi
 
 # The web server serves the pages and the agent's progress API (one host
 # here); the copy loops and the poller reach it at VMA_URL.
@@ -108,3 +151,8 @@ echo "sha256 of each source disk and its target volume:"
 $PY manage.py checksums demo-vm
 echo
 $PY manage.py jobs --limit 5
+echo
+echo "GUI: $VMA_URL/ (test failovers boot on the isolated network $FAILOVER_TEST_NETWORK)"
+if [ -n "$FLOWER_URL" ]; then
+  echo "Flower: $FLOWER_URL (user operator, password in var/flower-password)"
+fi

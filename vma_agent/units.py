@@ -7,7 +7,8 @@ _UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
 
 
 def iec(nbytes: float | None) -> str:
-    """1536 -> '1.5 KiB', 12_582_912 -> '12.0 MiB', 1 GiB -> '1.00 GiB'."""
+    """1536 -> '1.5 KiB', 12_582_912 -> '12.0 MiB', 1 GiB -> '1.0 GiB': one
+    decimal in every unit, so sizes side by side read alike."""
     if nbytes is None:
         return "—"
     value = float(nbytes)
@@ -16,7 +17,7 @@ def iec(nbytes: float | None) -> str:
     for unit in _UNITS:
         value /= 1024
         if abs(value) < 1024 or unit == _UNITS[-1]:
-            return f"{value:.2f} {unit}" if unit in ("GiB", "TiB", "PiB") else f"{value:.1f} {unit}"
+            return f"{value:.1f} {unit}"
     raise AssertionError("unreachable")
 
 

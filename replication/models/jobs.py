@@ -11,6 +11,7 @@ from django.conf import settings
 from django.db import connection, models, transaction
 from django.utils import timezone
 
+from replication import figures
 from replication.choices import (
     DISK_TERMINAL,
     DISK_TRANSITIONS,
@@ -203,19 +204,22 @@ class ReplicationJob(StateMachine):
         return True
 
     def fail(self, reason: str) -> bool:
-        return self.transition(JobStatus.FAILED, error_message=reason[:4000], current_operation=Stage.FAILED)
+        # An ended job copies nothing: no rate, no ETA (replication.figures).
+        return self.transition(JobStatus.FAILED, error_message=reason[:4000], current_operation=Stage.FAILED,
+                               throughput_bps=0, eta_seconds=None)
 
     def cancel(self, reason: str = "cancelled by the operator") -> bool:
-        return self.transition(JobStatus.CANCELLED, error_message=reason, current_operation=Stage.CANCELLED)
+        return self.transition(JobStatus.CANCELLED, error_message=reason, current_operation=Stage.CANCELLED,
+                               throughput_bps=0, eta_seconds=None)
 
     def complete(self) -> bool:
         """Completed, with the throughput averaged over the whole job."""
         self.refresh_totals()
         self.refresh_from_db()
-        seconds = (timezone.now() - (self.started_at or self.created_at)).total_seconds()
-        average = int(self.bytes_transferred / seconds) if seconds > 0 else 0
+        now = timezone.now()
+        average = figures.average_rate(self.bytes_transferred, self.started_at or self.created_at, now)
         return self.transition(JobStatus.COMPLETED, current_operation=Stage.COMPLETED, progress_percent=100.0,
-                               throughput_bps=average)
+                               throughput_bps=average, completed_at=now, eta_seconds=None)
 
     @property
     def data_percent(self) -> float:
@@ -236,25 +240,26 @@ class ReplicationJob(StateMachine):
         if not jobs:
             return
         sums = {job.pk: [0, 0, 0, 0] for job in jobs}  # done, total, rate, unmeasured capacity
-        # The job ends with its slowest disk: each copying disk's remaining
-        # bytes at its own rate (a per-disk limit included); unknown while
-        # any unfinished disk has no rate yet.
-        etas: dict = {job.pk: 0 for job in jobs}
+        # The rules of replication.figures, the one source of shown rates:
+        # each copying disk's rate capped by the limit in force, summed; the
+        # job ends with its slowest disk.
+        limits = {job.pk: job.bandwidth_limit_bps for job in jobs}
+        disk_etas: dict = {job.pk: [] for job in jobs}
         for job_id, status, bytes_done, bytes_total, throughput, capacity in VMDisk.objects.filter(
                 job_id__in=list(sums)).values_list("job_id", "status", "bytes_done", "bytes_total",
                                                    "throughput_bps", "capacity_bytes"):
             row = sums[job_id]
             row[0] += bytes_done
             row[1] += bytes_total
-            if status == DiskStatus.COPYING:
-                row[2] += throughput
+            rate = figures.capped(throughput, limits[job_id]) if status == DiskStatus.COPYING else 0
+            row[2] += rate
             if bytes_total == 0 and status != DiskStatus.COMPLETED:
                 # Not measured yet: counts with its capacity (an upper bound
                 # of its data), so the job's percent only ever rises.
                 row[3] += capacity
-            if status in (DiskStatus.PENDING, DiskStatus.COPYING) and etas[job_id] is not None:
-                remaining = max(bytes_total - bytes_done, 0) if bytes_total else capacity
-                etas[job_id] = None if throughput <= 0 else max(etas[job_id], int(remaining / throughput))
+            disk_etas[job_id].append((status, figures.eta_of(figures.remaining_bytes(bytes_done, bytes_total, capacity),
+                                                             rate)))
+        etas = {pk: figures.job_eta(JobStatus.REPLICATING, rows) for pk, rows in disk_etas.items()}
         now = timezone.now()
         status_of = {job.pk: job.status for job in jobs}
         rows = {}

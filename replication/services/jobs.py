@@ -29,7 +29,7 @@ from replication.models import (
     VMDisk,
 )
 from replication.platforms import on_cloudstack
-from replication.services import agents, orders, points, vmware, volumes
+from replication.services import agents, diagnosis, orders, points, vmware, volumes
 from vma_agent import task_names
 from vma_agent import vmware as vsphere
 from vma_agent.contract import DiskCopied, FrozenDisk, SnapshotRemoved, SourcePrepared
@@ -51,6 +51,37 @@ def _check_agent(vm: VirtualMachine, for_failover) -> None:
         raise ReplicationError(f"VM {vm.name}: {refusal}")
 
 
+AUTO = "auto"  # the sync type an operator asks for by default: see choose_sync_type
+SYNC_CHOICES = (AUTO, SyncType.FULL.value, SyncType.INCREMENTAL.value)
+
+
+def _image_refusal(vm: VirtualMachine) -> str:
+    return (f"VM {vm.name} is a raw image source without change tracking; only a full copy is possible "
+            "(qcow2 images are copied incrementally from dirty bitmaps)")
+
+
+def choose_sync_type(vm: VirtualMachine, requested: str = AUTO) -> str:
+    """What an operator's request means: "auto" is incremental when every
+    disk of the VM holds a committed changeId (a completed cycle's), full
+    otherwise; "full" and "incremental" force it, and an incremental with
+    nothing committed to start from is refused with the reason."""
+    if requested not in SYNC_CHOICES:
+        raise ReplicationError(f"Unknown replication type {requested!r}; use {', '.join(SYNC_CHOICES)}")
+    if requested == SyncType.FULL:
+        return SyncType.FULL
+    tracked = vm.source_kind != SourceKind.IMAGE
+    missing = [disk.disk_key for disk in vm.disks.all() if not disk.change_id]
+    if requested == AUTO:
+        return SyncType.INCREMENTAL if tracked and vm.disks.exists() and not missing else SyncType.FULL
+    if not tracked:
+        raise ReplicationError(_image_refusal(vm))
+    if missing:
+        raise ReplicationError(
+            f"VM {vm.name} has no committed changeId for {', '.join(missing)}: an incremental copy needs a "
+            "completed replication to start from; run a full one (or choose auto)")
+    return SyncType.INCREMENTAL
+
+
 def start_replication(vm: VirtualMachine, sync_type: str = SyncType.FULL, *, verify: bool = False,
                       overrides: list[str] | tuple[str, ...] = (),
                       bandwidth_limit_bps: int | None = None, actor: str = "operator",
@@ -60,10 +91,7 @@ def start_replication(vm: VirtualMachine, sync_type: str = SyncType.FULL, *, ver
     must allow a cycle (not under a failover); only a live failover's own
     final cycle (for_failover) runs while that failover is open."""
     if sync_type == SyncType.INCREMENTAL and vm.source_kind == SourceKind.IMAGE:
-        raise ReplicationError(
-            f"VM {vm.name} is a raw image source without change tracking; only a full copy is possible "
-            "(qcow2 images are copied incrementally from dirty bitmaps)"
-        )
+        raise ReplicationError(_image_refusal(vm))
     if bandwidth_limit_bps is not None and bandwidth_limit_bps <= 0:
         raise ReplicationError(f"bandwidth limit must be a positive number of bytes per second, not "
                                f"{bandwidth_limit_bps}")
@@ -292,7 +320,7 @@ def disk_copied(job_id: str, disk_key: str, attempt: int, outcome: DiskCopied) -
             _maybe_finalize(disk.job)
         return
     if status == "failed":
-        if disk.fail(reason, attempt=attempt):
+        if disk.fail(diagnosis.operator_text(reason), attempt=attempt):
             disk.end_attempt(attempt, CopyAttempt.Outcome.FAILED, reason=reason, **run)
             fail_job(job_id, f"{disk_key}: {reason}")
         else:
@@ -388,6 +416,7 @@ def commit_and_complete(job: ReplicationJob) -> None:
 def fail_job(job_id: str, reason: str) -> None:
     """End the job as failed (if it is not already terminal) and clean up;
     the job's end and the VM's state move together."""
+    reason = diagnosis.operator_text(reason, f"job {job_id}")
     with transaction.atomic():
         job = ReplicationJob.objects.get(pk=job_id)
         job.fail(reason)

@@ -16,7 +16,7 @@ from django.utils import timezone
 from replication import names
 from replication.choices import JOB_ACTIVE, SourceKind
 from replication.models import ReplicationJob, SourceDisk, VCenter, VirtualMachine
-from replication.services import agents
+from replication.services import agents, diagnosis
 from replication.services.allowlist import NotAllowed, check_password_ref
 from replication.services.orders import vcenter_ref
 from vma_agent import vmware
@@ -64,8 +64,11 @@ def session(vcenter: VCenter, *, long_waits: bool = False) -> Iterator[VSphereCl
         with client_for(vcenter, long_waits=long_waits) as client:
             yield client
     except TimeoutError:
-        raise VSphereError(f"vCenter {vcenter.host}:{vcenter.port} did not answer within "
-                           f"{settings.VCENTER_TIMEOUT_S:g} s (VCENTER_TIMEOUT_S)") from None
+        raise VSphereError(diagnosis.operator_text(
+            f"vCenter {vcenter.host}:{vcenter.port} did not answer within {settings.VCENTER_TIMEOUT_S:g} s "
+            "(VCENTER_TIMEOUT_S)")) from None
+    except VSphereError as exc:
+        raise VSphereError(diagnosis.operator_text(str(exc), f"vCenter {vcenter.name}")) from None
 
 
 def register_vcenter(name: str, host: str, username: str, thumbprint: str, *, port: int = 443,

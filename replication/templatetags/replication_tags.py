@@ -23,7 +23,7 @@ def duration(seconds):
 
 @register.filter
 def iec(nbytes):
-    """Bytes in IEC units: 12.0 MiB, 1.00 GiB (the one convention of the pages)."""
+    """Bytes in IEC units: 12.0 MiB, 1.0 GiB (the one convention of the pages)."""
     return iec_size(nbytes)
 
 

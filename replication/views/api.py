@@ -372,16 +372,22 @@ OPENAPI = {
             **{k: {"type": t} for k, t in [
                 ("disk", "string"), ("status", "string"), ("stage", "string"), ("percent", "number"),
                 ("bytes_done", "integer"), ("bytes_total", "integer"), ("capacity_bytes", "integer"),
-                ("throughput_bps", "integer"), ("export_name", "string"), ("error_message", "string")]},
-            "eta_seconds": {"type": "integer", "nullable": True, "description": "null while unknown"}}},
+                ("export_name", "string"), ("error_message", "string")]},
+            "state": {"type": "string", "description": "its status, or stopping: copying for a job that ended"},
+            "throughput_bps": {"type": "integer", "description": "copying: measured, never above the job's limit; "
+                                                                  "completed: its average; else 0"},
+            "eta_seconds": {"type": "integer", "nullable": True,
+                            "description": "remaining / min(rate, limit); null while unknown or not copying"}}},
         "Job": {"type": "object", "properties": {
             **{k: {"type": t} for k, t in [
                 ("id", "string"), ("vm", "string"), ("sync_type", "string"), ("status", "string"),
                 ("stage", "string"), ("percent", "number"), ("bytes_transferred", "integer"),
-                ("total_bytes", "integer"), ("throughput_bps", "integer"), ("error_message", "string"),
-                ("created_at", "string")]},
+                ("total_bytes", "integer"), ("error_message", "string"), ("created_at", "string")]},
+            "throughput_bps": {"type": "integer", "description": "running: the sum of its copying disks' rates; "
+                                                                  "completed: bytes / duration; else 0"},
             **{k: {"type": t, "nullable": True} for k, t in [
-                ("eta_seconds", "integer"), ("started_at", "string"), ("completed_at", "string")]},
+                ("eta_seconds", "integer"), ("bandwidth_limit_bps", "integer"), ("started_at", "string"),
+                ("completed_at", "string")]},
             "disks": {"type": "array", "items": {"$ref": "#/components/schemas/Disk"}}}},
     }},
 }

@@ -9,6 +9,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from replication.choices import JOB_ACTIVE, JobStatus
+from replication.figures import job_figures
 from replication.models import ReplicationJob, VirtualMachine
 from replication.roles import OPERATE, READ, actor_of, log_admin, page_permission
 from replication.services import jobs as job_service
@@ -21,10 +22,12 @@ RECENT_FAILURES = 10
 
 def dashboard_context() -> dict:
     active = list(jobs_with_disks().filter(status__in=JOB_ACTIVE).order_by("created_at"))
+    for job in active:
+        job.figures = job_figures(job)
     counts = dict(ReplicationJob.objects.values_list("status").annotate(n=Count("id")))
     return {
         "counts": [(status.label, counts.get(status.value, 0), status.value) for status in JobStatus],
-        "throughput_now": sum(job.throughput_bps for job in active),
+        "throughput_now": sum(job.figures.rate_bps for job in active),
         "active_jobs": active,
         "recent_failures": ReplicationJob.objects.select_related("vm").filter(status=JobStatus.FAILED)
         .order_by("-completed_at")[:RECENT_FAILURES],
@@ -77,7 +80,7 @@ def throughput_chart(samples: list) -> dict | None:
 
 def _job_context(job_id: str) -> dict:
     job = get_object_or_404(jobs_with_disks().prefetch_related("events"), pk=job_id)
-    return {"job": job, "chart": throughput_chart(list(job.samples.all()))}
+    return {"job": job, "figures": job_figures(job), "chart": throughput_chart(list(job.samples.all()))}
 
 
 @page_permission(READ)

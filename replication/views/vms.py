@@ -24,6 +24,9 @@ from replication.services.inventory import label_disks
 from replication.services.points import PointError
 from replication.views.common import render_page
 
+# What the Replicate button offers; the first is the default.
+SYNC_TYPE_CHOICES = [(job_service.AUTO, "Auto (incremental when a committed changeId holds)"), *SyncType.choices]
+
 FAILOVER_FROM = (VMState.READY_FOR_FAILOVER, VMState.REPLICATING, VMState.FAILED)
 
 
@@ -90,7 +93,7 @@ def vm_list(request):
         "rows": rows, "page": page, "search": search, "searching": searching, "states": VMState.choices,
         "headers": _headers(search["sort"]),
         "any_vm": bool(rows) or (searching and VirtualMachine.objects.exists()),
-        "sync_types": SyncType.choices})
+        "sync_types": SYNC_TYPE_CHOICES})
 
 
 COLUMNS = [("name", "VM"), ("state", "State"), ("source", "Source"), ("agent", "Agent"), (None, "CBT"),
@@ -149,12 +152,9 @@ def _point_id(data) -> int | None:
 @page_permission(OPERATE)
 def vm_replicate(request, vm_id):
     vm = get_object_or_404(VirtualMachine, pk=vm_id)
-    sync_type = request.POST.get("sync_type", SyncType.FULL)
-    if sync_type not in SyncType.values:
-        messages.error(request, f"Unknown replication type {sync_type!r}.")
-        return redirect("vm-list")
     overrides = [o for o in request.POST.getlist("allow") if o]
     try:
+        sync_type = job_service.choose_sync_type(vm, request.POST.get("sync_type", job_service.AUTO))
         job = job_service.start_replication(vm, sync_type, verify=request.POST.get("verify") == "on",
                                             overrides=overrides, actor=actor_of(request))
     except job_service.ReplicationError as exc:

@@ -21,8 +21,8 @@ from django.utils import timezone
 
 from replication.choices import DiskStatus, JobStatus
 from replication.models import CopyAttempt, JobEvent, ReplicationJob
+from replication.services import diagnosis, orders
 from replication.services import jobs as job_service
-from replication.services import orders
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import cancel_job, start_replication
 from tests.faults.conftest import HEARTBEAT_TIMEOUT_S, ReaperThread
@@ -497,8 +497,10 @@ def test_full_target_disk_fails_with_the_offset(workers, tmp_path, settings):
     figures.result = "pass" if job.status == JobStatus.FAILED else "FAIL"
     record(figures)
     assert job.status == JobStatus.FAILED
-    assert re.match(r"disk-2000: write failed at offset \d+ length \d+: .*No space left on device",
-                    job.error_message), job.error_message
+    # Said as an operator acts on it (services.diagnosis), the raw error kept as the details.
+    assert job.error_message.startswith(diagnosis.diagnose("No space left on device").message), job.error_message
+    assert re.search(r"Details: disk-2000: write failed at offset \d+ length \d+: .*No space left on device",
+                     job.error_message), job.error_message
     assert figures.leftovers == 0 and figures.non_terminal_rows == 0
 
 

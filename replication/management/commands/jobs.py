@@ -6,6 +6,7 @@ from django.db.models import Q
 from tqdm import tqdm
 
 from replication.choices import JOB_ACTIVE
+from replication.figures import job_figures
 from replication.models import ReplicationJob
 from replication.serializers import job_row
 from vma_agent.units import iec, iec_rate
@@ -32,7 +33,7 @@ class Command(BaseCommand):
         if watch:
             self.watch(interval, iterations)
             return
-        rows = [job_row(job) for job in ReplicationJob.objects.select_related("vm")[:limit]]
+        rows = [job_row(job) for job in ReplicationJob.objects.select_related("vm").prefetch_related("disks")[:limit]]
         if as_json:
             self.stdout.write(json.dumps(rows, indent=2))
             return
@@ -60,13 +61,15 @@ class Command(BaseCommand):
                     return
                 for job in jobs:
                     watched.add(job.id)
+                    figures = job_figures(job)
                     self._draw(bars, ("job", job.id), f"{job.vm.name} {job.status} {job.current_operation}",
-                               job.progress_percent, f"{iec_rate(job.throughput_bps)} {_eta(job.eta_seconds)}")
-                    for disk in job.disks.all():
-                        self._draw(bars, ("disk", disk.pk), f"  {disk.disk_key} {disk.status}",
+                               job.progress_percent, f"{iec_rate(figures.rate_bps)} {_eta(figures.eta_seconds)}")
+                    for row in figures.disks:
+                        disk = row.disk
+                        self._draw(bars, ("disk", disk.pk), f"  {disk.disk_key} {row.state}",
                                    disk.progress_percent,
-                                   f"{iec(disk.bytes_done)} of {iec(disk.bytes_total)} {iec_rate(disk.throughput_bps)} "
-                                   f"{_eta(disk.eta_seconds)}")
+                                   f"{iec(disk.bytes_done)} of {iec(disk.bytes_total)} {iec_rate(row.rate_bps)} "
+                                   f"{_eta(row.eta_seconds)}")
                 watched = {job.id for job in jobs if job.status in JOB_ACTIVE}
                 count += 1
                 if iterations and count >= iterations:

@@ -5,10 +5,11 @@ from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
 from replication.choices import JobStatus, SyncType
+from replication.figures import job_figures
 from replication.management.lookup import vm_named
 from replication.models import ReplicationJob
 from replication.roles import os_actor
-from replication.services.jobs import ReplicationError, start_replication
+from replication.services.jobs import AUTO, ReplicationError, choose_sync_type, start_replication
 from replication.services.vmware import OVERRIDES
 from vma_agent.units import iec, iec_rate, parse_rate
 
@@ -23,13 +24,17 @@ def _bytes_per_second(text: str) -> int:
 
 
 class Command(BaseCommand):
-    help = "Start a replication of a VM and print the job id; --wait follows it to the end."
+    help = ("Start a replication of a VM and print the job id; --wait follows it to the end. By default "
+            "incremental when a committed changeId holds, full otherwise; --full/--incremental force it.")
 
     def add_arguments(self, parser):
         parser.add_argument("name")
         kind = parser.add_mutually_exclusive_group()
-        kind.add_argument("--full", dest="sync_type", action="store_const", const=SyncType.FULL)
-        kind.add_argument("--incremental", dest="sync_type", action="store_const", const=SyncType.INCREMENTAL)
+        parser.set_defaults(sync_type=AUTO)
+        kind.add_argument("--full", dest="sync_type", action="store_const", const=SyncType.FULL,
+                          help="copy every disk whole")
+        kind.add_argument("--incremental", dest="sync_type", action="store_const", const=SyncType.INCREMENTAL,
+                          help="copy what changed since the committed changeId (refused without one)")
         parser.add_argument("--verify", action="store_true",
                             help="read every copied area back before committing the changeIds")
         parser.add_argument("--allow", action="append", default=[], choices=OVERRIDES, metavar="BLOCKER",
@@ -42,7 +47,7 @@ class Command(BaseCommand):
     def handle(self, name, sync_type, verify, allow, limit, wait, timeout, **options):
         vm = vm_named(name, "; register it with add_vm or discover it with discover")
         try:
-            job = start_replication(vm, sync_type or SyncType.FULL, verify=verify, overrides=allow,
+            job = start_replication(vm, choose_sync_type(vm, sync_type), verify=verify, overrides=allow,
                                     bandwidth_limit_bps=limit, actor=os_actor())
         except ReplicationError as exc:
             raise CommandError(str(exc)) from exc
@@ -69,12 +74,13 @@ class Command(BaseCommand):
                 job_bar.n = round(job.progress_percent, 1)
                 job_bar.set_description_str(f"job {job.current_operation}", refresh=False)
                 job_bar.refresh()
-                for disk in job.disks.all():
+                for row in job_figures(job).disks:
+                    disk = row.disk
                     bar = disk_bars[disk.pk]
                     bar.total = max(disk.bytes_total, 1)
                     bar.n = disk.bytes_done
-                    bar.set_description_str(f"  {disk.disk_key} {disk.status}", refresh=False)
-                    bar.unit = f"{iec(disk.bytes_done)} of {iec(disk.bytes_total)} at {iec_rate(disk.throughput_bps)}"
+                    bar.set_description_str(f"  {disk.disk_key} {row.state}", refresh=False)
+                    bar.unit = f"{iec(disk.bytes_done)} of {iec(disk.bytes_total)} at {iec_rate(row.rate_bps)}"
                     bar.refresh()
                 if job.is_terminal:
                     break
@@ -86,4 +92,5 @@ class Command(BaseCommand):
                 bar.close()
         if job.status != JobStatus.COMPLETED:
             raise CommandError(f"job {job.id} {job.status}: {job.error_message or 'no reason recorded'}")
-        self.stdout.write(f"job {job.id} completed: {iec(job.bytes_transferred)} of data copied")
+        self.stdout.write(f"job {job.id} completed: {iec(job.bytes_transferred)} of data copied "
+                          f"at {iec_rate(job_figures(job).rate_bps)} on average")
