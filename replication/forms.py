@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from django import forms
 
-from replication.choices import SyncType
 from replication.platforms.base import BOOT_PROBES, DEFAULT_BOOT_REGEX, DISK_BUSES, NIC_MODELS, SCSI_MODELS
 from replication.services import boot_check, hardware, network_maps
 from replication.services import jobs as job_service
@@ -137,7 +136,7 @@ class NetworkMapForm(ConsoleForm):
 
 
 class ReplicateForm(ConsoleForm):
-    sync_type = forms.ChoiceField(choices=SyncType.choices, label="Copy")
+    sync_type = forms.ChoiceField(choices=job_service.SYNC_TYPE_CHOICES, initial=job_service.AUTO, label="Copy")
     verify = forms.BooleanField(required=False, label="Verify the copy (checksums) at the end")
     limit = forms.CharField(required=False, label="Bandwidth limit per disk",
                             help_text="e.g. 50M or 50MiB/s (K, M, G: powers of 1024); empty: no limit.")
@@ -157,8 +156,9 @@ class ReplicateForm(ConsoleForm):
             return None
         data = self.cleaned_data
         try:
-            return job_service.start_replication(vm, data["sync_type"], verify=data["verify"],
-                                                 bandwidth_limit_bps=data["limit"], actor=actor)
+            return job_service.start_replication(vm, job_service.choose_sync_type(vm, data["sync_type"]),
+                                                 verify=data["verify"], bandwidth_limit_bps=data["limit"],
+                                                 actor=actor)
         except job_service.ReplicationError as exc:
             self.add_error(None, str(exc))
             return None

@@ -53,6 +53,7 @@ def _check_agent(vm: VirtualMachine, for_failover) -> None:
 
 AUTO = "auto"  # the sync type an operator asks for by default: see choose_sync_type
 SYNC_CHOICES = (AUTO, SyncType.FULL.value, SyncType.INCREMENTAL.value)
+SYNC_TYPE_CHOICES = [(AUTO, "Auto (incremental when a committed changeId holds)"), *SyncType.choices]  # for forms
 
 
 def _image_refusal(vm: VirtualMachine) -> str:

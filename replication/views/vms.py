@@ -13,7 +13,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from replication.choices import FailoverKind, SyncType, VMState, VolumeProvider
+from replication.choices import FailoverKind, VMState, VolumeProvider
 from replication.models import FailoverJob, RecoveryPoint, ReplicationJob, TargetVolume, VirtualMachine, VMContext
 from replication.platforms import on_cloudstack
 from replication.roles import ADMINISTER, OPERATE, READ, actor_of, log_admin, page_permission
@@ -25,7 +25,6 @@ from replication.services.points import PointError
 from replication.views.common import render_page
 
 # What the Replicate button offers; the first is the default.
-SYNC_TYPE_CHOICES = [(job_service.AUTO, "Auto (incremental when a committed changeId holds)"), *SyncType.choices]
 
 FAILOVER_FROM = (VMState.READY_FOR_FAILOVER, VMState.REPLICATING, VMState.FAILED)
 
@@ -93,7 +92,7 @@ def vm_list(request):
         "rows": rows, "page": page, "search": search, "searching": searching, "states": VMState.choices,
         "headers": _headers(search["sort"]),
         "any_vm": bool(rows) or (searching and VirtualMachine.objects.exists()),
-        "sync_types": SYNC_TYPE_CHOICES})
+        "sync_types": job_service.SYNC_TYPE_CHOICES})
 
 
 COLUMNS = [("name", "VM"), ("state", "State"), ("source", "Source"), ("agent", "Agent"), (None, "CBT"),
