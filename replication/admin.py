@@ -37,6 +37,10 @@ from replication.services import vmware as vmware_service
 from vma_agent.units import iec, iec_rate
 from vma_agent.vmware import VSphereError
 
+# Branding: what operators read in the title bar and the browser's tab.
+admin.site.site_header = "OMA administration"
+admin.site.site_title = "OMA administration"
+admin.site.index_title = "Records and settings"
 # The job list needs the width more than a second navigation beside it.
 admin.site.enable_nav_sidebar = False
 # Only administrators (staff with the administrator role) enter; the model permissions decide the rest.

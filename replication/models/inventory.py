@@ -75,6 +75,8 @@ class VirtualMachine(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
+        verbose_name = "VM"
+        verbose_name_plural = "VMs"
         db_table = "virtual_machines"
         ordering = ["name"]
 
@@ -124,6 +126,7 @@ class SourceDisk(models.Model):
                                             help_text="changeId vCenter reported at the last discovery")
 
     class Meta:
+        verbose_name = "source disk"
         db_table = "source_disks"
         ordering = ["vm", "disk_key"]
         constraints = [models.UniqueConstraint(fields=["vm", "disk_key"], name="uniq_source_disk_key")]
