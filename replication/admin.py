@@ -270,9 +270,9 @@ class ReplicationJobAdmin(admin.ModelAdmin):
 
     @admin.display(description="Created at", ordering="created_at")
     def created(self, job):
-        from django.utils import timezone
+        from replication.templatetags.replication_tags import when
 
-        return timezone.localtime(job.created_at).strftime("%Y-%m-%d %H:%M:%S")
+        return when(job.created_at)  # written as the pages write times
 
     @admin.display(description="Data", ordering="total_bytes")
     def data(self, job):

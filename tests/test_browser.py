@@ -328,6 +328,10 @@ def test_an_operator_adds_a_vcenter_chooses_vms_and_adds_an_image_vm_from_the_br
     page.fill('input[name="password"]', sim.password)
     page.click("text=Trust this certificate and add the vCenter")
     expect(page.locator("h1")).to_have_text("VMs of vc-gui")
+    SCREENS.mkdir(parents=True, exist_ok=True)
+    findings = []
+    check_page(page, live_server, "vcenter-inventory", page.viewport_size["width"], findings)
+    assert not findings, "\n".join(findings)
     vcenter = VCenter.objects.get(name="vc-gui")
     assert vcenter.thumbprint == sim.thumbprint and sim.password not in page.content()
     secret = Path(vcenter.password_file)
@@ -535,3 +539,31 @@ def test_a_walk_over_every_page_at_desktop_and_phone_widths(live_server, tmp_pat
         finally:
             browser.close()
     assert not findings, "\n".join(findings)
+
+
+def test_a_destructive_action_asks_first_even_in_a_refreshed_fragment(live_server, tmp_path, monkeypatch):
+    """Confirmations come from live.js (the CSP blocks inline handlers): the
+    operator is asked, dismissing changes nothing, and a form a live
+    refresh brought in asks as well."""
+    vm, job, failover = a_job_copying(tmp_path, monkeypatch)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_context(viewport=DESKTOP).new_page()
+            log_in(page, live_server)
+            page.goto(f"{live_server.url}/jobs/{job.id}/")
+            asked = []
+            page.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.dismiss()))
+            page.click("text=Cancel job")
+            assert asked == [f"Cancel job {job.id}?"]
+            # The fragment refreshes in place: its new form is asked for too.
+            page.evaluate("window.__first = document.querySelector('form[data-confirm]')")
+            page.wait_for_function("() => !document.contains(window.__first)")
+            job.refresh_from_db()
+            assert job.status == "replicating", "a dismissed confirmation cancels nothing"
+            page.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept()))
+            page.click("text=Cancel job")
+            expect(page.locator("[data-status]")).to_have_text("cancelled")
+            assert len(asked) == 2
+        finally:
+            browser.close()
