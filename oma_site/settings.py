@@ -94,6 +94,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "oma_site.display_zone.DisplayZoneMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Last, as django-axes asks: it turns a locked-out login into its answer.
@@ -187,6 +188,20 @@ AUTH_PASSWORD_VALIDATORS = [
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
+# The zone every page and the admin show times in (named, e.g. Europe/Berlin),
+# set once for the OMA by its operators: one zone for everyone reading the
+# same job, the same in pages, admin, e-mails and logs' readers, and known
+# without JavaScript. The database keeps UTC (USE_TZ).
+TIME_ZONE_DISPLAY = env("TIME_ZONE_DISPLAY", default="UTC")
+# Times are written one way everywhere: 2026-12-07 17:20:33 CET (ISO order,
+# 24 h, the zone's abbreviation). The format module overrides the locale's
+# formats, which would otherwise win over DATETIME_FORMAT in the admin.
+FORMAT_MODULE_PATH = ["oma_site.formats"]
+DATETIME_FORMAT = "Y-m-d H:i:s T"
+SHORT_DATETIME_FORMAT = "Y-m-d H:i T"
+DATE_FORMAT = "Y-m-d"
+SHORT_DATE_FORMAT = "Y-m-d"
+TIME_FORMAT = "H:i:s"
 USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
@@ -194,6 +209,15 @@ STATIC_ROOT = VAR_DIR / "static"
 # WhiteNoise serves the apps' static files straight from where they are
 # (collectstatic into STATIC_ROOT is optional), with DEBUG off as on.
 WHITENOISE_USE_FINDERS = True
+# The design system comes from npm (package.json, installed by scripts/setup.sh
+# into node_modules, never copied into git): its built files are served as
+# static/bootstrap/... and static/htmx/..., and collectstatic gathers them for
+# production. No CDN: the OMA may have no internet.
+NODE_MODULES = BASE_DIR / "node_modules"
+STATICFILES_DIRS = [
+    ("bootstrap", NODE_MODULES / "bootstrap" / "dist"),
+    ("htmx", NODE_MODULES / "htmx.org" / "dist"),
+]
 # ... so an absent STATIC_ROOT (no collectstatic run) is normal, not worth a warning in every process.
 warnings.filterwarnings("ignore", message=f"No directory at: {STATIC_ROOT}", category=UserWarning)
 

@@ -61,3 +61,7 @@ FAILOVER_DIR = TEST_ROOT / "failover"  # noqa: F405
 # that does not finish within seconds is one a test made hang.
 CLOUDSTACK_JOB_TIMEOUT_S = env.float("CLOUDSTACK_JOB_TIMEOUT_S", default=6.0)
 CLOUDSTACK_BOOT_SETTLE_S = env.float("CLOUDSTACK_BOOT_SETTLE_S", default=1.0)
+
+# axe-core (an npm dev dependency) for the browser tests' accessibility checks:
+# served as static/axe-core/axe.min.js in tests only.
+STATICFILES_DIRS = [*STATICFILES_DIRS, ("axe-core", NODE_MODULES / "axe-core")]  # noqa: F405

@@ -37,6 +37,10 @@ from replication.services import vmware as vmware_service
 from vma_agent.units import iec, iec_rate
 from vma_agent.vmware import VSphereError
 
+# Branding: what operators read in the title bar and the browser's tab.
+admin.site.site_header = "OMA administration"
+admin.site.site_title = "OMA administration"
+admin.site.index_title = "Records and settings"
 # The job list needs the width more than a second navigation beside it.
 admin.site.enable_nav_sidebar = False
 # Only administrators (staff with the administrator role) enter; the model permissions decide the rest.
@@ -266,9 +270,9 @@ class ReplicationJobAdmin(admin.ModelAdmin):
 
     @admin.display(description="Created at", ordering="created_at")
     def created(self, job):
-        from django.utils import timezone
+        from replication.templatetags.replication_tags import when
 
-        return timezone.localtime(job.created_at).strftime("%Y-%m-%d %H:%M:%S")
+        return when(job.created_at)  # written as the pages write times
 
     @admin.display(description="Data", ordering="total_bytes")
     def data(self, job):

@@ -36,6 +36,21 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# Front-end packages (Bootstrap, htmx; axe-core for the browser tests) from
+# npm at the versions package-lock.json pins; Django serves them from
+# node_modules (no CDN: the OMA may have no internet). npm ci replaces
+# node_modules, so it runs only when the lock file changed since the last one.
+if ! command -v npm >/dev/null; then
+  echo "setup: installing npm"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq npm >/dev/null
+fi
+if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  echo "setup: npm ci"
+  npm ci --no-audit --no-fund --loglevel=error
+fi
+
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"

@@ -50,7 +50,8 @@ def log_in(page, live_server, role="administrator"):
     """Log in as a user named after their role: these tests press every
     button, live failover and sources included (tests/test_roles.py checks
     what each role may not press)."""
-    user_with_role(role, role)
+    if not User.objects.filter(username=role).exists():  # a second browser context logs in again
+        user_with_role(role, role)
     page.goto(f"{live_server.url}/")
     assert "/login/" in page.url
     page.fill("#id_username", role)
@@ -215,9 +216,10 @@ def test_a_test_failover_from_the_gui_boots_and_ends(celery_worker_process, live
 PHONE = {"width": 390, "height": 844}
 
 
-def test_every_page_fits_a_phone_and_shows_progress_and_eta(live_server, tmp_path, monkeypatch):
-    """At 390 px (Chromium with a phone's viewport, one job copying) no page is
-    wider than the screen, and the job's progress and ETA are on it."""
+def a_job_copying(tmp_path, monkeypatch):
+    """A VM with two disks whose job copies (the state a worker's progress
+    leaves, without a worker), and a test failover of it with a step: what
+    every page has to show at once."""
     from replication.models import FailoverJob, FailoverStep
 
     monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
@@ -232,6 +234,13 @@ def test_every_page_fits_a_phone_and_shows_progress_and_eta(live_server, tmp_pat
                      eta_seconds=24, progress_percent=20.0, current_operation="Transfer")
     failover = FailoverJob.objects.create(vm=vm, kind="test", actor="operator", destination_vm="oma-test-phone-vm")
     FailoverStep.objects.create(failover=failover, name="preflight", detail="1 volume(s) of " + job.id)
+    return vm, job, failover
+
+
+def test_every_page_fits_a_phone_and_shows_progress_and_eta(live_server, tmp_path, monkeypatch):
+    """At 390 px (Chromium with a phone's viewport, one job copying) no page is
+    wider than the screen, and the job's progress and ETA are on it."""
+    vm, job, failover = a_job_copying(tmp_path, monkeypatch)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         page = browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True).new_page()
@@ -320,6 +329,10 @@ def test_an_operator_adds_a_vcenter_chooses_vms_and_adds_an_image_vm_from_the_br
     page.fill('input[name="password"]', sim.password)
     page.click("text=Trust this certificate and add the vCenter")
     expect(page.locator("h1")).to_have_text("VMs of vc-gui")
+    SCREENS.mkdir(parents=True, exist_ok=True)
+    findings = []
+    check_page(page, live_server, "vcenter-inventory", page.viewport_size["width"], findings)
+    assert not findings, "\n".join(findings)
     vcenter = VCenter.objects.get(name="vc-gui")
     assert vcenter.thumbprint == sim.thumbprint and sim.password not in page.content()
     secret = Path(vcenter.password_file)
@@ -418,3 +431,173 @@ def test_open_a_vm_page_from_the_vms_table(live_server, browser_page, tmp_path):
     page.click(f'[data-cycle="{job.id}"] a')
     page.wait_for_url(f"{live_server.url}/jobs/{job.id}/")
     expect(page.locator("[data-status]")).to_have_text("completed")
+SCREENS = ARTIFACTS / "screens"
+DESKTOP = {"width": 1280, "height": 900}
+
+# Elements that stick out of the viewport, outside any box that scrolls or
+# clips them (a .table-responsive scrolls its table: that is its job).
+WIDER_THAN_THE_VIEWPORT = """() => {
+  const vw = document.documentElement.clientWidth, out = [];
+  const describe = (el) => el.tagName.toLowerCase() + (el.id ? "#" + el.id : "") +
+    (el.className && typeof el.className === "string" ? "." + el.className.trim().split(/\\s+/).join(".") : "");
+  for (const el of document.body.querySelectorAll("*")) {
+    const r = el.getBoundingClientRect();
+    if (r.width <= 1 || (r.left >= -0.5 && r.right <= vw + 0.5)) continue;  // 1 px: visually hidden
+    let p = el.parentElement, inside = false;
+    for (; p && p !== document.body; p = p.parentElement) {
+      if (getComputedStyle(p).overflowX !== "visible") { inside = true; break; }
+    }
+    if (!inside) out.push(`${describe(el)} spans ${Math.round(r.left)}..${Math.round(r.right)} px`);
+  }
+  return out;
+}"""
+
+# Words of table cells broken mid-word ("Compl|eted"): a word (split at
+# spaces and at the places a browser may break: hyphens, slashes) whose text
+# lies on more than one line, or is wider than its cell's box.
+WORDS_BROKEN_IN_CELLS = """() => {
+  const out = [];
+  for (const cell of document.querySelectorAll("main td, main th")) {
+    if (!cell.getClientRects().length) continue;
+    const box = cell.getBoundingClientRect();
+    const walker = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      const words = /[^\\s\\-\\/]+/g;
+      for (let m = words.exec(node.data); m; m = words.exec(node.data)) {
+        const range = document.createRange();
+        range.setStart(node, m.index);
+        range.setEnd(node, m.index + m[0].length);
+        const rects = Array.from(range.getClientRects()).filter((r) => r.width > 0);
+        if (!rects.length) continue;
+        const lines = new Set(rects.map((r) => Math.round(r.bottom)));
+        const width = rects.reduce((sum, r) => sum + r.width, 0);
+        if (lines.size > 1 || width > box.width + 0.5) {
+          out.push(`"${m[0]}" (${Math.round(width)} px, cell ${Math.round(box.width)} px, ${lines.size} line(s)) in ` +
+                   `"${cell.textContent.trim().replace(/\\s+/g, " ").slice(0, 80)}"`);
+        }
+      }
+    }
+  }
+  return out;
+}"""
+
+# Tables that scroll sideways at a desktop width: a column the operator has
+# to scroll to find.
+TABLES_THAT_SCROLL = """() => Array.from(document.querySelectorAll("main .table-responsive"))
+  .filter((box) => box.scrollWidth > box.clientWidth + 1)
+  .map((box) => `${box.querySelector("th") ? box.querySelector("thead").textContent.trim().replace(/\\s+/g, " ")
+    .slice(0, 60) : "a table"}: ${box.scrollWidth} px in ${box.clientWidth} px`)"""
+
+
+def axe_violations(page, live_server):
+    """axe-core (from node_modules, on the tests' static path) run in the page:
+    its serious and critical findings."""
+    page.add_script_tag(url=f"{live_server.url}/static/axe-core/axe.min.js")
+    results = page.evaluate("() => axe.run(document, {resultTypes: ['violations']})")
+    return [f"{v['id']} ({v['impact']}): {v['help']} at " + ", ".join(" ".join(n["target"]) for n in v["nodes"][:3])
+            for v in results["violations"] if v["impact"] in ("serious", "critical")]
+
+
+def check_page(page, live_server, name, width, findings):
+    page.wait_for_load_state("networkidle")
+    page.screenshot(path=str(SCREENS / f"{name}-{width}.png"), full_page=True)
+    found = [f"wider than {width} px: {e}" for e in page.evaluate(WIDER_THAN_THE_VIEWPORT)]
+    scroll = page.evaluate("document.documentElement.scrollWidth")
+    if scroll > width:
+        found.append(f"the page is {scroll} px wide")
+    if width >= DESKTOP["width"]:
+        found += [f"broken mid-word: {e}" for e in page.evaluate(WORDS_BROKEN_IN_CELLS)]
+        found += [f"scrolls sideways: {e}" for e in page.evaluate(TABLES_THAT_SCROLL)]
+    found += [f"axe: {e}" for e in axe_violations(page, live_server)]
+    findings += [f"{name} at {width} px: {e}" for e in found]
+
+
+def test_a_walk_over_every_page_at_desktop_and_phone_widths(live_server, tmp_path, monkeypatch):
+    """Every page (a job copying, a failover, a protection group), at 1280 and
+    390 px: nothing wider than the screen, no table word broken mid-word at
+    1280 px, and no serious or critical axe-core finding. Screenshots go to
+    test-artifacts/screens/."""
+    from replication.services import scheduler
+
+    vm, job, failover = a_job_copying(tmp_path, monkeypatch)
+    scheduler.add_vms(scheduler.create_group("gold", rpo_target_s=3600, max_concurrent=2), [vm])
+    SCREENS.mkdir(parents=True, exist_ok=True)
+    pages = [("dashboard", "/"), ("job", f"/jobs/{job.id}/"), ("vms", "/vms/"), ("volumes", "/volumes/"),
+             ("failover", f"/failovers/{failover.pk}/"), ("live-failover", f"/vms/{vm.pk}/failover/live/"),
+             ("protection", "/protection/"), ("sources", "/sources/"), ("agents", "/agents/"), ("cloud", "/cloud/")]
+    findings = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            # The checks themselves catch what they look for: a word squeezed
+            # into a narrow cell, an element sticking out.
+            page = browser.new_context(viewport=DESKTOP).new_page()
+            page.goto(f"{live_server.url}/login/")
+            page.evaluate("""() => {
+              const main = document.querySelector("main"), table = document.createElement("table");
+              table.innerHTML = "<tbody><tr><td>Completed</td><td>Transfer</td></tr></tbody>";
+              table.querySelectorAll("td").forEach((td) => {
+                td.style.width = "3em";
+                td.style.wordBreak = "break-all";
+              });
+              const wide = document.createElement("div");
+              wide.style.width = "2000px";
+              wide.id = "too-wide";
+              main.append(table, wide);
+            }""")
+            broken = page.evaluate(WORDS_BROKEN_IN_CELLS)
+            assert any('"Completed"' in e for e in broken) and any('"Transfer"' in e for e in broken), broken
+            assert any("div#too-wide" in e for e in page.evaluate(WIDER_THAN_THE_VIEWPORT))
+            page.context.close()
+            for viewport, phone in ((DESKTOP, False), (PHONE, True)):
+                page = browser.new_context(viewport=viewport, is_mobile=phone, has_touch=phone).new_page()
+                width = viewport["width"]
+                page.goto(f"{live_server.url}/login/")
+                check_page(page, live_server, "login", width, findings)
+                log_in(page, live_server)
+                for name, path in pages:
+                    page.goto(f"{live_server.url}{path}")
+                    expect(page.locator("h1")).to_be_visible()
+                    if path != "/":
+                        link = page.locator("header nav [aria-current=page]")
+                        expect(link).to_have_count(1 if name in ("vms", "volumes", "protection", "sources",
+                                                                  "agents", "cloud", "live-failover") else 0)
+                    check_page(page, live_server, name, width, findings)
+                if phone:  # the menu folds behind its button and opens on a tap
+                    nav_height = page.locator("header").bounding_box()["height"]
+                    assert nav_height < PHONE["height"] / 8, f"the phone's navbar is {nav_height} px high"
+                    page.click("header .navbar-toggler")
+                    expect(page.locator("#main-nav")).to_be_visible()
+                    expect(page.locator("#main-nav >> text=Protection")).to_be_visible()
+                page.context.close()
+        finally:
+            browser.close()
+    assert not findings, "\n".join(findings)
+
+
+def test_a_destructive_action_asks_first_even_in_a_refreshed_fragment(live_server, tmp_path, monkeypatch):
+    """Confirmations come from live.js (the CSP blocks inline handlers): the
+    operator is asked, dismissing changes nothing, and a form a live
+    refresh brought in asks as well."""
+    vm, job, failover = a_job_copying(tmp_path, monkeypatch)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_context(viewport=DESKTOP).new_page()
+            log_in(page, live_server)
+            page.goto(f"{live_server.url}/jobs/{job.id}/")
+            asked = []
+            page.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.dismiss()))
+            page.click("text=Cancel job")
+            assert asked == [f"Cancel job {job.id}?"]
+            # The fragment refreshes in place: its new form is asked for too.
+            page.evaluate("window.__first = document.querySelector('form[data-confirm]')")
+            page.wait_for_function("() => !document.contains(window.__first)")
+            job.refresh_from_db()
+            assert job.status == "replicating", "a dismissed confirmation cancels nothing"
+            page.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept()))
+            page.click("text=Cancel job")
+            expect(page.locator("[data-status]")).to_have_text("cancelled")
+            assert len(asked) == 2
+        finally:
+            browser.close()

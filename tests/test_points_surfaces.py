@@ -478,7 +478,7 @@ def test_a_failovers_page_names_its_point_and_a_lost_source(tmp_path):
     live = FailoverJob.objects.create(vm=vm, kind=FailoverKind.LIVE, actor="t", recovery_point=middle,
                                       source_lost=True, destination_vm="oma-web01")
     page = page_as(VIEWER).get(f"/failovers/{live.pk}/fragment/").content.decode()
-    assert f'data-point="{middle.pk}">{middle.pk} (frozen {middle.frozen_at:%Y-%m-%d %H:%M:%S})' in page
+    assert f'data-point="{middle.pk}">{middle.pk} (frozen {middle.frozen_at:%Y-%m-%d %H:%M:%S} UTC)' in page
     assert "lost: no shutdown request, no final cycle, its running cycle fenced" in page
 
 

@@ -435,3 +435,45 @@ def test_the_vms_table_sorts_by_state_agent_and_last_replication(operator, tmp_p
     assert _names(operator.get(url + "?sort=-point").content.decode()) == ["alpha", "bravo", "charlie"]
     assert _names(operator.get(url + "?sort=-state").content.decode())[-1] == "charlie"  # discovered
     assert _names(operator.get(url + "?sort=bogus").content.decode()) == ["alpha", "bravo", "charlie"]
+def test_times_are_written_one_way_in_the_operators_zone_on_pages_and_in_the_admin(job, settings):
+    """TIME_ZONE_DISPLAY sets the zone of every time shown; the pages' `when`
+    filter and the admin write them alike: 2026-01-15 13:30:00 CET."""
+    from datetime import UTC, datetime
+
+    settings.TIME_ZONE_DISPLAY = "Europe/Berlin"
+    ReplicationJob.objects.filter(pk=job.pk).update(created_at=datetime(2026, 1, 15, 12, 30, tzinfo=UTC))
+    operator = Client()
+    operator.force_login(user_with_role("operator", "operator"))
+    page = operator.get(reverse("job-detail", args=[job.id])).content.decode()
+    assert "2026-01-15 13:30:00 CET" in page and "12:30" not in page
+    admin = Client()
+    admin.force_login(User.objects.create_superuser("admin", password="s3cret-pass"))
+    change = admin.get(reverse("admin:replication_replicationjob_change", args=[job.id])).content.decode()
+    assert "2026-01-15 13:30:00 CET" in change
+    settings.TIME_ZONE_DISPLAY = "Mars/Olympus"
+    from django.core.exceptions import ImproperlyConfigured
+
+    with pytest.raises(ImproperlyConfigured, match="'Mars/Olympus' is not a time zone name"):
+        Client().get("/login/")
+
+
+def test_messages_are_alerts_coloured_by_level_and_the_navbar_marks_the_page(operator, job):
+    html = operator.post(reverse("job-cancel", args=[job.id]), follow=True).content.decode()
+    assert f'class="alert alert-info py-2" role="status" data-message="info">Job {job.id} cancelled' in html
+    assert "alert-danger" not in html
+    html = operator.post(reverse("job-cancel", args=[job.id]), follow=True).content.decode()
+    assert f'class="alert alert-danger py-2" role="alert" data-message="error">Job {job.id} is already' in html
+    vms = operator.get(reverse("vm-list")).content.decode()
+    assert '<a class="nav-link active" href="/vms/" aria-current="page">VMs</a>' in vms
+    assert vms.count('aria-current="page"') == 1
+
+
+def test_the_admin_is_branded_and_names_models_as_operators_do(job):
+    admin = Client()
+    admin.force_login(User.objects.create_superuser("admin", password="s3cret-pass"))
+    index = admin.get(reverse("admin:index")).content.decode()
+    assert "OMA administration" in index
+    for name in ("API tokens", "CloudStack clouds", "VM lifecycles", "VMs", "Failover drills", "Scheduling decisions"):
+        assert f">{name}<" in index, name
+    for old in ("Api tokens", "Cloud stack configs", "Vm contexts", "Virtual machines"):
+        assert old not in index, old

@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('replication', '0023_agents'),
+        ('replication', '0024_verbose_names'),
     ]
 
     operations = [

@@ -87,6 +87,7 @@ class PairingCode(models.Model):
                               help_text="The agent that enrolled with it")
 
     class Meta:
+        verbose_name = "pairing code"
         db_table = "agent_pairing_codes"
         ordering = ["-created_at"]
 
@@ -110,6 +111,8 @@ class AgentAuditEntry(models.Model):
     at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:
+        verbose_name = "agent audit entry"
+        verbose_name_plural = "agent audit entries"
         db_table = "agent_audit"
         ordering = ["-at", "-id"]
 

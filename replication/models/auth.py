@@ -22,6 +22,7 @@ class ApiToken(models.Model):
     last_used_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
+        verbose_name = "API token"
         db_table = "api_tokens"
 
     def __str__(self):

@@ -34,6 +34,7 @@ class CloudStackConfig(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
+        verbose_name = "CloudStack cloud"
         db_table = "ossea_configs"
 
     def __str__(self):

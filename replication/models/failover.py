@@ -71,6 +71,7 @@ class FailoverJob(StateMachine):
                                         help_text="Live: when its VM's disks became its own (no rollback after)")
 
     class Meta:
+        verbose_name = "failover"
         db_table = "failover_jobs"
         ordering = ["-created_at"]
 

@@ -83,6 +83,8 @@ class VirtualMachine(models.Model):
     objects = VirtualMachineQuerySet.as_manager()
 
     class Meta:
+        verbose_name = "VM"
+        verbose_name_plural = "VMs"
         db_table = "virtual_machines"
         ordering = ["name"]
 
@@ -132,6 +134,7 @@ class SourceDisk(models.Model):
                                             help_text="changeId vCenter reported at the last discovery")
 
     class Meta:
+        verbose_name = "source disk"
         db_table = "source_disks"
         ordering = ["vm", "disk_key"]
         constraints = [models.UniqueConstraint(fields=["vm", "disk_key"], name="uniq_source_disk_key")]

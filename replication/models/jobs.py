@@ -369,6 +369,8 @@ class VMDisk(StateMachine):
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
+        verbose_name = "disk copy"
+        verbose_name_plural = "disk copies"
         db_table = "vm_disks"
         ordering = ["job", "disk_key"]
         constraints = [models.UniqueConstraint(fields=["job", "disk_key"], name="uniq_job_disk_key")]
@@ -539,6 +541,7 @@ class ChangeIdRecord(models.Model):
     committed_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
+        verbose_name = "change ID record"
         db_table = "change_id_history"
         ordering = ["committed_at", "id"]
 

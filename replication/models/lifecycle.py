@@ -48,6 +48,7 @@ class VMContext(StateMachine):
                                                   "a failed-over VM's first boot")
 
     class Meta:
+        verbose_name = "VM lifecycle"
         db_table = "vm_replication_contexts"
 
     def __str__(self):
@@ -121,6 +122,7 @@ class VMStateChange(models.Model):
     reason = models.TextField(blank=True)
 
     class Meta:
+        verbose_name = "VM state change"
         db_table = "vm_state_changes"
         ordering = ["at", "id"]
 

@@ -88,6 +88,7 @@ class Admission(StateMachine):
     note = models.CharField(max_length=500, blank=True)
 
     class Meta:
+        verbose_name = "scheduling decision"
         db_table = "schedule_executions"
         ordering = ["-due_at", "-id"]
 
@@ -134,6 +135,7 @@ class DrillRun(StateMachine):
                                     help_text="Who asked for the drill (its group's schedule, or a user)")
 
     class Meta:
+        verbose_name = "failover drill"
         db_table = "drill_runs"
         ordering = ["-queued_at", "-id"]
 

@@ -29,8 +29,12 @@
     document.querySelectorAll("[data-live-url]").forEach(function (el) {
       setTimeout(function () { refresh(el); }, Number(el.dataset.liveMs || 1500));
     });
-    document.querySelectorAll("form[data-confirm]").forEach(function (form) {
-      form.addEventListener("submit", function (e) { if (!confirm(form.dataset.confirm)) e.preventDefault(); });
-    });
+  });
+  // A form with data-confirm asks first (the CSP forbids inline onsubmit
+  // handlers); listened for on the document, so forms a live fragment
+  // brings in ask too.
+  document.addEventListener("submit", function (e) {
+    const form = e.target.closest("form[data-confirm]");
+    if (form && !confirm(form.dataset.confirm)) e.preventDefault();
   });
 })();
