@@ -524,7 +524,9 @@ def test_a_walk_over_every_page_at_desktop_and_phone_widths(live_server, tmp_pat
     SCREENS.mkdir(parents=True, exist_ok=True)
     pages = [("dashboard", "/"), ("job", f"/jobs/{job.id}/"), ("vms", "/vms/"), ("volumes", "/volumes/"),
              ("failover", f"/failovers/{failover.pk}/"), ("live-failover", f"/vms/{vm.pk}/failover/live/"),
-             ("protection", "/protection/"), ("sources", "/sources/"), ("agents", "/agents/"), ("cloud", "/cloud/")]
+             ("protection", "/protection/"), ("sources", "/sources/"), ("agents", "/agents/"), ("cloud", "/cloud/"),
+             ("vm", f"/vms/{vm.pk}/"), ("vm-settings", f"/vms/{vm.pk}/settings/"),
+             ("group-new", "/protection/groups/new/"), ("cloud-edit", "/cloud/edit/"), ("tokens", "/tokens/")]
     findings = []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
@@ -561,7 +563,9 @@ def test_a_walk_over_every_page_at_desktop_and_phone_widths(live_server, tmp_pat
                     if path != "/":
                         link = page.locator("header nav [aria-current=page]")
                         expect(link).to_have_count(1 if name in ("vms", "volumes", "protection", "sources",
-                                                                  "agents", "cloud", "live-failover") else 0)
+                                                                  "agents", "cloud", "live-failover", "vm",
+                                                                  "vm-settings", "group-new", "cloud-edit",
+                                                                  "tokens") else 0)
                     check_page(page, live_server, name, width, findings)
                 if phone:  # the menu folds behind its button and opens on a tap
                     nav_height = page.locator("header").bounding_box()["height"]

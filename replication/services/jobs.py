@@ -53,7 +53,8 @@ def _check_agent(vm: VirtualMachine, for_failover) -> None:
 
 AUTO = "auto"  # the sync type an operator asks for by default: see choose_sync_type
 SYNC_CHOICES = (AUTO, SyncType.FULL.value, SyncType.INCREMENTAL.value)
-SYNC_TYPE_CHOICES = [(AUTO, "Auto (incremental when a committed changeId holds)"), *SyncType.choices]  # for forms
+# For forms: auto is incremental when a committed changeId holds, full otherwise.
+SYNC_TYPE_CHOICES = [(AUTO, "Auto"), *SyncType.choices]
 
 
 def _image_refusal(vm: VirtualMachine) -> str:
