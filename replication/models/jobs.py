@@ -363,10 +363,19 @@ class ProgressSample(models.Model):
         written ({job id: row}); two statements however many jobs."""
         recent = set(cls.objects.filter(job_id__in=list(totals), at__gt=now - PROGRESS_SAMPLE_S)
                      .values_list("job_id", flat=True))
-        cls.objects.bulk_create(
-            cls(job_id=pk, at=now, bytes_transferred=row["bytes_transferred"], throughput_bps=row["throughput_bps"])
-            for pk, row in totals.items() if pk not in recent
-        )
+        due = [(pk, row) for pk, row in totals.items() if pk not in recent]
+        # One INSERT per few thousand samples, its numbers written into the
+        # statement (bulk_create builds and quotes each value in Python).
+        quote = connection.ops.quote_name
+        at = connection.ops.adapt_datetimefield_value(now)
+        for start in range(0, len(due), JOINED_UPDATE_ROWS):
+            chunk = due[start:start + JOINED_UPDATE_ROWS]
+            rows = ", ".join(f"(%s, %s, {int(row['bytes_transferred'])}, {int(row['throughput_bps'])})"
+                             for _, row in chunk)
+            with connection.cursor() as cursor:
+                cursor.execute(f"INSERT INTO {quote(cls._meta.db_table)} ({quote('job_id')}, {quote('at')}, "
+                               f"{quote('bytes_transferred')}, {quote('throughput_bps')}) VALUES {rows}",
+                               [value for pk, _ in chunk for value in (pk, at)])
 
 
 class VMDisk(StateMachine):
@@ -502,9 +511,10 @@ class VMDisk(StateMachine):
                             constants={"heartbeat_at": at, "last_progress_at": at, "updated_at": at})
 
     @classmethod
-    def progress_states(cls, pks: list[int], now: datetime) -> dict[int, tuple]:
-        """What the poller weighs an agent's update against, for these disks,
-        as plain tuples (pk, status, attempts, progress_seq, current_operation,
+    def progress_states(cls, job_ids: list[str], now: datetime) -> dict[int, tuple]:
+        """What the poller weighs an agent's update against, for these jobs'
+        disks (named by job: hundreds of parameters, not thousands), as
+        plain tuples (pk, status, attempts, progress_seq, current_operation,
         progress_percent, bytes_done, bytes_total, throughput_bps,
         checkpoint_bytes, worker, progress_due, heartbeat_due) by pk:
         progress_due when the last progress written (or the run's start) is
@@ -514,8 +524,8 @@ class VMDisk(StateMachine):
         progress_before = now - timedelta(seconds=settings.PROGRESS_WRITE_INTERVAL_S)
         beat_before = now - timedelta(seconds=settings.HEARTBEAT_TIMEOUT_S / 4)
         states = {}
-        for start in range(0, len(pks), 5000):
-            query = cls.objects.filter(pk__in=pks[start:start + 5000]).order_by().annotate(
+        for start in range(0, len(job_ids), 5000):
+            query = cls.objects.filter(job_id__in=job_ids[start:start + 5000]).order_by().annotate(
                 progress_due=LessThanOrEqual(Coalesce("last_progress_at", "started_at"), progress_before),
                 heartbeat_due=LessThanOrEqual(Coalesce("heartbeat_at", "started_at"), beat_before),
             ).values_list("pk", "status", "attempts", "progress_seq", "current_operation", "progress_percent",

@@ -458,7 +458,8 @@ def apply_batch(pairs: list[tuple[ActiveJob, Fetched]], now: datetime, stats: Pa
             ReplicationJob.objects.filter(pk__in=failed).update(poll_errors=F("poll_errors") + 1)
         if recovered:
             ReplicationJob.objects.filter(pk__in=recovered).update(poll_errors=0)
-        states = {pk: DiskState(*row) for pk, row in VMDisk.progress_states(list(wanted), now).items()}
+        job_ids = list({job.id for job, _ in wanted.values()})
+        states = {pk: DiskState(*row) for pk, row in VMDisk.progress_states(job_ids, now).items() if pk in wanted}
         updates, due_jobs, held = [], {}, set()
         for pk, (job, entry) in wanted.items():
             disk = states.get(pk)
