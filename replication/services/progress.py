@@ -389,7 +389,7 @@ class DiskState:
     heartbeat_due: bool | None  # HEARTBEAT_TIMEOUT_S / 4 since the last heartbeat
 
 
-def _should_write(disk: DiskState, entry: dict) -> bool:
+def _should_write(disk: DiskState, entry: dict, step_percent: float) -> bool:
     if entry["seq"] <= disk.progress_seq:
         return False  # late or replayed
     if entry.get("attempt", disk.attempts) != disk.attempts:
@@ -399,7 +399,7 @@ def _should_write(disk: DiskState, entry: dict) -> bool:
     total = entry.get("total_bytes") or disk.bytes_total
     done = entry.get("bytes_transferred") or 0
     percent = 100.0 if total <= 0 else 100.0 * done / total
-    if abs(percent - disk.progress_percent) >= settings.PROGRESS_WRITE_STEP_PERCENT:
+    if abs(percent - disk.progress_percent) >= step_percent:
         return True
     changed = (done, total, entry.get("throughput_bps") or 0) != (disk.bytes_done, disk.bytes_total,
                                                                   disk.throughput_bps)
@@ -461,11 +461,12 @@ def apply_batch(pairs: list[tuple[ActiveJob, Fetched]], now: datetime, stats: Pa
         job_ids = list({job.id for job, _ in wanted.values()})
         states = {pk: DiskState(*row) for pk, row in VMDisk.progress_states(job_ids, now).items() if pk in wanted}
         updates, due_jobs, held = [], {}, set()
+        step_percent = settings.PROGRESS_WRITE_STEP_PERCENT  # once: each settings read costs microseconds
         for pk, (job, entry) in wanted.items():
             disk = states.get(pk)
             if disk is None or disk.status != DiskStatus.COPYING:
                 continue  # only copying disks take progress: a finished disk keeps what its outcome wrote
-            if _should_write(disk, entry):
+            if _should_write(disk, entry, step_percent):
                 updates.append(_update_of(disk, entry))
                 due_jobs[job.id] = job
             elif _held_back(disk, entry):
