@@ -176,14 +176,16 @@ def main() -> None:
           f"{connection.vendor} {connection.settings_dict['NAME']} (set up in {time.perf_counter() - started:.0f} s), "
           f"{args.reps} passes each")
 
+    server_cpu = mariadb_cpu_s if connection.vendor == "mysql" else lambda: None  # SQLite: in this process
+
     def timed(call):
-        cpu, db_cpu = time.process_time(), mariadb_cpu_s()
+        cpu, db_cpu = time.process_time(), server_cpu()
         with CaptureQueriesContext(connection) as queries:
             t0 = time.perf_counter()
             result = call()
             seconds = time.perf_counter() - t0
         cpu = time.process_time() - cpu
-        db_after = mariadb_cpu_s()
+        db_after = server_cpu()
         db = None if db_cpu is None or db_after is None else db_after - db_cpu
         return seconds, len(queries), cpu, db, result
 
