@@ -29,6 +29,11 @@ copied). A watcher reads the disks' rows every 50 ms; lag = when a
 progress_seq appeared in the database minus when its update was posted.
 
     .venv/bin/python -m bench.agents_poll_bench --agents 10 --silent 0 --jobs 5 --disks 4 --lag 60
+
+Measured (45 s, 200 disks, 2 busy cores): MariaDB lag median 1.37 s, p95
+2.55 s (passes 0.76 s median); SQLite median 1.13 s, p95 2.13 s. The lag is
+the age of the newest update at a pass (0-2 s at a 2 s report interval)
+plus the pass itself.
 """
 
 from __future__ import annotations
