@@ -46,11 +46,11 @@ def page_numbers(client: Client, job_id: str) -> dict:
     """What the job page shows: the job's rate and ETA, each disk's state,
     rate, ETA and bytes (all from one render)."""
     html = client.get(f"/jobs/{job_id}/fragment/").content.decode()
-    rate = re.search(r"<dd data-throughput>([\d.]+ \w+/s)", html).group(1)
+    rate = re.search(r"<dd[^>]*data-throughput>([\d.]+ \w+/s)", html).group(1)
     eta = re.search(r"<span data-eta>([^<]*)</span>", html)
     disks = {}
     for key, body in re.findall(r'<tr class="status-\w+" data-disk="([^"]+)">(.*?)</tr>', html, re.S):
-        done, total = re.search(r'<td class="num">([^<]+) / ([^<]+)</td>', body).groups()
+        done, total = re.search(r'<td class="text-end text-nowrap">([^<]+) / ([^<]+)</td>', body).groups()
         disks[key] = {
             "state": re.search(r"data-disk-state>([^<]+)<", body).group(1),
             "rate": re.search(r"data-disk-rate>([^<]+)<", body).group(1),

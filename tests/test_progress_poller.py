@@ -262,7 +262,9 @@ def test_a_finalizing_job_is_left_to_the_reaper_not_failed_by_the_poller(vma_ser
     assert ReplicationJob.objects.get(pk=job.id).status == JobStatus.FINALIZING
 
 
-def test_a_pass_over_more_jobs_than_one_batch_writes_each_job_its_own_numbers(vma_server, replicating_job):
+def test_a_pass_over_more_jobs_than_one_batch_writes_each_job_its_own_numbers(vma_server, replicating_job,
+                                                                              monkeypatch):
+    monkeypatch.setattr(progress, "APPLY_BATCH_JOBS", 4)  # batches of a few: the split is what is tested
     jobs = [replicating_job(name=f"vm-batch-{i}", disks=2) for i in range(progress.APPLY_BATCH_JOBS + 3)]
     for i, job in enumerate(jobs):
         post(vma_server, job.id, update(5, 10 * (i + 1), total=10_000, disk_id="disk-2000"))

@@ -67,6 +67,10 @@ def demo_layout(vma_server):
                                      "-s", str(Path(settings.TEST_ROOT) / "starvation-celerybeat-schedule")))
         poller = start_process("poller", "manage.py", "poll_progress")
         started.append(poller)
+        # Its start (Django loaded) can take seconds on a busy machine: the
+        # copies must not run before anything polls them.
+        wait_until(lambda: b"progress poller: a pass every" in poller.log_path.read_bytes(), 120,
+                   "the poller process to start")
         yield poller
     finally:
         for proc in started:

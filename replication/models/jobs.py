@@ -4,11 +4,14 @@ move along choices.JOB_TRANSITIONS and DISK_TRANSITIONS (models.base)."""
 
 from __future__ import annotations
 
+import math
 import secrets
 from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import connection, models, transaction
+from django.db.models.functions import Cast, Coalesce, Greatest
+from django.db.models.lookups import LessThanOrEqual
 from django.utils import timezone
 
 from replication import figures
@@ -63,36 +66,74 @@ def transfer_percent(bytes_done: int, bytes_total: int) -> float:
     return TRANSFER_START_PERCENT + (100 - TRANSFER_START_PERCENT) * fraction
 
 
-def _update_rows(model, rows: dict, condition_sql: str = "", condition_params: tuple = ()) -> int:
-    """One UPDATE setting different values per row: {pk: {column: value}}
-    (every row the same columns), as CASE expressions on the primary key.
-    Plain SQL because the ORM's Case/When costs milliseconds per row to
-    build, and the poller writes hundreds of rows per pass. `condition_sql`
-    may narrow the rows further (per-row conditions included)."""
+JOINED_UPDATE_ROWS = 2000  # rows per statement: SQLite takes 32766 parameters, a row about a dozen
+
+
+def _sql_number(value) -> str | None:
+    """A number (or None) as SQL text, written into the statement rather
+    than passed as a parameter: the driver quotes each parameter in Python,
+    and a pass writes tens of thousands; None for anything else (a
+    parameter then)."""
+    if value is None:
+        return "NULL"
+    if type(value) is int:  # bool apart
+        return str(value)
+    if type(value) is float and math.isfinite(value):
+        return repr(value)
+    return None
+
+
+def _update_rows(model, rows: dict, condition_sql: str = "", condition_params: tuple = (), *,
+                 constants: dict | None = None) -> int:
+    """UPDATE many rows to values of their own, {pk: {column: value}} (every
+    row the same columns), plus `constants` set on every row: the rows go to
+    the database as a table (VALUES) joined on the primary key, so each row
+    costs the same however many there are (CASE WHEN pk = ... is read
+    branch by branch, quadratic in the rows). `condition_sql` narrows the
+    rows further: the table's row is `d`, its new values `v` (v.column).
+    Returns the rows matched. Plain SQL: the ORM has no joined UPDATE."""
     if not rows:
         return 0
     quote = connection.ops.quote_name
-    pk = quote(model._meta.pk.column)
-    columns = list(next(iter(rows.values())))
-    assignments, params = [], []
-    for column in columns:
-        whens = " ".join(f"WHEN {pk} = %s THEN %s" for _ in rows)
-        assignments.append(f"{quote(column)} = CASE {whens} ELSE {quote(column)} END")
-        for key, values in rows.items():
-            params += [key, values[column]]
-    placeholders = ", ".join(["%s"] * len(rows))
-    sql = (f"UPDATE {quote(model._meta.db_table)} SET {', '.join(assignments)} "
-           f"WHERE {pk} IN ({placeholders})" + (f" AND ({condition_sql})" if condition_sql else ""))
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [*params, *rows, *condition_params])
-        return cursor.rowcount
-
-
-def _db_values(rows: dict) -> dict:
-    """Datetimes as the database backend stores them (raw SQL skips the ORM)."""
     adapt = connection.ops.adapt_datetimefield_value
-    return {pk: {col: adapt(v) if isinstance(v, datetime) else v for col, v in row.items()}
-            for pk, row in rows.items()}
+    constants = {col: adapt(v) if isinstance(v, datetime) else v for col, v in (constants or {}).items()}
+    table, pk = quote(model._meta.db_table), quote(model._meta.pk.column)
+    columns = list(next(iter(rows.values())))
+    names = [pk, *(quote(column) for column in columns)]
+    keys = list(rows)
+    matched = 0
+    for start in range(0, len(keys), JOINED_UPDATE_ROWS):
+        chunk = keys[start:start + JOINED_UPDATE_ROWS]
+        rows_sql, values = [], []
+        for key in chunk:
+            row = rows[key]
+            cells = []
+            for value in (key, *(row[column] for column in columns)):
+                literal = _sql_number(value)
+                if literal is None:
+                    literal = "%s"
+                    values.append(adapt(value) if isinstance(value, datetime) else value)
+                cells.append(literal)
+            rows_sql.append(f"({', '.join(cells)})")
+        values_sql = "VALUES " + ", ".join(rows_sql)
+        where = f" WHERE {condition_sql}" if condition_sql else ""
+        if connection.vendor == "mysql":
+            sets = ", ".join([*(f"d.{quote(c)} = v.{quote(c)}" for c in columns),
+                              *(f"d.{quote(c)} = %s" for c in constants)])
+            sql = (f"UPDATE {table} d JOIN (WITH v ({', '.join(names)}) AS ({values_sql}) SELECT * FROM v) v "
+                   f"ON d.{pk} = v.{pk} SET {sets}{where}")
+            params = [*values, *constants.values(), *condition_params]
+        else:  # SQLite (3.33+: UPDATE ... FROM)
+            sets = ", ".join([*(f"{quote(c)} = v.{quote(c)}" for c in columns),
+                              *(f"{quote(c)} = %s" for c in constants)])
+            named = ", ".join(f"column{i + 1} AS {name}" for i, name in enumerate(names))
+            sql = (f"UPDATE {table} AS d SET {sets} FROM (SELECT {named} FROM ({values_sql})) AS v "
+                   f"WHERE d.{pk} = v.{pk}" + (f" AND ({condition_sql})" if condition_sql else ""))
+            params = [*constants.values(), *values, *condition_params]
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            matched += cursor.rowcount
+    return matched
 
 
 class ReplicationJob(StateMachine):
@@ -234,47 +275,58 @@ class ReplicationJob(StateMachine):
         ReplicationJob.refresh_totals_of([self])
 
     @classmethod
-    def refresh_totals_of(cls, jobs: list[ReplicationJob]) -> None:
-        """refresh_totals for many jobs in two statements: one SELECT of their
-        disks (summed here) and one UPDATE (the poller does this every pass)."""
+    def refresh_totals_of(cls, jobs: list) -> None:
+        """refresh_totals for many jobs (anything with pk and status): their
+        disks summed by the database (one aggregate query, a row per job)
+        and one joined UPDATE per few thousand jobs (the poller does this
+        every pass)."""
         if not jobs:
             return
-        sums = {job.pk: [0, 0, 0, 0] for job in jobs}  # done, total, rate, unmeasured capacity
-        # The rules of replication.figures, the one source of shown rates:
-        # each copying disk's rate capped by the limit in force, summed; the
-        # job ends with its slowest disk.
-        limits = {job.pk: job.bandwidth_limit_bps for job in jobs}
-        disk_etas: dict = {job.pk: [] for job in jobs}
-        for job_id, status, bytes_done, bytes_total, throughput, capacity in VMDisk.objects.filter(
-                job_id__in=list(sums)).values_list("job_id", "status", "bytes_done", "bytes_total",
-                                                   "throughput_bps", "capacity_bytes"):
-            row = sums[job_id]
-            row[0] += bytes_done
-            row[1] += bytes_total
-            rate = figures.capped(throughput, limits[job_id]) if status == DiskStatus.COPYING else 0
-            row[2] += rate
-            if bytes_total == 0 and status != DiskStatus.COMPLETED:
-                # Not measured yet: counts with its capacity (an upper bound
-                # of its data), so the job's percent only ever rises.
-                row[3] += capacity
-            disk_etas[job_id].append((status, figures.eta_of(figures.remaining_bytes(bytes_done, bytes_total, capacity),
-                                                             rate)))
-        etas = {pk: figures.job_eta(JobStatus.REPLICATING, rows) for pk, rows in disk_etas.items()}
-        now = timezone.now()
         status_of = {job.pk: job.status for job in jobs}
+        unfinished = (DiskStatus.PENDING, DiskStatus.COPYING)
+        # Not measured yet: a disk counts with its capacity (an upper bound of
+        # its data), so the job's percent only ever rises.
+        unmeasured = models.Q(bytes_total=0) & ~models.Q(status=DiskStatus.COMPLETED)
+        remaining = models.Case(models.When(bytes_total=0, then="capacity_bytes"),
+                                default=Greatest(models.F("bytes_total") - models.F("bytes_done"), 0))
+        # The rules of replication.figures, the one source of shown rates: a
+        # copying disk's rate capped by the job's per-disk limit in force.
+        limit = models.F("job__bandwidth_limit_bps")
+        rate = models.Case(models.When(job__bandwidth_limit_bps__gt=0, throughput_bps__gt=limit, then=limit),
+                           default=models.F("throughput_bps"))
+        sums = {}
+        ids = list(status_of)
+        for start in range(0, len(ids), 5000):
+            sums.update((row["job_id"], row) for row in VMDisk.objects.filter(job_id__in=ids[start:start + 5000])
+                        .order_by().values("job_id").annotate(
+                done=models.Sum("bytes_done"), total=models.Sum("bytes_total"),
+                rate=models.Sum(models.Case(models.When(status=DiskStatus.COPYING, then=rate), default=0)),
+                unmeasured=models.Sum(models.Case(models.When(unmeasured, then="capacity_bytes"), default=0)),
+                # The job ends with its slowest disk: each unfinished disk's
+                # remaining bytes at its own rate (a per-disk limit
+                # included); unknown while any of them has no rate yet.
+                unrated=models.Count(models.Case(models.When(status__in=unfinished, throughput_bps__lte=0,
+                                                             then=1))),
+                eta=models.Max(models.Case(models.When(
+                    status__in=unfinished, throughput_bps__gt=0,
+                    then=Cast(remaining, models.FloatField()) / Cast(rate, models.FloatField())))),
+            ))
+        now = timezone.now()
         rows = {}
-        for pk, (done, total, rate, unmeasured) in sums.items():
-            row = {"bytes_transferred": done, "total_bytes": total, "throughput_bps": rate,
-                   "last_progress_at": now, "updated_at": now}
+        for pk in ids:
+            agg = sums.get(pk) or {}
+            done, total = agg.get("done") or 0, agg.get("total") or 0
+            row = {"bytes_transferred": done, "total_bytes": total, "throughput_bps": agg.get("rate") or 0}
             if status_of[pk] == JobStatus.REPLICATING:
-                row["progress_percent"] = transfer_percent(done, total + unmeasured)
-                row["eta_seconds"] = etas[pk]
+                row["progress_percent"] = transfer_percent(done, total + (agg.get("unmeasured") or 0))
+                row["eta_seconds"] = None if agg.get("unrated") else int(agg.get("eta") or 0)
             rows[pk] = row
         # Rows of one statement share their columns: replicating jobs apart.
-        for group in (JobStatus.REPLICATING, None):
-            part = {pk: row for pk, row in rows.items() if (status_of[pk] == JobStatus.REPLICATING) == bool(group)}
-            _update_rows(cls, _db_values(part), f"status IN ({', '.join(['%s'] * len(JOB_ACTIVE))})",
-                         tuple(status.value for status in JOB_ACTIVE))
+        for replicating in (True, False):
+            part = {pk: row for pk, row in rows.items() if (status_of[pk] == JobStatus.REPLICATING) == replicating}
+            _update_rows(cls, part, f"d.status IN ({', '.join(['%s'] * len(JOB_ACTIVE))})",
+                         tuple(status.value for status in JOB_ACTIVE),
+                         constants={"last_progress_at": now, "updated_at": now})
         ProgressSample.record_for(rows, now)
 
     def all_disks_completed(self) -> bool:
@@ -319,10 +371,19 @@ class ProgressSample(models.Model):
         written ({job id: row}); two statements however many jobs."""
         recent = set(cls.objects.filter(job_id__in=list(totals), at__gt=now - PROGRESS_SAMPLE_S)
                      .values_list("job_id", flat=True))
-        cls.objects.bulk_create(
-            cls(job_id=pk, at=now, bytes_transferred=row["bytes_transferred"], throughput_bps=row["throughput_bps"])
-            for pk, row in totals.items() if pk not in recent
-        )
+        due = [(pk, row) for pk, row in totals.items() if pk not in recent]
+        # One INSERT per few thousand samples, its numbers written into the
+        # statement (bulk_create builds and quotes each value in Python).
+        quote = connection.ops.quote_name
+        at = connection.ops.adapt_datetimefield_value(now)
+        for start in range(0, len(due), JOINED_UPDATE_ROWS):
+            chunk = due[start:start + JOINED_UPDATE_ROWS]
+            rows = ", ".join(f"(%s, %s, {int(row['bytes_transferred'])}, {int(row['throughput_bps'])})"
+                             for _, row in chunk)
+            with connection.cursor() as cursor:
+                cursor.execute(f"INSERT INTO {quote(cls._meta.db_table)} ({quote('job_id')}, {quote('at')}, "
+                               f"{quote('bytes_transferred')}, {quote('throughput_bps')}) VALUES {rows}",
+                               [value for pk, _ in chunk for value in (pk, at)])
 
 
 class VMDisk(StateMachine):
@@ -435,27 +496,58 @@ class VMDisk(StateMachine):
 
     @classmethod
     def apply_progress_of(cls, updates: list[dict], at) -> int:
-        """Apply agent updates to many disks in one conditional UPDATE. Each
-        dict: pk, attempt, seq, bytes_done, bytes_total, throughput_bps,
-        stage, eta_seconds, checkpoint_bytes, worker. A row changes only if
-        its update is newer than the one applied, comes from the disk's
-        current copy run, and the disk is still copying: progress never
-        moves backwards, and a superseded run says nothing. Each applied
-        update is the copy's heartbeat. Returns how many rows changed."""
+        """Apply agent updates to many disks, a joined UPDATE per few
+        thousand. Each dict: pk, attempt, seq, bytes_done, bytes_total,
+        throughput_bps, stage, eta_seconds, checkpoint_bytes, worker. A row
+        changes only if its update is newer than the one applied, comes
+        from the disk's current copy run, and the disk is still copying:
+        progress never moves backwards, and a superseded run says nothing.
+        Each applied update is the copy's heartbeat. Returns how many rows
+        changed."""
         if not updates:
             return 0
+        rows = {}
         for u in updates:
             total = u["bytes_total"]
-            u["percent"] = 100.0 if total <= 0 else min(100.0, 100.0 * u["bytes_done"] / total)
-        rows = {u["pk"]: {"progress_seq": u["seq"], "bytes_done": u["bytes_done"], "bytes_total": u["bytes_total"],
-                          "progress_percent": u["percent"], "throughput_bps": u["throughput_bps"],
-                          "current_operation": str(u["stage"]), "eta_seconds": u["eta_seconds"],
-                          "checkpoint_bytes": u["checkpoint_bytes"], "worker": u["worker"],
-                          "heartbeat_at": at, "last_progress_at": at, "updated_at": at} for u in updates}
-        newer = " OR ".join(["(id = %s AND progress_seq < %s AND attempts = %s)"] * len(updates))
-        params = tuple(value for u in updates for value in (u["pk"], u["seq"], u["attempt"]))
-        return _update_rows(cls, _db_values(rows), f"status = %s AND ({newer})",
-                            (DiskStatus.COPYING.value, *params))
+            rows[u["pk"]] = {
+                "attempts": u["attempt"], "progress_seq": u["seq"], "bytes_done": u["bytes_done"],
+                "bytes_total": total,
+                "progress_percent": 100.0 if total <= 0 else min(100.0, 100.0 * u["bytes_done"] / total),
+                "throughput_bps": u["throughput_bps"], "current_operation": str(u["stage"]),
+                "eta_seconds": u["eta_seconds"], "checkpoint_bytes": u["checkpoint_bytes"], "worker": u["worker"]}
+        # `attempts` is set to the value it must already have: a condition, not a change.
+        return _update_rows(cls, rows, "d.status = %s AND d.progress_seq < v.progress_seq AND d.attempts = v.attempts",
+                            (DiskStatus.COPYING.value,),
+                            constants={"heartbeat_at": at, "last_progress_at": at, "updated_at": at})
+
+    @classmethod
+    def progress_states(cls, job_ids: list[str], now: datetime) -> dict[int, tuple]:
+        """What the poller weighs an agent's update against, for these jobs'
+        disks (named by job: hundreds of parameters, not thousands), as
+        plain tuples (pk, status, attempts, progress_seq, current_operation,
+        progress_percent, bytes_done, bytes_total, throughput_bps,
+        checkpoint_bytes, worker, progress_due, heartbeat_due) by pk:
+        progress_due when the last progress written (or the run's start) is
+        PROGRESS_WRITE_INTERVAL_S old at `now`, heartbeat_due when the last
+        heartbeat (or start) is a quarter of HEARTBEAT_TIMEOUT_S old. The
+        database compares the times: no datetime is read."""
+        progress_before = now - timedelta(seconds=settings.PROGRESS_WRITE_INTERVAL_S)
+        beat_before = now - timedelta(seconds=settings.HEARTBEAT_TIMEOUT_S / 4)
+        states = {}
+        for start in range(0, len(job_ids), 5000):
+            query = cls.objects.filter(job_id__in=job_ids[start:start + 5000]).order_by().annotate(
+                progress_due=LessThanOrEqual(Coalesce("last_progress_at", "started_at"), progress_before),
+                heartbeat_due=LessThanOrEqual(Coalesce("heartbeat_at", "started_at"), beat_before),
+            ).values_list("pk", "status", "attempts", "progress_seq", "current_operation", "progress_percent",
+                          "bytes_done", "bytes_total", "throughput_bps", "checkpoint_bytes", "worker",
+                          "progress_due", "heartbeat_due")
+            # The rows as the driver gives them: no column here needs Django's
+            # conversions (the two flags come as 0/1, NULL when unknown).
+            sql, params = query.query.sql_with_params()
+            with connection.cursor() as cursor:
+                cursor.execute(sql, params)
+                states.update((row[0], row) for row in cursor.fetchall())
+        return states
 
     def complete(self, bytes_total: int, bytes_zeroed: int, throughput_bps: int, attempt: int | None = None) -> bool:
         return self.transition(

@@ -26,13 +26,15 @@ from datetime import datetime
 import redis
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Prefetch
+from django.db.models import F
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from replication.choices import DiskStatus, JobStatus, Stage
 from replication.models import Agent, ReplicationJob, VMDisk
 from replication.services import agents
 from vma_agent.client import ProgressClient, ProgressUnavailable
+from vma_agent.contract import EXPORT_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +44,9 @@ FETCH_ATTEMPTS = 3
 FETCH_BACKOFF_S = 0.2
 LOCK_KEY = "oma:progress-poller:lock"
 LAST_PASS_KEY = "oma:progress-poller:last-pass"  # written by the poller only; the metrics read its age
-# Jobs per statement and commit: commits (a log flush each) are what a pass
-# costs; 50 jobs of 4 disks stay well under SQLite's 32766 parameters.
-APPLY_BATCH_JOBS = 50
+# Jobs per transaction: a batch is a handful of statements whatever its size
+# (the models split their statements under SQLite's 32766 parameters).
+APPLY_BATCH_JOBS = 1000
 
 
 @dataclass
@@ -56,6 +58,33 @@ class Fetched:
     found: bool = False
     error: str | None = None
     requests: int = 0
+    records: tuple[str, ...] = ()  # the record ids read for it (its job id, its exports)
+    unchanged: bool = False  # none of them changed since their last apply: nothing to weigh
+
+
+@dataclass(frozen=True)
+class DiskRef:
+    """What never changes of a job's disk: how the agent's records name it."""
+
+    pk: int
+    key: str
+    export: str
+
+
+@dataclass
+class ActiveJob:
+    """What the poller reads of an active job: its columns, not a model."""
+
+    id: str
+    status: str
+    began: datetime  # started_at, or created_at before it started
+    poll_errors: int
+    agent: str
+    disks: tuple[DiskRef, ...] = ()
+
+    @property
+    def pk(self) -> str:
+        return self.id
 
 
 @dataclass
@@ -88,6 +117,7 @@ def _get(feed: _Feed, record_id: str, fetched: Fetched) -> dict | None:
     return None
 
 
+STAGES = frozenset(Stage.values)  # Stage.values builds its list anew on every call
 FEED_PAGE = 5000  # records per change-feed read: one read per pass unless more changed
 
 
@@ -107,7 +137,23 @@ class _Feed:
     cursor: int = 0
     records: dict[str, dict] = field(default_factory=dict)  # latest record of ids active jobs use
     known: set[str] = field(default_factory=set)  # every record id the agent holds
+    # Record ids that changed (or expired) since their job's last apply, or
+    # whose update was held back (throttled): the jobs a pass weighs. A job
+    # not in `seen` is weighed whatever its records (a new job, a restart).
+    dirty: set[str] = field(default_factory=set)
+    seen: set[str] = field(default_factory=set)  # job ids weighed at least once
+    found: set[str] = field(default_factory=set)  # of them, those the agent had a record for
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def reset(self) -> None:
+        """Forget the store: the next read starts at cursor 0."""
+        self.epoch, self.cursor, self.records, self.known = None, 0, {}, set()
+        self.dirty, self.seen, self.found = set(), set(), set()
+
+    def arrived(self, record: dict) -> None:
+        self.records[record["id"]] = record
+        self.known.add(record["id"])
+        self.dirty.add(record["id"])
 
 
 _feeds: dict[str, _Feed] = {}  # by agent name
@@ -124,7 +170,7 @@ def _bind(feed: _Feed, url: str, token: str | None) -> None:
         feed.client = ProgressClient(url, token, timeout_s=settings.VMA_REQUEST_TIMEOUT_S,
                                      keep_alive=settings.VMA_HTTP_KEEPALIVE)
         if feed.address != ("", None):
-            feed.epoch, feed.cursor, feed.records, feed.known = None, 0, {}, set()
+            feed.reset()
         feed.address = (url, token)
 
 
@@ -156,16 +202,16 @@ def _read_changes(feed: _Feed) -> int:
                 # hold is void. Read everything again, in this pass.
                 log.warning("the agent's progress store changed (epoch %s -> %s): reading it again",
                             feed.epoch, page.get("epoch"))
-                feed.cursor, feed.records, feed.known = 0, {}, set()
+                feed.reset()
                 feed.epoch = page.get("epoch")
                 continue
             feed.epoch = page.get("epoch")
         for record in page["records"]:
-            feed.records[record["id"]] = record
-            feed.known.add(record["id"])
+            feed.arrived(record)
         for record_id in page.get("expired") or ():
             feed.records.pop(record_id, None)
             feed.known.discard(record_id)
+            feed.dirty.add(record_id)
         feed.cursor = page["cursor"]
         who = page.get("agent") or {}  # agents older than 0.30 do not say
         feed.agent_name, feed.agent_version = str(who.get("name") or ""), str(who.get("version") or "")
@@ -187,17 +233,16 @@ def _held(feed: _Feed, record_id: str, fetched: Fetched) -> dict | None:
     return record
 
 
-def fetch(job: ReplicationJob, feed: _Feed) -> Fetched:
+def fetch(job: ActiveJob, feed: _Feed) -> Fetched:
     """The agent's entries for the job's disks, from the records the feed
     brought (no request for a job whose record did not change): its record
     by job id gives every disk that reported with its job id; disks still
     missing are looked up under their export names (ReplicationJob -> VMDisk
     -> TargetVolume), which finds updates an agent posted by export name
     alone. A job whose record exists is found, changed or not."""
-    fetched = Fetched(job.id)
-    disks = list(job.disks.all())  # prefetched
-    by_key = {d.disk_key: d.pk for d in disks}
-    by_export = {d.target_volume.export_name: d.pk for d in disks}
+    fetched = Fetched(job.id, records=(job.id, *(d.export for d in job.disks)))
+    by_key = {d.key: d.pk for d in job.disks}
+    by_export = {d.export: d.pk for d in job.disks}
     try:
         record = _held(feed, job.id, fetched)
         if record is not None:
@@ -213,19 +258,30 @@ def fetch(job: ReplicationJob, feed: _Feed) -> Fetched:
     return fetched
 
 
-def fetch_all(jobs: list[ReplicationJob], feed: _Feed) -> tuple[list[tuple[ReplicationJob, Fetched]], int]:
+def fetch_all(jobs: list[ActiveJob], feed: _Feed) -> tuple[list[tuple[ActiveJob, Fetched]], int]:
     """Every active job's Fetched from ONE read of its agent's change feed
     (more only when more than FEED_PAGE records changed, or for a record
-    this poller let go), and the requests made. Its cost grows with what
-    changed, not with the disks. The caller holds `feed.lock`."""
+    this poller let go), and the requests made. A job none of whose
+    records changed since its last apply is not weighed again (its
+    Fetched says `unchanged`): a pass costs what changed, not the disks.
+    The caller holds `feed.lock`."""
     try:
         requests = _read_changes(feed)
     except ProgressUnavailable as exc:
         return [(job, Fetched(job.id, error=str(exc))) for job in jobs], FETCH_ATTEMPTS
-    results = [(job, fetch(job, feed)) for job in jobs]
+    results = []
+    for job in jobs:
+        if job.id in feed.seen and job.id not in feed.dirty and not any(d.export in feed.dirty for d in job.disks):
+            results.append((job, Fetched(job.id, found=job.id in feed.found, unchanged=True)))
+            continue
+        results.append((job, fetch(job, feed)))
     # Hold only the records active jobs use; the rest stay known by id.
-    used = {job.id for job in jobs} | {d.target_volume.export_name for job in jobs for d in job.disks.all()}
+    used = {job.id for job in jobs} | {d.export for job in jobs for d in job.disks}
     feed.records = {record_id: record for record_id, record in feed.records.items() if record_id in used}
+    feed.dirty &= used
+    active = {job.id for job in jobs}
+    feed.seen &= active
+    feed.found &= active
     return results, requests
 
 
@@ -235,8 +291,8 @@ class AgentRead:
 
     agent: Agent | None
     name: str
-    jobs: list[ReplicationJob]
-    results: list[tuple[ReplicationJob, Fetched]] = field(default_factory=list)
+    jobs: list[ActiveJob]
+    results: list[tuple[ActiveJob, Fetched]] = field(default_factory=list)
     requests: int = 0
     error: str | None = None  # its API did not answer (or it cannot be reached as recorded)
     version: str = ""
@@ -253,7 +309,7 @@ def _read_agent(read: AgentRead, feed: _Feed) -> AgentRead:
             read.error = (f"the API at {read.agent.api_url} answers as agent {feed.agent_name!r}, "
                           f"not {read.name!r}")
             read.results = [(job, Fetched(job.id, error=read.error)) for job in read.jobs]
-            feed.epoch, feed.cursor, feed.records, feed.known = None, 0, {}, set()
+            feed.reset()
             return read
         errors = [fetched.error for _, fetched in read.results if fetched.error]
         if errors and len(errors) == len(read.results):
@@ -268,11 +324,11 @@ def _read_agent(read: AgentRead, feed: _Feed) -> AgentRead:
     return read
 
 
-def _by_agent(jobs: list[ReplicationJob]) -> list[AgentRead]:
+def _by_agent(jobs: list[ActiveJob]) -> list[AgentRead]:
     """The active jobs grouped by the agent that copies them, each with its record."""
-    groups: dict[str, list[ReplicationJob]] = {}
+    groups: dict[str, list[ActiveJob]] = {}
     for job in jobs:
-        groups.setdefault(job.vm.agent or agents.LOCAL, []).append(job)
+        groups.setdefault(job.agent, []).append(job)
     return [AgentRead(agents.named(name), name, group) for name, group in sorted(groups.items())]
 
 
@@ -290,14 +346,14 @@ def _record_health(read: AgentRead) -> None:
     Agent.objects.filter(pk=read.agent.pk).update(**fields)
 
 
-def _collect(record: dict, fetched: Fetched, job: ReplicationJob, by_key: dict, by_export: dict,
+def _collect(record: dict, fetched: Fetched, job: ActiveJob, by_key: dict, by_export: dict,
              export_pk: int | None = None) -> bool:
     """Take the record's entries for this job's disks; False when the record
     is not this job's (an export whose volume an earlier job reported)."""
     record_job = record.get("job_id") or None  # "" from MigrateKit OSSEA's migratekit: kept under an export name
     if record_job not in (None, job.id):
         return False
-    started = (job.started_at or job.created_at).timestamp()
+    started = job.began.timestamp()
     for disk_id, entry in (record.get("disks") or {}).items():
         if entry.get("loopback"):
             continue  # a token-less writer's: never our copies' progress, heartbeat or cursor
@@ -314,7 +370,26 @@ def _collect(record: dict, fetched: Fetched, job: ReplicationJob, by_key: dict, 
     return record_job == job.id or bool(fetched.entries)
 
 
-def _should_write(disk: VMDisk, entry: dict, now: datetime) -> bool:
+@dataclass(frozen=True)
+class DiskState:
+    """A disk as the poller weighs an update against it (VMDisk.progress_states)."""
+
+    pk: int
+    status: str
+    attempts: int
+    progress_seq: int
+    current_operation: str
+    progress_percent: float
+    bytes_done: int
+    bytes_total: int
+    throughput_bps: int
+    checkpoint_bytes: int
+    worker: str
+    progress_due: bool | None  # PROGRESS_WRITE_INTERVAL_S since the last progress written
+    heartbeat_due: bool | None  # HEARTBEAT_TIMEOUT_S / 4 since the last heartbeat
+
+
+def _should_write(disk: DiskState, entry: dict, step_percent: float) -> bool:
     if entry["seq"] <= disk.progress_seq:
         return False  # late or replayed
     if entry.get("attempt", disk.attempts) != disk.attempts:
@@ -324,83 +399,125 @@ def _should_write(disk: VMDisk, entry: dict, now: datetime) -> bool:
     total = entry.get("total_bytes") or disk.bytes_total
     done = entry.get("bytes_transferred") or 0
     percent = 100.0 if total <= 0 else 100.0 * done / total
-    if abs(percent - disk.progress_percent) >= settings.PROGRESS_WRITE_STEP_PERCENT:
+    if abs(percent - disk.progress_percent) >= step_percent:
         return True
     changed = (done, total, entry.get("throughput_bps") or 0) != (disk.bytes_done, disk.bytes_total,
                                                                   disk.throughput_bps)
-    last = disk.last_progress_at or disk.started_at or now
-    if changed and (now - last).total_seconds() >= settings.PROGRESS_WRITE_INTERVAL_S:
+    if changed and disk.progress_due:
         return True
     # Nothing moved, but the run spoke: its heartbeat, stored often enough for
     # the reaper's HEARTBEAT_TIMEOUT_S and no more often.
-    beat = disk.heartbeat_at or disk.started_at or now
-    return (now - beat).total_seconds() >= settings.HEARTBEAT_TIMEOUT_S / 4
+    return bool(disk.heartbeat_due)
 
 
-def apply(job: ReplicationJob, fetched: Fetched, now: datetime, stats: PassStats) -> None:
+def _held_back(disk: DiskState, entry: dict) -> bool:
+    """An update not written now that may be later (throttled, or from a
+    run the database does not know yet): its record stays to be weighed."""
+    return entry["seq"] > disk.progress_seq and entry.get("attempt", disk.attempts) >= disk.attempts
+
+
+def apply(job: ActiveJob, fetched: Fetched, now: datetime, stats: PassStats) -> None:
     apply_batch([(job, fetched)], now, stats)
 
 
-def apply_batch(pairs: list[tuple[ReplicationJob, Fetched]], now: datetime, stats: PassStats) -> None:
-    """Classify each job's outcome, then write every due disk of the batch in
-    one conditional UPDATE and the jobs' totals in one more, in one commit:
-    commits and round trips, not rows, are what a pass costs."""
-    due_jobs, updates = [], []
+def _outcomes(pairs: list[tuple[ActiveJob, Fetched]], stats: PassStats) -> tuple[list, list, dict, list]:
+    """Count what is not progress (errors, no record yet: the reaper alone
+    judges whether a run is lost): the jobs whose agent failed, those that
+    failed before and not now, the entries to weigh (disk pk -> (job,
+    entry)) and the jobs this batch weighs."""
+    failed, recovered, wanted, weighed = [], [], {}, []
     for job, fetched in pairs:
-        try:
-            due = _classify(job, fetched, now, stats)
-        except Exception:
-            # One bad job never stops the pass for the others.
-            log.exception("applying progress of job %s failed", job.id)
+        if fetched.error is not None and not fetched.entries:
+            stats.errors += 1
+            failed.append(job.id)
             continue
-        if due:
-            due_jobs.append(job)
-            updates += [_update_of(disk, entry) for disk, entry in due]
-    if not updates:
-        return
+        if job.poll_errors:
+            recovered.append(job.id)
+        if not fetched.found:
+            stats.not_found += 1
+        if fetched.unchanged:
+            continue
+        if fetched.error is None:
+            weighed.append((job, fetched))
+        for pk, entry in fetched.entries.items():
+            wanted[pk] = (job, entry)
+    return failed, recovered, wanted, weighed
+
+
+def apply_batch(pairs: list[tuple[ActiveJob, Fetched]], now: datetime, stats: PassStats,
+                feed: _Feed | None = None) -> None:
+    """Classify each job's outcome, read the state of only the disks an
+    update came for (columns, not models), then write every due disk of
+    the batch in joined UPDATEs and the jobs' totals (summed by the
+    database) in one commit: statements, not rows, are what a pass costs.
+    With `feed`, the jobs weighed are marked so: a later pass weighs them
+    again only when their records change (or one was held back)."""
+    failed, recovered, wanted, weighed = _outcomes(pairs, stats)
     with transaction.atomic():
-        stats.disks_written += VMDisk.apply_progress_of(updates, now)
-        ReplicationJob.refresh_totals_of(due_jobs)
-        stats.jobs_written += len(due_jobs)
+        if failed:
+            ReplicationJob.objects.filter(pk__in=failed).update(poll_errors=F("poll_errors") + 1)
+        if recovered:
+            ReplicationJob.objects.filter(pk__in=recovered).update(poll_errors=0)
+        job_ids = list({job.id for job, _ in wanted.values()})
+        states = {pk: DiskState(*row) for pk, row in VMDisk.progress_states(job_ids, now).items() if pk in wanted}
+        updates, due_jobs, held = [], {}, set()
+        step_percent = settings.PROGRESS_WRITE_STEP_PERCENT  # once: each settings read costs microseconds
+        for pk, (job, entry) in wanted.items():
+            disk = states.get(pk)
+            if disk is None or disk.status != DiskStatus.COPYING:
+                continue  # only copying disks take progress: a finished disk keeps what its outcome wrote
+            if _should_write(disk, entry, step_percent):
+                updates.append(_update_of(disk, entry))
+                due_jobs[job.id] = job
+            elif _held_back(disk, entry):
+                held.add(job.id)
+        if updates:
+            stats.disks_written += VMDisk.apply_progress_of(updates, now)
+            ReplicationJob.refresh_totals_of(list(due_jobs.values()))
+            stats.jobs_written += len(due_jobs)
+    if feed is not None:
+        for job, fetched in weighed:
+            feed.seen.add(job.id)
+            (feed.found.add if fetched.found else feed.found.discard)(job.id)
+            if job.id not in held:
+                feed.dirty.difference_update(fetched.records)
 
 
-def _update_of(disk: VMDisk, entry: dict) -> dict:
+def _update_of(disk: DiskState, entry: dict) -> dict:
     return {"pk": disk.pk, "seq": entry["seq"], "attempt": entry.get("attempt", disk.attempts),
             "bytes_done": entry.get("bytes_transferred") or 0,
             # MigrateKit OSSEA's migratekit may leave total_bytes out (omitempty): the known total stays.
             "bytes_total": entry.get("total_bytes") or disk.bytes_total,
             "throughput_bps": entry.get("throughput_bps") or 0,
-            "stage": entry["stage"] if entry.get("stage") in Stage.values else disk.current_operation,
+            "stage": entry["stage"] if entry.get("stage") in STAGES else disk.current_operation,
             "eta_seconds": entry.get("eta_seconds"),
             "checkpoint_bytes": max(disk.checkpoint_bytes, entry.get("checkpoint_bytes") or 0),
             "worker": (entry.get("worker") or disk.worker)[:200]}
 
 
-def _classify(job: ReplicationJob, fetched: Fetched, now: datetime, stats: PassStats) -> list:
-    """Count what is not progress (errors, no record yet: the reaper alone
-    judges whether a run is lost); returns the (disk, entry) pairs worth
-    writing. Only copying disks take progress: a finished disk keeps the
-    state its outcome wrote."""
-    if fetched.error is not None and not fetched.entries:
-        stats.errors += 1
-        job.record_poll(error=True)
-        return []
-    if job.poll_errors:
-        job.record_poll(error=False)
-    if not fetched.found:
-        stats.not_found += 1
-        return []
-    return [(disk, fetched.entries[disk.pk]) for disk in job.disks.all()
-            if disk.pk in fetched.entries and disk.status == DiskStatus.COPYING
-            and _should_write(disk, fetched.entries[disk.pk], now)]
+_disk_refs: dict[str, tuple[DiskRef, ...]] = {}  # by job id: a job's disks are made with it and never change
 
 
-def active_jobs() -> list[ReplicationJob]:
-    return list(
-        ReplicationJob.objects.filter(status__in=POLLED_STATUSES)
-        .select_related("vm")
-        .prefetch_related(Prefetch("disks", queryset=VMDisk.objects.select_related("target_volume")))
-    )
+def active_jobs() -> list[ActiveJob]:
+    """The jobs to poll, as columns; their disks' names from memory (read
+    once per job: a job's disks are created with it)."""
+    jobs = [ActiveJob(*row) for row in ReplicationJob.objects.filter(status__in=POLLED_STATUSES).order_by()
+            .annotate(began=Coalesce("started_at", "created_at"))
+            .values_list("id", "status", "began", "poll_errors", "vm__agent")]
+    new = [job.id for job in jobs if job.id not in _disk_refs]
+    refs: dict[str, list[DiskRef]] = {job_id: [] for job_id in new}
+    for start in range(0, len(new), 5000):
+        for pk, job_id, key, volume in (VMDisk.objects.filter(job_id__in=new[start:start + 5000]).order_by("pk")
+                                        .values_list("pk", "job_id", "disk_key", "target_volume__volume_uuid")):
+            refs[job_id].append(DiskRef(pk, key, f"{EXPORT_PREFIX}{volume}"))
+    active = {job.id for job in jobs}
+    for job_id in [job_id for job_id in _disk_refs if job_id not in active]:
+        del _disk_refs[job_id]
+    _disk_refs.update((job_id, tuple(disks)) for job_id, disks in refs.items())
+    for job in jobs:
+        job.agent = job.agent or agents.LOCAL
+        job.disks = _disk_refs[job.id]
+    return jobs
 
 
 def poll_once(now: datetime | None = None) -> PassStats:
@@ -444,10 +561,16 @@ def poll_once(now: datetime | None = None) -> PassStats:
                     del pending[future]
                     _apply_read(future.result(), current, stats)
             except FuturesTimeout:
+                # The wait counts this thread's applying too: reads that ended
+                # meanwhile are applied, only the unanswered ones are not.
+                for future in [future for future in pending if future.done()]:
+                    _apply_read(future.result(), current, stats)
+                    del pending[future]
                 stats.agents_busy += len(pending)
                 wait_s = settings.PROGRESS_POLL_INTERVAL_S
-                log.warning("agent(s) %s did not answer within %.1f s; their progress comes in a later pass",
-                            ", ".join(read.name for read in pending.values()), wait_s)
+                if pending:
+                    log.warning("agent(s) %s did not answer within %.1f s; their progress comes in a later pass",
+                                ", ".join(read.name for read in pending.values()), wait_s)
                 for read in pending.values():
                     # Its thread goes on; this pass only says why it has nothing from the agent.
                     _record_health(AgentRead(read.agent, read.name, [], error=f"no answer within {wait_s:g} s"))
@@ -465,7 +588,7 @@ def _apply_read(read: AgentRead, current: datetime, stats: PassStats) -> None:
         # Copies no longer write these rows (they run on the agent); a
         # batch's transaction holds them for milliseconds.
         try:
-            apply_batch(read.results[start:start + APPLY_BATCH_JOBS], current, stats)
+            apply_batch(read.results[start:start + APPLY_BATCH_JOBS], current, stats, _feed(read.name))
         except Exception:
             log.exception("applying a batch of progress failed; the next pass retries it")
     try:
