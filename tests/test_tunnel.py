@@ -512,3 +512,43 @@ def test_an_enrolled_agent_is_reached_only_through_the_tunnel_set_up_at_approval
             if user == f"vma-{name}":
                 subprocess.run(["rabbitmqctl", "-q", "delete_user", user], capture_output=True, timeout=60)
         rabbitmqctl("delete_vhost", vhost)
+
+
+def test_an_approval_whose_tunnel_cannot_be_set_up_is_refused_with_the_reason(tunnel_settings, tmp_path):
+    """No free tunnel port: the agent stays pending, with no key line and no
+    broker user (nothing after the tunnel was tried), the refusal audited."""
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    from replication.choices import AgentState
+    from replication.models import AgentAuditEntry
+    from replication.services import enrolment
+    from vma_agent.enrol import agent_key
+
+    code = enrolment.new_pairing_code("os:test")
+    enrolment.enrol(code, "site-full", agent_key(tmp_path / "state", "site-full"), "1", "127.0.0.1")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        taken = busy.getsockname()[1]
+        tunnel_settings.AGENT_TUNNEL_PORTS = f"{taken}-{taken}"
+        with pytest.raises(CommandError, match=f"tunnel cannot be set up: no free tunnel port left in "
+                                               f"AGENT_TUNNEL_PORTS {taken}-{taken}"):
+            call_command("agent", "approve", "site-full")
+    agent = Agent.objects.get(name="site-full")
+    assert agent.state == AgentState.PENDING and agent.broker_user == "" and agent.tunnel_port is None
+    assert "oma-agent:site-full" not in tunnels.authorized_keys_path().read_text()
+    assert AgentAuditEntry.objects.filter(agent=agent, action="tunnel-refused",
+                                          detail__startswith="no free tunnel port").exists()
+
+
+def test_the_agent_host_refuses_to_run_before_it_enrolled(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "vma_agent.run", "--state-dir", str(tmp_path / "none")],
+                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "agent.env: no such file (enrol first" in out.stderr
+    (tmp_path / "agent.env").write_text("PROCESS_ROLE=agent\nnot a setting\n")
+    out = subprocess.run([sys.executable, "-m", "vma_agent.run", "--state-dir", str(tmp_path)],
+                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "agent.env:2: not KEY=VALUE" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "vma_agent.tunnel", "--config", str(tmp_path / "agent.env")],
+                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--config" in out.stderr
