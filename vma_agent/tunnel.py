@@ -97,6 +97,8 @@ class Keeper:
             started = time.monotonic()
             self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.PIPE, text=True)
+            if self.stopping.is_set():  # stopped while this ssh was being started: end it too
+                self.proc.terminate()
             log.info("tunnel %s to %s@%s:%s (ssh pid %s): OMA 127.0.0.1:%s -> API 127.0.0.1:%s%s",
                      "opening" if attempt == 1 else f"re-opening (attempt {attempt})", self.args.user,
                      self.args.oma_host, self.args.ssh_port, self.proc.pid, self.args.remote_port,
