@@ -331,8 +331,8 @@ def credentials(name: str, code: str, source: str) -> tuple[int, dict]:
         return 410, {"error": "credentials already fetched"}
     password_file.unlink()
     audit(agent, "credentials-fetched", name, source)
-    tunnel = tunnels.tunnel_spec(agent)
-    broker = next((f for f in tunnel["forwards"] if f["name"] == "broker"), None)
+    tunnel = tunnels.tunnel_spec(agent) if agent.channel == Agent.Channel.TUNNEL and agent.tunnel_port else None
+    broker = next((f for f in tunnel["forwards"] if f["name"] == "broker"), None) if tunnel else None
     return 200, {"state": agent.state, "agent_name": name, "queue": agent.queue,
                  # Its end of the tunnel's broker forward, on the agent host.
                  "broker_url": broker_url_for(agent.broker_user, password,
