@@ -455,7 +455,10 @@ AGENT_SILENT_AFTER_S = env.float("AGENT_SILENT_AFTER_S", default=300.0)
 # reverse forward of its progress API to 127.0.0.1:<a port of
 # AGENT_TUNNEL_PORTS> here, and local forwards to the broker and the NBD export
 # (the host:port pairs of AGENT_TUNNEL_PERMIT_OPEN; empty: the broker's port
-# and OMA_EXPORT_LISTEN's, on 127.0.0.1).
+# and OMA_EXPORT_LISTEN's, on 127.0.0.1). Approval sets all of it up and hands the
+# agent its tunnel (AGENT_SSH_HOST: the OMA's name as agents reach its sshd;
+# blank: the host of the URL the agent enrolled with).
+AGENT_SSH_HOST = env("AGENT_SSH_HOST", default="")
 AGENT_SSH_DIR = Path(env("AGENT_SSH_DIR", default=str(VAR_DIR / "agent-ssh")))
 AGENT_SSH_PORT = env.int("AGENT_SSH_PORT", default=2222)
 AGENT_SSH_USER = env("AGENT_SSH_USER", default="oma-agents")

@@ -12,6 +12,7 @@ TEST_ROOT = Path(env("OMA_TEST_ROOT", default=f"/tmp/oma-tests-{os.getuid()}")) 
 OMA_VOLUME_DIR = Path(env("OMA_TEST_VOLUME_DIR", default=str(TEST_ROOT / "volumes")))  # noqa: F405
 OMA_RUN_DIR = TEST_ROOT / "run"  # short: Unix socket paths are limited to 107 bytes
 OMA_SECRETS_DIR = TEST_ROOT / "secrets"
+AGENT_SSH_DIR = TEST_ROOT / "agent-ssh"  # agents' authorized_keys written at approval
 PROGRESS_REPORT_INTERVAL_S = 0.25
 
 

@@ -100,7 +100,7 @@ def approved(client, tmp_path, name: str) -> dict:
     response = client.get(f"/api/agents/enrol/{name}/", HTTP_AUTHORIZATION=f"Pairing {code}")
     assert response.status_code == 200, response.json()
     creds = response.json()
-    env = write_credentials(tmp_path / f"state-{name}", creds)
+    env = write_credentials(tmp_path / f"state-{name}", creds, "http://127.0.0.1")
     return {**creds, "env_file": env, "key_file": tmp_path / f"state-{name}" / "message_key"}
 
 
@@ -206,7 +206,8 @@ def test_the_agent_host_enrols_waits_for_approval_and_gets_its_own_credentials(l
                            capture_output=True, text=True, timeout=60)
     assert again.returncode == 1 and "credentials already fetched" in again.stderr
     actions = list(AgentAuditEntry.objects.filter(agent=agent).order_by("at", "id").values_list("action", "source"))
-    assert actions == [("enrolled", "127.0.0.1"), ("approved", ""), ("credentials-fetched", "127.0.0.1")]
+    assert actions == [("enrolled", "127.0.0.1"), ("tunnel-authorized", ""), ("approved", ""),
+                       ("credentials-fetched", "127.0.0.1")]
 
 
 # Revocation --------------------------------------------------------------------------

@@ -288,7 +288,7 @@ def test_the_agent_writes_the_oma_export_through_its_tunnel(tmp_path, keepers, t
         wait_until(lambda: listeners(export_port), 30, "the OMA's export server")
         agent, key = new_agent(tmp_path, "site-h")
         spec = tunnels.open_tunnel_for(agent)
-        assert f"127.0.0.1:{export_port}" in spec["forwards"]
+        assert {"name": "", "to": f"127.0.0.1:{export_port}", "local_port": export_port} in spec["forwards"]
         keepers(tmp_path, agent, key, 8000, extra=["--forward", f"{agent_port}:{export_port}"])
         wait_until(lambda: listeners(agent_port), TUNNEL_UP_TIMEOUT_S, "the agent's end of the export forward")
         out = subprocess.run(["nbdcopy", str(source), f"nbd://127.0.0.1:{agent_port}/migration-vol-1"],
@@ -338,3 +338,217 @@ def test_a_replication_whose_agent_reaches_the_broker_only_through_its_tunnel(ce
     # The agent's worker connected to its end of the tunnel, never to the OMA's broker port.
     log = worker.log_path.read_text(errors="replace")
     assert re.search(rf"Connected to redis://\S*127\.0\.0\.1:{broker_port}/", log), log[-2000:]
+
+
+# Enrolment sets the tunnel up: pairing code to revocation, end to end ----------------------
+
+def test_the_spec_names_the_broker_and_the_export_by_default(tunnel_settings, tmp_path):
+    """With no AGENT_TUNNEL_PERMIT_OPEN, an agent may open the broker agents
+    are given (AGENT_BROKER_URL) and the export port (OMA_EXPORT_LISTEN),
+    each at the same port number on its own host."""
+    tunnel_settings.AGENT_TUNNEL_PERMIT_OPEN = []
+    tunnel_settings.AGENT_BROKER_URL = "amqp://127.0.0.1:5673/oma"
+    tunnel_settings.OMA_EXPORT_LISTEN = "127.0.0.1:10899"
+    agent, _ = new_agent(tmp_path, "site-spec")
+    spec = tunnels.open_tunnel_for(agent)
+    assert spec["forwards"] == [{"name": "broker", "to": "127.0.0.1:5673", "local_port": 5673},
+                                {"name": "export", "to": "127.0.0.1:10899", "local_port": 10899}]
+    assert spec["host_key"].startswith("ssh-ed25519 ") and spec["remote_port"] == agent.tunnel_port
+    line = tunnels.authorized_keys_path().read_text()
+    assert 'permitopen="127.0.0.1:5673",permitopen="127.0.0.1:10899"' in line
+
+
+def agent_host_env(state: Path, prefix: str) -> dict:
+    """The agent host's environment: the project's own settings (not the
+    tests'), no database, its progress store in the test Redis under a prefix
+    of its own; agent.env (read by vma_agent.run) gives the rest."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("DATABASE_URL", "TEST_CELERY_BROKER_URL", "VMA_TOKEN", "VMA_URL", "CELERY_BROKER_URL")}
+    return {**env, "DJANGO_SETTINGS_MODULE": "oma_site.settings", "SECRET_KEY": secrets.token_hex(32),
+            "VMA_REDIS_URL": settings.CELERY_BROKER_URL, "VMA_PROGRESS_PREFIX": prefix,
+            "TMPDIR": str(Path(settings.TEST_ROOT) / "tmp")}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_enrolled_agent_is_reached_only_through_the_tunnel_set_up_at_approval(live_server, tunnel_settings,
+                                                                                  tmp_path, monkeypatch):
+    """Pairing code -> the agent host enrols (python -m vma_agent.enrol over
+    HTTP) -> approval authorizes its key for its own port and the broker ->
+    python -m vma_agent.run opens the tunnel and starts its API (on
+    127.0.0.1 only) and its worker (on the real RabbitMQ, through the
+    tunnel) -> the OMA's poller reads its progress at the tunnel's end ->
+    revocation ends its session at once: the tunnel is refused, its
+    credentials too, and nothing reaches its API any more."""
+    from django.core.management import call_command
+
+    from replication.choices import AgentState
+    from replication.models import AgentAuditEntry, VMDisk
+    from replication.services import enrolment, progress
+    from tests.test_agents import _replicating
+    from tests.test_enrolment import broker_users, rabbitmqctl
+    from tests.test_progress_poller import update
+
+    vhost = f"oma-test-tunnel-{os.getpid()}-{secrets.token_hex(2)}"
+    rabbitmqctl("add_vhost", vhost)
+    monkeypatch.setattr("replication.services.jobs.enqueue_prepare", lambda *args: None)
+    monkeypatch.setattr(progress, "_feeds", {})
+    tunnel_settings.AGENT_BROKER_URL = f"amqp://127.0.0.1:5672/{vhost}"
+    tunnel_settings.AGENT_TUNNEL_PERMIT_OPEN = []  # the broker agents are given, as in production
+    name, state = "tun-site", tmp_path / "agent-state"
+    api_port, broker_port = free_port(), free_port()  # this host is the OMA too: 5672 is taken here
+    agent_host = None
+    try:
+        code = enrolment.new_pairing_code("os:test")
+        enrol = subprocess.Popen([sys.executable, "-m", "vma_agent.enrol", "--oma", live_server.url, "--code", code,
+                                  "--name", name, "--state-dir", str(state), "--poll-s", "0.2", "--wait-s", "120",
+                                  "--api-port", str(api_port), "--broker-port", str(broker_port)],
+                                 cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until(lambda: Agent.objects.filter(name=name).exists(), 60, "the agent's enrolment")
+            call_command("agent", "approve", name)
+            out, err = enrol.communicate(timeout=60)
+        finally:
+            enrol.kill()
+        assert enrol.returncode == 0, err
+        assert "tunnel.json" in out
+
+        agent = Agent.objects.get(name=name)
+        assert agent.state == AgentState.ACTIVE and agent.channel == Agent.Channel.TUNNEL
+        assert agent.api_url == f"http://127.0.0.1:{agent.tunnel_port}" and agent.tunnel_port != api_port
+        line = tunnels.authorized_keys_path().read_text()
+        assert (f'permitlisten="127.0.0.1:{agent.tunnel_port}",permitopen="127.0.0.1:5672",command="/bin/false" '
+                in line) and line.rstrip().endswith(f"oma-agent:{name}")
+        config = json.loads((state / "tunnel.json").read_text())
+        assert config == {"oma_host": "localhost", "ssh_port": settings.AGENT_SSH_PORT,
+                          "user": settings.AGENT_SSH_USER, "key": str(state / "id_ed25519"),
+                          "remote_port": agent.tunnel_port, "api_port": api_port,
+                          "forward": [f"{broker_port}:127.0.0.1:5672"], "known_hosts": str(state / "known_hosts")}
+        host_key = (Path(settings.AGENT_SSH_DIR) / "ssh_host_ed25519_key.pub").read_text().split()[:2]
+        assert (state / "known_hosts").read_text().split() == [f"[localhost]:{settings.AGENT_SSH_PORT}", *host_key]
+        env = dict(item.split("=", 1) for item in (state / "agent.env").read_text().splitlines())
+        assert env["CELERY_BROKER_URL"].startswith(f"amqp://vma-{name}:")
+        assert f"@127.0.0.1:{broker_port}/" in env["CELERY_BROKER_URL"]
+        assert env["VMA_TOKEN"] == Path(agent.token_file).read_text() and env["VMA_API_PORT"] == str(api_port)
+
+        job = _replicating("vm-tun", name, tmp_path)
+        log_path = tmp_path / "agent-host.log"
+        with open(log_path, "w") as log:
+            agent_host = subprocess.Popen([sys.executable, "-m", "vma_agent.run", "--state-dir", str(state),
+                                           "--concurrency", "1"], cwd=PROJECT_ROOT, stdout=log,
+                                          stderr=subprocess.STDOUT, env=agent_host_env(state, f"vma:progress:{name}"))
+
+        def host_log() -> str:
+            assert agent_host.poll() is None, log_path.read_text()[-3000:]
+            return log_path.read_text(errors="replace")
+
+        # The agent's copy loop posts to its own API, on its own host, with its token.
+        def posted() -> bool:
+            host_log()
+            try:
+                return requests.post(f"http://127.0.0.1:{api_port}/api/v1/progress/{job.id}/update",
+                                     json=update(1, 300, disk_id="disk-2000"), timeout=5,
+                                     headers={"Authorization": f"Bearer {env['VMA_TOKEN']}"}).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_until(posted, 60, "the agent's API")
+        # Its API listens on loopback only; the OMA's end is sshd's (the agent's reverse forward).
+        assert re.search(rf"127\.0\.0\.1:{api_port}\b", listeners(api_port))
+        assert not re.search(rf"(0\.0\.0\.0|\*|\[::\]):{api_port}\b", listeners(api_port))
+
+        def polled() -> bool:
+            host_log()
+            progress.poll_once()
+            return VMDisk.objects.get(job=job).bytes_done == 300
+
+        wait_until(polled, TUNNEL_UP_TIMEOUT_S, "the poller's read through the tunnel")
+        owner = subprocess.run(["ss", "-ltnpH", f"sport = :{agent.tunnel_port}"], capture_output=True, text=True,
+                               check=True).stdout
+        assert '"sshd"' in owner
+        agent.refresh_from_db()
+        assert agent.last_seen_at is not None and agent.last_error == ""
+        # Its worker reached the broker at its end of the tunnel, as its own user.
+        wait_until(lambda: re.search(rf"Connected to amqp://vma-{name}:\*\*@127\.0\.0\.1:{broker_port}/",
+                                     host_log()), 60, "the worker's broker connection through the tunnel")
+        assert "tunnel opening to oma-agents@localhost" in host_log()
+        assert f"vma-{name}" in rabbitmqctl("list_connections", "user", "--no-table-headers").split()
+
+        call_command("agent", "revoke", name)
+
+        # Its session was ended at once: the OMA's end of its tunnel is gone,
+        # and the same tunnel, asked for again, is refused.
+        wait_until(lambda: not listeners(agent.tunnel_port), TUNNEL_UP_TIMEOUT_S, "the revoked agent's tunnel to drop")
+        from vma_agent.tunnel import parse_args, ssh_command
+
+        again = subprocess.run(ssh_command(parse_args(["--config", str(state / "tunnel.json")])),
+                               capture_output=True, text=True, timeout=60)
+        assert again.returncode == 255 and "Permission denied (publickey)" in again.stderr
+        with pytest.raises(ProgressUnavailable):
+            agent_service.client(Agent.objects.get(name=name)).get(job.id)
+        progress.poll_once()
+        assert VMDisk.objects.get(job=job).bytes_done == 300
+        assert f"vma-{name}" not in broker_users()
+        refused = requests.get(f"{live_server.url}/api/agents/enrol/{name}/", timeout=10,
+                               headers={"Authorization": f"Pairing {code}"})
+        assert refused.status_code == 403 and refused.json()["state"] == "revoked"
+        actions = list(AgentAuditEntry.objects.filter(agent__name=name).order_by("at", "id")
+                       .values_list("action", "detail"))
+        assert [action for action, _ in actions] == ["enrolled", "tunnel-authorized", "approved",
+                                                     "credentials-fetched", "tunnel-closed", "revoked"]
+        assert f"127.0.0.1:{agent.tunnel_port}" in actions[1][1] and "may open 127.0.0.1:5672" in actions[1][1]
+        assert "its open session ended" in actions[4][1]
+        assert agent.tunnel_port and f"oma-agent:{name}" not in tunnels.authorized_keys_path().read_text()
+
+        # The agent host stops cleanly (or has already stopped: its worker's login refused).
+        agent_host.terminate()
+        agent_host.wait(60)
+        assert "agent host stopped" in log_path.read_text()
+        assert not listeners(api_port) and not listeners(broker_port)
+    finally:
+        if agent_host is not None and agent_host.poll() is None:
+            agent_host.kill()
+            agent_host.wait()
+        for user in broker_users():
+            if user == f"vma-{name}":
+                subprocess.run(["rabbitmqctl", "-q", "delete_user", user], capture_output=True, timeout=60)
+        rabbitmqctl("delete_vhost", vhost)
+
+
+def test_an_approval_whose_tunnel_cannot_be_set_up_is_refused_with_the_reason(tunnel_settings, tmp_path):
+    """No free tunnel port: the agent stays pending, with no key line and no
+    broker user (nothing after the tunnel was tried), the refusal audited."""
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    from replication.choices import AgentState
+    from replication.models import AgentAuditEntry
+    from replication.services import enrolment
+    from vma_agent.enrol import agent_key
+
+    code = enrolment.new_pairing_code("os:test")
+    enrolment.enrol(code, "site-full", agent_key(tmp_path / "state", "site-full"), "1", "127.0.0.1")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        taken = busy.getsockname()[1]
+        tunnel_settings.AGENT_TUNNEL_PORTS = f"{taken}-{taken}"
+        with pytest.raises(CommandError, match=f"tunnel cannot be set up: no free tunnel port left in "
+                                               f"AGENT_TUNNEL_PORTS {taken}-{taken}"):
+            call_command("agent", "approve", "site-full")
+    agent = Agent.objects.get(name="site-full")
+    assert agent.state == AgentState.PENDING and agent.broker_user == "" and agent.tunnel_port is None
+    assert "oma-agent:site-full" not in tunnels.authorized_keys_path().read_text()
+    assert AgentAuditEntry.objects.filter(agent=agent, action="tunnel-refused",
+                                          detail__startswith="no free tunnel port").exists()
+
+
+def test_the_agent_host_refuses_to_run_before_it_enrolled(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "vma_agent.run", "--state-dir", str(tmp_path / "none")],
+                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "agent.env: no such file (enrol first" in out.stderr
+    (tmp_path / "agent.env").write_text("PROCESS_ROLE=agent\nnot a setting\n")
+    out = subprocess.run([sys.executable, "-m", "vma_agent.run", "--state-dir", str(tmp_path)],
+                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "agent.env:2: not KEY=VALUE" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "vma_agent.tunnel", "--config", str(tmp_path / "agent.env")],
+                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--config" in out.stderr

@@ -6,19 +6,22 @@ database):
 Makes the agent's own ed25519 SSH key in its state directory (0600; kept,
 reused on a second run), presents it with the pairing code an administrator
 gave, then waits for the administrator's approval and writes the
-credentials the OMA issues (its own broker URL, its message key) to
-<state dir>/message_key and <state dir>/agent.env (both 0600); source
-agent.env before starting the agent's worker. Exits non-zero with the
+credentials the OMA issues (its own broker URL, API token and message key,
+and its tunnel) to <state dir>/message_key, agent.env, tunnel.json and
+known_hosts (all 0600); `python -m vma_agent.run --state-dir DIR` then
+opens the tunnel and starts the agent's API and worker through it. Exits non-zero with the
 reason when the OMA refuses (code expired or used, name taken, rejected)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
@@ -79,14 +82,58 @@ def _write_private(path: Path, text: str) -> None:
         out.write(text)
 
 
-def write_credentials(state_dir: Path, creds: dict) -> Path:
-    """<state dir>/message_key and <state dir>/agent.env, both 0600."""
+def _with_port(url: str, local_port: int) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)
+    host = netloc[-1].rsplit(":", 1)[0]
+    return urlunsplit(parts._replace(netloc="@".join([*netloc[:-1], f"{host}:{local_port}"])))
+
+
+def tunnel_config(state_dir: Path, oma: str, tunnel: dict, api_port: int, broker_port: int | None) -> dict:
+    """The tunnel keeper's configuration (python -m vma_agent.tunnel
+    --config): the OMA's sshd (its host key pinned in <state dir>/known_hosts
+    when the OMA sent it), this agent's remote port and key, its API's port,
+    and a local forward for each address the OMA lets it open (the broker's
+    at `broker_port` if given, the rest at the OMA's own port numbers, which
+    the export URIs in work orders name)."""
+    host = tunnel.get("ssh_host") or urlsplit(oma).hostname
+    if not host:
+        raise EnrolError(f"no host to open the tunnel to: the OMA names none and {oma!r} is not a URL")
+    config = {"oma_host": host, "ssh_port": int(tunnel["ssh_port"]), "user": tunnel["user"],
+              "key": str(state_dir / "id_ed25519"), "remote_port": int(tunnel["remote_port"]),
+              "api_port": api_port, "forward": []}
+    for forward in tunnel["forwards"]:
+        local = broker_port if forward["name"] == "broker" and broker_port else int(forward["local_port"])
+        config["forward"].append(f"{local}:{forward['to']}")
+    if tunnel.get("host_key"):
+        known = state_dir / "known_hosts"
+        name = host if config["ssh_port"] == 22 else f"[{host}]:{config['ssh_port']}"
+        _write_private(known, f"{name} {tunnel['host_key']}\n")
+        config["known_hosts"] = str(known)
+    return config
+
+
+def write_credentials(state_dir: Path, creds: dict, oma: str = "", api_port: int = 8000,
+                      broker_port: int | None = None) -> Path:
+    """<state dir>/message_key, agent.env and, when the OMA set up a tunnel
+    for it, tunnel.json (and known_hosts): all 0600. The broker URL then
+    names this host's end of the tunnel's broker forward."""
     key_file = state_dir / "message_key"
     _write_private(key_file, creds["message_key"] + "\n")
+    broker_url = creds["broker_url"]
+    tunnel = creds.get("tunnel")
+    if tunnel:
+        config = tunnel_config(state_dir, oma, tunnel, api_port, broker_port)
+        _write_private(state_dir / "tunnel.json", json.dumps(config, indent=2) + "\n")
+        if broker_port and any(f["name"] == "broker" for f in tunnel["forwards"]):
+            broker_url = _with_port(broker_url, broker_port)
     env_file = state_dir / "agent.env"
-    _write_private(env_file, "".join(f"{k}={v}\n" for k, v in (
-        ("PROCESS_ROLE", "agent"), ("VMA_AGENT_NAME", creds["agent_name"]),
-        ("CELERY_BROKER_URL", creds["broker_url"]), ("VMA_MESSAGE_KEY_FILE", key_file))))
+    values = [("PROCESS_ROLE", "agent"), ("VMA_AGENT_NAME", creds["agent_name"]),
+              ("CELERY_BROKER_URL", broker_url), ("VMA_MESSAGE_KEY_FILE", key_file)]
+    if creds.get("api_token"):  # the OMA reads this agent's API with it
+        values.append(("VMA_TOKEN", creds["api_token"]))
+    values.append(("VMA_API_PORT", api_port))
+    _write_private(env_file, "".join(f"{k}={v}\n" for k, v in values))
     return env_file
 
 
@@ -100,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll-s", type=float, default=5.0, help="how often to ask")
     parser.add_argument("--resume", action="store_true", help="already enrolled: only wait for the credentials")
     parser.add_argument("--no-wait", action="store_true", help="enrol and exit (fetch later with --resume)")
+    parser.add_argument("--api-port", type=int, default=8000,
+                        help="this agent's progress API port on 127.0.0.1 (the tunnel brings it to the OMA)")
+    parser.add_argument("--broker-port", type=int, help="this host's end of the tunnel's broker forward "
+                                                         "(default: the broker's own port number)")
     args = parser.parse_args(argv)
     try:
         if not args.resume:
@@ -108,11 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_wait:
             return 0
         creds = fetch_credentials(args.oma, args.code, args.name, args.wait_s, args.poll_s)
-        env_file = write_credentials(args.state_dir, creds)
+        env_file = write_credentials(args.state_dir, creds, args.oma, args.api_port, args.broker_port)
     except (EnrolError, requests.RequestException, OSError) as exc:
         print(f"enrol: {exc}", file=sys.stderr)
         return 1
-    print(f"approved: credentials in {env_file}")
+    tunnel = " and tunnel.json (start it all: python -m vma_agent.run)" if creds.get("tunnel") else ""
+    print(f"approved: credentials in {env_file}{tunnel}")
     return 0
 
 

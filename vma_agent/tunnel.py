@@ -12,7 +12,10 @@ alive and re-opened by itself, carrying
         --key /etc/vma/tunnel_key --remote-port 20000 --api-port 8000 \\
         --forward 5672:127.0.0.1:5672 --forward 10809:127.0.0.1:10809
 
-The OMA gives the port numbers at approval (services.tunnels.tunnel_spec).
+The OMA gives the port numbers at approval (services.tunnels.tunnel_spec);
+enrolment writes them to <state dir>/tunnel.json, and
+`python -m vma_agent.tunnel --config <state dir>/tunnel.json` (which
+python -m vma_agent.run starts) opens that tunnel.
 Point the agent's broker URL and NBD host at 127.0.0.1:<local port>. Each
 (re)connect is logged; a dropped connection is re-opened after a backoff
 that doubles up to --backoff-max; SIGTERM ends it cleanly. No Django here."""
@@ -20,6 +23,7 @@ that doubles up to --backoff-max; SIGTERM ends it cleanly. No Django here."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import signal
@@ -93,6 +97,8 @@ class Keeper:
             started = time.monotonic()
             self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.PIPE, text=True)
+            if self.stopping.is_set():  # stopped while this ssh was being started: end it too
+                self.proc.terminate()
             log.info("tunnel %s to %s@%s:%s (ssh pid %s): OMA 127.0.0.1:%s -> API 127.0.0.1:%s%s",
                      "opening" if attempt == 1 else f"re-opening (attempt {attempt})", self.args.user,
                      self.args.oma_host, self.args.ssh_port, self.proc.pid, self.args.remote_port,
@@ -113,18 +119,41 @@ class Keeper:
         return 0
 
 
+CONFIG_KEYS = {"oma_host", "ssh_port", "user", "key", "known_hosts", "remote_port", "api_port", "forward"}
+
+
+def read_config(path: Path) -> dict:
+    """The tunnel as enrolment wrote it (python -m vma_agent.enrol: <state
+    dir>/tunnel.json); command-line options given as well win."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"--config {path}: {exc}") from None
+    if not isinstance(config, dict) or set(config) - CONFIG_KEYS:
+        raise argparse.ArgumentTypeError(f"--config {path}: an object with only {', '.join(sorted(CONFIG_KEYS))}")
+    for name in ("ssh_port", "remote_port", "api_port"):
+        if name in config:
+            config[name] = port(str(config[name]))
+    for name in ("key", "known_hosts"):
+        if config.get(name):
+            config[name] = Path(config[name])
+    config["forward"] = [forward_spec(str(item)) for item in config.get("forward", [])]
+    return config
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m vma_agent.tunnel", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--oma-host", required=True)
+    parser.add_argument("--config", type=Path, help="the tunnel enrolment set up (<state dir>/tunnel.json)")
+    parser.add_argument("--oma-host")
     parser.add_argument("--ssh-port", type=port, default=443)
     parser.add_argument("--user", default="oma-agents")
-    parser.add_argument("--key", required=True, type=Path, help="this agent's private key (its public half "
-                                                                 "was sent at enrolment)")
+    parser.add_argument("--key", type=Path, help="this agent's private key (its public half "
+                                                 "was sent at enrolment)")
     parser.add_argument("--known-hosts", type=Path, help="the OMA's host key (default: trusted on first use)")
-    parser.add_argument("--remote-port", type=port, required=True, help="the OMA's end of the reverse forward")
-    parser.add_argument("--api-port", type=port, required=True, help="this agent's progress API on 127.0.0.1")
-    parser.add_argument("--forward", type=forward_spec, action="append", default=[],
+    parser.add_argument("--remote-port", type=port, help="the OMA's end of the reverse forward")
+    parser.add_argument("--api-port", type=port, help="this agent's progress API on 127.0.0.1")
+    parser.add_argument("--forward", type=forward_spec, action="append", default=None,
                         metavar="LOCAL:[HOST:]PORT", help="reach HOST:PORT on the OMA at 127.0.0.1:LOCAL here")
     parser.add_argument("--alive-interval", type=int, default=15, help="ServerAliveInterval, seconds")
     parser.add_argument("--alive-count", type=int, default=3, help="ServerAliveCountMax")
@@ -132,6 +161,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backoff-min", type=float, default=1.0)
     parser.add_argument("--backoff-max", type=float, default=60.0)
     args = parser.parse_args(argv)
+    if args.config is not None:
+        try:
+            config = read_config(args.config)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(str(exc))
+        for name, value in config.items():
+            if name == "forward":
+                args.forward = value + (args.forward or [])
+            elif getattr(args, name) in (None, parser.get_default(name)):
+                setattr(args, name, value)
+    args.forward = args.forward or []
+    missing = [f"--{name.replace('_', '-')}" for name in ("oma_host", "key", "remote_port", "api_port")
+               if getattr(args, name) is None]
+    if missing:
+        parser.error(f"{', '.join(missing)} required (or --config FILE naming them)")
     if not args.key.is_file():
         parser.error(f"--key {args.key}: no such file")
     if not 0 < args.backoff_min <= args.backoff_max:

@@ -2,11 +2,15 @@
 
 An administrator makes a one-time pairing code (only its hash is kept,
 expiring); the agent host presents it with its name and its own SSH public
-key (vma_agent.enrol) and becomes a pending agent; approval gives it its own
-RabbitMQ user, allowed only its own queue vma.<name> (and what a Celery
+key (vma_agent.enrol) and becomes a pending agent; approval sets up its
+outbound tunnel (services.tunnels: its key may log in to the OMA's sshd for
+agents only to forward its own port and the broker and export ports; the
+OMA reads its API at the tunnel's end), and gives it its own API token, its
+own RabbitMQ user, allowed only its own queue vma.<name> (and what a Celery
 worker needs beside it) and to publish to the OMA's queue, and its own
-message key, which signs every outcome it sends; revocation deletes that
-user, closing its connections at once. The OMA's outcome tasks ask
+message key, which signs every outcome it sends; revocation removes its
+key and ends its SSH session (the tunnel drops) and deletes that user,
+closing its connections at once. The OMA's outcome tasks ask
 `accepts` before anything changes: an outcome about a VM that is not the
 sender's, or whose signature fails, is refused and recorded. Every step is
 in the agents' audit trail (who, when, from where)."""
@@ -29,6 +33,7 @@ from kombu.utils.url import url_to_parts
 
 from replication.choices import AgentState
 from replication.models import Agent, AgentAuditEntry, PairingCode
+from replication.services import tunnels
 from vma_agent import identity as message_identity
 from vma_agent.task_names import OMA_QUEUE, agent_queue
 
@@ -193,33 +198,64 @@ def _delete_broker_user(user: str) -> int:
     return closed
 
 
-def broker_url_for(user: str, password: str) -> str:
+def broker_url_for(user: str, password: str, host_port: str | None = None) -> str:
+    """The agent's broker URL: AGENT_BROKER_URL with its user, or at
+    `host_port` (its end of the tunnel) instead of the broker's own address."""
     parts = url_to_parts(settings.AGENT_BROKER_URL)
-    port = f":{parts.port}" if parts.port else ""
-    return (f"{parts.scheme}://{quote(user, safe='')}:{quote(password, safe='')}@{parts.hostname}{port}/"
+    if host_port is None:
+        host_port = f"{parts.hostname}{f':{parts.port}' if parts.port else ''}"
+    return (f"{parts.scheme}://{quote(user, safe='')}:{quote(password, safe='')}@{host_port}/"
             f"{quote(broker_vhost(), safe='')}")
 
 
 # Approval, rejection, revocation -----------------------------------------------------
 
 def approve(name: str, actor: str, source: str = "") -> Agent:
-    """Give a pending agent its own broker user and message key; active."""
+    """Give a pending agent its tunnel (services.tunnels: a port on the OMA,
+    its key allowed to forward only that port and to the broker and the
+    export; the OMA then reads its API at the tunnel's end), its own broker
+    user, API token and message key; active. Each step is audited; a step
+    that fails undoes the ones before it."""
     agent = _agent(name)
     if agent.state != AgentState.PENDING:
         raise EnrolmentError(f"agent {name} is {agent.state}, not pending: only a pending agent can be approved",
                              409)
+    try:
+        spec = tunnels.open_tunnel_for(agent)
+    except tunnels.TunnelError as exc:
+        audit(agent, "tunnel-refused", actor, source, str(exc))
+        raise EnrolmentError(f"agent {name}'s tunnel cannot be set up: {exc}", 409) from None
+    audit(agent, "tunnel-authorized", actor, source,
+          f"listens on the OMA's 127.0.0.1:{agent.tunnel_port} (its API, read at {agent.api_url}); "
+          f"may open {', '.join(f['to'] for f in spec['forwards']) or 'nothing'}")
     password = secrets.token_urlsafe(24)
-    user = _add_broker_user(name, password)
+    try:
+        user = _add_broker_user(name, password)
+    except EnrolmentError:
+        _undo_tunnel(agent, actor, source, "broker user not created")
+        raise
     folder = _secrets_dir(name)
-    key_file = folder / "message_key"
+    key_file, token_file = folder / "message_key", folder / "api_token"
     _write_secret(key_file, secrets.token_hex(32))
+    _write_secret(token_file, secrets.token_urlsafe(32))  # the OMA reads its API with it
     _write_secret(folder / "broker_password", password)  # until the agent fetches it (once)
     if not agent.transition(AgentState.ACTIVE, only_from=[AgentState.PENDING], broker_user=user,
-                            message_key_file=str(key_file), approved_by=actor, approved_at=timezone.now()):
+                            message_key_file=str(key_file), token_file=str(token_file), approved_by=actor,
+                            approved_at=timezone.now()):
         _delete_broker_user(user)
+        _undo_tunnel(agent, actor, source, "approval lost the race")
         raise EnrolmentError(f"agent {name} is no longer pending ({agent.state})", 409)
     audit(agent, "approved", actor, source, f"broker user {user} on vhost {broker_vhost()}")
     return agent
+
+
+def _undo_tunnel(agent: Agent, actor: str, source: str, why: str) -> None:
+    try:
+        ended = tunnels.close_tunnel_for(agent)
+        detail = f"{why}: key removed{', its session ended' if ended else ''}"
+    except tunnels.TunnelError as exc:
+        detail = f"{why}: {exc}"
+    audit(agent, "tunnel-closed", actor, source, detail)
 
 
 def reject(name: str, actor: str, source: str = "") -> Agent:
@@ -232,17 +268,32 @@ def reject(name: str, actor: str, source: str = "") -> Agent:
 
 
 def revoke(name: str, actor: str, source: str = "") -> Agent:
-    """Take an agent's credentials back at once: its broker user deleted
-    (its connections closed), its messages refused from now on."""
+    """Take an agent's credentials back at once: its tunnel key removed and
+    its open SSH session ended (its tunnel drops: no broker, no export, the
+    OMA no longer reads its API), its broker user deleted (its connections
+    closed), its messages refused from now on. A session this process may
+    not end is recorded and reported after the rest is done."""
     agent = _agent(name)
     if agent.state in (AgentState.REVOKED, AgentState.REJECTED):
         raise EnrolmentError(f"agent {name} is already {agent.state}", 409)
+    tunnel_failure = None
+    if agent.public_key or agent.tunnel_port:
+        try:
+            ended = tunnels.close_tunnel_for(agent)
+            audit(agent, "tunnel-closed", actor, source,
+                  f"key removed; {'its open session ended' if ended else 'no session was open'}"
+                  f"{f' (port {agent.tunnel_port} kept for it)' if agent.tunnel_port else ''}")
+        except tunnels.TunnelError as exc:
+            tunnel_failure = str(exc)
+            audit(agent, "tunnel-close-failed", actor, source, tunnel_failure)
     closed = _delete_broker_user(agent.broker_user) if agent.broker_user else 0
     (Path(settings.OMA_SECRETS_DIR) / "agents" / name / "broker_password").unlink(missing_ok=True)
     agent.transition(AgentState.REVOKED, revoked_at=timezone.now())
     ended = _end_its_jobs(agent, f"agent {name} revoked by {actor}")
     audit(agent, "revoked", actor, source, f"broker user {agent.broker_user or '-'} deleted, "
                                            f"{closed} connection(s) closed, {ended} job(s) ended")
+    if tunnel_failure:
+        raise EnrolmentError(f"agent {name} revoked, but {tunnel_failure}", 500)
     return agent
 
 
@@ -280,9 +331,15 @@ def credentials(name: str, code: str, source: str) -> tuple[int, dict]:
         return 410, {"error": "credentials already fetched"}
     password_file.unlink()
     audit(agent, "credentials-fetched", name, source)
+    tunnel = tunnels.tunnel_spec(agent) if agent.channel == Agent.Channel.TUNNEL and agent.tunnel_port else None
+    broker = next((f for f in tunnel["forwards"] if f["name"] == "broker"), None) if tunnel else None
     return 200, {"state": agent.state, "agent_name": name, "queue": agent.queue,
-                 "broker_url": broker_url_for(agent.broker_user, password),
-                 "message_key": Path(agent.message_key_file).read_text().strip()}
+                 # Its end of the tunnel's broker forward, on the agent host.
+                 "broker_url": broker_url_for(agent.broker_user, password,
+                                              f"127.0.0.1:{broker['local_port']}" if broker else None),
+                 "message_key": Path(agent.message_key_file).read_text().strip(),
+                 "api_token": Path(agent.token_file).read_text().strip() if agent.token_file else "",
+                 "tunnel": tunnel}
 
 
 # Identity on outcomes ------------------------------------------------------------------

@@ -57,18 +57,30 @@ def tunnel_ports() -> range:
     return range(low, high + 1)
 
 
+def broker_open() -> str:
+    """host:port of the broker as the OMA's sshd reaches it (AGENT_BROKER_URL,
+    the broker enrolled agents are given): the target of an agent's broker
+    forward."""
+    broker = urlsplit(settings.AGENT_BROKER_URL)
+    default_port = {"amqp": 5672, "amqps": 5671, "redis": 6379, "rediss": 6379}.get(broker.scheme)
+    return f"{broker.hostname or '127.0.0.1'}:{broker.port or default_port}"
+
+
+def export_open() -> str | None:
+    """host:port of the NBD export server for agents (OMA_EXPORT_LISTEN), if on TCP."""
+    if not settings.OMA_EXPORT_LISTEN:
+        return None
+    return f"127.0.0.1:{settings.OMA_EXPORT_LISTEN.rsplit(':', 1)[1]}"
+
+
 def permitted_opens() -> list[str]:
     """host:port pairs an agent may reach through its tunnel: the broker and
-    the NBD export (AGENT_TUNNEL_PERMIT_OPEN, or derived from the broker URL
-    and OMA_EXPORT_LISTEN)."""
+    the NBD export (AGENT_TUNNEL_PERMIT_OPEN, or derived from
+    AGENT_BROKER_URL and OMA_EXPORT_LISTEN)."""
     if settings.AGENT_TUNNEL_PERMIT_OPEN:
         opens = list(settings.AGENT_TUNNEL_PERMIT_OPEN)
     else:
-        broker = urlsplit(settings.CELERY_BROKER_URL)
-        default_port = {"amqp": 5672, "amqps": 5671, "redis": 6379, "rediss": 6379}.get(broker.scheme)
-        opens = [f"127.0.0.1:{broker.port or default_port}"]
-        if settings.OMA_EXPORT_LISTEN:
-            opens.append(f"127.0.0.1:{settings.OMA_EXPORT_LISTEN.rsplit(':', 1)[1]}")
+        opens = [broker_open()] + [item for item in [export_open()] if item]
     for item in opens:
         if not re.fullmatch(r"[A-Za-z0-9.\-]+:\d{1,5}", item):
             raise TunnelError(f"AGENT_TUNNEL_PERMIT_OPEN: {item!r} is not host:port")
@@ -198,13 +210,32 @@ def _end_session(port: int) -> bool:
     return True
 
 
+def host_key() -> str:
+    """The public host key of the agents' sshd (ensure_agent_sshd makes it),
+    handed to the agent at approval so it pins it instead of trusting the
+    first key it meets; empty while none was made yet."""
+    path = Path(settings.AGENT_SSH_DIR) / "ssh_host_ed25519_key.pub"
+    try:
+        return " ".join(path.read_text().split()[:2])
+    except OSError:
+        return ""
+
+
 def tunnel_spec(agent: Agent) -> dict:
-    """What the agent's tunnel keeper needs (python -m vma_agent.tunnel):
-    the OMA's sshd port and user, its remote port and the forwards it may
-    open (it picks the local ports; the same numbers by default)."""
-    return {"ssh_port": settings.AGENT_SSH_PORT, "user": settings.AGENT_SSH_USER,
-            "remote_port": agent.tunnel_port, "forwards": permitted_opens()}
+    """What the agent's tunnel keeper needs (python -m vma_agent.tunnel
+    --config): the OMA's sshd host (blank: the host the agent enrolled
+    with), port, user and host key, its remote port, and the forwards it
+    may open, each named ("broker", "export") when it is one, at the same
+    local port number on the agent host by default."""
+    named = {broker_open(): "broker"}
+    if export_open():
+        named[export_open()] = "export"
+    forwards = [{"name": named.get(item, ""), "to": item, "local_port": int(item.rsplit(":", 1)[1])}
+                for item in permitted_opens()]
+    return {"ssh_host": settings.AGENT_SSH_HOST, "ssh_port": settings.AGENT_SSH_PORT,
+            "user": settings.AGENT_SSH_USER, "host_key": host_key(), "remote_port": agent.tunnel_port,
+            "forwards": forwards}
 
 
 __all__ = ["TunnelError", "authorized_keys_path", "authorized_line", "close_tunnel_for", "open_tunnel_for",
-           "parse_public_key", "permitted_opens", "tunnel_spec"]
+           "parse_public_key", "permitted_opens", "tunnel_spec", "broker_open", "export_open", "host_key"]

@@ -104,7 +104,8 @@ def _enrolment_arguments(parser):
 
 def approve(command, options):
     agent = enrolment.approve(options["name"], command_actor(options["actor"]))
-    command.stdout.write(f"agent {agent.name} approved: broker user {agent.broker_user}, queue {agent.queue}")
+    command.stdout.write(f"agent {agent.name} approved: broker user {agent.broker_user}, queue {agent.queue}, "
+                         f"tunnel port {agent.tunnel_port} (its API read at {agent.api_url})")
 
 
 def reject(command, options):
@@ -114,7 +115,8 @@ def reject(command, options):
 
 def revoke(command, options):
     enrolment.revoke(options["name"], command_actor(options["actor"]))
-    command.stdout.write(f"agent {options['name']} revoked: its broker user deleted, its messages refused")
+    command.stdout.write(f"agent {options['name']} revoked: its tunnel key removed and its session ended, its "
+                         "broker user deleted, its messages refused")
 
 
 SUBCOMMANDS = {
@@ -126,9 +128,11 @@ SUBCOMMANDS = {
     "remove": ("forget it (refused while a VM or vCenter uses it or it copies)", _name_argument, remove),
     "pairing-code": ("a one-time code for one agent to enrol with (only its hash is kept)", _code_arguments,
                      pairing_code),
-    "approve": ("give a pending agent its own broker user and message key", _enrolment_arguments, approve),
+    "approve": ("give a pending agent its tunnel, its own broker user, API token and message key",
+                _enrolment_arguments, approve),
     "reject": ("refuse a pending agent", _enrolment_arguments, reject),
-    "revoke": ("take an agent's credentials back at once (its broker user deleted, its connections closed)",
+    "revoke": ("take an agent's credentials back at once (its tunnel key removed and session ended, its broker "
+               "user deleted, its connections closed)",
                _enrolment_arguments, revoke),
 }
 
