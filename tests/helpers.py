@@ -327,3 +327,30 @@ class PollerThread:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(30)
+
+
+class Judge:
+    """The progress poller and the reaper in a thread, a pass every 0.3 s,
+    as beat runs them."""
+
+    def __init__(self, interval_s: float = 0.3):
+        from replication.services import progress, reaper
+
+        self._stop = threading.Event()
+
+        def run():
+            from django.db import connection
+
+            try:
+                while not self._stop.wait(interval_s):
+                    progress.poll_once()
+                    reaper.reap()
+            finally:
+                connection.close()
+
+        self._thread = threading.Thread(target=run, name="test-judge", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)

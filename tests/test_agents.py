@@ -18,7 +18,17 @@ from django.core.management import CommandError, call_command
 from replication.choices import AgentState, DiskStatus, JobStatus
 from replication.models import Agent, AgentAuditEntry, CopyAttempt, ReplicationJob, VirtualMachine, VMDisk
 from replication.services import agents, orders, progress
-from tests.helpers import PROJECT_ROOT, MiB, free_port, make_image, sha256, start_worker, wait_until, worker_env
+from tests.helpers import (
+    PROJECT_ROOT,
+    Judge,
+    MiB,
+    free_port,
+    make_image,
+    sha256,
+    start_worker,
+    wait_until,
+    worker_env,
+)
 
 
 def run(*args) -> str:
@@ -277,34 +287,6 @@ class AgentSite:
         if self.api.poll() is None:
             self.api.terminate()
             self.api.wait(10)
-
-
-class Judge:
-    """The poller and the reaper in a thread, as beat runs them."""
-
-    def __init__(self):
-        import threading
-
-        from replication.services import reaper
-
-        self._stop = threading.Event()
-
-        def run():
-            from django.db import connection
-
-            try:
-                while not self._stop.wait(0.3):
-                    progress.poll_once()
-                    reaper.reap()
-            finally:
-                connection.close()
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join(30)
 
 
 def _copying(job) -> VMDisk:
