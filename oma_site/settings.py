@@ -83,6 +83,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django_celery_beat",
     "axes",
+    "django_ratelimit",
     "replication",
 ]
 
@@ -221,6 +222,17 @@ VMA_MESSAGE_KEY_FILE = env("VMA_MESSAGE_KEY_FILE", default="")
 AGENT_BROKER_URL = env("AGENT_BROKER_URL", default="amqp://127.0.0.1:5672/oma")
 RABBITMQCTL = env.list("RABBITMQCTL", default=["rabbitmqctl"])
 PAIRING_CODE_MINUTES = env.int("PAIRING_CODE_MINUTES", default=15)
+# POST /api/agents/enrol/ answers at most this many attempts per client
+# address (django-ratelimit's "N/s|m|h|d"); past it 429 with Retry-After.
+# The counts live in Redis (the broker's by default), shared by every web
+# process; the default cache stays per process.
+ENROL_RATE = env("ENROL_RATE", default="20/h")
+RATELIMIT_REDIS_URL = env("RATELIMIT_REDIS_URL", default=CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(
+    ("redis://", "rediss://")) else "redis://127.0.0.1:6379/0")
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+          "ratelimit": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": RATELIMIT_REDIS_URL,
+                        "KEY_PREFIX": "oma-ratelimit"}}
+RATELIMIT_USE_CACHE = "ratelimit"
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1

@@ -152,6 +152,33 @@ def test_bad_requests_get_their_reason(client, tmp_path):
 
 
 @pytest.mark.django_db
+def test_enrolment_attempts_are_limited_per_client_address(client, tmp_path, settings):
+    settings.ENROL_RATE = "3/h"
+    key = public_key(tmp_path, "flood")
+    flooder, other = f"192.0.2.{os.getpid() % 250 + 1}", f"198.51.100.{os.getpid() % 250 + 1}"
+
+    def attempt(code, name, address):
+        return client.post("/api/agents/enrol/", {"code": code, "name": name, "public_key": key},
+                           content_type="application/json", REMOTE_ADDR=address)
+
+    answers = [attempt("NOPE-NOPE-NOPE-NOPE", f"enr-guess-{i}", flooder).status_code for i in range(3)]
+    assert answers == [403, 403, 403]
+    code = enrolment.new_pairing_code("os:test")
+    for _ in range(2):  # even a good code: this address has used its attempts
+        late = attempt(code, "enr-flood", flooder)
+        assert late.status_code == 429, late.content
+        retry_after = int(late["Retry-After"])
+        assert 0 < retry_after <= 3600 and late.json()["retry_after_s"] == retry_after
+        assert late.json()["error"].startswith(f"too many enrolment attempts from {flooder}: at most 3/h")
+    assert not Agent.objects.filter(name="enr-flood").exists()
+    assert PairingCode.objects.get().used_at is None  # the code is still good
+    assert attempt(code, "enr-flood", other).status_code == 201  # another address is not held back
+    throttled = list(AgentAuditEntry.objects.filter(action="enrol-throttled").values_list("source", "detail"))
+    assert len(throttled) == 1 and throttled[0][0] == flooder and "more than 3 enrolment attempts" in throttled[0][1]
+    assert AgentAuditEntry.objects.filter(action="enrol-refused").count() == 3
+
+
+@pytest.mark.django_db
 def test_a_rejected_agent_gets_no_credentials(client, tmp_path, rabbit):
     code = enrolment.new_pairing_code("os:test")
     assert enrol_over_http(client, code, "enr-rej", public_key(tmp_path, "rej")).status_code == 201
