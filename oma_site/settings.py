@@ -233,6 +233,9 @@ CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"
           "ratelimit": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": RATELIMIT_REDIS_URL,
                         "KEY_PREFIX": "oma-ratelimit"}}
 RATELIMIT_USE_CACHE = "ratelimit"
+# Django's own Redis cache increments atomically (INCR), which is all
+# django-ratelimit needs; its check knows only django-redis by name.
+SILENCED_SYSTEM_CHECKS = ["django_ratelimit.W001"]
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
