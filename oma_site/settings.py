@@ -239,6 +239,11 @@ SILENCED_SYSTEM_CHECKS = ["django_ratelimit.W001"]
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# An agent's worker answers no remote control (celery.pidbox): its broker
+# user may not read any pidbox (services.enrolment.broker_permissions), so no
+# other agent's control commands or replies are open to it; the OMA stops
+# copies through the agent's API instead. Run it --without-gossip --without-mingle.
+CELERY_WORKER_ENABLE_REMOTE_CONTROL = PROCESS_ROLE != "agent"
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_SEND_SENT_EVENT = True
 # A disk copy can run for hours; Redis must not redeliver it meanwhile. A

@@ -79,6 +79,10 @@ def rabbit(settings):
         rabbitmqctl("delete_vhost", vhost)
 
 
+def broker_vhost_of(url: str) -> str:
+    return url.rsplit("/", 1)[1]
+
+
 def oma_queue() -> Queue:
     return Queue(task_names.OMA_QUEUE, Exchange(task_names.OMA_QUEUE), task_names.OMA_QUEUE)
 
@@ -298,6 +302,42 @@ def test_agent_a_cannot_consume_declare_or_delete_what_is_not_its_own(client, tm
 
 
 @pytest.mark.django_db
+def test_agent_a_gets_nothing_of_celerys_remote_control(client, tmp_path, rabbit):
+    """Remote control (celery.pidbox) is a fanout to every worker, with a
+    queue and replies per node: none of it is open to an agent's user, so A
+    can neither read B's control commands nor answer as B."""
+    a = approved(client, tmp_path, "enr-a")
+    approved(client, tmp_path, "enr-b")
+    pidbox_of_b = "enr-b@site-b.celery.pidbox"
+    with Connection(rabbit) as oma:  # B's pidbox as a worker with remote control would declare it, a command in it
+        queue = Queue(pidbox_of_b, Exchange("celery.pidbox", "fanout", durable=False), auto_delete=False)
+        queue(oma.default_channel).declare()
+        Exchange("reply.celery.pidbox", "direct", durable=False)(oma.default_channel).declare()
+        oma.Producer().publish({"method": "ping"}, exchange="celery.pidbox", routing_key="")
+    with Connection(a["broker_url"]) as conn:
+        assert f"access to queue '{pidbox_of_b}'" in refused(lambda: conn.channel().basic_get(pidbox_of_b))
+    with Connection(a["broker_url"]) as conn:
+        assert f"access to queue '{pidbox_of_b}'" in refused(lambda: conn.channel().queue_delete(pidbox_of_b))
+    with Connection(a["broker_url"]) as conn:  # nor a pidbox queue of its own on the broadcast exchange
+        assert "access to queue 'enr-a@x.celery.pidbox'" in refused(
+            lambda: conn.channel().queue_declare("enr-a@x.celery.pidbox", auto_delete=True))
+    with Connection(a["broker_url"]) as conn:  # nor its own queue bound to it (every broadcast, every agent's)
+        channel = conn.channel()
+        Queue("vma.enr-a", Exchange("vma.enr-a"), "vma.enr-a")(channel).declare()
+        assert "access to exchange 'celery.pidbox'" in refused(
+            lambda: channel.queue_bind("vma.enr-a", "celery.pidbox", ""))
+    with Connection(a["broker_url"]) as conn:  # nor answer on the reply exchange, as B or anyone
+        channel = conn.channel()
+        conn.Producer(channel).publish({"enr-b@site-b": {"ok": "pong"}}, exchange="reply.celery.pidbox",
+                                       routing_key="any-ticket")
+        assert "access to exchange 'reply.celery.pidbox'" in refused(lambda: channel.basic_qos(0, 1, False))
+    with Connection(rabbit) as oma:  # B's command is still there, untouched
+        message = oma.SimpleQueue(queue).get(timeout=5)
+        assert message.payload == {"method": "ping"}
+        message.ack()
+
+
+@pytest.mark.django_db
 def test_a_celery_worker_as_agent_a_consumes_its_queue_and_signs_its_outcome(client, tmp_path, rabbit):
     a = approved(client, tmp_path, "enr-a")
     worker = start_worker("agent", "enr-a", concurrency=1, extra_env={
@@ -330,6 +370,8 @@ def test_a_celery_worker_as_agent_a_consumes_its_queue_and_signs_its_outcome(cli
     args, kwargs, _ = message.decode()
     assert args[:2] == [7, "power_on"] and "ENR_NO_SUCH_PASSWORD" in args[2]["error"]
     assert kwargs["identity"]["agent"] == "enr-a"
+    queues = rabbitmqctl("list_queues", "-p", broker_vhost_of(rabbit), "name", "--no-table-headers").split()
+    assert sorted(queues) == ["oma", "vma.enr-a"]  # no pidbox: its worker runs without remote control
     assert enrolment.accepts(task_names.SOURCE_POWERED, args, kwargs["identity"], "enr-a")
     assert not enrolment.accepts(task_names.SOURCE_POWERED, args, kwargs["identity"], "enr-b")
 

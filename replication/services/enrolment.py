@@ -133,19 +133,21 @@ def broker_user_of(name: str) -> str:
 
 def broker_permissions(name: str) -> tuple[str, str, str]:
     """(configure, write, read) regular expressions for agent `name`'s user.
-    A Celery worker consuming vma.<name> declares its queue and the same-named
-    direct exchange and binds them; remote control declares the fanout
-    exchange celery.pidbox and its own <node>.celery.pidbox queue and answers
-    to reply.celery.pidbox; events (-E) publish to celeryev. Outcomes go to
-    the OMA's exchange, which it may write to but not declare or delete.
-    The worker runs --without-gossip --without-mingle. Never another
-    agent's vma.* queue or exchange, nor the default exchange (so it cannot
-    queue an order into another agent's queue)."""
+    A Celery worker consuming vma.<name> declares its queue and the
+    same-named direct exchange and binds them; events (-E) publish to the
+    topic exchange celeryev, which it may declare and write, never read (no
+    other worker's events). Outcomes go to the OMA's exchange, which it may
+    write to but not declare or delete. Nothing of Celery's remote control:
+    the agent's worker runs without it (worker_enable_remote_control off for
+    PROCESS_ROLE agent) and --without-gossip --without-mingle, so no
+    celery.pidbox broadcast reaches it and no other worker's pidbox queue
+    or reply is open to it. Never another agent's vma.* queue or exchange,
+    nor the default exchange (so it cannot queue an order into another
+    agent's queue)."""
     own = re.escape(agent_queue(name))
-    pidbox = r"[^.]+@.+\.celery\.pidbox"
-    configure = rf"^({own}|celery\.pidbox|reply\.celery\.pidbox|celeryev|{pidbox})$"
-    write = rf"^({own}|{re.escape(OMA_QUEUE)}|celeryev|reply\.celery\.pidbox|{pidbox})$"
-    read = rf"^({own}|celery\.pidbox|{pidbox})$"
+    configure = rf"^({own}|celeryev)$"
+    write = rf"^({own}|{re.escape(OMA_QUEUE)}|celeryev)$"
+    read = rf"^({own})$"
     return configure, write, read
 
 
