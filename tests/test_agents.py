@@ -12,7 +12,6 @@ from io import StringIO
 from pathlib import Path
 
 import pytest
-import requests
 from django.core.management import CommandError, call_command
 
 from replication.choices import AgentState, DiskStatus, JobStatus
@@ -25,6 +24,7 @@ from tests.helpers import (
     free_port,
     make_image,
     sha256,
+    start_agent_api,
     start_worker,
     wait_until,
     worker_env,
@@ -244,8 +244,6 @@ class AgentSite:
     own), and its own Celery worker consuming only vma.<name>."""
 
     def __init__(self, name: str, tmp_path: Path):
-        from django.conf import settings
-
         self.name = name
         self.token = f"token-of-{name}"
         self.token_file = tmp_path / f"{name}.token"
@@ -255,20 +253,7 @@ class AgentSite:
         self.env = {"VMA_AGENT_NAME": name, "VMA_URL": self.url, "VMA_TOKEN": self.token,
                     "VMA_PROGRESS_PREFIX": f"vma:progress:{name}", "HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S),
                     "COPY_LIMIT_BPS": str(COPY_RATE)}
-        log_path = Path(settings.TEST_ROOT) / f"agent-api-{name}.log"
-        with open(log_path, "wb") as log:
-            self.api = subprocess.Popen(
-                [sys.executable, "manage.py", "runserver", "--noreload", "--skip-checks", f"127.0.0.1:{port}"],
-                cwd=PROJECT_ROOT, env={**worker_env(), **self.env}, stdout=log, stderr=subprocess.STDOUT)
-
-        def answers() -> bool:
-            assert self.api.poll() is None, log_path.read_text()[-3000:]
-            try:
-                return requests.get(f"{self.url}/api/v1/health", timeout=1).status_code == 200
-            except requests.RequestException:
-                return False
-
-        wait_until(answers, 60, f"agent {name}'s API", interval=0.1)
+        self.api = start_agent_api(name, self.env)
         self.worker = start_worker("agent", f"agent-{name}", extra_env=self.env)
         agents.add(name, self.url, str(self.token_file), actor="test")
 

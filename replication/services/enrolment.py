@@ -27,7 +27,7 @@ from django.db import transaction
 from django.utils import timezone
 from kombu.utils.url import url_to_parts
 
-from replication.choices import AgentState
+from replication.choices import JOB_ACTIVE, AgentState, DiskStatus
 from replication.models import Agent, AgentAuditEntry, PairingCode
 from vma_agent import identity as message_identity
 from vma_agent.task_names import OMA_QUEUE, agent_queue
@@ -189,9 +189,13 @@ def _close_connections(user: str, why: str) -> int:
 
 
 def _delete_broker_user(user: str) -> int:
+    """Delete the user (its connections closed first); one already gone is deleted."""
     closed = _close_connections(user, "agent revoked")
-    if user in _broker_users():
+    try:
         _rabbitmqctl("delete_user", user)
+    except EnrolmentError:
+        if user in _broker_users():
+            raise
     return closed
 
 
@@ -234,34 +238,72 @@ def reject(name: str, actor: str, source: str = "") -> Agent:
 
 
 def revoke(name: str, actor: str, source: str = "") -> Agent:
-    """Take an agent's credentials back at once: its broker user deleted
-    (its connections closed), its messages refused from now on."""
+    """Take an agent's trust and credentials back at once, in the order that
+    stops its copies soonest: revoked (its messages refused from this
+    instant), its work ended by the OMA (its copies asked to stop, their
+    layers fenced, its runs closed), then its broker user deleted (its
+    connections closed; rabbitmqctl takes seconds). A revocation whose
+    broker step failed is finished by revoking again."""
     agent = _agent(name)
-    if agent.state in (AgentState.REVOKED, AgentState.REJECTED):
+    unfinished = (agent.state == AgentState.REVOKED and agent.broker_user
+                  and agent.broker_user in _broker_users())
+    if agent.state in (AgentState.REVOKED, AgentState.REJECTED) and not unfinished:
         raise EnrolmentError(f"agent {name} is already {agent.state}", 409)
-    closed = _delete_broker_user(agent.broker_user) if agent.broker_user else 0
+    if agent.state != AgentState.REVOKED:
+        agent.transition(AgentState.REVOKED, revoked_at=timezone.now())
+    ended, runs = end_work_of(agent, f"agent {name} revoked by {actor}: its work is not trusted, ended by the OMA")
     (Path(settings.OMA_SECRETS_DIR) / "agents" / name / "broker_password").unlink(missing_ok=True)
-    agent.transition(AgentState.REVOKED, revoked_at=timezone.now())
-    ended = _end_its_jobs(agent, f"agent {name} revoked by {actor}")
+    closed = _delete_broker_user(agent.broker_user) if agent.broker_user else 0
     audit(agent, "revoked", actor, source, f"broker user {agent.broker_user or '-'} deleted, "
-                                           f"{closed} connection(s) closed, {ended} job(s) ended")
+                                           f"{closed} connection(s) closed, {ended} job(s) failed, "
+                                           f"{runs} copy run(s) closed")
     return agent
 
 
-def _end_its_jobs(agent: Agent, reason: str) -> int:
-    """Fail the revoked agent's running cycles: each job's cleanup asks the
-    agent (its API, if reachable) to stop its copies and discards the
-    cycle's layers, so a copy that goes on writing lands nowhere; its late
-    outcomes are refused (revoked)."""
-    from replication.choices import JOB_ACTIVE
-    from replication.models import ReplicationJob
+def end_work_of(agent: Agent, reason: str) -> tuple[int, int]:
+    """End what a revoked agent still holds, on the OMA's word alone (its
+    own outcomes are refused, so it cannot be waited for): its running
+    cycles fail with `reason`, each one's cleanup asking its API (if
+    reachable) to stop the copies and discarding the cycle's layers, so a
+    copy that goes on writing lands nowhere and no recovery point or
+    changeId comes of it; then each of its copy runs still open is closed
+    with the same reason. (jobs failed, runs closed)."""
+    from replication.models import CopyAttempt, ReplicationJob, VMDisk
     from replication.services import jobs
 
     job_ids = list(ReplicationJob.objects.filter(vm__agent=agent.name, status__in=JOB_ACTIVE)
                    .values_list("pk", flat=True))
     for job_id in job_ids:
-        jobs.fail_job(job_id, reason)
-    return len(job_ids)
+        jobs.fail_job(job_id, reason)  # first: its cleanup asks the agent to stop the runs still copying
+    runs = 0
+    for disk in VMDisk.objects.filter(job__vm__agent=agent.name, status=DiskStatus.COPYING):
+        if disk.fail(reason):
+            disk.end_attempt(disk.attempts, CopyAttempt.Outcome.CANCELLED, reason=reason)
+            runs += 1
+    return len(job_ids), runs
+
+
+def end_revoked_work() -> list[str]:
+    """The reaper's pass over revoked agents: any cycle or copy run of
+    theirs still open (one that raced the revocation, or one a failed
+    revocation left) is ended as end_work_of says. The names of the agents
+    whose work was ended."""
+    from replication.models import ReplicationJob, VMDisk
+
+    revoked = list(Agent.objects.filter(state=AgentState.REVOKED).values_list("name", flat=True))
+    if not revoked:
+        return []
+    holding = (set(ReplicationJob.objects.filter(vm__agent__in=revoked, status__in=JOB_ACTIVE)
+                   .values_list("vm__agent", flat=True))
+               | set(VMDisk.objects.filter(job__vm__agent__in=revoked, status=DiskStatus.COPYING)
+                     .values_list("job__vm__agent", flat=True)))
+    for name in sorted(holding):
+        agent = Agent.objects.get(name=name)
+        when = f" at {agent.revoked_at:%Y-%m-%d %H:%M:%S} UTC" if agent.revoked_at else ""
+        ended, closed = end_work_of(agent, f"agent {name} revoked{when}: its work is not trusted, ended by the OMA")
+        log.warning("agent %s is revoked: %d job(s) failed, %d copy run(s) closed", name, ended, closed)
+        audit(agent, "work-ended", "reaper", detail=f"{ended} job(s) failed, {closed} copy run(s) closed")
+    return sorted(holding)
 
 
 def credentials(name: str, code: str, source: str) -> tuple[int, dict]:
@@ -337,5 +379,5 @@ def accepts_for_failover(task_name: str, args: list, identity: dict | None, fail
 
 
 __all__ = ["EnrolmentError", "accepts", "accepts_for_failover", "accepts_for_job", "approve", "broker_permissions",
-           "broker_url_for", "broker_user_of", "broker_vhost", "credentials", "enrol", "new_pairing_code", "reject",
-           "revoke"]
+           "broker_url_for", "broker_user_of", "broker_vhost", "credentials", "end_revoked_work", "end_work_of",
+           "enrol", "new_pairing_code", "reject", "revoke"]
