@@ -273,14 +273,15 @@ def end_work_of(agent: Agent, reason: str) -> tuple[int, int]:
 
     job_ids = list(ReplicationJob.objects.filter(vm__agent=agent.name, status__in=JOB_ACTIVE)
                    .values_list("pk", flat=True))
-    for job_id in job_ids:
-        jobs.fail_job(job_id, reason)  # first: its cleanup asks the agent to stop the runs still copying
+    # First: each cleanup asks the agent to stop the runs still copying. Counted
+    # only when this call failed it (the reaper's pass may race a revocation).
+    failed = sum(jobs.fail_job(job_id, reason) for job_id in job_ids)
     runs = 0
     for disk in VMDisk.objects.filter(job__vm__agent=agent.name, status=DiskStatus.COPYING):
         if disk.fail(reason):
             disk.end_attempt(disk.attempts, CopyAttempt.Outcome.CANCELLED, reason=reason)
             runs += 1
-    return len(job_ids), runs
+    return failed, runs
 
 
 def end_revoked_work() -> list[str]:
@@ -297,13 +298,16 @@ def end_revoked_work() -> list[str]:
                    .values_list("vm__agent", flat=True))
                | set(VMDisk.objects.filter(job__vm__agent__in=revoked, status=DiskStatus.COPYING)
                      .values_list("job__vm__agent", flat=True)))
+    names = []
     for name in sorted(holding):
         agent = Agent.objects.get(name=name)
         when = f" at {agent.revoked_at:%Y-%m-%d %H:%M:%S} UTC" if agent.revoked_at else ""
         ended, closed = end_work_of(agent, f"agent {name} revoked{when}: its work is not trusted, ended by the OMA")
-        log.warning("agent %s is revoked: %d job(s) failed, %d copy run(s) closed", name, ended, closed)
-        audit(agent, "work-ended", "reaper", detail=f"{ended} job(s) failed, {closed} copy run(s) closed")
-    return sorted(holding)
+        if ended or closed:  # nothing, when the revocation itself got there first
+            log.warning("agent %s is revoked: %d job(s) failed, %d copy run(s) closed", name, ended, closed)
+            audit(agent, "work-ended", "reaper", detail=f"{ended} job(s) failed, {closed} copy run(s) closed")
+            names.append(name)
+    return names
 
 
 def credentials(name: str, code: str, source: str) -> tuple[int, dict]:
