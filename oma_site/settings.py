@@ -83,6 +83,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django_celery_beat",
     "axes",
+    "django_ratelimit",
     "replication",
 ]
 
@@ -245,9 +246,28 @@ VMA_MESSAGE_KEY_FILE = env("VMA_MESSAGE_KEY_FILE", default="")
 AGENT_BROKER_URL = env("AGENT_BROKER_URL", default="amqp://127.0.0.1:5672/oma")
 RABBITMQCTL = env.list("RABBITMQCTL", default=["rabbitmqctl"])
 PAIRING_CODE_MINUTES = env.int("PAIRING_CODE_MINUTES", default=15)
+# POST /api/agents/enrol/ answers at most this many attempts per client
+# address (django-ratelimit's "N/s|m|h|d"); past it 429 with Retry-After.
+# The counts live in Redis (the broker's by default), shared by every web
+# process; the default cache stays per process.
+ENROL_RATE = env("ENROL_RATE", default="20/h")
+RATELIMIT_REDIS_URL = env("RATELIMIT_REDIS_URL", default=CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(
+    ("redis://", "rediss://")) else "redis://127.0.0.1:6379/0")
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+          "ratelimit": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": RATELIMIT_REDIS_URL,
+                        "KEY_PREFIX": "oma-ratelimit"}}
+RATELIMIT_USE_CACHE = "ratelimit"
+# Django's own Redis cache increments atomically (INCR), which is all
+# django-ratelimit needs; its check knows only django-redis by name.
+SILENCED_SYSTEM_CHECKS = ["django_ratelimit.W001"]
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# An agent's worker answers no remote control (celery.pidbox): its broker
+# user may not read any pidbox (services.enrolment.broker_permissions), so no
+# other agent's control commands or replies are open to it; the OMA stops
+# copies through the agent's API instead. Run it --without-gossip --without-mingle.
+CELERY_WORKER_ENABLE_REMOTE_CONTROL = PROCESS_ROLE != "agent"
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_SEND_SENT_EVENT = True
 # A disk copy can run for hours; Redis must not redeliver it meanwhile. A

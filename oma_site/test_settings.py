@@ -41,8 +41,16 @@ VMA_SNAPSHOT_SOURCE = "image-dir"
 VMA_SNAPSHOT_IMAGE_DIR = TEST_ROOT / "vcsim"
 COPY_CHUNK_BYTES = 1024 * 1024
 # The progress store shares the test broker's Redis database, under its own prefix.
-VMA_REDIS_URL = CELERY_BROKER_URL
+# A test whose workers use RabbitMQ as their broker keeps them on the test
+# Redis for the progress store (TEST_VMA_REDIS_URL).
+VMA_REDIS_URL = env("TEST_VMA_REDIS_URL", default=CELERY_BROKER_URL)
 VMA_TOKEN = env("VMA_TOKEN", default="test-vma-token")
+# Rate-limit counts in the test Redis database, under this process's own
+# prefix (a run never meets an earlier run's counts); a test of the limit
+# sets its own rate and client address.
+CACHES = {**CACHES, "ratelimit": {**CACHES["ratelimit"], "LOCATION": VMA_REDIS_URL,  # noqa: F405
+                                  "KEY_PREFIX": f"test-ratelimit-{os.getpid()}"}}
+ENROL_RATE = "1000/h"
 
 if os.environ.get("TEST_DATABASE_NAME") and "sqlite" not in DATABASES["default"]["ENGINE"]:
     # Lets two test runs share one database server without sharing a database.

@@ -47,6 +47,20 @@ admin.site.enable_nav_sidebar = False
 admin.site.has_permission = admin_site_permission
 
 
+class ReadOnlyAdminMixin:
+    """An admin that only reads: records that the services alone write are
+    shown here, never added, changed or deleted."""
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
 class SourceDiskForm(forms.ModelForm):
     """A disk enters the inventory only as add_vm takes it: an absolute path
     (or NBD URI) that is readable and raw, its capacity read from the source
@@ -378,7 +392,7 @@ class PointLayerInline(admin.TabularInline):
 
 
 @admin.register(RecoveryPoint)
-class RecoveryPointAdmin(admin.ModelAdmin):
+class RecoveryPointAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     """Recovery points are made by completed cycles and expired by retention
     (services.points): here they are only read."""
 
@@ -396,15 +410,6 @@ class RecoveryPointAdmin(admin.ModelAdmin):
     @admin.display(description="in use by")
     def in_use(self, point):
         return ", ".join(point.in_use_by()) or "-"
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
 
 class NetworkMappingForm(forms.ModelForm):
@@ -589,16 +594,9 @@ class AgentAdmin(admin.ModelAdmin):
 
 
 @admin.register(AgentAuditEntry)
-class AgentAuditEntryAdmin(admin.ModelAdmin):
+class AgentAuditEntryAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    """The agents' audit trail: written by the services only, here read."""
+
     list_display = ["at", "agent_name", "action", "actor", "source", "detail"]
     list_filter = ["action"]
     search_fields = ["agent_name", "actor"]
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False

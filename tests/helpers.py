@@ -245,6 +245,30 @@ def start_worker(role: str, name: str, concurrency: int = 2, extra_env: dict | N
     return proc
 
 
+def start_agent_api(name: str, env: dict) -> subprocess.Popen:
+    """An agent's progress API as on its own host (the project's web server,
+    manage.py runserver, in its own process) with `env` (VMA_AGENT_NAME,
+    VMA_URL naming its port, VMA_TOKEN, VMA_PROGRESS_PREFIX...), once it
+    answers its health check."""
+    port = env["VMA_URL"].rsplit(":", 1)[1]
+    log_path = Path(settings.TEST_ROOT) / f"agent-api-{name}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "manage.py", "runserver", "--noreload", "--skip-checks", f"127.0.0.1:{port}"],
+            cwd=PROJECT_ROOT, env={**worker_env(), **env}, stdout=log, stderr=subprocess.STDOUT)
+
+    def answers() -> bool:
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        try:
+            return requests.get(f"{env['VMA_URL']}/api/v1/health", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    wait_until(answers, 60, f"agent {name}'s API", interval=0.1)
+    proc.log_path = log_path
+    return proc
+
+
 def kill_worker(proc: subprocess.Popen) -> None:
     """SIGKILL the worker's whole process group: no cleanup code runs."""
     with contextlib.suppress(ProcessLookupError):
@@ -327,3 +351,30 @@ class PollerThread:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(30)
+
+
+class Judge:
+    """The progress poller and the reaper in a thread, a pass every 0.3 s,
+    as beat runs them."""
+
+    def __init__(self, interval_s: float = 0.3):
+        from replication.services import progress, reaper
+
+        self._stop = threading.Event()
+
+        def run():
+            from django.db import connection
+
+            try:
+                while not self._stop.wait(interval_s):
+                    progress.poll_once()
+                    reaper.reap()
+            finally:
+                connection.close()
+
+        self._thread = threading.Thread(target=run, name="test-judge", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)

@@ -7,19 +7,18 @@ mid-copy and a new one resuming from the checkpoint the first reported."""
 
 import subprocess
 import sys
-import threading
 
 import pytest
 
 from replication.choices import JobStatus, SyncType
 from replication.models import CopyAttempt, VMDisk
-from replication.services import reaper
 from replication.services import vmware as vmware_service
 from replication.services.jobs import start_replication
 from simulators.vcenter import fill_image, vm_spec
 from tests.faults.harness import wait_until
 from tests.helpers import (
     PROJECT_ROOT,
+    Judge,
     MiB,
     kill_worker,
     replica_sha256,
@@ -48,32 +47,6 @@ def test_an_agent_process_has_no_database():
     assert out.returncode == 0, out.stderr
     assert "django.db.backends.dummy" in out.stdout and "vma.apart" in out.stdout and "'oma'" not in out.stdout
     assert "refused: settings.DATABASES is improperly configured" in out.stdout
-
-
-class Judge:
-    """The poller and the reaper in a thread, as beat runs them."""
-
-    def __init__(self):
-        from replication.services.progress import poll_once
-
-        self._stop = threading.Event()
-
-        def run():
-            from django.db import connection
-
-            try:
-                while not self._stop.wait(0.3):
-                    poll_once()
-                    reaper.reap()
-            finally:
-                connection.close()
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join(30)
 
 
 def test_vmware_cycles_with_the_agent_apart_and_killed_mid_copy(celery_worker_process, vcenter, settings):

@@ -12,13 +12,23 @@ from io import StringIO
 from pathlib import Path
 
 import pytest
-import requests
 from django.core.management import CommandError, call_command
 
 from replication.choices import AgentState, DiskStatus, JobStatus
 from replication.models import Agent, AgentAuditEntry, CopyAttempt, ReplicationJob, VirtualMachine, VMDisk
 from replication.services import agents, orders, progress
-from tests.helpers import PROJECT_ROOT, MiB, free_port, make_image, sha256, start_worker, wait_until, worker_env
+from tests.helpers import (
+    PROJECT_ROOT,
+    Judge,
+    MiB,
+    free_port,
+    make_image,
+    sha256,
+    start_agent_api,
+    start_worker,
+    wait_until,
+    worker_env,
+)
 
 
 def run(*args) -> str:
@@ -234,8 +244,6 @@ class AgentSite:
     own), and its own Celery worker consuming only vma.<name>."""
 
     def __init__(self, name: str, tmp_path: Path):
-        from django.conf import settings
-
         self.name = name
         self.token = f"token-of-{name}"
         self.token_file = tmp_path / f"{name}.token"
@@ -245,20 +253,7 @@ class AgentSite:
         self.env = {"VMA_AGENT_NAME": name, "VMA_URL": self.url, "VMA_TOKEN": self.token,
                     "VMA_PROGRESS_PREFIX": f"vma:progress:{name}", "HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S),
                     "COPY_LIMIT_BPS": str(COPY_RATE)}
-        log_path = Path(settings.TEST_ROOT) / f"agent-api-{name}.log"
-        with open(log_path, "wb") as log:
-            self.api = subprocess.Popen(
-                [sys.executable, "manage.py", "runserver", "--noreload", "--skip-checks", f"127.0.0.1:{port}"],
-                cwd=PROJECT_ROOT, env={**worker_env(), **self.env}, stdout=log, stderr=subprocess.STDOUT)
-
-        def answers() -> bool:
-            assert self.api.poll() is None, log_path.read_text()[-3000:]
-            try:
-                return requests.get(f"{self.url}/api/v1/health", timeout=1).status_code == 200
-            except requests.RequestException:
-                return False
-
-        wait_until(answers, 60, f"agent {name}'s API", interval=0.1)
+        self.api = start_agent_api(name, self.env)
         self.worker = start_worker("agent", f"agent-{name}", extra_env=self.env)
         agents.add(name, self.url, str(self.token_file), actor="test")
 
@@ -277,34 +272,6 @@ class AgentSite:
         if self.api.poll() is None:
             self.api.terminate()
             self.api.wait(10)
-
-
-class Judge:
-    """The poller and the reaper in a thread, as beat runs them."""
-
-    def __init__(self):
-        import threading
-
-        from replication.services import reaper
-
-        self._stop = threading.Event()
-
-        def run():
-            from django.db import connection
-
-            try:
-                while not self._stop.wait(0.3):
-                    progress.poll_once()
-                    reaper.reap()
-            finally:
-                connection.close()
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join(30)
 
 
 def _copying(job) -> VMDisk:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import amqp.exceptions
 import pytest
+import requests
 from celery import Celery
 from django.core.management import call_command
 from django.core.management.base import CommandError
@@ -28,8 +30,8 @@ from django.utils import timezone
 from kombu import Connection, Consumer, Exchange, Queue
 
 from replication import tasks
-from replication.choices import AgentState, DiskStatus, JobStatus
-from replication.models import Agent, AgentAuditEntry, PairingCode
+from replication.choices import AgentState, DiskStatus, JobStatus, VMState
+from replication.models import Agent, AgentAuditEntry, ChangeIdRecord, CopyAttempt, PairingCode
 from replication.services import enrolment
 from tests.helpers import (
     PROJECT_ROOT,
@@ -72,11 +74,16 @@ def rabbit(settings):
         with Connection(oma_url) as conn:  # the OMA's queue, as its worker declares it
             oma_queue()(conn.default_channel).declare()
         yield oma_url
-    finally:
-        for user in broker_users():
+    finally:  # only this vhost's agents: another run's, on the same RabbitMQ, are its own
+        for line in rabbitmqctl("list_permissions", "-p", vhost, "--no-table-headers").splitlines():
+            user = line.split("\t")[0]
             if user.startswith("vma-enr-"):
                 subprocess.run([*RABBITMQCTL, "delete_user", user], capture_output=True, timeout=60)
         rabbitmqctl("delete_vhost", vhost)
+
+
+def broker_vhost_of(url: str) -> str:
+    return url.rsplit("/", 1)[1]
 
 
 def oma_queue() -> Queue:
@@ -149,6 +156,33 @@ def test_bad_requests_get_their_reason(client, tmp_path):
     taken = enrol_over_http(client, enrolment.new_pairing_code("t"), "enr-x", key)
     assert taken.status_code == 409 and "taken" in taken.json()["error"]
     assert client.post("/api/agents/enrol/", "[]", content_type="application/json").status_code == 400
+
+
+@pytest.mark.django_db
+def test_enrolment_attempts_are_limited_per_client_address(client, tmp_path, settings):
+    settings.ENROL_RATE = "3/h"
+    key = public_key(tmp_path, "flood")
+    flooder, other = f"192.0.2.{os.getpid() % 250 + 1}", f"198.51.100.{os.getpid() % 250 + 1}"
+
+    def attempt(code, name, address):
+        return client.post("/api/agents/enrol/", {"code": code, "name": name, "public_key": key},
+                           content_type="application/json", REMOTE_ADDR=address)
+
+    answers = [attempt("NOPE-NOPE-NOPE-NOPE", f"enr-guess-{i}", flooder).status_code for i in range(3)]
+    assert answers == [403, 403, 403]
+    code = enrolment.new_pairing_code("os:test")
+    for _ in range(2):  # even a good code: this address has used its attempts
+        late = attempt(code, "enr-flood", flooder)
+        assert late.status_code == 429, late.content
+        retry_after = int(late["Retry-After"])
+        assert 0 < retry_after <= 3600 and late.json()["retry_after_s"] == retry_after
+        assert late.json()["error"].startswith(f"too many enrolment attempts from {flooder}: at most 3/h")
+    assert not Agent.objects.filter(name="enr-flood").exists()
+    assert PairingCode.objects.get().used_at is None  # the code is still good
+    assert attempt(code, "enr-flood", other).status_code == 201  # another address is not held back
+    throttled = list(AgentAuditEntry.objects.filter(action="enrol-throttled").values_list("source", "detail"))
+    assert len(throttled) == 1 and throttled[0][0] == flooder and "more than 3 enrolment attempts" in throttled[0][1]
+    assert AgentAuditEntry.objects.filter(action="enrol-refused").count() == 3
 
 
 @pytest.mark.django_db
@@ -272,6 +306,42 @@ def test_agent_a_cannot_consume_declare_or_delete_what_is_not_its_own(client, tm
 
 
 @pytest.mark.django_db
+def test_agent_a_gets_nothing_of_celerys_remote_control(client, tmp_path, rabbit):
+    """Remote control (celery.pidbox) is a fanout to every worker, with a
+    queue and replies per node: none of it is open to an agent's user, so A
+    can neither read B's control commands nor answer as B."""
+    a = approved(client, tmp_path, "enr-a")
+    approved(client, tmp_path, "enr-b")
+    pidbox_of_b = "enr-b@site-b.celery.pidbox"
+    with Connection(rabbit) as oma:  # B's pidbox as a worker with remote control would declare it, a command in it
+        queue = Queue(pidbox_of_b, Exchange("celery.pidbox", "fanout", durable=False), auto_delete=False)
+        queue(oma.default_channel).declare()
+        Exchange("reply.celery.pidbox", "direct", durable=False)(oma.default_channel).declare()
+        oma.Producer().publish({"method": "ping"}, exchange="celery.pidbox", routing_key="")
+    with Connection(a["broker_url"]) as conn:
+        assert f"access to queue '{pidbox_of_b}'" in refused(lambda: conn.channel().basic_get(pidbox_of_b))
+    with Connection(a["broker_url"]) as conn:
+        assert f"access to queue '{pidbox_of_b}'" in refused(lambda: conn.channel().queue_delete(pidbox_of_b))
+    with Connection(a["broker_url"]) as conn:  # nor a pidbox queue of its own on the broadcast exchange
+        assert "access to queue 'enr-a@x.celery.pidbox'" in refused(
+            lambda: conn.channel().queue_declare("enr-a@x.celery.pidbox", auto_delete=True))
+    with Connection(a["broker_url"]) as conn:  # nor its own queue bound to it (every broadcast, every agent's)
+        channel = conn.channel()
+        Queue("vma.enr-a", Exchange("vma.enr-a"), "vma.enr-a")(channel).declare()
+        assert "access to exchange 'celery.pidbox'" in refused(
+            lambda: channel.queue_bind("vma.enr-a", "celery.pidbox", ""))
+    with Connection(a["broker_url"]) as conn:  # nor answer on the reply exchange, as B or anyone
+        channel = conn.channel()
+        conn.Producer(channel).publish({"enr-b@site-b": {"ok": "pong"}}, exchange="reply.celery.pidbox",
+                                       routing_key="any-ticket")
+        assert "access to exchange 'reply.celery.pidbox'" in refused(lambda: channel.basic_qos(0, 1, False))
+    with Connection(rabbit) as oma:  # B's command is still there, untouched
+        message = oma.SimpleQueue(queue).get(timeout=5)
+        assert message.payload == {"method": "ping"}
+        message.ack()
+
+
+@pytest.mark.django_db
 def test_a_celery_worker_as_agent_a_consumes_its_queue_and_signs_its_outcome(client, tmp_path, rabbit):
     a = approved(client, tmp_path, "enr-a")
     worker = start_worker("agent", "enr-a", concurrency=1, extra_env={
@@ -304,6 +374,8 @@ def test_a_celery_worker_as_agent_a_consumes_its_queue_and_signs_its_outcome(cli
     args, kwargs, _ = message.decode()
     assert args[:2] == [7, "power_on"] and "ENR_NO_SUCH_PASSWORD" in args[2]["error"]
     assert kwargs["identity"]["agent"] == "enr-a"
+    queues = rabbitmqctl("list_queues", "-p", broker_vhost_of(rabbit), "name", "--no-table-headers").split()
+    assert sorted(queues) == ["oma", "vma.enr-a"]  # no pidbox: its worker runs without remote control
     assert enrolment.accepts(task_names.SOURCE_POWERED, args, kwargs["identity"], "enr-a")
     assert not enrolment.accepts(task_names.SOURCE_POWERED, args, kwargs["identity"], "enr-b")
 
@@ -380,16 +452,143 @@ def test_a_revoked_agents_signed_outcome_is_refused(copying_disk_of_b):
     call_command("agent", "revoke", "enr-b")
     job.refresh_from_db()
     assert job.status == JobStatus.FAILED and "agent enr-b revoked" in job.error_message
-    disk.refresh_from_db()
-    assert disk.status == DiskStatus.COPYING  # the run's own outcome (or the reaper) ends it; not a completion
+    disk.refresh_from_db()  # its run closed by the OMA, not left for the revoked agent's word
+    assert disk.status == DiskStatus.FAILED and "agent enr-b revoked" in disk.error_message
+    run = CopyAttempt.objects.get(disk=disk)
+    assert run.outcome == CopyAttempt.Outcome.CANCELLED and "agent enr-b revoked" in run.reason
     tasks.disk_copied(*args, identity=identity.sign(b["key_file"].read_bytes().strip(), "enr-b",
                                                     task_names.DISK_COPIED, args))
     disk.refresh_from_db()
-    assert disk.status == DiskStatus.COPYING
+    assert disk.status == DiskStatus.FAILED and disk.bytes_total != MiB
     assert AgentAuditEntry.objects.filter(action="message-refused", detail__contains="is revoked").exists()
+
+
+@pytest.mark.django_db
+def test_the_reaper_ends_what_a_revoked_agent_still_holds(copying_disk_of_b):
+    """A cycle that raced the revocation (or one a revocation cut short
+    left): the reaper's next pass ends it on the OMA's word, whatever its
+    heartbeat says."""
+    from replication.services import reaper
+
+    _, _, job, disk = copying_disk_of_b
+    Agent.objects.filter(name="enr-b").update(state=AgentState.REVOKED, revoked_at=timezone.now())
+    result = reaper.reap()
+    assert result.agents_revoked == ["enr-b"]
+    job.refresh_from_db()
+    disk.refresh_from_db()
+    assert job.status == JobStatus.FAILED and job.error_message.startswith("agent enr-b revoked at ")
+    assert disk.status == DiskStatus.FAILED and "its work is not trusted" in disk.error_message
+    assert CopyAttempt.objects.get(disk=disk).outcome == CopyAttempt.Outcome.CANCELLED
+    entry = AgentAuditEntry.objects.get(action="work-ended")
+    assert (entry.agent_name, entry.actor, entry.detail) == ("enr-b", "reaper", "1 job(s) failed, 1 copy run(s) closed")
+    assert reaper.reap().agents_revoked == []  # once
 
 
 @pytest.mark.django_db
 def test_the_embedded_agent_without_a_key_keeps_working_unsigned(tmp_path, monkeypatch):
     assert enrolment.accepts(task_names.DISK_COPIED, ["j", "d", 1, {}], None, "local")
     assert not AgentAuditEntry.objects.exists()
+
+
+# Revoked mid-copy ------------------------------------------------------------------------
+
+@pytest.mark.django_db(transaction=True)
+def test_an_agent_revoked_mid_copy_stops_and_leaves_the_replica_as_it_was(client, tmp_path, sockdir, rabbit,
+                                                                         settings, monkeypatch):
+    """An enrolled agent as on its own host (its API, its worker on RabbitMQ
+    with its own credentials) copies a VM's disk from a slow nbdkit; the
+    OMA's worker and this process's steps go through the same RabbitMQ.
+    Revoked mid-copy of its second cycle: the job fails at once naming the
+    revocation, the OMA closes the run itself (the agent's own word is
+    refused), the copy stops, the first cycle's point is intact and no point
+    comes of the partial copy, and the agent's credentials are refused."""
+    from replication import dispatch
+    from replication.models import RecoveryPoint, ReplicationJob, VirtualMachine, VMContext, VMDisk
+    from replication.services.inventory import register_image_vm
+    from replication.services.jobs import start_replication
+    from tests.helpers import Judge, replica_sha256, sha256, slow_nbd_source, start_agent_api, wait_for_job
+
+    NAME = f"enr-cp{os.getpid() % 10000}"  # noqa: N806 - broker users are per server: unique to this run
+    a = approved(client, tmp_path, NAME)
+    token_file = tmp_path / "enr-cp.token"
+    token_file.write_text("token-of-enr-cp")
+    api_url = f"http://127.0.0.1:{free_port()}"
+    agent_env = {"VMA_AGENT_NAME": NAME, "VMA_URL": api_url, "VMA_TOKEN": "token-of-enr-cp",
+                 "VMA_PROGRESS_PREFIX": f"vma:progress:enr-cp-{os.getpid()}"}
+    Agent.objects.filter(name=NAME).update(api_url=api_url, token_file=str(token_file))
+    oma_app = Celery("oma-test-rabbit", broker=rabbit, set_as_current=False)
+    monkeypatch.setattr(dispatch, "publish", lambda task_name, args=(), *, queue=task_names.OMA_QUEUE, **options:
+                        oma_app.send_task(task_name, args=list(args), queue=queue, **options))
+    image = make_image(tmp_path / "cp.img", 24 * MiB, [(0, 24 * MiB)], seed=11)
+    source = slow_nbd_source(sockdir, image, "250ms")  # 1 MiB requests, one at a time: ~6 s a cycle
+    redis_env = {"TEST_VMA_REDIS_URL": settings.VMA_REDIS_URL}
+    api = oma_worker = agent_worker = judge = None
+    try:
+        api = start_agent_api(NAME, agent_env)
+        oma_worker = start_worker("oma", "oma-on-rabbit", extra_env={"TEST_CELERY_BROKER_URL": rabbit, **redis_env})
+        agent_worker = start_worker("agent", NAME, extra_env={
+            **agent_env, **redis_env, "TEST_CELERY_BROKER_URL": a["broker_url"],
+            "VMA_MESSAGE_KEY_FILE": str(a["key_file"])})
+        judge = Judge()
+        vm = register_image_vm("vm-cp", [source.uri], agent=NAME)
+        first = wait_for_job(start_replication(vm).id, timeout=120)
+        assert first.status == JobStatus.COMPLETED, first.error_message
+        point_disk = first.disks.get()
+        v1 = sha256(image)
+        assert replica_sha256(point_disk) == v1
+
+        make_image(image, 24 * MiB, [(0, 24 * MiB)], seed=12)  # the source changes before the second cycle
+        job = start_replication(VirtualMachine.objects.get(pk=vm.pk))
+        wait_until(lambda: VMDisk.objects.filter(job=job, status=DiskStatus.COPYING, bytes_done__gt=MiB).exists(),
+                   60, "the second cycle's copy under way, its progress read from the agent's API")
+        call_command("agent", "revoke", NAME, "--actor", "alice")
+
+        # The OMA ended it on its own word, at once: nothing waits for the revoked agent.
+        job = ReplicationJob.objects.get(pk=job.pk)
+        assert job.status == JobStatus.FAILED and f"agent {NAME} revoked" in job.error_message, job.error_message
+        disk = job.disks.get()
+        assert disk.status == DiskStatus.FAILED and f"agent {NAME} revoked" in disk.error_message
+        run = CopyAttempt.objects.get(disk=disk)
+        assert run.outcome == CopyAttempt.Outcome.CANCELLED and f"agent {NAME} revoked" in run.reason
+
+        # The copy stops (asked through the agent's API, its target layer fenced), short of the end.
+        def copy_stopped() -> dict | None:
+            answer = requests.get(f"{api_url}/api/v1/progress/{job.id}", timeout=5,
+                                  headers={"Authorization": "Bearer token-of-enr-cp"})
+            assert answer.status_code == 200, answer.text
+            record = (answer.json().get("disks") or {}).get(disk.disk_key) or {}
+            return record if record.get("status") in ("cancelled", "failed") else None
+
+        stopped = wait_until(copy_stopped, 60, "the revoked agent's copy to stop")
+        assert stopped["bytes_transferred"] < 24 * MiB, stopped
+
+        # What the target held is intact: the first cycle's point, and no point or changeId from the partial copy.
+        assert list(RecoveryPoint.objects.filter(vm=vm).values_list("job_id", flat=True)) == [first.id]
+        assert replica_sha256(point_disk) == v1
+        assert not ChangeIdRecord.objects.filter(job=job).exists()
+        assert not [p for p in settings.OMA_VOLUME_DIR.rglob("*") if job.id in p.name]  # its layer thrown away
+        assert VMContext.of(VirtualMachine.objects.get(pk=vm.pk)).state == VMState.READY_FOR_FAILOVER
+
+        # Its credentials are refused (its worker, cut off, gives up), and its late word could not change anything.
+        assert "ACCESS_REFUSED" in refused(Connection(a["broker_url"]).connect)
+        wait_until(lambda: agent_worker.poll() is not None, 60, "the revoked agent's worker to give up")
+        assert "ACCESS_REFUSED" in agent_worker.log_path.read_text()
+        with pytest.raises(CommandError, match="already revoked"):
+            call_command("agent", "revoke", NAME)
+        disk.refresh_from_db()
+        assert disk.status == DiskStatus.FAILED and CopyAttempt.objects.get(disk=disk).outcome == "cancelled"
+        # Ended by the revocation, or by the reaper's pass over revoked agents if it came first: once, and audited.
+        details = " ".join(AgentAuditEntry.objects.filter(agent__name=NAME, action__in=["revoked", "work-ended"])
+                           .values_list("detail", flat=True))
+        assert [sum(int(n) for n in re.findall(rf"(\d+) {what}", details)) for what in ("job", "copy run")] == [1, 1]
+    finally:
+        if judge is not None:
+            judge.stop()
+        for worker in (agent_worker, oma_worker):
+            if worker is not None and worker.poll() is None:
+                stop_worker(worker)
+        if api is not None:
+            api.terminate()
+            api.wait(10)
+        source.stop()
+        oma_app.close()

@@ -31,7 +31,7 @@ from django.db import transaction
 from django.utils import timezone
 from kombu.utils.url import url_to_parts
 
-from replication.choices import AgentState
+from replication.choices import JOB_ACTIVE, AgentState, DiskStatus
 from replication.models import Agent, AgentAuditEntry, PairingCode
 from replication.services import tunnels
 from vma_agent import identity as message_identity
@@ -138,19 +138,21 @@ def broker_user_of(name: str) -> str:
 
 def broker_permissions(name: str) -> tuple[str, str, str]:
     """(configure, write, read) regular expressions for agent `name`'s user.
-    A Celery worker consuming vma.<name> declares its queue and the same-named
-    direct exchange and binds them; remote control declares the fanout
-    exchange celery.pidbox and its own <node>.celery.pidbox queue and answers
-    to reply.celery.pidbox; events (-E) publish to celeryev. Outcomes go to
-    the OMA's exchange, which it may write to but not declare or delete.
-    The worker runs --without-gossip --without-mingle. Never another
-    agent's vma.* queue or exchange, nor the default exchange (so it cannot
-    queue an order into another agent's queue)."""
+    A Celery worker consuming vma.<name> declares its queue and the
+    same-named direct exchange and binds them; events (-E) publish to the
+    topic exchange celeryev, which it may declare and write, never read (no
+    other worker's events). Outcomes go to the OMA's exchange, which it may
+    write to but not declare or delete. Nothing of Celery's remote control:
+    the agent's worker runs without it (worker_enable_remote_control off for
+    PROCESS_ROLE agent) and --without-gossip --without-mingle, so no
+    celery.pidbox broadcast reaches it and no other worker's pidbox queue
+    or reply is open to it. Never another agent's vma.* queue or exchange,
+    nor the default exchange (so it cannot queue an order into another
+    agent's queue)."""
     own = re.escape(agent_queue(name))
-    pidbox = r"[^.]+@.+\.celery\.pidbox"
-    configure = rf"^({own}|celery\.pidbox|reply\.celery\.pidbox|celeryev|{pidbox})$"
-    write = rf"^({own}|{re.escape(OMA_QUEUE)}|celeryev|reply\.celery\.pidbox|{pidbox})$"
-    read = rf"^({own}|celery\.pidbox|{pidbox})$"
+    configure = rf"^({own}|celeryev)$"
+    write = rf"^({own}|{re.escape(OMA_QUEUE)}|celeryev)$"
+    read = rf"^({own})$"
     return configure, write, read
 
 
@@ -192,9 +194,13 @@ def _close_connections(user: str, why: str) -> int:
 
 
 def _delete_broker_user(user: str) -> int:
+    """Delete the user (its connections closed first); one already gone is deleted."""
     closed = _close_connections(user, "agent revoked")
-    if user in _broker_users():
+    try:
         _rabbitmqctl("delete_user", user)
+    except EnrolmentError:
+        if user in _broker_users():
+            raise
     return closed
 
 
@@ -268,49 +274,91 @@ def reject(name: str, actor: str, source: str = "") -> Agent:
 
 
 def revoke(name: str, actor: str, source: str = "") -> Agent:
-    """Take an agent's credentials back at once: its tunnel key removed and
-    its open SSH session ended (its tunnel drops: no broker, no export, the
-    OMA no longer reads its API), its broker user deleted (its connections
-    closed), its messages refused from now on. A session this process may
-    not end is recorded and reported after the rest is done."""
+    """Take an agent's trust and credentials back at once, in the order that
+    stops its copies soonest: revoked (its messages refused from this
+    instant), its work ended by the OMA (its copies asked to stop while its
+    tunnel still carries the request, their layers fenced, its runs closed),
+    then its tunnel key removed and its open SSH session ended (no broker, no
+    export, no API reachable), then its broker user deleted (its connections
+    closed; rabbitmqctl takes seconds). A revocation whose broker step failed
+    is finished by revoking again; a session this process may not end is
+    recorded and reported after the rest is done."""
     agent = _agent(name)
-    if agent.state in (AgentState.REVOKED, AgentState.REJECTED):
+    unfinished = (agent.state == AgentState.REVOKED and agent.broker_user
+                  and agent.broker_user in _broker_users())
+    if agent.state in (AgentState.REVOKED, AgentState.REJECTED) and not unfinished:
         raise EnrolmentError(f"agent {name} is already {agent.state}", 409)
+    if agent.state != AgentState.REVOKED:
+        agent.transition(AgentState.REVOKED, revoked_at=timezone.now())
+    ended, runs = end_work_of(agent, f"agent {name} revoked by {actor}: its work is not trusted, ended by the OMA")
     tunnel_failure = None
     if agent.public_key or agent.tunnel_port:
         try:
-            ended = tunnels.close_tunnel_for(agent)
+            closed_session = tunnels.close_tunnel_for(agent)
             audit(agent, "tunnel-closed", actor, source,
-                  f"key removed; {'its open session ended' if ended else 'no session was open'}"
+                  f"key removed; {'its open session ended' if closed_session else 'no session was open'}"
                   f"{f' (port {agent.tunnel_port} kept for it)' if agent.tunnel_port else ''}")
         except tunnels.TunnelError as exc:
             tunnel_failure = str(exc)
             audit(agent, "tunnel-close-failed", actor, source, tunnel_failure)
-    closed = _delete_broker_user(agent.broker_user) if agent.broker_user else 0
     (Path(settings.OMA_SECRETS_DIR) / "agents" / name / "broker_password").unlink(missing_ok=True)
-    agent.transition(AgentState.REVOKED, revoked_at=timezone.now())
-    ended = _end_its_jobs(agent, f"agent {name} revoked by {actor}")
+    closed = _delete_broker_user(agent.broker_user) if agent.broker_user else 0
     audit(agent, "revoked", actor, source, f"broker user {agent.broker_user or '-'} deleted, "
-                                           f"{closed} connection(s) closed, {ended} job(s) ended")
+                                           f"{closed} connection(s) closed, {ended} job(s) failed, "
+                                           f"{runs} copy run(s) closed")
     if tunnel_failure:
         raise EnrolmentError(f"agent {name} revoked, but {tunnel_failure}", 500)
     return agent
 
 
-def _end_its_jobs(agent: Agent, reason: str) -> int:
-    """Fail the revoked agent's running cycles: each job's cleanup asks the
-    agent (its API, if reachable) to stop its copies and discards the
-    cycle's layers, so a copy that goes on writing lands nowhere; its late
-    outcomes are refused (revoked)."""
-    from replication.choices import JOB_ACTIVE
-    from replication.models import ReplicationJob
+def end_work_of(agent: Agent, reason: str) -> tuple[int, int]:
+    """End what a revoked agent still holds, on the OMA's word alone (its
+    own outcomes are refused, so it cannot be waited for): its running
+    cycles fail with `reason`, each one's cleanup asking its API (if
+    reachable) to stop the copies and discarding the cycle's layers, so a
+    copy that goes on writing lands nowhere and no recovery point or
+    changeId comes of it; then each of its copy runs still open is closed
+    with the same reason. (jobs failed, runs closed)."""
+    from replication.models import CopyAttempt, ReplicationJob, VMDisk
     from replication.services import jobs
 
     job_ids = list(ReplicationJob.objects.filter(vm__agent=agent.name, status__in=JOB_ACTIVE)
                    .values_list("pk", flat=True))
-    for job_id in job_ids:
-        jobs.fail_job(job_id, reason)
-    return len(job_ids)
+    # First: each cleanup asks the agent to stop the runs still copying. Counted
+    # only when this call failed it (the reaper's pass may race a revocation).
+    failed = sum(jobs.fail_job(job_id, reason) for job_id in job_ids)
+    runs = 0
+    for disk in VMDisk.objects.filter(job__vm__agent=agent.name, status=DiskStatus.COPYING):
+        if disk.fail(reason):
+            disk.end_attempt(disk.attempts, CopyAttempt.Outcome.CANCELLED, reason=reason)
+            runs += 1
+    return failed, runs
+
+
+def end_revoked_work() -> list[str]:
+    """The reaper's pass over revoked agents: any cycle or copy run of
+    theirs still open (one that raced the revocation, or one a failed
+    revocation left) is ended as end_work_of says. The names of the agents
+    whose work was ended."""
+    from replication.models import ReplicationJob, VMDisk
+
+    revoked = list(Agent.objects.filter(state=AgentState.REVOKED).values_list("name", flat=True))
+    if not revoked:
+        return []
+    holding = (set(ReplicationJob.objects.filter(vm__agent__in=revoked, status__in=JOB_ACTIVE)
+                   .values_list("vm__agent", flat=True))
+               | set(VMDisk.objects.filter(job__vm__agent__in=revoked, status=DiskStatus.COPYING)
+                     .values_list("job__vm__agent", flat=True)))
+    names = []
+    for name in sorted(holding):
+        agent = Agent.objects.get(name=name)
+        when = f" at {agent.revoked_at:%Y-%m-%d %H:%M:%S} UTC" if agent.revoked_at else ""
+        ended, closed = end_work_of(agent, f"agent {name} revoked{when}: its work is not trusted, ended by the OMA")
+        if ended or closed:  # nothing, when the revocation itself got there first
+            log.warning("agent %s is revoked: %d job(s) failed, %d copy run(s) closed", name, ended, closed)
+            audit(agent, "work-ended", "reaper", detail=f"{ended} job(s) failed, {closed} copy run(s) closed")
+            names.append(name)
+    return names
 
 
 def credentials(name: str, code: str, source: str) -> tuple[int, dict]:
@@ -392,5 +440,5 @@ def accepts_for_failover(task_name: str, args: list, identity: dict | None, fail
 
 
 __all__ = ["EnrolmentError", "accepts", "accepts_for_failover", "accepts_for_job", "approve", "broker_permissions",
-           "broker_url_for", "broker_user_of", "broker_vhost", "credentials", "enrol", "new_pairing_code", "reject",
-           "revoke"]
+           "broker_url_for", "broker_user_of", "broker_vhost", "credentials", "end_revoked_work", "end_work_of",
+           "enrol", "new_pairing_code", "reject", "revoke"]

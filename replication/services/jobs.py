@@ -415,14 +415,16 @@ def commit_and_complete(job: ReplicationJob) -> None:
         fail_job(job.id, f"finalize failed: {exc}")
 
 
-def fail_job(job_id: str, reason: str) -> None:
+def fail_job(job_id: str, reason: str) -> bool:
     """End the job as failed (if it is not already terminal) and clean up;
-    the job's end and the VM's state move together."""
+    the job's end and the VM's state move together. Whether this call
+    failed it (False: it had already ended)."""
     reason = diagnosis.operator_text(reason, f"job {job_id}")
     with transaction.atomic():
         job = ReplicationJob.objects.get(pk=job_id)
-        job.fail(reason)
+        failed = job.fail(reason)
         cleanup_job(job, reason)
+    return failed
 
 
 def cancel_job(job_id: str, reason: str = "", *, actor: str | None = None) -> bool:

@@ -14,6 +14,9 @@ Its thresholds (settings):
 - REAPER_TIMEOUT_S: a running job with no sign of life at all (no step of
   the OMA, no copy) for this long fails; a lost finalize is queued again.
 - REAPER_PENDING_TIMEOUT_S: a job that never started fails.
+- A revoked agent's cycles and copy runs still open are ended at once,
+  with the reason, whatever their heartbeats say: its own word (outcomes,
+  progress) is no longer trusted (services.enrolment.end_revoked_work).
 - AGENT_SILENT_AFTER_S: an agent whose API has not answered the poller for
   this long (Agent.last_seen_at) is silent: its running copies are judged
   lost, its running jobs fail and its VMs are flagged with the reason;
@@ -34,7 +37,7 @@ from django.utils import timezone
 from replication import dispatch
 from replication.choices import JOB_TERMINAL, DiskStatus, JobStatus
 from replication.models import CopyAttempt, JobEvent, ReplicationJob, VirtualMachine, VMDisk, database_up_since
-from replication.services import agents, failover, progress, sweeper
+from replication.services import agents, enrolment, failover, progress, sweeper
 from replication.services import jobs as job_service
 from replication.services.broker import WaitingTasks
 from vma_agent import task_names
@@ -52,11 +55,13 @@ class Reaped:
     swept: list[str] = field(default_factory=list)
     failovers_failed: list[int] = field(default_factory=list)
     agents_silent: list[str] = field(default_factory=list)
+    agents_revoked: list[str] = field(default_factory=list)
 
 
 def reap(now: datetime | None = None) -> Reaped:
     now = now or timezone.now()
     result = Reaped()
+    result.agents_revoked = enrolment.end_revoked_work()
     up_since = database_up_since()
     copies_stale = VMDisk.lost_before(now, up_since)
     if copies_stale is None:
