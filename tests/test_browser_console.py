@@ -44,7 +44,7 @@ def test_vm_settings_a_limited_cycle_checksums_and_decommission_from_the_browser
     page.locator('[data-form="boot"] input[name="boot-regex"]').fill(r"BOOT-MARKER: \w+")
     page.locator('[data-form="boot"] input[name="boot-timeout"]').fill("240")
     page.click("text=Save the boot check")
-    expect(page.locator(".messages")).to_contain_text("boot settings saved")
+    expect(page.locator("[data-message]")).to_contain_text("boot settings saved")
     context = VMContext.of(vm)
     assert (context.boot_probes, context.boot_check_regex, context.boot_check_timeout_s) == (
         "screen", r"BOOT-MARKER: \w+", 240)
@@ -77,7 +77,7 @@ def test_vm_settings_a_limited_cycle_checksums_and_decommission_from_the_browser
     # The checksums, compared by a task; the page shows the outcome.
     page.goto(f"{live_server.url}/vms/{vm.pk}/settings/")
     page.click("text=Compare the checksums")
-    expect(page.locator(".messages")).to_contain_text("Comparing the checksums of console-vm's disks")
+    expect(page.locator("[data-message]")).to_contain_text("Comparing the checksums of console-vm's disks")
 
     def compared():
         page.goto(f"{live_server.url}/vms/{vm.pk}/settings/")
