@@ -23,7 +23,7 @@ from datetime import timedelta
 import redis
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, F, OuterRef, Subquery
+from django.db.models import Count, Exists, F, OuterRef, Subquery
 from django.utils import timezone
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
 
@@ -207,15 +207,36 @@ def group_due(group_id: int) -> None:
                       .values_list("vm_id", flat=True))
         active = dict(ReplicationJob.objects.filter(vm__group=group, status__in=JOB_ACTIVE)
                       .values_list("vm_id", "id"))
+        retry_pending = _retry_pending(group, now)
         entries = []
         for vm_id in group.vms.values_list("pk", flat=True):
             if vm_id in active:
                 entries.append(Admission(group=group, vm_id=vm_id, status=AdmissionStatus.SKIPPED, due_at=now,
                                          decided_at=now, note=f"its cycle {active[vm_id]} is still running"))
+            elif vm_id in retry_pending:
+                entries.append(Admission(group=group, vm_id=vm_id, status=AdmissionStatus.SKIPPED, due_at=now,
+                                         decided_at=now, note=f"its failed cycle {retry_pending[vm_id]} is being "
+                                                              "queued again as a retry"))
             elif vm_id not in waiting:
                 entries.append(Admission(group=group, vm_id=vm_id, due_at=now, not_before=now))
         Admission.objects.bulk_create(entries)
     admit()
+
+
+RETRY_PENDING_S = 60  # how long a tick waits for job_ended to queue a failed cycle's retry
+
+
+def _retry_pending(group: ProtectionGroup, now) -> dict:
+    """VMs whose scheduled cycle failed moments ago and whose retry job_ended
+    (the task that runs right after a job ends) has not queued yet: a tick in
+    that window would start them again as a second first attempt. Bounded in
+    time, so a lost job_ended never stops a VM's schedule. {vm_id: job id}"""
+    later = Admission.objects.filter(vm_id=OuterRef("vm_id"), pk__gt=OuterRef("pk")).exclude(
+        status=AdmissionStatus.SKIPPED)
+    return dict(Admission.objects.filter(
+        group=group, status=AdmissionStatus.STARTED, job__status=JobStatus.FAILED,
+        attempt__lte=group.max_retries, job__completed_at__gte=now - timedelta(seconds=RETRY_PENDING_S))
+        .exclude(Exists(later)).values_list("vm_id", "job_id"))
 
 
 def admit() -> list[ReplicationJob]:
