@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,6 +24,35 @@ def setup_django() -> None:
 
     if not apps.ready:
         django.setup()
+
+
+def throwaway_django(prefix: str) -> None:
+    """Django on a throwaway SQLite database (or DATABASE_URL when given),
+    migrated, with DEBUG off and the test environment's client enabled."""
+    workdir = tempfile.mkdtemp(prefix=prefix)
+    os.environ.setdefault("DATABASE_URL", f"sqlite:///{workdir}/bench.sqlite3")
+    os.environ["DEBUG"] = "false"
+    setup_django()
+    from django.core.management import call_command
+    from django.test.utils import setup_test_environment
+
+    setup_test_environment()
+    call_command("migrate", verbosity=0)
+
+
+def viewer_client():
+    """A Django test client logged in as a user with the viewer role (the
+    pages' least role)."""
+    from django.contrib.auth.models import User
+    from django.test import Client
+
+    from replication.roles import VIEWER, grant
+
+    client = Client()
+    reader = User.objects.create_user("bench")
+    grant(reader, VIEWER)
+    client.force_login(reader)
+    return client
 
 
 def free_port() -> int:

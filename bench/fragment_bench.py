@@ -10,10 +10,9 @@ client, logged in, and prints median and p95 milliseconds.
 import argparse
 import os
 import statistics
-import tempfile
 import time
 
-from bench.common import setup_django
+from bench.common import throwaway_django, viewer_client
 
 
 def main() -> None:
@@ -22,21 +21,11 @@ def main() -> None:
     parser.add_argument("--disks", type=int, default=4)
     parser.add_argument("--requests", type=int, default=100)
     args = parser.parse_args()
-    workdir = tempfile.mkdtemp(prefix="fragment-bench-")
-    os.environ.setdefault("DATABASE_URL", f"sqlite:///{workdir}/bench.sqlite3")
-    os.environ["DEBUG"] = "false"
-    setup_django()
-    from django.contrib.auth.models import User
-    from django.core.management import call_command
-    from django.test import Client
-    from django.test.utils import setup_test_environment
+    throwaway_django("fragment-bench-")
 
     from replication.choices import DiskStatus, JobStatus, Stage
     from replication.models import ReplicationJob, SourceDisk, TargetVolume, VirtualMachine, VMDisk
-    from replication.roles import VIEWER, grant
 
-    setup_test_environment()
-    call_command("migrate", verbosity=0)
     GiB = 1 << 30
     for j in range(args.jobs):
         vm = VirtualMachine.objects.create(name=f"bench-vm-{j}")
@@ -51,10 +40,7 @@ def main() -> None:
                                   capacity_bytes=200 * GiB, source_locator=source.locator,
                                   status=DiskStatus.COPYING, bytes_total=100 * GiB, bytes_done=d * GiB,
                                   progress_percent=d, throughput_bps=50_000_000)
-    client = Client()
-    reader = User.objects.create_user("bench")
-    grant(reader, VIEWER)  # the pages need the viewer role
-    client.force_login(reader)
+    client = viewer_client()
     some_job = ReplicationJob.objects.first()
     targets = {"dashboard fragment": "/fragments/dashboard/", "job fragment": f"/jobs/{some_job.id}/fragment/"}
     print(f"{args.jobs} active jobs x {args.disks} disks, {args.requests} requests each, "

@@ -12,10 +12,9 @@ that VM's page; prints median and p95 milliseconds and each page's queries.
 import argparse
 import os
 import statistics
-import tempfile
 import time
 
-from bench.common import percentile, setup_django
+from bench.common import percentile, throwaway_django, viewer_client
 
 
 def main() -> None:
@@ -24,23 +23,14 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=200)
     parser.add_argument("--requests", type=int, default=20)
     args = parser.parse_args()
-    workdir = tempfile.mkdtemp(prefix="vm-pages-bench-")
-    os.environ.setdefault("DATABASE_URL", f"sqlite:///{workdir}/bench.sqlite3")
-    os.environ["DEBUG"] = "false"
-    setup_django()
-    from django.contrib.auth.models import User
-    from django.core.management import call_command
+    throwaway_django("vm-pages-bench-")
     from django.db import connection
-    from django.test import Client
-    from django.test.utils import CaptureQueriesContext, setup_test_environment
+    from django.test.utils import CaptureQueriesContext
     from django.utils import timezone
 
     from replication.choices import JobStatus, VMState
     from replication.models import RecoveryPoint, ReplicationJob, SourceDisk, VirtualMachine, VMContext
-    from replication.roles import VIEWER, grant
 
-    setup_test_environment()
-    call_command("migrate", verbosity=0)
     GiB = 1 << 30
     VirtualMachine.objects.bulk_create(VirtualMachine(name=f"bench-vm-{i:05d}", agent=f"site-{i % 4}")
                                        for i in range(args.vms))
@@ -55,10 +45,7 @@ def main() -> None:
         job = ReplicationJob.objects.create(vm=busy, status=JobStatus.COMPLETED, bytes_transferred=GiB,
                                             total_bytes=GiB, started_at=at, completed_at=at, recovery_point_at=at)
         RecoveryPoint.objects.create(vm=busy, job=job, frozen_at=at, changed_bytes=GiB)
-    client = Client()
-    reader = User.objects.create_user("bench")
-    grant(reader, VIEWER)
-    client.force_login(reader)
+    client = viewer_client()
     targets = {"VMs page 1": "/vms/", "VMs page 40 by last": "/vms/?sort=-last&page=40",
                "VMs search": "/vms/?q=site-1&state=replicating", "VM page": f"/vms/{busy.pk}/"}
     print(f"{args.vms} VMs x 2 disks, {args.cycles} cycles on one VM, {args.requests} requests each, "
