@@ -271,6 +271,20 @@ def test_revoking_closes_the_agents_connections_and_refuses_its_credentials(clie
     assert AgentAuditEntry.objects.filter(agent=agent, action="revoked", detail__contains="1 connection").exists()
 
 
+@pytest.mark.django_db
+def test_a_broker_password_that_starts_with_a_dash_is_not_taken_for_an_option(client, tmp_path, rabbit,
+                                                                              monkeypatch):
+    """token_urlsafe starts one password in 64 with "-"; rabbitmqctl took it
+    for an option and the approval failed (seen in CI)."""
+    real = enrolment.secrets.token_urlsafe
+    monkeypatch.setattr(enrolment.secrets, "token_urlsafe", lambda n=32: "-" + real(n))
+    creds = approved(client, tmp_path, "enr-dash")
+    assert creds["broker_url"].split(":")[2].startswith("-")  # amqp://user:-password@...
+    with Connection(creds["broker_url"]) as conn:
+        conn.connect()
+        assert conn.connected
+
+
 # Isolation -------------------------------------------------------------------------------
 
 @pytest.mark.django_db

@@ -156,8 +156,9 @@ def broker_permissions(name: str) -> tuple[str, str, str]:
     return configure, write, read
 
 
-def _rabbitmqctl(*args: str) -> str:
-    done = subprocess.run([*settings.RABBITMQCTL, "-q", *args], capture_output=True, text=True, timeout=60)
+def _rabbitmqctl(*args: str, stdin: str | None = None) -> str:
+    done = subprocess.run([*settings.RABBITMQCTL, "-q", *args], input=stdin, capture_output=True, text=True,
+                          timeout=60)
     if done.returncode != 0:
         raise EnrolmentError(f"rabbitmqctl {args[0]} failed: {(done.stderr or done.stdout).strip()[:300]}", 502)
     return done.stdout
@@ -177,7 +178,9 @@ def _add_broker_user(name: str, password: str) -> str:
     _ensure_vhost(vhost)
     if user in _broker_users():
         _rabbitmqctl("delete_user", user)
-    _rabbitmqctl("add_user", user, password)
+    # The password goes on stdin: never in the process list, and one that
+    # starts with "-" is not taken for an option (token_urlsafe makes those).
+    _rabbitmqctl("add_user", user, stdin=password + "\n")
     _rabbitmqctl("set_permissions", "-p", vhost, user, *broker_permissions(name))
     return user
 
