@@ -1,4 +1,4 @@
-"""The operator console in a real headless Chromium (tests/test_browser.py's
+"""The operator console in a real headless Chromium (tests/browser.py's
 helpers), driven from the browser alone: a VM's settings, a cycle with a
 bandwidth limit on a real worker pair, its checksums compared as a task,
 its decommissioning; a protection group created with its VM."""
@@ -11,8 +11,8 @@ from playwright.sync_api import expect
 from replication.choices import JobStatus, VMState
 from replication.models import ProtectionGroup, ReplicationJob, TargetVolume, VirtualMachine, VMContext
 from replication.services.inventory import register_image_vm
+from tests.browser import ARTIFACTS, log_in
 from tests.helpers import MiB, make_image, wait_for_job, wait_until
-from tests.test_browser import ARTIFACTS, browser_page, log_in  # noqa: F401 - browser_page is a fixture
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -23,7 +23,7 @@ def error_beside(page, field: str):
 
 
 def test_vm_settings_a_limited_cycle_checksums_and_decommission_from_the_browser(
-        celery_worker_process, live_server, browser_page, tmp_path):  # noqa: F811
+        celery_worker_process, live_server, browser_page, tmp_path):
     page = browser_page
     image = make_image(tmp_path / "console.img", 6 * MiB, [(0, 3 * MiB)], seed=11)
     vm = register_image_vm("console-vm", [str(image)])
@@ -106,7 +106,7 @@ def test_vm_settings_a_limited_cycle_checksums_and_decommission_from_the_browser
 
 
 def test_a_protection_group_is_created_with_its_vm_from_the_browser(
-        live_server, tmp_path, browser_page):  # noqa: F811
+        live_server, tmp_path, browser_page):
     page = browser_page
     register_image_vm("grouped-vm", [str(make_image(tmp_path / "g.img", MiB, [(0, 4096)]))])
     log_in(page, live_server)
