@@ -112,7 +112,7 @@ def layout_findings(page, width, mid_word=True) -> list[str]:
 def check_page(page, live_server, name, width, findings):
     page.wait_for_load_state("networkidle")
     page.screenshot(path=str(SCREENS / f"{name}-{width}.png"), full_page=True)
-    found = layout_findings(page, width, mid_word=width >= DESKTOP["width"])
+    found = layout_findings(page, width)
     if width >= DESKTOP["width"]:
         found += [f"scrolls sideways: {e}" for e in page.evaluate(TABLES_THAT_SCROLL)]
     found += [f"axe: {e}" for e in axe_violations(page, live_server)]
