@@ -88,10 +88,11 @@ TABLES_THAT_SCROLL = """() => Array.from(document.querySelectorAll("main .table-
     .slice(0, 60) : "a table"}: ${box.scrollWidth} px in ${box.clientWidth} px`)"""
 
 
-def axe_violations(page, live_server):
+def axe_violations(page, live_server=None):
     """axe-core (from node_modules, on the tests' static path) run in the page:
     its serious and critical findings."""
-    page.add_script_tag(url=f"{live_server.url}/static/axe-core/axe.min.js")
+    origin = live_server.url if live_server else page.evaluate("location.origin")
+    page.add_script_tag(url=f"{origin}/static/axe-core/axe.min.js")
     results = page.evaluate("() => axe.run(document, {resultTypes: ['violations']})")
     return [f"{v['id']} ({v['impact']}): {v['help']} at " + ", ".join(" ".join(n["target"]) for n in v["nodes"][:3])
             for v in results["violations"] if v["impact"] in ("serious", "critical")]
@@ -121,7 +122,8 @@ def check_page(page, live_server, name, width, findings):
 
 def at_both_widths(page, name):
     """The page as it stands at 1280 and at 390 px: a screenshot of each into
-    test-artifacts/screens/ and the overflow and mid-word checks at each;
+    test-artifacts/screens/, the overflow and mid-word checks and axe-core
+    (no serious or critical finding) at each;
     the viewport is set back to what it was. Asserts nothing is found."""
     SCREENS.mkdir(parents=True, exist_ok=True)
     was = page.viewport_size
@@ -131,7 +133,8 @@ def at_both_widths(page, name):
             page.set_viewport_size(viewport)
             page.wait_for_load_state("networkidle")
             page.screenshot(path=str(SCREENS / f"{name}-{viewport['width']}.png"), full_page=True)
-            findings += [f"{name} at {viewport['width']} px: {e}" for e in layout_findings(page, viewport["width"])]
+            found = layout_findings(page, viewport["width"]) + [f"axe: {e}" for e in axe_violations(page)]
+            findings += [f"{name} at {viewport['width']} px: {e}" for e in found]
     finally:
         page.set_viewport_size(was)
     assert not findings, "\n".join(findings)
