@@ -132,7 +132,7 @@ WSGI_APPLICATION = "oma_site.wsgi.application"
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [],
+        "DIRS": [BASE_DIR / "oma_site" / "templates"],  # admin/base_site.html: the admin's CSS fixes
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [

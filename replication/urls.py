@@ -32,6 +32,7 @@ urlpatterns = [
     path("vms/<int:vm_id>/rollback/", vms.vm_rollback, name="vm-rollback"),
     path("vms/<int:vm_id>/failover/commit/", vms.vm_failover_commit, name="vm-failover-commit"),
     path("vms/<int:vm_id>/settings/", vm_settings.vm_settings, name="vm-settings"),
+    path("vms/<int:vm_id>/settings/unmap-network/", vm_settings.vm_unmap_network, name="vm-unmap-network"),
     path("vms/<int:vm_id>/settings/remove-replicas/", vm_settings.vm_remove_replicas, name="vm-remove-replicas"),
     path("vms/<int:vm_id>/settings/decommission/", vm_settings.vm_decommission, name="vm-decommission"),
     path("failovers/<int:failover_id>/", vms.failover_detail, name="failover-detail"),

@@ -170,3 +170,41 @@ def vcenter(vcsim_factory):
         return sim, record
 
     return start
+
+
+@pytest.fixture
+def browser_page(monkeypatch):
+    """A page in a fresh headless Chromium (Debian's, by Playwright), 1400 px wide, accepting confirmations."""
+    # Playwright's sync API runs an event loop in this thread; the test's own
+    # ORM calls are still plain synchronous code.
+    from playwright.sync_api import sync_playwright
+
+    from tests.browser import ARTIFACTS, CHROMIUM, CHROMIUM_FLAGS
+
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    assert Path(CHROMIUM).exists(), "Debian's chromium is missing: scripts/setup.sh installs it"
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_context(viewport={"width": 1400, "height": 900}).new_page()
+        page.on("dialog", lambda dialog: dialog.accept())  # the confirmation of cancel
+        yield page
+        browser.close()
+
+
+@pytest.fixture
+def cloud_sim(tmp_path):
+    """A CloudStack simulator and a secret file holding its secret key (in OMA_SECRETS_DIR): (sim, secret)."""
+    from django.conf import settings as django_settings
+
+    from simulators.cloudstack import CloudStackSimulator
+
+    sim = CloudStackSimulator(tmp_path / "cloudstack", tmp_path / "by-id")
+    secret = django_settings.OMA_SECRETS_DIR / f"cloud-secret-{tmp_path.name}"
+    secret.write_text(sim.secret + "\n")
+    secret.chmod(0o600)
+    try:
+        yield sim, secret
+    finally:
+        secret.unlink(missing_ok=True)
+        sim.stop()

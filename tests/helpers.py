@@ -378,3 +378,13 @@ class Judge:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(30)
+
+
+def cloud_form_data(sim, secret, **changes) -> dict:
+    """The cloud form (replication.forms.CloudForm) filled for a CloudStack simulator, with `changes`."""
+    data = {"name": "cloud1", "api_url": sim.endpoint, "api_key": sim.api_key, "secret_file": str(secret),
+            "secret_env": "", "zone_id": sim.zone["id"], "disk_offering_id": sim.disk_offering["id"],
+            "service_offering_id": sim.service_offering["id"], "network_id": sim.network["id"],
+            "template_id": sim.template["id"], "oma_vm_id": sim.oma_vm["id"], "device_dir": str(sim.by_id_dir)}
+    data.update(changes)
+    return data

@@ -12,54 +12,30 @@ from replication.models import ReplicationJob
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import start_replication
 from simulators.boot_disk import boot_disk_builder
+from tests.browser import (
+    ARTIFACTS,
+    CHROMIUM,
+    CHROMIUM_FLAGS,
+    DESKTOP,
+    PHONE,
+    SCREENS,
+    WIDER_THAN_THE_VIEWPORT,
+    WORDS_BROKEN_IN_CELLS,
+    check_page,
+    log_in,
+)
 from tests.helpers import (
-    PROJECT_ROOT,
     MiB,
     make_image,
     replica_sha256,
     sha256,
     slow_nbd_source,
     source_exports_running,
-    user_with_role,
     wait_for_job,
     wait_until,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
-ARTIFACTS = PROJECT_ROOT / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-
-
-@pytest.fixture
-def browser_page(monkeypatch):
-    # Playwright's sync API runs an event loop in this thread; the test's own
-    # ORM calls are still plain synchronous code.
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    assert Path(CHROMIUM).exists(), "Debian's chromium is missing: scripts/setup.sh installs it"
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        page = browser.new_context(viewport={"width": 1400, "height": 900}).new_page()
-        page.on("dialog", lambda dialog: dialog.accept())  # the confirmation of cancel
-        yield page
-        browser.close()
-
-
-def log_in(page, live_server, role="administrator"):
-    """Log in as a user named after their role: these tests press every
-    button, live failover and sources included (tests/test_roles.py checks
-    what each role may not press)."""
-    if not User.objects.filter(username=role).exists():  # a second browser context logs in again
-        user_with_role(role, role)
-    page.goto(f"{live_server.url}/")
-    assert "/login/" in page.url
-    page.fill("#id_username", role)
-    page.fill("#id_password", "s3cret-pass")
-    page.click("button[type=submit]")
-    expect(page.locator("h1")).to_have_text("Replication dashboard")
-
-
 def test_replicate_from_the_gui_and_watch_it_live(celery_worker_process, progress_poller, live_server, browser_page,
                                                   tmp_path, sockdir):
     page = browser_page
@@ -211,9 +187,6 @@ def test_a_test_failover_from_the_gui_boots_and_ends(celery_worker_process, live
     expect(page.locator("[data-status]")).to_have_text("succeeded")
     page.click("text=VMs")
     expect(page.locator('[data-vm="gui-boot"] [data-state]')).to_have_text("Ready for failover")
-
-
-PHONE = {"width": 390, "height": 844}
 
 
 def a_job_copying(tmp_path, monkeypatch):
@@ -431,90 +404,20 @@ def test_open_a_vm_page_from_the_vms_table(live_server, browser_page, tmp_path):
     page.click(f'[data-cycle="{job.id}"] a')
     page.wait_for_url(f"{live_server.url}/jobs/{job.id}/")
     expect(page.locator("[data-status]")).to_have_text("completed")
-SCREENS = ARTIFACTS / "screens"
-DESKTOP = {"width": 1280, "height": 900}
+def admin_pages(job):
+    """The Django admin's pages an administrator opens most."""
+    from replication.models import Agent
 
-# Elements that stick out of the viewport, outside any box that scrolls or
-# clips them (a .table-responsive scrolls its table: that is its job).
-WIDER_THAN_THE_VIEWPORT = """() => {
-  const vw = document.documentElement.clientWidth, out = [];
-  const describe = (el) => el.tagName.toLowerCase() + (el.id ? "#" + el.id : "") +
-    (el.className && typeof el.className === "string" ? "." + el.className.trim().split(/\\s+/).join(".") : "");
-  for (const el of document.body.querySelectorAll("*")) {
-    const r = el.getBoundingClientRect();
-    if (r.width <= 1 || (r.left >= -0.5 && r.right <= vw + 0.5)) continue;  // 1 px: visually hidden
-    let p = el.parentElement, inside = false;
-    for (; p && p !== document.body; p = p.parentElement) {
-      if (getComputedStyle(p).overflowX !== "visible") { inside = true; break; }
-    }
-    if (!inside) out.push(`${describe(el)} spans ${Math.round(r.left)}..${Math.round(r.right)} px`);
-  }
-  return out;
-}"""
-
-# Words of table cells broken mid-word ("Compl|eted"): a word (split at
-# spaces and at the places a browser may break: hyphens, slashes) whose text
-# lies on more than one line, or is wider than its cell's box.
-WORDS_BROKEN_IN_CELLS = """() => {
-  const out = [];
-  for (const cell of document.querySelectorAll("main td, main th")) {
-    if (!cell.getClientRects().length) continue;
-    const box = cell.getBoundingClientRect();
-    const walker = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
-    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
-      const words = /[^\\s\\-\\/]+/g;
-      for (let m = words.exec(node.data); m; m = words.exec(node.data)) {
-        const range = document.createRange();
-        range.setStart(node, m.index);
-        range.setEnd(node, m.index + m[0].length);
-        const rects = Array.from(range.getClientRects()).filter((r) => r.width > 0);
-        if (!rects.length) continue;
-        const lines = new Set(rects.map((r) => Math.round(r.bottom)));
-        const width = rects.reduce((sum, r) => sum + r.width, 0);
-        if (lines.size > 1 || width > box.width + 0.5) {
-          out.push(`"${m[0]}" (${Math.round(width)} px, cell ${Math.round(box.width)} px, ${lines.size} line(s)) in ` +
-                   `"${cell.textContent.trim().replace(/\\s+/g, " ").slice(0, 80)}"`);
-        }
-      }
-    }
-  }
-  return out;
-}"""
-
-# Tables that scroll sideways at a desktop width: a column the operator has
-# to scroll to find.
-TABLES_THAT_SCROLL = """() => Array.from(document.querySelectorAll("main .table-responsive"))
-  .filter((box) => box.scrollWidth > box.clientWidth + 1)
-  .map((box) => `${box.querySelector("th") ? box.querySelector("thead").textContent.trim().replace(/\\s+/g, " ")
-    .slice(0, 60) : "a table"}: ${box.scrollWidth} px in ${box.clientWidth} px`)"""
-
-
-def axe_violations(page, live_server):
-    """axe-core (from node_modules, on the tests' static path) run in the page:
-    its serious and critical findings."""
-    page.add_script_tag(url=f"{live_server.url}/static/axe-core/axe.min.js")
-    results = page.evaluate("() => axe.run(document, {resultTypes: ['violations']})")
-    return [f"{v['id']} ({v['impact']}): {v['help']} at " + ", ".join(" ".join(n["target"]) for n in v["nodes"][:3])
-            for v in results["violations"] if v["impact"] in ("serious", "critical")]
-
-
-def check_page(page, live_server, name, width, findings):
-    page.wait_for_load_state("networkidle")
-    page.screenshot(path=str(SCREENS / f"{name}-{width}.png"), full_page=True)
-    found = [f"wider than {width} px: {e}" for e in page.evaluate(WIDER_THAN_THE_VIEWPORT)]
-    scroll = page.evaluate("document.documentElement.scrollWidth")
-    if scroll > width:
-        found.append(f"the page is {scroll} px wide")
-    if width >= DESKTOP["width"]:
-        found += [f"broken mid-word: {e}" for e in page.evaluate(WORDS_BROKEN_IN_CELLS)]
-        found += [f"scrolls sideways: {e}" for e in page.evaluate(TABLES_THAT_SCROLL)]
-    found += [f"axe: {e}" for e in axe_violations(page, live_server)]
-    findings += [f"{name} at {width} px: {e}" for e in found]
+    Agent.objects.get_or_create(name="local")
+    return [("admin", "/admin/"), ("admin-jobs", "/admin/replication/replicationjob/"),
+            ("admin-vms", "/admin/replication/virtualmachine/"),
+            ("admin-job", f"/admin/replication/replicationjob/{job.pk}/change/"),
+            ("admin-agents", "/admin/replication/agent/")]
 
 
 def test_a_walk_over_every_page_at_desktop_and_phone_widths(live_server, tmp_path, monkeypatch):
-    """Every page (a job copying, a failover, a protection group), at 1280 and
-    390 px: nothing wider than the screen, no table word broken mid-word at
+    """Every page (a job copying, a failover, a protection group), the
+    admin's main ones included, at 1280 and 390 px: nothing wider than the screen, no table word broken mid-word at
     1280 px, and no serious or critical axe-core finding. Screenshots go to
     test-artifacts/screens/."""
     from replication.services import scheduler
@@ -560,7 +463,7 @@ def test_a_walk_over_every_page_at_desktop_and_phone_widths(live_server, tmp_pat
                 for name, path in pages:
                     page.goto(f"{live_server.url}{path}")
                     expect(page.locator("h1")).to_be_visible()
-                    if path != "/":
+                    if path != "/" and not path.startswith("/admin/"):
                         link = page.locator("header nav [aria-current=page]")
                         expect(link).to_have_count(1 if name in ("vms", "volumes", "protection", "sources",
                                                                   "agents", "cloud", "live-failover", "vm",
@@ -573,6 +476,10 @@ def test_a_walk_over_every_page_at_desktop_and_phone_widths(live_server, tmp_pat
                     page.click("header .navbar-toggler")
                     expect(page.locator("#main-nav")).to_be_visible()
                     expect(page.locator("#main-nav >> text=Protection")).to_be_visible()
+                for name, path in admin_pages(job):
+                    page.goto(f"{live_server.url}{path}")
+                    expect(page.locator("h1")).to_be_visible()
+                    check_page(page, live_server, name, width, findings)
                 page.context.close()
         finally:
             browser.close()

@@ -1,7 +1,9 @@
-"""The operator console in a real headless Chromium (tests/test_browser.py's
+"""The operator console in a real headless Chromium (tests/browser.py's
 helpers), driven from the browser alone: a VM's settings, a cycle with a
 bandwidth limit on a real worker pair, its checksums compared as a task,
-its decommissioning; a protection group created with its VM."""
+its decommissioning; a protection group created with its VM; a network
+mapped and unmapped; the boot check and hardware set (each page shot and
+checked at 1280 and 390 px)."""
 
 from pathlib import Path
 
@@ -9,10 +11,18 @@ import pytest
 from playwright.sync_api import expect
 
 from replication.choices import JobStatus, VMState
-from replication.models import ProtectionGroup, ReplicationJob, TargetVolume, VirtualMachine, VMContext
+from replication.models import (
+    NetworkMapping,
+    ProtectionGroup,
+    ReplicationJob,
+    TargetVolume,
+    VirtualMachine,
+    VMContext,
+)
 from replication.services.inventory import register_image_vm
+from tests.browser import ARTIFACTS, at_both_widths, log_in
 from tests.helpers import MiB, make_image, wait_for_job, wait_until
-from tests.test_browser import ARTIFACTS, browser_page, log_in  # noqa: F401 - browser_page is a fixture
+from tests.test_failover_live import isolated_network  # noqa: F401 - a fixture
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -23,7 +33,7 @@ def error_beside(page, field: str):
 
 
 def test_vm_settings_a_limited_cycle_checksums_and_decommission_from_the_browser(
-        celery_worker_process, live_server, browser_page, tmp_path):  # noqa: F811
+        celery_worker_process, live_server, browser_page, tmp_path):
     page = browser_page
     image = make_image(tmp_path / "console.img", 6 * MiB, [(0, 3 * MiB)], seed=11)
     vm = register_image_vm("console-vm", [str(image)])
@@ -106,7 +116,7 @@ def test_vm_settings_a_limited_cycle_checksums_and_decommission_from_the_browser
 
 
 def test_a_protection_group_is_created_with_its_vm_from_the_browser(
-        live_server, tmp_path, browser_page):  # noqa: F811
+        live_server, tmp_path, browser_page):
     page = browser_page
     register_image_vm("grouped-vm", [str(make_image(tmp_path / "g.img", MiB, [(0, 4096)]))])
     log_in(page, live_server)
@@ -128,3 +138,83 @@ def test_a_protection_group_is_created_with_its_vm_from_the_browser(
     assert (group.interval_s, group.rpo_target_s, group.drill_interval_s) == (1800, 900, 86400)
     assert VirtualMachine.objects.get(name="grouped-vm").group == group
     page.screenshot(path=str(ARTIFACTS / "group-created.png"), full_page=True)
+
+
+@pytest.fixture
+def settings_page(live_server, browser_page, tmp_path):
+    """An administrator on the settings page of a VM with a NIC on 'VM Network'."""
+    image = make_image(tmp_path / "settings.img", MiB, [(0, 4096)])
+    vm = register_image_vm("settings-vm", [str(image)])
+    VirtualMachine.objects.filter(pk=vm.pk).update(nics=[{"mac": "00:50:56:00:00:07", "network": "VM Network"}])
+    log_in(browser_page, live_server)
+    browser_page.goto(f"{live_server.url}/vms/{vm.pk}/settings/")
+    expect(browser_page.locator("h1")).to_have_text("Settings of settings-vm")
+    return browser_page, vm
+
+
+def test_a_network_is_mapped_and_unmapped_from_the_browser(settings_page, isolated_network):  # noqa: F811
+    page, vm = settings_page
+    at_both_widths(page, "vm-settings-unmapped")
+    form = page.locator('[data-form="network"]')
+    form.locator('input[name="net-source"]').fill("VM Network")
+    form.locator('input[name="net-destination"]').fill("no-such-network")
+    page.click("text=Map the network")
+    expect(error_beside(page, "net-destination")).to_contain_text(
+        "the destination has no network named 'no-such-network'")
+    assert not NetworkMapping.objects.exists()
+    page.locator('[data-form="network"] input[name="net-destination"]').fill(isolated_network)
+    page.click("text=Map the network")
+    expect(page.locator('[data-network="VM Network"]')).to_contain_text(isolated_network)
+    assert NetworkMapping.as_dict() == {"VM Network": isolated_network}
+    at_both_widths(page, "vm-settings-mapped")
+
+    # Removal asks first, naming the mapping and the VM whose live failover it stops.
+    page.locator('[data-mapping="VM Network"]').locator("text=Remove").click()
+    expect(page.locator("h1")).to_have_text("Remove the mapping of network VM Network?")
+    consequences = page.locator("[data-consequences]")
+    expect(consequences).to_contain_text(f"remove the mapping VM Network -> {isolated_network} for every VM")
+    expect(consequences).to_contain_text("refuse a live failover of the 1 VM(s) with a NIC on VM Network "
+                                         "(settings-vm)")
+    at_both_widths(page, "network-unmap-confirm")
+    assert NetworkMapping.objects.exists(), "asking removes nothing"
+    page.click("button:has-text('Remove the mapping of VM Network')")
+    expect(page.locator("[data-message]")).to_contain_text("'VM Network' no longer mapped")
+    expect(page.locator('[data-network="VM Network"]')).to_contain_text("not mapped")
+    expect(page.locator("[data-mapping]")).to_have_count(0)
+    assert not NetworkMapping.objects.exists()
+
+
+def test_the_boot_check_and_hardware_are_set_from_the_browser(settings_page):
+    page, vm = settings_page
+    boot = page.locator('[data-form="boot"]')
+    boot.locator('input[value="network"]').check()
+    boot.locator('input[name="boot-regex"]').fill("[")
+    boot.locator('input[name="boot-timeout"]').fill("0")
+    page.click("text=Save the boot check")
+    expect(error_beside(page, "boot-regex")).to_contain_text("is not a regular expression")
+    expect(error_beside(page, "boot-timeout")).to_contain_text("must be 1..3600 seconds, not 0")
+    at_both_widths(page, "vm-settings-refused")
+    assert VMContext.of(vm).boot_check_timeout_s == 120, "nothing stored from a refused form"
+    page.locator('[data-form="boot"] input[name="boot-regex"]').fill(r"login:\s")
+    page.locator('[data-form="boot"] input[name="boot-timeout"]').fill("300")
+    page.click("text=Save the boot check")
+    expect(page.locator("[data-message]")).to_contain_text("settings-vm: boot settings saved")
+    context = VMContext.of(vm)
+    assert (context.boot_probes, context.boot_check_regex, context.boot_check_timeout_s) == (
+        "network", r"login:\s", 300)
+
+    hardware = page.locator('[data-form="hardware"]')
+    hardware.locator('select[name="hw-nic_model"]').select_option("e1000e")
+    hardware.locator('select[name="hw-disk_bus"]').select_option("sata")
+    hardware.locator('select[name="hw-firmware"]').select_option("bios")
+    hardware.locator('select[name="hw-secure_boot"]').select_option("on")
+    page.click("text=Save the hardware")
+    expect(error_beside(page, "hw-secure_boot")).to_contain_text("Secure Boot needs UEFI firmware")
+    assert VMContext.of(vm).hardware == {}
+    page.locator('[data-form="hardware"] select[name="hw-secure_boot"]').select_option("off")
+    page.click("text=Save the hardware")
+    expect(page.locator("[data-message]")).to_contain_text("settings-vm: hardware settings saved")
+    assert VMContext.of(vm).hardware == {"firmware": "bios", "secure_boot": False, "disk_bus": "sata",
+                                         "nic_model": "e1000e"}
+    expect(page.locator("[data-hardware]")).to_contain_text("BIOS")
+    at_both_widths(page, "vm-settings-saved")

@@ -12,7 +12,7 @@ from django.urls import reverse
 
 from replication.models import VCenter, VirtualMachine
 from replication.services import vmware as vmware_service
-from tests.helpers import user_with_role
+from tests.helpers import cloud_form_data, user_with_role
 
 pytestmark = pytest.mark.django_db
 
@@ -99,54 +99,28 @@ def test_delete_is_refused_while_vms_depend_on_the_vcenter(recorded):
     assert admin.post(url).status_code == 302 and not VCenter.objects.filter(pk=record.pk).exists()
 
 
-@pytest.fixture
-def cloud_sim(tmp_path):
-    from django.conf import settings as django_settings
-
-    from simulators.cloudstack import CloudStackSimulator
-
-    sim = CloudStackSimulator(tmp_path / "cloudstack", tmp_path / "by-id")
-    secret = django_settings.OMA_SECRETS_DIR / f"cloud-secret-{tmp_path.name}"
-    secret.write_text(sim.secret + "\n")
-    secret.chmod(0o600)
-    try:
-        yield sim, secret
-    finally:
-        secret.unlink(missing_ok=True)
-        sim.stop()
-
-
-def cloud_data(sim, secret, **changes):
-    data = {"name": "cloud1", "api_url": sim.endpoint, "api_key": sim.api_key, "secret_file": str(secret),
-            "secret_env": "", "zone_id": sim.zone["id"], "disk_offering_id": sim.disk_offering["id"],
-            "service_offering_id": sim.service_offering["id"], "network_id": sim.network["id"],
-            "template_id": sim.template["id"], "oma_vm_id": sim.oma_vm["id"], "device_dir": str(sim.by_id_dir)}
-    data.update(changes)
-    return data
-
-
 def test_add_and_edit_the_cloud_secret_by_reference(cloud_sim):
     from replication.models import CloudStackConfig
 
     sim, secret = cloud_sim
     url = reverse("cloud-edit")
     admin = client_as("administrator")
-    assert client_as("operator").post(url, cloud_data(sim, secret)).status_code == 403
-    response = admin.post(url, cloud_data(sim, secret, secret_file=""))
+    assert client_as("operator").post(url, cloud_form_data(sim, secret)).status_code == 403
+    response = admin.post(url, cloud_form_data(sim, secret, secret_file=""))
     assert response.status_code == 400
     assert "give the secret key as exactly one of a file or an environment variable" in feedback(
         response, "secret_file")
-    response = admin.post(url, cloud_data(sim, secret, zone_id="no-such-zone"))
+    response = admin.post(url, cloud_form_data(sim, secret, zone_id="no-such-zone"))
     assert response.status_code == 400 and "no-such-zone" in html.unescape(response.content.decode())
-    response = admin.post(url, cloud_data(sim, secret, oma_vm_id=""))
+    response = admin.post(url, cloud_form_data(sim, secret, oma_vm_id=""))
     assert "This field is required." in feedback(response, "oma_vm_id")
     assert not CloudStackConfig.objects.exists(), "nothing saved from a refused form"
 
-    assert admin.post(url, cloud_data(sim, secret)).status_code == 302
+    assert admin.post(url, cloud_form_data(sim, secret)).status_code == 302
     config = CloudStackConfig.objects.get()
     assert config.is_active and config.secret_file == str(secret) and config.zone_id == sim.zone["id"]
     page = admin.get(url).content.decode()
     assert f'value="{sim.api_key}"' in page and sim.secret not in page, "the secret is never shown"
-    assert admin.post(url, cloud_data(sim, secret, template_id="")).status_code == 302
+    assert admin.post(url, cloud_form_data(sim, secret, template_id="")).status_code == 302
     config.refresh_from_db()
     assert config.template_id == "" and CloudStackConfig.objects.count() == 1

@@ -144,6 +144,44 @@ def test_network_map_valid_invalid_and_refused(admin, vm, monkeypatch):
     assert NetworkMapping.as_dict() == {"VM Network": "prod-net"}
 
 
+def test_network_map_removal_asks_first_is_refused_below_administrator_and_names_an_unknown_one(admin, vm):
+    from replication.models import NetworkMapping, VirtualMachine
+
+    VirtualMachine.objects.filter(pk=vm.pk).update(nics=[{"mac": "00:50:56:00:00:01", "network": "VM Network"}])
+    NetworkMapping.objects.create(source_network="VM Network", destination_network="prod-net")
+    NetworkMapping.objects.create(source_network="Backup", destination_network="backup-net")
+    settings_page = admin.get(settings_url(vm)).content.decode()
+    url = reverse("vm-unmap-network", args=[vm.pk])
+    assert f'href="{url}?source=VM%20Network"' in settings_page and f'href="{url}?source=Backup"' in settings_page
+
+    page = html_module.unescape(admin.get(url, {"source": "VM Network"}).content.decode())
+    assert "Remove the mapping of network VM Network?" in page
+    assert "remove the mapping VM Network -> prod-net for every VM" in page
+    assert "refuse a live failover of the 1 VM(s) with a NIC on VM Network (web01) until it is mapped again" in page
+    assert "no VM recorded has a NIC on Backup" in html_module.unescape(
+        admin.get(url, {"source": "Backup"}).content.decode())
+    assert NetworkMapping.objects.count() == 2, "asking removes nothing"
+
+    response = client_as("operator").post(f"{url}?source=VM%20Network")
+    assert response.status_code == 403 and "This needs the administrator role" in response.content.decode()
+    assert NetworkMapping.as_dict() == {"Backup": "backup-net", "VM Network": "prod-net"}
+
+    response = admin.post(f"{url}?source=Nowhere")
+    assert response.status_code == 409
+    assert "source network 'Nowhere' is not mapped" in html_module.unescape(response.content.decode())
+    assert "source network &#x27;Nowhere&#x27; is not mapped" in admin.get(url, {"source": "Nowhere"}).content.decode()
+    response = admin.post(url)
+    assert response.status_code == 409 and "give the source network whose mapping goes" in response.content.decode()
+    assert NetworkMapping.objects.count() == 2, "a refused removal leaves every mapping"
+
+    response = admin.post(f"{url}?source=VM%20Network")
+    assert response.status_code == 302 and response["Location"] == settings_url(vm)
+    assert NetworkMapping.as_dict() == {"Backup": "backup-net"}
+    assert "&#x27;VM Network&#x27; no longer mapped" in admin.get(settings_url(vm)).content.decode()
+    response = admin.post(f"{url}?source=VM%20Network")
+    assert response.status_code == 409 and NetworkMapping.as_dict() == {"Backup": "backup-net"}
+
+
 def test_start_a_cycle_with_a_limit_valid_invalid_and_refused(vm):
     url = settings_url(vm)
     response = client_as("viewer").post(url, {"action": "replicate", "rep-sync_type": "full", "rep-limit": "50M"})

@@ -4,7 +4,8 @@ network_map` and the pages."""
 
 from __future__ import annotations
 
-from replication.models import NetworkMapping
+from replication.choices import VMState
+from replication.models import NetworkMapping, VirtualMachine
 from replication.platforms import get_destination
 from replication.platforms.base import DestinationError
 
@@ -34,7 +35,21 @@ def map_network(source: str, destination: str) -> NetworkMapping:
     return mapping
 
 
+def unmapped_reason(source: str) -> str:
+    return f"source network {source!r} is not mapped" if source else "give the source network whose mapping goes"
+
+
 def unmap_network(source: str) -> None:
+    """Drop the mapping of `source`; NetworkMapError when there is none."""
     deleted, _ = NetworkMapping.objects.filter(source_network=source).delete()
     if not deleted:
-        raise NetworkMapError("source", f"source network {source!r} is not mapped")
+        raise NetworkMapError("source", unmapped_reason(source))
+
+
+def vms_on(source: str) -> list[str]:
+    """The names of the VMs (decommissioned ones aside) with a NIC on source network `source`."""
+    if not source:
+        return []
+    vms = VirtualMachine.objects.exclude(context__state=VMState.DECOMMISSIONED).order_by("name")
+    return [vm.name for vm in vms.only("name", "nics")
+            if any(nic.get("network") == source for nic in vm.nics or [])]

@@ -1,5 +1,7 @@
 from django import template
 from django.utils import formats, timezone
+from django.utils.html import escape
+from django.utils.safestring import mark_safe
 
 from vma_agent.units import iec as iec_size
 from vma_agent.units import iec_rate
@@ -31,6 +33,12 @@ def when(moment, default="—"):
     if timezone.is_aware(moment):
         moment = timezone.localtime(moment)
     return formats.date_format(moment, "DATETIME_FORMAT")
+
+
+@register.filter
+def path_breaks(path):
+    """A file path or URL that may wrap after each / (a <wbr>), never inside a name."""
+    return mark_safe(escape(path).replace("/", "/<wbr>"))
 
 
 @register.filter

@@ -2,12 +2,14 @@
 choices, guest conversion, the network mapping of its NICs' networks,
 starting a cycle with a bandwidth limit, comparing its replicas with its
 sources (a task), and the destructive actions, each behind a confirmation
-page naming what will happen: remove its replicas, decommission it.
+page naming what will happen: remove a network mapping, remove its
+replicas, decommission it.
 
 Every form goes through the service its management command calls
 (replication.forms); who may press what follows replication.roles:
 reading needs viewer, starting a cycle or a comparison operator, changing
-settings, removing replicas and decommissioning administrator."""
+settings, mapping and unmapping networks, removing replicas and
+decommissioning administrator."""
 
 from django.contrib import messages
 from django.shortcuts import get_object_or_404, redirect, render
@@ -17,7 +19,7 @@ from replication.choices import VMState
 from replication.forms import BootCheckForm, GuestConversionForm, HardwareForm, NetworkMapForm, ReplicateForm
 from replication.models import NetworkMapping, TargetVolume, VirtualMachine, VMContext
 from replication.roles import ADMINISTER, OPERATE, READ, actor_of, log_admin, page_permission, refusal
-from replication.services import checksums, hardware
+from replication.services import checksums, hardware, network_maps
 from replication.services.protection import ProtectionError, decommission_refusal
 from replication.services.protection import decommission as decommission_vm
 from replication.services.protection import remove_replicas as remove_vm_replicas
@@ -106,7 +108,8 @@ def _said(form) -> str:
     return ", ".join(f"{key}={value}" for key, value in form.cleaned_data.items())[:500]
 
 
-def _confirm(request, vm, *, title, action_label, consequences, perm, act, done_message, refusal_text=""):
+def _confirm(request, vm, *, title, action_label, consequences, perm, act, done_message, refusal_text="",
+             warning="Deleted replicas cannot be brought back."):
     """A destructive action: GET shows what will happen (or why it cannot),
     POST does it."""
     if not request.user.has_perm(perm):
@@ -114,11 +117,11 @@ def _confirm(request, vm, *, title, action_label, consequences, perm, act, done_
     back = reverse("vm-settings", args=[vm.pk])
     page = {"title": title, "action_label": action_label, "consequences": consequences, "refusal": refusal_text,
             "back_url": back, "crumbs": [(reverse("vm-list"), "VMs"), (back, vm.name)],
-            "warning": "Deleted replicas cannot be brought back."}
+            "warning": warning}
     if request.method == "POST" and not refusal_text:
         try:
             done = act()
-        except ProtectionError as exc:
+        except (ProtectionError, network_maps.NetworkMapError) as exc:
             page["refusal"] = str(exc)
             return render_page(request, "replication/confirm.html", page, 409)
         log_admin(request, vm, done_message.format(count=len(done)))
@@ -158,3 +161,25 @@ def vm_decommission(request, vm_id):
         refusal_text=decommission_refusal(vm),
         perm=ADMINISTER, act=lambda: decommission_vm(vm, actor=actor_of(request)),
         done_message=f"{vm.name} decommissioned: {{count}} replica volume(s) removed, its history kept")
+
+
+@page_permission(READ)
+def vm_unmap_network(request, vm_id):
+    """Remove one network mapping (?source=its source network), from a VM's
+    settings page; the mapping is one for every VM, so the confirmation names
+    the VMs a live failover of is then refused."""
+    vm = get_object_or_404(VirtualMachine, pk=vm_id)
+    source = request.GET.get("source", "")
+    mapping = NetworkMapping.objects.filter(source_network=source).first()
+    users = network_maps.vms_on(source)
+    return _confirm(
+        request, vm, title=f"Remove the mapping of network {source}",
+        action_label=f"Remove the mapping of {source}",
+        consequences=[f"remove the mapping {mapping} for every VM",
+                      (f"refuse a live failover of the {len(users)} VM(s) with a NIC on {source} "
+                       f"({', '.join(users)}) until it is mapped again") if users
+                      else f"leave every VM as it is: no VM recorded has a NIC on {source}",
+                      "leave test failovers as they are: they join the isolated test network"],
+        refusal_text="" if mapping else network_maps.unmapped_reason(source),
+        perm=ADMINISTER, act=lambda: network_maps.unmap_network(source) or [],
+        warning="", done_message=f"{source!r} no longer mapped")
