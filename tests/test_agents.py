@@ -215,6 +215,11 @@ def test_an_operator_pauses_and_resumes_an_agent_by_post_with_csrf(token_file):
     assert "already paused" in again
     entry = AgentAuditEntry.objects.filter(agent_name="site-b", action="pause").get()
     assert entry.actor == "op" and entry.source == "127.0.0.1"
+    from django.contrib.admin.models import LogEntry
+
+    logged = LogEntry.objects.get()  # the refused second pause logs nothing
+    assert logged.user.username == "op" and logged.object_repr == str(Agent.objects.get(name="site-b"))
+    assert "pause agent site-b" in logged.get_change_message()
 
 
 @pytest.mark.django_db

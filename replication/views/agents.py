@@ -5,7 +5,7 @@ from django.contrib import messages
 from django.shortcuts import redirect
 from django.views.decorators.http import require_POST
 
-from replication.roles import OPERATE, READ, actor_of, page_permission
+from replication.roles import OPERATE, READ, actor_of, log_admin, page_permission
 from replication.services import agents
 from replication.views.common import render_page
 
@@ -28,5 +28,6 @@ def agent_action(request, name: str, action: str):
     except agents.AgentError as exc:
         messages.error(request, str(exc))
     else:
+        log_admin(request, agent, f"{action} agent {agent.name}: now {agent.get_state_display()}")
         messages.info(request, f"agent {agent.name} is now {agent.get_state_display()}")
     return redirect("agent-list")
