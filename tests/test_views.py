@@ -6,7 +6,7 @@ from django.test import Client
 from django.urls import reverse
 
 from replication.choices import DiskStatus, JobStatus
-from replication.models import ReplicationJob
+from replication.models import ReplicationJob, SourceDisk
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import fail_job, start_replication
 from tests.helpers import MiB, make_image, user_with_role
@@ -111,8 +111,11 @@ def test_the_job_eta_is_its_slowest_disks(job):
 
 def test_job_detail_shows_disks_and_failure_reason(operator, job):
     fail_job(job.id, "disk-2001: read failed at offset 0 length 1048576: Input/output error")
+    # vCenter's own label, as discovery stores it, beside the disk key
+    SourceDisk.objects.filter(job_disks__job=job, disk_key="disk-2001").update(label="Hard disk 2")
     html = operator.get(reverse("job-detail", args=[job.id])).content.decode()
     assert "disk-2000" in html and "disk-2001" in html
+    assert "data-disk-label>Hard disk 2<" in html and html.count("data-disk-label>") == 1
     assert "read failed at offset 0" in html
     assert "Retry" in html and "Cancel job" not in html
 
@@ -317,7 +320,7 @@ def test_vm_page_shows_identity_hardware_disks_cycles_points_failovers_drills_an
 
 def test_vm_page_names_vcenter_disks_as_vcenter_does():
     from replication.choices import SourceKind
-    from replication.models import SourceDisk, VCenter, VirtualMachine
+    from replication.models import VCenter, VirtualMachine
 
     vcenter = VCenter.objects.create(name="vc1", host="vc.example", username="u", thumbprint="AA")
     vm = VirtualMachine.objects.create(name="db01", source_kind=SourceKind.VMWARE, vcenter=vcenter, moref="vm-7",
@@ -325,13 +328,14 @@ def test_vm_page_names_vcenter_disks_as_vcenter_does():
     for key in (2016, 2000, 2001):  # the second controller's disk, then the first's
         SourceDisk.objects.create(vm=vm, disk_key=f"disk-{key}", device_key=key, unit_number=key % 16,
                                   locator=f"[ds1] db01/db01_{key}.vmdk", backing_file=f"[ds1] db01/db01_{key}.vmdk",
-                                  capacity_bytes=40 * 2**30)
+                                  capacity_bytes=40 * 2**30, label="Hard disk 9" if key == 2016 else "")
     client = Client()
     client.force_login(user_with_role("viewer", "viewer"))
     html = client.get(reverse("vm-detail", args=[vm.pk])).content.decode()
+    # vCenter's own label where discovery stored it; the vSphere Client's numbering for older rows
     rows = [html.index(f'data-disk="disk-{key}"') for key in (2000, 2001, 2016)]
     assert rows == sorted(rows)
-    for key, label in ((2000, "Hard disk 1"), (2001, "Hard disk 2"), (2016, "Hard disk 3")):
+    for key, label in ((2000, "Hard disk 1"), (2001, "Hard disk 2"), (2016, "Hard disk 9")):
         row = html[html.index(f'data-disk="disk-{key}"'):]
         assert row.index(f"data-disk-label>{label}<") < row.index("</tr>")
     assert "[ds1] db01/<wbr>db01_2000.vmdk" in html and "40.0 GiB" in html, "a path wraps only after a /"

@@ -15,6 +15,7 @@ from pyVmomi import vim
 from replication.choices import DiskStatus, JobStatus, SyncType
 from replication.models import ChangeIdRecord, ReplicationJob, SourceDisk, VCenter, VirtualMachine
 from replication.services import vmware as vmware_service
+from replication.services.inventory import label_disks
 from replication.services.jobs import cancel_job, start_replication
 from simulators.vcenter import fill_image as fill
 from simulators.vcenter import snapshot_image, vm_spec
@@ -77,6 +78,11 @@ def test_discovery_records_a_three_disk_vm(vcenter):
         ("disk-2002", 2002, 2, DISKS[2], "persistent")]
     assert all(d["backing_file"].startswith("[") and d["backing_file"].endswith(".vmdk") for d in web["disks"])
     assert [d["discovered_change_id"] for d in vms["db01"]["disks"]] == [""]  # CBT on, no snapshot yet
+    # vCenter's own names, stored as it gives them (a real vCenter says
+    # "Hard disk 1"; govmomi's simulator names them disk-<controller>-<unit>).
+    assert [d["label"] for d in web["disks"]] == ["disk-1000-0", "disk-1000-1", "disk-1000-2"]
+    (vm,) = VirtualMachine.objects.filter(name="web01")
+    assert [d.label for d in label_disks(vm.disks.all())] == ["disk-1000-0", "disk-1000-1", "disk-1000-2"]
     # Discovering again updates in place.
     _call("discover", "--vcenter", "vc1", "--vm", "web01")
     assert VirtualMachine.objects.filter(name="web01").count() == 1

@@ -121,6 +121,8 @@ class SourceDisk(models.Model):
 
     vm = models.ForeignKey(VirtualMachine, on_delete=models.CASCADE, related_name="disks")
     disk_key = models.CharField(max_length=50, help_text="e.g. disk-2000")
+    label = models.CharField(max_length=80, blank=True,
+                             help_text="vCenter's own name for the disk (deviceInfo.label), e.g. Hard disk 1")
     locator = models.CharField(max_length=1000, help_text="Image path or NBD URI")
     capacity_bytes = models.BigIntegerField()
     change_id = models.CharField(max_length=200, blank=True, help_text="Last committed changeId")

@@ -128,11 +128,11 @@ def _check_devices(disk_bus: str, scsi_model: str, nic_model: str) -> None:
 
 def label_disks(disks) -> list[SourceDisk]:
     """The VM's disks, each with `label`, the name an operator knows it by:
-    a vCenter disk (one with a device key) "Hard disk N", numbered as the
-    vSphere Client numbers them, by device key (disk-2000 is "Hard disk 1");
-    an image or NBD disk "Disk N" by its place among the VM's disks.
-    vCenter's own label (deviceInfo.label) is read at discovery but not
-    stored, so it is derived here. Returns the disks in that order."""
+    for a vCenter disk (one with a device key) vCenter's own label, stored at
+    discovery, or for a disk recorded before labels were stored "Hard disk
+    N", numbered as the vSphere Client numbers them, by device key
+    (disk-2000 is "Hard disk 1"); an image or NBD disk "Disk N" by its place
+    among the VM's disks. Returns the disks in that order."""
     def number(disk) -> int:
         tail = disk.disk_key.rsplit("-", 1)[-1]
         return int(tail) if tail.isdigit() else 0
@@ -140,7 +140,7 @@ def label_disks(disks) -> list[SourceDisk]:
     ordered = sorted(disks, key=lambda d: (d.device_key is None, d.device_key or number(d), d.disk_key))
     vmware = [d for d in ordered if d.device_key is not None]
     for position, disk in enumerate(vmware, start=1):
-        disk.label = f"Hard disk {position}"
+        disk.label = disk.label or f"Hard disk {position}"
     for position, disk in enumerate([d for d in ordered if d.device_key is None], start=len(vmware) + 1):
         disk.label = f"Disk {position}"
     return ordered

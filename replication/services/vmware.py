@@ -175,9 +175,10 @@ def _record_vm(vcenter: VCenter, info: vmware.VMInfo, agent: str, actor: str = "
     for disk in info.disks:
         SourceDisk.objects.update_or_create(
             vm=vm, disk_key=disk.disk_key,
-            defaults=dict(locator=disk.backing_file, capacity_bytes=disk.capacity_bytes, device_key=disk.key,
-                          unit_number=disk.unit_number, backing_file=disk.backing_file, disk_mode=disk.disk_mode,
-                          sharing=disk.sharing, is_rdm=disk.is_rdm, discovered_change_id=disk.change_id),
+            defaults=dict(label=disk.label[:80], locator=disk.backing_file, capacity_bytes=disk.capacity_bytes,
+                          device_key=disk.key, unit_number=disk.unit_number, backing_file=disk.backing_file,
+                          disk_mode=disk.disk_mode, sharing=disk.sharing, is_rdm=disk.is_rdm,
+                          discovered_change_id=disk.change_id),
         )
     # Disks removed on vCenter: forget those no job ever copied; the others
     # stay for their history and make the next job's preflight say so.

@@ -10,7 +10,7 @@ from replication.models import ReplicationJob, VMDisk
 
 def jobs_with_disks():
     return ReplicationJob.objects.select_related("vm").prefetch_related(
-        Prefetch("disks", queryset=VMDisk.objects.order_by("disk_key"))
+        Prefetch("disks", queryset=VMDisk.objects.select_related("source_disk").order_by("disk_key"))
     )
 
 

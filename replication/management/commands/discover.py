@@ -46,7 +46,7 @@ def _vm_dict(vm) -> dict:
         "scsi_model": vm.scsi_model, "nic_model": vm.nic_model, "cpus": vm.cpus, "memory_mib": vm.memory_mib,
         "guest_os": vm.guest_os, "cbt_enabled": vm.cbt_enabled, "nics": vm.nics,
         "snapshots": vm.snapshots,
-        "disks": [{"disk_key": d.disk_key, "device_key": d.device_key, "unit_number": d.unit_number,
+        "disks": [{"disk_key": d.disk_key, "label": d.label, "device_key": d.device_key, "unit_number": d.unit_number,
                    "capacity_bytes": d.capacity_bytes, "backing_file": d.backing_file, "disk_mode": d.disk_mode,
                    "sharing": d.sharing, "is_rdm": d.is_rdm, "discovered_change_id": d.discovered_change_id,
                    "committed_change_id": d.change_id}
