@@ -196,7 +196,7 @@ def test_a_rejected_agent_gets_no_credentials(client, tmp_path, rabbit):
     assert answer.status_code == 403 and answer.json()["state"] == "rejected"
     with pytest.raises(CommandError, match="only a pending agent can be approved"):
         call_command("agent", "approve", "enr-rej")
-    assert "vma-enr-rej" not in broker_users()
+    assert enrolment.broker_user_of("enr-rej") not in broker_users()
     assert [(e.action, e.actor) for e in AgentAuditEntry.objects.filter(agent__name="enr-rej").order_by("at", "id")
             ] == [("enrolled", "enr-rej"), ("rejected", f"{enrolment_actor()} for alice")]
 
@@ -229,10 +229,10 @@ def test_the_agent_host_enrols_waits_for_approval_and_gets_its_own_credentials(l
     env = dict(line.split("=", 1) for line in (state / "agent.env").read_text().splitlines())
     assert (state / "agent.env").stat().st_mode & 0o777 == 0o600
     assert (state / "message_key").stat().st_mode & 0o777 == 0o600
-    assert env["VMA_AGENT_NAME"] == "enr-site" and env["CELERY_BROKER_URL"].startswith("amqp://vma-enr-site:")
+    assert env["VMA_AGENT_NAME"] == "enr-site" and env["CELERY_BROKER_URL"].startswith(f"amqp://{enrolment.broker_user_of('enr-site')}:")
     agent.refresh_from_db()
     assert (state / "message_key").read_text().strip() == Path(agent.message_key_file).read_text().strip()
-    assert agent.broker_user == "vma-enr-site" and agent.state == AgentState.ACTIVE
+    assert agent.broker_user == enrolment.broker_user_of("enr-site") and agent.state == AgentState.ACTIVE
     with Connection(env["CELERY_BROKER_URL"]) as conn:  # its own credentials work, for its own queue
         Queue("vma.enr-site", Exchange("vma.enr-site"), "vma.enr-site")(conn.default_channel).declare()
     again = subprocess.run([sys.executable, "-m", "vma_agent.enrol", "--oma", live_server.url, "--code", code,
@@ -412,7 +412,8 @@ def test_a_celery_worker_as_agent_a_cannot_consume_bs_queue(client, tmp_path, ra
         proc.kill()
     text = log_path.read_text()
     assert code != 0, f"the worker ran with A's credentials on B's queue:\n{text[-3000:]}"
-    assert "ACCESS_REFUSED" in text and "vma.enr-b" in text and "refused for user 'vma-enr-a'" in text, text[-3000:]
+    refused = f"refused for user '{enrolment.broker_user_of('enr-a')}'"
+    assert "ACCESS_REFUSED" in text and "vma.enr-b" in text and refused in text, text[-3000:]
 
 
 @pytest.fixture
