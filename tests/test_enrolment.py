@@ -607,3 +607,23 @@ def test_an_agent_revoked_mid_copy_stops_and_leaves_the_replica_as_it_was(client
             api.wait(10)
         source.stop()
         oma_app.close()
+
+
+def test_the_same_agent_name_in_two_vhosts_gets_two_users_and_revoking_one_leaves_the_other(rabbit, settings):
+    """Two OMAs on one RabbitMQ (vhosts of their own) that reuse an agent name."""
+    vhost_a = broker_vhost_of(settings.AGENT_BROKER_URL)
+    vhost_b = f"{vhost_a}-b"
+    try:
+        user_a = enrolment._add_broker_user("enr-twin", "pw-a")
+        settings.AGENT_BROKER_URL = f"amqp://127.0.0.1:5672/{vhost_b}"
+        user_b = enrolment._add_broker_user("enr-twin", "pw-b")
+        assert user_a != user_b and {user_a, user_b} <= broker_users()
+        enrolment._delete_broker_user(user_b)
+        assert user_b not in broker_users()
+        with Connection(f"amqp://{user_a}:pw-a@127.0.0.1:5672/{vhost_a}") as conn:
+            conn.connect()  # A's agent still gets in with its own password
+            assert conn.connected
+    finally:
+        subprocess.run([*RABBITMQCTL, "delete_user", enrolment.broker_user_of("enr-twin", vhost_b)],
+                       capture_output=True, timeout=60)
+        subprocess.run([*RABBITMQCTL, "delete_vhost", vhost_b], capture_output=True, timeout=60)
