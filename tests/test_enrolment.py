@@ -196,7 +196,7 @@ def test_a_rejected_agent_gets_no_credentials(client, tmp_path, rabbit):
     assert answer.status_code == 403 and answer.json()["state"] == "rejected"
     with pytest.raises(CommandError, match="only a pending agent can be approved"):
         call_command("agent", "approve", "enr-rej")
-    assert "vma-enr-rej" not in broker_users()
+    assert enrolment.broker_user_of("enr-rej") not in broker_users()
     assert [(e.action, e.actor) for e in AgentAuditEntry.objects.filter(agent__name="enr-rej").order_by("at", "id")
             ] == [("enrolled", "enr-rej"), ("rejected", f"{enrolment_actor()} for alice")]
 
@@ -229,10 +229,10 @@ def test_the_agent_host_enrols_waits_for_approval_and_gets_its_own_credentials(l
     env = dict(line.split("=", 1) for line in (state / "agent.env").read_text().splitlines())
     assert (state / "agent.env").stat().st_mode & 0o777 == 0o600
     assert (state / "message_key").stat().st_mode & 0o777 == 0o600
-    assert env["VMA_AGENT_NAME"] == "enr-site" and env["CELERY_BROKER_URL"].startswith("amqp://vma-enr-site:")
+    assert env["VMA_AGENT_NAME"] == "enr-site" and env["CELERY_BROKER_URL"].startswith(f"amqp://{enrolment.broker_user_of('enr-site')}:")
     agent.refresh_from_db()
     assert (state / "message_key").read_text().strip() == Path(agent.message_key_file).read_text().strip()
-    assert agent.broker_user == "vma-enr-site" and agent.state == AgentState.ACTIVE
+    assert agent.broker_user == enrolment.broker_user_of("enr-site") and agent.state == AgentState.ACTIVE
     with Connection(env["CELERY_BROKER_URL"]) as conn:  # its own credentials work, for its own queue
         Queue("vma.enr-site", Exchange("vma.enr-site"), "vma.enr-site")(conn.default_channel).declare()
     again = subprocess.run([sys.executable, "-m", "vma_agent.enrol", "--oma", live_server.url, "--code", code,
@@ -412,7 +412,8 @@ def test_a_celery_worker_as_agent_a_cannot_consume_bs_queue(client, tmp_path, ra
         proc.kill()
     text = log_path.read_text()
     assert code != 0, f"the worker ran with A's credentials on B's queue:\n{text[-3000:]}"
-    assert "ACCESS_REFUSED" in text and "vma.enr-b" in text and "refused for user 'vma-enr-a'" in text, text[-3000:]
+    refused = f"refused for user '{enrolment.broker_user_of('enr-a')}'"
+    assert "ACCESS_REFUSED" in text and "vma.enr-b" in text and refused in text, text[-3000:]
 
 
 @pytest.fixture
@@ -606,3 +607,23 @@ def test_an_agent_revoked_mid_copy_stops_and_leaves_the_replica_as_it_was(client
             api.wait(10)
         source.stop()
         oma_app.close()
+
+
+def test_the_same_agent_name_in_two_vhosts_gets_two_users_and_revoking_one_leaves_the_other(rabbit, settings):
+    """Two OMAs on one RabbitMQ (vhosts of their own) that reuse an agent name."""
+    vhost_a = broker_vhost_of(settings.AGENT_BROKER_URL)
+    vhost_b = f"{vhost_a}-b"
+    try:
+        user_a = enrolment._add_broker_user("enr-twin", "pw-a")
+        settings.AGENT_BROKER_URL = f"amqp://127.0.0.1:5672/{vhost_b}"
+        user_b = enrolment._add_broker_user("enr-twin", "pw-b")
+        assert user_a != user_b and {user_a, user_b} <= broker_users()
+        enrolment._delete_broker_user(user_b)
+        assert user_b not in broker_users()
+        with Connection(f"amqp://{user_a}:pw-a@127.0.0.1:5672/{vhost_a}") as conn:
+            conn.connect()  # A's agent still gets in with its own password
+            assert conn.connected
+    finally:
+        subprocess.run([*RABBITMQCTL, "delete_user", enrolment.broker_user_of("enr-twin", vhost_b)],
+                       capture_output=True, timeout=60)
+        subprocess.run([*RABBITMQCTL, "delete_vhost", vhost_b], capture_output=True, timeout=60)

@@ -132,8 +132,13 @@ def broker_vhost() -> str:
     return url_to_parts(settings.AGENT_BROKER_URL).path or "/"
 
 
-def broker_user_of(name: str) -> str:
-    return f"vma-{name}"
+def broker_user_of(name: str, vhost: str | None = None) -> str:
+    """The broker user of agent `name`: `vma-<name>.<8 hex of the vhost>`.
+    RabbitMQ users are global across vhosts, so two OMAs (or test runs) on
+    one RabbitMQ that reuse an agent name must not share (and delete or
+    overwrite) one user; the vhost's short hash keeps them apart."""
+    vhost = broker_vhost() if vhost is None else vhost
+    return f"vma-{name}.{hashlib.sha256(vhost.encode()).hexdigest()[:8]}"
 
 
 def broker_permissions(name: str) -> tuple[str, str, str]:
