@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import pytest
 import requests
@@ -426,7 +426,8 @@ def test_an_enrolled_agent_is_reached_only_through_the_tunnel_set_up_at_approval
         host_key = (Path(settings.AGENT_SSH_DIR) / "ssh_host_ed25519_key.pub").read_text().split()[:2]
         assert (state / "known_hosts").read_text().split() == [f"[localhost]:{settings.AGENT_SSH_PORT}", *host_key]
         env = dict(item.split("=", 1) for item in (state / "agent.env").read_text().splitlines())
-        assert env["CELERY_BROKER_URL"].startswith(f"amqp://vma-{name}:")
+        assert env["CELERY_BROKER_URL"].startswith(f"amqp://{quote(agent.broker_user, safe='')}:")
+        assert agent.broker_user == enrolment.broker_user_of(name)
         assert f"@127.0.0.1:{broker_port}/" in env["CELERY_BROKER_URL"]
         assert env["VMA_TOKEN"] == Path(agent.token_file).read_text() and env["VMA_API_PORT"] == str(api_port)
 
@@ -468,10 +469,11 @@ def test_an_enrolled_agent_is_reached_only_through_the_tunnel_set_up_at_approval
         agent.refresh_from_db()
         assert agent.last_seen_at is not None and agent.last_error == ""
         # Its worker reached the broker at its end of the tunnel, as its own user.
-        wait_until(lambda: re.search(rf"Connected to amqp://vma-{name}:\*\*@127\.0\.0\.1:{broker_port}/",
+        user = re.escape(agent.broker_user)
+        wait_until(lambda: re.search(rf"Connected to amqp://{user}:\*\*@127\.0\.0\.1:{broker_port}/",
                                      host_log()), 60, "the worker's broker connection through the tunnel")
         assert "tunnel opening to oma-agents@localhost" in host_log()
-        assert f"vma-{name}" in rabbitmqctl("list_connections", "user", "--no-table-headers").split()
+        assert agent.broker_user in rabbitmqctl("list_connections", "user", "--no-table-headers").split()
 
         call_command("agent", "revoke", name)
 
@@ -487,7 +489,7 @@ def test_an_enrolled_agent_is_reached_only_through_the_tunnel_set_up_at_approval
             agent_service.client(Agent.objects.get(name=name)).get(job.id)
         progress.poll_once()
         assert VMDisk.objects.get(job=job).bytes_done == 300
-        assert f"vma-{name}" not in broker_users()
+        assert agent.broker_user not in broker_users()
         refused = requests.get(f"{live_server.url}/api/agents/enrol/{name}/", timeout=10,
                                headers={"Authorization": f"Pairing {code}"})
         assert refused.status_code == 403 and refused.json()["state"] == "revoked"
@@ -509,7 +511,7 @@ def test_an_enrolled_agent_is_reached_only_through_the_tunnel_set_up_at_approval
             agent_host.kill()
             agent_host.wait()
         for user in broker_users():
-            if user == f"vma-{name}":
+            if user == enrolment.broker_user_of(name):
                 subprocess.run(["rabbitmqctl", "-q", "delete_user", user], capture_output=True, timeout=60)
         rabbitmqctl("delete_vhost", vhost)
 
