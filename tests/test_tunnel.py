@@ -5,6 +5,7 @@ are on this host: the agent's API listens on 127.0.0.1 only, and the OMA
 reads it at its tunnel port, which only the agent's reverse forward opens."""
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -436,7 +437,8 @@ def test_an_enrolled_agent_is_reached_only_through_the_tunnel_set_up_at_approval
         with open(log_path, "w") as log:
             agent_host = subprocess.Popen([sys.executable, "-m", "vma_agent.run", "--state-dir", str(state),
                                            "--concurrency", "1"], cwd=PROJECT_ROOT, stdout=log,
-                                          stderr=subprocess.STDOUT, env=agent_host_env(state, f"vma:progress:{name}"))
+                                          stderr=subprocess.STDOUT, env=agent_host_env(state, f"vma:progress:{name}"),
+                                          start_new_session=True)  # its tunnel, API and worker: one group to end
 
         def host_log() -> str:
             assert agent_host.poll() is None, log_path.read_text()[-3000:]
@@ -507,8 +509,9 @@ def test_an_enrolled_agent_is_reached_only_through_the_tunnel_set_up_at_approval
         assert "agent host stopped" in log_path.read_text()
         assert not listeners(api_port) and not listeners(broker_port)
     finally:
-        if agent_host is not None and agent_host.poll() is None:
-            agent_host.kill()
+        if agent_host is not None:  # the group: a failed test leaves no tunnel, API or worker behind
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(agent_host.pid, signal.SIGKILL)
             agent_host.wait()
         for user in broker_users():
             if user == enrolment.broker_user_of(name):
