@@ -20,7 +20,7 @@ from replication.models import CloudError, CloudStackConfig, VMContext
 from replication.platforms.cloudstack.client import CloudClient
 from replication.services import vmware as vmware_service
 from replication.services.jobs import start_replication
-from simulators.cloudstack import CloudStackSimulator, GiB
+from simulators.cloudstack import GiB
 from simulators.vcenter import fill_image, vm_spec
 from tests.helpers import MiB, sha256, wait_for_job
 
@@ -30,17 +30,11 @@ DISKS = [12 * MiB + 4097, 5 * MiB, 9 * MiB + 511]
 
 
 @pytest.fixture
-def cloud(tmp_path):
-    sim = CloudStackSimulator(tmp_path / "cloudstack", tmp_path / "by-id")
-    secret = settings.OMA_SECRETS_DIR / f"cloud-secret-{tmp_path.name}"
-    secret.write_text(sim.secret + "\n")
-    secret.chmod(0o600)
-    try:
-        yield sim, secret
-        # CloudStack ignores a parameter it does not know: every call made must name only its own.
-        assert sim.unknown_params == [], f"parameters CloudStack would ignore: {sim.unknown_params}"
-    finally:
-        sim.stop()
+def cloud(cloud_sim):
+    """conftest's simulator, and every call checked for parameters CloudStack would ignore."""
+    yield cloud_sim
+    sim, _ = cloud_sim
+    assert sim.unknown_params == [], f"parameters CloudStack would ignore: {sim.unknown_params}"
 
 
 def add_cloud(sim, secret, *extra) -> str:
