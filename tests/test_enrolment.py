@@ -495,7 +495,8 @@ def test_the_reaper_ends_what_a_revoked_agent_still_holds(copying_disk_of_b):
     assert disk.status == DiskStatus.FAILED and "its work is not trusted" in disk.error_message
     assert CopyAttempt.objects.get(disk=disk).outcome == CopyAttempt.Outcome.CANCELLED
     entry = AgentAuditEntry.objects.get(action="work-ended")
-    assert (entry.agent_name, entry.actor, entry.detail) == ("enr-b", "reaper", "1 job(s) failed, 1 copy run(s) closed")
+    assert (entry.agent_name, entry.actor, entry.detail) == (
+        "enr-b", "reaper", "1 job(s) failed, 1 copy run(s) closed, 0 failover(s) answered")
     assert reaper.reap().agents_revoked == []  # once
 
 

@@ -268,6 +268,46 @@ def test_an_agent_that_never_answers_the_shutdown_fails_the_failover_and_the_sou
     assert job.status == FailoverStatus.FAILED
 
 
+def test_revoking_the_agent_a_failover_waits_on_ends_it_at_once_and_asks_the_agent_nothing_more(
+        tmp_path, monkeypatch, power_orders):
+    from replication.choices import AgentState
+    from replication.models import Agent, AgentAuditEntry
+    from replication.services import enrolment, failover
+
+    vm = as_vmware(completed_cycle_on(tmp_path, "vm-revoked", monkeypatch))
+    VirtualMachine.objects.filter(pk=vm.pk).update(agent="site-r")
+    vm.refresh_from_db()
+    agent = Agent.objects.create(name="site-r")
+    job = failover.start_failover(vm, "live")
+    failover.run_failover(job.pk)
+    job.refresh_from_db()
+    assert power_orders == [(job.pk, "shut_down")] and job.status == FailoverStatus.RUNNING
+
+    # Revoked while the shutdown is asked: the reaper's pass answers for it
+    # (the agent's own answers are refused from now on), long before the deadline.
+    agent.transition(AgentState.REVOKED)
+    assert enrolment.end_revoked_work() == ["site-r"]
+    job.refresh_from_db()
+    assert job.status == FailoverStatus.FAILED and "agent site-r revoked" in job.error_message
+    steps = {s.name: (s.status, s.detail) for s in job.steps.all()}
+    assert steps["shut down source"][0] == "failed" and "revoked" in steps["shut down source"][1]
+    assert steps["power on source"] == (
+        "failed", "agent site-r is revoked: the OMA no longer asks it to power on vm-revoked")
+    assert power_orders == [(job.pk, "shut_down")], "nothing more is asked of a revoked agent"
+    assert VMContext.of(vm).state == VMState.READY_FOR_FAILOVER
+    assert AgentAuditEntry.objects.get(action="work-ended").detail == (
+        "0 job(s) failed, 0 copy run(s) closed, 1 failover(s) answered")
+    assert enrolment.end_revoked_work() == []  # answered once
+
+    # A new live failover is refused at the shutdown, naming the way that needs none.
+    second = failover.start_failover(vm, "live")
+    failover.run_failover(second.pk)
+    second.refresh_from_db()
+    assert second.status == FailoverStatus.FAILED
+    assert "agent site-r is revoked" in second.error_message and "--source-lost" in second.error_message
+    assert power_orders == [(job.pk, "shut_down")]
+
+
 def test_a_final_cycle_that_fails_ends_the_failover_and_powers_the_source_back_on(tmp_path, monkeypatch,
                                                                                   power_orders):
     from replication.services import failover, jobs

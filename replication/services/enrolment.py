@@ -31,7 +31,7 @@ from django.db import transaction
 from django.utils import timezone
 from kombu.utils.url import url_to_parts
 
-from replication.choices import JOB_ACTIVE, AgentState, DiskStatus
+from replication.choices import JOB_ACTIVE, AgentState, DiskStatus, FailoverStatus
 from replication.models import Agent, AgentAuditEntry, PairingCode
 from replication.services import tunnels
 from vma_agent import identity as message_identity
@@ -298,7 +298,8 @@ def revoke(name: str, actor: str, source: str = "") -> Agent:
         raise EnrolmentError(f"agent {name} is already {agent.state}", 409)
     if agent.state != AgentState.REVOKED:
         agent.transition(AgentState.REVOKED, revoked_at=timezone.now())
-    ended, runs = end_work_of(agent, f"agent {name} revoked by {actor}: its work is not trusted, ended by the OMA")
+    ended, runs, failovers = end_work_of(agent, f"agent {name} revoked by {actor}: its work is not trusted, "
+                                                f"ended by the OMA")
     tunnel_failure = None
     if agent.public_key or agent.tunnel_port:
         try:
@@ -313,22 +314,24 @@ def revoke(name: str, actor: str, source: str = "") -> Agent:
     closed = _delete_broker_user(agent.broker_user) if agent.broker_user else 0
     audit(agent, "revoked", actor, source, f"broker user {agent.broker_user or '-'} deleted, "
                                            f"{closed} connection(s) closed, {ended} job(s) failed, "
-                                           f"{runs} copy run(s) closed")
+                                           f"{runs} copy run(s) closed, {failovers} failover(s) answered")
     if tunnel_failure:
         raise EnrolmentError(f"agent {name} revoked, but {tunnel_failure}", 500)
     return agent
 
 
-def end_work_of(agent: Agent, reason: str) -> tuple[int, int]:
+def end_work_of(agent: Agent, reason: str) -> tuple[int, int, int]:
     """End what a revoked agent still holds, on the OMA's word alone (its
     own outcomes are refused, so it cannot be waited for): its running
     cycles fail with `reason`, each one's cleanup asking its API (if
     reachable) to stop the copies and discarding the cycle's layers, so a
     copy that goes on writing lands nowhere and no recovery point or
     changeId comes of it; then each of its copy runs still open is closed
-    with the same reason. (jobs failed, runs closed)."""
+    with the same reason; then each failover waiting on it to switch a
+    source's power is answered with the reason (failover.end_power_waits_of).
+    (jobs failed, runs closed, failovers answered)."""
     from replication.models import CopyAttempt, ReplicationJob, VMDisk
-    from replication.services import jobs
+    from replication.services import failover, jobs
 
     job_ids = list(ReplicationJob.objects.filter(vm__agent=agent.name, status__in=JOB_ACTIVE)
                    .values_list("pk", flat=True))
@@ -340,7 +343,7 @@ def end_work_of(agent: Agent, reason: str) -> tuple[int, int]:
         if disk.fail(reason):
             disk.end_attempt(disk.attempts, CopyAttempt.Outcome.CANCELLED, reason=reason)
             runs += 1
-    return failed, runs
+    return failed, runs, failover.end_power_waits_of(agent.name, reason)
 
 
 def end_revoked_work() -> list[str]:
@@ -348,7 +351,7 @@ def end_revoked_work() -> list[str]:
     theirs still open (one that raced the revocation, or one a failed
     revocation left) is ended as end_work_of says. The names of the agents
     whose work was ended."""
-    from replication.models import ReplicationJob, VMDisk
+    from replication.models import FailoverJob, ReplicationJob, VMDisk
 
     revoked = list(Agent.objects.filter(state=AgentState.REVOKED).values_list("name", flat=True))
     if not revoked:
@@ -356,15 +359,19 @@ def end_revoked_work() -> list[str]:
     holding = (set(ReplicationJob.objects.filter(vm__agent__in=revoked, status__in=JOB_ACTIVE)
                    .values_list("vm__agent", flat=True))
                | set(VMDisk.objects.filter(job__vm__agent__in=revoked, status=DiskStatus.COPYING)
-                     .values_list("job__vm__agent", flat=True)))
+                     .values_list("job__vm__agent", flat=True))
+               | set(FailoverJob.objects.filter(vm__agent__in=revoked, status=FailoverStatus.RUNNING,
+                                                wait_until__isnull=False).values_list("vm__agent", flat=True)))
     names = []
     for name in sorted(holding):
         agent = Agent.objects.get(name=name)
         when = f" at {agent.revoked_at:%Y-%m-%d %H:%M:%S} UTC" if agent.revoked_at else ""
-        ended, closed = end_work_of(agent, f"agent {name} revoked{when}: its work is not trusted, ended by the OMA")
-        if ended or closed:  # nothing, when the revocation itself got there first
-            log.warning("agent %s is revoked: %d job(s) failed, %d copy run(s) closed", name, ended, closed)
-            audit(agent, "work-ended", "reaper", detail=f"{ended} job(s) failed, {closed} copy run(s) closed")
+        ended, closed, answered = end_work_of(agent, f"agent {name} revoked{when}: its work is not trusted, "
+                                                     f"ended by the OMA")
+        if ended or closed or answered:  # nothing, when the revocation itself got there first
+            detail = f"{ended} job(s) failed, {closed} copy run(s) closed, {answered} failover(s) answered"
+            log.warning("agent %s is revoked: %s", name, detail)
+            audit(agent, "work-ended", "reaper", detail=detail)
             names.append(name)
     return names
 

@@ -41,6 +41,7 @@ from replication.choices import (
     FAILOVER_BOOT_STEPS,
     FAILOVER_OPEN,
     VM_STATE_REFUSALS,
+    AgentState,
     FailoverKind,
     FailoverStatus,
     JobStatus,
@@ -49,6 +50,7 @@ from replication.choices import (
     VMState,
 )
 from replication.models import (
+    Agent,
     FailoverJob,
     FailoverStep,
     IllegalMove,
@@ -306,11 +308,44 @@ def _power_source(job: FailoverJob, action: str, step: str) -> bool:
         _close_step(job, step, FailoverStep.Status.DONE,
                     "a disk image has no power switch: whatever writes to it is the operator's to stop or start")
         return False
+    revoked = _revoked_agent_of(job.vm)
+    if revoked:
+        why = (f"agent {revoked} is revoked: the OMA no longer asks it to {action.replace('_', ' ')} "
+               f"{job.vm.name}")
+        if action == SHUT_DOWN:
+            why += "; if its site is lost, a live failover with the source site lost (--source-lost) needs no shutdown"
+        _close_step(job, step, FailoverStep.Status.FAILED, why)
+        raise AgentRevoked(why)
     timeout = settings.FAILOVER_SHUTDOWN_TIMEOUT_S
     FailoverJob.objects.filter(pk=job.pk).update(
         wait_until=timezone.now() + timedelta(seconds=timeout + settings.FAILOVER_AGENT_GRACE_S))
     orders.send_power(job, action, timeout)
     return True
+
+
+class AgentRevoked(FailoverError):
+    """The VM's agent is revoked: nothing is asked of it any more."""
+
+
+def _revoked_agent_of(vm: VirtualMachine) -> str:
+    """The name of the VM's agent when that agent is revoked, else ''."""
+    return vm.agent if Agent.objects.filter(name=vm.agent, state=AgentState.REVOKED).exists() else ""
+
+
+def end_power_waits_of(agent: str, reason: str) -> int:
+    """Answer, with `reason` as the error, every power order a revoked
+    agent's failovers still wait on (it will never answer, and its answers
+    are refused): a live failover fails and is undone at once rather than
+    at its deadline, a rollback ends telling the operator to power the
+    source on in vCenter. The number of failovers answered."""
+    answered = 0
+    waiting = FailoverJob.objects.filter(vm__agent=agent, status=FailoverStatus.RUNNING, wait_until__isnull=False)
+    for job in waiting:
+        step = job.steps.filter(status=FailoverStep.Status.RUNNING, name__in=(STEP_SHUT_DOWN, STEP_POWER_ON)).first()
+        if step is not None:
+            source_powered(job.pk, SHUT_DOWN if step.name == STEP_SHUT_DOWN else POWER_ON, SourcePowered(error=reason))
+            answered += 1
+    return answered
 
 
 def _shut_down_source(job: FailoverJob) -> None:
@@ -411,8 +446,14 @@ def _run_rollback(job: FailoverJob, destination) -> None:
                     "not asked: the failover ran with the source site lost; power the source on in vCenter "
                     "if it should run again")
         _finish_rollback(job, "")
-    elif not _power_source(job, POWER_ON, STEP_POWER_ON):
-        _finish_rollback(job, "")
+    else:
+        try:
+            asked = _power_source(job, POWER_ON, STEP_POWER_ON)
+        except AgentRevoked as exc:
+            _finish_rollback(job, str(exc))
+            return
+        if not asked:
+            _finish_rollback(job, "")
 
 
 def _finish_rollback(job: FailoverJob, error: str) -> None:
