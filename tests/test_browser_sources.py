@@ -2,7 +2,8 @@
 driven from the browser alone (tests/browser.py's helpers): a vCenter
 edited, its password rotated and it deleted (against the vCenter
 simulator), the CloudStack cloud added and edited (against its simulator),
-an API token made, used and revoked. Each page is shot at 1280 and 390 px
+an API token made, used and revoked; an agent enrolled with a pairing
+code made on the Agents page, approved and revoked there. Each page is shot at 1280 and 390 px
 into test-artifacts/screens/ and checked for overflow and words broken
 mid-word at both widths."""
 
@@ -17,6 +18,7 @@ from replication.services import vmware as vmware_service
 from simulators.vcenter import vm_spec
 from tests.browser import at_both_widths, log_in
 from tests.helpers import MiB, cloud_form_data
+from tests.test_enrolment import rabbit  # noqa: F401 (a fixture: the test's own vhost on the real RabbitMQ)
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -189,3 +191,39 @@ def test_an_api_token_is_made_used_and_revoked_from_the_browser(live_server, bro
     expect(page.locator('[data-token="monitoring"]')).to_have_count(0)
     assert not ApiToken.objects.exists()
     assert requests.get(api, headers={"Authorization": f"Bearer {key}"}, timeout=30).status_code == 401
+
+
+def test_an_agent_is_enrolled_approved_and_revoked_from_the_browser(live_server, browser_page, rabbit,  # noqa: F811
+                                                                    tmp_path):
+    from replication.choices import AgentState
+    from replication.models import Agent
+    from vma_agent.enrol import agent_key
+
+    page = browser_page
+    log_in(page, live_server)
+    page.goto(f"{live_server.url}/agents/")
+    page.click("text=New pairing code")
+    code = page.locator("[data-pairing-code]").inner_text()
+    at_both_widths(page, "agents-pairing-code")
+    # The agent host presents the code (as vma_agent.enrol does).
+    enrolled = requests.post(f"{live_server.url}/api/agents/enrol/", timeout=10, json={
+        "code": code, "name": "site-page", "public_key": agent_key(tmp_path / "state", "site-page"), "version": "1"})
+    assert enrolled.status_code == 201, enrolled.text
+
+    page.goto(f"{live_server.url}/agents/")
+    expect(page.locator('[data-agent="site-page"] [data-state]')).to_have_text("pending approval")
+    page.locator('[data-agent="site-page"]').get_by_text("Approve…").click()
+    expect(page.locator("[data-consequences]")).to_contain_text("create its own broker user")
+    at_both_widths(page, "agent-approve-confirm")
+    page.click("button:has-text('Approve site-page')")
+    expect(page.locator("[data-message]")).to_contain_text("agent site-page approved: now active")
+    assert Agent.objects.get(name="site-page").state == AgentState.ACTIVE
+
+    page.locator('[data-agent="site-page"]').get_by_text("Revoke…").click()
+    expect(page.locator("[data-consequences]")).to_contain_text("delete its broker user")
+    page.click("button:has-text('Revoke site-page')")
+    expect(page.locator("[data-message]")).to_contain_text("agent site-page revoked: now revoked")
+    assert Agent.objects.get(name="site-page").state == AgentState.REVOKED
+    # a revoked agent has nothing left to do
+    expect(page.locator('[data-agent="site-page"] a, [data-agent="site-page"] button')).to_have_count(0)
+    at_both_widths(page, "agents-revoked")

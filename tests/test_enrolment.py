@@ -186,6 +186,45 @@ def test_enrolment_attempts_are_limited_per_client_address(client, tmp_path, set
 
 
 @pytest.mark.django_db
+def test_pairing_code_approve_reject_and_revoke_from_the_agents_page(client, tmp_path, rabbit):
+    """The Agents page does what `manage.py agent` does, for administrators
+    only, each step asked first and in the admin's log under the user."""
+    from django.contrib.admin.models import LogEntry
+    from django.test import Client
+
+    from tests.helpers import user_with_role
+
+    admin, operator = Client(), Client()
+    admin.force_login(user_with_role("agent-admin", "administrator"))
+    operator.force_login(user_with_role("agent-op", "operator"))
+    assert operator.post("/agents/pairing-code/").status_code == 403
+    page = admin.post("/agents/pairing-code/").content.decode()
+    code = re.search(r"data-pairing-code>([^<]+)<", page).group(1)
+    assert enrol_over_http(client, code, "enr-page", public_key(tmp_path, "enr-page")).status_code == 201
+    assert 'href="/agents/enr-page/enrolment/approve/"' in admin.get("/agents/").content.decode()
+
+    asked = admin.get("/agents/enr-page/enrolment/approve/")
+    assert asked.status_code == 200 and "create its own broker user" in asked.content.decode()
+    assert operator.post("/agents/enr-page/enrolment/approve/").status_code == 403
+    assert Agent.objects.get(name="enr-page").state == AgentState.PENDING
+    assert admin.post("/agents/enr-page/enrolment/approve/").status_code == 302
+    agent = Agent.objects.get(name="enr-page")
+    assert agent.state == AgentState.ACTIVE and agent.broker_user in broker_users()
+    # A step the agent's state refuses says why, and changes nothing.
+    refused = admin.post("/agents/enr-page/enrolment/reject/")
+    assert refused.status_code == 409 and "only a pending agent can be rejected" in refused.content.decode()
+    assert Agent.objects.get(name="enr-page").state == AgentState.ACTIVE
+
+    assert admin.post("/agents/enr-page/enrolment/revoke/").status_code == 302
+    agent.refresh_from_db()
+    assert agent.state == AgentState.REVOKED and agent.broker_user not in broker_users()
+    assert [e.change_message for e in LogEntry.objects.filter(object_repr__contains="enr-page").order_by("id")] == [
+        "approved agent enr-page: now active", "revoked agent enr-page: now revoked"]
+    assert {e.user.username for e in LogEntry.objects.filter(object_repr__contains="enr-page")} == {"agent-admin"}
+    assert admin.get("/agents/enr-page/enrolment/nonsense/").status_code == 302
+
+
+@pytest.mark.django_db
 def test_a_rejected_agent_gets_no_credentials(client, tmp_path, rabbit):
     code = enrolment.new_pairing_code("os:test")
     assert enrol_over_http(client, code, "enr-rej", public_key(tmp_path, "rej")).status_code == 201
