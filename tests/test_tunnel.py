@@ -458,6 +458,7 @@ def test_an_enrolled_agent_is_reached_only_through_the_tunnel_set_up_at_approval
         # Its API listens on loopback only; the OMA's end is sshd's (the agent's reverse forward).
         assert re.search(rf"127\.0\.0\.1:{api_port}\b", listeners(api_port))
         assert not re.search(rf"(0\.0\.0\.0|\*|\[::\]):{api_port}\b", listeners(api_port))
+        assert f"Listening at: http://127.0.0.1:{api_port}" in host_log(), "served by gunicorn, not runserver"
 
         def polled() -> bool:
             host_log()

@@ -9,8 +9,8 @@ starts, with agent.env's settings:
   the OMA set up a tunnel at approval: ONE outbound SSH connection that
   brings the OMA's broker and NBD export to 127.0.0.1 here and puts this
   agent's API at the OMA's end of its reverse forward;
-- the agent's progress API on 127.0.0.1:VMA_API_PORT only (the OMA reads it
-  through the tunnel, nothing else reaches it);
+- the agent's progress API, served by gunicorn on 127.0.0.1:VMA_API_PORT
+  only (the OMA reads it through the tunnel, nothing else reaches it);
 - its Celery worker for vma.<name>, on the broker URL agent.env names (its
   end of the tunnel).
 
@@ -59,8 +59,11 @@ def commands(state_dir: Path, env: dict[str, str], concurrency: int) -> dict[str
     started = {}
     if (state_dir / "tunnel.json").exists():
         started["tunnel"] = [python, "-m", "vma_agent.tunnel", "--config", str(state_dir / "tunnel.json")]
-    started["api"] = [python, "manage.py", "runserver", "--noreload", "--skip-checks",
-                      f"127.0.0.1:{env['VMA_API_PORT']}"]
+    # A production WSGI server, not runserver: its store is Redis, so its
+    # workers share every copy's progress; TERM stops it within the grace.
+    started["api"] = [python, "-m", "gunicorn", "oma_site.wsgi:application", "--bind",
+                      f"127.0.0.1:{env['VMA_API_PORT']}", "--workers", "2", "--threads", "4",
+                      "--graceful-timeout", "10", "--access-logfile", "-", "--error-logfile", "-"]
     started["worker"] = [python, "-m", "celery", "-A", "oma_site", "worker", "-Q", f"vma.{name}", "-c",
                          str(concurrency), "-E", "-l", "info", "--without-gossip", "--without-mingle",
                          "-n", f"{name}@%h"]
