@@ -6,6 +6,7 @@ from django.template.loader import render_to_string
 from django.utils.html import format_html
 
 from replication.choices import SourceKind
+from replication.figures import job_figures
 from replication.models import (
     Admission,
     Agent,
@@ -292,9 +293,15 @@ class ReplicationJobAdmin(admin.ModelAdmin):
     def data(self, job):
         return f"{iec(job.bytes_transferred)} of {iec(job.total_bytes)}"
 
+    def get_queryset(self, request):
+        return super().get_queryset(request).prefetch_related("disks")  # each row's figures read its disks
+
     @admin.display(description="Throughput", ordering="throughput_bps")
     def throughput(self, job):
-        return iec_rate(job.throughput_bps)
+        """As the pages show it (replication.figures): the sum of the copying
+        disks' rates, each within the limit; a completed job's average."""
+        figures = job_figures(job)
+        return iec_rate(figures.rate_bps) + (" average" if figures.average else "")
 
     @admin.action(description="Cancel the selected jobs")
     def cancel_jobs(self, request, queryset):

@@ -11,7 +11,11 @@ The rules:
   disk of a cancelled or failed job is "stopping" until its agent confirms;
 - a running job's rate is the sum of its copying disks' rates, and its ETA
   the slowest disk's (unknown while a disk still waiting has no rate);
-- a completed job or disk shows its average: bytes / duration."""
+- a completed job or disk shows its average: bytes / duration.
+
+The admin's job list takes job_figures too; /metrics sums over thousands of
+disks in the database with shown_rate_sum(), the same rule as an
+aggregate."""
 
 from __future__ import annotations
 
@@ -43,6 +47,22 @@ def capped(rate_bps: int, limit_bps: int | None) -> int:
     """A measured rate as shown: never above the limit in force."""
     rate = max(int(rate_bps or 0), 0)
     return min(rate, int(limit_bps)) if limit_bps else rate
+
+
+def shown_rate_sum(prefix: str = ""):
+    """An aggregate over VMDisk rows (`prefix` reaches them from another
+    model, e.g. "disks__") summing the rates disk_figures shows: a copying
+    disk of a job that still runs counts its measured rate, never above its
+    job's limit; a stopping, waiting or finished disk counts nothing."""
+    from django.db.models import Case, F, Q, Sum, Value, When
+    from django.db.models.functions import Greatest, Least
+
+    rate, limit = F(f"{prefix}throughput_bps"), F(f"{prefix}job__bandwidth_limit_bps")
+    copying = Q(**{f"{prefix}status": DiskStatus.COPYING}) & ~Q(**{f"{prefix}job__status__in": JOB_TERMINAL})
+    return Sum(Case(When(copying & Q(**{f"{prefix}job__bandwidth_limit_bps__gt": 0}),
+                         then=Greatest(Least(rate, limit), Value(0))),
+                    When(copying, then=Greatest(rate, Value(0))),
+                    default=Value(0)), default=0)
 
 
 def average_rate(nbytes: int, start: datetime | None, end: datetime | None) -> int:

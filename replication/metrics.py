@@ -5,12 +5,13 @@ API's authentication (a session or an API token)."""
 
 from __future__ import annotations
 
-from django.db.models import Count, F, Sum
+from django.db.models import Count, Sum
 from django.utils import timezone
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from replication.choices import JOB_ACTIVE, JobStatus
+from replication.figures import shown_rate_sum
 
 # Cycle durations, seconds: from a small incremental to a large full copy.
 CYCLE_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1800, 3600, 3 * 3600, 12 * 3600, 24 * 3600)
@@ -59,9 +60,11 @@ class OMACollector:
                                 value=float("nan") if lag is None else lag)
 
         throughput = GaugeMetricFamily("oma_copy_throughput_bytes_per_second",
-                                       "Throughput of each running replication job", labels=["vm", "agent"])
+                                       "Throughput of each running replication job (the sum of its disks', "
+                                       "as the pages show it)", labels=["vm", "agent"])
         for vm, agent, rate in (ReplicationJob.objects.filter(status__in=JOB_ACTIVE)
-                                .values_list("vm__name", "vm__agent", F("throughput_bps"))):
+                                .values_list("vm__name", "vm__agent").annotate(rate=shown_rate_sum("disks__"))
+                                .order_by()):
             throughput.add_metric([vm, agent], rate)
         yield throughput
         yield from _agent_metrics()
@@ -77,7 +80,7 @@ def _agent_metrics():
     records = list(Agent.objects.values_list("name", "state", "last_seen_at"))
     copies = {agent: (n, rate or 0) for agent, n, rate in
               VMDisk.objects.filter(status=DiskStatus.COPYING).values_list("job__vm__agent")
-              .annotate(n=Count("id"), rate=Sum("throughput_bps")).order_by()}
+              .annotate(n=Count("id"), rate=shown_rate_sum()).order_by()}
     state = GaugeMetricFamily("oma_agent_state", "Each agent's state (1 for the state it is in)",
                               labels=["agent", "state"])
     seen = GaugeMetricFamily("oma_agent_last_seen_seconds",

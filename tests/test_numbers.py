@@ -198,3 +198,50 @@ def test_the_rules_on_every_disk_state():
     completed = job_figures(job, [done])
     assert (completed.rate_bps, completed.eta_seconds, completed.average, completed.duration_s) == (
         2 * MiB, None, True, 7.0)
+
+
+def test_the_admin_job_list_and_metrics_show_the_pages_rates(tmp_path, monkeypatch):
+    """The admin's job list and /metrics read the rates through the same rule
+    as the pages: a rate measured above the limit is shown at the limit, a
+    job's rate is its copying disks' sum, a cancelled job's disk that has not
+    stopped yet counts nothing, whatever each row stored."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from replication.figures import job_figures
+    from replication.models import VMDisk
+    from replication.services import jobs as job_service
+    from tests.helpers import make_image
+
+    monkeypatch.setattr(job_service, "enqueue_prepare", lambda job_id: None)
+    monkeypatch.setattr(job_service, "enqueue_job_ended", lambda job_id: None)
+
+    def job_of(name, sizes, limit):
+        images = [str(make_image(tmp_path / f"{name}-{i}.img", size, [(0, 4096)])) for i, size in enumerate(sizes)]
+        job = start_replication(register_image_vm(name, images), SyncType.FULL, bandwidth_limit_bps=limit)
+        ReplicationJob.objects.filter(pk=job.pk).update(status=JobStatus.REPLICATING, throughput_bps=50 * MiB)
+        return job
+
+    limited = job_of("vm-rates", [MiB, MiB], 2 * MiB)
+    fast, slow = limited.disks.order_by("disk_key")
+    VMDisk.objects.filter(pk=fast.pk).update(status=DiskStatus.COPYING, throughput_bps=9 * MiB)  # above the limit
+    VMDisk.objects.filter(pk=slow.pk).update(status=DiskStatus.COPYING, throughput_bps=MiB)
+    stopping = job_of("vm-stopping", [MiB], None)
+    stopping.disks.update(status=DiskStatus.COPYING, throughput_bps=5 * MiB)
+    ReplicationJob.objects.filter(pk=stopping.pk).update(status=JobStatus.CANCELLED)
+    assert job_figures(ReplicationJob.objects.get(pk=limited.pk)).rate_bps == 3 * MiB  # the pages' figure
+
+    admin = Client()
+    admin.force_login(user_with_role("numbers-admin", "administrator"))
+    listing = admin.get("/admin/replication/replicationjob/").content.decode()
+    rates = dict(re.findall(r'<a href="/admin/replication/replicationjob/([^/]+)/change/">.*?'
+                            r'<td class="field-throughput">([^<]*)</td>', listing, re.S))
+    assert rates == {limited.id: iec_rate(3 * MiB), stopping.id: iec_rate(0)}, rates
+
+    values = {}
+    for family in text_string_to_metric_families(admin.get("/metrics").content.decode()):
+        for sample in family.samples:
+            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    assert values[("oma_copy_throughput_bytes_per_second", (("agent", "local"), ("vm", "vm-rates")))] == 3 * MiB
+    assert ("oma_copy_throughput_bytes_per_second", (("agent", "local"), ("vm", "vm-stopping"))) not in values
+    assert values[("oma_agent_throughput_bytes_per_second", (("agent", "local"),))] == 3 * MiB
+    assert values[("oma_agent_copies_running", (("agent", "local"),))] == 3  # the stopping copy still runs
