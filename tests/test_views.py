@@ -462,6 +462,15 @@ def test_times_are_written_one_way_in_the_operators_zone_on_pages_and_in_the_adm
         Client().get("/login/")
 
 
+def test_an_htmx_refresh_for_an_ended_session_reloads_the_page(job):
+    """A logged-out fragment poll gets no login form to swap in: htmx is told
+    to reload the page, whose request then goes to the login page."""
+    for url in (reverse("dashboard-fragment"), reverse("job-fragment", args=[job.id])):
+        response = Client().get(url, headers={"HX-Request": "true"})
+        assert (response.status_code, response["HX-Refresh"], response.content) == (204, "true", b"")
+        assert Client().get(url).status_code == 302
+
+
 def test_messages_are_alerts_coloured_by_level_and_the_navbar_marks_the_page(operator, job):
     html = operator.post(reverse("job-cancel", args=[job.id]), follow=True).content.decode()
     assert f'class="alert alert-info py-2" role="status" data-message="info">Job {job.id} cancelled' in html
