@@ -189,10 +189,12 @@ AUTH_PASSWORD_VALIDATORS = [
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
-# The zone every page and the admin show times in (named, e.g. Europe/Berlin),
-# set once for the OMA by its operators: one zone for everyone reading the
-# same job, the same in pages, admin, e-mails and logs' readers, and known
-# without JavaScript. The database keeps UTC (USE_TZ).
+# Pages and the admin show times in the operator's own zone, which their
+# browser tells the server (the "tz" cookie, oma_site/display_zone.py); this
+# named zone (e.g. Europe/Berlin) is the default until the browser has said,
+# without JavaScript, and for a zone name the server does not know. Every
+# time carries its zone's abbreviation, so two operators in two zones read
+# the same moment. The database keeps UTC (USE_TZ).
 TIME_ZONE_DISPLAY = env("TIME_ZONE_DISPLAY", default="UTC")
 # Times are written one way everywhere: 2026-12-07 17:20:33 CET (ISO order,
 # 24 h, the zone's abbreviation). The format module overrides the locale's

@@ -91,9 +91,14 @@ def page_permission(perm: str, *, post: str | None = None):
         @wraps(view)
         def wrapped(request, *args, **kwargs):
             from django.contrib.auth.views import redirect_to_login
+            from django.http import HttpResponse
             from django.shortcuts import render
 
             if not request.user.is_authenticated:
+                if request.headers.get("HX-Request") == "true":
+                    # htmx refreshing a fragment for a session that has ended:
+                    # the whole page reloads (and so goes to the login page).
+                    return HttpResponse(status=204, headers={"HX-Refresh": "true"})
                 return redirect_to_login(request.get_full_path())
             needed = post if post is not None and request.method == "POST" else perm
             if not request.user.has_perm(needed):

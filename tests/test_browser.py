@@ -487,7 +487,7 @@ def test_a_walk_over_every_page_at_desktop_and_phone_widths(live_server, tmp_pat
 
 
 def test_a_destructive_action_asks_first_even_in_a_refreshed_fragment(live_server, tmp_path, monkeypatch):
-    """Confirmations come from live.js (the CSP blocks inline handlers): the
+    """Confirmations come from console.js (the CSP blocks inline handlers): the
     operator is asked, dismissing changes nothing, and a form a live
     refresh brought in asks as well."""
     vm, job, failover = a_job_copying(tmp_path, monkeypatch)

@@ -462,6 +462,39 @@ def test_times_are_written_one_way_in_the_operators_zone_on_pages_and_in_the_adm
         Client().get("/login/")
 
 
+def test_times_are_in_the_zone_the_browser_named_and_a_bad_name_means_the_setting(job, settings):
+    """The tz cookie (zone.js) names the operator's zone for pages and the
+    admin; a name the zone database lacks, or a path, is the setting's zone."""
+    from datetime import UTC, datetime
+
+    settings.TIME_ZONE_DISPLAY = "Europe/Berlin"
+    ReplicationJob.objects.filter(pk=job.pk).update(created_at=datetime(2026, 1, 15, 12, 30, tzinfo=UTC))
+    operator = Client()
+    operator.force_login(user_with_role("operator", "operator"))
+    admin = Client()
+    admin.force_login(User.objects.create_superuser("admin", password="s3cret-pass"))
+    page, change = reverse("job-detail", args=[job.id]), reverse("admin:replication_replicationjob_change",
+                                                                 args=[job.id])
+    for client in (operator, admin):
+        client.cookies["tz"] = "America/New_York"
+    assert "2026-01-15 07:30:00 EST" in operator.get(page).content.decode()
+    assert "2026-01-15 07:30:00 EST" in admin.get(change).content.decode()
+    for bad in ("Mars/Olympus", "../../../etc/passwd", "", "america/new_york"):
+        operator.cookies["tz"] = bad
+        response = operator.get(page)
+        assert response.status_code == 200
+        assert "2026-01-15 13:30:00 CET" in response.content.decode(), bad
+
+
+def test_an_htmx_refresh_for_an_ended_session_reloads_the_page(job):
+    """A logged-out fragment poll gets no login form to swap in: htmx is told
+    to reload the page, whose request then goes to the login page."""
+    for url in (reverse("dashboard-fragment"), reverse("job-fragment", args=[job.id])):
+        response = Client().get(url, headers={"HX-Request": "true"})
+        assert (response.status_code, response["HX-Refresh"], response.content) == (204, "true", b"")
+        assert Client().get(url).status_code == 302
+
+
 def test_messages_are_alerts_coloured_by_level_and_the_navbar_marks_the_page(operator, job):
     html = operator.post(reverse("job-cancel", args=[job.id]), follow=True).content.decode()
     assert f'class="alert alert-info py-2" role="status" data-message="info">Job {job.id} cancelled' in html
