@@ -18,14 +18,10 @@ from replication.services import scheduler
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import start_replication
 from simulators.boot_disk import boot_disk_builder
-from tests.browser import at_both_widths, log_in
+from tests.browser import at_both_widths, error_beside, log_in
 from tests.helpers import MiB, make_image, sha256, wait_for_job, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
-
-
-def error_beside(page, field: str):
-    return page.locator(f'[data-error="{field}"]')
 
 
 def edit(page, group: str):
