@@ -7,7 +7,9 @@ user, on the object acted on, saying what was done.
 Every URL of replication/urls.py is either in that table or named below as
 a page that changes nothing (a read, or an agent's own call): a new URL
 fails here until it is one or the other, and a "read" whose view handles a
-POST fails too. Services whose real runs are tested elsewhere (failovers,
+POST fails too. One POST is no action: the Sources page's first step of
+adding a vCenter (fetch) only shows its certificate; it records nothing,
+so it logs nothing (checked below). Services whose real runs are tested elsewhere (failovers,
 vCenter logins, the cloud, the broker) are replaced by recorders: a log
 entry needs no boot; the rest run for real."""
 
@@ -41,6 +43,7 @@ from replication.services import scheduler
 from replication.services.inventory import register_image_vm
 from replication.services.jobs import start_replication
 from replication.urls import urlpatterns
+from replication.views import agents, vm_settings
 from tests.helpers import MiB, make_image, user_with_role
 
 pytestmark = pytest.mark.django_db
@@ -60,7 +63,8 @@ NOT_USERS = {
 
 @dataclass
 class Case:
-    """One action: POST `request(ctx)` -> (path, data) as `role`; then one log
+    """One action (`what`: the form's action or the step, where a URL has
+    several): POST `request(ctx)` -> (path, data) as `role`; then one log
     entry for that user on `logged_on(ctx)` -> (model, pk), its message
     matching `message` (a regular expression), with `flag`."""
 
@@ -166,18 +170,18 @@ CASES = [
     Case("vm-failover-commit", "commit", ADMINISTRATOR, lambda ctx: (vm_url("vm-failover-commit")(ctx), {}),
          on(VirtualMachine, "vm"), r"^live failover \d+ committed: no rollback, protection ended$"),
     # A VM's settings page: one URL, a form each
-    Case("vm-settings", "boot check", ADMINISTRATOR,
+    Case("vm-settings", "boot", ADMINISTRATOR,
          settings_post({"action": "boot", "boot-regex": "login:", "boot-timeout": "90"}),
          on(VirtualMachine, "vm"), r"^boot settings changed: .*regex=login:.*timeout=90"),
     Case("vm-settings", "hardware", ADMINISTRATOR, settings_post(HARDWARE),
          on(VirtualMachine, "vm"), r"^hardware settings changed: firmware=efi"),
-    Case("vm-settings", "guest conversion", ADMINISTRATOR,
+    Case("vm-settings", "conversion", ADMINISTRATOR,
          settings_post({"action": "conversion", "conv-convert_guest": "on"}),
          on(VirtualMachine, "vm"), r"^conversion settings changed: convert_guest=True$"),
-    Case("vm-settings", "network map", ADMINISTRATOR,
+    Case("vm-settings", "network", ADMINISTRATOR,
          settings_post({"action": "network", "net-source": "VM-Network", "net-destination": "default"}),
          on(VirtualMachine, "vm"), r"^network settings changed: source=VM-Network, destination=default$"),
-    Case("vm-settings", "cycle", OPERATOR,
+    Case("vm-settings", "replicate", OPERATOR,
          settings_post({"action": "replicate", "rep-sync_type": "full", "rep-limit": "16M"}),
          on(VirtualMachine, "vm"), r"^full replication job-\S+ started from its settings$",
          setup=lambda ctx: ReplicationJob.objects.filter(pk=ctx.job.pk).update(status="completed")),
@@ -204,11 +208,11 @@ CASES = [
     Case("group-drill", "drill", OPERATOR, lambda ctx: (reverse("group-drill", args=[ctx.group.pk]), {}),
          on(ProtectionGroup, "group"), r"^drill started from the pages: 1 VM\(s\)$", setup=a_group),
     # Sources and the cloud
-    Case("sources", "add a vCenter", ADMINISTRATOR,
+    Case("sources", "add", ADMINISTRATOR,
          lambda ctx: (reverse("sources"), {"step": "add", "host": "vc2.example", "port": "443", "thumbprint": "BB",
                                            "name": "vc2", "user": "u", "password": "p"}),
          newest(VCenter, name="vc2"), r"^vCenter added from the Sources page$", flag=ADDITION),
-    Case("sources", "add an image VM", ADMINISTRATOR,
+    Case("sources", "image", ADMINISTRATOR,
          lambda ctx: (reverse("sources"), {"step": "image", "name": "img01", "disks": str(ctx.spare_image)}),
          newest(VirtualMachine, name="img01"), r"^VM added from the Sources page$", flag=ADDITION),
     Case("vcenter-inventory", "protect VMs", ADMINISTRATOR,
@@ -296,6 +300,7 @@ def ctx(tmp_path, monkeypatch):
         "replication.views.vm_settings.remove_vm_replicas": lambda vm, **k: ["disk-2000"],
         "replication.services.sources.add_vcenter": lambda name, host, *a: VCenter.objects.create(
             name=name, host=host, username="u", thumbprint="BB"),
+        "replication.services.sources.certificate_thumbprint": lambda host, port: "CC:DD",
         "replication.services.sources.update_vcenter": lambda vcenter, **k: vcenter,
         "replication.services.sources.rotate_password": lambda vcenter, password: vcenter,
         "replication.services.vmware.discover": lambda vcenter, names, **k: [vm],
@@ -328,6 +333,11 @@ def test_every_url_is_an_action_logged_in_the_table_or_a_page_that_changes_nothi
     assert not missing, (f"URL(s) {sorted(missing)} are neither in CASES (an action, and its log entry) nor in "
                          "READS / NOT_USERS (changing nothing): add each where it belongs")
     assert not (actions | set(READS) | set(NOT_USERS)) - url_names(), "the table names a URL that is gone"
+    # A URL doing several actions (a form's action, a step in its path): each has its case.
+    for url_name, declared in (("vm-settings", vm_settings.ACTIONS), ("agent-action", agents.ACTIONS),
+                               ("agent-enrolment", agents.ENROLMENT_STEPS)):
+        covered = {case.what for case in CASES if case.url_name == url_name}
+        assert covered == set(declared), f"{url_name}: cases for {sorted(covered)}, actions {sorted(declared)}"
     # A "read" handles no POST: its view (decorators included) never says POST.
     views = {pattern.name: pattern.callback for pattern in urlpatterns}
     posting = [name for name in READS if "POST" in inspect.getsource(inspect.unwrap(views[name]))]
@@ -356,3 +366,12 @@ def test_each_action_logs_to_the_admin_log_under_its_user(ctx, case):
     assert entry.action_flag == case.flag
     assert re.search(case.message, entry.change_message), entry.change_message
     assert entry.object_repr, "the entry names the object"
+
+
+def test_fetching_a_vcenters_certificate_records_nothing_and_logs_nothing(ctx):
+    client = Client()
+    client.force_login(user_with_role("user-administrator", ADMINISTRATOR))
+    response = client.post(reverse("sources"), {"step": "fetch", "host": "vc3.example", "port": "443"})
+    assert response.status_code == 200 and "CC:DD" in response.content.decode()
+    assert not VCenter.objects.filter(host="vc3.example").exists()
+    assert not LogEntry.objects.exists()
