@@ -199,7 +199,9 @@ class GroupForm(ConsoleForm):
 
     name = forms.CharField(max_length=100)
     description = forms.CharField(required=False, max_length=500)
-    interval_s = DurationField(required=False, label="Replicate every", help_text="e.g. 30m; or a cron expression.")
+    interval_s = DurationField(required=False, label="Replicate every",
+                               help_text="e.g. 30m; or a cron expression below. Both empty: no schedule (cycles "
+                                         "only when asked).")
     cron = forms.CharField(required=False, max_length=100, label="Or on a cron schedule",
                            help_text='"minute hour day-of-month month day-of-week", e.g. 0 */4 * * *')
     timezone = forms.CharField(max_length=64, initial="UTC", label="The cron expression's time zone")

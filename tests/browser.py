@@ -28,6 +28,11 @@ def log_in(page, live_server, role="administrator"):
     expect(page.locator("h1")).to_have_text("Replication dashboard")
 
 
+def error_beside(page, field: str):
+    """The .invalid-feedback beside a form field, by the field's name."""
+    return page.locator(f'[data-error="{field}"]')
+
+
 PHONE = {"width": 390, "height": 844}
 SCREENS = ARTIFACTS / "screens"
 DESKTOP = {"width": 1280, "height": 900}

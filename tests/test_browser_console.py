@@ -20,16 +20,11 @@ from replication.models import (
     VMContext,
 )
 from replication.services.inventory import register_image_vm
-from tests.browser import ARTIFACTS, at_both_widths, log_in
+from tests.browser import ARTIFACTS, at_both_widths, error_beside, log_in
 from tests.helpers import MiB, make_image, wait_for_job, wait_until
 from tests.test_failover_live import isolated_network  # noqa: F401 - a fixture
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
-
-
-def error_beside(page, field: str):
-    """The .invalid-feedback beside a field, by the field's name."""
-    return page.locator(f'[data-error="{field}"]')
 
 
 def test_vm_settings_a_limited_cycle_checksums_and_decommission_from_the_browser(

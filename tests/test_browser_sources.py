@@ -16,15 +16,11 @@ from playwright.sync_api import expect
 from replication.models import ApiToken, CloudStackConfig, VCenter, VirtualMachine
 from replication.services import vmware as vmware_service
 from simulators.vcenter import vm_spec
-from tests.browser import at_both_widths, log_in
+from tests.browser import at_both_widths, error_beside, log_in
 from tests.helpers import MiB, cloud_form_data
 from tests.test_enrolment import rabbit  # noqa: F401 (a fixture: the test's own vhost on the real RabbitMQ)
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
-
-
-def error_beside(page, field: str):
-    return page.locator(f'[data-error="{field}"]')
 
 
 def test_a_vcenter_is_edited_its_password_rotated_and_it_is_deleted_from_the_browser(

@@ -95,6 +95,11 @@ def new_pairing_code(actor: str, minutes: int | None = None) -> str:
     return code
 
 
+def pairing_code_record(code: str) -> PairingCode:
+    """The record of a code just made (its hash, who made it, until when): what the admin's log names."""
+    return PairingCode.objects.get(code_hash=_hash(code))
+
+
 def enrol(code: str, name: str, public_key: str, version: str, source: str) -> Agent:
     """A pending agent, from a usable pairing code (used up by it)."""
     if not isinstance(name, str) or not NAME_RE.match(name):
@@ -456,4 +461,4 @@ def accepts_for_failover(task_name: str, args: list, identity: dict | None, fail
 
 __all__ = ["EnrolmentError", "accepts", "accepts_for_failover", "accepts_for_job", "approve", "broker_permissions",
            "broker_url_for", "broker_user_of", "broker_vhost", "credentials", "end_revoked_work", "end_work_of",
-           "enrol", "new_pairing_code", "reject", "revoke"]
+           "enrol", "new_pairing_code", "pairing_code_record", "reject", "revoke"]

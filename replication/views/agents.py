@@ -5,6 +5,7 @@ agents (each asked first, naming what will happen)."""
 
 from django.conf import settings
 from django.contrib import messages
+from django.contrib.admin.models import ADDITION
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
@@ -43,6 +44,9 @@ def agent_list(request, new_code: str = ""):
 def agent_pairing_code(request):
     """A one-time code for one agent host to enrol with, shown once (only its hash is kept)."""
     code = enrolment.new_pairing_code(actor_of(request))
+    record = enrolment.pairing_code_record(code)
+    log_admin(request, record, "pairing code made from the Agents page, valid until "
+                               f"{record.expires_at.isoformat(timespec='minutes')}", flag=ADDITION)
     return agent_list(request, new_code=code)
 
 

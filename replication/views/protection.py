@@ -1,5 +1,6 @@
 """Scheduled protection on the pages and for scripts: the Protection page
-(groups, the admission queue with each VM's place, recent decisions, flagged
+(groups, each with its recent drills and, for operators, a button running
+one now; the admission queue with each VM's place, recent decisions, flagged
 VMs), recovery points as JSON (/api/rpo/), and the Prometheus metrics."""
 
 from django.http import HttpResponse, JsonResponse
@@ -7,13 +8,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from replication.choices import AdmissionStatus
 from replication.metrics import REGISTRY
-from replication.models import Admission, ProtectionGroup
+from replication.models import Admission, DrillRun, ProtectionGroup
 from replication.roles import READ, page_permission
 from replication.services import rpo, scheduler
 from replication.views.api import api_view
 from replication.views.common import render_page
 
 RECENT_DECISIONS = 30
+RECENT_DRILL_RUNS = 10  # per group: a drill of a small group, and the one before
 
 
 def protection_context() -> dict:
@@ -24,13 +26,18 @@ def protection_context() -> dict:
         by_group[point.vm.group_id].append(point)
     queue = list(scheduler.waiting_queue())
     return {
-        "groups": [(group, by_group[group.pk]) for group in groups],
+        "groups": [(group, by_group[group.pk], recent_drills(group)) for group in groups],
         "queue": [(place, entry) for place, entry in enumerate(queue, start=1)],
         "decisions": Admission.objects.exclude(status=AdmissionStatus.WAITING).select_related("vm", "group", "job")
         [:RECENT_DECISIONS],
         "over_target": [point for point in points if point.over_target],
         "flagged": [point for point in points if point.vm.protection_flag],
     }
+
+
+def recent_drills(group: ProtectionGroup) -> list[DrillRun]:
+    """The group's latest drill runs, newest first: queued, running, passed or failed."""
+    return list(group.drills.select_related("vm", "failover")[:RECENT_DRILL_RUNS])
 
 
 def rpo_vms():

@@ -36,6 +36,9 @@ def cloud_check(request):
             context.update(found=CloudClient(config, job_timeout_s=30).check(), drift=drift(config))
         except CloudError as exc:
             context["error"] = str(exc)
+        outcome = (f"refused: {context['error']}" if "error" in context else "answered; {} volume(s) differ from "
+                   "the records".format(sum(len(context["drift"][k]) for k in ("unknown", "gone", "elsewhere"))))
+        log_admin(request, config, f"checked with the cloud from the pages: {outcome}")
     return render_page(request, "replication/cloud.html", context)
 
 
