@@ -247,6 +247,7 @@ def test_the_admins_job_list_fits_1280_px_with_data_throughput_and_created(live_
     ReplicationJob.objects.filter(pk=job.pk).update(status="replicating", current_operation="Preparing Migration",
                                                     bytes_transferred=18 * MiB, total_bytes=90 * MiB,
                                                     throughput_bps=3 * MiB)
+    job.disks.update(status="copying", throughput_bps=3 * MiB)  # the list shows its copying disks' sum
     User.objects.create_superuser("admin", password="s3cret-pass")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
