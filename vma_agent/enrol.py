@@ -7,8 +7,9 @@ Makes the agent's own ed25519 SSH key in its state directory (0600; kept,
 reused on a second run), presents it with the pairing code an administrator
 gave, then waits for the administrator's approval and writes the
 credentials the OMA issues (its own broker URL, API token and message key,
-and its tunnel) to <state dir>/message_key, agent.env, tunnel.json and
-known_hosts (all 0600); `python -m vma_agent.run --state-dir DIR` then
+and its tunnel; the broker's CA when the broker is amqps) to <state
+dir>/message_key, agent.env, tunnel.json, known_hosts and broker_ca.pem (all
+0600); `python -m vma_agent.run --state-dir DIR` then
 opens the tunnel and starts the agent's API and worker through it. Exits non-zero with the
 reason when the OMA refuses (code expired or used, name taken, rejected)."""
 
@@ -117,7 +118,9 @@ def write_credentials(state_dir: Path, creds: dict, oma: str = "", api_port: int
                       broker_port: int | None = None) -> Path:
     """<state dir>/message_key, agent.env and, when the OMA set up a tunnel
     for it, tunnel.json (and known_hosts): all 0600. The broker URL then
-    names this host's end of the tunnel's broker forward."""
+    names this host's end of the tunnel's broker forward, unless it is
+    amqps: then the broker's own address, checked against the CA the OMA
+    sent (broker_ca.pem, VMA_BROKER_CA_FILE)."""
     key_file = state_dir / "message_key"
     _write_private(key_file, creds["message_key"] + "\n")
     broker_url = creds["broker_url"]
@@ -132,6 +135,10 @@ def write_credentials(state_dir: Path, creds: dict, oma: str = "", api_port: int
               ("CELERY_BROKER_URL", broker_url), ("VMA_MESSAGE_KEY_FILE", key_file)]
     if creds.get("api_token"):  # the OMA reads this agent's API with it
         values.append(("VMA_TOKEN", creds["api_token"]))
+    if creds.get("broker_ca"):  # the CA that signed the broker's certificate (amqps)
+        ca_file = state_dir / "broker_ca.pem"
+        _write_private(ca_file, creds["broker_ca"])
+        values.append(("VMA_BROKER_CA_FILE", ca_file))
     values.append(("VMA_API_PORT", api_port))
     _write_private(env_file, "".join(f"{k}={v}\n" for k, v in values))
     return env_file
