@@ -230,6 +230,35 @@ def test_no_approval_while_the_tls_brokers_ca_cannot_be_read(client, tmp_path, s
     assert client.get("/api/agents/enrol/tls-noca/", HTTP_AUTHORIZATION=f"Pairing {code}").status_code == 202
 
 
+@pytest.mark.django_db(transaction=True)
+def test_the_agent_host_waits_while_the_ca_cannot_be_read_and_gets_it_then(live_server, tmp_path, tls_broker,
+                                                                           settings):
+    """The CA went missing between approval and the agent's fetch: the OMA
+    answers 503 with the reason and keeps the one-time credentials; the
+    agent host says why and keeps asking, and gets them once it is back."""
+    code = enrolment.new_pairing_code("os:test")
+    state = tmp_path / "late-state"
+    assert subprocess.run([sys.executable, "-m", "vma_agent.enrol", "--oma", live_server.url, "--code", code,
+                           "--name", "tls-late", "--state-dir", str(state), "--no-wait"], cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=60).returncode == 0
+    call_command("agent", "approve", "tls-late")
+    settings.AGENT_BROKER_CA_FILE = str(tmp_path / "gone.pem")
+    err_path = tmp_path / "enrol.err"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "vma_agent.enrol", "--oma", live_server.url, "--code", code,
+                                 "--name", "tls-late", "--state-dir", str(state), "--resume", "--poll-s", "0.2",
+                                 "--wait-s", "120"], cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        wait_until(lambda: "gone.pem cannot be read" in err_path.read_text(), 60, "the agent host's reason")
+        assert proc.poll() is None and not (state / "agent.env").exists()
+        settings.AGENT_BROKER_CA_FILE = str(tls_broker.node.ca_file)
+        assert proc.wait(60) == 0, err_path.read_text()
+    finally:
+        proc.kill()
+    assert (state / "broker_ca.pem").read_text() == tls_broker.node.ca_file.read_text()
+    assert read_env(state / "agent.env")["CELERY_BROKER_URL"].startswith("amqps://")
+
+
 def test_a_plain_broker_url_gets_no_tls_options_and_amqps_a_required_check():
     assert broker_tls.use_ssl("amqp://u:p@127.0.0.1:5672/oma", "/etc/ca.pem") is False
     assert broker_tls.use_ssl("redis://127.0.0.1:6379/0", "") is False

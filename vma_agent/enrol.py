@@ -62,17 +62,24 @@ def present(oma: str, code: str, name: str, public_key: str, timeout_s: float = 
 
 
 def fetch_credentials(oma: str, code: str, name: str, wait_s: float, poll_s: float, timeout_s: float = 30) -> dict:
-    """The credentials, once an administrator approved; waits up to `wait_s`."""
+    """The credentials, once an administrator approved; waits up to `wait_s`
+    (also while the OMA answers 503: it cannot hand them over yet, e.g. its
+    broker's CA file is unreadable, and keeps them)."""
     deadline = time.monotonic() + wait_s
+    why = ""
     while True:
         response = requests.get(f"{oma.rstrip('/')}/api/agents/enrol/{name}/", timeout=timeout_s,
                                 headers={"Authorization": f"Pairing {code}"})
         if response.status_code == 200:
             return response.json()
-        if response.status_code != 202:
+        if response.status_code not in (202, 503):
             raise EnrolError(f"no credentials ({response.status_code}): {_error(response)}")
+        if response.status_code == 503 and _error(response) != why:
+            why = _error(response)
+            print(f"enrol: the OMA cannot hand the credentials over yet: {why}", file=sys.stderr, flush=True)
         if time.monotonic() >= deadline:
-            raise EnrolError(f"not approved within {wait_s:.0f} s; run again with --resume to keep waiting")
+            raise EnrolError(f"not approved within {wait_s:.0f} s{f' ({why})' if why else ''}; "
+                             "run again with --resume to keep waiting")
         time.sleep(poll_s)
 
 
