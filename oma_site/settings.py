@@ -342,6 +342,12 @@ OMA_EXPORT_TLS_PSK_FILE = env("OMA_EXPORT_TLS_PSK_FILE", default="")
 # on TCP for agents on other hosts (anything but loopback requires TLS).
 OMA_EXPORT_LISTEN = env("OMA_EXPORT_LISTEN", default="")
 OMA_EXPORT_TLS_USERNAME = env("OMA_EXPORT_TLS_USERNAME", default="oma")
+# An enrolled agent's own identity at that server (its line in the OMA's PSK
+# file, issued at approval, removed at revocation; enrolment writes
+# <state dir>/export.psk): its copies present it instead of the one in the
+# work order's URI. Empty: the URI's, as given.
+VMA_EXPORT_PSK_FILE = env("VMA_EXPORT_PSK_FILE", default="")
+VMA_EXPORT_TLS_USERNAME = env("VMA_EXPORT_TLS_USERNAME", default="")
 # Extra nbdkit arguments for the export server (filters), e.g. fault injection.
 OMA_EXPORT_NBDKIT_ARGS = env.list("OMA_EXPORT_NBDKIT_ARGS", default=[])
 # The copy engine's request size, connections to the source (a VMware host

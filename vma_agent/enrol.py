@@ -7,8 +7,9 @@ Makes the agent's own ed25519 SSH key in its state directory (0600; kept,
 reused on a second run), presents it with the pairing code an administrator
 gave, then waits for the administrator's approval and writes the
 credentials the OMA issues (its own broker URL, API token and message key,
-and its tunnel; the broker's CA when the broker is amqps) to <state
-dir>/message_key, agent.env, tunnel.json, known_hosts and broker_ca.pem (all
+and its tunnel; the broker's CA when the broker is amqps; its own key at
+the export server when that uses TLS-PSK) to <state dir>/message_key,
+agent.env, tunnel.json, known_hosts, broker_ca.pem and export.psk (all
 0600); `python -m vma_agent.run --state-dir DIR` then
 opens the tunnel and starts the agent's API and worker through it. Exits non-zero with the
 reason when the OMA refuses (code expired or used, name taken, rejected)."""
@@ -146,6 +147,11 @@ def write_credentials(state_dir: Path, creds: dict, oma: str = "", api_port: int
         ca_file = state_dir / "broker_ca.pem"
         _write_private(ca_file, creds["broker_ca"])
         values.append(("VMA_BROKER_CA_FILE", ca_file))
+    export = creds.get("export_tls")
+    if export:  # its own TLS-PSK identity at the OMA's export server (vma_agent.export_tls)
+        psk_file = state_dir / "export.psk"
+        _write_private(psk_file, f"{export['username']}:{export['psk']}\n")
+        values += [("VMA_EXPORT_PSK_FILE", psk_file), ("VMA_EXPORT_TLS_USERNAME", export["username"])]
     values.append(("VMA_API_PORT", api_port))
     _write_private(env_file, "".join(f"{k}={v}\n" for k, v in values))
     return env_file

@@ -9,8 +9,10 @@ OMA reads its API at the tunnel's end), and gives it its own API token, its
 own RabbitMQ user, allowed only its own queue vma.<name> (and what a Celery
 worker needs beside it) and to publish to the OMA's queue (over TLS, with
 the CA that signed the broker's certificate, when AGENT_BROKER_URL is
-amqps), and its own message key, which signs every outcome it sends; revocation removes its
-key and ends its SSH session (the tunnel drops) and deletes that user,
+amqps), its own message key, which signs every outcome it sends, and its
+own TLS-PSK identity at the export server (services.export_keys) when that
+uses one; revocation removes its key and ends its SSH session (the tunnel
+drops), removes its export key and deletes that user,
 closing its connections at once. The OMA's outcome tasks ask
 `accepts` before anything changes: an outcome about a VM that is not the
 sender's, or whose signature fails, is refused and recorded. Every step is
@@ -35,7 +37,7 @@ from kombu.utils.url import url_to_parts
 
 from replication.choices import JOB_ACTIVE, AgentState, DiskStatus, FailoverStatus
 from replication.models import Agent, AgentAuditEntry, PairingCode
-from replication.services import tunnels
+from replication.services import export_keys, tunnels
 from vma_agent import broker_tls
 from vma_agent import identity as message_identity
 from vma_agent.task_names import OMA_QUEUE, agent_queue
@@ -284,6 +286,15 @@ def approve(name: str, actor: str, source: str = "") -> Agent:
     except EnrolmentError:
         _undo_tunnel(agent, actor, source, "broker user not created")
         raise
+    export_identity = ""
+    if export_keys.enabled():  # its own line in the export server's PSK file
+        try:
+            export_keys.issue(name)
+        except export_keys.ExportKeyError as exc:
+            _delete_broker_user(user)
+            _undo_tunnel(agent, actor, source, "export key not issued")
+            raise EnrolmentError(f"agent {name}'s export key cannot be issued: {exc}", 409) from None
+        export_identity = export_keys.identity_of(name)
     folder = _secrets_dir(name)
     key_file, token_file = folder / "message_key", folder / "api_token"
     _write_secret(key_file, secrets.token_hex(32))
@@ -293,9 +304,12 @@ def approve(name: str, actor: str, source: str = "") -> Agent:
                             message_key_file=str(key_file), token_file=str(token_file), approved_by=actor,
                             approved_at=timezone.now()):
         _delete_broker_user(user)
+        if export_identity:
+            export_keys.withdraw(name)
         _undo_tunnel(agent, actor, source, "approval lost the race")
         raise EnrolmentError(f"agent {name} is no longer pending ({agent.state})", 409)
-    audit(agent, "approved", actor, source, f"broker user {user} on vhost {broker_vhost()}")
+    export = f"; export TLS-PSK identity {export_identity}" if export_identity else ""
+    audit(agent, "approved", actor, source, f"broker user {user} on vhost {broker_vhost()}{export}")
     return agent
 
 
@@ -328,8 +342,8 @@ def revoke(name: str, actor: str, source: str = "") -> Agent:
     is finished by revoking again; a session this process may not end is
     recorded and reported after the rest is done."""
     agent = _agent(name)
-    unfinished = (agent.state == AgentState.REVOKED and agent.broker_user
-                  and agent.broker_user in _broker_users())
+    unfinished = (agent.state == AgentState.REVOKED
+                  and ((agent.broker_user and agent.broker_user in _broker_users()) or _holds_export_key(name)))
     if agent.state in (AgentState.REVOKED, AgentState.REJECTED) and not unfinished:
         raise EnrolmentError(f"agent {name} is already {agent.state}", 409)
     if agent.state != AgentState.REVOKED:
@@ -346,14 +360,29 @@ def revoke(name: str, actor: str, source: str = "") -> Agent:
         except tunnels.TunnelError as exc:
             tunnel_failure = str(exc)
             audit(agent, "tunnel-close-failed", actor, source, tunnel_failure)
+    key_failure, key_removed = None, False
+    try:  # its next connection to the export is refused (the server reads the file at each)
+        key_removed = export_keys.withdraw(name)
+    except export_keys.ExportKeyError as exc:
+        key_failure = f"its export key is still in the PSK file: {exc}"
+        audit(agent, "export-key-remove-failed", actor, source, key_failure)
     (Path(settings.OMA_SECRETS_DIR) / "agents" / name / "broker_password").unlink(missing_ok=True)
     closed = _delete_broker_user(agent.broker_user) if agent.broker_user else 0
     audit(agent, "revoked", actor, source, f"broker user {agent.broker_user or '-'} deleted, "
                                            f"{closed} connection(s) closed, {ended} job(s) failed, "
-                                           f"{runs} copy run(s) closed, {failovers} failover(s) answered")
-    if tunnel_failure:
-        raise EnrolmentError(f"agent {name} revoked, but {tunnel_failure}", 500)
+                                           f"{runs} copy run(s) closed, {failovers} failover(s) answered"
+                                           f"{', export key removed' if key_removed else ''}")
+    failure = "; ".join(item for item in (tunnel_failure, key_failure) if item)
+    if failure:
+        raise EnrolmentError(f"agent {name} revoked, but {failure}", 500)
     return agent
+
+
+def _holds_export_key(name: str) -> bool:
+    try:
+        return bool(export_keys.key_of(name))
+    except export_keys.ExportKeyError:
+        return True  # unreadable: revoking again tries to remove it
 
 
 def end_work_of(agent: Agent, reason: str) -> tuple[int, int, int]:
@@ -426,7 +455,8 @@ def credentials(name: str, code: str, source: str) -> tuple[int, dict]:
         return 403, {"state": agent.state, "error": f"agent {name} was {agent.state}"}
     try:  # before the password is used up: an agent asked to come back gets it then
         ca = broker_ca()
-    except EnrolmentError as exc:
+        export_key = export_keys.key_of(name)
+    except (EnrolmentError, export_keys.ExportKeyError) as exc:
         return 503, {"error": str(exc)}
     password_file = Path(settings.OMA_SECRETS_DIR) / "agents" / name / "broker_password"
     try:
@@ -447,6 +477,8 @@ def credentials(name: str, code: str, source: str) -> tuple[int, dict]:
               "tunnel": tunnel}
     if ca:
         answer["broker_ca"] = ca
+    if export_key:  # its own identity at the export server (TLS-PSK)
+        answer["export_tls"] = {"username": export_keys.identity_of(name), "psk": export_key}
     return 200, answer
 
 

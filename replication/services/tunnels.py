@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import ipaddress
 import os
 import re
 import signal
@@ -78,10 +79,22 @@ def broker_through_tunnel() -> bool:
 
 
 def export_open() -> str | None:
-    """host:port of the NBD export server for agents (OMA_EXPORT_LISTEN), if on TCP."""
+    """host:port of the NBD export server for agents (OMA_EXPORT_LISTEN), if
+    on TCP on this host's loopback (or every address): the target of an
+    agent's export forward. None when it listens on another address: the
+    export URIs name that address, which agents reach directly, over TLS-PSK
+    (each with its own identity, services.export_keys), not through their
+    tunnels."""
     if not settings.OMA_EXPORT_LISTEN:
         return None
-    return f"127.0.0.1:{settings.OMA_EXPORT_LISTEN.rsplit(':', 1)[1]}"
+    host, port = settings.OMA_EXPORT_LISTEN.rsplit(":", 1)
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        address = None  # the export server refuses it anyway
+    if address is not None and not (address.is_loopback or address.is_unspecified):
+        return None
+    return f"127.0.0.1:{port}"
 
 
 def permitted_opens() -> list[str]:
