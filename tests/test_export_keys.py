@@ -9,6 +9,7 @@ address agents reach directly gets no forward in their tunnels."""
 
 from __future__ import annotations
 
+import os
 import secrets
 
 import pytest
@@ -113,3 +114,85 @@ def test_no_export_key_without_a_psk_file_and_plain_uris_are_left_alone(settings
     assert own_uri("nbds://oma@h:1/v?tls-psk-file=/k", "", "") == "nbds://oma@h:1/v?tls-psk-file=/k"
     assert own_uri("nbds+unix://oma@/v?socket=/run/t.sock&tls-psk-file=/k", "/s/e.psk", "vma-x") == (
         "nbds+unix://vma-x@/v?socket=/run/t.sock&tls-psk-file=/s/e.psk")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_enrolled_agents_cycles_write_the_replica_with_its_own_export_key(client, tmp_path, rabbit, settings,
+                                                                            monkeypatch):
+    """A whole cycle, as on two hosts (the OMA's worker serving the export on
+    TCP with TLS-PSK, the agent's worker and API with the credentials it
+    was given), lands the replica; with only its own key withdrawn (the
+    OMA's still good), its next copy is refused at the handshake as
+    vma-<name>: its copies present its identity, not the order's."""
+    from celery import Celery
+
+    from replication import dispatch
+    from replication.choices import JobStatus
+    from replication.models import Agent, CopyAttempt, VirtualMachine, VMDisk
+    from replication.platforms import local_provider
+    from replication.services.inventory import register_image_vm
+    from replication.services.jobs import start_replication
+    from tests.helpers import (
+        Judge,
+        replica_sha256,
+        start_agent_api,
+        start_worker,
+        stop_worker,
+        wait_for_job,
+        wait_until,
+    )
+    from vma_agent import task_names
+
+    name = f"psk-cy{os.getpid() % 10000}"  # broker users are per server: unique to this run
+    psk = tmp_path / "export.psk"
+    psk.write_text(f"oma:{secrets.token_hex(32)}\n")
+    psk.chmod(0o600)
+    export_env = {"OMA_EXPORT_TLS_PSK_FILE": str(psk), "OMA_EXPORT_LISTEN": f"127.0.0.1:{free_port()}"}
+    settings.OMA_EXPORT_TLS_PSK_FILE, settings.OMA_EXPORT_LISTEN = export_env.values()
+    a = approved(client, tmp_path, name)
+    env = read_env(a["env_file"])
+    token_file = tmp_path / "api.token"
+    token_file.write_text("token-of-psk-cy")
+    api_url = f"http://127.0.0.1:{free_port()}"
+    agent_env = {"VMA_AGENT_NAME": name, "VMA_URL": api_url, "VMA_TOKEN": "token-of-psk-cy",
+                 "VMA_PROGRESS_PREFIX": f"vma:progress:psk-cy-{os.getpid()}"}
+    Agent.objects.filter(name=name).update(api_url=api_url, token_file=str(token_file))
+    oma_app = Celery("oma-test-psk", broker=rabbit, set_as_current=False)
+    monkeypatch.setattr(dispatch, "publish", lambda task_name, args=(), *, queue=task_names.OMA_QUEUE, **options:
+                        oma_app.send_task(task_name, args=list(args), queue=queue, **options))
+    redis_env = {"TEST_VMA_REDIS_URL": settings.VMA_REDIS_URL}
+    image = make_image(tmp_path / "cy.img", 8 * MiB, [(0, 3 * MiB)], seed=21)
+    api = oma_worker = agent_worker = judge = None
+    try:
+        api = start_agent_api(name, agent_env)
+        oma_worker = start_worker("oma", "oma-psk", extra_env={"TEST_CELERY_BROKER_URL": rabbit, **redis_env,
+                                                               **export_env})
+        agent_worker = start_worker("agent", name, extra_env={
+            **agent_env, **redis_env, "TEST_CELERY_BROKER_URL": a["broker_url"],
+            **{key: env[key] for key in ("VMA_MESSAGE_KEY_FILE", "VMA_EXPORT_PSK_FILE", "VMA_EXPORT_TLS_USERNAME")}})
+        judge = Judge()
+        vm = register_image_vm("vm-psk", [str(image)], agent=name)
+        first = wait_for_job(start_replication(vm).id, timeout=120)
+        assert first.status == JobStatus.COMPLETED, first.error_message
+        assert replica_sha256(first.disks.get()) == sha256(image)
+
+        assert export_keys.withdraw(name)
+        second = start_replication(VirtualMachine.objects.get(pk=vm.pk))
+
+        def refused_as_itself() -> str:
+            reasons = [*VMDisk.objects.filter(job=second).values_list("error_message", flat=True),
+                       *CopyAttempt.objects.filter(disk__job=second).values_list("reason", flat=True)]
+            return next((r for r in reasons if f"nbds://vma-{name}@" in r and "gnutls_handshake" in r), "")
+
+        wait_until(refused_as_itself, 120, "the second cycle's copy refused at the export as the agent itself")
+    finally:
+        if judge is not None:
+            judge.stop()
+        for worker in (agent_worker, oma_worker):
+            if worker is not None and worker.poll() is None:
+                stop_worker(worker)
+        if api is not None:
+            api.terminate()
+            api.wait(10)
+        oma_app.close()
+        local_provider().stop_export_server()  # the TLS one this test's OMA worker started
