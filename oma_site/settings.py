@@ -10,6 +10,8 @@ import environ
 from django.core.exceptions import ImproperlyConfigured
 from kombu import Exchange, Queue
 
+from vma_agent import broker_tls
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = BASE_DIR / "var"
 
@@ -239,6 +241,12 @@ _OMA_QUEUE, _AGENT_QUEUE = (Queue(q, Exchange(q), routing_key=q) for q in ("oma"
 CELERY_TASK_QUEUES = {"all": [_OMA_QUEUE, _AGENT_QUEUE], "oma": [_OMA_QUEUE],
                       "agent": [_AGENT_QUEUE]}[PROCESS_ROLE]
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="redis://127.0.0.1:6379/0")
+# An amqps:// broker URL (an enrolled agent's, when the OMA runs its broker
+# over TLS): the broker's certificate must be signed by the CA in this file
+# (enrolment writes it to <state dir>/broker_ca.pem) and name the URL's host;
+# blank: the system's CAs. A plain amqp:// or redis:// URL: no TLS, as before.
+VMA_BROKER_CA_FILE = env("VMA_BROKER_CA_FILE", default="")
+CELERY_BROKER_USE_SSL = broker_tls.use_ssl(CELERY_BROKER_URL, VMA_BROKER_CA_FILE)
 # --- Enrolment (replication/services/enrolment.py) ---------------------------
 # The key this agent host signs its outcomes with (given at approval); empty:
 # unsigned, accepted only for an agent recorded without a key (by hand).
@@ -246,6 +254,11 @@ VMA_MESSAGE_KEY_FILE = env("VMA_MESSAGE_KEY_FILE", default="")
 # The broker an enrolled agent is told to use (RabbitMQ; its own user and
 # password are put in), and how the OMA manages those users.
 AGENT_BROKER_URL = env("AGENT_BROKER_URL", default="amqp://127.0.0.1:5672/oma")
+# With AGENT_BROKER_URL amqps://host:port/vhost, agents reach the broker
+# there over TLS (not through their tunnels) and are handed this CA
+# certificate (PEM), which signed the broker's: approval is refused while it
+# cannot be read.
+AGENT_BROKER_CA_FILE = env("AGENT_BROKER_CA_FILE", default="")
 RABBITMQCTL = env.list("RABBITMQCTL", default=["rabbitmqctl"])
 PAIRING_CODE_MINUTES = env.int("PAIRING_CODE_MINUTES", default=15)
 # POST /api/agents/enrol/ answers at most this many attempts per client
@@ -331,6 +344,12 @@ OMA_EXPORT_TLS_PSK_FILE = env("OMA_EXPORT_TLS_PSK_FILE", default="")
 # on TCP for agents on other hosts (anything but loopback requires TLS).
 OMA_EXPORT_LISTEN = env("OMA_EXPORT_LISTEN", default="")
 OMA_EXPORT_TLS_USERNAME = env("OMA_EXPORT_TLS_USERNAME", default="oma")
+# An enrolled agent's own identity at that server (its line in the OMA's PSK
+# file, issued at approval, removed at revocation; enrolment writes
+# <state dir>/export.psk): its copies present it instead of the one in the
+# work order's URI. Empty: the URI's, as given.
+VMA_EXPORT_PSK_FILE = env("VMA_EXPORT_PSK_FILE", default="")
+VMA_EXPORT_TLS_USERNAME = env("VMA_EXPORT_TLS_USERNAME", default="")
 # Extra nbdkit arguments for the export server (filters), e.g. fault injection.
 OMA_EXPORT_NBDKIT_ARGS = env.list("OMA_EXPORT_NBDKIT_ARGS", default=[])
 # The copy engine's request size, connections to the source (a VMware host

@@ -6,8 +6,10 @@ import os
 
 from oma_site.settings import *  # noqa: F403
 from oma_site.settings import DATABASES, env
+from vma_agent import broker_tls
 
 CELERY_BROKER_URL = env("TEST_CELERY_BROKER_URL", default="redis://127.0.0.1:6379/15")
+CELERY_BROKER_USE_SSL = broker_tls.use_ssl(CELERY_BROKER_URL, VMA_BROKER_CA_FILE)  # noqa: F405
 TEST_ROOT = Path(env("OMA_TEST_ROOT", default=f"/tmp/oma-tests-{os.getuid()}"))  # noqa: F405
 OMA_VOLUME_DIR = Path(env("OMA_TEST_VOLUME_DIR", default=str(TEST_ROOT / "volumes")))  # noqa: F405
 OMA_RUN_DIR = TEST_ROOT / "run"  # short: Unix socket paths are limited to 107 bytes

@@ -23,7 +23,11 @@ APT_PACKAGES=(nbdkit libnbd-bin python3-libnbd qemu-utils redis-server
               # a Secure Boot test guest: Debian's signed shim and grub
               shim-signed grub-efi-amd64-signed
               # the agents' outbound tunnels end at the OMA's own sshd for agents
-              openssh-server)
+              openssh-server
+              # agents' brokers: the machine's RabbitMQ (plain AMQP), and the
+              # tests' private TLS-only node (tests/rabbit_node.py runs
+              # /usr/lib/rabbitmq/bin/rabbitmq-server) with a CA made by openssl
+              rabbitmq-server openssl)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

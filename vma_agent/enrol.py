@@ -7,8 +7,10 @@ Makes the agent's own ed25519 SSH key in its state directory (0600; kept,
 reused on a second run), presents it with the pairing code an administrator
 gave, then waits for the administrator's approval and writes the
 credentials the OMA issues (its own broker URL, API token and message key,
-and its tunnel) to <state dir>/message_key, agent.env, tunnel.json and
-known_hosts (all 0600); `python -m vma_agent.run --state-dir DIR` then
+and its tunnel; the broker's CA when the broker is amqps; its own key at
+the export server when that uses TLS-PSK) to <state dir>/message_key,
+agent.env, tunnel.json, known_hosts, broker_ca.pem and export.psk (all
+0600); `python -m vma_agent.run --state-dir DIR` then
 opens the tunnel and starts the agent's API and worker through it. Exits non-zero with the
 reason when the OMA refuses (code expired or used, name taken, rejected)."""
 
@@ -61,17 +63,24 @@ def present(oma: str, code: str, name: str, public_key: str, timeout_s: float = 
 
 
 def fetch_credentials(oma: str, code: str, name: str, wait_s: float, poll_s: float, timeout_s: float = 30) -> dict:
-    """The credentials, once an administrator approved; waits up to `wait_s`."""
+    """The credentials, once an administrator approved; waits up to `wait_s`
+    (also while the OMA answers 503: it cannot hand them over yet, e.g. its
+    broker's CA file is unreadable, and keeps them)."""
     deadline = time.monotonic() + wait_s
+    why = ""
     while True:
         response = requests.get(f"{oma.rstrip('/')}/api/agents/enrol/{name}/", timeout=timeout_s,
                                 headers={"Authorization": f"Pairing {code}"})
         if response.status_code == 200:
             return response.json()
-        if response.status_code != 202:
+        if response.status_code not in (202, 503):
             raise EnrolError(f"no credentials ({response.status_code}): {_error(response)}")
+        if response.status_code == 503 and _error(response) != why:
+            why = _error(response)
+            print(f"enrol: the OMA cannot hand the credentials over yet: {why}", file=sys.stderr, flush=True)
         if time.monotonic() >= deadline:
-            raise EnrolError(f"not approved within {wait_s:.0f} s; run again with --resume to keep waiting")
+            raise EnrolError(f"not approved within {wait_s:.0f} s{f' ({why})' if why else ''}; "
+                             "run again with --resume to keep waiting")
         time.sleep(poll_s)
 
 
@@ -117,7 +126,9 @@ def write_credentials(state_dir: Path, creds: dict, oma: str = "", api_port: int
                       broker_port: int | None = None) -> Path:
     """<state dir>/message_key, agent.env and, when the OMA set up a tunnel
     for it, tunnel.json (and known_hosts): all 0600. The broker URL then
-    names this host's end of the tunnel's broker forward."""
+    names this host's end of the tunnel's broker forward, unless it is
+    amqps: then the broker's own address, checked against the CA the OMA
+    sent (broker_ca.pem, VMA_BROKER_CA_FILE)."""
     key_file = state_dir / "message_key"
     _write_private(key_file, creds["message_key"] + "\n")
     broker_url = creds["broker_url"]
@@ -132,6 +143,15 @@ def write_credentials(state_dir: Path, creds: dict, oma: str = "", api_port: int
               ("CELERY_BROKER_URL", broker_url), ("VMA_MESSAGE_KEY_FILE", key_file)]
     if creds.get("api_token"):  # the OMA reads this agent's API with it
         values.append(("VMA_TOKEN", creds["api_token"]))
+    if creds.get("broker_ca"):  # the CA that signed the broker's certificate (amqps)
+        ca_file = state_dir / "broker_ca.pem"
+        _write_private(ca_file, creds["broker_ca"])
+        values.append(("VMA_BROKER_CA_FILE", ca_file))
+    export = creds.get("export_tls")
+    if export:  # its own TLS-PSK identity at the OMA's export server (vma_agent.export_tls)
+        psk_file = state_dir / "export.psk"
+        _write_private(psk_file, f"{export['username']}:{export['psk']}\n")
+        values += [("VMA_EXPORT_PSK_FILE", psk_file), ("VMA_EXPORT_TLS_USERNAME", export["username"])]
     values.append(("VMA_API_PORT", api_port))
     _write_private(env_file, "".join(f"{k}={v}\n" for k, v in values))
     return env_file

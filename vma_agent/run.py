@@ -7,12 +7,13 @@ starts, with agent.env's settings:
 
 - the tunnel keeper (python -m vma_agent.tunnel --config tunnel.json), when
   the OMA set up a tunnel at approval: ONE outbound SSH connection that
-  brings the OMA's broker and NBD export to 127.0.0.1 here and puts this
-  agent's API at the OMA's end of its reverse forward;
+  brings the OMA's broker (unless it is amqps) and NBD export to 127.0.0.1
+  here and puts this agent's API at the OMA's end of its reverse forward;
 - the agent's progress API, served by gunicorn on 127.0.0.1:VMA_API_PORT
   only (the OMA reads it through the tunnel, nothing else reaches it);
 - its Celery worker for vma.<name>, on the broker URL agent.env names (its
-  end of the tunnel).
+  end of the tunnel; or an amqps broker's own address, over TLS, its
+  certificate checked against VMA_BROKER_CA_FILE).
 
 Their output goes to this process's. SIGTERM or SIGINT stops all three;
 when the API or the worker exits by itself the others are stopped too and

@@ -25,7 +25,7 @@ from pathlib import Path
 import redis
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from vma_agent import contract, nbdkit, qcow2, vmware
+from vma_agent import contract, export_tls, nbdkit, qcow2, vmware
 from vma_agent.client import ProgressClient
 from vma_agent.contract import (
     SHUT_DOWN,
@@ -85,6 +85,9 @@ class AgentConfig:
     heartbeat_interval_s: float = 5.0
     heartbeat_timeout_s: float = 60.0
     cleanup_wait_s: float = 120.0
+    # Its own TLS-PSK identity at the OMA's export server (vma_agent.export_tls); empty: the order's.
+    export_psk_file: str = ""
+    export_tls_username: str = ""
 
     def progress_client(self) -> ProgressClient:
         return ProgressClient(self.vma_url, self.vma_token, timeout_s=self.request_timeout_s,
@@ -413,8 +416,9 @@ def _copy(order: CopyOrder, config: AgentConfig, monitor: CopyMonitor, resume_fr
                 areas = client.changed_areas(snap.vm_moref, snap.snapshot_moref, snap.device_key,
                                              order.capacity_bytes, snap.against_change_id)
         monitor.follow_limit()  # a limit changed before this copy started applies from its first byte
+        target_uri = export_tls.own_uri(order.target_uri, config.export_psk_file, config.export_tls_username)
         return copy_image(
-            src_uri, order.target_uri, extents=areas, resume_from=resume_from, zero_unlisted=order.zero_unlisted,
+            src_uri, target_uri, extents=areas, resume_from=resume_from, zero_unlisted=order.zero_unlisted,
             verify=order.verify, compare_resumed=config.compare_resumed, limit=monitor.limit,
             chunk_bytes=config.chunk_bytes, connections=config.connections,
             target_connections=config.target_connections or None, depth=config.depth, progress=monitor,

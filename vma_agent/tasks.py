@@ -28,7 +28,8 @@ def agent_config() -> steps.AgentConfig:
         progress_interval_s=settings.PROGRESS_REPORT_INTERVAL_S,
         checkpoint_interval_s=settings.COPY_CHECKPOINT_INTERVAL_S, compare_resumed=settings.COPY_COMPARE_RESUMED,
         heartbeat_interval_s=settings.HEARTBEAT_INTERVAL_S, heartbeat_timeout_s=settings.HEARTBEAT_TIMEOUT_S,
-        cleanup_wait_s=settings.CLEANUP_WAIT_S,
+        cleanup_wait_s=settings.CLEANUP_WAIT_S, export_psk_file=settings.VMA_EXPORT_PSK_FILE,
+        export_tls_username=settings.VMA_EXPORT_TLS_USERNAME,
     )
 
 

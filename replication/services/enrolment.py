@@ -7,9 +7,12 @@ outbound tunnel (services.tunnels: its key may log in to the OMA's sshd for
 agents only to forward its own port and the broker and export ports; the
 OMA reads its API at the tunnel's end), and gives it its own API token, its
 own RabbitMQ user, allowed only its own queue vma.<name> (and what a Celery
-worker needs beside it) and to publish to the OMA's queue, and its own
-message key, which signs every outcome it sends; revocation removes its
-key and ends its SSH session (the tunnel drops) and deletes that user,
+worker needs beside it) and to publish to the OMA's queue (over TLS, with
+the CA that signed the broker's certificate, when AGENT_BROKER_URL is
+amqps), its own message key, which signs every outcome it sends, and its
+own TLS-PSK identity at the export server (services.export_keys) when that
+uses one; revocation removes its key and ends its SSH session (the tunnel
+drops), removes its export key and deletes that user,
 closing its connections at once. The OMA's outcome tasks ask
 `accepts` before anything changes: an outcome about a VM that is not the
 sender's, or whose signature fails, is refused and recorded. Every step is
@@ -21,6 +24,7 @@ import hashlib
 import logging
 import re
 import secrets
+import ssl
 import subprocess
 from datetime import timedelta
 from pathlib import Path
@@ -33,7 +37,8 @@ from kombu.utils.url import url_to_parts
 
 from replication.choices import JOB_ACTIVE, AgentState, DiskStatus, FailoverStatus
 from replication.models import Agent, AgentAuditEntry, PairingCode
-from replication.services import tunnels
+from replication.services import export_keys, tunnels
+from vma_agent import broker_tls
 from vma_agent import identity as message_identity
 from vma_agent.task_names import OMA_QUEUE, agent_queue
 
@@ -217,6 +222,33 @@ def _delete_broker_user(user: str) -> int:
     return closed
 
 
+def broker_ca() -> str:
+    """The CA certificate (PEM) that signed the broker's, which agents check
+    it against, when they reach the broker over TLS (AGENT_BROKER_URL
+    amqps://, AGENT_BROKER_CA_FILE); "" for a plain amqp:// broker.
+    EnrolmentError when amqps is configured without a readable CA."""
+    if not broker_tls.is_tls(settings.AGENT_BROKER_URL):
+        return ""
+    path = settings.AGENT_BROKER_CA_FILE
+    if not path:
+        raise EnrolmentError("AGENT_BROKER_URL is amqps (TLS), but AGENT_BROKER_CA_FILE is not set: agents need "
+                             "the CA certificate (PEM) that signed the broker's to check it", 409)
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or "not text"
+        raise EnrolmentError(f"AGENT_BROKER_CA_FILE {path} cannot be read ({why}): agents need the CA "
+                             "certificate (PEM) that signed the broker's to check it", 409) from None
+    try:
+        if not text.strip():
+            raise ssl.SSLError("empty")
+        ssl.create_default_context(cadata=text)
+    except ssl.SSLError:
+        raise EnrolmentError(f"AGENT_BROKER_CA_FILE {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                             409) from None
+    return text
+
+
 def broker_url_for(user: str, password: str, host_port: str | None = None) -> str:
     """The agent's broker URL: AGENT_BROKER_URL with its user, or at
     `host_port` (its end of the tunnel) instead of the broker's own address."""
@@ -234,11 +266,17 @@ def approve(name: str, actor: str, source: str = "") -> Agent:
     its key allowed to forward only that port and to the broker and the
     export; the OMA then reads its API at the tunnel's end), its own broker
     user, API token and message key; active. Each step is audited; a step
-    that fails undoes the ones before it."""
+    that fails undoes the ones before it. Refused before any step while the
+    broker is amqps and its CA cannot be handed over (broker_ca)."""
     agent = _agent(name)
     if agent.state != AgentState.PENDING:
         raise EnrolmentError(f"agent {name} is {agent.state}, not pending: only a pending agent can be approved",
                              409)
+    try:
+        broker_ca()
+    except EnrolmentError as exc:
+        audit(agent, "approval-refused", actor, source, str(exc))
+        raise
     try:
         spec = tunnels.open_tunnel_for(agent)
     except tunnels.TunnelError as exc:
@@ -253,6 +291,15 @@ def approve(name: str, actor: str, source: str = "") -> Agent:
     except EnrolmentError:
         _undo_tunnel(agent, actor, source, "broker user not created")
         raise
+    export_identity = ""
+    if export_keys.enabled():  # its own line in the export server's PSK file
+        try:
+            export_keys.issue(name)
+        except export_keys.ExportKeyError as exc:
+            _delete_broker_user(user)
+            _undo_tunnel(agent, actor, source, "export key not issued")
+            raise EnrolmentError(f"agent {name}'s export key cannot be issued: {exc}", 409) from None
+        export_identity = export_keys.identity_of(name)
     folder = _secrets_dir(name)
     key_file, token_file = folder / "message_key", folder / "api_token"
     _write_secret(key_file, secrets.token_hex(32))
@@ -262,9 +309,12 @@ def approve(name: str, actor: str, source: str = "") -> Agent:
                             message_key_file=str(key_file), token_file=str(token_file), approved_by=actor,
                             approved_at=timezone.now()):
         _delete_broker_user(user)
+        if export_identity:
+            export_keys.withdraw(name)
         _undo_tunnel(agent, actor, source, "approval lost the race")
         raise EnrolmentError(f"agent {name} is no longer pending ({agent.state})", 409)
-    audit(agent, "approved", actor, source, f"broker user {user} on vhost {broker_vhost()}")
+    export = f"; export TLS-PSK identity {export_identity}" if export_identity else ""
+    audit(agent, "approved", actor, source, f"broker user {user} on vhost {broker_vhost()}{export}")
     return agent
 
 
@@ -297,8 +347,8 @@ def revoke(name: str, actor: str, source: str = "") -> Agent:
     is finished by revoking again; a session this process may not end is
     recorded and reported after the rest is done."""
     agent = _agent(name)
-    unfinished = (agent.state == AgentState.REVOKED and agent.broker_user
-                  and agent.broker_user in _broker_users())
+    unfinished = (agent.state == AgentState.REVOKED
+                  and ((agent.broker_user and agent.broker_user in _broker_users()) or _holds_export_key(name)))
     if agent.state in (AgentState.REVOKED, AgentState.REJECTED) and not unfinished:
         raise EnrolmentError(f"agent {name} is already {agent.state}", 409)
     if agent.state != AgentState.REVOKED:
@@ -315,14 +365,29 @@ def revoke(name: str, actor: str, source: str = "") -> Agent:
         except tunnels.TunnelError as exc:
             tunnel_failure = str(exc)
             audit(agent, "tunnel-close-failed", actor, source, tunnel_failure)
+    key_failure, key_removed = None, False
+    try:  # its next connection to the export is refused (the server reads the file at each)
+        key_removed = export_keys.withdraw(name)
+    except export_keys.ExportKeyError as exc:
+        key_failure = f"its export key is still in the PSK file: {exc}"
+        audit(agent, "export-key-remove-failed", actor, source, key_failure)
     (Path(settings.OMA_SECRETS_DIR) / "agents" / name / "broker_password").unlink(missing_ok=True)
     closed = _delete_broker_user(agent.broker_user) if agent.broker_user else 0
     audit(agent, "revoked", actor, source, f"broker user {agent.broker_user or '-'} deleted, "
                                            f"{closed} connection(s) closed, {ended} job(s) failed, "
-                                           f"{runs} copy run(s) closed, {failovers} failover(s) answered")
-    if tunnel_failure:
-        raise EnrolmentError(f"agent {name} revoked, but {tunnel_failure}", 500)
+                                           f"{runs} copy run(s) closed, {failovers} failover(s) answered"
+                                           f"{', export key removed' if key_removed else ''}")
+    failure = "; ".join(item for item in (tunnel_failure, key_failure) if item)
+    if failure:
+        raise EnrolmentError(f"agent {name} revoked, but {failure}", 500)
     return agent
+
+
+def _holds_export_key(name: str) -> bool:
+    try:
+        return bool(export_keys.key_of(name))
+    except export_keys.ExportKeyError:
+        return True  # unreadable: revoking again tries to remove it
 
 
 def end_work_of(agent: Agent, reason: str) -> tuple[int, int, int]:
@@ -384,7 +449,8 @@ def end_revoked_work() -> list[str]:
 def credentials(name: str, code: str, source: str) -> tuple[int, dict]:
     """What an enrolling agent polls for, proving itself with its pairing
     code: (202, pending), (403, rejected/revoked), or once approved (200, its
-    broker URL and message key), given once."""
+    broker URL and message key, and the broker's CA when it is amqps), given
+    once."""
     agent = Agent.objects.filter(name=name).first()
     if agent is None or not PairingCode.objects.filter(agent=agent, code_hash=_hash(str(code or ""))).exists():
         return 403, {"error": "unknown agent or wrong pairing code"}
@@ -392,6 +458,11 @@ def credentials(name: str, code: str, source: str) -> tuple[int, dict]:
         return 202, {"state": agent.state, "detail": "waiting for an administrator's approval"}
     if agent.state in (AgentState.REJECTED, AgentState.REVOKED):
         return 403, {"state": agent.state, "error": f"agent {name} was {agent.state}"}
+    try:  # before the password is used up: an agent asked to come back gets it then
+        ca = broker_ca()
+        export_key = export_keys.key_of(name)
+    except (EnrolmentError, export_keys.ExportKeyError) as exc:
+        return 503, {"error": str(exc)}
     password_file = Path(settings.OMA_SECRETS_DIR) / "agents" / name / "broker_password"
     try:
         password = password_file.read_text()
@@ -401,13 +472,19 @@ def credentials(name: str, code: str, source: str) -> tuple[int, dict]:
     audit(agent, "credentials-fetched", name, source)
     tunnel = tunnels.tunnel_spec(agent) if agent.channel == Agent.Channel.TUNNEL and agent.tunnel_port else None
     broker = next((f for f in tunnel["forwards"] if f["name"] == "broker"), None) if tunnel else None
-    return 200, {"state": agent.state, "agent_name": name, "queue": agent.queue,
-                 # Its end of the tunnel's broker forward, on the agent host.
-                 "broker_url": broker_url_for(agent.broker_user, password,
-                                              f"127.0.0.1:{broker['local_port']}" if broker else None),
-                 "message_key": Path(agent.message_key_file).read_text().strip(),
-                 "api_token": Path(agent.token_file).read_text().strip() if agent.token_file else "",
-                 "tunnel": tunnel}
+    answer = {"state": agent.state, "agent_name": name, "queue": agent.queue,
+              # Its end of the tunnel's broker forward, on the agent host; over
+              # TLS (amqps) the broker's own address, no forward.
+              "broker_url": broker_url_for(agent.broker_user, password,
+                                           f"127.0.0.1:{broker['local_port']}" if broker else None),
+              "message_key": Path(agent.message_key_file).read_text().strip(),
+              "api_token": Path(agent.token_file).read_text().strip() if agent.token_file else "",
+              "tunnel": tunnel}
+    if ca:
+        answer["broker_ca"] = ca
+    if export_key:  # its own identity at the export server (TLS-PSK)
+        answer["export_tls"] = {"username": export_keys.identity_of(name), "psk": export_key}
+    return 200, answer
 
 
 # Identity on outcomes ------------------------------------------------------------------
@@ -459,6 +536,7 @@ def accepts_for_failover(task_name: str, args: list, identity: dict | None, fail
     return accepts(task_name, args, identity, vm_agent or "")
 
 
-__all__ = ["EnrolmentError", "accepts", "accepts_for_failover", "accepts_for_job", "approve", "broker_permissions",
+__all__ = ["EnrolmentError", "accepts", "accepts_for_failover", "accepts_for_job", "approve", "broker_ca",
+           "broker_permissions",
            "broker_url_for", "broker_user_of", "broker_vhost", "credentials", "end_revoked_work", "end_work_of",
            "enrol", "new_pairing_code", "pairing_code_record", "reject", "revoke"]

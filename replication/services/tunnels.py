@@ -6,7 +6,10 @@ sshd) as the unprivileged AGENT_SSH_USER, and through it:
 - a reverse forward of its progress API to 127.0.0.1:<its tunnel_port> on
   the OMA, where the poller reads it (Agent.api_url, channel "tunnel");
 - local forwards to the broker and the NBD export port, so that traffic is
-  encrypted and leaves the site outbound only.
+  encrypted and leaves the site outbound only. A broker agents reach over
+  TLS (AGENT_BROKER_URL amqps://) is reached at its own address instead, with
+  its certificate checked (services.enrolment hands over its CA): no broker
+  forward then.
 
 Each agent's key has one line in the agents' authorized_keys, restricted to
 exactly that: no shell, no pty, listening only on its own port, opening only
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import ipaddress
 import os
 import re
 import signal
@@ -33,6 +37,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 
 from replication.models import Agent
+from vma_agent import broker_tls
 
 KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "ssh-rsa",
              "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com")
@@ -66,21 +71,40 @@ def broker_open() -> str:
     return f"{broker.hostname or '127.0.0.1'}:{broker.port or default_port}"
 
 
+def broker_through_tunnel() -> bool:
+    """Whether agents reach the broker through their tunnels (plain AMQP,
+    encrypted by SSH); not when AGENT_BROKER_URL is amqps (TLS of its own,
+    reached at its own address)."""
+    return not broker_tls.is_tls(settings.AGENT_BROKER_URL)
+
+
 def export_open() -> str | None:
-    """host:port of the NBD export server for agents (OMA_EXPORT_LISTEN), if on TCP."""
+    """host:port of the NBD export server for agents (OMA_EXPORT_LISTEN), if
+    on TCP on this host's loopback (or every address): the target of an
+    agent's export forward. None when it listens on another address: the
+    export URIs name that address, which agents reach directly, over TLS-PSK
+    (each with its own identity, services.export_keys), not through their
+    tunnels."""
     if not settings.OMA_EXPORT_LISTEN:
         return None
-    return f"127.0.0.1:{settings.OMA_EXPORT_LISTEN.rsplit(':', 1)[1]}"
+    host, port = settings.OMA_EXPORT_LISTEN.rsplit(":", 1)
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        address = None  # the export server refuses it anyway
+    if address is not None and not (address.is_loopback or address.is_unspecified):
+        return None
+    return f"127.0.0.1:{port}"
 
 
 def permitted_opens() -> list[str]:
     """host:port pairs an agent may reach through its tunnel: the broker and
     the NBD export (AGENT_TUNNEL_PERMIT_OPEN, or derived from
-    AGENT_BROKER_URL and OMA_EXPORT_LISTEN)."""
+    AGENT_BROKER_URL, unless it is amqps, and OMA_EXPORT_LISTEN)."""
     if settings.AGENT_TUNNEL_PERMIT_OPEN:
         opens = list(settings.AGENT_TUNNEL_PERMIT_OPEN)
     else:
-        opens = [broker_open()] + [item for item in [export_open()] if item]
+        opens = ([broker_open()] if broker_through_tunnel() else []) + [item for item in [export_open()] if item]
     for item in opens:
         if not re.fullmatch(r"[A-Za-z0-9.\-]+:\d{1,5}", item):
             raise TunnelError(f"AGENT_TUNNEL_PERMIT_OPEN: {item!r} is not host:port")
@@ -226,8 +250,9 @@ def tunnel_spec(agent: Agent) -> dict:
     --config): the OMA's sshd host (blank: the host the agent enrolled
     with), port, user and host key, its remote port, and the forwards it
     may open, each named ("broker", "export") when it is one, at the same
-    local port number on the agent host by default."""
-    named = {broker_open(): "broker"}
+    local port number on the agent host by default. No forward is the
+    broker's when agents reach it over TLS (amqps)."""
+    named = {broker_open(): "broker"} if broker_through_tunnel() else {}
     if export_open():
         named[export_open()] = "export"
     forwards = [{"name": named.get(item, ""), "to": item, "local_port": int(item.rsplit(":", 1)[1])}
@@ -238,4 +263,5 @@ def tunnel_spec(agent: Agent) -> dict:
 
 
 __all__ = ["TunnelError", "authorized_keys_path", "authorized_line", "close_tunnel_for", "open_tunnel_for",
-           "parse_public_key", "permitted_opens", "tunnel_spec", "broker_open", "export_open", "host_key"]
+           "parse_public_key", "permitted_opens", "tunnel_spec", "broker_open", "broker_through_tunnel",
+           "export_open", "host_key"]

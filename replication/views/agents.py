@@ -21,12 +21,13 @@ ENROLMENT_STEPS = {
     "approve": ("Approve", [
         "allow its SSH key to open its reverse tunnel (its own port on this OMA, forwarding only)",
         "create its own broker user, reading only its own queue",
-        "issue its API token and message key, fetched once by the agent with its pairing code"]),
+        "issue its API token and message key (and its own export key, when the export uses TLS-PSK), fetched "
+        "once by the agent with its pairing code"]),
     "reject": ("Reject", ["refuse its enrolment: it gets no tunnel, broker user or credentials"]),
     "revoke": ("Revoke", [
         "fail its running cycles and stop their copies (earlier recovery points are kept)",
         "fail a live failover waiting on it to shut its source down, and undo it",
-        "remove its tunnel key and end its SSH session",
+        "remove its tunnel key and end its SSH session, and its export key",
         "delete its broker user and close its connections: its messages are refused from now on"]),
 }
 DONE = {"approve": "approved", "reject": "rejected", "revoke": "revoked"}
