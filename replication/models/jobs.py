@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import connection, models, transaction
-from django.db.models.functions import Cast, Coalesce, Greatest
+from django.db.models.functions import Coalesce
 from django.db.models.lookups import LessThanOrEqual
 from django.utils import timezone
 
@@ -64,6 +64,41 @@ def transfer_percent(bytes_done: int, bytes_total: int) -> float:
     """Job-level percent during Transfer: the copy mapped onto 30..100."""
     fraction = 1.0 if bytes_total <= 0 else min(1.0, bytes_done / bytes_total)
     return TRANSFER_START_PERCENT + (100 - TRANSFER_START_PERCENT) * fraction
+
+
+UNFINISHED = frozenset({DiskStatus.PENDING.value, DiskStatus.COPYING.value})
+
+
+def job_totals(status: str, limit_bps: int | None, disks) -> dict:
+    """A job's totals (the columns written to its row) from its disks, each
+    (status, bytes_done, bytes_total, throughput_bps, capacity_bytes), by
+    the rules of replication.figures, the one source of shown rates: the
+    job's rate is the sum of its copying disks' rates, each capped by the
+    job's per-disk limit in force; while it replicates, its percent counts
+    a disk not measured yet with its capacity (an upper bound of its data,
+    so the percent only ever rises), and its ETA is its slowest unfinished
+    disk's remaining bytes at that disk's rate, unknown while one of them
+    has no rate yet."""
+    done = total = rate = unmeasured = 0
+    eta, unrated = 0.0, False
+    for disk_status, bytes_done, bytes_total, throughput, capacity in disks:
+        done += bytes_done
+        total += bytes_total
+        if not bytes_total and disk_status != DiskStatus.COMPLETED:
+            unmeasured += capacity
+        if disk_status in UNFINISHED:
+            shown = figures.capped(throughput, limit_bps)
+            if disk_status == DiskStatus.COPYING:
+                rate += shown
+            if throughput <= 0:
+                unrated = True
+            else:
+                eta = max(eta, figures.remaining_bytes(bytes_done, bytes_total, capacity) / shown)
+    row = {"bytes_transferred": done, "total_bytes": total, "throughput_bps": rate}
+    if status == JobStatus.REPLICATING:
+        row["progress_percent"] = transfer_percent(done, total + unmeasured)
+        row["eta_seconds"] = None if unrated else int(eta)
+    return row
 
 
 JOINED_UPDATE_ROWS = 2000  # rows per statement: SQLite takes 32766 parameters, a row about a dozen
@@ -276,58 +311,55 @@ class ReplicationJob(StateMachine):
 
     @classmethod
     def refresh_totals_of(cls, jobs: list) -> None:
-        """refresh_totals for many jobs (anything with pk and status): their
-        disks summed by the database (one aggregate query, a row per job)
-        and one joined UPDATE per few thousand jobs (the poller does this
-        every pass)."""
-        if not jobs:
+        """refresh_totals for many jobs (anything with a pk): each job's row
+        locked first (lock_for_totals), its disks read, its totals computed
+        by job_totals and written in a joined UPDATE per few thousand jobs."""
+        ids = list(dict.fromkeys(job.pk for job in jobs))
+        if not ids:
             return
-        status_of = {job.pk: job.status for job in jobs}
-        unfinished = (DiskStatus.PENDING, DiskStatus.COPYING)
-        # Not measured yet: a disk counts with its capacity (an upper bound of
-        # its data), so the job's percent only ever rises.
-        unmeasured = models.Q(bytes_total=0) & ~models.Q(status=DiskStatus.COMPLETED)
-        remaining = models.Case(models.When(bytes_total=0, then="capacity_bytes"),
-                                default=Greatest(models.F("bytes_total") - models.F("bytes_done"), 0))
-        # The rules of replication.figures, the one source of shown rates: a
-        # copying disk's rate capped by the job's per-disk limit in force.
-        limit = models.F("job__bandwidth_limit_bps")
-        rate = models.Case(models.When(job__bandwidth_limit_bps__gt=0, throughput_bps__gt=limit, then=limit),
-                           default=models.F("throughput_bps"))
-        sums = {}
-        ids = list(status_of)
+        with transaction.atomic():
+            locked = cls.lock_for_totals(ids)
+            disks: dict[str, list] = {pk: [] for pk in locked}
+            for start in range(0, len(ids), 5000):
+                for job_id, *disk in (VMDisk.objects.filter(job_id__in=ids[start:start + 5000]).order_by()
+                                      .values_list("job_id", "status", "bytes_done", "bytes_total", "throughput_bps",
+                                                   "capacity_bytes")):
+                    disks[job_id].append(disk)
+            cls.write_totals({pk: job_totals(status, limit, disks[pk]) for pk, (status, limit) in locked.items()},
+                             timezone.now())
+
+    @classmethod
+    def lock_for_totals(cls, ids: list[str]) -> dict[str, tuple[str, int | None]]:
+        """Lock these jobs' rows for the caller's transaction (SELECT ... FOR
+        UPDATE; SQLite's write transaction holds the whole database) and
+        read their (status, bandwidth_limit_bps). Whoever computes a job's
+        totals holds its row from before reading its disks until the totals
+        are written: two writers never interleave their reads and writes,
+        so the last totals written are those of the disks as they last
+        changed (a disk's outcome refreshes its job's totals after its own
+        write), and a limit changed meanwhile (limits.change_limit locks the
+        row too) waits for them, so no rate is written above it."""
+        locked = {}
         for start in range(0, len(ids), 5000):
-            sums.update((row["job_id"], row) for row in VMDisk.objects.filter(job_id__in=ids[start:start + 5000])
-                        .order_by().values("job_id").annotate(
-                done=models.Sum("bytes_done"), total=models.Sum("bytes_total"),
-                rate=models.Sum(models.Case(models.When(status=DiskStatus.COPYING, then=rate), default=0)),
-                unmeasured=models.Sum(models.Case(models.When(unmeasured, then="capacity_bytes"), default=0)),
-                # The job ends with its slowest disk: each unfinished disk's
-                # remaining bytes at its own rate (a per-disk limit
-                # included); unknown while any of them has no rate yet.
-                unrated=models.Count(models.Case(models.When(status__in=unfinished, throughput_bps__lte=0,
-                                                             then=1))),
-                eta=models.Max(models.Case(models.When(
-                    status__in=unfinished, throughput_bps__gt=0,
-                    then=Cast(remaining, models.FloatField()) / Cast(rate, models.FloatField())))),
-            ))
-        now = timezone.now()
-        rows = {}
-        for pk in ids:
-            agg = sums.get(pk) or {}
-            done, total = agg.get("done") or 0, agg.get("total") or 0
-            row = {"bytes_transferred": done, "total_bytes": total, "throughput_bps": agg.get("rate") or 0}
-            if status_of[pk] == JobStatus.REPLICATING:
-                row["progress_percent"] = transfer_percent(done, total + (agg.get("unmeasured") or 0))
-                row["eta_seconds"] = None if agg.get("unrated") else int(agg.get("eta") or 0)
-            rows[pk] = row
+            locked.update((pk, (status, limit)) for pk, status, limit in (
+                cls.objects.select_for_update().filter(pk__in=ids[start:start + 5000]).order_by("pk")
+                .values_list("pk", "status", "bandwidth_limit_bps")))
+        return locked
+
+    @classmethod
+    def write_totals(cls, rows: dict[str, dict], now: datetime, sampled: dict | None = None) -> None:
+        """Write job_totals' rows ({job id: row}) to still active jobs as of
+        `now`, and their progress samples (ProgressSample.record_for,
+        `sampled` its memory). The caller holds the rows (lock_for_totals)."""
+        if not rows:
+            return
         # Rows of one statement share their columns: replicating jobs apart.
         for replicating in (True, False):
-            part = {pk: row for pk, row in rows.items() if (status_of[pk] == JobStatus.REPLICATING) == replicating}
+            part = {pk: row for pk, row in rows.items() if ("eta_seconds" in row) == replicating}
             _update_rows(cls, part, f"d.status IN ({', '.join(['%s'] * len(JOB_ACTIVE))})",
                          tuple(status.value for status in JOB_ACTIVE),
                          constants={"last_progress_at": now, "updated_at": now})
-        ProgressSample.record_for(rows, now)
+        ProgressSample.record_for(rows, now, sampled)
 
     def all_disks_completed(self) -> bool:
         return not self.disks.exclude(status=DiskStatus.COMPLETED).exists()
@@ -366,12 +398,28 @@ class ProgressSample(models.Model):
         return f"{self.job_id} {self.throughput_bps} B/s at {self.at:%H:%M:%S}"
 
     @classmethod
-    def record_for(cls, totals: dict, now) -> None:
+    def record_for(cls, totals: dict, now, sampled: dict | None = None) -> None:
         """One sample per job every PROGRESS_SAMPLE_S, from the totals just
-        written ({job id: row}); two statements however many jobs."""
-        recent = set(cls.objects.filter(job_id__in=list(totals), at__gt=now - PROGRESS_SAMPLE_S)
-                     .values_list("job_id", flat=True))
-        due = [(pk, row) for pk, row in totals.items() if pk not in recent]
+        written ({job id: row}). `sampled` ({job id: when its last sample
+        was taken}, kept by the caller across calls: the poller's) saves
+        reading the recent samples of the jobs it knows; the jobs it does
+        not (all of them without it, or in a process just started) are read
+        from the table, so a restarted poller never samples a job twice
+        within PROGRESS_SAMPLE_S. A sample another process took meanwhile
+        (a disk's outcome refreshing its job's totals) is not in it: that
+        job may have two samples closer together."""
+        cutoff = now - PROGRESS_SAMPLE_S
+        known = {} if sampled is None else sampled
+        unknown = [pk for pk in totals if pk not in known]
+        last = {pk: known[pk] for pk in totals if pk in known}
+        for start in range(0, len(unknown), 5000):
+            for pk, at in cls.objects.filter(job_id__in=unknown[start:start + 5000], at__gt=cutoff).values_list(
+                    "job_id", "at"):
+                last[pk] = max(at, last.get(pk, at))
+        due = [(pk, row) for pk, row in totals.items() if pk not in last or last[pk] <= cutoff]
+        if sampled is not None:
+            sampled.update(last)
+            sampled.update((pk, now) for pk, _ in due)
         # One INSERT per few thousand samples, its numbers written into the
         # statement (bulk_create builds and quotes each value in Python).
         quote = connection.ops.quote_name
@@ -526,7 +574,8 @@ class VMDisk(StateMachine):
         disks (named by job: hundreds of parameters, not thousands), as
         plain tuples (pk, status, attempts, progress_seq, current_operation,
         progress_percent, bytes_done, bytes_total, throughput_bps,
-        checkpoint_bytes, worker, progress_due, heartbeat_due) by pk:
+        checkpoint_bytes, worker, progress_due, heartbeat_due, job_id,
+        capacity_bytes) by pk:
         progress_due when the last progress written (or the run's start) is
         PROGRESS_WRITE_INTERVAL_S old at `now`, heartbeat_due when the last
         heartbeat (or start) is a quarter of HEARTBEAT_TIMEOUT_S old. The
@@ -540,7 +589,7 @@ class VMDisk(StateMachine):
                 heartbeat_due=LessThanOrEqual(Coalesce("heartbeat_at", "started_at"), beat_before),
             ).values_list("pk", "status", "attempts", "progress_seq", "current_operation", "progress_percent",
                           "bytes_done", "bytes_total", "throughput_bps", "checkpoint_bytes", "worker",
-                          "progress_due", "heartbeat_due")
+                          "progress_due", "heartbeat_due", "job_id", "capacity_bytes")
             # The rows as the driver gives them: no column here needs Django's
             # conversions (the two flags come as 0/1, NULL when unknown).
             sql, params = query.query.sql_with_params()
