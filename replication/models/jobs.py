@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import math
 import secrets
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db import connection, models, transaction
-from django.db.models.functions import Coalesce
-from django.db.models.lookups import LessThanOrEqual
 from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 
 from replication import figures
 from replication.choices import (
@@ -116,6 +115,18 @@ def _sql_number(value) -> str | None:
     if type(value) is float and math.isfinite(value):
         return repr(value)
     return None
+
+
+def _marks(count: int) -> str:
+    return ", ".join(["%s"] * count)
+
+
+def _aware(value) -> datetime | None:
+    """A datetime column read by plain SQL (UTC, naive from MariaDB, text
+    from SQLite), as the ORM would give it."""
+    if isinstance(value, str):
+        value = parse_datetime(value)
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
 def _update_rows(model, rows: dict, condition_sql: str = "", condition_params: tuple = (), *,
@@ -339,12 +350,32 @@ class ReplicationJob(StateMachine):
         changed (a disk's outcome refreshes its job's totals after its own
         write), and a limit changed meanwhile (limits.change_limit locks the
         row too) waits for them, so no rate is written above it."""
+        quote = connection.ops.quote_name
+        lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
         locked = {}
         for start in range(0, len(ids), 5000):
-            locked.update((pk, (status, limit)) for pk, status, limit in (
-                cls.objects.select_for_update().filter(pk__in=ids[start:start + 5000]).order_by("pk")
-                .values_list("pk", "status", "bandwidth_limit_bps")))
+            chunk = ids[start:start + 5000]
+            with connection.cursor() as cursor:
+                cursor.execute(f"SELECT {quote('id')}, {quote('status')}, {quote('bandwidth_limit_bps')} "
+                               f"FROM {quote(cls._meta.db_table)} WHERE {quote('id')} IN ({_marks(len(chunk))}) "
+                               f"ORDER BY {quote('id')}{lock}", chunk)
+                locked.update((pk, (status, limit)) for pk, status, limit in cursor.fetchall())
         return locked
+
+    @classmethod
+    def poll_rows(cls, statuses) -> list[tuple]:
+        """The poller's read of the jobs in these statuses, as plain tuples
+        (id, status, began: started_at or else created_at, poll_errors, the
+        agent of its VM): one joined SELECT, no model."""
+        quote = connection.ops.quote_name
+        sql = (f"SELECT j.{quote('id')}, j.{quote('status')}, COALESCE(j.{quote('started_at')}, "
+               f"j.{quote('created_at')}), j.{quote('poll_errors')}, v.{quote('agent')} "
+               f"FROM {quote(cls._meta.db_table)} j INNER JOIN {quote(VirtualMachine._meta.db_table)} v "
+               f"ON v.{quote('id')} = j.{quote('vm_id')} WHERE j.{quote('status')} IN ({_marks(len(statuses))})")
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [str(status) for status in statuses])
+            return [(pk, status, _aware(began), errors, agent)
+                    for pk, status, began, errors, agent in cursor.fetchall()]
 
     @classmethod
     def write_totals(cls, rows: dict[str, dict], now: datetime, sampled: dict | None = None) -> None:
@@ -580,21 +611,24 @@ class VMDisk(StateMachine):
         PROGRESS_WRITE_INTERVAL_S old at `now`, heartbeat_due when the last
         heartbeat (or start) is a quarter of HEARTBEAT_TIMEOUT_S old. The
         database compares the times: no datetime is read."""
-        progress_before = now - timedelta(seconds=settings.PROGRESS_WRITE_INTERVAL_S)
-        beat_before = now - timedelta(seconds=settings.HEARTBEAT_TIMEOUT_S / 4)
+        adapt = connection.ops.adapt_datetimefield_value
+        progress_before = adapt(now - timedelta(seconds=settings.PROGRESS_WRITE_INTERVAL_S))
+        beat_before = adapt(now - timedelta(seconds=settings.HEARTBEAT_TIMEOUT_S / 4))
+        quote = connection.ops.quote_name
+        columns = ", ".join(quote(column) for column in (
+            "id", "status", "attempts", "progress_seq", "current_operation", "progress_percent", "bytes_done",
+            "bytes_total", "throughput_bps", "checkpoint_bytes", "worker"))
         states = {}
         for start in range(0, len(job_ids), 5000):
-            query = cls.objects.filter(job_id__in=job_ids[start:start + 5000]).order_by().annotate(
-                progress_due=LessThanOrEqual(Coalesce("last_progress_at", "started_at"), progress_before),
-                heartbeat_due=LessThanOrEqual(Coalesce("heartbeat_at", "started_at"), beat_before),
-            ).values_list("pk", "status", "attempts", "progress_seq", "current_operation", "progress_percent",
-                          "bytes_done", "bytes_total", "throughput_bps", "checkpoint_bytes", "worker",
-                          "progress_due", "heartbeat_due", "job_id", "capacity_bytes")
-            # The rows as the driver gives them: no column here needs Django's
-            # conversions (the two flags come as 0/1, NULL when unknown).
-            sql, params = query.query.sql_with_params()
+            chunk = job_ids[start:start + 5000]
+            # The database compares the times (0/1, NULL when unknown): no
+            # datetime is read, and no column needs Django's conversions.
+            sql = (f"SELECT {columns}, COALESCE({quote('last_progress_at')}, {quote('started_at')}) <= %s, "
+                   f"COALESCE({quote('heartbeat_at')}, {quote('started_at')}) <= %s, {quote('job_id')}, "
+                   f"{quote('capacity_bytes')} FROM {quote(cls._meta.db_table)} "
+                   f"WHERE {quote('job_id')} IN ({_marks(len(chunk))})")
             with connection.cursor() as cursor:
-                cursor.execute(sql, params)
+                cursor.execute(sql, [progress_before, beat_before, *chunk])
                 states.update((row[0], row) for row in cursor.fetchall())
         return states
 

@@ -28,7 +28,6 @@ import redis
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F
-from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from replication.choices import DiskStatus, JobStatus, Stage
@@ -538,9 +537,7 @@ _disk_refs: dict[str, tuple[DiskRef, ...]] = {}  # by job id: a job's disks are 
 def active_jobs() -> list[ActiveJob]:
     """The jobs to poll, as columns; their disks' names from memory (read
     once per job: a job's disks are created with it)."""
-    jobs = [ActiveJob(*row) for row in ReplicationJob.objects.filter(status__in=POLLED_STATUSES).order_by()
-            .annotate(began=Coalesce("started_at", "created_at"))
-            .values_list("id", "status", "began", "poll_errors", "vm__agent")]
+    jobs = [ActiveJob(*row) for row in ReplicationJob.poll_rows(POLLED_STATUSES)]
     new = [job.id for job in jobs if job.id not in _disk_refs]
     refs: dict[str, list[DiskRef]] = {job_id: [] for job_id in new}
     for start in range(0, len(new), 5000):
