@@ -332,3 +332,41 @@ def test_a_job_is_sampled_every_few_seconds_also_by_a_restarted_poller(vma_serve
     moved(5, 9)
     assert sampled() == [3, 8.5]
     assert progress._sampled == {job.id: later(job, 8.5)}
+
+
+def test_a_pass_runs_with_the_collector_paused_and_collects_its_cycles_at_its_end(vma_server, replicating_job,
+                                                                                    monkeypatch):
+    """The cyclic garbage collector does not walk the poller's objects in the
+    middle of a pass; a cycle a pass leaves is gone when it ends, and the
+    collector is on again (unless it was off before the pass)."""
+    import gc
+    import weakref
+
+    job = replicating_job()
+    post(vma_server, job.id, update(1, 300, disk_id="disk-2000"))
+    seen = {}
+    reading = progress.active_jobs
+
+    class Node:
+        pass
+
+    def active_jobs_leaving_a_cycle():
+        seen["enabled"] = gc.isenabled()
+        node = Node()
+        node.me = node
+        seen["cycle"] = weakref.ref(node)
+        return reading()
+
+    monkeypatch.setattr(progress, "active_jobs", active_jobs_leaving_a_cycle)
+    monkeypatch.setattr(progress, "_full_collection_at", float("inf"))  # no full collection: the young one suffices
+    assert gc.isenabled()
+    assert progress.poll_once(now=later(job, 3)).disks_written == 1
+    assert seen["enabled"] is False and gc.isenabled()
+    assert seen["cycle"]() is None
+
+    gc.disable()
+    try:
+        progress.poll_once(now=later(job, 4))
+        assert not gc.isenabled() and seen["cycle"]() is not None  # left as it was, nothing collected
+    finally:
+        gc.enable()
