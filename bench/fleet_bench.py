@@ -32,9 +32,15 @@ and Redis database 12 (BENCH_REDIS_URL).
     .venv/bin/python -m bench.fleet_bench [--agents 10] [--vms 5000] [--disks-per-vm 4] [--waiting 500] [--reps 7]
         [--profile]
 
-Measured (2 cores shared with other test runs, load average 8-9, so wall
-times are inflated several times; CPU times are the steadier figures),
-median of 7: MariaDB 10.11 moved 2.6 s wall, 985 ms CPU (OMA) + 680 ms
+Measured (issue 30; 2 cores shared with other test runs, load average
+about 3, interleaved with the code before it), median of 7: MariaDB 10.11
+moved 0.97-1.1 s wall, 490 ms CPU (OMA) + 465 ms (mariadbd), 81 queries;
+still 0.09-0.11 s, 80 ms CPU, 41 queries. Before it (the database summing
+job totals, recent samples read every pass, querysets for the hot reads,
+a CTE for the joined UPDATEs, the collector running within the pass):
+moved 1.42-1.45 s, 677 + 505 ms CPU, 92 queries; still 0.14-0.15 s.
+Earlier (load average 8-9, so wall times inflated several times; CPU
+times are the steadier figures): MariaDB 10.11 moved 2.6 s wall, 985 ms CPU (OMA) + 680 ms
 (mariadbd), 96 queries; still 0.26 s, 126 ms CPU, 41 queries; scheduler
 0.3 s (112 ms unloaded), 5 queries. SQLite: moved 2.4 s, 1.44 s CPU; still
 0.32 s, 107 ms CPU. Before (per-job models, CASE WHEN batches of 50 jobs):

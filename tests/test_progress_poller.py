@@ -278,3 +278,95 @@ def test_a_pass_over_more_jobs_than_one_batch_writes_each_job_its_own_numbers(vm
         assert (job.bytes_transferred, job.total_bytes) == (30 * (i + 1), 20_000)
         assert job.progress_percent == pytest.approx(30 + 70 * 30 * (i + 1) / 20_000)
         assert disk_state(job, "disk-2001").progress_percent == pytest.approx(0.2 * (i + 1))
+
+
+def test_job_totals_written_by_a_pass_are_those_its_disks_give_capped_by_the_limit(vma_server, replicating_job):
+    """The poller computes a job's totals from the disks it has just read
+    and written; reading them back from the table gives the same numbers,
+    and a disk measured above the job's limit counts at the limit."""
+    job = replicating_job(disks=3)
+    ReplicationJob.objects.filter(pk=job.id).update(bandwidth_limit_bps=150)
+    post(vma_server, job.id, update(4, 300, disk_id="disk-2000", throughput_bps=500, eta_seconds=1))
+    post(vma_server, job.id, update(4, 200, disk_id="disk-2001", throughput_bps=100))
+    post(vma_server, job.id, update(4, 0, disk_id="disk-2002", throughput_bps=50))
+
+    stats = progress.poll_once(now=later(job, 3))
+
+    assert (stats.disks_written, stats.jobs_written) == (3, 1)
+    columns = ("bytes_transferred", "total_bytes", "throughput_bps", "progress_percent", "eta_seconds")
+    written = ReplicationJob.objects.values_list(*columns).get(pk=job.id)
+    assert written == (500, 3000, 150 + 100 + 50, pytest.approx(30 + 70 * 500 / 3000), 1000 // 50)
+    job.refresh_totals()  # the other writer of totals: it reads the disks from the table
+    assert ReplicationJob.objects.values_list(*columns).get(pk=job.id) == written
+
+
+def test_a_job_is_sampled_every_few_seconds_also_by_a_restarted_poller(vma_server, replicating_job, monkeypatch):
+    """The poller keeps when it last sampled each job (no read of the samples
+    per pass); a restarted poller, knowing none, reads them once, so no job
+    is sampled twice within PROGRESS_SAMPLE_S either way."""
+    from replication.models import ProgressSample
+    from replication.models.jobs import PROGRESS_SAMPLE_S
+
+    job = replicating_job()
+    monkeypatch.setattr(progress, "_sampled", {})
+
+    def moved(seq, seconds):
+        post(vma_server, job.id, update(seq, 100 * seq, disk_id="disk-2000"))
+        assert progress.poll_once(now=later(job, seconds)).jobs_written == 1
+
+    def sampled():
+        return [(at - job.started_at).total_seconds() for at in ProgressSample.objects.filter(job=job)
+                .order_by("at").values_list("at", flat=True)]
+
+    assert PROGRESS_SAMPLE_S == timedelta(seconds=5)
+    moved(1, 3)
+    moved(2, 6)  # 3 s after the first sample
+    assert sampled() == [3]
+    # A restarted poller: nothing in memory, the same table.
+    monkeypatch.setattr(progress, "_sampled", {})
+    monkeypatch.setattr(progress, "_feeds", {})
+    monkeypatch.setattr(progress, "_disk_refs", {})
+    moved(3, 7.5)  # 4.5 s after it
+    assert sampled() == [3]
+    moved(4, 8.5)
+    moved(5, 9)
+    assert sampled() == [3, 8.5]
+    assert progress._sampled == {job.id: later(job, 8.5)}
+
+
+def test_a_pass_runs_with_the_collector_paused_and_collects_its_cycles_at_its_end(vma_server, replicating_job,
+                                                                                    monkeypatch):
+    """The cyclic garbage collector does not walk the poller's objects in the
+    middle of a pass; a cycle a pass leaves is gone when it ends, and the
+    collector is on again (unless it was off before the pass)."""
+    import gc
+    import weakref
+
+    job = replicating_job()
+    post(vma_server, job.id, update(1, 300, disk_id="disk-2000"))
+    seen = {}
+    reading = progress.active_jobs
+
+    class Node:
+        pass
+
+    def active_jobs_leaving_a_cycle():
+        seen["enabled"] = gc.isenabled()
+        node = Node()
+        node.me = node
+        seen["cycle"] = weakref.ref(node)
+        return reading()
+
+    monkeypatch.setattr(progress, "active_jobs", active_jobs_leaving_a_cycle)
+    monkeypatch.setattr(progress, "_full_collection_at", float("inf"))  # no full collection: the young one suffices
+    assert gc.isenabled()
+    assert progress.poll_once(now=later(job, 3)).disks_written == 1
+    assert seen["enabled"] is False and gc.isenabled()
+    assert seen["cycle"]() is None
+
+    gc.disable()
+    try:
+        progress.poll_once(now=later(job, 4))
+        assert not gc.isenabled() and seen["cycle"]() is not None  # left as it was, nothing collected
+    finally:
+        gc.enable()

@@ -15,23 +15,26 @@ The poller judges nothing: "no record yet" and network errors only mean
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from concurrent.futures import TimeoutError as FuturesTimeout
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import NamedTuple
 
 import redis
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F
-from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from replication.choices import DiskStatus, JobStatus, Stage
 from replication.models import Agent, ReplicationJob, VMDisk
+from replication.models.jobs import job_totals
 from replication.services import agents
 from vma_agent.client import ProgressClient, ProgressUnavailable
 from vma_agent.contract import EXPORT_PREFIX
@@ -370,8 +373,7 @@ def _collect(record: dict, fetched: Fetched, job: ActiveJob, by_key: dict, by_ex
     return record_job == job.id or bool(fetched.entries)
 
 
-@dataclass(frozen=True)
-class DiskState:
+class DiskState(NamedTuple):
     """A disk as the poller weighs an update against it (VMDisk.progress_states)."""
 
     pk: int
@@ -387,6 +389,8 @@ class DiskState:
     worker: str
     progress_due: bool | None  # PROGRESS_WRITE_INTERVAL_S since the last progress written
     heartbeat_due: bool | None  # HEARTBEAT_TIMEOUT_S / 4 since the last heartbeat
+    job_id: str
+    capacity_bytes: int
 
 
 def _should_write(disk: DiskState, entry: dict, step_percent: float) -> bool:
@@ -446,12 +450,13 @@ def _outcomes(pairs: list[tuple[ActiveJob, Fetched]], stats: PassStats) -> tuple
 
 def apply_batch(pairs: list[tuple[ActiveJob, Fetched]], now: datetime, stats: PassStats,
                 feed: _Feed | None = None) -> None:
-    """Classify each job's outcome, read the state of only the disks an
-    update came for (columns, not models), then write every due disk of
-    the batch in joined UPDATEs and the jobs' totals (summed by the
-    database) in one commit: statements, not rows, are what a pass costs.
-    With `feed`, the jobs weighed are marked so: a later pass weighs them
-    again only when their records change (or one was held back)."""
+    """Classify each job's outcome; lock the rows of the jobs an update came
+    for and read their disks' state (columns, not models); then write every
+    due disk of the batch in joined UPDATEs and the jobs' totals, computed
+    from the disks as just read and written (models.jobs.job_totals), in
+    one commit: statements, not rows, are what a pass costs. With `feed`,
+    the jobs weighed are marked so: a later pass weighs them again only
+    when their records change (or one was held back)."""
     failed, recovered, wanted, weighed = _outcomes(pairs, stats)
     with transaction.atomic():
         if failed:
@@ -459,28 +464,61 @@ def apply_batch(pairs: list[tuple[ActiveJob, Fetched]], now: datetime, stats: Pa
         if recovered:
             ReplicationJob.objects.filter(pk__in=recovered).update(poll_errors=0)
         job_ids = list({job.id for job, _ in wanted.values()})
-        states = {pk: DiskState(*row) for pk, row in VMDisk.progress_states(job_ids, now).items() if pk in wanted}
-        updates, due_jobs, held = [], {}, set()
-        step_percent = settings.PROGRESS_WRITE_STEP_PERCENT  # once: each settings read costs microseconds
-        for pk, (job, entry) in wanted.items():
-            disk = states.get(pk)
-            if disk is None or disk.status != DiskStatus.COPYING:
-                continue  # only copying disks take progress: a finished disk keeps what its outcome wrote
-            if _should_write(disk, entry, step_percent):
-                updates.append(_update_of(disk, entry))
-                due_jobs[job.id] = job
-            elif _held_back(disk, entry):
-                held.add(job.id)
-        if updates:
-            stats.disks_written += VMDisk.apply_progress_of(updates, now)
-            ReplicationJob.refresh_totals_of(list(due_jobs.values()))
-            stats.jobs_written += len(due_jobs)
+        held = set()
+        if job_ids:
+            locked = ReplicationJob.lock_for_totals(job_ids)  # before the disks are read: see its doc
+            states = {pk: DiskState(*row) for pk, row in VMDisk.progress_states(job_ids, now).items()}
+            updates, due_jobs = _weigh(wanted, states, held)
+            if updates:
+                written = VMDisk.apply_progress_of(list(updates.values()), now)
+                stats.disks_written += written
+                if written == len(updates):
+                    ReplicationJob.write_totals(_totals(due_jobs, locked, states, updates), now, _sampled)
+                else:  # a disk changed since it was read (it stopped copying): its job's disks read again
+                    ReplicationJob.refresh_totals_of([ReplicationJob(pk=pk) for pk in due_jobs])
+                stats.jobs_written += len(due_jobs)
     if feed is not None:
         for job, fetched in weighed:
             feed.seen.add(job.id)
             (feed.found.add if fetched.found else feed.found.discard)(job.id)
             if job.id not in held:
                 feed.dirty.difference_update(fetched.records)
+
+
+def _weigh(wanted: dict, states: dict[int, DiskState], held: set) -> tuple[dict[int, dict], set[str]]:
+    """The updates due ({disk pk: update}) and the jobs they are of; the
+    jobs with an update held back are added to `held`."""
+    updates, due_jobs = {}, set()
+    step_percent = settings.PROGRESS_WRITE_STEP_PERCENT  # once: each settings read costs microseconds
+    for pk, (job, entry) in wanted.items():
+        disk = states.get(pk)
+        if disk is None or disk.status != DiskStatus.COPYING:
+            continue  # only copying disks take progress: a finished disk keeps what its outcome wrote
+        if _should_write(disk, entry, step_percent):
+            updates[pk] = _update_of(disk, entry)
+            due_jobs.add(disk.job_id)
+        elif _held_back(disk, entry):
+            held.add(job.id)
+    return updates, due_jobs
+
+
+_sampled: dict[str, datetime] = {}  # by job id: its last progress sample (ProgressSample.record_for)
+
+
+def _totals(job_ids: set[str], locked: dict, states: dict[int, DiskState], updates: dict[int, dict]) -> dict:
+    """The totals of these jobs from their disks as read, each one updated
+    as written (a disk written was copying and still is: the UPDATE said so)."""
+    disks: dict[str, list] = {pk: [] for pk in job_ids}
+    for disk in states.values():
+        if disk.job_id in disks:
+            update = updates.get(disk.pk)
+            if update is None:
+                disks[disk.job_id].append((disk.status, disk.bytes_done, disk.bytes_total, disk.throughput_bps,
+                                           disk.capacity_bytes))
+            else:
+                disks[disk.job_id].append((disk.status, update["bytes_done"], update["bytes_total"],
+                                           update["throughput_bps"], disk.capacity_bytes))
+    return {pk: job_totals(*locked[pk], disks[pk]) for pk in job_ids if pk in locked}
 
 
 def _update_of(disk: DiskState, entry: dict) -> dict:
@@ -501,9 +539,7 @@ _disk_refs: dict[str, tuple[DiskRef, ...]] = {}  # by job id: a job's disks are 
 def active_jobs() -> list[ActiveJob]:
     """The jobs to poll, as columns; their disks' names from memory (read
     once per job: a job's disks are created with it)."""
-    jobs = [ActiveJob(*row) for row in ReplicationJob.objects.filter(status__in=POLLED_STATUSES).order_by()
-            .annotate(began=Coalesce("started_at", "created_at"))
-            .values_list("id", "status", "began", "poll_errors", "vm__agent")]
+    jobs = [ActiveJob(*row) for row in ReplicationJob.poll_rows(POLLED_STATUSES)]
     new = [job.id for job in jobs if job.id not in _disk_refs]
     refs: dict[str, list[DiskRef]] = {job_id: [] for job_id in new}
     for start in range(0, len(new), 5000):
@@ -513,6 +549,8 @@ def active_jobs() -> list[ActiveJob]:
     active = {job.id for job in jobs}
     for job_id in [job_id for job_id in _disk_refs if job_id not in active]:
         del _disk_refs[job_id]
+    for job_id in [job_id for job_id in _sampled if job_id not in active]:
+        del _sampled[job_id]
     _disk_refs.update((job_id, tuple(disks)) for job_id, disks in refs.items())
     for job in jobs:
         job.agent = job.agent or agents.LOCAL
@@ -529,6 +567,11 @@ def poll_once(now: datetime | None = None) -> PassStats:
     it brings stay in its feed for the next pass, which skips the agent
     while it is still being read. So a slow or dead agent never delays the
     others' progress."""
+    with _collector_paused():
+        return _pass(now)
+
+
+def _pass(now: datetime | None) -> PassStats:
     started = time.monotonic()
     jobs = active_jobs()
     stats = PassStats(jobs=len(jobs))
@@ -579,6 +622,36 @@ def poll_once(now: datetime | None = None) -> PassStats:
     stats.seconds = time.monotonic() - started
     _record_pass()
     return stats
+
+
+FULL_COLLECTION_EVERY_S = 60.0
+_full_collection_at = 0.0  # time.monotonic() of this process's last full collection
+
+
+@contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector paused for a pass, and run at its
+    end. A pass allocates hundreds of thousands of objects while the poller
+    holds as many (the feeds' records, the disks' names), so the collector
+    left to itself walks them all twice a pass: measured, a quarter of a
+    20,000-disk pass's CPU, most of it in full collections. Instead: the
+    young generations after every pass, and everything at most every
+    FULL_COLLECTION_EVERY_S (a pass's garbage is mostly freed at once,
+    without the collector: cycles wait a minute at most). Nothing changes
+    if the collector was off already (another pass in another thread)."""
+    global _full_collection_at
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+            if time.monotonic() - _full_collection_at >= FULL_COLLECTION_EVERY_S:
+                gc.collect()
+                _full_collection_at = time.monotonic()
+            else:
+                gc.collect(1)
 
 
 def _apply_read(read: AgentRead, current: datetime, stats: PassStats) -> None:
