@@ -14,8 +14,9 @@ a pass 0.13-0.37 s, 10 HTTP requests, 800 of 800 moved rows written;
 4 agents x 25 x 4 and one silent agent: a pass 5.04-5.06 s (the wait),
 4 HTTP requests, 400 of 400 rows written, the silent one not waited for.
 
-Its own SQLite database under a temporary directory (or BENCH_DATABASE_URL)
-and Redis at BENCH_REDIS_URL (default db 11) under fresh key prefixes:
+Its own SQLite database under a temporary directory (or BENCH_DATABASE_URL,
+emptied first: a run starts from no agents and no jobs) and Redis at
+BENCH_REDIS_URL (default db 11) under fresh key prefixes:
 
     .venv/bin/python -m bench.agents_poll_bench [--agents 4] [--silent 1] [--jobs 25] [--disks 4] [--rounds 3]
 
@@ -158,6 +159,7 @@ def main() -> None:
     from django.core.management import call_command
 
     call_command("migrate", verbosity=0)
+    call_command("flush", interactive=False, verbosity=0)  # a second run on the same database adds the same agents
     from replication.models import ReplicationJob, VirtualMachine
     from replication.services import agents, progress
     from vma_agent.client import ProgressClient
