@@ -2,7 +2,10 @@
 agent's web server, the OMA and agent workers, the progress poller and
 vCenter simulators. Helpers that are not fixtures are in tests/helpers.py."""
 
+import contextlib
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -30,7 +33,8 @@ from tests.helpers import (
 @pytest.fixture(scope="session", autouse=True)
 def data_plane_root():
     """Fresh volume and run directories for the session; the target export
-    server a test started is stopped at the end."""
+    server a test started, and any cycle's layer server a test left serving
+    (one that ended mid-cycle), are stopped at the end."""
     shutil.rmtree(settings.TEST_ROOT, ignore_errors=True)
     settings.OMA_RUN_DIR.mkdir(parents=True)
     settings.OMA_VOLUME_DIR.mkdir(parents=True)
@@ -38,6 +42,21 @@ def data_plane_root():
     (Path(settings.TEST_ROOT) / "tmp").mkdir()
     yield settings.TEST_ROOT
     get_provider().stop_export_server()
+    stop_layer_servers_under(Path(settings.TEST_ROOT))
+
+
+def stop_layer_servers_under(root: Path) -> list[int]:
+    """SIGTERM to every qemu-nbd whose command line names a path under
+    `root` (this session's test root only: other sessions' roots differ)."""
+    needle, stopped = f"{root}/".encode(), []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
+                if argv[0].endswith(b"qemu-nbd") and any(needle in arg for arg in argv):
+                    os.kill(int(entry.name), signal.SIGTERM)
+                    stopped.append(int(entry.name))
+    return stopped
 
 
 @pytest.fixture
