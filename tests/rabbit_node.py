@@ -12,9 +12,10 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.helpers import wait_until
 
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 START_TIMEOUT_S = 120
@@ -124,14 +125,15 @@ class TlsRabbitNode:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen([str(server)], env=env, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _listens(self.port):
+        def listening() -> bool:
             if self.proc.poll() is not None:
                 raise NodeError(f"rabbitmq-server exited ({self.proc.returncode}):\n{self.output()}")
-            if time.monotonic() > deadline:
-                raise NodeError(f"no TLS listener on 127.0.0.1:{self.port} after {START_TIMEOUT_S} s:\n"
-                                f"{self.output()}")
-            time.sleep(0.2)
+            return _listens(self.port)
+
+        try:
+            wait_until(listening, START_TIMEOUT_S, f"a TLS listener on 127.0.0.1:{self.port}", interval=0.2)
+        except AssertionError as exc:
+            raise NodeError(f"{exc}:\n{self.output()}") from None
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
