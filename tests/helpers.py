@@ -276,6 +276,20 @@ def kill_worker(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def stop_site(judge, workers, api) -> None:
+    """The end of a test that ran an agent site for real: its Judge stopped,
+    the workers still running stopped, its API server terminated (any of
+    them None when the test failed before starting it)."""
+    if judge is not None:
+        judge.stop()
+    for worker in workers:
+        if worker is not None and worker.poll() is None:
+            stop_worker(worker)
+    if api is not None:
+        api.terminate()
+        api.wait(10)
+
+
 def stop_worker(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGQUIT)  # cold shutdown: do not wait for tasks
     try:

@@ -38,6 +38,7 @@ from tests.helpers import (
     free_port,
     make_image,
     start_worker,
+    stop_site,
     stop_worker,
     wait_until,
     worker_env,
@@ -637,14 +638,7 @@ def test_an_agent_revoked_mid_copy_stops_and_leaves_the_replica_as_it_was(client
                            .values_list("detail", flat=True))
         assert [sum(int(n) for n in re.findall(rf"(\d+) {what}", details)) for what in ("job", "copy run")] == [1, 1]
     finally:
-        if judge is not None:
-            judge.stop()
-        for worker in (agent_worker, oma_worker):
-            if worker is not None and worker.poll() is None:
-                stop_worker(worker)
-        if api is not None:
-            api.terminate()
-            api.wait(10)
+        stop_site(judge, (agent_worker, oma_worker), api)
         source.stop()
         oma_app.close()
 

@@ -137,7 +137,7 @@ def test_an_enrolled_agents_cycles_write_the_replica_with_its_own_export_key(cli
         replica_sha256,
         start_agent_api,
         start_worker,
-        stop_worker,
+        stop_site,
         wait_for_job,
         wait_until,
     )
@@ -186,13 +186,6 @@ def test_an_enrolled_agents_cycles_write_the_replica_with_its_own_export_key(cli
 
         wait_until(refused_as_itself, 120, "the second cycle's copy refused at the export as the agent itself")
     finally:
-        if judge is not None:
-            judge.stop()
-        for worker in (agent_worker, oma_worker):
-            if worker is not None and worker.poll() is None:
-                stop_worker(worker)
-        if api is not None:
-            api.terminate()
-            api.wait(10)
+        stop_site(judge, (agent_worker, oma_worker), api)
         oma_app.close()
         local_provider().stop_export_server()  # the TLS one this test's OMA worker started
