@@ -351,12 +351,17 @@ def test_agent_a_cannot_consume_declare_or_delete_what_is_not_its_own(client, tm
         channel = conn.channel()
         conn.Producer(channel).publish({"order": "forged by A"}, exchange="", routing_key="vma.enr-b")
         assert "access to exchange 'amq.default'" in refused(lambda: channel.basic_qos(0, 1, False))
-    with Connection(rabbit) as oma:  # B's order is still there, untouched, alone
-        inbox = oma.SimpleQueue(queue_b)
-        message = inbox.get(timeout=5)
-        assert message.payload == {"order": "for B"}
-        message.ack()
-        assert inbox.qsize() == 0
+    with Connection(rabbit) as oma:
+        assert_only_bs_order(oma, queue_b)
+
+
+def assert_only_bs_order(oma, queue_b) -> None:
+    """B's order is still in its queue, untouched, alone (read with the OMA's connection)."""
+    inbox = oma.SimpleQueue(queue_b)
+    message = inbox.get(timeout=5)
+    assert message.payload == {"order": "for B"}
+    message.ack()
+    assert inbox.qsize() == 0
 
 
 @pytest.mark.django_db
